@@ -1,0 +1,2 @@
+//! Commy's vocabulary (work in progress).
+#![forbid(unsafe_code)]

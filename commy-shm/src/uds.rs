@@ -1,0 +1,1 @@
+//! Unix-domain sockets: runtime dir, listener, peer credentials, fd passing.
