@@ -1,0 +1,4 @@
+//! Commy's benchmark harness.
+#![forbid(unsafe_code)]
+
+fn main() {}
