@@ -6,8 +6,13 @@
 //! link into an error, never into undefined behaviour, a panic or a hang.
 
 mod region;
+mod segment;
 mod sync;
 mod uds;
 
+pub use segment::{
+    SEGMENT_HEADER_LEN, SEGMENT_LAYOUT_VERSION, SEGMENT_MAGIC, SEGMENT_MAX_DATA_LEN, Segment,
+    SegmentError,
+};
 pub use region::{};
 pub use uds::{};

@@ -26,3 +26,9 @@ pub(crate) fn spin_hint() {
     #[cfg(not(loom))]
     std::hint::spin_loop();
 }
+
+/// Atomics for memory that is really shared with another process: always the
+/// standard library's (loom's types cannot live in a memfd).
+pub(crate) mod shm {
+    pub(crate) use std::sync::atomic::{AtomicU32, AtomicU64};
+}
