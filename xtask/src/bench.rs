@@ -1,0 +1,401 @@
+//! `cargo xtask bench`: runs the end-to-end harness (`commy-bench`, crate
+//! `benches`) in release mode and rewrites `docs/BENCHMARKS.md` from its JSON.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::cmd::{Cmd, CmdError};
+use crate::machine::{Machine, utc_now};
+
+/// Where the report is written, relative to the repository root.
+pub(crate) const REPORT: &str = "docs/BENCHMARKS.md";
+
+/// The JSON schema version of the harness output this renderer understands.
+const SCHEMA: u32 = 1;
+
+/// Options of `cargo xtask bench`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct BenchArgs {
+    /// Fewer iterations and runs: a smoke test, not numbers to quote.
+    pub(crate) quick: bool,
+    /// Runs per scenario (the harness default if `None`).
+    pub(crate) runs: Option<u32>,
+    /// Only scenarios whose name contains one of these.
+    pub(crate) filters: Vec<String>,
+    /// Print the markdown instead of writing [`REPORT`].
+    pub(crate) print: bool,
+}
+
+/// `cargo xtask bench` failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub(crate) enum BenchError {
+    /// Building or running the harness failed.
+    #[error(transparent)]
+    Harness(#[from] CmdError),
+    /// The harness printed something that is not the expected JSON.
+    #[error("commy-bench printed JSON this xtask cannot read: {0}")]
+    BadJson(#[from] serde_json::Error),
+    /// The harness speaks another schema version.
+    #[error("commy-bench reports schema {found}, this xtask reads schema {SCHEMA}")]
+    Schema {
+        /// The version found.
+        found: u32,
+    },
+    /// The filters matched no scenario.
+    #[error(
+        "no benchmark scenario matches {filters:?}; `cargo run -p commy-benches --release -- list` lists them"
+    )]
+    NothingRan {
+        /// The filters given.
+        filters: Vec<String>,
+    },
+    /// Writing the report failed.
+    #[error("writing {path} failed: {source}")]
+    Write {
+        /// The report path.
+        path: String,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+}
+
+/// The harness's JSON output (`commy-bench run --json`).
+#[derive(Debug, Deserialize)]
+pub(crate) struct Report {
+    schema: u32,
+    quick: bool,
+    runs: u32,
+    filters: Vec<String>,
+    pinning: Option<Pinning>,
+    timer_overhead_ns: f64,
+    results: Vec<Row>,
+}
+
+/// The CPUs the two processes were pinned to.
+#[derive(Debug, Deserialize)]
+struct Pinning {
+    parent_cpu: usize,
+    child_cpu: usize,
+    smt_siblings: Option<bool>,
+}
+
+/// One scenario's result (medians across runs).
+#[derive(Debug, Deserialize)]
+struct Row {
+    name: String,
+    transport: String,
+    size: u64,
+    wait: String,
+    iterations: u64,
+    warmup: u64,
+    batch: u64,
+    #[serde(flatten)]
+    stats: Stats,
+    vs_uds: Option<f64>,
+    vs_floor: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum Stats {
+    RoundTrip {
+        p50_ns: f64,
+        p99_ns: f64,
+        p999_ns: f64,
+    },
+    Throughput {
+        msgs_per_s: f64,
+        gb_per_s: f64,
+    },
+}
+
+/// Runs the harness and writes (or prints) the report.
+pub(crate) fn run(root: &Path, args: &BenchArgs) -> Result<(), BenchError> {
+    let mut harness = Cmd::cargo()
+        .args([
+            "run",
+            "--release",
+            "--package",
+            "commy-benches",
+            "--bin",
+            "commy-bench",
+            "--",
+            "run",
+            "--json",
+        ])
+        .args(args.quick.then_some("--quick"));
+    if let Some(runs) = args.runs {
+        harness = harness.args(["--runs", &runs.to_string()]);
+    }
+    for f in &args.filters {
+        harness = harness.args(["--filter", f]);
+    }
+    println!("xtask bench: $ {}", harness.display());
+    let json = harness.stdout(root)?;
+    let report: Report = serde_json::from_str(&json)?;
+    if report.schema != SCHEMA {
+        return Err(BenchError::Schema {
+            found: report.schema,
+        });
+    }
+    if report.results.is_empty() {
+        return Err(BenchError::NothingRan {
+            filters: args.filters.clone(),
+        });
+    }
+    let md = render(&report, &Machine::detect(root), &utc_now());
+    if args.print {
+        print!("{md}");
+        return Ok(());
+    }
+    let path = root.join(REPORT);
+    std::fs::write(&path, md).map_err(|source| BenchError::Write {
+        path: path.display().to_string(),
+        source,
+    })?;
+    println!("xtask bench: wrote {REPORT}");
+    Ok(())
+}
+
+/// `850 ns`, `12.3 µs`, `1.25 ms`.
+fn fmt_ns(ns: f64) -> String {
+    if ns < 10_000.0 {
+        format!("{ns:.0} ns")
+    } else if ns < 10_000_000.0 {
+        format!("{:.1} µs", ns / 1e3)
+    } else {
+        format!("{:.2} ms", ns / 1e6)
+    }
+}
+
+/// `64 B`, `1 KiB`, `64 KiB`.
+fn fmt_size(bytes: u64) -> String {
+    if bytes >= 1 << 20 && bytes % (1 << 20) == 0 {
+        format!("{} MiB", bytes >> 20)
+    } else if bytes >= 1024 && bytes % 1024 == 0 {
+        format!("{} KiB", bytes >> 10)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+/// `12.3 M`, `456 k`.
+fn fmt_rate(per_s: f64) -> String {
+    if per_s >= 1e6 {
+        format!("{:.2} M", per_s / 1e6)
+    } else if per_s >= 1e3 {
+        format!("{:.1} k", per_s / 1e3)
+    } else {
+        format!("{per_s:.0}")
+    }
+}
+
+fn fmt_ratio(r: Option<f64>) -> String {
+    r.map_or_else(|| "—".to_owned(), |r| format!("{r:.2}×"))
+}
+
+/// The markdown report.
+pub(crate) fn render(report: &Report, machine: &Machine, date: &str) -> String {
+    let mut md = String::new();
+    let mut w = |s: String| md.push_str(&s);
+    w("# Commy benchmarks\n\n".into());
+    w("Generated by `cargo xtask bench`; do not edit by hand.\n\n".into());
+    if report.quick {
+        w(
+            "> **Quick run** (`--quick`): few iterations, a smoke test of the pipeline. \
+           Do not quote these numbers; run `cargo xtask bench` for real ones.\n\n"
+                .into(),
+        );
+    }
+    if !report.filters.is_empty() {
+        w(format!(
+            "> Only scenarios matching {:?} were run.\n\n",
+            report.filters
+        ));
+    }
+    w(format!("- Date: {date}\n"));
+    w(format!(
+        "- CPU: {} ({} logical CPUs)\n",
+        machine.cpu, machine.cores
+    ));
+    w(format!("- Memory: {}\n", machine.memory));
+    w(format!("- Kernel: {}\n", machine.kernel));
+    w(format!("- Compiler: {}\n\n", machine.rustc));
+
+    w("## How the numbers are taken\n\n".into());
+    w(
+        "Every scenario runs between two processes: the harness re-executes itself as the peer \
+       and hands it the transport's file descriptors over a Unix socket (SCM_RIGHTS). "
+            .into(),
+    );
+    match &report.pinning {
+        Some(p) => {
+            let smt = match p.smt_siblings {
+                Some(true) => " (SMT siblings of one physical core)",
+                Some(false) => " (different physical cores)",
+                None => "",
+            };
+            w(format!(
+                "The measuring process is pinned to CPU {} and the peer to CPU {}{smt}. ",
+                p.parent_cpu, p.child_cpu
+            ));
+        }
+        None => w("The processes were **not pinned** (fewer than two CPUs available). ".into()),
+    }
+    w(format!(
+        "Each scenario is repeated {} times (runs); a table cell is the **median across runs** of \
+         that run's statistic, so one noisy run does not move it.\n\n",
+        report.runs
+    ));
+    w(format!(
+        "- Round trip: the measuring process sends a message, the peer sends one of the same size \
+         back; each iteration is timed with `std::time::Instant` after a warm-up, and p50 / p99 / \
+         p99.9 are taken over all iterations of a run. Reading the clock costs about {:.0} ns \
+         on this machine and is included in every sample.\n",
+        report.timer_overhead_ns
+    ));
+    w(
+        "- Throughput: the measuring process streams messages one way after a warm-up; the clock \
+       stops when the peer acknowledges the last one. GB/s counts payload bytes (10^9 bytes).\n"
+            .into(),
+    );
+    w(
+        "- Ratios are against baselines measured in the same run: *vs UDS* is how many times \
+       faster than the Unix-socket baseline of the same size (higher is better); *× floor* is \
+       the round trip in multiples of the spin floor, two processes ping-ponging on two \
+       shared-memory counters, which is what the hardware allows (lower is better).\n\n"
+            .into(),
+    );
+
+    let rt: Vec<_> = report
+        .results
+        .iter()
+        .filter_map(|r| match r.stats {
+            Stats::RoundTrip {
+                p50_ns,
+                p99_ns,
+                p999_ns,
+            } => Some((r, p50_ns, p99_ns, p999_ns)),
+            Stats::Throughput { .. } => None,
+        })
+        .collect();
+    if !rt.is_empty() {
+        w("## Round-trip latency\n\n".into());
+        w("| scenario | transport | wait | size | p50 | p99 | p99.9 | vs UDS (p50) | × floor (p50) | iterations (+warm-up) |\n".into());
+        w("|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n".into());
+        for (r, p50, p99, p999) in rt {
+            w(format!(
+                "| `{}` | {} | {} | {} | {} | {} | {} | {} | {} | {} (+{}) |\n",
+                r.name,
+                r.transport,
+                r.wait,
+                fmt_size(r.size),
+                fmt_ns(p50),
+                fmt_ns(p99),
+                fmt_ns(p999),
+                fmt_ratio(r.vs_uds),
+                fmt_ratio(r.vs_floor),
+                r.iterations,
+                r.warmup,
+            ));
+        }
+        w("\n".into());
+    }
+
+    let tp: Vec<_> = report
+        .results
+        .iter()
+        .filter_map(|r| match r.stats {
+            Stats::Throughput {
+                msgs_per_s,
+                gb_per_s,
+            } => Some((r, msgs_per_s, gb_per_s)),
+            Stats::RoundTrip { .. } => None,
+        })
+        .collect();
+    if !tp.is_empty() {
+        w("## One-way throughput\n\n".into());
+        w("| scenario | transport | wait | size | batch | msgs/s | GB/s | vs UDS | messages (+warm-up) |\n".into());
+        w("|---|---|---|---:|---:|---:|---:|---:|---:|\n".into());
+        for (r, msgs, gbs) in tp {
+            w(format!(
+                "| `{}` | {} | {} | {} | {} | {} | {:.2} | {} | {} (+{}) |\n",
+                r.name,
+                r.transport,
+                r.wait,
+                fmt_size(r.size),
+                r.batch,
+                fmt_rate(msgs),
+                gbs,
+                fmt_ratio(r.vs_uds),
+                r.iterations,
+                r.warmup,
+            ));
+        }
+        w("\n".into());
+    }
+    w(
+        "Reproduce with `cargo xtask bench` (about the harness and how to add a scenario: \
+       [benches/README.md](../benches/README.md)).\n"
+            .into(),
+    );
+    md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"{
+      "schema": 1, "quick": true, "runs": 3, "filters": [],
+      "pinning": {"parent_cpu": 0, "child_cpu": 1, "smt_siblings": false},
+      "timer_overhead_ns": 21.0,
+      "results": [
+        {"name": "uds/rt/64B", "transport": "uds", "about": "x", "size": 64, "wait": "blocking",
+         "iterations": 1000, "warmup": 100, "batch": 1, "kind": "round_trip",
+         "p50_ns": 9500.0, "p99_ns": 15000.0, "p999_ns": 40000.0, "vs_uds": 1.0, "vs_floor": 47.5},
+        {"name": "uds/tp/64KiB", "transport": "uds", "about": "y", "size": 65536, "wait": "blocking",
+         "iterations": 500, "warmup": 50, "batch": 1, "kind": "throughput",
+         "msgs_per_s": 52000.0, "gb_per_s": 3.41, "vs_uds": 1.0, "vs_floor": null}
+      ]
+    }"#;
+
+    #[test]
+    fn renders_both_tables_from_harness_json() {
+        let report: Report = serde_json::from_str(SAMPLE).unwrap();
+        let machine = Machine {
+            cpu: "Test CPU".into(),
+            cores: 2,
+            memory: "1.0 GiB".into(),
+            kernel: "6.1.0".into(),
+            rustc: "rustc 1.95.0".into(),
+        };
+        let md = render(&report, &machine, "2025-01-02 03:04 UTC");
+        assert!(md.starts_with("# Commy benchmarks\n"));
+        assert!(md.contains("**Quick run**"));
+        assert!(md.contains("- Date: 2025-01-02 03:04 UTC"));
+        assert!(md.contains("- CPU: Test CPU (2 logical CPUs)"));
+        assert!(md.contains("pinned to CPU 0 and the peer to CPU 1 (different physical cores)"));
+        assert!(md.contains(
+            "| `uds/rt/64B` | uds | blocking | 64 B | 9500 ns | 15.0 µs | 40.0 µs | 1.00× | 47.50× | 1000 (+100) |"
+        ));
+        assert!(md.contains(
+            "| `uds/tp/64KiB` | uds | blocking | 64 KiB | 1 | 52.0 k | 3.41 | 1.00× | 500 (+50) |"
+        ));
+    }
+
+    #[test]
+    fn formatting_helpers() {
+        assert_eq!(fmt_ns(123.4), "123 ns");
+        assert_eq!(fmt_ns(12_345.0), "12.3 µs");
+        assert_eq!(fmt_ns(12_345_678.0), "12.35 ms");
+        assert_eq!(fmt_size(64), "64 B");
+        assert_eq!(fmt_size(1024), "1 KiB");
+        assert_eq!(fmt_size(1536), "1536 B");
+        assert_eq!(fmt_size(4 << 20), "4 MiB");
+        assert_eq!(fmt_rate(2_500_000.0), "2.50 M");
+        assert_eq!(fmt_ratio(None), "—");
+    }
+}
