@@ -6,13 +6,17 @@
 //! link into an error, never into undefined behaviour, a panic or a hang.
 
 mod region;
+pub mod ring;
 mod segment;
 mod sync;
 mod uds;
+mod wait;
 
+pub use ring::{Consumer, Producer, RingError};
 pub use segment::{
     SEGMENT_HEADER_LEN, SEGMENT_LAYOUT_VERSION, SEGMENT_MAGIC, SEGMENT_MAX_DATA_LEN, Segment,
     SegmentError,
 };
 pub use region::{};
+pub use wait::WaitStrategy;
 pub use uds::{};

@@ -1,0 +1,1403 @@
+//! The lock-free single-producer single-consumer ring of variable-length records.
+//!
+//! Records are 8-byte aligned: an 8-byte header (`len: u32`, `type: u8`,
+//! `tag: u8`, two zero bytes) followed by `len` payload bytes and padding to
+//! the next multiple of 8. A record never wraps: when it does not fit before
+//! the end of the buffer, a padding record fills the rest and the record
+//! starts again at offset 0. Head (consumer) and tail (producer) are
+//! monotonic 64-bit byte positions on separate cache lines; each side caches
+//! the other's index and re-reads it only when it has to.
+//!
+//! Sending is zero-copy by default: [`Producer::reserve`] lends out the bytes
+//! of the next record in place ([`Loan<Uninit>`](Loan)); once written
+//! ([`Loan::fill`] or [`Loan::assume_init`]) the loan becomes a
+//! [`Loan<Init>`](Loan), the only state that can be [`commit`](Loan::commit)ted
+//! or [`stage`](Loan::stage)d. Staged records are published together by
+//! [`Producer::publish`] (batched commit). Receiving lends out a
+//! [`Received`] record in place; dropping it releases the space.
+//! [`Consumer::recv_batch`] hands out every available record and releases
+//! them with a single store.
+//!
+//! The peer is untrusted: every index and length read from shared memory is
+//! validated before use. A corrupt ring yields [`RingError::Corrupt`] on this
+//! side, never an out-of-bounds access, a panic or an endless loop.
+//!
+//! ```
+//! use commy_shm::ring;
+//!
+//! let (mut tx, mut rx) = ring::pair(4096)?;
+//! tx.reserve(5)?.fill(b"hello").commit();
+//! let msg = rx.try_recv()?.expect("a record");
+//! assert_eq!(&*msg, b"hello");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::marker::PhantomData;
+use std::mem::MaybeUninit;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::sync::{AtomicU32, AtomicU64, Ordering};
+use crate::wait::{self, WaitStrategy, Waited, WakeWords};
+
+/// Bytes of a record header.
+pub const RECORD_HEADER_LEN: usize = 8;
+/// The smallest ring capacity accepted.
+pub const MIN_CAPACITY: usize = 64;
+/// The largest ring capacity accepted (4 GiB: record lengths are 32-bit).
+pub const MAX_CAPACITY: usize = 1 << 32;
+
+const TYPE_MSG: u64 = 1;
+const TYPE_PAD: u64 = 2;
+
+/// Closed-flag bits in the control block.
+const PRODUCER_CLOSED: u32 = 1;
+const CONSUMER_CLOSED: u32 = 2;
+
+#[inline]
+const fn record_len(payload: usize) -> usize {
+    (RECORD_HEADER_LEN + payload + 7) & !7
+}
+
+/// One cache-line pair (128 bytes: also keeps the adjacent-line prefetcher
+/// from coupling the two sides).
+#[repr(C, align(128))]
+struct Line<T>(T);
+
+/// The control block of one ring. In a real link it lives at the start of the
+/// segment's data area (so it is built from std atomics there; under loom it
+/// is a heap object built from loom's atomics).
+#[repr(C)]
+pub(crate) struct RingCtl {
+    /// Written by the producer only: bytes ever published.
+    tail: Line<AtomicU64>,
+    /// Written by the consumer only: bytes ever released.
+    head: Line<AtomicU64>,
+    wake: Line<CtlWake>,
+}
+
+#[repr(C)]
+struct CtlWake {
+    /// Futex word the consumer sleeps on (data available).
+    data_seq: AtomicU32,
+    /// Non-zero while the consumer is asleep or about to sleep.
+    consumer_waiting: AtomicU32,
+    /// Futex word the producer sleeps on (space available).
+    space_seq: AtomicU32,
+    /// Non-zero while the producer is asleep or about to sleep.
+    producer_waiting: AtomicU32,
+    /// `PRODUCER_CLOSED` | `CONSUMER_CLOSED`.
+    closed: AtomicU32,
+}
+
+/// Size of a control block in shared memory.
+pub(crate) const CTL_LEN: usize = std::mem::size_of::<RingCtl>();
+
+impl RingCtl {
+    #[cfg(loom)]
+    fn new() -> RingCtl {
+        RingCtl {
+            tail: Line(AtomicU64::new(0)),
+            head: Line(AtomicU64::new(0)),
+            wake: Line(CtlWake {
+                data_seq: AtomicU32::new(0),
+                consumer_waiting: AtomicU32::new(0),
+                space_seq: AtomicU32::new(0),
+                producer_waiting: AtomicU32::new(0),
+                closed: AtomicU32::new(0),
+            }),
+        }
+    }
+
+    fn data_words(&self) -> WakeWords<'_> {
+        WakeWords {
+            seq: &self.wake.0.data_seq,
+            waiting: &self.wake.0.consumer_waiting,
+        }
+    }
+
+    fn space_words(&self) -> WakeWords<'_> {
+        WakeWords {
+            seq: &self.wake.0.space_seq,
+            waiting: &self.wake.0.producer_waiting,
+        }
+    }
+}
+
+/// Process-local state shared by both ends of a link (never in shared memory).
+#[derive(Debug, Default)]
+pub(crate) struct LocalState {
+    /// Set when the liveness channel reports the peer process gone.
+    pub(crate) peer_gone: std::sync::atomic::AtomicBool,
+}
+
+/// Where a ring's memory lives, and what keeps it alive.
+pub(crate) struct RingMem {
+    ctl: *const RingCtl,
+    data: *mut u8,
+    cap: usize,
+    local: Arc<LocalState>,
+    #[cfg(loom)]
+    cells: Arc<Vec<loom::cell::UnsafeCell<()>>>,
+    _owner: Arc<dyn Send + Sync>,
+}
+
+// SAFETY: the pointers refer to memory kept alive by `_owner` (a mapping or a
+// heap allocation that is Send + Sync); the ring protocol gives each byte of
+// the data area a single writer at a time and control words are atomics, so
+// moving a `RingMem` to another thread is sound.
+unsafe impl Send for RingMem {}
+
+impl RingMem {
+    /// Builds a ring view over memory owned by `owner`.
+    ///
+    /// # Safety
+    /// `ctl` must point to a `RingCtl`-sized, 128-aligned block and `data` to
+    /// `cap` bytes (8-aligned), both valid for reads and writes for as long as
+    /// `owner` lives, and only ever accessed through atomics or raw pointers.
+    /// Exactly one `Producer` and one `Consumer` (in any processes) may use a
+    /// given ring. `cap` must be a power of two in `MIN_CAPACITY..=MAX_CAPACITY`.
+    #[cfg(not(loom))]
+    pub(crate) unsafe fn new(
+        ctl: *const RingCtl,
+        data: *mut u8,
+        cap: usize,
+        local: Arc<LocalState>,
+        owner: Arc<dyn Send + Sync>,
+    ) -> RingMem {
+        debug_assert!(cap.is_power_of_two() && (MIN_CAPACITY..=MAX_CAPACITY).contains(&cap));
+        RingMem {
+            ctl,
+            data,
+            cap,
+            local,
+            _owner: owner,
+        }
+    }
+
+    fn ctl(&self) -> &RingCtl {
+        // SAFETY: guaranteed valid and aligned for the owner's lifetime by
+        // the contract of `RingMem::new`; all fields are atomics, so shared
+        // access from several processes is defined.
+        unsafe { &*self.ctl }
+    }
+
+    #[inline]
+    fn mask(&self) -> u64 {
+        self.cap as u64 - 1
+    }
+
+    /// Reads the 8-byte header word at `off` (8-aligned, `off + 8 <= cap`).
+    #[inline]
+    fn read_header(&self, off: usize) -> u64 {
+        debug_assert!(off % 8 == 0 && off + 8 <= self.cap);
+        self.track_read(off, 8);
+        #[cfg(not(loom))]
+        {
+            // SAFETY: `off` is 8-aligned and in bounds (callers mask it), the
+            // data area is 8-aligned, and the word is read atomically, so a
+            // concurrent write by a misbehaving peer is a data race on an
+            // atomic, not undefined behaviour.
+            unsafe {
+                std::sync::atomic::AtomicU64::from_ptr(self.data.add(off) as *mut u64)
+                    .load(Ordering::Relaxed)
+            }
+        }
+        #[cfg(loom)]
+        {
+            // SAFETY: in bounds and aligned as above; under loom, accesses are
+            // checked for causality through `track_read`.
+            unsafe { std::ptr::read(self.data.add(off) as *const u64) }
+        }
+    }
+
+    /// Writes the 8-byte header word at `off`.
+    #[inline]
+    fn write_header(&self, off: usize, word: u64) {
+        debug_assert!(off % 8 == 0 && off + 8 <= self.cap);
+        self.track_write(off, 8);
+        #[cfg(not(loom))]
+        {
+            // SAFETY: as in `read_header`; this side is the only legitimate
+            // writer of the word until it publishes it.
+            unsafe {
+                std::sync::atomic::AtomicU64::from_ptr(self.data.add(off) as *mut u64)
+                    .store(word, Ordering::Relaxed)
+            }
+        }
+        #[cfg(loom)]
+        {
+            // SAFETY: in bounds and aligned; causality checked by `track_write`.
+            unsafe { std::ptr::write(self.data.add(off) as *mut u64, word) }
+        }
+    }
+
+    /// Records (under loom) a read of `[off, off + len)` for causality checking.
+    #[inline(always)]
+    fn track_read(&self, _off: usize, _len: usize) {
+        #[cfg(loom)]
+        for w in _off / 8..(_off + _len).div_ceil(8) {
+            self.cells[w].with(|_| ());
+        }
+    }
+
+    /// Records (under loom) a write of `[off, off + len)` for causality checking.
+    #[inline(always)]
+    fn track_write(&self, _off: usize, _len: usize) {
+        #[cfg(loom)]
+        for w in _off / 8..(_off + _len).div_ceil(8) {
+            self.cells[w].with_mut(|_| ());
+        }
+    }
+}
+
+/// Errors that end a ring (or the link carrying it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RingError {
+    /// The other side closed the ring in an orderly way; everything it
+    /// committed before has been delivered.
+    #[error("the peer closed the ring")]
+    Closed,
+    /// The peer process died (its liveness channel closed); everything it
+    /// committed before has been delivered.
+    #[error("the peer process is gone")]
+    PeerGone,
+    /// The shared memory holds values that a correct peer cannot have
+    /// written. The ring is unusable from now on.
+    #[error("ring corrupted by the peer: {what} = {value:#x}")]
+    Corrupt {
+        /// Which field was found invalid.
+        what: &'static str,
+        /// The invalid value.
+        value: u64,
+    },
+}
+
+/// Errors from [`Producer::reserve`] and friends.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReserveError {
+    /// The record cannot fit in this ring, ever.
+    #[error("a {len}-byte record does not fit in this ring (at most {max} bytes)")]
+    TooLarge {
+        /// The payload length asked for.
+        len: usize,
+        /// The largest payload this ring can carry.
+        max: usize,
+    },
+    /// There is not enough free space right now (staged records have been
+    /// published so the consumer can make room).
+    #[error("ring full: {needed} bytes needed, {free} free")]
+    Full {
+        /// Bytes needed (including header and padding).
+        needed: usize,
+        /// Bytes free now.
+        free: usize,
+    },
+    /// No space became free before the deadline.
+    #[error("timed out waiting for ring space")]
+    TimedOut,
+    /// The ring is closed, gone or corrupt.
+    #[error(transparent)]
+    Ring(#[from] RingError),
+}
+
+/// Errors from receiving with a deadline.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecvError {
+    /// No record arrived before the deadline.
+    #[error("timed out waiting for a record")]
+    TimedOut,
+    /// The ring is closed, gone or corrupt.
+    #[error(transparent)]
+    Ring(#[from] RingError),
+}
+
+/// Typestate of a [`Loan`] whose bytes are not yet initialised.
+#[derive(Debug)]
+pub enum Uninit {}
+/// Typestate of a [`Loan`] whose bytes are initialised and may be sent.
+#[derive(Debug)]
+pub enum Init {}
+
+/// The writing end of a ring.
+pub struct Producer {
+    mem: RingMem,
+    /// Local write position, including staged (unpublished) records.
+    tail: u64,
+    /// Last value stored to the shared tail.
+    published: u64,
+    /// Last observed consumer head.
+    head_cache: u64,
+    strategy: WaitStrategy,
+    error: Option<RingError>,
+}
+
+impl std::fmt::Debug for Producer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Producer")
+            .field("capacity", &self.mem.cap)
+            .field("tail", &self.tail)
+            .field("published", &self.published)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A record reserved in place in the ring; `S` is [`Uninit`] until written.
+#[must_use = "a loan does nothing until committed"]
+pub struct Loan<'a, S> {
+    producer: &'a mut Producer,
+    off: usize,
+    len: usize,
+    tag: u8,
+    _state: PhantomData<S>,
+}
+
+impl Producer {
+    pub(crate) fn new(mem: RingMem, strategy: WaitStrategy) -> Producer {
+        Producer {
+            mem,
+            tail: 0,
+            published: 0,
+            head_cache: 0,
+            strategy,
+            error: None,
+        }
+    }
+
+    /// The ring's capacity in bytes.
+    pub fn capacity(&self) -> usize {
+        self.mem.cap
+    }
+
+    /// The largest payload one record can carry.
+    pub fn max_payload(&self) -> usize {
+        self.mem.cap - RECORD_HEADER_LEN
+    }
+
+    /// Changes how [`send`](Producer::send) waits for space.
+    pub fn set_wait_strategy(&mut self, strategy: WaitStrategy) {
+        self.strategy = strategy;
+    }
+
+    fn check(&self) -> Result<(), RingError> {
+        if let Some(e) = &self.error {
+            return Err(e.clone());
+        }
+        let closed = self.mem.ctl().wake.0.closed.load(Ordering::Acquire);
+        if closed & CONSUMER_CLOSED != 0 {
+            return Err(RingError::Closed);
+        }
+        if self.mem.local.peer_gone.load(Ordering::Acquire) {
+            return Err(RingError::PeerGone);
+        }
+        Ok(())
+    }
+
+    /// Bytes free for the producer, refreshing the consumer's head if needed.
+    fn free(&mut self, want: usize) -> Result<usize, RingError> {
+        let used = self.tail.wrapping_sub(self.head_cache);
+        let free = self.mem.cap - used as usize;
+        if free >= want {
+            return Ok(free);
+        }
+        // SYNC: Acquire pairs with the Release store of `head` in
+        // `Consumer::release_published`: the consumer is done reading the
+        // bytes before `head`, so we may overwrite them.
+        let head = self.mem.ctl().head.0.load(Ordering::Acquire);
+        // The head may only move forward, and never past what we published.
+        let moved = head.wrapping_sub(self.head_cache);
+        if moved > self.published.wrapping_sub(self.head_cache) || head % 8 != 0 {
+            let e = RingError::Corrupt {
+                what: "consumer head",
+                value: head,
+            };
+            self.error = Some(e.clone());
+            return Err(e);
+        }
+        self.head_cache = head;
+        let used = self.tail.wrapping_sub(head);
+        Ok(self.mem.cap - used as usize)
+    }
+
+    /// Reserves a record of `len` payload bytes without waiting.
+    pub fn reserve(&mut self, len: usize) -> Result<Loan<'_, Uninit>, ReserveError> {
+        self.reserve_tagged(len, 0)
+    }
+
+    /// Like [`reserve`](Producer::reserve), with an 8-bit tag carried in the
+    /// record header (the link uses it to mark fragments).
+    pub fn reserve_tagged(&mut self, len: usize, tag: u8) -> Result<Loan<'_, Uninit>, ReserveError> {
+        match self.prepare(len)? {
+            Ok(off) => Ok(self.loan(off, len, tag)),
+            Err((needed, free)) => Err(ReserveError::Full { needed, free }),
+        }
+    }
+
+    fn loan(&mut self, off: usize, len: usize, tag: u8) -> Loan<'_, Uninit> {
+        self.mem.track_write(off + RECORD_HEADER_LEN, len);
+        Loan {
+            producer: self,
+            off,
+            len,
+            tag,
+            _state: PhantomData,
+        }
+    }
+
+    /// Makes room for a record of `len` payload bytes: writes a padding
+    /// record first if it would cross the end. Returns the record's offset,
+    /// or `(needed, free)` when the ring is full (after publishing what is
+    /// staged, so the consumer can make room).
+    fn prepare(&mut self, len: usize) -> Result<Result<usize, (usize, usize)>, ReserveError> {
+        self.check()?;
+        let cap = self.mem.cap;
+        if len > cap - RECORD_HEADER_LEN {
+            return Err(ReserveError::TooLarge {
+                len,
+                max: cap - RECORD_HEADER_LEN,
+            });
+        }
+        let rec = record_len(len);
+        let mut off = (self.tail & self.mem.mask()) as usize;
+        let contiguous = cap - off;
+        if rec > contiguous {
+            // Fill the rest of the buffer with a padding record first.
+            let free = self.free(contiguous)?;
+            if free < contiguous {
+                self.publish();
+                return Ok(Err((contiguous + rec, free)));
+            }
+            let pad_len = (contiguous - RECORD_HEADER_LEN) as u64;
+            self.mem.write_header(off, pad_len | TYPE_PAD << 32);
+            self.tail = self.tail.wrapping_add(contiguous as u64);
+            off = 0;
+        }
+        let free = self.free(rec)?;
+        if free < rec {
+            self.publish();
+            return Ok(Err((rec, free)));
+        }
+        Ok(Ok(off))
+    }
+
+    /// Reserves a record, waiting for space per the wait strategy until
+    /// `deadline` (forever if `None`).
+    pub fn reserve_wait(
+        &mut self,
+        len: usize,
+        tag: u8,
+        deadline: Option<Instant>,
+    ) -> Result<Loan<'_, Uninit>, ReserveError> {
+        loop {
+            let need = match self.prepare(len)? {
+                Ok(off) => return Ok(self.loan(off, len, tag)),
+                Err((needed, _)) => needed,
+            };
+            let strategy = self.strategy;
+            let mem = &self.mem;
+            let ctl = mem.ctl();
+            let tail = self.tail;
+            let waited = wait::wait_until(strategy, &ctl.space_words(), deadline, || {
+                // SYNC: Acquire pairs with the consumer's Release of `head`.
+                let head = ctl.head.0.load(Ordering::Acquire);
+                let used = tail.wrapping_sub(head) as usize;
+                used > mem.cap // corrupt: let `prepare` report it
+                    || mem.cap - used >= need
+                    || ctl.wake.0.closed.load(Ordering::Acquire) & CONSUMER_CLOSED != 0
+                    || mem.local.peer_gone.load(Ordering::Acquire)
+            });
+            if waited == Waited::TimedOut {
+                return Err(ReserveError::TimedOut);
+            }
+        }
+    }
+
+    /// Copies `data` into one record and publishes it, waiting for space per
+    /// the wait strategy.
+    pub fn send(&mut self, data: &[u8]) -> Result<(), ReserveError> {
+        self.reserve_wait(data.len(), 0, None)?.fill(data).commit();
+        Ok(())
+    }
+
+    /// Copies `data` into one record and publishes it, without waiting.
+    pub fn try_send(&mut self, data: &[u8]) -> Result<(), ReserveError> {
+        self.reserve(data.len())?.fill(data).commit();
+        Ok(())
+    }
+
+    /// Publishes every staged record to the consumer (one store, one wake-up
+    /// check), waking it if it sleeps.
+    #[inline]
+    pub fn publish(&mut self) {
+        if self.tail != self.published {
+            // SYNC: Release pairs with the Acquire load of `tail` in
+            // `Consumer::available`: the records' bytes happen-before.
+            self.mem.ctl().tail.0.store(self.tail, Ordering::Release);
+            self.published = self.tail;
+            self.mem.ctl().data_words().notify();
+        }
+    }
+
+    /// Bytes staged but not yet published.
+    pub fn staged(&self) -> usize {
+        self.tail.wrapping_sub(self.published) as usize
+    }
+
+    /// Closes the ring: publishes what is staged and tells the consumer that
+    /// nothing more will come. Also done on drop.
+    pub fn close(&mut self) {
+        self.publish();
+        let ctl = self.mem.ctl();
+        // SYNC: Release pairs with the Acquire load of `closed` in
+        // `Consumer::available`: the final tail happens-before the flag.
+        ctl.wake.0.closed.fetch_or(PRODUCER_CLOSED, Ordering::Release);
+        ctl.data_words().wake();
+    }
+
+    /// Wakes a consumer asleep on this ring without publishing anything
+    /// (used when the peer's liveness changes).
+    pub(crate) fn wake_peer(&self) {
+        self.mem.ctl().data_words().wake();
+    }
+}
+
+impl Drop for Producer {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl<'a> Loan<'a, Uninit> {
+    /// The reserved bytes, uninitialised.
+    pub fn as_uninit(&mut self) -> &mut [MaybeUninit<u8>] {
+        // SAFETY: `off + 8 + len <= cap` was ensured by `reserve_tagged`; the
+        // space is free (the consumer released it), so this side is its only
+        // writer until publication; the loan borrows the producer mutably, so
+        // no other reference to these bytes exists in this process.
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                self.producer.mem.data.add(self.off + RECORD_HEADER_LEN) as *mut MaybeUninit<u8>,
+                self.len,
+            )
+        }
+    }
+
+    /// Copies `src` into the reserved bytes.
+    ///
+    /// # Panics
+    /// If `src.len()` differs from the reserved length (a programming error).
+    pub fn fill(mut self, src: &[u8]) -> Loan<'a, Init> {
+        assert_eq!(src.len(), self.len, "Loan::fill: source length differs from the reservation");
+        let dst = self.as_uninit();
+        // SAFETY: `dst` and `src` have the same length, and `src` (a shared
+        // borrow held by the caller) cannot overlap the loaned ring bytes,
+        // which are reachable only through this exclusive loan.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_mut_ptr() as *mut u8, src.len())
+        };
+        // SAFETY: every byte was just written.
+        unsafe { self.assume_init() }
+    }
+
+    /// Zeroes the reserved bytes.
+    pub fn zeroed(mut self) -> Loan<'a, Init> {
+        self.as_uninit().fill(MaybeUninit::new(0));
+        // SAFETY: every byte was just written.
+        unsafe { self.assume_init() }
+    }
+
+    /// Declares the reserved bytes written.
+    ///
+    /// # Safety
+    /// Every byte of [`as_uninit`](Loan::as_uninit) must have been initialised.
+    pub unsafe fn assume_init(self) -> Loan<'a, Init> {
+        Loan {
+            producer: self.producer,
+            off: self.off,
+            len: self.len,
+            tag: self.tag,
+            _state: PhantomData,
+        }
+    }
+}
+
+impl<'a> Loan<'a, Init> {
+    /// The written bytes, for further changes before sending.
+    pub fn as_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_uninit`, and the bytes are initialised (typestate).
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                self.producer.mem.data.add(self.off + RECORD_HEADER_LEN),
+                self.len,
+            )
+        }
+    }
+
+    /// Shortens the record to its first `len` bytes (no-op if longer).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Appends the record to the staged batch without publishing it; see
+    /// [`Producer::publish`].
+    pub fn stage(self) {
+        self.finish();
+    }
+
+    /// Stages the record and publishes everything staged.
+    pub fn commit(self) {
+        self.finish().publish();
+    }
+
+    /// Writes the header and advances the local tail past the record.
+    #[inline]
+    fn finish(self) -> &'a mut Producer {
+        let p = self.producer;
+        let word = self.len as u64 | TYPE_MSG << 32 | (self.tag as u64) << 40;
+        p.mem.write_header(self.off, word);
+        // The local tail points at this record (padding, if any, is behind it).
+        debug_assert_eq!(p.tail & p.mem.mask(), self.off as u64);
+        p.tail = p.tail.wrapping_add(record_len(self.len) as u64);
+        p
+    }
+}
+
+/// The reading end of a ring.
+pub struct Consumer {
+    mem: RingMem,
+    /// Local read position: everything before it has been handed out and released.
+    head: u64,
+    /// Last value stored to the shared head.
+    published: u64,
+    /// Last observed producer tail.
+    tail_cache: u64,
+    strategy: WaitStrategy,
+    error: Option<RingError>,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("capacity", &self.mem.cap)
+            .field("head", &self.head)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A record lent out in place by the consumer; its space is released on drop.
+pub struct Received<'a> {
+    consumer: &'a mut Consumer,
+    off: usize,
+    len: usize,
+    tag: u8,
+}
+
+/// A parsed record position (internal).
+#[derive(Clone, Copy)]
+struct Rec {
+    off: usize,
+    len: usize,
+    tag: u8,
+}
+
+impl Consumer {
+    pub(crate) fn new(mem: RingMem, strategy: WaitStrategy) -> Consumer {
+        Consumer {
+            mem,
+            head: 0,
+            published: 0,
+            tail_cache: 0,
+            strategy,
+            error: None,
+        }
+    }
+
+    /// The ring's capacity in bytes.
+    pub fn capacity(&self) -> usize {
+        self.mem.cap
+    }
+
+    /// Changes how [`recv`](Consumer::recv) waits for data.
+    pub fn set_wait_strategy(&mut self, strategy: WaitStrategy) {
+        self.strategy = strategy;
+    }
+
+    fn fail(&mut self, what: &'static str, value: u64) -> RingError {
+        let e = RingError::Corrupt { what, value };
+        self.error = Some(e.clone());
+        e
+    }
+
+    /// Bytes published and not yet consumed, refreshing the shared tail only
+    /// when the cached one is used up.
+    #[inline]
+    fn available(&mut self) -> Result<u64, RingError> {
+        let avail = self.tail_cache.wrapping_sub(self.head);
+        if avail != 0 {
+            return Ok(avail);
+        }
+        // SYNC: Acquire pairs with the Release store of `tail` in
+        // `Producer::publish`: the records' bytes are visible.
+        let tail = self.mem.ctl().tail.0.load(Ordering::Acquire);
+        let avail = tail.wrapping_sub(self.head);
+        if avail > self.mem.cap as u64 || tail % 8 != 0 {
+            return Err(self.fail("producer tail", tail));
+        }
+        self.tail_cache = tail;
+        Ok(avail)
+    }
+
+    /// Parses the next record without consuming it; skips padding.
+    fn next_record(&mut self) -> Result<Option<Rec>, RingError> {
+        if let Some(e) = &self.error {
+            return Err(e.clone());
+        }
+        loop {
+            let mut avail = self.available()?;
+            if avail == 0 {
+                // SYNC: Acquire pairs with the Release `fetch_or` in
+                // `Producer::close`; re-read the tail after it, so records
+                // committed before the close are never lost.
+                let closed = self.mem.ctl().wake.0.closed.load(Ordering::Acquire);
+                let gone = self.mem.local.peer_gone.load(Ordering::Acquire);
+                if closed & PRODUCER_CLOSED == 0 && !gone {
+                    return Ok(None);
+                }
+                avail = self.available()?;
+                if avail == 0 {
+                    return Err(if closed & PRODUCER_CLOSED != 0 {
+                        RingError::Closed
+                    } else {
+                        RingError::PeerGone
+                    });
+                }
+            }
+            let cap = self.mem.cap;
+            let off = (self.head & self.mem.mask()) as usize;
+            let word = self.mem.read_header(off);
+            let len = (word & 0xffff_ffff) as usize;
+            let typ = (word >> 32) & 0xff;
+            let tag = ((word >> 40) & 0xff) as u8;
+            if word >> 48 != 0 {
+                return Err(self.fail("record header", word));
+            }
+            let room = cap - off;
+            if len > room - RECORD_HEADER_LEN {
+                return Err(self.fail("record length", len as u64));
+            }
+            let rec = record_len(len);
+            if rec as u64 > avail {
+                return Err(self.fail("record length", len as u64));
+            }
+            match typ {
+                TYPE_MSG => {
+                    self.mem.track_read(off + RECORD_HEADER_LEN, len);
+                    return Ok(Some(Rec { off, len, tag }));
+                }
+                TYPE_PAD => {
+                    if rec != room {
+                        return Err(self.fail("padding length", len as u64));
+                    }
+                    self.head = self.head.wrapping_add(rec as u64);
+                }
+                _ => return Err(self.fail("record type", typ)),
+            }
+        }
+    }
+
+    /// Lends out the next record without waiting, or `None` if the ring is
+    /// empty. Errors once the ring is drained and closed, or corrupt.
+    pub fn try_recv(&mut self) -> Result<Option<Received<'_>>, RingError> {
+        Ok(self.next_record()?.map(|r| Received {
+            consumer: self,
+            off: r.off,
+            len: r.len,
+            tag: r.tag,
+        }))
+    }
+
+    /// Waits (per the wait strategy) until a record arrives or `deadline`
+    /// passes, then lends it out.
+    pub fn recv(&mut self, deadline: Option<Instant>) -> Result<Received<'_>, RecvError> {
+        if self.next_record()?.is_none() {
+            self.release_published();
+            self.wait_readable(deadline)?;
+        }
+        match self.next_record()? {
+            Some(r) => Ok(Received {
+                consumer: self,
+                off: r.off,
+                len: r.len,
+                tag: r.tag,
+            }),
+            // `wait_readable` only returns Ok when a record (or an error) is there.
+            None => Err(RecvError::TimedOut),
+        }
+    }
+
+    /// Waits until a record or an ending condition is visible.
+    fn wait_readable(&mut self, deadline: Option<Instant>) -> Result<(), RecvError> {
+        let strategy = self.strategy;
+        let head = self.head;
+        let mem = &self.mem;
+        let ctl = mem.ctl();
+        let waited = wait::wait_until(strategy, &ctl.data_words(), deadline, || {
+            // SYNC: Acquire pairs with the producer's Release of `tail`.
+            ctl.tail.0.load(Ordering::Acquire) != head
+                || ctl.wake.0.closed.load(Ordering::Acquire) & PRODUCER_CLOSED != 0
+                || mem.local.peer_gone.load(Ordering::Acquire)
+        });
+        match waited {
+            Waited::Ready => Ok(()),
+            Waited::TimedOut => Err(RecvError::TimedOut),
+        }
+    }
+
+    /// Hands every available record (at most `max`) to `f`, then releases
+    /// them all with one store. Returns how many were handed out (0 if the
+    /// ring is empty).
+    pub fn recv_batch(
+        &mut self,
+        max: usize,
+        mut f: impl FnMut(u8, &[u8]),
+    ) -> Result<usize, RingError> {
+        let mut n = 0;
+        while n < max {
+            let r = match self.next_record() {
+                Ok(Some(r)) => r,
+                Ok(None) => break,
+                // Report the end (or corruption, which is sticky) on the
+                // next call, after the records already handed out.
+                Err(_) if n > 0 => break,
+                Err(e) => {
+                    self.release_published();
+                    return Err(e);
+                }
+            };
+            f(r.tag, self.payload(r.off, r.len));
+            self.head = self.head.wrapping_add(record_len(r.len) as u64);
+            n += 1;
+        }
+        self.release_published();
+        Ok(n)
+    }
+
+    /// Like [`recv_batch`](Consumer::recv_batch), but first waits (per the
+    /// wait strategy) until at least one record is there.
+    pub fn recv_batch_wait(
+        &mut self,
+        max: usize,
+        deadline: Option<Instant>,
+        f: impl FnMut(u8, &[u8]),
+    ) -> Result<usize, RecvError> {
+        if self.next_record()?.is_none() {
+            self.release_published();
+            self.wait_readable(deadline)?;
+        }
+        Ok(self.recv_batch(max, f)?)
+    }
+
+    fn payload(&self, off: usize, len: usize) -> &[u8] {
+        // SAFETY: `next_record` validated `off + 8 + len <= cap`, and the
+        // bytes were published by the producer (Acquire on `tail`), which
+        // will not write them again until we release them. A misbehaving
+        // peer could still write them; that can only change the bytes we
+        // return, never their bounds.
+        unsafe { std::slice::from_raw_parts(self.mem.data.add(off + RECORD_HEADER_LEN), len) }
+    }
+
+    /// Publishes the consumed position so the producer can reuse the space.
+    #[inline]
+    fn release_published(&mut self) {
+        if self.head != self.published {
+            // SYNC: Release pairs with the Acquire load of `head` in
+            // `Producer::free`: our reads of the records happen-before the
+            // producer overwrites them.
+            self.mem.ctl().head.0.store(self.head, Ordering::Release);
+            self.published = self.head;
+            self.mem.ctl().space_words().notify();
+        }
+    }
+
+    /// Closes the ring from the consumer's side: the producer's next send
+    /// fails with [`RingError::Closed`]. Also done on drop.
+    pub fn close(&mut self) {
+        let ctl = self.mem.ctl();
+        ctl.wake.0.closed.fetch_or(CONSUMER_CLOSED, Ordering::Release);
+        ctl.space_words().wake();
+    }
+
+    /// Wakes a producer asleep on this ring (used when liveness changes).
+    pub(crate) fn wake_peer(&self) {
+        self.mem.ctl().space_words().wake();
+    }
+
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl Received<'_> {
+    /// The record's tag (0 unless sent with [`Producer::reserve_tagged`]).
+    pub fn tag(&self) -> u8 {
+        self.tag
+    }
+}
+
+impl std::ops::Deref for Received<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.consumer.payload(self.off, self.len)
+    }
+}
+
+impl std::fmt::Debug for Received<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Received")
+            .field("len", &self.len)
+            .field("tag", &self.tag)
+            .finish()
+    }
+}
+
+impl Drop for Received<'_> {
+    fn drop(&mut self) {
+        let c = &mut *self.consumer;
+        c.head = c.head.wrapping_add(record_len(self.len) as u64);
+        c.release_published();
+    }
+}
+
+/// Checks a ring capacity received from a peer or a user.
+pub fn validate_capacity(cap: usize) -> Result<(), InvalidCapacity> {
+    if cap.is_power_of_two() && (MIN_CAPACITY..=MAX_CAPACITY).contains(&cap) {
+        Ok(())
+    } else {
+        Err(InvalidCapacity { capacity: cap })
+    }
+}
+
+/// A ring capacity that is not a power of two in range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid ring capacity {capacity}: must be a power of two from {MIN_CAPACITY} to {MAX_CAPACITY}")]
+pub struct InvalidCapacity {
+    /// The capacity given.
+    pub capacity: usize,
+}
+
+/// Errors from [`pair`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PairError {
+    /// The capacity is not acceptable.
+    #[error(transparent)]
+    Capacity(#[from] InvalidCapacity),
+    /// The shared memory could not be created.
+    #[cfg(not(loom))]
+    #[error(transparent)]
+    Segment(#[from] crate::SegmentError),
+}
+
+/// Creates a producer and consumer over one ring of `capacity` bytes in a
+/// fresh memfd segment, in this process (both ends may move to other threads).
+#[cfg(not(loom))]
+pub fn pair(capacity: usize) -> Result<(Producer, Consumer), PairError> {
+    validate_capacity(capacity)?;
+    let seg = Arc::new(crate::Segment::create(CTL_LEN + capacity)?);
+    let base = seg.data_ptr();
+    let local = Arc::new(LocalState::default());
+    // SAFETY: the segment's data area is 128-aligned (header is 128 bytes
+    // into a page), zero-filled (a valid empty control block), at least
+    // CTL_LEN + capacity bytes long, and kept alive by the Arc passed as
+    // owner; one producer and one consumer are created.
+    let (a, b) = unsafe {
+        let ctl = base as *const RingCtl;
+        let data = base.add(CTL_LEN);
+        (
+            RingMem::new(ctl, data, capacity, local.clone(), seg.clone()),
+            RingMem::new(ctl, data, capacity, local, seg),
+        )
+    };
+    Ok((
+        Producer::new(a, WaitStrategy::default()),
+        Consumer::new(b, WaitStrategy::default()),
+    ))
+}
+
+/// Under loom: a heap-backed ring with causality tracking of every data word.
+#[cfg(loom)]
+pub fn pair(capacity: usize) -> Result<(Producer, Consumer), PairError> {
+    validate_capacity(capacity)?;
+    struct Heap {
+        ctl: Box<RingCtl>,
+        data: Box<[std::cell::Cell<u64>]>,
+    }
+    // SAFETY: under loom all threads are loom-managed and every access to
+    // `data` goes through the ring protocol with causality tracking.
+    unsafe impl Send for Heap {}
+    // SAFETY: as above.
+    unsafe impl Sync for Heap {}
+    let heap = Arc::new(Heap {
+        ctl: Box::new(RingCtl::new()),
+        data: (0..capacity / 8).map(|_| std::cell::Cell::new(0)).collect(),
+    });
+    let ctl = &*heap.ctl as *const RingCtl;
+    let data = heap.data.as_ptr() as *mut u8;
+    let cells: Arc<Vec<loom::cell::UnsafeCell<()>>> =
+        Arc::new((0..capacity / 8).map(|_| loom::cell::UnsafeCell::new(())).collect());
+    let local = Arc::new(LocalState::default());
+    let mk = |owner: Arc<Heap>| RingMem {
+        ctl,
+        data,
+        cap: capacity,
+        local: local.clone(),
+        cells: cells.clone(),
+        _owner: owner,
+    };
+    Ok((
+        Producer::new(mk(heap.clone()), WaitStrategy::default()),
+        Consumer::new(mk(heap), WaitStrategy::default()),
+    ))
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+
+    fn ctl(c: &Consumer) -> &RingCtl {
+        c.mem.ctl()
+    }
+
+    fn pattern(seq: u64, len: usize) -> Vec<u8> {
+        (0..len).map(|i| (seq as usize * 31 + i) as u8).collect()
+    }
+
+    #[test]
+    fn send_and_receive_in_order_with_wrap() {
+        let (mut tx, mut rx) = pair(256).unwrap();
+        for round in 0..1000u64 {
+            let len = (round as usize * 7) % 100;
+            tx.try_send(&pattern(round, len)).unwrap();
+            let m = rx.try_recv().unwrap().unwrap();
+            assert_eq!(&*m, &pattern(round, len)[..]);
+        }
+        assert!(rx.try_recv().unwrap().is_none());
+    }
+
+    #[test]
+    fn full_and_too_large() {
+        let (mut tx, mut rx) = pair(64).unwrap();
+        assert_eq!(tx.max_payload(), 56);
+        assert!(matches!(
+            tx.reserve(57),
+            Err(ReserveError::TooLarge { len: 57, max: 56 })
+        ));
+        tx.try_send(&[1; 24]).unwrap(); // 32 bytes
+        tx.try_send(&[2; 24]).unwrap(); // 64 bytes: full
+        assert!(matches!(tx.try_send(&[3]), Err(ReserveError::Full { .. })));
+        assert_eq!(&*rx.try_recv().unwrap().unwrap(), &[1; 24]);
+        // A 56-byte record needs the whole ring: not yet.
+        assert!(matches!(tx.try_send(&[4; 56]), Err(ReserveError::Full { .. })));
+        assert_eq!(&*rx.try_recv().unwrap().unwrap(), &[2; 24]);
+        tx.try_send(&[4; 56]).unwrap();
+        assert_eq!(&*rx.try_recv().unwrap().unwrap(), &[4; 56]);
+    }
+
+    #[test]
+    fn staged_records_are_invisible_until_published() {
+        let (mut tx, mut rx) = pair(1024).unwrap();
+        for i in 0..5u8 {
+            tx.reserve(3).unwrap().fill(&[i; 3]).stage();
+        }
+        assert_eq!(tx.staged(), 5 * 16);
+        assert!(rx.try_recv().unwrap().is_none());
+        tx.publish();
+        let mut got = vec![];
+        assert_eq!(rx.recv_batch(usize::MAX, |_, m| got.push(m.to_vec())).unwrap(), 5);
+        assert_eq!(got, (0..5u8).map(|i| vec![i; 3]).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn zero_copy_loan_and_truncate_and_tags() {
+        let (mut tx, mut rx) = pair(1024).unwrap();
+        let mut loan = tx.reserve_tagged(100, 7).unwrap().zeroed();
+        loan.as_mut()[..4].copy_from_slice(b"abcd");
+        loan.truncate(4);
+        loan.commit();
+        let m = rx.try_recv().unwrap().unwrap();
+        assert_eq!(m.tag(), 7);
+        assert_eq!(&*m, b"abcd");
+    }
+
+    #[test]
+    fn abandoned_loan_sends_nothing() {
+        let (mut tx, mut rx) = pair(1024).unwrap();
+        drop(tx.reserve(10).unwrap());
+        tx.publish();
+        assert!(rx.try_recv().unwrap().is_none());
+        tx.try_send(b"x").unwrap();
+        assert_eq!(&*rx.try_recv().unwrap().unwrap(), b"x");
+    }
+
+    #[test]
+    fn producer_close_delivers_everything_first() {
+        let (mut tx, mut rx) = pair(1024).unwrap();
+        tx.reserve(1).unwrap().fill(b"a").stage();
+        tx.reserve(1).unwrap().fill(b"b").stage();
+        drop(tx); // publishes staged records, then closes
+        assert_eq!(&*rx.try_recv().unwrap().unwrap(), b"a");
+        assert_eq!(&*rx.try_recv().unwrap().unwrap(), b"b");
+        assert_eq!(rx.try_recv().unwrap_err(), RingError::Closed);
+        assert_eq!(rx.recv(None).unwrap_err(), RecvError::Ring(RingError::Closed));
+    }
+
+    #[test]
+    fn consumer_close_fails_the_producer() {
+        let (mut tx, rx) = pair(1024).unwrap();
+        drop(rx);
+        assert!(matches!(
+            tx.try_send(b"x"),
+            Err(ReserveError::Ring(RingError::Closed))
+        ));
+    }
+
+    #[test]
+    fn recv_deadline_times_out() {
+        let (_tx, mut rx) = pair(1024).unwrap();
+        let t = Instant::now();
+        let d = t + std::time::Duration::from_millis(30);
+        assert_eq!(rx.recv(Some(d)).unwrap_err(), RecvError::TimedOut);
+        assert!(t.elapsed() >= std::time::Duration::from_millis(30));
+    }
+
+    #[test]
+    fn threads_stream_a_million_messages() {
+        let (mut tx, mut rx) = pair(1 << 14).unwrap();
+        const N: u64 = 1_000_000;
+        let t = std::thread::spawn(move || {
+            let mut x = 0x1234_5678u64;
+            for i in 0..N {
+                x = crate::segment::splitmix(x);
+                let len = 8 + (x % 300) as usize;
+                let mut loan = tx.reserve_wait(len, 0, None).unwrap().zeroed();
+                let b = loan.as_mut();
+                b[..8].copy_from_slice(&i.to_le_bytes());
+                b[8..].fill(i as u8);
+                if i % 16 == 15 {
+                    loan.commit();
+                } else {
+                    loan.stage();
+                }
+            }
+        });
+        let mut next = 0u64;
+        while next < N {
+            rx.recv_batch_wait(64, None, |_, m| {
+                assert_eq!(u64::from_le_bytes(m[..8].try_into().unwrap()), next);
+                assert!(m[8..].iter().all(|&b| b == next as u8));
+                next += 1;
+            })
+            .unwrap();
+        }
+        t.join().unwrap();
+        assert_eq!(rx.recv(None).unwrap_err(), RecvError::Ring(RingError::Closed));
+    }
+
+    #[test]
+    fn idle_waiter_sleeps_and_is_woken() {
+        let (mut tx, mut rx) = pair(1024).unwrap();
+        let t = std::thread::spawn(move || {
+            let m = rx.recv(None).unwrap();
+            m.to_vec()
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        tx.try_send(b"wake").unwrap();
+        assert_eq!(t.join().unwrap(), b"wake");
+    }
+
+    #[test]
+    fn corrupt_tail_is_an_error_not_ub() {
+        let (mut tx, mut rx) = pair(256).unwrap();
+        tx.try_send(b"ok").unwrap();
+        ctl(&rx).tail.0.store(1 << 40, Ordering::Relaxed);
+        rx.tail_cache = rx.head; // force a re-read
+        let e = rx.try_recv().unwrap_err();
+        assert!(matches!(e, RingError::Corrupt { what: "producer tail", .. }), "{e}");
+        // Sticky.
+        assert!(matches!(rx.try_recv().unwrap_err(), RingError::Corrupt { .. }));
+    }
+
+    #[test]
+    fn corrupt_record_headers_are_errors() {
+        for bad in [
+            u64::MAX,
+            300 | TYPE_MSG << 32,       // longer than the ring
+            8 | TYPE_MSG << 32,         // longer than published
+            0 | 9 << 32,                // unknown type
+            16 | TYPE_PAD << 32,        // padding that does not reach the end
+            1 | TYPE_MSG << 32 | 1 << 50, // reserved bits set
+        ] {
+            let (mut tx, mut rx) = pair(256).unwrap();
+            tx.try_send(&[0; 0]).unwrap();
+            rx.mem.write_header(0, bad);
+            let e = rx.try_recv().unwrap_err();
+            assert!(matches!(e, RingError::Corrupt { .. }), "{bad:#x}: {e}");
+        }
+    }
+
+    #[test]
+    fn corrupt_head_is_an_error_for_the_producer() {
+        let (mut tx, rx) = pair(64).unwrap();
+        tx.try_send(&[0; 56]).unwrap();
+        ctl(&rx).head.0.store(999_999, Ordering::Relaxed);
+        let e = tx.try_send(b"x").unwrap_err();
+        assert!(
+            matches!(e, ReserveError::Ring(RingError::Corrupt { what: "consumer head", .. })),
+            "{e}"
+        );
+    }
+
+    proptest::proptest! {
+        /// Any sequence of sends, batches and receives matches a queue model.
+        #[test]
+        fn behaves_like_a_queue(ops in proptest::collection::vec((0u8..4, 0usize..200), 1..300)) {
+            let (mut tx, mut rx) = pair(512).unwrap();
+            let mut model: VecDeque<Vec<u8>> = VecDeque::new();
+            let mut staged: Vec<Vec<u8>> = vec![];
+            let mut seq = 0u64;
+            for (op, len) in ops {
+                match op {
+                    0 | 1 => {
+                        let data = pattern(seq, len);
+                        seq += 1;
+                        match tx.reserve(len) {
+                            Ok(l) => {
+                                let l = l.fill(&data);
+                                if op == 0 {
+                                    l.commit();
+                                    model.extend(staged.drain(..));
+                                    model.push_back(data);
+                                } else {
+                                    l.stage();
+                                    staged.push(data);
+                                }
+                            }
+                            Err(ReserveError::Full { .. }) => model.extend(staged.drain(..)),
+                            Err(e) => proptest::prop_assert!(false, "{e}"),
+                        }
+                    }
+                    2 => {
+                        let got = rx.try_recv().unwrap().map(|m| m.to_vec());
+                        proptest::prop_assert_eq!(got, model.pop_front());
+                    }
+                    _ => {
+                        let mut got = vec![];
+                        rx.recv_batch(len % 5 + 1, |_, m| got.push(m.to_vec())).unwrap();
+                        for g in got {
+                            proptest::prop_assert_eq!(Some(g), model.pop_front());
+                        }
+                    }
+                }
+            }
+            tx.publish();
+            model.extend(staged.drain(..));
+            while let Some(m) = rx.try_recv().unwrap() {
+                proptest::prop_assert_eq!(Some(m.to_vec()), model.pop_front());
+            }
+            proptest::prop_assert!(model.is_empty());
+        }
+    }
+}
+
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use super::*;
+
+    fn drain(rx: &mut Consumer, n: usize) -> Vec<Vec<u8>> {
+        let mut got = vec![];
+        while got.len() < n {
+            let m = rx.recv(None).unwrap();
+            got.push(m.to_vec());
+        }
+        got
+    }
+
+    /// Messages cross the wrap point (padding record) in order and intact,
+    /// with the producer waiting for space on a tiny ring.
+    #[test]
+    fn loom_wrap_and_full() {
+        loom::model(|| {
+            let (mut tx, mut rx) = pair(64).unwrap();
+            let t = loom::thread::spawn(move || {
+                tx.send(&[1; 20]).unwrap(); // 32 bytes at 0
+                tx.send(&[2; 20]).unwrap(); // 32 bytes at 32: ring full
+                tx.send(&[3; 30]).unwrap(); // 40 bytes: waits, then at 0
+            });
+            let got = drain(&mut rx, 3);
+            assert_eq!(got, vec![vec![1; 20], vec![2; 20], vec![3; 30]]);
+            t.join().unwrap();
+        });
+    }
+
+    /// A staged batch becomes visible all at once, and batched release frees
+    /// the space for the producer.
+    #[test]
+    fn loom_batch() {
+        loom::model(|| {
+            let (mut tx, mut rx) = pair(64).unwrap();
+            let t = loom::thread::spawn(move || {
+                tx.reserve(8).unwrap().fill(&[1; 8]).stage();
+                tx.reserve(8).unwrap().fill(&[2; 8]).stage();
+                tx.publish();
+                tx.send(&[3; 40]).unwrap(); // needs the batch released
+            });
+            let mut got = vec![];
+            while got.len() < 3 {
+                rx.recv_batch(8, |_, m| got.push(m.to_vec())).unwrap();
+                loom::thread::yield_now();
+            }
+            // The first two arrive together: never one without the other.
+            assert_eq!(got, vec![vec![1; 8], vec![2; 8], vec![3; 40]]);
+            t.join().unwrap();
+        });
+    }
+
+    /// Close after sends: the consumer sees every record, then Closed.
+    #[test]
+    fn loom_close() {
+        loom::model(|| {
+            let (mut tx, mut rx) = pair(64).unwrap();
+            let t = loom::thread::spawn(move || {
+                tx.send(b"last").unwrap();
+                drop(tx);
+            });
+            assert_eq!(&*rx.recv(None).unwrap(), b"last");
+            assert_eq!(rx.recv(None).unwrap_err(), RecvError::Ring(RingError::Closed));
+            t.join().unwrap();
+        });
+    }
+
+    /// Empty ring: a consumer polling concurrently with the first publish
+    /// either sees nothing or the whole record.
+    #[test]
+    fn loom_empty_then_one() {
+        loom::model(|| {
+            let (mut tx, mut rx) = pair(64).unwrap();
+            let t = loom::thread::spawn(move || {
+                tx.try_send(&[9; 12]).unwrap();
+                tx
+            });
+            if let Some(m) = rx.try_recv().unwrap() {
+                assert_eq!(&*m, &[9; 12]);
+            }
+            let _tx = t.join().unwrap();
+        });
+    }
+}

@@ -1,0 +1,213 @@
+//! How a side that finds its ring empty (or full) waits for the peer.
+//!
+//! The default, [`WaitStrategy::Adaptive`], spins briefly (the peer usually
+//! answers within a microsecond under load), then yields the CPU for a while,
+//! then sleeps on a futex word in the shared segment, so an idle waiter uses
+//! no CPU at all. [`WaitStrategy::BusyPoll`] never sleeps: the lowest latency
+//! at the price of a full core per waiting side.
+//!
+//! The sleeping protocol is an event count: the waiter reads the sequence
+//! word, announces itself in a `waiting` word, re-checks its condition and
+//! only then sleeps on the sequence word; the other side publishes its
+//! progress, and if it sees a waiter it bumps the sequence and wakes it. A
+//! `SeqCst` fence on each side makes it impossible for both to miss each
+//! other.
+//!
+//! ```
+//! use commy_shm::WaitStrategy;
+//! use std::time::Duration;
+//!
+//! let default = WaitStrategy::default();
+//! assert!(matches!(default, WaitStrategy::Adaptive { .. }));
+//! let low_latency = WaitStrategy::BusyPoll;
+//! let frugal = WaitStrategy::Adaptive { spin: Duration::ZERO, yield_for: Duration::from_micros(10) };
+//! # let _ = (low_latency, frugal);
+//! ```
+
+use std::time::{Duration, Instant};
+
+use crate::sync::{self, AtomicU32, Ordering};
+
+/// How to wait for the peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WaitStrategy {
+    /// Spin without ever sleeping: lowest latency, burns a core while waiting.
+    BusyPoll,
+    /// Spin for `spin`, then yield the CPU for `yield_for`, then sleep on a
+    /// futex until woken (no CPU used while asleep).
+    Adaptive {
+        /// How long to spin before yielding.
+        spin: Duration,
+        /// How long to keep yielding before sleeping.
+        yield_for: Duration,
+    },
+}
+
+impl Default for WaitStrategy {
+    fn default() -> Self {
+        WaitStrategy::Adaptive {
+            spin: Duration::from_micros(50),
+            yield_for: Duration::from_micros(100),
+        }
+    }
+}
+
+/// The outcome of one wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Waited {
+    /// The condition became true (or an abort condition was found: the caller re-checks).
+    Ready,
+    /// The deadline passed first.
+    TimedOut,
+}
+
+/// The two words of one direction of the wake protocol.
+pub(crate) struct WakeWords<'a> {
+    /// Futex word: bumped by the notifier when a waiter is announced.
+    pub(crate) seq: &'a AtomicU32,
+    /// Non-zero while a waiter is (about to be) asleep on `seq`.
+    pub(crate) waiting: &'a AtomicU32,
+}
+
+impl WakeWords<'_> {
+    /// Called by the notifier after publishing progress.
+    #[inline]
+    pub(crate) fn notify(&self) {
+        // SYNC: pairs with the SeqCst fence in `wait_until`: either the
+        // waiter sees our published progress, or we see its `waiting` flag.
+        sync::fence(Ordering::SeqCst);
+        if self.waiting.load(Ordering::Relaxed) != 0 {
+            self.wake();
+        }
+    }
+
+    /// Bumps the sequence and wakes all sleepers, unconditionally.
+    pub(crate) fn wake(&self) {
+        // SYNC: Release pairs with the Acquire load of `seq` in `wait_until`.
+        self.seq.fetch_add(1, Ordering::Release);
+        futex_wake(self.seq);
+    }
+}
+
+/// Waits until `ready()` returns true or `deadline` passes.
+///
+/// `ready` must re-check everything that may end the wait (data available,
+/// peer closed, peer gone), because wake-ups carry no payload.
+#[cfg(not(loom))]
+pub(crate) fn wait_until(
+    strategy: WaitStrategy,
+    words: &WakeWords<'_>,
+    deadline: Option<Instant>,
+    mut ready: impl FnMut() -> bool,
+) -> Waited {
+    if ready() {
+        return Waited::Ready;
+    }
+    let start = Instant::now();
+    let (spin, yield_for) = match strategy {
+        WaitStrategy::BusyPoll => (Duration::MAX, Duration::ZERO),
+        WaitStrategy::Adaptive { spin, yield_for } => (spin, yield_for),
+    };
+    // Phase 1: spin. Check the clock only every 64 iterations.
+    let mut i: u32 = 0;
+    loop {
+        sync::spin_hint();
+        if ready() {
+            return Waited::Ready;
+        }
+        i = i.wrapping_add(1);
+        if i % 64 == 0 {
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return Waited::TimedOut;
+            }
+            if now.duration_since(start) >= spin {
+                break;
+            }
+        }
+    }
+    // Phase 2: yield.
+    let yield_end = start.checked_add(spin.saturating_add(yield_for));
+    loop {
+        sync::yield_now();
+        if ready() {
+            return Waited::Ready;
+        }
+        let now = Instant::now();
+        if deadline.is_some_and(|d| now >= d) {
+            return Waited::TimedOut;
+        }
+        if yield_end.is_some_and(|end| now >= end) {
+            break;
+        }
+    }
+    // Phase 3: sleep on the futex.
+    loop {
+        // SYNC: Acquire pairs with the Release bump in `WakeWords::wake`.
+        let seq = words.seq.load(Ordering::Acquire);
+        words.waiting.store(1, Ordering::Relaxed);
+        // SYNC: pairs with the SeqCst fence in `WakeWords::notify`.
+        sync::fence(Ordering::SeqCst);
+        if ready() {
+            words.waiting.store(0, Ordering::Relaxed);
+            return Waited::Ready;
+        }
+        let timeout = match deadline {
+            Some(d) => {
+                let now = Instant::now();
+                if now >= d {
+                    words.waiting.store(0, Ordering::Relaxed);
+                    return Waited::TimedOut;
+                }
+                Some(d - now)
+            }
+            None => None,
+        };
+        futex_wait(words.seq, seq, timeout);
+    }
+}
+
+/// Under loom, time is not modelled: waiting is a yield loop, which lets the
+/// model checker schedule the other side.
+#[cfg(loom)]
+pub(crate) fn wait_until(
+    _strategy: WaitStrategy,
+    _words: &WakeWords<'_>,
+    _deadline: Option<Instant>,
+    mut ready: impl FnMut() -> bool,
+) -> Waited {
+    loop {
+        if ready() {
+            return Waited::Ready;
+        }
+        sync::yield_now();
+    }
+}
+
+#[cfg(not(loom))]
+fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
+    use rustix::thread::futex;
+    let ts = timeout.map(|d| rustix::time::Timespec {
+        tv_sec: d.as_secs().min(i64::MAX as u64) as i64,
+        tv_nsec: d.subsec_nanos().into(),
+    });
+    // Shared (not PRIVATE) futex: the word lives in memory mapped by two
+    // processes. EAGAIN (value changed), EINTR and ETIMEDOUT all just mean
+    // "re-check"; the caller loops.
+    let _ = futex::wait(word, futex::Flags::empty(), expected, ts.as_ref());
+}
+
+#[cfg(not(loom))]
+fn futex_wake(word: &AtomicU32) {
+    use rustix::thread::futex;
+    let _ = futex::wake(word, futex::Flags::empty(), i32::MAX as u32);
+}
+
+#[cfg(loom)]
+fn futex_wait(_word: &AtomicU32, _expected: u32, _timeout: Option<Duration>) {
+    sync::yield_now();
+}
+
+#[cfg(loom)]
+fn futex_wake(_word: &AtomicU32) {}
