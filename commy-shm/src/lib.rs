@@ -19,4 +19,8 @@ pub use segment::{
 };
 pub use region::{};
 pub use wait::WaitStrategy;
-pub use uds::{};
+pub use uds::{
+    AcceptError, BindError, ConnectError, MAX_FDS_PER_MESSAGE, MAX_SOCKET_PATH_LEN, PeerCred,
+    PeerPolicy, PeerRejected, RUNTIME_DIR_ENV, RecvError, RemoveStaleError, RuntimeDir,
+    RuntimeDirError, SendError, UdsListener, UdsStream, remove_stale_socket,
+};
