@@ -5,22 +5,32 @@
 //! treated as untrusted input: a peer that scribbles over a segment turns the
 //! link into an error, never into undefined behaviour, a panic or a hang.
 
+pub mod link;
+mod monitor;
 mod region;
 pub mod ring;
 mod segment;
 mod sync;
-mod uds;
+pub mod uds;
 mod wait;
 
+pub use link::{LinkConfig, LinkReceiver, LinkSender, Message, ShmLink, ShmListener};
 pub use ring::{Consumer, Producer, RingError};
 pub use segment::{
     SEGMENT_HEADER_LEN, SEGMENT_LAYOUT_VERSION, SEGMENT_MAGIC, SEGMENT_MAX_DATA_LEN, Segment,
     SegmentError,
 };
-pub use region::{};
+#[cfg(not(loom))]
+pub use region::{
+    REGION_LAYOUT_VERSION, REGION_MAGIC, REGION_MAX_SIZE, REGION_NAME_MAX, Region,
+    RegionAccessError, RegionDirError, RegionHeaderError, RegionNameError, RegionOpenError,
+    RegionOptions, RegionRemoveError, SweepError, SweepReport, default_region_dir, sweep_regions,
+    validate_region_name,
+};
 pub use wait::WaitStrategy;
+// The socket layer's error types stay under `uds::` (the link has its own).
 pub use uds::{
-    AcceptError, BindError, ConnectError, MAX_FDS_PER_MESSAGE, MAX_SOCKET_PATH_LEN, PeerCred,
-    PeerPolicy, PeerRejected, RUNTIME_DIR_ENV, RecvError, RemoveStaleError, RuntimeDir,
-    RuntimeDirError, SendError, UdsListener, UdsStream, remove_stale_socket,
+    MAX_FDS_PER_MESSAGE, MAX_SOCKET_PATH_LEN, PeerCred, PeerPolicy, PeerRejected,
+    RUNTIME_DIR_ENV, RemoveStaleError, RuntimeDir, RuntimeDirError, UdsListener, UdsStream,
+    remove_stale_socket,
 };

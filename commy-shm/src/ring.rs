@@ -109,6 +109,13 @@ impl RingCtl {
         }
     }
 
+    /// Wakes every sleeper on this ring, on both sides (used when the
+    /// liveness of the peer changes; the sleepers re-check their condition).
+    pub(crate) fn wake_all(&self) {
+        self.data_words().wake();
+        self.space_words().wake();
+    }
+
     fn data_words(&self) -> WakeWords<'_> {
         WakeWords {
             seq: &self.wake.0.data_seq,
@@ -557,11 +564,6 @@ impl Producer {
         ctl.data_words().wake();
     }
 
-    /// Wakes a consumer asleep on this ring without publishing anything
-    /// (used when the peer's liveness changes).
-    pub(crate) fn wake_peer(&self) {
-        self.mem.ctl().data_words().wake();
-    }
 }
 
 impl Drop for Producer {
@@ -820,6 +822,20 @@ impl Consumer {
     }
 
     /// Waits (per the wait strategy) until a record arrives or `deadline`
+    /// passes, and returns its tag without consuming it.
+    pub fn peek_tag(&mut self, deadline: Option<Instant>) -> Result<u8, RecvError> {
+        if let Some(r) = self.next_record()? {
+            return Ok(r.tag);
+        }
+        self.release_published();
+        self.wait_readable(deadline)?;
+        match self.next_record()? {
+            Some(r) => Ok(r.tag),
+            None => Err(RecvError::TimedOut),
+        }
+    }
+
+    /// Waits (per the wait strategy) until a record arrives or `deadline`
     /// passes, then lends it out.
     pub fn recv(&mut self, deadline: Option<Instant>) -> Result<Received<'_>, RecvError> {
         if self.next_record()?.is_none() {
@@ -930,10 +946,6 @@ impl Consumer {
         ctl.space_words().wake();
     }
 
-    /// Wakes a producer asleep on this ring (used when liveness changes).
-    pub(crate) fn wake_peer(&self) {
-        self.mem.ctl().space_words().wake();
-    }
 
 }
 
@@ -971,6 +983,59 @@ impl Drop for Received<'_> {
         let c = &mut *self.consumer;
         c.head = c.head.wrapping_add(record_len(self.len) as u64);
         c.release_published();
+    }
+}
+
+/// Bytes of shared memory a link with rings of `cap` bytes needs.
+pub(crate) const fn link_data_len(cap: usize) -> usize {
+    2 * CTL_LEN + 2 * cap
+}
+
+/// The two rings of a link segment: index 0 carries client-to-server
+/// records, index 1 server-to-client. `seg` must be a LINK segment whose
+/// data area is at least `link_data_len(cap)` bytes and `cap` a valid
+/// capacity (both checked here).
+#[cfg(not(loom))]
+pub(crate) fn link_rings(
+    seg: &Arc<crate::Segment>,
+    cap: usize,
+    local: &Arc<LocalState>,
+) -> Option<[RingMem; 2]> {
+    if validate_capacity(cap).is_err() || seg.data_len() < link_data_len(cap) {
+        return None;
+    }
+    let base = seg.data_ptr();
+    let owner: Arc<dyn Send + Sync> = seg.clone();
+    // SAFETY: the data area is 128-aligned and at least
+    // 2 * CTL_LEN + 2 * cap bytes (checked above), so both control blocks
+    // (at 0 and CTL_LEN, multiples of 128) and both data areas (at
+    // 2 * CTL_LEN and 2 * CTL_LEN + cap, multiples of 8) are in bounds and
+    // aligned; the segment is kept alive by `owner`. Each process makes one
+    // producer and one consumer per ring (the link builds exactly that).
+    unsafe {
+        let ctl0 = base as *const RingCtl;
+        let ctl1 = base.add(CTL_LEN) as *const RingCtl;
+        let data0 = base.add(2 * CTL_LEN);
+        let data1 = data0.add(cap);
+        Some([
+            RingMem::new(ctl0, data0, cap, local.clone(), owner.clone()),
+            RingMem::new(ctl1, data1, cap, local.clone(), owner),
+        ])
+    }
+}
+
+/// Wakes every sleeper of both rings of a link segment (see [`link_rings`]).
+#[cfg(not(loom))]
+pub(crate) fn wake_link(seg: &crate::Segment) {
+    if seg.data_len() < 2 * CTL_LEN {
+        return;
+    }
+    let base = seg.data_ptr();
+    for i in 0..2 {
+        // SAFETY: both control blocks lie within the data area (checked
+        // above), 128-aligned, made only of atomics, alive while `seg` is.
+        let ctl = unsafe { &*(base.add(i * CTL_LEN) as *const RingCtl) };
+        ctl.wake_all();
     }
 }
 
