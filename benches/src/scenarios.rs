@@ -1,0 +1,67 @@
+//! THE REGISTRATION POINT: every scenario the harness knows is listed in
+//! [`scenarios`]. A new transport adds its module (three functions per kind,
+//! see [`crate::scenario`]) and a few lines here; see benches/README.md.
+
+use crate::scenario::{Kind, Scenario, Wait};
+use crate::{floor, uds};
+
+/// Transport name of the Unix-socket baseline (ratios "vs UDS").
+pub(crate) const UDS: &str = "uds";
+/// Transport name of the spin floor (ratios "× floor").
+pub(crate) const FLOOR: &str = "spin-floor";
+
+/// Message sizes every transport is measured at.
+pub(crate) const SIZES: [usize; 3] = [64, 1024, 64 * 1024];
+
+/// All scenarios, in report order: baselines first.
+pub(crate) fn scenarios() -> Vec<Scenario> {
+    let mut all = Vec::new();
+
+    // Baseline: the hardware floor of a cross-core round trip.
+    all.push(
+        Scenario::new(FLOOR, Kind::RoundTrip, 8, floor::ROUND_TRIP)
+            .wait(Wait::Busy)
+            .in_demo(),
+    );
+
+    // Baseline: Unix-domain stream sockets, blocking.
+    for size in SIZES {
+        all.push(Scenario::new(UDS, Kind::RoundTrip, size, uds::ROUND_TRIP).in_demo());
+    }
+    for size in SIZES {
+        all.push(Scenario::new(UDS, Kind::Throughput, size, uds::THROUGHPUT).in_demo());
+    }
+
+    // ---- shm link scenarios go here -------------------------------------
+    // commy-shm's ring link: transport "shm", round trip and throughput
+    // (with batching), `Wait::Busy` and `Wait::Default`, at every size in
+    // SIZES. Mark the ones `commy-bench demo` should show with `.in_demo()`.
+    // ---------------------------------------------------------------------
+
+    all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_baselines_exist() {
+        let all = scenarios();
+        let mut names: Vec<_> = all.iter().map(|s| s.name.as_str()).collect();
+        names.sort_unstable();
+        let n = names.len();
+        names.dedup();
+        assert_eq!(names.len(), n, "duplicate scenario names");
+        for size in SIZES {
+            for kind in [Kind::RoundTrip, Kind::Throughput] {
+                assert!(
+                    all.iter()
+                        .any(|s| s.transport == UDS && s.size == size && s.kind == kind),
+                    "no UDS baseline for {kind:?} {size}"
+                );
+            }
+        }
+        assert!(all.iter().any(|s| s.transport == FLOOR));
+    }
+}

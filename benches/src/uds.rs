@@ -1,0 +1,141 @@
+//! Baseline: a Unix-domain stream socketpair with blocking reads and writes,
+//! which is what a plain local RPC transport does.
+//!
+//! Round trip: the parent writes a message (the first 8 bytes carry the
+//! iteration number), the peer reads exactly that many bytes and writes them
+//! back, the parent reads the echo and checks the number. Throughput: the
+//! parent writes every message with its own `write` call (as a transport that
+//! sends each message when the application does), the peer reads with a
+//! 256 KiB buffer, as a framed stream reader would, and acknowledges with one
+//! byte once it has received every byte.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Instant;
+
+use crate::scenario::{
+    BenchError, ChildCtx, Endpoints, Fns, Measurement, Params, ParentCtx, io_err,
+};
+
+/// Round-trip functions.
+pub(crate) const ROUND_TRIP: Fns = Fns {
+    setup,
+    parent: rt_parent,
+    child: rt_child,
+};
+
+/// Throughput functions.
+pub(crate) const THROUGHPUT: Fns = Fns {
+    setup,
+    parent: tp_parent,
+    child: tp_child,
+};
+
+/// Receive buffer of the throughput reader.
+const READ_BUF: usize = 256 * 1024;
+
+fn setup(_: &Params) -> Result<Endpoints, BenchError> {
+    let (a, b) = UnixStream::pair().map_err(io_err("socketpair(AF_UNIX, SOCK_STREAM)"))?;
+    Ok(Endpoints {
+        parent: vec![a.into()],
+        child: vec![b.into()],
+    })
+}
+
+fn stamp(msg: &mut [u8], i: u64) {
+    let n = msg.len().min(8);
+    msg[..n].copy_from_slice(&i.to_le_bytes()[..n]);
+}
+
+fn rt_parent(ctx: &mut ParentCtx<'_>) -> Result<Measurement, BenchError> {
+    let [fd] = ctx.take_fds()?;
+    let mut sock = UnixStream::from(fd);
+    let p = ctx.params;
+    let mut msg = vec![0xA5u8; p.size];
+    let mut echo = vec![0u8; p.size];
+    let mut samples = Vec::with_capacity(p.iterations as usize);
+    for i in 0..p.warmup + p.iterations {
+        stamp(&mut msg, i);
+        let t = Instant::now();
+        sock.write_all(&msg).map_err(io_err("uds write"))?;
+        sock.read_exact(&mut echo)
+            .map_err(io_err("uds read of the echo"))?;
+        let ns = t.elapsed().as_nanos() as u64;
+        if echo[..8.min(p.size)] != msg[..8.min(p.size)] {
+            return Err(BenchError::Protocol(format!(
+                "uds echo of iteration {i} does not match what was sent"
+            )));
+        }
+        if i >= p.warmup {
+            samples.push(ns);
+        }
+    }
+    Ok(Measurement::RoundTrip(samples))
+}
+
+fn rt_child(ctx: &mut ChildCtx<'_>) -> Result<(), BenchError> {
+    let [fd] = ctx.take_fds()?;
+    let mut sock = UnixStream::from(fd);
+    let p = ctx.params;
+    let mut buf = vec![0u8; p.size];
+    ctx.ready()?;
+    for _ in 0..p.warmup + p.iterations {
+        sock.read_exact(&mut buf).map_err(io_err("uds read"))?;
+        sock.write_all(&buf)
+            .map_err(io_err("uds write of the echo"))?;
+    }
+    Ok(())
+}
+
+/// Sends `count` messages, then waits for the one-byte acknowledgement.
+fn stream(sock: &mut UnixStream, msg: &[u8], count: u64) -> Result<(), BenchError> {
+    for _ in 0..count {
+        sock.write_all(msg).map_err(io_err("uds write"))?;
+    }
+    let mut ack = [0u8; 1];
+    sock.read_exact(&mut ack)
+        .map_err(io_err("uds read of the acknowledgement"))
+}
+
+fn tp_parent(ctx: &mut ParentCtx<'_>) -> Result<Measurement, BenchError> {
+    let [fd] = ctx.take_fds()?;
+    let mut sock = UnixStream::from(fd);
+    let p = ctx.params;
+    let msg = vec![0xA5u8; p.size];
+    stream(&mut sock, &msg, p.warmup)?;
+    let t = Instant::now();
+    stream(&mut sock, &msg, p.iterations)?;
+    let elapsed = t.elapsed();
+    Ok(Measurement::Throughput {
+        messages: p.iterations,
+        bytes: p.iterations * p.size as u64,
+        elapsed,
+    })
+}
+
+/// Reads exactly `total` bytes in large chunks, then acknowledges.
+fn drain(sock: &mut UnixStream, buf: &mut [u8], total: u64) -> Result<(), BenchError> {
+    let mut left = total;
+    while left > 0 {
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = sock.read(&mut buf[..want]).map_err(io_err("uds read"))?;
+        if n == 0 {
+            return Err(BenchError::PeerGone(format!(
+                " (uds stream ended with {left} bytes still expected)"
+            )));
+        }
+        left -= n as u64;
+    }
+    sock.write_all(&[1])
+        .map_err(io_err("uds write of the acknowledgement"))
+}
+
+fn tp_child(ctx: &mut ChildCtx<'_>) -> Result<(), BenchError> {
+    let [fd] = ctx.take_fds()?;
+    let mut sock = UnixStream::from(fd);
+    let p = ctx.params;
+    let mut buf = vec![0u8; READ_BUF];
+    ctx.ready()?;
+    drain(&mut sock, &mut buf, p.warmup * p.size as u64)?;
+    drain(&mut sock, &mut buf, p.iterations * p.size as u64)
+}
