@@ -133,7 +133,7 @@ pub(crate) fn compute_ratios(rows: &mut [Row]) {
 pub(crate) fn fmt_ns(ns: f64) -> String {
     if ns < 10_000.0 {
         format!("{ns:.0} ns")
-    } else if ns < 10_000_000.0 {
+    } else if ns < 1_000_000.0 {
         format!("{:.1} µs", ns / 1e3)
     } else {
         format!("{:.2} ms", ns / 1e6)

@@ -163,7 +163,7 @@ pub(crate) fn run(root: &Path, args: &BenchArgs) -> Result<(), BenchError> {
 fn fmt_ns(ns: f64) -> String {
     if ns < 10_000.0 {
         format!("{ns:.0} ns")
-    } else if ns < 10_000_000.0 {
+    } else if ns < 1_000_000.0 {
         format!("{:.1} µs", ns / 1e3)
     } else {
         format!("{:.2} ms", ns / 1e6)
@@ -234,7 +234,7 @@ pub(crate) fn render(report: &Report, machine: &Machine, date: &str) -> String {
         Some(p) => {
             let smt = match p.smt_siblings {
                 Some(true) => " (SMT siblings of one physical core)",
-                Some(false) => " (different physical cores)",
+                Some(false) => " (not SMT siblings, according to sysfs)",
                 None => "",
             };
             w(format!(
@@ -377,7 +377,7 @@ mod tests {
         assert!(md.contains("**Quick run**"));
         assert!(md.contains("- Date: 2025-01-02 03:04 UTC"));
         assert!(md.contains("- CPU: Test CPU (2 logical CPUs)"));
-        assert!(md.contains("pinned to CPU 0 and the peer to CPU 1 (different physical cores)"));
+        assert!(md.contains("pinned to CPU 0 and the peer to CPU 1 (not SMT siblings"));
         assert!(md.contains(
             "| `uds/rt/64B` | uds | blocking | 64 B | 9500 ns | 15.0 µs | 40.0 µs | 1.00× | 47.50× | 1000 (+100) |"
         ));
@@ -390,6 +390,7 @@ mod tests {
     fn formatting_helpers() {
         assert_eq!(fmt_ns(123.4), "123 ns");
         assert_eq!(fmt_ns(12_345.0), "12.3 µs");
+        assert_eq!(fmt_ns(999_000.0), "999.0 µs");
         assert_eq!(fmt_ns(12_345_678.0), "12.35 ms");
         assert_eq!(fmt_size(64), "64 B");
         assert_eq!(fmt_size(1024), "1 KiB");
