@@ -341,6 +341,15 @@ mod tests {
     }
 
     #[test]
+    fn non_minimal_varints_are_accepted() {
+        // Encoders emit minimal varints; decoders accept longer ones, as postcard does.
+        assert_eq!(
+            Metadata::decode(&[0, 0, 0, 0x80, 0x00], &Limits::default()),
+            Ok(Metadata::default())
+        );
+    }
+
+    #[test]
     fn header_lookup() {
         let md = sample();
         assert_eq!(md.header("x-a"), Some(&[0, 255, 7][..]));
