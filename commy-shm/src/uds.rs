@@ -55,7 +55,12 @@
 //! PeerPolicy::SameUser.check(&peer)?; // it is us
 //!
 //! // Pass an open file along with a message.
-//! let mut file = File::create(runtime.join("payload"))?;
+//! let mut file = File::options()
+//!     .read(true)
+//!     .write(true)
+//!     .create(true)
+//!     .truncate(true)
+//!     .open(runtime.join("payload"))?;
 //! file.write_all(b"hello through SCM_RIGHTS")?;
 //! server.send_msg(b"rings", &[file.as_fd()])?;
 //!
