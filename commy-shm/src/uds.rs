@@ -895,14 +895,9 @@ impl UdsListener {
                     let displaced = fs::symlink_metadata(&temp);
                     if displaced.is_ok_and(|m| same_inode(&m, stale_id)) {
                         guard.path = None;
-                        match fs::remove_file(&temp) {
-                            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                                // We are published; the stale file merely
-                                // lingers under a dot-name. Not worth failing.
-                                let _ = e;
-                            }
-                            _ => {}
-                        }
+                        // If this fails we are still published; the stale
+                        // file merely lingers under a dot-name.
+                        let _ = fs::remove_file(&temp);
                         return Ok(Self {
                             fd: sock,
                             path,
