@@ -134,7 +134,9 @@ pub enum HandshakeError {
     #[error("sending the handshake: {0}")]
     Send(#[from] uds::SendError),
     /// The peer is not speaking Commy's handshake.
-    #[error("not a Commy handshake: expected {expected} bytes starting with {magic:?}, got {len} bytes")]
+    #[error(
+        "not a Commy handshake: expected {expected} bytes starting with {magic:?}, got {len} bytes"
+    )]
     NotCommy {
         /// Expected magic.
         magic: &'static str,
@@ -364,15 +366,17 @@ impl ShmListener {
             path: self.uds.path().to_owned(),
             source,
         };
-        if let Err(rejected) = cfg.peer_policy.check(&peer) {
-            let _ = send_refusal(&sock, "peer credentials rejected by the server's policy");
-            return Err(rejected.into());
-        }
+        // Read the hello before answering, even to refuse: closing a socket
+        // with unread data would reset it and lose our refusal.
         let mut buf = [0u8; 64];
         let (n, fds) = sock
             .recv_msg(&mut buf, 0, Some(cfg.handshake_timeout))
             .map_err(|e| hs(e.into()))?;
         drop(fds);
+        if let Err(rejected) = cfg.peer_policy.check(&peer) {
+            let _ = send_refusal(&sock, "peer credentials rejected by the server's policy");
+            return Err(rejected.into());
+        }
         let hello = match Hello::decode(&buf[..n]) {
             Ok(h) => h,
             Err(e) => {
@@ -484,10 +488,7 @@ impl ShmLink {
         let peer = sock
             .peer_cred()
             .map_err(|e| hs(HandshakeError::PeerCred(e)))?;
-        config
-            .peer_policy
-            .check(&peer)
-            .map_err(|e| hs(e.into()))?;
+        config.peer_policy.check(&peer).map_err(|e| hs(e.into()))?;
         let hello = Hello {
             ring_capacity: config.ring_capacity as u64,
             max_message: config.max_message as u64,
@@ -638,7 +639,11 @@ impl LinkSender {
     /// Sends a message, waiting for ring space until `deadline` (if any).
     /// Messages larger than [`max_record`](LinkSender::max_record) are
     /// fragmented.
-    pub fn send_deadline(&mut self, msg: &[u8], deadline: Option<Instant>) -> Result<(), SendError> {
+    pub fn send_deadline(
+        &mut self,
+        msg: &[u8],
+        deadline: Option<Instant>,
+    ) -> Result<(), SendError> {
         if msg.len() > self.peer_max_message {
             return Err(SendError::TooLarge {
                 len: msg.len(),
@@ -665,7 +670,11 @@ impl LinkSender {
         let mut rest = &msg[first..];
         while !rest.is_empty() {
             let n = rest.len().min(self.chunk);
-            let tag = if n == rest.len() { TAG_LAST } else { TAG_MIDDLE };
+            let tag = if n == rest.len() {
+                TAG_LAST
+            } else {
+                TAG_MIDDLE
+            };
             self.ring
                 .reserve_wait(n, tag, deadline)?
                 .fill(&rest[..n])
@@ -821,7 +830,9 @@ fn on_fragment(
     match (tag, partial.as_mut()) {
         (TAG_FIRST, None) => {
             let Some((len, data)) = bytes.split_first_chunk::<8>() else {
-                return Err(RecvError::Protocol("first fragment shorter than its length field"));
+                return Err(RecvError::Protocol(
+                    "first fragment shorter than its length field",
+                ));
             };
             let total = u64::from_le_bytes(*len);
             if total > max_message as u64 {
@@ -832,7 +843,9 @@ fn on_fragment(
             }
             let total = total as usize;
             if data.len() >= total {
-                return Err(RecvError::Protocol("first fragment holds the whole message"));
+                return Err(RecvError::Protocol(
+                    "first fragment holds the whole message",
+                ));
             }
             // Bounded by max_message, checked above.
             let mut buf = Vec::with_capacity(total);
@@ -852,14 +865,18 @@ fn on_fragment(
                 return Ok(None);
             }
             if p.buf.len() != p.total {
-                return Err(RecvError::Protocol("last fragment leaves the message short"));
+                return Err(RecvError::Protocol(
+                    "last fragment leaves the message short",
+                ));
             }
             Ok(partial.take().map(|p| p.buf))
         }
         (TAG_FIRST | TAG_WHOLE, Some(_)) => Err(RecvError::Protocol(
             "new message started inside a fragmented one",
         )),
-        (TAG_MIDDLE | TAG_LAST, None) => Err(RecvError::Protocol("fragment without a first fragment")),
+        (TAG_MIDDLE | TAG_LAST, None) => {
+            Err(RecvError::Protocol("fragment without a first fragment"))
+        }
         _ => Err(RecvError::Protocol("unknown record tag")),
     }
 }
@@ -941,7 +958,8 @@ impl Welcome {
                 len: b.len(),
             });
         }
-        let field = |r: std::ops::Range<usize>| u64::from_le_bytes(b[r].try_into().unwrap_or_default());
+        let field =
+            |r: std::ops::Range<usize>| u64::from_le_bytes(b[r].try_into().unwrap_or_default());
         let version = u32::from_le_bytes(b[8..12].try_into().unwrap_or_default());
         let status = u32::from_le_bytes(b[12..16].try_into().unwrap_or_default());
         if status != 0 {

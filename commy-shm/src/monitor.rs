@@ -25,8 +25,8 @@ static MONITOR: OnceLock<Result<Monitor, String>> = OnceLock::new();
 
 fn monitor() -> Result<&'static Monitor, std::io::Error> {
     let m = MONITOR.get_or_init(|| {
-        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)
-            .map_err(|e| format!("epoll_create: {e}"))?;
+        let epoll =
+            epoll::create(epoll::CreateFlags::CLOEXEC).map_err(|e| format!("epoll_create: {e}"))?;
         std::thread::Builder::new()
             .name("commy-liveness".into())
             .spawn(run)
@@ -54,7 +54,7 @@ fn run() {
     let mut events: Vec<epoll::Event> = Vec::with_capacity(64);
     loop {
         events.clear();
-        if let Err(e) = epoll::wait(&m.epoll, &mut events, None) {
+        if let Err(e) = epoll::wait(&m.epoll, rustix::buffer::spare_capacity(&mut events), None) {
             if e == rustix::io::Errno::INTR {
                 continue;
             }
@@ -95,7 +95,10 @@ pub(crate) fn watch(
     // whatever the owner of `sock` does with it.
     let fd = sock.try_clone_to_owned()?;
     let id = {
-        let mut n = m.next.lock().map_err(|_| std::io::Error::other("monitor poisoned"))?;
+        let mut n = m
+            .next
+            .lock()
+            .map_err(|_| std::io::Error::other("monitor poisoned"))?;
         *n += 1;
         *n
     };
