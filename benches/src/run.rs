@@ -1,7 +1,7 @@
 //! Running scenarios: how many iterations, K repetitions, medians.
 
 use crate::peer::{Pinning, pin_parent, run_once};
-use crate::report::{Report, Row, SCHEMA, Stats, compute_ratios};
+use crate::report::{Report, Row, SCHEMA, Stats, compute_ratios, fmt_ns};
 use crate::scenario::{BenchError, Kind, Measurement, Params, Scenario};
 use crate::stats::{median, percentiles, timer_overhead_ns};
 
@@ -88,12 +88,18 @@ pub(crate) fn run(selected: &[Scenario], plan: &Plan) -> Result<Report, BenchErr
     }
     let timer_overhead_ns = timer_overhead_ns();
     let mut results = Vec::with_capacity(selected.len());
-    for s in selected {
+    for (i, s) in selected.iter().enumerate() {
         let row = run_scenario(s, plan, pinning).map_err(|e| BenchError::InScenario {
             scenario: s.name.clone(),
             source: Box::new(e),
         })?;
-        eprintln!("commy-bench: {:<28} {}", s.name, summary(&row.stats));
+        eprintln!(
+            "commy-bench: [{}/{}] {:<24} {}",
+            i + 1,
+            selected.len(),
+            s.name,
+            summary(&row.stats)
+        );
         results.push(row);
     }
     compute_ratios(&mut results);
@@ -114,7 +120,12 @@ fn summary(stats: &Stats) -> String {
             p50_ns,
             p99_ns,
             p999_ns,
-        } => format!("p50 {p50_ns:.0} ns, p99 {p99_ns:.0} ns, p99.9 {p999_ns:.0} ns"),
+        } => format!(
+            "p50 {}, p99 {}, p99.9 {}",
+            fmt_ns(p50_ns),
+            fmt_ns(p99_ns),
+            fmt_ns(p999_ns)
+        ),
         Stats::Throughput {
             msgs_per_s,
             gb_per_s,

@@ -217,8 +217,14 @@ pub(crate) fn render(report: &Report, machine: &Machine, date: &str) -> String {
     }
     w(format!("- Date: {date}\n"));
     w(format!(
-        "- CPU: {} ({} logical CPUs)\n",
-        machine.cpu, machine.cores
+        "- CPU: {} ({} logical CPUs{})\n",
+        machine.cpu,
+        machine.cores,
+        if machine.virtualized {
+            ", virtual machine: the `hypervisor` CPU flag is set"
+        } else {
+            ""
+        }
     ));
     w(format!("- Memory: {}\n", machine.memory));
     w(format!("- Kernel: {}\n", machine.kernel));
@@ -368,6 +374,7 @@ mod tests {
         let machine = Machine {
             cpu: "Test CPU".into(),
             cores: 2,
+            virtualized: true,
             memory: "1.0 GiB".into(),
             kernel: "6.1.0".into(),
             rustc: "rustc 1.95.0".into(),
@@ -376,7 +383,7 @@ mod tests {
         assert!(md.starts_with("# Commy benchmarks\n"));
         assert!(md.contains("**Quick run**"));
         assert!(md.contains("- Date: 2025-01-02 03:04 UTC"));
-        assert!(md.contains("- CPU: Test CPU (2 logical CPUs)"));
+        assert!(md.contains("- CPU: Test CPU (2 logical CPUs, virtual machine"));
         assert!(md.contains("pinned to CPU 0 and the peer to CPU 1 (not SMT siblings"));
         assert!(md.contains(
             "| `uds/rt/64B` | uds | blocking | 64 B | 9500 ns | 15.0 µs | 40.0 µs | 1.00× | 47.50× | 1000 (+100) |"

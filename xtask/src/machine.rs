@@ -13,6 +13,8 @@ pub(crate) struct Machine {
     pub(crate) cpu: String,
     /// Logical CPUs online.
     pub(crate) cores: usize,
+    /// Whether the CPU flags say this is a virtual machine (`hypervisor`).
+    pub(crate) virtualized: bool,
     /// Total memory, human readable.
     pub(crate) memory: String,
     /// `uname -r`.
@@ -37,6 +39,7 @@ impl Machine {
         Machine {
             cpu: cpu_model(&cpuinfo).unwrap_or_else(|| UNKNOWN.to_owned()),
             cores: std::thread::available_parallelism().map_or(0, usize::from),
+            virtualized: has_hypervisor_flag(&cpuinfo),
             memory: mem_total_kib(&meminfo)
                 .map(format_kib)
                 .unwrap_or_else(|| UNKNOWN.to_owned()),
@@ -52,6 +55,17 @@ pub(crate) fn cpu_model(cpuinfo: &str) -> Option<String> {
         let (key, value) = l.split_once(':')?;
         (key.trim() == "model name").then(|| value.trim().to_owned())
     })
+}
+
+/// Whether the first `flags` line of `/proc/cpuinfo` lists `hypervisor`.
+pub(crate) fn has_hypervisor_flag(cpuinfo: &str) -> bool {
+    cpuinfo
+        .lines()
+        .find_map(|l| {
+            let (key, value) = l.split_once(':')?;
+            (key.trim() == "flags").then_some(value)
+        })
+        .is_some_and(|flags| flags.split_whitespace().any(|f| f == "hypervisor"))
 }
 
 /// `MemTotal` in KiB from `/proc/meminfo` text.
@@ -124,6 +138,10 @@ mod tests {
         let cpuinfo = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\n";
         assert_eq!(cpu_model(cpuinfo).as_deref(), Some("AMD EPYC 7B13"));
         assert_eq!(cpu_model("processor : 0\n"), None);
+        assert!(has_hypervisor_flag(
+            "flags\t\t: fpu vme hypervisor lahf_lm\n"
+        ));
+        assert!(!has_hypervisor_flag("flags\t\t: fpu vme lahf_lm\n"));
         let meminfo = "MemTotal:       24606052 kB\nMemFree:        1 kB\n";
         assert_eq!(mem_total_kib(meminfo), Some(24_606_052));
         assert_eq!(format_kib(24_606_052), "23.5 GiB");
