@@ -4,6 +4,11 @@
 //! carries a `// SAFETY:` comment. Everything read from shared memory is
 //! treated as untrusted input: a peer that scribbles over a segment turns the
 //! link into an error, never into undefined behaviour, a panic or a hang.
+// This crate owns the `sync` module that the workspace's clippy policy points
+// everyone else to; inside it, atomics are reached through `crate::sync`
+// (loom-switchable) or `crate::sync::shm` (really shared memory). Clippy sees
+// through re-exports, so the type ban cannot apply here.
+#![allow(clippy::disallowed_types)]
 
 pub mod link;
 mod monitor;
@@ -15,11 +20,6 @@ pub mod uds;
 mod wait;
 
 pub use link::{LinkConfig, LinkReceiver, LinkSender, Message, ShmLink, ShmListener};
-pub use ring::{Consumer, Producer, RingError};
-pub use segment::{
-    SEGMENT_HEADER_LEN, SEGMENT_LAYOUT_VERSION, SEGMENT_MAGIC, SEGMENT_MAX_DATA_LEN, Segment,
-    SegmentError,
-};
 #[cfg(not(loom))]
 pub use region::{
     REGION_LAYOUT_VERSION, REGION_MAGIC, REGION_MAX_SIZE, REGION_NAME_MAX, Region,
@@ -27,10 +27,14 @@ pub use region::{
     RegionOptions, RegionRemoveError, SweepError, SweepReport, default_region_dir, sweep_regions,
     validate_region_name,
 };
+pub use ring::{Consumer, Producer, RingError};
+pub use segment::{
+    SEGMENT_HEADER_LEN, SEGMENT_LAYOUT_VERSION, SEGMENT_MAGIC, SEGMENT_MAX_DATA_LEN, Segment,
+    SegmentError,
+};
 pub use wait::WaitStrategy;
 // The socket layer's error types stay under `uds::` (the link has its own).
 pub use uds::{
-    MAX_FDS_PER_MESSAGE, MAX_SOCKET_PATH_LEN, PeerCred, PeerPolicy, PeerRejected,
-    RUNTIME_DIR_ENV, RemoveStaleError, RuntimeDir, RuntimeDirError, UdsListener, UdsStream,
-    remove_stale_socket,
+    MAX_FDS_PER_MESSAGE, MAX_SOCKET_PATH_LEN, PeerCred, PeerPolicy, PeerRejected, RUNTIME_DIR_ENV,
+    RemoveStaleError, RuntimeDir, RuntimeDirError, UdsListener, UdsStream, remove_stale_socket,
 };

@@ -361,9 +361,20 @@ impl ShmListener {
     }
 
     fn handshake(&self, sock: UdsStream, peer: PeerCred) -> Result<ShmLink, AcceptError> {
-        let cfg = &self.config;
+        server_handshake(sock, peer, &self.config, self.uds.path())
+    }
+}
+
+/// The server side of the handshake on a connected socket.
+fn server_handshake(
+    sock: UdsStream,
+    peer: PeerCred,
+    cfg: &LinkConfig,
+    path: &Path,
+) -> Result<ShmLink, AcceptError> {
+    {
         let hs = |source| AcceptError::Handshake {
-            path: self.uds.path().to_owned(),
+            path: path.to_owned(),
             source,
         };
         // Read the hello before answering, even to refuse: closing a socket
@@ -480,11 +491,45 @@ impl ShmLink {
     pub fn connect(path: impl AsRef<Path>, config: LinkConfig) -> Result<ShmLink, ConnectError> {
         let path = path.as_ref();
         ring::validate_capacity(config.ring_capacity)?;
+        let sock = UdsStream::connect_timeout(path, config.handshake_timeout)?;
+        Self::client_handshake(sock, config, path)
+    }
+
+    /// Performs the client side of the handshake on an already connected
+    /// socket, e.g. one end of [`UdsStream::pair`] inherited from a parent
+    /// process. The other end calls [`ShmLink::accept_stream`].
+    pub fn connect_stream(sock: UdsStream, config: LinkConfig) -> Result<ShmLink, ConnectError> {
+        ring::validate_capacity(config.ring_capacity)?;
+        Self::client_handshake(sock, config, Path::new("<socket pair>"))
+    }
+
+    /// Performs the server side of the handshake on an already connected
+    /// socket (see [`connect_stream`](ShmLink::connect_stream)), checking the
+    /// peer against `config.peer_policy`.
+    pub fn accept_stream(sock: UdsStream, config: &LinkConfig) -> Result<ShmLink, AcceptError> {
+        ring::validate_capacity(config.ring_capacity).map_err(|e| AcceptError::Handshake {
+            path: PathBuf::from("<socket pair>"),
+            source: HandshakeError::Invalid {
+                field: "ring_capacity",
+                value: e.capacity as u64,
+            },
+        })?;
+        let peer = sock.peer_cred().map_err(|e| AcceptError::Handshake {
+            path: PathBuf::from("<socket pair>"),
+            source: HandshakeError::PeerCred(e),
+        })?;
+        server_handshake(sock, peer, config, Path::new("<socket pair>"))
+    }
+
+    fn client_handshake(
+        sock: UdsStream,
+        config: LinkConfig,
+        path: &Path,
+    ) -> Result<ShmLink, ConnectError> {
         let hs = |source| ConnectError::Handshake {
             path: path.to_owned(),
             source,
         };
-        let sock = UdsStream::connect_timeout(path, config.handshake_timeout)?;
         let peer = sock
             .peer_cred()
             .map_err(|e| hs(HandshakeError::PeerCred(e)))?;
@@ -663,7 +708,7 @@ impl LinkSender {
             .ring
             .reserve_wait(8 + first, TAG_FIRST, deadline)?
             .zeroed();
-        let b = loan.as_mut();
+        let b = loan.bytes_mut();
         b[..8].copy_from_slice(&(msg.len() as u64).to_le_bytes());
         b[8..].copy_from_slice(&msg[..first]);
         loan.commit();

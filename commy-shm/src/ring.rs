@@ -436,7 +436,11 @@ impl Producer {
 
     /// Like [`reserve`](Producer::reserve), with an 8-bit tag carried in the
     /// record header (the link uses it to mark fragments).
-    pub fn reserve_tagged(&mut self, len: usize, tag: u8) -> Result<Loan<'_, Uninit>, ReserveError> {
+    pub fn reserve_tagged(
+        &mut self,
+        len: usize,
+        tag: u8,
+    ) -> Result<Loan<'_, Uninit>, ReserveError> {
         match self.prepare(len)? {
             Ok(off) => Ok(self.loan(off, len, tag)),
             Err((needed, free)) => Err(ReserveError::Full { needed, free }),
@@ -560,10 +564,12 @@ impl Producer {
         let ctl = self.mem.ctl();
         // SYNC: Release pairs with the Acquire load of `closed` in
         // `Consumer::available`: the final tail happens-before the flag.
-        ctl.wake.0.closed.fetch_or(PRODUCER_CLOSED, Ordering::Release);
+        ctl.wake
+            .0
+            .closed
+            .fetch_or(PRODUCER_CLOSED, Ordering::Release);
         ctl.data_words().wake();
     }
-
 }
 
 impl Drop for Producer {
@@ -592,7 +598,11 @@ impl<'a> Loan<'a, Uninit> {
     /// # Panics
     /// If `src.len()` differs from the reserved length (a programming error).
     pub fn fill(mut self, src: &[u8]) -> Loan<'a, Init> {
-        assert_eq!(src.len(), self.len, "Loan::fill: source length differs from the reservation");
+        assert_eq!(
+            src.len(),
+            self.len,
+            "Loan::fill: source length differs from the reservation"
+        );
         let dst = self.as_uninit();
         // SAFETY: `dst` and `src` have the same length, and `src` (a shared
         // borrow held by the caller) cannot overlap the loaned ring bytes,
@@ -628,7 +638,7 @@ impl<'a> Loan<'a, Uninit> {
 
 impl<'a> Loan<'a, Init> {
     /// The written bytes, for further changes before sending.
-    pub fn as_mut(&mut self) -> &mut [u8] {
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
         // SAFETY: as in `as_uninit`, and the bytes are initialised (typestate).
         unsafe {
             std::slice::from_raw_parts_mut(
@@ -942,11 +952,12 @@ impl Consumer {
     /// fails with [`RingError::Closed`]. Also done on drop.
     pub fn close(&mut self) {
         let ctl = self.mem.ctl();
-        ctl.wake.0.closed.fetch_or(CONSUMER_CLOSED, Ordering::Release);
+        ctl.wake
+            .0
+            .closed
+            .fetch_or(CONSUMER_CLOSED, Ordering::Release);
         ctl.space_words().wake();
     }
-
-
 }
 
 impl Drop for Consumer {
@@ -1050,7 +1061,9 @@ pub fn validate_capacity(cap: usize) -> Result<(), InvalidCapacity> {
 
 /// A ring capacity that is not a power of two in range.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid ring capacity {capacity}: must be a power of two from {MIN_CAPACITY} to {MAX_CAPACITY}")]
+#[error(
+    "invalid ring capacity {capacity}: must be a power of two from {MIN_CAPACITY} to {MAX_CAPACITY}"
+)]
 pub struct InvalidCapacity {
     /// The capacity given.
     pub capacity: usize,
@@ -1114,8 +1127,11 @@ pub fn pair(capacity: usize) -> Result<(Producer, Consumer), PairError> {
     });
     let ctl = &*heap.ctl as *const RingCtl;
     let data = heap.data.as_ptr() as *mut u8;
-    let cells: Arc<Vec<loom::cell::UnsafeCell<()>>> =
-        Arc::new((0..capacity / 8).map(|_| loom::cell::UnsafeCell::new(())).collect());
+    let cells: Arc<Vec<loom::cell::UnsafeCell<()>>> = Arc::new(
+        (0..capacity / 8)
+            .map(|_| loom::cell::UnsafeCell::new(()))
+            .collect(),
+    );
     let local = Arc::new(LocalState::default());
     let mk = |owner: Arc<Heap>| RingMem {
         ctl,
@@ -1169,7 +1185,10 @@ mod tests {
         assert!(matches!(tx.try_send(&[3]), Err(ReserveError::Full { .. })));
         assert_eq!(&*rx.try_recv().unwrap().unwrap(), &[1; 24]);
         // A 56-byte record needs the whole ring: not yet.
-        assert!(matches!(tx.try_send(&[4; 56]), Err(ReserveError::Full { .. })));
+        assert!(matches!(
+            tx.try_send(&[4; 56]),
+            Err(ReserveError::Full { .. })
+        ));
         assert_eq!(&*rx.try_recv().unwrap().unwrap(), &[2; 24]);
         tx.try_send(&[4; 56]).unwrap();
         assert_eq!(&*rx.try_recv().unwrap().unwrap(), &[4; 56]);
@@ -1185,7 +1204,11 @@ mod tests {
         assert!(rx.try_recv().unwrap().is_none());
         tx.publish();
         let mut got = vec![];
-        assert_eq!(rx.recv_batch(usize::MAX, |_, m| got.push(m.to_vec())).unwrap(), 5);
+        assert_eq!(
+            rx.recv_batch(usize::MAX, |_, m| got.push(m.to_vec()))
+                .unwrap(),
+            5
+        );
         assert_eq!(got, (0..5u8).map(|i| vec![i; 3]).collect::<Vec<_>>());
     }
 
@@ -1193,7 +1216,7 @@ mod tests {
     fn zero_copy_loan_and_truncate_and_tags() {
         let (mut tx, mut rx) = pair(1024).unwrap();
         let mut loan = tx.reserve_tagged(100, 7).unwrap().zeroed();
-        loan.as_mut()[..4].copy_from_slice(b"abcd");
+        loan.bytes_mut()[..4].copy_from_slice(b"abcd");
         loan.truncate(4);
         loan.commit();
         let m = rx.try_recv().unwrap().unwrap();
@@ -1220,7 +1243,10 @@ mod tests {
         assert_eq!(&*rx.try_recv().unwrap().unwrap(), b"a");
         assert_eq!(&*rx.try_recv().unwrap().unwrap(), b"b");
         assert_eq!(rx.try_recv().unwrap_err(), RingError::Closed);
-        assert_eq!(rx.recv(None).unwrap_err(), RecvError::Ring(RingError::Closed));
+        assert_eq!(
+            rx.recv(None).unwrap_err(),
+            RecvError::Ring(RingError::Closed)
+        );
     }
 
     #[test]
@@ -1252,7 +1278,7 @@ mod tests {
                 x = crate::segment::splitmix(x);
                 let len = 8 + (x % 300) as usize;
                 let mut loan = tx.reserve_wait(len, 0, None).unwrap().zeroed();
-                let b = loan.as_mut();
+                let b = loan.bytes_mut();
                 b[..8].copy_from_slice(&i.to_le_bytes());
                 b[8..].fill(i as u8);
                 if i % 16 == 15 {
@@ -1272,7 +1298,10 @@ mod tests {
             .unwrap();
         }
         t.join().unwrap();
-        assert_eq!(rx.recv(None).unwrap_err(), RecvError::Ring(RingError::Closed));
+        assert_eq!(
+            rx.recv(None).unwrap_err(),
+            RecvError::Ring(RingError::Closed)
+        );
     }
 
     #[test]
@@ -1294,19 +1323,31 @@ mod tests {
         ctl(&rx).tail.0.store(1 << 40, Ordering::Relaxed);
         rx.tail_cache = rx.head; // force a re-read
         let e = rx.try_recv().unwrap_err();
-        assert!(matches!(e, RingError::Corrupt { what: "producer tail", .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                RingError::Corrupt {
+                    what: "producer tail",
+                    ..
+                }
+            ),
+            "{e}"
+        );
         // Sticky.
-        assert!(matches!(rx.try_recv().unwrap_err(), RingError::Corrupt { .. }));
+        assert!(matches!(
+            rx.try_recv().unwrap_err(),
+            RingError::Corrupt { .. }
+        ));
     }
 
     #[test]
     fn corrupt_record_headers_are_errors() {
         for bad in [
             u64::MAX,
-            300 | TYPE_MSG << 32,       // longer than the ring
-            8 | TYPE_MSG << 32,         // longer than published
-            0 | 9 << 32,                // unknown type
-            16 | TYPE_PAD << 32,        // padding that does not reach the end
+            300 | TYPE_MSG << 32,         // longer than the ring
+            8 | TYPE_MSG << 32,           // longer than published
+            9 << 32,                      // unknown type
+            16 | TYPE_PAD << 32,          // padding that does not reach the end
             1 | TYPE_MSG << 32 | 1 << 50, // reserved bits set
         ] {
             let (mut tx, mut rx) = pair(256).unwrap();
@@ -1324,7 +1365,13 @@ mod tests {
         ctl(&rx).head.0.store(999_999, Ordering::Relaxed);
         let e = tx.try_send(b"x").unwrap_err();
         assert!(
-            matches!(e, ReserveError::Ring(RingError::Corrupt { what: "consumer head", .. })),
+            matches!(
+                e,
+                ReserveError::Ring(RingError::Corrupt {
+                    what: "consumer head",
+                    ..
+                })
+            ),
             "{e}"
         );
     }
@@ -1444,7 +1491,10 @@ mod loom_tests {
                 drop(tx);
             });
             assert_eq!(&*rx.recv(None).unwrap(), b"last");
-            assert_eq!(rx.recv(None).unwrap_err(), RecvError::Ring(RingError::Closed));
+            assert_eq!(
+                rx.recv(None).unwrap_err(),
+                RecvError::Ring(RingError::Closed)
+            );
             t.join().unwrap();
         });
     }

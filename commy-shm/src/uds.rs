@@ -1584,6 +1584,25 @@ impl From<UdsStream> for OwnedFd {
     }
 }
 
+impl TryFrom<OwnedFd> for UdsStream {
+    type Error = io::Error;
+
+    /// Adopts a descriptor received from elsewhere (e.g. one end of
+    /// [`UdsStream::pair`] inherited by a child process), checking that it
+    /// is a Unix `SOCK_SEQPACKET` socket.
+    fn try_from(fd: OwnedFd) -> Result<Self, Self::Error> {
+        let ty = rustix::net::sockopt::socket_type(&fd)?;
+        let domain = rustix::net::sockopt::socket_domain(&fd)?;
+        if ty != SocketType::SEQPACKET || domain != AddressFamily::UNIX {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("descriptor is not a Unix SOCK_SEQPACKET socket ({domain:?}, {ty:?})"),
+            ));
+        }
+        Ok(Self { fd })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
