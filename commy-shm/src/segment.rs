@@ -29,8 +29,8 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use memmap2::{MmapOptions, MmapRaw};
 use rustix::fs::{MemfdFlags, SealFlags};
 
-use crate::sync::shm::{AtomicU32, AtomicU64};
 use crate::sync::Ordering;
+use crate::sync::shm::{AtomicU32, AtomicU64};
 
 /// The magic number at offset 0 of every segment: `b"COMMYSEG"` little-endian.
 pub const SEGMENT_MAGIC: u64 = u64::from_le_bytes(*b"COMMYSEG");
@@ -103,7 +103,9 @@ pub enum SegmentError {
         found: u64,
     },
     /// The layout version is one this build does not speak.
-    #[error("unsupported segment layout version {found} (this build speaks {SEGMENT_LAYOUT_VERSION})")]
+    #[error(
+        "unsupported segment layout version {found} (this build speaks {SEGMENT_LAYOUT_VERSION})"
+    )]
     UnsupportedVersion {
         /// The version found.
         found: u32,
@@ -380,7 +382,10 @@ mod tests {
         let seg = Segment::create(4096).unwrap();
         seg.header().magic.store(0xdead, Ordering::Relaxed);
         let err = Segment::attach(seg.as_fd().try_clone_to_owned().unwrap()).unwrap_err();
-        assert!(matches!(err, SegmentError::BadMagic { found: 0xdead }), "{err}");
+        assert!(
+            matches!(err, SegmentError::BadMagic { found: 0xdead }),
+            "{err}"
+        );
         seg.header().magic.store(SEGMENT_MAGIC, Ordering::Relaxed);
         seg.header().data_len.store(u64::MAX, Ordering::Relaxed);
         let err = Segment::attach(seg.as_fd().try_clone_to_owned().unwrap()).unwrap_err();
@@ -388,14 +393,23 @@ mod tests {
         seg.header().data_len.store(4096 - 128, Ordering::Relaxed);
         seg.header().layout_version.store(99, Ordering::Relaxed);
         let err = Segment::attach(seg.as_fd().try_clone_to_owned().unwrap()).unwrap_err();
-        assert!(matches!(err, SegmentError::UnsupportedVersion { found: 99 }), "{err}");
+        assert!(
+            matches!(err, SegmentError::UnsupportedVersion { found: 99 }),
+            "{err}"
+        );
     }
 
     #[test]
     fn wrong_kind_is_rejected() {
         let seg = Segment::create_kind(4096, kind::LINK).unwrap();
         let err = Segment::attach(seg.as_fd().try_clone_to_owned().unwrap()).unwrap_err();
-        assert!(matches!(err, SegmentError::WrongKind { found: 2, expected: 1 }));
+        assert!(matches!(
+            err,
+            SegmentError::WrongKind {
+                found: 2,
+                expected: 1
+            }
+        ));
     }
 
     #[test]
