@@ -34,11 +34,11 @@
 //! # Where regions live
 //!
 //! [`RegionOptions::dir`] names the directory explicitly (created `0700` if
-//! missing). Otherwise [`default_region_dir`] is used: the `regions/`
-//! subdirectory of `$COMMY_RUNTIME_DIR`, else of `$XDG_RUNTIME_DIR/commy`,
-//! else of `/tmp/commy-<euid>`. The `regions/` directory (and the `/tmp`
-//! fallback, a classic symlink-attack target) must be a real directory owned
-//! by us and not writable by group or others.
+//! missing, used as it is otherwise: sharing regions between users needs a
+//! directory they can all enter). Otherwise [`default_region_dir`] is used:
+//! the `regions/` subdirectory of the private runtime directory
+//! ([`RuntimeDir`]: `$COMMY_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/commy`, else
+//! `/tmp/commy-<euid>`), both checked to be ours and mode `0700`.
 //!
 //! # Creation, opening and permissions
 //!
@@ -148,7 +148,7 @@
 use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -158,6 +158,7 @@ use rustix::io::Errno;
 
 use crate::sync::shm::{AtomicU32, AtomicU64};
 use crate::sync::{Ordering, fence, spin_hint, yield_now};
+use crate::uds::{RuntimeDir, RuntimeDirError};
 
 /// The magic number at offset 0 of every region file: `b"COMMYRGN"` little-endian.
 pub const REGION_MAGIC: u64 = u64::from_le_bytes(*b"COMMYRGN");
@@ -267,14 +268,9 @@ pub enum RegionDirError {
         #[source]
         source: io::Error,
     },
-    /// The directory exists but is not safe to keep regions in.
-    #[error("region directory {path} is not safe to use: {reason}")]
-    Insecure {
-        /// The directory.
-        path: PathBuf,
-        /// What is wrong with it.
-        reason: String,
-    },
+    /// The default directory (in the runtime directory) could not be used.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeDirError),
 }
 
 /// Problems found in a region file's header (see the layout in the
@@ -1209,10 +1205,7 @@ impl Region {
         // checked the file size); it lives as long as `self`; and this crate
         // only accesses it through atomics, so shared references are sound.
         unsafe {
-            std::slice::from_raw_parts(
-                self.data_ptr() as *const AtomicU64,
-                self.len.div_ceil(8),
-            )
+            std::slice::from_raw_parts(self.data_ptr() as *const AtomicU64, self.len.div_ceil(8))
         }
     }
 
@@ -1672,71 +1665,13 @@ fn unlink_if_same(
     }
 }
 
-/// The directory regions live in by default: `regions/` under
-/// `$COMMY_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/commy`, else
-/// `/tmp/commy-<euid>`; created with mode `0700` if missing. The `regions/`
-/// directory (and the `/tmp` fallback) must be a directory owned by our
-/// effective uid and not writable by group or others.
+/// The directory regions live in by default: `regions/` in the runtime
+/// directory ([`RuntimeDir::resolve`]: `$COMMY_RUNTIME_DIR`, else
+/// `$XDG_RUNTIME_DIR/commy`, else `/tmp/commy-<euid>`), created with mode
+/// `0700` if missing and, like the runtime directory, required to be a real
+/// directory owned by our effective uid with no group or other access.
 pub fn default_region_dir() -> Result<PathBuf, RegionDirError> {
-    // Note: the UDS module resolves the same runtime directory; the two
-    // resolvers should become one.
-    let uid = rustix::process::geteuid().as_raw();
-    let env = |key: &str| std::env::var_os(key).filter(|v| !v.is_empty());
-    let base = if let Some(dir) = env("COMMY_RUNTIME_DIR") {
-        make_dir(Path::new(&dir), true, None)?;
-        PathBuf::from(dir)
-    } else if let Some(xdg) = env("XDG_RUNTIME_DIR") {
-        let dir = Path::new(&xdg).join("commy");
-        make_dir(&dir, false, None)?;
-        dir
-    } else {
-        let dir = PathBuf::from(format!("/tmp/commy-{uid}"));
-        make_dir(&dir, false, Some(uid))?;
-        dir
-    };
-    let regions = base.join("regions");
-    make_dir(&regions, false, Some(uid))?;
-    Ok(regions)
-}
-
-/// Creates `path` with mode `0700` if missing; with `owner`, checks that it is
-/// a real directory owned by that uid and not writable by group or others.
-fn make_dir(path: &Path, recursive: bool, owner: Option<u32>) -> Result<(), RegionDirError> {
-    let io_err = |source| RegionDirError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    match std::fs::DirBuilder::new()
-        .recursive(recursive)
-        .mode(0o700)
-        .create(path)
-    {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(io_err(e)),
-    }
-    let Some(uid) = owner else { return Ok(()) };
-    let md = std::fs::symlink_metadata(path).map_err(io_err)?;
-    let insecure = |reason: String| RegionDirError::Insecure {
-        path: path.to_owned(),
-        reason,
-    };
-    if !md.file_type().is_dir() {
-        return Err(insecure("not a directory (a symlink?)".into()));
-    }
-    if md.uid() != uid {
-        return Err(insecure(format!(
-            "owned by uid {}, not by us (uid {uid})",
-            md.uid()
-        )));
-    }
-    if md.mode() & 0o022 != 0 {
-        return Err(insecure(format!(
-            "writable by group or others (mode {:o})",
-            md.mode() & 0o7777
-        )));
-    }
-    Ok(())
+    Ok(RuntimeDir::resolve()?.subdir("regions")?.path().to_owned())
 }
 
 /// Checks a region name: 1 to [`REGION_NAME_MAX`] bytes of `A-Z a-z 0-9 . _ -`,
@@ -1854,6 +1789,8 @@ fn sweep_region(dir: &RegionDir, name: String, report: &mut SweepReport) {
     ) {
         Ok(fd) => fd,
         Err(Errno::NOENT) => return,
+        // A symlink, a directory, a FIFO without reader: not a region.
+        Err(Errno::LOOP | Errno::ISDIR | Errno::NXIO) => return report.invalid.push(name),
         Err(_) => return report.skipped.push(name),
     };
     let Ok(st) = rustix::fs::fstat(&file) else {
