@@ -31,111 +31,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! # Where regions live
-//!
-//! [`RegionOptions::dir`] names the directory explicitly (created `0700` if
-//! missing, used as it is otherwise: sharing regions between users needs a
-//! directory they can all enter). Otherwise [`default_region_dir`] is used:
-//! the `regions/` subdirectory of the private runtime directory
-//! ([`RuntimeDir`]: `$COMMY_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/commy`, else
-//! `/tmp/commy-<euid>`), both checked to be ours and mode `0700`.
-//!
-//! # Creation, opening and permissions
-//!
-//! [`create`](RegionOptions::create) builds the file under a unique temporary
-//! name (`O_CREAT|O_EXCL`, the requested mode applied with `fchmod` so the
-//! umask does not interfere), sizes it, writes and re-validates the header,
-//! and only then publishes it with `link(2)` under its final name. `link`
-//! fails if the name exists, so of any number of racing creators exactly one
-//! wins and the others get [`RegionOpenError::AlreadyExists`]; an opener can
-//! never see a half-initialised region. A creator that crashes leaves at most
-//! a temporary file (`.~tmp-…`, a name no region can have), which
-//! [`sweep_regions`] removes once it is a few seconds old.
-//!
-//! [`open`](RegionOptions::open) checks, before it maps a byte: that the path
-//! is a regular file (symlinks are not followed), that it is owned by our
-//! effective uid, and then the header: magic, layout version, header length,
-//! and that header plus data size equals the file size. The kernel enforces
-//! the file mode, so a `0600` region of another user fails with
-//! [`RegionOpenError::PermissionDenied`]. A region whose mode grants us access
-//! but which belongs to another uid is refused as well
-//! ([`RegionOpenError::ForeignOwner`]) unless
-//! [`allow_foreign_owner`](RegionOptions::allow_foreign_owner) is set: its
-//! owner can rewrite, truncate or remove it at any time, so sharing across
-//! users must be a deliberate choice.
-//!
-//! # Holders, reference count and TTL
-//!
-//! Every open [`Region`] holds a shared `flock` on its file. The kernel drops
-//! it when the process dies, so "does anybody hold this region" is always
-//! answered correctly by trying a non-blocking exclusive lock, crash or not.
-//! [`Region::refcount`] reports the header's counter, incremented on open and
-//! decremented on drop; a process that dies with a region open leaves it too
-//! high, so whoever next obtains the exclusive lock (an opener finding no other
-//! holder, a dropping last holder, a sweep) resets it to zero and dates the
-//! last release to that moment: the TTL of a region whose holders crashed
-//! counts from when the crash was noticed.
-//!
-//! Files are only ever removed by a process that holds the exclusive lock
-//! (so nobody holds the region) and that, under a lock on the directory,
-//! checks that the name still refers to the inode it locked; explicit
-//! [`Region::remove`] takes the directory lock too. An opener that locked an
-//! inode re-checks the name afterwards and starts over if the file was swept
-//! in between.
-//!
-//! # Consistent reads and the writer lock
-//!
-//! Writers serialise on a lock word in the header and bump a sequence number
-//! to odd before and to even after they modify the data (a seqlock). Readers
-//! copy the data out and retry until they saw the same even sequence before
-//! and after, so a read never returns a torn write. All copies to and from
-//! the shared data use 64-bit atomic loads and stores, so concurrent access is
-//! defined behaviour in Rust's memory model.
-//!
-//! The lock word holds the owner's pid (high 32 bits) and the low 32 bits of
-//! its start time from `/proc/<pid>/stat`, set with one compare-and-swap. A
-//! waiter that finds the lock held checks the owner: a pid that no longer
-//! exists, is a zombie, or now belongs to a process with a different start
-//! time (pid reuse) is dead, and the waiter takes the lock over with another
-//! compare-and-swap. A reader that keeps seeing an odd sequence does the same
-//! and closes the interrupted write. Each takeover is counted in
-//! [`Region::recoveries`]: the data may then contain a partial write. Waits
-//! are bounded by [`RegionOptions::timeout`], so a writer that is alive but
-//! stuck yields [`RegionAccessError::Timeout`], never a hang. Liveness is
-//! judged by pid, so all users of a region must share a pid namespace.
-//!
-//! # Residual risk: truncation
-//!
-//! A process with write access to the file can `ftruncate` it, after which
-//! our accesses to the vanished pages raise `SIGBUS`. Seals, which make memfd
-//! segments immune, cannot be added to ordinary tmpfs files; checking the size
-//! with `fstat` before each access would still leave a window between the
-//! check and the access, and Rust offers no sound way to recover from the
-//! signal. We check the size when opening and never truncate a published
-//! region ourselves; with the default mode `0600` only processes of the same
-//! user (which could equally kill or ptrace us) can do it.
-//!
-//! # File layout (version 1)
-//!
-//! All integers native-endian; the header is followed by the data at offset
-//! `header length` (the creator's page size, at least 4096), and the file is
-//! `header length + data size` rounded up to a multiple of 8 bytes.
-//!
-//! | offset | size | field |
-//! |-------:|-----:|-------|
-//! | 0 | 8 | magic [`REGION_MAGIC`] (`b"COMMYRGN"` little-endian) |
-//! | 8 | 4 | layout version [`REGION_LAYOUT_VERSION`] |
-//! | 12 | 4 | header length (offset of the data) |
-//! | 16 | 8 | data size in bytes |
-//! | 24 | 8 | generation (random, unique per creation) |
-//! | 32 | 8 | creation time, ns since the Unix epoch |
-//! | 40 | 4 | creator pid |
-//! | 48 | 8 | TTL in ms |
-//! | 64 | 8 | reference count |
-//! | 72 | 8 | last release, ms since the Unix epoch |
-//! | 80 | 8 | dead-writer recoveries |
-//! | 128 | 8 | seqlock sequence (odd while a write is in progress) |
-//! | 136 | 8 | writer lock (0 = free, else `pid << 32 \| start-time low bits`) |
+//! How regions are created, shared, cleaned up, recovered after crashes and
+//! laid out in their files is described on [`Region`].
 #![cfg(not(loom))]
 // The atomics below come from `crate::sync::shm`, the sanctioned source for
 // memory shared with other processes; clippy's disallowed-types check sees
@@ -273,8 +170,8 @@ pub enum RegionDirError {
     Runtime(#[from] RuntimeDirError),
 }
 
-/// Problems found in a region file's header (see the layout in the
-/// [module docs](self)).
+/// Problems found in a region file's header (see the layout under
+/// [`Region`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum RegionHeaderError {
@@ -798,9 +695,13 @@ impl RegionOptions {
                 }
                 h.refcount.store(0, Ordering::Relaxed);
                 if expired(h, now) {
-                    unlink_if_same(dir, &self.name, &st, self.timeout)
+                    let removed = unlink_if_same(dir, &self.name, &st, self.timeout)
                         .map_err(|e| e.into_open_error(&dir.path, "directory lock"))?;
-                    return Ok(None);
+                    if removed {
+                        return Ok(None);
+                    }
+                    // The name was replaced meanwhile: look at the new file.
+                    continue;
                 }
                 // Converting to a shared lock drops the exclusive one first,
                 // so a sweeper may slip in: re-check the name afterwards.
@@ -955,10 +856,140 @@ impl Drop for TempFile<'_> {
 // Region
 // ---------------------------------------------------------------------------
 
-/// An open named shared-memory region. See the [module docs](self).
+/// An open named shared-memory region.
+///
+/// Created or opened with [`RegionOptions`]:
+///
+/// ```
+/// use commy_shm::{RegionOptions, sweep_regions};
+/// use std::time::Duration;
+///
+/// let dir = std::env::temp_dir().join(format!("commy-region-ex-{}", std::process::id()));
+/// let opts = RegionOptions::new("config").size(64).ttl(Duration::from_secs(30)).dir(&dir);
+/// let region = opts.open_or_create()?; // every process may race this call
+/// region.write(|data| data[..5].copy_from_slice(b"v=42;"))?;
+/// assert_eq!(region.read(|data| data[..5].to_vec())?, b"v=42;");
+/// drop(region);
+///
+/// // Unheld, the region lives on for its TTL; a sweep removes it afterwards.
+/// assert_eq!(opts.open()?.read(|data| data[0])?, b'v');
+/// assert!(sweep_regions(&dir)?.removed.is_empty());
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// # Where regions live
+///
+/// [`RegionOptions::dir`] names the directory explicitly (created `0700` if
+/// missing, used as it is otherwise: sharing regions between users needs a
+/// directory they can all enter). Otherwise [`default_region_dir`] is used:
+/// the `regions/` subdirectory of the private runtime directory
+/// ([`RuntimeDir`]: `$COMMY_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/commy`, else
+/// `/tmp/commy-<euid>`), both checked to be ours and mode `0700`.
+///
+/// # Creation, opening and permissions
+///
+/// [`create`](RegionOptions::create) builds the file under a unique temporary
+/// name (`O_CREAT|O_EXCL`, the requested mode applied with `fchmod` so the
+/// umask does not interfere), sizes it, writes and re-validates the header,
+/// and only then publishes it with `link(2)` under its final name. `link`
+/// fails if the name exists, so of any number of racing creators exactly one
+/// wins and the others get [`RegionOpenError::AlreadyExists`]; an opener can
+/// never see a half-initialised region. A creator that crashes leaves at most
+/// a temporary file (`.~tmp-…`, a name no region can have), which
+/// [`sweep_regions`] removes once it is a few seconds old.
+///
+/// [`open`](RegionOptions::open) checks, before it maps a byte: that the path
+/// is a regular file (symlinks are not followed), that it is owned by our
+/// effective uid, and then the header: magic, layout version, header length,
+/// and that header plus data size equals the file size. The kernel enforces
+/// the file mode, so a `0600` region of another user fails with
+/// [`RegionOpenError::PermissionDenied`]. A region whose mode grants us access
+/// but which belongs to another uid is refused as well
+/// ([`RegionOpenError::ForeignOwner`]) unless
+/// [`allow_foreign_owner`](RegionOptions::allow_foreign_owner) is set: its
+/// owner can rewrite, truncate or remove it at any time, so sharing across
+/// users must be a deliberate choice.
+///
+/// # Holders, reference count and TTL
+///
+/// Every open [`Region`] holds a shared `flock` on its file. The kernel drops
+/// it when the process dies, so "does anybody hold this region" is always
+/// answered correctly by trying a non-blocking exclusive lock, crash or not.
+/// [`Region::refcount`] reports the header's counter, incremented on open and
+/// decremented on drop; a process that dies with a region open leaves it too
+/// high, so whoever next obtains the exclusive lock (an opener finding no other
+/// holder, a dropping last holder, a sweep) resets it to zero and dates the
+/// last release to that moment: the TTL of a region whose holders crashed
+/// counts from when the crash was noticed.
+///
+/// Files are only ever removed by a process that holds the exclusive lock
+/// (so nobody holds the region) and that, under a lock on the directory,
+/// checks that the name still refers to the inode it locked; explicit
+/// [`Region::remove`] takes the directory lock too. An opener that locked an
+/// inode re-checks the name afterwards and starts over if the file was swept
+/// in between.
+///
+/// # Consistent reads and the writer lock
+///
+/// Writers serialise on a lock word in the header and bump a sequence number
+/// to odd before and to even after they modify the data (a seqlock). Readers
+/// copy the data out and retry until they saw the same even sequence before
+/// and after, so a read never returns a torn write. All copies to and from
+/// the shared data use 64-bit atomic loads and stores, so concurrent access is
+/// defined behaviour in Rust's memory model.
+///
+/// The lock word holds the owner's pid (high 32 bits) and the low 32 bits of
+/// its start time from `/proc/<pid>/stat`, set with one compare-and-swap. A
+/// waiter that finds the lock held checks the owner: a pid that no longer
+/// exists, is a zombie, or now belongs to a process with a different start
+/// time (pid reuse) is dead, and the waiter takes the lock over with another
+/// compare-and-swap. A reader that keeps seeing an odd sequence does the same
+/// and closes the interrupted write. Each takeover is counted in
+/// [`Region::recoveries`]: the data may then contain a partial write. Waits
+/// are bounded by [`RegionOptions::timeout`], so a writer that is alive but
+/// stuck yields [`RegionAccessError::Timeout`], never a hang. Liveness is
+/// judged by pid, so all users of a region must share a pid namespace.
+///
+/// # Residual risk: truncation
+///
+/// A process with write access to the file can `ftruncate` it, after which
+/// our accesses to the vanished pages raise `SIGBUS`. Seals, which make memfd
+/// segments immune, cannot be added to ordinary tmpfs files; checking the size
+/// with `fstat` before each access would still leave a window between the
+/// check and the access, and Rust offers no sound way to recover from the
+/// signal. We check the size when opening and never truncate a published
+/// region ourselves; with the default mode `0600` only processes of the same
+/// user (which could equally kill or ptrace us) can do it.
+///
+/// # File layout (version 1)
+///
+/// All integers native-endian; the header is followed by the data at offset
+/// `header length` (the creator's page size, at least 4096), and the file is
+/// `header length + data size` rounded up to a multiple of 8 bytes.
+///
+/// | offset | size | field |
+/// |-------:|-----:|-------|
+/// | 0 | 8 | magic [`REGION_MAGIC`] (`b"COMMYRGN"` little-endian) |
+/// | 8 | 4 | layout version [`REGION_LAYOUT_VERSION`] |
+/// | 12 | 4 | header length (offset of the data) |
+/// | 16 | 8 | data size in bytes |
+/// | 24 | 8 | generation (random, unique per creation) |
+/// | 32 | 8 | creation time, ns since the Unix epoch |
+/// | 40 | 4 | creator pid |
+/// | 48 | 8 | TTL in ms |
+/// | 64 | 8 | reference count |
+/// | 72 | 8 | last release, ms since the Unix epoch |
+/// | 80 | 8 | dead-writer recoveries |
+/// | 128 | 8 | seqlock sequence (odd while a write is in progress) |
+/// | 136 | 8 | writer lock (0 = free, else `pid << 32 \| start-time low bits`) |
+///
+/// # Dropping
 ///
 /// Dropping it releases our hold: the reference count goes down, and if we
-/// were the last holder of a region with TTL zero, the file is removed.
+/// were the last holder of a region with TTL zero, the file is removed. A
+/// copy inherited by a child through `fork` is not a hold of its own:
+/// dropping it in the child only unmaps it.
 /// `Region` is `Send + Sync`; share it between threads with an `Arc`.
 pub struct Region {
     map: MmapRaw,
@@ -974,6 +1005,9 @@ pub struct Region {
     created: SystemTime,
     ttl: Duration,
     timeout: Duration,
+    /// The process that opened it: a copy inherited through `fork` shares
+    /// our open file description (and flock), so it must not release them.
+    opener_pid: u32,
 }
 
 impl fmt::Debug for Region {
@@ -994,7 +1028,9 @@ impl Region {
         let h = mapped.header();
         let generation = h.generation.load(Ordering::Relaxed);
         let creator_pid = h.creator_pid.load(Ordering::Relaxed);
-        let created = UNIX_EPOCH + Duration::from_nanos(h.created_ns.load(Ordering::Relaxed));
+        let created = UNIX_EPOCH
+            .checked_add(Duration::from_nanos(h.created_ns.load(Ordering::Relaxed)))
+            .unwrap_or(UNIX_EPOCH);
         let ttl = Duration::from_millis(h.ttl_ms.load(Ordering::Relaxed));
         Region {
             map: mapped.map,
@@ -1009,6 +1045,7 @@ impl Region {
             created,
             ttl,
             timeout,
+            opener_pid: own_pid(),
         }
     }
 
@@ -1127,6 +1164,8 @@ impl Region {
     ///
     /// This copies the whole region twice; for large regions prefer
     /// [`write_at`](Self::write_at) or [`write_in_place`](Self::write_in_place).
+    /// Not reentrant: `f` must not write to this region (that would wait for
+    /// the lock it holds, until the timeout).
     pub fn write<T>(&self, f: impl FnOnce(&mut [u8]) -> T) -> Result<T, RegionAccessError> {
         let mut guard = self.lock_writer()?;
         let words = self.words();
@@ -1156,7 +1195,9 @@ impl Region {
     /// the memory is shared with other processes, readers of this process
     /// access it with atomics, so writes through the pointer should be atomic
     /// or volatile, and `f` must not keep the pointer. If `f` panics, the
-    /// write is ended with whatever `f` had written.
+    /// write is ended with whatever `f` had written. `f` must not read or
+    /// write this region through its methods: they would wait for this very
+    /// write and fail with [`RegionAccessError::Timeout`].
     pub fn write_in_place<T>(
         &self,
         f: impl FnOnce(*mut [u8]) -> T,
@@ -1299,6 +1340,10 @@ impl Region {
 
 impl Drop for Region {
     fn drop(&mut self) {
+        if own_pid() != self.opener_pid {
+            // A child's copy after fork: the hold is the parent's.
+            return;
+        }
         let h = self.header();
         h.refcount
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {

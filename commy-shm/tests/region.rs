@@ -1207,3 +1207,31 @@ fn default_directory_comes_from_the_environment() {
     assert_eq!(mode, 0o700);
     assert!(!regions.join("dflt").exists());
 }
+
+#[test]
+fn a_forked_copy_is_not_a_hold_of_its_own() {
+    let dir = TestDir::new("fork");
+    let r = dir.opts("f").size(8).create().unwrap();
+    let path = r.path();
+    // SAFETY: the child only drops its copy of the region (getpid, munmap,
+    // close and free, all fork-safe in glibc) and leaves with `_exit`.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        drop(r);
+        // SAFETY: `_exit` ends the child without running the parent's
+        // atexit handlers or unwinding into the test harness.
+        unsafe { libc::_exit(0) };
+    }
+    let mut status = 0;
+    // SAFETY: waits for the child we just forked; `status` is a valid out-pointer.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+    // The child's drop neither released our hold nor removed the file.
+    assert!(path.exists());
+    assert_eq!(r.refcount(), 1);
+    let other = dir.opts("f").open().unwrap();
+    assert_eq!(other.refcount(), 2);
+    drop((r, other));
+    assert!(!path.exists());
+}
