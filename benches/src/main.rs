@@ -14,6 +14,7 @@ mod report;
 mod run;
 mod scenario;
 mod scenarios;
+mod shm_link;
 mod stats;
 mod uds;
 

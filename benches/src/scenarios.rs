@@ -3,12 +3,17 @@
 //! see [`crate::scenario`]) and a few lines here; see benches/README.md.
 
 use crate::scenario::{Kind, Scenario, Wait};
-use crate::{floor, uds};
+use crate::{floor, shm_link, uds};
 
 /// Transport name of the Unix-socket baseline (ratios "vs UDS").
 pub(crate) const UDS: &str = "uds";
 /// Transport name of the spin floor (ratios "× floor").
 pub(crate) const FLOOR: &str = "spin-floor";
+
+/// Transport name of commy-shm's link.
+pub(crate) const SHM: &str = "shm";
+/// Messages per publish in the shm throughput scenarios.
+const SHM_BATCH: u64 = 32;
 
 /// Message sizes every transport is measured at.
 pub(crate) const SIZES: [usize; 3] = [64, 1024, 64 * 1024];
@@ -32,11 +37,33 @@ pub(crate) fn scenarios() -> Vec<Scenario> {
         all.push(Scenario::new(UDS, Kind::Throughput, size, uds::THROUGHPUT).in_demo());
     }
 
-    // ---- shm link scenarios go here -------------------------------------
-    // commy-shm's ring link: transport "shm", round trip and throughput
-    // (with batching), `Wait::Busy` and `Wait::Default`, at every size in
-    // SIZES. Mark the ones `commy-bench demo` should show with `.in_demo()`.
-    // ---------------------------------------------------------------------
+    // commy-shm's ring link: round trip and batched throughput, busy-poll
+    // and default wait, at every size.
+    for size in SIZES {
+        all.push(
+            Scenario::new(SHM, Kind::RoundTrip, size, shm_link::ROUND_TRIP_BUSY)
+                .wait(Wait::Busy)
+                .in_demo(),
+        );
+        all.push(
+            Scenario::new(SHM, Kind::RoundTrip, size, shm_link::ROUND_TRIP_DEFAULT)
+                .wait(Wait::Default)
+                .in_demo(),
+        );
+    }
+    for size in SIZES {
+        all.push(
+            Scenario::new(SHM, Kind::Throughput, size, shm_link::THROUGHPUT_BUSY)
+                .wait(Wait::Busy)
+                .batch(SHM_BATCH)
+                .in_demo(),
+        );
+        all.push(
+            Scenario::new(SHM, Kind::Throughput, size, shm_link::THROUGHPUT_DEFAULT)
+                .wait(Wait::Default)
+                .batch(SHM_BATCH),
+        );
+    }
 
     all
 }
