@@ -494,7 +494,7 @@ fn check_kind_rules(
 ///
 /// The header's length fields always match the sections. The sections are
 /// [`Bytes`], so frames decoded from a buffer share it instead of copying.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Frame {
     header: FrameHeader,
     metadata: Bytes,
@@ -674,7 +674,7 @@ impl Frame {
 
 /// A frame decoded in place from a byte slice (e.g. a shared-memory ring
 /// record), borrowing its sections.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct FrameRef<'a> {
     header: FrameHeader,
     metadata: &'a [u8],
@@ -731,6 +731,47 @@ impl<'a> FrameRef<'a> {
             metadata: Bytes::copy_from_slice(self.metadata),
             payload: Bytes::copy_from_slice(self.payload),
         }
+    }
+}
+
+/// Debug view of a section: its length and at most the first 64 bytes, so
+/// logging a frame never dumps a 16 MiB payload.
+struct Section<'a>(&'a [u8]);
+
+impl fmt::Debug for Section<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const PREVIEW: usize = 64;
+        let shown = &self.0[..self.0.len().min(PREVIEW)];
+        write!(
+            f,
+            "{} bytes {:?}",
+            self.0.len(),
+            Bytes::copy_from_slice(shown)
+        )?;
+        if self.0.len() > PREVIEW {
+            f.write_str("...")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Frame {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Frame")
+            .field("header", &self.header)
+            .field("metadata", &Section(&self.metadata))
+            .field("payload", &Section(&self.payload))
+            .finish()
+    }
+}
+
+impl fmt::Debug for FrameRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FrameRef")
+            .field("header", &self.header)
+            .field("metadata", &Section(self.metadata))
+            .field("payload", &Section(self.payload))
+            .finish()
     }
 }
 
@@ -1061,6 +1102,27 @@ mod tests {
             .to_string(),
             "CANCEL frame has stream id 0, which is reserved for link-wide frames"
         );
+    }
+
+    #[test]
+    fn debug_output_is_bounded() {
+        let frame = Frame::new(
+            FrameKind::OneWay,
+            StreamId(5),
+            b"md".to_vec(),
+            vec![b'x'; 1000],
+        )
+        .unwrap();
+        let text = format!("{frame:?}");
+        assert!(text.contains("metadata: 2 bytes b\"md\""), "{text}");
+        assert!(
+            text.contains(&format!("payload: 1000 bytes b\"{}\"...", "x".repeat(64))),
+            "{text}"
+        );
+        assert!(text.len() < 400, "{text}");
+        let wire = frame.to_vec();
+        let r = FrameRef::decode(&wire, &Limits::default()).unwrap();
+        assert!(format!("{r:?}").starts_with("FrameRef { header: FrameHeader { kind: OneWay"));
     }
 
     #[test]

@@ -12,7 +12,9 @@
 //! - the frame codec: [`FrameHeader`], [`Frame`], [`FrameRef`] and the
 //!   streaming [`FrameDecoder`], bounded by [`Limits`].
 //!
-//! The wire format is specified byte by byte in `docs/PROTOCOL.md`.
+//! Each module documents its part (name rules, locator syntax, deadline wire
+//! semantics, the frame layout); every public item is also re-exported at the
+//! crate root. The wire format is specified byte by byte in `docs/PROTOCOL.md`.
 //!
 //! ```
 //! use std::time::Duration;
@@ -43,13 +45,13 @@
 //! ```
 #![forbid(unsafe_code)]
 
-mod deadline;
-mod endpoint;
-mod frame;
-mod id;
-mod metadata;
-mod name;
-mod status;
+pub mod deadline;
+pub mod endpoint;
+pub mod frame;
+pub mod id;
+pub mod metadata;
+pub mod name;
+pub mod status;
 mod wire;
 
 pub use deadline::{Deadline, NO_DEADLINE};

@@ -38,7 +38,9 @@ use crate::wire;
 
 /// Per-message context. Field order is the wire order; fields are never
 /// reordered or removed within a protocol version.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+///
+/// `Debug` output redacts the auth token, so metadata can be logged.
+#[derive(Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub struct Metadata {
     /// Bearer credential (JWT, API key or session token) for the callee's
     /// authentication layer.
@@ -142,6 +144,32 @@ impl Metadata {
             return Err(MetadataError::TrailingBytes { count: rest.len() });
         }
         Ok(metadata)
+    }
+}
+
+impl fmt::Debug for Metadata {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        struct Headers<'a>(&'a [(String, Vec<u8>)]);
+        impl fmt::Debug for Headers<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_list()
+                    .entries(
+                        self.0
+                            .iter()
+                            .map(|(name, value)| (name, String::from_utf8_lossy(value))),
+                    )
+                    .finish()
+            }
+        }
+        f.debug_struct("Metadata")
+            .field(
+                "auth_token",
+                &self.auth_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("traceparent", &self.traceparent)
+            .field("content_type", &self.content_type)
+            .field("headers", &Headers(&self.headers))
+            .finish()
     }
 }
 
@@ -347,6 +375,14 @@ mod tests {
             Metadata::decode(&[0, 0, 0, 0x80, 0x00], &Limits::default()),
             Ok(Metadata::default())
         );
+    }
+
+    #[test]
+    fn debug_redacts_the_token() {
+        let text = format!("{:?}", sample());
+        assert!(!text.contains("tok\""), "{text}");
+        assert!(text.contains("auth_token: Some(\"<redacted>\")"), "{text}");
+        assert!(text.contains("(\"x-a\", \"second\")"), "{text}");
     }
 
     #[test]
