@@ -948,7 +948,9 @@ impl Drop for TempFile<'_> {
 /// and closes the interrupted write. Each takeover is counted in
 /// [`Region::recoveries`]: the data may then contain a partial write. Waits
 /// are bounded by [`RegionOptions::timeout`], so a writer that is alive but
-/// stuck yields [`RegionAccessError::Timeout`], never a hang. Liveness is
+/// stuck yields [`RegionAccessError::Timeout`], never a hang. The lock is not
+/// fair (waiters back off to short sleeps), so under heavy contention with
+/// long updates raise the timeout. Liveness is
 /// judged by pid, so all users of a region must share a pid namespace.
 ///
 /// # Residual risk: truncation
