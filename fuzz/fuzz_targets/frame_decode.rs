@@ -67,7 +67,10 @@ fuzz_target!(|data: &[u8]| {
         match FrameRef::decode(&stream[offset..], &LIMITS) {
             Ok(frame) => {
                 let owned = frame.to_frame();
-                assert_eq!(owned.to_vec()[..], stream[offset..offset + frame.encoded_len()]);
+                assert_eq!(
+                    owned.to_vec()[..],
+                    stream[offset..offset + frame.encoded_len()]
+                );
                 offset += frame.encoded_len();
                 reference.push(owned);
             }
