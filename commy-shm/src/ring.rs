@@ -144,8 +144,12 @@ pub(crate) struct RingMem {
     data: *mut u8,
     cap: usize,
     local: Arc<LocalState>,
+    /// Under loom: causality tracking of payload words.
     #[cfg(loom)]
     cells: Arc<Vec<loom::cell::UnsafeCell<()>>>,
+    /// Under loom: the header words, as model-checked atomics.
+    #[cfg(loom)]
+    shadow: Arc<Vec<AtomicU64>>,
     _owner: Arc<dyn Send + Sync>,
 }
 
@@ -196,46 +200,39 @@ impl RingMem {
 
     /// Reads the 8-byte header word at `off` (8-aligned, `off + 8 <= cap`).
     #[inline]
-    fn read_header(&self, off: usize) -> u64 {
+    fn read_header(&self, off: usize, order: Ordering) -> u64 {
         debug_assert!(off % 8 == 0 && off + 8 <= self.cap);
-        self.track_read(off, 8);
         #[cfg(not(loom))]
         {
             // SAFETY: `off` is 8-aligned and in bounds (callers mask it), the
-            // data area is 8-aligned, and the word is read atomically, so a
-            // concurrent write by a misbehaving peer is a data race on an
-            // atomic, not undefined behaviour.
+            // data area is 8-aligned, and the word is accessed atomically, so
+            // a concurrent write by the peer (legitimate or not) is a race on
+            // an atomic, not undefined behaviour.
             unsafe {
-                std::sync::atomic::AtomicU64::from_ptr(self.data.add(off) as *mut u64)
-                    .load(Ordering::Relaxed)
+                std::sync::atomic::AtomicU64::from_ptr(self.data.add(off) as *mut u64).load(order)
             }
         }
         #[cfg(loom)]
         {
-            // SAFETY: in bounds and aligned as above; under loom, accesses are
-            // checked for causality through `track_read`.
-            unsafe { std::ptr::read(self.data.add(off) as *const u64) }
+            self.shadow[off / 8].load(order)
         }
     }
 
     /// Writes the 8-byte header word at `off`.
     #[inline]
-    fn write_header(&self, off: usize, word: u64) {
+    fn write_header(&self, off: usize, word: u64, order: Ordering) {
         debug_assert!(off % 8 == 0 && off + 8 <= self.cap);
-        self.track_write(off, 8);
         #[cfg(not(loom))]
         {
-            // SAFETY: as in `read_header`; this side is the only legitimate
-            // writer of the word until it publishes it.
+            // SAFETY: as in `read_header`.
             unsafe {
                 std::sync::atomic::AtomicU64::from_ptr(self.data.add(off) as *mut u64)
-                    .store(word, Ordering::Relaxed)
+                    .store(word, order)
             }
         }
         #[cfg(loom)]
         {
-            // SAFETY: in bounds and aligned; causality checked by `track_write`.
-            unsafe { std::ptr::write(self.data.add(off) as *mut u64, word) }
+            self.shadow[off / 8].store(word, order)
         }
     }
 
@@ -338,6 +335,9 @@ pub struct Producer {
     published: u64,
     /// Last observed consumer head.
     head_cache: u64,
+    /// The header of the first staged record, written (with Release) only
+    /// when the batch is published: it is what makes the batch visible.
+    deferred: Option<(usize, u64)>,
     strategy: WaitStrategy,
     error: Option<RingError>,
 }
@@ -369,6 +369,7 @@ impl Producer {
             tail: 0,
             published: 0,
             head_cache: 0,
+            deferred: None,
             strategy,
             error: None,
         }
@@ -379,9 +380,29 @@ impl Producer {
         self.mem.cap
     }
 
-    /// The largest payload one record can carry.
+    /// The largest payload one record can carry: the capacity less the
+    /// record's header and the zeroed header slot that must follow it.
     pub fn max_payload(&self) -> usize {
-        self.mem.cap - RECORD_HEADER_LEN
+        self.mem.cap - 2 * RECORD_HEADER_LEN
+    }
+
+    /// Writes a record header, deferring it if it is the first record of
+    /// an unpublished batch (see `deferred`). Before that, zeroes the header
+    /// slot right after the record, so that the consumer, which discovers
+    /// records by their headers, finds "nothing yet" there instead of stale
+    /// bytes of an earlier lap.
+    #[inline]
+    fn stage_header(&mut self, off: usize, rec: usize, word: u64) {
+        let next = (off + rec) & self.mem.mask() as usize;
+        self.mem.write_header(next, 0, Ordering::Relaxed);
+        if self.tail == self.published && self.deferred.is_none() {
+            self.deferred = Some((off, word));
+        } else {
+            // Ordered before the consumer's view by the Release store of the
+            // deferred header in `publish`.
+            self.mem.write_header(off, word, Ordering::Relaxed);
+        }
+        self.tail = self.tail.wrapping_add(rec as u64);
     }
 
     /// Changes how [`send`](Producer::send) waits for space.
@@ -465,31 +486,34 @@ impl Producer {
     fn prepare(&mut self, len: usize) -> Result<Result<usize, (usize, usize)>, ReserveError> {
         self.check()?;
         let cap = self.mem.cap;
-        if len > cap - RECORD_HEADER_LEN {
+        if len > self.max_payload() {
             return Err(ReserveError::TooLarge {
                 len,
-                max: cap - RECORD_HEADER_LEN,
+                max: self.max_payload(),
             });
         }
+        // Every record needs room for itself and for the zeroed header slot
+        // after it.
         let rec = record_len(len);
         let mut off = (self.tail & self.mem.mask()) as usize;
         let contiguous = cap - off;
         if rec > contiguous {
             // Fill the rest of the buffer with a padding record first.
-            let free = self.free(contiguous)?;
-            if free < contiguous {
+            let need = contiguous + RECORD_HEADER_LEN;
+            let free = self.free(need)?;
+            if free < need {
                 self.publish();
-                return Ok(Err((contiguous + rec, free)));
+                return Ok(Err((contiguous + rec + RECORD_HEADER_LEN, free)));
             }
             let pad_len = (contiguous - RECORD_HEADER_LEN) as u64;
-            self.mem.write_header(off, pad_len | TYPE_PAD << 32);
-            self.tail = self.tail.wrapping_add(contiguous as u64);
+            self.stage_header(off, contiguous, pad_len | TYPE_PAD << 32);
             off = 0;
         }
-        let free = self.free(rec)?;
-        if free < rec {
+        let need = rec + RECORD_HEADER_LEN;
+        let free = self.free(need)?;
+        if free < need {
             self.publish();
-            return Ok(Err((rec, free)));
+            return Ok(Err((need, free)));
         }
         Ok(Ok(off))
     }
@@ -505,7 +529,7 @@ impl Producer {
         loop {
             let need = match self.prepare(len)? {
                 Ok(off) => return Ok(self.loan(off, len, tag)),
-                Err((needed, _)) => needed,
+                Err((needed, _)) => needed.min(self.mem.cap),
             };
             let strategy = self.strategy;
             let mem = &self.mem;
@@ -544,8 +568,14 @@ impl Producer {
     #[inline]
     pub fn publish(&mut self) {
         if self.tail != self.published {
-            // SYNC: Release pairs with the Acquire load of `tail` in
-            // `Consumer::available`: the records' bytes happen-before.
+            if let Some((off, word)) = self.deferred.take() {
+                // SYNC: Release pairs with the Acquire load of the header in
+                // `Consumer::next_record`: every record of the batch, and the
+                // zeroed slot after the last, happen-before.
+                self.mem.write_header(off, word, Ordering::Release);
+            }
+            // The tail is for the producer's own bookkeeping and for
+            // diagnostics; the consumer discovers records by their headers.
             self.mem.ctl().tail.0.store(self.tail, Ordering::Release);
             self.published = self.tail;
             self.mem.ctl().data_words().notify();
@@ -669,10 +699,9 @@ impl<'a> Loan<'a, Init> {
     fn finish(self) -> &'a mut Producer {
         let p = self.producer;
         let word = self.len as u64 | TYPE_MSG << 32 | (self.tag as u64) << 40;
-        p.mem.write_header(self.off, word);
         // The local tail points at this record (padding, if any, is behind it).
         debug_assert_eq!(p.tail & p.mem.mask(), self.off as u64);
-        p.tail = p.tail.wrapping_add(record_len(self.len) as u64);
+        p.stage_header(self.off, record_len(self.len), word);
         p
     }
 }
@@ -684,8 +713,6 @@ pub struct Consumer {
     head: u64,
     /// Last value stored to the shared head.
     published: u64,
-    /// Last observed producer tail.
-    tail_cache: u64,
     strategy: WaitStrategy,
     error: Option<RingError>,
 }
@@ -721,7 +748,6 @@ impl Consumer {
             mem,
             head: 0,
             published: 0,
-            tail_cache: 0,
             strategy,
             error: None,
         }
@@ -743,43 +769,39 @@ impl Consumer {
         e
     }
 
-    /// Bytes published and not yet consumed, refreshing the shared tail only
-    /// when the cached one is used up.
-    #[inline]
-    fn available(&mut self) -> Result<u64, RingError> {
-        let avail = self.tail_cache.wrapping_sub(self.head);
-        if avail != 0 {
-            return Ok(avail);
-        }
-        // SYNC: Acquire pairs with the Release store of `tail` in
-        // `Producer::publish`: the records' bytes are visible.
-        let tail = self.mem.ctl().tail.0.load(Ordering::Acquire);
-        let avail = tail.wrapping_sub(self.head);
-        if avail > self.mem.cap as u64 || tail % 8 != 0 {
-            return Err(self.fail("producer tail", tail));
-        }
-        self.tail_cache = tail;
-        Ok(avail)
-    }
-
     /// Parses the next record without consuming it; skips padding.
+    ///
+    /// Records are discovered by their headers: the producer zeroes the
+    /// header slot after every record before publishing it, so a zero word
+    /// at `head` means "nothing yet", and a non-zero one (read with Acquire)
+    /// is a complete record. Nothing here trusts the producer beyond bounds:
+    /// every record must lie inside the ring, and the consumer never gets
+    /// more than a ring's worth ahead of what it has released, so a
+    /// malicious producer can make it read garbage but never out of bounds
+    /// or forever.
     fn next_record(&mut self) -> Result<Option<Rec>, RingError> {
         if let Some(e) = &self.error {
             return Err(e.clone());
         }
+        let cap = self.mem.cap;
         loop {
-            let mut avail = self.available()?;
-            if avail == 0 {
+            let off = (self.head & self.mem.mask()) as usize;
+            // SYNC: Acquire pairs with the Release store of the header in
+            // `Producer::publish`: the record's bytes (and everything staged
+            // with it) are visible.
+            let mut word = self.mem.read_header(off, Ordering::Acquire);
+            if word == 0 {
                 // SYNC: Acquire pairs with the Release `fetch_or` in
-                // `Producer::close`; re-read the tail after it, so records
-                // committed before the close are never lost.
+                // `Producer::close` (which publishes first); re-read the
+                // header after it, so records committed before the close are
+                // never lost.
                 let closed = self.mem.ctl().wake.0.closed.load(Ordering::Acquire);
                 let gone = self.mem.local.peer_gone.load(Ordering::Acquire);
                 if closed & PRODUCER_CLOSED == 0 && !gone {
                     return Ok(None);
                 }
-                avail = self.available()?;
-                if avail == 0 {
+                word = self.mem.read_header(off, Ordering::Acquire);
+                if word == 0 {
                     return Err(if closed & PRODUCER_CLOSED != 0 {
                         RingError::Closed
                     } else {
@@ -787,9 +809,6 @@ impl Consumer {
                     });
                 }
             }
-            let cap = self.mem.cap;
-            let off = (self.head & self.mem.mask()) as usize;
-            let word = self.mem.read_header(off);
             let len = (word & 0xffff_ffff) as usize;
             let typ = (word >> 32) & 0xff;
             let tag = ((word >> 40) & 0xff) as u8;
@@ -801,20 +820,21 @@ impl Consumer {
                 return Err(self.fail("record length", len as u64));
             }
             let rec = record_len(len);
-            if rec as u64 > avail {
-                return Err(self.fail("record length", len as u64));
+            let ahead = self.head.wrapping_sub(self.published) as usize;
+            if ahead + rec > cap {
+                return Err(self.fail("record beyond the producer's reach", self.head));
             }
             match typ {
                 TYPE_MSG => {
                     self.mem.track_read(off + RECORD_HEADER_LEN, len);
                     return Ok(Some(Rec { off, len, tag }));
                 }
-                TYPE_PAD => {
-                    if rec != room {
-                        return Err(self.fail("padding length", len as u64));
-                    }
+                // Padding runs exactly to the end, and never from offset 0
+                // (any record fits there).
+                TYPE_PAD if rec == room && off != 0 => {
                     self.head = self.head.wrapping_add(rec as u64);
                 }
+                TYPE_PAD => return Err(self.fail("padding length", len as u64)),
                 _ => return Err(self.fail("record type", typ)),
             }
         }
@@ -823,12 +843,19 @@ impl Consumer {
     /// Lends out the next record without waiting, or `None` if the ring is
     /// empty. Errors once the ring is drained and closed, or corrupt.
     pub fn try_recv(&mut self) -> Result<Option<Received<'_>>, RingError> {
-        Ok(self.next_record()?.map(|r| Received {
-            consumer: self,
-            off: r.off,
-            len: r.len,
-            tag: r.tag,
-        }))
+        match self.next_record()? {
+            Some(r) => Ok(Some(Received {
+                consumer: self,
+                off: r.off,
+                len: r.len,
+                tag: r.tag,
+            })),
+            None => {
+                // Padding may have been skipped: hand its space back.
+                self.release_published();
+                Ok(None)
+            }
+        }
     }
 
     /// Waits (per the wait strategy) until a record arrives or `deadline`
@@ -867,12 +894,13 @@ impl Consumer {
     /// Waits until a record or an ending condition is visible.
     fn wait_readable(&mut self, deadline: Option<Instant>) -> Result<(), RecvError> {
         let strategy = self.strategy;
-        let head = self.head;
+        let off = (self.head & self.mem.mask()) as usize;
         let mem = &self.mem;
         let ctl = mem.ctl();
         let waited = wait::wait_until(strategy, &ctl.data_words(), deadline, || {
-            // SYNC: Acquire pairs with the producer's Release of `tail`.
-            ctl.tail.0.load(Ordering::Acquire) != head
+            // SYNC: Acquire pairs with the producer's Release of the header
+            // in `Producer::publish`.
+            mem.read_header(off, Ordering::Acquire) != 0
                 || ctl.wake.0.closed.load(Ordering::Acquire) & PRODUCER_CLOSED != 0
                 || mem.local.peer_gone.load(Ordering::Acquire)
         });
@@ -1132,6 +1160,8 @@ pub fn pair(capacity: usize) -> Result<(Producer, Consumer), PairError> {
             .map(|_| loom::cell::UnsafeCell::new(()))
             .collect(),
     );
+    let shadow: Arc<Vec<AtomicU64>> =
+        Arc::new((0..capacity / 8).map(|_| AtomicU64::new(0)).collect());
     let local = Arc::new(LocalState::default());
     let mk = |owner: Arc<Heap>| RingMem {
         ctl,
@@ -1139,6 +1169,7 @@ pub fn pair(capacity: usize) -> Result<(Producer, Consumer), PairError> {
         cap: capacity,
         local: local.clone(),
         cells: cells.clone(),
+        shadow: shadow.clone(),
         _owner: owner,
     };
     Ok((
@@ -1175,23 +1206,31 @@ mod tests {
     #[test]
     fn full_and_too_large() {
         let (mut tx, mut rx) = pair(64).unwrap();
-        assert_eq!(tx.max_payload(), 56);
+        // 64 bytes less the header and the zeroed slot after the record.
+        assert_eq!(tx.max_payload(), 48);
         assert!(matches!(
-            tx.reserve(57),
-            Err(ReserveError::TooLarge { len: 57, max: 56 })
+            tx.reserve(49),
+            Err(ReserveError::TooLarge { len: 49, max: 48 })
         ));
-        tx.try_send(&[1; 24]).unwrap(); // 32 bytes
-        tx.try_send(&[2; 24]).unwrap(); // 64 bytes: full
+        tx.try_send(&[1; 24]).unwrap(); // 32 bytes at 0
+        tx.try_send(&[2; 16]).unwrap(); // 24 bytes at 32; 8 left for the zeroed slot
         assert!(matches!(tx.try_send(&[3]), Err(ReserveError::Full { .. })));
         assert_eq!(&*rx.try_recv().unwrap().unwrap(), &[1; 24]);
-        // A 56-byte record needs the whole ring: not yet.
+        // A 48-byte record needs the whole ring: not yet.
         assert!(matches!(
-            tx.try_send(&[4; 56]),
+            tx.try_send(&[4; 48]),
             Err(ReserveError::Full { .. })
         ));
-        assert_eq!(&*rx.try_recv().unwrap().unwrap(), &[2; 24]);
-        tx.try_send(&[4; 56]).unwrap();
-        assert_eq!(&*rx.try_recv().unwrap().unwrap(), &[4; 56]);
+        assert_eq!(&*rx.try_recv().unwrap().unwrap(), &[2; 16]);
+        // Still full: the record must start at offset 0, so the producer
+        // published a padding record, which the consumer skips first.
+        assert!(matches!(
+            tx.try_send(&[4; 48]),
+            Err(ReserveError::Full { .. })
+        ));
+        assert!(rx.try_recv().unwrap().is_none());
+        tx.try_send(&[4; 48]).unwrap();
+        assert_eq!(&*rx.try_recv().unwrap().unwrap(), &[4; 48]);
     }
 
     #[test]
@@ -1317,27 +1356,31 @@ mod tests {
     }
 
     #[test]
-    fn corrupt_tail_is_an_error_not_ub() {
+    fn a_scribbled_tail_does_not_mislead_the_consumer() {
         let (mut tx, mut rx) = pair(256).unwrap();
         tx.try_send(b"ok").unwrap();
         ctl(&rx).tail.0.store(1 << 40, Ordering::Relaxed);
-        rx.tail_cache = rx.head; // force a re-read
-        let e = rx.try_recv().unwrap_err();
-        assert!(
-            matches!(
-                e,
-                RingError::Corrupt {
-                    what: "producer tail",
-                    ..
-                }
-            ),
-            "{e}"
-        );
-        // Sticky.
-        assert!(matches!(
-            rx.try_recv().unwrap_err(),
-            RingError::Corrupt { .. }
-        ));
+        assert_eq!(&*rx.try_recv().unwrap().unwrap(), b"ok");
+        assert!(rx.try_recv().unwrap().is_none());
+    }
+
+    #[test]
+    fn a_chain_of_fake_records_cannot_run_the_consumer_forever() {
+        let (mut tx, mut rx) = pair(256).unwrap();
+        tx.try_send(&[0; 0]).unwrap();
+        // Fill the whole ring with valid-looking headers, never zero.
+        for off in (0..256).step_by(8) {
+            rx.mem.write_header(off, TYPE_MSG << 32, Ordering::Relaxed);
+        }
+        let mut n = 0;
+        let e = loop {
+            match rx.recv_batch(usize::MAX, |_, _| n += 1) {
+                Ok(_) => {}
+                Err(e) => break e,
+            }
+            assert!(n < 10_000, "the consumer kept reading fake records");
+        };
+        assert!(matches!(e, RingError::Corrupt { .. }), "{e}");
     }
 
     #[test]
@@ -1345,14 +1388,14 @@ mod tests {
         for bad in [
             u64::MAX,
             300 | TYPE_MSG << 32,         // longer than the ring
-            8 | TYPE_MSG << 32,           // longer than published
+            TYPE_PAD << 32,               // padding from offset 0
             9 << 32,                      // unknown type
             16 | TYPE_PAD << 32,          // padding that does not reach the end
             1 | TYPE_MSG << 32 | 1 << 50, // reserved bits set
         ] {
             let (mut tx, mut rx) = pair(256).unwrap();
             tx.try_send(&[0; 0]).unwrap();
-            rx.mem.write_header(0, bad);
+            rx.mem.write_header(0, bad, Ordering::Relaxed);
             let e = rx.try_recv().unwrap_err();
             assert!(matches!(e, RingError::Corrupt { .. }), "{bad:#x}: {e}");
         }
@@ -1361,7 +1404,7 @@ mod tests {
     #[test]
     fn corrupt_head_is_an_error_for_the_producer() {
         let (mut tx, rx) = pair(64).unwrap();
-        tx.try_send(&[0; 56]).unwrap();
+        tx.try_send(&[0; 48]).unwrap();
         ctl(&rx).head.0.store(999_999, Ordering::Relaxed);
         let e = tx.try_send(b"x").unwrap_err();
         assert!(
