@@ -4,9 +4,15 @@
 //! `tag: u8`, two zero bytes) followed by `len` payload bytes and padding to
 //! the next multiple of 8. A record never wraps: when it does not fit before
 //! the end of the buffer, a padding record fills the rest and the record
-//! starts again at offset 0. Head (consumer) and tail (producer) are
-//! monotonic 64-bit byte positions on separate cache lines; each side caches
-//! the other's index and re-reads it only when it has to.
+//! starts again at offset 0.
+//!
+//! The consumer discovers records by their headers, so a message crosses
+//! between cores as its own cache lines and nothing else: before publishing
+//! a record, the producer zeroes the header slot that follows it, then
+//! stores the record's header with Release; a zero header means "nothing
+//! yet". The consumer's head (a monotonic byte position on a cache line of
+//! its own) tells the producer which space is free; the producer re-reads it
+//! only when its cached copy says the ring is full.
 //!
 //! Sending is zero-copy by default: [`Producer::reserve`] lends out the bytes
 //! of the next record in place ([`Loan<Uninit>`](Loan)); once written
