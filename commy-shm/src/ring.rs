@@ -1389,6 +1389,41 @@ mod tests {
         assert!(matches!(e, RingError::Corrupt { .. }), "{e}");
     }
 
+    /// CPU time (user + system, in clock ticks) a thread of this process has used.
+    fn thread_cpu_ticks(tid: i32) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+        // Fields after the command name (which is in parentheses).
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    }
+
+    #[test]
+    fn an_idle_waiter_uses_no_cpu() {
+        let (mut tx, mut rx) = pair(1024).unwrap();
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            tid_tx
+                .send(rustix::thread::gettid().as_raw_nonzero().get())
+                .unwrap();
+            rx.recv(None).map(|m| m.to_vec())
+        });
+        let tid = tid_rx.recv().unwrap();
+        // Past the spin and yield phases (150 us by default), it sleeps.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let before = thread_cpu_ticks(tid);
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let used = thread_cpu_ticks(tid) - before;
+        // Clock ticks are 10 ms: a spinning waiter would show ~50.
+        assert!(
+            used <= 2,
+            "the waiting thread used {used} ticks of CPU in 500 ms"
+        );
+        tx.try_send(b"bye").unwrap();
+        assert_eq!(t.join().unwrap().unwrap(), b"bye");
+    }
+
     #[test]
     fn corrupt_record_headers_are_errors() {
         for bad in [

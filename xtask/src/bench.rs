@@ -342,6 +342,22 @@ pub(crate) fn render(report: &Report, machine: &Machine, date: &str) -> String {
         }
         w("\n".into());
     }
+    let targets = check_targets(report);
+    if !targets.is_empty() {
+        w("## Targets\n\n".into());
+        w("Performance goals from the issues, checked against this run's medians.\n\n".into());
+        w("| goal | measured | target | met |\n|---|---:|---:|---|\n".into());
+        for t in targets {
+            w(format!(
+                "| {} | {} | {} | {} |\n",
+                t.goal,
+                t.measured,
+                t.target,
+                if t.met { "yes" } else { "**no**" }
+            ));
+        }
+        w("\n".into());
+    }
     w(
         "Reproduce with `cargo xtask bench` (about the harness and how to add a scenario: \
        [benches/README.md](../benches/README.md)).\n"
@@ -350,9 +366,165 @@ pub(crate) fn render(report: &Report, machine: &Machine, date: &str) -> String {
     md
 }
 
+/// A performance goal, stated on scenario names of the harness.
+enum Goal {
+    /// `a`'s p50 round trip at most `max` times `b`'s.
+    RoundTripRatio {
+        a: &'static str,
+        b: &'static str,
+        max: f64,
+    },
+    /// At least `min` messages per second.
+    MinMsgs { scenario: &'static str, min: f64 },
+    /// At least `min` GB/s.
+    MinGbps { scenario: &'static str, min: f64 },
+}
+
+/// The goals of the issues; rows whose scenarios did not run are skipped.
+const GOALS: &[(&str, Goal)] = &[
+    (
+        "shm busy-poll round trip (64 B) vs the spin floor",
+        Goal::RoundTripRatio {
+            a: "shm/rt-busy/64B",
+            b: "spin-floor/rt-busy/8B",
+            max: 2.0,
+        },
+    ),
+    (
+        "shm default-wait vs busy-poll round trip (64 B)",
+        Goal::RoundTripRatio {
+            a: "shm/rt-default/64B",
+            b: "shm/rt-busy/64B",
+            max: 3.0,
+        },
+    ),
+    (
+        "shm default-wait vs busy-poll round trip (1 KiB)",
+        Goal::RoundTripRatio {
+            a: "shm/rt-default/1KiB",
+            b: "shm/rt-busy/1KiB",
+            max: 3.0,
+        },
+    ),
+    (
+        "shm default-wait vs busy-poll round trip (64 KiB)",
+        Goal::RoundTripRatio {
+            a: "shm/rt-default/64KiB",
+            b: "shm/rt-busy/64KiB",
+            max: 3.0,
+        },
+    ),
+    (
+        "shm one-way throughput, 64 B, batched",
+        Goal::MinMsgs {
+            scenario: "shm/tp-busy/64B-b32",
+            min: 20e6,
+        },
+    ),
+    (
+        "shm one-way throughput, 64 KiB",
+        Goal::MinGbps {
+            scenario: "shm/tp-busy/64KiB-b32",
+            min: 5.0,
+        },
+    ),
+];
+
+/// One goal checked against a run.
+struct Checked {
+    goal: &'static str,
+    measured: String,
+    target: String,
+    met: bool,
+}
+
+fn check_targets(report: &Report) -> Vec<Checked> {
+    let row = |name: &str| report.results.iter().find(|r| r.name == name);
+    let p50 = |name: &str| match row(name)?.stats {
+        Stats::RoundTrip { p50_ns, .. } => Some(p50_ns),
+        Stats::Throughput { .. } => None,
+    };
+    let tp = |name: &str| match row(name)?.stats {
+        Stats::Throughput {
+            msgs_per_s,
+            gb_per_s,
+        } => Some((msgs_per_s, gb_per_s)),
+        Stats::RoundTrip { .. } => None,
+    };
+    GOALS
+        .iter()
+        .filter_map(|(goal, g)| {
+            let (measured, target, met) = match *g {
+                Goal::RoundTripRatio { a, b, max } => {
+                    let r = p50(a)? / p50(b)?;
+                    (format!("{r:.2}×"), format!("≤ {max:.1}×"), r <= max)
+                }
+                Goal::MinMsgs { scenario, min } => {
+                    let (m, _) = tp(scenario)?;
+                    (
+                        format!("{} msgs/s", fmt_rate(m)),
+                        format!("≥ {} msgs/s", fmt_rate(min)),
+                        m >= min,
+                    )
+                }
+                Goal::MinGbps { scenario, min } => {
+                    let (_, g) = tp(scenario)?;
+                    (format!("{g:.2} GB/s"), format!("≥ {min:.1} GB/s"), g >= min)
+                }
+            };
+            Some(Checked {
+                goal,
+                measured,
+                target,
+                met,
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn targets_are_checked_against_the_run() {
+        let json = r#"{
+          "schema": 1, "quick": false, "runs": 5, "filters": [], "pinning": null,
+          "timer_overhead_ns": 20.0,
+          "results": [
+            {"name": "spin-floor/rt-busy/8B", "transport": "spin-floor", "size": 8, "wait": "busy",
+             "iterations": 10, "warmup": 1, "batch": 1, "kind": "round_trip",
+             "p50_ns": 100.0, "p99_ns": 1.0, "p999_ns": 1.0, "vs_uds": null, "vs_floor": 1.0},
+            {"name": "shm/rt-busy/64B", "transport": "shm", "size": 64, "wait": "busy",
+             "iterations": 10, "warmup": 1, "batch": 1, "kind": "round_trip",
+             "p50_ns": 250.0, "p99_ns": 1.0, "p999_ns": 1.0, "vs_uds": null, "vs_floor": 2.5},
+            {"name": "shm/rt-default/64B", "transport": "shm", "size": 64, "wait": "default",
+             "iterations": 10, "warmup": 1, "batch": 1, "kind": "round_trip",
+             "p50_ns": 500.0, "p99_ns": 1.0, "p999_ns": 1.0, "vs_uds": null, "vs_floor": 5.0},
+            {"name": "shm/tp-busy/64B-b32", "transport": "shm", "size": 64, "wait": "busy",
+             "iterations": 10, "warmup": 1, "batch": 32, "kind": "throughput",
+             "msgs_per_s": 30e6, "gb_per_s": 1.9, "vs_uds": null, "vs_floor": null}
+          ]
+        }"#;
+        let report: Report = serde_json::from_str(json).unwrap();
+        let checked = check_targets(&report);
+        // Goals whose scenarios did not run are left out.
+        assert_eq!(checked.len(), 3);
+        assert!(!checked[0].met, "2.5x the floor misses the 2x goal");
+        assert_eq!(checked[0].measured, "2.50×");
+        assert!(checked[1].met, "default at 2x busy meets the 3x goal");
+        assert!(checked[2].met);
+        let machine = Machine {
+            cpu: "Test CPU".into(),
+            cores: 2,
+            virtualized: false,
+            memory: "1.0 GiB".into(),
+            kernel: "6.1.0".into(),
+            rustc: "rustc 1.95.0".into(),
+        };
+        let md = render(&report, &machine, "today");
+        assert!(md.contains("## Targets") && md.contains("**no**"), "{md}");
+    }
 
     const SAMPLE: &str = r#"{
       "schema": 1, "quick": true, "runs": 3, "filters": [],
