@@ -1,0 +1,1 @@
+//! Local discovery: instances announce themselves in the runtime dir.
