@@ -6,3 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod discovery;
+
+pub use discovery::{
+    DiscoveryError, HOST_ID_ENV, Instance, InstanceWatch, LocalRegistry, host_id,
+};
