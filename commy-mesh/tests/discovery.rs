@@ -375,7 +375,8 @@ async fn watch_sees_an_instance_appear_and_leave_cleanly() {
     );
 }
 
-#[tokio::test]
+// Multi-threaded, so the watch is also exercised on that scheduler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_sees_a_killed_instance_vanish_and_removes_its_socket() {
     let rt = TempRuntime::new("kill");
     let registry = rt.registry("default");
