@@ -1,0 +1,605 @@
+//! The mesh handle: open it, serve named services, call them.
+//!
+//! ```
+//! use commy_mesh::{Config, Mesh, Request, Response, Status};
+//!
+//! # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let dir = std::env::temp_dir().join(format!("commy-mesh-doc-{}", std::process::id()));
+//! # std::fs::create_dir_all(&dir)?;
+//! # std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+//! let mesh = Mesh::builder().runtime_dir(&dir).open().await?;
+//! let _echo = mesh
+//!     .serve("echo", |req: Request| async move { Ok::<_, Status>(Response::new(req.into_payload())) })
+//!     .await?;
+//! let reply = mesh.call("echo", b"hi".to_vec()).await?;
+//! assert_eq!(&reply[..], b"hi");
+//! let missing = mesh.call("nobody", b"hi".to_vec()).await.unwrap_err();
+//! assert_eq!(missing.code(), commy_mesh::Code::NotFound);
+//! mesh.close().await;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use commy_core::{Deadline, InstanceId, Limits, MeshName, Metadata, ServiceName, Status};
+use commy_shm::{LinkConfig, RuntimeDir, ShmLink, UdsListener};
+
+use crate::conn::{self, ClientConn, ServeCtx};
+use crate::discovery::{Instance, LocalRegistry};
+use crate::service::{self, Request, Response};
+
+/// Settings of a mesh handle. `Config::default()` is the embedded default:
+/// mesh `default`, local discovery in the runtime dir, nothing to write first.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Config {
+    /// The mesh's name: processes only see services of the same mesh.
+    pub mesh: MeshName,
+    /// Where sockets live; `None` = `$COMMY_RUNTIME_DIR`, else
+    /// `$XDG_RUNTIME_DIR/commy`, else `/tmp/commy-<uid>`.
+    pub runtime_dir: Option<PathBuf>,
+    /// Shared-memory link settings.
+    pub link: LinkConfig,
+    /// Frame limits enforced on everything received.
+    pub limits: Limits,
+    /// Requests one service instance handles at once; more wait in line.
+    pub max_concurrency: usize,
+    /// Timeout of calls that set none.
+    pub default_timeout: Option<Duration>,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            mesh: MeshName::default(),
+            runtime_dir: None,
+            link: LinkConfig::default(),
+            limits: Limits::DEFAULT,
+            max_concurrency: 1024,
+            default_timeout: Some(Duration::from_secs(30)),
+        }
+    }
+}
+
+/// Builds a [`Mesh`] with options.
+#[derive(Debug, Clone, Default)]
+pub struct MeshBuilder {
+    config: Config,
+    error: Option<String>,
+}
+
+impl MeshBuilder {
+    /// Joins the mesh named `name` instead of `default`.
+    pub fn mesh(mut self, name: &str) -> MeshBuilder {
+        match MeshName::new(name) {
+            Ok(n) => self.config.mesh = n,
+            Err(e) => self.error = Some(format!("invalid mesh name {name:?}: {e}")),
+        }
+        self
+    }
+
+    /// Uses `dir` as the runtime dir (must be private: mode 0700, ours).
+    pub fn runtime_dir(mut self, dir: impl AsRef<Path>) -> MeshBuilder {
+        self.config.runtime_dir = Some(dir.as_ref().to_owned());
+        self
+    }
+
+    /// Sets the shared-memory link settings.
+    pub fn link(mut self, link: LinkConfig) -> MeshBuilder {
+        self.config.link = link;
+        self
+    }
+
+    /// Sets how many requests one instance handles at once.
+    pub fn max_concurrency(mut self, n: usize) -> MeshBuilder {
+        self.config.max_concurrency = n.max(1);
+        self
+    }
+
+    /// Sets the timeout of calls that set none (`None`: wait forever).
+    pub fn default_timeout(mut self, t: Option<Duration>) -> MeshBuilder {
+        self.config.default_timeout = t;
+        self
+    }
+
+    /// Opens the mesh.
+    pub async fn open(self) -> Result<Mesh, OpenError> {
+        if let Some(e) = self.error {
+            return Err(OpenError::Config(e));
+        }
+        Mesh::open(self.config).await
+    }
+}
+
+/// Errors from [`Mesh::open`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// The configuration is unusable.
+    #[error("invalid mesh configuration: {0}")]
+    Config(String),
+    /// The runtime dir cannot be used.
+    #[error(transparent)]
+    RuntimeDir(#[from] commy_shm::RuntimeDirError),
+    /// Local discovery cannot start.
+    #[error(transparent)]
+    Discovery(#[from] crate::discovery::DiscoveryError),
+    /// Not called from inside a tokio runtime.
+    #[error("Mesh::open must be called from within a tokio runtime")]
+    NoRuntime,
+}
+
+/// Options of one call.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct CallOptions {
+    /// Give up after this long (overrides the mesh's default timeout).
+    pub timeout: Option<Duration>,
+    /// An absolute deadline (the earlier of this and `timeout` applies).
+    pub deadline: Option<Deadline>,
+    /// Metadata sent with the request.
+    pub metadata: Metadata,
+}
+
+impl CallOptions {
+    /// Sets the timeout.
+    pub fn timeout(mut self, t: Duration) -> CallOptions {
+        self.timeout = Some(t);
+        self
+    }
+
+    /// Sets the metadata.
+    pub fn metadata(mut self, m: Metadata) -> CallOptions {
+        self.metadata = m;
+        self
+    }
+}
+
+/// A handle on the mesh. Cheap to clone; all clones share connections.
+#[derive(Clone)]
+pub struct Mesh {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Mesh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mesh")
+            .field("mesh", &self.inner.config.mesh)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    config: Config,
+    registry: LocalRegistry,
+    runtime: tokio::runtime::Handle,
+    pools: Mutex<HashMap<ServiceName, Arc<Pool>>>,
+    closed: AtomicBool,
+    /// Services served through this handle, to drain on close.
+    served: Mutex<Vec<Arc<Served>>>,
+}
+
+/// The client side of one service: its instances and our links to them.
+struct Pool {
+    service: ServiceName,
+    instances: Mutex<Vec<Instance>>,
+    conns: Mutex<HashMap<InstanceId, Arc<ClientConn>>>,
+    /// Serialises connection attempts per instance.
+    connecting: tokio::sync::Mutex<()>,
+    rng: AtomicUsize,
+}
+
+impl Mesh {
+    /// Opens the mesh with `config` (use `Config::default()` for the
+    /// embedded default). Must run inside a tokio runtime.
+    pub async fn open(config: Config) -> Result<Mesh, OpenError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| OpenError::NoRuntime)?;
+        let dir = match &config.runtime_dir {
+            Some(d) => RuntimeDir::at(d)?,
+            None => RuntimeDir::resolve()?,
+        };
+        let registry = LocalRegistry::new(dir, &config.mesh)?;
+        Ok(Mesh {
+            inner: Arc::new(Inner {
+                config,
+                registry,
+                runtime,
+                pools: Mutex::new(HashMap::new()),
+                closed: AtomicBool::new(false),
+                served: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// Options for [`Mesh::open`].
+    pub fn builder() -> MeshBuilder {
+        MeshBuilder::default()
+    }
+
+    /// The mesh's name.
+    pub fn name(&self) -> &MeshName {
+        &self.inner.config.mesh
+    }
+
+    /// Serves `name` with `handler` until the returned handle is dropped.
+    pub async fn serve<F, Fut>(&self, name: &str, handler: F) -> Result<ServiceHandle, Status>
+    where
+        F: Fn(Request) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Response, Status>> + Send + 'static,
+    {
+        self.check_open()?;
+        let service = service_name(name)?;
+        let id = InstanceId::random();
+        let path = self
+            .inner
+            .registry
+            .socket_path(&service, id)
+            .map_err(|e| Status::unavailable(format!("cannot announce {service}: {e}")))?;
+        let listener = UdsListener::bind(&path)
+            .map_err(|e| Status::unavailable(format!("cannot listen for {service}: {e}")))?;
+        let ctx = Arc::new(ServeCtx {
+            handler: service::erase(handler),
+            limits: self.inner.config.limits,
+            runtime: self.inner.runtime.clone(),
+            permits: Arc::new(tokio::sync::Semaphore::new(
+                self.inner.config.max_concurrency,
+            )),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            drained: Arc::new(tokio::sync::Notify::new()),
+            service: service.clone(),
+        });
+        let served = Arc::new(Served {
+            service,
+            id,
+            path,
+            stop: Arc::new(AtomicBool::new(false)),
+            ctx: ctx.clone(),
+        });
+        let stop = served.stop.clone();
+        std::thread::Builder::new()
+            .name(format!("commy-accept-{}", served.service))
+            .spawn({
+                let link = self.inner.config.link.clone();
+                move || accept_loop(listener, link, ctx, stop)
+            })
+            .map_err(|e| Status::internal(format!("cannot start the accept thread: {e}")))?;
+        if let Ok(mut s) = self.inner.served.lock() {
+            s.push(served.clone());
+        }
+        Ok(ServiceHandle { served })
+    }
+
+    /// Calls `name` with `payload` and the mesh's default timeout.
+    pub async fn call(&self, name: &str, payload: impl Into<Bytes>) -> Result<Bytes, Status> {
+        Ok(self
+            .call_with(name, payload, CallOptions::default())
+            .await?
+            .into_payload())
+    }
+
+    /// Calls `name` with options; returns the whole response (payload and metadata).
+    pub async fn call_with(
+        &self,
+        name: &str,
+        payload: impl Into<Bytes>,
+        options: CallOptions,
+    ) -> Result<Response, Status> {
+        self.check_open()?;
+        let service = service_name(name)?;
+        let payload = payload.into();
+        let timeout = options.timeout.or(self.inner.config.default_timeout);
+        let deadline = match (timeout.map(Deadline::after), options.deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let pool = self.pool(&service);
+        let conn = self.pick(&pool).await?;
+        conn.call(&payload, &options.metadata, deadline).await
+    }
+
+    /// Calls `name` with a serde value encoded by postcard, decoding the reply.
+    pub async fn call_typed<Req, Resp>(&self, name: &str, request: &Req) -> Result<Resp, Status>
+    where
+        Req: serde::Serialize,
+        Resp: serde::de::DeserializeOwned,
+    {
+        let body = postcard::to_allocvec(request)
+            .map_err(|e| Status::invalid_argument(format!("cannot encode the request: {e}")))?;
+        let reply = self.call(name, body).await?;
+        postcard::from_bytes(&reply)
+            .map_err(|e| Status::internal(format!("cannot decode the response: {e}")))
+    }
+
+    /// Sends a one-way message to one instance of `name` (no response).
+    pub async fn send(&self, name: &str, payload: impl Into<Bytes>) -> Result<(), Status> {
+        self.check_open()?;
+        let service = service_name(name)?;
+        let pool = self.pool(&service);
+        let conn = self.pick(&pool).await?;
+        conn.send_oneway(&payload.into(), &Metadata::default())
+    }
+
+    /// Closes the handle: stops serving (deregisters every service, then
+    /// waits for in-flight requests to finish) and drops client links.
+    pub async fn close(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+        let served: Vec<_> = self
+            .inner
+            .served
+            .lock()
+            .map(|mut s| s.drain(..).collect())
+            .unwrap_or_default();
+        for s in served {
+            s.deregister();
+            s.drain().await;
+        }
+        if let Ok(mut p) = self.inner.pools.lock() {
+            p.clear();
+        }
+    }
+
+    fn check_open(&self) -> Result<(), Status> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            Err(Status::failed_precondition("the mesh handle is closed"))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn pool(&self, service: &ServiceName) -> Arc<Pool> {
+        let mut pools = match self.inner.pools.lock() {
+            Ok(p) => p,
+            Err(p) => p.into_inner(),
+        };
+        pools
+            .entry(service.clone())
+            .or_insert_with(|| {
+                let pool = Arc::new(Pool {
+                    service: service.clone(),
+                    instances: Mutex::new(Vec::new()),
+                    conns: Mutex::new(HashMap::new()),
+                    connecting: tokio::sync::Mutex::new(()),
+                    rng: AtomicUsize::new(0x9E37_79B9),
+                });
+                spawn_watch(&self.inner, &pool);
+                pool
+            })
+            .clone()
+    }
+
+    /// Picks an instance (least loaded of two random choices) and returns a
+    /// live link to it, connecting if needed.
+    async fn pick(&self, pool: &Arc<Pool>) -> Result<Arc<ClientConn>, Status> {
+        let mut instances = lock(&pool.instances).clone();
+        if instances.is_empty() {
+            // The watch may not have delivered its first snapshot yet.
+            instances = self.inner.registry.instances(&pool.service).map_err(|e| {
+                Status::unavailable(format!("cannot list instances of {}: {e}", pool.service))
+            })?;
+            *lock(&pool.instances) = instances.clone();
+        }
+        let mut tried = 0;
+        while !instances.is_empty() {
+            let idx = choose(pool, &instances);
+            let inst = instances.swap_remove(idx);
+            tried += 1;
+            match self.connect(pool, &inst).await {
+                Ok(c) => return Ok(c),
+                Err(e) => {
+                    tracing::debug!("instance {} of {} unusable: {e}", inst.id, pool.service);
+                    lock(&pool.instances).retain(|i| i.id != inst.id);
+                }
+            }
+        }
+        if tried == 0 {
+            Err(Status::not_found(format!(
+                "no instance of service '{}' in mesh '{}'",
+                pool.service, self.inner.config.mesh
+            )))
+        } else {
+            Err(Status::unavailable(format!(
+                "no reachable instance of service '{}' ({tried} tried)",
+                pool.service
+            )))
+        }
+    }
+
+    async fn connect(&self, pool: &Arc<Pool>, inst: &Instance) -> Result<Arc<ClientConn>, Status> {
+        if let Some(c) = lock(&pool.conns).get(&inst.id) {
+            if c.is_alive() {
+                return Ok(c.clone());
+            }
+        }
+        let _one_at_a_time = pool.connecting.lock().await;
+        if let Some(c) = lock(&pool.conns).get(&inst.id) {
+            if c.is_alive() {
+                return Ok(c.clone());
+            }
+        }
+        let commy_core::Endpoint::Shm(addr) = &inst.endpoint else {
+            return Err(Status::unavailable(
+                "only shared-memory endpoints are supported",
+            ));
+        };
+        let path = addr.to_path_buf();
+        let link_config = self.inner.config.link.clone();
+        let link = tokio::task::spawn_blocking(move || ShmLink::connect(path, link_config))
+            .await
+            .map_err(|e| Status::internal(format!("connect task failed: {e}")))?
+            .map_err(|e| Status::unavailable(format!("cannot connect to {}: {e}", inst.id)))?;
+        let conn = ClientConn::start(inst.id, link, self.inner.config.limits);
+        lock(&pool.conns).insert(inst.id, conn.clone());
+        Ok(conn)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// Least loaded of two random choices (by calls in flight on our links).
+fn choose(pool: &Pool, instances: &[Instance]) -> usize {
+    let n = instances.len();
+    if n == 1 {
+        return 0;
+    }
+    let r = pool.rng.fetch_add(0x9E37_79B9, Ordering::Relaxed);
+    let x = r.wrapping_mul(0x2545_F491_4F6C_DD1D_u64 as usize) >> 7;
+    let a = x % n;
+    let b = (a + 1 + (x / n) % (n - 1)) % n;
+    let conns = lock(&pool.conns);
+    let load = |i: usize| {
+        conns
+            .get(&instances[i].id)
+            .map(|c| c.in_flight.load(Ordering::Relaxed))
+            .unwrap_or(0)
+    };
+    if load(b) < load(a) { b } else { a }
+}
+
+fn service_name(name: &str) -> Result<ServiceName, Status> {
+    ServiceName::new(name)
+        .map_err(|e| Status::invalid_argument(format!("invalid service name {name:?}: {e}")))
+}
+
+/// Keeps `pool.instances` up to date from the local registry's watch, and
+/// drops links to instances that vanished.
+fn spawn_watch(inner: &Arc<Inner>, pool: &Arc<Pool>) {
+    let weak = Arc::downgrade(pool);
+    let watch = inner.registry.watch(&pool.service);
+    let service = pool.service.clone();
+    inner.runtime.spawn(async move {
+        let mut watch = match watch {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!("cannot watch instances of {service}: {e}");
+                return;
+            }
+        };
+        while let Some(set) = watch.changed().await {
+            let Some(pool) = weak.upgrade() else { return };
+            lock(&pool.conns).retain(|id, c| c.is_alive() && set.iter().any(|i| i.id == *id));
+            *lock(&pool.instances) = set;
+        }
+    });
+}
+
+/// A service served by this process.
+struct Served {
+    service: ServiceName,
+    id: InstanceId,
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    ctx: Arc<ServeCtx>,
+}
+
+impl Served {
+    /// Stops accepting: the socket is unlinked now (so discovery sees the
+    /// instance vanish at once) and the accept thread ends.
+    fn deregister(&self) {
+        if !self.stop.swap(true, Ordering::AcqRel) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    /// Waits until no request is being handled.
+    async fn drain(&self) {
+        loop {
+            let notified = self.ctx.drained.notified();
+            if self.ctx.in_flight.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// A running service. Dropping it deregisters the instance (new calls go
+/// elsewhere) and lets in-flight calls finish; [`shutdown`](ServiceHandle::shutdown)
+/// also waits for them.
+#[derive(Clone)]
+pub struct ServiceHandle {
+    served: Arc<Served>,
+}
+
+impl std::fmt::Debug for ServiceHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceHandle")
+            .field("service", &self.served.service)
+            .field("instance", &self.served.id)
+            .finish()
+    }
+}
+
+impl ServiceHandle {
+    /// The instance id announced for this service.
+    pub fn instance_id(&self) -> InstanceId {
+        self.served.id
+    }
+
+    /// The service name.
+    pub fn service(&self) -> &ServiceName {
+        &self.served.service
+    }
+
+    /// The socket path announcing this instance.
+    pub fn socket_path(&self) -> &Path {
+        &self.served.path
+    }
+
+    /// Deregisters, then waits for in-flight requests to finish.
+    pub async fn shutdown(self) {
+        self.served.deregister();
+        self.served.drain().await;
+    }
+}
+
+impl Drop for ServiceHandle {
+    fn drop(&mut self) {
+        // The last clone of the handle deregisters (the mesh keeps its own
+        // reference for `close`).
+        if Arc::strong_count(&self.served) <= 2 {
+            self.served.deregister();
+        }
+    }
+}
+
+/// Accepts links until told to stop; each link is served on its own thread,
+/// the handshake included, so a silent client cannot hold up others.
+fn accept_loop(listener: UdsListener, link: LinkConfig, ctx: Arc<ServeCtx>, stop: Arc<AtomicBool>) {
+    // The tick only bounds how long a stopped service keeps its accept
+    // thread; its socket is unlinked at once by `Served::deregister`.
+    let tick = Duration::from_millis(100);
+    while !stop.load(Ordering::Acquire) {
+        match listener.accept_timeout(tick) {
+            Ok(Some((sock, _peer))) => {
+                let (ctx, link) = (ctx.clone(), link.clone());
+                let spawned = std::thread::Builder::new()
+                    .name(format!("commy-serve-{}", ctx.service))
+                    .spawn(move || match ShmLink::accept_stream(sock, &link) {
+                        Ok(l) => conn::serve_link(l, ctx),
+                        Err(e) => {
+                            tracing::warn!("service {}: refused a connection: {e}", ctx.service)
+                        }
+                    });
+                if let Err(e) = spawned {
+                    tracing::error!("cannot start a link thread: {e}");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!("service {}: accept failed: {e}", ctx.service),
+        }
+    }
+    drop(listener);
+}

@@ -1,0 +1,137 @@
+//! What a service handler sees and returns.
+//!
+//! ```
+//! use commy_mesh::{Request, Response, Status};
+//!
+//! async fn greet(req: Request) -> Result<Response, Status> {
+//!     if req.payload().is_empty() {
+//!         return Err(Status::invalid_argument("say something"));
+//!     }
+//!     let mut reply = b"hello, ".to_vec();
+//!     reply.extend_from_slice(req.payload());
+//!     Ok(reply.into())
+//! }
+//! # let _ = greet;
+//! ```
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use commy_core::{Deadline, Metadata, ServiceName, Status};
+
+/// A request as the handler receives it.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub(crate) service: ServiceName,
+    pub(crate) payload: Bytes,
+    pub(crate) metadata: Metadata,
+    pub(crate) deadline: Option<Deadline>,
+}
+
+impl Request {
+    /// The request body.
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
+    /// Takes the request body.
+    pub fn into_payload(self) -> Bytes {
+        self.payload
+    }
+
+    /// The caller's metadata (auth token, trace context, headers).
+    pub fn metadata(&self) -> &Metadata {
+        &self.metadata
+    }
+
+    /// When the caller stops waiting, if it set a deadline. The handler is
+    /// cancelled (its future dropped) when the deadline passes or the caller
+    /// cancels.
+    pub fn deadline(&self) -> Option<Deadline> {
+        self.deadline
+    }
+
+    /// The service this request was addressed to.
+    pub fn service(&self) -> &ServiceName {
+        &self.service
+    }
+}
+
+/// A handler's answer.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Response {
+    pub(crate) payload: Bytes,
+    pub(crate) metadata: Metadata,
+}
+
+impl Response {
+    /// A response carrying `payload`.
+    pub fn new(payload: impl Into<Bytes>) -> Response {
+        Response {
+            payload: payload.into(),
+            metadata: Metadata::default(),
+        }
+    }
+
+    /// Attaches metadata (headers) to the response.
+    pub fn with_metadata(mut self, metadata: Metadata) -> Response {
+        self.metadata = metadata;
+        self
+    }
+
+    /// The response body.
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
+    /// The response metadata.
+    pub fn metadata(&self) -> &Metadata {
+        &self.metadata
+    }
+
+    /// Takes the response body.
+    pub fn into_payload(self) -> Bytes {
+        self.payload
+    }
+}
+
+impl From<Bytes> for Response {
+    fn from(b: Bytes) -> Response {
+        Response::new(b)
+    }
+}
+
+impl From<Vec<u8>> for Response {
+    fn from(v: Vec<u8>) -> Response {
+        Response::new(v)
+    }
+}
+
+impl From<&'static [u8]> for Response {
+    fn from(s: &'static [u8]) -> Response {
+        Response::new(Bytes::from_static(s))
+    }
+}
+
+impl From<&'static str> for Response {
+    fn from(s: &'static str) -> Response {
+        Response::new(Bytes::from_static(s.as_bytes()))
+    }
+}
+
+/// The future a handler returns, boxed.
+pub(crate) type HandlerFuture = Pin<Box<dyn Future<Output = Result<Response, Status>> + Send>>;
+
+/// A type-erased handler.
+pub(crate) type Handler = Arc<dyn Fn(Request) -> HandlerFuture + Send + Sync>;
+
+/// Erases an async handler function.
+pub(crate) fn erase<F, Fut>(f: F) -> Handler
+where
+    F: Fn(Request) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response, Status>> + Send + 'static,
+{
+    Arc::new(move |req| Box::pin(f(req)))
+}

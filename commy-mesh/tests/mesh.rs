@@ -1,0 +1,322 @@
+//! The local mesh with real processes: the test binary re-executes itself
+//! as servers and clients (role in an environment variable).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use commy_mesh::{CallOptions, Code, Mesh, Request, Response, Status};
+
+const ROLE: &str = "COMMY_MESH_TEST_ROLE";
+const DIR: &str = "COMMY_MESH_TEST_DIR";
+const ARG: &str = "COMMY_MESH_TEST_ARG";
+
+fn role() -> Option<String> {
+    std::env::var(ROLE).ok()
+}
+
+fn private_dir(name: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let d = std::env::temp_dir().join(format!("commy-mesh-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
+    d
+}
+
+fn spawn(role: &str, entry: &str, dir: &Path, arg: &str) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", entry, "--nocapture", "--test-threads=1"])
+        .env(ROLE, role)
+        .env(DIR, dir)
+        .env(ARG, arg)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+async fn open(dir: &Path) -> Mesh {
+    Mesh::builder().runtime_dir(dir).open().await.unwrap()
+}
+
+async fn serve_test_services(mesh: &Mesh) -> Vec<commy_mesh::ServiceHandle> {
+    let echo = mesh
+        .serve("echo", |req: Request| async move {
+            Ok::<_, Status>(Response::new(req.into_payload()))
+        })
+        .await
+        .unwrap();
+    let pid = mesh
+        .serve("pid", |_req: Request| async move {
+            Ok::<_, Status>(Response::new(std::process::id().to_le_bytes().to_vec()))
+        })
+        .await
+        .unwrap();
+    let slow = mesh
+        .serve("slow", |req: Request| async move {
+            let ms = u64::from_le_bytes(req.payload()[..8].try_into().unwrap_or([0; 8]));
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok::<_, Status>(Response::new(req.into_payload()))
+        })
+        .await
+        .unwrap();
+    let fail = mesh
+        .serve("fail", |req: Request| async move {
+            match &req.payload()[..] {
+                b"panic" => panic!("handler panics on purpose"),
+                b"denied" => Err(Status::permission_denied("not for you")),
+                _ => Ok(Response::new(&b"fine"[..])),
+            }
+        })
+        .await
+        .unwrap();
+    vec![echo, pid, slow, fail]
+}
+
+/// Child role: serve the test services until killed.
+#[test]
+fn child_server() {
+    if role().as_deref() != Some("server") {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let dir = PathBuf::from(std::env::var(DIR).unwrap());
+        let mesh = open(&dir).await;
+        let _handles = serve_test_services(&mesh).await;
+        println!("READY");
+        use std::io::Write;
+        std::io::stdout().flush().unwrap();
+        tokio::time::sleep(Duration::from_secs(600)).await;
+    });
+}
+
+/// Child role: make ARG calls to echo, each with a unique payload, and
+/// check every response is exactly its own request.
+#[test]
+fn child_client() {
+    if role().as_deref() != Some("client") {
+        return;
+    }
+    let n: usize = std::env::var(ARG).unwrap().parse().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let dir = PathBuf::from(std::env::var(DIR).unwrap());
+        let mesh = open(&dir).await;
+        let me = std::process::id();
+        let mut tasks = Vec::new();
+        for t in 0..4 {
+            let mesh = mesh.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..n / 4 {
+                    let body = format!("{me}:{t}:{i}").into_bytes();
+                    let reply = mesh.call("echo", body.clone()).await.unwrap();
+                    assert_eq!(&reply[..], &body[..], "a response reached the wrong caller");
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        println!("DONE {n}");
+    });
+}
+
+fn wait_ready(child: &mut Child) {
+    use std::io::BufRead;
+    let out = child.stdout.as_mut().unwrap();
+    let mut line = String::new();
+    let mut reader = std::io::BufReader::new(out);
+    loop {
+        line.clear();
+        assert!(
+            reader.read_line(&mut line).unwrap() > 0,
+            "child exited before READY"
+        );
+        if line.trim_end().ends_with("READY") {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_process_calls_and_statuses() {
+    if role().is_some() {
+        return;
+    }
+    let dir = private_dir("inproc");
+    let mesh = open(&dir).await;
+    let _h = serve_test_services(&mesh).await;
+
+    assert_eq!(&mesh.call("echo", &b"hi"[..]).await.unwrap()[..], b"hi");
+    // Unknown service.
+    let e = mesh.call("nobody", &b"x"[..]).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+    // Invalid name.
+    let e = mesh.call("no spaces", &b"x"[..]).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    // A handler's own error reaches the caller as is.
+    let e = mesh.call("fail", &b"denied"[..]).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert_eq!(e.message(), "not for you");
+    // A panicking handler gives Internal, and the service keeps serving.
+    let e = mesh.call("fail", &b"panic"[..]).await.unwrap_err();
+    assert_eq!(e.code(), Code::Internal, "{e}");
+    assert_eq!(&mesh.call("fail", &b"ok"[..]).await.unwrap()[..], b"fine");
+    // Deadlines propagate: the caller gets DeadlineExceeded.
+    let t = Instant::now();
+    let e = mesh
+        .call_with(
+            "slow",
+            5000u64.to_le_bytes().to_vec(),
+            CallOptions::default().timeout(Duration::from_millis(100)),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e}");
+    assert!(t.elapsed() < Duration::from_secs(4));
+    // Large payloads (fragmented in the ring) round-trip.
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| i as u8).collect();
+    assert_eq!(&mesh.call("echo", big.clone()).await.unwrap()[..], &big[..]);
+    // Typed calls.
+    let reply: Vec<u8> = mesh.call_typed("echo", &vec![1u8, 2, 3]).await.unwrap();
+    assert_eq!(reply, vec![1, 2, 3]);
+    mesh.close().await;
+    let e = mesh.call("echo", &b"x"[..]).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_payload_is_refused_with_resource_exhausted() {
+    if role().is_some() {
+        return;
+    }
+    let dir = private_dir("oversize");
+    let mesh = Mesh::builder()
+        .runtime_dir(&dir)
+        .link(commy_shm::LinkConfig::default().max_message(1 << 20))
+        .open()
+        .await
+        .unwrap();
+    let _h = serve_test_services(&mesh).await;
+    let e = mesh.call("echo", vec![0u8; 2 << 20]).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    assert_eq!(
+        &mesh.call("echo", &b"small"[..]).await.unwrap()[..],
+        b"small"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_server_gives_unavailable_then_recovers_when_restarted() {
+    if role().is_some() {
+        return;
+    }
+    let dir = private_dir("kill");
+    let mut server = spawn("server", "child_server", &dir, "");
+    wait_ready(&mut server);
+    let mesh = open(&dir).await;
+    assert_eq!(
+        &mesh.call("echo", &b"before"[..]).await.unwrap()[..],
+        b"before"
+    );
+
+    // A call in flight when the server dies.
+    let in_flight = {
+        let mesh = mesh.clone();
+        tokio::spawn(async move {
+            let t = Instant::now();
+            let r = mesh.call("slow", 10_000u64.to_le_bytes().to_vec()).await;
+            (r, t.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let (r, took) = in_flight.await.unwrap();
+    assert_eq!(r.unwrap_err().code(), Code::Unavailable);
+    assert!(took < Duration::from_secs(5), "noticed only after {took:?}");
+
+    // Nobody serves now.
+    let e = mesh.call("echo", &b"x"[..]).await.unwrap_err();
+    assert!(
+        matches!(e.code(), Code::NotFound | Code::Unavailable),
+        "{e}"
+    );
+
+    // Restart: the same handle's calls succeed again.
+    let mut server = spawn("server", "child_server", &dir, "");
+    wait_ready(&mut server);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match mesh.call("echo", &b"after"[..]).await {
+            Ok(r) => {
+                assert_eq!(&r[..], b"after");
+                break;
+            }
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("not yet: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("no recovery: {e}"),
+        }
+    }
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_client_processes_two_instances_every_response_is_its_own() {
+    if role().is_some() {
+        return;
+    }
+    let dir = private_dir("hammer");
+    let mut servers: Vec<Child> = (0..2)
+        .map(|_| spawn("server", "child_server", &dir, ""))
+        .collect();
+    for s in &mut servers {
+        wait_ready(s);
+    }
+    let clients: Vec<Child> = (0..16)
+        .map(|_| spawn("client", "child_client", &dir, "400"))
+        .collect();
+    for c in clients {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "a client failed");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("DONE 400"));
+    }
+    // Both instances served: ask for pids until both are seen.
+    let mesh = open(&dir).await;
+    let mut pids = std::collections::HashSet::new();
+    for _ in 0..200 {
+        let p = mesh.call("pid", &b""[..]).await.unwrap();
+        pids.insert(u32::from_le_bytes(p[..4].try_into().unwrap()));
+        if pids.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(pids.len(), 2, "calls did not spread over both instances");
+    for mut s in servers {
+        s.kill().unwrap();
+        s.wait().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_commy_process_on_the_socket_does_not_disturb_the_service() {
+    if role().is_some() {
+        return;
+    }
+    let dir = private_dir("garbage");
+    let mesh = open(&dir).await;
+    let h = serve_test_services(&mesh).await;
+    let path = h[0].socket_path().to_owned();
+    // Garbage, then a client that says nothing.
+    let raw = commy_shm::UdsStream::connect(&path).unwrap();
+    raw.send_msg(b"\x00\x01garbage", &[]).unwrap();
+    let _silent = commy_shm::UdsStream::connect(&path).unwrap();
+    for i in 0..20u8 {
+        assert_eq!(&mesh.call("echo", vec![i]).await.unwrap()[..], &[i]);
+    }
+}
