@@ -1,7 +1,7 @@
 //! Local discovery against real processes, sockets and directories.
 //!
 //! Instances are real child processes: the tests re-run this test binary with
-//! `--exact child_role --ignored` and environment variables that tell the
+//! `--exact child_role` and environment variables that tell the
 //! child what to do (bind a `ShmListener` at its registry socket path and
 //! serve until its stdin closes or it is killed; or print its host id). Each
 //! test uses its own runtime directory, given explicitly.
@@ -39,10 +39,13 @@ const LATENCY_BOUND: Duration = Duration::from_secs(1);
 // Child roles
 // ---------------------------------------------------------------------------
 
+/// The entry point of child processes; in a normal test run (no role in
+/// the environment) it returns at once.
 #[test]
-#[ignore = "a role for the child processes the other tests spawn"]
 fn child_role() {
-    let role = std::env::var(ROLE).expect("child_role only runs as a child of the other tests");
+    let Ok(role) = std::env::var(ROLE) else {
+        return;
+    };
     match role.as_str() {
         "serve" => serve(),
         "host-id" => {
@@ -134,15 +137,9 @@ impl Drop for TempRuntime {
 
 fn child_command(role: &str) -> Command {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args([
-        "child_role",
-        "--exact",
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .env(ROLE, role)
-    .stderr(Stdio::inherit());
+    cmd.args(["child_role", "--exact", "--nocapture", "--test-threads=1"])
+        .env(ROLE, role)
+        .stderr(Stdio::inherit());
     cmd
 }
 
