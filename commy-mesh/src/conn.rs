@@ -200,6 +200,26 @@ impl ClientConn {
         .map_err(send_status)
     }
 
+    /// Sends a Publish frame (metadata carries the topic).
+    pub(crate) fn send_publish(&self, metadata: &[u8], payload: &[u8]) -> Result<(), Status> {
+        if !self.is_alive() {
+            return Err(Status::unavailable("the subscriber is gone"));
+        }
+        let id = self.next_stream.fetch_add(2, Ordering::Relaxed);
+        let mut tx = self
+            .tx
+            .lock()
+            .map_err(|_| Status::internal("connection state poisoned"))?;
+        send_frame(
+            &mut tx,
+            FrameHeader::new(FrameKind::Publish, StreamId(id)),
+            metadata,
+            payload,
+            None,
+        )
+        .map_err(send_status)
+    }
+
     fn forget(&self, id: u64) {
         if let Ok(mut p) = self.pending.lock() {
             p.remove(&id);

@@ -177,9 +177,15 @@ impl std::fmt::Debug for Mesh {
     }
 }
 
-struct Inner {
-    config: Config,
+pub(crate) struct Inner {
+    pub(crate) config: Config,
     registry: LocalRegistry,
+    /// Subscribers announce themselves here (mesh `<mesh>.t`).
+    pub(crate) topics: LocalRegistry,
+    /// Pools of topic subscriber sets, keyed by their registry name.
+    topic_pools: Mutex<HashMap<ServiceName, Arc<Pool>>>,
+    /// Queue groups per topic.
+    pub(crate) group_index: Arc<crate::pubsub::GroupIndex>,
     runtime: tokio::runtime::Handle,
     pools: Mutex<HashMap<ServiceName, Arc<Pool>>>,
     closed: AtomicBool,
@@ -188,8 +194,10 @@ struct Inner {
 }
 
 /// The client side of one service: its instances and our links to them.
-struct Pool {
-    service: ServiceName,
+pub(crate) struct Pool {
+    /// Where its instances announce themselves (services or topics).
+    registry: LocalRegistry,
+    pub(crate) service: ServiceName,
     instances: Mutex<Vec<Instance>>,
     conns: Mutex<HashMap<InstanceId, Arc<ClientConn>>>,
     /// Serialises connection attempts per instance.
@@ -206,11 +214,17 @@ impl Mesh {
             Some(d) => RuntimeDir::at(d)?,
             None => RuntimeDir::resolve()?,
         };
-        let registry = LocalRegistry::new(dir, &config.mesh)?;
+        let registry = LocalRegistry::new(dir.clone(), &config.mesh)?;
+        let topics_mesh = MeshName::new(&format!("{}.t", config.mesh))
+            .map_err(|e| OpenError::Config(format!("mesh name too long for topics: {e}")))?;
+        let topics = LocalRegistry::new(dir, &topics_mesh)?;
         Ok(Mesh {
             inner: Arc::new(Inner {
                 config,
                 registry,
+                topics,
+                topic_pools: Mutex::new(HashMap::new()),
+                group_index: Arc::default(),
                 runtime,
                 pools: Mutex::new(HashMap::new()),
                 closed: AtomicBool::new(false),
@@ -263,14 +277,13 @@ impl Mesh {
             stop: Arc::new(AtomicBool::new(false)),
             ctx: ctx.clone(),
         });
-        let stop = served.stop.clone();
-        std::thread::Builder::new()
-            .name(format!("commy-accept-{}", served.service))
-            .spawn({
-                let link = self.inner.config.link.clone();
-                move || accept_loop(listener, link, ctx, stop)
-            })
-            .map_err(|e| Status::internal(format!("cannot start the accept thread: {e}")))?;
+        start_accepting(
+            listener,
+            self.inner.config.link.clone(),
+            served.service.to_string(),
+            served.stop.clone(),
+            move |link| conn::serve_link(link, ctx.clone()),
+        )?;
         if let Ok(mut s) = self.inner.served.lock() {
             s.push(served.clone());
         }
@@ -341,9 +354,16 @@ impl Mesh {
             s.deregister();
             s.drain().await;
         }
-        if let Ok(mut p) = self.inner.pools.lock() {
-            p.clear();
-        }
+        lock(&self.inner.pools).clear();
+        lock(&self.inner.topic_pools).clear();
+    }
+
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+
+    pub(crate) fn check_open_pub(&self) -> Result<(), Status> {
+        self.check_open()
     }
 
     fn check_open(&self) -> Result<(), Status> {
@@ -355,14 +375,26 @@ impl Mesh {
     }
 
     fn pool(&self, service: &ServiceName) -> Arc<Pool> {
-        let mut pools = match self.inner.pools.lock() {
-            Ok(p) => p,
-            Err(p) => p.into_inner(),
-        };
+        self.pool_in(&self.inner.pools, &self.inner.registry, service)
+    }
+
+    /// The pool of a topic's subscriber set (see `pubsub`).
+    pub(crate) fn topic_pool(&self, name: &ServiceName) -> Arc<Pool> {
+        self.pool_in(&self.inner.topic_pools, &self.inner.topics, name)
+    }
+
+    fn pool_in(
+        &self,
+        pools: &Mutex<HashMap<ServiceName, Arc<Pool>>>,
+        registry: &LocalRegistry,
+        service: &ServiceName,
+    ) -> Arc<Pool> {
+        let mut pools = lock(pools);
         pools
             .entry(service.clone())
             .or_insert_with(|| {
                 let pool = Arc::new(Pool {
+                    registry: registry.clone(),
                     service: service.clone(),
                     instances: Mutex::new(Vec::new()),
                     conns: Mutex::new(HashMap::new()),
@@ -375,13 +407,24 @@ impl Mesh {
             .clone()
     }
 
+    /// The known instances of a pool (scanning once if none are known yet).
+    pub(crate) fn instances_of(&self, pool: &Arc<Pool>) -> Vec<Instance> {
+        let known = lock(&pool.instances).clone();
+        if !known.is_empty() {
+            return known;
+        }
+        let scanned = pool.registry.instances(&pool.service).unwrap_or_default();
+        lock(&pool.instances).clone_from(&scanned);
+        scanned
+    }
+
     /// Picks an instance (least loaded of two random choices) and returns a
     /// live link to it, connecting if needed.
-    async fn pick(&self, pool: &Arc<Pool>) -> Result<Arc<ClientConn>, Status> {
+    pub(crate) async fn pick(&self, pool: &Arc<Pool>) -> Result<Arc<ClientConn>, Status> {
         let mut instances = lock(&pool.instances).clone();
         if instances.is_empty() {
             // The watch may not have delivered its first snapshot yet.
-            instances = self.inner.registry.instances(&pool.service).map_err(|e| {
+            instances = pool.registry.instances(&pool.service).map_err(|e| {
                 Status::unavailable(format!("cannot list instances of {}: {e}", pool.service))
             })?;
             *lock(&pool.instances) = instances.clone();
@@ -412,7 +455,11 @@ impl Mesh {
         }
     }
 
-    async fn connect(&self, pool: &Arc<Pool>, inst: &Instance) -> Result<Arc<ClientConn>, Status> {
+    pub(crate) async fn connect(
+        &self,
+        pool: &Arc<Pool>,
+        inst: &Instance,
+    ) -> Result<Arc<ClientConn>, Status> {
         if let Some(c) = lock(&pool.conns).get(&inst.id) {
             if c.is_alive() {
                 return Ok(c.clone());
@@ -477,7 +524,7 @@ fn service_name(name: &str) -> Result<ServiceName, Status> {
 /// drops links to instances that vanished.
 fn spawn_watch(inner: &Arc<Inner>, pool: &Arc<Pool>) {
     let weak = Arc::downgrade(pool);
-    let watch = inner.registry.watch(&pool.service);
+    let watch = pool.registry.watch(&pool.service);
     let service = pool.service.clone();
     inner.runtime.spawn(async move {
         let mut watch = match watch {
@@ -575,31 +622,43 @@ impl Drop for ServiceHandle {
     }
 }
 
-/// Accepts links until told to stop; each link is served on its own thread,
-/// the handshake included, so a silent client cannot hold up others.
-fn accept_loop(listener: UdsListener, link: LinkConfig, ctx: Arc<ServeCtx>, stop: Arc<AtomicBool>) {
-    // The tick only bounds how long a stopped service keeps its accept
-    // thread; its socket is unlinked at once by `Served::deregister`.
-    let tick = Duration::from_millis(100);
-    while !stop.load(Ordering::Acquire) {
-        match listener.accept_timeout(tick) {
-            Ok(Some((sock, _peer))) => {
-                let (ctx, link) = (ctx.clone(), link.clone());
-                let spawned = std::thread::Builder::new()
-                    .name(format!("commy-serve-{}", ctx.service))
-                    .spawn(move || match ShmLink::accept_stream(sock, &link) {
-                        Ok(l) => conn::serve_link(l, ctx),
-                        Err(e) => {
-                            tracing::warn!("service {}: refused a connection: {e}", ctx.service)
+/// Starts a thread accepting links on `listener` until `stop` is set; each
+/// link is handed to `on_link` on a thread of its own, the handshake
+/// included, so a silent client cannot hold up others.
+pub(crate) fn start_accepting(
+    listener: UdsListener,
+    link: LinkConfig,
+    name: String,
+    stop: Arc<AtomicBool>,
+    on_link: impl Fn(ShmLink) + Send + Sync + 'static,
+) -> Result<(), Status> {
+    let on_link = Arc::new(on_link);
+    std::thread::Builder::new()
+        .name(format!("commy-accept-{name}"))
+        .spawn(move || {
+            // The tick only bounds how long a stopped listener keeps its
+            // thread; its socket is unlinked at once on deregistration.
+            let tick = Duration::from_millis(100);
+            while !stop.load(Ordering::Acquire) {
+                match listener.accept_timeout(tick) {
+                    Ok(Some((sock, _peer))) => {
+                        let (on_link, link, name2) = (on_link.clone(), link.clone(), name.clone());
+                        let spawned = std::thread::Builder::new()
+                            .name(format!("commy-link-{name}"))
+                            .spawn(move || match ShmLink::accept_stream(sock, &link) {
+                                Ok(l) => on_link(l),
+                                Err(e) => tracing::warn!("{name2}: refused a connection: {e}"),
+                            });
+                        if let Err(e) = spawned {
+                            tracing::error!("cannot start a link thread: {e}");
                         }
-                    });
-                if let Err(e) = spawned {
-                    tracing::error!("cannot start a link thread: {e}");
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!("{name}: accept failed: {e}"),
                 }
             }
-            Ok(None) => {}
-            Err(e) => tracing::warn!("service {}: accept failed: {e}", ctx.service),
-        }
-    }
-    drop(listener);
+            drop(listener);
+        })
+        .map(|_| ())
+        .map_err(|e| Status::internal(format!("cannot start the accept thread: {e}")))
 }

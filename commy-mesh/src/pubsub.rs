@@ -1,0 +1,538 @@
+//! Publish/subscribe: topics, subscriptions and queue groups.
+//!
+//! A subscription announces itself like a service instance, in the mesh's
+//! topic registry (`<mesh>.t`): plain subscribers of a topic share one
+//! subscriber set, and each queue group has a set of its own. A publish
+//! sends the message to every plain subscriber and to exactly one member of
+//! each group (the least loaded of two), over the same shared-memory links
+//! calls use; per publisher, each subscriber sees messages in order.
+//!
+//! A subscriber that cannot keep up meets its [`SlowSubscriber`] policy:
+//! `Block` (the default) applies backpressure to publishers, `DropOldest`
+//! discards the oldest queued message, `Disconnect` ends the subscription;
+//! what was dropped is counted in [`Subscription::dropped`].
+//!
+//! ```
+//! use commy_mesh::Mesh;
+//!
+//! # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let dir = std::env::temp_dir().join(format!("commy-pubsub-doc-{}", std::process::id()));
+//! # std::fs::create_dir_all(&dir)?;
+//! # std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+//! let mesh = Mesh::builder().runtime_dir(&dir).open().await?;
+//! let mut sub = mesh.subscribe("prices/eur").await?;
+//! // Publish until the subscriber is visible to this publisher.
+//! while mesh.publish("prices/eur", &b"1.08"[..]).await? == 0 {
+//!     tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+//! }
+//! let msg = sub.next().await.expect("a message");
+//! assert_eq!(&msg.payload()[..], b"1.08");
+//! # Ok(())
+//! # }
+//! ```
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use bytes::Bytes;
+use commy_core::{
+    FrameKind, FrameRef, InstanceId, Limits, Metadata, ServiceName, Status, TopicName,
+};
+use commy_shm::link::RecvError;
+use commy_shm::{RingError, ShmLink, UdsListener};
+
+use crate::mesh::{Mesh, start_accepting};
+
+/// The metadata header that carries the topic of a published message.
+pub(crate) const TOPIC_HEADER: &str = "commy-topic";
+
+/// What happens when a subscriber's queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum SlowSubscriber {
+    /// Publishers wait (backpressure through the ring); nothing is lost.
+    #[default]
+    Block,
+    /// The oldest queued message is discarded (and counted).
+    DropOldest,
+    /// The subscription ends (the drop is counted); `next` returns `None`.
+    Disconnect,
+}
+
+/// Options of a subscription.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SubscribeOptions {
+    /// Messages queued before the slow-subscriber policy applies.
+    pub queue: usize,
+    /// The slow-subscriber policy.
+    pub policy: SlowSubscriber,
+}
+
+impl Default for SubscribeOptions {
+    fn default() -> Self {
+        SubscribeOptions {
+            queue: 1024,
+            policy: SlowSubscriber::Block,
+        }
+    }
+}
+
+impl SubscribeOptions {
+    /// Sets the queue length.
+    pub fn queue(mut self, n: usize) -> Self {
+        self.queue = n.max(1);
+        self
+    }
+
+    /// Sets the slow-subscriber policy.
+    pub fn policy(mut self, p: SlowSubscriber) -> Self {
+        self.policy = p;
+        self
+    }
+}
+
+/// A published message as a subscriber receives it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    topic: TopicName,
+    payload: Bytes,
+    metadata: Metadata,
+}
+
+impl Message {
+    /// The topic it was published on.
+    pub fn topic(&self) -> &TopicName {
+        &self.topic
+    }
+
+    /// The message body.
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
+    /// The publisher's metadata (without the topic header).
+    pub fn metadata(&self) -> &Metadata {
+        &self.metadata
+    }
+
+    /// Takes the body.
+    pub fn into_payload(self) -> Bytes {
+        self.payload
+    }
+}
+
+/// The queue between a subscription's link threads and its consumer.
+struct Queue {
+    topic: TopicName,
+    state: Mutex<QueueState>,
+    /// Link threads blocked on a full queue (policy `Block`) wait here.
+    space: Condvar,
+    cap: usize,
+    policy: SlowSubscriber,
+    dropped: AtomicU64,
+}
+
+struct QueueState {
+    messages: VecDeque<Message>,
+    closed: bool,
+    /// The consumer's task, when it waits for a message.
+    waker: Option<std::task::Waker>,
+}
+
+impl Queue {
+    /// Queues a message per the policy; false once the subscription is over.
+    fn push(&self, msg: Message) -> bool {
+        let mut st = match self.state.lock() {
+            Ok(s) => s,
+            Err(_) => return false,
+        };
+        loop {
+            if st.closed {
+                return false;
+            }
+            if st.messages.len() < self.cap {
+                break;
+            }
+            match self.policy {
+                SlowSubscriber::Block => {
+                    st = match self.space.wait(st) {
+                        Ok(s) => s,
+                        Err(_) => return false,
+                    };
+                }
+                SlowSubscriber::DropOldest => {
+                    st.messages.pop_front();
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                SlowSubscriber::Disconnect => {
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                    st.closed = true;
+                    let waker = st.waker.take();
+                    drop(st);
+                    if let Some(w) = waker {
+                        w.wake();
+                    }
+                    return false;
+                }
+            }
+        }
+        st.messages.push_back(msg);
+        let waker = st.waker.take();
+        drop(st);
+        if let Some(w) = waker {
+            w.wake();
+        }
+        true
+    }
+
+    fn close(&self) {
+        let waker = self.state.lock().ok().and_then(|mut st| {
+            st.closed = true;
+            st.waker.take()
+        });
+        self.space.notify_all();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    fn poll_message(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Message>> {
+        let Ok(mut st) = self.state.lock() else {
+            return std::task::Poll::Ready(None);
+        };
+        if let Some(m) = st.messages.pop_front() {
+            drop(st);
+            self.space.notify_one();
+            return std::task::Poll::Ready(Some(m));
+        }
+        if st.closed {
+            return std::task::Poll::Ready(None);
+        }
+        st.waker = Some(cx.waker().clone());
+        std::task::Poll::Pending
+    }
+}
+
+/// A subscription: a stream of messages, ended by dropping it.
+pub struct Subscription {
+    queue: Arc<Queue>,
+    path: std::path::PathBuf,
+    stop: Arc<AtomicBool>,
+    group: Option<String>,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("topic", &self.queue.topic)
+            .field("group", &self.group)
+            .field("dropped", &self.dropped())
+            .finish()
+    }
+}
+
+impl Subscription {
+    /// The next message, or `None` once the subscription has ended (only
+    /// after a `Disconnect` for being too slow).
+    pub async fn next(&mut self) -> Option<Message> {
+        std::future::poll_fn(|cx| self.queue.poll_message(cx)).await
+    }
+
+    /// Messages discarded (`DropOldest`) or refused (`Disconnect`) because
+    /// this subscriber was too slow.
+    pub fn dropped(&self) -> u64 {
+        self.queue.dropped.load(Ordering::Relaxed)
+    }
+
+    /// The topic.
+    pub fn topic(&self) -> &TopicName {
+        &self.queue.topic
+    }
+
+    /// The queue group, if any.
+    pub fn group(&self) -> Option<&str> {
+        self.group.as_deref()
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if !self.stop.swap(true, Ordering::AcqRel) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+        self.queue.close();
+    }
+}
+
+impl tokio_stream::Stream for Subscription {
+    type Item = Message;
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Message>> {
+        self.queue.poll_message(cx)
+    }
+}
+
+/// The registry name of a topic's plain subscribers: 12 hex digits of a
+/// hash of the topic (short, because Unix socket paths are limited to 107
+/// bytes). Collisions are harmless: subscribers check the topic header.
+fn topic_key(topic: &TopicName) -> String {
+    format!("{:012x}", fnv1a(topic.as_str().as_bytes()) >> 16)
+}
+
+fn group_key(topic: &TopicName, group: &str) -> String {
+    format!(
+        "{}-{:08x}",
+        topic_key(topic),
+        fnv1a(group.as_bytes()) & 0xffff_ffff
+    )
+}
+
+fn fnv1a(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| {
+        (h ^ x as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+fn topic_name(topic: &str) -> Result<TopicName, Status> {
+    TopicName::new(topic)
+        .map_err(|e| Status::invalid_argument(format!("invalid topic {topic:?}: {e}")))
+}
+
+fn key_name(key: &str) -> Result<ServiceName, Status> {
+    ServiceName::new(key).map_err(|e| Status::internal(format!("bad topic key {key}: {e}")))
+}
+
+/// Serves one publisher's link into a subscription's queue, in order.
+fn serve_topic_link(link: ShmLink, queue: Arc<Queue>, limits: Limits) {
+    let (_tx, mut rx) = link.split();
+    loop {
+        let msg = match rx.recv(None) {
+            Ok(m) => m,
+            Err(RecvError::Ring(RingError::Closed | RingError::PeerGone)) => return,
+            Err(e) => {
+                tracing::warn!("subscription to {}: closing a link: {e}", queue.topic);
+                return;
+            }
+        };
+        let frame = match FrameRef::decode(&msg, &limits) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!("subscription to {}: malformed frame: {e}", queue.topic);
+                return;
+            }
+        };
+        if frame.header().kind != FrameKind::Publish {
+            continue;
+        }
+        let Ok(mut metadata) = Metadata::decode(frame.metadata(), &limits) else {
+            tracing::warn!("subscription to {}: malformed metadata", queue.topic);
+            return;
+        };
+        let topic = metadata.header(TOPIC_HEADER).map(|v| v.to_vec());
+        if topic.as_deref() != Some(queue.topic.as_str().as_bytes()) {
+            // Another topic with the same key (hash collision): not ours.
+            continue;
+        }
+        metadata.headers.retain(|(k, _)| k != TOPIC_HEADER);
+        let m = Message {
+            topic: queue.topic.clone(),
+            payload: Bytes::copy_from_slice(frame.payload()),
+            metadata,
+        };
+        drop(msg);
+        if !queue.push(m) {
+            return;
+        }
+    }
+}
+
+/// Which queue groups exist per topic key, kept current from the topic
+/// registry's directory (inotify), so a publish does not scan it.
+#[derive(Default)]
+pub(crate) struct GroupIndex {
+    groups: Mutex<HashMap<String, HashSet<String>>>,
+    started: AtomicBool,
+}
+
+impl GroupIndex {
+    fn rescan(&self, dir: &std::path::Path) {
+        let mut map: HashMap<String, HashSet<String>> = HashMap::new();
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some((topic, _)) = name.split_once('-') {
+                    if topic.len() == 12 {
+                        map.entry(topic.to_owned()).or_default().insert(name);
+                    }
+                }
+            }
+        }
+        if let Ok(mut g) = self.groups.lock() {
+            *g = map;
+        }
+    }
+
+    fn groups_of(&self, key: &str) -> Vec<String> {
+        self.groups
+            .lock()
+            .ok()
+            .and_then(|g| g.get(key).map(|s| s.iter().cloned().collect()))
+            .unwrap_or_default()
+    }
+
+    /// Starts watching the topic registry's directory (once).
+    fn ensure_started(self: &Arc<Self>, dir: std::path::PathBuf) {
+        if self.started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        use inotify::{Inotify, WatchMask};
+        let inotify = Inotify::init().and_then(|i| {
+            i.watches().add(
+                &dir,
+                WatchMask::CREATE | WatchMask::MOVED_TO | WatchMask::DELETE | WatchMask::ONLYDIR,
+            )?;
+            Ok(i)
+        });
+        self.rescan(&dir);
+        let index = Arc::downgrade(self);
+        match inotify.and_then(|i| i.into_event_stream([0u8; 1024])) {
+            Ok(mut events) => {
+                tokio::spawn(async move {
+                    use tokio_stream::StreamExt;
+                    while let Some(ev) = events.next().await {
+                        let Some(index) = index.upgrade() else { return };
+                        if ev.is_err() {
+                            return;
+                        }
+                        index.rescan(&dir);
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "cannot watch {} for queue groups ({e}); groups created later are not seen",
+                    dir.display()
+                );
+            }
+        }
+    }
+}
+
+impl Mesh {
+    /// Subscribes to `topic` with the default options (queue of 1024,
+    /// `SlowSubscriber::Block`).
+    pub async fn subscribe(&self, topic: &str) -> Result<Subscription, Status> {
+        self.subscribe_with(topic, None, SubscribeOptions::default())
+            .await
+    }
+
+    /// Joins queue group `group` of `topic`: each message goes to exactly
+    /// one member of the group.
+    pub async fn subscribe_group(&self, topic: &str, group: &str) -> Result<Subscription, Status> {
+        self.subscribe_with(topic, Some(group), SubscribeOptions::default())
+            .await
+    }
+
+    /// Subscribes with options, optionally as a member of a queue group.
+    pub async fn subscribe_with(
+        &self,
+        topic: &str,
+        group: Option<&str>,
+        options: SubscribeOptions,
+    ) -> Result<Subscription, Status> {
+        self.check_open_pub()?;
+        let topic = topic_name(topic)?;
+        if let Some(g) = group {
+            ServiceName::new(g)
+                .map_err(|e| Status::invalid_argument(format!("invalid group {g:?}: {e}")))?;
+        }
+        let key = match group {
+            Some(g) => group_key(&topic, g),
+            None => topic_key(&topic),
+        };
+        let inner = self.inner();
+        let path = inner
+            .topics
+            .socket_path(&key_name(&key)?, InstanceId::random())
+            .map_err(|e| Status::unavailable(format!("cannot announce the subscription: {e}")))?;
+        let listener = UdsListener::bind(&path)
+            .map_err(|e| Status::unavailable(format!("cannot listen for publishers: {e}")))?;
+        let queue = Arc::new(Queue {
+            topic: topic.clone(),
+            state: Mutex::new(QueueState {
+                messages: VecDeque::new(),
+                closed: false,
+                waker: None,
+            }),
+            space: Condvar::new(),
+            cap: options.queue.max(1),
+            policy: options.policy,
+            dropped: AtomicU64::new(0),
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let limits = inner.config.limits;
+        let q = queue.clone();
+        start_accepting(
+            listener,
+            inner.config.link.clone(),
+            format!("sub-{topic}"),
+            stop.clone(),
+            move |link| serve_topic_link(link, q.clone(), limits),
+        )?;
+        Ok(Subscription {
+            queue,
+            path,
+            stop,
+            group: group.map(str::to_owned),
+        })
+    }
+
+    /// Publishes `payload` on `topic`: every subscriber gets it, and one
+    /// member of each queue group. Returns how many deliveries were made
+    /// (0 when nobody listens; a message nobody hears is dropped).
+    pub async fn publish(&self, topic: &str, payload: impl Into<Bytes>) -> Result<usize, Status> {
+        self.check_open_pub()?;
+        let topic = topic_name(topic)?;
+        let payload = payload.into();
+        let inner = self.inner();
+        let mut metadata = Metadata::default();
+        metadata.add_header(TOPIC_HEADER, topic.as_str().as_bytes().to_vec());
+        let md = metadata.encode();
+        let key = topic_key(&topic);
+        let mut delivered = 0;
+
+        // Plain subscribers: all of them.
+        let pool = self.topic_pool(&key_name(&key)?);
+        for inst in self.instances_of(&pool) {
+            match self.connect(&pool, &inst).await {
+                Ok(conn) => match conn.send_publish(&md, &payload) {
+                    Ok(()) => delivered += 1,
+                    Err(e) => tracing::debug!("publish to a subscriber of {topic} failed: {e}"),
+                },
+                Err(e) => tracing::debug!("subscriber of {topic} unreachable: {e}"),
+            }
+        }
+
+        // Queue groups: one member each.
+        inner
+            .group_index
+            .ensure_started(inner.topics.dir().to_owned());
+        for group in inner.group_index.groups_of(&key) {
+            let pool = self.topic_pool(&key_name(&group)?);
+            // An empty group (all members left) is not an error.
+            if let Ok(conn) = self.pick(&pool).await {
+                match conn.send_publish(&md, &payload) {
+                    Ok(()) => delivered += 1,
+                    Err(e) => tracing::debug!("publish to group {group} failed: {e}"),
+                }
+            }
+        }
+        Ok(delivered)
+    }
+}
