@@ -340,6 +340,21 @@ impl Mesh {
         conn.send_oneway(&payload.into(), &Metadata::default())
     }
 
+    /// A named shared-memory region of this mesh: finish with `.size(n)`,
+    /// `.ttl(..)`, then `.create()`, `.open()` or `.open_or_create()`.
+    /// Regions live in `<runtime dir>/regions/<mesh>`; see
+    /// [`commy_shm::RegionOptions`] for consistency, TTL and permissions.
+    pub fn region(&self, name: &str) -> commy_shm::RegionOptions {
+        let dir = self
+            .inner
+            .registry
+            .dir()
+            .parent()
+            .map(|rt| rt.join("regions").join(self.inner.config.mesh.as_str()))
+            .unwrap_or_else(|| self.inner.registry.dir().join("regions"));
+        commy_shm::RegionOptions::new(name).dir(dir)
+    }
+
     /// Closes the handle: stops serving (deregisters every service, then
     /// waits for in-flight requests to finish) and drops client links.
     pub async fn close(&self) {

@@ -320,3 +320,24 @@ async fn a_non_commy_process_on_the_socket_does_not_disturb_the_service() {
         assert_eq!(&mesh.call("echo", vec![i]).await.unwrap()[..], &[i]);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regions_are_shared_between_mesh_handles() {
+    if role().is_some() {
+        return;
+    }
+    let dir = private_dir("region");
+    let a = open(&dir).await;
+    let b = open(&dir).await;
+    let ra = a.region("board").size(4096).open_or_create().unwrap();
+    let rb = b.region("board").size(4096).open_or_create().unwrap();
+    assert_eq!(ra.generation(), rb.generation());
+    ra.write_at(0, b"hello").unwrap();
+    let mut buf = [0u8; 5];
+    rb.read_at(0, &mut buf).unwrap();
+    assert_eq!(&buf, b"hello");
+    assert!(
+        a.region("board").size(4096).create().is_err(),
+        "create must not succeed twice"
+    );
+}
