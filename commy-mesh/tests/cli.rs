@@ -1,12 +1,12 @@
 //! The `commy` binary, run as a real process against a private runtime dir.
 
 use std::ffi::OsStr;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use commy_mesh::{Mesh, Request, Response, Status};
@@ -53,64 +53,138 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// A `commy echo-server` child; SIGKILLed on drop if still running.
-struct EchoServer {
+/// A `commy` child running in the background; SIGKILLed on drop if still
+/// running.
+struct Background {
     child: Child,
+    /// Its stdout so far, when stdout is not the ready stream.
+    stdout: Arc<Mutex<Vec<u8>>>,
+    collector: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Which stream announces that a background command is ready.
+#[derive(Clone, Copy)]
+enum ReadyOn {
+    Stdout,
+    Stderr,
+}
+
+impl Background {
+    /// Starts `commy args` and returns it with the first line it prints on
+    /// `ready` (waiting at most 20 s for it). The rest of the ready stream
+    /// is discarded; stdout, if it is not the ready stream, is collected
+    /// (see [`Background::stdout`]).
+    fn start(dir: &Path, args: &[&str], ready: ReadyOn) -> (Background, String) {
+        let mut child = commy(dir, args)
+            .stdout(Stdio::piped())
+            .stderr(match ready {
+                ReadyOn::Stdout => Stdio::inherit(),
+                ReadyOn::Stderr => Stdio::piped(),
+            })
+            .spawn()
+            .unwrap();
+        let stream: Box<dyn Read + Send> = match ready {
+            ReadyOn::Stdout => Box::new(child.stdout.take().unwrap()),
+            ReadyOn::Stderr => Box::new(child.stderr.take().unwrap()),
+        };
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stream);
+            let mut line = String::new();
+            let _ = reader.read_line(&mut line);
+            let _ = tx.send(line);
+            // Keep draining so the child never blocks on a full pipe.
+            let _ = std::io::copy(&mut reader, &mut std::io::sink());
+        });
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let collector = child.stdout.take().map(|mut out| {
+            let stdout = stdout.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0; 4096];
+                while let Ok(n @ 1..) = out.read(&mut buf) {
+                    stdout.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            })
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| {
+                let _ = child.kill();
+                panic!("commy {args:?} printed nothing within 20 s");
+            });
+        let bg = Background {
+            child,
+            stdout,
+            collector,
+        };
+        (bg, line.trim_end().to_owned())
+    }
+
+    /// Its stdout so far.
+    fn stdout(&self) -> Vec<u8> {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM.
+    fn signal_term(&self) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    }
+
+    /// Waits (at most 20 s) for the exit; returns the status and stdout
+    /// (empty if stdout was the ready stream).
+    fn wait(mut self) -> (ExitStatus, Vec<u8>) {
+        let until = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < until, "commy did not exit within 20 s");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        if let Some(c) = self.collector.take() {
+            c.join().unwrap();
+        }
+        (status, self.stdout())
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    fn terminate(self) -> ExitStatus {
+        self.signal_term();
+        self.wait().0
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A `commy echo-server NAME` child and the instance id it announced.
+struct EchoServer {
+    process: Background,
     instance: String,
 }
 
 impl EchoServer {
     /// Starts it and waits for its `serving NAME as <id>` line.
     fn start(dir: &Path, name: &str) -> EchoServer {
-        let mut child = commy(dir, &["echo-server", name])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(out).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .unwrap_or_else(|_| {
-                let _ = child.kill();
-                panic!("echo-server printed nothing within 20 s");
-            });
+        let (process, line) = Background::start(dir, &["echo-server", name], ReadyOn::Stdout);
         let prefix = format!("serving {name} as ");
         let instance = line
-            .trim_end()
             .strip_prefix(&prefix)
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .to_owned();
         assert_eq!(instance.len(), 32, "instance id {instance:?}");
-        EchoServer { child, instance }
-    }
-
-    /// Sends SIGTERM and waits (at most 20 s) for the exit.
-    fn terminate(mut self) -> ExitStatus {
-        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
-        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
-        let until = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < until, "echo-server ignored SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for EchoServer {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        EchoServer { process, instance }
     }
 }
 
@@ -147,7 +221,7 @@ fn echo_server_is_listed_called_and_stops_on_sigterm() {
     assert_eq!(row.len(), 5, "{text}");
     assert_eq!(row[0], "echo");
     assert_eq!(row[1], server.instance);
-    assert_eq!(row[2], server.child.id().to_string());
+    assert_eq!(row[2], server.process.pid().to_string());
     let endpoint = format!(
         "shm://{}/default/echo/{}-",
         dir.path().display(),
@@ -173,12 +247,12 @@ fn echo_server_is_listed_called_and_stops_on_sigterm() {
         "{json}"
     );
     assert!(
-        json.contains(&format!("\"pid\": {}", server.child.id())),
+        json.contains(&format!("\"pid\": {}", server.process.pid())),
         "{json}"
     );
 
     // SIGTERM: a clean exit, and the instance is gone from the listing.
-    let status = server.terminate();
+    let status = server.process.terminate();
     assert_eq!(status.code(), Some(0), "{status}");
     let o = run(dir.path(), &["services"]);
     assert!(o.status.success(), "stderr: {}", stderr(&o));
@@ -317,6 +391,8 @@ fn every_command_has_help() {
             &["bench", "throughput", "--help"],
             "Usage: commy bench throughput",
         ),
+        (&["pub", "--help"], "Usage: commy pub"),
+        (&["sub", "--help"], "Usage: commy sub"),
     ] {
         let o = run(dir.path(), args);
         assert!(o.status.success(), "{args:?}: {}", stderr(&o));
@@ -399,4 +475,95 @@ fn bench_against_a_named_service() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).starts_with("NOT_FOUND: "), "{}", stderr(&o));
     drop(server);
+}
+
+#[test]
+fn pub_without_subscribers() {
+    let dir = PrivateDir::new("pub0");
+    let o = run(dir.path(), &["pub", "news/today", "hello"]);
+    assert!(o.status.success(), "stderr: {}", stderr(&o));
+    assert_eq!(stdout(&o), "published to 0 subscribers\n");
+
+    let t = Instant::now();
+    let o = run(
+        dir.path(),
+        &["pub", "news/today", "hello", "--wait-ms", "200"],
+    );
+    assert_eq!(o.status.code(), Some(1), "stdout: {}", stdout(&o));
+    assert!(
+        stderr(&o).starts_with("NOT_FOUND: no subscriber of topic 'news/today' in mesh 'default'"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(t.elapsed() >= Duration::from_millis(200));
+
+    let o = run(dir.path(), &["pub", "bad topic", "x"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}
+
+fn subscribe(dir: &Path, args: &[&str]) -> Background {
+    let (sub, line) = Background::start(dir, args, ReadyOn::Stderr);
+    assert!(line.starts_with("subscribed to "), "{line:?}");
+    sub
+}
+
+#[test]
+fn sub_prints_what_pub_publishes() {
+    let dir = PrivateDir::new("pubsub");
+    let sub = subscribe(dir.path(), &["sub", "news/today", "--count", "3"]);
+    let hex = subscribe(dir.path(), &["sub", "news/today", "--count", "1", "--hex"]);
+    let o = run(dir.path(), &["pub", "news/today", "one"]);
+    assert!(o.status.success(), "stderr: {}", stderr(&o));
+    assert_eq!(stdout(&o), "published to 2 subscribers\n");
+    // The hex subscriber has left after one message.
+    let (status, out) = hex.wait();
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(out, b"6f6e65\n");
+    for msg in ["two", "three"] {
+        let o = run(dir.path(), &["pub", "news/today", msg, "--wait-ms", "5000"]);
+        assert!(o.status.success(), "stderr: {}", stderr(&o));
+        assert_eq!(stdout(&o), "published to 1 subscriber\n");
+    }
+    let (status, out) = sub.wait();
+    assert_eq!(status.code(), Some(0));
+    // Each message came from its own publisher: no order between them.
+    let text = String::from_utf8(out).unwrap();
+    let mut got: Vec<&str> = text.lines().collect();
+    got.sort_unstable();
+    assert_eq!(got, ["one", "three", "two"]);
+}
+
+#[test]
+fn queue_group_members_share_messages_and_stop_on_sigterm() {
+    let dir = PrivateDir::new("group");
+    let a = subscribe(dir.path(), &["sub", "jobs", "--group", "workers"]);
+    let b = subscribe(dir.path(), &["sub", "jobs", "--group", "workers"]);
+    // One delivery per group, whatever its size.
+    for n in 0..4 {
+        let o = run(dir.path(), &["pub", "jobs", &format!("job {n}")]);
+        assert!(o.status.success(), "stderr: {}", stderr(&o));
+        assert_eq!(stdout(&o), "published to 1 subscriber\n");
+    }
+    // SIGTERM ends a subscriber at once, so let them print everything first.
+    let until = Instant::now() + Duration::from_secs(20);
+    while a
+        .stdout()
+        .iter()
+        .chain(&b.stdout())
+        .filter(|&&c| c == b'\n')
+        .count()
+        < 4
+    {
+        assert!(Instant::now() < until, "the 4 jobs were not all printed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    a.signal_term();
+    b.signal_term();
+    let (sa, outa) = a.wait();
+    let (sb, outb) = b.wait();
+    assert_eq!((sa.code(), sb.code()), (Some(0), Some(0)));
+    let both = String::from_utf8(outa).unwrap() + &String::from_utf8(outb).unwrap();
+    let mut got: Vec<&str> = both.lines().collect();
+    got.sort_unstable();
+    assert_eq!(got, ["job 0", "job 1", "job 2", "job 3"]);
 }

@@ -44,9 +44,10 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<(), CliError> {
     write_stdout(&render(&reply, args.hex))
 }
 
-/// The bytes to print for `reply`: hex and a newline with `hex`, else the
-/// reply itself, followed by a newline if it is UTF-8 text.
-fn render(reply: &[u8], hex: bool) -> Vec<u8> {
+/// The bytes to print for `reply` (a call's reply or a message): hex and a
+/// newline with `hex`, else the bytes themselves, followed by a newline if
+/// they are UTF-8 text.
+pub(crate) fn render(reply: &[u8], hex: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(reply.len() * 2 + 1);
     if hex {
         const DIGITS: &[u8; 16] = b"0123456789abcdef";

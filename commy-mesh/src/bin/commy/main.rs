@@ -11,6 +11,9 @@
 //!                                    p50/p99/p99.9 of sequential calls
 //! commy bench throughput [--size N] [--count N] [--concurrency N] [--service NAME]
 //!                                    calls/s with many calls in flight
+//! commy pub TOPIC DATA [--wait-ms N] publish DATA on TOPIC
+//! commy sub TOPIC [--count N] [--group GROUP] [--hex]
+//!                                    print the messages published on TOPIC
 //! ```
 //!
 //! Global options (accepted before or after the command):
@@ -28,7 +31,8 @@
 //! - `services`: one line per live instance with the columns `SERVICE`,
 //!   `INSTANCE`, `PID`, `ENDPOINT` and `HOST`, after a header line. With no
 //!   instance only the header is printed (and a note naming the mesh and the
-//!   runtime dir goes to stderr), so scripts can always skip the first line.
+//!   directory scanned goes to stderr), so scripts can always skip the first
+//!   line. Subscriptions are not listed.
 //!   `--json` prints a JSON array of objects with the keys `service`,
 //!   `instance`, `pid`, `endpoint` and `host` instead (`[]` when empty).
 //! - `echo-server NAME`: serves `NAME`, answering every request with its own
@@ -53,6 +57,16 @@
 //!   (so through a shared-memory link, like any co-located client); with
 //!   `--service NAME` it calls that service instead, which must accept any
 //!   payload.
+//! - `pub TOPIC DATA`: publishes `DATA` once to every subscriber of `TOPIC`
+//!   (and one member of each queue group) and prints `published to N
+//!   subscribers`. A message nobody hears is dropped, and that is not an
+//!   error; with `--wait-ms N` the publish is retried until at least one
+//!   subscriber gets it, and fails with `NOT_FOUND` after `N` ms.
+//! - `sub TOPIC`: subscribes, prints `subscribed to TOPIC` on stderr once the
+//!   subscription is announced, then writes each message to stdout like
+//!   `call` writes a reply (UTF-8 text and a newline, other bytes raw, or hex
+//!   with `--hex`), flushing after each. It exits 0 after `--count N`
+//!   messages, or on SIGINT/SIGTERM. `--group GROUP` joins a queue group.
 //!
 //! Errors and exit status:
 //!
@@ -62,13 +76,12 @@
 //!   'default'`; local failures (the runtime dir is unusable, stdout is
 //!   closed, ...) print `error: <what went wrong>`.
 //! - `2`: the command line is invalid (unknown option, bad number, invalid
-//!   mesh or service name, ...); clap prints the usage problem.
-//!
-//! Pub/sub commands are not part of this tool yet.
+//!   mesh, service or topic name, ...); clap prints the usage problem.
 #![forbid(unsafe_code)]
 
 mod bench;
 mod call;
+mod pubsub;
 mod serve;
 mod services;
 
@@ -77,7 +90,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use commy_core::{MeshName, ServiceName};
+use commy_core::{MeshName, ServiceName, TopicName};
 use commy_mesh::{Config, DiscoveryError, Mesh, OpenError, Status};
 
 /// Exit status of a failed operation.
@@ -90,7 +103,7 @@ const EXIT_FAILURE: u8 = 1;
     version,
     about = "Inspect and use a Commy mesh on this host",
     long_about = "Inspect and use a Commy mesh on this host: list services, serve an echo \
-                  service, call services and measure latency and throughput.\n\n\
+                  service, call services, publish and subscribe, and measure latency and throughput.\n\n\
                   Exit status: 0 on success, 1 when the operation fails (the status name and \
                   message go to stderr, e.g. `NOT_FOUND: ...`), 2 for an invalid command line."
 )]
@@ -138,6 +151,22 @@ enum Command {
     /// Measure round-trip latency or throughput of calls through the mesh.
     #[command(subcommand)]
     Bench(bench::Command),
+
+    /// Publish DATA on TOPIC.
+    #[command(
+        long_about = "Publish DATA on TOPIC: every subscriber gets it, and one member of each \
+                      queue group. Prints how many deliveries were made; a message nobody hears \
+                      is dropped (not an error unless --wait-ms is given)."
+    )]
+    Pub(pubsub::PubArgs),
+
+    /// Print the messages published on TOPIC.
+    #[command(
+        long_about = "Subscribe to TOPIC and print each message (UTF-8 text followed by a newline, \
+                      other bytes raw, or hex with --hex). Prints `subscribed to TOPIC` on stderr \
+                      once subscribed; exits 0 after --count messages or on SIGINT/SIGTERM."
+    )]
+    Sub(pubsub::SubArgs),
 }
 
 /// Options every command shares.
@@ -204,6 +233,17 @@ enum CliError {
     /// Installing the signal handlers failed.
     #[error("error: cannot listen for SIGINT/SIGTERM: {0}")]
     Signal(io::Error),
+    /// A subscription ended because the subscriber fell behind.
+    #[error(
+        "error: the subscription to '{topic}' ended: this subscriber fell behind \
+         ({dropped} messages dropped)"
+    )]
+    SubscriptionEnded {
+        /// The topic.
+        topic: TopicName,
+        /// Messages dropped before it ended.
+        dropped: u64,
+    },
     /// A benchmark task stopped abnormally.
     #[error("error: a benchmark task failed: {0}")]
     Task(String),
@@ -252,6 +292,8 @@ fn main() -> ExitCode {
             Command::EchoServer(args) => serve::run(&global, args).await,
             Command::Call(args) => call::run(&global, args).await,
             Command::Bench(cmd) => bench::run(&global, cmd).await,
+            Command::Pub(args) => pubsub::publish(&global, args).await,
+            Command::Sub(args) => pubsub::subscribe(&global, args).await,
         }
     });
     // Service threads of the library may still be winding down; they hold
