@@ -72,8 +72,26 @@ pub(crate) fn send_status(e: SendError) -> Status {
     }
 }
 
-fn wire_deadline(deadline: Option<Deadline>) -> u64 {
-    Deadline::to_wire_option(deadline)
+/// The metadata section of a frame: empty when there is no metadata, so
+/// the common case costs nothing to encode or decode.
+pub(crate) fn encode_metadata(metadata: &Metadata) -> Vec<u8> {
+    if metadata.is_empty() {
+        Vec::new()
+    } else {
+        metadata.encode()
+    }
+}
+
+/// Reads a frame's metadata section (see [`encode_metadata`]).
+pub(crate) fn decode_metadata(
+    bytes: &[u8],
+    limits: &Limits,
+) -> Result<Metadata, commy_core::MetadataError> {
+    if bytes.is_empty() {
+        Ok(Metadata::default())
+    } else {
+        Metadata::decode(bytes, limits)
+    }
 }
 
 /// The result a pending call receives.
@@ -136,13 +154,9 @@ impl ClientConn {
             .insert(id, done_tx);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         let _guard = InFlight(&self.in_flight);
-        let md = if metadata.is_empty() {
-            Vec::new()
-        } else {
-            metadata.encode()
-        };
+        let md = encode_metadata(metadata);
         let header = FrameHeader {
-            deadline_us: wire_deadline(deadline),
+            deadline_us: Deadline::to_wire_option(deadline),
             ..FrameHeader::new(FrameKind::Request, StreamId(id))
         };
         let sent = {
@@ -177,42 +191,32 @@ impl ClientConn {
 
     /// Sends a one-way message.
     pub(crate) fn send_oneway(&self, payload: &[u8], metadata: &Metadata) -> Result<(), Status> {
+        self.send_unanswered(FrameKind::OneWay, &encode_metadata(metadata), payload)
+    }
+
+    /// Sends a Publish frame (its metadata carries the topic).
+    pub(crate) fn send_publish(&self, metadata: &[u8], payload: &[u8]) -> Result<(), Status> {
+        self.send_unanswered(FrameKind::Publish, metadata, payload)
+    }
+
+    /// Sends a frame on a fresh stream that gets no answer.
+    fn send_unanswered(
+        &self,
+        kind: FrameKind,
+        metadata: &[u8],
+        payload: &[u8],
+    ) -> Result<(), Status> {
         if !self.is_alive() {
             return Err(Status::unavailable("the instance is gone"));
         }
         let id = self.next_stream.fetch_add(2, Ordering::Relaxed);
-        let md = if metadata.is_empty() {
-            Vec::new()
-        } else {
-            metadata.encode()
-        };
         let mut tx = self
             .tx
             .lock()
             .map_err(|_| Status::internal("connection state poisoned"))?;
         send_frame(
             &mut tx,
-            FrameHeader::new(FrameKind::OneWay, StreamId(id)),
-            &md,
-            payload,
-            None,
-        )
-        .map_err(send_status)
-    }
-
-    /// Sends a Publish frame (metadata carries the topic).
-    pub(crate) fn send_publish(&self, metadata: &[u8], payload: &[u8]) -> Result<(), Status> {
-        if !self.is_alive() {
-            return Err(Status::unavailable("the subscriber is gone"));
-        }
-        let id = self.next_stream.fetch_add(2, Ordering::Relaxed);
-        let mut tx = self
-            .tx
-            .lock()
-            .map_err(|_| Status::internal("connection state poisoned"))?;
-        send_frame(
-            &mut tx,
-            FrameHeader::new(FrameKind::Publish, StreamId(id)),
+            FrameHeader::new(kind, StreamId(id)),
             metadata,
             payload,
             None,
@@ -277,22 +281,15 @@ fn client_reader(
             continue;
         };
         let result = match h.kind {
-            FrameKind::Response => {
-                let metadata = if frame.metadata().is_empty() {
-                    Ok(Metadata::default())
-                } else {
-                    Metadata::decode(frame.metadata(), &limits)
-                };
-                match metadata {
-                    Ok(metadata) => Ok(Response {
-                        payload: Bytes::copy_from_slice(frame.payload()),
-                        metadata,
-                    }),
-                    Err(e) => Err(Status::internal(format!(
-                        "malformed response metadata: {e}"
-                    ))),
-                }
-            }
+            FrameKind::Response => match decode_metadata(frame.metadata(), &limits) {
+                Ok(metadata) => Ok(Response {
+                    payload: Bytes::copy_from_slice(frame.payload()),
+                    metadata,
+                }),
+                Err(e) => Err(Status::internal(format!(
+                    "malformed response metadata: {e}"
+                ))),
+            },
             FrameKind::Error => Err(Status::decode(frame.payload()).unwrap_or_else(|e| {
                 Status::internal(format!("malformed error status from the server: {e}"))
             })),
@@ -357,23 +354,17 @@ pub(crate) fn serve_link(link: ShmLink, ctx: Arc<ServeCtx>) {
         let h = *frame.header();
         match h.kind {
             FrameKind::Request | FrameKind::OneWay => {
-                let metadata = if frame.metadata().is_empty() {
-                    Metadata::default()
-                } else {
-                    match Metadata::decode(frame.metadata(), &ctx.limits) {
-                        Ok(m) => m,
-                        Err(e) => {
-                            if h.kind == FrameKind::Request {
-                                reply(
-                                    &tx,
-                                    h.stream_id,
-                                    Err(Status::invalid_argument(format!(
-                                        "malformed metadata: {e}"
-                                    ))),
-                                );
-                            }
-                            continue;
+                let metadata = match decode_metadata(frame.metadata(), &ctx.limits) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        if h.kind == FrameKind::Request {
+                            reply(
+                                &tx,
+                                h.stream_id,
+                                Err(Status::invalid_argument(format!("malformed metadata: {e}"))),
+                            );
                         }
+                        continue;
                     }
                 };
                 let deadline = Deadline::from_wire(h.deadline_us);
@@ -496,11 +487,7 @@ fn reply(tx: &Arc<Mutex<LinkSender>>, id: StreamId, result: Result<Response, Sta
     let Ok(mut tx) = tx.lock() else { return };
     let sent = match result {
         Ok(resp) => {
-            let md = if resp.metadata.is_empty() {
-                Vec::new()
-            } else {
-                resp.metadata.encode()
-            };
+            let md = encode_metadata(&resp.metadata);
             send_frame(
                 &mut tx,
                 FrameHeader::new(FrameKind::Response, id),

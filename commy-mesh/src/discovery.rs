@@ -118,7 +118,7 @@ fn watch_mask() -> WatchMask {
 #[non_exhaustive]
 pub enum DiscoveryError {
     /// The runtime directory, or the mesh or service directory in it, could
-    /// not be created or is unsafe to use (the source names the path).
+    /// not be created or may not be trusted (the source names the path).
     #[error("local discovery cannot use its directory: {0}")]
     RuntimeDir(#[from] RuntimeDirError),
     /// Listing a directory failed.
