@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod floor;
+mod mesh;
 mod peer;
 mod report;
 mod run;

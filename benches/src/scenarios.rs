@@ -3,7 +3,7 @@
 //! see [`crate::scenario`]) and a few lines here; see benches/README.md.
 
 use crate::scenario::{Kind, Scenario, Wait};
-use crate::{floor, shm_link, uds};
+use crate::{floor, mesh, shm_link, uds};
 
 /// Transport name of the Unix-socket baseline (ratios "vs UDS").
 pub(crate) const UDS: &str = "uds";
@@ -12,6 +12,15 @@ pub(crate) const FLOOR: &str = "spin-floor";
 
 /// Transport name of commy-shm's link.
 pub(crate) const SHM: &str = "shm";
+/// Transport name of the mesh API's calls (`mesh.call`).
+pub(crate) const MESH: &str = "mesh";
+/// Transport names of the mesh's pub/sub with 1 and 4 subscribers.
+pub(crate) const PUBSUB_1: &str = "pubsub-1sub";
+/// See [`PUBSUB_1`].
+pub(crate) const PUBSUB_4: &str = "pubsub-4sub";
+/// The mesh call sizes: the common small message and a page.
+pub(crate) const MESH_SIZES: [usize; 2] = [64, 4096];
+
 /// Messages per publish in the shm throughput scenarios.
 const SHM_BATCH: u64 = 32;
 
@@ -37,8 +46,16 @@ pub(crate) fn scenarios() -> Vec<Scenario> {
         all.push(Scenario::new(UDS, Kind::Throughput, size, uds::THROUGHPUT).in_demo());
     }
 
+    // A page-sized round trip for the mesh comparison.
+    all.push(Scenario::new(UDS, Kind::RoundTrip, 4096, uds::ROUND_TRIP));
+
     // commy-shm's ring link: round trip and batched throughput, busy-poll
-    // and default wait, at every size.
+    // and default wait, at every size (and a page for the mesh comparison).
+    all.push(
+        Scenario::new(SHM, Kind::RoundTrip, 4096, shm_link::ROUND_TRIP_DEFAULT)
+            .wait(Wait::Default)
+            .in_demo(),
+    );
     for size in SIZES {
         all.push(
             Scenario::new(SHM, Kind::RoundTrip, size, shm_link::ROUND_TRIP_BUSY)
@@ -64,6 +81,25 @@ pub(crate) fn scenarios() -> Vec<Scenario> {
                 .batch(SHM_BATCH),
         );
     }
+
+    // The mesh API on top of the link: calls, and pub/sub fan-out.
+    for size in MESH_SIZES {
+        all.push(
+            Scenario::new(MESH, Kind::RoundTrip, size, mesh::ROUND_TRIP)
+                .wait(Wait::Default)
+                .in_demo(),
+        );
+    }
+    all.push(
+        Scenario::new(PUBSUB_1, Kind::Throughput, 64, mesh::PUBSUB_1)
+            .wait(Wait::Default)
+            .in_demo(),
+    );
+    all.push(
+        Scenario::new(PUBSUB_4, Kind::Throughput, 64, mesh::PUBSUB_4)
+            .wait(Wait::Default)
+            .in_demo(),
+    );
 
     all
 }

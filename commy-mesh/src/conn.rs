@@ -7,9 +7,13 @@
 //! Sending happens on the caller's thread, straight into the ring.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use commy_core::{
@@ -20,7 +24,7 @@ use commy_shm::link::{LinkSender, RecvError, SendError};
 use commy_shm::{LinkReceiver, RingError, ShmLink};
 use tokio::sync::oneshot;
 
-use crate::service::{Handler, Request, Response};
+use crate::service::{Handler, HandlerFuture, Request, Response};
 
 /// How long a send may wait for ring space before the call fails with
 /// `ResourceExhausted` (the peer is not draining its ring).
@@ -39,9 +43,13 @@ pub(crate) fn send_frame(
     header.metadata_len = metadata.len() as u32;
     header.payload_len = payload.len() as u32;
     let total = commy_core::HEADER_LEN + metadata.len() + payload.len();
-    let deadline = deadline.or_else(|| Some(Instant::now() + SEND_PATIENCE));
     if total <= tx.max_record() {
-        let mut loan = tx.loan(total, deadline)?.zeroed();
+        let loan = match deadline {
+            Some(d) => tx.loan(total, Some(d))?,
+            // The clock is only read if the ring is full.
+            None => tx.loan_for(total, SEND_PATIENCE)?,
+        };
+        let mut loan = loan.zeroed();
         let b = loan.bytes_mut();
         b[..commy_core::HEADER_LEN].copy_from_slice(&header.encode());
         b[commy_core::HEADER_LEN..commy_core::HEADER_LEN + metadata.len()]
@@ -54,7 +62,8 @@ pub(crate) fn send_frame(
         v.extend_from_slice(&header.encode());
         v.extend_from_slice(metadata);
         v.extend_from_slice(payload);
-        tx.send_deadline(&v, deadline)
+        let deadline = deadline.unwrap_or_else(|| Instant::now() + SEND_PATIENCE);
+        tx.send_deadline(&v, Some(deadline))
     }
 }
 
@@ -98,34 +107,65 @@ pub(crate) fn decode_metadata(
 pub(crate) type CallResult = Result<Response, Status>;
 
 /// The client side of one link to one service instance.
+///
+/// Responses are read by the callers themselves: a caller that has sent its
+/// request polls the link's receive ring for a short while (`spin`),
+/// completing whatever responses it finds, its own or other callers'. Only
+/// when no caller is polling and calls are still pending does a parked
+/// reader thread take over, waiting on the ring (and sleeping when it stays
+/// empty). A quick call therefore never crosses a thread.
 pub(crate) struct ClientConn {
     tx: Mutex<LinkSender>,
-    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<CallResult>>>>,
+    rx: Mutex<LinkReceiver>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<CallResult>>>,
     next_stream: AtomicU64,
-    alive: Arc<AtomicBool>,
+    alive: AtomicBool,
+    /// Callers currently polling the receive ring (the reader stands back).
+    pollers: AtomicUsize,
     /// Calls in flight (for least-loaded balancing).
     pub(crate) in_flight: AtomicUsize,
+    limits: Limits,
+    spin: Duration,
+    reader: OnceLock<std::thread::Thread>,
 }
 
+/// How long the fallback reader waits on the ring before re-checking
+/// whether a caller took over or nothing is pending any more.
+const READER_SLICE: Duration = Duration::from_millis(20);
+
 impl ClientConn {
-    /// Wraps a connected link and starts its reader thread.
-    pub(crate) fn start(instance: InstanceId, link: ShmLink, limits: Limits) -> Arc<ClientConn> {
+    /// Wraps a connected link and starts its (parked) reader thread.
+    pub(crate) fn start(
+        instance: InstanceId,
+        link: ShmLink,
+        limits: Limits,
+        spin: Duration,
+    ) -> Arc<ClientConn> {
         let (tx, rx) = link.split();
-        let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<CallResult>>>> = Arc::default();
-        let alive = Arc::new(AtomicBool::new(true));
         let conn = Arc::new(ClientConn {
             tx: Mutex::new(tx),
-            pending: pending.clone(),
+            rx: Mutex::new(rx),
+            pending: Mutex::new(HashMap::new()),
             next_stream: AtomicU64::new(1),
-            alive: alive.clone(),
+            alive: AtomicBool::new(true),
+            pollers: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
+            limits,
+            spin,
+            reader: OnceLock::new(),
         });
+        let weak = Arc::downgrade(&conn);
         let spawned = std::thread::Builder::new()
             .name(format!("commy-client-{instance}"))
-            .spawn(move || client_reader(rx, pending, alive, limits));
-        if let Err(e) = spawned {
-            tracing::error!("cannot start a link reader thread: {e}");
-            conn.alive.store(false, Ordering::Release);
+            .spawn(move || client_reader(weak));
+        match spawned {
+            Ok(handle) => {
+                let _ = conn.reader.set(handle.thread().clone());
+            }
+            Err(e) => {
+                tracing::error!("cannot start a link reader thread: {e}");
+                conn.alive.store(false, Ordering::Release);
+            }
         }
         conn
     }
@@ -141,37 +181,57 @@ impl ClientConn {
         payload: &[u8],
         metadata: &Metadata,
         deadline: Option<Deadline>,
+        now: Instant,
     ) -> CallResult {
         if !self.is_alive() {
             return Err(Status::unavailable("the instance is gone"));
         }
         // Client-opened streams use odd ids.
         let id = self.next_stream.fetch_add(2, Ordering::Relaxed);
-        let (done_tx, done_rx) = oneshot::channel();
-        self.pending
-            .lock()
-            .map_err(|_| Status::internal("connection state poisoned"))?
-            .insert(id, done_tx);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         let _guard = InFlight(&self.in_flight);
         let md = encode_metadata(metadata);
         let header = FrameHeader {
-            deadline_us: Deadline::to_wire_option(deadline),
+            deadline_us: deadline.map_or(commy_core::NO_DEADLINE, |d| d.to_wire_at(now)),
             ..FrameHeader::new(FrameKind::Request, StreamId(id))
         };
-        let sent = {
-            let mut tx = self
-                .tx
-                .lock()
-                .map_err(|_| Status::internal("connection state poisoned"))?;
-            send_frame(&mut tx, header, &md, payload, deadline.map(|d| d.instant()))
+        let send = |tx: &mut LinkSender| {
+            send_frame(tx, header, &md, payload, deadline.map(|d| d.instant())).map_err(send_status)
         };
-        if let Err(e) = sent {
-            self.forget(id);
-            return Err(send_status(e));
-        }
+        // Announced before anything is sent, so the reader stands back.
+        let polling = Poller::enter(self);
+        let mut done = match self.rx.try_lock() {
+            Ok(mut rx) => {
+                // We own the receive ring: our answer cannot be taken by
+                // anyone else, so it needs no registration unless we stop
+                // polling before it comes.
+                send(&mut lock(&self.tx))?;
+                if let Some(result) = self.poll_own(&mut rx, id, deadline) {
+                    return result;
+                }
+                let (done_tx, done_rx) = oneshot::channel();
+                lock(&self.pending).insert(id, done_tx);
+                done_rx
+            }
+            Err(_) => {
+                // Another caller (or the reader) owns the ring: it completes
+                // our call through the pending table.
+                let (done_tx, mut done_rx) = oneshot::channel();
+                lock(&self.pending).insert(id, done_tx);
+                if let Err(e) = send(&mut lock(&self.tx)) {
+                    self.forget(id);
+                    return Err(e);
+                }
+                if let Some(result) = self.poll_shared(&mut done_rx, deadline) {
+                    return result;
+                }
+                done_rx
+            }
+        };
+        // Not answered within the spin: the reader thread takes over.
+        drop(polling);
         let outcome = match deadline {
-            Some(d) => match tokio::time::timeout_at(d.instant().into(), done_rx).await {
+            Some(d) => match tokio::time::timeout_at(d.instant().into(), &mut done).await {
                 Ok(r) => r,
                 Err(_) => {
                     self.forget(id);
@@ -179,14 +239,152 @@ impl ClientConn {
                     return Err(Status::deadline_exceeded("no response before the deadline"));
                 }
             },
-            None => done_rx.await,
+            None => done.await,
         };
-        match outcome {
-            Ok(result) => result,
-            Err(_) => Err(Status::unavailable(
-                "the instance went away during the call",
-            )),
+        outcome.unwrap_or_else(|_| Err(self.gone_status()))
+    }
+
+    /// Polls the ring we own until the answer to `id` comes (completing
+    /// other callers' answers on the way), the spin budget runs out or the
+    /// deadline passes (`None` in the last two cases).
+    fn poll_own(
+        &self,
+        rx: &mut LinkReceiver,
+        id: u64,
+        deadline: Option<Deadline>,
+    ) -> Option<CallResult> {
+        let mut spin = SpinBudget::new(self.spin, deadline);
+        loop {
+            match rx.try_recv() {
+                Ok(Some(msg)) => match self.answer(&msg) {
+                    Some((sid, result)) if sid == id => return Some(result),
+                    Some((sid, result)) => self.complete(sid, result),
+                    None => {
+                        drop(msg);
+                        return Some(Err(self.fail(RecvError::Protocol("malformed frame"))));
+                    }
+                },
+                Ok(None) => {
+                    if spin.spent() {
+                        return None;
+                    }
+                    std::hint::spin_loop();
+                }
+                Err(e) => {
+                    let status = self.fail(e);
+                    return Some(Err(status));
+                }
+            }
         }
+    }
+
+    /// Waits for our pending answer while another thread owns the ring,
+    /// taking the ring over if it is released.
+    fn poll_shared(
+        &self,
+        done: &mut oneshot::Receiver<CallResult>,
+        deadline: Option<Deadline>,
+    ) -> Option<CallResult> {
+        let mut spin = SpinBudget::new(self.spin, deadline);
+        loop {
+            if let Ok(mut rx) = self.rx.try_lock() {
+                self.drain(&mut rx);
+            }
+            match done.try_recv() {
+                Ok(r) => return Some(r),
+                Err(oneshot::error::TryRecvError::Empty) => {}
+                Err(oneshot::error::TryRecvError::Closed) => return Some(Err(self.gone_status())),
+            }
+            if spin.spent() {
+                return None;
+            }
+            for _ in 0..8 {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    /// Completes every answer waiting in the ring. Returns false once the
+    /// link failed (pending calls have been failed then).
+    fn drain(&self, rx: &mut LinkReceiver) -> bool {
+        loop {
+            match rx.try_recv() {
+                Ok(Some(msg)) => match self.answer(&msg) {
+                    Some((sid, result)) => self.complete(sid, result),
+                    None => {
+                        drop(msg);
+                        let _ = self.fail(RecvError::Protocol("malformed frame"));
+                        return false;
+                    }
+                },
+                Ok(None) => return true,
+                Err(e) => {
+                    let _ = self.fail(e);
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Hands an answer to the pending call it belongs to (if it still waits).
+    fn complete(&self, id: u64, result: CallResult) {
+        if let Some(waiter) = lock(&self.pending).remove(&id) {
+            let _ = waiter.send(result);
+        }
+    }
+
+    /// Reads an answer frame: its stream and the call's result. `None` when
+    /// the frame is malformed (the link must be dropped).
+    fn answer(&self, msg: &[u8]) -> Option<(u64, CallResult)> {
+        let frame = match FrameRef::decode(msg, &self.limits) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!("dropping a link: the server sent a malformed frame: {e}");
+                return None;
+            }
+        };
+        let h = *frame.header();
+        let result = match h.kind {
+            FrameKind::Response => match decode_metadata(frame.metadata(), &self.limits) {
+                Ok(metadata) => Ok(Response {
+                    payload: Bytes::copy_from_slice(frame.payload()),
+                    metadata,
+                }),
+                Err(e) => Err(Status::internal(format!(
+                    "malformed response metadata: {e}"
+                ))),
+            },
+            FrameKind::Error => Err(Status::decode(frame.payload()).unwrap_or_else(|e| {
+                Status::internal(format!("malformed error status from the server: {e}"))
+            })),
+            other => Err(Status::internal(format!(
+                "unexpected {} frame in answer to a request",
+                other.as_str()
+            ))),
+        };
+        Some((h.stream_id.0, result))
+    }
+
+    /// Marks the link dead and fails every pending call with the reason,
+    /// which it returns.
+    fn fail(&self, reason: RecvError) -> Status {
+        self.alive.store(false, Ordering::Release);
+        let status = match reason {
+            RecvError::Ring(RingError::Closed) => {
+                Status::unavailable("the instance closed the link")
+            }
+            RecvError::Ring(RingError::PeerGone) => Status::unavailable("the instance died"),
+            other => Status::unavailable(format!("link to the instance failed: {other}")),
+        };
+        let waiters: Vec<_> = lock(&self.pending).drain().map(|(_, w)| w).collect();
+        for w in waiters {
+            let _ = w.send(Err(status.clone()));
+        }
+        status
+    }
+
+    fn gone_status(&self) -> Status {
+        Status::unavailable("the instance went away during the call")
     }
 
     /// Sends a one-way message.
@@ -210,12 +408,8 @@ impl ClientConn {
             return Err(Status::unavailable("the instance is gone"));
         }
         let id = self.next_stream.fetch_add(2, Ordering::Relaxed);
-        let mut tx = self
-            .tx
-            .lock()
-            .map_err(|_| Status::internal("connection state poisoned"))?;
         send_frame(
-            &mut tx,
+            &mut lock(&self.tx),
             FrameHeader::new(kind, StreamId(id)),
             metadata,
             payload,
@@ -225,21 +419,87 @@ impl ClientConn {
     }
 
     fn forget(&self, id: u64) {
-        if let Ok(mut p) = self.pending.lock() {
-            p.remove(&id);
-        }
+        lock(&self.pending).remove(&id);
     }
 
     /// Tells the server to stop working on `id` (best effort).
     fn cancel(&self, id: u64) {
-        if let Ok(mut tx) = self.tx.lock() {
-            let _ = send_frame(
-                &mut tx,
-                FrameHeader::new(FrameKind::Cancel, StreamId(id)),
-                &[],
-                &[],
-                Some(Instant::now()),
-            );
+        let _ = send_frame(
+            &mut lock(&self.tx),
+            FrameHeader::new(FrameKind::Cancel, StreamId(id)),
+            &[],
+            &[],
+            Some(Instant::now()),
+        );
+    }
+
+    fn wake_reader(&self) {
+        if let Some(t) = self.reader.get() {
+            t.unpark();
+        }
+    }
+}
+
+impl Drop for ClientConn {
+    fn drop(&mut self) {
+        // Lets the reader thread notice that the connection is gone.
+        self.alive.store(false, Ordering::Release);
+        self.wake_reader();
+    }
+}
+
+/// How long a caller polls: the clock is first read after a while, so a
+/// quick answer costs no clock read at all.
+struct SpinBudget {
+    spin: Duration,
+    deadline: Option<Deadline>,
+    end: Option<Instant>,
+    round: u32,
+}
+
+impl SpinBudget {
+    fn new(spin: Duration, deadline: Option<Deadline>) -> SpinBudget {
+        SpinBudget {
+            spin,
+            deadline,
+            end: None,
+            round: 0,
+        }
+    }
+
+    /// Whether polling should stop (checks the clock every 64 rounds).
+    fn spent(&mut self) -> bool {
+        self.round = self.round.wrapping_add(1);
+        if self.round % 64 != 0 {
+            return false;
+        }
+        let now = Instant::now();
+        let end = *self.end.get_or_insert_with(|| {
+            let spin_end = now + self.spin;
+            self.deadline
+                .map_or(spin_end, |d| spin_end.min(d.instant()))
+        });
+        now >= end
+    }
+}
+
+/// A caller polling the receive ring; the last one leaving wakes the
+/// reader if calls are still pending.
+struct Poller<'a>(&'a ClientConn);
+
+impl<'a> Poller<'a> {
+    fn enter(conn: &'a ClientConn) -> Poller<'a> {
+        conn.pollers.fetch_add(1, Ordering::AcqRel);
+        Poller(conn)
+    }
+}
+
+impl Drop for Poller<'_> {
+    fn drop(&mut self) {
+        // The last poller out hands over to the reader if any call still
+        // waits (a caller that gives up polling is still pending here).
+        if self.0.pollers.fetch_sub(1, Ordering::AcqRel) == 1 && !lock(&self.0.pending).is_empty() {
+            self.0.wake_reader();
         }
     }
 }
@@ -252,66 +512,45 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// The client's reader thread: completes pending calls with responses.
-fn client_reader(
-    mut rx: LinkReceiver,
-    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<CallResult>>>>,
-    alive: Arc<AtomicBool>,
-    limits: Limits,
-) {
-    let reason = loop {
-        let msg = match rx.recv(None) {
-            Ok(m) => m,
-            Err(e) => break e,
-        };
-        let frame = match FrameRef::decode(&msg, &limits) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::warn!("dropping a link: the server sent a malformed frame: {e}");
-                break RecvError::Protocol("malformed frame");
+/// The fallback reader: while calls are pending and no caller polls, it
+/// waits on the ring and completes responses; otherwise it stays parked.
+fn client_reader(conn: Weak<ClientConn>) {
+    loop {
+        {
+            let Some(c) = conn.upgrade() else { return };
+            loop {
+                if !c.is_alive() {
+                    return;
+                }
+                if c.pollers.load(Ordering::Acquire) > 0 || lock(&c.pending).is_empty() {
+                    break;
+                }
+                let mut rx = lock(&c.rx);
+                match rx.recv(Some(Instant::now() + READER_SLICE)) {
+                    Ok(msg) => match c.answer(&msg) {
+                        Some((id, result)) => c.complete(id, result),
+                        None => {
+                            drop(msg);
+                            let _ = c.fail(RecvError::Protocol("malformed frame"));
+                            return;
+                        }
+                    },
+                    Err(RecvError::TimedOut) => {}
+                    Err(e) => {
+                        let _ = c.fail(e);
+                        return;
+                    }
+                }
             }
-        };
-        let h = *frame.header();
-        let waiter = pending
-            .lock()
-            .ok()
-            .and_then(|mut p| p.remove(&h.stream_id.0));
-        let Some(waiter) = waiter else {
-            // A response to a call that timed out or was cancelled.
-            continue;
-        };
-        let result = match h.kind {
-            FrameKind::Response => match decode_metadata(frame.metadata(), &limits) {
-                Ok(metadata) => Ok(Response {
-                    payload: Bytes::copy_from_slice(frame.payload()),
-                    metadata,
-                }),
-                Err(e) => Err(Status::internal(format!(
-                    "malformed response metadata: {e}"
-                ))),
-            },
-            FrameKind::Error => Err(Status::decode(frame.payload()).unwrap_or_else(|e| {
-                Status::internal(format!("malformed error status from the server: {e}"))
-            })),
-            other => Err(Status::internal(format!(
-                "unexpected {} frame in answer to a request",
-                other.as_str()
-            ))),
-        };
-        let _ = waiter.send(result);
-    };
-    alive.store(false, Ordering::Release);
-    let status = match reason {
-        RecvError::Ring(RingError::Closed) => Status::unavailable("the instance closed the link"),
-        RecvError::Ring(RingError::PeerGone) => Status::unavailable("the instance died"),
-        other => Status::unavailable(format!("link to the instance failed: {other}")),
-    };
-    let waiters: Vec<_> = pending
-        .lock()
-        .map(|mut p| p.drain().map(|(_, w)| w).collect())
-        .unwrap_or_default();
-    for w in waiters {
-        let _ = w.send(Err(status.clone()));
+        }
+        std::thread::park();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
     }
 }
 
@@ -324,14 +563,25 @@ pub(crate) struct ServeCtx {
     /// Requests being handled, across all connections (for draining).
     pub(crate) in_flight: Arc<AtomicUsize>,
     pub(crate) drained: Arc<tokio::sync::Notify>,
+    /// Set once somebody waits for `drained` (before it reads `in_flight`).
+    pub(crate) draining: AtomicBool,
     pub(crate) service: commy_core::ServiceName,
 }
 
+/// Requests handed to tokio tasks, by stream id: `None` until the task's
+/// abort handle is filled in. Removing an entry marks the answer unwanted.
+type Running = Arc<Mutex<HashMap<u64, Option<tokio::task::AbortHandle>>>>;
+
 /// Serves one accepted link until it closes (runs on its own thread).
+///
+/// Each request's handler is polled once right here, so a handler that
+/// completes without waiting is answered from this thread with no hand-off;
+/// one that has to wait continues as a tokio task.
 pub(crate) fn serve_link(link: ShmLink, ctx: Arc<ServeCtx>) {
+    let _runtime = ctx.runtime.enter();
     let (tx, mut rx) = link.split();
     let tx = Arc::new(Mutex::new(tx));
-    let running: Arc<Mutex<HashMap<u64, tokio::task::AbortHandle>>> = Arc::default();
+    let running: Running = Arc::default();
     loop {
         let msg = match rx.recv(None) {
             Ok(m) => m,
@@ -357,6 +607,7 @@ pub(crate) fn serve_link(link: ShmLink, ctx: Arc<ServeCtx>) {
                 let metadata = match decode_metadata(frame.metadata(), &ctx.limits) {
                     Ok(m) => m,
                     Err(e) => {
+                        drop(msg);
                         if h.kind == FrameKind::Request {
                             reply(
                                 &tx,
@@ -367,11 +618,8 @@ pub(crate) fn serve_link(link: ShmLink, ctx: Arc<ServeCtx>) {
                         continue;
                     }
                 };
+                // Relative on the wire (at least 1 µs): counted from now.
                 let deadline = Deadline::from_wire(h.deadline_us);
-                if deadline.is_some_and(|d| d.is_expired()) {
-                    // Expired on arrival: the caller has given up already.
-                    continue;
-                }
                 let request = Request {
                     service: ctx.service.clone(),
                     payload: Bytes::copy_from_slice(frame.payload()),
@@ -379,29 +627,23 @@ pub(crate) fn serve_link(link: ShmLink, ctx: Arc<ServeCtx>) {
                     deadline,
                 };
                 drop(msg);
-                spawn_handler(&ctx, &tx, &running, h, request);
+                handle(&ctx, &tx, &running, h, request);
             }
             FrameKind::Cancel => {
                 drop(msg);
-                if let Some(task) = running
-                    .lock()
-                    .ok()
-                    .and_then(|mut r| r.remove(&h.stream_id.0))
-                {
+                if let Some(Some(task)) = lock(&running).remove(&h.stream_id.0) {
                     task.abort();
                 }
             }
             FrameKind::Ping => {
                 drop(msg);
-                if let Ok(mut tx) = tx.lock() {
-                    let _ = send_frame(
-                        &mut tx,
-                        FrameHeader::new(FrameKind::Pong, h.stream_id),
-                        &[],
-                        &[],
-                        None,
-                    );
-                }
+                let _ = send_frame(
+                    &mut lock(&tx),
+                    FrameHeader::new(FrameKind::Pong, h.stream_id),
+                    &[],
+                    &[],
+                    None,
+                );
             }
             other => {
                 tracing::debug!(
@@ -413,72 +655,132 @@ pub(crate) fn serve_link(link: ShmLink, ctx: Arc<ServeCtx>) {
         }
     }
     // The client is gone: stop work nobody waits for.
-    if let Ok(mut r) = running.lock() {
-        for (_, task) in r.drain() {
+    for (_, task) in lock(&running).drain() {
+        if let Some(task) = task {
             task.abort();
         }
     }
 }
 
-fn spawn_handler(
+/// A handler's future with panics turned into an error.
+struct CatchPanic {
+    fut: HandlerFuture,
+    service: commy_core::ServiceName,
+}
+
+impl Future for CatchPanic {
+    type Output = Result<Response, Status>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let fut = &mut self.fut;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+            Ok(p) => p,
+            Err(_) => Poll::Ready(Err(panicked(&self.service))),
+        }
+    }
+}
+
+fn panicked(service: &commy_core::ServiceName) -> Status {
+    tracing::error!("service {service}: the handler panicked");
+    Status::internal("the service's handler panicked")
+}
+
+/// One request being handled: counted for draining until dropped (also
+/// when its task is aborted by a Cancel frame).
+struct Handling(Arc<ServeCtx>);
+
+impl Handling {
+    fn new(ctx: &Arc<ServeCtx>) -> Handling {
+        ctx.in_flight.fetch_add(1, Ordering::SeqCst);
+        Handling(ctx.clone())
+    }
+}
+
+impl Drop for Handling {
+    fn drop(&mut self) {
+        // SYNC: SeqCst on both words, as in `Served::drain`: either the
+        // drainer sees the count drop to zero, or we see it draining.
+        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.0.draining.load(Ordering::SeqCst)
+        {
+            self.0.drained.notify_waiters();
+        }
+    }
+}
+
+/// Runs one request: inline if its handler completes at once, else as a task.
+fn handle(
     ctx: &Arc<ServeCtx>,
     tx: &Arc<Mutex<LinkSender>>,
-    running: &Arc<Mutex<HashMap<u64, tokio::task::AbortHandle>>>,
+    running: &Running,
     h: FrameHeader,
     request: Request,
 ) {
     let id = h.stream_id;
     let oneway = h.kind == FrameKind::OneWay;
     let deadline = request.deadline;
-    let handler_fut = (ctx.handler)(request);
-    ctx.in_flight.fetch_add(1, Ordering::AcqRel);
+    let handling = Handling::new(ctx);
+    let handler = &ctx.handler;
+    let fut = match std::panic::catch_unwind(AssertUnwindSafe(|| handler(request))) {
+        Ok(fut) => fut,
+        Err(_) => {
+            if !oneway {
+                reply(tx, id, Err(panicked(&ctx.service)));
+            }
+            return;
+        }
+    };
+    let mut fut = CatchPanic {
+        fut,
+        service: ctx.service.clone(),
+    };
+    // A handler that answers at once runs right here, one at a time per
+    // link, without a permit: permits bound the handlers left waiting.
+    let mut cx = Context::from_waker(Waker::noop());
+    if let Poll::Ready(result) = Pin::new(&mut fut).poll(&mut cx) {
+        if !oneway {
+            reply(tx, id, result);
+        }
+        return;
+    }
+    // The handler waits: it continues as a task once it has a permit.
+    let permit = ctx.permits.clone().try_acquire_owned().ok();
+    if !oneway {
+        lock(running).insert(id.0, None);
+    }
     let work = {
-        let ctx = ctx.clone();
+        let (ctx, tx, running) = (ctx.clone(), tx.clone(), running.clone());
         async move {
-            let _permit = ctx.permits.clone().acquire_owned().await;
-            match deadline {
-                Some(d) => tokio::time::timeout_at(d.instant().into(), handler_fut)
+            let _handling = handling;
+            let _permit = match permit {
+                Some(p) => p,
+                None => match ctx.permits.clone().acquire_owned().await {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+            };
+            let result = match deadline {
+                Some(d) => tokio::time::timeout_at(d.instant().into(), fut)
                     .await
                     .unwrap_or_else(|_| {
                         Err(Status::deadline_exceeded(
                             "the handler ran past the deadline",
                         ))
                     }),
-                None => handler_fut.await,
+                None => fut.await,
+            };
+            // Removed already if the caller cancelled: nobody waits then.
+            if !oneway && lock(&running).remove(&id.0).is_some() {
+                reply(&tx, id, result);
             }
         }
     };
     let task = ctx.runtime.spawn(work);
-    let abort = task.abort_handle();
     if !oneway {
-        if let Ok(mut r) = running.lock() {
-            r.insert(id.0, abort);
+        if let Some(slot) = lock(running).get_mut(&id.0) {
+            *slot = Some(task.abort_handle());
         }
     }
-    let (ctx2, tx, running) = (ctx.clone(), tx.clone(), running.clone());
-    ctx.runtime.spawn(async move {
-        let result = match task.await {
-            Ok(r) => Some(r),
-            Err(e) if e.is_panic() => {
-                tracing::error!("service {}: the handler panicked", ctx2.service);
-                Some(Err(Status::internal("the service's handler panicked")))
-            }
-            // Cancelled by the caller: it is not waiting for an answer.
-            Err(_) => None,
-        };
-        let still_wanted = running
-            .lock()
-            .map(|mut r| r.remove(&id.0).is_some())
-            .unwrap_or(false);
-        if let Some(result) = result {
-            if !oneway && still_wanted {
-                reply(&tx, id, result);
-            }
-        }
-        if ctx2.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            ctx2.drained.notify_waiters();
-        }
-    });
 }
 
 /// Sends a handler's result back on the link (best effort: a client that is

@@ -26,7 +26,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use commy_core::{Deadline, InstanceId, Limits, MeshName, Metadata, ServiceName, Status};
@@ -50,10 +50,16 @@ pub struct Config {
     pub link: LinkConfig,
     /// Frame limits enforced on everything received.
     pub limits: Limits,
-    /// Requests one service instance handles at once; more wait in line.
+    /// Handlers of one service instance that may be waiting at once (a
+    /// handler that answers without waiting runs on its link's thread and
+    /// takes no slot); more wait in line.
     pub max_concurrency: usize,
     /// Timeout of calls that set none.
     pub default_timeout: Option<Duration>,
+    /// How long a caller polls the link for its response before it yields
+    /// its thread and waits to be woken (zero: never poll). Polling saves
+    /// the thread hand-off, which costs more than a whole quick call.
+    pub call_spin: Duration,
 }
 
 impl Default for Config {
@@ -65,6 +71,7 @@ impl Default for Config {
             limits: Limits::DEFAULT,
             max_concurrency: 1024,
             default_timeout: Some(Duration::from_secs(30)),
+            call_spin: Duration::from_micros(50),
         }
     }
 }
@@ -107,6 +114,13 @@ impl MeshBuilder {
     /// Sets the timeout of calls that set none (`None`: wait forever).
     pub fn default_timeout(mut self, t: Option<Duration>) -> MeshBuilder {
         self.config.default_timeout = t;
+        self
+    }
+
+    /// Sets how long a caller polls for its response before sleeping
+    /// (see [`Config::call_spin`]).
+    pub fn call_spin(mut self, spin: Duration) -> MeshBuilder {
+        self.config.call_spin = spin;
         self
     }
 
@@ -268,6 +282,7 @@ impl Mesh {
             )),
             in_flight: Arc::new(AtomicUsize::new(0)),
             drained: Arc::new(tokio::sync::Notify::new()),
+            draining: AtomicBool::new(false),
             service: service.clone(),
         });
         let served = Arc::new(Served {
@@ -306,16 +321,37 @@ impl Mesh {
         options: CallOptions,
     ) -> Result<Response, Status> {
         self.check_open()?;
-        let service = service_name(name)?;
         let payload = payload.into();
+        let now = Instant::now();
         let timeout = options.timeout.or(self.inner.config.default_timeout);
-        let deadline = match (timeout.map(Deadline::after), options.deadline) {
+        let deadline = match (
+            timeout.map(|t| Deadline::after_at(t, now)),
+            options.deadline,
+        ) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let pool = self.pool(&service);
-        let conn = self.pick(&pool).await?;
-        conn.call(&payload, &options.metadata, deadline).await
+        let conn = match self.connected(name) {
+            Some(conn) => conn,
+            None => {
+                let pool = self.pool(&service_name(name)?);
+                self.pick(&pool).await?
+            }
+        };
+        conn.call(&payload, &options.metadata, deadline, now).await
+    }
+
+    /// The fast path of picking: a live link to an instance of a service
+    /// already known, chosen like [`pick`](Mesh::pick), without allocating.
+    fn connected(&self, name: &str) -> Option<Arc<ClientConn>> {
+        let pool = lock(&self.inner.pools).get(name)?.clone();
+        let instances = lock(&pool.instances);
+        if instances.is_empty() {
+            return None;
+        }
+        let idx = choose(&pool, &instances);
+        let conn = lock(&pool.conns).get(&instances[idx].id)?.clone();
+        conn.is_alive().then_some(conn)
     }
 
     /// Calls `name` with a serde value encoded by postcard, decoding the reply.
@@ -497,7 +533,12 @@ impl Mesh {
             .await
             .map_err(|e| Status::internal(format!("connect task failed: {e}")))?
             .map_err(|e| Status::unavailable(format!("cannot connect to {}: {e}", inst.id)))?;
-        let conn = ClientConn::start(inst.id, link, self.inner.config.limits);
+        let conn = ClientConn::start(
+            inst.id,
+            link,
+            self.inner.config.limits,
+            self.inner.config.call_spin,
+        );
         lock(&pool.conns).insert(inst.id, conn.clone());
         Ok(conn)
     }
@@ -577,9 +618,11 @@ impl Served {
 
     /// Waits until no request is being handled.
     async fn drain(&self) {
+        // SYNC: SeqCst pairs with `Handling::drop` (see there).
+        self.ctx.draining.store(true, Ordering::SeqCst);
         loop {
             let notified = self.ctx.drained.notified();
-            if self.ctx.in_flight.load(Ordering::Acquire) == 0 {
+            if self.ctx.in_flight.load(Ordering::SeqCst) == 0 {
                 return;
             }
             notified.await;

@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use commy_mesh::{CallOptions, Code, Mesh, Request, Response, Status};
@@ -185,6 +187,100 @@ async fn in_process_calls_and_statuses() {
     mesh.close().await;
     let e = mesh.call("echo", &b"x"[..]).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
+}
+
+/// Many tasks call at once, some handlers answering at once and some after
+/// sleeping: callers that poll the ring complete each other's calls, the
+/// reader takes over when nobody polls, and every caller gets its own
+/// answer. Run with and without caller polling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_callers_each_get_their_own_answer() {
+    if role().is_some() {
+        return;
+    }
+    let dir = private_dir("concurrent");
+    let server = open(&dir).await;
+    let _h = serve_test_services(&server).await;
+    for spin in [Duration::from_micros(50), Duration::ZERO] {
+        let client = Mesh::builder()
+            .runtime_dir(&dir)
+            .call_spin(spin)
+            .open()
+            .await
+            .unwrap();
+        let mut tasks = tokio::task::JoinSet::new();
+        for t in 0..24u64 {
+            let client = client.clone();
+            tasks.spawn(async move {
+                for i in 0..150u64 {
+                    // Every third call sleeps 0-2 ms in its handler.
+                    let (service, ms) = if (t + i) % 3 == 0 {
+                        ("slow", (i / 3) % 3)
+                    } else {
+                        ("echo", 0)
+                    };
+                    let mut payload = ms.to_le_bytes().to_vec();
+                    payload.extend_from_slice(&(t << 32 | i).to_le_bytes());
+                    let reply = client.call(service, payload.clone()).await.unwrap();
+                    assert_eq!(&reply[..], &payload[..], "task {t} call {i}");
+                }
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.unwrap();
+        }
+        client.close().await;
+    }
+    server.close().await;
+}
+
+/// A handler still running when its caller's deadline passes is cancelled:
+/// its future is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_past_the_deadline_is_cancelled() {
+    if role().is_some() {
+        return;
+    }
+    struct SetOnDrop(Arc<AtomicBool>);
+    impl Drop for SetOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    let dir = private_dir("cancel");
+    let mesh = open(&dir).await;
+    let dropped = Arc::new(AtomicBool::new(false));
+    let _hang = {
+        let dropped = dropped.clone();
+        mesh.serve("hang", move |_req: Request| {
+            let guard = SetOnDrop(dropped.clone());
+            async move {
+                let _guard = guard;
+                std::future::pending::<()>().await;
+                Ok::<_, Status>(Response::default())
+            }
+        })
+        .await
+        .unwrap()
+    };
+    let e = mesh
+        .call_with(
+            "hang",
+            &b"x"[..],
+            CallOptions::default().timeout(Duration::from_millis(50)),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e}");
+    let t = Instant::now();
+    while !dropped.load(Ordering::SeqCst) {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the handler was not cancelled"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    mesh.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -746,6 +746,22 @@ impl LinkSender {
         Ok(self.ring.reserve_wait(len, TAG_WHOLE, deadline)?)
     }
 
+    /// Like [`loan`](LinkSender::loan), waiting for ring space at most
+    /// `patience` from the moment the ring is found full.
+    pub fn loan_for(
+        &mut self,
+        len: usize,
+        patience: Duration,
+    ) -> Result<Loan<'_, ring::Uninit>, SendError> {
+        if len > self.chunk {
+            return Err(SendError::TooLarge {
+                len,
+                max: self.chunk,
+            });
+        }
+        Ok(self.ring.reserve_wait_for(len, TAG_WHOLE, patience)?)
+    }
+
     /// Sends a message as part of a batch: it becomes visible to the
     /// receiver with the next [`flush`](LinkSender::flush) (or when the ring
     /// fills up). Messages larger than one record are sent at once.
@@ -781,11 +797,33 @@ impl LinkSender {
 impl LinkReceiver {
     /// Receives the next message, waiting until `deadline` (forever if `None`).
     pub fn recv(&mut self, deadline: Option<Instant>) -> Result<Message<'_>, RecvError> {
+        match self.next(Some(deadline))? {
+            Some(m) => Ok(m),
+            None => Err(RecvError::TimedOut),
+        }
+    }
+
+    /// Receives the next message if one is complete in the ring, without
+    /// waiting (`Ok(None)` otherwise). Fragments already there are taken in
+    /// and kept until the rest arrives.
+    pub fn try_recv(&mut self) -> Result<Option<Message<'_>>, RecvError> {
+        self.next(None)
+    }
+
+    /// `wait`: `Some(deadline)` to wait for a message, `None` to return
+    /// `Ok(None)` as soon as the ring is empty.
+    fn next(&mut self, wait: Option<Option<Instant>>) -> Result<Option<Message<'_>>, RecvError> {
         loop {
-            let tag = self.ring.peek_tag(deadline)?;
+            let tag = match wait {
+                Some(deadline) => self.ring.peek_tag(deadline)?,
+                None => match self.ring.try_peek_tag()? {
+                    Some(tag) => tag,
+                    None => return Ok(None),
+                },
+            };
             if tag == TAG_WHOLE && self.partial.is_none() {
                 return match self.ring.try_recv()? {
-                    Some(r) => Ok(Message::InPlace(r)),
+                    Some(r) => Ok(Some(Message::InPlace(r))),
                     None => Err(RecvError::Protocol("record vanished")),
                 };
             }
@@ -807,7 +845,7 @@ impl LinkReceiver {
                 return Err(e);
             }
             if let Some(v) = done {
-                return Ok(Message::Owned(v));
+                return Ok(Some(Message::Owned(v)));
             }
         }
     }

@@ -41,7 +41,7 @@
 use std::marker::PhantomData;
 use std::mem::MaybeUninit;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
 use crate::wait::{self, WaitStrategy, Waited, WakeWords};
@@ -532,11 +532,37 @@ impl Producer {
         tag: u8,
         deadline: Option<Instant>,
     ) -> Result<Loan<'_, Uninit>, ReserveError> {
+        self.reserve_wait_lazy(len, tag, || deadline)
+    }
+
+    /// Like [`reserve_wait`](Producer::reserve_wait), waiting at most
+    /// `patience` from the moment the ring is found full (the clock is only
+    /// read then).
+    pub fn reserve_wait_for(
+        &mut self,
+        len: usize,
+        tag: u8,
+        patience: Duration,
+    ) -> Result<Loan<'_, Uninit>, ReserveError> {
+        self.reserve_wait_lazy(len, tag, || Instant::now().checked_add(patience))
+    }
+
+    fn reserve_wait_lazy(
+        &mut self,
+        len: usize,
+        tag: u8,
+        deadline: impl FnOnce() -> Option<Instant>,
+    ) -> Result<Loan<'_, Uninit>, ReserveError> {
+        let mut pending_deadline = Some(deadline);
+        let mut deadline = None;
         loop {
             let need = match self.prepare(len)? {
                 Ok(off) => return Ok(self.loan(off, len, tag)),
                 Err((needed, _)) => needed.min(self.mem.cap),
             };
+            if let Some(f) = pending_deadline.take() {
+                deadline = f();
+            }
             let strategy = self.strategy;
             let mem = &self.mem;
             let ctl = mem.ctl();
@@ -858,6 +884,18 @@ impl Consumer {
             })),
             None => {
                 // Padding may have been skipped: hand its space back.
+                self.release_published();
+                Ok(None)
+            }
+        }
+    }
+
+    /// The tag of the next record without consuming it or waiting, or
+    /// `None` if the ring is empty.
+    pub fn try_peek_tag(&mut self) -> Result<Option<u8>, RingError> {
+        match self.next_record()? {
+            Some(r) => Ok(Some(r.tag)),
+            None => {
                 self.release_published();
                 Ok(None)
             }

@@ -1,0 +1,246 @@
+//! Commy's mesh API (commy-mesh): `mesh.call` round trips and pub/sub
+//! throughput between two processes on the embedded default.
+//!
+//! Nothing is passed between the processes but a mesh name: both open the
+//! mesh `bench-<pid of the measuring process>` in the default runtime dir
+//! and find each other through local discovery, exactly as applications do.
+//! The peer serves `echo` (its handler returns the request's payload) and
+//! `stop` (ends the peer), or subscribes to the stream topic; it says ready
+//! once its services or subscriptions are announced.
+//!
+//! Round trip: the measuring process times each `mesh.call("echo", bytes)`,
+//! the payload being built before the clock starts (as the bare link's
+//! scenario writes its message before timing), and checks every reply.
+//!
+//! Throughput: the measuring process publishes messages on `bench/stream`;
+//! the peer has 1 or 4 subscriptions on it, each receiving every message, and
+//! publishes on `bench/ack` once all of them have seen the warm-up, then the
+//! timed messages. The timed span runs from the first timed publish to that
+//! acknowledgement.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use commy_mesh::{Mesh, Request, Response, Status};
+
+use crate::scenario::{
+    BenchError, ChildCtx, Endpoints, Fns, Measurement, Params, ParentCtx, io_err,
+};
+
+/// Round trip through `mesh.call`.
+pub(crate) const ROUND_TRIP: Fns = Fns {
+    setup,
+    parent: rt_parent,
+    child: rt_child,
+};
+
+/// Publish throughput to one subscriber.
+pub(crate) const PUBSUB_1: Fns = Fns {
+    setup,
+    parent: |c| tp_parent(c, 1),
+    child: |c| tp_child(c, 1),
+};
+
+/// Publish throughput to four subscribers.
+pub(crate) const PUBSUB_4: Fns = Fns {
+    setup,
+    parent: |c| tp_parent(c, 4),
+    child: |c| tp_child(c, 4),
+};
+
+const STREAM: &str = "bench/stream";
+const ACK: &str = "bench/ack";
+
+fn setup(_: &Params) -> Result<Endpoints, BenchError> {
+    Ok(Endpoints::default())
+}
+
+fn mesh_err(what: &str) -> impl FnOnce(Status) -> BenchError + '_ {
+    move |s| BenchError::Protocol(format!("mesh {what}: {s}"))
+}
+
+/// The mesh both processes join: named after the measuring process.
+fn mesh_name(measuring_pid: u32) -> String {
+    format!("bench-{measuring_pid}")
+}
+
+/// A runtime for one side: the calling thread does all the work (the
+/// process is pinned to one core).
+fn runtime() -> Result<tokio::runtime::Runtime, BenchError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(io_err("starting a tokio runtime"))
+}
+
+async fn open(measuring_pid: u32) -> Result<Mesh, BenchError> {
+    Mesh::builder()
+        .mesh(&mesh_name(measuring_pid))
+        .open()
+        .await
+        .map_err(|e| BenchError::Protocol(format!("opening the mesh: {e}")))
+}
+
+fn rt_parent(ctx: &mut ParentCtx<'_>) -> Result<Measurement, BenchError> {
+    let p = ctx.params;
+    runtime()?.block_on(async {
+        let mesh = open(std::process::id()).await?;
+        let mut msg = vec![0xA5u8; p.size];
+        let stamp_len = 8.min(p.size);
+        let mut samples = Vec::with_capacity(p.iterations as usize);
+        for i in 0..p.warmup + p.iterations {
+            msg[..stamp_len].copy_from_slice(&i.to_le_bytes()[..stamp_len]);
+            let payload = Bytes::copy_from_slice(&msg);
+            let t = Instant::now();
+            let reply = mesh.call("echo", payload).await.map_err(mesh_err("call"))?;
+            let ns = t.elapsed().as_nanos() as u64;
+            if reply.len() != msg.len() || reply[..stamp_len] != msg[..stamp_len] {
+                return Err(BenchError::Protocol(format!(
+                    "mesh echo of iteration {i} does not match what was sent"
+                )));
+            }
+            if i >= p.warmup {
+                samples.push(ns);
+            }
+        }
+        mesh.call("stop", Bytes::new())
+            .await
+            .map_err(mesh_err("stop"))?;
+        mesh.close().await;
+        Ok(Measurement::RoundTrip(samples))
+    })
+}
+
+fn rt_child(ctx: &mut ChildCtx<'_>) -> Result<(), BenchError> {
+    let parent = std::os::unix::process::parent_id();
+    runtime()?.block_on(async {
+        let mesh = open(parent).await?;
+        let _echo = mesh
+            .serve("echo", |req: Request| async move {
+                Ok::<_, Status>(Response::new(req.into_payload()))
+            })
+            .await
+            .map_err(mesh_err("serve"))?;
+        let stop = std::sync::Arc::new(tokio::sync::Notify::new());
+        let _stop = {
+            let stop = stop.clone();
+            mesh.serve("stop", move |_req: Request| {
+                stop.notify_one();
+                async { Ok::<_, Status>(Response::default()) }
+            })
+            .await
+            .map_err(mesh_err("serve"))?
+        };
+        ctx.ready()?;
+        stop.notified().await;
+        mesh.close().await;
+        Ok(())
+    })
+}
+
+/// Waits for the peer's acknowledgement.
+async fn ack(acks: &mut commy_mesh::Subscription) -> Result<(), BenchError> {
+    match acks.next().await {
+        Some(_) => Ok(()),
+        None => Err(BenchError::Protocol(
+            "the acknowledgement subscription ended".into(),
+        )),
+    }
+}
+
+/// Publishes `count` messages, each to every subscriber.
+async fn publish(mesh: &Mesh, msg: &Bytes, count: u64, subs: usize) -> Result<(), BenchError> {
+    for _ in 0..count {
+        let delivered = mesh
+            .publish(STREAM, msg.clone())
+            .await
+            .map_err(mesh_err("publish"))?;
+        if delivered != subs {
+            return Err(BenchError::Protocol(format!(
+                "a publish reached {delivered} subscriber(s), not {subs}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn tp_parent(ctx: &mut ParentCtx<'_>, subs: usize) -> Result<Measurement, BenchError> {
+    let p = ctx.params;
+    runtime()?.block_on(async {
+        let mesh = open(std::process::id()).await?;
+        let mut acks = mesh.subscribe(ACK).await.map_err(mesh_err("subscribe"))?;
+        let msg = Bytes::from(vec![0xA5u8; p.size]);
+        publish(&mesh, &msg, p.warmup, subs).await?;
+        ack(&mut acks).await?;
+        let t = Instant::now();
+        publish(&mesh, &msg, p.iterations, subs).await?;
+        ack(&mut acks).await?;
+        let elapsed = t.elapsed();
+        mesh.close().await;
+        Ok(Measurement::Throughput {
+            messages: p.iterations,
+            bytes: p.iterations * p.size as u64,
+            elapsed,
+        })
+    })
+}
+
+fn tp_child(ctx: &mut ChildCtx<'_>, subs: usize) -> Result<(), BenchError> {
+    let parent = std::os::unix::process::parent_id();
+    let p = ctx.params;
+    runtime()?.block_on(async {
+        let mesh = open(parent).await?;
+        let mut subscriptions = Vec::with_capacity(subs);
+        for _ in 0..subs {
+            subscriptions.push(
+                mesh.subscribe(STREAM)
+                    .await
+                    .map_err(mesh_err("subscribe"))?,
+            );
+        }
+        ctx.ready()?;
+        for count in [p.warmup, p.iterations] {
+            // Every subscription drains concurrently (a blocked one would
+            // hold the publisher back).
+            let mut tasks = tokio::task::JoinSet::new();
+            for mut sub in subscriptions.drain(..) {
+                tasks.spawn(async move {
+                    let mut bad = 0u64;
+                    for _ in 0..count {
+                        let Some(m) = sub.next().await else {
+                            return Err(BenchError::Protocol("a stream subscription ended".into()));
+                        };
+                        if m.payload().len() != p.size {
+                            bad += 1;
+                        }
+                    }
+                    if bad > 0 {
+                        return Err(BenchError::Protocol(format!(
+                            "{bad} messages of the wrong size"
+                        )));
+                    }
+                    Ok(sub)
+                });
+            }
+            while let Some(done) = tasks.join_next().await {
+                let sub = done.map_err(|e| {
+                    BenchError::Protocol(format!("a subscriber task failed: {e}"))
+                })??;
+                subscriptions.push(sub);
+            }
+            // The acknowledgement's subscriber announced itself before the
+            // first message was published, so one publish reaches it.
+            let delivered = mesh
+                .publish(ACK, Bytes::from_static(b"k"))
+                .await
+                .map_err(mesh_err("publish"))?;
+            if delivered != 1 {
+                return Err(BenchError::Protocol(format!(
+                    "the acknowledgement reached {delivered} subscribers"
+                )));
+            }
+        }
+        mesh.close().await;
+        Ok(())
+    })
+}
