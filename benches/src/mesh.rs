@@ -10,7 +10,8 @@
 //!
 //! Round trip: the measuring process times each `mesh.call("echo", bytes)`,
 //! the payload being built before the clock starts (as the bare link's
-//! scenario writes its message before timing), and checks every reply.
+//! scenario writes its message before timing), and compares every reply
+//! with the request in the timed span (as the bare link's scenario does).
 //!
 //! Throughput: the measuring process publishes messages on `bench/stream`;
 //! the peer has 1 or 4 subscriptions on it, each receiving every message, and
@@ -93,8 +94,9 @@ fn rt_parent(ctx: &mut ParentCtx<'_>) -> Result<Measurement, BenchError> {
             let payload = Bytes::copy_from_slice(&msg);
             let t = Instant::now();
             let reply = mesh.call("echo", payload).await.map_err(mesh_err("call"))?;
+            let same = reply[..] == msg[..];
             let ns = t.elapsed().as_nanos() as u64;
-            if reply.len() != msg.len() || reply[..stamp_len] != msg[..stamp_len] {
+            if !same {
                 return Err(BenchError::Protocol(format!(
                     "mesh echo of iteration {i} does not match what was sent"
                 )));

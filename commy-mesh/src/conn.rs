@@ -7,6 +7,8 @@
 //! Sending happens on the caller's thread, straight into the ring.
 
 use std::collections::HashMap;
+
+use rustc_hash::FxHashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -38,16 +40,16 @@ pub(crate) fn send_frame(
     mut header: FrameHeader,
     metadata: &[u8],
     payload: &[u8],
-    deadline: Option<Instant>,
+    patience: Patience,
 ) -> Result<(), SendError> {
     header.metadata_len = metadata.len() as u32;
     header.payload_len = payload.len() as u32;
     let total = commy_core::HEADER_LEN + metadata.len() + payload.len();
     if total <= tx.max_record() {
-        let loan = match deadline {
-            Some(d) => tx.loan(total, Some(d))?,
+        let loan = match patience {
+            Patience::Until(d) => tx.loan(total, Some(d))?,
             // The clock is only read if the ring is full.
-            None => tx.loan_for(total, SEND_PATIENCE)?,
+            Patience::For(t) => tx.loan_for(total, t)?,
         };
         let mut loan = loan.zeroed();
         let b = loan.bytes_mut();
@@ -62,8 +64,88 @@ pub(crate) fn send_frame(
         v.extend_from_slice(&header.encode());
         v.extend_from_slice(metadata);
         v.extend_from_slice(payload);
-        let deadline = deadline.unwrap_or_else(|| Instant::now() + SEND_PATIENCE);
+        let deadline = match patience {
+            Patience::Until(d) => d,
+            Patience::For(t) => Instant::now() + t,
+        };
         tx.send_deadline(&v, Some(deadline))
+    }
+}
+
+/// How long a send may wait for ring space.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Patience {
+    /// Until this moment.
+    Until(Instant),
+    /// This long from when the ring is found full.
+    For(Duration),
+}
+
+impl Patience {
+    /// The default for sends that have no deadline of their own.
+    pub(crate) const DEFAULT: Patience = Patience::For(SEND_PATIENCE);
+}
+
+/// When a call must be answered: a timeout counted from the call's start
+/// and/or an absolute deadline. The start is read from the clock only once
+/// something needs it, so a call with just a timeout that is answered
+/// quickly never reads the clock (the wire carries the timeout as is).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Due {
+    timeout: Option<Duration>,
+    deadline: Option<Deadline>,
+    start: Option<Instant>,
+}
+
+impl Due {
+    /// A call due within `timeout` and/or by `deadline`.
+    pub(crate) fn new(timeout: Option<Duration>, deadline: Option<Deadline>) -> Due {
+        Due {
+            timeout,
+            deadline,
+            start: None,
+        }
+    }
+
+    fn start(&mut self) -> Instant {
+        *self.start.get_or_insert_with(Instant::now)
+    }
+
+    /// The absolute deadline, if any.
+    fn absolute(&mut self) -> Option<Deadline> {
+        let by_timeout = match self.timeout {
+            Some(t) => Some(Deadline::after_at(t, self.start())),
+            None => None,
+        };
+        match (by_timeout, self.deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The frame header's deadline field.
+    fn wire(&mut self) -> u64 {
+        match (self.timeout, self.deadline) {
+            (None, None) => commy_core::NO_DEADLINE,
+            (Some(t), None) => u64::try_from(t.as_micros()).unwrap_or(u64::MAX).max(1),
+            _ => {
+                let now = self.start();
+                self.absolute()
+                    .map_or(commy_core::NO_DEADLINE, |d| d.to_wire_at(now))
+            }
+        }
+    }
+
+    /// How long sending the request may wait for ring space.
+    fn patience(&mut self) -> Patience {
+        match (self.timeout, self.deadline) {
+            (None, None) => Patience::DEFAULT,
+            (Some(t), None) => Patience::For(t),
+            _ => match self.absolute() {
+                Some(d) => Patience::Until(d.instant()),
+                None => Patience::DEFAULT,
+            },
+        }
     }
 }
 
@@ -117,7 +199,9 @@ pub(crate) type CallResult = Result<Response, Status>;
 pub(crate) struct ClientConn {
     tx: Mutex<LinkSender>,
     rx: Mutex<LinkReceiver>,
-    pending: Mutex<HashMap<u64, oneshot::Sender<CallResult>>>,
+    pending: Mutex<FxHashMap<u64, oneshot::Sender<CallResult>>>,
+    /// `pending.len()`, readable without the lock (stored under it).
+    pending_len: AtomicUsize,
     next_stream: AtomicU64,
     alive: AtomicBool,
     /// Callers currently polling the receive ring (the reader stands back).
@@ -145,7 +229,8 @@ impl ClientConn {
         let conn = Arc::new(ClientConn {
             tx: Mutex::new(tx),
             rx: Mutex::new(rx),
-            pending: Mutex::new(HashMap::new()),
+            pending: Mutex::new(FxHashMap::default()),
+            pending_len: AtomicUsize::new(0),
             next_stream: AtomicU64::new(1),
             alive: AtomicBool::new(true),
             pollers: AtomicUsize::new(0),
@@ -180,8 +265,7 @@ impl ClientConn {
         &self,
         payload: &[u8],
         metadata: &Metadata,
-        deadline: Option<Deadline>,
-        now: Instant,
+        mut due: Due,
     ) -> CallResult {
         if !self.is_alive() {
             return Err(Status::unavailable("the instance is gone"));
@@ -192,11 +276,12 @@ impl ClientConn {
         let _guard = InFlight(&self.in_flight);
         let md = encode_metadata(metadata);
         let header = FrameHeader {
-            deadline_us: deadline.map_or(commy_core::NO_DEADLINE, |d| d.to_wire_at(now)),
+            deadline_us: due.wire(),
             ..FrameHeader::new(FrameKind::Request, StreamId(id))
         };
+        let patience = due.patience();
         let send = |tx: &mut LinkSender| {
-            send_frame(tx, header, &md, payload, deadline.map(|d| d.instant())).map_err(send_status)
+            send_frame(tx, header, &md, payload, patience).map_err(send_status)
         };
         // Announced before anything is sent, so the reader stands back.
         let polling = Poller::enter(self);
@@ -206,23 +291,23 @@ impl ClientConn {
                 // anyone else, so it needs no registration unless we stop
                 // polling before it comes.
                 send(&mut lock(&self.tx))?;
-                if let Some(result) = self.poll_own(&mut rx, id, deadline) {
+                if let Some(result) = self.poll_own(&mut rx, id, &mut due) {
                     return result;
                 }
                 let (done_tx, done_rx) = oneshot::channel();
-                lock(&self.pending).insert(id, done_tx);
+                self.register(id, done_tx);
                 done_rx
             }
             Err(_) => {
                 // Another caller (or the reader) owns the ring: it completes
                 // our call through the pending table.
                 let (done_tx, mut done_rx) = oneshot::channel();
-                lock(&self.pending).insert(id, done_tx);
+                self.register(id, done_tx);
                 if let Err(e) = send(&mut lock(&self.tx)) {
                     self.forget(id);
                     return Err(e);
                 }
-                if let Some(result) = self.poll_shared(&mut done_rx, deadline) {
+                if let Some(result) = self.poll_shared(&mut done_rx, &mut due) {
                     return result;
                 }
                 done_rx
@@ -230,7 +315,7 @@ impl ClientConn {
         };
         // Not answered within the spin: the reader thread takes over.
         drop(polling);
-        let outcome = match deadline {
+        let outcome = match due.absolute() {
             Some(d) => match tokio::time::timeout_at(d.instant().into(), &mut done).await {
                 Ok(r) => r,
                 Err(_) => {
@@ -247,13 +332,8 @@ impl ClientConn {
     /// Polls the ring we own until the answer to `id` comes (completing
     /// other callers' answers on the way), the spin budget runs out or the
     /// deadline passes (`None` in the last two cases).
-    fn poll_own(
-        &self,
-        rx: &mut LinkReceiver,
-        id: u64,
-        deadline: Option<Deadline>,
-    ) -> Option<CallResult> {
-        let mut spin = SpinBudget::new(self.spin, deadline);
+    fn poll_own(&self, rx: &mut LinkReceiver, id: u64, due: &mut Due) -> Option<CallResult> {
+        let mut spin = SpinBudget::new(self.spin);
         loop {
             match rx.try_recv() {
                 Ok(Some(msg)) => match self.answer(&msg) {
@@ -265,7 +345,7 @@ impl ClientConn {
                     }
                 },
                 Ok(None) => {
-                    if spin.spent() {
+                    if spin.spent(due) {
                         return None;
                     }
                     std::hint::spin_loop();
@@ -283,9 +363,9 @@ impl ClientConn {
     fn poll_shared(
         &self,
         done: &mut oneshot::Receiver<CallResult>,
-        deadline: Option<Deadline>,
+        due: &mut Due,
     ) -> Option<CallResult> {
-        let mut spin = SpinBudget::new(self.spin, deadline);
+        let mut spin = SpinBudget::new(self.spin);
         loop {
             if let Ok(mut rx) = self.rx.try_lock() {
                 self.drain(&mut rx);
@@ -295,7 +375,7 @@ impl ClientConn {
                 Err(oneshot::error::TryRecvError::Empty) => {}
                 Err(oneshot::error::TryRecvError::Closed) => return Some(Err(self.gone_status())),
             }
-            if spin.spent() {
+            if spin.spent(due) {
                 return None;
             }
             for _ in 0..8 {
@@ -328,7 +408,7 @@ impl ClientConn {
 
     /// Hands an answer to the pending call it belongs to (if it still waits).
     fn complete(&self, id: u64, result: CallResult) {
-        if let Some(waiter) = lock(&self.pending).remove(&id) {
+        if let Some(waiter) = self.take(id) {
             let _ = waiter.send(result);
         }
     }
@@ -376,7 +456,11 @@ impl ClientConn {
             RecvError::Ring(RingError::PeerGone) => Status::unavailable("the instance died"),
             other => Status::unavailable(format!("link to the instance failed: {other}")),
         };
-        let waiters: Vec<_> = lock(&self.pending).drain().map(|(_, w)| w).collect();
+        let waiters: Vec<_> = {
+            let mut pending = lock(&self.pending);
+            self.pending_len.store(0, Ordering::Release);
+            pending.drain().map(|(_, w)| w).collect()
+        };
         for w in waiters {
             let _ = w.send(Err(status.clone()));
         }
@@ -413,13 +497,28 @@ impl ClientConn {
             FrameHeader::new(kind, StreamId(id)),
             metadata,
             payload,
-            None,
+            Patience::DEFAULT,
         )
         .map_err(send_status)
     }
 
+    /// Adds a call to the pending table.
+    fn register(&self, id: u64, waiter: oneshot::Sender<CallResult>) {
+        let mut pending = lock(&self.pending);
+        pending.insert(id, waiter);
+        self.pending_len.store(pending.len(), Ordering::Release);
+    }
+
+    /// Takes a call out of the pending table.
+    fn take(&self, id: u64) -> Option<oneshot::Sender<CallResult>> {
+        let mut pending = lock(&self.pending);
+        let waiter = pending.remove(&id);
+        self.pending_len.store(pending.len(), Ordering::Release);
+        waiter
+    }
+
     fn forget(&self, id: u64) {
-        lock(&self.pending).remove(&id);
+        self.take(id);
     }
 
     /// Tells the server to stop working on `id` (best effort).
@@ -429,7 +528,7 @@ impl ClientConn {
             FrameHeader::new(FrameKind::Cancel, StreamId(id)),
             &[],
             &[],
-            Some(Instant::now()),
+            Patience::For(Duration::ZERO),
         );
     }
 
@@ -452,33 +551,38 @@ impl Drop for ClientConn {
 /// quick answer costs no clock read at all.
 struct SpinBudget {
     spin: Duration,
-    deadline: Option<Deadline>,
     end: Option<Instant>,
     round: u32,
 }
 
 impl SpinBudget {
-    fn new(spin: Duration, deadline: Option<Deadline>) -> SpinBudget {
+    fn new(spin: Duration) -> SpinBudget {
         SpinBudget {
             spin,
-            deadline,
             end: None,
             round: 0,
         }
     }
 
-    /// Whether polling should stop (checks the clock every 64 rounds).
-    fn spent(&mut self) -> bool {
+    /// Whether polling should stop: the budget or the call's deadline is
+    /// reached (checks the clock every 64 rounds).
+    fn spent(&mut self, due: &mut Due) -> bool {
         self.round = self.round.wrapping_add(1);
         if self.round % 64 != 0 {
             return false;
         }
         let now = Instant::now();
-        let end = *self.end.get_or_insert_with(|| {
-            let spin_end = now + self.spin;
-            self.deadline
-                .map_or(spin_end, |d| spin_end.min(d.instant()))
-        });
+        let end = match self.end {
+            Some(end) => end,
+            None => {
+                due.start.get_or_insert(now);
+                let spin_end = now + self.spin;
+                let end = due
+                    .absolute()
+                    .map_or(spin_end, |d| spin_end.min(d.instant()));
+                *self.end.insert(end)
+            }
+        };
         now >= end
     }
 }
@@ -498,7 +602,9 @@ impl Drop for Poller<'_> {
     fn drop(&mut self) {
         // The last poller out hands over to the reader if any call still
         // waits (a caller that gives up polling is still pending here).
-        if self.0.pollers.fetch_sub(1, Ordering::AcqRel) == 1 && !lock(&self.0.pending).is_empty() {
+        if self.0.pollers.fetch_sub(1, Ordering::AcqRel) == 1
+            && self.0.pending_len.load(Ordering::Acquire) > 0
+        {
             self.0.wake_reader();
         }
     }
@@ -522,7 +628,9 @@ fn client_reader(conn: Weak<ClientConn>) {
                 if !c.is_alive() {
                     return;
                 }
-                if c.pollers.load(Ordering::Acquire) > 0 || lock(&c.pending).is_empty() {
+                if c.pollers.load(Ordering::Acquire) > 0
+                    || c.pending_len.load(Ordering::Acquire) == 0
+                {
                     break;
                 }
                 let mut rx = lock(&c.rx);
@@ -642,7 +750,7 @@ pub(crate) fn serve_link(link: ShmLink, ctx: Arc<ServeCtx>) {
                     FrameHeader::new(FrameKind::Pong, h.stream_id),
                     &[],
                     &[],
-                    None,
+                    Patience::DEFAULT,
                 );
             }
             other => {
@@ -662,20 +770,17 @@ pub(crate) fn serve_link(link: ShmLink, ctx: Arc<ServeCtx>) {
     }
 }
 
-/// A handler's future with panics turned into an error.
-struct CatchPanic {
-    fut: HandlerFuture,
-    service: commy_core::ServiceName,
-}
+/// A handler's future with panics caught: `None` if it panicked.
+struct CatchPanic(HandlerFuture);
 
 impl Future for CatchPanic {
-    type Output = Result<Response, Status>;
+    type Output = Option<Result<Response, Status>>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let fut = &mut self.fut;
+        let fut = &mut self.0;
         match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
-            Ok(p) => p,
-            Err(_) => Poll::Ready(Err(panicked(&self.service))),
+            Ok(p) => p.map(Some),
+            Err(_) => Poll::Ready(None),
         }
     }
 }
@@ -685,26 +790,43 @@ fn panicked(service: &commy_core::ServiceName) -> Status {
     Status::internal("the service's handler panicked")
 }
 
-/// One request being handled: counted for draining until dropped (also
-/// when its task is aborted by a Cancel frame).
-struct Handling(Arc<ServeCtx>);
+/// One request being handled: counted for draining until dropped.
+struct Handling<'a>(&'a ServeCtx);
 
-impl Handling {
-    fn new(ctx: &Arc<ServeCtx>) -> Handling {
+impl<'a> Handling<'a> {
+    fn new(ctx: &'a ServeCtx) -> Handling<'a> {
         ctx.in_flight.fetch_add(1, Ordering::SeqCst);
-        Handling(ctx.clone())
+        Handling(ctx)
+    }
+
+    /// Keeps the count for a request that continues as a task.
+    fn into_owned(self, ctx: Arc<ServeCtx>) -> OwnedHandling {
+        std::mem::forget(self);
+        OwnedHandling(ctx)
     }
 }
 
-impl Drop for Handling {
+impl Drop for Handling<'_> {
     fn drop(&mut self) {
-        // SYNC: SeqCst on both words, as in `Served::drain`: either the
-        // drainer sees the count drop to zero, or we see it draining.
-        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1
-            && self.0.draining.load(Ordering::SeqCst)
-        {
-            self.0.drained.notify_waiters();
-        }
+        handled(self.0);
+    }
+}
+
+/// [`Handling`] of a request running as a task (also dropped when the task
+/// is aborted by a Cancel frame).
+struct OwnedHandling(Arc<ServeCtx>);
+
+impl Drop for OwnedHandling {
+    fn drop(&mut self) {
+        handled(&self.0);
+    }
+}
+
+fn handled(ctx: &ServeCtx) {
+    // SYNC: SeqCst on both words, as in `Served::drain`: either the
+    // drainer sees the count drop to zero, or we see it draining.
+    if ctx.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 && ctx.draining.load(Ordering::SeqCst) {
+        ctx.drained.notify_waiters();
     }
 }
 
@@ -730,19 +852,18 @@ fn handle(
             return;
         }
     };
-    let mut fut = CatchPanic {
-        fut,
-        service: ctx.service.clone(),
-    };
+    let mut fut = CatchPanic(fut);
     // A handler that answers at once runs right here, one at a time per
     // link, without a permit: permits bound the handlers left waiting.
     let mut cx = Context::from_waker(Waker::noop());
     if let Poll::Ready(result) = Pin::new(&mut fut).poll(&mut cx) {
+        let result = result.unwrap_or_else(|| Err(panicked(&ctx.service)));
         if !oneway {
             reply(tx, id, result);
         }
         return;
     }
+    let handling = handling.into_owned(ctx.clone());
     // The handler waits: it continues as a task once it has a permit.
     let permit = ctx.permits.clone().try_acquire_owned().ok();
     if !oneway {
@@ -763,12 +884,13 @@ fn handle(
                 Some(d) => tokio::time::timeout_at(d.instant().into(), fut)
                     .await
                     .unwrap_or_else(|_| {
-                        Err(Status::deadline_exceeded(
+                        Some(Err(Status::deadline_exceeded(
                             "the handler ran past the deadline",
-                        ))
+                        )))
                     }),
                 None => fut.await,
-            };
+            }
+            .unwrap_or_else(|| Err(panicked(&ctx.service)));
             // Removed already if the caller cancelled: nobody waits then.
             if !oneway && lock(&running).remove(&id.0).is_some() {
                 reply(&tx, id, result);
@@ -795,7 +917,7 @@ fn reply(tx: &Arc<Mutex<LinkSender>>, id: StreamId, result: Result<Response, Sta
                 FrameHeader::new(FrameKind::Response, id),
                 &md,
                 &resp.payload,
-                None,
+                Patience::DEFAULT,
             )
         }
         Err(status) => {
@@ -809,7 +931,7 @@ fn reply(tx: &Arc<Mutex<LinkSender>>, id: StreamId, result: Result<Response, Sta
                 FrameHeader::new(FrameKind::Error, id),
                 &[],
                 &status.encode(),
-                None,
+                Patience::DEFAULT,
             )
         }
     };

@@ -21,12 +21,12 @@
 //! # }
 //! ```
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use commy_core::{Deadline, InstanceId, Limits, MeshName, Metadata, ServiceName, Status};
@@ -197,14 +197,21 @@ pub(crate) struct Inner {
     /// Subscribers announce themselves here (mesh `<mesh>.t`).
     pub(crate) topics: LocalRegistry,
     /// Pools of topic subscriber sets, keyed by their registry name.
-    topic_pools: Mutex<HashMap<ServiceName, Arc<Pool>>>,
+    topic_pools: Mutex<FxHashMap<ServiceName, Arc<Pool>>>,
     /// Queue groups per topic.
     pub(crate) group_index: Arc<crate::pubsub::GroupIndex>,
     runtime: tokio::runtime::Handle,
-    pools: Mutex<HashMap<ServiceName, Arc<Pool>>>,
+    pools: Mutex<FxHashMap<ServiceName, Arc<Pool>>>,
     closed: AtomicBool,
     /// Services served through this handle, to drain on close.
     served: Mutex<Vec<Arc<Served>>>,
+}
+
+/// A pool's instances and our links to them, under one lock.
+#[derive(Default)]
+struct PoolState {
+    instances: Vec<Instance>,
+    conns: FxHashMap<InstanceId, Arc<ClientConn>>,
 }
 
 /// The client side of one service: its instances and our links to them.
@@ -212,8 +219,7 @@ pub(crate) struct Pool {
     /// Where its instances announce themselves (services or topics).
     registry: LocalRegistry,
     pub(crate) service: ServiceName,
-    instances: Mutex<Vec<Instance>>,
-    conns: Mutex<HashMap<InstanceId, Arc<ClientConn>>>,
+    state: Mutex<PoolState>,
     /// Serialises connection attempts per instance.
     connecting: tokio::sync::Mutex<()>,
     rng: AtomicUsize,
@@ -237,10 +243,10 @@ impl Mesh {
                 config,
                 registry,
                 topics,
-                topic_pools: Mutex::new(HashMap::new()),
+                topic_pools: Mutex::new(FxHashMap::default()),
                 group_index: Arc::default(),
                 runtime,
-                pools: Mutex::new(HashMap::new()),
+                pools: Mutex::new(FxHashMap::default()),
                 closed: AtomicBool::new(false),
                 served: Mutex::new(Vec::new()),
             }),
@@ -322,15 +328,10 @@ impl Mesh {
     ) -> Result<Response, Status> {
         self.check_open()?;
         let payload = payload.into();
-        let now = Instant::now();
-        let timeout = options.timeout.or(self.inner.config.default_timeout);
-        let deadline = match (
-            timeout.map(|t| Deadline::after_at(t, now)),
+        let due = conn::Due::new(
+            options.timeout.or(self.inner.config.default_timeout),
             options.deadline,
-        ) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        );
         let conn = match self.connected(name) {
             Some(conn) => conn,
             None => {
@@ -338,20 +339,21 @@ impl Mesh {
                 self.pick(&pool).await?
             }
         };
-        conn.call(&payload, &options.metadata, deadline, now).await
+        conn.call(&payload, &options.metadata, due).await
     }
 
     /// The fast path of picking: a live link to an instance of a service
     /// already known, chosen like [`pick`](Mesh::pick), without allocating.
     fn connected(&self, name: &str) -> Option<Arc<ClientConn>> {
-        let pool = lock(&self.inner.pools).get(name)?.clone();
-        let instances = lock(&pool.instances);
-        if instances.is_empty() {
+        let pools = lock(&self.inner.pools);
+        let pool = pools.get(name)?;
+        let state = lock(&pool.state);
+        if state.instances.is_empty() {
             return None;
         }
-        let idx = choose(&pool, &instances);
-        let conn = lock(&pool.conns).get(&instances[idx].id)?.clone();
-        conn.is_alive().then_some(conn)
+        let idx = choose(pool, &state.instances, &state.conns);
+        let conn = state.conns.get(&state.instances[idx].id)?;
+        conn.is_alive().then(|| conn.clone())
     }
 
     /// Calls `name` with a serde value encoded by postcard, decoding the reply.
@@ -436,7 +438,7 @@ impl Mesh {
 
     fn pool_in(
         &self,
-        pools: &Mutex<HashMap<ServiceName, Arc<Pool>>>,
+        pools: &Mutex<FxHashMap<ServiceName, Arc<Pool>>>,
         registry: &LocalRegistry,
         service: &ServiceName,
     ) -> Arc<Pool> {
@@ -447,8 +449,7 @@ impl Mesh {
                 let pool = Arc::new(Pool {
                     registry: registry.clone(),
                     service: service.clone(),
-                    instances: Mutex::new(Vec::new()),
-                    conns: Mutex::new(HashMap::new()),
+                    state: Mutex::new(PoolState::default()),
                     connecting: tokio::sync::Mutex::new(()),
                     rng: AtomicUsize::new(0x9E37_79B9),
                 });
@@ -460,36 +461,36 @@ impl Mesh {
 
     /// The known instances of a pool (scanning once if none are known yet).
     pub(crate) fn instances_of(&self, pool: &Arc<Pool>) -> Vec<Instance> {
-        let known = lock(&pool.instances).clone();
+        let known = lock(&pool.state).instances.clone();
         if !known.is_empty() {
             return known;
         }
         let scanned = pool.registry.instances(&pool.service).unwrap_or_default();
-        lock(&pool.instances).clone_from(&scanned);
+        lock(&pool.state).instances.clone_from(&scanned);
         scanned
     }
 
     /// Picks an instance (least loaded of two random choices) and returns a
     /// live link to it, connecting if needed.
     pub(crate) async fn pick(&self, pool: &Arc<Pool>) -> Result<Arc<ClientConn>, Status> {
-        let mut instances = lock(&pool.instances).clone();
+        let mut instances = lock(&pool.state).instances.clone();
         if instances.is_empty() {
             // The watch may not have delivered its first snapshot yet.
             instances = pool.registry.instances(&pool.service).map_err(|e| {
                 Status::unavailable(format!("cannot list instances of {}: {e}", pool.service))
             })?;
-            *lock(&pool.instances) = instances.clone();
+            lock(&pool.state).instances.clone_from(&instances);
         }
         let mut tried = 0;
         while !instances.is_empty() {
-            let idx = choose(pool, &instances);
+            let idx = choose(pool, &instances, &lock(&pool.state).conns);
             let inst = instances.swap_remove(idx);
             tried += 1;
             match self.connect(pool, &inst).await {
                 Ok(c) => return Ok(c),
                 Err(e) => {
                     tracing::debug!("instance {} of {} unusable: {e}", inst.id, pool.service);
-                    lock(&pool.instances).retain(|i| i.id != inst.id);
+                    lock(&pool.state).instances.retain(|i| i.id != inst.id);
                 }
             }
         }
@@ -511,13 +512,13 @@ impl Mesh {
         pool: &Arc<Pool>,
         inst: &Instance,
     ) -> Result<Arc<ClientConn>, Status> {
-        if let Some(c) = lock(&pool.conns).get(&inst.id) {
+        if let Some(c) = lock(&pool.state).conns.get(&inst.id) {
             if c.is_alive() {
                 return Ok(c.clone());
             }
         }
         let _one_at_a_time = pool.connecting.lock().await;
-        if let Some(c) = lock(&pool.conns).get(&inst.id) {
+        if let Some(c) = lock(&pool.state).conns.get(&inst.id) {
             if c.is_alive() {
                 return Ok(c.clone());
             }
@@ -539,7 +540,7 @@ impl Mesh {
             self.inner.config.limits,
             self.inner.config.call_spin,
         );
-        lock(&pool.conns).insert(inst.id, conn.clone());
+        lock(&pool.state).conns.insert(inst.id, conn.clone());
         Ok(conn)
     }
 }
@@ -552,7 +553,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Least loaded of two random choices (by calls in flight on our links).
-fn choose(pool: &Pool, instances: &[Instance]) -> usize {
+fn choose(
+    pool: &Pool,
+    instances: &[Instance],
+    conns: &FxHashMap<InstanceId, Arc<ClientConn>>,
+) -> usize {
     let n = instances.len();
     if n == 1 {
         return 0;
@@ -561,7 +566,6 @@ fn choose(pool: &Pool, instances: &[Instance]) -> usize {
     let x = r.wrapping_mul(0x2545_F491_4F6C_DD1D_u64 as usize) >> 7;
     let a = x % n;
     let b = (a + 1 + (x / n) % (n - 1)) % n;
-    let conns = lock(&pool.conns);
     let load = |i: usize| {
         conns
             .get(&instances[i].id)
@@ -592,8 +596,11 @@ fn spawn_watch(inner: &Arc<Inner>, pool: &Arc<Pool>) {
         };
         while let Some(set) = watch.changed().await {
             let Some(pool) = weak.upgrade() else { return };
-            lock(&pool.conns).retain(|id, c| c.is_alive() && set.iter().any(|i| i.id == *id));
-            *lock(&pool.instances) = set;
+            let mut state = lock(&pool.state);
+            state
+                .conns
+                .retain(|id, c| c.is_alive() && set.iter().any(|i| i.id == *id));
+            state.instances = set;
         }
     });
 }
