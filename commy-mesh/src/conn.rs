@@ -113,10 +113,7 @@ impl Due {
 
     /// The absolute deadline, if any.
     fn absolute(&mut self) -> Option<Deadline> {
-        let by_timeout = match self.timeout {
-            Some(t) => Some(Deadline::after_at(t, self.start())),
-            None => None,
-        };
+        let by_timeout = self.timeout.map(|t| Deadline::after_at(t, self.start()));
         match (by_timeout, self.deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
