@@ -29,7 +29,7 @@ usage: commy-bench <command> [options]
 
 commands:
   run      run the benchmarks (all, or those matching --filter)
-  demo     a short two-process demo over the best available transports
+  demo     a short demo: mesh calls and pub/sub between processes, beside the bare link
   list     list the scenarios
 
 options of `run`:
@@ -138,7 +138,9 @@ fn cmd_run(args: &[String]) -> ExitCode {
 fn cmd_demo(args: &[String]) -> ExitCode {
     if let Some(a) = args.first() {
         if a == "-h" || a == "--help" {
-            println!("usage: commy-bench demo\n\nA short two-process ping-pong and stream.");
+            println!(
+                "usage: commy-bench demo\n\nMesh calls and a pub/sub stream between processes, beside the bare link."
+            );
             return ExitCode::SUCCESS;
         }
         eprintln!("commy-bench demo: unexpected argument `{a}`");
@@ -149,8 +151,11 @@ fn cmd_demo(args: &[String]) -> ExitCode {
         .filter(|s| s.demo)
         .collect();
     println!(
-        "Commy demo: two processes exchange messages; one measures round trips \
-         (ping-pong) and one-way throughput.\n"
+        "Commy demo: for each scenario a service process and a client process, \
+         pinned to two cores, find each other on the embedded default mesh \
+         (no configuration) and exchange messages: round trips through \
+         `mesh.call`, a pub/sub stream to 1 and 4 subscribers, and the same \
+         over the bare shared-memory link and a Unix socket for comparison.\n"
     );
     let plan = Plan {
         profile: Profile::Demo,

@@ -27,6 +27,11 @@ const SHM_BATCH: u64 = 32;
 /// Message sizes every transport is measured at.
 pub(crate) const SIZES: [usize; 3] = [64, 1024, 64 * 1024];
 
+/// `s`, included in the demo when `demo` holds.
+fn demo_if(s: Scenario, demo: bool) -> Scenario {
+    if demo { s.in_demo() } else { s }
+}
+
 /// All scenarios, in report order: baselines first.
 pub(crate) fn scenarios() -> Vec<Scenario> {
     let mut all = Vec::new();
@@ -40,17 +45,32 @@ pub(crate) fn scenarios() -> Vec<Scenario> {
 
     // Baseline: Unix-domain stream sockets, blocking.
     for size in SIZES {
-        all.push(Scenario::new(UDS, Kind::RoundTrip, size, uds::ROUND_TRIP).in_demo());
+        all.push(demo_if(
+            Scenario::new(UDS, Kind::RoundTrip, size, uds::ROUND_TRIP),
+            size == 64,
+        ));
     }
-    for size in SIZES {
-        all.push(Scenario::new(UDS, Kind::Throughput, size, uds::THROUGHPUT).in_demo());
-    }
-
     // A page-sized round trip for the mesh comparison.
     all.push(Scenario::new(UDS, Kind::RoundTrip, 4096, uds::ROUND_TRIP));
+    for size in SIZES {
+        all.push(demo_if(
+            Scenario::new(UDS, Kind::Throughput, size, uds::THROUGHPUT),
+            size == 64,
+        ));
+    }
 
     // commy-shm's ring link: round trip and batched throughput, busy-poll
     // and default wait, at every size (and a page for the mesh comparison).
+    for size in SIZES {
+        all.push(
+            Scenario::new(SHM, Kind::RoundTrip, size, shm_link::ROUND_TRIP_BUSY).wait(Wait::Busy),
+        );
+        all.push(demo_if(
+            Scenario::new(SHM, Kind::RoundTrip, size, shm_link::ROUND_TRIP_DEFAULT)
+                .wait(Wait::Default),
+            size == 64,
+        ));
+    }
     all.push(
         Scenario::new(SHM, Kind::RoundTrip, 4096, shm_link::ROUND_TRIP_DEFAULT)
             .wait(Wait::Default)
@@ -58,28 +78,16 @@ pub(crate) fn scenarios() -> Vec<Scenario> {
     );
     for size in SIZES {
         all.push(
-            Scenario::new(SHM, Kind::RoundTrip, size, shm_link::ROUND_TRIP_BUSY)
-                .wait(Wait::Busy)
-                .in_demo(),
-        );
-        all.push(
-            Scenario::new(SHM, Kind::RoundTrip, size, shm_link::ROUND_TRIP_DEFAULT)
-                .wait(Wait::Default)
-                .in_demo(),
-        );
-    }
-    for size in SIZES {
-        all.push(
             Scenario::new(SHM, Kind::Throughput, size, shm_link::THROUGHPUT_BUSY)
                 .wait(Wait::Busy)
-                .batch(SHM_BATCH)
-                .in_demo(),
+                .batch(SHM_BATCH),
         );
-        all.push(
+        all.push(demo_if(
             Scenario::new(SHM, Kind::Throughput, size, shm_link::THROUGHPUT_DEFAULT)
                 .wait(Wait::Default)
                 .batch(SHM_BATCH),
-        );
+            size == 64,
+        ));
     }
 
     // The mesh API on top of the link: calls, and pub/sub fan-out.

@@ -21,3 +21,8 @@ pub use discovery::{DiscoveryError, HOST_ID_ENV, Instance, InstanceWatch, LocalR
 pub use mesh::{CallOptions, Config, Mesh, MeshBuilder, OpenError, ServiceHandle};
 pub use pubsub::{Message, SlowSubscriber, SubscribeOptions, Subscription};
 pub use service::{Request, Response};
+
+/// The README's Rust quickstarts, compiled and run as doc tests.
+#[doc = include_str!("../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeQuickstart;

@@ -44,8 +44,3 @@ pub use uds::{
     MAX_FDS_PER_MESSAGE, MAX_SOCKET_PATH_LEN, PeerCred, PeerPolicy, PeerRejected, RUNTIME_DIR_ENV,
     RemoveStaleError, RuntimeDir, RuntimeDirError, UdsListener, UdsStream, remove_stale_socket,
 };
-
-/// The README's Rust quickstart, compiled and run as a doc test.
-#[doc = include_str!("../../README.md")]
-#[cfg(doctest)]
-pub struct ReadmeQuickstart;

@@ -415,6 +415,22 @@ const GOALS: &[(&str, Goal)] = &[
         },
     ),
     (
+        "mesh.call round trip vs the bare shm link (64 B)",
+        Goal::RoundTripRatio {
+            a: "mesh/rt-default/64B",
+            b: "shm/rt-default/64B",
+            max: 1.5,
+        },
+    ),
+    (
+        "mesh.call round trip vs the bare shm link (4 KiB)",
+        Goal::RoundTripRatio {
+            a: "mesh/rt-default/4KiB",
+            b: "shm/rt-default/4KiB",
+            max: 1.5,
+        },
+    ),
+    (
         "shm one-way throughput, 64 B, batched",
         Goal::MinMsgs {
             scenario: "shm/tp-busy/64B-b32",
