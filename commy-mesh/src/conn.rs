@@ -12,7 +12,7 @@ use rustc_hash::FxHashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -194,12 +194,11 @@ pub(crate) type CallResult = Result<Response, Status>;
 /// reader thread take over, waiting on the ring (and sleeping when it stays
 /// empty). A quick call therefore never crosses a thread.
 pub(crate) struct ClientConn {
-    tx: Mutex<LinkSender>,
+    tx: Mutex<TxState>,
     rx: Mutex<LinkReceiver>,
     pending: Mutex<FxHashMap<u64, oneshot::Sender<CallResult>>>,
     /// `pending.len()`, readable without the lock (stored under it).
     pending_len: AtomicUsize,
-    next_stream: AtomicU64,
     alive: AtomicBool,
     /// Callers currently polling the receive ring (the reader stands back).
     pollers: AtomicUsize,
@@ -224,11 +223,13 @@ impl ClientConn {
     ) -> Arc<ClientConn> {
         let (tx, rx) = link.split();
         let conn = Arc::new(ClientConn {
-            tx: Mutex::new(tx),
+            tx: Mutex::new(TxState {
+                sender: tx,
+                next_stream: 1,
+            }),
             rx: Mutex::new(rx),
             pending: Mutex::new(FxHashMap::default()),
             pending_len: AtomicUsize::new(0),
-            next_stream: AtomicU64::new(1),
             alive: AtomicBool::new(true),
             pollers: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
@@ -258,60 +259,74 @@ impl ClientConn {
     }
 
     /// Sends a request and waits for its response (or the deadline).
+    /// `balanced`: count the call in [`in_flight`](ClientConn::in_flight)
+    /// (only needed when there are instances to choose between).
     pub(crate) async fn call(
         &self,
         payload: &[u8],
         metadata: &Metadata,
         mut due: Due,
+        balanced: bool,
     ) -> CallResult {
         if !self.is_alive() {
             return Err(Status::unavailable("the instance is gone"));
         }
-        // Client-opened streams use odd ids.
-        let id = self.next_stream.fetch_add(2, Ordering::Relaxed);
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        let _guard = InFlight(&self.in_flight);
+        let _in_flight = balanced.then(|| InFlight::enter(&self.in_flight));
         let md = encode_metadata(metadata);
-        let header = FrameHeader {
-            deadline_us: due.wire(),
-            ..FrameHeader::new(FrameKind::Request, StreamId(id))
-        };
+        let deadline_us = due.wire();
         let patience = due.patience();
-        let send = |tx: &mut LinkSender| {
-            send_frame(tx, header, &md, payload, patience).map_err(send_status)
+        let send = |tx: &mut TxState| {
+            let id = tx.open_stream();
+            let header = FrameHeader {
+                deadline_us,
+                ..FrameHeader::new(FrameKind::Request, StreamId(id))
+            };
+            send_frame(&mut tx.sender, header, &md, payload, patience)
+                .map(|()| id)
+                .map_err(send_status)
         };
-        // Announced before anything is sent, so the reader stands back.
-        let polling = Poller::enter(self);
-        let mut done = match self.rx.try_lock() {
+        let (id, mut done) = match self.rx.try_lock() {
             Ok(mut rx) => {
                 // We own the receive ring: our answer cannot be taken by
                 // anyone else, so it needs no registration unless we stop
                 // polling before it comes.
-                send(&mut lock(&self.tx))?;
+                let id = send(&mut lock(&self.tx))?;
                 if let Some(result) = self.poll_own(&mut rx, id, &mut due) {
                     return result;
                 }
                 let (done_tx, done_rx) = oneshot::channel();
                 self.register(id, done_tx);
-                done_rx
+                drop(rx);
+                // Not answered within the spin: the reader thread takes over.
+                self.wake_reader();
+                (id, done_rx)
             }
             Err(_) => {
                 // Another caller (or the reader) owns the ring: it completes
-                // our call through the pending table.
+                // our call through the pending table. Polling callers make
+                // the reader stand back; the last one out wakes it.
+                let polling = Poller::enter(self);
                 let (done_tx, mut done_rx) = oneshot::channel();
-                self.register(id, done_tx);
-                if let Err(e) = send(&mut lock(&self.tx)) {
-                    self.forget(id);
-                    return Err(e);
-                }
+                let id = {
+                    let mut tx = lock(&self.tx);
+                    let id = tx.peek_stream();
+                    self.register(id, done_tx);
+                    match send(&mut tx) {
+                        Ok(id) => id,
+                        Err(e) => {
+                            drop(tx);
+                            self.forget(id);
+                            return Err(e);
+                        }
+                    }
+                };
                 if let Some(result) = self.poll_shared(&mut done_rx, &mut due) {
                     return result;
                 }
-                done_rx
+                drop(polling);
+                (id, done_rx)
             }
         };
-        // Not answered within the spin: the reader thread takes over.
-        drop(polling);
         let outcome = match due.absolute() {
             Some(d) => match tokio::time::timeout_at(d.instant().into(), &mut done).await {
                 Ok(r) => r,
@@ -488,9 +503,10 @@ impl ClientConn {
         if !self.is_alive() {
             return Err(Status::unavailable("the instance is gone"));
         }
-        let id = self.next_stream.fetch_add(2, Ordering::Relaxed);
+        let mut tx = lock(&self.tx);
+        let id = tx.open_stream();
         send_frame(
-            &mut lock(&self.tx),
+            &mut tx.sender,
             FrameHeader::new(kind, StreamId(id)),
             metadata,
             payload,
@@ -521,7 +537,7 @@ impl ClientConn {
     /// Tells the server to stop working on `id` (best effort).
     fn cancel(&self, id: u64) {
         let _ = send_frame(
-            &mut lock(&self.tx),
+            &mut lock(&self.tx).sender,
             FrameHeader::new(FrameKind::Cancel, StreamId(id)),
             &[],
             &[],
@@ -607,7 +623,36 @@ impl Drop for Poller<'_> {
     }
 }
 
+/// The sending half of a client link and its stream numbering.
+struct TxState {
+    sender: LinkSender,
+    /// The next stream id: client-opened streams use odd ids.
+    next_stream: u64,
+}
+
+impl TxState {
+    /// The id [`open_stream`](TxState::open_stream) returns next.
+    fn peek_stream(&self) -> u64 {
+        self.next_stream
+    }
+
+    /// Takes a fresh stream id.
+    fn open_stream(&mut self) -> u64 {
+        let id = self.next_stream;
+        self.next_stream = self.next_stream.wrapping_add(2);
+        id
+    }
+}
+
+/// Counts a call in flight until dropped.
 struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(count: &'a AtomicUsize) -> InFlight<'a> {
+        count.fetch_add(1, Ordering::Relaxed);
+        InFlight(count)
+    }
+}
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {

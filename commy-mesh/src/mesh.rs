@@ -332,19 +332,21 @@ impl Mesh {
             options.timeout.or(self.inner.config.default_timeout),
             options.deadline,
         );
-        let conn = match self.connected(name) {
-            Some(conn) => conn,
+        let (conn, balanced) = match self.connected(name) {
+            Some(picked) => picked,
             None => {
                 let pool = self.pool(&service_name(name)?);
-                self.pick(&pool).await?
+                (self.pick(&pool).await?, true)
             }
         };
-        conn.call(&payload, &options.metadata, due).await
+        conn.call(&payload, &options.metadata, due, balanced).await
     }
 
     /// The fast path of picking: a live link to an instance of a service
     /// already known, chosen like [`pick`](Mesh::pick), without allocating.
-    fn connected(&self, name: &str) -> Option<Arc<ClientConn>> {
+    /// Also says whether the call must be counted for balancing (only if
+    /// there are several instances).
+    fn connected(&self, name: &str) -> Option<(Arc<ClientConn>, bool)> {
         let pools = lock(&self.inner.pools);
         let pool = pools.get(name)?;
         let state = lock(&pool.state);
@@ -353,7 +355,8 @@ impl Mesh {
         }
         let idx = choose(pool, &state.instances, &state.conns);
         let conn = state.conns.get(&state.instances[idx].id)?;
-        conn.is_alive().then(|| conn.clone())
+        conn.is_alive()
+            .then(|| (conn.clone(), state.instances.len() > 1))
     }
 
     /// Calls `name` with a serde value encoded by postcard, decoding the reply.
