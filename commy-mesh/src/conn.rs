@@ -1,14 +1,19 @@
 //! Connections: commy-shm links carrying commy-core frames, bridged to tokio.
 //!
-//! Each link gets one reader thread per side that waits on the ring (spin,
-//! yield, then futex, so an idle link costs no CPU) and dispatches frames:
-//! on the client, responses complete the pending call's oneshot; on the
-//! server, requests become tokio tasks running the service's handler.
-//! Sending happens on the caller's thread, straight into the ring.
+//! Client side: the calling task writes its request straight into the ring
+//! and then polls the link's receive ring itself for a short while
+//! ([`Config::call_spin`](crate::Config::call_spin)), completing whatever
+//! answers it finds (its own, or other callers' through the pending table).
+//! A quick call therefore never crosses a thread. Only when no caller polls
+//! and calls are still pending does a parked reader thread take over,
+//! waiting on the ring (spin, yield, then futex: an idle link costs no CPU).
+//!
+//! Server side: one thread per link waits on the ring and polls each
+//! request's handler once right there; a handler that answers without
+//! waiting is answered from that thread, one that has to wait continues as a
+//! tokio task (bounded by the service's concurrency permits).
 
 use std::collections::HashMap;
-
-use rustc_hash::FxHashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -24,6 +29,7 @@ use commy_core::{
 };
 use commy_shm::link::{LinkSender, RecvError, SendError};
 use commy_shm::{LinkReceiver, RingError, ShmLink};
+use rustc_hash::FxHashMap;
 use tokio::sync::oneshot;
 
 use crate::service::{Handler, HandlerFuture, Request, Response};
