@@ -281,22 +281,24 @@ impl ClientConn {
         let md = encode_metadata(metadata);
         let deadline_us = due.wire();
         let patience = due.patience();
-        let send = |tx: &mut TxState| {
-            let id = tx.open_stream();
+        let send = |tx: &mut TxState, id: u64| {
             let header = FrameHeader {
                 deadline_us,
                 ..FrameHeader::new(FrameKind::Request, StreamId(id))
             };
-            send_frame(&mut tx.sender, header, &md, payload, patience)
-                .map(|()| id)
-                .map_err(send_status)
+            send_frame(&mut tx.sender, header, &md, payload, patience).map_err(send_status)
         };
         let (id, mut done) = match self.rx.try_lock() {
             Ok(mut rx) => {
                 // We own the receive ring: our answer cannot be taken by
                 // anyone else, so it needs no registration unless we stop
                 // polling before it comes.
-                let id = send(&mut lock(&self.tx))?;
+                let id = {
+                    let mut tx = lock(&self.tx);
+                    let id = tx.open_stream();
+                    send(&mut tx, id)?;
+                    id
+                };
                 if let Some(result) = self.poll_own(&mut rx, id, &mut due) {
                     return result;
                 }
@@ -315,16 +317,14 @@ impl ClientConn {
                 let (done_tx, mut done_rx) = oneshot::channel();
                 let id = {
                     let mut tx = lock(&self.tx);
-                    let id = tx.peek_stream();
+                    let id = tx.open_stream();
                     self.register(id, done_tx);
-                    match send(&mut tx) {
-                        Ok(id) => id,
-                        Err(e) => {
-                            drop(tx);
-                            self.forget(id);
-                            return Err(e);
-                        }
+                    if let Err(e) = send(&mut tx, id) {
+                        drop(tx);
+                        self.take(id);
+                        return Err(e);
                     }
+                    id
                 };
                 if let Some(result) = self.poll_shared(&mut done_rx, &mut due) {
                     return result;
@@ -337,14 +337,14 @@ impl ClientConn {
             Some(d) => match tokio::time::timeout_at(d.instant().into(), &mut done).await {
                 Ok(r) => r,
                 Err(_) => {
-                    self.forget(id);
+                    self.take(id);
                     self.cancel(id);
                     return Err(Status::deadline_exceeded("no response before the deadline"));
                 }
             },
             None => done.await,
         };
-        outcome.unwrap_or_else(|_| Err(self.gone_status()))
+        outcome.unwrap_or_else(|_| Err(gone_status()))
     }
 
     /// Polls the ring we own until the answer to `id` comes (completing
@@ -354,13 +354,10 @@ impl ClientConn {
         let mut spin = SpinBudget::new(self.spin);
         loop {
             match rx.try_recv() {
-                Ok(Some(msg)) => match self.answer(&msg) {
-                    Some((sid, result)) if sid == id => return Some(result),
-                    Some((sid, result)) => self.complete(sid, result),
-                    None => {
-                        drop(msg);
-                        return Some(Err(self.fail(RecvError::Protocol("malformed frame"))));
-                    }
+                Ok(Some(msg)) => match self.deliver(&msg, Some(id)) {
+                    Ok(None) => {}
+                    Ok(Some(result)) => return Some(result),
+                    Err(status) => return Some(Err(status)),
                 },
                 Ok(None) => {
                     if spin.spent(due) {
@@ -391,7 +388,7 @@ impl ClientConn {
             match done.try_recv() {
                 Ok(r) => return Some(r),
                 Err(oneshot::error::TryRecvError::Empty) => {}
-                Err(oneshot::error::TryRecvError::Closed) => return Some(Err(self.gone_status())),
+                Err(oneshot::error::TryRecvError::Closed) => return Some(Err(gone_status())),
             }
             if spin.spent(due) {
                 return None;
@@ -407,14 +404,11 @@ impl ClientConn {
     fn drain(&self, rx: &mut LinkReceiver) -> bool {
         loop {
             match rx.try_recv() {
-                Ok(Some(msg)) => match self.answer(&msg) {
-                    Some((sid, result)) => self.complete(sid, result),
-                    None => {
-                        drop(msg);
-                        let _ = self.fail(RecvError::Protocol("malformed frame"));
+                Ok(Some(msg)) => {
+                    if self.deliver(&msg, None).is_err() {
                         return false;
                     }
-                },
+                }
                 Ok(None) => return true,
                 Err(e) => {
                     let _ = self.fail(e);
@@ -424,11 +418,20 @@ impl ClientConn {
         }
     }
 
-    /// Hands an answer to the pending call it belongs to (if it still waits).
-    fn complete(&self, id: u64, result: CallResult) {
+    /// Handles one answer frame: returns its result if it answers `own`,
+    /// else hands it to the pending call it belongs to (if that still
+    /// waits). A malformed frame fails the link: its status is the error.
+    fn deliver(&self, msg: &[u8], own: Option<u64>) -> Result<Option<CallResult>, Status> {
+        let Some((id, result)) = self.answer(msg) else {
+            return Err(self.fail(RecvError::Protocol("malformed frame")));
+        };
+        if own == Some(id) {
+            return Ok(Some(result));
+        }
         if let Some(waiter) = self.take(id) {
             let _ = waiter.send(result);
         }
+        Ok(None)
     }
 
     /// Reads an answer frame: its stream and the call's result. `None` when
@@ -485,10 +488,6 @@ impl ClientConn {
         status
     }
 
-    fn gone_status(&self) -> Status {
-        Status::unavailable("the instance went away during the call")
-    }
-
     /// Sends a one-way message.
     pub(crate) fn send_oneway(&self, payload: &[u8], metadata: &Metadata) -> Result<(), Status> {
         self.send_unanswered(FrameKind::OneWay, &encode_metadata(metadata), payload)
@@ -536,10 +535,6 @@ impl ClientConn {
         waiter
     }
 
-    fn forget(&self, id: u64) {
-        self.take(id);
-    }
-
     /// Tells the server to stop working on `id` (best effort).
     fn cancel(&self, id: u64) {
         let _ = send_frame(
@@ -556,6 +551,10 @@ impl ClientConn {
             t.unpark();
         }
     }
+}
+
+fn gone_status() -> Status {
+    Status::unavailable("the instance went away during the call")
 }
 
 impl Drop for ClientConn {
@@ -637,11 +636,6 @@ struct TxState {
 }
 
 impl TxState {
-    /// The id [`open_stream`](TxState::open_stream) returns next.
-    fn peek_stream(&self) -> u64 {
-        self.next_stream
-    }
-
     /// Takes a fresh stream id.
     fn open_stream(&mut self) -> u64 {
         let id = self.next_stream;
@@ -683,14 +677,11 @@ fn client_reader(conn: Weak<ClientConn>) {
                 }
                 let mut rx = lock(&c.rx);
                 match rx.recv(Some(Instant::now() + READER_SLICE)) {
-                    Ok(msg) => match c.answer(&msg) {
-                        Some((id, result)) => c.complete(id, result),
-                        None => {
-                            drop(msg);
-                            let _ = c.fail(RecvError::Protocol("malformed frame"));
+                    Ok(msg) => {
+                        if c.deliver(&msg, None).is_err() {
                             return;
                         }
-                    },
+                    }
                     Err(RecvError::TimedOut) => {}
                     Err(e) => {
                         let _ = c.fail(e);
@@ -703,7 +694,9 @@ fn client_reader(conn: Weak<ClientConn>) {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// Locks `m`, also after a panic while it was held (the state guarded here
+/// stays consistent: every critical section is a single map or ring step).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     match m.lock() {
         Ok(g) => g,
         Err(p) => p.into_inner(),

@@ -32,7 +32,7 @@ use bytes::Bytes;
 use commy_core::{Deadline, InstanceId, Limits, MeshName, Metadata, ServiceName, Status};
 use commy_shm::{LinkConfig, RuntimeDir, ShmLink, UdsListener};
 
-use crate::conn::{self, ClientConn, ServeCtx};
+use crate::conn::{self, ClientConn, ServeCtx, lock};
 use crate::discovery::{Instance, LocalRegistry};
 use crate::service::{self, Request, Response};
 
@@ -545,13 +545,6 @@ impl Mesh {
         );
         lock(&pool.state).conns.insert(inst.id, conn.clone());
         Ok(conn)
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
     }
 }
 
