@@ -32,7 +32,7 @@ use commy_shm::{LinkReceiver, RingError, ShmLink};
 use rustc_hash::FxHashMap;
 use tokio::sync::oneshot;
 
-use crate::service::{Handler, HandlerFuture, Request, Response};
+use crate::service::{ArrivedDeadline, Handler, HandlerFuture, Request, Response};
 
 /// How long a send may wait for ring space before the call fails with
 /// `ResourceExhausted` (the peer is not draining its ring).
@@ -326,8 +326,13 @@ impl ClientConn {
                     }
                     id
                 };
-                if let Some(result) = self.poll_shared(&mut done_rx, &mut due) {
-                    return result;
+                // Spinning pays only while few callers wait: with many in
+                // flight, spinners would take the threads their answers are
+                // delivered on (and the other callers' work) away.
+                if polling.may_spin() {
+                    if let Some(result) = self.poll_shared(&mut done_rx, &mut due) {
+                        return result;
+                    }
                 }
                 drop(polling);
                 (id, done_rx)
@@ -605,14 +610,27 @@ impl SpinBudget {
     }
 }
 
+/// How many callers besides the one owning the receive ring may spin for
+/// their answers at once; the others wait to be woken at once.
+const MAX_SHARED_SPINNERS: usize = 1;
+
 /// A caller polling the receive ring; the last one leaving wakes the
 /// reader if calls are still pending.
-struct Poller<'a>(&'a ClientConn);
+struct Poller<'a> {
+    conn: &'a ClientConn,
+    /// Pollers before this one.
+    ahead: usize,
+}
 
 impl<'a> Poller<'a> {
     fn enter(conn: &'a ClientConn) -> Poller<'a> {
-        conn.pollers.fetch_add(1, Ordering::AcqRel);
-        Poller(conn)
+        let ahead = conn.pollers.fetch_add(1, Ordering::AcqRel);
+        Poller { conn, ahead }
+    }
+
+    /// Whether this caller may spin for its answer (few others do).
+    fn may_spin(&self) -> bool {
+        self.ahead < MAX_SHARED_SPINNERS
     }
 }
 
@@ -620,10 +638,10 @@ impl Drop for Poller<'_> {
     fn drop(&mut self) {
         // The last poller out hands over to the reader if any call still
         // waits (a caller that gives up polling is still pending here).
-        if self.0.pollers.fetch_sub(1, Ordering::AcqRel) == 1
-            && self.0.pending_len.load(Ordering::Acquire) > 0
+        if self.conn.pollers.fetch_sub(1, Ordering::AcqRel) == 1
+            && self.conn.pending_len.load(Ordering::Acquire) > 0
         {
-            self.0.wake_reader();
+            self.conn.wake_reader();
         }
     }
 }
@@ -714,7 +732,65 @@ pub(crate) struct ServeCtx {
     pub(crate) drained: Arc<tokio::sync::Notify>,
     /// Set once somebody waits for `drained` (before it reads `in_flight`).
     pub(crate) draining: AtomicBool,
+    /// One flag per live link: set while that link's thread runs a handler
+    /// inline (those are not counted in `in_flight`, which costs two locked
+    /// instructions per request; see [`ServeCtx::idle`]).
+    pub(crate) links: Mutex<Vec<Arc<AtomicBool>>>,
     pub(crate) service: commy_core::ServiceName,
+}
+
+impl ServeCtx {
+    /// Whether no request is being handled: no handler runs inline on a
+    /// link thread and none continues as a task.
+    pub(crate) fn idle(&self) -> bool {
+        // SYNC: the Acquire loads pair with the Release store that clears a
+        // link's flag in `InlineBusy::drop`, made after a waiting handler
+        // was counted in `in_flight`: a cleared flag means its handler is
+        // done or counted, so `in_flight` is read after the flags.
+        let inline = lock(&self.links)
+            .iter()
+            .any(|busy| busy.load(Ordering::Acquire));
+        !inline && self.in_flight.load(Ordering::SeqCst) == 0
+    }
+}
+
+/// A link thread running a handler inline: its flag is set until dropped.
+/// Only that thread writes the flag, so plain stores do (no locked
+/// instruction on the request path).
+struct InlineBusy<'a>(&'a AtomicBool);
+
+impl<'a> InlineBusy<'a> {
+    fn enter(flag: &'a AtomicBool) -> InlineBusy<'a> {
+        flag.store(true, Ordering::Relaxed);
+        InlineBusy(flag)
+    }
+}
+
+impl Drop for InlineBusy<'_> {
+    fn drop(&mut self) {
+        // SYNC: pairs with the Acquire loads in `ServeCtx::idle`.
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// A link's busy flag, registered in its service's context while the link lives.
+struct LinkFlag<'a> {
+    ctx: &'a ServeCtx,
+    busy: Arc<AtomicBool>,
+}
+
+impl<'a> LinkFlag<'a> {
+    fn register(ctx: &'a ServeCtx) -> LinkFlag<'a> {
+        let busy = Arc::new(AtomicBool::new(false));
+        lock(&ctx.links).push(busy.clone());
+        LinkFlag { ctx, busy }
+    }
+}
+
+impl Drop for LinkFlag<'_> {
+    fn drop(&mut self) {
+        lock(&self.ctx.links).retain(|b| !Arc::ptr_eq(b, &self.busy));
+    }
 }
 
 /// Requests handed to tokio tasks, by stream id: `None` until the task's
@@ -731,6 +807,7 @@ pub(crate) fn serve_link(link: ShmLink, ctx: Arc<ServeCtx>) {
     let (tx, mut rx) = link.split();
     let tx = Arc::new(Mutex::new(tx));
     let running: Running = Arc::default();
+    let flag = LinkFlag::register(&ctx);
     loop {
         let msg = match rx.recv(None) {
             Ok(m) => m,
@@ -767,16 +844,15 @@ pub(crate) fn serve_link(link: ShmLink, ctx: Arc<ServeCtx>) {
                         continue;
                     }
                 };
-                // Relative on the wire (at least 1 µs): counted from now.
-                let deadline = Deadline::from_wire(h.deadline_us);
                 let request = Request {
                     service: ctx.service.clone(),
                     payload: Bytes::copy_from_slice(frame.payload()),
                     metadata,
-                    deadline,
+                    // Relative on the wire: anchored when first needed.
+                    deadline: ArrivedDeadline::from_wire(h.deadline_us),
                 };
                 drop(msg);
-                handle(&ctx, &tx, &running, h, request);
+                handle(&ctx, &tx, &running, &flag.busy, h, request);
             }
             FrameKind::Cancel => {
                 drop(msg);
@@ -831,31 +907,16 @@ fn panicked(service: &commy_core::ServiceName) -> Status {
     Status::internal("the service's handler panicked")
 }
 
-/// One request being handled: counted for draining until dropped.
-struct Handling<'a>(&'a ServeCtx);
+/// A request continuing as a task: counted in `in_flight` for draining
+/// until dropped (also when the task is aborted by a Cancel frame).
+struct OwnedHandling(Arc<ServeCtx>);
 
-impl<'a> Handling<'a> {
-    fn new(ctx: &'a ServeCtx) -> Handling<'a> {
+impl OwnedHandling {
+    fn enter(ctx: Arc<ServeCtx>) -> OwnedHandling {
         ctx.in_flight.fetch_add(1, Ordering::SeqCst);
-        Handling(ctx)
-    }
-
-    /// Keeps the count for a request that continues as a task.
-    fn into_owned(self, ctx: Arc<ServeCtx>) -> OwnedHandling {
-        std::mem::forget(self);
         OwnedHandling(ctx)
     }
 }
-
-impl Drop for Handling<'_> {
-    fn drop(&mut self) {
-        handled(self.0);
-    }
-}
-
-/// [`Handling`] of a request running as a task (also dropped when the task
-/// is aborted by a Cancel frame).
-struct OwnedHandling(Arc<ServeCtx>);
 
 impl Drop for OwnedHandling {
     fn drop(&mut self) {
@@ -876,13 +937,14 @@ fn handle(
     ctx: &Arc<ServeCtx>,
     tx: &Arc<Mutex<LinkSender>>,
     running: &Running,
+    busy: &AtomicBool,
     h: FrameHeader,
     request: Request,
 ) {
     let id = h.stream_id;
     let oneway = h.kind == FrameKind::OneWay;
-    let deadline = request.deadline;
-    let handling = Handling::new(ctx);
+    let deadline = request.deadline.clone();
+    let inline = InlineBusy::enter(busy);
     let handler = &ctx.handler;
     let fut = match std::panic::catch_unwind(AssertUnwindSafe(|| handler(request))) {
         Ok(fut) => fut,
@@ -904,8 +966,13 @@ fn handle(
         }
         return;
     }
-    let handling = handling.into_owned(ctx.clone());
-    // The handler waits: it continues as a task once it has a permit.
+    // Counted before the link's flag clears (see `ServeCtx::idle`).
+    let handling = OwnedHandling::enter(ctx.clone());
+    drop(inline);
+    // The handler waits: its deadline counts from now at the latest (it
+    // anchored it already if it asked), and it continues as a task once it
+    // has a permit.
+    let deadline = deadline.get();
     let permit = ctx.permits.clone().try_acquire_owned().ok();
     if !oneway {
         lock(running).insert(id.0, None);

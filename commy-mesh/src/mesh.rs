@@ -289,6 +289,7 @@ impl Mesh {
             in_flight: Arc::new(AtomicUsize::new(0)),
             drained: Arc::new(tokio::sync::Notify::new()),
             draining: AtomicBool::new(false),
+            links: Mutex::new(Vec::new()),
             service: service.clone(),
         });
         let served = Arc::new(Served {
@@ -621,14 +622,17 @@ impl Served {
 
     /// Waits until no request is being handled.
     async fn drain(&self) {
-        // SYNC: SeqCst pairs with `Handling::drop` (see there).
+        // SYNC: SeqCst pairs with `handled` (see there).
         self.ctx.draining.store(true, Ordering::SeqCst);
         loop {
             let notified = self.ctx.drained.notified();
-            if self.ctx.in_flight.load(Ordering::SeqCst) == 0 {
+            if self.ctx.idle() {
                 return;
             }
-            notified.await;
+            // Tasks finishing notify; handlers running inline on link
+            // threads do not (that would cost every request), so look again
+            // shortly.
+            let _ = tokio::time::timeout(Duration::from_millis(1), notified).await;
         }
     }
 }

@@ -16,10 +16,11 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use commy_core::{Deadline, Metadata, ServiceName, Status};
+use commy_core::{Deadline, Metadata, NO_DEADLINE, ServiceName, Status};
 
 /// A request as the handler receives it.
 #[derive(Debug, Clone)]
@@ -27,7 +28,36 @@ pub struct Request {
     pub(crate) service: ServiceName,
     pub(crate) payload: Bytes,
     pub(crate) metadata: Metadata,
-    pub(crate) deadline: Option<Deadline>,
+    pub(crate) deadline: ArrivedDeadline,
+}
+
+/// A request's deadline as it came off the wire: the time the caller had
+/// left when it sent the request. It is anchored to the clock the first
+/// time somebody needs it (the handler asks, or the handler has to wait),
+/// so a handler that answers at once costs no clock read.
+#[derive(Debug, Clone)]
+pub(crate) struct ArrivedDeadline {
+    /// Remaining microseconds, or [`NO_DEADLINE`].
+    micros: u64,
+    anchor: OnceLock<Instant>,
+}
+
+impl ArrivedDeadline {
+    /// The frame header's deadline field.
+    pub(crate) fn from_wire(micros: u64) -> ArrivedDeadline {
+        ArrivedDeadline {
+            micros,
+            anchor: OnceLock::new(),
+        }
+    }
+
+    /// The absolute deadline, anchoring it now if nobody did yet.
+    pub(crate) fn get(&self) -> Option<Deadline> {
+        (self.micros != NO_DEADLINE).then(|| {
+            let now = *self.anchor.get_or_init(Instant::now);
+            Deadline::after_at(Duration::from_micros(self.micros), now)
+        })
+    }
 }
 
 impl Request {
@@ -49,8 +79,13 @@ impl Request {
     /// When the caller stops waiting, if it set a deadline. The handler is
     /// cancelled (its future dropped) when the deadline passes or the caller
     /// cancels.
+    ///
+    /// The wire carries the time the caller had left; it is counted from the
+    /// first call of this method or, if the handler does not ask, from the
+    /// moment the handler first has to wait. Both come right after the
+    /// request arrives for a handler that does not block its thread.
     pub fn deadline(&self) -> Option<Deadline> {
-        self.deadline
+        self.deadline.get()
     }
 
     /// The service this request was addressed to.

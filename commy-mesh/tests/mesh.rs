@@ -437,3 +437,102 @@ async fn regions_are_shared_between_mesh_handles() {
         "create must not succeed twice"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_handler_sees_the_callers_deadline() {
+    if role().is_some() {
+        return;
+    }
+    let dir = private_dir("deadline-seen");
+    let mesh = open(&dir).await;
+    // Answers with the time left as the handler sees it, in milliseconds
+    // (u64::MAX when there is no deadline).
+    let _left = mesh
+        .serve("left", |req: Request| async move {
+            let left = req
+                .deadline()
+                .map_or(u64::MAX, |d| d.remaining().as_millis() as u64);
+            Ok::<_, Status>(Response::new(left.to_le_bytes().to_vec()))
+        })
+        .await
+        .unwrap();
+    let ms = |b: bytes::Bytes| u64::from_le_bytes(b[..8].try_into().unwrap());
+    let reply = mesh
+        .call_with(
+            "left",
+            &b""[..],
+            CallOptions::default().timeout(Duration::from_secs(20)),
+        )
+        .await
+        .unwrap();
+    let left = ms(reply.into_payload());
+    assert!((10_000..=20_000).contains(&left), "{left} ms left");
+    let unbounded = Mesh::builder()
+        .runtime_dir(&dir)
+        .default_timeout(None)
+        .open()
+        .await
+        .unwrap();
+    let reply = unbounded.call("left", &b""[..]).await.unwrap();
+    assert_eq!(ms(reply), u64::MAX, "no deadline was set");
+    unbounded.close().await;
+    mesh.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_for_inline_and_waiting_handlers() {
+    if role().is_some() {
+        return;
+    }
+    let dir = private_dir("drain");
+    let server = open(&dir).await;
+    let blocked = Arc::new(AtomicBool::new(false));
+    let waited = Arc::new(AtomicBool::new(false));
+    // Blocks its link thread (runs inline, never waits)...
+    let blocking = {
+        let blocked = blocked.clone();
+        server
+            .serve("blocking", move |_req: Request| {
+                std::thread::sleep(Duration::from_millis(300));
+                blocked.store(true, Ordering::SeqCst);
+                async { Ok::<_, Status>(Response::default()) }
+            })
+            .await
+            .unwrap()
+    };
+    // ...and waits (continues as a task).
+    let waiting = {
+        let waited = waited.clone();
+        server
+            .serve("waiting", move |_req: Request| {
+                let waited = waited.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    waited.store(true, Ordering::SeqCst);
+                    Ok::<_, Status>(Response::default())
+                }
+            })
+            .await
+            .unwrap()
+    };
+    let client = open(&dir).await;
+    for (name, handle, done) in [
+        ("blocking", blocking, &blocked),
+        ("waiting", waiting, &waited),
+    ] {
+        let call = {
+            let client = client.clone();
+            tokio::spawn(async move { client.call(name, &b""[..]).await })
+        };
+        // The request is being handled well inside the handler's 300 ms.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        handle.shutdown().await;
+        assert!(
+            done.load(Ordering::SeqCst),
+            "shutdown of {name} returned before its handler finished"
+        );
+        call.await.unwrap().unwrap();
+    }
+    client.close().await;
+    server.close().await;
+}
