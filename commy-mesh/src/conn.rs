@@ -851,8 +851,11 @@ pub(crate) fn serve_link(link: ShmLink, ctx: Arc<ServeCtx>) {
                     // Relative on the wire: anchored when first needed.
                     deadline: ArrivedDeadline::from_wire(h.deadline_us),
                 };
-                drop(msg);
+                // The request's record is released after the handler ran
+                // (or went on as a task): releasing ends with a fence, which
+                // would otherwise stand between the request and its answer.
                 handle(&ctx, &tx, &running, &flag.busy, h, request);
+                drop(msg);
             }
             FrameKind::Cancel => {
                 drop(msg);
