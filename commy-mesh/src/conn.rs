@@ -210,6 +210,10 @@ pub(crate) struct ClientConn {
     pollers: AtomicUsize,
     /// Calls in flight (for least-loaded balancing).
     pub(crate) in_flight: AtomicUsize,
+    /// Set while this link's instance is the only one its pool knows, by a
+    /// call under the pool's lock; cleared there whenever the pool's
+    /// instances change (a thread's last-called cache relies on it).
+    pub(crate) sole: AtomicBool,
     limits: Limits,
     spin: Duration,
     reader: OnceLock<std::thread::Thread>,
@@ -239,6 +243,7 @@ impl ClientConn {
             alive: AtomicBool::new(true),
             pollers: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
+            sole: AtomicBool::new(false),
             limits,
             spin,
             reader: OnceLock::new(),

@@ -24,7 +24,7 @@
 use rustc_hash::FxHashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -192,6 +192,8 @@ impl std::fmt::Debug for Mesh {
 }
 
 pub(crate) struct Inner {
+    /// Unique among this process's mesh handles.
+    id: u64,
     pub(crate) config: Config,
     registry: LocalRegistry,
     /// Subscribers announce themselves here (mesh `<mesh>.t`).
@@ -212,6 +214,64 @@ pub(crate) struct Inner {
 struct PoolState {
     instances: Vec<Instance>,
     conns: FxHashMap<InstanceId, Arc<ClientConn>>,
+}
+
+impl PoolState {
+    /// Replaces the known instances. No link stays marked as its service's
+    /// only one ([`ClientConn::sole`]) until a call finds it so again.
+    fn set_instances(&mut self, instances: Vec<Instance>) {
+        for c in self.conns.values() {
+            c.sole.store(false, Ordering::Relaxed);
+        }
+        self.instances = instances;
+    }
+}
+
+/// Ids of mesh handles, so a thread's [`LastCalled`] never mixes them up.
+static NEXT_MESH_ID: AtomicU64 = AtomicU64::new(1);
+
+/// The service a thread called last, if it has a single instance: repeated
+/// calls to it find their link without taking the pool's locks. The entry
+/// holds the link weakly (it never keeps a link open) and is used only
+/// while the link lives and is still marked as the service's only instance
+/// ([`ClientConn::sole`]; any change of the pool's instances clears it).
+struct LastCalled {
+    mesh: u64,
+    service: Box<str>,
+    conn: std::sync::Weak<ClientConn>,
+}
+
+thread_local! {
+    static LAST_CALLED: std::cell::RefCell<Option<LastCalled>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+impl LastCalled {
+    fn get(mesh: u64, service: &str) -> Option<Arc<ClientConn>> {
+        LAST_CALLED.with_borrow(|last| {
+            let last = last.as_ref()?;
+            if last.mesh != mesh || &*last.service != service {
+                return None;
+            }
+            let conn = last.conn.upgrade()?;
+            (conn.is_alive() && conn.sole.load(Ordering::Relaxed)).then_some(conn)
+        })
+    }
+
+    fn set(mesh: u64, service: &str, conn: &Arc<ClientConn>) {
+        LAST_CALLED.with_borrow_mut(|last| match last {
+            Some(l) if l.mesh == mesh && &*l.service == service => {
+                l.conn = Arc::downgrade(conn);
+            }
+            _ => {
+                *last = Some(LastCalled {
+                    mesh,
+                    service: service.into(),
+                    conn: Arc::downgrade(conn),
+                });
+            }
+        });
+    }
 }
 
 /// The client side of one service: its instances and our links to them.
@@ -240,6 +300,7 @@ impl Mesh {
         let topics = LocalRegistry::new(dir, &topics_mesh)?;
         Ok(Mesh {
             inner: Arc::new(Inner {
+                id: NEXT_MESH_ID.fetch_add(1, Ordering::Relaxed),
                 config,
                 registry,
                 topics,
@@ -347,7 +408,13 @@ impl Mesh {
     /// already known, chosen like [`pick`](Mesh::pick), without allocating.
     /// Also says whether the call must be counted for balancing (only if
     /// there are several instances).
+    ///
+    /// A service with one instance is remembered per thread (see
+    /// [`LastCalled`]): calling it again skips the pool's two locks.
     fn connected(&self, name: &str) -> Option<(Arc<ClientConn>, bool)> {
+        if let Some(conn) = LastCalled::get(self.inner.id, name) {
+            return Some((conn, false));
+        }
         let pools = lock(&self.inner.pools);
         let pool = pools.get(name)?;
         let state = lock(&pool.state);
@@ -356,8 +423,17 @@ impl Mesh {
         }
         let idx = choose(pool, &state.instances, &state.conns);
         let conn = state.conns.get(&state.instances[idx].id)?;
-        conn.is_alive()
-            .then(|| (conn.clone(), state.instances.len() > 1))
+        if !conn.is_alive() {
+            return None;
+        }
+        let several = state.instances.len() > 1;
+        if !several {
+            // Under the pool's lock, like every change of its instances,
+            // which clears the mark again.
+            conn.sole.store(true, Ordering::Relaxed);
+            LastCalled::set(self.inner.id, name, conn);
+        }
+        Some((conn.clone(), several))
     }
 
     /// Calls `name` with a serde value encoded by postcard, decoding the reply.
@@ -470,7 +546,7 @@ impl Mesh {
             return known;
         }
         let scanned = pool.registry.instances(&pool.service).unwrap_or_default();
-        lock(&pool.state).instances.clone_from(&scanned);
+        lock(&pool.state).set_instances(scanned.clone());
         scanned
     }
 
@@ -483,7 +559,7 @@ impl Mesh {
             instances = pool.registry.instances(&pool.service).map_err(|e| {
                 Status::unavailable(format!("cannot list instances of {}: {e}", pool.service))
             })?;
-            lock(&pool.state).instances.clone_from(&instances);
+            lock(&pool.state).set_instances(instances.clone());
         }
         let mut tried = 0;
         while !instances.is_empty() {
@@ -494,7 +570,10 @@ impl Mesh {
                 Ok(c) => return Ok(c),
                 Err(e) => {
                     tracing::debug!("instance {} of {} unusable: {e}", inst.id, pool.service);
-                    lock(&pool.state).instances.retain(|i| i.id != inst.id);
+                    let mut state = lock(&pool.state);
+                    let mut left = std::mem::take(&mut state.instances);
+                    left.retain(|i| i.id != inst.id);
+                    state.set_instances(left);
                 }
             }
         }
@@ -594,10 +673,9 @@ fn spawn_watch(inner: &Arc<Inner>, pool: &Arc<Pool>) {
         while let Some(set) = watch.changed().await {
             let Some(pool) = weak.upgrade() else { return };
             let mut state = lock(&pool.state);
-            state
-                .conns
-                .retain(|id, c| c.is_alive() && set.iter().any(|i| i.id == *id));
-            state.instances = set;
+            state.set_instances(set);
+            let PoolState { instances, conns } = &mut *state;
+            conns.retain(|id, c| c.is_alive() && instances.iter().any(|i| i.id == *id));
         }
     });
 }

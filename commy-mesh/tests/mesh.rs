@@ -536,3 +536,85 @@ async fn shutdown_waits_for_inline_and_waiting_handlers() {
     client.close().await;
     server.close().await;
 }
+
+/// Repeated calls to a single instance take a per-thread shortcut to its
+/// link; a second instance appearing, or the first leaving, must still be
+/// noticed by those calls.
+#[tokio::test(flavor = "current_thread")]
+async fn repeated_calls_follow_instances_that_come_and_go() {
+    if role().is_some() {
+        return;
+    }
+    let dir = private_dir("last-called");
+    async fn serve_marker(dir: &Path, marker: u8) -> (Mesh, commy_mesh::ServiceHandle) {
+        let mesh = open(dir).await;
+        let handle = mesh
+            .serve("marker", move |_req: Request| async move {
+                Ok::<_, Status>(Response::new(vec![marker]))
+            })
+            .await
+            .unwrap();
+        (mesh, handle)
+    }
+    let (a_mesh, a) = serve_marker(&dir, b'a').await;
+    let client = open(&dir).await;
+    for _ in 0..50 {
+        assert_eq!(&client.call("marker", &b""[..]).await.unwrap()[..], b"a");
+    }
+    let (b_mesh, b) = serve_marker(&dir, b'b').await;
+    // Discovery notices the new instance within milliseconds; calls then
+    // spread over both.
+    let t = Instant::now();
+    let mut seen_b = false;
+    while !seen_b {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "calls never reached the second instance"
+        );
+        seen_b = &client.call("marker", &b""[..]).await.unwrap()[..] == b"b";
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let mut from_a = 0;
+    for _ in 0..200 {
+        if &client.call("marker", &b""[..]).await.unwrap()[..] == b"a" {
+            from_a += 1;
+        }
+    }
+    assert!(
+        (20..=180).contains(&from_a),
+        "{from_a} of 200 calls went to a"
+    );
+    // The first instance leaves: once discovery noticed, every call goes to b.
+    a.shutdown().await;
+    a_mesh.close().await;
+    let t = Instant::now();
+    loop {
+        let replies: Vec<_> = calls_to_marker(&client, 20).await;
+        if replies.iter().all(|r| r.as_deref() == Ok(&b"b"[..])) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "calls still fail or reach the instance that left: {replies:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    b.shutdown().await;
+    b_mesh.close().await;
+    client.close().await;
+}
+
+/// `n` sequential calls to `marker`, with their results.
+async fn calls_to_marker(client: &Mesh, n: usize) -> Vec<Result<Vec<u8>, Code>> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(
+            client
+                .call("marker", &b""[..])
+                .await
+                .map(|b| b.to_vec())
+                .map_err(|e| e.code()),
+        );
+    }
+    out
+}
