@@ -152,6 +152,27 @@ impl Due {
     }
 }
 
+/// Refuses a frame the peer would reject as too large (it would close the
+/// link): the caller gets `ResourceExhausted` and the link stays up.
+pub(crate) fn check_frame(limits: &Limits, metadata: &[u8], payload: &[u8]) -> Result<(), Status> {
+    let len = commy_core::HEADER_LEN as u64 + metadata.len() as u64 + payload.len() as u64;
+    if metadata.len() as u64 > u64::from(limits.max_metadata) {
+        return Err(Status::resource_exhausted(format!(
+            "metadata of {} bytes exceeds the limit of {} bytes",
+            metadata.len(),
+            limits.max_metadata
+        )));
+    }
+    if len > u64::from(limits.max_frame) {
+        return Err(Status::resource_exhausted(format!(
+            "message of {} bytes exceeds the frame limit of {} bytes",
+            payload.len(),
+            limits.max_frame
+        )));
+    }
+    Ok(())
+}
+
 /// Maps a link send failure to the caller's status.
 pub(crate) fn send_status(e: SendError) -> Status {
     match e {
@@ -284,6 +305,7 @@ impl ClientConn {
         }
         let _in_flight = balanced.then(|| InFlight::enter(&self.in_flight));
         let md = encode_metadata(metadata);
+        check_frame(&self.limits, &md, payload)?;
         let deadline_us = due.wire();
         let patience = due.patience();
         let send = |tx: &mut TxState, id: u64| {
@@ -518,6 +540,7 @@ impl ClientConn {
         if !self.is_alive() {
             return Err(Status::unavailable("the instance is gone"));
         }
+        check_frame(&self.limits, metadata, payload)?;
         let mut tx = lock(&self.tx);
         let id = tx.open_stream();
         send_frame(
@@ -842,6 +865,7 @@ pub(crate) fn serve_link(link: ShmLink, ctx: Arc<ServeCtx>) {
                         if h.kind == FrameKind::Request {
                             reply(
                                 &tx,
+                                &ctx.limits,
                                 h.stream_id,
                                 Err(Status::invalid_argument(format!("malformed metadata: {e}"))),
                             );
@@ -958,7 +982,7 @@ fn handle(
         Ok(fut) => fut,
         Err(_) => {
             if !oneway {
-                reply(tx, id, Err(panicked(&ctx.service)));
+                reply(tx, &ctx.limits, id, Err(panicked(&ctx.service)));
             }
             return;
         }
@@ -970,7 +994,7 @@ fn handle(
     if let Poll::Ready(result) = Pin::new(&mut fut).poll(&mut cx) {
         let result = result.unwrap_or_else(|| Err(panicked(&ctx.service)));
         if !oneway {
-            reply(tx, id, result);
+            reply(tx, &ctx.limits, id, result);
         }
         return;
     }
@@ -1009,7 +1033,7 @@ fn handle(
             .unwrap_or_else(|| Err(panicked(&ctx.service)));
             // Removed already if the caller cancelled: nobody waits then.
             if !oneway && lock(&running).remove(&id.0).is_some() {
-                reply(&tx, id, result);
+                reply(&tx, &ctx.limits, id, result);
             }
         }
     };
@@ -1023,19 +1047,31 @@ fn handle(
 
 /// Sends a handler's result back on the link (best effort: a client that is
 /// gone gets nothing).
-fn reply(tx: &Arc<Mutex<LinkSender>>, id: StreamId, result: Result<Response, Status>) {
-    let Ok(mut tx) = tx.lock() else { return };
-    let sent = match result {
-        Ok(resp) => {
-            let md = encode_metadata(&resp.metadata);
-            send_frame(
-                &mut tx,
-                FrameHeader::new(FrameKind::Response, id),
-                &md,
-                &resp.payload,
-                Patience::DEFAULT,
-            )
+fn reply(
+    tx: &Arc<Mutex<LinkSender>>,
+    limits: &Limits,
+    id: StreamId,
+    result: Result<Response, Status>,
+) {
+    let answer = result.and_then(|resp| {
+        let md = encode_metadata(&resp.metadata);
+        match check_frame(limits, &md, &resp.payload) {
+            Ok(()) => Ok((md, resp.payload)),
+            Err(status) => {
+                tracing::warn!("refusing a handler's response: {}", status.message());
+                Err(status)
+            }
         }
+    });
+    let Ok(mut tx) = tx.lock() else { return };
+    let sent = match answer {
+        Ok((md, payload)) => send_frame(
+            &mut tx,
+            FrameHeader::new(FrameKind::Response, id),
+            &md,
+            &payload,
+            Patience::DEFAULT,
+        ),
         Err(status) => {
             let status = if status.code() == Code::Ok {
                 Status::internal("handler returned an error with code OK")

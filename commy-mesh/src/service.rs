@@ -36,27 +36,46 @@ pub struct Request {
 /// time somebody needs it (the handler asks, or the handler has to wait),
 /// so a handler that answers at once costs no clock read.
 #[derive(Debug, Clone)]
-pub(crate) struct ArrivedDeadline {
-    /// Remaining microseconds, or [`NO_DEADLINE`].
-    micros: u64,
-    anchor: OnceLock<Instant>,
+pub(crate) enum ArrivedDeadline {
+    /// The caller set none.
+    None,
+    /// Remaining microseconds, counted from the anchor once it is taken.
+    Wire {
+        micros: u64,
+        anchor: OnceLock<Instant>,
+    },
+    /// Already anchored by the transport.
+    At(Deadline),
 }
 
 impl ArrivedDeadline {
-    /// The frame header's deadline field.
+    /// The frame header's deadline field ([`NO_DEADLINE`]: none).
     pub(crate) fn from_wire(micros: u64) -> ArrivedDeadline {
-        ArrivedDeadline {
-            micros,
-            anchor: OnceLock::new(),
+        if micros == NO_DEADLINE {
+            ArrivedDeadline::None
+        } else {
+            ArrivedDeadline::Wire {
+                micros,
+                anchor: OnceLock::new(),
+            }
         }
+    }
+
+    /// A deadline the transport anchored already.
+    pub(crate) fn at(deadline: Option<Deadline>) -> ArrivedDeadline {
+        deadline.map_or(ArrivedDeadline::None, ArrivedDeadline::At)
     }
 
     /// The absolute deadline, anchoring it now if nobody did yet.
     pub(crate) fn get(&self) -> Option<Deadline> {
-        (self.micros != NO_DEADLINE).then(|| {
-            let now = *self.anchor.get_or_init(Instant::now);
-            Deadline::after_at(Duration::from_micros(self.micros), now)
-        })
+        match self {
+            ArrivedDeadline::None => None,
+            ArrivedDeadline::Wire { micros, anchor } => {
+                let now = *anchor.get_or_init(Instant::now);
+                Some(Deadline::after_at(Duration::from_micros(*micros), now))
+            }
+            ArrivedDeadline::At(d) => Some(*d),
+        }
     }
 }
 

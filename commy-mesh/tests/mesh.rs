@@ -305,6 +305,40 @@ async fn oversize_payload_is_refused_with_resource_exhausted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_frame_limit_is_refused_and_the_link_stays_up() {
+    if role().is_some() {
+        return;
+    }
+    // The link carries up to 64 MiB (fragmented), but a frame may not exceed
+    // 16 MiB: the caller is refused before anything is sent.
+    let dir = private_dir("frame-limit");
+    let mesh = open(&dir).await;
+    let _h = serve_test_services(&mesh).await;
+    let limit = commy_core::Limits::DEFAULT_MAX_FRAME as usize;
+    let e = mesh.call("echo", vec![0u8; limit]).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    assert!(e.message().contains("frame limit"), "{e}");
+    let e = mesh.send("echo", vec![0u8; limit]).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    let just_fits = limit - commy_core::HEADER_LEN;
+    let reply = mesh.call("echo", vec![7u8; just_fits]).await.unwrap();
+    assert_eq!(reply.len(), just_fits);
+    // A handler's response over the limit: the caller is told, the link
+    // stays up.
+    let _big = mesh
+        .serve("too-big", move |_req: Request| async move {
+            Ok::<_, Status>(Response::new(vec![0u8; limit]))
+        })
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let e = mesh.call("too-big", &b""[..]).await.unwrap_err();
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    }
+    mesh.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_server_gives_unavailable_then_recovers_when_restarted() {
     if role().is_some() {
         return;
