@@ -1,0 +1,555 @@
+//! The mesh over TLS: this process's listener (serving its services to
+//! other hosts), its peers (processes whose instances it may call) and the
+//! call path through commy-net.
+//!
+//! One listener per process serves every service of the handle; a request
+//! names its service in the reserved metadata header `commy-service`. Each
+//! peer is one commy-net [`Client`](commy_net::Client), so one connection
+//! per remote process, multiplexed. Peers are long-polled through the
+//! reserved control service `commy.instances` for the instances they serve
+//! (docs/PROTOCOL.md, "TLS transport"); the last listing survives a peer
+//! outage, so calls to a dead peer fail with `UNAVAILABLE`, not `NOT_FOUND`.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use commy_core::{
+    Deadline, Endpoint, HostId, InstanceId, Limits, MeshName, Metadata, ServiceName, Status,
+    TlsAddr,
+};
+use commy_net::{Credentials, DevCa, Identity, Inbound, LeafSpec, Reply};
+use rustc_hash::{FxHashMap, FxHashSet};
+use tokio::sync::watch;
+
+use crate::conn::{ServeCtx, decode_metadata, encode_metadata, lock};
+use crate::discovery::Instance;
+use crate::netconfig::{NetConfig, TransportPreference};
+use crate::service::{Request, Response};
+
+/// The metadata header naming a request's service on the TLS transport.
+pub const SERVICE_HEADER: &str = "commy-service";
+
+/// The control service listing a process's instances.
+pub const INSTANCES_SERVICE: &str = "commy.instances";
+
+/// How long a listing request waits for a change before answering anyway.
+const LONG_POLL: Duration = Duration::from_secs(20);
+
+/// A process's instances, as its `commy.instances` control service lists them.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Listing {
+    version: u64,
+    host: HostId,
+    pid: u32,
+    instances: Vec<(ServiceName, InstanceId)>,
+}
+
+/// The instances of one service served in this process.
+type Instances = Vec<(InstanceId, Arc<ServeCtx>)>;
+
+/// The services this process serves over TLS.
+struct Router {
+    services: Mutex<FxHashMap<ServiceName, Instances>>,
+    version: watch::Sender<u64>,
+    host: HostId,
+    limits: Limits,
+    rr: AtomicUsize,
+}
+
+impl Router {
+    fn listing(&self) -> Listing {
+        let services = lock(&self.services);
+        Listing {
+            version: *self.version.borrow(),
+            host: self.host.clone(),
+            pid: std::process::id(),
+            instances: services
+                .iter()
+                .flat_map(|(s, v)| v.iter().map(move |(id, _)| (s.clone(), *id)))
+                .collect(),
+        }
+    }
+
+    async fn handle(&self, inbound: Inbound) -> Result<Reply, Status> {
+        let mut metadata = decode_metadata(&inbound.metadata, &self.limits)
+            .map_err(|e| Status::invalid_argument(format!("malformed metadata: {e}")))?;
+        let Some(pos) = metadata
+            .headers
+            .iter()
+            .position(|(k, _)| k == SERVICE_HEADER)
+        else {
+            return Err(Status::invalid_argument(format!(
+                "the request names no service (no {SERVICE_HEADER} header)"
+            )));
+        };
+        let (_, name) = metadata.headers.remove(pos);
+        let name = std::str::from_utf8(&name)
+            .ok()
+            .and_then(|n| ServiceName::new(n).ok())
+            .ok_or_else(|| {
+                Status::invalid_argument("the service header is not a valid service name")
+            })?;
+        if name.as_str() == INSTANCES_SERVICE {
+            return self.list(&inbound.payload).await;
+        }
+        let ctx = {
+            let services = lock(&self.services);
+            let instances = services
+                .get(&name)
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| {
+                    Status::not_found(format!("no instance of service '{name}' in this process"))
+                })?;
+            let i = self.rr.fetch_add(1, Ordering::Relaxed) % instances.len();
+            instances[i].1.clone()
+        };
+        let _handling = Handling::new(ctx.clone());
+        let _permit = ctx
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("the service is shutting down"))?;
+        let request = Request {
+            service: name,
+            payload: inbound.payload,
+            metadata,
+            deadline: inbound.deadline,
+        };
+        let response = (ctx.handler)(request).await?;
+        Ok(Reply {
+            metadata: Bytes::from(encode_metadata(&response.metadata)),
+            payload: response.payload,
+        })
+    }
+
+    /// Answers a listing request: at once if the caller's version is old,
+    /// else when something changes (or after the long-poll time).
+    async fn list(&self, payload: &[u8]) -> Result<Reply, Status> {
+        let known: u64 = postcard::from_bytes(payload).unwrap_or(u64::MAX);
+        let mut rx = self.version.subscribe();
+        if *rx.borrow_and_update() == known {
+            let _ = tokio::time::timeout(LONG_POLL, rx.changed()).await;
+        }
+        let body = postcard::to_allocvec(&self.listing())
+            .map_err(|e| Status::internal(format!("cannot encode the listing: {e}")))?;
+        Ok(Reply::new(body))
+    }
+}
+
+/// A request being handled, counted for draining (as on shared memory).
+struct Handling(Arc<ServeCtx>);
+
+impl Handling {
+    fn new(ctx: Arc<ServeCtx>) -> Handling {
+        ctx.in_flight.fetch_add(1, Ordering::SeqCst);
+        Handling(ctx)
+    }
+}
+
+impl Drop for Handling {
+    fn drop(&mut self) {
+        // SYNC: SeqCst as in conn.rs `handled`: either the drainer sees the
+        // count drop to zero, or we see it draining.
+        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.0.draining.load(Ordering::SeqCst)
+        {
+            self.0.drained.notify_waiters();
+        }
+    }
+}
+
+/// One peer process.
+struct PeerState {
+    addr: TlsAddr,
+    client: commy_net::Client,
+    listing: Mutex<Option<Listing>>,
+    /// Becomes true once the first listing attempt finished (either way).
+    tried: watch::Sender<bool>,
+    in_flight: AtomicUsize,
+}
+
+/// The network side of a mesh handle.
+pub(crate) struct NetState {
+    server: Mutex<Option<commy_net::Server>>,
+    endpoint: Option<TlsAddr>,
+    router: Arc<Router>,
+    peers: Vec<Arc<PeerState>>,
+    pub(crate) preference: TransportPreference,
+    fallbacks: AtomicU64,
+    /// Services a call has looked up locally once (later calls to a
+    /// service with no local instance go to TLS directly).
+    looked_up: Mutex<FxHashSet<ServiceName>>,
+    closed: Arc<AtomicBool>,
+    rr: AtomicUsize,
+}
+
+/// Errors starting the network side.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NetError {
+    /// The certificates cannot be used.
+    #[error(transparent)]
+    Tls(#[from] commy_net::TlsError),
+    /// The listen address cannot be used.
+    #[error(transparent)]
+    Listen(#[from] commy_net::BindError),
+    /// A setting is unusable.
+    #[error("{0}")]
+    Config(String),
+}
+
+fn program_name() -> String {
+    let name = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "commy".into());
+    let clean: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-._".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    if clean.is_empty() {
+        "commy".into()
+    } else {
+        clean
+    }
+}
+
+impl NetState {
+    pub(crate) async fn start(
+        config: &NetConfig,
+        mesh: &MeshName,
+        host: HostId,
+        limits: Limits,
+    ) -> Result<Arc<NetState>, NetError> {
+        let listen_addr = match &config.listen {
+            Some(a) => {
+                let text = a.to_string();
+                let resolved = tokio::net::lookup_host(text.as_str())
+                    .await
+                    .ok()
+                    .and_then(|mut it| it.next())
+                    .ok_or_else(|| {
+                        NetError::Config(format!("cannot resolve the listen address {text}"))
+                    })?;
+                Some(resolved)
+            }
+            None => None,
+        };
+        let creds = match &config.tls_ca {
+            Some(ca) => {
+                let pair = config.tls_cert.as_deref().zip(config.tls_key.as_deref());
+                Credentials::from_pem_files(ca, pair)?
+            }
+            None => {
+                let dir = commy_net::tls::default_dev_ca_dir()?;
+                let ca = tokio::task::spawn_blocking(move || DevCa::load_or_create(&dir))
+                    .await
+                    .map_err(|e| NetError::Config(format!("dev CA task failed: {e}")))??;
+                let identity = Identity::new(mesh.as_str(), &program_name())?;
+                let extra: Vec<_> = listen_addr.iter().map(|a| a.ip()).collect();
+                ca.credentials(&LeafSpec::for_this_host(identity, &extra))?
+            }
+        };
+        let mut link = config.link.clone();
+        link.limits = limits;
+        let router = Arc::new(Router {
+            services: Mutex::new(FxHashMap::default()),
+            version: watch::channel(1).0,
+            host,
+            limits,
+            rr: AtomicUsize::new(0),
+        });
+        let (server, endpoint) = match listen_addr {
+            Some(addr) => {
+                if !creds.has_certificate() {
+                    return Err(NetError::Config(
+                        "listening over TLS needs a certificate: set tls_cert and tls_key (or no tls_ca, for the dev CA)".into(),
+                    ));
+                }
+                let tls = creds.server_config(config.require_client_cert.unwrap_or(false))?;
+                let r = router.clone();
+                let handler: commy_net::Handler = Arc::new(move |inbound: Inbound| {
+                    let r = r.clone();
+                    Box::pin(async move { r.handle(inbound).await })
+                });
+                let server = commy_net::Server::bind(addr, tls, link.clone(), handler).await?;
+                let local = server.local_addr();
+                let host = match &config.listen {
+                    Some(a) if a.port() != 0 => a.clone(),
+                    _ => TlsAddr::new(commy_core::Host::from(local.ip()), local.port())
+                        .map_err(|e| NetError::Config(e.to_string()))?,
+                };
+                tracing::info!("serving over TLS on {local}");
+                (Some(server), Some(host))
+            }
+            None => (None, None),
+        };
+        let client_tls = creds.client_config()?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let mut peers = Vec::new();
+        for addr in &config.peers {
+            let host = addr.host().to_string();
+            let client =
+                commy_net::Client::new(&host, addr.port(), client_tls.clone(), link.clone())
+                    .map_err(|e| NetError::Config(e.to_string()))?;
+            let peer = Arc::new(PeerState {
+                addr: addr.clone(),
+                client,
+                listing: Mutex::new(None),
+                tried: watch::channel(false).0,
+                in_flight: AtomicUsize::new(0),
+            });
+            tokio::spawn(watch_peer(Arc::downgrade(&peer), closed.clone()));
+            peers.push(peer);
+        }
+        Ok(Arc::new(NetState {
+            server: Mutex::new(server),
+            endpoint,
+            router,
+            peers,
+            preference: config.transport.unwrap_or_default(),
+            fallbacks: AtomicU64::new(0),
+            looked_up: Mutex::new(FxHashSet::default()),
+            closed,
+            rr: AtomicUsize::new(0),
+        }))
+    }
+
+    /// The TLS endpoint this process serves on.
+    pub(crate) fn endpoint(&self) -> Option<&TlsAddr> {
+        self.endpoint.as_ref()
+    }
+
+    pub(crate) fn add(&self, service: &ServiceName, id: InstanceId, ctx: Arc<ServeCtx>) {
+        if self.endpoint.is_none() {
+            return;
+        }
+        lock(&self.router.services)
+            .entry(service.clone())
+            .or_default()
+            .push((id, ctx));
+        self.router.version.send_modify(|v| *v += 1);
+    }
+
+    pub(crate) fn remove(&self, service: &ServiceName, id: InstanceId) {
+        let mut services = lock(&self.router.services);
+        if let Some(v) = services.get_mut(service) {
+            v.retain(|(i, _)| *i != id);
+            if v.is_empty() {
+                services.remove(service);
+            }
+            drop(services);
+            self.router.version.send_modify(|v| *v += 1);
+        }
+    }
+
+    /// Calls went to TLS because shared memory failed at connect.
+    pub(crate) fn fallbacks(&self) -> u64 {
+        self.fallbacks.load(Ordering::Relaxed)
+    }
+
+    /// Every instance the peers listed (their last listing).
+    pub(crate) fn remote_instances(&self) -> Vec<Instance> {
+        let mut out = Vec::new();
+        for p in &self.peers {
+            if let Some(l) = &*lock(&p.listing) {
+                for (service, id) in &l.instances {
+                    out.push(Instance {
+                        service: service.clone(),
+                        id: *id,
+                        pid: l.pid,
+                        endpoint: Endpoint::Tls(p.addr.clone()),
+                        host: l.host.clone(),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Waits until every peer was asked for its listing once (at most `max`).
+    pub(crate) async fn wait_listed(&self, max: Duration) {
+        let _ = tokio::time::timeout(max, async {
+            for p in &self.peers {
+                let mut rx = p.tried.subscribe();
+                let _ = rx.wait_for(|t| *t).await;
+            }
+        })
+        .await;
+    }
+
+    /// Peers serving `service`, excluding instances in `local` (reached
+    /// over shared memory) unless `all`.
+    fn serving(&self, service: &ServiceName, exclude: &[InstanceId]) -> Vec<Arc<PeerState>> {
+        self.peers
+            .iter()
+            .filter(|p| {
+                lock(&p.listing).as_ref().is_some_and(|l| {
+                    l.instances
+                        .iter()
+                        .any(|(s, id)| s == service && !exclude.contains(id))
+                })
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Whether a call to `service` should skip the local lookup: it was
+    /// done before, found nothing, and peers serve the service.
+    pub(crate) fn go_remote(&self, service: &ServiceName, local_empty: bool) -> bool {
+        local_empty
+            && lock(&self.looked_up).contains(service)
+            && !self.serving(service, &[]).is_empty()
+    }
+
+    /// Calls `service` on a peer. `exclude`: instances reached locally;
+    /// `shm_failed`: shared memory failed at connect (counted as a fallback
+    /// if a peer takes the call).
+    pub(crate) async fn call(
+        &self,
+        service: &ServiceName,
+        payload: Bytes,
+        metadata: &Metadata,
+        deadline: Option<Deadline>,
+        exclude: &[InstanceId],
+        kind: CallKind,
+    ) -> Result<Response, Status> {
+        lock(&self.looked_up).insert(service.clone());
+        let mut peers = self.serving(service, exclude);
+        if peers.is_empty() && self.peers.iter().any(|p| !*p.tried.borrow()) {
+            let wait = deadline.map_or(Duration::from_secs(3), |d| {
+                d.remaining().min(Duration::from_secs(3))
+            });
+            self.wait_listed(wait).await;
+            peers = self.serving(service, exclude);
+        }
+        if peers.is_empty() {
+            return Err(kind.fallback.unwrap_or_else(|| {
+                Status::not_found(format!(
+                    "no instance of service '{service}' (locally or at any peer)"
+                ))
+            }));
+        }
+        let peer = if peers.len() == 1 {
+            peers.swap_remove(0)
+        } else {
+            // Least loaded of two.
+            let r = self.rr.fetch_add(1, Ordering::Relaxed);
+            let (a, b) = (r % peers.len(), (r + 1) % peers.len());
+            let load = |i: usize| peers[i].in_flight.load(Ordering::Relaxed);
+            let i = if load(b) < load(a) { b } else { a };
+            peers.swap_remove(i)
+        };
+        if kind.fallback.is_some() {
+            self.fallbacks.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("commy_transport_fallback_total").increment(1);
+            tracing::debug!(
+                "shared memory to '{service}' failed: calling {} over TLS",
+                peer.addr
+            );
+        }
+        let mut md = metadata.clone();
+        md.add_header(SERVICE_HEADER, service.as_str().as_bytes().to_vec());
+        let md = Bytes::from(md.encode());
+        peer.in_flight.fetch_add(1, Ordering::Relaxed);
+        let _done = DecOnDrop(&peer.in_flight);
+        if kind.oneway {
+            peer.client.send(md, payload, deadline).await?;
+            return Ok(Response::new(Bytes::new()));
+        }
+        let reply = peer.client.call(md, payload, deadline).await?;
+        let metadata = decode_metadata(&reply.metadata, &self.router.limits)
+            .map_err(|e| Status::internal(format!("malformed response metadata: {e}")))?;
+        Ok(Response::new(reply.payload).with_metadata(metadata))
+    }
+
+    /// Stops serving (GOAWAY drain) and the peer watchers.
+    pub(crate) async fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let server = lock(&self.server).take();
+        if let Some(s) = server {
+            s.shutdown().await;
+        }
+        for p in &self.peers {
+            p.client.disconnect();
+        }
+    }
+}
+
+/// What kind of call [`NetState::call`] makes.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CallKind {
+    /// A one-way message (no response).
+    pub(crate) oneway: bool,
+    /// Shared memory failed at connect with this: counted as a fallback
+    /// if a peer takes the call, returned if none can.
+    pub(crate) fallback: Option<Status>,
+}
+
+struct DecOnDrop<'a>(&'a AtomicUsize);
+
+impl Drop for DecOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Keeps a peer's listing current by long-polling its control service.
+async fn watch_peer(peer: std::sync::Weak<PeerState>, closed: Arc<AtomicBool>) {
+    let mut backoff =
+        commy_net::mux::Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+    let mut md = Metadata::default();
+    md.add_header(SERVICE_HEADER, INSTANCES_SERVICE.as_bytes().to_vec());
+    let md = Bytes::from(md.encode());
+    loop {
+        let Some(p) = peer.upgrade() else { return };
+        if closed.load(Ordering::Acquire) {
+            return;
+        }
+        let known = lock(&p.listing).as_ref().map_or(u64::MAX, |l| l.version);
+        let client = p.client.clone();
+        drop(p);
+        let body = Bytes::from(postcard::to_allocvec(&known).unwrap_or_default());
+        let answer = client
+            .call(
+                md.clone(),
+                body,
+                Some(Deadline::after(LONG_POLL + Duration::from_secs(10))),
+            )
+            .await;
+        let Some(p) = peer.upgrade() else { return };
+        let failed = match answer {
+            Ok(reply) => match postcard::from_bytes::<Listing>(&reply.payload) {
+                Ok(listing) => {
+                    *lock(&p.listing) = Some(listing);
+                    backoff.reset();
+                    false
+                }
+                Err(e) => {
+                    tracing::warn!("peer {} sent an unreadable listing: {e}", p.addr);
+                    true
+                }
+            },
+            Err(e) => {
+                tracing::debug!("cannot list the instances of peer {}: {e}", p.addr);
+                true
+            }
+        };
+        p.tried.send_replace(true);
+        drop(p);
+        if failed {
+            if closed.load(Ordering::Acquire) {
+                return;
+            }
+            tokio::time::sleep(backoff.next_delay().max(Duration::from_millis(10))).await;
+        }
+    }
+}
