@@ -402,8 +402,9 @@ impl Mesh {
         let payload = payload.into();
         let preference = self.preference(&options);
         if preference == TransportPreference::Tls {
+            let service = service_name(name)?;
             return self
-                .net_call(name, payload, &options, CallKind::default())
+                .net_call(&service, payload, &options, CallKind::default())
                 .await;
         }
         let due = conn::Due::new(
@@ -416,7 +417,9 @@ impl Mesh {
                 let pool = self.pool(&service_name(name)?);
                 match self.route(&pool, preference).await? {
                     Route::Shm(c) => (c, true),
-                    Route::Tls(kind) => return self.net_call(name, payload, &options, kind).await,
+                    Route::Tls(kind) => {
+                        return self.net_call(&pool.service, payload, &options, kind).await;
+                    }
                 }
             }
         };
@@ -465,7 +468,7 @@ impl Mesh {
         };
         if preference == TransportPreference::Tls {
             return self
-                .net_call(name, payload.into(), &options, oneway)
+                .net_call(&service, payload.into(), &options, oneway)
                 .await
                 .map(drop);
         }
@@ -478,7 +481,7 @@ impl Mesh {
                     ..kind
                 };
                 return self
-                    .net_call(name, payload.into(), &options, kind)
+                    .net_call(&service, payload.into(), &options, kind)
                     .await
                     .map(drop);
             }
@@ -529,7 +532,7 @@ impl Mesh {
     /// A call (or one-way message) through a peer over TLS.
     async fn net_call(
         &self,
-        name: &str,
+        service: &ServiceName,
         payload: Bytes,
         options: &CallOptions,
         kind: CallKind,
@@ -539,13 +542,12 @@ impl Mesh {
                 "the TLS transport is not configured (no listen address or peers)",
             ));
         };
-        let service = service_name(name)?;
         let timeout = options.timeout.or(self.inner.config.default_timeout);
         let deadline = match (timeout.map(Deadline::after), options.deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        net.call(&service, payload, &options.metadata, deadline, &[], kind)
+        net.call(service, payload, &options.metadata, deadline, &[], kind)
             .await
     }
 

@@ -20,7 +20,7 @@ use commy_core::{
     TlsAddr,
 };
 use commy_net::{Credentials, DevCa, Identity, Inbound, LeafSpec, Reply};
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashMap;
 use tokio::sync::watch;
 
 use crate::conn::{ServeCtx, decode_metadata, encode_metadata, lock};
@@ -56,7 +56,13 @@ struct Router {
     host: HostId,
     limits: Limits,
     rr: AtomicUsize,
+    /// Metadata sections that hold nothing but the service header, and the
+    /// service they name (most requests: no need to decode them).
+    plain: Mutex<FxHashMap<Bytes, ServiceName>>,
 }
+
+/// At most this many entries in [`Router::plain`].
+const PLAIN_CACHE: usize = 1024;
 
 impl Router {
     fn listing(&self) -> Listing {
@@ -72,8 +78,12 @@ impl Router {
         }
     }
 
-    async fn handle(&self, inbound: Inbound) -> Result<Reply, Status> {
-        let mut metadata = decode_metadata(&inbound.metadata, &self.limits)
+    /// The service a request names and the rest of its metadata.
+    fn route(&self, raw: &Bytes) -> Result<(ServiceName, Metadata), Status> {
+        if let Some(name) = lock(&self.plain).get(raw) {
+            return Ok((name.clone(), Metadata::default()));
+        }
+        let mut metadata = decode_metadata(raw, &self.limits)
             .map_err(|e| Status::invalid_argument(format!("malformed metadata: {e}")))?;
         let Some(pos) = metadata
             .headers
@@ -91,6 +101,17 @@ impl Router {
             .ok_or_else(|| {
                 Status::invalid_argument("the service header is not a valid service name")
             })?;
+        if metadata.is_empty() {
+            let mut plain = lock(&self.plain);
+            if plain.len() < PLAIN_CACHE {
+                plain.insert(raw.clone(), name.clone());
+            }
+        }
+        Ok((name, metadata))
+    }
+
+    async fn handle(&self, inbound: Inbound) -> Result<Reply, Status> {
+        let (name, metadata) = self.route(&inbound.metadata)?;
         if name.as_str() == INSTANCES_SERVICE {
             return self.list(&inbound.payload).await;
         }
@@ -178,9 +199,10 @@ pub(crate) struct NetState {
     peers: Vec<Arc<PeerState>>,
     pub(crate) preference: TransportPreference,
     fallbacks: AtomicU64,
-    /// Services a call has looked up locally once (later calls to a
-    /// service with no local instance go to TLS directly).
-    looked_up: Mutex<FxHashSet<ServiceName>>,
+    /// Services called over TLS so far (later calls to a service with no
+    /// local instance go to TLS directly), with their metadata section for
+    /// calls without metadata of their own.
+    known: Mutex<FxHashMap<ServiceName, Bytes>>,
     closed: Arc<AtomicBool>,
     rr: AtomicUsize,
 }
@@ -266,6 +288,7 @@ impl NetState {
             host,
             limits,
             rr: AtomicUsize::new(0),
+            plain: Mutex::new(FxHashMap::default()),
         });
         let (server, endpoint) = match listen_addr {
             Some(addr) => {
@@ -317,7 +340,7 @@ impl NetState {
             peers,
             preference: config.transport.unwrap_or_default(),
             fallbacks: AtomicU64::new(0),
-            looked_up: Mutex::new(FxHashSet::default()),
+            known: Mutex::new(FxHashMap::default()),
             closed,
             rr: AtomicUsize::new(0),
         }))
@@ -386,28 +409,37 @@ impl NetState {
         .await;
     }
 
-    /// Peers serving `service`, excluding instances in `local` (reached
-    /// over shared memory) unless `all`.
-    fn serving(&self, service: &ServiceName, exclude: &[InstanceId]) -> Vec<Arc<PeerState>> {
-        self.peers
-            .iter()
-            .filter(|p| {
-                lock(&p.listing).as_ref().is_some_and(|l| {
-                    l.instances
-                        .iter()
-                        .any(|(s, id)| s == service && !exclude.contains(id))
-                })
-            })
-            .cloned()
-            .collect()
+    /// Whether peer `p` serves `service` (other than the `exclude`d instances).
+    fn serves(p: &PeerState, service: &ServiceName, exclude: &[InstanceId]) -> bool {
+        lock(&p.listing).as_ref().is_some_and(|l| {
+            l.instances
+                .iter()
+                .any(|(s, id)| s == service && !exclude.contains(id))
+        })
+    }
+
+    /// A peer serving `service`: the less loaded of two (by calls in flight).
+    fn pick_peer(&self, service: &ServiceName, exclude: &[InstanceId]) -> Option<&Arc<PeerState>> {
+        let serving = |p: &&Arc<PeerState>| Self::serves(p, service, exclude);
+        let mut all = self.peers.iter().filter(serving);
+        let first = all.next()?;
+        let n = 1 + all.count();
+        if n == 1 {
+            return Some(first);
+        }
+        let r = self.rr.fetch_add(1, Ordering::Relaxed);
+        let nth = |i: usize| self.peers.iter().filter(serving).nth(i);
+        let (a, b) = (nth(r % n)?, nth((r + 1) % n)?);
+        let load = |p: &PeerState| p.in_flight.load(Ordering::Relaxed);
+        Some(if load(b) < load(a) { b } else { a })
     }
 
     /// Whether a call to `service` should skip the local lookup: it was
     /// done before, found nothing, and peers serve the service.
     pub(crate) fn go_remote(&self, service: &ServiceName, local_empty: bool) -> bool {
         local_empty
-            && lock(&self.looked_up).contains(service)
-            && !self.serving(service, &[]).is_empty()
+            && lock(&self.known).contains_key(service)
+            && self.pick_peer(service, &[]).is_some()
     }
 
     /// Calls `service` on a peer. `exclude`: instances reached locally;
@@ -422,31 +454,33 @@ impl NetState {
         exclude: &[InstanceId],
         kind: CallKind,
     ) -> Result<Response, Status> {
-        lock(&self.looked_up).insert(service.clone());
-        let mut peers = self.serving(service, exclude);
-        if peers.is_empty() && self.peers.iter().any(|p| !*p.tried.borrow()) {
+        let plain_md = {
+            let mut known = lock(&self.known);
+            match known.get(service) {
+                Some(md) => md.clone(),
+                None => {
+                    let mut md = Metadata::default();
+                    md.add_header(SERVICE_HEADER, service.as_str().as_bytes().to_vec());
+                    let md = Bytes::from(md.encode());
+                    known.insert(service.clone(), md.clone());
+                    md
+                }
+            }
+        };
+        let mut peer = self.pick_peer(service, exclude);
+        if peer.is_none() && self.peers.iter().any(|p| !*p.tried.borrow()) {
             let wait = deadline.map_or(Duration::from_secs(3), |d| {
                 d.remaining().min(Duration::from_secs(3))
             });
             self.wait_listed(wait).await;
-            peers = self.serving(service, exclude);
+            peer = self.pick_peer(service, exclude);
         }
-        if peers.is_empty() {
+        let Some(peer) = peer else {
             return Err(kind.fallback.unwrap_or_else(|| {
                 Status::not_found(format!(
                     "no instance of service '{service}' (locally or at any peer)"
                 ))
             }));
-        }
-        let peer = if peers.len() == 1 {
-            peers.swap_remove(0)
-        } else {
-            // Least loaded of two.
-            let r = self.rr.fetch_add(1, Ordering::Relaxed);
-            let (a, b) = (r % peers.len(), (r + 1) % peers.len());
-            let load = |i: usize| peers[i].in_flight.load(Ordering::Relaxed);
-            let i = if load(b) < load(a) { b } else { a };
-            peers.swap_remove(i)
         };
         if kind.fallback.is_some() {
             self.fallbacks.fetch_add(1, Ordering::Relaxed);
@@ -456,9 +490,13 @@ impl NetState {
                 peer.addr
             );
         }
-        let mut md = metadata.clone();
-        md.add_header(SERVICE_HEADER, service.as_str().as_bytes().to_vec());
-        let md = Bytes::from(md.encode());
+        let md = if metadata.is_empty() {
+            plain_md
+        } else {
+            let mut md = metadata.clone();
+            md.add_header(SERVICE_HEADER, service.as_str().as_bytes().to_vec());
+            Bytes::from(md.encode())
+        };
         peer.in_flight.fetch_add(1, Ordering::Relaxed);
         let _done = DecOnDrop(&peer.in_flight);
         if kind.oneway {
