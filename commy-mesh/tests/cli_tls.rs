@@ -182,6 +182,53 @@ fn certificates_echo_server_services_and_call_over_tls() {
         .unwrap();
     assert_eq!(refused.status.code(), Some(1));
     drop(server);
+
+    // mTLS required: a client with only the CA is refused, one with a
+    // certificate from the CA is served.
+    ok(commy(&d.0.join("client-rt"), &home)
+        .args(["cert", "issue", "--ca-dir"])
+        .arg(&ca)
+        .arg("--out")
+        .arg(d.0.join("client"))
+        .args(["--name", "spiffe://default/caller"])
+        .output()
+        .unwrap());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut strict = commy(&d.0.join("server-rt"), &home)
+        .args(["echo-server", "strict"])
+        .env("COMMY_LISTEN", format!("tls://127.0.0.1:{port}"))
+        .env("COMMY_TLS_CA", ca.join("ca.pem"))
+        .env("COMMY_TLS_CERT", d.0.join("server.pem"))
+        .env("COMMY_TLS_KEY", d.0.join("server.key"))
+        .env("COMMY_REQUIRE_CLIENT_CERT", "1")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(strict.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let _strict = Killed(strict);
+    let anonymous = commy(&d.0.join("client-rt"), &home)
+        .args(["call", "strict", "x", "--timeout-ms", "3000"])
+        .env("COMMY_PEERS", format!("tls://127.0.0.1:{port}"))
+        .env("COMMY_TLS_CA", ca.join("ca.pem"))
+        .output()
+        .unwrap();
+    assert_eq!(anonymous.status.code(), Some(1));
+    let with_cert = commy(&d.0.join("client-rt"), &home)
+        .args(["call", "strict", "with a certificate"])
+        .env("COMMY_PEERS", format!("tls://127.0.0.1:{port}"))
+        .env("COMMY_TLS_CA", ca.join("ca.pem"))
+        .env("COMMY_TLS_CERT", d.0.join("client.pem"))
+        .env("COMMY_TLS_KEY", d.0.join("client.key"))
+        .output()
+        .unwrap();
+    assert_eq!(ok(with_cert), "with a certificate\n");
 }
 
 #[test]

@@ -692,6 +692,55 @@ async fn a_client_exceeding_its_credit_is_closed() {
     f.still_serves().await;
 }
 
+/// Child role for the race test: load or create the CA in `$COMMY_NET_TEST_CA`.
+#[test]
+fn child_load_or_create_ca() {
+    let Some(dir) = std::env::var_os("COMMY_NET_TEST_CA") else {
+        return;
+    };
+    let ca = DevCa::load_or_create(std::path::Path::new(&dir)).unwrap();
+    println!("CA {}", ca.cert_pem().replace('\n', ""));
+}
+
+#[test]
+fn the_dev_ca_is_created_once_by_racing_processes() {
+    if std::env::var_os("COMMY_NET_TEST_CA").is_some() {
+        return;
+    }
+    let dir = temp_dir("race-proc");
+    let ca_dir = dir.join("dev-ca");
+    let children: Vec<_> = (0..4)
+        .map(|_| {
+            std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "child_load_or_create_ca",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env("COMMY_NET_TEST_CA", &ca_dir)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let pems: Vec<String> = children
+        .into_iter()
+        .map(|c| {
+            let out = c.wait_with_output().unwrap();
+            assert!(out.status.success());
+            let text = String::from_utf8(out.stdout).unwrap();
+            let i = text.find("CA ").expect("the child printed its CA");
+            text[i..].lines().next().unwrap().to_string()
+        })
+        .collect();
+    assert!(
+        pems.windows(2).all(|w| w[0] == w[1]),
+        "every process got the same CA"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn the_dev_ca_is_created_once_under_races() {
     let dir = temp_dir("race");
