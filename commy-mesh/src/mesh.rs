@@ -613,6 +613,11 @@ impl Mesh {
         &self.inner
     }
 
+    /// The TLS side, when configured.
+    pub(crate) fn net(&self) -> Option<&Arc<NetState>> {
+        self.inner.net.as_ref()
+    }
+
     pub(crate) fn check_open_pub(&self) -> Result<(), Status> {
         self.check_open()
     }

@@ -9,6 +9,8 @@
 //! reserved control service `commy.instances` for the instances they serve
 //! (docs/PROTOCOL.md, "TLS transport"); the last listing survives a peer
 //! outage, so calls to a dead peer fail with `UNAVAILABLE`, not `NOT_FOUND`.
+//! The listing also names the process's subscriptions, so publishes reach
+//! them through the reserved service `commy.publish`.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,7 +19,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use commy_core::{
     Deadline, Endpoint, HostId, InstanceId, Limits, MeshName, Metadata, ServiceName, Status,
-    TlsAddr,
+    TlsAddr, TopicName,
 };
 use commy_net::{Credentials, DevCa, Identity, Inbound, LeafSpec, Reply};
 use rustc_hash::FxHashMap;
@@ -26,6 +28,7 @@ use tokio::sync::watch;
 use crate::conn::{ServeCtx, decode_metadata, encode_metadata, lock};
 use crate::discovery::Instance;
 use crate::netconfig::{NetConfig, TransportPreference};
+use crate::pubsub::{Message, Queue, TOPIC_HEADER};
 use crate::service::{Request, Response};
 
 /// The metadata header naming a request's service on the TLS transport.
@@ -33,6 +36,15 @@ pub const SERVICE_HEADER: &str = "commy-service";
 
 /// The control service listing a process's instances.
 pub const INSTANCES_SERVICE: &str = "commy.instances";
+
+/// The reserved service that takes published messages for this process's
+/// subscriptions (a OneWay with the topic and its subscriber-set key in
+/// the headers `commy-topic` and `commy-topic-key`).
+pub const PUBLISH_SERVICE: &str = "commy.publish";
+
+/// The header naming the subscriber set (topic key or queue-group key) a
+/// message published over TLS is for.
+const TOPIC_KEY_HEADER: &str = "commy-topic-key";
 
 /// How long a listing request waits for a change before answering anyway.
 const LONG_POLL: Duration = Duration::from_secs(20);
@@ -44,7 +56,12 @@ struct Listing {
     host: HostId,
     pid: u32,
     instances: Vec<(ServiceName, InstanceId)>,
+    /// Subscriptions: (subscriber-set key, subscription id).
+    subscriptions: Vec<(ServiceName, InstanceId)>,
 }
+
+/// The subscriptions of one subscriber set in this process.
+type Subscribers = Vec<(InstanceId, Arc<Queue>)>;
 
 /// The instances of one service served in this process.
 type Instances = Vec<(InstanceId, Arc<ServeCtx>)>;
@@ -59,6 +76,8 @@ struct Router {
     /// Metadata sections that hold nothing but the service header, and the
     /// service they name (most requests: no need to decode them).
     plain: Mutex<FxHashMap<Bytes, ServiceName>>,
+    /// This process's subscriptions, by subscriber-set key.
+    topics: Mutex<FxHashMap<ServiceName, Subscribers>>,
 }
 
 /// At most this many entries in [`Router::plain`].
@@ -74,6 +93,10 @@ impl Router {
             instances: services
                 .iter()
                 .flat_map(|(s, v)| v.iter().map(move |(id, _)| (s.clone(), *id)))
+                .collect(),
+            subscriptions: lock(&self.topics)
+                .iter()
+                .flat_map(|(k, v)| v.iter().map(move |(id, _)| (k.clone(), *id)))
                 .collect(),
         }
     }
@@ -115,6 +138,9 @@ impl Router {
         if name.as_str() == INSTANCES_SERVICE {
             return self.list(&inbound.payload).await;
         }
+        if name.as_str() == PUBLISH_SERVICE {
+            return self.deliver(metadata, inbound.payload);
+        }
         let ctx = {
             let services = lock(&self.services);
             let instances = services
@@ -143,6 +169,61 @@ impl Router {
             metadata: Bytes::from(encode_metadata(&response.metadata)),
             payload: response.payload,
         })
+    }
+
+    /// Queues a message published over TLS for this process's subscribers
+    /// of its key: all of them for a topic key, one for a queue group.
+    fn deliver(&self, mut metadata: Metadata, payload: Bytes) -> Result<Reply, Status> {
+        let text = |name: &str| {
+            metadata
+                .header(name)
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .map(str::to_owned)
+        };
+        let topic = text(TOPIC_HEADER)
+            .and_then(|t| TopicName::new(&t).ok())
+            .ok_or_else(|| Status::invalid_argument("a publish without a valid topic header"))?;
+        let key = text(TOPIC_KEY_HEADER)
+            .and_then(|k| ServiceName::new(&k).ok())
+            .ok_or_else(|| {
+                Status::invalid_argument("a publish without a valid topic key header")
+            })?;
+        metadata
+            .headers
+            .retain(|(k, _)| k != TOPIC_HEADER && k != TOPIC_KEY_HEADER);
+        let targets: Vec<Arc<Queue>> = {
+            let topics = lock(&self.topics);
+            let members = topics.get(&key).map(Vec::as_slice).unwrap_or_default();
+            let members: Vec<&Arc<Queue>> = members
+                .iter()
+                .map(|(_, q)| q)
+                .filter(|q| q.topic() == &topic)
+                .collect();
+            if key.as_str().contains('-') {
+                // A queue group: one member.
+                let n = members.len();
+                let i = self.rr.fetch_add(1, Ordering::Relaxed);
+                members
+                    .get(i % n.max(1))
+                    .map(|q| vec![Arc::clone(q)])
+                    .unwrap_or_default()
+            } else {
+                members.into_iter().cloned().collect()
+            }
+        };
+        for q in targets {
+            let m = Message::new(topic.clone(), payload.clone(), metadata.clone());
+            // A full queue with the Block policy waits here, which holds
+            // back this connection's reader: backpressure, order kept.
+            if tokio::runtime::Handle::current().runtime_flavor()
+                == tokio::runtime::RuntimeFlavor::MultiThread
+            {
+                tokio::task::block_in_place(|| q.push(m));
+            } else {
+                q.push(m);
+            }
+        }
+        Ok(Reply::default())
     }
 
     /// Answers a listing request: at once if the caller's version is old,
@@ -289,6 +370,7 @@ impl NetState {
             limits,
             rr: AtomicUsize::new(0),
             plain: Mutex::new(FxHashMap::default()),
+            topics: Mutex::new(FxHashMap::default()),
         });
         let (server, endpoint) = match listen_addr {
             Some(addr) => {
@@ -371,6 +453,108 @@ impl NetState {
             }
             drop(services);
             self.router.version.send_modify(|v| *v += 1);
+        }
+    }
+
+    /// Announces a subscription to peers.
+    pub(crate) fn add_subscription(&self, key: &ServiceName, id: InstanceId, queue: Arc<Queue>) {
+        lock(&self.router.topics)
+            .entry(key.clone())
+            .or_default()
+            .push((id, queue));
+        self.router.version.send_modify(|v| *v += 1);
+    }
+
+    /// Withdraws a subscription.
+    pub(crate) fn remove_subscription(&self, key: &ServiceName, id: InstanceId) {
+        let mut topics = lock(&self.router.topics);
+        if let Some(v) = topics.get_mut(key) {
+            v.retain(|(i, _)| *i != id);
+            if v.is_empty() {
+                topics.remove(key);
+            }
+            drop(topics);
+            self.router.version.send_modify(|v| *v += 1);
+        }
+    }
+
+    /// Publishes to the subscribers the peers listed for topic key `key`
+    /// (except the `local` ones, reached over shared memory) and to one
+    /// member of each of their queue groups not in `groups_done`. Returns
+    /// the deliveries made.
+    pub(crate) async fn publish(
+        &self,
+        topic: &TopicName,
+        key: &str,
+        local: &[InstanceId],
+        groups_done: &[String],
+        payload: Bytes,
+    ) -> usize {
+        let group_prefix = format!("{key}-");
+        let mut plain: Vec<(Arc<PeerState>, usize)> = Vec::new();
+        let mut groups: Vec<(String, Vec<Arc<PeerState>>)> = Vec::new();
+        for p in &self.peers {
+            let listing = lock(&p.listing);
+            let Some(l) = listing.as_ref() else { continue };
+            let n = l
+                .subscriptions
+                .iter()
+                .filter(|(k, id)| k.as_str() == key && !local.contains(id))
+                .count();
+            if n > 0 {
+                plain.push((p.clone(), n));
+            }
+            for (k, _) in &l.subscriptions {
+                let k = k.as_str();
+                if !k.starts_with(&group_prefix) || groups_done.iter().any(|g| g == k) {
+                    continue;
+                }
+                match groups.iter_mut().find(|(g, _)| g == k) {
+                    Some((_, peers)) if peers.iter().any(|q| Arc::ptr_eq(q, p)) => {}
+                    Some((_, peers)) => peers.push(p.clone()),
+                    None => groups.push((k.to_owned(), vec![p.clone()])),
+                }
+            }
+        }
+        let mut delivered = 0;
+        for (p, n) in plain {
+            if self.send_publish(&p, topic, key, payload.clone()).await {
+                delivered += n;
+            }
+        }
+        for (g, peers) in groups {
+            let i = self.rr.fetch_add(1, Ordering::Relaxed) % peers.len();
+            if self
+                .send_publish(&peers[i], topic, &g, payload.clone())
+                .await
+            {
+                delivered += 1;
+            }
+        }
+        delivered
+    }
+
+    async fn send_publish(
+        &self,
+        peer: &PeerState,
+        topic: &TopicName,
+        key: &str,
+        payload: Bytes,
+    ) -> bool {
+        let mut md = Metadata::default();
+        md.add_header(SERVICE_HEADER, PUBLISH_SERVICE.as_bytes().to_vec());
+        md.add_header(TOPIC_HEADER, topic.as_str().as_bytes().to_vec());
+        md.add_header(TOPIC_KEY_HEADER, key.as_bytes().to_vec());
+        match peer
+            .client
+            .send(Bytes::from(md.encode()), payload, None)
+            .await
+        {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!("publish on {topic} to peer {} failed: {e}", peer.addr);
+                false
+            }
         }
     }
 

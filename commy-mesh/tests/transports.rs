@@ -28,7 +28,12 @@ fn role() -> Option<String> {
 
 fn private_dir(name: &str) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
-    let d = std::env::temp_dir().join(format!("commy-transports-{name}-{}", std::process::id()));
+    // Short: subscription sockets live deep inside it (Unix socket paths are
+    // limited to 107 bytes).
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("ct{n}-{}", std::process::id()));
+    let _ = name;
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(d.join("rt")).unwrap();
     std::fs::set_permissions(d.join("rt"), std::fs::Permissions::from_mode(0o700)).unwrap();
@@ -109,6 +114,7 @@ fn child_server() {
             .await
             .unwrap();
         let _handles = serve_test_services(&mesh).await;
+        let _subscriptions = subscribe_test_topics(&mesh).await;
         println!("READY");
         use std::io::Write;
         std::io::stdout().flush().unwrap();
@@ -197,6 +203,41 @@ async fn serve_test_services(mesh: &Mesh) -> Vec<commy_mesh::ServiceHandle> {
         .unwrap(),
     );
     handles
+}
+
+/// Subscriptions of the service process: two plain ones on `news` and a
+/// queue group `workers` of two on `jobs`, each logging what it gets; the
+/// `sub-log` service returns the log, one `<subscriber>:<payload>` a line.
+async fn subscribe_test_topics(mesh: &Mesh) -> Vec<tokio::task::JoinHandle<()>> {
+    let log: Arc<Mutex<Vec<String>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for (name, topic, group) in [
+        ("news-a", "news", None),
+        ("news-b", "news", None),
+        ("jobs-1", "jobs", Some("workers")),
+        ("jobs-2", "jobs", Some("workers")),
+    ] {
+        let mut sub = match group {
+            Some(g) => mesh.subscribe_group(topic, g).await.unwrap(),
+            None => mesh.subscribe(topic).await.unwrap(),
+        };
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(m) = sub.next().await {
+                let text = String::from_utf8_lossy(m.payload()).into_owned();
+                log.lock().unwrap().push(format!("{name}:{text}"));
+            }
+        }));
+    }
+    let _log_service = mesh
+        .serve("sub-log", move |_req: Request| {
+            let text = log.lock().unwrap().join("\n");
+            async move { Ok::<_, Status>(Response::new(text.into_bytes())) }
+        })
+        .await
+        .unwrap();
+    std::mem::forget(_log_service);
+    tasks
 }
 
 /// How the test client reaches the service process.
@@ -653,4 +694,58 @@ async fn shared_memory_failing_at_connect_falls_back_to_tls_and_is_counted() {
     stop.store(true, Ordering::Release);
     broken.join().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+conformance!(pub_sub_fan_out_and_queue_groups);
+async fn pub_sub_fan_out_and_queue_groups(t: Transport) {
+    let s = Setup::new("pubsub", t).await;
+    // Probe until both `news` subscribers are visible to this publisher.
+    let end = Instant::now() + Duration::from_secs(20);
+    while s.mesh.publish("news", b"probe".to_vec()).await.unwrap() < 2 {
+        assert!(Instant::now() < end, "the subscribers never became visible");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    while s.mesh.publish("jobs", b"probe".to_vec()).await.unwrap() < 1 {
+        assert!(Instant::now() < end, "the queue group never became visible");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for i in 0..50 {
+        let n = s
+            .mesh
+            .publish("news", format!("n{i}").into_bytes())
+            .await
+            .unwrap();
+        assert_eq!(n, 2, "every plain subscriber gets each message");
+        let n = s
+            .mesh
+            .publish("jobs", format!("j{i}").into_bytes())
+            .await
+            .unwrap();
+        assert_eq!(n, 1, "one member of the group gets each message");
+    }
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = s.mesh.call("sub-log", Vec::new()).await.unwrap();
+        let log = String::from_utf8(log.to_vec()).unwrap();
+        let of = |who: &str| -> Vec<String> {
+            log.lines()
+                .filter_map(|l| l.strip_prefix(&format!("{who}:")))
+                .filter(|p| *p != "probe")
+                .map(str::to_owned)
+                .collect()
+        };
+        let (a, b) = (of("news-a"), of("news-b"));
+        let mut jobs: Vec<String> = of("jobs-1").into_iter().chain(of("jobs-2")).collect();
+        if a.len() == 50 && b.len() == 50 && jobs.len() >= 50 {
+            let want: Vec<String> = (0..50).map(|i| format!("n{i}")).collect();
+            assert_eq!(a, want, "news-a got every message in order");
+            assert_eq!(b, want, "news-b got every message in order");
+            jobs.sort_by_key(|j| j[1..].parse::<u32>().unwrap());
+            let want: Vec<String> = (0..50).map(|i| format!("j{i}")).collect();
+            assert_eq!(jobs, want, "each job went to exactly one member");
+            break;
+        }
+        assert!(Instant::now() < end, "not everything arrived:\n{log}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

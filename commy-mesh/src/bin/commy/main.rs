@@ -70,6 +70,7 @@
 //!   `--service NAME` it calls that service instead, which must accept any
 //!   payload.
 //! - `pub TOPIC DATA`: publishes `DATA` once to every subscriber of `TOPIC`
+//!   (also those of TLS peers)
 //!   (and one member of each queue group) and prints `published to N
 //!   subscribers`. A message nobody hears is dropped, and that is not an
 //!   error; with `--wait-ms N` the publish is retried until at least one
