@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_rustls::TlsConnector;
 
-use crate::link::{FrameReader, Out, ReadError, Settings, WriterEnd, write_frames};
+use crate::link::{FrameReader, Out, Quiet, ReadError, Settings, WriterEnd, write_frames};
 use crate::mux::Backoff;
 use crate::server::Reply;
 use crate::tls::Identity;
@@ -499,14 +499,12 @@ async fn read_loop(
     settings: Settings,
     ctrl: mpsc::UnboundedSender<Out>,
 ) {
-    let mut tick = tokio::time::interval(
-        settings
-            .keepalive_interval
-            .min(settings.idle_timeout / 2)
-            .max(std::time::Duration::from_millis(1)),
-    );
+    let mut tick = tokio::time::interval(Quiet::tick(
+        settings.keepalive_interval,
+        settings.idle_timeout,
+    ));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_frame = Instant::now();
+    let mut quiet = Quiet::new();
     let reason = loop {
         tokio::select! {
             biased;
@@ -528,7 +526,7 @@ async fn read_loop(
                     }
                     Err(e) => break e.to_string(),
                 };
-                last_frame = Instant::now();
+                quiet.frame();
                 let Some(s) = session.upgrade() else { break "client dropped".to_string() };
                 let (h, metadata, payload) = frame.into_parts();
                 let id = h.stream_id.0;
@@ -585,7 +583,7 @@ async fn read_loop(
                 }
             }
             _ = tick.tick() => {
-                let quiet = last_frame.elapsed();
+                let quiet = quiet.at_tick();
                 if quiet >= settings.idle_timeout {
                     let _ = ctrl.send(Out::Close);
                     break format!("nothing received for {quiet:?}");

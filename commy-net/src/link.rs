@@ -58,6 +58,47 @@ impl Default for Settings {
     }
 }
 
+/// How long a connection has received nothing, without reading the clock
+/// for every frame: frames are counted, and the clock is read at ticks.
+/// Quiet time is measured from the first tick that saw no new frame, so it
+/// is at most one tick short.
+#[derive(Debug)]
+pub(crate) struct Quiet {
+    frames: u64,
+    seen: u64,
+    since: std::time::Instant,
+}
+
+impl Quiet {
+    pub(crate) fn new() -> Quiet {
+        Quiet {
+            frames: 0,
+            seen: 0,
+            since: std::time::Instant::now(),
+        }
+    }
+
+    /// A complete frame arrived.
+    pub(crate) fn frame(&mut self) {
+        self.frames = self.frames.wrapping_add(1);
+    }
+
+    /// At a tick: how long nothing has arrived.
+    pub(crate) fn at_tick(&mut self) -> Duration {
+        let now = std::time::Instant::now();
+        if self.frames != self.seen {
+            self.seen = self.frames;
+            self.since = now;
+        }
+        now - self.since
+    }
+
+    /// The tick interval for a keepalive interval and an idle timeout.
+    pub(crate) fn tick(keepalive: Duration, idle: Duration) -> Duration {
+        (keepalive.min(idle) / 2).max(Duration::from_millis(1))
+    }
+}
+
 /// One item for the writer.
 pub(crate) enum Out {
     /// A frame: header (lengths filled in by the writer), metadata, payload.
@@ -249,5 +290,30 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 Err(e) => return Err(ReadError::Io(e)),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quiet_time_counts_from_the_first_tick_without_frames() {
+        let mut q = Quiet::new();
+        q.frame();
+        assert!(q.at_tick() < Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(20));
+        let silent = q.at_tick();
+        assert!(silent >= Duration::from_millis(20), "{silent:?}");
+        q.frame();
+        assert!(q.at_tick() < silent, "a frame resets the quiet time");
+        assert_eq!(
+            Quiet::tick(Duration::from_secs(10), Duration::from_secs(30)),
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            Quiet::tick(Duration::ZERO, Duration::ZERO),
+            Duration::from_millis(1)
+        );
     }
 }

@@ -35,7 +35,6 @@ use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
-use std::time::Instant;
 
 use bytes::Bytes;
 use commy_core::{Deadline, Frame, FrameKind, Status};
@@ -45,7 +44,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
-use crate::link::{FrameReader, Out, ReadError, Settings, WriterEnd, write_frames};
+use crate::link::{FrameReader, Out, Quiet, ReadError, Settings, WriterEnd, write_frames};
 use crate::mux::CreditWindow;
 use crate::stats::{Reason, ServerStats};
 use crate::tls::Identity;
@@ -315,13 +314,9 @@ async fn serve_conn(
         max_frame: s.limits.max_frame,
     });
     let mut reader = FrameReader::new(r, s.limits);
-    let mut tick = tokio::time::interval(
-        s.keepalive_interval
-            .min(s.idle_timeout / 2)
-            .max(std::time::Duration::from_millis(1)),
-    );
+    let mut tick = tokio::time::interval(Quiet::tick(s.keepalive_interval, s.idle_timeout));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_frame = Instant::now();
+    let mut quiet = Quiet::new();
     let mut draining = false;
     let mut writer_end = None;
     loop {
@@ -333,7 +328,7 @@ async fn serve_conn(
             }
             frame = reader.next() => match frame {
                 Ok(frame) => {
-                    last_frame = Instant::now();
+                    quiet.frame();
                     if let Err(reason) = conn.on_frame(frame, &ctx).await {
                         ctx.stats.record(reason);
                         break;
@@ -352,7 +347,7 @@ async fn serve_conn(
                 }
             },
             _ = tick.tick() => {
-                let quiet = last_frame.elapsed();
+                let quiet = quiet.at_tick();
                 if quiet >= s.idle_timeout {
                     ctx.stats.record(Reason::Idle);
                     tracing::warn!("closing {addr}: nothing received for {quiet:?} (idle timeout)");
