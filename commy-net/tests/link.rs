@@ -359,10 +359,10 @@ async fn credit_bounds_the_streams_in_flight() {
     let f = Fixture::start("credit", s, false).await;
     let c = f.client();
     let mut tasks = Vec::new();
-    for _ in 0..40 {
+    for _ in 0..20 {
         let c = c.clone();
         tasks.push(tokio::spawn(async move {
-            c.call(Bytes::new(), Bytes::from_static(b"sleep:20"), in_secs(30))
+            c.call(Bytes::new(), Bytes::from_static(b"sleep:200"), in_secs(30))
                 .await
                 .unwrap();
         }));
