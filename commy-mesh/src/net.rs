@@ -78,6 +78,8 @@ struct Router {
     plain: Mutex<FxHashMap<Bytes, ServiceName>>,
     /// This process's subscriptions, by subscriber-set key.
     topics: Mutex<FxHashMap<ServiceName, Subscribers>>,
+    /// Set when the handle closes: listing requests answer at once.
+    closing: watch::Sender<bool>,
 }
 
 /// At most this many entries in [`Router::plain`].
@@ -231,8 +233,15 @@ impl Router {
     async fn list(&self, payload: &[u8]) -> Result<Reply, Status> {
         let known: u64 = postcard::from_bytes(payload).unwrap_or(u64::MAX);
         let mut rx = self.version.subscribe();
-        if *rx.borrow_and_update() == known {
-            let _ = tokio::time::timeout(LONG_POLL, rx.changed()).await;
+        let mut closing = self.closing.subscribe();
+        if *rx.borrow_and_update() == known && !*closing.borrow_and_update() {
+            // Until something changes, the process shuts down (so the
+            // drain never waits for a long poll) or the long-poll time ends.
+            tokio::select! {
+                _ = rx.changed() => {}
+                _ = closing.changed() => {}
+                _ = tokio::time::sleep(LONG_POLL) => {}
+            }
         }
         let body = postcard::to_allocvec(&self.listing())
             .map_err(|e| Status::internal(format!("cannot encode the listing: {e}")))?;
@@ -365,12 +374,22 @@ impl NetState {
         link.limits = limits;
         let router = Arc::new(Router {
             services: Mutex::new(FxHashMap::default()),
-            version: watch::channel(1).0,
+            // A random start, so a restarted process's listing never has
+            // the version a watcher knew from its previous life.
+            version: watch::channel(
+                u64::from_le_bytes(
+                    InstanceId::random().to_bytes()[..8]
+                        .try_into()
+                        .unwrap_or([1; 8]),
+                ) >> 1,
+            )
+            .0,
             host,
             limits,
             rr: AtomicUsize::new(0),
             plain: Mutex::new(FxHashMap::default()),
             topics: Mutex::new(FxHashMap::default()),
+            closing: watch::channel(false).0,
         });
         let (server, endpoint) = match listen_addr {
             Some(addr) => {
@@ -696,6 +715,9 @@ impl NetState {
     /// Stops serving (GOAWAY drain) and the peer watchers.
     pub(crate) async fn close(&self) {
         self.closed.store(true, Ordering::Release);
+        // Peers' listing requests answer at once from now on instead of
+        // holding the drain for their long-poll time.
+        self.router.closing.send_replace(true);
         let server = lock(&self.server).take();
         if let Some(s) = server {
             s.shutdown().await;

@@ -166,7 +166,8 @@ fn certificates_echo_server_services_and_call_over_tls() {
     assert_eq!(ok(client(&["call", "echo", "over tls"])), "over tls\n");
     let missing = client(&["call", "nobody", "x"]);
     assert_eq!(missing.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&missing.stderr).starts_with("NOT_FOUND"));
+    let why = String::from_utf8_lossy(&missing.stderr);
+    assert!(why.starts_with("NOT_FOUND"), "{why}");
     // A client trusting another CA refuses the server.
     let other = d.0.join("other-ca");
     ok(commy(&d.0.join("client-rt"), &home)
@@ -293,4 +294,62 @@ fn config_file_errors_name_the_file_and_settings_are_used() {
     assert_eq!(ok(o), "same user\n");
     std::thread::sleep(Duration::from_millis(10));
     drop(server);
+}
+
+#[test]
+fn an_echo_server_with_connected_peers_stops_promptly_on_sigterm() {
+    let d = Dir::new("drain");
+    let home = d.0.join("home");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = commy(&d.0.join("server-rt"), &home)
+        .args(["echo-server", "echo"])
+        .env("COMMY_LISTEN", format!("tls://127.0.0.1:{port}"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("serving echo"), "{line}");
+    // A peer that stays connected (its listing request waits at the server).
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mesh = rt.block_on(async {
+        let mut net = commy_mesh::NetConfig::default();
+        net.tls_ca = Some(home.join("commy/dev-ca/ca.pem"));
+        net.no_listen = true;
+        let mesh = commy_mesh::Mesh::builder()
+            .runtime_dir(d.0.join("client-rt"))
+            .net(net)
+            .peer(&format!("tls://127.0.0.1:{port}"))
+            .open()
+            .await
+            .unwrap();
+        assert_eq!(&mesh.call("echo", b"hi".to_vec()).await.unwrap()[..], b"hi");
+        mesh
+    });
+    let started = std::time::Instant::now();
+    let pid = rustix::process::Pid::from_raw(server.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let status = loop {
+        if let Some(s) = server.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "no exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the drain waited {:?} for the peer's long poll",
+        started.elapsed()
+    );
+    rt.block_on(mesh.close());
 }

@@ -404,6 +404,8 @@ impl Session {
             )
             .await
             .map_err(|_| {
+                // Never sent: the stream's credit is ours again.
+                self.credit.add_permits(1);
                 Status::deadline_exceeded("the request could not be queued before the deadline")
             })?,
             None => self.out.send(Out::Frame(header, metadata, payload)).await,
@@ -505,10 +507,12 @@ async fn read_loop(
     ));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut quiet = Quiet::new();
+    let mut writer_done = false;
     let reason = loop {
         tokio::select! {
             biased;
             end = &mut writer => {
+                writer_done = true;
                 break match end {
                     Ok(WriterEnd::TimedOut) => format!("writing stalled for {:?}", settings.write_timeout),
                     Ok(WriterEnd::Failed(e)) => format!("write failed: {e}"),
@@ -599,6 +603,9 @@ async fn read_loop(
         s.fail_all(reason);
     }
     let _ = ctrl.send(Out::Close);
-    let _ = tokio::time::timeout(settings.write_timeout, &mut writer).await;
+    if !writer_done {
+        // A finished JoinHandle must not be polled again.
+        let _ = tokio::time::timeout(settings.write_timeout, &mut writer).await;
+    }
     writer.abort();
 }
