@@ -17,6 +17,7 @@ mod scenario;
 mod scenarios;
 mod shm_link;
 mod stats;
+mod tls;
 mod uds;
 
 use std::process::ExitCode;

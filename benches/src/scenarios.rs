@@ -3,7 +3,7 @@
 //! see [`crate::scenario`]) and a few lines here; see benches/README.md.
 
 use crate::scenario::{Kind, Scenario, Wait};
-use crate::{floor, mesh, shm_link, uds};
+use crate::{floor, mesh, shm_link, tls, uds};
 
 /// Transport name of the Unix-socket baseline (ratios "vs UDS").
 pub(crate) const UDS: &str = "uds";
@@ -18,6 +18,15 @@ pub(crate) const MESH: &str = "mesh";
 pub(crate) const PUBSUB_1: &str = "pubsub-1sub";
 /// See [`PUBSUB_1`].
 pub(crate) const PUBSUB_4: &str = "pubsub-4sub";
+/// Transport names of the network scenarios: raw TCP and tokio-rustls
+/// echoes (baselines), commy-net's link, and `mesh.call` over TLS.
+pub(crate) const TCP: &str = "tcp";
+/// See [`TCP`].
+pub(crate) const RUSTLS: &str = "rustls";
+/// See [`TCP`].
+pub(crate) const NET_TLS: &str = "net-tls";
+/// See [`TCP`].
+pub(crate) const MESH_TLS: &str = "mesh-tls";
 /// The mesh call sizes: the common small message and a page.
 pub(crate) const MESH_SIZES: [usize; 2] = [64, 4096];
 
@@ -108,6 +117,27 @@ pub(crate) fn scenarios() -> Vec<Scenario> {
             .wait(Wait::Default)
             .in_demo(),
     );
+
+    // The network: raw TCP and tokio-rustls echoes beside commy-net and
+    // mesh.call over TLS, round trips and 64 B pipelined on one connection.
+    for size in MESH_SIZES {
+        all.push(Scenario::new(TCP, Kind::RoundTrip, size, tls::TCP_RT));
+        all.push(Scenario::new(RUSTLS, Kind::RoundTrip, size, tls::RUSTLS_RT));
+        all.push(Scenario::new(NET_TLS, Kind::RoundTrip, size, tls::NET_RT));
+        all.push(Scenario::new(MESH_TLS, Kind::RoundTrip, size, tls::MESH_RT));
+    }
+    all.push(Scenario::new(
+        NET_TLS,
+        Kind::Throughput,
+        64,
+        tls::NET_PIPELINED,
+    ));
+    all.push(Scenario::new(
+        MESH_TLS,
+        Kind::Throughput,
+        64,
+        tls::MESH_PIPELINED,
+    ));
 
     all
 }

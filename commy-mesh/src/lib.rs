@@ -2,7 +2,9 @@
 //!
 //! On one host, with no configuration file and no daemon, processes open a
 //! [`Mesh`](crate) handle, serve named services and call them; bytes move
-//! through commy-shm's lock-free rings.
+//! through commy-shm's lock-free rings. Instances on other hosts are reached
+//! over TLS (commy-net) with the same API: set `listen` and `peers` (see
+//! [`NetConfig`]) and the mesh picks the transport by itself.
 #![forbid(unsafe_code)]
 // The workspace routes atomics through commy-shm's loom-switchable `sync`
 // module because that crate's lock-free algorithms are model-checked. This
@@ -13,12 +15,16 @@
 mod conn;
 mod discovery;
 mod mesh;
+mod net;
+mod netconfig;
 mod pubsub;
 mod service;
 
 pub use commy_core::{Code, Deadline, Metadata, Status};
 pub use discovery::{DiscoveryError, HOST_ID_ENV, Instance, InstanceWatch, LocalRegistry, host_id};
 pub use mesh::{CallOptions, Config, Mesh, MeshBuilder, OpenError, ServiceHandle};
+pub use net::{INSTANCES_SERVICE, NetError, PUBLISH_SERVICE, SERVICE_HEADER};
+pub use netconfig::{CONFIG_ENV, NetConfig, TransportPreference};
 pub use pubsub::{Message, SlowSubscriber, SubscribeOptions, Subscription};
 pub use service::{Request, Response};
 

@@ -34,6 +34,8 @@ use commy_shm::{LinkConfig, RuntimeDir, ShmLink, UdsListener};
 
 use crate::conn::{self, ClientConn, ServeCtx, lock};
 use crate::discovery::{Instance, LocalRegistry};
+use crate::net::{CallKind, NetState};
+use crate::netconfig::{NetConfig, TransportPreference};
 use crate::service::{self, Request, Response};
 
 /// Settings of a mesh handle. `Config::default()` is the embedded default:
@@ -60,6 +62,9 @@ pub struct Config {
     /// its thread and waits to be woken (zero: never poll). Polling saves
     /// the thread hand-off, which costs more than a whole quick call.
     pub call_spin: Duration,
+    /// Network settings: TLS listener, peers, certificates, transport
+    /// preference (unset ones come from the environment and config file).
+    pub net: NetConfig,
 }
 
 impl Default for Config {
@@ -72,6 +77,7 @@ impl Default for Config {
             max_concurrency: 1024,
             default_timeout: Some(Duration::from_secs(30)),
             call_spin: Duration::from_micros(50),
+            net: NetConfig::default(),
         }
     }
 }
@@ -124,6 +130,37 @@ impl MeshBuilder {
         self
     }
 
+    /// Serves this handle's services over TLS at `endpoint`
+    /// (`tls://ADDR:PORT`; port 0 picks a free one).
+    pub fn listen(mut self, endpoint: &str) -> MeshBuilder {
+        match crate::netconfig::parse_tls(endpoint) {
+            Ok(a) => self.config.net.listen = Some(a),
+            Err(e) => self.error = Some(format!("invalid listen endpoint: {e}")),
+        }
+        self
+    }
+
+    /// Adds a static peer (`tls://HOST:PORT`) whose instances may be called.
+    pub fn peer(mut self, endpoint: &str) -> MeshBuilder {
+        match crate::netconfig::parse_tls(endpoint) {
+            Ok(a) => self.config.net.peers.push(a),
+            Err(e) => self.error = Some(format!("invalid peer endpoint: {e}")),
+        }
+        self
+    }
+
+    /// Sets which transport calls use (see [`TransportPreference`]).
+    pub fn transport(mut self, t: TransportPreference) -> MeshBuilder {
+        self.config.net.transport = Some(t);
+        self
+    }
+
+    /// Sets all network settings at once.
+    pub fn net(mut self, net: NetConfig) -> MeshBuilder {
+        self.config.net = net;
+        self
+    }
+
     /// Opens the mesh.
     pub async fn open(self) -> Result<Mesh, OpenError> {
         if let Some(e) = self.error {
@@ -149,6 +186,9 @@ pub enum OpenError {
     /// Not called from inside a tokio runtime.
     #[error("Mesh::open must be called from within a tokio runtime")]
     NoRuntime,
+    /// The TLS side cannot start (certificates, listen address).
+    #[error("cannot start the network transport: {0}")]
+    Net(#[from] crate::net::NetError),
 }
 
 /// Options of one call.
@@ -161,6 +201,8 @@ pub struct CallOptions {
     pub deadline: Option<Deadline>,
     /// Metadata sent with the request.
     pub metadata: Metadata,
+    /// The transport this call may use (default: the mesh's).
+    pub transport: Option<TransportPreference>,
 }
 
 impl CallOptions {
@@ -173,6 +215,12 @@ impl CallOptions {
     /// Sets the metadata.
     pub fn metadata(mut self, m: Metadata) -> CallOptions {
         self.metadata = m;
+        self
+    }
+
+    /// Forces a transport for this call.
+    pub fn transport(mut self, t: TransportPreference) -> CallOptions {
+        self.transport = Some(t);
         self
     }
 }
@@ -207,6 +255,8 @@ pub(crate) struct Inner {
     closed: AtomicBool,
     /// Services served through this handle, to drain on close.
     served: Mutex<Vec<Arc<Served>>>,
+    /// The TLS side, when configured.
+    net: Option<Arc<NetState>>,
 }
 
 /// A pool's instances and our links to them, under one lock.
@@ -298,6 +348,23 @@ impl Mesh {
         let topics_mesh = MeshName::new(&format!("{}.t", config.mesh))
             .map_err(|e| OpenError::Config(format!("mesh name too long for topics: {e}")))?;
         let topics = LocalRegistry::new(dir, &topics_mesh)?;
+        let mut config = config;
+        config.net = std::mem::take(&mut config.net)
+            .resolve()
+            .map_err(OpenError::Config)?;
+        let net = if config.net.in_use() {
+            Some(
+                NetState::start(
+                    &config.net,
+                    &config.mesh,
+                    registry.host().clone(),
+                    config.limits,
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
         Ok(Mesh {
             inner: Arc::new(Inner {
                 id: NEXT_MESH_ID.fetch_add(1, Ordering::Relaxed),
@@ -310,6 +377,7 @@ impl Mesh {
                 pools: Mutex::new(FxHashMap::default()),
                 closed: AtomicBool::new(false),
                 served: Mutex::new(Vec::new()),
+                net,
             }),
         })
     }
@@ -353,12 +421,16 @@ impl Mesh {
             links: Mutex::new(Vec::new()),
             service: service.clone(),
         });
+        if let Some(net) = &self.inner.net {
+            net.add(&service, id, ctx.clone());
+        }
         let served = Arc::new(Served {
             service,
             id,
             path,
             stop: Arc::new(AtomicBool::new(false)),
             ctx: ctx.clone(),
+            net: self.inner.net.clone(),
         });
         start_accepting(
             listener,
@@ -390,6 +462,13 @@ impl Mesh {
     ) -> Result<Response, Status> {
         self.check_open()?;
         let payload = payload.into();
+        let preference = self.preference(&options);
+        if preference == TransportPreference::Tls {
+            let service = service_name(name)?;
+            return self
+                .net_call(&service, payload, &options, CallKind::default())
+                .await;
+        }
         let due = conn::Due::new(
             options.timeout.or(self.inner.config.default_timeout),
             options.deadline,
@@ -398,7 +477,12 @@ impl Mesh {
             Some(picked) => picked,
             None => {
                 let pool = self.pool(&service_name(name)?);
-                (self.pick(&pool).await?, true)
+                match self.route(&pool, preference).await? {
+                    Route::Shm(c) => (c, true),
+                    Route::Tls(kind) => {
+                        return self.net_call(&pool.service, payload, &options, kind).await;
+                    }
+                }
             }
         };
         conn.call(&payload, &options.metadata, due, balanced).await
@@ -453,9 +537,117 @@ impl Mesh {
     pub async fn send(&self, name: &str, payload: impl Into<Bytes>) -> Result<(), Status> {
         self.check_open()?;
         let service = service_name(name)?;
+        let options = CallOptions::default();
+        let preference = self.preference(&options);
+        let oneway = CallKind {
+            oneway: true,
+            fallback: None,
+        };
+        if preference == TransportPreference::Tls {
+            return self
+                .net_call(&service, payload.into(), &options, oneway)
+                .await
+                .map(drop);
+        }
         let pool = self.pool(&service);
-        let conn = self.pick(&pool).await?;
+        let conn = match self.route(&pool, preference).await? {
+            Route::Shm(c) => c,
+            Route::Tls(kind) => {
+                let kind = CallKind {
+                    oneway: true,
+                    ..kind
+                };
+                return self
+                    .net_call(&service, payload.into(), &options, kind)
+                    .await
+                    .map(drop);
+            }
+        };
         conn.send_oneway(&payload.into(), &Metadata::default())
+    }
+
+    /// The transport a call may use.
+    fn preference(&self, options: &CallOptions) -> TransportPreference {
+        options.transport.unwrap_or_else(|| {
+            self.inner
+                .net
+                .as_ref()
+                .map_or(TransportPreference::Auto, |n| n.preference)
+        })
+    }
+
+    /// Where a call goes: a shared-memory link, or a peer over TLS (in
+    /// `auto`, when the service has no local instance, or when shared memory
+    /// failed at connect: then the failure travels along, for when no peer
+    /// can take the call either).
+    async fn route(
+        &self,
+        pool: &Arc<Pool>,
+        preference: TransportPreference,
+    ) -> Result<Route, Status> {
+        let net = match (&self.inner.net, preference) {
+            (Some(n), TransportPreference::Auto) => n,
+            _ => return self.pick(pool).await.map(Route::Shm),
+        };
+        let local_empty = lock(&pool.state).instances.is_empty();
+        if net.go_remote(&pool.service, local_empty) {
+            return Ok(Route::Tls(CallKind::default()));
+        }
+        match self.pick(pool).await {
+            Ok(c) => Ok(Route::Shm(c)),
+            Err(e) if e.code() == commy_core::Code::NotFound => Ok(Route::Tls(CallKind::default())),
+            Err(e) => {
+                tracing::debug!("no shared-memory link to '{}': {e}", pool.service);
+                Ok(Route::Tls(CallKind {
+                    oneway: false,
+                    fallback: Some(e),
+                }))
+            }
+        }
+    }
+
+    /// A call (or one-way message) through a peer over TLS.
+    async fn net_call(
+        &self,
+        service: &ServiceName,
+        payload: Bytes,
+        options: &CallOptions,
+        kind: CallKind,
+    ) -> Result<Response, Status> {
+        let Some(net) = &self.inner.net else {
+            return Err(Status::failed_precondition(
+                "the TLS transport is not configured (no listen address or peers)",
+            ));
+        };
+        let timeout = options.timeout.or(self.inner.config.default_timeout);
+        let deadline = match (timeout.map(Deadline::after), options.deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        net.call(service, payload, &options.metadata, deadline, &[], kind)
+            .await
+    }
+
+    /// Calls that went over TLS because shared memory failed at connect.
+    pub fn transport_fallbacks(&self) -> u64 {
+        self.inner.net.as_ref().map_or(0, |n| n.fallbacks())
+    }
+
+    /// The TLS endpoint this handle serves on, if it listens.
+    pub fn tls_endpoint(&self) -> Option<commy_core::TlsAddr> {
+        self.inner.net.as_ref().and_then(|n| n.endpoint().cloned())
+    }
+
+    /// The instances the peers serve (their last listings), after waiting
+    /// up to `wait` for every peer's first listing.
+    pub async fn remote_instances(&self, wait: Duration) -> Vec<Instance> {
+        match &self.inner.net {
+            Some(n) => {
+                n.wait_listed(wait).await;
+                n.remote_instances()
+            }
+            None => Vec::new(),
+        }
     }
 
     /// A named shared-memory region of this mesh: finish with `.size(n)`,
@@ -489,10 +681,18 @@ impl Mesh {
         }
         lock(&self.inner.pools).clear();
         lock(&self.inner.topic_pools).clear();
+        if let Some(net) = &self.inner.net {
+            net.close().await;
+        }
     }
 
     pub(crate) fn inner(&self) -> &Arc<Inner> {
         &self.inner
+    }
+
+    /// The TLS side, when configured.
+    pub(crate) fn net(&self) -> Option<&Arc<NetState>> {
+        self.inner.net.as_ref()
     }
 
     pub(crate) fn check_open_pub(&self) -> Result<(), Status> {
@@ -628,6 +828,12 @@ impl Mesh {
     }
 }
 
+/// Where a call goes (see [`Mesh::route`]).
+enum Route {
+    Shm(Arc<ClientConn>),
+    Tls(CallKind),
+}
+
 /// Least loaded of two random choices (by calls in flight on our links).
 fn choose(
     pool: &Pool,
@@ -687,6 +893,7 @@ struct Served {
     path: PathBuf,
     stop: Arc<AtomicBool>,
     ctx: Arc<ServeCtx>,
+    net: Option<Arc<NetState>>,
 }
 
 impl Served {
@@ -695,6 +902,9 @@ impl Served {
     fn deregister(&self) {
         if !self.stop.swap(true, Ordering::AcqRel) {
             let _ = std::fs::remove_file(&self.path);
+            if let Some(net) = &self.net {
+                net.remove(&self.service, self.id);
+            }
         }
     }
 

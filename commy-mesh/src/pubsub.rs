@@ -103,6 +103,14 @@ pub struct Message {
 }
 
 impl Message {
+    pub(crate) fn new(topic: TopicName, payload: Bytes, metadata: Metadata) -> Message {
+        Message {
+            topic,
+            payload,
+            metadata,
+        }
+    }
+
     /// The topic it was published on.
     pub fn topic(&self) -> &TopicName {
         &self.topic
@@ -125,7 +133,7 @@ impl Message {
 }
 
 /// The queue between a subscription's link threads and its consumer.
-struct Queue {
+pub(crate) struct Queue {
     topic: TopicName,
     state: Mutex<QueueState>,
     /// Link threads blocked on a full queue (policy `Block`) wait here.
@@ -143,8 +151,13 @@ struct QueueState {
 }
 
 impl Queue {
+    /// The topic this queue receives.
+    pub(crate) fn topic(&self) -> &TopicName {
+        &self.topic
+    }
+
     /// Queues a message per the policy; false once the subscription is over.
-    fn push(&self, msg: Message) -> bool {
+    pub(crate) fn push(&self, msg: Message) -> bool {
         let mut st = match self.state.lock() {
             Ok(s) => s,
             Err(_) => return false,
@@ -223,6 +236,8 @@ pub struct Subscription {
     path: std::path::PathBuf,
     stop: Arc<AtomicBool>,
     group: Option<String>,
+    /// Where it is announced to TLS peers, if this handle listens.
+    net: Option<(Arc<crate::net::NetState>, ServiceName, InstanceId)>,
 }
 
 impl std::fmt::Debug for Subscription {
@@ -263,6 +278,9 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         if !self.stop.swap(true, Ordering::AcqRel) {
             let _ = std::fs::remove_file(&self.path);
+        }
+        if let Some((net, key, id)) = &self.net {
+            net.remove_subscription(key, *id);
         }
         self.queue.close();
     }
@@ -457,9 +475,10 @@ impl Mesh {
             None => topic_key(&topic),
         };
         let inner = self.inner();
+        let id = InstanceId::random();
         let path = inner
             .topics
-            .socket_path(&key_name(&key)?, InstanceId::random())
+            .socket_path(&key_name(&key)?, id)
             .map_err(|e| Status::unavailable(format!("cannot announce the subscription: {e}")))?;
         let listener = UdsListener::bind(&path)
             .map_err(|e| Status::unavailable(format!("cannot listen for publishers: {e}")))?;
@@ -485,11 +504,20 @@ impl Mesh {
             stop.clone(),
             move |link| serve_topic_link(link, q.clone(), limits),
         )?;
+        let net = match self.net() {
+            Some(n) if n.endpoint().is_some() => {
+                let key = key_name(&key)?;
+                n.add_subscription(&key, id, queue.clone());
+                Some((n.clone(), key, id))
+            }
+            _ => None,
+        };
         Ok(Subscription {
             queue,
             path,
             stop,
             group: group.map(str::to_owned),
+            net,
         })
     }
 
@@ -509,8 +537,9 @@ impl Mesh {
 
         // Plain subscribers: all of them.
         let pool = self.topic_pool(&key_name(&key)?);
-        for inst in self.instances_of(&pool) {
-            match self.connect(&pool, &inst).await {
+        let local = self.instances_of(&pool);
+        for inst in &local {
+            match self.connect(&pool, inst).await {
                 Ok(conn) => match conn.send_publish(&md, &payload) {
                     Ok(()) => delivered += 1,
                     Err(e) => tracing::debug!("publish to a subscriber of {topic} failed: {e}"),
@@ -523,15 +552,27 @@ impl Mesh {
         inner
             .group_index
             .ensure_started(inner.topics.dir().to_owned());
+        let mut groups_done = Vec::new();
         for group in inner.group_index.groups_of(&key) {
             let pool = self.topic_pool(&key_name(&group)?);
             // An empty group (all members left) is not an error.
             if let Ok(conn) = self.pick(&pool).await {
                 match conn.send_publish(&md, &payload) {
-                    Ok(()) => delivered += 1,
+                    Ok(()) => {
+                        delivered += 1;
+                        groups_done.push(group);
+                    }
                     Err(e) => tracing::debug!("publish to group {group} failed: {e}"),
                 }
             }
+        }
+
+        // Subscribers at TLS peers (those not reached above).
+        if let Some(net) = self.net() {
+            let local: Vec<InstanceId> = local.iter().map(|i| i.id).collect();
+            delivered += net
+                .publish(&topic, &key, &local, &groups_done, payload)
+                .await;
         }
         Ok(delivered)
     }

@@ -431,6 +431,29 @@ const GOALS: &[(&str, Goal)] = &[
         },
     ),
     (
+        "mesh.call over TLS round trip vs a raw tokio-rustls echo (64 B)",
+        Goal::RoundTripRatio {
+            a: "mesh-tls/rt/64B",
+            b: "rustls/rt/64B",
+            max: 1.3,
+        },
+    ),
+    (
+        "mesh.call over TLS round trip vs a raw tokio-rustls echo (4 KiB)",
+        Goal::RoundTripRatio {
+            a: "mesh-tls/rt/4KiB",
+            b: "rustls/rt/4KiB",
+            max: 1.3,
+        },
+    ),
+    (
+        "mesh.call over TLS, 64 B, 256 in flight on one connection",
+        Goal::MinMsgs {
+            scenario: "mesh-tls/tp/64B",
+            min: 500e3,
+        },
+    ),
+    (
         "shm one-way throughput, 64 B, batched",
         Goal::MinMsgs {
             scenario: "shm/tp-busy/64B-b32",

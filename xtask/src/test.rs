@@ -47,7 +47,11 @@ pub(crate) fn steps() -> Vec<Step> {
         Step {
             name: "test",
             about: "unit, integration and doc tests: cargo test --workspace",
-            needs: Needs::default(),
+            // `ip netns` for commy-mesh's two-host test (network namespaces).
+            needs: Needs {
+                apt_packages: vec!["iproute2"],
+                ..Needs::default()
+            },
             commands: vec![Cmd::cargo().args(["test", "--workspace"])],
         },
         Step {

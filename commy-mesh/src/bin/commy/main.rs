@@ -14,7 +14,16 @@
 //! commy pub TOPIC DATA [--wait-ms N] publish DATA on TOPIC
 //! commy sub TOPIC [--count N] [--group GROUP] [--hex]
 //!                                    print the messages published on TOPIC
+//! commy cert init DIR                create a CA (ca.pem, ca.key) for the TLS transport
+//! commy cert issue --ca-dir DIR --out OUT --name spiffe://MESH/SERVICE [--dns NAME].. [--ip IP]..
+//!                                    issue an instance certificate (OUT.pem, OUT.key)
 //! ```
+//!
+//! Network settings (`listen`, `peers`, `tls_ca`, ...) come from the
+//! environment (`COMMY_LISTEN`, `COMMY_PEERS`, `COMMY_TLS_CA`, ...) or the
+//! config file (`$COMMY_CONFIG`, else `~/.config/commy/config.toml`); see
+//! the library's `NetConfig`. Only `echo-server` listens; the other
+//! commands never take the listen address.
 //!
 //! Global options (accepted before or after the command):
 //!
@@ -35,9 +44,12 @@
 //!   line. Subscriptions are not listed.
 //!   `--json` prints a JSON array of objects with the keys `service`,
 //!   `instance`, `pid`, `endpoint` and `host` instead (`[]` when empty).
+//!   With peers configured, their instances follow, with their `tls://`
+//!   endpoints and host ids (after waiting up to 3 s for their listings).
 //! - `echo-server NAME`: serves `NAME`, answering every request with its own
 //!   payload. Once the instance is announced it prints exactly one line,
-//!   `serving NAME as <instance id>`, and flushes stdout. On SIGINT (Ctrl-C)
+//!   `serving NAME as <instance id>`, and flushes stdout (when it listens
+//!   over TLS, `tls endpoint: tls://ADDR:PORT` goes to stderr). On SIGINT (Ctrl-C)
 //!   or SIGTERM it deregisters (new calls go elsewhere), waits for the
 //!   requests in flight and exits 0.
 //! - `call NAME DATA`: calls `NAME` with the bytes of `DATA` (the argument as
@@ -58,6 +70,7 @@
 //!   `--service NAME` it calls that service instead, which must accept any
 //!   payload.
 //! - `pub TOPIC DATA`: publishes `DATA` once to every subscriber of `TOPIC`
+//!   (also those of TLS peers)
 //!   (and one member of each queue group) and prints `published to N
 //!   subscribers`. A message nobody hears is dropped, and that is not an
 //!   error; with `--wait-ms N` the publish is retried until at least one
@@ -81,6 +94,7 @@
 
 mod bench;
 mod call;
+mod cert;
 mod pubsub;
 mod serve;
 mod services;
@@ -167,6 +181,10 @@ enum Command {
                       once subscribed; exits 0 after --count messages or on SIGINT/SIGTERM."
     )]
     Sub(pubsub::SubArgs),
+
+    /// Make a CA and instance certificates for the TLS transport.
+    #[command(subcommand)]
+    Cert(cert::Command),
 }
 
 /// Options every command shares.
@@ -177,17 +195,25 @@ struct Global {
 }
 
 impl Global {
-    /// The mesh configuration the options select.
-    fn config(&self) -> Config {
+    /// The mesh configuration the options select; `listen`: whether the
+    /// TLS listen address (if configured) is taken.
+    fn config(&self, listen: bool) -> Config {
         let mut config = Config::default();
         config.mesh = self.mesh.clone();
         config.runtime_dir = self.runtime_dir.clone();
+        config.net.no_listen = !listen;
         config
     }
 
-    /// Opens the mesh the options select.
+    /// Opens the mesh the options select, for a one-shot command (it does
+    /// not listen over TLS).
     async fn open(&self) -> Result<Mesh, CliError> {
-        Mesh::open(self.config())
+        self.open_with(false).await
+    }
+
+    /// Opens the mesh, listening over TLS if configured when `listen`.
+    async fn open_with(&self, listen: bool) -> Result<Mesh, CliError> {
+        Mesh::open(self.config(listen))
             .await
             .map_err(|source| CliError::Open {
                 mesh: self.mesh.clone(),
@@ -247,6 +273,9 @@ enum CliError {
     /// A benchmark task stopped abnormally.
     #[error("error: a benchmark task failed: {0}")]
     Task(String),
+    /// Making a certificate failed.
+    #[error("error: {0}")]
+    Cert(String),
 }
 
 impl CliError {
@@ -294,6 +323,7 @@ fn main() -> ExitCode {
             Command::Bench(cmd) => bench::run(&global, cmd).await,
             Command::Pub(args) => pubsub::publish(&global, args).await,
             Command::Sub(args) => pubsub::subscribe(&global, args).await,
+            Command::Cert(cmd) => cert::run(cmd),
         }
     });
     // Service threads of the library may still be winding down; they hold

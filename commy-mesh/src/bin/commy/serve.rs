@@ -20,13 +20,16 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<(), CliError> {
     // soon as the "serving" line is read already finds our handlers.
     let mut interrupt = signal(SignalKind::interrupt()).map_err(CliError::Signal)?;
     let mut terminate = signal(SignalKind::terminate()).map_err(CliError::Signal)?;
-    let mesh = global.open().await?;
+    let mesh = global.open_with(true).await?;
     let handle = mesh
         .serve(args.name.as_str(), |req: Request| async move {
             Ok::<_, Status>(Response::new(req.into_payload()))
         })
         .await?;
     write_stdout(format!("serving {} as {}\n", args.name, handle.instance_id()).as_bytes())?;
+    if let Some(tls) = mesh.tls_endpoint() {
+        eprintln!("tls endpoint: tls://{tls}");
+    }
     tokio::select! {
         _ = interrupt.recv() => {}
         _ = terminate.recv() => {}

@@ -31,12 +31,32 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<(), CliError> {
         None => LocalRegistry::open_default(&global.mesh),
     }
     .map_err(discovery)?;
-    let instances: Vec<Instance> = registry
+    let mut instances: Vec<Instance> = registry
         .services()
         .map_err(discovery)?
         .into_iter()
         .flat_map(|(_, instances)| instances)
         .collect();
+    // With peers configured, their instances too.
+    let net = global
+        .config(false)
+        .net
+        .resolve()
+        .map_err(|e| CliError::Open {
+            mesh: global.mesh.clone(),
+            source: commy_mesh::OpenError::Config(e),
+        })?;
+    if !net.peers.is_empty() {
+        let mesh = global.open().await?;
+        let mut remote = mesh
+            .remote_instances(std::time::Duration::from_secs(3))
+            .await;
+        remote.sort_by(|a, b| {
+            (&a.service, a.endpoint.to_string()).cmp(&(&b.service, b.endpoint.to_string()))
+        });
+        instances.extend(remote);
+        mesh.close().await;
+    }
     let out = if args.json {
         json(&instances)
     } else {

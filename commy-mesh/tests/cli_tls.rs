@@ -1,0 +1,355 @@
+//! The `commy` binary over TLS: `cert init|issue`, an echo server with
+//! production certificates (PEM files named in the environment), a remote
+//! client that only has the CA (`services` lists the peer's instance with
+//! its tls endpoint and host id; `call` goes over TLS), and config errors.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(name: &str) -> Dir {
+        let d = std::env::temp_dir().join(format!("commy-cli-tls-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        for sub in ["", "server-rt", "client-rt"] {
+            std::fs::create_dir_all(d.join(sub)).unwrap();
+            std::fs::set_permissions(d.join(sub), std::fs::Permissions::from_mode(0o700)).unwrap();
+        }
+        Dir(d)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn commy(rt: &Path, home: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_commy"));
+    c.arg("--runtime-dir").arg(rt);
+    // Never the user's own dev CA or config file.
+    c.env("XDG_CONFIG_HOME", home).env_remove("COMMY_CONFIG");
+    for k in [
+        "COMMY_LISTEN",
+        "COMMY_PEERS",
+        "COMMY_TLS_CA",
+        "COMMY_TLS_CERT",
+        "COMMY_TLS_KEY",
+        "COMMY_TRANSPORT",
+    ] {
+        c.env_remove(k);
+    }
+    c
+}
+
+fn ok(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn certificates_echo_server_services_and_call_over_tls() {
+    let d = Dir::new("e2e");
+    let home = d.0.join("home");
+    let ca = d.0.join("ca");
+    let out = ok(commy(&d.0.join("server-rt"), &home)
+        .args(["cert", "init"])
+        .arg(&ca)
+        .output()
+        .unwrap());
+    assert!(out.contains("created a CA"), "{out}");
+    // A second init refuses to overwrite.
+    let again = commy(&d.0.join("server-rt"), &home)
+        .args(["cert", "init"])
+        .arg(&ca)
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(1));
+    let out = ok(commy(&d.0.join("server-rt"), &home)
+        .args(["cert", "issue", "--ca-dir"])
+        .arg(&ca)
+        .arg("--out")
+        .arg(d.0.join("server"))
+        .args([
+            "--name",
+            "spiffe://default/echo",
+            "--dns",
+            "localhost",
+            "--ip",
+            "127.0.0.1",
+        ])
+        .output()
+        .unwrap());
+    assert!(out.contains("issued spiffe://default/echo"), "{out}");
+    let bad = commy(&d.0.join("server-rt"), &home)
+        .args(["cert", "issue", "--ca-dir"])
+        .arg(&ca)
+        .arg("--out")
+        .arg(d.0.join("x"))
+        .args(["--name", "https://not-spiffe"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("spiffe://"));
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = commy(&d.0.join("server-rt"), &home)
+        .args(["echo-server", "echo"])
+        .env("COMMY_LISTEN", format!("tls://127.0.0.1:{port}"))
+        .env("COMMY_TLS_CA", ca.join("ca.pem"))
+        .env("COMMY_TLS_CERT", d.0.join("server.pem"))
+        .env("COMMY_TLS_KEY", d.0.join("server.key"))
+        .env("COMMY_HOST_ID", "server-host")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = server.stdout.take().unwrap();
+    let stderr = server.stderr.take().unwrap();
+    let server = Killed(server);
+    let mut first = String::new();
+    BufReader::new(stdout).read_line(&mut first).unwrap();
+    assert!(first.starts_with("serving echo as "), "{first}");
+    let mut tls_line = String::new();
+    BufReader::new(stderr).read_line(&mut tls_line).unwrap();
+    assert_eq!(
+        tls_line.trim_end(),
+        format!("tls endpoint: tls://127.0.0.1:{port}")
+    );
+
+    // A client on "another host": its own runtime dir and host id, only the CA.
+    let client = |args: &[&str]| {
+        commy(&d.0.join("client-rt"), &home)
+            .args(args)
+            .env("COMMY_PEERS", format!("tls://127.0.0.1:{port}"))
+            .env("COMMY_TLS_CA", ca.join("ca.pem"))
+            .env("COMMY_HOST_ID", "client-host")
+            .output()
+            .unwrap()
+    };
+    let table = ok(client(&["services"]));
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("echo "))
+        .unwrap_or_else(|| panic!("echo not listed:\n{table}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells[3], format!("tls://127.0.0.1:{port}"), "{table}");
+    assert_eq!(cells[4], "server-host", "{table}");
+    assert_eq!(cells[2], server.0.id().to_string(), "{table}");
+    let json = ok(client(&["services", "--json"]));
+    assert!(
+        json.contains(&format!("\"endpoint\": \"tls://127.0.0.1:{port}\"")),
+        "{json}"
+    );
+    assert_eq!(ok(client(&["call", "echo", "over tls"])), "over tls\n");
+    let missing = client(&["call", "nobody", "x"]);
+    assert_eq!(missing.status.code(), Some(1));
+    let why = String::from_utf8_lossy(&missing.stderr);
+    assert!(why.starts_with("NOT_FOUND"), "{why}");
+    // A client trusting another CA refuses the server.
+    let other = d.0.join("other-ca");
+    ok(commy(&d.0.join("client-rt"), &home)
+        .args(["cert", "init"])
+        .arg(&other)
+        .output()
+        .unwrap());
+    let refused = commy(&d.0.join("client-rt"), &home)
+        .args(["call", "echo", "x", "--timeout-ms", "3000"])
+        .env("COMMY_PEERS", format!("tls://127.0.0.1:{port}"))
+        .env("COMMY_TLS_CA", other.join("ca.pem"))
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    drop(server);
+
+    // mTLS required: a client with only the CA is refused, one with a
+    // certificate from the CA is served.
+    ok(commy(&d.0.join("client-rt"), &home)
+        .args(["cert", "issue", "--ca-dir"])
+        .arg(&ca)
+        .arg("--out")
+        .arg(d.0.join("client"))
+        .args(["--name", "spiffe://default/caller"])
+        .output()
+        .unwrap());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut strict = commy(&d.0.join("server-rt"), &home)
+        .args(["echo-server", "strict"])
+        .env("COMMY_LISTEN", format!("tls://127.0.0.1:{port}"))
+        .env("COMMY_TLS_CA", ca.join("ca.pem"))
+        .env("COMMY_TLS_CERT", d.0.join("server.pem"))
+        .env("COMMY_TLS_KEY", d.0.join("server.key"))
+        .env("COMMY_REQUIRE_CLIENT_CERT", "1")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(strict.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let _strict = Killed(strict);
+    let anonymous = commy(&d.0.join("client-rt"), &home)
+        .args(["call", "strict", "x", "--timeout-ms", "3000"])
+        .env("COMMY_PEERS", format!("tls://127.0.0.1:{port}"))
+        .env("COMMY_TLS_CA", ca.join("ca.pem"))
+        .output()
+        .unwrap();
+    assert_eq!(anonymous.status.code(), Some(1));
+    let with_cert = commy(&d.0.join("client-rt"), &home)
+        .args(["call", "strict", "with a certificate"])
+        .env("COMMY_PEERS", format!("tls://127.0.0.1:{port}"))
+        .env("COMMY_TLS_CA", ca.join("ca.pem"))
+        .env("COMMY_TLS_CERT", d.0.join("client.pem"))
+        .env("COMMY_TLS_KEY", d.0.join("client.key"))
+        .output()
+        .unwrap();
+    assert_eq!(ok(with_cert), "with a certificate\n");
+}
+
+#[test]
+fn config_file_errors_name_the_file_and_settings_are_used() {
+    let d = Dir::new("config");
+    let home = d.0.join("home");
+    let file = d.0.join("commy.toml");
+    std::fs::write(&file, "listen = \"tls://127.0.0.1:1\"\npeeers = []\n").unwrap();
+    let o = commy(&d.0.join("client-rt"), &home)
+        .args(["call", "echo", "x"])
+        .env("COMMY_CONFIG", &file)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("commy.toml") && err.contains("peeers"),
+        "{err}"
+    );
+    // A bad value in the environment is named too.
+    let o = commy(&d.0.join("client-rt"), &home)
+        .args(["call", "echo", "x"])
+        .env("COMMY_PEERS", "http://example.invalid:1")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("COMMY_PEERS"));
+    // A config file with a listen address and no CA configured: the dev CA
+    // is created in the user's config dir, and the server listens.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::write(
+        &file,
+        format!("listen = \"tls://127.0.0.1:{port}\"\ntransport = \"auto\"\n"),
+    )
+    .unwrap();
+    let mut server = commy(&d.0.join("server-rt"), &home)
+        .args(["echo-server", "echo"])
+        .env("COMMY_CONFIG", &file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let server = Killed(server);
+    assert!(line.starts_with("serving echo"), "{line}");
+    assert!(home.join("commy/dev-ca/ca.pem").is_file());
+    assert!(home.join("commy/dev-ca/ca.key").is_file());
+    // Zero config for the same user: the dev CA is shared.
+    let o = commy(&d.0.join("client-rt"), &home)
+        .args(["call", "echo", "same user"])
+        .env("COMMY_PEERS", format!("tls://localhost:{port}"))
+        .env("COMMY_TRANSPORT", "tls")
+        .output()
+        .unwrap();
+    assert_eq!(ok(o), "same user\n");
+    std::thread::sleep(Duration::from_millis(10));
+    drop(server);
+}
+
+#[test]
+fn an_echo_server_with_connected_peers_stops_promptly_on_sigterm() {
+    let d = Dir::new("drain");
+    let home = d.0.join("home");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = commy(&d.0.join("server-rt"), &home)
+        .args(["echo-server", "echo"])
+        .env("COMMY_LISTEN", format!("tls://127.0.0.1:{port}"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("serving echo"), "{line}");
+    // A peer that stays connected (its listing request waits at the server).
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mesh = rt.block_on(async {
+        let mut net = commy_mesh::NetConfig::default();
+        net.tls_ca = Some(home.join("commy/dev-ca/ca.pem"));
+        net.no_listen = true;
+        let mesh = commy_mesh::Mesh::builder()
+            .runtime_dir(d.0.join("client-rt"))
+            .net(net)
+            .peer(&format!("tls://127.0.0.1:{port}"))
+            .open()
+            .await
+            .unwrap();
+        assert_eq!(&mesh.call("echo", b"hi".to_vec()).await.unwrap()[..], b"hi");
+        mesh
+    });
+    let started = std::time::Instant::now();
+    let pid = rustix::process::Pid::from_raw(server.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let status = loop {
+        if let Some(s) = server.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "no exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the drain waited {:?} for the peer's long poll",
+        started.elapsed()
+    );
+    rt.block_on(mesh.close());
+}

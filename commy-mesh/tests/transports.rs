@@ -1,0 +1,751 @@
+//! One conformance suite, run against both transports: every test below is
+//! written once and run with the client reaching a real service process
+//! through shared memory (same runtime dir) and through TLS (its own runtime
+//! dir, so the mesh picks TLS by itself). Plus the transport selection:
+//! forcing a transport per call, and the fallback to TLS when shared memory
+//! fails at connect.
+
+#![allow(clippy::disallowed_types)] // plain counters in tests, nothing for loom
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use commy_mesh::{
+    CallOptions, Code, Mesh, Metadata, NetConfig, Request, Response, Status, TransportPreference,
+};
+
+const ROLE: &str = "COMMY_TRANSPORTS_TEST_ROLE";
+const DIR: &str = "COMMY_TRANSPORTS_TEST_DIR";
+const PORT: &str = "COMMY_TRANSPORTS_TEST_PORT";
+
+fn role() -> Option<String> {
+    std::env::var(ROLE).ok()
+}
+
+fn private_dir(name: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    // Short: subscription sockets live deep inside it (Unix socket paths are
+    // limited to 107 bytes).
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("ct{n}-{}", std::process::id()));
+    let _ = name;
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(d.join("rt")).unwrap();
+    std::fs::set_permissions(d.join("rt"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    d
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The service process: serves the test services over shared memory (in
+/// `<dir>/rt`) and TLS (on `127.0.0.1:<port>`), with its dev CA in `<dir>`.
+struct ServerProcess {
+    child: Child,
+    _out: BufReader<ChildStdout>,
+}
+
+impl ServerProcess {
+    fn start(dir: &Path, port: u16) -> ServerProcess {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "child_server", "--nocapture", "--test-threads=1"])
+            .env(ROLE, "server")
+            .env(DIR, dir)
+            .env(PORT, port.to_string())
+            .env("XDG_CONFIG_HOME", dir)
+            .env("COMMY_HOST_ID", "conformance-server")
+            .env_remove("COMMY_CONFIG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(
+                out.read_line(&mut line).unwrap() > 0,
+                "the server exited before READY"
+            );
+            if line.trim_end().ends_with("READY") {
+                break;
+            }
+        }
+        ServerProcess { child, _out: out }
+    }
+
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Child role: serve the test services until killed.
+#[test]
+fn child_server() {
+    if role().as_deref() != Some("server") {
+        return;
+    }
+    let dir = PathBuf::from(std::env::var(DIR).unwrap());
+    let port: u16 = std::env::var(PORT).unwrap().parse().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mesh = Mesh::builder()
+            .runtime_dir(dir.join("rt"))
+            .listen(&format!("tls://127.0.0.1:{port}"))
+            .open()
+            .await
+            .unwrap();
+        let _handles = serve_test_services(&mesh).await;
+        let _subscriptions = subscribe_test_topics(&mesh).await;
+        println!("READY");
+        use std::io::Write;
+        std::io::stdout().flush().unwrap();
+        tokio::time::sleep(Duration::from_secs(600)).await;
+    });
+}
+
+async fn serve_test_services(mesh: &Mesh) -> Vec<commy_mesh::ServiceHandle> {
+    let mut handles = Vec::new();
+    handles.push(
+        mesh.serve("echo", |req: Request| async move {
+            let md = req.metadata().clone();
+            Ok::<_, Status>(Response::new(req.into_payload()).with_metadata(md))
+        })
+        .await
+        .unwrap(),
+    );
+    // `slow`: sleeps for the u64 (ms) in the payload; counts the handlers
+    // that were dropped before finishing (cancelled), readable via `stats`.
+    let cancelled = Arc::new(AtomicU64::new(0));
+    let c = cancelled.clone();
+    handles.push(
+        mesh.serve("slow", move |req: Request| {
+            let c = c.clone();
+            async move {
+                struct Guard(Arc<AtomicU64>, bool);
+                impl Drop for Guard {
+                    fn drop(&mut self) {
+                        if !self.1 {
+                            self.0.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                }
+                let mut g = Guard(c, false);
+                let ms = u64::from_le_bytes(req.payload()[..8].try_into().unwrap_or([0; 8]));
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                g.1 = true;
+                Ok::<_, Status>(Response::new(req.into_payload()))
+            }
+        })
+        .await
+        .unwrap(),
+    );
+    handles.push(
+        mesh.serve("stats", move |_req: Request| {
+            let n = cancelled.load(Ordering::SeqCst);
+            async move { Ok::<_, Status>(Response::new(n.to_le_bytes().to_vec())) }
+        })
+        .await
+        .unwrap(),
+    );
+    handles.push(
+        mesh.serve("fail", |req: Request| async move {
+            match &req.payload()[..] {
+                b"panic" => panic!("handler panics on purpose"),
+                b"denied" => Err(Status::permission_denied("not for you")),
+                _ => Ok(Response::new(&b"fine"[..])),
+            }
+        })
+        .await
+        .unwrap(),
+    );
+    // `seq` records one-way messages; `seq-get` returns them in order.
+    let seen: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let s = seen.clone();
+    handles.push(
+        mesh.serve("seq", move |req: Request| {
+            let n = u32::from_le_bytes(req.payload()[..4].try_into().unwrap());
+            s.lock().unwrap().push(n);
+            async move { Ok::<_, Status>(Response::new(Vec::new())) }
+        })
+        .await
+        .unwrap(),
+    );
+    handles.push(
+        mesh.serve("seq-get", move |_req: Request| {
+            let v: Vec<u8> = seen
+                .lock()
+                .unwrap()
+                .iter()
+                .flat_map(|n| n.to_le_bytes())
+                .collect();
+            async move { Ok::<_, Status>(Response::new(v)) }
+        })
+        .await
+        .unwrap(),
+    );
+    handles
+}
+
+/// Subscriptions of the service process: two plain ones on `news` and a
+/// queue group `workers` of two on `jobs`, each logging what it gets; the
+/// `sub-log` service returns the log, one `<subscriber>:<payload>` a line.
+async fn subscribe_test_topics(mesh: &Mesh) -> Vec<tokio::task::JoinHandle<()>> {
+    let log: Arc<Mutex<Vec<String>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for (name, topic, group) in [
+        ("news-a", "news", None),
+        ("news-b", "news", None),
+        ("jobs-1", "jobs", Some("workers")),
+        ("jobs-2", "jobs", Some("workers")),
+    ] {
+        let mut sub = match group {
+            Some(g) => mesh.subscribe_group(topic, g).await.unwrap(),
+            None => mesh.subscribe(topic).await.unwrap(),
+        };
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(m) = sub.next().await {
+                let text = String::from_utf8_lossy(m.payload()).into_owned();
+                log.lock().unwrap().push(format!("{name}:{text}"));
+            }
+        }));
+    }
+    let _log_service = mesh
+        .serve("sub-log", move |_req: Request| {
+            let text = log.lock().unwrap().join("\n");
+            async move { Ok::<_, Status>(Response::new(text.into_bytes())) }
+        })
+        .await
+        .unwrap();
+    std::mem::forget(_log_service);
+    tasks
+}
+
+/// How the test client reaches the service process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Shm,
+    Tls,
+}
+
+/// A client mesh for `transport`: over shared memory it shares the
+/// server's runtime dir; over TLS it has its own and the server as a peer
+/// (trusting the server's dev CA), and `auto` picks TLS.
+async fn client(transport: Transport, dir: &Path, port: u16) -> Mesh {
+    match transport {
+        Transport::Shm => Mesh::builder()
+            .runtime_dir(dir.join("rt"))
+            .transport(TransportPreference::Shm)
+            .open()
+            .await
+            .unwrap(),
+        Transport::Tls => {
+            let own = dir.join(format!("client-rt-{:x}", rand_u32()));
+            std::fs::create_dir_all(&own).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o700)).unwrap();
+            let mut net = NetConfig::default();
+            net.tls_ca = Some(dir.join("commy").join("dev-ca").join("ca.pem"));
+            net.no_listen = true;
+            Mesh::builder()
+                .runtime_dir(&own)
+                .net(net)
+                .peer(&format!("tls://127.0.0.1:{port}"))
+                .open()
+                .await
+                .unwrap()
+        }
+    }
+}
+
+fn rand_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    h.finish() as u32
+}
+
+struct Setup {
+    dir: PathBuf,
+    port: u16,
+    server: Option<ServerProcess>,
+    mesh: Mesh,
+}
+
+impl Setup {
+    async fn new(name: &str, transport: Transport) -> Setup {
+        let dir = private_dir(&format!("{name}-{transport:?}"));
+        let port = free_port();
+        let server = ServerProcess::start(&dir, port);
+        let mesh = client(transport, &dir, port).await;
+        Setup {
+            dir,
+            port,
+            server: Some(server),
+            mesh,
+        }
+    }
+
+    async fn cancelled(&self) -> u64 {
+        let r = self.mesh.call("stats", Vec::new()).await.unwrap();
+        u64::from_le_bytes(r[..8].try_into().unwrap())
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        drop(self.server.take());
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn slow(ms: u64) -> Vec<u8> {
+    ms.to_le_bytes().to_vec()
+}
+
+/// Runs one conformance test against both transports.
+macro_rules! conformance {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn over_shared_memory() {
+                if super::role().is_some() {
+                    return;
+                }
+                super::$name(super::Transport::Shm).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn over_tls() {
+                if super::role().is_some() {
+                    return;
+                }
+                super::$name(super::Transport::Tls).await;
+            }
+        }
+    };
+}
+
+conformance!(concurrent_calls_each_get_their_own_answer);
+async fn concurrent_calls_each_get_their_own_answer(t: Transport) {
+    let s = Setup::new("concurrent", t).await;
+    let mut tasks = Vec::new();
+    for task in 0..8 {
+        let mesh = s.mesh.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..100 {
+                let body = format!("{task}:{i}").into_bytes();
+                let r = mesh.call("echo", body.clone()).await.unwrap();
+                assert_eq!(&r[..], &body[..]);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+conformance!(one_way_messages_arrive_in_order);
+async fn one_way_messages_arrive_in_order(t: Transport) {
+    let s = Setup::new("order", t).await;
+    for n in 0..500u32 {
+        s.mesh.send("seq", n.to_le_bytes().to_vec()).await.unwrap();
+    }
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = s.mesh.call("seq-get", Vec::new()).await.unwrap();
+        let got: Vec<u32> = got
+            .chunks(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        if got.len() == 500 {
+            assert_eq!(
+                got,
+                (0..500).collect::<Vec<_>>(),
+                "one-way messages were reordered"
+            );
+            break;
+        }
+        assert!(Instant::now() < end, "only {} of 500 arrived", got.len());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+conformance!(large_messages_and_metadata_round_trip);
+async fn large_messages_and_metadata_round_trip(t: Transport) {
+    let s = Setup::new("large", t).await;
+    let big: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
+    let r = s.mesh.call("echo", big.clone()).await.unwrap();
+    assert_eq!(r.len(), big.len());
+    assert!(r[..] == big[..], "4 MiB came back changed");
+    let mut md = Metadata::default();
+    md.add_header("x-tenant", b"acme".to_vec());
+    md.traceparent = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
+    let r = s
+        .mesh
+        .call_with(
+            "echo",
+            b"m".to_vec(),
+            CallOptions::default().metadata(md.clone()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.metadata(), &md, "metadata (and nothing else) comes back");
+    // Over every limit of both transports (shared memory takes messages up
+    // to its link's 64 MiB, TLS frames up to 16 MiB).
+    let too_big = vec![0u8; 65 << 20];
+    let e = s.mesh.call("echo", too_big).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    assert_eq!(
+        &s.mesh.call("echo", b"after".to_vec()).await.unwrap()[..],
+        b"after"
+    );
+}
+
+conformance!(errors_panics_and_unknown_services);
+async fn errors_panics_and_unknown_services(t: Transport) {
+    let s = Setup::new("errors", t).await;
+    let e = s.mesh.call("fail", b"denied".to_vec()).await.unwrap_err();
+    assert_eq!(
+        (e.code(), e.message()),
+        (Code::PermissionDenied, "not for you")
+    );
+    let e = s.mesh.call("fail", b"panic".to_vec()).await.unwrap_err();
+    assert_eq!(e.code(), Code::Internal, "{e}");
+    assert_eq!(
+        &s.mesh.call("fail", b"ok".to_vec()).await.unwrap()[..],
+        b"fine"
+    );
+    let e = s
+        .mesh
+        .call("nobody-serves-this", b"x".to_vec())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+}
+
+conformance!(deadlines_cancel_the_handler);
+async fn deadlines_cancel_the_handler(t: Transport) {
+    let s = Setup::new("deadline", t).await;
+    let started = Instant::now();
+    let e = s
+        .mesh
+        .call_with(
+            "slow",
+            slow(10_000),
+            CallOptions::default().timeout(Duration::from_millis(200)),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let end = Instant::now() + Duration::from_secs(10);
+    while s.cancelled().await < 1 {
+        assert!(Instant::now() < end, "the handler was not cancelled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Within the deadline it answers.
+    let r = s
+        .mesh
+        .call_with(
+            "slow",
+            slow(20),
+            CallOptions::default().timeout(Duration::from_secs(10)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.payload().len(), 8);
+}
+
+conformance!(many_slow_calls_in_flight_all_complete);
+async fn many_slow_calls_in_flight_all_complete(t: Transport) {
+    // More calls than a TLS connection's initial credit would let through
+    // at once if it were small, and more than the rings hold: callers wait
+    // (backpressure) and every call completes.
+    let s = Setup::new("backpressure", t).await;
+    let mut tasks = Vec::new();
+    for _ in 0..2000 {
+        let mesh = s.mesh.clone();
+        tasks.push(tokio::spawn(
+            async move { mesh.call("slow", slow(5)).await },
+        ));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap().unwrap().len(), 8);
+    }
+}
+
+conformance!(peer_death_gives_unavailable_then_recovery);
+async fn peer_death_gives_unavailable_then_recovery(t: Transport) {
+    let mut s = Setup::new("death", t).await;
+    assert_eq!(
+        &s.mesh.call("echo", b"before".to_vec()).await.unwrap()[..],
+        b"before"
+    );
+    let in_flight = {
+        let mesh = s.mesh.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            (mesh.call("slow", slow(10_000)).await, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.server.take().unwrap().kill();
+    let (r, took) = in_flight.await.unwrap();
+    assert_eq!(r.unwrap_err().code(), Code::Unavailable);
+    assert!(took < Duration::from_secs(5), "noticed only after {took:?}");
+    let e = s.mesh.call("echo", b"x".to_vec()).await.unwrap_err();
+    assert!(
+        matches!(e.code(), Code::Unavailable | Code::NotFound),
+        "{e}"
+    );
+    if t == Transport::Tls {
+        assert_eq!(e.code(), Code::Unavailable, "{e}");
+    }
+    s.server = Some(ServerProcess::start(&s.dir, s.port));
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        match s.mesh.call("echo", b"after".to_vec()).await {
+            Ok(r) => {
+                assert_eq!(&r[..], b"after");
+                break;
+            }
+            Err(e) => {
+                assert!(Instant::now() < end, "no recovery: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+// Over TLS only for now: this branch's shared-memory client sends Cancel
+// when a call's deadline passes (tested above on both), but not when the
+// caller drops the call's future before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_gives_up_cancels_the_handler_over_tls() {
+    if role().is_some() {
+        return;
+    }
+    let s = Setup::new("giveup", Transport::Tls).await;
+    let call = s.mesh.call("slow", slow(10_000));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), call)
+            .await
+            .is_err()
+    );
+    let end = Instant::now() + Duration::from_secs(10);
+    while s.cancelled().await < 1 {
+        assert!(
+            Instant::now() < end,
+            "the handler kept running after its caller left"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transport_can_be_forced_per_call() {
+    if role().is_some() {
+        return;
+    }
+    let dir = private_dir("forced");
+    let port = free_port();
+    let _server = ServerProcess::start(&dir, port);
+    // Same runtime dir and the server as a peer: auto takes shared memory,
+    // `tls` takes the network.
+    let mut net = NetConfig::default();
+    net.tls_ca = Some(dir.join("commy").join("dev-ca").join("ca.pem"));
+    net.no_listen = true;
+    let both = Mesh::builder()
+        .runtime_dir(dir.join("rt"))
+        .net(net.clone())
+        .peer(&format!("tls://127.0.0.1:{port}"))
+        .open()
+        .await
+        .unwrap();
+    for t in [
+        TransportPreference::Auto,
+        TransportPreference::Shm,
+        TransportPreference::Tls,
+    ] {
+        let r = both
+            .call_with("echo", b"x".to_vec(), CallOptions::default().transport(t))
+            .await
+            .unwrap();
+        assert_eq!(r.payload(), &b"x"[..], "{t:?}");
+    }
+    // Shared memory only cannot reach a server of another runtime dir...
+    let own = dir.join("own-rt");
+    std::fs::create_dir_all(&own).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let remote = Mesh::builder()
+        .runtime_dir(&own)
+        .net(net)
+        .peer(&format!("tls://127.0.0.1:{port}"))
+        .open()
+        .await
+        .unwrap();
+    let e = remote
+        .call_with(
+            "echo",
+            b"x".to_vec(),
+            CallOptions::default().transport(TransportPreference::Shm),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+    // ... which auto and tls reach over the network.
+    assert_eq!(&remote.call("echo", b"y".to_vec()).await.unwrap()[..], b"y");
+    // TLS with no network configured is a clear error.
+    let local = Mesh::builder()
+        .runtime_dir(dir.join("rt"))
+        .open()
+        .await
+        .unwrap();
+    let e = local
+        .call_with(
+            "echo",
+            b"x".to_vec(),
+            CallOptions::default().transport(TransportPreference::Tls),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    // The listing names the peer's instances with their TLS endpoint and host.
+    let listed = remote.remote_instances(Duration::from_secs(5)).await;
+    let echo = listed
+        .iter()
+        .find(|i| i.service.as_str() == "echo")
+        .expect("echo listed");
+    assert_eq!(echo.endpoint.to_string(), format!("tls://127.0.0.1:{port}"));
+    assert_eq!(echo.host.as_str(), "conformance-server");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_memory_failing_at_connect_falls_back_to_tls_and_is_counted() {
+    if role().is_some() {
+        return;
+    }
+    let dir = private_dir("fallback");
+    let port = free_port();
+    let _server = ServerProcess::start(&dir, port);
+    // The client's runtime dir announces an `echo` instance whose socket
+    // accepts and hangs up at once: shared memory fails at connect.
+    let own = dir.join("own-rt");
+    std::fs::create_dir_all(&own).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let registry = commy_mesh::LocalRegistry::new(
+        commy_shm::RuntimeDir::at(&own).unwrap(),
+        &commy_core::MeshName::default(),
+    )
+    .unwrap();
+    let path = registry
+        .socket_path(
+            &commy_core::ServiceName::new("echo").unwrap(),
+            commy_core::InstanceId::random(),
+        )
+        .unwrap();
+    let listener = commy_shm::UdsListener::bind(&path).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let broken = std::thread::spawn(move || {
+        while !stop2.load(Ordering::Acquire) {
+            if let Ok(Some((sock, _))) = listener.accept_timeout(Duration::from_millis(50)) {
+                drop(sock);
+            }
+        }
+    });
+    let mut net = NetConfig::default();
+    net.tls_ca = Some(dir.join("commy").join("dev-ca").join("ca.pem"));
+    net.no_listen = true;
+    let mesh = Mesh::builder()
+        .runtime_dir(&own)
+        .net(net)
+        .peer(&format!("tls://127.0.0.1:{port}"))
+        .open()
+        .await
+        .unwrap();
+    assert_eq!(mesh.transport_fallbacks(), 0);
+    let r = mesh.call("echo", b"via tls".to_vec()).await.unwrap();
+    assert_eq!(&r[..], b"via tls");
+    assert_eq!(mesh.transport_fallbacks(), 1);
+    stop.store(true, Ordering::Release);
+    broken.join().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+conformance!(pub_sub_fan_out_and_queue_groups);
+async fn pub_sub_fan_out_and_queue_groups(t: Transport) {
+    let s = Setup::new("pubsub", t).await;
+    // Probe until both `news` subscribers are visible to this publisher.
+    let end = Instant::now() + Duration::from_secs(20);
+    while s.mesh.publish("news", b"probe".to_vec()).await.unwrap() < 2 {
+        assert!(Instant::now() < end, "the subscribers never became visible");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    while s.mesh.publish("jobs", b"probe".to_vec()).await.unwrap() < 1 {
+        assert!(Instant::now() < end, "the queue group never became visible");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for i in 0..50 {
+        let n = s
+            .mesh
+            .publish("news", format!("n{i}").into_bytes())
+            .await
+            .unwrap();
+        assert_eq!(n, 2, "every plain subscriber gets each message");
+        let n = s
+            .mesh
+            .publish("jobs", format!("j{i}").into_bytes())
+            .await
+            .unwrap();
+        assert_eq!(n, 1, "one member of the group gets each message");
+    }
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = s.mesh.call("sub-log", Vec::new()).await.unwrap();
+        let log = String::from_utf8(log.to_vec()).unwrap();
+        let of = |who: &str| -> Vec<String> {
+            log.lines()
+                .filter_map(|l| l.strip_prefix(&format!("{who}:")))
+                .filter(|p| *p != "probe")
+                .map(str::to_owned)
+                .collect()
+        };
+        let (a, b) = (of("news-a"), of("news-b"));
+        let mut jobs: Vec<String> = of("jobs-1").into_iter().chain(of("jobs-2")).collect();
+        if a.len() == 50 && b.len() == 50 && jobs.len() >= 50 {
+            let want: Vec<String> = (0..50).map(|i| format!("n{i}")).collect();
+            assert_eq!(a, want, "news-a got every message in order");
+            assert_eq!(b, want, "news-b got every message in order");
+            jobs.sort_by_key(|j| j[1..].parse::<u32>().unwrap());
+            let want: Vec<String> = (0..50).map(|i| format!("j{i}")).collect();
+            assert_eq!(jobs, want, "each job went to exactly one member");
+            break;
+        }
+        assert!(Instant::now() < end, "not everything arrived:\n{log}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

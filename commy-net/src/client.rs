@@ -1,0 +1,611 @@
+//! The calling side: one connection to one server, shared by every caller
+//! and multiplexed by stream id, re-established when lost.
+//!
+//! A call waits for stream credit (the server grants it, so a slow server
+//! makes callers wait instead of making the client buffer), registers its
+//! stream, queues the request on the bounded writer and waits for the
+//! answer or its deadline. Dropping a call's future cancels it (a Cancel
+//! frame tells the server). When the connection is lost, calls in flight
+//! fail with `UNAVAILABLE`, and the next call reconnects; failed attempts
+//! back off exponentially with full jitter
+//! ([`Settings::backoff_base`] .. [`Settings::backoff_cap`]), and calls made
+//! while waiting for the next attempt fail at once with `UNAVAILABLE`.
+//! A GOAWAY from the server lets calls in flight finish while new calls
+//! open a new connection.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use commy_core::{Deadline, FrameHeader, FrameKind, Status, StreamId};
+use rustc_hash::FxHashMap;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_rustls::TlsConnector;
+
+use crate::link::{FrameReader, Out, Quiet, ReadError, Settings, WriterEnd, write_frames};
+use crate::mux::Backoff;
+use crate::server::Reply;
+use crate::tls::Identity;
+
+/// Errors from [`Client::new`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The host is neither a DNS name nor an IP address.
+    #[error("invalid server name {host:?}: {source}")]
+    ServerName {
+        /// The host given.
+        host: String,
+        /// The cause.
+        source: rustls::pki_types::InvalidDnsNameError,
+    },
+}
+
+/// A client of one server. Cheap to clone; clones share the connection.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<ClientInner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("server", &self.inner.target)
+            .finish_non_exhaustive()
+    }
+}
+
+struct ClientInner {
+    host: String,
+    port: u16,
+    target: String,
+    name: ServerName<'static>,
+    connector: TlsConnector,
+    settings: Settings,
+    state: Mutex<State>,
+    connecting: tokio::sync::Mutex<()>,
+    connects: AtomicU64,
+}
+
+struct State {
+    session: Option<Arc<Session>>,
+    backoff: Backoff,
+    retry_at: Option<Instant>,
+    last_error: String,
+}
+
+impl Client {
+    /// A client of the server at `host:port`, whose certificate must be
+    /// valid for `host` and chain to the roots of `tls`. Connects lazily.
+    pub fn new(
+        host: &str,
+        port: u16,
+        tls: Arc<rustls::ClientConfig>,
+        settings: Settings,
+    ) -> Result<Client, ClientError> {
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let name =
+            ServerName::try_from(bare.to_owned()).map_err(|source| ClientError::ServerName {
+                host: host.to_owned(),
+                source,
+            })?;
+        let target = if bare.contains(':') {
+            format!("[{bare}]:{port}")
+        } else {
+            format!("{bare}:{port}")
+        };
+        Ok(Client {
+            inner: Arc::new(ClientInner {
+                host: bare.to_owned(),
+                port,
+                target,
+                name,
+                connector: TlsConnector::from(tls),
+                state: Mutex::new(State {
+                    session: None,
+                    backoff: Backoff::new(settings.backoff_base, settings.backoff_cap),
+                    retry_at: None,
+                    last_error: String::new(),
+                }),
+                settings,
+                connecting: tokio::sync::Mutex::new(()),
+                connects: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// `host:port` of the server.
+    pub fn target(&self) -> &str {
+        &self.inner.target
+    }
+
+    /// Connections established so far (1 + reconnects).
+    pub fn connects(&self) -> u64 {
+        self.inner.connects.load(Ordering::Relaxed)
+    }
+
+    /// Whether a connection is up right now.
+    pub fn is_connected(&self) -> bool {
+        lock(&self.inner.state)
+            .session
+            .as_ref()
+            .is_some_and(|s| s.usable())
+    }
+
+    /// The server's identity (from its certificate), once connected.
+    pub fn server_identity(&self) -> Option<Identity> {
+        lock(&self.inner.state)
+            .session
+            .as_ref()
+            .and_then(|s| s.identity.clone())
+    }
+
+    /// Sends a request and waits for its reply, until `deadline` if given.
+    /// `metadata` is an encoded metadata section (empty for none).
+    pub async fn call(
+        &self,
+        metadata: Bytes,
+        payload: Bytes,
+        deadline: Option<Deadline>,
+    ) -> Result<Reply, Status> {
+        let session = self.session(deadline).await?;
+        session.call(metadata, payload, deadline).await
+    }
+
+    /// Sends a one-way message (no reply). Returns once it is queued.
+    pub async fn send(
+        &self,
+        metadata: Bytes,
+        payload: Bytes,
+        deadline: Option<Deadline>,
+    ) -> Result<(), Status> {
+        let session = self.session(deadline).await?;
+        session.send_oneway(metadata, payload, deadline).await
+    }
+
+    /// Connects now if not connected (calls do this themselves).
+    pub async fn connect(&self) -> Result<(), Status> {
+        self.session(None).await.map(|_| ())
+    }
+
+    /// Closes the connection (calls in flight fail; the next call reconnects).
+    pub fn disconnect(&self) {
+        if let Some(s) = lock(&self.inner.state).session.take() {
+            s.close();
+        }
+    }
+
+    async fn session(&self, deadline: Option<Deadline>) -> Result<Arc<Session>, Status> {
+        if let Some(s) = self.current() {
+            return Ok(s);
+        }
+        let _one = self.inner.connecting.lock().await;
+        if let Some(s) = self.current() {
+            return Ok(s);
+        }
+        {
+            let st = lock(&self.inner.state);
+            if let Some(at) = st.retry_at {
+                let now = Instant::now();
+                if now < at {
+                    return Err(Status::unavailable(format!(
+                        "cannot reach {}: {} (next attempt in {} ms)",
+                        self.inner.target,
+                        st.last_error,
+                        (at - now).as_millis()
+                    )));
+                }
+            }
+        }
+        let mut timeout = self.inner.settings.connect_timeout;
+        if let Some(d) = deadline {
+            timeout = timeout.min(d.remaining());
+        }
+        let attempt = tokio::time::timeout(timeout, self.establish()).await;
+        let result = match attempt {
+            Ok(r) => r,
+            Err(_) => Err(format!("no connection within {timeout:?}")),
+        };
+        let mut st = lock(&self.inner.state);
+        match result {
+            Ok(session) => {
+                st.backoff.reset();
+                st.retry_at = None;
+                st.session = Some(session.clone());
+                self.inner.connects.fetch_add(1, Ordering::Relaxed);
+                Ok(session)
+            }
+            Err(e) => {
+                let delay = st.backoff.next_delay();
+                st.retry_at = Some(Instant::now() + delay);
+                tracing::debug!(
+                    "cannot connect to {}: {e}; next attempt in {delay:?}",
+                    self.inner.target
+                );
+                st.last_error = e.clone();
+                Err(Status::unavailable(format!(
+                    "cannot reach {}: {e}",
+                    self.inner.target
+                )))
+            }
+        }
+    }
+
+    fn current(&self) -> Option<Arc<Session>> {
+        let st = lock(&self.inner.state);
+        st.session.as_ref().filter(|s| s.usable()).cloned()
+    }
+
+    async fn establish(&self) -> Result<Arc<Session>, String> {
+        let inner = &self.inner;
+        let tcp = TcpStream::connect((inner.host.as_str(), inner.port))
+            .await
+            .map_err(|e| format!("TCP connect failed: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = inner
+            .connector
+            .connect(inner.name.clone(), tcp)
+            .await
+            .map_err(|e| format!("TLS handshake failed: {e}"))?;
+        let (_, conn) = tls.get_ref();
+        if conn.alpn_protocol() != Some(commy_core::ALPN) {
+            return Err("the server did not negotiate ALPN commy/1".into());
+        }
+        let identity = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(Identity::of_certificate);
+        Ok(Session::start(
+            tls,
+            identity,
+            &inner.settings,
+            inner.target.clone(),
+        ))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+type Pending = FxHashMap<u64, oneshot::Sender<Result<Reply, Status>>>;
+
+/// One established connection.
+struct Session {
+    out: mpsc::Sender<Out>,
+    ctrl: mpsc::UnboundedSender<Out>,
+    /// Streams the server lets us open (its Credit frames add to it).
+    credit: Semaphore,
+    pending: Mutex<PendingTable>,
+    next_id: AtomicU64,
+    /// Set once the connection is lost (under the pending lock).
+    closed: AtomicBool,
+    /// Set once the server sent GOAWAY: no new streams here.
+    going_away: AtomicBool,
+    identity: Option<Identity>,
+    target: String,
+    max_frame: u32,
+}
+
+struct PendingTable {
+    calls: Pending,
+    closed_reason: Option<String>,
+}
+
+impl Session {
+    fn start(
+        tls: tokio_rustls::client::TlsStream<TcpStream>,
+        identity: Option<Identity>,
+        settings: &Settings,
+        target: String,
+    ) -> Arc<Session> {
+        let (r, w) = tokio::io::split(tls);
+        let (tx, rx) = mpsc::channel(settings.writer_queue);
+        let (ctrl, ctrl_rx) = mpsc::unbounded_channel();
+        let session = Arc::new(Session {
+            out: tx,
+            ctrl,
+            credit: Semaphore::new(0),
+            pending: Mutex::new(PendingTable {
+                calls: FxHashMap::default(),
+                closed_reason: None,
+            }),
+            next_id: AtomicU64::new(1),
+            closed: AtomicBool::new(false),
+            going_away: AtomicBool::new(false),
+            identity,
+            target,
+            max_frame: settings.limits.max_frame,
+        });
+        let writer = tokio::spawn(write_frames(w, rx, ctrl_rx, settings.write_timeout));
+        tokio::spawn(read_loop(
+            Arc::downgrade(&session),
+            FrameReader::new(r, settings.limits),
+            writer,
+            settings.clone(),
+            session.ctrl.clone(),
+        ));
+        session
+    }
+
+    fn usable(&self) -> bool {
+        !self.closed.load(Ordering::Acquire) && !self.going_away.load(Ordering::Acquire)
+    }
+
+    async fn open_stream(
+        &self,
+        deadline: Option<Deadline>,
+        metadata: &Bytes,
+        payload: &Bytes,
+    ) -> Result<(), Status> {
+        let len = commy_core::HEADER_LEN as u64 + metadata.len() as u64 + payload.len() as u64;
+        if len > u64::from(self.max_frame) {
+            return Err(Status::resource_exhausted(format!(
+                "message of {len} bytes exceeds the frame limit of {} bytes",
+                self.max_frame
+            )));
+        }
+        let permit = match deadline {
+            Some(d) => tokio::time::timeout_at(d.instant().into(), self.credit.acquire())
+                .await
+                .map_err(|_| {
+                    Status::deadline_exceeded(
+                        "no stream credit from the server before the deadline",
+                    )
+                })?,
+            None => self.credit.acquire().await,
+        };
+        match permit {
+            Ok(p) => {
+                p.forget();
+                Ok(())
+            }
+            Err(_) => Err(self.lost()),
+        }
+    }
+
+    fn lost(&self) -> Status {
+        let reason = lock(&self.pending)
+            .closed_reason
+            .clone()
+            .unwrap_or_else(|| "connection closed".into());
+        Status::unavailable(format!("connection to {} lost: {reason}", self.target))
+    }
+
+    async fn call(
+        self: Arc<Session>,
+        metadata: Bytes,
+        payload: Bytes,
+        deadline: Option<Deadline>,
+    ) -> Result<Reply, Status> {
+        self.open_stream(deadline, &metadata, &payload).await?;
+        let id = self.next_id.fetch_add(2, Ordering::Relaxed);
+        let (done_tx, done_rx) = oneshot::channel();
+        {
+            let mut p = lock(&self.pending);
+            if p.closed_reason.is_some() {
+                drop(p);
+                return Err(self.lost());
+            }
+            p.calls.insert(id, done_tx);
+        }
+        let guard = CallGuard { session: &self, id };
+        let header = FrameHeader {
+            deadline_us: Deadline::to_wire_option(deadline),
+            ..FrameHeader::new(FrameKind::Request, StreamId(id))
+        };
+        let queued = match deadline {
+            Some(d) => tokio::time::timeout_at(
+                d.instant().into(),
+                self.out.send(Out::Frame(header, metadata, payload)),
+            )
+            .await
+            .map_err(|_| {
+                // Never sent: the stream's credit is ours again.
+                self.credit.add_permits(1);
+                Status::deadline_exceeded("the request could not be queued before the deadline")
+            })?,
+            None => self.out.send(Out::Frame(header, metadata, payload)).await,
+        };
+        if queued.is_err() {
+            return Err(self.lost());
+        }
+        let answer = match deadline {
+            Some(d) => tokio::time::timeout_at(d.instant().into(), done_rx)
+                .await
+                .map_err(|_| Status::deadline_exceeded("no response before the deadline"))?,
+            None => done_rx.await,
+        };
+        std::mem::forget(guard);
+        answer.unwrap_or_else(|_| Err(self.lost()))
+    }
+
+    async fn send_oneway(
+        &self,
+        metadata: Bytes,
+        payload: Bytes,
+        deadline: Option<Deadline>,
+    ) -> Result<(), Status> {
+        self.open_stream(deadline, &metadata, &payload).await?;
+        let id = self.next_id.fetch_add(2, Ordering::Relaxed);
+        let header = FrameHeader {
+            deadline_us: Deadline::to_wire_option(deadline),
+            ..FrameHeader::new(FrameKind::OneWay, StreamId(id))
+        };
+        self.out
+            .send(Out::Frame(header, metadata, payload))
+            .await
+            .map_err(|_| self.lost())
+    }
+
+    /// Fails every pending call and refuses new ones.
+    fn fail_all(&self, reason: String) {
+        let calls = {
+            let mut p = lock(&self.pending);
+            self.closed.store(true, Ordering::Release);
+            if p.closed_reason.is_none() {
+                p.closed_reason = Some(reason.clone());
+            }
+            std::mem::take(&mut p.calls)
+        };
+        self.credit.close();
+        for (_, waiter) in calls {
+            let _ = waiter.send(Err(Status::unavailable(format!(
+                "connection to {} lost during the call: {reason}",
+                self.target
+            ))));
+        }
+    }
+
+    fn close(&self) {
+        let _ = self.ctrl.send(Out::Close);
+        self.fail_all("closed by this side".into());
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // The last user is gone: close the connection.
+        let _ = self.ctrl.send(Out::Close);
+    }
+}
+
+/// Removes a call that is given up (deadline, or its future dropped) and
+/// tells the server to stop working on it.
+struct CallGuard<'a> {
+    session: &'a Session,
+    id: u64,
+}
+
+impl Drop for CallGuard<'_> {
+    fn drop(&mut self) {
+        let was_pending = lock(&self.session.pending).calls.remove(&self.id).is_some();
+        if was_pending {
+            let _ = self.session.ctrl.send(Out::frame(
+                FrameKind::Cancel,
+                self.id,
+                Bytes::new(),
+                Bytes::new(),
+            ));
+        }
+    }
+}
+
+async fn read_loop(
+    session: std::sync::Weak<Session>,
+    mut reader: FrameReader<tokio::io::ReadHalf<tokio_rustls::client::TlsStream<TcpStream>>>,
+    mut writer: tokio::task::JoinHandle<WriterEnd>,
+    settings: Settings,
+    ctrl: mpsc::UnboundedSender<Out>,
+) {
+    let mut tick = tokio::time::interval(Quiet::tick(
+        settings.keepalive_interval,
+        settings.idle_timeout,
+    ));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut quiet = Quiet::new();
+    let mut writer_done = false;
+    let reason = loop {
+        tokio::select! {
+            biased;
+            end = &mut writer => {
+                writer_done = true;
+                break match end {
+                    Ok(WriterEnd::TimedOut) => format!("writing stalled for {:?}", settings.write_timeout),
+                    Ok(WriterEnd::Failed(e)) => format!("write failed: {e}"),
+                    _ => "closed".to_string(),
+                };
+            }
+            frame = reader.next() => {
+                let frame = match frame {
+                    Ok(f) => f,
+                    Err(ReadError::Eof) => break "the server closed the connection".to_string(),
+                    Err(ReadError::Frame(e)) => {
+                        let _ = ctrl.send(Out::error(0, &Status::invalid_argument(format!("protocol violation: {e}"))));
+                        let _ = ctrl.send(Out::Close);
+                        break format!("bad frame from the server: {e}");
+                    }
+                    Err(e) => break e.to_string(),
+                };
+                quiet.frame();
+                let Some(s) = session.upgrade() else { break "client dropped".to_string() };
+                let (h, metadata, payload) = frame.into_parts();
+                let id = h.stream_id.0;
+                match h.kind {
+                    FrameKind::Response | FrameKind::Error if id != 0 => {
+                        let waiter = lock(&s.pending).calls.remove(&id);
+                        if let Some(w) = waiter {
+                            let result = if h.kind == FrameKind::Response {
+                                Ok(Reply { metadata, payload })
+                            } else {
+                                Err(Status::decode(&payload).unwrap_or_else(|e| {
+                                    Status::internal(format!("undecodable error status from the server: {e}"))
+                                }))
+                            };
+                            let _ = w.send(result);
+                        }
+                    }
+                    FrameKind::Credit => {
+                        let n = payload.first_chunk::<4>().map_or(0, |b| u32::from_le_bytes(*b)) as usize;
+                        let room = Semaphore::MAX_PERMITS.saturating_sub(s.credit.available_permits());
+                        s.credit.add_permits(n.min(room));
+                    }
+                    FrameKind::Ping => {
+                        let _ = ctrl.send(Out::frame(FrameKind::Pong, id, Bytes::new(), payload));
+                    }
+                    FrameKind::Pong => {}
+                    FrameKind::GoAway => {
+                        tracing::debug!("{} is going away (last stream {id})", s.target);
+                        s.going_away.store(true, Ordering::Release);
+                        // Streams the server will not handle fail now; the
+                        // rest finish here.
+                        let refused: Vec<_> = {
+                            let mut p = lock(&s.pending);
+                            let ids: Vec<u64> = p.calls.keys().copied().filter(|k| *k > id).collect();
+                            ids.into_iter().filter_map(|k| p.calls.remove(&k)).collect()
+                        };
+                        for w in refused {
+                            let _ = w.send(Err(Status::unavailable("the server is shutting down and did not take the call")));
+                        }
+                        if lock(&s.pending).calls.is_empty() {
+                            let _ = ctrl.send(Out::Close);
+                            break "the server went away (GOAWAY)".to_string();
+                        }
+                    }
+                    FrameKind::Error => {
+                        let status = Status::decode(&payload).map_or_else(|e| e.to_string(), |s| s.to_string());
+                        break format!("the server closed the connection: {status}");
+                    }
+                    other => tracing::debug!("{}: ignoring an unexpected {other} frame", s.target),
+                }
+                if s.going_away.load(Ordering::Acquire) && lock(&s.pending).calls.is_empty() {
+                    let _ = ctrl.send(Out::Close);
+                    break "the server went away (GOAWAY)".to_string();
+                }
+            }
+            _ = tick.tick() => {
+                let quiet = quiet.at_tick();
+                if quiet >= settings.idle_timeout {
+                    let _ = ctrl.send(Out::Close);
+                    break format!("nothing received for {quiet:?}");
+                }
+                if quiet >= settings.keepalive_interval {
+                    let _ = ctrl.send(Out::frame(FrameKind::Ping, 0, Bytes::new(), Bytes::new()));
+                }
+            }
+        }
+    };
+    if let Some(s) = session.upgrade() {
+        tracing::debug!("connection to {} ended: {reason}", s.target);
+        s.fail_all(reason);
+    }
+    let _ = ctrl.send(Out::Close);
+    if !writer_done {
+        // A finished JoinHandle must not be polled again.
+        let _ = tokio::time::timeout(settings.write_timeout, &mut writer).await;
+    }
+    writer.abort();
+}

@@ -1,0 +1,610 @@
+//! The serving side: a TLS listener whose connections carry many streams,
+//! each handed to a [`Handler`].
+//!
+//! Every connection gets a stream credit ([`Settings::stream_credit`]) when
+//! it starts; a handler that answers without waiting is answered from the
+//! connection's reader, one that waits continues as a task. Bad peers are
+//! refused or closed with a log line and a counter ([`ServerStats`]), and
+//! never hold up other connections.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use commy_net::{Client, Credentials, DevCa, Handler, Identity, LeafSpec, Reply, Server, Settings};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let dir = std::env::temp_dir().join(format!("commy-net-server-doc-{}", std::process::id()));
+//! let ca = DevCa::load_or_create(&dir)?;
+//! let creds = ca.credentials(&LeafSpec::for_this_host(Identity::new("default", "echo")?, &[]))?;
+//! let echo: Handler = Arc::new(|req: commy_net::Inbound| {
+//!     Box::pin(async move { Ok(Reply::new(req.payload)) })
+//! });
+//! let server = Server::bind("127.0.0.1:0".parse()?, creds.server_config(false)?, Settings::default(), echo).await?;
+//! let client = Client::new("127.0.0.1", server.local_addr().port(), creds.client_config()?, Settings::default())?;
+//! let reply = client.call(bytes::Bytes::new(), bytes::Bytes::from_static(b"hi"), None).await?;
+//! assert_eq!(&reply.payload[..], b"hi");
+//! server.shutdown().await;
+//! # std::fs::remove_dir_all(&dir)?;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+use commy_core::{Deadline, Frame, FrameKind, Status};
+use rustc_hash::FxHashMap;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+
+use crate::link::{FrameReader, Out, Quiet, ReadError, Settings, WriterEnd, write_frames};
+use crate::mux::CreditWindow;
+use crate::stats::{Reason, ServerStats};
+use crate::tls::Identity;
+
+/// A handler's answer: response metadata (encoded, usually empty) and payload.
+#[derive(Debug, Clone, Default)]
+pub struct Reply {
+    /// Encoded metadata section (see `docs/PROTOCOL.md`).
+    pub metadata: Bytes,
+    /// The payload.
+    pub payload: Bytes,
+}
+
+impl Reply {
+    /// A reply with `payload` and no metadata.
+    pub fn new(payload: impl Into<Bytes>) -> Reply {
+        Reply {
+            metadata: Bytes::new(),
+            payload: payload.into(),
+        }
+    }
+}
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// The remote socket address.
+    pub addr: SocketAddr,
+    /// The identity in the client's certificate, if it presented one.
+    pub identity: Option<Identity>,
+}
+
+/// A request or one-way message received.
+#[derive(Debug)]
+pub struct Inbound {
+    /// `Request` (answered) or `OneWay` (not).
+    pub kind: FrameKind,
+    /// The encoded metadata section.
+    pub metadata: Bytes,
+    /// The payload.
+    pub payload: Bytes,
+    /// When the caller stops waiting.
+    pub deadline: Option<Deadline>,
+    /// The connection's peer.
+    pub peer: Arc<Peer>,
+}
+
+/// What a handler returns.
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Reply, Status>> + Send>>;
+
+/// Handles every stream of a server.
+pub type Handler = Arc<dyn Fn(Inbound) -> HandlerFuture + Send + Sync>;
+
+/// Errors from [`Server::bind`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BindError {
+    /// The address cannot be listened on.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// A running server. [`shutdown`](Server::shutdown) drains it gracefully
+/// (GOAWAY); dropping it stops accepting and closes connections.
+pub struct Server {
+    local_addr: SocketAddr,
+    stats: Arc<ServerStats>,
+    stop: watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Listens on `addr` and serves every connection with `handler`.
+    pub async fn bind(
+        addr: SocketAddr,
+        tls: Arc<rustls::ServerConfig>,
+        settings: Settings,
+        handler: Handler,
+    ) -> Result<Server, BindError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| BindError::Listen { addr, source })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| BindError::Listen { addr, source })?;
+        let stats = Arc::new(ServerStats::default());
+        let (stop, stop_rx) = watch::channel(false);
+        let ctx = Arc::new(ServerCtx {
+            acceptor: TlsAcceptor::from(tls),
+            settings,
+            handler,
+            stats: stats.clone(),
+        });
+        let task = tokio::spawn(accept_loop(listener, ctx, stop_rx));
+        Ok(Server {
+            local_addr,
+            stats,
+            stop,
+            task: Some(task),
+        })
+    }
+
+    /// The address listened on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The server's counters.
+    pub fn stats(&self) -> &Arc<ServerStats> {
+        &self.stats
+    }
+
+    /// Stops accepting, sends GOAWAY on every connection and waits until
+    /// their in-flight streams finished (at most the drain timeout).
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+struct ServerCtx {
+    acceptor: TlsAcceptor,
+    settings: Settings,
+    handler: Handler,
+    stats: Arc<ServerStats>,
+}
+
+async fn accept_loop(listener: TcpListener, ctx: Arc<ServerCtx>, mut stop: watch::Receiver<bool>) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((sock, addr)) => {
+                    if conns.len() >= ctx.settings.max_connections {
+                        ctx.stats.record(Reason::TooManyConnections);
+                        tracing::warn!("refused a connection from {addr}: {} connections open already", conns.len());
+                        continue;
+                    }
+                    conns.spawn(serve_conn(sock, addr, ctx.clone(), stop.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+    drop(listener);
+    let drain = ctx.settings.drain_timeout + ctx.settings.write_timeout;
+    let drained =
+        tokio::time::timeout(drain, async { while conns.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!(
+            "{} connections still busy after the drain timeout: closing them",
+            conns.len()
+        );
+        conns.abort_all();
+    }
+}
+
+/// Maps a handshake failure to its reason.
+fn classify(e: &std::io::Error) -> Reason {
+    let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
+        return Reason::Handshake;
+    };
+    match tls {
+        rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => {
+            Reason::NotTls
+        }
+        rustls::Error::NoApplicationProtocol => Reason::Alpn,
+        rustls::Error::NoCertificatesPresented => Reason::NoClientCert,
+        rustls::Error::InvalidCertificate(_) => Reason::BadClientCert,
+        _ => Reason::Handshake,
+    }
+}
+
+async fn serve_conn(
+    sock: TcpStream,
+    addr: SocketAddr,
+    ctx: Arc<ServerCtx>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let _ = sock.set_nodelay(true);
+    let s = &ctx.settings;
+    let tls = match tokio::time::timeout(s.handshake_timeout, ctx.acceptor.accept(sock)).await {
+        Err(_) => {
+            ctx.stats.record(Reason::HandshakeTimeout);
+            tracing::warn!(
+                "refused {addr}: no TLS handshake within {:?}",
+                s.handshake_timeout
+            );
+            return;
+        }
+        Ok(Err(e)) => {
+            let reason = classify(&e);
+            ctx.stats.record(reason);
+            tracing::warn!(
+                "refused {addr}: TLS handshake failed ({}): {e}",
+                reason.as_str()
+            );
+            return;
+        }
+        Ok(Ok(tls)) => tls,
+    };
+    let (_, session) = tls.get_ref();
+    if session.alpn_protocol() != Some(commy_core::ALPN) {
+        ctx.stats.record(Reason::Alpn);
+        tracing::warn!(
+            "refused {addr}: the client did not negotiate ALPN {:?}",
+            String::from_utf8_lossy(commy_core::ALPN)
+        );
+        return;
+    }
+    let identity = session
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(Identity::of_certificate);
+    ctx.stats.accept();
+    tracing::debug!(
+        "accepted {addr} ({})",
+        identity
+            .as_ref()
+            .map_or("no client certificate".to_string(), |i| i.to_string())
+    );
+    let (r, w) = tokio::io::split(tls);
+    let (tx, rx) = mpsc::channel(s.writer_queue);
+    let (ctrl, ctrl_rx) = mpsc::unbounded_channel();
+    let mut writer = tokio::spawn(write_frames(w, rx, ctrl_rx, s.write_timeout));
+    let window = CreditWindow::new(s.stream_credit, (s.stream_credit / 4).max(1));
+    let _ = ctrl.send(Out::credit(window.initial_grant()));
+    let conn = Arc::new(Conn {
+        out: tx,
+        ctrl,
+        state: Mutex::new(ConnState {
+            window,
+            running: FxHashMap::default(),
+            last_stream: 0,
+        }),
+        drained: Notify::new(),
+        handler: ctx.handler.clone(),
+        peer: Arc::new(Peer { addr, identity }),
+        max_frame: s.limits.max_frame,
+    });
+    let mut reader = FrameReader::new(r, s.limits);
+    let mut tick = tokio::time::interval(Quiet::tick(s.keepalive_interval, s.idle_timeout));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut quiet = Quiet::new();
+    let mut draining = false;
+    let mut writer_end = None;
+    loop {
+        tokio::select! {
+            biased;
+            end = &mut writer => {
+                writer_end = Some(end.unwrap_or(WriterEnd::Closed));
+                break;
+            }
+            frame = reader.next() => match frame {
+                Ok(frame) => {
+                    quiet.frame();
+                    if let Err(reason) = conn.on_frame(frame, &ctx).await {
+                        ctx.stats.record(reason);
+                        break;
+                    }
+                }
+                Err(ReadError::Eof) => break,
+                Err(ReadError::Frame(e)) => {
+                    ctx.stats.record(Reason::BadFrame);
+                    tracing::warn!("closing {addr}: {e}");
+                    let _ = conn.ctrl.send(Out::error(0, &Status::invalid_argument(format!("protocol violation: {e}"))));
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!("connection from {addr} ended: {e}");
+                    break;
+                }
+            },
+            _ = tick.tick() => {
+                let quiet = quiet.at_tick();
+                if quiet >= s.idle_timeout {
+                    ctx.stats.record(Reason::Idle);
+                    tracing::warn!("closing {addr}: nothing received for {quiet:?} (idle timeout)");
+                    break;
+                }
+                if quiet >= s.keepalive_interval {
+                    let _ = conn.ctrl.send(Out::frame(FrameKind::Ping, 0, Bytes::new(), Bytes::new()));
+                }
+            }
+            _ = stop.changed(), if !draining => {
+                draining = true;
+                let last = lock(&conn.state).last_stream;
+                let _ = conn.ctrl.send(Out::frame(FrameKind::GoAway, last, Bytes::new(), Bytes::new()));
+                if lock(&conn.state).window.in_flight() == 0 {
+                    break;
+                }
+            }
+            _ = conn.drained.notified(), if draining => {
+                if lock(&conn.state).window.in_flight() == 0 {
+                    break;
+                }
+            }
+        }
+    }
+    // Work nobody waits for any more is stopped (after a drain there is none).
+    let running: Vec<_> = lock(&conn.state).running.drain().collect();
+    for (_, task) in running {
+        if let Some(task) = task {
+            task.abort();
+        }
+    }
+    let _ = conn.ctrl.send(Out::Close);
+    let end = match writer_end {
+        Some(end) => end,
+        None => tokio::time::timeout(s.write_timeout, &mut writer)
+            .await
+            .map(|r| r.unwrap_or(WriterEnd::Closed))
+            .unwrap_or(WriterEnd::TimedOut),
+    };
+    writer.abort();
+    match end {
+        WriterEnd::TimedOut => {
+            ctx.stats.record(Reason::WriteTimeout);
+            tracing::warn!(
+                "closing {addr}: writing stalled for {:?} (the peer stopped reading)",
+                s.write_timeout
+            );
+        }
+        WriterEnd::Failed(e) => tracing::debug!("connection from {addr}: write failed: {e}"),
+        WriterEnd::Closed => {}
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct ConnState {
+    window: CreditWindow,
+    /// Streams handled by tasks: `None` until the abort handle is stored.
+    running: FxHashMap<u64, Option<tokio::task::AbortHandle>>,
+    last_stream: u64,
+}
+
+struct Conn {
+    out: mpsc::Sender<Out>,
+    /// Control frames (credit, pong, GOAWAY, errors): never wait for room.
+    ctrl: mpsc::UnboundedSender<Out>,
+    state: Mutex<ConnState>,
+    drained: Notify,
+    handler: Handler,
+    peer: Arc<Peer>,
+    max_frame: u32,
+}
+
+impl Conn {
+    async fn on_frame(self: &Arc<Conn>, frame: Frame, ctx: &ServerCtx) -> Result<(), Reason> {
+        let (h, metadata, payload) = frame.into_parts();
+        let id = h.stream_id.0;
+        match h.kind {
+            FrameKind::Request | FrameKind::OneWay => {
+                ctx.stats.request();
+                {
+                    let mut st = lock(&self.state);
+                    if let Err(e) = st.window.open() {
+                        drop(st);
+                        tracing::warn!("closing {}: {e}", self.peer.addr);
+                        let _ = self
+                            .ctrl
+                            .send(Out::error(0, &Status::resource_exhausted(e.to_string())));
+                        return Err(Reason::CreditExceeded);
+                    }
+                    st.last_stream = st.last_stream.max(id);
+                }
+                let stream = Stream {
+                    conn: self.clone(),
+                    id,
+                };
+                let deadline = Deadline::from_wire(h.deadline_us);
+                if deadline.is_some_and(|d| d.is_expired()) {
+                    // The caller has given up already.
+                    return Ok(());
+                }
+                let inbound = Inbound {
+                    kind: h.kind,
+                    metadata,
+                    payload,
+                    deadline,
+                    peer: self.peer.clone(),
+                };
+                self.dispatch(stream, h.kind == FrameKind::OneWay, inbound)
+                    .await;
+            }
+            FrameKind::Cancel => {
+                let task = lock(&self.state).running.remove(&id);
+                if let Some(Some(task)) = task {
+                    task.abort();
+                }
+            }
+            FrameKind::Ping => {
+                let _ = self
+                    .ctrl
+                    .send(Out::frame(FrameKind::Pong, id, Bytes::new(), payload));
+            }
+            FrameKind::Pong | FrameKind::Credit | FrameKind::GoAway => {}
+            FrameKind::Error if id == 0 => {
+                let status =
+                    Status::decode(&payload).map_or_else(|e| e.to_string(), |s| s.to_string());
+                tracing::warn!("{} reported a connection error: {status}", self.peer.addr);
+                return Err(Reason::BadFrame);
+            }
+            other => {
+                tracing::debug!("{}: ignoring an unexpected {other} frame", self.peer.addr);
+            }
+        }
+        Ok(())
+    }
+
+    async fn dispatch(self: &Arc<Conn>, stream: Stream, oneway: bool, inbound: Inbound) {
+        let deadline = inbound.deadline;
+        let handler = &self.handler;
+        let fut = match std::panic::catch_unwind(AssertUnwindSafe(|| handler(inbound))) {
+            Ok(f) => f,
+            Err(_) => {
+                if !oneway {
+                    self.reply(stream.id, Err(panicked())).await;
+                }
+                return;
+            }
+        };
+        let mut fut = CatchPanic(fut);
+        let polled = {
+            let mut cx = Context::from_waker(Waker::noop());
+            Pin::new(&mut fut).poll(&mut cx)
+        };
+        if let Poll::Ready(result) = polled {
+            if !oneway {
+                self.reply(stream.id, result).await;
+            }
+            drop(stream);
+            return;
+        }
+        let id = stream.id;
+        if !oneway {
+            lock(&self.state).running.insert(id, None);
+        }
+        let conn = self.clone();
+        let task = tokio::spawn(async move {
+            let _stream = stream;
+            let result = match deadline {
+                Some(d) => tokio::time::timeout_at(d.instant().into(), fut)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Status::deadline_exceeded(
+                            "the handler ran past the deadline",
+                        ))
+                    }),
+                None => fut.await,
+            };
+            if !oneway && lock(&conn.state).running.remove(&id).is_some() {
+                conn.reply(id, result).await;
+            }
+        });
+        if !oneway {
+            if let Some(slot) = lock(&self.state).running.get_mut(&id) {
+                *slot = Some(task.abort_handle());
+            }
+        }
+    }
+
+    async fn reply(&self, id: u64, result: Result<Reply, Status>) {
+        let out = match result {
+            Ok(r)
+                if (commy_core::HEADER_LEN + r.metadata.len() + r.payload.len()) as u64
+                    > u64::from(self.max_frame) =>
+            {
+                Out::error(
+                    id,
+                    &Status::resource_exhausted(format!(
+                        "response of {} bytes exceeds the frame limit of {} bytes",
+                        r.payload.len(),
+                        self.max_frame
+                    )),
+                )
+            }
+            Ok(r) => Out::frame(FrameKind::Response, id, r.metadata, r.payload),
+            Err(status) => {
+                let status = if status.code() == commy_core::Code::Ok {
+                    Status::internal("handler returned an error with code OK")
+                } else {
+                    status
+                };
+                Out::error(id, &status)
+            }
+        };
+        let _ = self.out.send(out).await;
+    }
+}
+
+/// One open stream: its credit comes back when it is dropped (finished,
+/// cancelled or aborted).
+struct Stream {
+    conn: Arc<Conn>,
+    id: u64,
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        let mut st = lock(&self.conn.state);
+        let grant = st.window.complete();
+        let idle = st.window.in_flight() == 0;
+        drop(st);
+        if let Some(n) = grant {
+            let _ = self.conn.ctrl.send(Out::credit(n));
+        }
+        if idle {
+            self.conn.drained.notify_one();
+        }
+        let _ = self.id;
+    }
+}
+
+struct CatchPanic(crate::server::HandlerFuture);
+
+impl Future for CatchPanic {
+    type Output = Result<Reply, Status>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let fut = &mut self.0;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+            Ok(p) => p,
+            Err(_) => Poll::Ready(Err(panicked())),
+        }
+    }
+}
+
+fn panicked() -> Status {
+    tracing::error!("a handler panicked");
+    Status::internal("the service's handler panicked")
+}

@@ -1,0 +1,769 @@
+//! commy-net over real sockets and real TLS: calls, multiplexing, deadlines,
+//! cancellation, credit, keepalive, reconnect, GOAWAY, mTLS, and every kind
+//! of bad peer (each refused or closed, counted, while others are served).
+
+#![allow(clippy::disallowed_types)] // plain counters in tests, nothing for loom
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use commy_core::{Code, Deadline, Frame, FrameHeader, FrameKind, Limits, Status, StreamId};
+use commy_net::{
+    Client, Credentials, DevCa, Handler, Identity, Inbound, LeafSpec, Reason, Reply, Server,
+    Settings,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "commy-net-test-{tag}-{}-{:x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+struct Pki {
+    dir: PathBuf,
+    ca: DevCa,
+}
+
+impl Pki {
+    fn new(tag: &str) -> Pki {
+        let dir = temp_dir(tag);
+        let ca = DevCa::load_or_create(&dir.join("ca")).unwrap();
+        Pki { dir, ca }
+    }
+
+    fn creds(&self, service: &str) -> Credentials {
+        self.ca
+            .credentials(&LeafSpec::for_this_host(
+                Identity::new("test", service).unwrap(),
+                &[],
+            ))
+            .unwrap()
+    }
+
+    fn ca_only(&self) -> Credentials {
+        Credentials::from_pem_files(&self.dir.join("ca").join("ca.pem"), None).unwrap()
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Test settings: quick timeouts so bad peers are dealt with fast.
+fn quick() -> Settings {
+    let mut s = Settings::default();
+    // Generous for a loaded 2-core machine, short enough for quick tests.
+    s.handshake_timeout = Duration::from_secs(2);
+    s.idle_timeout = Duration::from_secs(3);
+    s.keepalive_interval = Duration::from_millis(200);
+    s.write_timeout = Duration::from_secs(2);
+    s.backoff_base = Duration::from_millis(5);
+    s.backoff_cap = Duration::from_millis(50);
+    s
+}
+
+/// The test service: the payload says what to do.
+/// `sleep:<ms>` waits; `big:<n>` answers n bytes; `panic`; `fail` answers
+/// NOT_FOUND; `who` answers the client's identity; anything else is echoed.
+fn service(
+    in_flight: Arc<AtomicUsize>,
+    max_seen: Arc<AtomicUsize>,
+    dropped: Arc<AtomicUsize>,
+) -> Handler {
+    Arc::new(move |req: Inbound| {
+        let (in_flight, max_seen, dropped) = (in_flight.clone(), max_seen.clone(), dropped.clone());
+        Box::pin(async move {
+            struct Track(Arc<AtomicUsize>, Arc<AtomicUsize>, bool);
+            impl Drop for Track {
+                fn drop(&mut self) {
+                    self.0.fetch_sub(1, Ordering::SeqCst);
+                    if !self.2 {
+                        self.1.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+            let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            max_seen.fetch_max(now, Ordering::SeqCst);
+            let mut track = Track(in_flight, dropped, false);
+            let text = String::from_utf8_lossy(&req.payload).to_string();
+            let out = if let Some(ms) = text.strip_prefix("sleep:") {
+                tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
+                Ok(Reply::new(req.payload.clone()))
+            } else if let Some(n) = text.strip_prefix("big:") {
+                Ok(Reply::new(vec![7u8; n.parse().unwrap()]))
+            } else if text == "panic" {
+                panic!("the test handler panics on purpose");
+            } else if text == "fail" {
+                Err(Status::not_found("no such thing"))
+            } else if text == "who" {
+                Ok(Reply::new(
+                    req.peer
+                        .identity
+                        .as_ref()
+                        .map_or("nobody".to_string(), |i| i.to_string()),
+                ))
+            } else {
+                Ok(Reply::new(req.payload.clone()))
+            };
+            track.2 = true;
+            out
+        })
+    })
+}
+
+struct Fixture {
+    pki: Pki,
+    server: Server,
+    in_flight: Arc<AtomicUsize>,
+    max_seen: Arc<AtomicUsize>,
+    dropped: Arc<AtomicUsize>,
+}
+
+impl Fixture {
+    async fn start(tag: &str, settings: Settings, require_client_cert: bool) -> Fixture {
+        let pki = Pki::new(tag);
+        let (in_flight, max_seen, dropped) = (Arc::default(), Arc::default(), Arc::default());
+        let server = Server::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            pki.creds("server")
+                .server_config(require_client_cert)
+                .unwrap(),
+            settings,
+            service(
+                Arc::clone(&in_flight),
+                Arc::clone(&max_seen),
+                Arc::clone(&dropped),
+            ),
+        )
+        .await
+        .unwrap();
+        Fixture {
+            pki,
+            server,
+            in_flight,
+            max_seen,
+            dropped,
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.server.local_addr()
+    }
+
+    fn client(&self) -> Client {
+        self.client_with(&self.pki.creds("client"), quick())
+    }
+
+    fn client_with(&self, creds: &Credentials, settings: Settings) -> Client {
+        Client::new(
+            "127.0.0.1",
+            self.addr().port(),
+            creds.client_config().unwrap(),
+            settings,
+        )
+        .unwrap()
+    }
+
+    /// A good client is served (the server keeps serving everyone else).
+    async fn still_serves(&self) {
+        let c = self.client();
+        let r = c
+            .call(Bytes::new(), Bytes::from_static(b"still here"), in_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(&r.payload[..], b"still here");
+    }
+
+    /// A TLS connection with ALPN commy/1 that speaks raw frames.
+    async fn raw_tls(&self) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let tcp = TcpStream::connect(self.addr()).await.unwrap();
+        let connector =
+            tokio_rustls::TlsConnector::from(self.pki.creds("raw").client_config().unwrap());
+        connector
+            .connect(
+                rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap(),
+                tcp,
+            )
+            .await
+            .unwrap()
+    }
+
+    async fn wait_for(&self, reason: Reason, n: u64) {
+        let stats = self.server.stats().clone();
+        wait_until(
+            || stats.count(reason) >= n,
+            &format!("{} >= {n}", reason.as_str()),
+        )
+        .await;
+    }
+}
+
+fn in_secs(s: u64) -> Option<Deadline> {
+    Some(Deadline::after(Duration::from_secs(s)))
+}
+
+async fn wait_until(mut f: impl FnMut() -> bool, what: &str) {
+    let end = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Reads frames until EOF/error; returns those read.
+async fn read_frames<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> Vec<Frame> {
+    let mut buf = bytes::BytesMut::new();
+    let mut frames = Vec::new();
+    loop {
+        while let Ok(Some(f)) = Frame::decode_from(&mut buf, &Limits::DEFAULT) {
+            frames.push(f);
+        }
+        match tokio::time::timeout(Duration::from_secs(20), r.read_buf(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return frames,
+        }
+    }
+}
+
+fn request(id: u64, payload: &[u8]) -> Vec<u8> {
+    Frame::new(
+        FrameKind::Request,
+        StreamId(id),
+        Vec::new(),
+        payload.to_vec(),
+    )
+    .unwrap()
+    .to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_share_one_connection_and_get_their_own_answers() {
+    let f = Fixture::start("mux", quick(), false).await;
+    let c = f.client();
+    let mut tasks = Vec::new();
+    for i in 0..400u32 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let body = Bytes::from(format!("call {i}"));
+            let r = c
+                .call(Bytes::new(), body.clone(), in_secs(20))
+                .await
+                .unwrap();
+            assert_eq!(r.payload, body);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(c.connects(), 1);
+    assert_eq!(f.server.stats().accepted(), 1);
+    assert_eq!(f.server.stats().requests(), 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_messages_errors_and_panics() {
+    let f = Fixture::start("big", quick(), false).await;
+    let c = f.client();
+    let big = Bytes::from(vec![0xA5u8; 4 << 20]);
+    let r = c
+        .call(Bytes::new(), big.clone(), in_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(r.payload, big);
+    let r = c
+        .call(
+            Bytes::new(),
+            Bytes::from_static(b"big:3000000"),
+            in_secs(20),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.payload.len(), 3_000_000);
+    let e = c
+        .call(Bytes::new(), Bytes::from_static(b"fail"), in_secs(5))
+        .await
+        .unwrap_err();
+    assert_eq!((e.code(), e.message()), (Code::NotFound, "no such thing"));
+    let e = c
+        .call(Bytes::new(), Bytes::from_static(b"panic"), in_secs(5))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Internal);
+    // A request over the frame limit is refused before it is sent.
+    let too_big = Bytes::from(vec![1u8; Limits::DEFAULT_MAX_FRAME as usize]);
+    let e = c
+        .call(Bytes::new(), too_big, in_secs(10))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    f.still_serves().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_and_dropped_calls_cancel_the_handler() {
+    let f = Fixture::start("deadline", quick(), false).await;
+    let c = f.client();
+    let started = std::time::Instant::now();
+    let e = c
+        .call(
+            Bytes::new(),
+            Bytes::from_static(b"sleep:10000"),
+            Some(Deadline::after(Duration::from_millis(100))),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    wait_until(
+        || f.dropped.load(Ordering::SeqCst) == 1,
+        "the handler to be cancelled",
+    )
+    .await;
+
+    // Dropping a call's future cancels it too.
+    let call = c.call(Bytes::new(), Bytes::from_static(b"sleep:10000"), None);
+    let gave_up = tokio::time::timeout(Duration::from_millis(100), call).await;
+    assert!(gave_up.is_err());
+    wait_until(
+        || f.dropped.load(Ordering::SeqCst) == 2,
+        "the dropped call's handler to stop",
+    )
+    .await;
+    wait_until(
+        || f.in_flight.load(Ordering::SeqCst) == 0,
+        "nothing in flight",
+    )
+    .await;
+    f.still_serves().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credit_bounds_the_streams_in_flight() {
+    let mut s = quick();
+    s.stream_credit = 4;
+    let f = Fixture::start("credit", s, false).await;
+    let c = f.client();
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            c.call(Bytes::new(), Bytes::from_static(b"sleep:200"), in_secs(30))
+                .await
+                .unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        f.max_seen.load(Ordering::SeqCst),
+        4,
+        "the server never saw more than its credit"
+    );
+    assert_eq!(f.server.stats().count(Reason::CreditExceeded), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_keeps_an_idle_connection() {
+    let f = Fixture::start("keepalive", quick(), false).await;
+    let c = f.client();
+    c.call(Bytes::new(), Bytes::from_static(b"1"), in_secs(5))
+        .await
+        .unwrap();
+    // Longer than the idle timeout: only the pings keep the link.
+    tokio::time::sleep(Duration::from_millis(4000)).await;
+    c.call(Bytes::new(), Bytes::from_static(b"2"), in_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(c.connects(), 1);
+    assert_eq!(f.server.stats().count(Reason::Idle), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_after_the_server_comes_back() {
+    let f = Fixture::start("reconnect", quick(), false).await;
+    let addr = f.addr();
+    let c = f.client();
+    c.call(Bytes::new(), Bytes::from_static(b"a"), in_secs(5))
+        .await
+        .unwrap();
+    let Fixture { pki, server, .. } = f;
+    drop(server);
+    wait_until(|| !c.is_connected(), "the client to notice").await;
+    let e = c
+        .call(Bytes::new(), Bytes::from_static(b"b"), in_secs(5))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e}");
+    let server = Server::bind(
+        addr,
+        pki.creds("server").server_config(false).unwrap(),
+        quick(),
+        service(Arc::default(), Arc::default(), Arc::default()),
+    )
+    .await
+    .unwrap();
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match c
+            .call(Bytes::new(), Bytes::from_static(b"c"), in_secs(5))
+            .await
+        {
+            Ok(r) => {
+                assert_eq!(&r.payload[..], b"c");
+                break;
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Code::Unavailable);
+                assert!(std::time::Instant::now() < end, "no recovery: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    assert_eq!(c.connects(), 2);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn goaway_lets_calls_in_flight_finish() {
+    let f = Fixture::start("goaway", quick(), false).await;
+    let c = f.client();
+    c.connect().await.unwrap();
+    let slow = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            c.call(Bytes::new(), Bytes::from_static(b"sleep:500"), in_secs(10))
+                .await
+        })
+    };
+    wait_until(
+        || f.in_flight.load(Ordering::SeqCst) == 1,
+        "the slow call to start",
+    )
+    .await;
+    let Fixture {
+        server, pki: _pki, ..
+    } = f;
+    server.shutdown().await;
+    let r = slow.await.unwrap().unwrap();
+    assert_eq!(&r.payload[..], b"sleep:500");
+    let e = c
+        .call(Bytes::new(), Bytes::from_static(b"late"), in_secs(5))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_required_refuses_missing_and_foreign_certificates() {
+    let f = Fixture::start("mtls", quick(), true).await;
+    // No client certificate.
+    let anon = f.client_with(&f.pki.ca_only(), quick());
+    let e = anon
+        .call(Bytes::new(), Bytes::from_static(b"x"), in_secs(5))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e}");
+    f.wait_for(Reason::NoClientCert, 1).await;
+    // A certificate from another CA, trusting the right one.
+    let other = Pki::new("mtls-other");
+    let (cert, key) = other
+        .ca
+        .issue(&LeafSpec::new(Identity::new("test", "intruder").unwrap()))
+        .unwrap();
+    std::fs::write(other.dir.join("c.pem"), cert).unwrap();
+    std::fs::write(other.dir.join("k.pem"), key).unwrap();
+    let foreign = Credentials::from_pem_files(
+        &f.pki.dir.join("ca").join("ca.pem"),
+        Some((&other.dir.join("c.pem"), &other.dir.join("k.pem"))),
+    )
+    .unwrap();
+    let intruder = f.client_with(&foreign, quick());
+    let e = intruder
+        .call(Bytes::new(), Bytes::from_static(b"x"), in_secs(5))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e}");
+    f.wait_for(Reason::BadClientCert, 1).await;
+    // The right certificate: served, and its identity is known.
+    let r = f
+        .client()
+        .call(Bytes::new(), Bytes::from_static(b"who"), in_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(&r.payload[..], b"spiffe://test/client");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn optional_client_certificates_and_pem_files() {
+    let f = Fixture::start("pem", quick(), false).await;
+    let anon = f.client_with(&f.pki.ca_only(), quick());
+    let r = anon
+        .call(Bytes::new(), Bytes::from_static(b"who"), in_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(&r.payload[..], b"nobody");
+    assert_eq!(
+        anon.server_identity().unwrap().to_string(),
+        "spiffe://test/server"
+    );
+    // Production-style: certificate and key from PEM files.
+    let (cert, key) = f
+        .pki
+        .ca
+        .issue(&LeafSpec::new(Identity::new("prod", "billing").unwrap()).dns("localhost"))
+        .unwrap();
+    commy_net::tls::write_pem_file(&f.pki.dir.join("leaf.pem"), &cert).unwrap();
+    commy_net::tls::write_pem_file(&f.pki.dir.join("leaf.key"), &key).unwrap();
+    let creds = Credentials::from_pem_files(
+        &f.pki.dir.join("ca").join("ca.pem"),
+        Some((&f.pki.dir.join("leaf.pem"), &f.pki.dir.join("leaf.key"))),
+    )
+    .unwrap();
+    assert_eq!(
+        creds.identity().unwrap().to_string(),
+        "spiffe://prod/billing"
+    );
+    let r = f
+        .client_with(&creds, quick())
+        .call(Bytes::new(), Bytes::from_static(b"who"), in_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(&r.payload[..], b"spiffe://prod/billing");
+    // Bad PEM input names the file.
+    std::fs::write(f.pki.dir.join("junk.pem"), "not a certificate").unwrap();
+    let e = Credentials::from_pem_files(&f.pki.dir.join("junk.pem"), None).unwrap_err();
+    assert!(e.to_string().contains("junk.pem"), "{e}");
+    // The server is verified: a client trusting another CA refuses it.
+    let other = Pki::new("pem-other");
+    let c = f.client_with(&other.ca_only(), quick());
+    let e = c
+        .call(Bytes::new(), Bytes::from_static(b"x"), in_secs(5))
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("certificate"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_instead_of_tls_is_refused() {
+    let f = Fixture::start("garbage", quick(), false).await;
+    let mut raw = TcpStream::connect(f.addr()).await.unwrap();
+    raw.write_all(b"GET / HTTP/1.1\r\nHost: nope\r\n\r\n")
+        .await
+        .unwrap();
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), raw.read_to_end(&mut sink)).await;
+    f.wait_for(Reason::NotTls, 1).await;
+    f.still_serves().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_or_missing_alpn_is_refused() {
+    let f = Fixture::start("alpn", quick(), false).await;
+    for (alpn, reason, n) in [
+        (Some(b"h2".to_vec()), Reason::Alpn, 1),
+        (None, Reason::Alpn, 2),
+    ] {
+        let mut config = (*f.pki.creds("c").client_config().unwrap()).clone();
+        config.alpn_protocols = alpn.into_iter().collect();
+        let tcp = TcpStream::connect(f.addr()).await.unwrap();
+        let connected = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(
+                rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap(),
+                tcp,
+            )
+            .await;
+        if let Ok(mut s) = connected {
+            let mut sink = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut sink)).await;
+        }
+        f.wait_for(reason, n).await;
+    }
+    f.still_serves().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_frame_header_gets_an_error_and_a_close() {
+    let f = Fixture::start("oversize", quick(), false).await;
+    let mut s = f.raw_tls().await;
+    let mut h = FrameHeader::new(FrameKind::Request, StreamId(1));
+    h.payload_len = u32::MAX; // 4 GiB declared; nothing follows
+    s.write_all(&h.encode()).await.unwrap();
+    s.flush().await.unwrap();
+    let frames = read_frames(&mut s).await;
+    let err = frames
+        .iter()
+        .find(|f| f.kind() == FrameKind::Error && f.stream_id().0 == 0)
+        .expect("an Error frame on stream 0");
+    let status = err.status().unwrap().unwrap();
+    assert!(status.message().contains("max_frame"), "{status}");
+    f.wait_for(Reason::BadFrame, 1).await;
+    f.still_serves().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_clients_are_closed() {
+    let f = Fixture::start("slowloris", quick(), false).await;
+    // TCP only, nothing sent.
+    let mut silent: Vec<TcpStream> = Vec::new();
+    for _ in 0..5 {
+        silent.push(TcpStream::connect(f.addr()).await.unwrap());
+    }
+    // A TLS client that never sends a frame, nor answers pings.
+    let mut mute = f.raw_tls().await;
+    // Others are served meanwhile.
+    f.still_serves().await;
+    f.wait_for(Reason::HandshakeTimeout, 5).await;
+    for mut s in silent {
+        let mut sink = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut sink)).await;
+        assert!(
+            matches!(n, Ok(Ok(0)) | Ok(Err(_))),
+            "the silent socket was closed"
+        );
+    }
+    let frames = read_frames(&mut mute).await; // ends when the server closes
+    assert!(
+        frames.iter().any(|f| f.kind() == FrameKind::Ping),
+        "the server pinged first"
+    );
+    f.wait_for(Reason::Idle, 1).await;
+    f.still_serves().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_reading_is_closed() {
+    let f = Fixture::start("noread", quick(), false).await;
+    let mut s = f.raw_tls().await;
+    // 64 answers of 1 MiB each, never read.
+    for id in 0..64u64 {
+        s.write_all(&request(2 * id + 1, b"big:1048576"))
+            .await
+            .unwrap();
+    }
+    s.flush().await.unwrap();
+    f.still_serves().await;
+    f.wait_for(Reason::WriteTimeout, 1).await;
+    f.still_serves().await;
+    drop(s);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_exceeding_its_credit_is_closed() {
+    let mut settings = quick();
+    settings.stream_credit = 8;
+    let f = Fixture::start("overcredit", settings, false).await;
+    let mut s = f.raw_tls().await;
+    let mut wire = Vec::new();
+    for id in 0..9u64 {
+        wire.extend(request(2 * id + 1, b"sleep:2000"));
+    }
+    s.write_all(&wire).await.unwrap();
+    s.flush().await.unwrap();
+    let frames = read_frames(&mut s).await;
+    let credit = frames
+        .iter()
+        .find(|f| f.kind() == FrameKind::Credit)
+        .expect("the initial credit");
+    assert_eq!(credit.credit_increment(), Some(8));
+    let err = frames
+        .iter()
+        .find(|f| f.kind() == FrameKind::Error && f.stream_id().0 == 0)
+        .expect("an Error frame on stream 0");
+    assert_eq!(
+        err.status().unwrap().unwrap().code(),
+        Code::ResourceExhausted
+    );
+    f.wait_for(Reason::CreditExceeded, 1).await;
+    f.still_serves().await;
+}
+
+/// Child role for the race test: load or create the CA in `$COMMY_NET_TEST_CA`.
+#[test]
+fn child_load_or_create_ca() {
+    let Some(dir) = std::env::var_os("COMMY_NET_TEST_CA") else {
+        return;
+    };
+    let ca = DevCa::load_or_create(std::path::Path::new(&dir)).unwrap();
+    println!("CA {}", ca.cert_pem().replace('\n', ""));
+}
+
+#[test]
+fn the_dev_ca_is_created_once_by_racing_processes() {
+    if std::env::var_os("COMMY_NET_TEST_CA").is_some() {
+        return;
+    }
+    let dir = temp_dir("race-proc");
+    let ca_dir = dir.join("dev-ca");
+    let children: Vec<_> = (0..4)
+        .map(|_| {
+            std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "child_load_or_create_ca",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env("COMMY_NET_TEST_CA", &ca_dir)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let pems: Vec<String> = children
+        .into_iter()
+        .map(|c| {
+            let out = c.wait_with_output().unwrap();
+            assert!(out.status.success());
+            let text = String::from_utf8(out.stdout).unwrap();
+            let i = text.find("CA ").expect("the child printed its CA");
+            text[i..].lines().next().unwrap().to_string()
+        })
+        .collect();
+    assert!(
+        pems.windows(2).all(|w| w[0] == w[1]),
+        "every process got the same CA"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_dev_ca_is_created_once_under_races() {
+    let dir = temp_dir("race");
+    let ca_dir = dir.join("dev-ca");
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let d = ca_dir.clone();
+            std::thread::spawn(move || DevCa::load_or_create(&d).unwrap().cert_pem().to_string())
+        })
+        .collect();
+    let pems: Vec<String> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(
+        pems.windows(2).all(|w| w[0] == w[1]),
+        "every thread got the same CA"
+    );
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(ca_dir.join("ca.key"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert_eq!(leftovers.len(), 1, "no temporary dirs left behind");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
