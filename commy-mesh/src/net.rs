@@ -29,7 +29,7 @@ use crate::conn::{ServeCtx, decode_metadata, encode_metadata, lock};
 use crate::discovery::Instance;
 use crate::netconfig::{NetConfig, TransportPreference};
 use crate::pubsub::{Message, Queue, TOPIC_HEADER};
-use crate::service::{Request, Response};
+use crate::service::{ArrivedDeadline, Request, Response};
 
 /// The metadata header naming a request's service on the TLS transport.
 pub const SERVICE_HEADER: &str = "commy-service";
@@ -164,7 +164,7 @@ impl Router {
             service: name,
             payload: inbound.payload,
             metadata,
-            deadline: inbound.deadline,
+            deadline: ArrivedDeadline::at(inbound.deadline),
         };
         let response = (ctx.handler)(request).await?;
         Ok(Reply {
