@@ -131,16 +131,13 @@ class Mesh {
         native.maxConcurrency = o.maxConcurrency
       }
       const mesh = new Mesh(OPEN)
-      return new Promise((resolve, reject) => {
-        const id = mesh._begin(() => resolve(mesh), reject)
-        try {
-          mesh._native = NativeMesh.open(id, native, () => mesh._pump())
-        } catch (e) {
-          mesh._settle(id)
-          mesh._shutdown()
-          reject(e)
-        }
-      })
+      try {
+        mesh._native = NativeMesh.open(native, () => mesh._pump())
+      } catch (e) {
+        mesh._shutdown()
+        throw nativeError(e)
+      }
+      return Promise.resolve(mesh)
     } catch (e) {
       return Promise.reject(e)
     }
@@ -211,16 +208,16 @@ class Mesh {
       this._checkOpen()
       const number = this._nextHandle++
       const service = new Service(this, number, name, handler)
+      // Registered first: a request may arrive as soon as the service is announced.
       this._services.set(number, service)
+      try {
+        this._native.serve(number, name)
+      } catch (e) {
+        this._services.delete(number)
+        throw nativeError(e)
+      }
       this._ref()
-      return new Promise((resolve, reject) => {
-        const fail = (e) => {
-          this._services.delete(number)
-          this._unref()
-          reject(e)
-        }
-        this._native.serve(this._begin(() => resolve(service), fail), number, name)
-      })
+      return Promise.resolve(service)
     } catch (e) {
       return Promise.reject(e)
     }
@@ -240,13 +237,13 @@ class Mesh {
       const number = this._nextHandle++
       const sub = new Subscription(this, number, topic, o.group)
       this._subs.set(number, sub)
-      return new Promise((resolve, reject) => {
-        const fail = (e) => {
-          this._subs.delete(number)
-          reject(e)
-        }
-        this._native.subscribe(this._begin(() => resolve(sub), fail), number, topic, o.group)
-      })
+      try {
+        this._native.subscribe(number, topic, o.group)
+      } catch (e) {
+        this._subs.delete(number)
+        throw nativeError(e)
+      }
+      return Promise.resolve(sub)
     } catch (e) {
       return Promise.reject(e)
     }
@@ -285,6 +282,7 @@ class Mesh {
       await Promise.all([...this._services.values()].map((s) => s.close()))
       for (const sub of this._subs.values()) sub.close()
       await new Promise((resolve, reject) => this._native.close(this._begin(resolve, reject)))
+      this._services.clear()
       // Whatever is still waiting will never be answered now.
       for (let id = 0; id < this._resolve.length; id++) {
         if (this._resolve[id] !== undefined) {
@@ -446,14 +444,11 @@ class Service {
     const mesh = this._mesh
     this._closing = new Promise((resolve) => {
       if (!mesh._services.has(this._number) || mesh._native === null) return resolve()
-      mesh._native.unserve(
-        mesh._begin(() => {
-          mesh._services.delete(this._number)
-          mesh._unref()
-          resolve()
-        }, resolve),
-        this._number,
-      )
+      const done = () => {
+        if (mesh._services.delete(this._number)) mesh._unref()
+        resolve()
+      }
+      mesh._native.unserve(mesh._begin(done, done), this._number)
     })
     return this._closing
   }
@@ -592,4 +587,15 @@ class Region {
   }
 }
 
-module.exports = { Mesh, Service, Subscription, Region, CommyError, codes, NativeMesh, NativeRegion }
+module.exports = {
+  Mesh,
+  Service,
+  Subscription,
+  Region,
+  CommyError,
+  codes,
+  // The native layer under the API above (see index.d.ts).
+  NativeMesh,
+  NativeRegion,
+  __napiBindingTarget: binding.__napiBindingTarget,
+}

@@ -12,17 +12,20 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use commy_mesh::{CallOptions, Code, Mesh, Response, ServiceHandle, Status};
+use commy_ffi::{
+    FfiError, FfiMesh, FfiRegion, FfiService, FfiSubscription, MeshOptions, OpenPolicy,
+    RegionOptions, Reply, runtime, spawn_with,
+};
 use napi::bindgen_prelude::{Array, BufferSlice, Function};
 use napi::{Env, Result};
 use napi_derive::napi;
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::Semaphore;
 
 use crate::bridge::{Bridge, Event, lock};
 use crate::slab::Slab;
 
 /// How a handler's answer gets back to the mesh.
-pub(crate) type PendingReply = oneshot::Sender<std::result::Result<Response, Status>>;
+pub(crate) type PendingReply = Reply;
 
 /// Event kinds as the JS layer reads them from [`NativeMesh::drain`].
 const DONE: u32 = 0;
@@ -36,24 +39,18 @@ const ENDED: u32 = 5;
 /// asks for more (see [`NativeMesh::sub_credit`]).
 const SUB_WINDOW: usize = 256;
 
-fn runtime() -> &'static tokio::runtime::Runtime {
-    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
-    RT.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("commy-node")
-            .enable_all()
-            .build()
-            .expect("cannot start the tokio runtime")
-    })
-}
-
-fn failed(id: u32, s: &Status) -> Event {
+fn failed(id: u32, e: &FfiError) -> Event {
     Event::Failed {
         id,
-        code: s.code().as_str(),
-        message: s.message().to_owned(),
+        code: e.code_name(),
+        message: e.message().to_owned(),
     }
+}
+
+/// A synchronous error as JS sees it: the reason starts with the status
+/// name (`"NOT_FOUND: ..."`), which `index.js` turns into a `CommyError`.
+fn ffi_error(e: &FfiError) -> napi::Error {
+    napi::Error::new(napi::Status::GenericFailure, e.to_string())
 }
 
 fn invalid(message: impl Into<String>) -> napi::Error {
@@ -61,7 +58,7 @@ fn invalid(message: impl Into<String>) -> napi::Error {
 }
 
 /// Options of `NativeMesh.open`.
-#[napi(object)]
+#[napi(object, js_name = "NativeOpenOptions")]
 #[derive(Default)]
 pub struct OpenOptions {
     /// The mesh to join (`default` unless set).
@@ -76,21 +73,21 @@ pub struct OpenOptions {
 }
 
 struct Sub {
+    subscription: FfiSubscription,
     credit: Arc<Semaphore>,
-    task: tokio::task::JoinHandle<()>,
 }
 
 /// One mesh handle, as the JS layer drives it.
 #[napi]
 pub struct NativeMesh {
-    mesh: Arc<Mutex<Option<Mesh>>>,
+    mesh: Mutex<Option<FfiMesh>>,
     bridge: Arc<Bridge>,
     /// Requests handed to JS and not answered yet (JS thread only).
     replies: Mutex<Slab<PendingReply>>,
     /// Served services by the JS layer's numbers.
-    services: Arc<Mutex<HashMap<u32, ServiceHandle>>>,
+    services: Mutex<HashMap<u32, FfiService>>,
     /// Subscriptions by the JS layer's numbers.
-    subs: Arc<Mutex<HashMap<u32, Sub>>>,
+    subs: Mutex<HashMap<u32, Sub>>,
     /// Drained events waiting to be converted (reused between drains).
     scratch: Mutex<Vec<Event>>,
 }
@@ -99,78 +96,71 @@ pub struct NativeMesh {
 impl NativeMesh {
     /// Opens a mesh handle; `on_wake` is called (on the JS thread, with no
     /// arguments) whenever events are waiting in [`NativeMesh::drain`].
-    /// Operation `id` finishes when the mesh is open.
     #[napi(factory)]
-    pub fn open(id: u32, options: Option<OpenOptions>, on_wake: Function<(), ()>) -> Result<Self> {
+    pub fn open(options: Option<OpenOptions>, on_wake: Function<(), ()>) -> Result<Self> {
+        let o = options.unwrap_or_default();
+        let mut options = MeshOptions::default();
+        options.mesh = o.mesh;
+        options.runtime_dir = o.runtime_dir.map(Into::into);
+        if let Some(t) = o.default_timeout_ms {
+            // The mesh's "no default timeout" is a very long one here: JS
+            // callers that want none pass 0.
+            options.default_timeout =
+                Some(timeout(t, "defaultTimeoutMs")?.unwrap_or(Duration::from_secs(1 << 40)));
+        }
+        options.max_concurrency = o.max_concurrency.map(|n| n as usize);
+        // Calls from JS run many at once on the shared runtime: a caller
+        // polling for its answer would hold a worker other calls need.
+        options.call_spin = Some(Duration::ZERO);
         let wake = on_wake
             .build_threadsafe_function::<()>()
             .weak::<true>()
             .callee_handled::<false>()
             .build()?;
-        let bridge = Arc::new(Bridge::new(wake));
-        let o = options.unwrap_or_default();
-        let mut builder = Mesh::builder();
-        if let Some(m) = &o.mesh {
-            builder = builder.mesh(m);
-        }
-        if let Some(d) = &o.runtime_dir {
-            builder = builder.runtime_dir(d);
-        }
-        if let Some(t) = o.default_timeout_ms {
-            builder = builder.default_timeout(timeout(t, "defaultTimeoutMs")?);
-        }
-        if let Some(n) = o.max_concurrency {
-            builder = builder.max_concurrency(n as usize);
-        }
-        let slot = Arc::new(Mutex::new(None));
-        let (b, s) = (bridge.clone(), slot.clone());
-        runtime().spawn(async move {
-            match builder.open().await {
-                Ok(m) => {
-                    *lock(&s) = Some(m);
-                    b.push(Event::Done { id, value: None });
-                }
-                Err(e) => b.push(failed(id, &Status::unavailable(e.to_string()))),
-            }
-        });
+        let mesh = FfiMesh::open(options).map_err(|e| ffi_error(&e))?;
         Ok(NativeMesh {
-            mesh: slot,
-            bridge,
+            mesh: Mutex::new(Some(mesh)),
+            bridge: Arc::new(Bridge::new(wake)),
             replies: Mutex::default(),
-            services: Arc::default(),
-            subs: Arc::default(),
+            services: Mutex::default(),
+            subs: Mutex::default(),
             scratch: Mutex::default(),
         })
     }
 
-    fn mesh(&self) -> std::result::Result<Mesh, Status> {
-        lock(&self.mesh)
-            .clone()
-            .ok_or_else(|| Status::failed_precondition("the mesh handle is closed"))
+    fn mesh(&self) -> std::result::Result<FfiMesh, FfiError> {
+        lock(&self.mesh).clone().ok_or_else(|| {
+            FfiError::from_code_name("FAILED_PRECONDITION", "the mesh handle is closed")
+        })
     }
 
-    /// Runs `fut` on the mesh's runtime and reports its result as operation `id`.
-    fn spawn<F>(&self, id: u32, fut: impl FnOnce(Mesh) -> F)
-    where
-        F: std::future::Future<Output = std::result::Result<Event, Status>> + Send + 'static,
+    /// Runs the future made by `op` on the runtime and reports its result
+    /// (as `to_event` makes it) for operation `id`.
+    fn spawn<F, T>(
+        &self,
+        id: u32,
+        op: impl FnOnce(FfiMesh) -> F,
+        to_event: impl FnOnce(T) -> Event + Send + 'static,
+    ) where
+        F: std::future::Future<Output = std::result::Result<T, FfiError>> + Send + 'static,
+        T: Send + 'static,
     {
         let bridge = self.bridge.clone();
         match self.mesh() {
             Ok(m) => {
-                let fut = fut(m);
-                runtime().spawn(async move {
-                    bridge.push(match fut.await {
-                        Ok(ev) => ev,
-                        Err(s) => failed(id, &s),
+                spawn_with(op(m), move |r| {
+                    bridge.push(match r {
+                        Ok(v) => to_event(v),
+                        Err(e) => failed(id, &e),
                     });
                 });
             }
-            Err(s) => bridge.push(failed(id, &s)),
+            Err(e) => bridge.push(failed(id, &e)),
         }
     }
 
     /// Calls service `name` with `payload`; operation `id` answers with the
-    /// reply. `timeout_ms` overrides the mesh's default timeout.
+    /// reply. `timeout_ms` overrides the mesh's default timeout (0: none).
     #[napi]
     pub fn call(
         &self,
@@ -179,22 +169,16 @@ impl NativeMesh {
         payload: BufferSlice,
         timeout_ms: Option<f64>,
     ) -> Result<()> {
-        let mut options = CallOptions::default();
-        if let Some(t) = timeout_ms
-            .map(|t| timeout(t, "timeoutMs"))
-            .transpose()?
-            .flatten()
-        {
-            options = options.timeout(t);
-        }
+        let timeout = match timeout_ms {
+            Some(t) => Some(timeout(t, "timeoutMs")?.unwrap_or(Duration::from_secs(1 << 40))),
+            None => None,
+        };
         let payload = Bytes::copy_from_slice(&payload);
-        self.spawn(id, move |m| async move {
-            let r = m.call_with(&name, payload, options).await?;
-            Ok(Event::Answer {
-                id,
-                payload: r.into_payload(),
-            })
-        });
+        self.spawn(
+            id,
+            |m| async move { m.call(&name, payload, timeout).await },
+            move |payload| Event::Answer { id, payload },
+        );
         Ok(())
     }
 
@@ -202,10 +186,11 @@ impl NativeMesh {
     #[napi]
     pub fn send(&self, id: u32, name: String, payload: BufferSlice) {
         let payload = Bytes::copy_from_slice(&payload);
-        self.spawn(id, move |m| async move {
-            m.send(&name, payload).await?;
-            Ok(Event::Done { id, value: None })
-        });
+        self.spawn(
+            id,
+            |m| async move { m.send(&name, payload).await },
+            move |()| Event::Done { id, value: None },
+        );
     }
 
     /// Publishes `payload` on `topic`; operation `id` finishes with the
@@ -213,60 +198,56 @@ impl NativeMesh {
     #[napi]
     pub fn publish(&self, id: u32, topic: String, payload: BufferSlice) {
         let payload = Bytes::copy_from_slice(&payload);
-        self.spawn(id, move |m| async move {
-            let n = m.publish(&topic, payload).await?;
-            Ok(Event::Done {
+        self.spawn(
+            id,
+            |m| async move { m.publish(&topic, payload).await },
+            move |n| Event::Done {
                 id,
                 value: Some(u32::try_from(n).unwrap_or(u32::MAX)),
-            })
-        });
+            },
+        );
     }
 
     /// Serves `name` as service number `service` (chosen by the JS layer;
-    /// its requests carry it). Operation `id` finishes once it is announced.
+    /// its requests carry it). Returns once the service is announced.
     #[napi]
-    pub fn serve(&self, id: u32, service: u32, name: String) {
+    pub fn serve(&self, service: u32, name: String) -> Result<()> {
+        let mesh = self.mesh().map_err(|e| ffi_error(&e))?;
         let bridge = self.bridge.clone();
-        let services = self.services.clone();
-        self.spawn(id, move |m| async move {
-            let handle = m
-                .serve(&name, move |req| {
-                    let (tx, rx) = oneshot::channel();
-                    bridge.push(Event::Request {
-                        service,
-                        reply: tx,
-                        payload: req.into_payload(),
-                    });
-                    async move {
-                        rx.await
-                            .unwrap_or_else(|_| Err(Status::unavailable("the service was closed")))
-                    }
-                })
-                .await?;
-            lock(&services).insert(service, handle);
-            Ok(Event::Done { id, value: None })
-        });
+        let served = mesh
+            .serve(&name, move |req, reply| {
+                bridge.push(Event::Request {
+                    service,
+                    reply,
+                    payload: req.into_payload(),
+                });
+            })
+            .map_err(|e| ffi_error(&e))?;
+        lock(&self.services).insert(service, served);
+        Ok(())
     }
 
     /// Stops serving service `service`; operation `id` finishes when its
-    /// in-flight requests are answered.
+    /// requests in progress are answered.
     #[napi]
     pub fn unserve(&self, id: u32, service: u32) {
-        let handle = lock(&self.services).remove(&service);
+        let served = lock(&self.services).remove(&service);
         let bridge = self.bridge.clone();
-        runtime().spawn(async move {
-            if let Some(h) = handle {
-                h.shutdown().await;
-            }
-            bridge.push(Event::Done { id, value: None });
-        });
+        spawn_with(
+            async move {
+                if let Some(s) = served {
+                    s.close().await;
+                }
+            },
+            move |()| bridge.push(Event::Done { id, value: None }),
+        );
     }
 
     /// Answers request `token` with `payload`.
     #[napi]
     pub fn reply(&self, token: u32, payload: BufferSlice) {
-        if let Some(tx) = lock(&self.replies).remove(token) {
-            let _ = tx.send(Ok(Response::new(Bytes::copy_from_slice(&payload))));
+        if let Some(reply) = lock(&self.replies).remove(token) {
+            reply.ok(Bytes::copy_from_slice(&payload));
         }
     }
 
@@ -274,46 +255,44 @@ impl NativeMesh {
     /// name such as `"INTERNAL"`; unknown names become `INTERNAL`).
     #[napi]
     pub fn reply_error(&self, token: u32, code: String, message: String) {
-        if let Some(tx) = lock(&self.replies).remove(token) {
-            let code = code.parse().unwrap_or(commy_mesh::Code::Internal);
-            let _ = tx.send(Err(Status::new(code, message)));
+        if let Some(reply) = lock(&self.replies).remove(token) {
+            reply.error(FfiError::from_code_name(&code, message));
         }
     }
 
     /// Subscribes to `topic` (as a member of queue group `group` if given)
     /// as subscription number `sub` (chosen by the JS layer; its messages
-    /// carry it). Operation `id` finishes once it is announced.
+    /// carry it). Returns once the subscription is announced.
     #[napi]
-    pub fn subscribe(&self, id: u32, sub: u32, topic: String, group: Option<String>) {
-        let bridge = self.bridge.clone();
-        let subs = self.subs.clone();
-        self.spawn(id, move |m| async move {
-            let mut subscription = match &group {
-                Some(g) => m.subscribe_group(&topic, g).await?,
-                None => m.subscribe(&topic).await?,
-            };
-            let credit = Arc::new(Semaphore::new(SUB_WINDOW));
-            let c = credit.clone();
-            let b = bridge.clone();
-            let task = tokio::spawn(async move {
-                loop {
-                    let Ok(permit) = c.acquire().await else {
-                        return;
-                    };
-                    permit.forget();
-                    match subscription.next().await {
-                        Some(msg) => b.push(Event::Message {
-                            sub,
-                            payload: msg.into_payload(),
-                        }),
-                        None => break,
-                    }
+    pub fn subscribe(&self, sub: u32, topic: String, group: Option<String>) -> Result<()> {
+        let mesh = self.mesh().map_err(|e| ffi_error(&e))?;
+        let subscription = mesh
+            .subscribe(&topic, group.as_deref())
+            .map_err(|e| ffi_error(&e))?;
+        let credit = Arc::new(Semaphore::new(SUB_WINDOW));
+        let (c, s, b) = (credit.clone(), subscription.clone(), self.bridge.clone());
+        // Forwards messages while JS has room for them (see `sub_credit`).
+        runtime().spawn(async move {
+            while let Ok(permit) = c.acquire().await {
+                permit.forget();
+                match s.next().await {
+                    Some(msg) => b.push(Event::Message {
+                        sub,
+                        payload: msg.into_payload(),
+                    }),
+                    None => break,
                 }
-                b.push(Event::Ended { sub });
-            });
-            lock(&subs).insert(sub, Sub { credit, task });
-            Ok(Event::Done { id, value: None })
+            }
+            b.push(Event::Ended { sub });
         });
+        lock(&self.subs).insert(
+            sub,
+            Sub {
+                subscription,
+                credit,
+            },
+        );
+        Ok(())
     }
 
     /// Lets subscription `sub` deliver `n` more messages.
@@ -324,12 +303,11 @@ impl NativeMesh {
         }
     }
 
-    /// Ends subscription `sub`: it delivers nothing more and an `Ended`
-    /// event follows.
+    /// Ends subscription `sub`; an `Ended` event follows.
     #[napi]
     pub fn unsubscribe(&self, sub: u32) {
         if let Some(s) = lock(&self.subs).remove(&sub) {
-            s.task.abort();
+            s.subscription.close();
             s.credit.close();
         }
     }
@@ -338,70 +316,57 @@ impl NativeMesh {
     /// `"create"` or `"openOrCreate"`; `size` is required to create.
     #[napi]
     pub fn region(&self, name: String, size: Option<f64>, mode: String) -> Result<NativeRegion> {
-        let mesh = self.mesh().map_err(|s| status_error(&s))?;
-        let mut options = mesh.region(&name);
+        let mesh = self.mesh().map_err(|e| ffi_error(&e))?;
+        let mut options = RegionOptions::default();
         if let Some(size) = size {
-            if !(size.is_finite() && size >= 1.0 && size.fract() == 0.0) {
-                return Err(invalid(format!(
-                    "region size must be a positive integer, got {size}"
-                )));
-            }
-            // A size too large for usize is refused by the region's own check.
-            options = options.size(size.min(usize::MAX as f64) as usize);
+            options.size = Some(index(size, "size")?);
         }
-        let opened = match mode.as_str() {
-            "open" => options.open(),
-            "create" => options.create(),
-            "openOrCreate" => options.open_or_create(),
+        options.policy = Some(match mode.as_str() {
+            "open" => OpenPolicy::Open,
+            "create" => OpenPolicy::Create,
+            "openOrCreate" => OpenPolicy::OpenOrCreate,
             other => {
                 return Err(invalid(format!(
                     "region mode must be open, create or openOrCreate, got {other:?}"
                 )));
             }
-        };
-        let region = opened.map_err(|e| {
-            use commy_shm::RegionOpenError as E;
-            let code = match &e {
-                E::NotFound { .. } => Code::NotFound,
-                E::AlreadyExists { .. } => Code::AlreadyExists,
-                E::PermissionDenied { .. } | E::ForeignOwner { .. } => Code::PermissionDenied,
-                E::InvalidName(_) | E::SizeRequired { .. } | E::InvalidSize { .. } => {
-                    Code::InvalidArgument
-                }
-                _ => Code::FailedPrecondition,
-            };
-            status_error(&Status::new(code, e.to_string()))
-        })?;
+        });
+        let region = mesh.region(&name, options).map_err(|e| ffi_error(&e))?;
         Ok(NativeRegion {
             region: Mutex::new(Some(region)),
             name,
         })
     }
 
-    /// Closes the handle: stops serving (waiting for in-flight requests),
+    /// Closes the handle: stops serving (waiting for requests in progress),
     /// ends subscriptions, drops links. Operation `id` finishes when done;
-    /// no event follows it.
+    /// nothing reaches JS after it.
     #[napi]
     pub fn close(&self, id: u32) {
-        let mesh = lock(&self.mesh).take();
-        let services: Vec<_> = lock(&self.services).drain().map(|(_, h)| h).collect();
+        let Some(mesh) = lock(&self.mesh).take() else {
+            self.bridge.push(Event::Done { id, value: None });
+            return;
+        };
+        let served: Vec<_> = lock(&self.services).drain().map(|(_, s)| s).collect();
         for (_, s) in lock(&self.subs).drain() {
-            s.task.abort();
+            s.subscription.close();
+            s.credit.close();
         }
-        // Requests JS has not answered get UNAVAILABLE when their sender drops.
-        let replies = lock(&self.replies).drain();
+        // Requests JS has not answered get INTERNAL when their replies drop.
+        drop(lock(&self.replies).drain());
         let bridge = self.bridge.clone();
-        runtime().spawn(async move {
-            drop(replies);
-            for s in services {
-                s.shutdown().await;
-            }
-            if let Some(m) = mesh {
-                m.close().await;
-            }
-            bridge.push(Event::Done { id, value: None });
-            bridge.shut();
-        });
+        spawn_with(
+            async move {
+                for s in served {
+                    s.close().await;
+                }
+                mesh.close().await;
+            },
+            move |()| {
+                bridge.push(Event::Done { id, value: None });
+                bridge.shut();
+            },
+        );
     }
 
     /// Every event waiting for JS, flattened four slots per event:
@@ -463,7 +428,7 @@ impl NativeMesh {
 /// A shared region opened through [`NativeMesh::region`].
 #[napi]
 pub struct NativeRegion {
-    region: Mutex<Option<commy_shm::Region>>,
+    region: Mutex<Option<FfiRegion>>,
     name: String,
 }
 
@@ -486,12 +451,10 @@ impl NativeRegion {
     pub fn read<'e>(&self, env: &'e Env, offset: f64, len: f64) -> Result<BufferSlice<'e>> {
         let guard = lock(&self.region);
         let region = guard.as_ref().ok_or_else(closed_region)?;
-        let (offset, len) = (index(offset, "offset")?, index(len, "length")?);
-        let mut buf = vec![0; len];
-        region
-            .read_at(offset, &mut buf)
-            .map_err(|e| access_error(&e))?;
-        BufferSlice::from_data(env, buf)
+        let data = region
+            .read_at(index(offset, "offset")?, index(len, "length")?)
+            .map_err(|e| ffi_error(&e))?;
+        BufferSlice::from_data(env, data)
     }
 
     /// Writes `data` at `offset` (readers never see half of it).
@@ -501,7 +464,7 @@ impl NativeRegion {
         let region = guard.as_ref().ok_or_else(closed_region)?;
         region
             .write_at(index(offset, "offset")?, &data)
-            .map_err(|e| access_error(&e))
+            .map_err(|e| ffi_error(&e))
     }
 
     /// Lets go of the region.
@@ -512,15 +475,10 @@ impl NativeRegion {
 }
 
 fn closed_region() -> napi::Error {
-    status_error(&Status::failed_precondition("the region is closed"))
-}
-
-fn access_error(e: &commy_shm::RegionAccessError) -> napi::Error {
-    let code = match e {
-        commy_shm::RegionAccessError::OutOfBounds { .. } => Code::InvalidArgument,
-        _ => Code::DeadlineExceeded,
-    };
-    status_error(&Status::new(code, e.to_string()))
+    ffi_error(&FfiError::from_code_name(
+        "FAILED_PRECONDITION",
+        "the region is closed",
+    ))
 }
 
 /// A JS number used as a byte offset or length.
@@ -530,15 +488,6 @@ fn index(n: f64, what: &str) -> Result<usize> {
     } else {
         Err(invalid(format!("{what} must be an integer >= 0, got {n}")))
     }
-}
-
-/// A synchronous error as JS sees it: the reason starts with the status
-/// name (`"NOT_FOUND: ..."`), which `index.js` turns into a `CommyError`.
-fn status_error(s: &Status) -> napi::Error {
-    napi::Error::new(
-        napi::Status::GenericFailure,
-        format!("{}: {}", s.code().as_str(), s.message()),
-    )
 }
 
 /// A JS millisecond count as a timeout: 0 means none (wait forever).
