@@ -25,14 +25,15 @@ function runtimeDir() {
 }
 
 /**
- * Starts `command args` with COMMY_RUNTIME_DIR=dir; resolves once it printed
- * a line equal to `ready` (or rejects if it exits first). `child.output()`
+ * Starts `command args` with COMMY_RUNTIME_DIR=dir; `child.started` resolves
+ * once it printed a line equal to `ready` (or matching it, for a RegExp), and
+ * rejects if it exits first. `child.output()`
  * is everything it printed so far; `child.exited` resolves to its exit code.
  */
 function start(command, args, { dir, env = {}, ready = 'ready', timeoutMs = 60_000 } = {}) {
   const child = spawn(command, args, {
     env: { ...process.env, COMMY_RUNTIME_DIR: dir, ...env },
-    stdio: ['ignore', 'pipe', 'pipe'],
+    stdio: ['pipe', 'pipe', 'pipe'],
   })
   let out = ''
   let err = ''
@@ -43,7 +44,8 @@ function start(command, args, { dir, env = {}, ready = 'ready', timeoutMs = 60_0
   const started = new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`${command} was not ready after ${timeoutMs} ms\n${child.output()}`)), timeoutMs)
     const check = () => {
-      if (out.split('\n').some((l) => l.trim() === ready)) {
+      const match = (l) => (ready instanceof RegExp ? ready.test(l) : l.trim() === ready)
+      if (out.split('\n').some(match)) {
         clearTimeout(timer)
         resolve(child)
       }
@@ -60,9 +62,9 @@ function start(command, args, { dir, env = {}, ready = 'ready', timeoutMs = 60_0
 }
 
 /** Runs `command args` to completion: `{ code, stdout, stderr }`. */
-function run(command, args, { dir, env = {}, input, timeoutMs = 60_000 } = {}) {
+function run(command, args, { dir, env = {}, input, cwd, timeoutMs = 60_000 } = {}) {
   return new Promise((resolve, reject) => {
-    const child = spawn(command, args, { env: { ...process.env, COMMY_RUNTIME_DIR: dir, ...env } })
+    const child = spawn(command, args, { cwd, env: { ...process.env, COMMY_RUNTIME_DIR: dir, ...env } })
     let stdout = ''
     let stderr = ''
     child.stdout.on('data', (d) => (stdout += d))
@@ -100,4 +102,7 @@ function python() {
   return null
 }
 
-module.exports = { PKG, REPO, runtimeDir, start, run, cli, python }
+/** The child-process roles of the tests (support/child.js). */
+const CHILD = path.join(__dirname, 'child.js')
+
+module.exports = { PKG, REPO, CHILD, runtimeDir, start, run, cli, python }
