@@ -84,8 +84,9 @@ function run(command, args, { dir, env = {}, input, cwd, timeoutMs = 60_000 } = 
 
 /** The commy CLI: $COMMY_CLI, else the workspace's release or debug build. */
 function cli() {
-  const candidates = [process.env.COMMY_CLI, path.join(REPO, 'target/debug/commy'), path.join(REPO, 'target/release/commy')]
-  const found = candidates.filter((c) => c && fs.existsSync(c))
+  if (process.env.COMMY_CLI) return path.resolve(process.env.COMMY_CLI)
+  const candidates = [path.join(REPO, 'target/debug/commy'), path.join(REPO, 'target/release/commy')]
+  const found = candidates.filter((c) => fs.existsSync(c))
   if (found.length === 0) throw new Error('the commy CLI is not built: run `cargo build -p commy-mesh --bin commy` (or set COMMY_CLI)')
   // The most recently built one.
   return found.sort((a, b) => fs.statSync(b).mtimeMs - fs.statSync(a).mtimeMs)[0]

@@ -1,4 +1,4 @@
-//! `cargo xtask`: Commy's automation (`test`, `bench`, `demo`).
+//! `cargo xtask`: Commy's automation (`test`, `bench`, `demo`, `npm`).
 //!
 //! Every command installs what it needs itself, so on a fresh machine the
 //! README's two commands are all it takes. This crate deliberately does not
@@ -9,6 +9,7 @@
 mod bench;
 mod cmd;
 mod machine;
+mod npm;
 mod test;
 mod tools;
 
@@ -25,6 +26,7 @@ commands:
   demo     build the benchmark harness in release mode and run its two-process demo
   test     run every check CI runs (fmt, clippy, tests, loom), installing what they need
   bench    run the end-to-end benchmarks and rewrite docs/BENCHMARKS.md
+  npm      build the Node SDK's native addon into commy-node/ (npm package @commy/node)
   help     show this message (`cargo xtask <command> --help` for a command)
 ";
 
@@ -54,6 +56,14 @@ options:
   --print       print the report instead of writing docs/BENCHMARKS.md
   FILTER        only scenarios whose name contains FILTER (e.g. `uds`, `rt/64B`)
   -h, --help    show this message
+";
+
+const NPM_USAGE: &str = "\
+usage: cargo xtask npm
+
+Installs the Node package's build tools (npm ci in commy-node/) and builds its
+native addon in release mode with napi-rs: commy-node/commy.<platform>.node,
+and the generated binding.js and index.d.ts (both committed).
 ";
 
 const DEMO_USAGE: &str = "\
@@ -193,6 +203,23 @@ fn main() -> ExitCode {
             }
         },
         "demo" => demo(rest),
+        "npm" => {
+            if rest.iter().any(|a| is_help(a)) {
+                print!("{NPM_USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            if let Some(other) = rest.first() {
+                eprintln!("xtask npm: unexpected argument `{other}`\n\n{NPM_USAGE}");
+                return ExitCode::from(2);
+            }
+            match npm::run(&root) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("xtask npm: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         c if c == "help" || is_help(c) => {
             print!("{USAGE}");
             ExitCode::SUCCESS
