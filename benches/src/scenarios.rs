@@ -3,7 +3,7 @@
 //! see [`crate::scenario`]) and a few lines here; see benches/README.md.
 
 use crate::scenario::{Kind, Scenario, Wait};
-use crate::{floor, mesh, shm_link, uds};
+use crate::{floor, mesh, node, shm_link, uds};
 
 /// Transport name of the Unix-socket baseline (ratios "vs UDS").
 pub(crate) const UDS: &str = "uds";
@@ -18,6 +18,11 @@ pub(crate) const MESH: &str = "mesh";
 pub(crate) const PUBSUB_1: &str = "pubsub-1sub";
 /// See [`PUBSUB_1`].
 pub(crate) const PUBSUB_4: &str = "pubsub-4sub";
+/// Transport name of the Node SDK's calls between two Node processes.
+pub(crate) const NODE_COMMY: &str = "node-commy";
+/// Transport name of the Node `net` Unix-socket echo, the baseline of the
+/// `node-*` rows.
+pub(crate) const NODE_NET: &str = "node-net";
 /// The mesh call sizes: the common small message and a page.
 pub(crate) const MESH_SIZES: [usize; 2] = [64, 4096];
 
@@ -107,6 +112,25 @@ pub(crate) fn scenarios() -> Vec<Scenario> {
         Scenario::new(PUBSUB_4, Kind::Throughput, 64, mesh::PUBSUB_4)
             .wait(Wait::Default)
             .in_demo(),
+    );
+
+    // The Node SDK between two Node processes, beside a Node `net` echo
+    // measured by the same client code (baseline first).
+    all.push(
+        Scenario::new(NODE_NET, Kind::RoundTrip, 64, node::NET_ROUND_TRIP).wait(Wait::Default),
+    );
+    all.push(
+        Scenario::new(NODE_COMMY, Kind::RoundTrip, 64, node::COMMY_ROUND_TRIP).wait(Wait::Default),
+    );
+    all.push(
+        Scenario::new(NODE_NET, Kind::Throughput, 64, node::NET_THROUGHPUT)
+            .wait(Wait::Default)
+            .batch(node::IN_FLIGHT),
+    );
+    all.push(
+        Scenario::new(NODE_COMMY, Kind::Throughput, 64, node::COMMY_THROUGHPUT)
+            .wait(Wait::Default)
+            .batch(node::IN_FLIGHT),
     );
 
     all

@@ -10,17 +10,22 @@ const path = require('node:path')
 const PKG = path.resolve(__dirname, '..')
 const REPO = path.resolve(PKG, '..')
 
-/** A fresh private runtime dir (mode 0700), removed when the process exits. */
-function runtimeDir() {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'commy-node-test-'))
-  fs.chmodSync(dir, 0o700)
-  process.once('exit', () => {
+const made = []
+process.once('exit', () => {
+  for (const dir of made) {
     try {
       fs.rmSync(dir, { recursive: true, force: true })
     } catch {
       // A socket the addon's threads were still removing; the dir is in tmp.
     }
-  })
+  }
+})
+
+/** A fresh private runtime dir (mode 0700), removed when the process exits. */
+function runtimeDir() {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'commy-node-test-'))
+  fs.chmodSync(dir, 0o700)
+  made.push(dir)
   return dir
 }
 

@@ -51,6 +51,9 @@ pub(crate) enum BenchError {
         /// The filters given.
         filters: Vec<String>,
     },
+    /// Building the Node SDK's addon for the Node scenarios failed.
+    #[error("building the Node addon for the node-* scenarios failed: {0}")]
+    NodeAddon(crate::npm::NpmError),
     /// Writing the report failed.
     #[error("writing {path} failed: {source}")]
     Write {
@@ -111,8 +114,25 @@ enum Stats {
     },
 }
 
+/// The Node scenarios' names (benches/src/scenarios.rs): the addon is built
+/// first when a filter may select one of them.
+const NODE_SCENARIOS: [&str; 4] = [
+    "node-net/rt-default/64B",
+    "node-commy/rt-default/64B",
+    "node-net/tp-default/64B-b1000",
+    "node-commy/tp-default/64B-b1000",
+];
+
 /// Runs the harness and writes (or prints) the report.
 pub(crate) fn run(root: &Path, args: &BenchArgs) -> Result<(), BenchError> {
+    let node = args.filters.is_empty()
+        || args
+            .filters
+            .iter()
+            .any(|f| NODE_SCENARIOS.iter().any(|n| n.contains(f.as_str())));
+    if node {
+        crate::npm::run(root).map_err(BenchError::NodeAddon)?;
+    }
     let mut harness = Cmd::cargo()
         .args([
             "run",
@@ -275,6 +295,23 @@ pub(crate) fn render(report: &Report, machine: &Machine, date: &str) -> String {
             .into(),
     );
 
+    if report
+        .results
+        .iter()
+        .any(|r| r.transport.starts_with("node-"))
+    {
+        w(
+            "- Node rows (`node-*`): two Node.js processes, **not pinned** (the SDK works on its own \
+           threads beside the JavaScript thread), one serving and one measuring with the same client \
+           code for both transports (`commy-node/bench/bench.js`): `node-commy` is `mesh.call` to an \
+           async Node handler, `node-net` a Node `net` Unix-socket echo with the same call semantics \
+           (framed calls with ids, one promise per call). Their throughput rows keep `batch` calls in \
+           flight (each answer starts the next call) and count calls answered per second; their \
+           *vs UDS* column compares with `node-net`, not with the Rust socket baseline.\n\n"
+                .into(),
+        );
+    }
+
     let rt: Vec<_> = report
         .results
         .iter()
@@ -378,6 +415,12 @@ enum Goal {
     MinMsgs { scenario: &'static str, min: f64 },
     /// At least `min` GB/s.
     MinGbps { scenario: &'static str, min: f64 },
+    /// `a`'s messages per second at least `min` times `b`'s.
+    ThroughputRatio {
+        a: &'static str,
+        b: &'static str,
+        min: f64,
+    },
 }
 
 /// The goals of the issues; rows whose scenarios did not run are skipped.
@@ -428,6 +471,22 @@ const GOALS: &[(&str, Goal)] = &[
             a: "mesh/rt-default/4KiB",
             b: "shm/rt-default/4KiB",
             max: 1.5,
+        },
+    ),
+    (
+        "Node-to-Node round trip (64 B) vs a Node `net` Unix-socket echo",
+        Goal::RoundTripRatio {
+            a: "node-commy/rt-default/64B",
+            b: "node-net/rt-default/64B",
+            max: 1.0,
+        },
+    ),
+    (
+        "Node-to-Node calls/s with 1000 in flight vs a Node `net` Unix-socket echo",
+        Goal::ThroughputRatio {
+            a: "node-commy/tp-default/64B-b1000",
+            b: "node-net/tp-default/64B-b1000",
+            min: 3.0,
         },
     ),
     (
@@ -486,6 +545,10 @@ fn check_targets(report: &Report) -> Vec<Checked> {
                 Goal::MinGbps { scenario, min } => {
                     let (_, g) = tp(scenario)?;
                     (format!("{g:.2} GB/s"), format!("≥ {min:.1} GB/s"), g >= min)
+                }
+                Goal::ThroughputRatio { a, b, min } => {
+                    let r = tp(a)?.0 / tp(b)?.0;
+                    (format!("{r:.2}×"), format!("≥ {min:.1}×"), r >= min)
                 }
             };
             Some(Checked {
