@@ -34,7 +34,7 @@
 //! ```
 
 use std::future::Future;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread::Thread;
@@ -178,6 +178,119 @@ where
     }
 }
 
+/// Runs `fut` without a runtime task: it is polled at once on the calling
+/// thread (with the runtime's context entered), and after that on whichever
+/// thread wakes it; `done` gets its output on the thread where it finishes.
+///
+/// For futures that do little between waits, such as a mesh call: the
+/// request is written from the calling thread and the answer completed on
+/// the thread that delivers it, with no hand-off to a runtime worker at
+/// either end ([`spawn_with`] pays one at each). Whatever the future does
+/// when woken runs on the waking thread, so it must be short; `done` too.
+///
+/// ```
+/// use std::sync::mpsc;
+/// use std::time::Duration;
+///
+/// let (tx, rx) = mpsc::channel();
+/// commy_ffi::run_inline(
+///     async {
+///         tokio::time::sleep(Duration::from_millis(2)).await;
+///         5
+///     },
+///     move |v| tx.send(v).unwrap(),
+/// );
+/// assert_eq!(rx.recv_timeout(Duration::from_secs(30)), Ok(5));
+/// ```
+pub fn run_inline<F, D>(fut: F, done: D)
+where
+    F: Future + Send + 'static,
+    D: FnOnce(F::Output) + Send + 'static,
+{
+    let task = Arc::new(Inline {
+        slot: Mutex::new(Slot::Idle(Box::pin(fut), done)),
+    });
+    task.run();
+}
+
+/// A future run by [`run_inline`]: taken out of its slot while it is
+/// polled, so a wake-up during the poll (on this or another thread) only
+/// marks it for one more poll and never waits for the poller.
+struct Inline<F: Future, D> {
+    slot: Mutex<Slot<F, D>>,
+}
+
+enum Slot<F: Future, D> {
+    /// Waiting for a wake-up.
+    Idle(Pin<Box<F>>, D),
+    /// Being polled; `woken`: a wake-up came meanwhile.
+    Polling { woken: bool },
+    /// Finished (late wake-ups are ignored).
+    Done,
+}
+
+impl<F, D> Inline<F, D>
+where
+    F: Future + Send + 'static,
+    D: FnOnce(F::Output) + Send + 'static,
+{
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slot<F, D>> {
+        match self.slot.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn run(self: &Arc<Self>) {
+        let (mut fut, done) = {
+            let mut slot = self.lock();
+            match std::mem::replace(&mut *slot, Slot::Polling { woken: false }) {
+                Slot::Idle(fut, done) => (fut, done),
+                Slot::Polling { .. } => {
+                    *slot = Slot::Polling { woken: true };
+                    return;
+                }
+                Slot::Done => {
+                    *slot = Slot::Done;
+                    return;
+                }
+            }
+        };
+        let _context = runtime().enter();
+        let waker = Waker::from(self.clone());
+        let mut cx = Context::from_waker(&waker);
+        loop {
+            if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+                *self.lock() = Slot::Done;
+                drop(fut);
+                done(v);
+                return;
+            }
+            let mut slot = self.lock();
+            if let Slot::Polling { woken: true } = *slot {
+                *slot = Slot::Polling { woken: false };
+                continue;
+            }
+            *slot = Slot::Idle(fut, done);
+            return;
+        }
+    }
+}
+
+impl<F, D> Wake for Inline<F, D>
+where
+    F: Future + Send + 'static,
+    D: FnOnce(F::Output) + Send + 'static,
+{
+    fn wake(self: Arc<Self>) {
+        self.run();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.run();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,6 +351,60 @@ mod tests {
         assert_eq!(checks, 3);
         assert_eq!(dropped_rx.try_recv(), Ok(()), "the future was dropped");
         assert!(started.elapsed() >= CHECK_INTERVAL * 3);
+    }
+
+    #[test]
+    fn run_inline_finishes_on_the_waking_thread_and_once() {
+        // Ready at once: done runs on the calling thread.
+        let here = std::thread::current().id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        run_inline(async { 1 }, move |v| {
+            tx.send((v, std::thread::current().id())).unwrap()
+        });
+        assert_eq!(rx.try_recv(), Ok((1, here)));
+
+        // Woken from another thread: it finishes there.
+        let (wake_tx, wake_rx) = tokio::sync::oneshot::channel::<u32>();
+        let (tx, rx) = std::sync::mpsc::channel();
+        run_inline(async move { wake_rx.await.unwrap() + 1 }, move |v| {
+            tx.send((v, std::thread::current().id())).unwrap()
+        });
+        assert!(rx.try_recv().is_err(), "still waiting");
+        let waker = std::thread::spawn(move || {
+            wake_tx.send(41).unwrap();
+            std::thread::current().id()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(30)), Ok((42, waker)));
+
+        // Many concurrent wake-ups: polled to the end exactly once.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut senders = Vec::new();
+        let mut receivers = Vec::new();
+        for _ in 0..64 {
+            let (s, r) = tokio::sync::oneshot::channel::<()>();
+            senders.push(s);
+            receivers.push(r);
+        }
+        run_inline(
+            async move {
+                for r in receivers {
+                    r.await.unwrap();
+                }
+                "all"
+            },
+            move |v| tx.send(v).unwrap(),
+        );
+        let threads: Vec<_> = senders
+            .into_iter()
+            .map(|s| std::thread::spawn(move || s.send(()).unwrap()))
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(rx.recv_timeout(Duration::from_secs(30)), Ok("all"));
+        assert!(rx.recv_timeout(Duration::from_millis(50)).is_err());
     }
 
     #[test]
