@@ -213,6 +213,17 @@ where
     task.run();
 }
 
+/// How deeply [`run_inline`] futures may poll each other on one thread (a
+/// future's poll waking another, which is then polled inside it: a tokio
+/// mutex handing itself down a line of waiters does that). Deeper wake-ups
+/// are polled on a runtime worker instead, with a fresh stack.
+const MAX_INLINE_DEPTH: u32 = 8;
+
+thread_local! {
+    /// [`run_inline`] polls in progress on this thread.
+    static INLINE_DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
 /// A future run by [`run_inline`]: taken out of its slot while it is
 /// polled, so a wake-up during the poll (on this or another thread) only
 /// marks it for one more poll and never waits for the poller.
@@ -260,7 +271,10 @@ where
         let waker = Waker::from(self.clone());
         let mut cx = Context::from_waker(&waker);
         loop {
-            if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+            INLINE_DEPTH.with(|d| d.set(d.get() + 1));
+            let polled = fut.as_mut().poll(&mut cx);
+            INLINE_DEPTH.with(|d| d.set(d.get() - 1));
+            if let Poll::Ready(v) = polled {
                 *self.lock() = Slot::Done;
                 drop(fut);
                 done(v);
@@ -283,11 +297,15 @@ where
     D: FnOnce(F::Output) + Send + 'static,
 {
     fn wake(self: Arc<Self>) {
-        self.run();
+        if INLINE_DEPTH.with(|d| d.get()) >= MAX_INLINE_DEPTH {
+            runtime().spawn(async move { self.run() });
+        } else {
+            self.run();
+        }
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        self.run();
+        self.clone().wake();
     }
 }
 
@@ -405,6 +423,32 @@ mod tests {
         }
         assert_eq!(rx.recv_timeout(Duration::from_secs(30)), Ok("all"));
         assert!(rx.recv_timeout(Duration::from_millis(50)).is_err());
+    }
+
+    #[test]
+    fn run_inline_futures_waking_each_other_in_a_long_line_do_not_overflow() {
+        // Each future waits for a tokio mutex held by the one before: every
+        // release wakes (and so would poll, inside it) the next.
+        let lock = Arc::new(tokio::sync::Mutex::new(()));
+        let first = block_on(lock.clone().lock_owned(), || Ok::<(), ()>(())).unwrap();
+        let n = 20_000;
+        let (tx, rx) = std::sync::mpsc::channel();
+        for i in 0..n {
+            let (lock, tx) = (lock.clone(), tx.clone());
+            run_inline(
+                async move {
+                    let _g = lock.lock().await;
+                    i
+                },
+                move |i| tx.send(i).unwrap(),
+            );
+        }
+        drop(first);
+        let mut got: Vec<u32> = (0..n)
+            .map(|_| rx.recv_timeout(Duration::from_secs(60)).unwrap())
+            .collect();
+        got.sort_unstable();
+        assert_eq!(got, (0..n).collect::<Vec<_>>());
     }
 
     #[test]
