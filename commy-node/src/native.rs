@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use commy_ffi::{
     FfiError, FfiMesh, FfiRegion, FfiService, FfiSubscription, MeshOptions, OpenPolicy,
-    RegionOptions, Reply, runtime, spawn_with,
+    RegionOptions, Reply, run_inline, runtime, spawn_with,
 };
 use napi::bindgen_prelude::{Array, BufferSlice, Function};
 use napi::{Env, Result};
@@ -134,8 +134,10 @@ impl NativeMesh {
         })
     }
 
-    /// Runs the future made by `op` on the runtime and reports its result
-    /// (as `to_event` makes it) for operation `id`.
+    /// Runs the future made by `op` and reports its result (as `to_event`
+    /// makes it) for operation `id`. It starts on this (the JS) thread, which
+    /// writes the request at once, and finishes on the thread that delivers
+    /// the answer: no runtime worker has to wake up at either end.
     fn spawn<F, T>(
         &self,
         id: u32,
@@ -148,7 +150,7 @@ impl NativeMesh {
         let bridge = self.bridge.clone();
         match self.mesh() {
             Ok(m) => {
-                spawn_with(op(m), move |r| {
+                run_inline(op(m), move |r| {
                     bridge.push(match r {
                         Ok(v) => to_event(v),
                         Err(e) => failed(id, &e),
