@@ -587,7 +587,7 @@ mod tests {
         }"#;
         let report: Report = serde_json::from_str(json).unwrap();
         let checked = check_targets(&report);
-        // Goals whose scenarios did not run are left out.
+        // Goals whose scenarios did not run are left out (the Node ones here).
         assert_eq!(checked.len(), 3);
         assert!(!checked[0].met, "2.5x the floor misses the 2x goal");
         assert_eq!(checked[0].measured, "2.50×");
@@ -603,6 +603,53 @@ mod tests {
         };
         let md = render(&report, &machine, "today");
         assert!(md.contains("## Targets") && md.contains("**no**"), "{md}");
+    }
+
+    #[test]
+    fn node_goals_compare_with_the_node_net_echo() {
+        let row = |name: &str, transport: &str, stats: &str| {
+            format!(
+                r#"{{"name": "{name}", "transport": "{transport}", "size": 64, "wait": "default",
+                "iterations": 10, "warmup": 1, "batch": 1000, {stats},
+                "vs_uds": null, "vs_floor": null}}"#
+            )
+        };
+        let rt = |p50: f64| {
+            format!(r#""kind": "round_trip", "p50_ns": {p50}, "p99_ns": 1.0, "p999_ns": 1.0"#)
+        };
+        let tp = |m: f64| format!(r#""kind": "throughput", "msgs_per_s": {m}, "gb_per_s": 0.01"#);
+        let rows = [
+            row("node-net/rt-default/64B", "node-net", &rt(60_000.0)),
+            row("node-commy/rt-default/64B", "node-commy", &rt(45_000.0)),
+            row("node-net/tp-default/64B-b1000", "node-net", &tp(300_000.0)),
+            row(
+                "node-commy/tp-default/64B-b1000",
+                "node-commy",
+                &tp(600_000.0),
+            ),
+        ];
+        let json = format!(
+            r#"{{"schema": 1, "quick": false, "runs": 5, "filters": [], "pinning": null,
+            "timer_overhead_ns": 20.0, "results": [{}]}}"#,
+            rows.join(",")
+        );
+        let report: Report = serde_json::from_str(&json).unwrap();
+        let checked = check_targets(&report);
+        assert_eq!(checked.len(), 2);
+        assert!(checked[0].met, "0.75x the echo meets the 1x goal");
+        assert_eq!(checked[0].measured, "0.75×");
+        assert!(!checked[1].met, "2x the echo misses the 3x goal");
+        assert_eq!(checked[1].measured, "2.00×");
+        let machine = Machine {
+            cpu: "Test CPU".into(),
+            cores: 2,
+            virtualized: false,
+            memory: "1.0 GiB".into(),
+            kernel: "6.1.0".into(),
+            rustc: "rustc 1.95.0".into(),
+        };
+        let md = render(&report, &machine, "today");
+        assert!(md.contains("Node rows (`node-*`)"), "{md}");
     }
 
     const SAMPLE: &str = r#"{
