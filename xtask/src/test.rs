@@ -79,7 +79,8 @@ pub(crate) fn steps() -> Vec<Step> {
 /// The Node SDK: build the addon (as `cargo xtask npm` does), fail if that
 /// changed the committed generated files, type-check the typings, pack and
 /// install the package in a fresh folder, and run its `node --test` suite
-/// (which uses the commy CLI for interop).
+/// (which uses the commy CLI for interop), and run the Node benchmark
+/// scenarios once, briefly (the harness's own test leaves them out).
 fn node_step() -> Step {
     let node = |args: &[&str]| Cmd::new("node").args(args).cwd(npm::PACKAGE);
     Step {
@@ -95,6 +96,23 @@ fn node_step() -> Step {
             node(&["node_modules/typescript/bin/tsc", "-p", "tsconfig.json"]),
             node(&["support/pack-check.js"]),
             node(&["--test", "test/"]).env("COMMY_CLI", "../target/debug/commy"),
+            // The Node benchmark scenarios, briefly: the pipeline works.
+            Cmd::cargo().args([
+                "run",
+                "-q",
+                "-p",
+                "commy-benches",
+                "--bin",
+                "commy-bench",
+                "--",
+                "run",
+                "--runs",
+                "1",
+                "--iterations",
+                "300",
+                "--filter",
+                "node-",
+            ]),
         ],
     }
 }
