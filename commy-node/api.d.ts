@@ -63,8 +63,17 @@ export interface RegionOptions {
   create?: 'open' | 'create' | 'openOrCreate'
 }
 
-/** A service handler: gets the request body, returns (or resolves to) the reply. */
-export type Handler = (request: Buffer) => Payload | void | Promise<Payload | void>
+/** What a handler that declares a second parameter gets with each request. */
+export interface HandlerContext {
+  /** Fires (with a `CANCELLED` CommyError as its reason) if the caller gives up before the answer. */
+  signal: AbortSignal
+}
+
+/**
+ * A service handler: gets the request body, returns (or resolves to) the
+ * reply. Declaring the second parameter asks for a cancellation signal.
+ */
+export type Handler = (request: Buffer, context: HandlerContext) => Payload | void | Promise<Payload | void>
 
 /** A handle on the mesh. */
 export declare class Mesh {

@@ -63,8 +63,17 @@ export interface RegionOptions {
   create?: 'open' | 'create' | 'openOrCreate'
 }
 
-/** A service handler: gets the request body, returns (or resolves to) the reply. */
-export type Handler = (request: Buffer) => Payload | void | Promise<Payload | void>
+/** What a handler that declares a second parameter gets with each request. */
+export interface HandlerContext {
+  /** Fires (with a `CANCELLED` CommyError as its reason) if the caller gives up before the answer. */
+  signal: AbortSignal
+}
+
+/**
+ * A service handler: gets the request body, returns (or resolves to) the
+ * reply. Declaring the second parameter asks for a cancellation signal.
+ */
+export type Handler = (request: Buffer, context: HandlerContext) => Payload | void | Promise<Payload | void>
 
 /** A handle on the mesh. */
 export declare class Mesh {
@@ -162,9 +171,11 @@ export declare class NativeMesh {
   publish(id: number, topic: string, payload: Buffer): void
   /**
    * Serves `name` as service number `service` (chosen by the JS layer;
-   * its requests carry it). Returns once the service is announced.
+   * its requests carry it). With `cancellable`, each request also gets a
+   * number that a `Cancelled` event names if its caller gives up first.
+   * Returns once the service is announced.
    */
-  serve(service: number, name: string): void
+  serve(service: number, name: string, cancellable?: boolean | undefined | null): void
   /**
    * Stops serving service `service`; operation `id` finishes when its
    * requests in progress are answered.
@@ -199,8 +210,8 @@ export declare class NativeMesh {
    */
   close(id: number): void
   /**
-   * Every event waiting for JS, flattened four slots per event:
-   * `[kind, id, a, b, ...]` (see `index.js` for the kinds).
+   * Every event waiting for JS, flattened five slots per event:
+   * `[kind, id, a, b, c, ...]` (see `index.js` for the kinds).
    */
   drain(): unknown[]
 }

@@ -11,13 +11,15 @@ const binding = require('./binding.js')
 
 const { NativeMesh, NativeRegion } = binding
 
-// Event kinds of NativeMesh.drain(), four slots per event: kind, id, a, b.
+// Event kinds of NativeMesh.drain(), five slots per event: kind, id, a, b, c.
 const DONE = 0
 const ANSWER = 1
 const FAILED = 2
 const REQUEST = 3
 const MESSAGE = 4
 const ENDED = 5
+const CANCELLED = 6
+const STRIDE = 5
 
 /** The status names an error's `code` can take. */
 const codes = Object.freeze([
@@ -102,6 +104,8 @@ class Mesh {
     this._free = []
     this._services = new Map()
     this._subs = new Map()
+    // Cancellation signals of requests in progress, for handlers that take one.
+    this._aborts = new Map()
     this._nextHandle = 1
     this._inFlight = 0
     this._idle = null
@@ -196,9 +200,12 @@ class Mesh {
   }
 
   /**
-   * Serves `name`: `handler(request: Buffer)` returns (or resolves to) the
-   * reply. A handler that throws answers `INTERNAL` (or the status named by
-   * the thrown error's `code`), and the service keeps serving.
+   * Serves `name`: `handler(request: Buffer, { signal })` returns (or
+   * resolves to) the reply. A handler that declares the second parameter
+   * gets an AbortSignal that fires if the caller gives up (deadline passed,
+   * call cancelled) before the answer. A handler that throws answers
+   * `INTERNAL` (or the status named by the thrown error's `code`), and the
+   * service keeps serving.
    * @returns {Promise<Service>}
    */
   serve(name, handler) {
@@ -211,7 +218,8 @@ class Mesh {
       // Registered first: a request may arrive as soon as the service is announced.
       this._services.set(number, service)
       try {
-        this._native.serve(number, name)
+        // A handler that declares a second parameter gets a cancellation signal.
+        this._native.serve(number, name, handler.length >= 2)
       } catch (e) {
         this._services.delete(number)
         throw nativeError(e)
@@ -332,7 +340,7 @@ class Mesh {
   _pump() {
     if (this._native === null) return
     const ev = this._native.drain()
-    for (let i = 0; i < ev.length; i += 4) {
+    for (let i = 0; i < ev.length; i += STRIDE) {
       const id = ev[i + 1]
       switch (ev[i]) {
         case ANSWER:
@@ -351,8 +359,16 @@ class Mesh {
           break
         }
         case REQUEST:
-          this._request(id, ev[i + 2], ev[i + 3])
+          this._request(id, ev[i + 2], ev[i + 3], ev[i + 4])
           break
+        case CANCELLED: {
+          const aborter = this._aborts.get(id)
+          if (aborter !== undefined) {
+            this._aborts.delete(id)
+            aborter.abort(new CommyError('CANCELLED', 'the caller gave up (deadline passed or call cancelled)'))
+          }
+          break
+        }
         case MESSAGE:
           this._subs.get(id)?._push(ev[i + 2])
           break
@@ -363,7 +379,7 @@ class Mesh {
     }
   }
 
-  _request(token, payload, number) {
+  _request(token, payload, number, cancel) {
     const service = this._services.get(number)
     if (service === undefined) {
       this._native.replyError(token, 'UNAVAILABLE', 'the service is closed')
@@ -372,8 +388,21 @@ class Mesh {
     this._inFlight++
     let result
     try {
-      result = service._handler(payload)
+      if (cancel === undefined) {
+        result = service._handler(payload)
+      } else {
+        const aborter = new AbortController()
+        this._aborts.set(cancel, aborter)
+        const forget = () => this._aborts.delete(cancel)
+        result = service._handler(payload, { signal: aborter.signal })
+        if (result !== null && typeof result === 'object' && typeof result.then === 'function') {
+          result.then(forget, forget)
+        } else {
+          forget()
+        }
+      }
     } catch (e) {
+      if (cancel !== undefined) this._aborts.delete(cancel)
       this._failed(token, service, e)
       return
     }

@@ -34,12 +34,17 @@ pub(crate) enum Event {
         code: &'static str,
         message: String,
     },
-    /// Service `service` received a request; `reply` answers it.
+    /// Service `service` received a request; `reply` answers it. `cancel`
+    /// names it in a later [`Event::Cancelled`] (for services whose handler
+    /// takes a cancellation signal).
     Request {
         service: u32,
         reply: crate::native::PendingReply,
         payload: Bytes,
+        cancel: Option<u32>,
     },
+    /// The caller of request `cancel` gave up before it was answered.
+    Cancelled { cancel: u32 },
     /// Subscription `sub` received a message.
     Message { sub: u32, payload: Bytes },
     /// Subscription `sub` ended (closed, or disconnected for being slow).

@@ -27,6 +27,9 @@ use crate::slab::Slab;
 /// How a handler's answer gets back to the mesh.
 pub(crate) type PendingReply = Reply;
 
+/// Slots per event in [`NativeMesh::drain`]'s array.
+const STRIDE: usize = 5;
+
 /// Event kinds as the JS layer reads them from [`NativeMesh::drain`].
 const DONE: u32 = 0;
 const ANSWER: u32 = 1;
@@ -34,6 +37,7 @@ const FAILED: u32 = 2;
 const REQUEST: u32 = 3;
 const MESSAGE: u32 = 4;
 const ENDED: u32 = 5;
+const CANCELLED: u32 = 6;
 
 /// Messages a subscription may have on their way to JS before the JS side
 /// asks for more (see [`NativeMesh::sub_credit`]).
@@ -211,17 +215,30 @@ impl NativeMesh {
     }
 
     /// Serves `name` as service number `service` (chosen by the JS layer;
-    /// its requests carry it). Returns once the service is announced.
+    /// its requests carry it). With `cancellable`, each request also gets a
+    /// number that a `Cancelled` event names if its caller gives up first.
+    /// Returns once the service is announced.
     #[napi]
-    pub fn serve(&self, service: u32, name: String) -> Result<()> {
+    pub fn serve(&self, service: u32, name: String, cancellable: Option<bool>) -> Result<()> {
         let mesh = self.mesh().map_err(|e| ffi_error(&e))?;
         let bridge = self.bridge.clone();
+        let cancellable = cancellable.unwrap_or(false);
+        let next_cancel = Mutex::new(0u32);
         let served = mesh
             .serve(&name, move |req, reply| {
+                let cancel = cancellable.then(|| {
+                    let mut n = lock(&next_cancel);
+                    *n = n.wrapping_add(1);
+                    let cancel = *n;
+                    let b = bridge.clone();
+                    reply.on_cancel(move || b.push(Event::Cancelled { cancel }));
+                    cancel
+                });
                 bridge.push(Event::Request {
                     service,
                     reply,
                     payload: req.into_payload(),
+                    cancel,
                 });
             })
             .map_err(|e| ffi_error(&e))?;
@@ -371,16 +388,16 @@ impl NativeMesh {
         );
     }
 
-    /// Every event waiting for JS, flattened four slots per event:
-    /// `[kind, id, a, b, ...]` (see `index.js` for the kinds).
+    /// Every event waiting for JS, flattened five slots per event:
+    /// `[kind, id, a, b, c, ...]` (see `index.js` for the kinds).
     #[napi]
     pub fn drain<'e>(&self, env: &'e Env) -> Result<Array<'e>> {
         let mut events = std::mem::take(&mut *lock(&self.scratch));
         self.bridge.take(&mut events);
-        let mut out = env.create_array(u32::try_from(events.len() * 4).unwrap_or(u32::MAX))?;
+        let mut out = env.create_array(u32::try_from(events.len() * STRIDE).unwrap_or(u32::MAX))?;
         let mut replies = lock(&self.replies);
         for (i, ev) in events.drain(..).enumerate() {
-            let at = u32::try_from(i * 4).unwrap_or(u32::MAX);
+            let at = u32::try_from(i * STRIDE).unwrap_or(u32::MAX);
             match ev {
                 Event::Done { id, value } => {
                     out.set(at, DONE)?;
@@ -404,11 +421,19 @@ impl NativeMesh {
                     service,
                     reply,
                     payload,
+                    cancel,
                 } => {
                     out.set(at, REQUEST)?;
                     out.set(at + 1, replies.insert(reply))?;
                     out.set(at + 2, &BufferSlice::copy_from(env, &payload)?)?;
                     out.set(at + 3, service)?;
+                    if let Some(c) = cancel {
+                        out.set(at + 4, c)?;
+                    }
+                }
+                Event::Cancelled { cancel } => {
+                    out.set(at, CANCELLED)?;
+                    out.set(at + 1, cancel)?;
                 }
                 Event::Message { sub, payload } => {
                     out.set(at, MESSAGE)?;

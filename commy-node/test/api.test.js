@@ -89,6 +89,29 @@ test('a handler that throws gives INTERNAL and the service keeps serving', () =>
     assert.equal(n, 4)
   }))
 
+test('a handler that asks for a signal learns when its caller gives up', () =>
+  withMesh(async (mesh) => {
+    let aborted
+    const abortedWith = new Promise((r) => (aborted = r))
+    await mesh.serve('patient', (req, { signal }) => {
+      assert.ok(signal instanceof AbortSignal)
+      assert.equal(signal.aborted, false)
+      return new Promise((_, reject) => {
+        signal.addEventListener('abort', () => {
+          aborted(signal.reason)
+          reject(signal.reason)
+        })
+      })
+    })
+    await rejectsWith(mesh.call('patient', 'x', { timeoutMs: 100 }), 'DEADLINE_EXCEEDED')
+    const reason = await abortedWith
+    assert.ok(reason instanceof CommyError)
+    assert.equal(reason.code, 'CANCELLED')
+    // Handlers that answer are not told anything.
+    await mesh.serve('prompt', async (req, { signal }) => (signal.aborted ? 'aborted' : 'fine'))
+    assert.equal((await mesh.call('prompt', 'x')).toString(), 'fine')
+  }))
+
 test('bad arguments are refused with errors that name them', () =>
   withMesh(async (mesh) => {
     await assert.rejects(mesh.call(42, 'x'), /service name must be a string/)
