@@ -72,7 +72,7 @@ class Child:
             if line.startswith(prefix):
                 return line.strip()
         err = self.proc.stderr.read() if self.proc.poll() is not None and self.proc.stderr else ""
-        raise AssertionError(f"child {self.proc.args} never printed {prefix!r}; stderr: {err}")
+        raise AssertionError(f"child {self.proc.args!r} never printed {prefix!r}; stderr: {err}")
 
     def stop(self, sig: int = 15, timeout: float = LONG) -> int:
         if self.proc.poll() is None:

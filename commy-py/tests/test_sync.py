@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from typing import List
+from typing import Any, List, Type
 
 import pytest
 
@@ -33,7 +33,9 @@ def test_call_and_decorator(mesh: commy.Mesh) -> None:
 
 
 @pytest.mark.parametrize("cls", list(commy.BY_CODE.values()), ids=lambda c: c.code)
-def test_each_status_reaches_the_caller_as_its_class(mesh: commy.Mesh, cls: type) -> None:
+def test_each_status_reaches_the_caller_as_its_class(
+    mesh: commy.Mesh, cls: Type[commy.CommyError]
+) -> None:
     def fail(data: bytes) -> bytes:
         raise cls(f"failed with {cls.code}")
 
@@ -64,7 +66,8 @@ def test_a_handler_exception_is_internal_and_the_service_keeps_serving(
     assert "KeyError" in info.value.message and "no such thing" in info.value.message
     assert mesh.call("flaky", b"after") == b"ok after"
     # A wrong return type is the handler's bug too.
-    mesh.serve("wrong", lambda d: 42)
+    wrong: Any = lambda d: 42
+    mesh.serve("wrong", wrong)
     with pytest.raises(commy.Internal, match="bytes-like"):
         mesh.call("wrong", b"")
     assert "KeyError" in capfd.readouterr().err  # the traceback, on the service's side

@@ -71,6 +71,7 @@ pub(crate) fn steps() -> Vec<Step> {
                     .env("LOOM_MAX_PREEMPTIONS", "3"),
             ],
         },
+        crate::python::step(),
     ]
 }
 
@@ -194,7 +195,7 @@ mod tests {
     fn step_names_are_unique_and_ordered() {
         let all = steps();
         let mut n = names(&all);
-        assert_eq!(n, ["fmt", "clippy", "test", "loom"]);
+        assert_eq!(n, ["fmt", "clippy", "test", "loom", "python"]);
         n.sort_unstable();
         n.dedup();
         assert_eq!(n.len(), all.len());

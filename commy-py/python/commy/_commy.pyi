@@ -2,6 +2,19 @@
 
 from typing import Any, Callable, List, Optional, Tuple, final
 
+__all__ = [
+    "RawQueue",
+    "RawMesh",
+    "RawReply",
+    "RawService",
+    "RawTask",
+    "RawRegion",
+    "RawSubscription",
+    "error_code_names",
+    "_at_exit",
+    "__version__",
+]
+
 __version__: str
 
 def error_code_names() -> List[str]: ...
