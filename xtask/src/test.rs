@@ -214,7 +214,7 @@ mod tests {
         };
         assert_eq!(
             names(&select(steps(), &args).unwrap()),
-            ["fmt", "clippy", "test"]
+            ["fmt", "clippy", "test", "python"]
         );
     }
 
