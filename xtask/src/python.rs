@@ -116,3 +116,59 @@ pub(crate) fn step() -> Step {
         ],
     }
 }
+
+/// The scenarios of `commy-py/bench/rtt.py` (for `cargo xtask bench` filters).
+pub(crate) const BENCH_SCENARIOS: &[&str] = &[
+    "python/commy/64B",
+    "python/pyzmq-ipc/64B",
+    "python/mp-pipe/64B",
+];
+
+/// Runs the Python round-trip benchmark against the release wheel (built
+/// and installed into `target/venv` first) and returns its JSON.
+pub(crate) fn bench(
+    root: &Path,
+    args: &crate::bench::BenchArgs,
+) -> Result<String, crate::bench::BenchError> {
+    let mut needs = PYTHON_NEEDS.to_vec();
+    needs.push("pyzmq>=25");
+    ensure_tools(
+        root,
+        &Needs {
+            python_packages: needs,
+            ..Needs::default()
+        },
+    )?;
+    let py = || Cmd::new(root.join(venv_python()));
+    for cmd in [
+        wheel_cmd(root),
+        py().args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--force-reinstall",
+            "--no-deps",
+            "--no-index",
+            "--find-links",
+            WHEEL_DIR,
+            "commy",
+        ]),
+    ] {
+        println!("xtask bench: $ {}", cmd.display());
+        cmd.run(root)?;
+    }
+    let mut rtt = py().args(["commy-py/bench/rtt.py", "--json"]);
+    if args.quick {
+        rtt = rtt.arg("--quick");
+    }
+    if let Some(runs) = args.runs {
+        rtt = rtt.args(["--runs", &runs.to_string()]);
+    }
+    for f in &args.filters {
+        rtt = rtt.args(["--filter", f]);
+    }
+    println!("xtask bench: $ {}", rtt.display());
+    Ok(rtt.stdout(root)?)
+}
