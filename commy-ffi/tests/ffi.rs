@@ -327,3 +327,29 @@ fn an_interrupt_abandons_a_call() {
     assert!(started.elapsed() < Duration::from_secs(10));
     drop(keep_rx);
 }
+
+#[test]
+fn a_caller_that_drops_its_call_cancels_the_handler() {
+    let mesh = open("dropcall");
+    let (cancelled_tx, cancelled_rx) = mpsc::channel();
+    let cancelled_tx = std::sync::Mutex::new(cancelled_tx);
+    let (keep_tx, keep_rx) = mpsc::channel();
+    let keep_tx = std::sync::Mutex::new(keep_tx);
+    let _svc = mesh
+        .serve("patient", move |_req, reply| {
+            let tx = cancelled_tx.lock().unwrap().clone();
+            reply.on_cancel(move || {
+                let _ = tx.send(());
+            });
+            let _ = keep_tx.lock().unwrap().send(reply);
+        })
+        .unwrap();
+    // The caller gives up long before its (30 s) deadline.
+    let task = spawn_with(mesh.call("patient", Bytes::new(), Some(LONG)), |_| {});
+    let reply = keep_rx.recv_timeout(LONG).unwrap();
+    task.cancel();
+    cancelled_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the handler learned that its caller gave up");
+    assert!(reply.is_cancelled());
+}

@@ -72,6 +72,7 @@ pub(crate) fn steps() -> Vec<Step> {
                     .env("LOOM_MAX_PREEMPTIONS", "3"),
             ],
         },
+        crate::python::step(),
         node_step(),
     ]
 }
@@ -237,7 +238,7 @@ mod tests {
     fn step_names_are_unique_and_ordered() {
         let all = steps();
         let mut n = names(&all);
-        assert_eq!(n, ["fmt", "clippy", "test", "loom", "node"]);
+        assert_eq!(n, ["fmt", "clippy", "test", "loom", "python", "node"]);
         n.sort_unstable();
         n.dedup();
         assert_eq!(n.len(), all.len());
@@ -256,7 +257,7 @@ mod tests {
         };
         assert_eq!(
             names(&select(steps(), &args).unwrap()),
-            ["fmt", "clippy", "test", "node"]
+            ["fmt", "clippy", "test", "python", "node"]
         );
     }
 
@@ -268,7 +269,7 @@ mod tests {
         };
         let msg = select(steps(), &args).unwrap_err().to_string();
         assert!(
-            msg.contains("`lint`") && msg.contains("fmt, clippy, test, loom, node"),
+            msg.contains("`lint`") && msg.contains("fmt, clippy, test, loom, python, node"),
             "{msg}"
         );
     }
