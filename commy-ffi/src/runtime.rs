@@ -209,6 +209,7 @@ where
 {
     let task = Arc::new(Inline {
         slot: Mutex::new(Slot::Idle(Box::pin(fut), done)),
+        runtime: runtime().handle().clone(),
     });
     task.run();
 }
@@ -229,6 +230,9 @@ thread_local! {
 /// marks it for one more poll and never waits for the poller.
 struct Inline<F: Future, D> {
     slot: Mutex<Slot<F, D>>,
+    /// Entered while polling (timers and I/O need it), and where deeper
+    /// wake-ups go.
+    runtime: Handle,
 }
 
 enum Slot<F: Future, D> {
@@ -267,7 +271,7 @@ where
                 }
             }
         };
-        let _context = runtime().enter();
+        let _context = self.runtime.enter();
         let waker = Waker::from(self.clone());
         let mut cx = Context::from_waker(&waker);
         loop {
@@ -298,7 +302,8 @@ where
 {
     fn wake(self: Arc<Self>) {
         if INLINE_DEPTH.with(|d| d.get()) >= MAX_INLINE_DEPTH {
-            runtime().spawn(async move { self.run() });
+            let runtime = self.runtime.clone();
+            runtime.spawn(async move { self.run() });
         } else {
             self.run();
         }
