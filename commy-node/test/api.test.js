@@ -136,16 +136,22 @@ test('a closed mesh refuses work and close is idempotent', async () => {
 
 test('closing waits for requests in progress, and a closed service is gone', () =>
   withMesh(async (mesh) => {
-    let release
+    let release, started
     const gate = new Promise((r) => (release = r))
+    const inHandler = new Promise((r) => (started = r))
     const svc = await mesh.serve('slow', async () => {
+      started()
       await gate
       return 'done'
     })
     assert.equal(svc.name, 'slow')
     const answer = mesh.call('slow', 'x')
-    await new Promise((r) => setTimeout(r, 50))
-    const closing = svc.close()
+    await inHandler
+    let closed = false
+    const closing = svc.close().then(() => (closed = true))
+    // Closing waits for the request in progress.
+    await new Promise((r) => setImmediate(r))
+    assert.equal(closed, false)
     release()
     assert.equal((await answer).toString(), 'done')
     await closing
@@ -191,19 +197,23 @@ test('a queue group gives each message to one member', () =>
     const a = await mesh.subscribe('jobs', { group: 'workers' })
     const b = await mesh.subscribe('jobs', { group: 'workers' })
     assert.equal(a.group, 'workers')
-    for (let i = 0; i < 20; i++) assert.equal(await mesh.publish('jobs', String(i)), 1)
+    const n = 20
+    for (let i = 0; i < n; i++) assert.equal(await mesh.publish('jobs', String(i)), 1)
     const seen = []
-    const drain = async (sub) => {
-      for (;;) {
-        const r = await Promise.race([sub.next(), new Promise((res) => setTimeout(() => res(null), 300))])
-        if (r === null || r.done) return
-        seen.push(Number(r.value.toString()))
+    let all
+    const gotAll = new Promise((r) => (all = r))
+    const read = async (sub) => {
+      for await (const msg of sub) {
+        seen.push(Number(msg.toString()))
+        if (seen.length === n) all()
       }
     }
-    await Promise.all([drain(a), drain(b)])
-    assert.deepEqual(seen.sort((x, y) => x - y), Array.from({ length: 20 }, (_, i) => i))
+    const readers = [read(a), read(b)]
+    await gotAll
     a.close()
     b.close()
+    await Promise.all(readers)
+    assert.deepEqual(seen.sort((x, y) => x - y), Array.from({ length: n }, (_, i) => i))
   }))
 
 test('regions are shared memory with copying read and write', () =>
