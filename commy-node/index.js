@@ -450,10 +450,13 @@ class Mesh {
 const OPEN = Symbol('Mesh.open')
 
 function nativeError(e) {
-  // The addon's synchronous errors carry a status name as their reason's prefix.
+  // The addon's synchronous errors carry a status name as their reason's
+  // prefix; its argument checks throw napi's `InvalidArg`.
   if (e instanceof CommyError || e instanceof TypeError) return e
   const m = /^([A-Z_]+): ([\s\S]*)$/.exec(e?.message ?? '')
-  return m && CODE_SET.has(m[1]) ? new CommyError(m[1], m[2]) : e
+  if (m && CODE_SET.has(m[1])) return new CommyError(m[1], m[2])
+  if (e?.code === 'InvalidArg') return new CommyError('INVALID_ARGUMENT', e.message)
+  return e
 }
 
 /** A service served by this process; `close()` stops serving it. */

@@ -229,6 +229,7 @@ test('regions are shared memory with copying read and write', () =>
     assert.throws(() => mesh.region('scratch', { create: 'create', size: 64 }), (e) => e.code === 'ALREADY_EXISTS')
     assert.throws(() => mesh.region('missing'), (e) => e.code === 'NOT_FOUND')
     assert.throws(() => mesh.region('x', { size: -1 }), /size must be a positive integer/)
+    assert.throws(() => again.read(-1, 2), (e) => e instanceof CommyError && e.code === 'INVALID_ARGUMENT')
     again.close()
     r.close()
     assert.throws(() => r.read(), (e) => e.code === 'FAILED_PRECONDITION')
