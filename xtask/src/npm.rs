@@ -35,6 +35,15 @@ pub(crate) fn build() -> Cmd {
         .cwd(PACKAGE)
 }
 
+/// The same build in the dev profile, for the `node` test step: it reuses
+/// the debug build of the workspace the `test` step made, and generates the
+/// same `binding.js` and `index.d.ts`.
+pub(crate) fn build_debug() -> Cmd {
+    Cmd::new("npm")
+        .args(["run", "--silent", "build:debug"])
+        .cwd(PACKAGE)
+}
+
 /// `cargo xtask npm` failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -77,8 +77,9 @@ pub(crate) fn steps() -> Vec<Step> {
     ]
 }
 
-/// The Node SDK: build the addon (as `cargo xtask npm` does), fail if that
-/// changed the committed generated files, type-check the typings, pack and
+/// The Node SDK: build the addon (as `cargo xtask npm` does, in the dev
+/// profile to reuse the `test` step's build), fail if that changed the
+/// committed generated files, type-check the typings, pack and
 /// install the package in a fresh folder, and run its `node --test` suite
 /// (which uses the commy CLI for interop), and run the Node benchmark
 /// scenarios once, briefly (the harness's own test leaves them out).
@@ -90,7 +91,7 @@ fn node_step() -> Step {
         needs: npm::needs(),
         commands: vec![
             Cmd::cargo().args(["build", "-p", "commy-mesh", "--bin", "commy"]),
-            npm::build(),
+            npm::build_debug(),
             Cmd::new("git")
                 .args(["diff", "--exit-code", "--stat", "--"])
                 .args(npm::GENERATED),
