@@ -160,8 +160,10 @@ export declare class NativeMesh {
   /**
    * Calls service `name` with `payload`; operation `id` answers with the
    * reply. `timeout_ms` overrides the mesh's default timeout (0: none).
+   * `alone`: no other operation of this handle is pending (see
+   * `NativeMesh::spawn` for what it changes).
    */
-  call(id: number, name: string, payload: Buffer, timeoutMs?: number | undefined | null): void
+  call(id: number, name: string, payload: Buffer, timeoutMs?: number | undefined | null, alone?: boolean | undefined | null): void
   /** Sends a one-way message to one instance of `name`. */
   send(id: number, name: string, payload: Buffer): void
   /**

@@ -139,12 +139,18 @@ impl NativeMesh {
     }
 
     /// Runs the future made by `op` and reports its result (as `to_event`
-    /// makes it) for operation `id`. It starts on this (the JS) thread, which
-    /// writes the request at once, and finishes on the thread that delivers
-    /// the answer: no runtime worker has to wake up at either end.
+    /// makes it) for operation `id`.
+    ///
+    /// `inline`: it starts on this (the JS) thread, which writes the request
+    /// at once, and finishes on the thread that delivers the answer, so no
+    /// runtime worker has to wake up at either end: the fastest way for one
+    /// call at a time. Otherwise it runs as a runtime task, which spreads
+    /// many calls in flight over the workers instead of the JS thread and
+    /// the link's one reader.
     fn spawn<F, T>(
         &self,
         id: u32,
+        inline: bool,
         op: impl FnOnce(FfiMesh) -> F,
         to_event: impl FnOnce(T) -> Event + Send + 'static,
     ) where
@@ -154,12 +160,17 @@ impl NativeMesh {
         let bridge = self.bridge.clone();
         match self.mesh() {
             Ok(m) => {
-                run_inline(op(m), move |r| {
+                let done = move |r: std::result::Result<T, FfiError>| {
                     bridge.push(match r {
                         Ok(v) => to_event(v),
                         Err(e) => failed(id, &e),
                     });
-                });
+                };
+                if inline {
+                    run_inline(op(m), done);
+                } else {
+                    spawn_with(op(m), done);
+                }
             }
             Err(e) => bridge.push(failed(id, &e)),
         }
@@ -167,6 +178,8 @@ impl NativeMesh {
 
     /// Calls service `name` with `payload`; operation `id` answers with the
     /// reply. `timeout_ms` overrides the mesh's default timeout (0: none).
+    /// `alone`: no other operation of this handle is pending (see
+    /// `NativeMesh::spawn` for what it changes).
     #[napi]
     pub fn call(
         &self,
@@ -174,6 +187,7 @@ impl NativeMesh {
         name: String,
         payload: BufferSlice,
         timeout_ms: Option<f64>,
+        alone: Option<bool>,
     ) -> Result<()> {
         let timeout = match timeout_ms {
             Some(t) => Some(timeout(t, "timeoutMs")?.unwrap_or(Duration::from_secs(1 << 40))),
@@ -182,6 +196,7 @@ impl NativeMesh {
         let payload = Bytes::copy_from_slice(&payload);
         self.spawn(
             id,
+            alone.unwrap_or(true),
             |m| async move { m.call(&name, payload, timeout).await },
             move |payload| Event::Answer { id, payload },
         );
@@ -194,6 +209,7 @@ impl NativeMesh {
         let payload = Bytes::copy_from_slice(&payload);
         self.spawn(
             id,
+            true,
             |m| async move { m.send(&name, payload).await },
             move |()| Event::Done { id, value: None },
         );
@@ -206,6 +222,7 @@ impl NativeMesh {
         let payload = Bytes::copy_from_slice(&payload);
         self.spawn(
             id,
+            true,
             |m| async move { m.publish(&topic, payload).await },
             move |n| Event::Done {
                 id,
