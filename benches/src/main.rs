@@ -10,6 +10,7 @@
 
 mod floor;
 mod mesh;
+mod node;
 mod peer;
 mod report;
 mod run;

@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use crate::peer::Pinning;
 use crate::scenario::{Kind, Wait, size_label};
-use crate::scenarios::{FLOOR, UDS};
+use crate::scenarios::{FLOOR, NODE_NET, UDS};
 
 /// Version of the JSON layout (xtask checks it).
 pub(crate) const SCHEMA: u32 = 1;
@@ -49,7 +49,8 @@ pub(crate) struct Row {
     /// The statistics.
     #[serde(flatten)]
     pub(crate) stats: Stats,
-    /// Times faster than the UDS baseline of the same kind and size.
+    /// Times faster than the UDS baseline of the same kind and size (for
+    /// `node-*` rows: than the Node `net` echo).
     pub(crate) vs_uds: Option<f64>,
     /// Round trip in multiples of the spin floor's.
     pub(crate) vs_floor: Option<f64>,
@@ -100,7 +101,14 @@ pub(crate) fn compute_ratios(rows: &mut [Row]) {
     let ratios: Vec<(Option<f64>, Option<f64>)> = rows
         .iter()
         .map(|r| {
-            let uds = find(UDS, r.stats.kind(), Some(r.size));
+            // The Node rows compare with the Node `net` echo, the others
+            // with the Rust Unix-socket baseline.
+            let baseline = if r.transport.starts_with("node-") {
+                NODE_NET
+            } else {
+                UDS
+            };
+            let uds = find(baseline, r.stats.kind(), Some(r.size));
             let floor = find(FLOOR, Kind::RoundTrip, None);
             match r.stats {
                 Stats::RoundTrip { p50_ns, .. } => (

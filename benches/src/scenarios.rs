@@ -3,7 +3,7 @@
 //! see [`crate::scenario`]) and a few lines here; see benches/README.md.
 
 use crate::scenario::{Kind, Scenario, Wait};
-use crate::{floor, mesh, shm_link, tls, uds};
+use crate::{floor, mesh, node, shm_link, tls, uds};
 
 /// Transport name of the Unix-socket baseline (ratios "vs UDS").
 pub(crate) const UDS: &str = "uds";
@@ -27,6 +27,11 @@ pub(crate) const RUSTLS: &str = "rustls";
 pub(crate) const NET_TLS: &str = "net-tls";
 /// See [`TCP`].
 pub(crate) const MESH_TLS: &str = "mesh-tls";
+/// Transport name of the Node SDK's calls between two Node processes.
+pub(crate) const NODE_COMMY: &str = "node-commy";
+/// Transport name of the Node `net` Unix-socket echo, the baseline of the
+/// `node-*` rows.
+pub(crate) const NODE_NET: &str = "node-net";
 /// The mesh call sizes: the common small message and a page.
 pub(crate) const MESH_SIZES: [usize; 2] = [64, 4096];
 
@@ -138,6 +143,24 @@ pub(crate) fn scenarios() -> Vec<Scenario> {
         64,
         tls::MESH_PIPELINED,
     ));
+    // The Node SDK between two Node processes, beside a Node `net` echo
+    // measured by the same client code (baseline first).
+    all.push(
+        Scenario::new(NODE_NET, Kind::RoundTrip, 64, node::NET_ROUND_TRIP).wait(Wait::Default),
+    );
+    all.push(
+        Scenario::new(NODE_COMMY, Kind::RoundTrip, 64, node::COMMY_ROUND_TRIP).wait(Wait::Default),
+    );
+    all.push(
+        Scenario::new(NODE_NET, Kind::Throughput, 64, node::NET_THROUGHPUT)
+            .wait(Wait::Default)
+            .batch(node::IN_FLIGHT),
+    );
+    all.push(
+        Scenario::new(NODE_COMMY, Kind::Throughput, 64, node::COMMY_THROUGHPUT)
+            .wait(Wait::Default)
+            .batch(node::IN_FLIGHT),
+    );
 
     all
 }

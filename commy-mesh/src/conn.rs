@@ -365,17 +365,25 @@ impl ClientConn {
                 (id, done_rx)
             }
         };
+        // From here on the caller may give up (drop this future) or time
+        // out: either way the call leaves the pending table and the server
+        // is told to stop working on it.
+        let mut abandon = Abandon {
+            conn: self,
+            id,
+            armed: true,
+        };
         let outcome = match due.absolute() {
             Some(d) => match tokio::time::timeout_at(d.instant().into(), &mut done).await {
                 Ok(r) => r,
                 Err(_) => {
-                    self.take(id);
-                    self.cancel(id);
+                    drop(abandon);
                     return Err(Status::deadline_exceeded("no response before the deadline"));
                 }
             },
             None => done.await,
         };
+        abandon.armed = false;
         outcome.unwrap_or_else(|_| Err(gone_status()))
     }
 
@@ -595,6 +603,23 @@ impl Drop for ClientConn {
         // Lets the reader thread notice that the connection is gone.
         self.alive.store(false, Ordering::Release);
         self.wake_reader();
+    }
+}
+
+/// A call still waiting for its answer: if dropped armed (the caller gave
+/// up), it takes the call out of the pending table and sends Cancel, unless
+/// the answer came meanwhile.
+struct Abandon<'a> {
+    conn: &'a ClientConn,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for Abandon<'_> {
+    fn drop(&mut self) {
+        if self.armed && self.conn.take(self.id).is_some() {
+            self.conn.cancel(self.id);
+        }
     }
 }
 

@@ -1211,6 +1211,25 @@ impl Region {
         Ok(out)
     }
 
+    /// Where the data area starts in the region's file, in bytes (the
+    /// header length: the creator's page size, at least 4096). With
+    /// [`try_clone_fd`](Self::try_clone_fd), a binding maps the file itself
+    /// (e.g. Python's `mmap`) and uses the bytes from this offset on, for
+    /// `len()` bytes.
+    pub fn data_offset(&self) -> usize {
+        self.header_len
+    }
+
+    /// A new descriptor of the region's file (read-write, close-on-exec),
+    /// for mapping the same memory elsewhere without copying. It shares our
+    /// open file description, so it keeps our hold's file lock; the hold
+    /// itself (reference count, TTL) stays with `self`. Accesses through
+    /// such a mapping bypass the writer lock and the seqlock, exactly like
+    /// [`as_raw_slice`](Self::as_raw_slice).
+    pub fn try_clone_fd(&self) -> io::Result<OwnedFd> {
+        self.file.try_clone()
+    }
+
     /// The raw data area (`len()` bytes, aligned to 8), valid while `self`
     /// lives, for zero-copy users such as a Python `memoryview`.
     ///

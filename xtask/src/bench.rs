@@ -34,6 +34,9 @@ pub(crate) enum BenchError {
     /// Building or running the harness failed.
     #[error(transparent)]
     Harness(#[from] CmdError),
+    /// Setting up the Python benchmark failed.
+    #[error(transparent)]
+    PythonTools(#[from] crate::tools::EnsureError),
     /// The harness printed something that is not the expected JSON.
     #[error("commy-bench printed JSON this xtask cannot read: {0}")]
     BadJson(#[from] serde_json::Error),
@@ -51,6 +54,9 @@ pub(crate) enum BenchError {
         /// The filters given.
         filters: Vec<String>,
     },
+    /// Building the Node SDK's addon for the Node scenarios failed.
+    #[error("building the Node addon for the node-* scenarios failed: {0}")]
+    NodeAddon(crate::npm::NpmError),
     /// Writing the report failed.
     #[error("writing {path} failed: {source}")]
     Write {
@@ -70,6 +76,23 @@ pub(crate) struct Report {
     filters: Vec<String>,
     pinning: Option<Pinning>,
     timer_overhead_ns: f64,
+    results: Vec<Row>,
+    /// Whether the Rust harness ran (its method section applies).
+    #[serde(default = "yes")]
+    harness: bool,
+    /// Whether the Python scenarios pinned their processes, if they ran.
+    #[serde(default)]
+    python_pinned: Option<bool>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The Python benchmark's JSON output (`commy-py/bench/rtt.py --json`).
+#[derive(Debug, Deserialize)]
+struct PythonReport {
+    pinned: bool,
     results: Vec<Row>,
 }
 
@@ -111,34 +134,66 @@ enum Stats {
     },
 }
 
-/// Runs the harness and writes (or prints) the report.
+/// The Node scenarios' names (benches/src/scenarios.rs): the addon is built
+/// first when a filter may select one of them.
+const NODE_SCENARIOS: [&str; 4] = [
+    "node-net/rt-default/64B",
+    "node-commy/rt-default/64B",
+    "node-net/tp-default/64B-b1000",
+    "node-commy/tp-default/64B-b1000",
+];
+
+/// Runs the harness (and the Python SDK's benchmark) and writes (or
+/// prints) the report.
+///
+/// A filter that matches a Python scenario's name (`python/...`) selects
+/// Python scenarios only; the others go to the harness.
 pub(crate) fn run(root: &Path, args: &BenchArgs) -> Result<(), BenchError> {
-    let mut harness = Cmd::cargo()
-        .args([
-            "run",
-            "--release",
-            "--package",
-            "commy-benches",
-            "--bin",
-            "commy-bench",
-            "--",
-            "run",
-            "--json",
-        ])
-        .args(args.quick.then_some("--quick"));
-    if let Some(runs) = args.runs {
-        harness = harness.args(["--runs", &runs.to_string()]);
+    let python_name = |f: &String| {
+        crate::python::BENCH_SCENARIOS
+            .iter()
+            .any(|name| name.contains(f.as_str()))
+    };
+    let rust_filters: Vec<String> = args
+        .filters
+        .iter()
+        .filter(|f| !python_name(f))
+        .cloned()
+        .collect();
+    let run_rust = args.filters.is_empty() || !rust_filters.is_empty();
+    let run_python = crate::python::BENCH_SCENARIOS.iter().any(|name| {
+        args.filters.is_empty() || args.filters.iter().any(|f| name.contains(f.as_str()))
+    });
+
+    let run_node = run_rust
+        && (rust_filters.is_empty()
+            || rust_filters
+                .iter()
+                .any(|f| NODE_SCENARIOS.iter().any(|n| n.contains(f.as_str()))));
+    if run_node {
+        crate::npm::run(root).map_err(BenchError::NodeAddon)?;
     }
-    for f in &args.filters {
-        harness = harness.args(["--filter", f]);
-    }
-    println!("xtask bench: $ {}", harness.display());
-    let json = harness.stdout(root)?;
-    let report: Report = serde_json::from_str(&json)?;
-    if report.schema != SCHEMA {
-        return Err(BenchError::Schema {
-            found: report.schema,
-        });
+    let mut report = if run_rust {
+        rust_harness(root, args, &rust_filters)?
+    } else {
+        Report {
+            schema: SCHEMA,
+            quick: args.quick,
+            runs: args.runs.unwrap_or(if args.quick { 3 } else { 5 }),
+            filters: args.filters.clone(),
+            pinning: None,
+            timer_overhead_ns: 0.0,
+            results: Vec::new(),
+            harness: false,
+            python_pinned: None,
+        }
+    };
+    report.filters.clone_from(&args.filters);
+    if run_python {
+        let py = crate::python::bench(root, args)?;
+        let py: PythonReport = serde_json::from_str(&py)?;
+        report.python_pinned = Some(py.pinned);
+        report.results.extend(py.results);
     }
     if report.results.is_empty() {
         return Err(BenchError::NothingRan {
@@ -157,6 +212,38 @@ pub(crate) fn run(root: &Path, args: &BenchArgs) -> Result<(), BenchError> {
     })?;
     println!("xtask bench: wrote {REPORT}");
     Ok(())
+}
+
+/// The Rust harness's report.
+fn rust_harness(root: &Path, args: &BenchArgs, filters: &[String]) -> Result<Report, BenchError> {
+    let mut harness = Cmd::cargo()
+        .args([
+            "run",
+            "--release",
+            "--package",
+            "commy-benches",
+            "--bin",
+            "commy-bench",
+            "--",
+            "run",
+            "--json",
+        ])
+        .args(args.quick.then_some("--quick"));
+    if let Some(runs) = args.runs {
+        harness = harness.args(["--runs", &runs.to_string()]);
+    }
+    for f in filters {
+        harness = harness.args(["--filter", f]);
+    }
+    println!("xtask bench: $ {}", harness.display());
+    let json = harness.stdout(root)?;
+    let report: Report = serde_json::from_str(&json)?;
+    if report.schema != SCHEMA {
+        return Err(BenchError::Schema {
+            found: report.schema,
+        });
+    }
+    Ok(report)
 }
 
 /// `850 ns`, `12.3 µs`, `1.25 ms`.
@@ -230,50 +317,88 @@ pub(crate) fn render(report: &Report, machine: &Machine, date: &str) -> String {
     w(format!("- Kernel: {}\n", machine.kernel));
     w(format!("- Compiler: {}\n\n", machine.rustc));
 
-    w("## How the numbers are taken\n\n".into());
-    w(
-        "Every scenario runs between two processes: the harness re-executes itself as the peer \
-       and hands it the transport's file descriptors over a Unix socket (SCM_RIGHTS). "
-            .into(),
-    );
-    match &report.pinning {
-        Some(p) => {
-            let smt = match p.smt_siblings {
-                Some(true) => " (SMT siblings of one physical core)",
-                Some(false) => " (not SMT siblings, according to sysfs)",
-                None => "",
-            };
-            w(format!(
-                "The measuring process is pinned to CPU {} and the peer to CPU {}{smt}. ",
-                p.parent_cpu, p.child_cpu
-            ));
+    if report.harness {
+        w("## How the numbers are taken\n\n".into());
+        w(
+            "Every scenario runs between two processes: the harness re-executes itself as the peer \
+           and hands it the transport's file descriptors over a Unix socket (SCM_RIGHTS). "
+                .into(),
+        );
+        match &report.pinning {
+            Some(p) => {
+                let smt = match p.smt_siblings {
+                    Some(true) => " (SMT siblings of one physical core)",
+                    Some(false) => " (not SMT siblings, according to sysfs)",
+                    None => "",
+                };
+                w(format!(
+                    "The measuring process is pinned to CPU {} and the peer to CPU {}{smt}. ",
+                    p.parent_cpu, p.child_cpu
+                ));
+            }
+            None => w("The processes were **not pinned** (fewer than two CPUs available). ".into()),
         }
-        None => w("The processes were **not pinned** (fewer than two CPUs available). ".into()),
+        w(format!(
+            "Each scenario is repeated {} times (runs); a table cell is the **median across runs** of \
+             that run's statistic, so one noisy run does not move it.\n\n",
+            report.runs
+        ));
+        w(format!(
+            "- Round trip: the measuring process sends a message, the peer sends one of the same size \
+             back; each iteration is timed with `std::time::Instant` after a warm-up, and p50 / p99 / \
+             p99.9 are taken over all iterations of a run. Reading the clock costs about {:.0} ns \
+             on this machine and is included in every sample.\n",
+            report.timer_overhead_ns
+        ));
+        w(
+            "- Throughput: the measuring process streams messages one way after a warm-up; the clock \
+           stops when the peer acknowledges the last one. GB/s counts payload bytes (10^9 bytes).\n"
+                .into(),
+        );
+        w(
+            "- Ratios are against baselines measured in the same run: *vs UDS* is how many times \
+           faster than the Unix-socket baseline of the same size (higher is better); *× floor* is \
+           the round trip in multiples of the spin floor, two processes ping-ponging on two \
+           shared-memory counters, which is what the hardware allows (lower is better).\n\n"
+                .into(),
+        );
     }
-    w(format!(
-        "Each scenario is repeated {} times (runs); a table cell is the **median across runs** of \
-         that run's statistic, so one noisy run does not move it.\n\n",
-        report.runs
-    ));
-    w(format!(
-        "- Round trip: the measuring process sends a message, the peer sends one of the same size \
-         back; each iteration is timed with `std::time::Instant` after a warm-up, and p50 / p99 / \
-         p99.9 are taken over all iterations of a run. Reading the clock costs about {:.0} ns \
-         on this machine and is included in every sample.\n",
-        report.timer_overhead_ns
-    ));
-    w(
-        "- Throughput: the measuring process streams messages one way after a warm-up; the clock \
-       stops when the peer acknowledges the last one. GB/s counts payload bytes (10^9 bytes).\n"
-            .into(),
-    );
-    w(
-        "- Ratios are against baselines measured in the same run: *vs UDS* is how many times \
-       faster than the Unix-socket baseline of the same size (higher is better); *× floor* is \
-       the round trip in multiples of the spin floor, two processes ping-ponging on two \
-       shared-memory counters, which is what the hardware allows (lower is better).\n\n"
-            .into(),
-    );
+    if let Some(pinned) = report.python_pinned {
+        w("## Python SDK\n\n".into());
+        w(format!(
+            "The `python/*` rows come from `commy-py/bench/rtt.py`, run with the release wheel \
+             installed: a server process echoes, a client process times sequential 64 B round \
+             trips with `time.perf_counter_ns` after a warm-up, both in Python. Through commy \
+             the client calls `mesh.call` and the server is `mesh.serve` with a Python \
+             function; the baselines are pyzmq REQ/REP over `ipc://` and \
+             `multiprocessing.Pipe` (`send_bytes`/`recv_bytes`), measured in the same run. \
+             The processes are {}. Each cell is the median across runs.\n\n",
+            if pinned {
+                "pinned to different CPUs (`--pin`)"
+            } else {
+                "not pinned (the default: on a machine shared with other work, a pinned commy \
+                 link thread that yields its CPU before it sleeps can lose it for a whole \
+                 time slice)"
+            }
+        ));
+    }
+
+    if report
+        .results
+        .iter()
+        .any(|r| r.transport.starts_with("node-"))
+    {
+        w(
+            "- Node rows (`node-*`): two Node.js processes, **not pinned** (the SDK works on its own \
+           threads beside the JavaScript thread), one serving and one measuring with the same client \
+           code for both transports (`commy-node/bench/bench.js`): `node-commy` is `mesh.call` to an \
+           async Node handler, `node-net` a Node `net` Unix-socket echo with the same call semantics \
+           (framed calls with ids, one promise per call). Their throughput rows keep `batch` calls in \
+           flight (each answer starts the next call) and count calls answered per second; their \
+           *vs UDS* column compares with `node-net`, not with the Rust socket baseline.\n\n"
+                .into(),
+        );
+    }
 
     let rt: Vec<_> = report
         .results
@@ -378,6 +503,12 @@ enum Goal {
     MinMsgs { scenario: &'static str, min: f64 },
     /// At least `min` GB/s.
     MinGbps { scenario: &'static str, min: f64 },
+    /// `a`'s messages per second at least `min` times `b`'s.
+    ThroughputRatio {
+        a: &'static str,
+        b: &'static str,
+        min: f64,
+    },
 }
 
 /// The goals of the issues; rows whose scenarios did not run are skipped.
@@ -454,6 +585,30 @@ const GOALS: &[(&str, Goal)] = &[
         },
     ),
     (
+        "Node-to-Node round trip (64 B) vs a Node `net` Unix-socket echo",
+        Goal::RoundTripRatio {
+            a: "node-commy/rt-default/64B",
+            b: "node-net/rt-default/64B",
+            max: 1.0,
+        },
+    ),
+    (
+        "Node-to-Node calls/s with 1000 in flight vs a Node `net` Unix-socket echo",
+        Goal::ThroughputRatio {
+            a: "node-commy/tp-default/64B-b1000",
+            b: "node-net/tp-default/64B-b1000",
+            min: 3.0,
+        },
+    ),
+    (
+        "Python round trip through commy vs pyzmq REQ/REP ipc:// (64 B)",
+        Goal::RoundTripRatio {
+            a: "python/commy/64B",
+            b: "python/pyzmq-ipc/64B",
+            max: 1.0 / 3.0,
+        },
+    ),
+    (
         "shm one-way throughput, 64 B, batched",
         Goal::MinMsgs {
             scenario: "shm/tp-busy/64B-b32",
@@ -496,7 +651,12 @@ fn check_targets(report: &Report) -> Vec<Checked> {
             let (measured, target, met) = match *g {
                 Goal::RoundTripRatio { a, b, max } => {
                     let r = p50(a)? / p50(b)?;
-                    (format!("{r:.2}×"), format!("≤ {max:.1}×"), r <= max)
+                    let target = if max < 1.0 {
+                        format!("≤ {max:.2}×")
+                    } else {
+                        format!("≤ {max:.1}×")
+                    };
+                    (format!("{r:.2}×"), target, r <= max)
                 }
                 Goal::MinMsgs { scenario, min } => {
                     let (m, _) = tp(scenario)?;
@@ -509,6 +669,10 @@ fn check_targets(report: &Report) -> Vec<Checked> {
                 Goal::MinGbps { scenario, min } => {
                     let (_, g) = tp(scenario)?;
                     (format!("{g:.2} GB/s"), format!("≥ {min:.1} GB/s"), g >= min)
+                }
+                Goal::ThroughputRatio { a, b, min } => {
+                    let r = tp(a)?.0 / tp(b)?.0;
+                    (format!("{r:.2}×"), format!("≥ {min:.1}×"), r >= min)
                 }
             };
             Some(Checked {
@@ -547,7 +711,7 @@ mod tests {
         }"#;
         let report: Report = serde_json::from_str(json).unwrap();
         let checked = check_targets(&report);
-        // Goals whose scenarios did not run are left out.
+        // Goals whose scenarios did not run are left out (the Node ones here).
         assert_eq!(checked.len(), 3);
         assert!(!checked[0].met, "2.5x the floor misses the 2x goal");
         assert_eq!(checked[0].measured, "2.50×");
@@ -563,6 +727,53 @@ mod tests {
         };
         let md = render(&report, &machine, "today");
         assert!(md.contains("## Targets") && md.contains("**no**"), "{md}");
+    }
+
+    #[test]
+    fn node_goals_compare_with_the_node_net_echo() {
+        let row = |name: &str, transport: &str, stats: &str| {
+            format!(
+                r#"{{"name": "{name}", "transport": "{transport}", "size": 64, "wait": "default",
+                "iterations": 10, "warmup": 1, "batch": 1000, {stats},
+                "vs_uds": null, "vs_floor": null}}"#
+            )
+        };
+        let rt = |p50: f64| {
+            format!(r#""kind": "round_trip", "p50_ns": {p50}, "p99_ns": 1.0, "p999_ns": 1.0"#)
+        };
+        let tp = |m: f64| format!(r#""kind": "throughput", "msgs_per_s": {m}, "gb_per_s": 0.01"#);
+        let rows = [
+            row("node-net/rt-default/64B", "node-net", &rt(60_000.0)),
+            row("node-commy/rt-default/64B", "node-commy", &rt(45_000.0)),
+            row("node-net/tp-default/64B-b1000", "node-net", &tp(300_000.0)),
+            row(
+                "node-commy/tp-default/64B-b1000",
+                "node-commy",
+                &tp(600_000.0),
+            ),
+        ];
+        let json = format!(
+            r#"{{"schema": 1, "quick": false, "runs": 5, "filters": [], "pinning": null,
+            "timer_overhead_ns": 20.0, "results": [{}]}}"#,
+            rows.join(",")
+        );
+        let report: Report = serde_json::from_str(&json).unwrap();
+        let checked = check_targets(&report);
+        assert_eq!(checked.len(), 2);
+        assert!(checked[0].met, "0.75x the echo meets the 1x goal");
+        assert_eq!(checked[0].measured, "0.75×");
+        assert!(!checked[1].met, "2x the echo misses the 3x goal");
+        assert_eq!(checked[1].measured, "2.00×");
+        let machine = Machine {
+            cpu: "Test CPU".into(),
+            cores: 2,
+            virtualized: false,
+            memory: "1.0 GiB".into(),
+            kernel: "6.1.0".into(),
+            rustc: "rustc 1.95.0".into(),
+        };
+        let md = render(&report, &machine, "today");
+        assert!(md.contains("Node rows (`node-*`)"), "{md}");
     }
 
     const SAMPLE: &str = r#"{

@@ -1,4 +1,4 @@
-//! `cargo xtask`: Commy's automation (`test`, `bench`, `demo`).
+//! `cargo xtask`: Commy's automation (`test`, `bench`, `demo`, `npm`, `wheel`).
 //!
 //! Every command installs what it needs itself, so on a fresh machine the
 //! README's two commands are all it takes. This crate deliberately does not
@@ -9,6 +9,8 @@
 mod bench;
 mod cmd;
 mod machine;
+mod npm;
+mod python;
 mod test;
 mod tools;
 
@@ -23,8 +25,10 @@ usage: cargo xtask <command> [options]
 
 commands:
   demo     build the benchmark harness in release mode and run its two-process demo
-  test     run every check CI runs (fmt, clippy, tests, loom), installing what they need
+  test     run every check CI runs (fmt, clippy, tests, loom, python, node), installing what they need
   bench    run the end-to-end benchmarks and rewrite docs/BENCHMARKS.md
+  npm      build the Node SDK's native addon into commy-node/ (npm package @commy/node)
+  wheel    build the Python package's wheel (maturin) into target/wheels/
   help     show this message (`cargo xtask <command> --help` for a command)
 ";
 
@@ -56,6 +60,14 @@ options:
   -h, --help    show this message
 ";
 
+const NPM_USAGE: &str = "\
+usage: cargo xtask npm
+
+Installs the Node package's build tools (npm ci in commy-node/) and builds its
+native addon in release mode with napi-rs: commy-node/commy.<platform>.node,
+and the generated binding.js and index.d.ts (both committed).
+";
+
 const DEMO_USAGE: &str = "\
 usage: cargo xtask demo
 
@@ -65,6 +77,14 @@ available, and the round-trip latency and throughput are printed as a table.
 ";
 
 /// A command-line error: message for stderr.
+const WHEEL_USAGE: &str = "\
+usage: cargo xtask wheel
+
+Builds the abi3 wheel of the `commy` Python package (commy-py) with maturin,
+in release mode with its own target dir (target/maturin), into target/wheels/.
+Maturin is installed into the venv target/venv first if missing.
+";
+
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct UsageError(String);
@@ -193,6 +213,40 @@ fn main() -> ExitCode {
             }
         },
         "demo" => demo(rest),
+        "npm" => {
+            if rest.iter().any(|a| is_help(a)) {
+                print!("{NPM_USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            if let Some(other) = rest.first() {
+                eprintln!("xtask npm: unexpected argument `{other}`\n\n{NPM_USAGE}");
+                return ExitCode::from(2);
+            }
+            match npm::run(&root) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("xtask npm: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        "wheel" => {
+            if rest.iter().any(|a| is_help(a)) {
+                print!("{WHEEL_USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            if let Some(other) = rest.first() {
+                eprintln!("xtask wheel: unexpected argument `{other}`\n\n{WHEEL_USAGE}");
+                return ExitCode::from(2);
+            }
+            match python::wheel(&root) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("xtask wheel: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         c if c == "help" || is_help(c) => {
             print!("{USAGE}");
             ExitCode::SUCCESS

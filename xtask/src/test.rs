@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::cmd::Cmd;
+use crate::npm;
 use crate::tools::{Needs, ensure_tools};
 
 /// One named check.
@@ -75,7 +76,51 @@ pub(crate) fn steps() -> Vec<Step> {
                     .env("LOOM_MAX_PREEMPTIONS", "3"),
             ],
         },
+        crate::python::step(),
+        node_step(),
     ]
+}
+
+/// The Node SDK: build the addon (as `cargo xtask npm` does, in the dev
+/// profile to reuse the `test` step's build), fail if that changed the
+/// committed generated files, type-check the typings, pack and
+/// install the package in a fresh folder, and run its `node --test` suite
+/// (which uses the commy CLI for interop), and run the Node benchmark
+/// scenarios once, briefly (the harness's own test leaves them out).
+fn node_step() -> Step {
+    let node = |args: &[&str]| Cmd::new("node").args(args).cwd(npm::PACKAGE);
+    Step {
+        name: "node",
+        about: "Node SDK: addon build, generated files unchanged, tsc, npm pack + install, node --test",
+        needs: npm::needs(),
+        commands: vec![
+            Cmd::cargo().args(["build", "-p", "commy-mesh", "--bin", "commy"]),
+            npm::build_debug(),
+            Cmd::new("git")
+                .args(["diff", "--exit-code", "--stat", "--"])
+                .args(npm::GENERATED),
+            node(&["node_modules/typescript/bin/tsc", "-p", "tsconfig.json"]),
+            node(&["support/pack-check.js"]),
+            node(&["--test", "test/"]).env("COMMY_CLI", "../target/debug/commy"),
+            // The Node benchmark scenarios, briefly: the pipeline works.
+            Cmd::cargo().args([
+                "run",
+                "-q",
+                "-p",
+                "commy-benches",
+                "--bin",
+                "commy-bench",
+                "--",
+                "run",
+                "--runs",
+                "1",
+                "--iterations",
+                "300",
+                "--filter",
+                "node-",
+            ]),
+        ],
+    }
 }
 
 /// Options of `cargo xtask test`.
@@ -198,7 +243,7 @@ mod tests {
     fn step_names_are_unique_and_ordered() {
         let all = steps();
         let mut n = names(&all);
-        assert_eq!(n, ["fmt", "clippy", "test", "loom"]);
+        assert_eq!(n, ["fmt", "clippy", "test", "loom", "python", "node"]);
         n.sort_unstable();
         n.dedup();
         assert_eq!(n.len(), all.len());
@@ -217,7 +262,7 @@ mod tests {
         };
         assert_eq!(
             names(&select(steps(), &args).unwrap()),
-            ["fmt", "clippy", "test"]
+            ["fmt", "clippy", "test", "python", "node"]
         );
     }
 
@@ -229,7 +274,7 @@ mod tests {
         };
         let msg = select(steps(), &args).unwrap_err().to_string();
         assert!(
-            msg.contains("`lint`") && msg.contains("fmt, clippy, test, loom"),
+            msg.contains("`lint`") && msg.contains("fmt, clippy, test, loom, python, node"),
             "{msg}"
         );
     }

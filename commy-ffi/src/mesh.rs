@@ -1,0 +1,445 @@
+//! The mesh handle bindings hold, and how their handlers answer.
+//!
+//! [`FfiMesh`] wraps a [`commy_mesh::Mesh`] with an API shaped for
+//! bindings: owned arguments, futures that are `Send + 'static` (to hand to
+//! [`block_on`](crate::block_on) or [`spawn_with`](crate::spawn_with)),
+//! errors as [`FfiError`]. Handlers are plain callbacks that get the request
+//! and a [`Reply`], which they answer at once or later, from any thread.
+//!
+//! ```
+//! use bytes::Bytes;
+//! use commy_ffi::{FfiMesh, MeshOptions, block_on};
+//! use std::time::Duration;
+//!
+//! # let dir = std::env::temp_dir().join(format!("commy-ffi-doc-{}", std::process::id()));
+//! # std::fs::create_dir_all(&dir)?;
+//! # std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+//! let mut options = MeshOptions::default();
+//! options.runtime_dir = Some(dir.clone());
+//! let mesh = FfiMesh::open(options)?;
+//!
+//! // A handler answering at once ...
+//! let _echo = mesh.serve("echo", |req, reply| {
+//!     reply.ok(req.payload().clone());
+//! })?;
+//! // ... and one answering later, from another thread.
+//! let _slow = mesh.serve("slow", |req, reply| {
+//!     std::thread::spawn(move || {
+//!         std::thread::sleep(Duration::from_millis(5));
+//!         reply.ok(Bytes::from(format!("late {}", req.payload().len())));
+//!     });
+//! })?;
+//!
+//! let no_interrupt = || Ok::<(), ()>(());
+//! let hi = block_on(mesh.call("echo", Bytes::from_static(b"hi"), None), no_interrupt).unwrap()?;
+//! assert_eq!(&hi[..], b"hi");
+//! let late = block_on(mesh.call("slow", Bytes::from_static(b"abc"), None), no_interrupt).unwrap()?;
+//! assert_eq!(&late[..], b"late 3");
+//!
+//! let missing = block_on(mesh.call("nobody", Bytes::new(), None), no_interrupt).unwrap().unwrap_err();
+//! assert_eq!(missing.code_name(), "NOT_FOUND");
+//! block_on(mesh.close(), no_interrupt).unwrap();
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use commy_mesh::{CallOptions, Deadline, Mesh, Request, Response, ServiceHandle, Status};
+use tokio::sync::oneshot;
+
+use crate::error::FfiError;
+use crate::region::{FfiRegion, RegionOptions};
+use crate::runtime::block_on;
+use crate::subscription::FfiSubscription;
+
+/// Settings of [`FfiMesh::open`]; `MeshOptions::default()` is the embedded
+/// default (mesh `default`, the usual runtime dir, 30 s call timeout).
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct MeshOptions {
+    /// The mesh's name (`default` if `None`).
+    pub mesh: Option<String>,
+    /// The runtime dir (`$COMMY_RUNTIME_DIR`, `$XDG_RUNTIME_DIR/commy` or
+    /// `/tmp/commy-<uid>` if `None`).
+    pub runtime_dir: Option<PathBuf>,
+    /// Timeout of calls that set none (30 s if `None`).
+    pub default_timeout: Option<Duration>,
+    /// How long a caller polls the link for its answer before it sleeps
+    /// (50 µs if `None`). Polling is what makes a quick call fast, but it
+    /// occupies the calling thread: a binding that runs many calls at once
+    /// on the shared runtime (asyncio, Node) wants it short or zero.
+    pub call_spin: Option<Duration>,
+    /// Handlers of one service that may be waiting at once (1024 if `None`).
+    pub max_concurrency: Option<usize>,
+}
+
+/// A handle on the mesh. Cheap to clone; clones share links.
+#[derive(Debug, Clone)]
+pub struct FfiMesh {
+    mesh: Mesh,
+}
+
+fn no_check() -> Result<(), std::convert::Infallible> {
+    Ok(())
+}
+
+/// Runs a future that does not wait on anything remote (opening, binding a
+/// socket) to completion on this thread.
+fn quick<T>(fut: impl Future<Output = T>) -> T {
+    match block_on(fut, no_check) {
+        Ok(v) => v,
+        Err(never) => match never {},
+    }
+}
+
+impl FfiMesh {
+    /// Opens the mesh (from any thread; the runtime starts on first use).
+    pub fn open(options: MeshOptions) -> Result<FfiMesh, FfiError> {
+        let mut builder = Mesh::builder();
+        if let Some(name) = &options.mesh {
+            builder = builder.mesh(name);
+        }
+        if let Some(dir) = &options.runtime_dir {
+            builder = builder.runtime_dir(dir);
+        }
+        if let Some(t) = options.default_timeout {
+            builder = builder.default_timeout(Some(t));
+        }
+        if let Some(spin) = options.call_spin {
+            builder = builder.call_spin(spin);
+        }
+        if let Some(n) = options.max_concurrency {
+            builder = builder.max_concurrency(n);
+        }
+        let mesh = quick(builder.open()).map_err(|e| match e {
+            commy_mesh::OpenError::Config(m) => FfiError::invalid_argument(m),
+            other => FfiError::new(commy_mesh::Code::Unavailable, other.to_string()),
+        })?;
+        Ok(FfiMesh { mesh })
+    }
+
+    /// The mesh's name.
+    pub fn name(&self) -> String {
+        self.mesh.name().to_string()
+    }
+
+    /// The wrapped mesh, for Rust code living beside a binding.
+    pub fn mesh(&self) -> &Mesh {
+        &self.mesh
+    }
+
+    /// Calls `service` with `payload`; `timeout` overrides the mesh's default.
+    pub fn call(
+        &self,
+        service: &str,
+        payload: Bytes,
+        timeout: Option<Duration>,
+    ) -> impl Future<Output = Result<Bytes, FfiError>> + Send + 'static {
+        let mesh = self.mesh.clone();
+        let service = service.to_owned();
+        async move {
+            let mut options = CallOptions::default();
+            options.timeout = timeout;
+            mesh.call_with(&service, payload, options)
+                .await
+                .map(Response::into_payload)
+                .map_err(FfiError::from)
+        }
+    }
+
+    /// Sends a one-way message to one instance of `service`.
+    pub fn send(
+        &self,
+        service: &str,
+        payload: Bytes,
+    ) -> impl Future<Output = Result<(), FfiError>> + Send + 'static {
+        let mesh = self.mesh.clone();
+        let service = service.to_owned();
+        async move { mesh.send(&service, payload).await.map_err(FfiError::from) }
+    }
+
+    /// Publishes `payload` on `topic`; resolves to the number of deliveries.
+    pub fn publish(
+        &self,
+        topic: &str,
+        payload: Bytes,
+    ) -> impl Future<Output = Result<usize, FfiError>> + Send + 'static {
+        let mesh = self.mesh.clone();
+        let topic = topic.to_owned();
+        async move { mesh.publish(&topic, payload).await.map_err(FfiError::from) }
+    }
+
+    /// Serves `service`: `handler` is called for each request (on the link's
+    /// thread, with the runtime's context entered) and answers through the
+    /// [`Reply`], at once or later from any thread. A handler that answers
+    /// before returning is answered from that thread with no hand-off.
+    /// Serving lasts until the returned [`FfiService`] is dropped or closed,
+    /// or the mesh is closed.
+    pub fn serve<H>(&self, service: &str, handler: H) -> Result<FfiService, FfiError>
+    where
+        H: Fn(FfiRequest, Reply) + Send + Sync + 'static,
+    {
+        let serving = self.mesh.serve(service, move |req: Request| {
+            let (reply, answer) = Reply::pair();
+            let state = Arc::downgrade(&reply.state);
+            // Made before the future's first poll, so that dropping an
+            // unpolled future cancels too.
+            let cancel = CancelOnDrop(state);
+            handler(FfiRequest::new(req), reply);
+            async move {
+                let result = match answer.await {
+                    Ok(r) => r,
+                    Err(_) => Err(Status::internal(
+                        "the service's handler finished without answering",
+                    )),
+                };
+                cancel.answered();
+                result.map(Response::new)
+            }
+        });
+        let handle = quick(serving)?;
+        Ok(FfiService {
+            name: handle.service().to_string(),
+            instance: handle.instance_id().to_string(),
+            handle: Mutex::new(Some(handle)),
+        })
+    }
+
+    /// Subscribes to `topic`, as a member of queue `group` if given (each
+    /// message then goes to one member of the group).
+    pub fn subscribe(&self, topic: &str, group: Option<&str>) -> Result<FfiSubscription, FfiError> {
+        let sub = quick(self.mesh.subscribe_with(
+            topic,
+            group,
+            commy_mesh::SubscribeOptions::default(),
+        ))?;
+        Ok(FfiSubscription::new(sub))
+    }
+
+    /// Opens (or creates, per `options`) the mesh's region `name`.
+    pub fn region(&self, name: &str, options: RegionOptions) -> Result<FfiRegion, FfiError> {
+        FfiRegion::open(self.mesh.region(name), name, options)
+    }
+
+    /// Closes the handle: stops serving (waiting for handlers in progress)
+    /// and drops links. Later operations fail with `FAILED_PRECONDITION`.
+    pub fn close(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mesh = self.mesh.clone();
+        async move { mesh.close().await }
+    }
+}
+
+/// A request as a handler sees it.
+#[derive(Debug, Clone)]
+pub struct FfiRequest {
+    service: String,
+    payload: Bytes,
+    deadline: Option<Deadline>,
+}
+
+impl FfiRequest {
+    fn new(req: Request) -> FfiRequest {
+        FfiRequest {
+            service: req.service().to_string(),
+            deadline: req.deadline(),
+            payload: req.into_payload(),
+        }
+    }
+
+    /// The service the request was addressed to.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// The request body.
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
+    /// Takes the body.
+    pub fn into_payload(self) -> Bytes {
+        self.payload
+    }
+
+    /// How long the caller still waits, if it set a deadline.
+    pub fn time_remaining(&self) -> Option<Duration> {
+        self.deadline.map(Deadline::remaining)
+    }
+}
+
+type CancelHook = Box<dyn FnOnce() + Send>;
+
+#[derive(Default)]
+struct ReplySlot {
+    answer: Option<oneshot::Sender<Result<Bytes, Status>>>,
+    cancelled: bool,
+    hooks: Vec<CancelHook>,
+}
+
+struct ReplyState {
+    slot: Mutex<ReplySlot>,
+}
+
+impl ReplyState {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReplySlot> {
+        match self.slot.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+}
+
+/// How a handler answers its request: once, now or later, from any thread.
+/// Clones answer the same request (the first answer wins). If every clone
+/// is dropped unanswered, the caller gets `INTERNAL`.
+#[derive(Clone)]
+pub struct Reply {
+    state: Arc<ReplyState>,
+}
+
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let slot = self.state.lock();
+        f.debug_struct("Reply")
+            .field("answered", &slot.answer.is_none())
+            .field("cancelled", &slot.cancelled)
+            .finish()
+    }
+}
+
+impl Reply {
+    fn pair() -> (Reply, oneshot::Receiver<Result<Bytes, Status>>) {
+        let (tx, rx) = oneshot::channel();
+        let state = Arc::new(ReplyState {
+            slot: Mutex::new(ReplySlot {
+                answer: Some(tx),
+                ..ReplySlot::default()
+            }),
+        });
+        (Reply { state }, rx)
+    }
+
+    fn answer(&self, result: Result<Bytes, Status>) -> bool {
+        let tx = self.state.lock().answer.take();
+        match tx {
+            Some(tx) => tx.send(result).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Answers with `payload`. Returns whether the answer was taken: false
+    /// if the request was answered already or the caller gave up.
+    pub fn ok(&self, payload: Bytes) -> bool {
+        self.answer(Ok(payload))
+    }
+
+    /// Answers with an error status (see [`ok`](Reply::ok) for the result).
+    pub fn error(&self, error: FfiError) -> bool {
+        self.answer(Err(error.into()))
+    }
+
+    /// Whether an answer was given (or the request was cancelled).
+    pub fn is_answered(&self) -> bool {
+        self.state.lock().answer.is_none()
+    }
+
+    /// Whether the caller gave up (deadline passed, cancelled, link gone)
+    /// before an answer.
+    pub fn is_cancelled(&self) -> bool {
+        self.state.lock().cancelled
+    }
+
+    /// Calls `hook` once if the caller gives up before an answer (on a
+    /// runtime or link thread); at once if it already has. Not called once
+    /// the request is answered.
+    pub fn on_cancel(&self, hook: impl FnOnce() + Send + 'static) {
+        let mut slot = self.state.lock();
+        if slot.cancelled {
+            drop(slot);
+            hook();
+        } else if slot.answer.is_some() {
+            slot.hooks.push(Box::new(hook));
+        }
+    }
+}
+
+/// Lives in the handler's future: the mesh drops that future when the
+/// caller gives up, which cancels the reply and runs its hooks.
+struct CancelOnDrop(Weak<ReplyState>);
+
+impl CancelOnDrop {
+    fn answered(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        let Some(state) = self.0.upgrade() else {
+            return;
+        };
+        let hooks = {
+            let mut slot = state.lock();
+            if slot.answer.take().is_none() {
+                return;
+            }
+            slot.cancelled = true;
+            std::mem::take(&mut slot.hooks)
+        };
+        for hook in hooks {
+            hook();
+        }
+    }
+}
+
+/// A service being served. Dropping it stops serving (new calls go to other
+/// instances; handlers in progress finish).
+#[derive(Debug)]
+pub struct FfiService {
+    name: String,
+    instance: String,
+    handle: Mutex<Option<ServiceHandle>>,
+}
+
+impl FfiService {
+    /// The service name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The instance id announced for it.
+    pub fn instance_id(&self) -> &str {
+        &self.instance
+    }
+
+    /// Whether it still serves (not stopped or closed).
+    pub fn is_serving(&self) -> bool {
+        self.take_lock().is_some()
+    }
+
+    fn take_lock(&self) -> std::sync::MutexGuard<'_, Option<ServiceHandle>> {
+        match self.handle.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Stops serving at once; handlers in progress finish on their own.
+    pub fn stop(&self) {
+        self.take_lock().take();
+    }
+
+    /// Stops serving and resolves once handlers in progress have finished.
+    pub fn close(&self) -> impl Future<Output = ()> + Send + 'static {
+        let handle = self.take_lock().take();
+        async move {
+            if let Some(h) = handle {
+                h.shutdown().await;
+            }
+        }
+    }
+}

@@ -1,0 +1,355 @@
+//! commy-ffi against real meshes: handlers answering late or never, the
+//! caller giving up, subscriptions closed while waiting, regions through a
+//! duplicated descriptor, and the bridges under load.
+
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use commy_ffi::{FfiError, FfiMesh, MeshOptions, OpenPolicy, RegionOptions, block_on, spawn_with};
+
+const LONG: Duration = Duration::from_secs(30);
+
+fn runtime_dir(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("commy-ffi-it-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    dir
+}
+
+fn open(test: &str) -> FfiMesh {
+    let mut options = MeshOptions::default();
+    options.runtime_dir = Some(runtime_dir(test));
+    FfiMesh::open(options).unwrap()
+}
+
+fn wait<T>(fut: impl std::future::Future<Output = T>) -> T {
+    block_on(fut, || Ok::<(), ()>(())).unwrap()
+}
+
+#[test]
+fn a_reply_can_come_later_from_another_thread_and_only_once() {
+    let mesh = open("late");
+    let (stash_tx, stash_rx) = mpsc::channel();
+    let stash_tx = std::sync::Mutex::new(stash_tx);
+    let _svc = mesh
+        .serve("later", move |req, reply| {
+            let _ = stash_tx.lock().unwrap().send((req, reply));
+        })
+        .unwrap();
+    let answerer = std::thread::spawn(move || {
+        let (req, reply) = stash_rx.recv_timeout(LONG).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!reply.is_answered());
+        let first = reply.ok(Bytes::from(format!("got {}", req.payload().len())));
+        let second = reply.clone().ok(Bytes::from_static(b"again"));
+        (first, second, reply.is_answered())
+    });
+    let got = wait(mesh.call("later", Bytes::from_static(b"four"), Some(LONG))).unwrap();
+    assert_eq!(&got[..], b"got 4");
+    assert_eq!(answerer.join().unwrap(), (true, false, true));
+}
+
+#[test]
+fn errors_keep_their_code_and_an_unanswered_reply_is_internal() {
+    let mesh = open("errors");
+    let _denied = mesh
+        .serve("denied", |_req, reply| {
+            reply.error(FfiError::from_code_name("PERMISSION_DENIED", "not yours"));
+        })
+        .unwrap();
+    let _dropped = mesh.serve("dropped", |_req, _reply| {}).unwrap();
+    let e = wait(mesh.call("denied", Bytes::new(), Some(LONG))).unwrap_err();
+    assert_eq!(
+        (e.code_name(), e.message()),
+        ("PERMISSION_DENIED", "not yours")
+    );
+    let e = wait(mesh.call("dropped", Bytes::new(), Some(LONG))).unwrap_err();
+    assert_eq!(e.code_name(), "INTERNAL");
+    assert!(e.message().contains("without answering"), "{e}");
+
+    let e = wait(mesh.call("bad name!", Bytes::new(), None)).unwrap_err();
+    assert_eq!(e.code_name(), "INVALID_ARGUMENT");
+    assert!(e.message().contains("bad name!"), "{e}");
+    let e = wait(mesh.call("nobody", Bytes::new(), None)).unwrap_err();
+    assert_eq!(e.code_name(), "NOT_FOUND");
+
+    wait(mesh.close());
+    let e = wait(mesh.call("denied", Bytes::new(), None)).unwrap_err();
+    assert_eq!(e.code_name(), "FAILED_PRECONDITION");
+    assert!(mesh.serve("again", |_r, _p| {}).is_err());
+}
+
+#[test]
+fn the_cancel_hook_runs_when_the_caller_gives_up() {
+    let mesh = open("cancel");
+    let (cancelled_tx, cancelled_rx) = mpsc::channel();
+    let cancelled_tx = std::sync::Mutex::new(cancelled_tx);
+    let (keep_tx, keep_rx) = mpsc::channel();
+    let keep_tx = std::sync::Mutex::new(keep_tx);
+    let _svc = mesh
+        .serve("never", move |_req, reply| {
+            let tx = cancelled_tx.lock().unwrap().clone();
+            reply.on_cancel(move || {
+                let _ = tx.send(Instant::now());
+            });
+            // Keep the reply alive, unanswered.
+            let _ = keep_tx.lock().unwrap().send(reply);
+        })
+        .unwrap();
+    let started = Instant::now();
+    let e = wait(mesh.call("never", Bytes::new(), Some(Duration::from_millis(100)))).unwrap_err();
+    assert_eq!(e.code_name(), "DEADLINE_EXCEEDED");
+    assert!(started.elapsed() >= Duration::from_millis(100));
+    let at = cancelled_rx
+        .recv_timeout(LONG)
+        .expect("the cancel hook ran");
+    assert!(at >= started);
+    let reply = keep_rx.recv_timeout(LONG).unwrap();
+    assert!(reply.is_cancelled());
+    assert!(!reply.ok(Bytes::from_static(b"too late")));
+    // A hook added after the cancellation runs at once.
+    let (ran_tx, ran_rx) = mpsc::channel();
+    reply.on_cancel(move || {
+        let _ = ran_tx.send(());
+    });
+    assert_eq!(ran_rx.try_recv(), Ok(()));
+}
+
+#[test]
+fn a_handler_can_block_on_another_call() {
+    let mesh = open("nested");
+    let _inner = mesh
+        .serve("inner", |req, reply| {
+            let mut v = req.payload().to_vec();
+            v.reverse();
+            reply.ok(v.into());
+        })
+        .unwrap();
+    let m = mesh.clone();
+    // Runs on the link thread, which has entered the runtime's context.
+    let _outer = mesh
+        .serve("outer", move |req, reply| {
+            match wait(m.call("inner", req.into_payload(), Some(LONG))) {
+                Ok(b) => reply.ok(b),
+                Err(e) => reply.error(e),
+            };
+        })
+        .unwrap();
+    let got = wait(mesh.call("outer", Bytes::from_static(b"abc"), Some(LONG))).unwrap();
+    assert_eq!(&got[..], b"cba");
+}
+
+#[test]
+fn thousands_of_calls_in_flight_through_spawn_with() {
+    let mut options = MeshOptions::default();
+    options.runtime_dir = Some(runtime_dir("many"));
+    options.call_spin = Some(Duration::ZERO);
+    let mesh = FfiMesh::open(options).unwrap();
+    let _svc = mesh
+        .serve("echo", |req, reply| {
+            reply.ok(req.into_payload());
+        })
+        .unwrap();
+    let n = 2000;
+    let (tx, rx) = mpsc::channel();
+    for i in 0..n {
+        let tx = tx.clone();
+        let payload = Bytes::from(format!("call {i}"));
+        spawn_with(mesh.call("echo", payload, Some(LONG)), move |r| {
+            let _ = tx.send((i, r));
+        });
+    }
+    drop(tx);
+    let mut seen = vec![false; n];
+    for (i, r) in rx.iter() {
+        assert_eq!(r.unwrap(), Bytes::from(format!("call {i}")));
+        seen[i] = true;
+    }
+    assert!(seen.iter().all(|s| *s));
+}
+
+#[test]
+fn one_way_messages_reach_the_handler() {
+    let mesh = open("oneway");
+    let (tx, rx) = mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let _svc = mesh
+        .serve("sink", move |req, _reply| {
+            let _ = tx.lock().unwrap().send(req.into_payload());
+        })
+        .unwrap();
+    wait(mesh.send("sink", Bytes::from_static(b"fire"))).unwrap();
+    assert_eq!(&rx.recv_timeout(LONG).unwrap()[..], b"fire");
+}
+
+#[test]
+fn closing_a_subscription_ends_a_waiting_next() {
+    let mesh = open("subclose");
+    let sub = mesh.subscribe("news", None).unwrap();
+    let waiting = sub.clone();
+    let waiter = std::thread::spawn(move || wait(waiting.next()));
+    std::thread::sleep(Duration::from_millis(50));
+    sub.close();
+    assert!(waiter.join().unwrap().is_none());
+    assert!(sub.is_closed());
+    // Publishers stop seeing it.
+    let deadline = Instant::now() + LONG;
+    while wait(mesh.publish("news", Bytes::from_static(b"x"))).unwrap() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the closed subscription is still seen"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn queue_groups_deliver_each_message_once() {
+    let mesh = open("groups");
+    let a = mesh.subscribe("jobs", Some("workers")).unwrap();
+    let b = mesh.subscribe("jobs", Some("workers")).unwrap();
+    let all = mesh.subscribe("jobs", None).unwrap();
+    assert_eq!(a.group(), Some("workers"));
+    // Wait until the publisher sees both the group and the plain subscriber.
+    let deadline = Instant::now() + LONG;
+    while wait(mesh.publish("jobs", Bytes::from_static(b"probe"))).unwrap() < 2 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let n = 20;
+    for i in 0..n {
+        assert_eq!(
+            wait(mesh.publish("jobs", Bytes::from(format!("job {i}")))).unwrap(),
+            2
+        );
+    }
+    // The plain subscriber sees every message (probes first).
+    let mut plain = Vec::new();
+    while plain.len() < n {
+        let m = wait(all.next()).unwrap();
+        if m.payload() != &b"probe"[..] {
+            plain.push(m.into_payload());
+        }
+    }
+    assert_eq!(plain[n - 1], Bytes::from(format!("job {}", n - 1)));
+    // The group's members share them: n jobs in all, each once.
+    let mut jobs = Vec::new();
+    let collect = |s: &commy_ffi::FfiSubscription, jobs: &mut Vec<Bytes>| {
+        while let Some(m) = block_on(
+            async {
+                tokio::time::timeout(Duration::from_millis(300), s.next())
+                    .await
+                    .ok()
+                    .flatten()
+            },
+            || Ok::<(), ()>(()),
+        )
+        .unwrap()
+        {
+            if m.payload() != &b"probe"[..] {
+                jobs.push(m.into_payload());
+            }
+        }
+    };
+    collect(&a, &mut jobs);
+    collect(&b, &mut jobs);
+    jobs.sort();
+    jobs.dedup();
+    assert_eq!(jobs.len(), n);
+}
+
+#[test]
+fn a_region_is_reachable_through_its_descriptor() {
+    let mesh = open("region");
+    let mut create = RegionOptions::default();
+    create.size = Some(10_000);
+    create.policy = Some(OpenPolicy::Create);
+    let region = mesh.region("shared-state", create.clone()).unwrap();
+    assert_eq!(region.len(), 10_000);
+    assert!(region.data_offset() >= 4096);
+    let e = mesh.region("shared-state", create).unwrap_err();
+    assert_eq!(e.code_name(), "ALREADY_EXISTS");
+
+    // The descriptor's file at data_offset is the live data.
+    let file = std::fs::File::from(region.dup_fd().unwrap());
+    region.write_at(100, b"written by write_at").unwrap();
+    let mut buf = [0u8; 19];
+    file.read_exact_at(&mut buf, (region.data_offset() + 100) as u64)
+        .unwrap();
+    assert_eq!(&buf, b"written by write_at");
+    file.write_all_at(b"through the fd", (region.data_offset() + 5000) as u64)
+        .unwrap();
+    assert_eq!(region.read_at(5000, 14).unwrap(), b"through the fd");
+
+    // Another holder, by name, sees the same bytes.
+    let other = mesh
+        .region("shared-state", RegionOptions::default())
+        .unwrap();
+    assert_eq!(other.read_at(5000, 14).unwrap(), b"through the fd");
+    assert_eq!(other.refcount(), 2);
+
+    let e = region.read_at(9_990, 20).unwrap_err();
+    assert_eq!(e.code_name(), "INVALID_ARGUMENT");
+    let mut wrong = RegionOptions::default();
+    wrong.size = Some(5);
+    wrong.policy = Some(OpenPolicy::Open);
+    let e = mesh.region("shared-state", wrong).unwrap_err();
+    assert_eq!(e.code_name(), "FAILED_PRECONDITION");
+    let e = mesh
+        .region("bad/name", RegionOptions::default())
+        .unwrap_err();
+    assert_eq!(e.code_name(), "INVALID_ARGUMENT");
+}
+
+#[test]
+fn an_interrupt_abandons_a_call() {
+    let mesh = open("interrupt");
+    let (keep_tx, keep_rx) = mpsc::channel();
+    let keep_tx = std::sync::Mutex::new(keep_tx);
+    let _svc = mesh
+        .serve("stuck", move |_req, reply| {
+            let _ = keep_tx.lock().unwrap().send(reply);
+        })
+        .unwrap();
+    let started = Instant::now();
+    let r = block_on(mesh.call("stuck", Bytes::new(), Some(LONG)), || {
+        if started.elapsed() > Duration::from_millis(200) {
+            Err("interrupted")
+        } else {
+            Ok(())
+        }
+    });
+    assert_eq!(r.unwrap_err(), "interrupted");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    drop(keep_rx);
+}
+
+#[test]
+fn a_caller_that_drops_its_call_cancels_the_handler() {
+    let mesh = open("dropcall");
+    let (cancelled_tx, cancelled_rx) = mpsc::channel();
+    let cancelled_tx = std::sync::Mutex::new(cancelled_tx);
+    let (keep_tx, keep_rx) = mpsc::channel();
+    let keep_tx = std::sync::Mutex::new(keep_tx);
+    let _svc = mesh
+        .serve("patient", move |_req, reply| {
+            let tx = cancelled_tx.lock().unwrap().clone();
+            reply.on_cancel(move || {
+                let _ = tx.send(());
+            });
+            let _ = keep_tx.lock().unwrap().send(reply);
+        })
+        .unwrap();
+    // The caller gives up long before its (30 s) deadline.
+    let task = spawn_with(mesh.call("patient", Bytes::new(), Some(LONG)), |_| {});
+    let reply = keep_rx.recv_timeout(LONG).unwrap();
+    task.cancel();
+    cancelled_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the handler learned that its caller gave up");
+    assert!(reply.is_cancelled());
+}

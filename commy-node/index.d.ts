@@ -1,0 +1,248 @@
+// Types of @commy/node. The public API (Mesh and the classes it returns) is
+// declared here by hand; the native layer under it (NativeMesh,
+// NativeRegion) is appended by napi-rs from the Rust source. Regenerate
+// with `cargo xtask npm`; the test run fails if index.d.ts is stale.
+
+/** A status name, as set on `CommyError.code`. */
+export type Code =
+  | 'CANCELLED'
+  | 'INVALID_ARGUMENT'
+  | 'DEADLINE_EXCEEDED'
+  | 'NOT_FOUND'
+  | 'ALREADY_EXISTS'
+  | 'PERMISSION_DENIED'
+  | 'RESOURCE_EXHAUSTED'
+  | 'FAILED_PRECONDITION'
+  | 'ABORTED'
+  | 'INTERNAL'
+  | 'UNAVAILABLE'
+  | 'UNAUTHENTICATED'
+
+/** Every status name `CommyError.code` can take. */
+export declare const codes: readonly Code[]
+
+/** An error from the mesh; `code` names the status. */
+export declare class CommyError extends Error {
+  constructor(code: Code, message: string)
+  readonly name: 'CommyError'
+  readonly code: Code
+}
+
+/** What a payload may be given as (strings are sent as UTF-8). */
+export type Payload = Buffer | Uint8Array | ArrayBuffer | string
+
+/** Options of `Mesh.open`. */
+export interface MeshOptions {
+  /** The mesh to join (`'default'` unless set). */
+  mesh?: string
+  /** Where the mesh's sockets live (`$COMMY_RUNTIME_DIR`, `$XDG_RUNTIME_DIR/commy` or `/tmp/commy-<uid>` unless set). */
+  runtimeDir?: string
+  /** Timeout of calls that set none, in milliseconds (30 000 unless set; 0 waits forever). */
+  defaultTimeoutMs?: number
+  /** Requests one service instance handles at once (1024 unless set). */
+  maxConcurrency?: number
+}
+
+/** Options of `mesh.call`. */
+export interface CallOptions {
+  /** Give up after this many milliseconds (`DEADLINE_EXCEEDED`); 0 waits forever. */
+  timeoutMs?: number
+}
+
+/** Options of `mesh.subscribe`. */
+export interface SubscribeOptions {
+  /** Join this queue group: each message goes to one member of the group. */
+  group?: string
+}
+
+/** Options of `mesh.region`. */
+export interface RegionOptions {
+  /** Size of the data area in bytes: required to create, checked when opening. */
+  size?: number
+  /** `'openOrCreate'` (the default with a size), `'create'` or `'open'` (the default without). */
+  create?: 'open' | 'create' | 'openOrCreate'
+}
+
+/** What a handler that declares a second parameter gets with each request. */
+export interface HandlerContext {
+  /** Fires (with a `CANCELLED` CommyError as its reason) if the caller gives up before the answer. */
+  signal: AbortSignal
+}
+
+/**
+ * A service handler: gets the request body, returns (or resolves to) the
+ * reply. Declaring the second parameter asks for a cancellation signal.
+ */
+export type Handler = (request: Buffer, context: HandlerContext) => Payload | void | Promise<Payload | void>
+
+/** A handle on the mesh. */
+export declare class Mesh {
+  private constructor()
+  /** Opens a mesh handle. */
+  static open(options?: MeshOptions): Promise<Mesh>
+  /** Calls service `name`; resolves to the reply. */
+  call(name: string, payload: Payload, options?: CallOptions): Promise<Buffer>
+  /** Sends a one-way message to one instance of service `name`. */
+  send(name: string, payload: Payload): Promise<void>
+  /** Publishes on `topic`; resolves to the number of deliveries. */
+  publish(topic: string, payload: Payload): Promise<number>
+  /**
+   * Serves `name` with `handler`. A handler that throws answers `INTERNAL`
+   * (or the status named by the thrown error's `code`); the service keeps serving.
+   */
+  serve(name: string, handler: Handler): Promise<Service>
+  /** Subscribes to `topic`: an async iterable of message payloads. */
+  subscribe(topic: string, options?: SubscribeOptions): Promise<Subscription>
+  /** Opens (or creates) the shared region `name` of this mesh. */
+  region(name: string, options?: RegionOptions): Region
+  /** Stops serving (after requests in progress are answered), ends subscriptions, drops links. */
+  close(): Promise<void>
+}
+
+/** A service this process serves. */
+export declare class Service {
+  private constructor()
+  /** The service name. */
+  readonly name: string
+  /** Stops serving; resolves once requests in progress are answered. */
+  close(): Promise<void>
+}
+
+/** A subscription: `for await (const msg of sub)` yields each message's payload. */
+export declare class Subscription implements AsyncIterableIterator<Buffer> {
+  private constructor()
+  /** The topic. */
+  readonly topic: string
+  /** The queue group, if any. */
+  readonly group: string | undefined
+  next(): Promise<IteratorResult<Buffer, undefined>>
+  return(): Promise<IteratorResult<Buffer, undefined>>
+  /** Ends the subscription; a waiting `next()` resolves with `done: true`. */
+  close(): void
+  [Symbol.asyncIterator](): Subscription
+}
+
+/**
+ * A named shared-memory region. `read` and `write` copy, under the region's
+ * consistency protocol: a read never sees half of a concurrent write.
+ */
+export declare class Region {
+  private constructor()
+  /** The region's name. */
+  readonly name: string
+  /** The size of its data area in bytes. */
+  readonly size: number
+  /** A copy of `length` bytes at `offset` (default: from `offset` to the end). */
+  read(offset?: number, length?: number): Buffer
+  /** Writes `data` at `offset` (default 0). */
+  write(data: Payload, offset?: number): void
+  /** Lets go of the region (removed when its last holder lets go, unless it has a TTL). */
+  close(): void
+}
+
+// ---- The native layer (generated by napi-rs from commy-node/src) ----
+
+/**
+ * Which binding artifact the generated loader actually loaded: `'native'` for
+ * a native addon, otherwise the `platformArchABI` of the WASI flavor. Every
+ * flavor napi-rs can build is listed, because `NAPI_RS_NATIVE_LIBRARY_PATH`
+ * can point the loader at a WASI artifact this package does not build itself.
+ */
+export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-wasip1'
+
+/** One mesh handle, as the JS layer drives it. */
+export declare class NativeMesh {
+  /**
+   * Opens a mesh handle; `on_wake` is called (on the JS thread, with no
+   * arguments) whenever events are waiting in [`NativeMesh::drain`].
+   */
+  static open(options: NativeOpenOptions | undefined | null, onWake: () => void): NativeMesh
+  /**
+   * Calls service `name` with `payload`; operation `id` answers with the
+   * reply. `timeout_ms` overrides the mesh's default timeout (0: none).
+   * `alone`: no other operation of this handle is pending (see
+   * `NativeMesh::spawn` for what it changes).
+   */
+  call(id: number, name: string, payload: Buffer, timeoutMs?: number | undefined | null, alone?: boolean | undefined | null): void
+  /** Sends a one-way message to one instance of `name`. */
+  send(id: number, name: string, payload: Buffer): void
+  /**
+   * Publishes `payload` on `topic`; operation `id` finishes with the
+   * number of deliveries.
+   */
+  publish(id: number, topic: string, payload: Buffer): void
+  /**
+   * Serves `name` as service number `service` (chosen by the JS layer;
+   * its requests carry it). With `cancellable`, each request also gets a
+   * number that a `Cancelled` event names if its caller gives up first.
+   * Returns once the service is announced.
+   */
+  serve(service: number, name: string, cancellable?: boolean | undefined | null): void
+  /**
+   * Stops serving service `service`; operation `id` finishes when its
+   * requests in progress are answered.
+   */
+  unserve(id: number, service: number): void
+  /** Answers request `token` with `payload`. */
+  reply(token: number, payload: Buffer): void
+  /**
+   * Answers request `token` with an error status (`code` is a status
+   * name such as `"INTERNAL"`; unknown names become `INTERNAL`).
+   */
+  replyError(token: number, code: string, message: string): void
+  /**
+   * Subscribes to `topic` (as a member of queue group `group` if given)
+   * as subscription number `sub` (chosen by the JS layer; its messages
+   * carry it). Returns once the subscription is announced.
+   */
+  subscribe(sub: number, topic: string, group?: string | undefined | null): void
+  /** Lets subscription `sub` deliver `n` more messages. */
+  subCredit(sub: number, n: number): void
+  /** Ends subscription `sub`; an `Ended` event follows. */
+  unsubscribe(sub: number): void
+  /**
+   * Opens the shared region `name` of this mesh: `mode` is `"open"`,
+   * `"create"` or `"openOrCreate"`; `size` is required to create.
+   */
+  region(name: string, size: number | undefined | null, mode: string): NativeRegion
+  /**
+   * Closes the handle: stops serving (waiting for requests in progress),
+   * ends subscriptions, drops links. Operation `id` finishes when done;
+   * nothing reaches JS after it.
+   */
+  close(id: number): void
+  /**
+   * Every event waiting for JS, flattened five slots per event:
+   * `[kind, id, a, b, c, ...]` (see `index.js` for the kinds).
+   */
+  drain(): unknown[]
+}
+
+/** A shared region opened through [`NativeMesh::region`]. */
+export declare class NativeRegion {
+  /** The region's name. */
+  get name(): string
+  /** The size of the data area in bytes (0 once closed). */
+  get size(): number
+  /** A consistent copy of `len` bytes at `offset`. */
+  read(offset: number, len: number): Buffer
+  /** Writes `data` at `offset` (readers never see half of it). */
+  write(data: Buffer, offset: number): void
+  /** Lets go of the region. */
+  close(): void
+}
+
+/** Options of `NativeMesh.open`. */
+export interface NativeOpenOptions {
+  /** The mesh to join (`default` unless set). */
+  mesh?: string
+  /** Where the mesh's sockets live (the default runtime dir unless set). */
+  runtimeDir?: string
+  /**
+   * Timeout of calls that set none, in milliseconds (30 000 unless set;
+   * 0 waits forever).
+   */
+  defaultTimeoutMs?: number
+  /** Requests one service instance handles at once (1024 unless set). */
+  maxConcurrency?: number
+}

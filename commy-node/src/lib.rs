@@ -1,0 +1,24 @@
+//! The Node.js binding of Commy: the native addon of the npm package
+//! `@commy/node`.
+//!
+//! This crate is the native layer only; applications use the package's
+//! Promise API (`index.js`), which drives [`native::NativeMesh`]:
+//!
+//! ```js
+//! const { Mesh } = require('@commy/node')
+//! const mesh = await Mesh.open()
+//! await mesh.serve('echo', async (req) => req)
+//! const reply = await mesh.call('echo', Buffer.from('hi'), { timeoutMs: 1000 })
+//! await mesh.close()
+//! ```
+//!
+//! How answers reach JavaScript without blocking its thread is described in
+//! [`bridge`].
+// `deny`, not `forbid`: napi-derive's generated module registration carries
+// `#[allow(unsafe_code)]`, which `forbid` would reject. No code written here
+// is unsafe.
+#![deny(unsafe_code)]
+
+mod bridge;
+mod native;
+mod slab;

@@ -1,0 +1,545 @@
+//! `NativeMesh` and `NativeRegion`: the native layer under the Promise API
+//! of `index.js`.
+//!
+//! Every method returns at once. An operation that waits (a call, opening a
+//! service, a publish) takes an id chosen by the JS layer and finishes later
+//! with an event carrying that id (see [`crate::bridge`]); the JS layer keeps
+//! one pending promise per id. Nothing here ever blocks the JS thread on the
+//! mesh.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use commy_ffi::{
+    FfiError, FfiMesh, FfiRegion, FfiService, FfiSubscription, MeshOptions, OpenPolicy,
+    RegionOptions, Reply, run_inline, runtime, spawn_with,
+};
+use napi::bindgen_prelude::{Array, BufferSlice, Function};
+use napi::{Env, Result};
+use napi_derive::napi;
+use tokio::sync::Semaphore;
+
+use crate::bridge::{Bridge, Event, lock};
+use crate::slab::Slab;
+
+/// How a handler's answer gets back to the mesh.
+pub(crate) type PendingReply = Reply;
+
+/// Slots per event in [`NativeMesh::drain`]'s array.
+const STRIDE: usize = 5;
+
+/// Event kinds as the JS layer reads them from [`NativeMesh::drain`].
+const DONE: u32 = 0;
+const ANSWER: u32 = 1;
+const FAILED: u32 = 2;
+const REQUEST: u32 = 3;
+const MESSAGE: u32 = 4;
+const ENDED: u32 = 5;
+const CANCELLED: u32 = 6;
+
+/// Messages a subscription may have on their way to JS before the JS side
+/// asks for more (see [`NativeMesh::sub_credit`]).
+const SUB_WINDOW: usize = 256;
+
+fn failed(id: u32, e: &FfiError) -> Event {
+    Event::Failed {
+        id,
+        code: e.code_name(),
+        message: e.message().to_owned(),
+    }
+}
+
+/// A synchronous error as JS sees it: the reason starts with the status
+/// name (`"NOT_FOUND: ..."`), which `index.js` turns into a `CommyError`.
+fn ffi_error(e: &FfiError) -> napi::Error {
+    napi::Error::new(napi::Status::GenericFailure, e.to_string())
+}
+
+fn invalid(message: impl Into<String>) -> napi::Error {
+    napi::Error::new(napi::Status::InvalidArg, message.into())
+}
+
+/// Options of `NativeMesh.open`.
+#[napi(object, js_name = "NativeOpenOptions")]
+#[derive(Default)]
+pub struct OpenOptions {
+    /// The mesh to join (`default` unless set).
+    pub mesh: Option<String>,
+    /// Where the mesh's sockets live (the default runtime dir unless set).
+    pub runtime_dir: Option<String>,
+    /// Timeout of calls that set none, in milliseconds (30 000 unless set;
+    /// 0 waits forever).
+    pub default_timeout_ms: Option<f64>,
+    /// Requests one service instance handles at once (1024 unless set).
+    pub max_concurrency: Option<u32>,
+}
+
+struct Sub {
+    subscription: FfiSubscription,
+    credit: Arc<Semaphore>,
+}
+
+/// One mesh handle, as the JS layer drives it.
+#[napi]
+pub struct NativeMesh {
+    mesh: Mutex<Option<FfiMesh>>,
+    bridge: Arc<Bridge>,
+    /// Requests handed to JS and not answered yet (JS thread only).
+    replies: Mutex<Slab<PendingReply>>,
+    /// Served services by the JS layer's numbers.
+    services: Mutex<HashMap<u32, FfiService>>,
+    /// Subscriptions by the JS layer's numbers.
+    subs: Mutex<HashMap<u32, Sub>>,
+    /// Drained events waiting to be converted (reused between drains).
+    scratch: Mutex<Vec<Event>>,
+}
+
+#[napi]
+impl NativeMesh {
+    /// Opens a mesh handle; `on_wake` is called (on the JS thread, with no
+    /// arguments) whenever events are waiting in [`NativeMesh::drain`].
+    #[napi(factory)]
+    pub fn open(options: Option<OpenOptions>, on_wake: Function<(), ()>) -> Result<Self> {
+        let o = options.unwrap_or_default();
+        let mut options = MeshOptions::default();
+        options.mesh = o.mesh;
+        options.runtime_dir = o.runtime_dir.map(Into::into);
+        if let Some(t) = o.default_timeout_ms {
+            // The mesh's "no default timeout" is a very long one here: JS
+            // callers that want none pass 0.
+            options.default_timeout =
+                Some(timeout(t, "defaultTimeoutMs")?.unwrap_or(Duration::from_secs(1 << 40)));
+        }
+        options.max_concurrency = o.max_concurrency.map(|n| n as usize);
+        // Calls from JS run many at once on the shared runtime: a caller
+        // polling for its answer would hold a worker other calls need.
+        options.call_spin = Some(Duration::ZERO);
+        let wake = on_wake
+            .build_threadsafe_function::<()>()
+            .weak::<true>()
+            .callee_handled::<false>()
+            .build()?;
+        let mesh = FfiMesh::open(options).map_err(|e| ffi_error(&e))?;
+        Ok(NativeMesh {
+            mesh: Mutex::new(Some(mesh)),
+            bridge: Arc::new(Bridge::new(wake)),
+            replies: Mutex::default(),
+            services: Mutex::default(),
+            subs: Mutex::default(),
+            scratch: Mutex::default(),
+        })
+    }
+
+    fn mesh(&self) -> std::result::Result<FfiMesh, FfiError> {
+        lock(&self.mesh).clone().ok_or_else(|| {
+            FfiError::from_code_name("FAILED_PRECONDITION", "the mesh handle is closed")
+        })
+    }
+
+    /// Runs the future made by `op` and reports its result (as `to_event`
+    /// makes it) for operation `id`.
+    ///
+    /// `inline`: it starts on this (the JS) thread, which writes the request
+    /// at once, and finishes on the thread that delivers the answer, so no
+    /// runtime worker has to wake up at either end: the fastest way for one
+    /// call at a time. Otherwise it runs as a runtime task, which spreads
+    /// many calls in flight over the workers instead of the JS thread and
+    /// the link's one reader.
+    fn spawn<F, T>(
+        &self,
+        id: u32,
+        inline: bool,
+        op: impl FnOnce(FfiMesh) -> F,
+        to_event: impl FnOnce(T) -> Event + Send + 'static,
+    ) where
+        F: std::future::Future<Output = std::result::Result<T, FfiError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let bridge = self.bridge.clone();
+        match self.mesh() {
+            Ok(m) => {
+                let done = move |r: std::result::Result<T, FfiError>| {
+                    bridge.push(match r {
+                        Ok(v) => to_event(v),
+                        Err(e) => failed(id, &e),
+                    });
+                };
+                if inline {
+                    run_inline(op(m), done);
+                } else {
+                    spawn_with(op(m), done);
+                }
+            }
+            Err(e) => bridge.push(failed(id, &e)),
+        }
+    }
+
+    /// Calls service `name` with `payload`; operation `id` answers with the
+    /// reply. `timeout_ms` overrides the mesh's default timeout (0: none).
+    /// `alone`: no other operation of this handle is pending (see
+    /// `NativeMesh::spawn` for what it changes).
+    #[napi]
+    pub fn call(
+        &self,
+        id: u32,
+        name: String,
+        payload: BufferSlice,
+        timeout_ms: Option<f64>,
+        alone: Option<bool>,
+    ) -> Result<()> {
+        let timeout = match timeout_ms {
+            Some(t) => Some(timeout(t, "timeoutMs")?.unwrap_or(Duration::from_secs(1 << 40))),
+            None => None,
+        };
+        let payload = Bytes::copy_from_slice(&payload);
+        self.spawn(
+            id,
+            alone.unwrap_or(true),
+            |m| async move { m.call(&name, payload, timeout).await },
+            move |payload| Event::Answer { id, payload },
+        );
+        Ok(())
+    }
+
+    /// Sends a one-way message to one instance of `name`.
+    #[napi]
+    pub fn send(&self, id: u32, name: String, payload: BufferSlice) {
+        let payload = Bytes::copy_from_slice(&payload);
+        self.spawn(
+            id,
+            true,
+            |m| async move { m.send(&name, payload).await },
+            move |()| Event::Done { id, value: None },
+        );
+    }
+
+    /// Publishes `payload` on `topic`; operation `id` finishes with the
+    /// number of deliveries.
+    #[napi]
+    pub fn publish(&self, id: u32, topic: String, payload: BufferSlice) {
+        let payload = Bytes::copy_from_slice(&payload);
+        self.spawn(
+            id,
+            true,
+            |m| async move { m.publish(&topic, payload).await },
+            move |n| Event::Done {
+                id,
+                value: Some(u32::try_from(n).unwrap_or(u32::MAX)),
+            },
+        );
+    }
+
+    /// Serves `name` as service number `service` (chosen by the JS layer;
+    /// its requests carry it). With `cancellable`, each request also gets a
+    /// number that a `Cancelled` event names if its caller gives up first.
+    /// Returns once the service is announced.
+    #[napi]
+    pub fn serve(&self, service: u32, name: String, cancellable: Option<bool>) -> Result<()> {
+        let mesh = self.mesh().map_err(|e| ffi_error(&e))?;
+        let bridge = self.bridge.clone();
+        let cancellable = cancellable.unwrap_or(false);
+        let next_cancel = Mutex::new(0u32);
+        let served = mesh
+            .serve(&name, move |req, reply| {
+                let cancel = cancellable.then(|| {
+                    let mut n = lock(&next_cancel);
+                    *n = n.wrapping_add(1);
+                    let cancel = *n;
+                    let b = bridge.clone();
+                    reply.on_cancel(move || b.push(Event::Cancelled { cancel }));
+                    cancel
+                });
+                bridge.push(Event::Request {
+                    service,
+                    reply,
+                    payload: req.into_payload(),
+                    cancel,
+                });
+            })
+            .map_err(|e| ffi_error(&e))?;
+        lock(&self.services).insert(service, served);
+        Ok(())
+    }
+
+    /// Stops serving service `service`; operation `id` finishes when its
+    /// requests in progress are answered.
+    #[napi]
+    pub fn unserve(&self, id: u32, service: u32) {
+        let served = lock(&self.services).remove(&service);
+        let bridge = self.bridge.clone();
+        spawn_with(
+            async move {
+                if let Some(s) = served {
+                    s.close().await;
+                }
+            },
+            move |()| bridge.push(Event::Done { id, value: None }),
+        );
+    }
+
+    /// Answers request `token` with `payload`.
+    #[napi]
+    pub fn reply(&self, token: u32, payload: BufferSlice) {
+        if let Some(reply) = lock(&self.replies).remove(token) {
+            reply.ok(Bytes::copy_from_slice(&payload));
+        }
+    }
+
+    /// Answers request `token` with an error status (`code` is a status
+    /// name such as `"INTERNAL"`; unknown names become `INTERNAL`).
+    #[napi]
+    pub fn reply_error(&self, token: u32, code: String, message: String) {
+        if let Some(reply) = lock(&self.replies).remove(token) {
+            reply.error(FfiError::from_code_name(&code, message));
+        }
+    }
+
+    /// Subscribes to `topic` (as a member of queue group `group` if given)
+    /// as subscription number `sub` (chosen by the JS layer; its messages
+    /// carry it). Returns once the subscription is announced.
+    #[napi]
+    pub fn subscribe(&self, sub: u32, topic: String, group: Option<String>) -> Result<()> {
+        let mesh = self.mesh().map_err(|e| ffi_error(&e))?;
+        let subscription = mesh
+            .subscribe(&topic, group.as_deref())
+            .map_err(|e| ffi_error(&e))?;
+        let credit = Arc::new(Semaphore::new(SUB_WINDOW));
+        let (c, s, b) = (credit.clone(), subscription.clone(), self.bridge.clone());
+        // Forwards messages while JS has room for them (see `sub_credit`).
+        runtime().spawn(async move {
+            while let Ok(permit) = c.acquire().await {
+                permit.forget();
+                match s.next().await {
+                    Some(msg) => b.push(Event::Message {
+                        sub,
+                        payload: msg.into_payload(),
+                    }),
+                    None => break,
+                }
+            }
+            b.push(Event::Ended { sub });
+        });
+        lock(&self.subs).insert(
+            sub,
+            Sub {
+                subscription,
+                credit,
+            },
+        );
+        Ok(())
+    }
+
+    /// Lets subscription `sub` deliver `n` more messages.
+    #[napi]
+    pub fn sub_credit(&self, sub: u32, n: u32) {
+        if let Some(s) = lock(&self.subs).get(&sub) {
+            s.credit.add_permits(n as usize);
+        }
+    }
+
+    /// Ends subscription `sub`; an `Ended` event follows.
+    #[napi]
+    pub fn unsubscribe(&self, sub: u32) {
+        if let Some(s) = lock(&self.subs).remove(&sub) {
+            s.subscription.close();
+            s.credit.close();
+        }
+    }
+
+    /// Opens the shared region `name` of this mesh: `mode` is `"open"`,
+    /// `"create"` or `"openOrCreate"`; `size` is required to create.
+    #[napi]
+    pub fn region(&self, name: String, size: Option<f64>, mode: String) -> Result<NativeRegion> {
+        let mesh = self.mesh().map_err(|e| ffi_error(&e))?;
+        let mut options = RegionOptions::default();
+        if let Some(size) = size {
+            options.size = Some(index(size, "size")?);
+        }
+        options.policy = Some(match mode.as_str() {
+            "open" => OpenPolicy::Open,
+            "create" => OpenPolicy::Create,
+            "openOrCreate" => OpenPolicy::OpenOrCreate,
+            other => {
+                return Err(invalid(format!(
+                    "region mode must be open, create or openOrCreate, got {other:?}"
+                )));
+            }
+        });
+        let region = mesh.region(&name, options).map_err(|e| ffi_error(&e))?;
+        Ok(NativeRegion {
+            region: Mutex::new(Some(region)),
+            name,
+        })
+    }
+
+    /// Closes the handle: stops serving (waiting for requests in progress),
+    /// ends subscriptions, drops links. Operation `id` finishes when done;
+    /// nothing reaches JS after it.
+    #[napi]
+    pub fn close(&self, id: u32) {
+        let Some(mesh) = lock(&self.mesh).take() else {
+            self.bridge.push(Event::Done { id, value: None });
+            return;
+        };
+        let served: Vec<_> = lock(&self.services).drain().map(|(_, s)| s).collect();
+        for (_, s) in lock(&self.subs).drain() {
+            s.subscription.close();
+            s.credit.close();
+        }
+        // Requests JS has not answered get INTERNAL when their replies drop.
+        drop(lock(&self.replies).drain());
+        let bridge = self.bridge.clone();
+        spawn_with(
+            async move {
+                for s in served {
+                    s.close().await;
+                }
+                mesh.close().await;
+            },
+            move |()| {
+                bridge.push(Event::Done { id, value: None });
+                bridge.shut();
+            },
+        );
+    }
+
+    /// Every event waiting for JS, flattened five slots per event:
+    /// `[kind, id, a, b, c, ...]` (see `index.js` for the kinds).
+    #[napi]
+    pub fn drain<'e>(&self, env: &'e Env) -> Result<Array<'e>> {
+        let mut events = std::mem::take(&mut *lock(&self.scratch));
+        self.bridge.take(&mut events);
+        let mut out = env.create_array(u32::try_from(events.len() * STRIDE).unwrap_or(u32::MAX))?;
+        let mut replies = lock(&self.replies);
+        for (i, ev) in events.drain(..).enumerate() {
+            let at = u32::try_from(i * STRIDE).unwrap_or(u32::MAX);
+            match ev {
+                Event::Done { id, value } => {
+                    out.set(at, DONE)?;
+                    out.set(at + 1, id)?;
+                    if let Some(v) = value {
+                        out.set(at + 2, v)?;
+                    }
+                }
+                Event::Answer { id, payload } => {
+                    out.set(at, ANSWER)?;
+                    out.set(at + 1, id)?;
+                    out.set(at + 2, &BufferSlice::copy_from(env, &payload)?)?;
+                }
+                Event::Failed { id, code, message } => {
+                    out.set(at, FAILED)?;
+                    out.set(at + 1, id)?;
+                    out.set(at + 2, code)?;
+                    out.set(at + 3, message)?;
+                }
+                Event::Request {
+                    service,
+                    reply,
+                    payload,
+                    cancel,
+                } => {
+                    out.set(at, REQUEST)?;
+                    out.set(at + 1, replies.insert(reply))?;
+                    out.set(at + 2, &BufferSlice::copy_from(env, &payload)?)?;
+                    out.set(at + 3, service)?;
+                    if let Some(c) = cancel {
+                        out.set(at + 4, c)?;
+                    }
+                }
+                Event::Cancelled { cancel } => {
+                    out.set(at, CANCELLED)?;
+                    out.set(at + 1, cancel)?;
+                }
+                Event::Message { sub, payload } => {
+                    out.set(at, MESSAGE)?;
+                    out.set(at + 1, sub)?;
+                    out.set(at + 2, &BufferSlice::copy_from(env, &payload)?)?;
+                }
+                Event::Ended { sub } => {
+                    out.set(at, ENDED)?;
+                    out.set(at + 1, sub)?;
+                }
+            }
+        }
+        drop(replies);
+        *lock(&self.scratch) = events;
+        Ok(out)
+    }
+}
+
+/// A shared region opened through [`NativeMesh::region`].
+#[napi]
+pub struct NativeRegion {
+    region: Mutex<Option<FfiRegion>>,
+    name: String,
+}
+
+#[napi]
+impl NativeRegion {
+    /// The region's name.
+    #[napi(getter)]
+    pub fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    /// The size of the data area in bytes (0 once closed).
+    #[napi(getter)]
+    pub fn size(&self) -> f64 {
+        lock(&self.region).as_ref().map_or(0.0, |r| r.len() as f64)
+    }
+
+    /// A consistent copy of `len` bytes at `offset`.
+    #[napi]
+    pub fn read<'e>(&self, env: &'e Env, offset: f64, len: f64) -> Result<BufferSlice<'e>> {
+        let guard = lock(&self.region);
+        let region = guard.as_ref().ok_or_else(closed_region)?;
+        let data = region
+            .read_at(index(offset, "offset")?, index(len, "length")?)
+            .map_err(|e| ffi_error(&e))?;
+        BufferSlice::from_data(env, data)
+    }
+
+    /// Writes `data` at `offset` (readers never see half of it).
+    #[napi]
+    pub fn write(&self, data: BufferSlice, offset: f64) -> Result<()> {
+        let guard = lock(&self.region);
+        let region = guard.as_ref().ok_or_else(closed_region)?;
+        region
+            .write_at(index(offset, "offset")?, &data)
+            .map_err(|e| ffi_error(&e))
+    }
+
+    /// Lets go of the region.
+    #[napi]
+    pub fn close(&self) {
+        lock(&self.region).take();
+    }
+}
+
+fn closed_region() -> napi::Error {
+    ffi_error(&FfiError::from_code_name(
+        "FAILED_PRECONDITION",
+        "the region is closed",
+    ))
+}
+
+/// A JS number used as a byte offset or length.
+fn index(n: f64, what: &str) -> Result<usize> {
+    if n.is_finite() && n >= 0.0 && n.fract() == 0.0 && n <= (1u64 << 53) as f64 {
+        Ok(n as usize)
+    } else {
+        Err(invalid(format!("{what} must be an integer >= 0, got {n}")))
+    }
+}
+
+/// A JS millisecond count as a timeout: 0 means none (wait forever).
+fn timeout(ms: f64, what: &str) -> Result<Option<Duration>> {
+    if !ms.is_finite() || ms < 0.0 {
+        return Err(invalid(format!(
+            "{what} must be a finite number of milliseconds >= 0, got {ms}"
+        )));
+    }
+    Ok((ms > 0.0).then(|| Duration::from_secs_f64(ms / 1000.0)))
+}

@@ -1,0 +1,236 @@
+'use strict'
+// The Promise API in one process: calls, errors, services, pub/sub, regions.
+
+const test = require('node:test')
+const assert = require('node:assert/strict')
+
+const { Mesh, CommyError, codes } = require('..')
+const { runtimeDir } = require('../support/helpers')
+
+async function withMesh(fn) {
+  const mesh = await Mesh.open({ runtimeDir: runtimeDir() })
+  try {
+    await fn(mesh)
+  } finally {
+    await mesh.close()
+  }
+}
+
+async function rejectsWith(promise, code, pattern) {
+  await assert.rejects(promise, (e) => {
+    assert.ok(e instanceof CommyError, `expected a CommyError, got ${e?.stack ?? e}`)
+    assert.ok(e instanceof Error)
+    assert.equal(e.code, code, e.message)
+    if (pattern) assert.match(e.message, pattern)
+    return true
+  })
+}
+
+test('a call reaches a service and its reply comes back as a Buffer', () =>
+  withMesh(async (mesh) => {
+    await mesh.serve('echo', async (req) => req)
+    await mesh.serve('upper', (req) => req.toString().toUpperCase())
+    const reply = await mesh.call('echo', Buffer.from('hi'), { timeoutMs: 1000 })
+    assert.ok(Buffer.isBuffer(reply))
+    assert.equal(reply.toString(), 'hi')
+    assert.equal((await mesh.call('upper', 'abc')).toString(), 'ABC')
+    assert.deepEqual([...(await mesh.call('echo', new Uint8Array([1, 2, 3])))], [1, 2, 3])
+    assert.equal((await mesh.call('echo', Buffer.alloc(0))).length, 0)
+    const big = Buffer.alloc(1 << 20, 7)
+    assert.ok((await mesh.call('echo', big)).equals(big))
+  }))
+
+test('thousands of calls in flight each get their own answer', () =>
+  withMesh(async (mesh) => {
+    await mesh.serve('double', async (req) => Buffer.from(String(Number(req.toString()) * 2)))
+    const n = 5000
+    const replies = await Promise.all(Array.from({ length: n }, (_, i) => mesh.call('double', String(i))))
+    replies.forEach((r, i) => assert.equal(r.toString(), String(i * 2)))
+  }))
+
+test('errors carry the status name as code', () =>
+  withMesh(async (mesh) => {
+    await rejectsWith(mesh.call('nobody', 'x'), 'NOT_FOUND', /nobody/)
+    await mesh.serve('never', () => new Promise(() => {}))
+    await rejectsWith(mesh.call('never', 'x', { timeoutMs: 100 }), 'DEADLINE_EXCEEDED')
+    await mesh.serve('denied', () => {
+      throw new CommyError('PERMISSION_DENIED', 'not you')
+    })
+    await rejectsWith(mesh.call('denied', 'x'), 'PERMISSION_DENIED', /not you/)
+    await mesh.serve('coded', async () => {
+      const e = new Error('try later')
+      e.code = 'UNAVAILABLE'
+      throw e
+    })
+    await rejectsWith(mesh.call('coded', 'x'), 'UNAVAILABLE', /try later/)
+    assert.ok(codes.includes('NOT_FOUND') && codes.includes('DEADLINE_EXCEEDED'))
+  }))
+
+test('a handler that throws gives INTERNAL and the service keeps serving', () =>
+  withMesh(async (mesh) => {
+    let n = 0
+    const quiet = console.error
+    console.error = () => {}
+    try {
+      await mesh.serve('flaky', async (req) => {
+        n++
+        if (req.toString() === 'boom') throw new Error('exploded')
+        if (req.toString() === 'sync') throw new TypeError('thrown at once')
+        if (req.toString() === 'bad') return 42
+        return 'fine'
+      })
+      await rejectsWith(mesh.call('flaky', 'boom'), 'INTERNAL', /exploded/)
+      await rejectsWith(mesh.call('flaky', 'sync'), 'INTERNAL', /thrown at once/)
+      await rejectsWith(mesh.call('flaky', 'bad'), 'INTERNAL', /Buffer/)
+      assert.equal((await mesh.call('flaky', 'ok')).toString(), 'fine')
+    } finally {
+      console.error = quiet
+    }
+    assert.equal(n, 4)
+  }))
+
+test('a handler that asks for a signal learns when its caller gives up', () =>
+  withMesh(async (mesh) => {
+    let aborted
+    const abortedWith = new Promise((r) => (aborted = r))
+    await mesh.serve('patient', (req, { signal }) => {
+      assert.ok(signal instanceof AbortSignal)
+      assert.equal(signal.aborted, false)
+      return new Promise((_, reject) => {
+        signal.addEventListener('abort', () => {
+          aborted(signal.reason)
+          reject(signal.reason)
+        })
+      })
+    })
+    await rejectsWith(mesh.call('patient', 'x', { timeoutMs: 100 }), 'DEADLINE_EXCEEDED')
+    const reason = await abortedWith
+    assert.ok(reason instanceof CommyError)
+    assert.equal(reason.code, 'CANCELLED')
+    // Handlers that answer are not told anything.
+    await mesh.serve('prompt', async (req, { signal }) => (signal.aborted ? 'aborted' : 'fine'))
+    assert.equal((await mesh.call('prompt', 'x')).toString(), 'fine')
+  }))
+
+test('bad arguments are refused with errors that name them', () =>
+  withMesh(async (mesh) => {
+    await assert.rejects(mesh.call(42, 'x'), /service name must be a string/)
+    await assert.rejects(mesh.call('echo', 42), /payload must be a Buffer/)
+    await assert.rejects(mesh.call('echo', 'x', { timeout: 5 }), /unknown option 'timeout'/)
+    await assert.rejects(mesh.call('echo', 'x', { timeoutMs: -1 }), /timeoutMs must be/)
+    await rejectsWith(mesh.call('no spaces allowed', 'x'), 'INVALID_ARGUMENT')
+    await assert.rejects(mesh.serve('echo', 'not a function'), /handler must be a function/)
+    await assert.rejects(Mesh.open({ mesh: 'x', colour: 'blue' }), /unknown option 'colour'/)
+    await assert.rejects(Mesh.open({ runtimeDir: '/proc/definitely/not/here' }), CommyError)
+    await assert.rejects(Mesh.open({ mesh: 'bad name!' }), (e) => e.code === 'INVALID_ARGUMENT')
+  }))
+
+test('a closed mesh refuses work and close is idempotent', async () => {
+  const mesh = await Mesh.open({ runtimeDir: runtimeDir() })
+  await mesh.close()
+  await mesh.close()
+  await rejectsWith(mesh.call('echo', 'x'), 'FAILED_PRECONDITION')
+  await rejectsWith(mesh.serve('echo', (r) => r), 'FAILED_PRECONDITION')
+  await rejectsWith(mesh.publish('t', 'x'), 'FAILED_PRECONDITION')
+})
+
+test('closing waits for requests in progress, and a closed service is gone', () =>
+  withMesh(async (mesh) => {
+    let release, started
+    const gate = new Promise((r) => (release = r))
+    const inHandler = new Promise((r) => (started = r))
+    const svc = await mesh.serve('slow', async () => {
+      started()
+      await gate
+      return 'done'
+    })
+    assert.equal(svc.name, 'slow')
+    const answer = mesh.call('slow', 'x')
+    await inHandler
+    let closed = false
+    const closing = svc.close().then(() => (closed = true))
+    // Closing waits for the request in progress.
+    await new Promise((r) => setImmediate(r))
+    assert.equal(closed, false)
+    release()
+    assert.equal((await answer).toString(), 'done')
+    await closing
+    await rejectsWith(mesh.call('slow', 'x'), 'NOT_FOUND')
+  }))
+
+test('send delivers a one-way message', () =>
+  withMesh(async (mesh) => {
+    let got
+    const arrived = new Promise((r) => (got = r))
+    await mesh.serve('inbox', (req) => got(req.toString()))
+    await mesh.send('inbox', 'note')
+    assert.equal(await arrived, 'note')
+  }))
+
+test('subscriptions are async iterables; close ends a waiting loop', () =>
+  withMesh(async (mesh) => {
+    const sub = await mesh.subscribe('news')
+    assert.equal(sub.topic, 'news')
+    const n = 600 // more than the credit window, so credit must flow back
+    const got = []
+    const reading = (async () => {
+      for await (const msg of sub) {
+        got.push(msg.toString())
+        if (got.length === n) break
+      }
+    })()
+    for (let i = 0; i < n; i++) assert.equal(await mesh.publish('news', `m${i}`), 1)
+    await reading
+    assert.deepEqual(got, Array.from({ length: n }, (_, i) => `m${i}`))
+    // Leaving the loop closed it: nothing more comes out of it.
+    await mesh.publish('news', 'late')
+    assert.deepEqual(await sub.next(), { value: undefined, done: true })
+
+    const sub2 = await mesh.subscribe('quiet')
+    const waiting = sub2.next()
+    sub2.close()
+    assert.deepEqual(await waiting, { value: undefined, done: true })
+  }))
+
+test('a queue group gives each message to one member', () =>
+  withMesh(async (mesh) => {
+    const a = await mesh.subscribe('jobs', { group: 'workers' })
+    const b = await mesh.subscribe('jobs', { group: 'workers' })
+    assert.equal(a.group, 'workers')
+    const n = 20
+    for (let i = 0; i < n; i++) assert.equal(await mesh.publish('jobs', String(i)), 1)
+    const seen = []
+    let all
+    const gotAll = new Promise((r) => (all = r))
+    const read = async (sub) => {
+      for await (const msg of sub) {
+        seen.push(Number(msg.toString()))
+        if (seen.length === n) all()
+      }
+    }
+    const readers = [read(a), read(b)]
+    await gotAll
+    a.close()
+    b.close()
+    await Promise.all(readers)
+    assert.deepEqual(seen.sort((x, y) => x - y), Array.from({ length: n }, (_, i) => i))
+  }))
+
+test('regions are shared memory with copying read and write', () =>
+  withMesh(async (mesh) => {
+    const r = mesh.region('scratch', { size: 64 })
+    assert.equal(r.name, 'scratch')
+    assert.equal(r.size, 64)
+    r.write('hello', 10)
+    const again = mesh.region('scratch', { size: 64 })
+    assert.equal(again.read(10, 5).toString(), 'hello')
+    assert.equal(again.read().length, 64)
+    assert.throws(() => again.read(60, 10), (e) => e instanceof CommyError && e.code === 'INVALID_ARGUMENT')
+    assert.throws(() => mesh.region('scratch', { create: 'create', size: 64 }), (e) => e.code === 'ALREADY_EXISTS')
+    assert.throws(() => mesh.region('missing'), (e) => e.code === 'NOT_FOUND')
+    assert.throws(() => mesh.region('x', { size: -1 }), /size must be a positive integer/)
+    assert.throws(() => again.read(-1, 2), (e) => e instanceof CommyError && e.code === 'INVALID_ARGUMENT')
+    again.close()
+    r.close()
+    assert.throws(() => r.read(), (e) => e.code === 'FAILED_PRECONDITION')
+  }))

@@ -1,0 +1,33 @@
+// Compiled with `tsc --noEmit --strict` by the test step: the committed
+// index.d.ts must type the documented API.
+import { CommyError, Mesh, type Code, codes } from '@commy/node'
+
+async function main(): Promise<void> {
+  const mesh: Mesh = await Mesh.open({ mesh: 'types', defaultTimeoutMs: 1000 })
+  const svc = await mesh.serve('echo', async (req: Buffer) => req)
+  const reply: Buffer = await mesh.call('echo', Buffer.from('hi'), { timeoutMs: 1000 })
+  const n: number = await mesh.publish('t', 'x')
+  await mesh.send('echo', new Uint8Array([1]))
+  const sub = await mesh.subscribe('t', { group: 'g' })
+  for await (const msg of sub) {
+    const b: Buffer = msg
+    void b
+    break
+  }
+  const region = mesh.region('r', { size: 64, create: 'openOrCreate' })
+  region.write('abc', 1)
+  const data: Buffer = region.read(0, 4)
+  region.close()
+  await svc.close()
+  await mesh.close()
+  try {
+    await mesh.call('x', 'y')
+  } catch (e) {
+    if (e instanceof CommyError) {
+      const code: Code = e.code
+      void code
+    }
+  }
+  void reply, n, data, codes
+}
+void main

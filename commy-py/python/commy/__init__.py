@@ -1,0 +1,655 @@
+"""Commy for Python: a mesh of named services on one host, through shared memory.
+
+Blocking::
+
+    import commy
+
+    with commy.Mesh() as mesh:
+        @mesh.service("echo")
+        def echo(data: bytes) -> bytes:
+            return data
+
+        assert mesh.call("echo", b"hi", timeout=1.0) == b"hi"
+
+asyncio::
+
+    async with commy.AsyncMesh() as mesh:
+        @mesh.service("echo")
+        async def echo(data: bytes) -> bytes:
+            return data
+
+        replies = await asyncio.gather(*(mesh.call("echo", b"x") for _ in range(1000)))
+
+Errors are ``commy.CommyError`` subclasses, one per status code
+(``commy.NotFound``, ``commy.Unavailable``, ``commy.DeadlineExceeded``, ...).
+Blocking calls release the GIL while they wait and Ctrl-C interrupts them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import functools
+import inspect
+import mmap
+import os
+import threading
+import weakref
+from typing import (
+    Any,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    NamedTuple,
+    Optional,
+    TypeVar,
+    Union,
+)
+
+from . import _commy
+from ._errors import (
+    BY_CODE,
+    Aborted,
+    AlreadyExists,
+    Cancelled,
+    CommyError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+
+__version__: str = _commy.__version__
+
+__all__ = [
+    "Aborted",
+    "AlreadyExists",
+    "AsyncMesh",
+    "AsyncSubscription",
+    "Cancelled",
+    "CommyError",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "Internal",
+    "InvalidArgument",
+    "Mesh",
+    "Message",
+    "NotFound",
+    "PermissionDenied",
+    "Region",
+    "ResourceExhausted",
+    "Service",
+    "Subscription",
+    "Unauthenticated",
+    "Unavailable",
+    "BY_CODE",
+]
+
+#: What a payload may be: any bytes-like object.
+Buffer = Union[bytes, bytearray, memoryview]
+
+SyncHandler = Callable[[bytes], Buffer]
+AsyncHandler = Callable[[bytes], Awaitable[Buffer]]
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+class Message(NamedTuple):
+    """A published message as a subscriber receives it."""
+
+    topic: str
+    data: bytes
+
+
+class Service:
+    """A service being served; :meth:`stop` or :meth:`close` ends it."""
+
+    def __init__(self, raw: _commy.RawService) -> None:
+        self._raw = raw
+
+    @property
+    def name(self) -> str:
+        """The service name."""
+        return self._raw.name
+
+    @property
+    def instance_id(self) -> str:
+        """The instance id announced for it."""
+        return self._raw.instance_id
+
+    @property
+    def serving(self) -> bool:
+        """Whether it still serves."""
+        return self._raw.serving
+
+    def stop(self) -> None:
+        """Stops serving at once (handlers in progress finish on their own)."""
+        self._raw.stop()
+
+    def close(self) -> None:
+        """Stops serving and waits for handlers in progress."""
+        self._raw.close()
+
+    def __repr__(self) -> str:
+        return f"<commy.Service {self.name!r} instance={self.instance_id} serving={self.serving}>"
+
+
+class Subscription:
+    """Messages of one topic: iterate it, or call :meth:`next`.
+
+    Iteration ends when the subscription is closed (from any thread).
+    """
+
+    def __init__(self, raw: _commy.RawSubscription) -> None:
+        self._raw = raw
+
+    @property
+    def topic(self) -> str:
+        """The topic."""
+        return self._raw.topic
+
+    @property
+    def group(self) -> Optional[str]:
+        """The queue group, if any."""
+        return self._raw.group
+
+    @property
+    def closed(self) -> bool:
+        """Whether it was closed."""
+        return self._raw.closed
+
+    def next(self, timeout: Optional[float] = None) -> Optional[Message]:
+        """The next message, or ``None`` once closed.
+
+        Raises :class:`DeadlineExceeded` if ``timeout`` seconds pass first.
+        """
+        data = self._raw.next(timeout)
+        return None if data is None else Message(self._raw.topic, data)
+
+    def close(self) -> None:
+        """Ends the subscription; a waiting :meth:`next` returns ``None``."""
+        self._raw.close()
+
+    def __iter__(self) -> Iterator[Message]:
+        while True:
+            msg = self.next()
+            if msg is None:
+                return
+            yield msg
+
+    def __enter__(self) -> "Subscription":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Region:
+    """A named shared-memory region of the mesh.
+
+    :attr:`buffer` is a writable ``memoryview`` over the shared memory
+    itself (an ``mmap`` of the region's file): what one process writes,
+    every holder sees, without copies. Such accesses are plain memory
+    accesses; coordinate writers yourself, or use :meth:`read` and
+    :meth:`write`, which go through the region's writer lock and seqlock
+    (consistent snapshots).
+    """
+
+    def __init__(self, raw: _commy.RawRegion) -> None:
+        self._raw = raw
+        fd = raw.dup_fd()
+        try:
+            self._mmap: Optional[mmap.mmap] = mmap.mmap(
+                fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
+            )
+        finally:
+            os.close(fd)
+        start = raw.data_offset
+        self._view: Optional[memoryview] = memoryview(self._mmap)[start : start + raw.size]
+
+    @property
+    def name(self) -> str:
+        """The region's name."""
+        return self._raw.name
+
+    @property
+    def size(self) -> int:
+        """Size of the data in bytes."""
+        return self._raw.size
+
+    @property
+    def refcount(self) -> int:
+        """How many holders have it open."""
+        return self._raw.refcount
+
+    @property
+    def buffer(self) -> memoryview:
+        """A writable view of the shared bytes (no copy)."""
+        if self._view is None:
+            raise FailedPrecondition(f"region {self.name!r} is closed")
+        return self._view
+
+    def read(self, offset: int = 0, length: Optional[int] = None) -> bytes:
+        """A consistent copy of ``length`` bytes at ``offset`` (all by default)."""
+        if length is None:
+            length = self.size - offset
+        return self._raw.read(offset, length)
+
+    def write(self, offset: int, data: Buffer) -> None:
+        """Writes ``data`` at ``offset``; readers see all of it or none."""
+        self._raw.write(offset, data)
+
+    def close(self) -> None:
+        """Unmaps the region (views derived from :attr:`buffer` must be released first)."""
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+        if self._mmap is not None:
+            self._mmap.close()
+            self._mmap = None
+
+    def __enter__(self) -> "Region":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<commy.Region {self.name!r} size={self.size}>"
+
+
+# Meshes still open at exit: their services are stopped before the
+# interpreter goes away, so that no request enters it while it finalizes.
+_open_meshes: "weakref.WeakSet[Union[Mesh, AsyncMesh]]" = weakref.WeakSet()
+
+
+@atexit.register
+def _at_exit() -> None:
+    for mesh in list(_open_meshes):
+        mesh._stop_serving()
+    _commy._at_exit()
+
+
+class _Base:
+    def __init__(
+        self,
+        mesh: Optional[str],
+        runtime_dir: Optional[Union[str, "os.PathLike[str]"]],
+        default_timeout: Optional[float],
+        call_spin: Optional[float],
+        max_concurrency: Optional[int],
+    ) -> None:
+        self._raw = _commy.RawMesh(
+            mesh,
+            None if runtime_dir is None else os.fspath(runtime_dir),
+            default_timeout,
+            call_spin,
+            max_concurrency,
+        )
+        self._services: "list[Service]" = []
+        self._subscriptions: "weakref.WeakSet[Any]" = weakref.WeakSet()
+        self._closed = False
+        self._lock = threading.Lock()
+        _open_meshes.add(self)  # type: ignore[arg-type]
+
+    @property
+    def name(self) -> str:
+        """The mesh's name."""
+        return self._raw.name
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    def region(
+        self,
+        name: str,
+        size: Optional[int] = None,
+        *,
+        create: Optional[bool] = None,
+        ttl: Optional[float] = None,
+    ) -> Region:
+        """Opens the mesh's shared region ``name``.
+
+        With ``size``, it is created if missing (``create=True``: it must
+        not exist; ``create=False``: it must exist, with that size).
+        Without ``size``, it must exist. ``ttl``: seconds it outlives its
+        last holder.
+        """
+        policy = None if create is None else ("create" if create else "open")
+        return Region(self._raw.region(name, size, policy, ttl))
+
+    def _keep(self, raw: _commy.RawService) -> Service:
+        service = Service(raw)
+        with self._lock:
+            self._services.append(service)
+        return service
+
+    def _stop_serving(self) -> None:
+        with self._lock:
+            services, self._services = self._services, []
+        for s in services:
+            s.stop()
+        for sub in list(self._subscriptions):
+            sub.close()
+
+    def _mark_closed(self) -> bool:
+        with self._lock:
+            if self._closed:
+                return False
+            self._closed = True
+        _open_meshes.discard(self)  # type: ignore[arg-type]
+        return True
+
+
+class Mesh(_Base):
+    """A blocking handle on the mesh; use it as a context manager.
+
+    ``mesh``: the mesh's name (``"default"``); ``runtime_dir``: where its
+    sockets live (``$COMMY_RUNTIME_DIR``, ``$XDG_RUNTIME_DIR/commy`` or
+    ``/tmp/commy-<uid>``); ``default_timeout``: seconds for calls that give
+    none (30); ``call_spin``: seconds a caller polls for its answer before it
+    sleeps (50 µs); ``max_concurrency``: handlers of one service waiting at
+    once (1024).
+
+    Handlers run on commy's threads, one link at a time, with the GIL.
+    """
+
+    def __init__(
+        self,
+        mesh: Optional[str] = None,
+        *,
+        runtime_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
+        default_timeout: Optional[float] = None,
+        call_spin: Optional[float] = None,
+        max_concurrency: Optional[int] = None,
+    ) -> None:
+        super().__init__(mesh, runtime_dir, default_timeout, call_spin, max_concurrency)
+        self._closed_event = threading.Event()
+
+    def call(self, service: str, data: Buffer, timeout: Optional[float] = None) -> bytes:
+        """Calls ``service`` with ``data`` and returns its reply.
+
+        ``timeout`` in seconds (the mesh's default if ``None``). Raises a
+        :class:`CommyError` subclass: :class:`NotFound` if nobody serves it,
+        :class:`DeadlineExceeded` after the timeout, the handler's status
+        if it failed.
+        """
+        return self._raw.call(service, data, timeout)
+
+    def send(self, service: str, data: Buffer) -> None:
+        """Sends a one-way message to one instance of ``service``."""
+        self._raw.send(service, data)
+
+    def publish(self, topic: str, data: Buffer) -> int:
+        """Publishes ``data`` on ``topic``; returns how many subscribers got it."""
+        return self._raw.publish(topic, data)
+
+    def serve(self, service: str, handler: SyncHandler) -> Service:
+        """Serves ``service``: ``handler(data) -> bytes`` answers each request.
+
+        A :class:`CommyError` it raises answers with its code; any other
+        exception answers :class:`Internal` (its traceback is printed here)
+        and the service keeps serving.
+        """
+        if inspect.iscoroutinefunction(handler):
+            raise InvalidArgument("Mesh.serve takes a plain function; use AsyncMesh for async handlers")
+        return self._keep(self._raw.serve(service, handler))
+
+    def service(self, service: str) -> Callable[[_F], _F]:
+        """Decorator form of :meth:`serve`."""
+
+        def register(handler: _F) -> _F:
+            self.serve(service, handler)
+            return handler
+
+        return register
+
+    def subscribe(self, topic: str, group: Optional[str] = None) -> Subscription:
+        """Subscribes to ``topic``; with ``group``, as a member of that queue
+        group (each message goes to one member)."""
+        sub = Subscription(self._raw.subscribe(topic, group))
+        self._subscriptions.add(sub)
+        return sub
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Blocks until the mesh is closed (or ``timeout`` passes); returns
+        whether it was closed. Ctrl-C interrupts it: a service's main loop."""
+        return self._closed_event.wait(timeout)
+
+    def close(self) -> None:
+        """Stops serving (waits for handlers in progress), ends subscriptions
+        and drops links. Later operations raise :class:`FailedPrecondition`."""
+        if not self._mark_closed():
+            return
+        for sub in list(self._subscriptions):
+            sub.close()
+        self._raw.close()
+        self._closed_event.set()
+
+    def __enter__(self) -> "Mesh":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<commy.Mesh {self.name!r}{' closed' if self._closed else ''}>"
+
+
+class _LoopBridge:
+    """Where commy's threads hand results and requests to one event loop:
+    a native queue whose descriptor the loop watches."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue = _commy.RawQueue()
+        loop.add_reader(self.queue.fileno(), self._drain)
+
+    def _drain(self) -> None:
+        for event in self.queue.drain():
+            kind = event[0]
+            if kind == 0:
+                fut, value, exc = event[1], event[2], event[3]
+                if fut.done():
+                    continue
+                if exc is not None:
+                    fut.set_exception(exc)
+                else:
+                    fut.set_result(value)
+            elif kind == 1:
+                event[1](event[2], event[3])
+            else:
+                event[1]()
+
+    def run(self, start: Callable[..., _commy.RawTask], *args: Any) -> "asyncio.Future[Any]":
+        """Starts a commy operation whose outcome settles an asyncio future;
+        cancelling the future cancels the operation."""
+        if asyncio.get_running_loop() is not self.loop:
+            raise FailedPrecondition("this AsyncMesh belongs to another event loop")
+        fut: "asyncio.Future[Any]" = self.loop.create_future()
+        task = start(*args, self.queue, fut)
+
+        def cancel_task(f: "asyncio.Future[Any]") -> None:
+            if f.cancelled():
+                task.cancel()
+
+        fut.add_done_callback(cancel_task)
+        return fut
+
+    def close(self) -> None:
+        if not self.loop.is_closed():
+            self.loop.remove_reader(self.queue.fileno())
+
+
+class AsyncSubscription:
+    """Messages of one topic for asyncio: ``async for msg in sub``."""
+
+    def __init__(self, raw: _commy.RawSubscription, bridge: _LoopBridge) -> None:
+        self._raw = raw
+        self._bridge = bridge
+
+    @property
+    def topic(self) -> str:
+        """The topic."""
+        return self._raw.topic
+
+    @property
+    def group(self) -> Optional[str]:
+        """The queue group, if any."""
+        return self._raw.group
+
+    @property
+    def closed(self) -> bool:
+        """Whether it was closed."""
+        return self._raw.closed
+
+    async def next(self) -> Optional[Message]:
+        """The next message, or ``None`` once closed."""
+        data = await self._bridge.run(self._raw.next_async)
+        return None if data is None else Message(self._raw.topic, data)
+
+    def close(self) -> None:
+        """Ends the subscription; a waiting :meth:`next` returns ``None``."""
+        self._raw.close()
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Message]:
+        while True:
+            msg = await self.next()
+            if msg is None:
+                return
+            yield msg
+
+    async def __aenter__(self) -> "AsyncSubscription":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncMesh(_Base):
+    """An asyncio handle on the mesh: ``async with commy.AsyncMesh() as mesh``.
+
+    Takes the options of :class:`Mesh`; ``call_spin`` defaults to 0 here,
+    since many calls share commy's threads. Handlers, plain or ``async``,
+    run on the event loop that opened the mesh.
+    """
+
+    def __init__(
+        self,
+        mesh: Optional[str] = None,
+        *,
+        runtime_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
+        default_timeout: Optional[float] = None,
+        call_spin: Optional[float] = 0.0,
+        max_concurrency: Optional[int] = None,
+    ) -> None:
+        super().__init__(mesh, runtime_dir, default_timeout, call_spin, max_concurrency)
+        self._bridge_: Optional[_LoopBridge] = None
+        self._tasks: "set[asyncio.Task[Any]]" = set()
+
+    @property
+    def _bridge(self) -> _LoopBridge:
+        if self._bridge_ is None:
+            self._bridge_ = _LoopBridge(asyncio.get_running_loop())
+        return self._bridge_
+
+    async def call(self, service: str, data: Buffer, timeout: Optional[float] = None) -> bytes:
+        """Calls ``service`` (see :meth:`Mesh.call`). Cancelling the awaiting
+        task abandons the call."""
+        result: bytes = await self._bridge.run(self._raw.call_async, service, data, timeout)
+        return result
+
+    async def send(self, service: str, data: Buffer) -> None:
+        """Sends a one-way message to one instance of ``service``."""
+        await self._bridge.run(self._raw.send_async, service, data)
+
+    async def publish(self, topic: str, data: Buffer) -> int:
+        """Publishes ``data`` on ``topic``; returns how many subscribers got it."""
+        delivered: int = await self._bridge.run(self._raw.publish_async, topic, data)
+        return delivered
+
+    def serve(self, service: str, handler: Union[AsyncHandler, SyncHandler]) -> Service:
+        """Serves ``service`` with ``handler(data)``, a coroutine function or a
+        plain function, run on this event loop. Errors as in :meth:`Mesh.serve`;
+        a caller that gives up cancels the handler's task."""
+        bridge = self._bridge
+        loop = bridge.loop
+        tasks = self._tasks
+
+        def finish(reply: _commy.RawReply, task: "asyncio.Task[Any]") -> None:
+            tasks.discard(task)
+            if task.cancelled():
+                if not reply.answered:
+                    reply.error("CANCELLED", "the handler's task was cancelled")
+                return
+            exc = task.exception()
+            if exc is not None:
+                reply.fail(exc)
+            else:
+                reply.ok(task.result())
+
+        def dispatch(data: bytes, reply: _commy.RawReply) -> None:
+            try:
+                result = handler(data)
+            except Exception as exc:  # becomes the caller's error
+                reply.fail(exc)
+                return
+            if not inspect.isawaitable(result):
+                reply.ok(result)
+                return
+            task = loop.create_task(_awaited(result))
+            tasks.add(task)
+            task.add_done_callback(functools.partial(finish, reply))
+            reply.on_cancel(task.cancel, bridge.queue)
+
+        return self._keep(self._raw.serve_queued(service, dispatch, bridge.queue))
+
+    def service(self, service: str) -> Callable[[_F], _F]:
+        """Decorator form of :meth:`serve`."""
+
+        def register(handler: _F) -> _F:
+            self.serve(service, handler)
+            return handler
+
+        return register
+
+    def subscribe(self, topic: str, group: Optional[str] = None) -> AsyncSubscription:
+        """Subscribes to ``topic`` (see :meth:`Mesh.subscribe`)."""
+        sub = AsyncSubscription(self._raw.subscribe(topic, group), self._bridge)
+        self._subscriptions.add(sub)
+        return sub
+
+    async def close(self) -> None:
+        """Stops serving (waits for handlers in progress), ends subscriptions
+        and drops links."""
+        if not self._mark_closed():
+            return
+        for sub in list(self._subscriptions):
+            sub.close()
+        bridge = self._bridge
+        await bridge.run(self._raw.close_async)
+        bridge.close()
+
+    async def __aenter__(self) -> "AsyncMesh":
+        self._bridge  # binds the mesh to this loop
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"<commy.AsyncMesh {self.name!r}{' closed' if self._closed else ''}>"
+
+
+async def _awaited(result: Awaitable[Any]) -> Any:
+    return await result

@@ -1,0 +1,390 @@
+//! `RawMesh` and what serving hands out: `RawService`, `RawReply`,
+//! `RawTask`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use commy_ffi::{FfiError, FfiMesh, FfiService, FfiTask, MeshOptions, OpenPolicy, Reply};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use crate::aio::{self, Outcome, RawQueue};
+use crate::convert::{payload, seconds, wait, with_python};
+use crate::errors;
+use crate::region::RawRegion;
+use crate::subscription::RawSubscription;
+
+fn exiting() -> FfiError {
+    FfiError::from_code_name("UNAVAILABLE", "the service's process is exiting")
+}
+
+/// A handle on the mesh (see `commy.Mesh` for the documented API).
+#[pyclass(frozen, module = "commy._commy")]
+pub(crate) struct RawMesh {
+    mesh: FfiMesh,
+}
+
+#[pymethods]
+impl RawMesh {
+    #[new]
+    #[pyo3(signature = (mesh=None, runtime_dir=None, default_timeout=None, call_spin=None, max_concurrency=None))]
+    fn new(
+        py: Python<'_>,
+        mesh: Option<String>,
+        runtime_dir: Option<PathBuf>,
+        default_timeout: Option<f64>,
+        call_spin: Option<f64>,
+        max_concurrency: Option<usize>,
+    ) -> PyResult<RawMesh> {
+        let mut options = MeshOptions::default();
+        options.mesh = mesh;
+        options.runtime_dir = runtime_dir;
+        options.default_timeout = seconds(py, default_timeout, "default_timeout")?;
+        options.call_spin = seconds(py, call_spin, "call_spin")?;
+        if max_concurrency == Some(0) {
+            return Err(errors::to_py(
+                py,
+                &FfiError::invalid_argument("max_concurrency must be at least 1"),
+            ));
+        }
+        options.max_concurrency = max_concurrency;
+        let mesh = py
+            .detach(|| FfiMesh::open(options))
+            .map_err(|e| errors::to_py(py, &e))?;
+        Ok(RawMesh { mesh })
+    }
+
+    /// The mesh's name.
+    #[getter]
+    fn name(&self) -> String {
+        self.mesh.name()
+    }
+
+    /// Calls `service`, blocking (GIL released, Ctrl-C interrupts).
+    #[pyo3(signature = (service, data, timeout=None))]
+    fn call(
+        &self,
+        py: Python<'_>,
+        service: &str,
+        data: &Bound<'_, PyAny>,
+        timeout: Option<f64>,
+    ) -> PyResult<Py<PyBytes>> {
+        let data = payload(data, "data")?;
+        let timeout = seconds(py, timeout, "timeout")?;
+        let reply = wait(py, self.mesh.call(service, data, timeout))?;
+        Ok(PyBytes::new(py, &reply).unbind())
+    }
+
+    /// Sends a one-way message, blocking.
+    fn send(&self, py: Python<'_>, service: &str, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let data = payload(data, "data")?;
+        wait(py, self.mesh.send(service, data))
+    }
+
+    /// Publishes, blocking; returns the number of deliveries.
+    fn publish(&self, py: Python<'_>, topic: &str, data: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let data = payload(data, "data")?;
+        wait(py, self.mesh.publish(topic, data))
+    }
+
+    /// `call` on commy's runtime: its outcome settles the asyncio future
+    /// `fut` through `queue`.
+    #[pyo3(signature = (service, data, timeout, queue, fut))]
+    fn call_async(
+        &self,
+        py: Python<'_>,
+        service: &str,
+        data: &Bound<'_, PyAny>,
+        timeout: Option<f64>,
+        queue: &RawQueue,
+        fut: Py<PyAny>,
+    ) -> PyResult<RawTask> {
+        let data = payload(data, "data")?;
+        let timeout = seconds(py, timeout, "timeout")?;
+        let call = self.mesh.call(service, data, timeout);
+        Ok(RawTask::new(aio::spawn(queue, fut, call, Outcome::Bytes)))
+    }
+
+    /// `send` on commy's runtime (see `call_async`).
+    fn send_async(
+        &self,
+        service: &str,
+        data: &Bound<'_, PyAny>,
+        queue: &RawQueue,
+        fut: Py<PyAny>,
+    ) -> PyResult<RawTask> {
+        let data = payload(data, "data")?;
+        let send = self.mesh.send(service, data);
+        Ok(RawTask::new(aio::spawn(queue, fut, send, |()| {
+            Outcome::Unit
+        })))
+    }
+
+    /// `publish` on commy's runtime (see `call_async`).
+    fn publish_async(
+        &self,
+        topic: &str,
+        data: &Bound<'_, PyAny>,
+        queue: &RawQueue,
+        fut: Py<PyAny>,
+    ) -> PyResult<RawTask> {
+        let data = payload(data, "data")?;
+        let publish = self.mesh.publish(topic, data);
+        Ok(RawTask::new(aio::spawn(
+            queue,
+            fut,
+            publish,
+            Outcome::Count,
+        )))
+    }
+
+    /// Serves `service` with `handler(data: bytes) -> bytes-like`, called on
+    /// the link's thread. A `commy.CommyError` it raises answers with its
+    /// code; any other exception answers INTERNAL (traceback printed here).
+    fn serve(&self, py: Python<'_>, service: &str, handler: Py<PyAny>) -> PyResult<RawService> {
+        let name = service.to_owned();
+        let served = py.detach(|| {
+            self.mesh.serve(service, move |req, reply| {
+                let answered = with_python(|py| {
+                    let arg = PyBytes::new(py, req.payload());
+                    let answer = handler
+                        .call1(py, (arg,))
+                        .and_then(|v| payload(v.bind(py), "the handler's return value"));
+                    match answer {
+                        Ok(b) => reply.ok(b),
+                        Err(e) => reply.error(errors::from_py(py, &e, &name)),
+                    };
+                });
+                if answered.is_none() {
+                    reply.error(exiting());
+                }
+            })
+        });
+        served
+            .map(|service| RawService { service })
+            .map_err(|e| errors::to_py(py, &e))
+    }
+
+    /// Serves `service` for an event loop: each request is queued on
+    /// `queue` for `handler`, which answers through the `RawReply`.
+    fn serve_queued(
+        &self,
+        py: Python<'_>,
+        service: &str,
+        handler: Py<PyAny>,
+        queue: &RawQueue,
+    ) -> PyResult<RawService> {
+        let name: Arc<str> = Arc::from(service);
+        let handler = Arc::new(handler);
+        let queue = queue.queue.clone();
+        let served = py.detach(|| {
+            self.mesh.serve(service, move |req, reply| {
+                aio::request(&queue, &handler, req.into_payload(), reply, &name);
+            })
+        });
+        served
+            .map(|service| RawService { service })
+            .map_err(|e| errors::to_py(py, &e))
+    }
+
+    /// Subscribes to `topic` (as a member of queue `group` if given).
+    #[pyo3(signature = (topic, group=None))]
+    fn subscribe(
+        &self,
+        py: Python<'_>,
+        topic: &str,
+        group: Option<&str>,
+    ) -> PyResult<RawSubscription> {
+        py.detach(|| self.mesh.subscribe(topic, group))
+            .map(RawSubscription::new)
+            .map_err(|e| errors::to_py(py, &e))
+    }
+
+    /// Opens a region: `policy` is "open", "create" or "open_or_create"
+    /// (default: "open_or_create" with a size, else "open"); `ttl` in seconds.
+    #[pyo3(signature = (name, size=None, policy=None, ttl=None))]
+    fn region(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        size: Option<usize>,
+        policy: Option<&str>,
+        ttl: Option<f64>,
+    ) -> PyResult<RawRegion> {
+        let mut options = commy_ffi::RegionOptions::default();
+        options.size = size;
+        options.ttl = seconds(py, ttl, "ttl")?;
+        options.policy = match policy {
+            None => None,
+            Some("open") => Some(OpenPolicy::Open),
+            Some("create") => Some(OpenPolicy::Create),
+            Some("open_or_create") => Some(OpenPolicy::OpenOrCreate),
+            Some(other) => {
+                return Err(errors::to_py(
+                    py,
+                    &FfiError::invalid_argument(format!(
+                        "policy must be 'open', 'create' or 'open_or_create', not {other:?}"
+                    )),
+                ));
+            }
+        };
+        py.detach(|| self.mesh.region(name, options))
+            .map(RawRegion::new)
+            .map_err(|e| errors::to_py(py, &e))
+    }
+
+    /// Closes the handle (stops serving, waits for handlers in progress).
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let closing = self.mesh.close();
+        wait(py, async move {
+            closing.await;
+            Ok(())
+        })
+    }
+
+    /// `close` on commy's runtime (see `call_async`).
+    fn close_async(&self, queue: &RawQueue, fut: Py<PyAny>) -> RawTask {
+        let closing = self.mesh.close();
+        let close = async move {
+            closing.await;
+            Ok(())
+        };
+        RawTask::new(aio::spawn(queue, fut, close, |()| Outcome::Unit))
+    }
+}
+
+/// A service being served.
+#[pyclass(frozen, module = "commy._commy")]
+pub(crate) struct RawService {
+    service: FfiService,
+}
+
+#[pymethods]
+impl RawService {
+    /// The service name.
+    #[getter]
+    fn name(&self) -> &str {
+        self.service.name()
+    }
+
+    /// The instance id announced for it.
+    #[getter]
+    fn instance_id(&self) -> &str {
+        self.service.instance_id()
+    }
+
+    /// Whether it still serves.
+    #[getter]
+    fn serving(&self) -> bool {
+        self.service.is_serving()
+    }
+
+    /// Stops serving at once (handlers in progress finish on their own).
+    fn stop(&self) {
+        self.service.stop();
+    }
+
+    /// Stops serving and waits for handlers in progress.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let closing = self.service.close();
+        wait(py, async move {
+            closing.await;
+            Ok(())
+        })
+    }
+}
+
+/// How a `serve_reply` callback answers: once, now or later, any thread.
+#[pyclass(frozen, module = "commy._commy")]
+pub(crate) struct RawReply {
+    reply: Reply,
+    service: String,
+}
+
+impl RawReply {
+    pub(crate) fn new(reply: Reply, service: String) -> RawReply {
+        RawReply { reply, service }
+    }
+}
+
+#[pymethods]
+impl RawReply {
+    /// Answers with `data`; False if already answered or the caller gave up.
+    fn ok(&self, data: &Bound<'_, PyAny>) -> PyResult<bool> {
+        match payload(data, "the handler's return value") {
+            Ok(b) => Ok(self.reply.ok(b)),
+            Err(e) => Ok(self
+                .reply
+                .error(errors::from_py(data.py(), &e, &self.service))),
+        }
+    }
+
+    /// Answers with the status code named `code` and `message`.
+    fn error(&self, code: &str, message: &str) -> bool {
+        self.reply.error(FfiError::from_code_name(code, message))
+    }
+
+    /// Answers with the status of exception `exc` (a `commy.CommyError`
+    /// keeps its code; anything else is INTERNAL, traceback printed).
+    fn fail(&self, py: Python<'_>, exc: &Bound<'_, PyAny>) -> bool {
+        let err = PyErr::from_value(exc.clone());
+        self.reply.error(errors::from_py(py, &err, &self.service))
+    }
+
+    /// Whether it was answered (or cancelled).
+    #[getter]
+    fn answered(&self) -> bool {
+        self.reply.is_answered()
+    }
+
+    /// Whether the caller gave up before an answer.
+    #[getter]
+    fn cancelled(&self) -> bool {
+        self.reply.is_cancelled()
+    }
+
+    /// Calls `callback()` if the caller gives up first: queued on `queue`
+    /// (run by its event loop) if given, else on a commy thread.
+    #[pyo3(signature = (callback, queue=None))]
+    fn on_cancel(&self, callback: Py<PyAny>, queue: Option<&RawQueue>) {
+        match queue {
+            Some(q) => {
+                let (q, callback) = (q.queue.clone(), Arc::new(callback));
+                self.reply.on_cancel(move || aio::call_later(&q, callback));
+            }
+            None => self.reply.on_cancel(move || {
+                with_python(|py| {
+                    if let Err(e) = callback.call1(py, ()) {
+                        e.display(py);
+                    }
+                });
+            }),
+        }
+    }
+}
+
+/// A `*_async` operation in progress.
+#[pyclass(frozen, module = "commy._commy")]
+pub(crate) struct RawTask {
+    task: FfiTask,
+}
+
+impl RawTask {
+    pub(crate) fn new(task: FfiTask) -> RawTask {
+        RawTask { task }
+    }
+}
+
+#[pymethods]
+impl RawTask {
+    /// Cancels it; its callback is then not called (unless already done).
+    fn cancel(&self) {
+        self.task.cancel();
+    }
+
+    /// Whether it has finished.
+    #[getter]
+    fn done(&self) -> bool {
+        self.task.is_finished()
+    }
+}

@@ -1,0 +1,75 @@
+//! `RawSubscription`: blocking and callback `next`, `close` from anywhere.
+
+use commy_ffi::{FfiError, FfiSubscription};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use crate::aio::{self, Outcome, RawQueue};
+use crate::convert::{seconds, wait};
+use crate::mesh::RawTask;
+
+/// A subscription (see `commy.Subscription`).
+#[pyclass(frozen, module = "commy._commy")]
+pub(crate) struct RawSubscription {
+    sub: FfiSubscription,
+}
+
+impl RawSubscription {
+    pub(crate) fn new(sub: FfiSubscription) -> RawSubscription {
+        RawSubscription { sub }
+    }
+}
+
+#[pymethods]
+impl RawSubscription {
+    /// The topic.
+    #[getter]
+    fn topic(&self) -> &str {
+        self.sub.topic()
+    }
+
+    /// The queue group, if any.
+    #[getter]
+    fn group(&self) -> Option<&str> {
+        self.sub.group()
+    }
+
+    /// Whether it was closed.
+    #[getter]
+    fn closed(&self) -> bool {
+        self.sub.is_closed()
+    }
+
+    /// The next message's data, blocking (GIL released, Ctrl-C
+    /// interrupts); None once closed. Raises `commy.DeadlineExceeded` if
+    /// `timeout` seconds pass first.
+    #[pyo3(signature = (timeout=None))]
+    fn next(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Py<PyBytes>>> {
+        let timeout = seconds(py, timeout, "timeout")?;
+        let next = self.sub.next();
+        let got = wait(py, async move {
+            match timeout {
+                None => Ok(next.await),
+                Some(t) => tokio::time::timeout(t, next).await.map_err(|_| {
+                    FfiError::from_code_name(
+                        "DEADLINE_EXCEEDED",
+                        format!("no message within {t:?}"),
+                    )
+                }),
+            }
+        })?;
+        Ok(got.map(|m| PyBytes::new(py, m.payload()).unbind()))
+    }
+
+    /// `next` on commy's runtime: settles `fut` with the data or None.
+    fn next_async(&self, queue: &RawQueue, fut: Py<PyAny>) -> RawTask {
+        let next = self.sub.next();
+        let next = async move { Ok(next.await.map(|m| m.into_payload())) };
+        RawTask::new(aio::spawn(queue, fut, next, Outcome::MaybeBytes))
+    }
+
+    /// Ends the subscription; a waiting `next` returns None.
+    fn close(&self) {
+        self.sub.close();
+    }
+}

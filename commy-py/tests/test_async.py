@@ -1,0 +1,176 @@
+"""The asyncio API: calls, async and plain handlers, gather, async for, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Awaitable, Callable, List
+
+import pytest
+
+import commy
+
+from conftest import LONG
+
+
+def run(coro: Callable[[], Awaitable[Any]]) -> Any:
+    return asyncio.run(asyncio.wait_for(coro(), LONG * 2))
+
+
+def test_async_handlers_and_calls(runtime_dir: str) -> None:
+    async def main() -> None:
+        async with commy.AsyncMesh() as mesh:
+
+            @mesh.service("echo")
+            async def echo(data: bytes) -> bytes:
+                await asyncio.sleep(0)
+                return data
+
+            @mesh.service("plain")
+            def plain(data: bytes) -> bytes:
+                return data[::-1]
+
+            assert await mesh.call("echo", b"hi", timeout=1.0) == b"hi"
+            assert await mesh.call("plain", b"abc") == b"cba"
+            with pytest.raises(commy.NotFound):
+                await mesh.call("nobody", b"")
+            with pytest.raises(TypeError):
+                await mesh.call("echo", "text")  # type: ignore[arg-type]
+
+    run(main)
+
+
+def test_gather_of_thousands_of_calls(runtime_dir: str) -> None:
+    async def main() -> None:
+        async with commy.AsyncMesh() as mesh:
+
+            @mesh.service("double")
+            async def double(data: bytes) -> bytes:
+                return data * 2
+
+            n = 5000
+            started = time.monotonic()
+            replies = await asyncio.gather(*(mesh.call("double", b"%d," % i) for i in range(n)))
+            elapsed = time.monotonic() - started
+            assert replies == [b"%d,%d," % (i, i) for i in range(n)]
+            print(f"{n} calls in {elapsed:.2f} s")
+
+    run(main)
+
+
+def test_errors_and_the_service_keeps_serving(runtime_dir: str, capfd: pytest.CaptureFixture[str]) -> None:
+    async def main() -> None:
+        async with commy.AsyncMesh() as mesh:
+
+            @mesh.service("picky")
+            async def picky(data: bytes) -> bytes:
+                if data == b"denied":
+                    raise commy.PermissionDenied("not for you")
+                if data == b"bug":
+                    raise ZeroDivisionError("oops")
+                return b"fine"
+
+            with pytest.raises(commy.PermissionDenied, match="not for you"):
+                await mesh.call("picky", b"denied")
+            with pytest.raises(commy.Internal, match="ZeroDivisionError"):
+                await mesh.call("picky", b"bug")
+            assert await mesh.call("picky", b"ok") == b"fine"
+
+    run(main)
+    assert "ZeroDivisionError" in capfd.readouterr().err
+
+
+def test_a_caller_that_gives_up_cancels_the_async_handler(runtime_dir: str) -> None:
+    async def main() -> None:
+        async with commy.AsyncMesh() as mesh:
+            cancelled = asyncio.Event()
+            started = asyncio.Event()
+
+            @mesh.service("forever")
+            async def forever(data: bytes) -> bytes:
+                started.set()
+                try:
+                    await asyncio.sleep(60)
+                except asyncio.CancelledError:
+                    cancelled.set()
+                    raise
+                return data
+
+            with pytest.raises(commy.DeadlineExceeded):
+                await mesh.call("forever", b"", timeout=0.2)
+            assert started.is_set()
+            await asyncio.wait_for(cancelled.wait(), LONG)
+
+            # Cancelling the awaiting task cancels the call, and so the handler.
+            started.clear()
+            cancelled.clear()
+            call = asyncio.ensure_future(mesh.call("forever", b"", timeout=LONG))
+            await asyncio.wait_for(started.wait(), LONG)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            await asyncio.wait_for(cancelled.wait(), LONG)
+
+    run(main)
+
+
+def test_async_for_and_publish(runtime_dir: str) -> None:
+    async def main() -> None:
+        async with commy.AsyncMesh() as mesh:
+            sub = mesh.subscribe("ticks")
+            deadline = time.monotonic() + LONG
+            while await mesh.publish("ticks", b"probe") == 0:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.005)
+
+            async def consume() -> List[bytes]:
+                got = []
+                async for msg in sub:
+                    assert msg.topic == "ticks"
+                    if msg.data != b"probe":
+                        got.append(msg.data)
+                return got
+
+            consumer = asyncio.ensure_future(consume())
+            for i in range(10):
+                assert await mesh.publish("ticks", b"t%d" % i) == 1
+            await asyncio.sleep(0.2)
+            sub.close()  # ends the async for
+            assert await asyncio.wait_for(consumer, LONG) == [b"t%d" % i for i in range(10)]
+
+    run(main)
+
+
+def test_one_way_send_and_regions(runtime_dir: str) -> None:
+    async def main() -> None:
+        async with commy.AsyncMesh() as mesh:
+            got: "asyncio.Queue[bytes]" = asyncio.Queue()
+
+            @mesh.service("sink")
+            async def sink(data: bytes) -> bytes:
+                await got.put(data)
+                return b""
+
+            await mesh.send("sink", b"one way")
+            assert await asyncio.wait_for(got.get(), LONG) == b"one way"
+            with mesh.region("shared", size=64) as r:
+                r.buffer[:3] = b"abc"
+                assert r.read(0, 3) == b"abc"
+
+    run(main)
+
+
+def test_a_mesh_belongs_to_its_loop(runtime_dir: str) -> None:
+    holder: List[commy.AsyncMesh] = []
+
+    async def first() -> None:
+        m = commy.AsyncMesh()
+        await m.__aenter__()
+        holder.append(m)
+
+    async def second() -> None:
+        with pytest.raises(commy.FailedPrecondition, match="another event loop"):
+            await holder[0].call("x", b"")
+
+    asyncio.run(first())
+    asyncio.run(second())

@@ -1,0 +1,99 @@
+"""Across processes: Python clients of a Python service, and interop with the Rust CLI."""
+
+from __future__ import annotations
+
+import subprocess
+from typing import List
+
+import commy
+
+from conftest import LONG, Child, commy_cli, python_child, wait_for_service
+
+SERVER = """
+import os, commy
+with commy.Mesh() as m:
+    @m.service("whoami")
+    def whoami(data: bytes) -> bytes:
+        return b"%d:" % os.getpid() + data
+    print("ready", os.getpid(), flush=True)
+    m.wait()
+"""
+
+CLIENT = """
+import sys, commy
+n = int(sys.argv[1])
+with commy.Mesh() as m:
+    for i in range(n):
+        reply = m.call("whoami", b"%s-%d" % (sys.argv[2].encode(), i), timeout=30)
+        assert reply.endswith(b":%s-%d" % (sys.argv[2].encode(), i)), reply
+    print("done", reply.split(b":")[0].decode(), flush=True)
+"""
+
+
+def test_a_python_service_with_python_clients_in_other_processes(
+    runtime_dir: str, children: List[Child]
+) -> None:
+    server = python_child(SERVER)
+    children.append(server)
+    pid = server.expect("ready").split()[1]
+    clients = [python_child(CLIENT, "500", f"c{i}") for i in range(3)]
+    children.extend(clients)
+    for c in clients:
+        assert c.expect("done") == f"done {pid}"
+        assert c.proc.wait(LONG) == 0
+    assert server.stop() in (0, -15)
+
+
+def test_a_python_client_of_the_rust_echo_server(mesh: commy.Mesh, children: List[Child]) -> None:
+    server = Child([commy_cli(), "echo-server", "rust-echo"])
+    children.append(server)
+    server.expect("serving rust-echo as")
+    assert wait_for_service(mesh, "rust-echo", b"from python") == b"from python"
+    payload = bytes(range(256)) * 100
+    assert mesh.call("rust-echo", payload, timeout=LONG) == payload
+    assert server.stop() == 0
+
+
+def test_a_python_service_called_by_the_rust_cli(mesh: commy.Mesh) -> None:
+    mesh.serve("py-upper", lambda d: d.upper())
+
+    def fails(data: bytes) -> bytes:
+        raise commy.Unavailable("come back later")
+
+    mesh.serve("py-fails", fails)
+    out = subprocess.run(
+        [commy_cli(), "call", "py-upper", "hello from rust", "--timeout-ms", "30000"],
+        capture_output=True,
+        text=True,
+        timeout=LONG,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "HELLO FROM RUST\n"
+    out = subprocess.run(
+        [commy_cli(), "call", "py-fails", "x"], capture_output=True, text=True, timeout=LONG
+    )
+    assert out.returncode == 1
+    assert out.stderr.strip() == "UNAVAILABLE: come back later"
+    out = subprocess.run(
+        [commy_cli(), "call", "py-nobody", "x"], capture_output=True, text=True, timeout=LONG
+    )
+    assert out.returncode == 1
+    assert out.stderr.startswith("NOT_FOUND:")
+
+
+def test_a_region_shared_with_another_process(mesh: commy.Mesh, children: List[Child]) -> None:
+    r = mesh.region("board", size=4096)
+    r.buffer[:5] = b"hello"
+    child = python_child(
+        "import commy\n"
+        "with commy.Mesh() as m, m.region('board') as r:\n"
+        "    print('saw', bytes(r.buffer[:5]).decode(), flush=True)\n"
+        "    r.buffer[5:11] = b' world'\n"
+        "    print('wrote', flush=True)\n"
+    )
+    children.append(child)
+    assert child.expect("saw") == "saw hello"
+    child.expect("wrote")
+    assert child.proc.wait(LONG) == 0
+    assert bytes(r.buffer[:11]) == b"hello world"
+    r.close()

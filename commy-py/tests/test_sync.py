@@ -1,0 +1,270 @@
+"""The blocking API: calls, errors, handlers, pub/sub, regions, the GIL, Ctrl-C."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from typing import Any, List, Type
+
+import pytest
+
+import commy
+
+from conftest import LONG, Child, python_child
+
+
+def test_call_and_decorator(mesh: commy.Mesh) -> None:
+    @mesh.service("echo")
+    def echo(data: bytes) -> bytes:
+        return data
+
+    svc = mesh.serve("upper", lambda d: d.upper())
+    assert svc.name == "upper" and svc.serving
+    assert mesh.call("echo", b"hi", timeout=1.0) == b"hi"
+    assert mesh.call("upper", bytearray(b"abc")) == b"ABC"
+    assert mesh.call("echo", memoryview(b"xyz")[1:]) == b"yz"
+    assert mesh.call("echo", b"") == b""
+    big = bytes(range(256)) * 4096  # 1 MiB
+    assert mesh.call("echo", big, timeout=LONG) == big
+    # A handler may return any bytes-like object.
+    mesh.serve("ba", lambda d: bytearray(d) + b"!")
+    assert mesh.call("ba", b"x") == b"x!"
+
+
+@pytest.mark.parametrize("cls", list(commy.BY_CODE.values()), ids=lambda c: c.code)
+def test_each_status_reaches_the_caller_as_its_class(
+    mesh: commy.Mesh, cls: Type[commy.CommyError]
+) -> None:
+    def fail(data: bytes) -> bytes:
+        raise cls(f"failed with {cls.code}")
+
+    mesh.serve("fails", fail)
+    with pytest.raises(cls) as info:
+        mesh.call("fails", b"")
+    err = info.value
+    assert isinstance(err, commy.CommyError)
+    assert err.code == cls.code
+    assert err.message == f"failed with {cls.code}"
+    assert str(err) == f"{cls.code}: failed with {cls.code}"
+
+
+def test_a_handler_exception_is_internal_and_the_service_keeps_serving(
+    mesh: commy.Mesh, capfd: pytest.CaptureFixture[str]
+) -> None:
+    calls = []
+
+    def flaky(data: bytes) -> bytes:
+        calls.append(data)
+        if data == b"boom":
+            raise KeyError("no such thing")
+        return b"ok " + data
+
+    mesh.serve("flaky", flaky)
+    with pytest.raises(commy.Internal) as info:
+        mesh.call("flaky", b"boom")
+    assert "KeyError" in info.value.message and "no such thing" in info.value.message
+    assert mesh.call("flaky", b"after") == b"ok after"
+    # A wrong return type is the handler's bug too.
+    wrong: Any = lambda d: 42
+    mesh.serve("wrong", wrong)
+    with pytest.raises(commy.Internal, match="bytes-like"):
+        mesh.call("wrong", b"")
+    assert "KeyError" in capfd.readouterr().err  # the traceback, on the service's side
+    assert calls == [b"boom", b"after"]
+
+
+def test_errors_of_the_mesh_itself(mesh: commy.Mesh) -> None:
+    with pytest.raises(commy.NotFound, match="nobody"):
+        mesh.call("nobody", b"x")
+    with pytest.raises(commy.InvalidArgument, match="bad name"):
+        mesh.call("bad name!", b"x")
+    with pytest.raises(TypeError, match="not str"):
+        mesh.call("x", "text")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="bytes-like"):
+        mesh.call("x", 12)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="timeout"):
+        mesh.call("x", b"", timeout=-1)
+    with pytest.raises(commy.InvalidArgument):
+        mesh.call("x", b"", timeout=float("nan"))
+
+    def slow(data: bytes) -> bytes:
+        time.sleep(1.0)
+        return data
+
+    mesh.serve("slow", slow)
+    started = time.monotonic()
+    with pytest.raises(commy.DeadlineExceeded):
+        mesh.call("slow", b"", timeout=0.1)
+    assert time.monotonic() - started < 0.9
+    with pytest.raises(TimeoutError):  # DeadlineExceeded is a TimeoutError
+        mesh.call("slow", b"", timeout=0.05)
+
+
+def test_a_closed_mesh_refuses(runtime_dir: str) -> None:
+    m = commy.Mesh()
+    m.serve("svc", lambda d: d)
+    m.close()
+    assert m.closed
+    with pytest.raises(commy.FailedPrecondition, match="closed"):
+        m.call("svc", b"")
+    m.close()  # twice is fine
+
+
+def test_one_way_send(mesh: commy.Mesh) -> None:
+    got: List[bytes] = []
+    done = threading.Event()
+
+    def sink(data: bytes) -> bytes:
+        got.append(data)
+        done.set()
+        return b""
+
+    mesh.serve("sink", sink)
+    mesh.send("sink", b"fire and forget")
+    assert done.wait(LONG)
+    assert got == [b"fire and forget"]
+
+
+def test_publish_subscribe_and_close_ends_iteration(mesh: commy.Mesh) -> None:
+    sub = mesh.subscribe("news/eu")
+    assert sub.topic == "news/eu" and sub.group is None
+    deadline = time.monotonic() + LONG
+    while mesh.publish("news/eu", b"probe") == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    for i in range(5):
+        assert mesh.publish("news/eu", b"item %d" % i) == 1
+    received: List[commy.Message] = []
+
+    def consume() -> None:
+        for msg in sub:
+            if msg.data != b"probe":
+                received.append(msg)
+            if len(received) == 5:
+                break
+        # Then wait for the close to end the next iteration.
+        assert sub.next() is None
+
+    t = threading.Thread(target=consume)
+    t.start()
+    deadline = time.monotonic() + LONG
+    while len(received) < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)
+    sub.close()
+    t.join(LONG)
+    assert not t.is_alive()
+    assert [m.data for m in received] == [b"item %d" % i for i in range(5)]
+    assert all(m.topic == "news/eu" for m in received)
+    with pytest.raises(commy.DeadlineExceeded):
+        mesh.subscribe("quiet").next(timeout=0.05)
+
+
+def test_queue_group_members_share_messages(mesh: commy.Mesh) -> None:
+    a = mesh.subscribe("jobs", group="workers")
+    b = mesh.subscribe("jobs", group="workers")
+    assert a.group == "workers"
+    deadline = time.monotonic() + LONG
+    while mesh.publish("jobs", b"probe") == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    for i in range(20):
+        assert mesh.publish("jobs", b"job %d" % i) == 1  # one member of the group
+    seen = []
+    for s in (a, b):
+        while True:
+            try:
+                m = s.next(timeout=0.3)
+            except commy.DeadlineExceeded:
+                break
+            assert m is not None
+            if m.data != b"probe":
+                seen.append(m.data)
+    assert sorted(seen) == sorted(b"job %d" % i for i in range(20))
+
+
+def test_region_buffer_is_the_shared_memory(mesh: commy.Mesh, runtime_dir: str) -> None:
+    with mesh.region("state", size=10_000) as r:
+        assert r.size == 10_000 and len(r.buffer) == 10_000
+        assert not r.buffer.readonly
+        r.buffer[0:5] = b"hello"
+        # Another handle (another mesh handle, same name) sees the bytes at once.
+        with commy.Mesh() as other, other.region("state") as r2:
+            assert bytes(r2.buffer[0:5]) == b"hello"
+            r2.buffer[100:103] = b"abc"
+            assert bytes(r.buffer[100:103]) == b"abc"
+            assert r.read(100, 3) == b"abc"
+            r2.write(200, b"locked write")
+            assert bytes(r.buffer[200:212]) == b"locked write"
+            assert r.refcount == 2
+        with pytest.raises(commy.AlreadyExists):
+            mesh.region("state", size=10_000, create=True)
+        with pytest.raises(commy.FailedPrecondition):
+            mesh.region("state", size=5, create=False)
+        with pytest.raises(commy.InvalidArgument):
+            r.read(9_990, 20)
+    with pytest.raises(commy.NotFound):
+        mesh.region("missing")
+    with pytest.raises(commy.InvalidArgument):
+        mesh.region("bad/name", size=10)
+
+
+def test_the_gil_is_released_while_a_call_waits(mesh: commy.Mesh, children: List[Child]) -> None:
+    # A slow service in another process: while this thread waits for it,
+    # another Python thread of this process must keep running.
+    server = python_child(
+        "import commy, time\n"
+        "with commy.Mesh() as m:\n"
+        "    m.serve('slow', lambda d: (time.sleep(0.5), d)[1])\n"
+        "    print('ready', flush=True)\n"
+        "    m.wait()\n"
+    )
+    children.append(server)
+    server.expect("ready")
+    ticks = [0]
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            ticks[0] += 1
+
+    t = threading.Thread(target=spin)
+    t.start()
+    try:
+        before = ticks[0]
+        assert mesh.call("slow", b"zzz", timeout=LONG) == b"zzz"
+        progressed = ticks[0] - before
+    finally:
+        stop.set()
+        t.join()
+    assert progressed > 1000, progressed
+
+
+def test_ctrl_c_interrupts_a_blocking_call(runtime_dir: str, children: List[Child]) -> None:
+    client = python_child(
+        "import commy, threading, time\n"
+        "with commy.Mesh() as m:\n"
+        "    m.serve('never', lambda d: (time.sleep(60), d)[1])\n"
+        "    print('calling', flush=True)\n"
+        "    t = time.monotonic()\n"
+        "    try:\n"
+        "        m.call('never', b'', timeout=60)\n"
+        "    except KeyboardInterrupt:\n"
+        "        print('interrupted after %.2f' % (time.monotonic() - t), flush=True)\n"
+    )
+    children.append(client)
+    client.expect("calling")
+    time.sleep(0.3)
+    client.proc.send_signal(signal.SIGINT)
+    line = client.expect("interrupted after")
+    assert float(line.split()[-1]) < 10
+    # The handler still sleeps; the process exits once it is done with it.
+    client.stop(signal.SIGKILL)
+
+
+def test_wait_returns_when_closed_from_another_thread(runtime_dir: str) -> None:
+    m = commy.Mesh()
+    assert m.wait(0.01) is False
+    threading.Timer(0.1, m.close).start()
+    assert m.wait(LONG) is True
