@@ -6,7 +6,8 @@
 //! - [`block_on`]: run a future to completion from any thread, with an
 //!   interrupt check every [`CHECK_INTERVAL`] (Ctrl-C in Python);
 //!   [`spawn_with`]: run one on the runtime and get a callback when it is
-//!   done (event loops: asyncio, Node).
+//!   done; [`LocalTask`]: drive one on the binding's own thread, woken
+//!   through a callback (event loops: asyncio, Node).
 //! - [`FfiMesh`]: open / call / send / publish / serve / subscribe /
 //!   region / close. Handlers are callbacks `(FfiRequest, Reply)`; the
 //!   [`Reply`] is answered now or later, from any thread, and tells the
@@ -50,5 +51,5 @@ mod subscription;
 pub use error::{FfiError, error_code_names};
 pub use mesh::{FfiMesh, FfiRequest, FfiService, MeshOptions, Reply};
 pub use region::{FfiRegion, OpenPolicy, RegionOptions};
-pub use runtime::{CHECK_INTERVAL, FfiTask, block_on, runtime, spawn_with};
+pub use runtime::{CHECK_INTERVAL, FfiTask, LocalTask, block_on, runtime, spawn_with};
 pub use subscription::{FfiMessage, FfiSubscription};

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use commy_ffi::{FfiError, FfiMesh, FfiService, FfiTask, MeshOptions, OpenPolicy, Reply};
+use commy_ffi::{FfiError, FfiMesh, FfiService, LocalTask, MeshOptions, OpenPolicy, Reply};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
@@ -102,12 +102,13 @@ impl RawMesh {
         let data = payload(data, "data")?;
         let timeout = seconds(py, timeout, "timeout")?;
         let call = self.mesh.call(service, data, timeout);
-        Ok(RawTask::new(aio::spawn(queue, fut, call, Outcome::Bytes)))
+        aio::start(py, queue, fut, call, Outcome::Bytes).map(RawTask::new)
     }
 
     /// `send` on commy's runtime (see `call_async`).
     fn send_async(
         &self,
+        py: Python<'_>,
         service: &str,
         data: &Bound<'_, PyAny>,
         queue: &RawQueue,
@@ -115,14 +116,13 @@ impl RawMesh {
     ) -> PyResult<RawTask> {
         let data = payload(data, "data")?;
         let send = self.mesh.send(service, data);
-        Ok(RawTask::new(aio::spawn(queue, fut, send, |()| {
-            Outcome::Unit
-        })))
+        aio::start(py, queue, fut, send, |()| Outcome::Unit).map(RawTask::new)
     }
 
     /// `publish` on commy's runtime (see `call_async`).
     fn publish_async(
         &self,
+        py: Python<'_>,
         topic: &str,
         data: &Bound<'_, PyAny>,
         queue: &RawQueue,
@@ -130,12 +130,7 @@ impl RawMesh {
     ) -> PyResult<RawTask> {
         let data = payload(data, "data")?;
         let publish = self.mesh.publish(topic, data);
-        Ok(RawTask::new(aio::spawn(
-            queue,
-            fut,
-            publish,
-            Outcome::Count,
-        )))
+        aio::start(py, queue, fut, publish, Outcome::Count).map(RawTask::new)
     }
 
     /// Serves `service` with `handler(data: bytes) -> bytes-like`, called on
@@ -243,13 +238,13 @@ impl RawMesh {
     }
 
     /// `close` on commy's runtime (see `call_async`).
-    fn close_async(&self, queue: &RawQueue, fut: Py<PyAny>) -> RawTask {
+    fn close_async(&self, py: Python<'_>, queue: &RawQueue, fut: Py<PyAny>) -> PyResult<RawTask> {
         let closing = self.mesh.close();
         let close = async move {
             closing.await;
             Ok(())
         };
-        RawTask::new(aio::spawn(queue, fut, close, |()| Outcome::Unit))
+        aio::start(py, queue, fut, close, |()| Outcome::Unit).map(RawTask::new)
     }
 }
 
@@ -366,11 +361,11 @@ impl RawReply {
 /// A `*_async` operation in progress.
 #[pyclass(frozen, module = "commy._commy")]
 pub(crate) struct RawTask {
-    task: FfiTask,
+    task: LocalTask<aio::OpResult>,
 }
 
 impl RawTask {
-    pub(crate) fn new(task: FfiTask) -> RawTask {
+    pub(crate) fn new(task: LocalTask<aio::OpResult>) -> RawTask {
         RawTask { task }
     }
 }

@@ -62,10 +62,10 @@ impl RawSubscription {
     }
 
     /// `next` on commy's runtime: settles `fut` with the data or None.
-    fn next_async(&self, queue: &RawQueue, fut: Py<PyAny>) -> RawTask {
+    fn next_async(&self, py: Python<'_>, queue: &RawQueue, fut: Py<PyAny>) -> PyResult<RawTask> {
         let next = self.sub.next();
         let next = async move { Ok(next.await.map(|m| m.into_payload())) };
-        RawTask::new(aio::spawn(queue, fut, next, Outcome::MaybeBytes))
+        aio::start(py, queue, fut, next, Outcome::MaybeBytes).map(RawTask::new)
     }
 
     /// Ends the subscription; a waiting `next` returns None.

@@ -453,17 +453,10 @@ class _LoopBridge:
         loop.add_reader(self.queue.fileno(), self._drain)
 
     def _drain(self) -> None:
+        # Woken operations are polled (and their futures settled) inside
+        # drain(); what comes back are requests and callbacks.
         for event in self.queue.drain():
-            kind = event[0]
-            if kind == 0:
-                fut, value, exc = event[1], event[2], event[3]
-                if fut.done():
-                    continue
-                if exc is not None:
-                    fut.set_exception(exc)
-                else:
-                    fut.set_result(value)
-            elif kind == 1:
+            if event[0] == 1:
                 event[1](event[2], event[3])
             else:
                 event[1]()
