@@ -59,6 +59,8 @@ struct State {
     events: Vec<Event>,
     /// A wake-up byte is on its way (no need to send another).
     woken: bool,
+    /// The loop stopped listening: requests are refused, tasks dropped.
+    closed: bool,
 }
 
 pub(crate) struct Queue {
@@ -78,6 +80,16 @@ impl Queue {
     fn push(&self, event: Event) {
         let wake = {
             let mut st = self.lock();
+            if st.closed {
+                drop(st);
+                if let Event::Request { reply, .. } = event {
+                    reply.error(FfiError::from_code_name(
+                        "UNAVAILABLE",
+                        "the service's event loop has stopped listening (its mesh is closed)",
+                    ));
+                }
+                return;
+            }
             st.events.push(event);
             !std::mem::replace(&mut st.woken, true)
         };
@@ -121,11 +133,30 @@ impl RawQueue {
                 state: Mutex::new(State {
                     events: Vec::new(),
                     woken: false,
+                    closed: false,
                 }),
                 wake_tx,
                 wake_rx,
             }),
         })
+    }
+
+    /// Stops taking events: requests from now on answer UNAVAILABLE, and
+    /// those waiting are answered so too.
+    fn close(&self) {
+        let waiting = {
+            let mut st = self.queue.lock();
+            st.closed = true;
+            std::mem::take(&mut st.events)
+        };
+        for event in waiting {
+            if let Event::Request { reply, .. } = event {
+                reply.error(FfiError::from_code_name(
+                    "UNAVAILABLE",
+                    "the service's event loop has stopped listening (its mesh is closed)",
+                ));
+            }
+        }
     }
 
     /// The descriptor that becomes readable when events wait.

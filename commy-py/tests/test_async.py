@@ -174,3 +174,21 @@ def test_a_mesh_belongs_to_its_loop(runtime_dir: str) -> None:
 
     asyncio.run(first())
     asyncio.run(second())
+
+
+def test_a_closed_async_service_refuses_instead_of_hanging(runtime_dir: str) -> None:
+    client = commy.Mesh()
+
+    async def main() -> None:
+        mesh = commy.AsyncMesh()
+        async with mesh:
+            mesh.serve("short-lived", lambda d: d)
+            # The client's link to it exists before the close.
+            assert await asyncio.to_thread(client.call, "short-lived", b"hi", LONG) == b"hi"
+
+    run(main)
+    started = time.monotonic()
+    with pytest.raises((commy.NotFound, commy.Unavailable)):
+        client.call("short-lived", b"again", timeout=LONG)
+    assert time.monotonic() - started < 10
+    client.close()

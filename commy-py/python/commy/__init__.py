@@ -477,6 +477,7 @@ class _LoopBridge:
         return fut
 
     def close(self) -> None:
+        self.queue.close()
         if not self.loop.is_closed():
             self.loop.remove_reader(self.queue.fileno())
 
