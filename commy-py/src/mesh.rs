@@ -87,7 +87,8 @@ impl RawMesh {
         wait(py, self.mesh.publish(topic, data))
     }
 
-    /// `call` on commy's runtime: its outcome settles the asyncio future
+    /// `call` for an event loop: started here, on the loop's thread, and
+    /// polled there again when woken through `queue`; its outcome settles the asyncio future
     /// `fut` through `queue`.
     #[pyo3(signature = (service, data, timeout, queue, fut))]
     fn call_async(
@@ -105,7 +106,7 @@ impl RawMesh {
         aio::start(py, queue, fut, call, Outcome::Bytes).map(RawTask::new)
     }
 
-    /// `send` on commy's runtime (see `call_async`).
+    /// `send` for an event loop (see `call_async`).
     fn send_async(
         &self,
         py: Python<'_>,
@@ -119,7 +120,7 @@ impl RawMesh {
         aio::start(py, queue, fut, send, |()| Outcome::Unit).map(RawTask::new)
     }
 
-    /// `publish` on commy's runtime (see `call_async`).
+    /// `publish` for an event loop (see `call_async`).
     fn publish_async(
         &self,
         py: Python<'_>,
@@ -237,7 +238,7 @@ impl RawMesh {
         })
     }
 
-    /// `close` on commy's runtime (see `call_async`).
+    /// `close` for an event loop (see `call_async`).
     fn close_async(&self, py: Python<'_>, queue: &RawQueue, fut: Py<PyAny>) -> PyResult<RawTask> {
         let closing = self.mesh.close();
         let close = async move {

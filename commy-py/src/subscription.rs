@@ -61,7 +61,8 @@ impl RawSubscription {
         Ok(got.map(|m| PyBytes::new(py, m.payload()).unbind()))
     }
 
-    /// `next` on commy's runtime: settles `fut` with the data or None.
+    /// `next` for an event loop (see `RawMesh.call_async`): settles `fut`
+    /// with the data, or None once closed.
     fn next_async(&self, py: Python<'_>, queue: &RawQueue, fut: Py<PyAny>) -> PyResult<RawTask> {
         let next = self.sub.next();
         let next = async move { Ok(next.await.map(|m| m.into_payload())) };

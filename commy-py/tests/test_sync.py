@@ -101,6 +101,17 @@ def test_errors_of_the_mesh_itself(mesh: commy.Mesh) -> None:
         mesh.call("slow", b"", timeout=0.05)
 
 
+def test_bad_mesh_options_are_refused(runtime_dir: str) -> None:
+    with pytest.raises(commy.InvalidArgument, match="mesh name"):
+        commy.Mesh("no spaces allowed")
+    with pytest.raises(commy.InvalidArgument, match="call_spin"):
+        commy.Mesh(call_spin=-1.0)
+    with pytest.raises(commy.InvalidArgument, match="max_concurrency"):
+        commy.Mesh(max_concurrency=0)
+    with pytest.raises(commy.Unavailable, match="runtime"):
+        commy.Mesh(runtime_dir="/proc/not-a-runtime-dir")
+
+
 def test_a_closed_mesh_refuses(runtime_dir: str) -> None:
     m = commy.Mesh()
     m.serve("svc", lambda d: d)
