@@ -658,6 +658,53 @@ mod tests {
     }"#;
 
     #[test]
+    fn python_rows_render_with_their_method_and_target() {
+        let py = r#"{"runs": 5, "quick": false, "pinned": false, "results": [
+            {"name": "python/commy/64B", "transport": "commy mesh.call, Python to Python",
+             "size": 64, "wait": "default", "iterations": 20000, "warmup": 2000, "batch": 1,
+             "kind": "round_trip", "p50_ns": 10000.0, "p99_ns": 20000.0, "p999_ns": 40000.0,
+             "vs_uds": null, "vs_floor": null},
+            {"name": "python/pyzmq-ipc/64B", "transport": "pyzmq REQ/REP over ipc://",
+             "size": 64, "wait": "default", "iterations": 20000, "warmup": 2000, "batch": 1,
+             "kind": "round_trip", "p50_ns": 100000.0, "p99_ns": 150000.0, "p999_ns": 200000.0,
+             "vs_uds": null, "vs_floor": null}]}"#;
+        let py: PythonReport = serde_json::from_str(py).unwrap();
+        let report = Report {
+            schema: SCHEMA,
+            quick: false,
+            runs: 5,
+            filters: vec!["python".into()],
+            pinning: None,
+            timer_overhead_ns: 0.0,
+            results: py.results,
+            harness: false,
+            python_pinned: Some(py.pinned),
+        };
+        let machine = Machine {
+            cpu: "Test CPU".into(),
+            cores: 2,
+            virtualized: false,
+            memory: "1.0 GiB".into(),
+            kernel: "6.1.0".into(),
+            rustc: "rustc 1.95.0".into(),
+        };
+        let md = render(&report, &machine, "2025-01-02 03:04 UTC");
+        assert!(md.contains("## Python SDK"), "{md}");
+        assert!(!md.contains("## How the numbers are taken"), "{md}");
+        assert!(md.contains("not pinned"), "{md}");
+        assert!(
+            md.contains("| `python/commy/64B` | commy mesh.call, Python to Python |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| Python round trip through commy vs pyzmq REQ/REP ipc:// (64 B) | 0.10× | ≤ 0.33× | yes |"
+            ),
+            "{md}"
+        );
+    }
+
+    #[test]
     fn renders_both_tables_from_harness_json() {
         let report: Report = serde_json::from_str(SAMPLE).unwrap();
         let machine = Machine {
