@@ -151,6 +151,31 @@ impl FfiMesh {
         }
     }
 
+    /// [`call`](FfiMesh::call) with its own polling budget `spin` instead of
+    /// [`MeshOptions::call_spin`]: e.g. an event-loop binding that spins
+    /// only while a call is the one thing it waits for.
+    pub fn call_with_spin(
+        &self,
+        service: &str,
+        payload: Bytes,
+        timeout: Option<Duration>,
+        spin: Duration,
+    ) -> impl Future<Output = Result<Bytes, FfiError>> + Send + 'static {
+        let mesh = self.mesh.clone();
+        let service = service.to_owned();
+        async move {
+            let options = CallOptions::default().spin(spin);
+            let options = match timeout {
+                Some(t) => options.timeout(t),
+                None => options,
+            };
+            mesh.call_with(&service, payload, options)
+                .await
+                .map(Response::into_payload)
+                .map_err(FfiError::from)
+        }
+    }
+
     /// Sends a one-way message to one instance of `service`.
     pub fn send(
         &self,

@@ -161,6 +161,9 @@ pub struct CallOptions {
     pub deadline: Option<Deadline>,
     /// Metadata sent with the request.
     pub metadata: Metadata,
+    /// How long this caller polls for its answer before it sleeps, instead
+    /// of [`Config::call_spin`].
+    pub spin: Option<Duration>,
 }
 
 impl CallOptions {
@@ -173,6 +176,12 @@ impl CallOptions {
     /// Sets the metadata.
     pub fn metadata(mut self, m: Metadata) -> CallOptions {
         self.metadata = m;
+        self
+    }
+
+    /// Sets this call's polling budget (see [`Config::call_spin`]).
+    pub fn spin(mut self, spin: Duration) -> CallOptions {
+        self.spin = Some(spin);
         self
     }
 }
@@ -339,7 +348,8 @@ impl Mesh {
                 (self.pick(&pool).await?, true)
             }
         };
-        conn.call(&payload, &options.metadata, due, balanced).await
+        conn.call(&payload, &options.metadata, due, balanced, options.spin)
+            .await
     }
 
     /// The fast path of picking: a live link to an instance of a service

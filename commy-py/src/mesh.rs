@@ -90,7 +90,13 @@ impl RawMesh {
     /// `call` for an event loop: started here, on the loop's thread, and
     /// polled there again when woken through `queue`; its outcome settles the asyncio future
     /// `fut` through `queue`.
-    #[pyo3(signature = (service, data, timeout, queue, fut))]
+    /// `spin`: seconds this call polls for its answer on the loop's thread
+    /// before it waits (the mesh's `call_spin` if None).
+    #[pyo3(signature = (service, data, timeout, queue, fut, spin=None))]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the Python method's parameters, one by one"
+    )]
     fn call_async(
         &self,
         py: Python<'_>,
@@ -99,10 +105,18 @@ impl RawMesh {
         timeout: Option<f64>,
         queue: &RawQueue,
         fut: Py<PyAny>,
+        spin: Option<f64>,
     ) -> PyResult<RawTask> {
         let data = payload(data, "data")?;
         let timeout = seconds(py, timeout, "timeout")?;
-        let call = self.mesh.call(service, data, timeout);
+        let spin = seconds(py, spin, "spin")?;
+        let (mesh, service) = (self.mesh.clone(), service.to_owned());
+        let call = async move {
+            match spin {
+                Some(spin) => mesh.call_with_spin(&service, data, timeout, spin).await,
+                None => mesh.call(&service, data, timeout).await,
+            }
+        };
         aio::start(py, queue, fut, call, Outcome::Bytes).map(RawTask::new)
     }
 

@@ -192,3 +192,19 @@ def test_a_closed_async_service_refuses_instead_of_hanging(runtime_dir: str) -> 
         client.call("short-lived", b"again", timeout=LONG)
     assert time.monotonic() - started < 10
     client.close()
+
+
+def test_sequential_awaits_with_either_spin_setting(runtime_dir: str) -> None:
+    with pytest.raises(commy.InvalidArgument, match="call_spin"):
+        commy.AsyncMesh(call_spin=-1.0)
+
+    async def main() -> None:
+        async with commy.AsyncMesh() as server, commy.AsyncMesh(call_spin=0.0) as no_spin:
+            server.serve("inc", lambda d: bytes([d[0] + 1]))
+            for mesh in (server, no_spin):  # adaptive (the default) and never
+                b = b"\x00"
+                for _ in range(50):
+                    b = await mesh.call("inc", b, timeout=LONG)
+                assert b == b"\x32"
+
+    run(main)

@@ -461,13 +461,13 @@ class _LoopBridge:
             else:
                 event[1]()
 
-    def run(self, start: Callable[..., _commy.RawTask], *args: Any) -> "asyncio.Future[Any]":
+    def run(self, start: Callable[..., _commy.RawTask], *args: Any, **kwargs: Any) -> "asyncio.Future[Any]":
         """Starts a commy operation whose outcome settles an asyncio future;
         cancelling the future cancels the operation."""
         if asyncio.get_running_loop() is not self.loop:
             raise FailedPrecondition("this AsyncMesh belongs to another event loop")
         fut: "asyncio.Future[Any]" = self.loop.create_future()
-        task = start(*args, self.queue, fut)
+        task = start(*args, self.queue, fut, **kwargs)
 
         def cancel_task(f: "asyncio.Future[Any]") -> None:
             if f.cancelled():
@@ -530,12 +530,19 @@ class AsyncSubscription:
         self.close()
 
 
+#: How long an AsyncMesh call polls for its answer on the loop's thread
+#: when it is the only call in flight (then the loop has nothing else to do).
+_LONE_SPIN = 50e-6
+
+
 class AsyncMesh(_Base):
     """An asyncio handle on the mesh: ``async with commy.AsyncMesh() as mesh``.
 
-    Takes the options of :class:`Mesh`; ``call_spin`` defaults to 0 here,
-    since many calls share commy's threads. Handlers, plain or ``async``,
-    run on the event loop that opened the mesh.
+    Takes the options of :class:`Mesh`. ``call_spin``: by default a call
+    polls for its answer on the loop's thread for up to 50 µs only when it
+    is the only call in flight, and not at all otherwise; a number (seconds)
+    applies to every call. Handlers, plain or ``async``, run on the event
+    loop that opened the mesh.
     """
 
     def __init__(
@@ -544,10 +551,14 @@ class AsyncMesh(_Base):
         *,
         runtime_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
         default_timeout: Optional[float] = None,
-        call_spin: Optional[float] = 0.0,
+        call_spin: Optional[float] = None,
         max_concurrency: Optional[int] = None,
     ) -> None:
-        super().__init__(mesh, runtime_dir, default_timeout, call_spin, max_concurrency)
+        super().__init__(mesh, runtime_dir, default_timeout, 0.0, max_concurrency)
+        if call_spin is not None and not call_spin >= 0:
+            raise InvalidArgument(f"call_spin must be a number of seconds >= 0, not {call_spin}")
+        self._call_spin = call_spin
+        self._in_flight = 0
         self._bridge_: Optional[_LoopBridge] = None
         self._tasks: "set[asyncio.Task[Any]]" = set()
 
@@ -559,8 +570,17 @@ class AsyncMesh(_Base):
 
     async def call(self, service: str, data: Buffer, timeout: Optional[float] = None) -> bytes:
         """Calls ``service`` (see :meth:`Mesh.call`). Cancelling the awaiting
-        task abandons the call."""
-        result: bytes = await self._bridge.run(self._raw.call_async, service, data, timeout)
+        task cancels the call."""
+        spin = self._call_spin
+        if spin is None:
+            spin = _LONE_SPIN if self._in_flight == 0 else 0.0
+        self._in_flight += 1
+        try:
+            result: bytes = await self._bridge.run(
+                self._raw.call_async, service, data, timeout, spin=spin
+            )
+        finally:
+            self._in_flight -= 1
         return result
 
     async def send(self, service: str, data: Buffer) -> None:
