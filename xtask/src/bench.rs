@@ -349,8 +349,9 @@ pub(crate) fn render(report: &Report, machine: &Machine, date: &str) -> String {
             "The `python/*` rows come from `commy-py/bench/rtt.py`, run with the release wheel \
              installed: a server process echoes, a client process times sequential 64 B round \
              trips with `time.perf_counter_ns` after a warm-up, both in Python. Through commy \
-             the client calls `mesh.call` and the server is `mesh.serve` with a Python \
-             function; the baselines are pyzmq REQ/REP over `ipc://` and \
+             the client calls `mesh.call` (`python/commy`) or awaits `AsyncMesh.call` in \
+             `asyncio.run` (`python/commy-asyncio`), and the server is `mesh.serve` with a \
+             Python function; the baselines are pyzmq REQ/REP over `ipc://` and \
              `multiprocessing.Pipe` (`send_bytes`/`recv_bytes`), measured in the same run. \
              The processes are {}. Each cell is the median across runs.\n\n",
             if pinned {
