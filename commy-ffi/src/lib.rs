@@ -53,3 +53,5 @@ pub use mesh::{FfiMesh, FfiRequest, FfiService, MeshOptions, Reply};
 pub use region::{FfiRegion, OpenPolicy, RegionOptions};
 pub use runtime::{CHECK_INTERVAL, FfiTask, LocalTask, block_on, runtime, spawn_with};
 pub use subscription::{FfiMessage, FfiSubscription};
+
+pub use commy_mesh::ThreadHook;

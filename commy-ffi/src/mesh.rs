@@ -75,6 +75,10 @@ pub struct MeshOptions {
     pub call_spin: Option<Duration>,
     /// Handlers of one service that may be waiting at once (1024 if `None`).
     pub max_concurrency: Option<usize>,
+    /// Runs each service link thread's work, on that thread (see
+    /// [`commy_mesh::ThreadHook`]): a binding sets the thread up once there
+    /// instead of once per request.
+    pub link_thread_hook: Option<commy_mesh::ThreadHook>,
 }
 
 /// A handle on the mesh. Cheap to clone; clones share links.
@@ -114,6 +118,9 @@ impl FfiMesh {
         }
         if let Some(n) = options.max_concurrency {
             builder = builder.max_concurrency(n);
+        }
+        if let Some(hook) = &options.link_thread_hook {
+            builder = builder.link_thread_hook(hook.clone());
         }
         let mesh = quick(builder.open()).map_err(|e| match e {
             commy_mesh::OpenError::Config(m) => FfiError::invalid_argument(m),

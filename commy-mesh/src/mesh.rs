@@ -60,6 +60,33 @@ pub struct Config {
     /// its thread and waits to be woken (zero: never poll). Polling saves
     /// the thread hand-off, which costs more than a whole quick call.
     pub call_spin: Duration,
+    /// Runs each service link thread's work (see [`ThreadHook`]).
+    pub link_thread_hook: Option<ThreadHook>,
+}
+
+/// Wraps the work of every thread that serves a link of this mesh's
+/// services: the hook is called on that thread with the thread's whole
+/// work, which it must run exactly once. A binding uses it to set the
+/// thread up once instead of per request (Python: attach the thread to the
+/// interpreter once, so each handler call only takes the GIL).
+#[derive(Clone)]
+pub struct ThreadHook(Arc<dyn Fn(&mut (dyn FnMut() + Send)) + Send + Sync>);
+
+impl ThreadHook {
+    /// A hook that runs `f` around each link thread's work.
+    pub fn new(f: impl Fn(&mut (dyn FnMut() + Send)) + Send + Sync + 'static) -> ThreadHook {
+        ThreadHook(Arc::new(f))
+    }
+
+    fn run(&self, work: &mut (dyn FnMut() + Send)) {
+        (self.0)(work)
+    }
+}
+
+impl std::fmt::Debug for ThreadHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ThreadHook")
+    }
 }
 
 impl Default for Config {
@@ -72,6 +99,7 @@ impl Default for Config {
             max_concurrency: 1024,
             default_timeout: Some(Duration::from_secs(30)),
             call_spin: Duration::from_micros(50),
+            link_thread_hook: None,
         }
     }
 }
@@ -121,6 +149,12 @@ impl MeshBuilder {
     /// (see [`Config::call_spin`]).
     pub fn call_spin(mut self, spin: Duration) -> MeshBuilder {
         self.config.call_spin = spin;
+        self
+    }
+
+    /// Wraps the work of every service link thread (see [`ThreadHook`]).
+    pub fn link_thread_hook(mut self, hook: ThreadHook) -> MeshBuilder {
+        self.config.link_thread_hook = Some(hook);
         self
     }
 
@@ -312,7 +346,20 @@ impl Mesh {
             self.inner.config.link.clone(),
             served.service.to_string(),
             served.stop.clone(),
-            move |link| conn::serve_link(link, ctx.clone()),
+            {
+                let hook = self.inner.config.link_thread_hook.clone();
+                move |link| match &hook {
+                    None => conn::serve_link(link, ctx.clone()),
+                    Some(hook) => {
+                        let (mut link, ctx) = (Some(link), ctx.clone());
+                        hook.run(&mut || {
+                            if let Some(link) = link.take() {
+                                conn::serve_link(link, ctx.clone());
+                            }
+                        });
+                    }
+                }
+            },
         )?;
         if let Ok(mut s) = self.inner.served.lock() {
             s.push(served.clone());

@@ -48,6 +48,7 @@ impl RawMesh {
             ));
         }
         options.max_concurrency = max_concurrency;
+        options.link_thread_hook = Some(crate::convert::link_thread_hook());
         let mesh = py
             .detach(|| FfiMesh::open(options))
             .map_err(|e| errors::to_py(py, &e))?;

@@ -540,8 +540,9 @@ class AsyncMesh(_Base):
 
     Takes the options of :class:`Mesh`. ``call_spin``: by default a call
     polls for its answer on the loop's thread for up to 50 µs only when it
-    is the only call in flight, and not at all otherwise; a number (seconds)
-    applies to every call. Handlers, plain or ``async``, run on the event
+    is the only call in flight and not to a service this mesh serves itself
+    (whose handler needs the loop), and not at all otherwise; a number
+    (seconds) applies to every call. Handlers, plain or ``async``, run on the event
     loop that opened the mesh.
     """
 
@@ -559,6 +560,9 @@ class AsyncMesh(_Base):
             raise InvalidArgument(f"call_spin must be a number of seconds >= 0, not {call_spin}")
         self._call_spin = call_spin
         self._in_flight = 0
+        # Services this mesh serves: their handlers run on this very loop,
+        # so a call to one of them must not hold the loop up polling.
+        self._own: "set[str]" = set()
         self._bridge_: Optional[_LoopBridge] = None
         self._tasks: "set[asyncio.Task[Any]]" = set()
 
@@ -573,7 +577,7 @@ class AsyncMesh(_Base):
         task cancels the call."""
         spin = self._call_spin
         if spin is None:
-            spin = _LONE_SPIN if self._in_flight == 0 else 0.0
+            spin = _LONE_SPIN if self._in_flight == 0 and service not in self._own else 0.0
         self._in_flight += 1
         try:
             result: bytes = await self._bridge.run(
@@ -626,7 +630,9 @@ class AsyncMesh(_Base):
             task.add_done_callback(functools.partial(finish, reply))
             reply.on_cancel(task.cancel, bridge.queue)
 
-        return self._keep(self._raw.serve_queued(service, dispatch, bridge.queue))
+        served = self._keep(self._raw.serve_queued(service, dispatch, bridge.queue))
+        self._own.add(service)
+        return served
 
     def service(self, service: str) -> Callable[[_F], _F]:
         """Decorator form of :meth:`serve`."""
