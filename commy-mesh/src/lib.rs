@@ -18,7 +18,9 @@ mod service;
 
 pub use commy_core::{Code, Deadline, Metadata, Status};
 pub use discovery::{DiscoveryError, HOST_ID_ENV, Instance, InstanceWatch, LocalRegistry, host_id};
-pub use mesh::{CallOptions, Config, Mesh, MeshBuilder, OpenError, ServiceHandle, ThreadHook};
+pub use mesh::{
+    CallOptions, Config, Mesh, MeshBuilder, OpenError, ServiceHandle, ThreadHook, ThreadWork,
+};
 pub use pubsub::{Message, SlowSubscriber, SubscribeOptions, Subscription};
 pub use service::{Request, Response};
 

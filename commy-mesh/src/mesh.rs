@@ -70,15 +70,20 @@ pub struct Config {
 /// thread up once instead of per request (Python: attach the thread to the
 /// interpreter once, so each handler call only takes the GIL).
 #[derive(Clone)]
-pub struct ThreadHook(Arc<dyn Fn(&mut (dyn FnMut() + Send)) + Send + Sync>);
+pub struct ThreadHook(Arc<HookFn>);
+
+/// A link thread's whole work, as a [`ThreadHook`] receives it.
+pub type ThreadWork<'a> = &'a mut (dyn FnMut() + Send);
+
+type HookFn = dyn Fn(ThreadWork<'_>) + Send + Sync;
 
 impl ThreadHook {
     /// A hook that runs `f` around each link thread's work.
-    pub fn new(f: impl Fn(&mut (dyn FnMut() + Send)) + Send + Sync + 'static) -> ThreadHook {
+    pub fn new(f: impl Fn(ThreadWork<'_>) + Send + Sync + 'static) -> ThreadHook {
         ThreadHook(Arc::new(f))
     }
 
-    fn run(&self, work: &mut (dyn FnMut() + Send)) {
+    fn run(&self, work: ThreadWork<'_>) {
         (self.0)(work)
     }
 }
