@@ -407,3 +407,28 @@ fn local_tasks_drive_calls_on_one_loop_thread() {
     assert_eq!(task.poll(), None);
     assert!(task.is_finished());
 }
+
+#[test]
+fn the_link_thread_hook_wraps_the_threads_that_run_handlers() {
+    let (hooked_tx, hooked_rx) = mpsc::channel();
+    let hooked_tx = std::sync::Mutex::new(hooked_tx);
+    let mut options = MeshOptions::default();
+    options.runtime_dir = Some(runtime_dir("hook"));
+    options.link_thread_hook = Some(commy_ffi::ThreadHook::new(move |work| {
+        let _ = hooked_tx.lock().unwrap().send(std::thread::current().id());
+        work();
+    }));
+    let mesh = FfiMesh::open(options).unwrap();
+    let (ran_tx, ran_rx) = mpsc::channel();
+    let ran_tx = std::sync::Mutex::new(ran_tx);
+    let _svc = mesh
+        .serve("where", move |req, reply| {
+            let _ = ran_tx.lock().unwrap().send(std::thread::current().id());
+            reply.ok(req.into_payload());
+        })
+        .unwrap();
+    let got = wait(mesh.call("where", Bytes::from_static(b"x"), Some(LONG))).unwrap();
+    assert_eq!(&got[..], b"x");
+    let hooked = hooked_rx.recv_timeout(LONG).expect("the hook ran");
+    assert_eq!(ran_rx.recv_timeout(LONG).unwrap(), hooked);
+}
