@@ -7,7 +7,9 @@
 //!   interrupt check every [`CHECK_INTERVAL`] (Ctrl-C in Python);
 //!   [`spawn_with`]: run one on the runtime and get a callback when it is
 //!   done (event loops: asyncio, Node); [`run_inline`]: the same without a
-//!   runtime task, polled on the calling and then the waking thread.
+//!   runtime task, polled on the calling and then the waking thread;
+//!   [`LocalTask`]: drive one on the binding's own thread, woken through a
+//!   callback.
 //! - [`FfiMesh`]: open / call / send / publish / serve / subscribe /
 //!   region / close. Handlers are callbacks `(FfiRequest, Reply)`; the
 //!   [`Reply`] is answered now or later, from any thread, and tells the
@@ -51,5 +53,7 @@ mod subscription;
 pub use error::{FfiError, error_code_names};
 pub use mesh::{FfiMesh, FfiRequest, FfiService, MeshOptions, Reply};
 pub use region::{FfiRegion, OpenPolicy, RegionOptions};
-pub use runtime::{CHECK_INTERVAL, FfiTask, block_on, run_inline, runtime, spawn_with};
+pub use runtime::{CHECK_INTERVAL, FfiTask, LocalTask, block_on, run_inline, runtime, spawn_with};
 pub use subscription::{FfiMessage, FfiSubscription};
+
+pub use commy_mesh::ThreadHook;

@@ -75,6 +75,10 @@ pub struct MeshOptions {
     pub call_spin: Option<Duration>,
     /// Handlers of one service that may be waiting at once (1024 if `None`).
     pub max_concurrency: Option<usize>,
+    /// Runs each service link thread's work, on that thread (see
+    /// [`commy_mesh::ThreadHook`]): a binding sets the thread up once there
+    /// instead of once per request.
+    pub link_thread_hook: Option<commy_mesh::ThreadHook>,
 }
 
 /// A handle on the mesh. Cheap to clone; clones share links.
@@ -115,6 +119,9 @@ impl FfiMesh {
         if let Some(n) = options.max_concurrency {
             builder = builder.max_concurrency(n);
         }
+        if let Some(hook) = &options.link_thread_hook {
+            builder = builder.link_thread_hook(hook.clone());
+        }
         let mesh = quick(builder.open()).map_err(|e| match e {
             commy_mesh::OpenError::Config(m) => FfiError::invalid_argument(m),
             other => FfiError::new(commy_mesh::Code::Unavailable, other.to_string()),
@@ -144,6 +151,31 @@ impl FfiMesh {
         async move {
             let mut options = CallOptions::default();
             options.timeout = timeout;
+            mesh.call_with(&service, payload, options)
+                .await
+                .map(Response::into_payload)
+                .map_err(FfiError::from)
+        }
+    }
+
+    /// [`call`](FfiMesh::call) with its own polling budget `spin` instead of
+    /// [`MeshOptions::call_spin`]: e.g. an event-loop binding that spins
+    /// only while a call is the one thing it waits for.
+    pub fn call_with_spin(
+        &self,
+        service: &str,
+        payload: Bytes,
+        timeout: Option<Duration>,
+        spin: Duration,
+    ) -> impl Future<Output = Result<Bytes, FfiError>> + Send + 'static {
+        let mesh = self.mesh.clone();
+        let service = service.to_owned();
+        async move {
+            let options = CallOptions::default().spin(spin);
+            let options = match timeout {
+                Some(t) => options.timeout(t),
+                None => options,
+            };
             mesh.call_with(&service, payload, options)
                 .await
                 .map(Response::into_payload)

@@ -35,6 +35,7 @@
 
 use std::future::Future;
 use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread::Thread;
@@ -175,6 +176,140 @@ where
     let task = runtime().spawn(async move { done(fut.await) });
     FfiTask {
         abort: task.abort_handle(),
+    }
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+struct LocalInner<T> {
+    /// `None` once finished or cancelled.
+    fut: Mutex<Option<BoxFuture<T>>>,
+    /// Hands the task back to its binding's thread when it is woken.
+    schedule: Box<dyn Fn(LocalTask<T>) + Send + Sync>,
+    /// Scheduled and not polled since (one hand-back per wake-up burst).
+    queued: AtomicBool,
+}
+
+/// A future driven on the binding's own thread (an event loop) instead of
+/// a runtime worker: [`LocalTask::start`] polls it once on the calling
+/// thread; afterwards, each time it is woken (from any thread), `schedule`
+/// is called with the task, and the binding calls [`poll`](LocalTask::poll)
+/// on its thread. A quick operation so completes with no thread hand-off
+/// but the one that wakes the loop.
+///
+/// Polls run inside the runtime's context, so the future may use tokio's
+/// timers and I/O.
+///
+/// ```
+/// use std::sync::mpsc;
+/// use commy_ffi::LocalTask;
+///
+/// // The "event loop": a channel of tasks to poll.
+/// let (tx, rx) = mpsc::channel::<LocalTask<u32>>();
+/// let tx = std::sync::Mutex::new(tx);
+/// let (task, first) = LocalTask::start(
+///     async {
+///         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+///         7
+///     },
+///     move |t| { let _ = tx.lock().unwrap().send(t); },
+/// );
+/// assert!(first.is_none()); // it has to wait
+/// let woken = rx.recv().unwrap();
+/// assert_eq!(woken.poll(), Some(7));
+/// assert!(task.is_finished());
+/// ```
+pub struct LocalTask<T> {
+    inner: Arc<LocalInner<T>>,
+}
+
+impl<T> Clone for LocalTask<T> {
+    fn clone(&self) -> Self {
+        LocalTask {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<T: Send + 'static> std::fmt::Debug for LocalTask<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalTask")
+            .field("finished", &self.is_finished())
+            .finish()
+    }
+}
+
+impl<T: Send + 'static> Wake for LocalInner<T> {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if !self.queued.swap(true, Ordering::AcqRel) {
+            (self.schedule)(LocalTask {
+                inner: self.clone(),
+            });
+        }
+    }
+}
+
+impl<T: Send + 'static> LocalTask<T> {
+    /// Polls `fut` once on this thread; returns the task and, if it is
+    /// already done, its output (`schedule` is then never called).
+    pub fn start<F, S>(fut: F, schedule: S) -> (LocalTask<T>, Option<T>)
+    where
+        F: Future<Output = T> + Send + 'static,
+        S: Fn(LocalTask<T>) + Send + Sync + 'static,
+    {
+        let task = LocalTask {
+            inner: Arc::new(LocalInner {
+                fut: Mutex::new(Some(Box::pin(fut))),
+                schedule: Box::new(schedule),
+                queued: AtomicBool::new(false),
+            }),
+        };
+        let first = task.poll();
+        (task, first)
+    }
+
+    /// Polls the future (on the binding's thread, after `schedule`):
+    /// `Some(output)` once it is done; `None` while it waits, and after it
+    /// finished or was cancelled.
+    pub fn poll(&self) -> Option<T> {
+        self.inner.queued.store(false, Ordering::Release);
+        let mut slot = match self.inner.fut.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let fut = slot.as_mut()?;
+        let _context = runtime().enter();
+        let waker = Waker::from(self.inner.clone());
+        let mut cx = Context::from_waker(&waker);
+        match fut.as_mut().poll(&mut cx) {
+            Poll::Ready(v) => {
+                *slot = None;
+                Some(v)
+            }
+            Poll::Pending => None,
+        }
+    }
+
+    /// Drops the future (cancelling what it was doing); later polls return
+    /// `None`.
+    pub fn cancel(&self) {
+        let fut = match self.inner.fut.lock() {
+            Ok(mut g) => g.take(),
+            Err(p) => p.into_inner().take(),
+        };
+        drop(fut);
+    }
+
+    /// Whether it finished or was cancelled.
+    pub fn is_finished(&self) -> bool {
+        match self.inner.fut.lock() {
+            Ok(g) => g.is_none(),
+            Err(p) => p.into_inner().is_none(),
+        }
     }
 }
 

@@ -353,3 +353,82 @@ fn a_caller_that_drops_its_call_cancels_the_handler() {
         .expect("the handler learned that its caller gave up");
     assert!(reply.is_cancelled());
 }
+
+#[test]
+fn local_tasks_drive_calls_on_one_loop_thread() {
+    let mut options = MeshOptions::default();
+    options.runtime_dir = Some(runtime_dir("local"));
+    options.call_spin = Some(Duration::ZERO);
+    let mesh = FfiMesh::open(options).unwrap();
+    let _svc = mesh
+        .serve("later", |req, reply| {
+            // Answer from another thread, so that calls must wait.
+            std::thread::spawn(move || {
+                reply.ok(req.into_payload());
+            });
+        })
+        .unwrap();
+    type Task = commy_ffi::LocalTask<(usize, Result<Bytes, FfiError>)>;
+    let (woken_tx, woken_rx) = mpsc::channel::<Task>();
+    let woken_tx = std::sync::Mutex::new(woken_tx);
+    let schedule = std::sync::Arc::new(move |t: Task| {
+        let _ = woken_tx.lock().unwrap().send(t);
+    });
+    let n = 300;
+    let mut done = vec![false; n];
+    let mut left = n;
+    let mut tasks = Vec::new();
+    for (i, seen) in done.iter_mut().enumerate() {
+        let call = mesh.call("later", Bytes::from(format!("{i}")), Some(LONG));
+        let s = schedule.clone();
+        let (task, first) =
+            commy_ffi::LocalTask::start(async move { (i, call.await) }, move |t| s(t));
+        if let Some((j, r)) = first {
+            assert_eq!(r.unwrap(), Bytes::from(format!("{j}")));
+            *seen = true;
+            left -= 1;
+        }
+        tasks.push(task);
+    }
+    // The "event loop": poll what was woken, on this thread only.
+    while left > 0 {
+        let task = woken_rx.recv_timeout(LONG).expect("a wake-up");
+        if let Some((i, r)) = task.poll() {
+            assert_eq!(r.unwrap(), Bytes::from(format!("{i}")));
+            assert!(!done[i]);
+            done[i] = true;
+            left -= 1;
+        }
+    }
+    assert!(tasks.iter().all(|t| t.is_finished()));
+    // A cancelled task polls to nothing.
+    let (task, _) = commy_ffi::LocalTask::start(std::future::pending::<u8>(), |_| {});
+    task.cancel();
+    assert_eq!(task.poll(), None);
+    assert!(task.is_finished());
+}
+
+#[test]
+fn the_link_thread_hook_wraps_the_threads_that_run_handlers() {
+    let (hooked_tx, hooked_rx) = mpsc::channel();
+    let hooked_tx = std::sync::Mutex::new(hooked_tx);
+    let mut options = MeshOptions::default();
+    options.runtime_dir = Some(runtime_dir("hook"));
+    options.link_thread_hook = Some(commy_ffi::ThreadHook::new(move |work| {
+        let _ = hooked_tx.lock().unwrap().send(std::thread::current().id());
+        work();
+    }));
+    let mesh = FfiMesh::open(options).unwrap();
+    let (ran_tx, ran_rx) = mpsc::channel();
+    let ran_tx = std::sync::Mutex::new(ran_tx);
+    let _svc = mesh
+        .serve("where", move |req, reply| {
+            let _ = ran_tx.lock().unwrap().send(std::thread::current().id());
+            reply.ok(req.into_payload());
+        })
+        .unwrap();
+    let got = wait(mesh.call("where", Bytes::from_static(b"x"), Some(LONG))).unwrap();
+    assert_eq!(&got[..], b"x");
+    let hooked = hooked_rx.recv_timeout(LONG).expect("the hook ran");
+    assert_eq!(ran_rx.recv_timeout(LONG).unwrap(), hooked);
+}

@@ -292,14 +292,17 @@ impl ClientConn {
 
     /// Sends a request and waits for its response (or the deadline).
     /// `balanced`: count the call in [`in_flight`](ClientConn::in_flight)
-    /// (only needed when there are instances to choose between).
+    /// (only needed when there are instances to choose between); `spin`:
+    /// this call's polling budget instead of the link's.
     pub(crate) async fn call(
         &self,
         payload: &[u8],
         metadata: &Metadata,
         mut due: Due,
         balanced: bool,
+        spin: Option<Duration>,
     ) -> CallResult {
+        let spin = spin.unwrap_or(self.spin);
         if !self.is_alive() {
             return Err(Status::unavailable("the instance is gone"));
         }
@@ -326,7 +329,7 @@ impl ClientConn {
                     send(&mut tx, id)?;
                     id
                 };
-                if let Some(result) = self.poll_own(&mut rx, id, &mut due) {
+                if let Some(result) = self.poll_own(&mut rx, id, &mut due, spin) {
                     return result;
                 }
                 let (done_tx, done_rx) = oneshot::channel();
@@ -357,7 +360,7 @@ impl ClientConn {
                 // flight, spinners would take the threads their answers are
                 // delivered on (and the other callers' work) away.
                 if polling.may_spin() {
-                    if let Some(result) = self.poll_shared(&mut done_rx, &mut due) {
+                    if let Some(result) = self.poll_shared(&mut done_rx, &mut due, spin) {
                         return result;
                     }
                 }
@@ -390,8 +393,14 @@ impl ClientConn {
     /// Polls the ring we own until the answer to `id` comes (completing
     /// other callers' answers on the way), the spin budget runs out or the
     /// deadline passes (`None` in the last two cases).
-    fn poll_own(&self, rx: &mut LinkReceiver, id: u64, due: &mut Due) -> Option<CallResult> {
-        let mut spin = SpinBudget::new(self.spin);
+    fn poll_own(
+        &self,
+        rx: &mut LinkReceiver,
+        id: u64,
+        due: &mut Due,
+        spin: Duration,
+    ) -> Option<CallResult> {
+        let mut spin = SpinBudget::new(spin);
         loop {
             match rx.try_recv() {
                 Ok(Some(msg)) => match self.deliver(&msg, Some(id)) {
@@ -419,8 +428,9 @@ impl ClientConn {
         &self,
         done: &mut oneshot::Receiver<CallResult>,
         due: &mut Due,
+        spin: Duration,
     ) -> Option<CallResult> {
-        let mut spin = SpinBudget::new(self.spin);
+        let mut spin = SpinBudget::new(spin);
         loop {
             if let Ok(mut rx) = self.rx.try_lock() {
                 self.drain(&mut rx);

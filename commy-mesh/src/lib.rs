@@ -22,7 +22,9 @@ mod service;
 
 pub use commy_core::{Code, Deadline, Metadata, Status};
 pub use discovery::{DiscoveryError, HOST_ID_ENV, Instance, InstanceWatch, LocalRegistry, host_id};
-pub use mesh::{CallOptions, Config, Mesh, MeshBuilder, OpenError, ServiceHandle};
+pub use mesh::{
+    CallOptions, Config, Mesh, MeshBuilder, OpenError, ServiceHandle, ThreadHook, ThreadWork,
+};
 pub use net::{INSTANCES_SERVICE, NetError, PUBLISH_SERVICE, SERVICE_HEADER};
 pub use netconfig::{CONFIG_ENV, NetConfig, TransportPreference};
 pub use pubsub::{Message, SlowSubscriber, SubscribeOptions, Subscription};

@@ -65,6 +65,38 @@ pub struct Config {
     /// Network settings: TLS listener, peers, certificates, transport
     /// preference (unset ones come from the environment and config file).
     pub net: NetConfig,
+    /// Runs each service link thread's work (see [`ThreadHook`]).
+    pub link_thread_hook: Option<ThreadHook>,
+}
+
+/// Wraps the work of every thread that serves a link of this mesh's
+/// services: the hook is called on that thread with the thread's whole
+/// work, which it must run exactly once. A binding uses it to set the
+/// thread up once instead of per request (Python: attach the thread to the
+/// interpreter once, so each handler call only takes the GIL).
+#[derive(Clone)]
+pub struct ThreadHook(Arc<HookFn>);
+
+/// A link thread's whole work, as a [`ThreadHook`] receives it.
+pub type ThreadWork<'a> = &'a mut (dyn FnMut() + Send);
+
+type HookFn = dyn Fn(ThreadWork<'_>) + Send + Sync;
+
+impl ThreadHook {
+    /// A hook that runs `f` around each link thread's work.
+    pub fn new(f: impl Fn(ThreadWork<'_>) + Send + Sync + 'static) -> ThreadHook {
+        ThreadHook(Arc::new(f))
+    }
+
+    fn run(&self, work: ThreadWork<'_>) {
+        (self.0)(work)
+    }
+}
+
+impl std::fmt::Debug for ThreadHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ThreadHook")
+    }
 }
 
 impl Default for Config {
@@ -78,6 +110,7 @@ impl Default for Config {
             default_timeout: Some(Duration::from_secs(30)),
             call_spin: Duration::from_micros(50),
             net: NetConfig::default(),
+            link_thread_hook: None,
         }
     }
 }
@@ -161,6 +194,12 @@ impl MeshBuilder {
         self
     }
 
+    /// Wraps the work of every service link thread (see [`ThreadHook`]).
+    pub fn link_thread_hook(mut self, hook: ThreadHook) -> MeshBuilder {
+        self.config.link_thread_hook = Some(hook);
+        self
+    }
+
     /// Opens the mesh.
     pub async fn open(self) -> Result<Mesh, OpenError> {
         if let Some(e) = self.error {
@@ -203,6 +242,9 @@ pub struct CallOptions {
     pub metadata: Metadata,
     /// The transport this call may use (default: the mesh's).
     pub transport: Option<TransportPreference>,
+    /// How long this caller polls for its answer before it sleeps, instead
+    /// of [`Config::call_spin`].
+    pub spin: Option<Duration>,
 }
 
 impl CallOptions {
@@ -221,6 +263,12 @@ impl CallOptions {
     /// Forces a transport for this call.
     pub fn transport(mut self, t: TransportPreference) -> CallOptions {
         self.transport = Some(t);
+        self
+    }
+
+    /// Sets this call's polling budget (see [`Config::call_spin`]).
+    pub fn spin(mut self, spin: Duration) -> CallOptions {
+        self.spin = Some(spin);
         self
     }
 }
@@ -437,7 +485,20 @@ impl Mesh {
             self.inner.config.link.clone(),
             served.service.to_string(),
             served.stop.clone(),
-            move |link| conn::serve_link(link, ctx.clone()),
+            {
+                let hook = self.inner.config.link_thread_hook.clone();
+                move |link| match &hook {
+                    None => conn::serve_link(link, ctx.clone()),
+                    Some(hook) => {
+                        let (mut link, ctx) = (Some(link), ctx.clone());
+                        hook.run(&mut || {
+                            if let Some(link) = link.take() {
+                                conn::serve_link(link, ctx.clone());
+                            }
+                        });
+                    }
+                }
+            },
         )?;
         if let Ok(mut s) = self.inner.served.lock() {
             s.push(served.clone());
@@ -485,7 +546,8 @@ impl Mesh {
                 }
             }
         };
-        conn.call(&payload, &options.metadata, due, balanced).await
+        conn.call(&payload, &options.metadata, due, balanced, options.spin)
+            .await
     }
 
     /// The fast path of picking: a live link to an instance of a service

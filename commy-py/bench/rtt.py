@@ -108,6 +108,51 @@ def run_commy(iterations: int, warmup: int) -> List[int]:
         server.wait(30)
 
 
+def run_commy_asyncio(iterations: int, warmup: int) -> List[int]:
+    import asyncio
+
+    import commy
+
+    rt = tempfile.mkdtemp(prefix="cpyb-", dir="/tmp")
+    os.chmod(rt, 0o700)
+    env = dict(os.environ, COMMY_RUNTIME_DIR=rt)
+    server = subprocess.Popen(
+        [sys.executable, "-c", COMMY_SERVER, server_cpu()], stdout=subprocess.PIPE, text=True, env=env
+    )
+
+    async def client() -> List[int]:
+        async with commy.AsyncMesh() as mesh:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    await mesh.call("bench-echo", b"", timeout=30)
+                    break
+                except commy.NotFound:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.01)
+            payload = bytes(range(SIZE))
+            for _ in range(warmup):
+                await mesh.call("bench-echo", payload, timeout=30)
+            samples = []
+            clock = time.perf_counter_ns
+            for _ in range(iterations):
+                t = clock()
+                reply = await mesh.call("bench-echo", payload, timeout=30)
+                samples.append(clock() - t)
+                if reply != payload:
+                    raise RuntimeError("wrong echo")
+            return samples
+
+    try:
+        assert server.stdout is not None and server.stdout.readline().startswith("ready")
+        os.environ["COMMY_RUNTIME_DIR"] = rt
+        return asyncio.run(client())
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
 # --- pyzmq ------------------------------------------------------------------
 
 ZMQ_SERVER = """
@@ -185,6 +230,7 @@ def run_pipe(iterations: int, warmup: int) -> List[int]:
 
 SCENARIOS: Dict[str, Tuple[str, Callable[[int, int], List[int]]]] = {
     "python/commy/64B": ("commy mesh.call, Python to Python", run_commy),
+    "python/commy-asyncio/64B": ("commy await mesh.call (AsyncMesh), Python to Python", run_commy_asyncio),
     "python/pyzmq-ipc/64B": ("pyzmq REQ/REP over ipc://", run_zmq),
     "python/mp-pipe/64B": ("multiprocessing.Pipe", run_pipe),
 }

@@ -3,10 +3,15 @@
 //! that becomes readable when the queue gets work.
 //!
 //! The loop watches the descriptor (`loop.add_reader`) and drains the queue
-//! in one go on its own thread: finished operations settle their futures,
-//! requests go to their handlers. No commy thread ever waits for the GIL
-//! (which, with the loop busy running Python code, can take a whole switch
-//! interval per hand-off), and a burst of completions costs one wake-up.
+//! in one go on its own thread. Operations (`call_async`, ...) are
+//! commy-ffi [`LocalTask`]s: polled first right where they are started,
+//! on the loop's thread, then again on that thread whenever they are woken
+//! (their wake-up is an event in the queue), and they settle their asyncio
+//! futures when done. Requests go to their handlers the same way. No commy
+//! thread ever waits for the GIL (which, with the loop busy running Python
+//! code, can take a whole switch interval per hand-off), no runtime worker
+//! stands between a response and the loop, and a burst of events costs one
+//! wake-up.
 
 use std::future::Future;
 use std::io::{ErrorKind, Read, Write};
@@ -15,7 +20,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use commy_ffi::{FfiError, FfiTask, Reply};
+use commy_ffi::{FfiError, LocalTask, Reply};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 
@@ -30,11 +35,14 @@ pub(crate) enum Outcome {
     Unit,
 }
 
+/// What an operation's task yields.
+pub(crate) type OpResult = Result<Outcome, FfiError>;
+
 enum Event {
-    /// An operation finished: settle `fut` with it.
-    Done {
-        fut: Py<PyAny>,
-        result: Result<Outcome, FfiError>,
+    /// An operation was woken: poll it, and settle `fut` once it is done.
+    Poll {
+        task: LocalTask<OpResult>,
+        fut: Arc<Py<PyAny>>,
     },
     /// A request for `handler`.
     Request {
@@ -51,6 +59,8 @@ struct State {
     events: Vec<Event>,
     /// A wake-up byte is on its way (no need to send another).
     woken: bool,
+    /// The loop stopped listening: requests are refused, tasks dropped.
+    closed: bool,
 }
 
 pub(crate) struct Queue {
@@ -70,6 +80,16 @@ impl Queue {
     fn push(&self, event: Event) {
         let wake = {
             let mut st = self.lock();
+            if st.closed {
+                drop(st);
+                if let Event::Request { reply, .. } = event {
+                    reply.error(FfiError::from_code_name(
+                        "UNAVAILABLE",
+                        "the service's event loop has stopped listening (its mesh is closed)",
+                    ));
+                }
+                return;
+            }
             st.events.push(event);
             !std::mem::replace(&mut st.woken, true)
         };
@@ -113,6 +133,7 @@ impl RawQueue {
                 state: Mutex::new(State {
                     events: Vec::new(),
                     woken: false,
+                    closed: false,
                 }),
                 wake_tx,
                 wake_rx,
@@ -120,33 +141,46 @@ impl RawQueue {
         })
     }
 
+    /// Stops taking events: requests from now on answer UNAVAILABLE, and
+    /// those waiting are answered so too.
+    fn close(&self) {
+        let waiting = {
+            let mut st = self.queue.lock();
+            st.closed = true;
+            std::mem::take(&mut st.events)
+        };
+        for event in waiting {
+            if let Event::Request { reply, .. } = event {
+                reply.error(FfiError::from_code_name(
+                    "UNAVAILABLE",
+                    "the service's event loop has stopped listening (its mesh is closed)",
+                ));
+            }
+        }
+    }
+
     /// The descriptor that becomes readable when events wait.
     fn fileno(&self) -> i32 {
         self.queue.wake_rx.as_raw_fd()
     }
 
-    /// Takes every waiting event, as tuples: `(0, future, value, exception)`
-    /// for a finished operation, `(1, handler, data, reply)` for a request,
-    /// `(2, callback)` for a callback to call.
+    /// Takes every waiting event: polls woken operations (settling the
+    /// futures of those that finished) and returns the rest as tuples:
+    /// `(1, handler, data, reply)` for a request, `(2, callback)` for a
+    /// callback to call.
     fn drain<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyTuple>>> {
         let events = self.queue.take();
         let mut out = Vec::with_capacity(events.len());
         for event in events {
             let tuple = match event {
-                Event::Done { fut, result } => {
-                    let (value, exc) = match result {
-                        Ok(outcome) => (outcome_to_py(py, outcome)?, py.None()),
-                        Err(e) => (py.None(), errors::to_py(py, &e).into_value(py).into_any()),
-                    };
-                    PyTuple::new(
-                        py,
-                        [
-                            0i32.into_pyobject(py)?.into_any(),
-                            fut.into_bound(py),
-                            value.into_bound(py),
-                            exc.into_bound(py),
-                        ],
-                    )?
+                Event::Poll { task, fut } => {
+                    if let Some(result) = task.poll() {
+                        if let Err(e) = settle(py, fut.bind(py), result) {
+                            // Not the future asyncio made: report, go on.
+                            e.display(py);
+                        }
+                    }
+                    continue;
                 }
                 Event::Request {
                     handler,
@@ -189,24 +223,45 @@ fn outcome_to_py(py: Python<'_>, outcome: Outcome) -> PyResult<Py<PyAny>> {
     })
 }
 
-/// Runs `fut` on commy's runtime and queues its outcome for `fut_py`.
-pub(crate) fn spawn<T, F>(
+/// Settles the asyncio future `fut` with `result` (unless it is done
+/// already: cancelled by its awaiter).
+fn settle(py: Python<'_>, fut: &Bound<'_, PyAny>, result: OpResult) -> PyResult<()> {
+    if fut.call_method0("done")?.is_truthy()? {
+        return Ok(());
+    }
+    match result {
+        Ok(outcome) => fut.call_method1("set_result", (outcome_to_py(py, outcome)?,))?,
+        Err(e) => fut.call_method1("set_exception", (errors::to_py(py, &e).into_value(py),))?,
+    };
+    Ok(())
+}
+
+/// Starts `op` for the asyncio future `fut_py` on the loop's thread: polled
+/// here at once (settling the future if it is already done), then whenever
+/// it is woken, through `queue`.
+pub(crate) fn start<T, F>(
+    py: Python<'_>,
     queue: &RawQueue,
     fut_py: Py<PyAny>,
-    fut: F,
+    op: F,
     outcome: fn(T) -> Outcome,
-) -> FfiTask
+) -> PyResult<LocalTask<OpResult>>
 where
     F: Future<Output = Result<T, FfiError>> + Send + 'static,
     T: Send + 'static,
 {
-    let queue = queue.queue.clone();
-    commy_ffi::spawn_with(fut, move |result| {
-        queue.push(Event::Done {
-            fut: fut_py,
-            result: result.map(outcome),
+    let fut_py = Arc::new(fut_py);
+    let (q, f) = (queue.queue.clone(), fut_py.clone());
+    let (task, first) = LocalTask::start(async move { op.await.map(outcome) }, move |task| {
+        q.push(Event::Poll {
+            task,
+            fut: f.clone(),
         });
-    })
+    });
+    if let Some(result) = first {
+        settle(py, fut_py.bind(py), result)?;
+    }
+    Ok(task)
 }
 
 /// Queues a request for `handler` (from a link thread).

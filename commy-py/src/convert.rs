@@ -56,6 +56,38 @@ pub(crate) fn with_python<R>(f: impl for<'py> FnOnce(Python<'py>) -> R) -> Optio
     Some(Python::attach(f))
 }
 
+/// Whether the interpreter is exiting (see [`close_entry`]).
+fn entry_closed() -> bool {
+    entry().closed
+}
+
+/// The link-thread hook of Python meshes: the thread is attached to the
+/// interpreter once, for its whole life, and detached (GIL released) while
+/// it works, so that each handler call only takes the GIL instead of making
+/// and tearing down a thread state.
+pub(crate) fn link_thread_hook() -> commy_ffi::ThreadHook {
+    commy_ffi::ThreadHook::new(|work| {
+        if entry_closed() {
+            // The interpreter is going away: serve without it (handlers
+            // answer UNAVAILABLE without entering it).
+            work();
+            return;
+        }
+        Python::attach(|py| {
+            py.detach(|| {
+                work();
+                if entry_closed() {
+                    // Leaving `detach` would take the GIL of an interpreter
+                    // that is finalizing; the process is exiting anyway.
+                    loop {
+                        std::thread::park();
+                    }
+                }
+            })
+        });
+    })
+}
+
 /// Called at interpreter exit, before it starts finalizing: keeps commy's
 /// threads out from now on and waits (up to `patience`) for those inside
 /// to leave, since a thread still running Python code when finalizing

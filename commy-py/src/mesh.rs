@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use commy_ffi::{FfiError, FfiMesh, FfiService, FfiTask, MeshOptions, OpenPolicy, Reply};
+use commy_ffi::{FfiError, FfiMesh, FfiService, LocalTask, MeshOptions, OpenPolicy, Reply};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
@@ -48,6 +48,7 @@ impl RawMesh {
             ));
         }
         options.max_concurrency = max_concurrency;
+        options.link_thread_hook = Some(crate::convert::link_thread_hook());
         let mesh = py
             .detach(|| FfiMesh::open(options))
             .map_err(|e| errors::to_py(py, &e))?;
@@ -87,9 +88,16 @@ impl RawMesh {
         wait(py, self.mesh.publish(topic, data))
     }
 
-    /// `call` on commy's runtime: its outcome settles the asyncio future
+    /// `call` for an event loop: started here, on the loop's thread, and
+    /// polled there again when woken through `queue`; its outcome settles the asyncio future
     /// `fut` through `queue`.
-    #[pyo3(signature = (service, data, timeout, queue, fut))]
+    /// `spin`: seconds this call polls for its answer on the loop's thread
+    /// before it waits (the mesh's `call_spin` if None).
+    #[pyo3(signature = (service, data, timeout, queue, fut, spin=None))]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the Python method's parameters, one by one"
+    )]
     fn call_async(
         &self,
         py: Python<'_>,
@@ -98,16 +106,25 @@ impl RawMesh {
         timeout: Option<f64>,
         queue: &RawQueue,
         fut: Py<PyAny>,
+        spin: Option<f64>,
     ) -> PyResult<RawTask> {
         let data = payload(data, "data")?;
         let timeout = seconds(py, timeout, "timeout")?;
-        let call = self.mesh.call(service, data, timeout);
-        Ok(RawTask::new(aio::spawn(queue, fut, call, Outcome::Bytes)))
+        let spin = seconds(py, spin, "spin")?;
+        let (mesh, service) = (self.mesh.clone(), service.to_owned());
+        let call = async move {
+            match spin {
+                Some(spin) => mesh.call_with_spin(&service, data, timeout, spin).await,
+                None => mesh.call(&service, data, timeout).await,
+            }
+        };
+        aio::start(py, queue, fut, call, Outcome::Bytes).map(RawTask::new)
     }
 
-    /// `send` on commy's runtime (see `call_async`).
+    /// `send` for an event loop (see `call_async`).
     fn send_async(
         &self,
+        py: Python<'_>,
         service: &str,
         data: &Bound<'_, PyAny>,
         queue: &RawQueue,
@@ -115,14 +132,13 @@ impl RawMesh {
     ) -> PyResult<RawTask> {
         let data = payload(data, "data")?;
         let send = self.mesh.send(service, data);
-        Ok(RawTask::new(aio::spawn(queue, fut, send, |()| {
-            Outcome::Unit
-        })))
+        aio::start(py, queue, fut, send, |()| Outcome::Unit).map(RawTask::new)
     }
 
-    /// `publish` on commy's runtime (see `call_async`).
+    /// `publish` for an event loop (see `call_async`).
     fn publish_async(
         &self,
+        py: Python<'_>,
         topic: &str,
         data: &Bound<'_, PyAny>,
         queue: &RawQueue,
@@ -130,12 +146,7 @@ impl RawMesh {
     ) -> PyResult<RawTask> {
         let data = payload(data, "data")?;
         let publish = self.mesh.publish(topic, data);
-        Ok(RawTask::new(aio::spawn(
-            queue,
-            fut,
-            publish,
-            Outcome::Count,
-        )))
+        aio::start(py, queue, fut, publish, Outcome::Count).map(RawTask::new)
     }
 
     /// Serves `service` with `handler(data: bytes) -> bytes-like`, called on
@@ -242,14 +253,14 @@ impl RawMesh {
         })
     }
 
-    /// `close` on commy's runtime (see `call_async`).
-    fn close_async(&self, queue: &RawQueue, fut: Py<PyAny>) -> RawTask {
+    /// `close` for an event loop (see `call_async`).
+    fn close_async(&self, py: Python<'_>, queue: &RawQueue, fut: Py<PyAny>) -> PyResult<RawTask> {
         let closing = self.mesh.close();
         let close = async move {
             closing.await;
             Ok(())
         };
-        RawTask::new(aio::spawn(queue, fut, close, |()| Outcome::Unit))
+        aio::start(py, queue, fut, close, |()| Outcome::Unit).map(RawTask::new)
     }
 }
 
@@ -366,11 +377,11 @@ impl RawReply {
 /// A `*_async` operation in progress.
 #[pyclass(frozen, module = "commy._commy")]
 pub(crate) struct RawTask {
-    task: FfiTask,
+    task: LocalTask<aio::OpResult>,
 }
 
 impl RawTask {
-    pub(crate) fn new(task: FfiTask) -> RawTask {
+    pub(crate) fn new(task: LocalTask<aio::OpResult>) -> RawTask {
         RawTask { task }
     }
 }

@@ -61,11 +61,12 @@ impl RawSubscription {
         Ok(got.map(|m| PyBytes::new(py, m.payload()).unbind()))
     }
 
-    /// `next` on commy's runtime: settles `fut` with the data or None.
-    fn next_async(&self, queue: &RawQueue, fut: Py<PyAny>) -> RawTask {
+    /// `next` for an event loop (see `RawMesh.call_async`): settles `fut`
+    /// with the data, or None once closed.
+    fn next_async(&self, py: Python<'_>, queue: &RawQueue, fut: Py<PyAny>) -> PyResult<RawTask> {
         let next = self.sub.next();
         let next = async move { Ok(next.await.map(|m| m.into_payload())) };
-        RawTask::new(aio::spawn(queue, fut, next, Outcome::MaybeBytes))
+        aio::start(py, queue, fut, next, Outcome::MaybeBytes).map(RawTask::new)
     }
 
     /// Ends the subscription; a waiting `next` returns None.

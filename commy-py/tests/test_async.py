@@ -174,3 +174,37 @@ def test_a_mesh_belongs_to_its_loop(runtime_dir: str) -> None:
 
     asyncio.run(first())
     asyncio.run(second())
+
+
+def test_a_closed_async_service_refuses_instead_of_hanging(runtime_dir: str) -> None:
+    client = commy.Mesh()
+
+    async def main() -> None:
+        mesh = commy.AsyncMesh()
+        async with mesh:
+            mesh.serve("short-lived", lambda d: d)
+            # The client's link to it exists before the close.
+            assert await asyncio.to_thread(client.call, "short-lived", b"hi", LONG) == b"hi"
+
+    run(main)
+    started = time.monotonic()
+    with pytest.raises((commy.NotFound, commy.Unavailable)):
+        client.call("short-lived", b"again", timeout=LONG)
+    assert time.monotonic() - started < 10
+    client.close()
+
+
+def test_sequential_awaits_with_either_spin_setting(runtime_dir: str) -> None:
+    with pytest.raises(commy.InvalidArgument, match="call_spin"):
+        commy.AsyncMesh(call_spin=-1.0)
+
+    async def main() -> None:
+        async with commy.AsyncMesh() as server, commy.AsyncMesh(call_spin=0.0) as no_spin:
+            server.serve("inc", lambda d: bytes([d[0] + 1]))
+            for mesh in (server, no_spin):  # adaptive (the default) and never
+                b = b"\x00"
+                for _ in range(50):
+                    b = await mesh.call("inc", b, timeout=LONG)
+                assert b == b"\x32"
+
+    run(main)

@@ -97,3 +97,23 @@ def test_a_region_shared_with_another_process(mesh: commy.Mesh, children: List[C
     assert child.proc.wait(LONG) == 0
     assert bytes(r.buffer[:11]) == b"hello world"
     r.close()
+
+
+def test_a_forked_child_opens_its_own_mesh(mesh: commy.Mesh) -> None:
+    import os
+
+    mesh.serve("parent-echo", lambda d: b"parent:" + d)
+    assert mesh.call("parent-echo", b"x") == b"parent:x"  # the runtime is running
+    pid = os.fork()
+    if pid == 0:  # the child: commy starts a runtime of its own here
+        code = 1
+        try:
+            with commy.Mesh() as child:
+                child.serve("child-echo", lambda d: b"child:" + d)
+                ok = child.call("child-echo", b"y", timeout=LONG) == b"child:y"
+                ok = ok and child.call("parent-echo", b"z", timeout=LONG) == b"parent:z"
+                code = 0 if ok else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

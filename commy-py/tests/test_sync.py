@@ -101,6 +101,17 @@ def test_errors_of_the_mesh_itself(mesh: commy.Mesh) -> None:
         mesh.call("slow", b"", timeout=0.05)
 
 
+def test_bad_mesh_options_are_refused(runtime_dir: str) -> None:
+    with pytest.raises(commy.InvalidArgument, match="mesh name"):
+        commy.Mesh("no spaces allowed")
+    with pytest.raises(commy.InvalidArgument, match="call_spin"):
+        commy.Mesh(call_spin=-1.0)
+    with pytest.raises(commy.InvalidArgument, match="max_concurrency"):
+        commy.Mesh(max_concurrency=0)
+    with pytest.raises(commy.Unavailable, match="runtime"):
+        commy.Mesh(runtime_dir="/proc/not-a-runtime-dir")
+
+
 def test_a_closed_mesh_refuses(runtime_dir: str) -> None:
     m = commy.Mesh()
     m.serve("svc", lambda d: d)
@@ -268,3 +279,25 @@ def test_wait_returns_when_closed_from_another_thread(runtime_dir: str) -> None:
     assert m.wait(0.01) is False
     threading.Timer(0.1, m.close).start()
     assert m.wait(LONG) is True
+
+
+def test_many_threads_call_at_once_and_handlers_may_call_services(mesh: commy.Mesh) -> None:
+    mesh.serve("inner", lambda d: d[::-1])
+    # A handler that itself calls a service (from commy's link thread).
+    mesh.serve("outer", lambda d: b"<" + mesh.call("inner", d, timeout=LONG) + b">")
+    errors: List[BaseException] = []
+
+    def worker(k: int) -> None:
+        try:
+            for i in range(200):
+                data = b"%d-%d" % (k, i)
+                assert mesh.call("outer", data, timeout=LONG) == b"<" + data[::-1] + b">"
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(LONG * 2)
+    assert not errors, errors

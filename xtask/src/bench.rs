@@ -369,8 +369,9 @@ pub(crate) fn render(report: &Report, machine: &Machine, date: &str) -> String {
             "The `python/*` rows come from `commy-py/bench/rtt.py`, run with the release wheel \
              installed: a server process echoes, a client process times sequential 64 B round \
              trips with `time.perf_counter_ns` after a warm-up, both in Python. Through commy \
-             the client calls `mesh.call` and the server is `mesh.serve` with a Python \
-             function; the baselines are pyzmq REQ/REP over `ipc://` and \
+             the client calls `mesh.call` (`python/commy`) or awaits `AsyncMesh.call` in \
+             `asyncio.run` (`python/commy-asyncio`), and the server is `mesh.serve` with a \
+             Python function; the baselines are pyzmq REQ/REP over `ipc://` and \
              `multiprocessing.Pipe` (`send_bytes`/`recv_bytes`), measured in the same run. \
              The processes are {}. Each cell is the median across runs.\n\n",
             if pinned {
@@ -789,6 +790,53 @@ mod tests {
          "msgs_per_s": 52000.0, "gb_per_s": 3.41, "vs_uds": 1.0, "vs_floor": null}
       ]
     }"#;
+
+    #[test]
+    fn python_rows_render_with_their_method_and_target() {
+        let py = r#"{"runs": 5, "quick": false, "pinned": false, "results": [
+            {"name": "python/commy/64B", "transport": "commy mesh.call, Python to Python",
+             "size": 64, "wait": "default", "iterations": 20000, "warmup": 2000, "batch": 1,
+             "kind": "round_trip", "p50_ns": 10000.0, "p99_ns": 20000.0, "p999_ns": 40000.0,
+             "vs_uds": null, "vs_floor": null},
+            {"name": "python/pyzmq-ipc/64B", "transport": "pyzmq REQ/REP over ipc://",
+             "size": 64, "wait": "default", "iterations": 20000, "warmup": 2000, "batch": 1,
+             "kind": "round_trip", "p50_ns": 100000.0, "p99_ns": 150000.0, "p999_ns": 200000.0,
+             "vs_uds": null, "vs_floor": null}]}"#;
+        let py: PythonReport = serde_json::from_str(py).unwrap();
+        let report = Report {
+            schema: SCHEMA,
+            quick: false,
+            runs: 5,
+            filters: vec!["python".into()],
+            pinning: None,
+            timer_overhead_ns: 0.0,
+            results: py.results,
+            harness: false,
+            python_pinned: Some(py.pinned),
+        };
+        let machine = Machine {
+            cpu: "Test CPU".into(),
+            cores: 2,
+            virtualized: false,
+            memory: "1.0 GiB".into(),
+            kernel: "6.1.0".into(),
+            rustc: "rustc 1.95.0".into(),
+        };
+        let md = render(&report, &machine, "2025-01-02 03:04 UTC");
+        assert!(md.contains("## Python SDK"), "{md}");
+        assert!(!md.contains("## How the numbers are taken"), "{md}");
+        assert!(md.contains("not pinned"), "{md}");
+        assert!(
+            md.contains("| `python/commy/64B` | commy mesh.call, Python to Python |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| Python round trip through commy vs pyzmq REQ/REP ipc:// (64 B) | 0.10× | ≤ 0.33× | yes |"
+            ),
+            "{md}"
+        );
+    }
 
     #[test]
     fn renders_both_tables_from_harness_json() {

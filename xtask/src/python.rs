@@ -120,6 +120,7 @@ pub(crate) fn step() -> Step {
 /// The scenarios of `commy-py/bench/rtt.py` (for `cargo xtask bench` filters).
 pub(crate) const BENCH_SCENARIOS: &[&str] = &[
     "python/commy/64B",
+    "python/commy-asyncio/64B",
     "python/pyzmq-ipc/64B",
     "python/mp-pipe/64B",
 ];

@@ -453,28 +453,21 @@ class _LoopBridge:
         loop.add_reader(self.queue.fileno(), self._drain)
 
     def _drain(self) -> None:
+        # Woken operations are polled (and their futures settled) inside
+        # drain(); what comes back are requests and callbacks.
         for event in self.queue.drain():
-            kind = event[0]
-            if kind == 0:
-                fut, value, exc = event[1], event[2], event[3]
-                if fut.done():
-                    continue
-                if exc is not None:
-                    fut.set_exception(exc)
-                else:
-                    fut.set_result(value)
-            elif kind == 1:
+            if event[0] == 1:
                 event[1](event[2], event[3])
             else:
                 event[1]()
 
-    def run(self, start: Callable[..., _commy.RawTask], *args: Any) -> "asyncio.Future[Any]":
+    def run(self, start: Callable[..., _commy.RawTask], *args: Any, **kwargs: Any) -> "asyncio.Future[Any]":
         """Starts a commy operation whose outcome settles an asyncio future;
         cancelling the future cancels the operation."""
         if asyncio.get_running_loop() is not self.loop:
             raise FailedPrecondition("this AsyncMesh belongs to another event loop")
         fut: "asyncio.Future[Any]" = self.loop.create_future()
-        task = start(*args, self.queue, fut)
+        task = start(*args, self.queue, fut, **kwargs)
 
         def cancel_task(f: "asyncio.Future[Any]") -> None:
             if f.cancelled():
@@ -484,6 +477,7 @@ class _LoopBridge:
         return fut
 
     def close(self) -> None:
+        self.queue.close()
         if not self.loop.is_closed():
             self.loop.remove_reader(self.queue.fileno())
 
@@ -536,12 +530,20 @@ class AsyncSubscription:
         self.close()
 
 
+#: How long an AsyncMesh call polls for its answer on the loop's thread
+#: when it is the only call in flight (then the loop has nothing else to do).
+_LONE_SPIN = 50e-6
+
+
 class AsyncMesh(_Base):
     """An asyncio handle on the mesh: ``async with commy.AsyncMesh() as mesh``.
 
-    Takes the options of :class:`Mesh`; ``call_spin`` defaults to 0 here,
-    since many calls share commy's threads. Handlers, plain or ``async``,
-    run on the event loop that opened the mesh.
+    Takes the options of :class:`Mesh`. ``call_spin``: by default a call
+    polls for its answer on the loop's thread for up to 50 µs only when it
+    is the only call in flight and not to a service this mesh serves itself
+    (whose handler needs the loop), and not at all otherwise; a number
+    (seconds) applies to every call. Handlers, plain or ``async``, run on the event
+    loop that opened the mesh.
     """
 
     def __init__(
@@ -550,10 +552,17 @@ class AsyncMesh(_Base):
         *,
         runtime_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
         default_timeout: Optional[float] = None,
-        call_spin: Optional[float] = 0.0,
+        call_spin: Optional[float] = None,
         max_concurrency: Optional[int] = None,
     ) -> None:
-        super().__init__(mesh, runtime_dir, default_timeout, call_spin, max_concurrency)
+        super().__init__(mesh, runtime_dir, default_timeout, 0.0, max_concurrency)
+        if call_spin is not None and not call_spin >= 0:
+            raise InvalidArgument(f"call_spin must be a number of seconds >= 0, not {call_spin}")
+        self._call_spin = call_spin
+        self._in_flight = 0
+        # Services this mesh serves: their handlers run on this very loop,
+        # so a call to one of them must not hold the loop up polling.
+        self._own: "set[str]" = set()
         self._bridge_: Optional[_LoopBridge] = None
         self._tasks: "set[asyncio.Task[Any]]" = set()
 
@@ -565,8 +574,17 @@ class AsyncMesh(_Base):
 
     async def call(self, service: str, data: Buffer, timeout: Optional[float] = None) -> bytes:
         """Calls ``service`` (see :meth:`Mesh.call`). Cancelling the awaiting
-        task abandons the call."""
-        result: bytes = await self._bridge.run(self._raw.call_async, service, data, timeout)
+        task cancels the call."""
+        spin = self._call_spin
+        if spin is None:
+            spin = _LONE_SPIN if self._in_flight == 0 and service not in self._own else 0.0
+        self._in_flight += 1
+        try:
+            result: bytes = await self._bridge.run(
+                self._raw.call_async, service, data, timeout, spin=spin
+            )
+        finally:
+            self._in_flight -= 1
         return result
 
     async def send(self, service: str, data: Buffer) -> None:
@@ -612,7 +630,9 @@ class AsyncMesh(_Base):
             task.add_done_callback(functools.partial(finish, reply))
             reply.on_cancel(task.cancel, bridge.queue)
 
-        return self._keep(self._raw.serve_queued(service, dispatch, bridge.queue))
+        served = self._keep(self._raw.serve_queued(service, dispatch, bridge.queue))
+        self._own.add(service)
+        return served
 
     def service(self, service: str) -> Callable[[_F], _F]:
         """Decorator form of :meth:`serve`."""
