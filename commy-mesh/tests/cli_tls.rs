@@ -21,6 +21,12 @@ impl Dir {
         }
         Dir(d)
     }
+
+    /// `commy` with the runtime dir `rt` ("server-rt" or "client-rt") below
+    /// this dir and `home` below it as the config home.
+    fn commy(&self, rt: &str) -> Command {
+        commy(&self.0.join(rt), &self.0.join("home"))
+    }
 }
 
 impl Drop for Dir {
@@ -56,6 +62,63 @@ fn ok(o: Output) -> String {
     String::from_utf8(o.stdout).unwrap()
 }
 
+/// `commy cert init DIR`.
+fn cert_init(mut c: Command, dir: &Path) -> Output {
+    c.args(["cert", "init"]).arg(dir).output().unwrap()
+}
+
+/// `commy cert issue --ca-dir CA --out OUT ARGS...`.
+fn cert_issue(mut c: Command, ca: &Path, out: &Path, args: &[&str]) -> Output {
+    c.args(["cert", "issue", "--ca-dir"])
+        .arg(ca)
+        .arg("--out")
+        .arg(out)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The certificate and key that `cert issue --out STEM` wrote.
+fn identity<'c>(c: &'c mut Command, stem: &Path) -> &'c mut Command {
+    c.env("COMMY_TLS_CERT", stem.with_extension("pem"))
+        .env("COMMY_TLS_KEY", stem.with_extension("key"))
+}
+
+/// A client of the TLS peer on `port` that trusts the CA in `ca_pem`.
+fn tls_client(mut c: Command, port: u16, ca_pem: &Path) -> Command {
+    c.env("COMMY_PEERS", format!("tls://127.0.0.1:{port}"))
+        .env("COMMY_TLS_CA", ca_pem);
+    c
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn first_line(r: impl std::io::Read) -> String {
+    let mut line = String::new();
+    BufReader::new(r).read_line(&mut line).unwrap();
+    line
+}
+
+/// Starts `commy echo-server NAME` as `c` says, with its stdout piped, and
+/// returns it with the first line it printed.
+fn echo_server(mut c: Command, name: &str) -> (Killed, String) {
+    let mut child = c
+        .args(["echo-server", name])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let child = Killed(child);
+    let line = first_line(stdout);
+    (child, line)
+}
+
 struct Killed(Child);
 
 impl Drop for Killed {
@@ -68,72 +131,45 @@ impl Drop for Killed {
 #[test]
 fn certificates_echo_server_services_and_call_over_tls() {
     let d = Dir::new("e2e");
-    let home = d.0.join("home");
     let ca = d.0.join("ca");
-    let out = ok(commy(&d.0.join("server-rt"), &home)
-        .args(["cert", "init"])
-        .arg(&ca)
-        .output()
-        .unwrap());
+    let out = ok(cert_init(d.commy("server-rt"), &ca));
     assert!(out.contains("created a CA"), "{out}");
     // A second init refuses to overwrite.
-    let again = commy(&d.0.join("server-rt"), &home)
-        .args(["cert", "init"])
-        .arg(&ca)
-        .output()
-        .unwrap();
+    let again = cert_init(d.commy("server-rt"), &ca);
     assert_eq!(again.status.code(), Some(1));
-    let out = ok(commy(&d.0.join("server-rt"), &home)
-        .args(["cert", "issue", "--ca-dir"])
-        .arg(&ca)
-        .arg("--out")
-        .arg(d.0.join("server"))
-        .args([
+    let out = ok(cert_issue(
+        d.commy("server-rt"),
+        &ca,
+        &d.0.join("server"),
+        &[
             "--name",
             "spiffe://default/echo",
             "--dns",
             "localhost",
             "--ip",
             "127.0.0.1",
-        ])
-        .output()
-        .unwrap());
+        ],
+    ));
     assert!(out.contains("issued spiffe://default/echo"), "{out}");
-    let bad = commy(&d.0.join("server-rt"), &home)
-        .args(["cert", "issue", "--ca-dir"])
-        .arg(&ca)
-        .arg("--out")
-        .arg(d.0.join("x"))
-        .args(["--name", "https://not-spiffe"])
-        .output()
-        .unwrap();
+    let bad = cert_issue(
+        d.commy("server-rt"),
+        &ca,
+        &d.0.join("x"),
+        &["--name", "https://not-spiffe"],
+    );
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("spiffe://"));
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut server = commy(&d.0.join("server-rt"), &home)
-        .args(["echo-server", "echo"])
-        .env("COMMY_LISTEN", format!("tls://127.0.0.1:{port}"))
+    let port = free_port();
+    let mut c = d.commy("server-rt");
+    c.env("COMMY_LISTEN", format!("tls://127.0.0.1:{port}"))
         .env("COMMY_TLS_CA", ca.join("ca.pem"))
-        .env("COMMY_TLS_CERT", d.0.join("server.pem"))
-        .env("COMMY_TLS_KEY", d.0.join("server.key"))
         .env("COMMY_HOST_ID", "server-host")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = server.stdout.take().unwrap();
-    let stderr = server.stderr.take().unwrap();
-    let server = Killed(server);
-    let mut first = String::new();
-    BufReader::new(stdout).read_line(&mut first).unwrap();
+        .stderr(Stdio::piped());
+    identity(&mut c, &d.0.join("server"));
+    let (mut server, first) = echo_server(c, "echo");
     assert!(first.starts_with("serving echo as "), "{first}");
-    let mut tls_line = String::new();
-    BufReader::new(stderr).read_line(&mut tls_line).unwrap();
+    let tls_line = first_line(server.0.stderr.take().unwrap());
     assert_eq!(
         tls_line.trim_end(),
         format!("tls endpoint: tls://127.0.0.1:{port}")
@@ -141,10 +177,8 @@ fn certificates_echo_server_services_and_call_over_tls() {
 
     // A client on "another host": its own runtime dir and host id, only the CA.
     let client = |args: &[&str]| {
-        commy(&d.0.join("client-rt"), &home)
+        tls_client(d.commy("client-rt"), port, &ca.join("ca.pem"))
             .args(args)
-            .env("COMMY_PEERS", format!("tls://127.0.0.1:{port}"))
-            .env("COMMY_TLS_CA", ca.join("ca.pem"))
             .env("COMMY_HOST_ID", "client-host")
             .output()
             .unwrap()
@@ -170,15 +204,9 @@ fn certificates_echo_server_services_and_call_over_tls() {
     assert!(why.starts_with("NOT_FOUND"), "{why}");
     // A client trusting another CA refuses the server.
     let other = d.0.join("other-ca");
-    ok(commy(&d.0.join("client-rt"), &home)
-        .args(["cert", "init"])
-        .arg(&other)
-        .output()
-        .unwrap());
-    let refused = commy(&d.0.join("client-rt"), &home)
+    ok(cert_init(d.commy("client-rt"), &other));
+    let refused = tls_client(d.commy("client-rt"), port, &other.join("ca.pem"))
         .args(["call", "echo", "x", "--timeout-ms", "3000"])
-        .env("COMMY_PEERS", format!("tls://127.0.0.1:{port}"))
-        .env("COMMY_TLS_CA", other.join("ca.pem"))
         .output()
         .unwrap();
     assert_eq!(refused.status.code(), Some(1));
@@ -186,47 +214,28 @@ fn certificates_echo_server_services_and_call_over_tls() {
 
     // mTLS required: a client with only the CA is refused, one with a
     // certificate from the CA is served.
-    ok(commy(&d.0.join("client-rt"), &home)
-        .args(["cert", "issue", "--ca-dir"])
-        .arg(&ca)
-        .arg("--out")
-        .arg(d.0.join("client"))
-        .args(["--name", "spiffe://default/caller"])
-        .output()
-        .unwrap());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut strict = commy(&d.0.join("server-rt"), &home)
-        .args(["echo-server", "strict"])
-        .env("COMMY_LISTEN", format!("tls://127.0.0.1:{port}"))
+    ok(cert_issue(
+        d.commy("client-rt"),
+        &ca,
+        &d.0.join("client"),
+        &["--name", "spiffe://default/caller"],
+    ));
+    let port = free_port();
+    let mut c = d.commy("server-rt");
+    c.env("COMMY_LISTEN", format!("tls://127.0.0.1:{port}"))
         .env("COMMY_TLS_CA", ca.join("ca.pem"))
-        .env("COMMY_TLS_CERT", d.0.join("server.pem"))
-        .env("COMMY_TLS_KEY", d.0.join("server.key"))
-        .env("COMMY_REQUIRE_CLIENT_CERT", "1")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    BufReader::new(strict.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
-    let _strict = Killed(strict);
-    let anonymous = commy(&d.0.join("client-rt"), &home)
+        .env("COMMY_REQUIRE_CLIENT_CERT", "1");
+    identity(&mut c, &d.0.join("server"));
+    let (_strict, _) = echo_server(c, "strict");
+    let anonymous = tls_client(d.commy("client-rt"), port, &ca.join("ca.pem"))
         .args(["call", "strict", "x", "--timeout-ms", "3000"])
-        .env("COMMY_PEERS", format!("tls://127.0.0.1:{port}"))
-        .env("COMMY_TLS_CA", ca.join("ca.pem"))
         .output()
         .unwrap();
     assert_eq!(anonymous.status.code(), Some(1));
-    let with_cert = commy(&d.0.join("client-rt"), &home)
+    let mut c = tls_client(d.commy("client-rt"), port, &ca.join("ca.pem"));
+    identity(&mut c, &d.0.join("client"));
+    let with_cert = c
         .args(["call", "strict", "with a certificate"])
-        .env("COMMY_PEERS", format!("tls://127.0.0.1:{port}"))
-        .env("COMMY_TLS_CA", ca.join("ca.pem"))
-        .env("COMMY_TLS_CERT", d.0.join("client.pem"))
-        .env("COMMY_TLS_KEY", d.0.join("client.key"))
         .output()
         .unwrap();
     assert_eq!(ok(with_cert), "with a certificate\n");
@@ -238,7 +247,8 @@ fn config_file_errors_name_the_file_and_settings_are_used() {
     let home = d.0.join("home");
     let file = d.0.join("commy.toml");
     std::fs::write(&file, "listen = \"tls://127.0.0.1:1\"\npeeers = []\n").unwrap();
-    let o = commy(&d.0.join("client-rt"), &home)
+    let o = d
+        .commy("client-rt")
         .args(["call", "echo", "x"])
         .env("COMMY_CONFIG", &file)
         .output()
@@ -250,7 +260,8 @@ fn config_file_errors_name_the_file_and_settings_are_used() {
         "{err}"
     );
     // A bad value in the environment is named too.
-    let o = commy(&d.0.join("client-rt"), &home)
+    let o = d
+        .commy("client-rt")
         .args(["call", "echo", "x"])
         .env("COMMY_PEERS", "http://example.invalid:1")
         .output()
@@ -259,33 +270,21 @@ fn config_file_errors_name_the_file_and_settings_are_used() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("COMMY_PEERS"));
     // A config file with a listen address and no CA configured: the dev CA
     // is created in the user's config dir, and the server listens.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     std::fs::write(
         &file,
         format!("listen = \"tls://127.0.0.1:{port}\"\ntransport = \"auto\"\n"),
     )
     .unwrap();
-    let mut server = commy(&d.0.join("server-rt"), &home)
-        .args(["echo-server", "echo"])
-        .env("COMMY_CONFIG", &file)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(server.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let server = Killed(server);
+    let mut c = d.commy("server-rt");
+    c.env("COMMY_CONFIG", &file).stderr(Stdio::piped());
+    let (server, line) = echo_server(c, "echo");
     assert!(line.starts_with("serving echo"), "{line}");
     assert!(home.join("commy/dev-ca/ca.pem").is_file());
     assert!(home.join("commy/dev-ca/ca.key").is_file());
     // Zero config for the same user: the dev CA is shared.
-    let o = commy(&d.0.join("client-rt"), &home)
+    let o = d
+        .commy("client-rt")
         .args(["call", "echo", "same user"])
         .env("COMMY_PEERS", format!("tls://localhost:{port}"))
         .env("COMMY_TRANSPORT", "tls")
@@ -300,21 +299,10 @@ fn config_file_errors_name_the_file_and_settings_are_used() {
 fn an_echo_server_with_connected_peers_stops_promptly_on_sigterm() {
     let d = Dir::new("drain");
     let home = d.0.join("home");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut server = commy(&d.0.join("server-rt"), &home)
-        .args(["echo-server", "echo"])
-        .env("COMMY_LISTEN", format!("tls://127.0.0.1:{port}"))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(server.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let port = free_port();
+    let mut c = d.commy("server-rt");
+    c.env("COMMY_LISTEN", format!("tls://127.0.0.1:{port}"));
+    let (mut server, line) = echo_server(c, "echo");
     assert!(line.starts_with("serving echo"), "{line}");
     // A peer that stays connected (its listing request waits at the server).
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -333,10 +321,10 @@ fn an_echo_server_with_connected_peers_stops_promptly_on_sigterm() {
         mesh
     });
     let started = std::time::Instant::now();
-    let pid = rustix::process::Pid::from_raw(server.id() as i32).unwrap();
+    let pid = rustix::process::Pid::from_raw(server.0.id() as i32).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
     let status = loop {
-        if let Some(s) = server.try_wait().unwrap() {
+        if let Some(s) = server.0.try_wait().unwrap() {
             break s;
         }
         assert!(
