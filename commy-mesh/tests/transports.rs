@@ -40,6 +40,36 @@ fn private_dir(name: &str) -> PathBuf {
     d
 }
 
+/// `<dir>/<name>`, a fresh private (0700) runtime dir of its own.
+fn own_runtime_dir(dir: &Path, name: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let own = dir.join(name);
+    std::fs::create_dir_all(&own).unwrap();
+    std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o700)).unwrap();
+    own
+}
+
+/// A mesh in the runtime dir `rt` that does not listen and has the service
+/// process on `port` as its TLS peer (trusting its dev CA in `dir`).
+async fn tls_peer_mesh(dir: &Path, rt: &Path, port: u16) -> Mesh {
+    let mut net = NetConfig::default();
+    net.tls_ca = Some(dir.join("commy").join("dev-ca").join("ca.pem"));
+    net.no_listen = true;
+    Mesh::builder()
+        .runtime_dir(rt)
+        .net(net)
+        .peer(&format!("tls://127.0.0.1:{port}"))
+        .open()
+        .await
+        .unwrap()
+}
+
+/// Calls `echo` with `body`, forcing the transport `t`.
+async fn echo_over(mesh: &Mesh, t: TransportPreference, body: &[u8]) -> Result<Response, Status> {
+    mesh.call_with("echo", body.to_vec(), CallOptions::default().transport(t))
+        .await
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -259,20 +289,8 @@ async fn client(transport: Transport, dir: &Path, port: u16) -> Mesh {
             .await
             .unwrap(),
         Transport::Tls => {
-            let own = dir.join(format!("client-rt-{:x}", rand_u32()));
-            std::fs::create_dir_all(&own).unwrap();
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o700)).unwrap();
-            let mut net = NetConfig::default();
-            net.tls_ca = Some(dir.join("commy").join("dev-ca").join("ca.pem"));
-            net.no_listen = true;
-            Mesh::builder()
-                .runtime_dir(&own)
-                .net(net)
-                .peer(&format!("tls://127.0.0.1:{port}"))
-                .open()
-                .await
-                .unwrap()
+            let own = own_runtime_dir(dir, &format!("client-rt-{:x}", rand_u32()));
+            tls_peer_mesh(dir, &own, port).await
         }
     }
 }
@@ -308,6 +326,16 @@ impl Setup {
     async fn cancelled(&self) -> u64 {
         let r = self.mesh.call("stats", Vec::new()).await.unwrap();
         u64::from_le_bytes(r[..8].try_into().unwrap())
+    }
+
+    /// Waits (10 s at most, else fails saying `what`) until the service
+    /// process has seen a handler cancelled.
+    async fn await_cancelled(&self, what: &str) {
+        let end = Instant::now() + Duration::from_secs(10);
+        while self.cancelled().await < 1 {
+            assert!(Instant::now() < end, "{what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
@@ -458,11 +486,7 @@ async fn deadlines_cancel_the_handler(t: Transport) {
         .unwrap_err();
     assert_eq!(e.code(), Code::DeadlineExceeded, "{e}");
     assert!(started.elapsed() < Duration::from_secs(5));
-    let end = Instant::now() + Duration::from_secs(10);
-    while s.cancelled().await < 1 {
-        assert!(Instant::now() < end, "the handler was not cancelled");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    s.await_cancelled("the handler was not cancelled").await;
     // Within the deadline it answers.
     let r = s
         .mesh
@@ -546,14 +570,8 @@ async fn a_caller_that_gives_up_cancels_the_handler(t: Transport) {
             .await
             .is_err()
     );
-    let end = Instant::now() + Duration::from_secs(10);
-    while s.cancelled().await < 1 {
-        assert!(
-            Instant::now() < end,
-            "the handler kept running after its caller left"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    s.await_cancelled("the handler kept running after its caller left")
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -566,45 +584,18 @@ async fn a_transport_can_be_forced_per_call() {
     let _server = ServerProcess::start(&dir, port);
     // Same runtime dir and the server as a peer: auto takes shared memory,
     // `tls` takes the network.
-    let mut net = NetConfig::default();
-    net.tls_ca = Some(dir.join("commy").join("dev-ca").join("ca.pem"));
-    net.no_listen = true;
-    let both = Mesh::builder()
-        .runtime_dir(dir.join("rt"))
-        .net(net.clone())
-        .peer(&format!("tls://127.0.0.1:{port}"))
-        .open()
-        .await
-        .unwrap();
+    let both = tls_peer_mesh(&dir, &dir.join("rt"), port).await;
     for t in [
         TransportPreference::Auto,
         TransportPreference::Shm,
         TransportPreference::Tls,
     ] {
-        let r = both
-            .call_with("echo", b"x".to_vec(), CallOptions::default().transport(t))
-            .await
-            .unwrap();
+        let r = echo_over(&both, t, b"x").await.unwrap();
         assert_eq!(r.payload(), &b"x"[..], "{t:?}");
     }
     // Shared memory only cannot reach a server of another runtime dir...
-    let own = dir.join("own-rt");
-    std::fs::create_dir_all(&own).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let remote = Mesh::builder()
-        .runtime_dir(&own)
-        .net(net)
-        .peer(&format!("tls://127.0.0.1:{port}"))
-        .open()
-        .await
-        .unwrap();
-    let e = remote
-        .call_with(
-            "echo",
-            b"x".to_vec(),
-            CallOptions::default().transport(TransportPreference::Shm),
-        )
+    let remote = tls_peer_mesh(&dir, &own_runtime_dir(&dir, "own-rt"), port).await;
+    let e = echo_over(&remote, TransportPreference::Shm, b"x")
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e}");
@@ -616,12 +607,7 @@ async fn a_transport_can_be_forced_per_call() {
         .open()
         .await
         .unwrap();
-    let e = local
-        .call_with(
-            "echo",
-            b"x".to_vec(),
-            CallOptions::default().transport(TransportPreference::Tls),
-        )
+    let e = echo_over(&local, TransportPreference::Tls, b"x")
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
@@ -646,10 +632,7 @@ async fn shared_memory_failing_at_connect_falls_back_to_tls_and_is_counted() {
     let _server = ServerProcess::start(&dir, port);
     // The client's runtime dir announces an `echo` instance whose socket
     // accepts and hangs up at once: shared memory fails at connect.
-    let own = dir.join("own-rt");
-    std::fs::create_dir_all(&own).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let own = own_runtime_dir(&dir, "own-rt");
     let registry = commy_mesh::LocalRegistry::new(
         commy_shm::RuntimeDir::at(&own).unwrap(),
         &commy_core::MeshName::default(),
@@ -671,16 +654,7 @@ async fn shared_memory_failing_at_connect_falls_back_to_tls_and_is_counted() {
             }
         }
     });
-    let mut net = NetConfig::default();
-    net.tls_ca = Some(dir.join("commy").join("dev-ca").join("ca.pem"));
-    net.no_listen = true;
-    let mesh = Mesh::builder()
-        .runtime_dir(&own)
-        .net(net)
-        .peer(&format!("tls://127.0.0.1:{port}"))
-        .open()
-        .await
-        .unwrap();
+    let mesh = tls_peer_mesh(&dir, &own, port).await;
     assert_eq!(mesh.transport_fallbacks(), 0);
     let r = mesh.call("echo", b"via tls".to_vec()).await.unwrap();
     assert_eq!(&r[..], b"via tls");
