@@ -67,7 +67,7 @@ fn mesh_name(measuring_pid: u32) -> String {
 
 /// A runtime for one side: the calling thread does all the work (the
 /// process is pinned to one core).
-fn runtime() -> Result<tokio::runtime::Runtime, BenchError> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, BenchError> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -115,29 +115,36 @@ fn rt_parent(ctx: &mut ParentCtx<'_>) -> Result<Measurement, BenchError> {
 
 fn rt_child(ctx: &mut ChildCtx<'_>) -> Result<(), BenchError> {
     let parent = std::os::unix::process::parent_id();
-    runtime()?.block_on(async {
-        let mesh = open(parent).await?;
-        let _echo = mesh
-            .serve("echo", |req: Request| async move {
-                Ok::<_, Status>(Response::new(req.into_payload()))
-            })
-            .await
-            .map_err(mesh_err("serve"))?;
-        let stop = std::sync::Arc::new(tokio::sync::Notify::new());
-        let _stop = {
-            let stop = stop.clone();
-            mesh.serve("stop", move |_req: Request| {
-                stop.notify_one();
-                async { Ok::<_, Status>(Response::default()) }
-            })
-            .await
-            .map_err(mesh_err("serve"))?
-        };
-        ctx.ready()?;
-        stop.notified().await;
-        mesh.close().await;
-        Ok(())
-    })
+    runtime()?.block_on(async { serve_echo_until_stopped(open(parent).await?, ctx).await })
+}
+
+/// The round-trip peer on its open `mesh`: serves `echo` (the request's
+/// payload back) and `stop`, says ready, and closes the mesh once `stop`
+/// is called.
+pub(crate) async fn serve_echo_until_stopped(
+    mesh: Mesh,
+    ctx: &mut ChildCtx<'_>,
+) -> Result<(), BenchError> {
+    let _echo = mesh
+        .serve("echo", |req: Request| async move {
+            Ok::<_, Status>(Response::new(req.into_payload()))
+        })
+        .await
+        .map_err(mesh_err("serve"))?;
+    let stop = std::sync::Arc::new(tokio::sync::Notify::new());
+    let _stop = {
+        let stop = stop.clone();
+        mesh.serve("stop", move |_req: Request| {
+            stop.notify_one();
+            async { Ok::<_, Status>(Response::default()) }
+        })
+        .await
+        .map_err(mesh_err("serve"))?
+    };
+    ctx.ready()?;
+    stop.notified().await;
+    mesh.close().await;
+    Ok(())
 }
 
 /// Waits for the peer's acknowledgement.

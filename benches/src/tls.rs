@@ -23,10 +23,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use commy_mesh::{Mesh, NetConfig, Request, Response, Status};
+use commy_mesh::{Mesh, NetConfig, Status};
 use commy_net::{Credentials, DevCa, Identity, LeafSpec};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::mesh::{runtime, serve_echo_until_stopped};
 use crate::scenario::{
     BenchError, ChildCtx, Endpoints, Fns, Measurement, Params, ParentCtx, io_err,
 };
@@ -132,13 +133,6 @@ fn creds(measuring_pid: u32) -> Result<Credentials, BenchError> {
         Some((&dir.join("leaf.pem"), &dir.join("leaf.key"))),
     )
     .map_err(tls_err)
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime, BenchError> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(io_err("starting a tokio runtime"))
 }
 
 fn port_of(fd: OwnedFd) -> Result<u16, BenchError> {
@@ -291,6 +285,34 @@ where
     Ok(())
 }
 
+/// The pipelined throughput of `echo`, which sends its payload and returns
+/// the length of the reply: `p.warmup` calls, then `p.iterations` timed
+/// ones, [`PIPELINE`] in flight; every reply must be as long as the request.
+async fn pipelined_echo<F, Fut>(p: Params, echo: F) -> Result<Measurement, BenchError>
+where
+    F: Fn(Bytes) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<usize, BenchError>> + Send + 'static,
+{
+    let msg = Bytes::from(vec![0xA5u8; p.size]);
+    let call = move || {
+        let (echo, msg) = (echo.clone(), msg.clone());
+        async move {
+            if echo(msg.clone()).await? != msg.len() {
+                return Err(BenchError::Protocol("short echo".into()));
+            }
+            Ok(())
+        }
+    };
+    pipelined(p.warmup, call.clone()).await?;
+    let t = Instant::now();
+    pipelined(p.iterations, call).await?;
+    Ok(Measurement::Throughput {
+        messages: p.iterations,
+        bytes: p.iterations * p.size as u64,
+        elapsed: t.elapsed(),
+    })
+}
+
 fn net_parent(ctx: &mut ParentCtx<'_>, pipeline: bool) -> Result<Measurement, BenchError> {
     let port = chosen_port(std::process::id())?;
     let p = ctx.params;
@@ -300,33 +322,21 @@ fn net_parent(ctx: &mut ParentCtx<'_>, pipeline: bool) -> Result<Measurement, Be
     let client = commy_net::Client::new("127.0.0.1", port, tls, commy_net::Settings::default())
         .map_err(|e| BenchError::Protocol(e.to_string()))?;
     let m = runtime()?.block_on(async {
-        let msg = Bytes::from(vec![0xA5u8; p.size]);
         let result = if pipeline {
-            let call = {
-                let (client, msg) = (client.clone(), msg.clone());
-                move || {
-                    let (client, msg) = (client.clone(), msg.clone());
-                    async move {
-                        let r = client
-                            .call(Bytes::new(), msg.clone(), None)
-                            .await
-                            .map_err(net_err("call"))?;
-                        if r.payload.len() != msg.len() {
-                            return Err(BenchError::Protocol("short echo".into()));
-                        }
-                        Ok(())
-                    }
+            let client = client.clone();
+            pipelined_echo(p, move |msg| {
+                let client = client.clone();
+                async move {
+                    let r = client
+                        .call(Bytes::new(), msg, None)
+                        .await
+                        .map_err(net_err("call"))?;
+                    Ok(r.payload.len())
                 }
-            };
-            pipelined(p.warmup, call.clone()).await?;
-            let t = Instant::now();
-            pipelined(p.iterations, call).await?;
-            Measurement::Throughput {
-                messages: p.iterations,
-                bytes: p.iterations * p.size as u64,
-                elapsed: t.elapsed(),
-            }
+            })
+            .await?
         } else {
+            let msg = Bytes::from(vec![0xA5u8; p.size]);
             let mut samples = Vec::with_capacity(p.iterations as usize);
             for i in 0..p.warmup + p.iterations {
                 let t = Instant::now();
@@ -389,26 +399,7 @@ fn mesh_child(ctx: &mut ChildCtx<'_>) -> Result<(), BenchError> {
             .open()
             .await
             .map_err(|e| BenchError::Protocol(format!("opening the mesh: {e}")))?;
-        let _echo = mesh
-            .serve("echo", |req: Request| async move {
-                Ok::<_, Status>(Response::new(req.into_payload()))
-            })
-            .await
-            .map_err(net_err("serve"))?;
-        let stop = Arc::new(tokio::sync::Notify::new());
-        let _stop = {
-            let stop = stop.clone();
-            mesh.serve("stop", move |_req: Request| {
-                stop.notify_one();
-                async { Ok::<_, Status>(Response::default()) }
-            })
-            .await
-            .map_err(net_err("serve"))?
-        };
-        ctx.ready()?;
-        stop.notified().await;
-        mesh.close().await;
-        Ok(())
+        serve_echo_until_stopped(mesh, ctx).await
     })
 }
 
@@ -427,32 +418,13 @@ fn mesh_parent(ctx: &mut ParentCtx<'_>, pipeline: bool) -> Result<Measurement, B
             .open()
             .await
             .map_err(|e| BenchError::Protocol(format!("opening the mesh: {e}")))?;
-        let msg = Bytes::from(vec![0xA5u8; p.size]);
         let result = if pipeline {
-            let call = {
-                let (mesh, msg) = (mesh.clone(), msg.clone());
-                move || {
-                    let (mesh, msg) = (mesh.clone(), msg.clone());
-                    async move {
-                        let r = mesh
-                            .call("echo", msg.clone())
-                            .await
-                            .map_err(net_err("call"))?;
-                        if r.len() != msg.len() {
-                            return Err(BenchError::Protocol("short echo".into()));
-                        }
-                        Ok(())
-                    }
-                }
-            };
-            pipelined(p.warmup, call.clone()).await?;
-            let t = Instant::now();
-            pipelined(p.iterations, call).await?;
-            Measurement::Throughput {
-                messages: p.iterations,
-                bytes: p.iterations * p.size as u64,
-                elapsed: t.elapsed(),
-            }
+            let mesh = mesh.clone();
+            pipelined_echo(p, move |msg| {
+                let mesh = mesh.clone();
+                async move { Ok(mesh.call("echo", msg).await.map_err(net_err("call"))?.len()) }
+            })
+            .await?
         } else {
             let mut raw = vec![0xA5u8; p.size];
             let stamp = 8.min(p.size);
