@@ -35,6 +35,7 @@ import mmap
 import os
 import threading
 import weakref
+from abc import abstractmethod
 from typing import (
     Any,
     AsyncIterator,
@@ -139,11 +140,8 @@ class Service:
         return f"<commy.Service {self.name!r} instance={self.instance_id} serving={self.serving}>"
 
 
-class Subscription:
-    """Messages of one topic: iterate it, or call :meth:`next`.
-
-    Iteration ends when the subscription is closed (from any thread).
-    """
+class _SubscriptionBase:
+    """What the blocking and the asyncio subscriptions share."""
 
     def __init__(self, raw: _commy.RawSubscription) -> None:
         self._raw = raw
@@ -163,6 +161,17 @@ class Subscription:
         """Whether it was closed."""
         return self._raw.closed
 
+    def close(self) -> None:
+        """Ends the subscription; a waiting :meth:`next` returns ``None``."""
+        self._raw.close()
+
+
+class Subscription(_SubscriptionBase):
+    """Messages of one topic: iterate it, or call :meth:`next`.
+
+    Iteration ends when the subscription is closed (from any thread).
+    """
+
     def next(self, timeout: Optional[float] = None) -> Optional[Message]:
         """The next message, or ``None`` once closed.
 
@@ -170,10 +179,6 @@ class Subscription:
         """
         data = self._raw.next(timeout)
         return None if data is None else Message(self._raw.topic, data)
-
-    def close(self) -> None:
-        """Ends the subscription; a waiting :meth:`next` returns ``None``."""
-        self._raw.close()
 
     def __iter__(self) -> Iterator[Message]:
         while True:
@@ -267,6 +272,8 @@ class Region:
 # interpreter goes away, so that no request enters it while it finalizes.
 _open_meshes: "weakref.WeakSet[Union[Mesh, AsyncMesh]]" = weakref.WeakSet()
 
+_Sub = TypeVar("_Sub", bound=_SubscriptionBase)
+
 
 @atexit.register
 def _at_exit() -> None:
@@ -292,7 +299,7 @@ class _Base:
             max_concurrency,
         )
         self._services: "list[Service]" = []
-        self._subscriptions: "weakref.WeakSet[Any]" = weakref.WeakSet()
+        self._subscriptions: "weakref.WeakSet[_SubscriptionBase]" = weakref.WeakSet()
         self._closed = False
         self._lock = threading.Lock()
         _open_meshes.add(self)  # type: ignore[arg-type]
@@ -325,6 +332,27 @@ class _Base:
         policy = None if create is None else ("create" if create else "open")
         return Region(self._raw.region(name, size, policy, ttl))
 
+    @abstractmethod
+    def serve(self, service: str, handler: Any) -> Service:
+        """Serves ``service`` with ``handler`` (see the subclasses)."""
+
+    def service(self, service: str) -> Callable[[_F], _F]:
+        """Decorator form of :meth:`serve`."""
+
+        def register(handler: _F) -> _F:
+            self.serve(service, handler)
+            return handler
+
+        return register
+
+    def _track(self, sub: _Sub) -> _Sub:
+        self._subscriptions.add(sub)
+        return sub
+
+    def _close_subscriptions(self) -> None:
+        for sub in list(self._subscriptions):
+            sub.close()
+
     def _keep(self, raw: _commy.RawService) -> Service:
         service = Service(raw)
         with self._lock:
@@ -336,15 +364,17 @@ class _Base:
             services, self._services = self._services, []
         for s in services:
             s.stop()
-        for sub in list(self._subscriptions):
-            sub.close()
+        self._close_subscriptions()
 
-    def _mark_closed(self) -> bool:
+    def _begin_close(self) -> bool:
+        """Marks the mesh closed and ends its subscriptions; ``False`` if it
+        was closed already (then there is nothing more to do)."""
         with self._lock:
             if self._closed:
                 return False
             self._closed = True
         _open_meshes.discard(self)  # type: ignore[arg-type]
+        self._close_subscriptions()
         return True
 
 
@@ -402,21 +432,10 @@ class Mesh(_Base):
             raise InvalidArgument("Mesh.serve takes a plain function; use AsyncMesh for async handlers")
         return self._keep(self._raw.serve(service, handler))
 
-    def service(self, service: str) -> Callable[[_F], _F]:
-        """Decorator form of :meth:`serve`."""
-
-        def register(handler: _F) -> _F:
-            self.serve(service, handler)
-            return handler
-
-        return register
-
     def subscribe(self, topic: str, group: Optional[str] = None) -> Subscription:
         """Subscribes to ``topic``; with ``group``, as a member of that queue
         group (each message goes to one member)."""
-        sub = Subscription(self._raw.subscribe(topic, group))
-        self._subscriptions.add(sub)
-        return sub
+        return self._track(Subscription(self._raw.subscribe(topic, group)))
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Blocks until the mesh is closed (or ``timeout`` passes); returns
@@ -426,10 +445,8 @@ class Mesh(_Base):
     def close(self) -> None:
         """Stops serving (waits for handlers in progress), ends subscriptions
         and drops links. Later operations raise :class:`FailedPrecondition`."""
-        if not self._mark_closed():
+        if not self._begin_close():
             return
-        for sub in list(self._subscriptions):
-            sub.close()
         self._raw.close()
         self._closed_event.set()
 
@@ -482,36 +499,17 @@ class _LoopBridge:
             self.loop.remove_reader(self.queue.fileno())
 
 
-class AsyncSubscription:
+class AsyncSubscription(_SubscriptionBase):
     """Messages of one topic for asyncio: ``async for msg in sub``."""
 
     def __init__(self, raw: _commy.RawSubscription, bridge: _LoopBridge) -> None:
-        self._raw = raw
+        super().__init__(raw)
         self._bridge = bridge
-
-    @property
-    def topic(self) -> str:
-        """The topic."""
-        return self._raw.topic
-
-    @property
-    def group(self) -> Optional[str]:
-        """The queue group, if any."""
-        return self._raw.group
-
-    @property
-    def closed(self) -> bool:
-        """Whether it was closed."""
-        return self._raw.closed
 
     async def next(self) -> Optional[Message]:
         """The next message, or ``None`` once closed."""
         data = await self._bridge.run(self._raw.next_async)
         return None if data is None else Message(self._raw.topic, data)
-
-    def close(self) -> None:
-        """Ends the subscription; a waiting :meth:`next` returns ``None``."""
-        self._raw.close()
 
     def __aiter__(self) -> AsyncIterator[Message]:
         return self._iterate()
@@ -634,28 +632,15 @@ class AsyncMesh(_Base):
         self._own.add(service)
         return served
 
-    def service(self, service: str) -> Callable[[_F], _F]:
-        """Decorator form of :meth:`serve`."""
-
-        def register(handler: _F) -> _F:
-            self.serve(service, handler)
-            return handler
-
-        return register
-
     def subscribe(self, topic: str, group: Optional[str] = None) -> AsyncSubscription:
         """Subscribes to ``topic`` (see :meth:`Mesh.subscribe`)."""
-        sub = AsyncSubscription(self._raw.subscribe(topic, group), self._bridge)
-        self._subscriptions.add(sub)
-        return sub
+        return self._track(AsyncSubscription(self._raw.subscribe(topic, group), self._bridge))
 
     async def close(self) -> None:
         """Stops serving (waits for handlers in progress), ends subscriptions
         and drops links."""
-        if not self._mark_closed():
+        if not self._begin_close():
             return
-        for sub in list(self._subscriptions):
-            sub.close()
         bridge = self._bridge
         await bridge.run(self._raw.close_async)
         bridge.close()
