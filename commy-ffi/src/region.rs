@@ -149,6 +149,17 @@ impl FfiRegion {
 
     /// A consistent copy of `len` bytes at `offset`.
     pub fn read_at(&self, offset: usize, len: usize) -> Result<Vec<u8>, FfiError> {
+        // Checked before allocating: a huge length is a caller's mistake,
+        // not a reason to run out of memory.
+        if offset.checked_add(len).is_none_or(|end| end > self.len()) {
+            return Err(FfiError::new(
+                Code::InvalidArgument,
+                format!(
+                    "reading {len} bytes at offset {offset} goes past the end of the {}-byte region",
+                    self.len()
+                ),
+            ));
+        }
         let mut buf = vec![0; len];
         self.region
             .read_at(offset, &mut buf)

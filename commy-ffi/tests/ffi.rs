@@ -294,6 +294,11 @@ fn a_region_is_reachable_through_its_descriptor() {
 
     let e = region.read_at(9_990, 20).unwrap_err();
     assert_eq!(e.code_name(), "INVALID_ARGUMENT");
+    // Refused before anything is allocated or added up.
+    for (offset, len) in [(0, usize::MAX), (usize::MAX, 2), (1 << 40, 1 << 40)] {
+        let e = region.read_at(offset, len).unwrap_err();
+        assert_eq!(e.code_name(), "INVALID_ARGUMENT", "{offset} {len}");
+    }
     let mut wrong = RegionOptions::default();
     wrong.size = Some(5);
     wrong.policy = Some(OpenPolicy::Open);

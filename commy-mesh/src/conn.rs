@@ -72,10 +72,15 @@ pub(crate) fn send_frame(
         v.extend_from_slice(payload);
         let deadline = match patience {
             Patience::Until(d) => d,
-            Patience::For(t) => Instant::now() + t,
+            Patience::For(t) => Instant::now().checked_add(t).unwrap_or_else(far_future),
         };
         tx.send_deadline(&v, Some(deadline))
     }
+}
+
+/// A moment no wait reaches (for timeouts too large to add to the clock).
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600)
 }
 
 /// How long a send may wait for ring space.
@@ -662,7 +667,7 @@ impl SpinBudget {
             Some(end) => end,
             None => {
                 due.start.get_or_insert(now);
-                let spin_end = now + self.spin;
+                let spin_end = now.checked_add(self.spin).unwrap_or_else(far_future);
                 let end = due
                     .absolute()
                     .map_or(spin_end, |d| spin_end.min(d.instant()));

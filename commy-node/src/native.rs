@@ -541,5 +541,10 @@ fn timeout(ms: f64, what: &str) -> Result<Option<Duration>> {
             "{what} must be a finite number of milliseconds >= 0, got {ms}"
         )));
     }
-    Ok((ms > 0.0).then(|| Duration::from_secs_f64(ms / 1000.0)))
+    if ms == 0.0 {
+        return Ok(None);
+    }
+    Duration::try_from_secs_f64(ms / 1000.0)
+        .map(Some)
+        .map_err(|_| invalid(format!("{what} of {ms} milliseconds is too large")))
 }
