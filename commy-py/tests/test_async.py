@@ -124,19 +124,28 @@ def test_async_for_and_publish(runtime_dir: str) -> None:
                 await asyncio.sleep(0.005)
 
             async def consume() -> List[bytes]:
-                got = []
+                got: List[bytes] = []
                 async for msg in sub:
                     assert msg.topic == "ticks"
                     if msg.data != b"probe":
                         got.append(msg.data)
+                    if len(got) == 10:
+                        break
                 return got
 
             consumer = asyncio.ensure_future(consume())
             for i in range(10):
                 assert await mesh.publish("ticks", b"t%d" % i) == 1
-            await asyncio.sleep(0.2)
-            sub.close()  # ends the async for
             assert await asyncio.wait_for(consumer, LONG) == [b"t%d" % i for i in range(10)]
+
+            async def drain() -> None:
+                async for _ in sub:
+                    pass
+
+            waiting = asyncio.ensure_future(drain())
+            await asyncio.sleep(0.05)
+            sub.close()  # ends a waiting async for
+            await asyncio.wait_for(waiting, LONG)
 
     run(main)
 
