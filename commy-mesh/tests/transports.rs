@@ -163,12 +163,15 @@ async fn serve_test_services(mesh: &Mesh) -> Vec<commy_mesh::ServiceHandle> {
         .unwrap(),
     );
     // `slow`: sleeps for the u64 (ms) in the payload; counts the handlers
-    // that were dropped before finishing (cancelled), readable via `stats`.
+    // that started and those dropped before finishing (cancelled), readable
+    // via `stats`.
     let cancelled = Arc::new(AtomicU64::new(0));
-    let c = cancelled.clone();
+    let started = Arc::new(AtomicU64::new(0));
+    let (c, st) = (cancelled.clone(), started.clone());
     handles.push(
         mesh.serve("slow", move |req: Request| {
             let c = c.clone();
+            st.fetch_add(1, Ordering::SeqCst);
             async move {
                 struct Guard(Arc<AtomicU64>, bool);
                 impl Drop for Guard {
@@ -190,8 +193,9 @@ async fn serve_test_services(mesh: &Mesh) -> Vec<commy_mesh::ServiceHandle> {
     );
     handles.push(
         mesh.serve("stats", move |_req: Request| {
-            let n = cancelled.load(Ordering::SeqCst);
-            async move { Ok::<_, Status>(Response::new(n.to_le_bytes().to_vec())) }
+            let mut stats = cancelled.load(Ordering::SeqCst).to_le_bytes().to_vec();
+            stats.extend_from_slice(&started.load(Ordering::SeqCst).to_le_bytes());
+            async move { Ok::<_, Status>(Response::new(stats)) }
         })
         .await
         .unwrap(),
@@ -326,6 +330,12 @@ impl Setup {
     async fn cancelled(&self) -> u64 {
         let r = self.mesh.call("stats", Vec::new()).await.unwrap();
         u64::from_le_bytes(r[..8].try_into().unwrap())
+    }
+
+    /// How many `slow` handlers the service process has started.
+    async fn slow_started(&self) -> u64 {
+        let r = self.mesh.call("stats", Vec::new()).await.unwrap();
+        u64::from_le_bytes(r[8..16].try_into().unwrap())
     }
 
     /// Waits (10 s at most, else fails saying `what`) until the service
@@ -532,7 +542,15 @@ async fn peer_death_gives_unavailable_then_recovery(t: Transport) {
             (mesh.call("slow", slow(10_000)).await, started.elapsed())
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Killed once the call is being handled.
+    let end = Instant::now() + Duration::from_secs(10);
+    while s.slow_started().await < 1 {
+        assert!(
+            Instant::now() < end,
+            "the slow call never reached the service"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     s.server.take().unwrap().kill();
     let (r, took) = in_flight.await.unwrap();
     assert_eq!(r.unwrap_err().code(), Code::Unavailable);

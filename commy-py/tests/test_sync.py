@@ -263,7 +263,9 @@ def test_the_gil_is_released_while_a_call_waits(mesh: commy.Mesh, children: List
 
 def test_ctrl_c_interrupts_a_blocking_call(runtime_dir: str, children: List[Child]) -> None:
     client = python_child(
-        "import commy, threading, time\n"
+        "import commy, signal, threading, time\n"
+        # A child started from a background job inherits SIGINT ignored.
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "with commy.Mesh() as m:\n"
         "    m.serve('never', lambda d: (time.sleep(60), d)[1])\n"
         "    t = time.monotonic()\n"
