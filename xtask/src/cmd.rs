@@ -41,6 +41,8 @@ pub(crate) struct Cmd {
     program: OsString,
     args: Vec<OsString>,
     env: Vec<(OsString, OsString)>,
+    /// Variables removed from the inherited environment.
+    env_remove: Vec<OsString>,
     cwd: Option<PathBuf>,
 }
 
@@ -51,6 +53,7 @@ impl Cmd {
             program: program.as_ref().to_owned(),
             args: Vec::new(),
             env: Vec::new(),
+            env_remove: Vec::new(),
             cwd: None,
         }
     }
@@ -84,6 +87,12 @@ impl Cmd {
         self
     }
 
+    /// Removes `key` from the environment the command inherits.
+    pub(crate) fn env_remove(mut self, key: impl AsRef<OsStr>) -> Self {
+        self.env_remove.push(key.as_ref().to_owned());
+        self
+    }
+
     /// Runs in `dir` (relative paths are taken from the repository root).
     pub(crate) fn cwd(mut self, dir: impl Into<PathBuf>) -> Self {
         self.cwd = Some(dir.into());
@@ -109,6 +118,9 @@ impl Cmd {
     fn command(&self, root: &Path) -> Command {
         let mut cmd = Command::new(&self.program);
         cmd.args(&self.args);
+        for k in &self.env_remove {
+            cmd.env_remove(k);
+        }
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
@@ -226,5 +238,16 @@ mod tests {
             Cmd::new("echo").arg("hi").probe(&root).as_deref(),
             Some("hi\n")
         );
+    }
+
+    #[test]
+    fn removed_variables_are_not_inherited_and_set_ones_win() {
+        let root = repo_root();
+        let out = Cmd::new("sh")
+            .args(["-c", "echo \"${HOME:-unset}|${COMMY_T:-unset}\""])
+            .env_remove("HOME")
+            .env("COMMY_T", "set")
+            .probe(&root);
+        assert_eq!(out.as_deref(), Some("unset|set\n"));
     }
 }

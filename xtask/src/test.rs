@@ -123,6 +123,31 @@ fn node_step() -> Step {
     }
 }
 
+/// The mesh settings a developer's environment may carry: tests must not
+/// pick them up (a `listen` there would make every suite fight over a port).
+const MESH_ENV: [&str; 10] = [
+    "COMMY_CONFIG",
+    "COMMY_LISTEN",
+    "COMMY_PEERS",
+    "COMMY_TLS_CA",
+    "COMMY_TLS_CERT",
+    "COMMY_TLS_KEY",
+    "COMMY_REQUIRE_CLIENT_CERT",
+    "COMMY_TRANSPORT",
+    "COMMY_HOST_ID",
+    "COMMY_RUNTIME_DIR",
+];
+
+/// A step's command without the user's mesh settings: the `COMMY_*`
+/// variables are removed, and the config dir (where `config.toml` and the
+/// dev CA live) is one of the test run's own, under `target/`.
+fn isolated(cmd: Cmd, root: &Path) -> Cmd {
+    MESH_ENV
+        .iter()
+        .fold(cmd, |cmd, key| cmd.env_remove(key))
+        .env("XDG_CONFIG_HOME", root.join("target").join("test-config"))
+}
+
 /// Options of `cargo xtask test`.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct TestArgs {
@@ -200,7 +225,7 @@ pub(crate) fn run(root: &Path, args: &TestArgs) -> i32 {
         let t = Instant::now();
         let result = step.commands.iter().try_for_each(|cmd| {
             println!("    $ {}", cmd.display());
-            cmd.run(root)
+            isolated(cmd.clone(), root).run(root)
         });
         let secs = t.elapsed().as_secs_f64();
         match result {
