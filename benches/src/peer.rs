@@ -5,7 +5,7 @@
 //! input being one end of a `SOCK_SEQPACKET` socketpair: the control channel.
 //! The parent sends one message holding the scenario name and [`Params`] as
 //! JSON, with the transport's descriptors attached (SCM_RIGHTS), so no
-//! descriptor is inherited by accident and no `unsafe` is needed to adopt one.
+//! descriptor is inherited by accident and adopting one needs no raw fd code.
 //! The child answers `R` when it is set up, then `D` when done or `E<message>`
 //! on error. Either side sees the other's exit as end-of-file.
 

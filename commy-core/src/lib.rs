@@ -1,5 +1,5 @@
 //! Commy's vocabulary: the types every other Commy crate speaks, with no I/O
-//! and no `unsafe`.
+//! and no raw memory access (`#![forbid(unsafe_code)]`).
 //!
 //! - [`Code`] and [`Status`]: the stable error taxonomy;
 //! - [`MeshName`], [`ServiceName`], [`TopicName`], [`HostId`]: validated names;

@@ -1,5 +1,5 @@
 //! Commy's binding-neutral layer: what the Python (pyo3) and Node (napi-rs)
-//! SDKs are thin over. No `extern "C"`, no unsafe code: bindings call it as
+//! SDKs are thin over. No `extern "C"` and `forbid(unsafe_code)`: bindings call it as
 //! a Rust library and only translate types.
 //!
 //! - [`runtime`]: one tokio runtime per process, started on first use.

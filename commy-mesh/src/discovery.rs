@@ -726,7 +726,7 @@ fn settle_stale(path: &Path) -> bool {
 ///
 /// `AsyncFd::with_interest` is deprecated because it is unsound for inner
 /// types whose descriptor can change or be closed behind the reactor's back;
-/// its replacement is `unsafe`, which this crate forbids. `OwnedFd` owns its
+/// its replacement is an unchecked constructor, which `forbid(unsafe_code)` rules out. `OwnedFd` owns its
 /// descriptor for its whole life and always returns the same one, which is
 /// exactly the contract the replacement asks for, so the safe constructor is
 /// sound here.

@@ -15,8 +15,8 @@
 //! How answers reach JavaScript without blocking its thread is described in
 //! [`bridge`].
 // `deny`, not `forbid`: napi-derive's generated module registration carries
-// `#[allow(unsafe_code)]`, which `forbid` would reject. No code written here
-// is unsafe.
+// an allow of the lint, which `forbid` would reject; no code written here
+// needs the allowance.
 #![deny(unsafe_code)]
 
 mod bridge;

@@ -718,14 +718,7 @@ mod tests {
         assert_eq!(checked[0].measured, "2.50×");
         assert!(checked[1].met, "default at 2x busy meets the 3x goal");
         assert!(checked[2].met);
-        let machine = Machine {
-            cpu: "Test CPU".into(),
-            cores: 2,
-            virtualized: false,
-            memory: "1.0 GiB".into(),
-            kernel: "6.1.0".into(),
-            rustc: "rustc 1.95.0".into(),
-        };
+        let machine = test_machine();
         let md = render(&report, &machine, "today");
         assert!(md.contains("## Targets") && md.contains("**no**"), "{md}");
     }
@@ -765,16 +758,21 @@ mod tests {
         assert_eq!(checked[0].measured, "0.75×");
         assert!(!checked[1].met, "2x the echo misses the 3x goal");
         assert_eq!(checked[1].measured, "2.00×");
-        let machine = Machine {
+        let machine = test_machine();
+        let md = render(&report, &machine, "today");
+        assert!(md.contains("Node rows (`node-*`)"), "{md}");
+    }
+
+    /// The machine the rendering tests describe.
+    fn test_machine() -> Machine {
+        Machine {
             cpu: "Test CPU".into(),
             cores: 2,
             virtualized: false,
             memory: "1.0 GiB".into(),
             kernel: "6.1.0".into(),
             rustc: "rustc 1.95.0".into(),
-        };
-        let md = render(&report, &machine, "today");
-        assert!(md.contains("Node rows (`node-*`)"), "{md}");
+        }
     }
 
     const SAMPLE: &str = r#"{
@@ -814,14 +812,7 @@ mod tests {
             harness: false,
             python_pinned: Some(py.pinned),
         };
-        let machine = Machine {
-            cpu: "Test CPU".into(),
-            cores: 2,
-            virtualized: false,
-            memory: "1.0 GiB".into(),
-            kernel: "6.1.0".into(),
-            rustc: "rustc 1.95.0".into(),
-        };
+        let machine = test_machine();
         let md = render(&report, &machine, "2025-01-02 03:04 UTC");
         assert!(md.contains("## Python SDK"), "{md}");
         assert!(!md.contains("## How the numbers are taken"), "{md}");
@@ -842,12 +833,8 @@ mod tests {
     fn renders_both_tables_from_harness_json() {
         let report: Report = serde_json::from_str(SAMPLE).unwrap();
         let machine = Machine {
-            cpu: "Test CPU".into(),
-            cores: 2,
             virtualized: true,
-            memory: "1.0 GiB".into(),
-            kernel: "6.1.0".into(),
-            rustc: "rustc 1.95.0".into(),
+            ..test_machine()
         };
         let md = render(&report, &machine, "2025-01-02 03:04 UTC");
         assert!(md.starts_with("# Commy benchmarks\n"));
