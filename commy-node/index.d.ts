@@ -160,10 +160,12 @@ export declare class NativeMesh {
   /**
    * Calls service `name` with `payload`; operation `id` answers with the
    * reply. `timeout_ms` overrides the mesh's default timeout (0: none).
-   * `alone`: no other operation of this handle is pending (see
-   * `NativeMesh::spawn` for what it changes).
+   *
+   * The request is written from this (the JS) thread and the answer is
+   * queued for JS by the thread that reads it, with no runtime task in
+   * between (see `FfiMesh::call_then`).
    */
-  call(id: number, name: string, payload: Buffer, timeoutMs?: number | undefined | null, alone?: boolean | undefined | null): void
+  call(id: number, name: string, payload: Buffer, timeoutMs?: number | undefined | null): void
   /** Sends a one-way message to one instance of `name`. */
   send(id: number, name: string, payload: Buffer): void
   /**

@@ -158,9 +158,7 @@ class Mesh {
       const timeoutMs = options === undefined ? undefined : checkMs(checkOptions(options, ['timeoutMs'], 'call options').timeoutMs, 'options.timeoutMs')
       this._checkOpen()
       return new Promise((resolve, reject) => {
-        // Alone: the addon then runs the call on this thread and the one that answers.
-        const alone = this._resolve.length === this._free.length
-        this._native.call(this._begin(resolve, reject), name, buf, timeoutMs, alone)
+        this._native.call(this._begin(resolve, reject), name, buf, timeoutMs)
       })
     } catch (e) {
       return Promise.reject(e)

@@ -44,12 +44,13 @@
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use commy_mesh::{CallOptions, Deadline, Mesh, Request, Response, ServiceHandle, Status};
-use tokio::sync::oneshot;
+use commy_mesh::{
+    CallOptions, Deadline, Mesh, Request, Responder, Response, ServiceHandle, Status,
+};
 
 use crate::error::FfiError;
 use crate::region::{FfiRegion, RegionOptions};
@@ -158,6 +159,25 @@ impl FfiMesh {
         }
     }
 
+    /// Starts a call whose result goes to `done`, which must not block: on
+    /// shared memory with a link already open, the request is written from
+    /// this thread and `done` runs on the thread that reads the answer, with
+    /// no task in between (see [`Mesh::call_then`]). For event loops that
+    /// keep many calls in flight.
+    pub fn call_then(
+        &self,
+        service: &str,
+        payload: Bytes,
+        timeout: Option<Duration>,
+        done: impl FnOnce(Result<Bytes, FfiError>) + Send + 'static,
+    ) {
+        let mut options = CallOptions::default();
+        options.timeout = timeout;
+        self.mesh.call_then(service, payload, options, move |r| {
+            done(r.map(Response::into_payload).map_err(FfiError::from));
+        });
+    }
+
     /// [`call`](FfiMesh::call) with its own polling budget `spin` instead of
     /// [`MeshOptions::call_spin`]: e.g. an event-loop binding that spins
     /// only while a call is the one thing it waits for.
@@ -215,24 +235,11 @@ impl FfiMesh {
     where
         H: Fn(FfiRequest, Reply) + Send + Sync + 'static,
     {
-        let serving = self.mesh.serve(service, move |req: Request| {
-            let (reply, answer) = Reply::pair();
-            let state = Arc::downgrade(&reply.state);
-            // Made before the future's first poll, so that dropping an
-            // unpolled future cancels too.
-            let cancel = CancelOnDrop(state);
-            handler(FfiRequest::new(req), reply);
-            async move {
-                let result = match answer.await {
-                    Ok(r) => r,
-                    Err(_) => Err(Status::internal(
-                        "the service's handler finished without answering",
-                    )),
-                };
-                cancel.answered();
-                result.map(Response::new)
-            }
-        });
+        let serving = self
+            .mesh
+            .serve_deferred(service, move |req: Request, responder| {
+                handler(FfiRequest::new(req), Reply::new(responder));
+            });
         let handle = quick(serving)?;
         Ok(FfiService {
             name: handle.service().to_string(),
@@ -268,7 +275,7 @@ impl FfiMesh {
 /// A request as a handler sees it.
 #[derive(Debug, Clone)]
 pub struct FfiRequest {
-    service: String,
+    service: commy_core::ServiceName,
     payload: Bytes,
     deadline: Option<Deadline>,
 }
@@ -276,7 +283,7 @@ pub struct FfiRequest {
 impl FfiRequest {
     fn new(req: Request) -> FfiRequest {
         FfiRequest {
-            service: req.service().to_string(),
+            service: req.service().clone(),
             deadline: req.deadline(),
             payload: req.into_payload(),
         }
@@ -284,7 +291,7 @@ impl FfiRequest {
 
     /// The service the request was addressed to.
     pub fn service(&self) -> &str {
-        &self.service
+        self.service.as_str()
     }
 
     /// The request body.
@@ -303,64 +310,59 @@ impl FfiRequest {
     }
 }
 
-type CancelHook = Box<dyn FnOnce() + Send>;
-
-#[derive(Default)]
-struct ReplySlot {
-    answer: Option<oneshot::Sender<Result<Bytes, Status>>>,
-    cancelled: bool,
-    hooks: Vec<CancelHook>,
-}
-
-struct ReplyState {
-    slot: Mutex<ReplySlot>,
-}
-
-impl ReplyState {
-    fn lock(&self) -> std::sync::MutexGuard<'_, ReplySlot> {
-        match self.slot.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
-    }
-}
-
 /// How a handler answers its request: once, now or later, from any thread.
 /// Clones answer the same request (the first answer wins). If every clone
 /// is dropped unanswered, the caller gets `INTERNAL`.
+///
+/// On shared memory the answering thread writes the answer straight into
+/// the link.
 #[derive(Clone)]
 pub struct Reply {
-    state: Arc<ReplyState>,
+    slot: Arc<Mutex<ReplySlot>>,
+}
+
+struct ReplySlot {
+    /// `None` once answered (or found cancelled when answering).
+    responder: Option<Responder>,
+    /// An answer came too late: the caller had given up.
+    too_late: bool,
 }
 
 impl std::fmt::Debug for Reply {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let slot = self.state.lock();
         f.debug_struct("Reply")
-            .field("answered", &slot.answer.is_none())
-            .field("cancelled", &slot.cancelled)
+            .field("answered", &self.is_answered())
+            .field("cancelled", &self.is_cancelled())
             .finish()
     }
 }
 
 impl Reply {
-    fn pair() -> (Reply, oneshot::Receiver<Result<Bytes, Status>>) {
-        let (tx, rx) = oneshot::channel();
-        let state = Arc::new(ReplyState {
-            slot: Mutex::new(ReplySlot {
-                answer: Some(tx),
-                ..ReplySlot::default()
-            }),
-        });
-        (Reply { state }, rx)
+    fn new(responder: Responder) -> Reply {
+        Reply {
+            slot: Arc::new(Mutex::new(ReplySlot {
+                responder: Some(responder),
+                too_late: false,
+            })),
+        }
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, ReplySlot> {
+        match self.slot.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
     }
 
     fn answer(&self, result: Result<Bytes, Status>) -> bool {
-        let tx = self.state.lock().answer.take();
-        match tx {
-            Some(tx) => tx.send(result).is_ok(),
-            None => false,
+        let responder = self.slot().responder.take();
+        let Some(r) = responder else { return false };
+        // Only a caller that gave up refuses an answer.
+        let taken = r.respond(result.map(Response::new));
+        if !taken {
+            self.slot().too_late = true;
         }
+        taken
     }
 
     /// Answers with `payload`. Returns whether the answer was taken: false
@@ -376,54 +378,34 @@ impl Reply {
 
     /// Whether an answer was given (or the request was cancelled).
     pub fn is_answered(&self) -> bool {
-        self.state.lock().answer.is_none()
+        let slot = self.slot();
+        slot.responder.as_ref().is_none_or(Responder::is_cancelled)
     }
 
     /// Whether the caller gave up (deadline passed, cancelled, link gone)
     /// before an answer.
     pub fn is_cancelled(&self) -> bool {
-        self.state.lock().cancelled
+        let slot = self.slot();
+        slot.too_late || slot.responder.as_ref().is_some_and(Responder::is_cancelled)
     }
 
     /// Calls `hook` once if the caller gives up before an answer (on a
     /// runtime or link thread); at once if it already has. Not called once
     /// the request is answered.
     pub fn on_cancel(&self, hook: impl FnOnce() + Send + 'static) {
-        let mut slot = self.state.lock();
-        if slot.cancelled {
-            drop(slot);
-            hook();
-        } else if slot.answer.is_some() {
-            slot.hooks.push(Box::new(hook));
-        }
-    }
-}
-
-/// Lives in the handler's future: the mesh drops that future when the
-/// caller gives up, which cancels the reply and runs its hooks.
-struct CancelOnDrop(Weak<ReplyState>);
-
-impl CancelOnDrop {
-    fn answered(self) {
-        std::mem::forget(self);
-    }
-}
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        let Some(state) = self.0.upgrade() else {
-            return;
-        };
-        let hooks = {
-            let mut slot = state.lock();
-            if slot.answer.take().is_none() {
-                return;
+        let slot = self.slot();
+        match &slot.responder {
+            // Run outside this lock if it runs at once (it may use the reply).
+            Some(r) if r.is_cancelled() => {
+                drop(slot);
+                hook();
             }
-            slot.cancelled = true;
-            std::mem::take(&mut slot.hooks)
-        };
-        for hook in hooks {
-            hook();
+            Some(r) => r.on_cancel(hook),
+            None if slot.too_late => {
+                drop(slot);
+                hook();
+            }
+            None => {}
         }
     }
 }

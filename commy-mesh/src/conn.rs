@@ -13,7 +13,6 @@
 //! waiting is answered from that thread, one that has to wait continues as a
 //! tokio task (bounded by the service's concurrency permits).
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -32,7 +31,9 @@ use commy_shm::{LinkReceiver, RingError, ShmLink};
 use rustc_hash::FxHashMap;
 use tokio::sync::oneshot;
 
-use crate::service::{ArrivedDeadline, Handler, HandlerFuture, Request, Response};
+use crate::service::{
+    Accounting, ArrivedDeadline, Handler, HandlerFuture, Request, Responder, Response, Shared, Sink,
+};
 
 /// How long a send may wait for ring space before the call fails with
 /// `ResourceExhausted` (the peer is not draining its ring).
@@ -228,7 +229,7 @@ pub(crate) type CallResult = Result<Response, Status>;
 pub(crate) struct ClientConn {
     tx: Mutex<TxState>,
     rx: Mutex<LinkReceiver>,
-    pending: Mutex<FxHashMap<u64, oneshot::Sender<CallResult>>>,
+    pending: Mutex<PendingCalls>,
     /// `pending.len()`, readable without the lock (stored under it).
     pending_len: AtomicUsize,
     alive: AtomicBool,
@@ -243,6 +244,9 @@ pub(crate) struct ClientConn {
     limits: Limits,
     spin: Duration,
     reader: OnceLock<std::thread::Thread>,
+    /// Set when a callback call moved the earliest deadline forward (the
+    /// reader then reads it again).
+    sooner: AtomicBool,
 }
 
 /// How long the fallback reader waits on the ring before re-checking
@@ -264,7 +268,7 @@ impl ClientConn {
                 next_stream: 1,
             }),
             rx: Mutex::new(rx),
-            pending: Mutex::new(FxHashMap::default()),
+            pending: Mutex::new(PendingCalls::default()),
             pending_len: AtomicUsize::new(0),
             alive: AtomicBool::new(true),
             pollers: AtomicUsize::new(0),
@@ -273,6 +277,7 @@ impl ClientConn {
             limits,
             spin,
             reader: OnceLock::new(),
+            sooner: AtomicBool::new(false),
         });
         let weak = Arc::downgrade(&conn);
         let spawned = std::thread::Builder::new()
@@ -338,7 +343,7 @@ impl ClientConn {
                     return result;
                 }
                 let (done_tx, done_rx) = oneshot::channel();
-                self.register(id, done_tx);
+                self.register(id, Waiter::Task(done_tx));
                 drop(rx);
                 // Not answered within the spin: the reader thread takes over.
                 self.wake_reader();
@@ -353,7 +358,7 @@ impl ClientConn {
                 let id = {
                     let mut tx = lock(&self.tx);
                     let id = tx.open_stream();
-                    self.register(id, done_tx);
+                    self.register(id, Waiter::Task(done_tx));
                     if let Err(e) = send(&mut tx, id) {
                         drop(tx);
                         self.take(id);
@@ -484,7 +489,7 @@ impl ClientConn {
             return Ok(Some(result));
         }
         if let Some(waiter) = self.take(id) {
-            let _ = waiter.send(result);
+            waiter.complete(self, result);
         }
         Ok(None)
     }
@@ -535,10 +540,11 @@ impl ClientConn {
         let waiters: Vec<_> = {
             let mut pending = lock(&self.pending);
             self.pending_len.store(0, Ordering::Release);
-            pending.drain().map(|(_, w)| w).collect()
+            pending.earliest = None;
+            pending.calls.drain().map(|(_, w)| w).collect()
         };
         for w in waiters {
-            let _ = w.send(Err(status.clone()));
+            w.complete(self, Err(status.clone()));
         }
         status
     }
@@ -577,18 +583,135 @@ impl ClientConn {
     }
 
     /// Adds a call to the pending table.
-    fn register(&self, id: u64, waiter: oneshot::Sender<CallResult>) {
+    fn register(&self, id: u64, waiter: Waiter) {
         let mut pending = lock(&self.pending);
-        pending.insert(id, waiter);
-        self.pending_len.store(pending.len(), Ordering::Release);
+        if let Waiter::Callback(Callback {
+            deadline: Some(d), ..
+        }) = &waiter
+        {
+            if pending.earliest.is_none_or(|e| *d < e) {
+                pending.earliest = Some(*d);
+                self.sooner.store(true, Ordering::Release);
+            }
+        }
+        pending.calls.insert(id, waiter);
+        self.pending_len
+            .store(pending.calls.len(), Ordering::Release);
     }
 
     /// Takes a call out of the pending table.
-    fn take(&self, id: u64) -> Option<oneshot::Sender<CallResult>> {
+    fn take(&self, id: u64) -> Option<Waiter> {
         let mut pending = lock(&self.pending);
-        let waiter = pending.remove(&id);
-        self.pending_len.store(pending.len(), Ordering::Release);
+        let waiter = pending.calls.remove(&id);
+        self.pending_len
+            .store(pending.calls.len(), Ordering::Release);
         waiter
+    }
+
+    /// Sends a request whose answer goes to `done`, called on the thread
+    /// that reads the answer (or on this one if the call fails at once).
+    /// The link's reader thread enforces the deadline. `balanced`: as in
+    /// [`call`](ClientConn::call).
+    pub(crate) fn call_then(
+        &self,
+        payload: &[u8],
+        metadata: &Metadata,
+        mut due: Due,
+        balanced: bool,
+        done: Box<dyn FnOnce(CallResult) + Send>,
+    ) {
+        if !self.is_alive() {
+            return done(Err(Status::unavailable("the instance is gone")));
+        }
+        let md = encode_metadata(metadata);
+        if let Err(status) = check_frame(&self.limits, &md, payload) {
+            return done(Err(status));
+        }
+        let header = FrameHeader {
+            deadline_us: due.wire(),
+            ..FrameHeader::new(FrameKind::Request, StreamId(0))
+        };
+        let patience = due.patience();
+        let deadline = due.absolute().map(Deadline::instant);
+        if balanced {
+            self.in_flight.fetch_add(1, Ordering::Relaxed);
+        }
+        let waiter = Waiter::Callback(Callback {
+            done,
+            deadline,
+            balanced,
+        });
+        let sent = {
+            let mut tx = lock(&self.tx);
+            let id = tx.open_stream();
+            self.register(id, waiter);
+            let header = FrameHeader {
+                stream_id: StreamId(id),
+                ..header
+            };
+            send_frame(&mut tx.sender, header, &md, payload, patience)
+                .map_err(|e| (id, send_status(e)))
+        };
+        match sent {
+            Ok(()) => {
+                // The reader delivers the answer unless a caller polls.
+                if self.pollers.load(Ordering::Acquire) == 0 {
+                    self.wake_reader();
+                }
+            }
+            Err((id, status)) => {
+                if let Some(w) = self.take(id) {
+                    w.complete(self, Err(status));
+                }
+            }
+        }
+    }
+
+    /// When the earliest deadline of a callback call has passed, fails the
+    /// callback calls past their deadline (telling the server to stop).
+    /// Returns the earliest deadline still pending.
+    fn expire(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let expired: Vec<(u64, Waiter)> = {
+            let mut pending = lock(&self.pending);
+            match pending.earliest {
+                Some(e) if e <= now => {}
+                other => return other,
+            }
+            let ids: Vec<u64> = pending
+                .calls
+                .iter()
+                .filter_map(|(id, w)| match w {
+                    Waiter::Callback(Callback {
+                        deadline: Some(d), ..
+                    }) if *d <= now => Some(*id),
+                    _ => None,
+                })
+                .collect();
+            let expired = ids
+                .into_iter()
+                .filter_map(|id| pending.calls.remove(&id).map(|w| (id, w)))
+                .collect();
+            pending.earliest = pending
+                .calls
+                .values()
+                .filter_map(|w| match w {
+                    Waiter::Callback(c) => c.deadline,
+                    Waiter::Task(_) => None,
+                })
+                .min();
+            self.pending_len
+                .store(pending.calls.len(), Ordering::Release);
+            expired
+        };
+        for (id, w) in expired {
+            self.cancel(id);
+            w.complete(
+                self,
+                Err(Status::deadline_exceeded("no response before the deadline")),
+            );
+        }
+        lock(&self.pending).earliest
     }
 
     /// Tells the server to stop working on `id` (best effort).
@@ -714,6 +837,48 @@ impl Drop for Poller<'_> {
     }
 }
 
+/// Calls waiting for their answers, by stream id.
+#[derive(Default)]
+struct PendingCalls {
+    calls: FxHashMap<u64, Waiter>,
+    /// No callback call's deadline is earlier (it may be earlier than all
+    /// of them: answered calls do not move it).
+    earliest: Option<Instant>,
+}
+
+/// Who gets a pending call's answer.
+enum Waiter {
+    /// A calling task.
+    Task(oneshot::Sender<CallResult>),
+    /// A callback ([`ClientConn::call_then`]).
+    Callback(Callback),
+}
+
+/// A call answered through a callback.
+struct Callback {
+    done: Box<dyn FnOnce(CallResult) + Send>,
+    deadline: Option<Instant>,
+    /// Counted in [`ClientConn::in_flight`].
+    balanced: bool,
+}
+
+impl Waiter {
+    /// Hands `result` to whoever waits.
+    fn complete(self, conn: &ClientConn, result: CallResult) {
+        match self {
+            Waiter::Task(tx) => {
+                let _ = tx.send(result);
+            }
+            Waiter::Callback(c) => {
+                if c.balanced {
+                    conn.in_flight.fetch_sub(1, Ordering::Relaxed);
+                }
+                (c.done)(result);
+            }
+        }
+    }
+}
+
 /// The sending half of a client link and its stream numbering.
 struct TxState {
     sender: LinkSender,
@@ -749,9 +914,11 @@ impl Drop for InFlight<'_> {
 /// The fallback reader: while calls are pending and no caller polls, it
 /// waits on the ring and completes responses; otherwise it stays parked.
 fn client_reader(conn: Weak<ClientConn>) {
+    let mut delivered = 0u32;
     loop {
         {
             let Some(c) = conn.upgrade() else { return };
+            let mut earliest = c.expire();
             loop {
                 if !c.is_alive() {
                     return;
@@ -761,18 +928,31 @@ fn client_reader(conn: Weak<ClientConn>) {
                 {
                     break;
                 }
-                let mut rx = lock(&c.rx);
-                match rx.recv(Some(Instant::now() + READER_SLICE)) {
-                    Ok(msg) => {
-                        if c.deliver(&msg, None).is_err() {
+                let check = {
+                    let mut rx = lock(&c.rx);
+                    let slice = Instant::now() + READER_SLICE;
+                    let until = earliest.map_or(slice, |e| e.min(slice));
+                    match rx.recv(Some(until)) {
+                        Ok(msg) => {
+                            if c.deliver(&msg, None).is_err() {
+                                return;
+                            }
+                            // Deadlines are checked every so many answers,
+                            // and whenever the ring stays empty until one.
+                            delivered = delivered.wrapping_add(1);
+                            earliest.is_some() && delivered % 64 == 0
+                        }
+                        Err(RecvError::TimedOut) => true,
+                        Err(e) => {
+                            let _ = c.fail(e);
                             return;
                         }
                     }
-                    Err(RecvError::TimedOut) => {}
-                    Err(e) => {
-                        let _ = c.fail(e);
-                        return;
-                    }
+                };
+                if check
+                    || (c.sooner.load(Ordering::Relaxed) && c.sooner.swap(false, Ordering::AcqRel))
+                {
+                    earliest = c.expire();
                 }
             }
         }
@@ -861,9 +1041,47 @@ impl Drop for LinkFlag<'_> {
     }
 }
 
-/// Requests handed to tokio tasks, by stream id: `None` until the task's
-/// abort handle is filled in. Removing an entry marks the answer unwanted.
-type Running = Arc<Mutex<HashMap<u64, Option<tokio::task::AbortHandle>>>>;
+/// Requests not answered inline, by stream id. Removing an entry marks the
+/// answer unwanted.
+pub(crate) type Running = Arc<Mutex<FxHashMap<u64, Pending>>>;
+
+/// A request of [`Running`].
+pub(crate) enum Pending {
+    /// Continuing as a task: `None` until its abort handle is filled in.
+    Task(Option<tokio::task::AbortHandle>),
+    /// With a deferred handler's [`Responder`](crate::Responder).
+    Deferred(Arc<Shared>),
+}
+
+impl Pending {
+    /// The caller gave up: stop the work.
+    fn cancel(self) {
+        match self {
+            Pending::Task(Some(task)) => task.abort(),
+            Pending::Task(None) => {}
+            Pending::Deferred(shared) => shared.cancel(),
+        }
+    }
+}
+
+/// Where a deferred handler's answer goes on shared memory.
+pub(crate) struct LinkAnswer {
+    tx: Arc<Mutex<LinkSender>>,
+    limits: Limits,
+    id: StreamId,
+    running: Running,
+}
+
+impl LinkAnswer {
+    /// Writes the answer into the link, unless the caller gave up.
+    pub(crate) fn answer(self, result: Result<Response, Status>) -> bool {
+        if lock(&self.running).remove(&self.id.0).is_none() {
+            return false;
+        }
+        reply(&self.tx, &self.limits, self.id, result);
+        true
+    }
+}
 
 /// Serves one accepted link until it closes (runs on its own thread).
 ///
@@ -928,8 +1146,9 @@ pub(crate) fn serve_link(link: ShmLink, ctx: Arc<ServeCtx>) {
             }
             FrameKind::Cancel => {
                 drop(msg);
-                if let Some(Some(task)) = lock(&running).remove(&h.stream_id.0) {
-                    task.abort();
+                let cancelled = lock(&running).remove(&h.stream_id.0);
+                if let Some(p) = cancelled {
+                    p.cancel();
                 }
             }
             FrameKind::Ping => {
@@ -952,10 +1171,9 @@ pub(crate) fn serve_link(link: ShmLink, ctx: Arc<ServeCtx>) {
         }
     }
     // The client is gone: stop work nobody waits for.
-    for (_, task) in lock(&running).drain() {
-        if let Some(task) = task {
-            task.abort();
-        }
+    let left: Vec<_> = lock(&running).drain().map(|(_, p)| p).collect();
+    for p in left {
+        p.cancel();
     }
 }
 
@@ -979,12 +1197,13 @@ fn panicked(service: &commy_core::ServiceName) -> Status {
     Status::internal("the service's handler panicked")
 }
 
-/// A request continuing as a task: counted in `in_flight` for draining
-/// until dropped (also when the task is aborted by a Cancel frame).
-struct OwnedHandling(Arc<ServeCtx>);
+/// A request continuing as a task (or with a deferred handler): counted in
+/// `in_flight` for draining until dropped (also when the task is aborted by
+/// a Cancel frame).
+pub(crate) struct OwnedHandling(Arc<ServeCtx>);
 
 impl OwnedHandling {
-    fn enter(ctx: Arc<ServeCtx>) -> OwnedHandling {
+    pub(crate) fn enter(ctx: Arc<ServeCtx>) -> OwnedHandling {
         ctx.in_flight.fetch_add(1, Ordering::SeqCst);
         OwnedHandling(ctx)
     }
@@ -1013,11 +1232,16 @@ fn handle(
     h: FrameHeader,
     request: Request,
 ) {
+    let handler = match &ctx.handler {
+        Handler::Async(f) => f,
+        Handler::Deferred(f) => {
+            return handle_deferred(ctx, tx, running, busy, h, request, f);
+        }
+    };
     let id = h.stream_id;
     let oneway = h.kind == FrameKind::OneWay;
     let deadline = request.deadline.clone();
     let inline = InlineBusy::enter(busy);
-    let handler = &ctx.handler;
     let fut = match std::panic::catch_unwind(AssertUnwindSafe(|| handler(request))) {
         Ok(fut) => fut,
         Err(_) => {
@@ -1047,7 +1271,7 @@ fn handle(
     let deadline = deadline.get();
     let permit = ctx.permits.clone().try_acquire_owned().ok();
     if !oneway {
-        lock(running).insert(id.0, None);
+        lock(running).insert(id.0, Pending::Task(None));
     }
     let work = {
         let (ctx, tx, running) = (ctx.clone(), tx.clone(), running.clone());
@@ -1080,8 +1304,76 @@ fn handle(
     let task = ctx.runtime.spawn(work);
     if !oneway {
         if let Some(slot) = lock(running).get_mut(&id.0) {
-            *slot = Some(task.abort_handle());
+            *slot = Pending::Task(Some(task.abort_handle()));
         }
+    }
+}
+
+/// Runs one request of a deferred handler: the handler gets a responder
+/// that writes the answer into the link from whichever thread answers.
+/// Without a free concurrency permit the request waits for one on the
+/// runtime and its handler is then called there.
+fn handle_deferred(
+    ctx: &Arc<ServeCtx>,
+    tx: &Arc<Mutex<LinkSender>>,
+    running: &Running,
+    busy: &AtomicBool,
+    h: FrameHeader,
+    request: Request,
+    handler: &Arc<dyn Fn(Request, Responder) + Send + Sync>,
+) {
+    let inline = InlineBusy::enter(busy);
+    // Counted before the link's flag clears (see `ServeCtx::idle`).
+    let handling = Some(OwnedHandling::enter(ctx.clone()));
+    let sink = if h.kind == FrameKind::OneWay {
+        Sink::OneWay
+    } else {
+        Sink::Link(LinkAnswer {
+            tx: tx.clone(),
+            limits: ctx.limits,
+            id: h.stream_id,
+            running: running.clone(),
+        })
+    };
+    let permit = ctx.permits.clone().try_acquire_owned().ok();
+    let waits = permit.is_none();
+    let responder = Responder::new(sink, Accounting { handling, permit });
+    if h.kind != FrameKind::OneWay {
+        lock(running).insert(h.stream_id.0, Pending::Deferred(responder.shared().clone()));
+    }
+    if !waits {
+        call_deferred(handler, request, responder, &ctx.service);
+        drop(inline);
+        return;
+    }
+    drop(inline);
+    let (ctx2, handler) = (ctx.clone(), handler.clone());
+    ctx.runtime.spawn(async move {
+        let mut responder = responder;
+        match ctx2.permits.clone().acquire_owned().await {
+            Ok(p) => responder.hold(p),
+            Err(_) => {
+                responder.respond(Err(Status::unavailable("the service is shutting down")));
+                return;
+            }
+        }
+        if responder.is_cancelled() {
+            return;
+        }
+        call_deferred(&handler, request, responder, &ctx2.service);
+    });
+}
+
+/// Calls a deferred handler; if it panics, the caller gets `Internal`.
+fn call_deferred(
+    handler: &Arc<dyn Fn(Request, Responder) + Send + Sync>,
+    request: Request,
+    responder: Responder,
+    service: &commy_core::ServiceName,
+) {
+    if std::panic::catch_unwind(AssertUnwindSafe(|| handler(request, responder))).is_err() {
+        // The responder, dropped while unwinding, answered `Internal`.
+        let _ = panicked(service);
     }
 }
 

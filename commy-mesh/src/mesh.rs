@@ -36,7 +36,7 @@ use crate::conn::{self, ClientConn, ServeCtx, lock};
 use crate::discovery::{Instance, LocalRegistry};
 use crate::net::{CallKind, NetState};
 use crate::netconfig::{NetConfig, TransportPreference};
-use crate::service::{self, Request, Response};
+use crate::service::{self, Request, Responder, Response};
 
 /// Settings of a mesh handle. `Config::default()` is the embedded default:
 /// mesh `default`, local discovery in the runtime dir, nothing to write first.
@@ -446,6 +446,34 @@ impl Mesh {
         F: Fn(Request) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Response, Status>> + Send + 'static,
     {
+        self.serve_handler(name, service::erase(handler))
+    }
+
+    /// Serves `name` with a handler that answers through a [`Responder`],
+    /// now or later, from any thread, until the returned handle is dropped.
+    ///
+    /// This is for code that answers outside an async task, such as an event
+    /// loop of another language: on shared memory the responding thread
+    /// writes the answer straight into the link. The handler itself is
+    /// called on the link's thread (or, when the service's concurrency
+    /// limit is reached, on a runtime thread once a request may start) and
+    /// must not block.
+    ///
+    /// The request's deadline is not enforced on this side: a caller whose
+    /// deadline passes gives up and cancels, which runs the responder's
+    /// [`on_cancel`](Responder::on_cancel) hooks.
+    pub async fn serve_deferred<F>(&self, name: &str, handler: F) -> Result<ServiceHandle, Status>
+    where
+        F: Fn(Request, Responder) + Send + Sync + 'static,
+    {
+        self.serve_handler(name, service::erase_deferred(handler))
+    }
+
+    fn serve_handler(
+        &self,
+        name: &str,
+        handler: service::Handler,
+    ) -> Result<ServiceHandle, Status> {
         self.check_open()?;
         let service = service_name(name)?;
         let id = InstanceId::random();
@@ -457,7 +485,7 @@ impl Mesh {
         let listener = UdsListener::bind(&path)
             .map_err(|e| Status::unavailable(format!("cannot listen for {service}: {e}")))?;
         let ctx = Arc::new(ServeCtx {
-            handler: service::erase(handler),
+            handler,
             limits: self.inner.config.limits,
             runtime: self.inner.runtime.clone(),
             permits: Arc::new(tokio::sync::Semaphore::new(
@@ -548,6 +576,52 @@ impl Mesh {
         };
         conn.call(&payload, &options.metadata, due, balanced, options.spin)
             .await
+    }
+
+    /// Starts a call whose result goes to `done` instead of a future: on
+    /// shared memory, with a link already open, the request is written from
+    /// this thread and `done` runs on the thread that reads the answer (the
+    /// link's reader), with no task and no further hand-off. Otherwise the
+    /// call runs as a task on the mesh's runtime and `done` runs there.
+    /// `done` must not block; a call that fails at once calls it right here.
+    ///
+    /// This is for code that waits outside async Rust (an event loop of
+    /// another language keeping many calls in flight).
+    ///
+    /// ```
+    /// # async fn demo(mesh: commy_mesh::Mesh) {
+    /// let (tx, rx) = tokio::sync::oneshot::channel();
+    /// mesh.call_then("echo", "hi", Default::default(), move |result| {
+    ///     let _ = tx.send(result);
+    /// });
+    /// let _answer = rx.await;
+    /// # }
+    /// ```
+    pub fn call_then(
+        &self,
+        name: &str,
+        payload: impl Into<Bytes>,
+        options: CallOptions,
+        done: impl FnOnce(Result<Response, Status>) + Send + 'static,
+    ) {
+        if let Err(status) = self.check_open() {
+            return done(Err(status));
+        }
+        let payload = payload.into();
+        if self.preference(&options) != TransportPreference::Tls {
+            if let Some((conn, balanced)) = self.connected(name) {
+                let due = conn::Due::new(
+                    options.timeout.or(self.inner.config.default_timeout),
+                    options.deadline,
+                );
+                return conn.call_then(&payload, &options.metadata, due, balanced, Box::new(done));
+            }
+        }
+        let mesh = self.clone();
+        let name = name.to_owned();
+        self.inner.runtime.spawn(async move {
+            done(mesh.call_with(&name, payload, options).await);
+        });
     }
 
     /// The fast path of picking: a live link to an instance of a service

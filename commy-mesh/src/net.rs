@@ -166,7 +166,7 @@ impl Router {
             metadata,
             deadline: ArrivedDeadline::at(inbound.deadline),
         };
-        let response = (ctx.handler)(request).await?;
+        let response = ctx.handler.future(request).await?;
         Ok(Reply {
             metadata: Bytes::from(encode_metadata(&response.metadata)),
             payload: response.payload,

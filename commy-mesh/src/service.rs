@@ -16,11 +16,13 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use commy_core::{Deadline, Metadata, NO_DEADLINE, ServiceName, Status};
+use tokio::sync::oneshot;
 
 /// A request as the handler receives it.
 #[derive(Debug, Clone)]
@@ -179,7 +181,35 @@ impl From<&'static str> for Response {
 pub(crate) type HandlerFuture = Pin<Box<dyn Future<Output = Result<Response, Status>> + Send>>;
 
 /// A type-erased handler.
-pub(crate) type Handler = Arc<dyn Fn(Request) -> HandlerFuture + Send + Sync>;
+#[derive(Clone)]
+pub(crate) enum Handler {
+    /// An async function of the request.
+    Async(Arc<dyn Fn(Request) -> HandlerFuture + Send + Sync>),
+    /// A callback that answers through its [`Responder`], now or later.
+    Deferred(Arc<dyn Fn(Request, Responder) + Send + Sync>),
+}
+
+impl Handler {
+    /// The handler as a future of its answer, for transports that await
+    /// handlers (TLS). Dropping the future cancels a deferred request.
+    pub(crate) fn future(&self, request: Request) -> HandlerFuture {
+        match self {
+            Handler::Async(f) => f(request),
+            Handler::Deferred(f) => {
+                let (tx, rx) = oneshot::channel();
+                let responder = Responder::new(Sink::Channel(tx), Accounting::default());
+                let cancel = CancelOnDrop(responder.shared.clone());
+                f(request, responder);
+                Box::pin(async move {
+                    let result = rx.await.unwrap_or_else(|_| Err(unanswered()));
+                    // Answered: cancelling now does nothing.
+                    drop(cancel);
+                    result
+                })
+            }
+        }
+    }
+}
 
 /// Erases an async handler function.
 pub(crate) fn erase<F, Fut>(f: F) -> Handler
@@ -187,5 +217,197 @@ where
     F: Fn(Request) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<Response, Status>> + Send + 'static,
 {
-    Arc::new(move |req| Box::pin(f(req)))
+    Handler::Async(Arc::new(move |req| Box::pin(f(req))))
+}
+
+/// Erases a deferred handler function.
+pub(crate) fn erase_deferred<F>(f: F) -> Handler
+where
+    F: Fn(Request, Responder) + Send + Sync + 'static,
+{
+    Handler::Deferred(Arc::new(f))
+}
+
+fn unanswered() -> Status {
+    Status::internal("the service's handler finished without answering")
+}
+
+/// Not answered yet.
+const PENDING: u8 = 0;
+/// Answered (or being answered).
+const ANSWERED: u8 = 1;
+/// The caller gave up first.
+const CANCELLED: u8 = 2;
+
+type CancelHook = Box<dyn FnOnce() + Send>;
+
+/// What a responder and the link's cancellation share.
+#[derive(Default)]
+pub(crate) struct Shared {
+    state: AtomicU8,
+    hooks: Mutex<Vec<CancelHook>>,
+}
+
+impl Shared {
+    /// Marks the request given up by its caller and runs the cancel hooks,
+    /// unless it was answered already.
+    pub(crate) fn cancel(&self) {
+        if self
+            .state
+            .compare_exchange(PENDING, CANCELLED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            let hooks = std::mem::take(&mut *crate::conn::lock(&self.hooks));
+            for hook in hooks {
+                hook();
+            }
+        }
+    }
+}
+
+/// Where a responder's answer goes.
+pub(crate) enum Sink {
+    /// Written straight into a shared-memory link.
+    Link(crate::conn::LinkAnswer),
+    /// Handed to a future awaiting it (TLS).
+    Channel(oneshot::Sender<Result<Response, Status>>),
+    /// Nowhere: a one-way message.
+    OneWay,
+}
+
+/// What a request holds while it is handled: its count for draining and
+/// its concurrency permit.
+#[derive(Default)]
+pub(crate) struct Accounting {
+    /// Held for its `Drop` (which ends the count).
+    #[allow(dead_code, reason = "held for its Drop")]
+    pub(crate) handling: Option<crate::conn::OwnedHandling>,
+    pub(crate) permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// Answers one request of a service served with
+/// [`Mesh::serve_deferred`](crate::Mesh::serve_deferred): once, now or
+/// later, from any thread. On shared memory the answer is written straight
+/// into the link by the thread that responds, so an answer given from an
+/// event loop costs no further hand-off.
+///
+/// Dropping it unanswered answers `Internal`. If the caller gives up first
+/// (deadline passed, call cancelled, caller gone), the answer is discarded
+/// and the [`on_cancel`](Responder::on_cancel) hooks run.
+///
+/// ```
+/// # async fn demo(mesh: commy_mesh::Mesh) -> Result<(), commy_mesh::Status> {
+/// use commy_mesh::Response;
+/// let _service = mesh
+///     .serve_deferred("later", |req, responder| {
+///         std::thread::spawn(move || {
+///             responder.respond(Ok(Response::new(req.into_payload())));
+///         });
+///     })
+///     .await?;
+/// # Ok(()) }
+/// ```
+pub struct Responder {
+    sink: Option<Sink>,
+    shared: Arc<Shared>,
+    _accounting: Accounting,
+}
+
+impl std::fmt::Debug for Responder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Responder")
+            .field("cancelled", &self.is_cancelled())
+            .finish()
+    }
+}
+
+impl Responder {
+    pub(crate) fn new(sink: Sink, accounting: Accounting) -> Responder {
+        Responder {
+            sink: Some(sink),
+            shared: Arc::new(Shared::default()),
+            _accounting: accounting,
+        }
+    }
+
+    /// Holds the concurrency permit the request waited for.
+    pub(crate) fn hold(&mut self, permit: tokio::sync::OwnedSemaphorePermit) {
+        self._accounting.permit = Some(permit);
+    }
+
+    /// The state the link's cancellation needs.
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Answers the request. Returns whether the answer was taken: false if
+    /// the caller gave up first (nobody waits for it any more).
+    pub fn respond(mut self, result: Result<Response, Status>) -> bool {
+        self.send(result)
+    }
+
+    /// Answers with `payload` (see [`respond`](Responder::respond)).
+    pub fn ok(self, payload: impl Into<Bytes>) -> bool {
+        self.respond(Ok(Response::new(payload)))
+    }
+
+    fn send(&mut self, result: Result<Response, Status>) -> bool {
+        let Some(sink) = self.sink.take() else {
+            return false;
+        };
+        if self
+            .shared
+            .state
+            .compare_exchange(PENDING, ANSWERED, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return false;
+        }
+        match sink {
+            Sink::Link(link) => link.answer(result),
+            Sink::Channel(tx) => tx.send(result).is_ok(),
+            Sink::OneWay => true,
+        }
+    }
+
+    /// Whether the caller gave up (deadline passed, cancelled, link gone)
+    /// before an answer.
+    pub fn is_cancelled(&self) -> bool {
+        self.shared.state.load(Ordering::Acquire) == CANCELLED
+    }
+
+    /// Calls `hook` once if the caller gives up before an answer (on the
+    /// link's thread, or a runtime thread); at once if it already has. Never
+    /// called once the request is answered.
+    pub fn on_cancel(&self, hook: impl FnOnce() + Send + 'static) {
+        let mut hooks = crate::conn::lock(&self.shared.hooks);
+        // Read under the lock `Shared::cancel` takes to run the hooks: a
+        // hook added after that ran is run here instead.
+        match self.shared.state.load(Ordering::Acquire) {
+            PENDING => hooks.push(Box::new(hook)),
+            CANCELLED => {
+                drop(hooks);
+                hook();
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        if self.sink.is_some() {
+            self.send(Err(unanswered()));
+        }
+    }
+}
+
+/// Lives in a deferred handler's future (see [`Handler::future`]): dropping
+/// the future before the answer cancels the request.
+struct CancelOnDrop(Arc<Shared>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
 }

@@ -178,8 +178,10 @@ impl NativeMesh {
 
     /// Calls service `name` with `payload`; operation `id` answers with the
     /// reply. `timeout_ms` overrides the mesh's default timeout (0: none).
-    /// `alone`: no other operation of this handle is pending (see
-    /// `NativeMesh::spawn` for what it changes).
+    ///
+    /// The request is written from this (the JS) thread and the answer is
+    /// queued for JS by the thread that reads it, with no runtime task in
+    /// between (see `FfiMesh::call_then`).
     #[napi]
     pub fn call(
         &self,
@@ -187,19 +189,22 @@ impl NativeMesh {
         name: String,
         payload: BufferSlice,
         timeout_ms: Option<f64>,
-        alone: Option<bool>,
     ) -> Result<()> {
         let timeout = match timeout_ms {
             Some(t) => Some(timeout(t, "timeoutMs")?.unwrap_or(Duration::from_secs(1 << 40))),
             None => None,
         };
         let payload = Bytes::copy_from_slice(&payload);
-        self.spawn(
-            id,
-            alone.unwrap_or(true),
-            |m| async move { m.call(&name, payload, timeout).await },
-            move |payload| Event::Answer { id, payload },
-        );
+        let bridge = self.bridge.clone();
+        match self.mesh() {
+            Ok(m) => m.call_then(&name, payload, timeout, move |r| {
+                bridge.push(match r {
+                    Ok(payload) => Event::Answer { id, payload },
+                    Err(e) => failed(id, &e),
+                });
+            }),
+            Err(e) => bridge.push(failed(id, &e)),
+        }
         Ok(())
     }
 
