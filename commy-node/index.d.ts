@@ -165,7 +165,12 @@ export declare class NativeMesh {
    * queued for JS by the thread that reads it, with no runtime task in
    * between (see `FfiMesh::call_then`).
    */
-  call(id: number, name: string, payload: Buffer, timeoutMs?: number | undefined | null): void
+  call(id: number, service: number, payload: Buffer, timeoutMs?: number | undefined | null): void
+  /**
+   * The number [`call`](NativeMesh::call) takes for service `name`
+   * (the JS layer asks once per name).
+   */
+  name(name: string): number
   /** Sends a one-way message to one instance of `name`. */
   send(id: number, name: string, payload: Buffer): void
   /**
@@ -214,10 +219,15 @@ export declare class NativeMesh {
    */
   close(id: number): void
   /**
-   * Every event waiting for JS, flattened five slots per event:
-   * `[kind, id, a, b, c, ...]` (see `index.js` for the kinds).
+   * Moves waiting events into `meta`, a byte view of the JS layer's
+   * `Uint32Array`: slot 0 gets the number of events written, slot 1 is 1
+   * if more are waiting (call again), and each event takes [`STRIDE`]
+   * slots from slot 2 on: `[kind, id, offset, length, x, y]`. Payloads
+   * (and failure texts, `"CODE: message"`) are concatenated in the
+   * returned buffer, at each event's offset and length: one buffer per
+   * drain, however many events (see `index.js` for the kinds).
    */
-  drain(): unknown[]
+  drain(meta: Buffer): Buffer | null
 }
 
 /** A shared region opened through [`NativeMesh::region`]. */

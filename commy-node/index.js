@@ -11,7 +11,8 @@ const binding = require('./binding.js')
 
 const { NativeMesh, NativeRegion } = binding
 
-// Event kinds of NativeMesh.drain(), five slots per event: kind, id, a, b, c.
+// Event kinds of NativeMesh.drain(), six slots per event: kind, id, offset,
+// length (of the event's bytes in the drained buffer), x, y.
 const DONE = 0
 const ANSWER = 1
 const FAILED = 2
@@ -19,7 +20,9 @@ const REQUEST = 3
 const MESSAGE = 4
 const ENDED = 5
 const CANCELLED = 6
-const STRIDE = 5
+const STRIDE = 6
+// Events taken per drain (more are taken by draining again).
+const BATCH = 1024
 
 /** The status names an error's `code` can take. */
 const codes = Object.freeze([
@@ -90,6 +93,11 @@ function checkMs(value, what) {
 
 function noop() {}
 
+// The bytes of one drained event: a view of the drain's buffer.
+function view(data, offset, length) {
+  return length === 0 ? Buffer.alloc(0) : data.subarray(offset, offset + length)
+}
+
 /** A handle on the mesh. Open it with `await Mesh.open()`. */
 class Mesh {
   /** Use `Mesh.open()`. */
@@ -103,6 +111,8 @@ class Mesh {
     this._reject = []
     this._free = []
     this._services = new Map()
+    // Service names by the addon's numbers for them (see NativeMesh.name).
+    this._names = new Map()
     this._subs = new Map()
     // Cancellation signals of requests in progress, for handlers that take one.
     this._aborts = new Map()
@@ -112,6 +122,8 @@ class Mesh {
     // Keeps the event loop alive while something waits on the mesh; the
     // addon's wake-up itself never does (so an idle process can exit).
     this._refs = 0
+    this._meta = new Uint32Array(2 + STRIDE * BATCH)
+    this._metaBytes = Buffer.from(this._meta.buffer)
     this._timer = setInterval(noop, 0x7fffffff)
     this._timer.unref()
   }
@@ -158,7 +170,12 @@ class Mesh {
       const timeoutMs = options === undefined ? undefined : checkMs(checkOptions(options, ['timeoutMs'], 'call options').timeoutMs, 'options.timeoutMs')
       this._checkOpen()
       return new Promise((resolve, reject) => {
-        this._native.call(this._begin(resolve, reject), name, buf, timeoutMs)
+        let service = this._names.get(name)
+        if (service === undefined) {
+          service = this._native.name(name)
+          this._names.set(name, service)
+        }
+        this._native.call(this._begin(resolve, reject), service, buf, timeoutMs)
       })
     } catch (e) {
       return Promise.reject(e)
@@ -338,43 +355,60 @@ class Mesh {
 
   // Runs on the JS thread when the addon has events waiting.
   _pump() {
-    if (this._native === null) return
-    const ev = this._native.drain()
-    for (let i = 0; i < ev.length; i += STRIDE) {
-      const id = ev[i + 1]
-      switch (ev[i]) {
-        case ANSWER:
-        case DONE: {
-          const resolve = this._resolve[id]
-          if (resolve === undefined) break
-          this._settle(id)
-          resolve(ev[i + 2])
-          break
-        }
-        case FAILED: {
-          const reject = this._reject[id]
-          if (reject === undefined) break
-          this._settle(id)
-          reject(new CommyError(ev[i + 2], ev[i + 3]))
-          break
-        }
-        case REQUEST:
-          this._request(id, ev[i + 2], ev[i + 3], ev[i + 4])
-          break
-        case CANCELLED: {
-          const aborter = this._aborts.get(id)
-          if (aborter !== undefined) {
-            this._aborts.delete(id)
-            aborter.abort(new CommyError('CANCELLED', 'the caller gave up (deadline passed or call cancelled)'))
+    const meta = this._meta
+    let more = 1
+    while (more === 1 && this._native !== null) {
+      // One buffer holds every payload of the batch; each event's is a view of it.
+      const data = this._native.drain(this._metaBytes)
+      const n = meta[0]
+      more = meta[1]
+      for (let i = 0, at = 2; i < n; i++, at += STRIDE) {
+        const id = meta[at + 1]
+        switch (meta[at]) {
+          case ANSWER: {
+            const resolve = this._resolve[id]
+            if (resolve === undefined) break
+            this._settle(id)
+            resolve(view(data, meta[at + 2], meta[at + 3]))
+            break
           }
-          break
+          case DONE: {
+            const resolve = this._resolve[id]
+            if (resolve === undefined) break
+            this._settle(id)
+            resolve(meta[at + 4])
+            break
+          }
+          case FAILED: {
+            const reject = this._reject[id]
+            if (reject === undefined) break
+            this._settle(id)
+            const text = data.toString('utf8', meta[at + 2], meta[at + 2] + meta[at + 3])
+            const colon = text.indexOf(': ')
+            reject(new CommyError(text.slice(0, colon), text.slice(colon + 2)))
+            break
+          }
+          case REQUEST: {
+            const payload = view(data, meta[at + 2], meta[at + 3])
+            const cancel = meta[at + 5]
+            this._request(id, payload, meta[at + 4], cancel === 0 ? undefined : cancel)
+            break
+          }
+          case CANCELLED: {
+            const aborter = this._aborts.get(id)
+            if (aborter !== undefined) {
+              this._aborts.delete(id)
+              aborter.abort(new CommyError('CANCELLED', 'the caller gave up (deadline passed or call cancelled)'))
+            }
+            break
+          }
+          case MESSAGE:
+            this._subs.get(id)?._push(view(data, meta[at + 2], meta[at + 3]))
+            break
+          case ENDED:
+            this._subs.get(id)?._end()
+            break
         }
-        case MESSAGE:
-          this._subs.get(id)?._push(ev[i + 2])
-          break
-        case ENDED:
-          this._subs.get(id)?._end()
-          break
       }
     }
   }

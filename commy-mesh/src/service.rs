@@ -246,6 +246,9 @@ type CancelHook = Box<dyn FnOnce() + Send>;
 pub(crate) struct Shared {
     state: AtomicU8,
     hooks: Mutex<Vec<CancelHook>>,
+    /// Released once the request is answered or cancelled, whoever still
+    /// holds the responder.
+    accounting: Mutex<Option<Accounting>>,
 }
 
 impl Shared {
@@ -258,6 +261,7 @@ impl Shared {
             .is_ok()
         {
             let hooks = std::mem::take(&mut *crate::conn::lock(&self.hooks));
+            drop(crate::conn::lock(&self.accounting).take());
             for hook in hooks {
                 hook();
             }
@@ -310,7 +314,6 @@ pub(crate) struct Accounting {
 pub struct Responder {
     sink: Option<Sink>,
     shared: Arc<Shared>,
-    _accounting: Accounting,
 }
 
 impl std::fmt::Debug for Responder {
@@ -325,14 +328,18 @@ impl Responder {
     pub(crate) fn new(sink: Sink, accounting: Accounting) -> Responder {
         Responder {
             sink: Some(sink),
-            shared: Arc::new(Shared::default()),
-            _accounting: accounting,
+            shared: Arc::new(Shared {
+                accounting: Mutex::new(Some(accounting)),
+                ..Shared::default()
+            }),
         }
     }
 
     /// Holds the concurrency permit the request waited for.
     pub(crate) fn hold(&mut self, permit: tokio::sync::OwnedSemaphorePermit) {
-        self._accounting.permit = Some(permit);
+        if let Some(a) = crate::conn::lock(&self.shared.accounting).as_mut() {
+            a.permit = Some(permit);
+        }
     }
 
     /// The state the link's cancellation needs.
@@ -363,11 +370,13 @@ impl Responder {
         {
             return false;
         }
-        match sink {
+        let taken = match sink {
             Sink::Link(link) => link.answer(result),
             Sink::Channel(tx) => tx.send(result).is_ok(),
             Sink::OneWay => true,
-        }
+        };
+        drop(crate::conn::lock(&self.shared.accounting).take());
+        taken
     }
 
     /// Whether the caller gave up (deadline passed, cancelled, link gone)

@@ -16,7 +16,7 @@ use commy_ffi::{
     FfiError, FfiMesh, FfiRegion, FfiService, FfiSubscription, MeshOptions, OpenPolicy,
     RegionOptions, Reply, run_inline, runtime, spawn_with,
 };
-use napi::bindgen_prelude::{Array, BufferSlice, Function};
+use napi::bindgen_prelude::{BufferSlice, Function};
 use napi::{Env, Result};
 use napi_derive::napi;
 use tokio::sync::Semaphore;
@@ -28,7 +28,7 @@ use crate::slab::Slab;
 pub(crate) type PendingReply = Reply;
 
 /// Slots per event in [`NativeMesh::drain`]'s array.
-const STRIDE: usize = 5;
+const STRIDE: usize = 6;
 
 /// Event kinds as the JS layer reads them from [`NativeMesh::drain`].
 const DONE: u32 = 0;
@@ -94,6 +94,8 @@ pub struct NativeMesh {
     subs: Mutex<HashMap<u32, Sub>>,
     /// Drained events waiting to be converted (reused between drains).
     scratch: Mutex<Vec<Event>>,
+    /// Service names by number (see [`NativeMesh::name`]).
+    names: Mutex<Vec<String>>,
 }
 
 #[napi]
@@ -129,6 +131,7 @@ impl NativeMesh {
             services: Mutex::default(),
             subs: Mutex::default(),
             scratch: Mutex::default(),
+            names: Mutex::default(),
         })
     }
 
@@ -186,10 +189,14 @@ impl NativeMesh {
     pub fn call(
         &self,
         id: u32,
-        name: String,
+        service: u32,
         payload: BufferSlice,
         timeout_ms: Option<f64>,
     ) -> Result<()> {
+        let names = lock(&self.names);
+        let name = names
+            .get(service as usize)
+            .ok_or_else(|| invalid(format!("no service name number {service}")))?;
         let timeout = match timeout_ms {
             Some(t) => Some(timeout(t, "timeoutMs")?.unwrap_or(Duration::from_secs(1 << 40))),
             None => None,
@@ -197,7 +204,7 @@ impl NativeMesh {
         let payload = Bytes::copy_from_slice(&payload);
         let bridge = self.bridge.clone();
         match self.mesh() {
-            Ok(m) => m.call_then(&name, payload, timeout, move |r| {
+            Ok(m) => m.call_then(name, payload, timeout, move |r| {
                 bridge.push(match r {
                     Ok(payload) => Event::Answer { id, payload },
                     Err(e) => failed(id, &e),
@@ -206,6 +213,20 @@ impl NativeMesh {
             Err(e) => bridge.push(failed(id, &e)),
         }
         Ok(())
+    }
+
+    /// The number [`call`](NativeMesh::call) takes for service `name`
+    /// (the JS layer asks once per name).
+    #[napi]
+    pub fn name(&self, name: String) -> u32 {
+        let mut names = lock(&self.names);
+        match names.iter().position(|n| *n == name) {
+            Some(i) => u32::try_from(i).unwrap_or(u32::MAX),
+            None => {
+                names.push(name);
+                u32::try_from(names.len() - 1).unwrap_or(u32::MAX)
+            }
+        }
     }
 
     /// Sends a one-way message to one instance of `name`.
@@ -250,7 +271,8 @@ impl NativeMesh {
             .serve(&name, move |req, reply| {
                 let cancel = cancellable.then(|| {
                     let mut n = lock(&next_cancel);
-                    *n = n.wrapping_add(1);
+                    // Never 0: the drained event says 0 for "none".
+                    *n = n.wrapping_add(1).max(1);
                     let cancel = *n;
                     let b = bridge.clone();
                     reply.on_cancel(move || b.push(Event::Cancelled { cancel }));
@@ -410,34 +432,58 @@ impl NativeMesh {
         );
     }
 
-    /// Every event waiting for JS, flattened five slots per event:
-    /// `[kind, id, a, b, c, ...]` (see `index.js` for the kinds).
+    /// Moves waiting events into `meta`, a byte view of the JS layer's
+    /// `Uint32Array`: slot 0 gets the number of events written, slot 1 is 1
+    /// if more are waiting (call again), and each event takes [`STRIDE`]
+    /// slots from slot 2 on: `[kind, id, offset, length, x, y]`. Payloads
+    /// (and failure texts, `"CODE: message"`) are concatenated in the
+    /// returned buffer, at each event's offset and length: one buffer per
+    /// drain, however many events (see `index.js` for the kinds).
     #[napi]
-    pub fn drain<'e>(&self, env: &'e Env) -> Result<Array<'e>> {
+    pub fn drain<'e>(
+        &self,
+        env: &'e Env,
+        mut meta: BufferSlice,
+    ) -> Result<Option<BufferSlice<'e>>> {
+        let meta: &mut [u8] = &mut meta;
+        let room = (meta.len() / 4).saturating_sub(2) / STRIDE;
+        if room == 0 {
+            return Err(invalid("the event buffer is too small"));
+        }
         let mut events = std::mem::take(&mut *lock(&self.scratch));
-        self.bridge.take(&mut events);
-        let mut out = env.create_array(u32::try_from(events.len() * STRIDE).unwrap_or(u32::MAX))?;
+        if events.is_empty() {
+            self.bridge.take(&mut events);
+        }
+        let n = events.len().min(room);
+        let mut data = Vec::with_capacity(
+            events[..n]
+                .iter()
+                .map(|e| match e {
+                    Event::Answer { payload, .. }
+                    | Event::Request { payload, .. }
+                    | Event::Message { payload, .. } => payload.len(),
+                    Event::Failed { message, .. } => message.len() + 24,
+                    _ => 0,
+                })
+                .sum(),
+        );
+        let mut put = |slot: usize, v: u32| {
+            meta[slot * 4..slot * 4 + 4].copy_from_slice(&v.to_ne_bytes());
+        };
         let mut replies = lock(&self.replies);
-        for (i, ev) in events.drain(..).enumerate() {
-            let at = u32::try_from(i * STRIDE).unwrap_or(u32::MAX);
-            match ev {
-                Event::Done { id, value } => {
-                    out.set(at, DONE)?;
-                    out.set(at + 1, id)?;
-                    if let Some(v) = value {
-                        out.set(at + 2, v)?;
-                    }
-                }
-                Event::Answer { id, payload } => {
-                    out.set(at, ANSWER)?;
-                    out.set(at + 1, id)?;
-                    out.set(at + 2, &BufferSlice::copy_from(env, &payload)?)?;
-                }
+        for (i, ev) in events.drain(..n).enumerate() {
+            let at = 2 + i * STRIDE;
+            let off = u32::try_from(data.len()).unwrap_or(u32::MAX);
+            let bytes = |b: &[u8], data: &mut Vec<u8>| {
+                data.extend_from_slice(b);
+                u32::try_from(b.len()).unwrap_or(u32::MAX)
+            };
+            let (kind, id, len, x, y) = match ev {
+                Event::Done { id, value } => (DONE, id, 0, value.unwrap_or(0), 0),
+                Event::Answer { id, payload } => (ANSWER, id, bytes(&payload, &mut data), 0, 0),
                 Event::Failed { id, code, message } => {
-                    out.set(at, FAILED)?;
-                    out.set(at + 1, id)?;
-                    out.set(at + 2, code)?;
-                    out.set(at + 3, message)?;
+                    let text = format!("{code}: {message}");
+                    (FAILED, id, bytes(text.as_bytes(), &mut data), 0, 0)
                 }
                 Event::Request {
                     service,
@@ -445,32 +491,31 @@ impl NativeMesh {
                     payload,
                     cancel,
                 } => {
-                    out.set(at, REQUEST)?;
-                    out.set(at + 1, replies.insert(reply))?;
-                    out.set(at + 2, &BufferSlice::copy_from(env, &payload)?)?;
-                    out.set(at + 3, service)?;
-                    if let Some(c) = cancel {
-                        out.set(at + 4, c)?;
-                    }
+                    let len = bytes(&payload, &mut data);
+                    let token = replies.insert(reply);
+                    // 0: no cancellation number.
+                    (REQUEST, token, len, service, cancel.unwrap_or(0))
                 }
-                Event::Cancelled { cancel } => {
-                    out.set(at, CANCELLED)?;
-                    out.set(at + 1, cancel)?;
-                }
-                Event::Message { sub, payload } => {
-                    out.set(at, MESSAGE)?;
-                    out.set(at + 1, sub)?;
-                    out.set(at + 2, &BufferSlice::copy_from(env, &payload)?)?;
-                }
-                Event::Ended { sub } => {
-                    out.set(at, ENDED)?;
-                    out.set(at + 1, sub)?;
-                }
-            }
+                Event::Cancelled { cancel } => (CANCELLED, cancel, 0, 0, 0),
+                Event::Message { sub, payload } => (MESSAGE, sub, bytes(&payload, &mut data), 0, 0),
+                Event::Ended { sub } => (ENDED, sub, 0, 0, 0),
+            };
+            put(at, kind);
+            put(at + 1, id);
+            put(at + 2, off);
+            put(at + 3, len);
+            put(at + 4, x);
+            put(at + 5, y);
         }
         drop(replies);
+        put(0, u32::try_from(n).unwrap_or(u32::MAX));
+        put(1, u32::from(!events.is_empty()));
         *lock(&self.scratch) = events;
-        Ok(out)
+        if data.is_empty() {
+            Ok(None)
+        } else {
+            BufferSlice::from_data(env, data).map(Some)
+        }
     }
 }
 
