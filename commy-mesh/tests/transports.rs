@@ -191,6 +191,33 @@ async fn serve_test_services(mesh: &Mesh) -> Vec<commy_mesh::ServiceHandle> {
         .await
         .unwrap(),
     );
+    // `later`: a deferred handler answering from a thread of its own after
+    // the u64 (ms) in the payload; a caller giving up first counts as a
+    // cancelled handler. `unanswered` drops its responder.
+    let c = cancelled.clone();
+    handles.push(
+        mesh.serve_deferred("later", move |req: Request, responder| {
+            let c = c.clone();
+            responder.on_cancel(move || {
+                c.fetch_add(1, Ordering::SeqCst);
+            });
+            std::thread::spawn(move || {
+                let ms = u64::from_le_bytes(req.payload()[..8].try_into().unwrap_or([0; 8]));
+                let end = Instant::now() + Duration::from_millis(ms);
+                while Instant::now() < end && !responder.is_cancelled() {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                responder.respond(Ok(Response::new(req.into_payload())));
+            });
+        })
+        .await
+        .unwrap(),
+    );
+    handles.push(
+        mesh.serve_deferred("unanswered", |_req: Request, responder| drop(responder))
+            .await
+            .unwrap(),
+    );
     handles.push(
         mesh.serve("stats", move |_req: Request| {
             let mut stats = cancelled.load(Ordering::SeqCst).to_le_bytes().to_vec();
@@ -508,6 +535,59 @@ async fn deadlines_cancel_the_handler(t: Transport) {
         .await
         .unwrap();
     assert_eq!(r.payload().len(), 8);
+}
+
+conformance!(deferred_handlers_and_callback_calls);
+async fn deferred_handlers_and_callback_calls(t: Transport) {
+    let s = Setup::new("deferred", t).await;
+    // Answered from another thread, many at once, each its own.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for i in 0..300u64 {
+        let tx = tx.clone();
+        let mut body = slow(i % 3);
+        body.extend_from_slice(&i.to_le_bytes());
+        s.mesh
+            .call_then("later", body, CallOptions::default(), move |r| {
+                let _ = tx.send((i, r));
+            });
+    }
+    for _ in 0..300 {
+        let (i, r) = rx.recv().await.unwrap();
+        let r = r.unwrap();
+        assert_eq!(&r.payload()[8..], &i.to_le_bytes());
+    }
+    let r = s.mesh.call("later", slow(1)).await.unwrap();
+    assert_eq!(&r[..], &slow(1)[..]);
+    // A dropped responder answers Internal.
+    let e = s.mesh.call("unanswered", Vec::new()).await.unwrap_err();
+    assert_eq!(e.code(), Code::Internal, "{e}");
+    // A callback call to nobody fails with NotFound.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    s.mesh
+        .call_then("nobody", Vec::new(), CallOptions::default(), move |r| {
+            let _ = tx.send(r);
+        });
+    assert_eq!(rx.await.unwrap().unwrap_err().code(), Code::NotFound);
+    // A callback call's deadline fails it, and the handler learns of it.
+    let started = Instant::now();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    s.mesh.call_then(
+        "later",
+        slow(10_000),
+        CallOptions::default().timeout(Duration::from_millis(150)),
+        move |r| {
+            let _ = tx.send(r);
+        },
+    );
+    let e = rx.await.unwrap().unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e}");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(150) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    s.await_cancelled("the deferred handler did not learn that its caller gave up")
+        .await;
 }
 
 conformance!(many_slow_calls_in_flight_all_complete);
