@@ -50,6 +50,7 @@ mod region;
 mod runtime;
 mod subscription;
 
+pub use commy_shm::WaitStrategy;
 pub use error::{FfiError, error_code_names};
 pub use mesh::{FfiMesh, FfiRequest, FfiService, MeshOptions, Reply};
 pub use region::{FfiRegion, OpenPolicy, RegionOptions};

@@ -80,6 +80,11 @@ pub struct MeshOptions {
     /// [`commy_mesh::ThreadHook`]): a binding sets the thread up once there
     /// instead of once per request.
     pub link_thread_hook: Option<commy_mesh::ThreadHook>,
+    /// How this process's side of each link waits for the peer (the
+    /// commy-shm default if `None`: spin 50 µs, yield 100 µs, then sleep).
+    /// A binding whose own thread is busy beside the link threads (an event
+    /// loop) wants a short spin, so waiting threads leave it the CPU.
+    pub link_wait: Option<commy_shm::WaitStrategy>,
 }
 
 /// A handle on the mesh. Cheap to clone; clones share links.
@@ -119,6 +124,11 @@ impl FfiMesh {
         }
         if let Some(n) = options.max_concurrency {
             builder = builder.max_concurrency(n);
+        }
+        if let Some(wait) = options.link_wait {
+            let mut link = commy_shm::LinkConfig::default();
+            link.wait = wait;
+            builder = builder.link(link);
         }
         if let Some(hook) = &options.link_thread_hook {
             builder = builder.link_thread_hook(hook.clone());

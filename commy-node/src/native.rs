@@ -118,6 +118,7 @@ impl NativeMesh {
         // Calls from JS run many at once on the shared runtime: a caller
         // polling for its answer would hold a worker other calls need.
         options.call_spin = Some(Duration::ZERO);
+        options.link_wait = Some(link_wait());
         let wake = on_wake
             .build_threadsafe_function::<()>()
             .weak::<true>()
@@ -573,6 +574,22 @@ fn closed_region() -> napi::Error {
         "FAILED_PRECONDITION",
         "the region is closed",
     ))
+}
+
+/// How this process's link threads wait for the peer: briefly spinning,
+/// so that they leave the CPU to the JS thread, which does most of the work
+/// (`COMMY_NODE_SPIN_US`/`COMMY_NODE_YIELD_US` override, for measuring).
+fn link_wait() -> commy_ffi::WaitStrategy {
+    let us = |var: &str, default: u64| {
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(Duration::from_micros(default), Duration::from_micros)
+    };
+    commy_ffi::WaitStrategy::Adaptive {
+        spin: us("COMMY_NODE_SPIN_US", 20),
+        yield_for: us("COMMY_NODE_YIELD_US", 20),
+    }
 }
 
 /// A JS number used as a byte offset or length.
