@@ -193,6 +193,11 @@ export declare class NativeMesh {
   /** Answers request `token` with `payload`. */
   reply(token: number, payload: Buffer): void
   /**
+   * Answers `n` requests at once: `meta` is a byte view of `[token,
+   * length]` pairs and `data` their answers' bytes, one after another.
+   */
+  replyMany(meta: Buffer, n: number, data: Buffer): void
+  /**
    * Answers request `token` with an error status (`code` is a status
    * name such as `"INTERNAL"`; unknown names become `INTERNAL`).
    */

@@ -123,6 +123,11 @@ class Mesh {
     // addon's wake-up itself never does (so an idle process can exit).
     this._refs = 0
     this._meta = new Uint32Array(2 + STRIDE * BATCH)
+    // Answers waiting for _flushReplies: token, Buffer, token, Buffer, ...
+    this._replies = []
+    this._replyMeta = new Uint32Array(2 * BATCH)
+    this._replyMetaBytes = Buffer.from(this._replyMeta.buffer)
+    this._flushReplies = this._flushReplies.bind(this)
     this._metaBytes = Buffer.from(this._meta.buffer)
     this._timer = setInterval(noop, 0x7fffffff)
     this._timer.unref()
@@ -458,8 +463,30 @@ class Mesh {
       this._failed(token, service, e)
       return
     }
-    this._native.reply(token, buf)
+    this._replies.push(token, buf)
+    if (this._replies.length === 2) queueMicrotask(this._flushReplies)
     this._handled()
+  }
+
+  // Hands every queued answer to the addon in one crossing: their tokens
+  // and lengths in `_meta`, their bytes in one buffer.
+  _flushReplies() {
+    const queued = this._replies
+    this._replies = []
+    if (this._native === null) return
+    for (let start = 0; start < queued.length; start += 2 * BATCH) {
+      const end = Math.min(queued.length, start + 2 * BATCH)
+      const meta = this._replyMeta
+      const parts = []
+      let n = 0
+      for (let i = start; i < end; i += 2) {
+        meta[2 * n] = queued[i]
+        meta[2 * n + 1] = queued[i + 1].length
+        parts.push(queued[i + 1])
+        n++
+      }
+      this._native.replyMany(this._replyMetaBytes, n, parts.length === 1 ? parts[0] : Buffer.concat(parts))
+    }
   }
 
   _failed(token, service, e) {

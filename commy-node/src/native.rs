@@ -315,6 +315,34 @@ impl NativeMesh {
         }
     }
 
+    /// Answers `n` requests at once: `meta` is a byte view of `[token,
+    /// length]` pairs and `data` their answers' bytes, one after another.
+    #[napi]
+    pub fn reply_many(&self, meta: BufferSlice, n: u32, data: BufferSlice) -> Result<()> {
+        let word = |i: usize| -> Option<u32> {
+            let b = meta.get(i * 4..i * 4 + 4)?;
+            Some(u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+        };
+        let mut at = 0usize;
+        for i in 0..n as usize {
+            let (Some(token), Some(len)) = (word(2 * i), word(2 * i + 1)) else {
+                return Err(invalid(format!(
+                    "the answer table holds fewer than {n} answers"
+                )));
+            };
+            let end = at + len as usize;
+            let Some(bytes) = data.get(at..end) else {
+                return Err(invalid("the answers' lengths exceed their data"));
+            };
+            at = end;
+            let reply = lock(&self.replies).remove(token);
+            if let Some(reply) = reply {
+                reply.ok(Bytes::copy_from_slice(bytes));
+            }
+        }
+        Ok(())
+    }
+
     /// Answers request `token` with an error status (`code` is a status
     /// name such as `"INTERNAL"`; unknown names become `INTERNAL`).
     #[napi]
