@@ -190,8 +190,6 @@ export declare class NativeMesh {
    * requests in progress are answered.
    */
   unserve(id: number, service: number): void
-  /** Answers request `token` with `payload`. */
-  reply(token: number, payload: Buffer): void
   /**
    * Answers `n` requests at once: `meta` is a byte view of `[token,
    * length]` pairs and `data` their answers' bytes, one after another.

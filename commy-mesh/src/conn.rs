@@ -1141,7 +1141,13 @@ pub(crate) fn serve_link(link: ShmLink, ctx: Arc<ServeCtx>) {
                 // The request's record is released after the handler ran
                 // (or went on as a task): releasing ends with a fence, which
                 // would otherwise stand between the request and its answer.
-                handle(&ctx, &tx, &running, &flag.busy, h, request);
+                let link = ServedLink {
+                    ctx: &ctx,
+                    tx: &tx,
+                    running: &running,
+                    busy: &flag.busy,
+                };
+                handle(&link, h, request);
                 drop(msg);
             }
             FrameKind::Cancel => {
@@ -1223,20 +1229,26 @@ fn handled(ctx: &ServeCtx) {
     }
 }
 
+/// What handling a request needs of the link it came on.
+struct ServedLink<'a> {
+    ctx: &'a Arc<ServeCtx>,
+    tx: &'a Arc<Mutex<LinkSender>>,
+    running: &'a Running,
+    /// The link's flag for handlers running inline.
+    busy: &'a AtomicBool,
+}
+
 /// Runs one request: inline if its handler completes at once, else as a task.
-fn handle(
-    ctx: &Arc<ServeCtx>,
-    tx: &Arc<Mutex<LinkSender>>,
-    running: &Running,
-    busy: &AtomicBool,
-    h: FrameHeader,
-    request: Request,
-) {
+fn handle(link: &ServedLink<'_>, h: FrameHeader, request: Request) {
+    let ServedLink {
+        ctx,
+        tx,
+        running,
+        busy,
+    } = *link;
     let handler = match &ctx.handler {
         Handler::Async(f) => f,
-        Handler::Deferred(f) => {
-            return handle_deferred(ctx, tx, running, busy, h, request, f);
-        }
+        Handler::Deferred(f) => return handle_deferred(link, h, request, f),
     };
     let id = h.stream_id;
     let oneway = h.kind == FrameKind::OneWay;
@@ -1314,14 +1326,17 @@ fn handle(
 /// Without a free concurrency permit the request waits for one on the
 /// runtime and its handler is then called there.
 fn handle_deferred(
-    ctx: &Arc<ServeCtx>,
-    tx: &Arc<Mutex<LinkSender>>,
-    running: &Running,
-    busy: &AtomicBool,
+    link: &ServedLink<'_>,
     h: FrameHeader,
     request: Request,
     handler: &Arc<dyn Fn(Request, Responder) + Send + Sync>,
 ) {
+    let ServedLink {
+        ctx,
+        tx,
+        running,
+        busy,
+    } = *link;
     let inline = InlineBusy::enter(busy);
     // Counted before the link's flag clears (see `ServeCtx::idle`).
     let handling = Some(OwnedHandling::enter(ctx.clone()));

@@ -143,18 +143,12 @@ impl NativeMesh {
     }
 
     /// Runs the future made by `op` and reports its result (as `to_event`
-    /// makes it) for operation `id`.
-    ///
-    /// `inline`: it starts on this (the JS) thread, which writes the request
-    /// at once, and finishes on the thread that delivers the answer, so no
-    /// runtime worker has to wake up at either end: the fastest way for one
-    /// call at a time. Otherwise it runs as a runtime task, which spreads
-    /// many calls in flight over the workers instead of the JS thread and
-    /// the link's one reader.
-    fn spawn<F, T>(
+    /// makes it) for operation `id`: it starts on this (the JS) thread,
+    /// which writes the message at once, and finishes on the thread that
+    /// completes it, so no runtime worker has to wake up at either end.
+    fn start<F, T>(
         &self,
         id: u32,
-        inline: bool,
         op: impl FnOnce(FfiMesh) -> F,
         to_event: impl FnOnce(T) -> Event + Send + 'static,
     ) where
@@ -170,11 +164,7 @@ impl NativeMesh {
                         Err(e) => failed(id, &e),
                     });
                 };
-                if inline {
-                    run_inline(op(m), done);
-                } else {
-                    spawn_with(op(m), done);
-                }
+                run_inline(op(m), done);
             }
             Err(e) => bridge.push(failed(id, &e)),
         }
@@ -234,9 +224,8 @@ impl NativeMesh {
     #[napi]
     pub fn send(&self, id: u32, name: String, payload: BufferSlice) {
         let payload = Bytes::copy_from_slice(&payload);
-        self.spawn(
+        self.start(
             id,
-            true,
             |m| async move { m.send(&name, payload).await },
             move |()| Event::Done { id, value: None },
         );
@@ -247,9 +236,8 @@ impl NativeMesh {
     #[napi]
     pub fn publish(&self, id: u32, topic: String, payload: BufferSlice) {
         let payload = Bytes::copy_from_slice(&payload);
-        self.spawn(
+        self.start(
             id,
-            true,
             |m| async move { m.publish(&topic, payload).await },
             move |n| Event::Done {
                 id,
@@ -305,14 +293,6 @@ impl NativeMesh {
             },
             move |()| bridge.push(Event::Done { id, value: None }),
         );
-    }
-
-    /// Answers request `token` with `payload`.
-    #[napi]
-    pub fn reply(&self, token: u32, payload: BufferSlice) {
-        if let Some(reply) = lock(&self.replies).remove(token) {
-            reply.ok(Bytes::copy_from_slice(&payload));
-        }
     }
 
     /// Answers `n` requests at once: `meta` is a byte view of `[token,
