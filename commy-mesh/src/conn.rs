@@ -32,7 +32,8 @@ use rustc_hash::FxHashMap;
 use tokio::sync::oneshot;
 
 use crate::service::{
-    Accounting, ArrivedDeadline, Handler, HandlerFuture, Request, Responder, Response, Shared, Sink,
+    Accounting, ArrivedDeadline, Handler, HandlerFuture, InlineSlot, Request, Responder, Response,
+    Shared, Sink,
 };
 
 /// How long a send may wait for ring space before the call fails with
@@ -58,13 +59,8 @@ pub(crate) fn send_frame(
             // The clock is only read if the ring is full.
             Patience::For(t) => tx.loan_for(total, t)?,
         };
-        let mut loan = loan.zeroed();
-        let b = loan.bytes_mut();
-        b[..commy_core::HEADER_LEN].copy_from_slice(&header.encode());
-        b[commy_core::HEADER_LEN..commy_core::HEADER_LEN + metadata.len()]
-            .copy_from_slice(metadata);
-        b[commy_core::HEADER_LEN + metadata.len()..].copy_from_slice(payload);
-        loan.commit();
+        loan.fill_parts(&[&header.encode(), metadata, payload])
+            .commit();
         Ok(())
     } else {
         let mut v = Vec::with_capacity(total);
@@ -308,17 +304,35 @@ impl ClientConn {
         &self,
         payload: &[u8],
         metadata: &Metadata,
-        mut due: Due,
+        due: Due,
         balanced: bool,
         spin: Option<Duration>,
     ) -> CallResult {
+        match self.start_call(payload, metadata, due, balanced, spin) {
+            Started::Done(result) => result,
+            Started::Waiting(waiting) => self.finish_call(waiting).await,
+        }
+    }
+
+    /// The synchronous part of a call: sends the request and polls for the
+    /// answer for a while. A quick call is done here, without a future.
+    pub(crate) fn start_call(
+        &self,
+        payload: &[u8],
+        metadata: &Metadata,
+        mut due: Due,
+        balanced: bool,
+        spin: Option<Duration>,
+    ) -> Started<'_> {
         let spin = spin.unwrap_or(self.spin);
         if !self.is_alive() {
-            return Err(Status::unavailable("the instance is gone"));
+            return Started::Done(Err(Status::unavailable("the instance is gone")));
         }
-        let _in_flight = balanced.then(|| InFlight::enter(&self.in_flight));
+        let in_flight = balanced.then(|| InFlight::enter(&self.in_flight));
         let md = encode_metadata(metadata);
-        check_frame(&self.limits, &md, payload)?;
+        if let Err(status) = check_frame(&self.limits, &md, payload) {
+            return Started::Done(Err(status));
+        }
         let deadline_us = due.wire();
         let patience = due.patience();
         let send = |tx: &mut TxState, id: u64| {
@@ -328,7 +342,7 @@ impl ClientConn {
             };
             send_frame(&mut tx.sender, header, &md, payload, patience).map_err(send_status)
         };
-        let (id, mut done) = match self.rx.try_lock() {
+        let (id, done) = match self.rx.try_lock() {
             Ok(mut rx) => {
                 // We own the receive ring: our answer cannot be taken by
                 // anyone else, so it needs no registration unless we stop
@@ -336,11 +350,13 @@ impl ClientConn {
                 let id = {
                     let mut tx = lock(&self.tx);
                     let id = tx.open_stream();
-                    send(&mut tx, id)?;
+                    if let Err(status) = send(&mut tx, id) {
+                        return Started::Done(Err(status));
+                    }
                     id
                 };
                 if let Some(result) = self.poll_own(&mut rx, id, &mut due, spin) {
-                    return result;
+                    return Started::Done(result);
                 }
                 let (done_tx, done_rx) = oneshot::channel();
                 self.register(id, Waiter::Task(done_tx));
@@ -362,7 +378,7 @@ impl ClientConn {
                     if let Err(e) = send(&mut tx, id) {
                         drop(tx);
                         self.take(id);
-                        return Err(e);
+                        return Started::Done(Err(e));
                     }
                     id
                 };
@@ -371,21 +387,37 @@ impl ClientConn {
                 // delivered on (and the other callers' work) away.
                 if polling.may_spin() {
                     if let Some(result) = self.poll_shared(&mut done_rx, &mut due, spin) {
-                        return result;
+                        return Started::Done(result);
                     }
                 }
                 drop(polling);
                 (id, done_rx)
             }
         };
+        Started::Waiting(Waiting {
+            abandon: Abandon {
+                conn: self,
+                id,
+                armed: true,
+            },
+            done,
+            due,
+            _in_flight: in_flight,
+        })
+    }
+
+    /// The rest of a call [`start_call`](ClientConn::start_call) left
+    /// waiting: its answer, or `DeadlineExceeded`.
+    pub(crate) async fn finish_call(&self, waiting: Waiting<'_>) -> CallResult {
         // From here on the caller may give up (drop this future) or time
-        // out: either way the call leaves the pending table and the server
-        // is told to stop working on it.
-        let mut abandon = Abandon {
-            conn: self,
-            id,
-            armed: true,
-        };
+        // out: either way the call leaves the pending table (`abandon`) and
+        // the server is told to stop working on it.
+        let Waiting {
+            mut abandon,
+            mut done,
+            mut due,
+            _in_flight,
+        } = waiting;
         let outcome = match due.absolute() {
             Some(d) => match tokio::time::timeout_at(d.instant().into(), &mut done).await {
                 Ok(r) => r,
@@ -744,6 +776,22 @@ impl Drop for ClientConn {
     }
 }
 
+/// How [`ClientConn::start_call`] left a call.
+pub(crate) enum Started<'a> {
+    /// Answered (or failed) already.
+    Done(CallResult),
+    /// Sent, the answer still to come: see [`ClientConn::finish_call`].
+    Waiting(Waiting<'a>),
+}
+
+/// A call sent whose answer is still to come.
+pub(crate) struct Waiting<'a> {
+    abandon: Abandon<'a>,
+    done: oneshot::Receiver<CallResult>,
+    due: Due,
+    _in_flight: Option<InFlight<'a>>,
+}
+
 /// A call still waiting for its answer: if dropped armed (the caller gave
 /// up), it takes the call out of the pending table and sends Cancel, unless
 /// the answer came meanwhile.
@@ -1094,6 +1142,10 @@ pub(crate) fn serve_link(link: ShmLink, ctx: Arc<ServeCtx>) {
     let tx = Arc::new(Mutex::new(tx));
     let running: Running = Arc::default();
     let flag = LinkFlag::register(&ctx);
+    let mut inline_slot = match &ctx.handler {
+        Handler::Async(f) => Some(f.clone().inline_slot()),
+        Handler::Deferred(_) => None,
+    };
     loop {
         let msg = match rx.recv(None) {
             Ok(m) => m,
@@ -1147,7 +1199,7 @@ pub(crate) fn serve_link(link: ShmLink, ctx: Arc<ServeCtx>) {
                     running: &running,
                     busy: &flag.busy,
                 };
-                handle(&link, h, request);
+                handle(&link, inline_slot.as_mut(), h, request);
                 drop(msg);
             }
             FrameKind::Cancel => {
@@ -1238,24 +1290,42 @@ struct ServedLink<'a> {
     busy: &'a AtomicBool,
 }
 
-/// Runs one request: inline if its handler completes at once, else as a task.
-fn handle(link: &ServedLink<'_>, h: FrameHeader, request: Request) {
+/// Runs one request: inline if its handler completes at once, else as a
+/// task. `slot`: where the link's thread runs an async handler.
+fn handle(
+    link: &ServedLink<'_>,
+    slot: Option<&mut Box<dyn InlineSlot>>,
+    h: FrameHeader,
+    request: Request,
+) {
     let ServedLink {
         ctx,
         tx,
         running,
         busy,
     } = *link;
-    let handler = match &ctx.handler {
-        Handler::Async(f) => f,
-        Handler::Deferred(f) => return handle_deferred(link, h, request, f),
+    let slot = match (&ctx.handler, slot) {
+        (Handler::Deferred(f), _) => return handle_deferred(link, h, request, f),
+        (Handler::Async(_), Some(slot)) => slot,
+        (Handler::Async(f), None) => {
+            return handle(link, Some(&mut f.clone().inline_slot()), h, request);
+        }
     };
     let id = h.stream_id;
     let oneway = h.kind == FrameKind::OneWay;
     let deadline = request.deadline.clone();
     let inline = InlineBusy::enter(busy);
-    let fut = match std::panic::catch_unwind(AssertUnwindSafe(|| handler(request))) {
-        Ok(fut) => fut,
+    // A handler that answers at once runs right here, one at a time per
+    // link, without a permit: permits bound the handlers left waiting.
+    let mut cx = Context::from_waker(Waker::noop());
+    let fut = match std::panic::catch_unwind(AssertUnwindSafe(|| slot.run(request, &mut cx))) {
+        Ok(Ok(result)) => {
+            if !oneway {
+                reply(tx, &ctx.limits, id, result);
+            }
+            return;
+        }
+        Ok(Err(fut)) => CatchPanic(fut),
         Err(_) => {
             if !oneway {
                 reply(tx, &ctx.limits, id, Err(panicked(&ctx.service)));
@@ -1263,17 +1333,6 @@ fn handle(link: &ServedLink<'_>, h: FrameHeader, request: Request) {
             return;
         }
     };
-    let mut fut = CatchPanic(fut);
-    // A handler that answers at once runs right here, one at a time per
-    // link, without a permit: permits bound the handlers left waiting.
-    let mut cx = Context::from_waker(Waker::noop());
-    if let Poll::Ready(result) = Pin::new(&mut fut).poll(&mut cx) {
-        let result = result.unwrap_or_else(|| Err(panicked(&ctx.service)));
-        if !oneway {
-            reply(tx, &ctx.limits, id, result);
-        }
-        return;
-    }
     // Counted before the link's flag clears (see `ServeCtx::idle`).
     let handling = OwnedHandling::enter(ctx.clone());
     drop(inline);

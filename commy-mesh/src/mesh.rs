@@ -552,6 +552,41 @@ impl Mesh {
         self.check_open()?;
         let payload = payload.into();
         let preference = self.preference(&options);
+        if preference != TransportPreference::Tls {
+            // The fast path: a link already open. It stays small and does
+            // not allocate; a call answered within the spin completes in
+            // the first poll.
+            if let Some((conn, balanced)) = self.connected(name) {
+                let due = conn::Due::new(
+                    options.timeout.or(self.inner.config.default_timeout),
+                    options.deadline,
+                );
+                return match conn.start_call(
+                    &payload,
+                    &options.metadata,
+                    due,
+                    balanced,
+                    options.spin,
+                ) {
+                    conn::Started::Done(result) => result,
+                    conn::Started::Waiting(waiting) => conn.finish_call(waiting).await,
+                };
+            }
+        }
+        // Boxed: finding and connecting an instance, or TLS, would make
+        // every call's future large.
+        Box::pin(self.call_routed(name, payload, options, preference)).await
+    }
+
+    /// A call that has to find (or connect to) an instance first, or goes
+    /// over TLS.
+    async fn call_routed(
+        &self,
+        name: &str,
+        payload: Bytes,
+        options: CallOptions,
+        preference: TransportPreference,
+    ) -> Result<Response, Status> {
         if preference == TransportPreference::Tls {
             let service = service_name(name)?;
             return self
@@ -562,19 +597,14 @@ impl Mesh {
             options.timeout.or(self.inner.config.default_timeout),
             options.deadline,
         );
-        let (conn, balanced) = match self.connected(name) {
-            Some(picked) => picked,
-            None => {
-                let pool = self.pool(&service_name(name)?);
-                match self.route(&pool, preference).await? {
-                    Route::Shm(c) => (c, true),
-                    Route::Tls(kind) => {
-                        return self.net_call(&pool.service, payload, &options, kind).await;
-                    }
-                }
+        let pool = self.pool(&service_name(name)?);
+        let conn = match self.route(&pool, preference).await? {
+            Route::Shm(c) => c,
+            Route::Tls(kind) => {
+                return self.net_call(&pool.service, payload, &options, kind).await;
             }
         };
-        conn.call(&payload, &options.metadata, due, balanced, options.spin)
+        conn.call(&payload, &options.metadata, due, true, options.spin)
             .await
     }
 

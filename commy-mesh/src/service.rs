@@ -18,6 +18,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -184,7 +185,7 @@ pub(crate) type HandlerFuture = Pin<Box<dyn Future<Output = Result<Response, Sta
 #[derive(Clone)]
 pub(crate) enum Handler {
     /// An async function of the request.
-    Async(Arc<dyn Fn(Request) -> HandlerFuture + Send + Sync>),
+    Async(Arc<dyn AsyncHandler>),
     /// A callback that answers through its [`Responder`], now or later.
     Deferred(Arc<dyn Fn(Request, Responder) + Send + Sync>),
 }
@@ -194,7 +195,7 @@ impl Handler {
     /// handlers (TLS). Dropping the future cancels a deferred request.
     pub(crate) fn future(&self, request: Request) -> HandlerFuture {
         match self {
-            Handler::Async(f) => f(request),
+            Handler::Async(f) => f.future(request),
             Handler::Deferred(f) => {
                 let (tx, rx) = oneshot::channel();
                 let responder = Responder::new(Sink::Channel(tx), Accounting::default());
@@ -211,13 +212,97 @@ impl Handler {
     }
 }
 
+/// An async handler function, type-erased.
+pub(crate) trait AsyncHandler: Send + Sync {
+    /// The handler's future for `request`.
+    fn future(&self, request: Request) -> HandlerFuture;
+
+    /// A place for one link's thread to run the handler in (see
+    /// [`InlineSlot`]).
+    fn inline_slot(self: Arc<Self>) -> Box<dyn InlineSlot>;
+}
+
+/// Runs one service's handler on one link's thread, polling each future
+/// once right there. The allocation of a future that finishes at once is
+/// kept for the next request's future, so a handler that answers without
+/// waiting allocates nothing per request.
+pub(crate) trait InlineSlot: Send {
+    /// Calls the handler with `request` and polls its future once: the
+    /// answer (`Ok`), or the future still to be awaited (`Err`). A panic
+    /// of the handler propagates (the slot stays usable).
+    fn run(
+        &mut self,
+        request: Request,
+        cx: &mut Context<'_>,
+    ) -> Result<HandlerResult, HandlerFuture>;
+}
+
+/// What a handler's future gives.
+pub(crate) type HandlerResult = Result<Response, Status>;
+
+/// [`AsyncHandler`] of a function returning futures of type `Fut`.
+struct AsyncFn<F>(F);
+
+impl<F, Fut> AsyncHandler for AsyncFn<F>
+where
+    F: Fn(Request) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = HandlerResult> + Send + 'static,
+{
+    fn future(&self, request: Request) -> HandlerFuture {
+        Box::pin((self.0)(request))
+    }
+
+    fn inline_slot(self: Arc<Self>) -> Box<dyn InlineSlot> {
+        Box::new(AsyncFnSlot {
+            handler: self,
+            spare: None,
+        })
+    }
+}
+
+/// [`InlineSlot`] of an [`AsyncFn`].
+struct AsyncFnSlot<F, Fut> {
+    handler: Arc<AsyncFn<F>>,
+    /// The allocation of the last future that finished at once (holding
+    /// that finished future, which owns nothing any more).
+    spare: Option<Pin<Box<Fut>>>,
+}
+
+impl<F, Fut> InlineSlot for AsyncFnSlot<F, Fut>
+where
+    F: Fn(Request) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = HandlerResult> + Send + 'static,
+{
+    fn run(
+        &mut self,
+        request: Request,
+        cx: &mut Context<'_>,
+    ) -> Result<HandlerResult, HandlerFuture> {
+        let fut = (self.handler.0)(request);
+        let mut boxed = match self.spare.take() {
+            Some(mut spare) => {
+                spare.set(fut);
+                spare
+            }
+            None => Box::pin(fut),
+        };
+        match boxed.as_mut().poll(cx) {
+            Poll::Ready(result) => {
+                self.spare = Some(boxed);
+                Ok(result)
+            }
+            Poll::Pending => Err(boxed),
+        }
+    }
+}
+
 /// Erases an async handler function.
 pub(crate) fn erase<F, Fut>(f: F) -> Handler
 where
     F: Fn(Request) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<Response, Status>> + Send + 'static,
 {
-    Handler::Async(Arc::new(move |req| Box::pin(f(req))))
+    Handler::Async(Arc::new(AsyncFn(f)))
 }
 
 /// Erases a deferred handler function.

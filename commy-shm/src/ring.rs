@@ -676,6 +676,39 @@ impl<'a> Loan<'a, Uninit> {
         unsafe { self.assume_init() }
     }
 
+    /// Copies `parts` one after another into the reserved bytes (a header
+    /// and a body, say), without zeroing them first.
+    ///
+    /// # Panics
+    /// If the parts' lengths do not add up to the reserved length (a
+    /// programming error).
+    pub fn fill_parts(mut self, parts: &[&[u8]]) -> Loan<'a, Init> {
+        let total = parts.iter().fold(0usize, |n, p| n.saturating_add(p.len()));
+        assert_eq!(
+            total, self.len,
+            "Loan::fill_parts: the parts' length differs from the reservation"
+        );
+        let dst = self.as_uninit();
+        let mut at = 0;
+        for part in parts {
+            let end = at + part.len();
+            // SAFETY: `at..end` lies within `dst` (the lengths add up to
+            // `dst.len()`, checked above), and `part` (a shared borrow held
+            // by the caller) cannot overlap the loaned ring bytes, which are
+            // reachable only through this exclusive loan.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    part.as_ptr(),
+                    dst[at..end].as_mut_ptr() as *mut u8,
+                    part.len(),
+                )
+            };
+            at = end;
+        }
+        // SAFETY: the parts cover every byte from 0 to `self.len`.
+        unsafe { self.assume_init() }
+    }
+
     /// Zeroes the reserved bytes.
     pub fn zeroed(mut self) -> Loan<'a, Init> {
         self.as_uninit().fill(MaybeUninit::new(0));
@@ -1305,6 +1338,23 @@ mod tests {
         let m = rx.try_recv().unwrap().unwrap();
         assert_eq!(m.tag(), 7);
         assert_eq!(&*m, b"abcd");
+    }
+
+    #[test]
+    fn loan_filled_from_parts() {
+        let (mut tx, mut rx) = pair(1024).unwrap();
+        tx.reserve_tagged(9, 0)
+            .unwrap()
+            .fill_parts(&[b"head", b"", b"body!"])
+            .commit();
+        assert_eq!(&*rx.try_recv().unwrap().unwrap(), b"headbody!");
+    }
+
+    #[test]
+    #[should_panic(expected = "differs from the reservation")]
+    fn loan_parts_must_add_up() {
+        let (mut tx, _rx) = pair(1024).unwrap();
+        let _ = tx.reserve_tagged(9, 0).unwrap().fill_parts(&[b"head"]);
     }
 
     #[test]
