@@ -163,7 +163,7 @@ impl Router {
         let request = Request {
             service: name,
             payload: inbound.payload,
-            metadata,
+            metadata: metadata.into(),
             deadline: ArrivedDeadline::at(inbound.deadline),
         };
         let response = ctx.handler.future(request).await?;

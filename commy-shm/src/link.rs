@@ -810,6 +810,14 @@ impl LinkReceiver {
         self.next(None)
     }
 
+    /// Whether something has arrived (one load, for a cheap spin): if so,
+    /// [`try_recv`](LinkReceiver::try_recv) has a message or an error.
+    /// A closed link or a dead peer shows only in `try_recv`.
+    #[inline]
+    pub fn has_data(&self) -> bool {
+        self.ring.has_record()
+    }
+
     /// `wait`: `Some(deadline)` to wait for a message, `None` to return
     /// `Ok(None)` as soon as the ring is empty.
     fn next(&mut self, wait: Option<Option<Instant>>) -> Result<Option<Message<'_>>, RecvError> {

@@ -923,6 +923,17 @@ impl Consumer {
         }
     }
 
+    /// Whether a record (or padding) is published at the head: one load,
+    /// for a cheap spin. It does not see a closed ring or a dead peer; the
+    /// receiving calls report those.
+    #[inline]
+    pub fn has_record(&self) -> bool {
+        let off = (self.head & self.mem.mask()) as usize;
+        // SYNC: Relaxed: only a hint; the receive that follows reads the
+        // header again with Acquire.
+        self.mem.read_header(off, Ordering::Relaxed) != 0
+    }
+
     /// The tag of the next record without consuming it or waiting, or
     /// `None` if the ring is empty.
     pub fn try_peek_tag(&mut self) -> Result<Option<u8>, RingError> {
