@@ -302,7 +302,7 @@ impl ClientConn {
     /// this call's polling budget instead of the link's.
     pub(crate) async fn call(
         &self,
-        payload: &[u8],
+        payload: Bytes,
         metadata: &Metadata,
         due: Due,
         balanced: bool,
@@ -316,9 +316,11 @@ impl ClientConn {
 
     /// The synchronous part of a call: sends the request and polls for the
     /// answer for a while. A quick call is done here, without a future.
+    /// The payload is dropped once sent, while the answer is still on its
+    /// way.
     pub(crate) fn start_call(
         &self,
-        payload: &[u8],
+        payload: Bytes,
         metadata: &Metadata,
         mut due: Due,
         balanced: bool,
@@ -330,17 +332,20 @@ impl ClientConn {
         }
         let in_flight = balanced.then(|| InFlight::enter(&self.in_flight));
         let md = encode_metadata(metadata);
-        if let Err(status) = check_frame(&self.limits, &md, payload) {
+        if let Err(status) = check_frame(&self.limits, &md, &payload) {
             return Started::Done(Err(status));
         }
         let deadline_us = due.wire();
         let patience = due.patience();
-        let send = |tx: &mut TxState, id: u64| {
+        let send = |tx: &mut TxState, id: u64, payload: Bytes| {
             let header = FrameHeader {
                 deadline_us,
                 ..FrameHeader::new(FrameKind::Request, StreamId(id))
             };
-            send_frame(&mut tx.sender, header, &md, payload, patience).map_err(send_status)
+            let sent = send_frame(&mut tx.sender, header, &md, &payload, patience);
+            // Freed after the send, not on the answer's path.
+            drop(payload);
+            sent.map_err(send_status)
         };
         let (id, done) = match self.rx.try_lock() {
             Ok(mut rx) => {
@@ -350,7 +355,7 @@ impl ClientConn {
                 let id = {
                     let mut tx = lock(&self.tx);
                     let id = tx.open_stream();
-                    if let Err(status) = send(&mut tx, id) {
+                    if let Err(status) = send(&mut tx, id, payload) {
                         return Started::Done(Err(status));
                     }
                     id
@@ -375,7 +380,7 @@ impl ClientConn {
                     let mut tx = lock(&self.tx);
                     let id = tx.open_stream();
                     self.register(id, Waiter::Task(done_tx));
-                    if let Err(e) = send(&mut tx, id) {
+                    if let Err(e) = send(&mut tx, id, payload) {
                         drop(tx);
                         self.take(id);
                         return Started::Done(Err(e));

@@ -562,7 +562,7 @@ impl Mesh {
                     options.deadline,
                 );
                 return match conn.start_call(
-                    &payload,
+                    payload,
                     &options.metadata,
                     due,
                     balanced,
@@ -604,7 +604,7 @@ impl Mesh {
                 return self.net_call(&pool.service, payload, &options, kind).await;
             }
         };
-        conn.call(&payload, &options.metadata, due, true, options.spin)
+        conn.call(payload, &options.metadata, due, true, options.spin)
             .await
     }
 
