@@ -360,6 +360,8 @@ impl ClientConn {
                     }
                     id
                 };
+                // The space of the answer before, if the last call left it.
+                rx.release();
                 if let Some(result) = self.poll_own(&mut rx, id, &mut due, spin) {
                     return Started::Done(result);
                 }
@@ -452,7 +454,7 @@ impl ClientConn {
         let mut spin = SpinBudget::new(spin, 1024);
         loop {
             // A cheap look first; the full receive (which also sees a
-            // closed link) when something came, and every 64 rounds.
+            // closed link) when something came, and every 1024 rounds.
             if !rx.has_data() && !spin.checks_now() {
                 spin.round();
                 std::hint::spin_loop();
@@ -461,7 +463,13 @@ impl ClientConn {
             match rx.try_recv() {
                 Ok(Some(msg)) => match self.deliver(&msg, Some(id)) {
                     Ok(None) => {}
-                    Ok(Some(result)) => return Some(result),
+                    Ok(Some(result)) => {
+                        // Its space goes back after the next request is
+                        // sent (or with the next receive), not on the way
+                        // to the caller.
+                        msg.release_later();
+                        return Some(result);
+                    }
                     Err(status) => return Some(Err(status)),
                 },
                 Ok(None) => {
@@ -1059,7 +1067,9 @@ pub(crate) struct ServeCtx {
     /// inline (those are not counted in `in_flight`, which costs two locked
     /// instructions per request; see [`ServeCtx::idle`]).
     pub(crate) links: Mutex<Vec<Arc<AtomicBool>>>,
-    pub(crate) service: commy_core::ServiceName,
+    /// The service's name ([interned](crate::service::interned): requests
+    /// refer to it).
+    pub(crate) service: &'static commy_core::ServiceName,
 }
 
 impl ServeCtx {
@@ -1211,7 +1221,7 @@ pub(crate) fn serve_link(link: ShmLink, ctx: Arc<ServeCtx>) {
                     }
                 };
                 let request = Request {
-                    service: ctx.service.clone(),
+                    service: ctx.service,
                     payload: Bytes::copy_from_slice(frame.payload()),
                     metadata: metadata.into(),
                     // Relative on the wire: anchored when first needed.

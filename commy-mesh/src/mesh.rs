@@ -495,7 +495,7 @@ impl Mesh {
             drained: Arc::new(tokio::sync::Notify::new()),
             draining: AtomicBool::new(false),
             links: Mutex::new(Vec::new()),
-            service: service.clone(),
+            service: service::interned(&service),
         });
         if let Some(net) = &self.inner.net {
             net.add(&service, id, ctx.clone());

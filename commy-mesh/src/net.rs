@@ -161,7 +161,7 @@ impl Router {
             .await
             .map_err(|_| Status::unavailable("the service is shutting down"))?;
         let request = Request {
-            service: name,
+            service: ctx.service,
             payload: inbound.payload,
             metadata: metadata.into(),
             deadline: ArrivedDeadline::at(inbound.deadline),

@@ -28,10 +28,24 @@ use tokio::sync::oneshot;
 /// A request as the handler receives it.
 #[derive(Debug, Clone)]
 pub struct Request {
-    pub(crate) service: ServiceName,
+    pub(crate) service: &'static ServiceName,
     pub(crate) payload: Bytes,
     pub(crate) metadata: SomeMetadata,
     pub(crate) deadline: ArrivedDeadline,
+}
+
+/// The one copy of a served service's name that its requests refer to, so
+/// that a request costs no reference count. A copy is kept for each
+/// distinct name the process serves (never freed: a handful of names).
+pub(crate) fn interned(name: &ServiceName) -> &'static ServiceName {
+    static NAMES: Mutex<Vec<&'static ServiceName>> = Mutex::new(Vec::new());
+    let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(known) = names.iter().find(|n| **n == name) {
+        return known;
+    }
+    let leaked: &'static ServiceName = Box::leak(Box::new(name.clone()));
+    names.push(leaked);
+    leaked
 }
 
 /// Metadata kept out of line: most requests and responses carry none, and
@@ -146,7 +160,7 @@ impl Request {
 
     /// The service this request was addressed to.
     pub fn service(&self) -> &ServiceName {
-        &self.service
+        self.service
     }
 }
 

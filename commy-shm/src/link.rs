@@ -477,6 +477,14 @@ impl std::ops::Deref for Message<'_> {
 }
 
 impl Message<'_> {
+    /// Consumes the message, handing its ring space back later (see
+    /// [`Received::release_later`] and [`LinkReceiver::release`]).
+    pub fn release_later(self) {
+        if let Message::InPlace(r) = self {
+            r.release_later();
+        }
+    }
+
     /// Takes the bytes out (copying if in place).
     pub fn into_vec(self) -> Vec<u8> {
         match self {
@@ -808,6 +816,12 @@ impl LinkReceiver {
     /// and kept until the rest arrives.
     pub fn try_recv(&mut self) -> Result<Option<Message<'_>>, RecvError> {
         self.next(None)
+    }
+
+    /// Hands back the ring space of messages consumed with
+    /// [`Message::release_later`].
+    pub fn release(&mut self) {
+        self.ring.release();
     }
 
     /// Whether something has arrived (one load, for a cheap spin): if so,

@@ -797,6 +797,8 @@ pub struct Received<'a> {
     off: usize,
     len: usize,
     tag: u8,
+    /// Set by [`Received::release_later`].
+    later: bool,
 }
 
 /// A parsed record position (internal).
@@ -914,6 +916,7 @@ impl Consumer {
                 off: r.off,
                 len: r.len,
                 tag: r.tag,
+                later: false,
             })),
             None => {
                 // Padding may have been skipped: hand its space back.
@@ -973,6 +976,7 @@ impl Consumer {
                 off: r.off,
                 len: r.len,
                 tag: r.tag,
+                later: false,
             }),
             // `wait_readable` only returns Ok when a record (or an error) is there.
             None => Err(RecvError::TimedOut),
@@ -1064,6 +1068,12 @@ impl Consumer {
         }
     }
 
+    /// Hands the space of records consumed with
+    /// [`Received::release_later`] back to the producer.
+    pub fn release(&mut self) {
+        self.release_published();
+    }
+
     /// Closes the ring from the consumer's side: the producer's next send
     /// fails with [`RingError::Closed`]. Also done on drop.
     pub fn close(&mut self) {
@@ -1087,6 +1097,15 @@ impl Received<'_> {
     pub fn tag(&self) -> u8 {
         self.tag
     }
+
+    /// Consumes the record without handing its space back yet: that waits
+    /// for the next receive that finds the ring empty, the next record
+    /// dropped, or [`Consumer::release`]. Publishing the space ends with a
+    /// fence; this lets a caller with something more urgent to do (send
+    /// its next message, say) pay for it afterwards.
+    pub fn release_later(mut self) {
+        self.later = true;
+    }
 }
 
 impl std::ops::Deref for Received<'_> {
@@ -1109,7 +1128,9 @@ impl Drop for Received<'_> {
     fn drop(&mut self) {
         let c = &mut *self.consumer;
         c.head = c.head.wrapping_add(record_len(self.len) as u64);
-        c.release_published();
+        if !self.later {
+            c.release_published();
+        }
     }
 }
 
@@ -1366,6 +1387,20 @@ mod tests {
     fn loan_parts_must_add_up() {
         let (mut tx, _rx) = pair(1024).unwrap();
         let _ = tx.reserve_tagged(9, 0).unwrap().fill_parts(&[b"head"]);
+    }
+
+    #[test]
+    fn space_released_later_comes_back_on_release() {
+        let (mut tx, mut rx) = pair(1024).unwrap();
+        tx.reserve(400).unwrap().fill(&[1; 400]).commit();
+        tx.reserve(400).unwrap().fill(&[2; 400]).commit();
+        rx.try_recv().unwrap().unwrap().release_later();
+        // Consumed, but its space is not the producer's yet.
+        assert!(matches!(tx.reserve(250), Err(ReserveError::Full { .. })));
+        rx.release();
+        tx.reserve(250).unwrap().fill(&[3; 250]).commit();
+        assert_eq!(rx.try_recv().unwrap().unwrap()[0], 2);
+        assert_eq!(rx.try_recv().unwrap().unwrap()[0], 3);
     }
 
     #[test]
