@@ -1365,7 +1365,7 @@ fn handle(
         Ok(Err(fut)) => CatchPanic(fut),
         Err(_) => {
             if !oneway {
-                reply(tx, &ctx.limits, id, Err(panicked(&ctx.service)));
+                reply(tx, &ctx.limits, id, Err(panicked(ctx.service)));
             }
             return;
         }
@@ -1402,7 +1402,7 @@ fn handle(
                     }),
                 None => fut.await,
             }
-            .unwrap_or_else(|| Err(panicked(&ctx.service)));
+            .unwrap_or_else(|| Err(panicked(ctx.service)));
             // Removed already if the caller cancelled: nobody waits then.
             if !oneway && lock(&running).remove(&id.0).is_some() {
                 reply(&tx, &ctx.limits, id, result);
