@@ -1453,7 +1453,7 @@ fn handle_deferred(
         lock(running).insert(h.stream_id.0, Pending::Deferred(responder.shared().clone()));
     }
     if !waits {
-        call_deferred(handler, request, responder, &ctx.service);
+        call_deferred(handler, request, responder, ctx.service);
         drop(inline);
         return;
     }
@@ -1471,7 +1471,7 @@ fn handle_deferred(
         if responder.is_cancelled() {
             return;
         }
-        call_deferred(&handler, request, responder, &ctx2.service);
+        call_deferred(&handler, request, responder, ctx2.service);
     });
 }
 
