@@ -273,7 +273,7 @@ pub(crate) trait AsyncHandler: Send + Sync {
 /// Runs one service's handler on one link's thread, polling each future
 /// once right there. The allocation of a future that finishes at once is
 /// kept for the next request's future, so a handler that answers without
-/// waiting allocates nothing per request.
+/// waiting costs no future allocation per request.
 pub(crate) trait InlineSlot: Send {
     /// Calls the handler with `request` and polls its future once: the
     /// answer (`Ok`), or the future still to be awaited (`Err`). A panic
