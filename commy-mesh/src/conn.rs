@@ -1179,10 +1179,7 @@ pub(crate) fn serve_link(link: ShmLink, ctx: Arc<ServeCtx>) {
     let tx = Arc::new(Mutex::new(tx));
     let running: Running = Arc::default();
     let flag = LinkFlag::register(&ctx);
-    let mut inline_slot = match &ctx.handler {
-        Handler::Async(f) => Some(f.clone().inline_slot()),
-        Handler::Deferred(_) => None,
-    };
+    let mut handler = LinkHandler::new(&ctx.handler);
     loop {
         let msg = match rx.recv(None) {
             Ok(m) => m,
@@ -1236,7 +1233,7 @@ pub(crate) fn serve_link(link: ShmLink, ctx: Arc<ServeCtx>) {
                     running: &running,
                     busy: &flag.busy,
                 };
-                handle(&link, inline_slot.as_mut(), h, request);
+                handle(&link, &mut handler, h, request);
                 drop(msg);
             }
             FrameKind::Cancel => {
@@ -1327,26 +1324,35 @@ struct ServedLink<'a> {
     busy: &'a AtomicBool,
 }
 
+/// A service's handler as one link's thread runs it.
+enum LinkHandler {
+    /// An async handler, in this link's slot.
+    Async(Box<dyn InlineSlot>),
+    /// A deferred handler.
+    Deferred(Arc<dyn Fn(Request, Responder) + Send + Sync>),
+}
+
+impl LinkHandler {
+    fn new(handler: &Handler) -> LinkHandler {
+        match handler {
+            Handler::Async(f) => LinkHandler::Async(f.clone().inline_slot()),
+            Handler::Deferred(f) => LinkHandler::Deferred(f.clone()),
+        }
+    }
+}
+
 /// Runs one request: inline if its handler completes at once, else as a
-/// task. `slot`: where the link's thread runs an async handler.
-fn handle(
-    link: &ServedLink<'_>,
-    slot: Option<&mut Box<dyn InlineSlot>>,
-    h: FrameHeader,
-    request: Request,
-) {
+/// task.
+fn handle(link: &ServedLink<'_>, handler: &mut LinkHandler, h: FrameHeader, request: Request) {
     let ServedLink {
         ctx,
         tx,
         running,
         busy,
     } = *link;
-    let slot = match (&ctx.handler, slot) {
-        (Handler::Deferred(f), _) => return handle_deferred(link, h, request, f),
-        (Handler::Async(_), Some(slot)) => slot,
-        (Handler::Async(f), None) => {
-            return handle(link, Some(&mut f.clone().inline_slot()), h, request);
-        }
+    let slot = match handler {
+        LinkHandler::Async(slot) => slot,
+        LinkHandler::Deferred(f) => return handle_deferred(link, h, request, f),
     };
     let id = h.stream_id;
     let oneway = h.kind == FrameKind::OneWay;
