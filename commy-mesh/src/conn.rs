@@ -243,6 +243,9 @@ pub(crate) struct ClientConn {
     /// Set when a callback call moved the earliest deadline forward (the
     /// reader then reads it again).
     sooner: AtomicBool,
+    /// Ends the reader's wait on the ring, which may be set for a later
+    /// deadline than a call registered since.
+    interrupt: commy_shm::WaitInterrupter,
 }
 
 /// How long the fallback reader waits on the ring before re-checking
@@ -258,6 +261,7 @@ impl ClientConn {
         spin: Duration,
     ) -> Arc<ClientConn> {
         let (tx, rx) = link.split();
+        let interrupt = rx.interrupter();
         let conn = Arc::new(ClientConn {
             tx: Mutex::new(TxState {
                 sender: tx,
@@ -273,6 +277,7 @@ impl ClientConn {
             limits,
             spin,
             reader: OnceLock::new(),
+            interrupt,
             sooner: AtomicBool::new(false),
         });
         let weak = Arc::downgrade(&conn);
@@ -639,6 +644,7 @@ impl ClientConn {
     /// Adds a call to the pending table.
     fn register(&self, id: u64, waiter: Waiter) {
         let mut pending = lock(&self.pending);
+        let mut sooner = false;
         if let Waiter::Callback(Callback {
             deadline: Some(d), ..
         }) = &waiter
@@ -646,11 +652,18 @@ impl ClientConn {
             if pending.earliest.is_none_or(|e| *d < e) {
                 pending.earliest = Some(*d);
                 self.sooner.store(true, Ordering::Release);
+                sooner = true;
             }
         }
         pending.calls.insert(id, waiter);
         self.pending_len
             .store(pending.calls.len(), Ordering::Release);
+        drop(pending);
+        if sooner {
+            // The reader may sleep until a later deadline (or for its whole
+            // slice): it wakes, sees `sooner` and waits again until ours.
+            self.interrupt.interrupt();
+        }
     }
 
     /// Takes a call out of the pending table.

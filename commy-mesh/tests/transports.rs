@@ -815,3 +815,42 @@ async fn pub_sub_fan_out_and_queue_groups(t: Transport) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+conformance!(a_short_callback_deadline_is_kept_while_the_reader_waits);
+async fn a_short_callback_deadline_is_kept_while_the_reader_waits(t: Transport) {
+    // One call without a deadline keeps the link's reader waiting on the
+    // ring; calls with a short timeout made meanwhile must fail when it
+    // passes, not when the reader's wait would have ended anyway.
+    let s = Setup::new("short-deadline", t).await;
+    let (tx0, _rx0) = tokio::sync::oneshot::channel();
+    s.mesh
+        .call_then("later", slow(60_000), CallOptions::default(), move |r| {
+            let _ = tx0.send(r);
+        });
+    let timeout = Duration::from_millis(3);
+    let mut took = Vec::new();
+    for i in 0..15u64 {
+        // At varying points of whatever the reader waits for.
+        tokio::time::sleep(Duration::from_millis(20 + (i * 7) % 20)).await;
+        let started = Instant::now();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        s.mesh.call_then(
+            "later",
+            slow(10_000),
+            CallOptions::default().timeout(timeout),
+            move |r| {
+                let _ = tx.send(r);
+            },
+        );
+        let e = rx.await.unwrap().unwrap_err();
+        assert_eq!(e.code(), Code::DeadlineExceeded, "{e}");
+        took.push(started.elapsed());
+    }
+    took.sort();
+    // The median, so that a busy machine's odd late wake-up does not count.
+    let median = took[took.len() / 2];
+    assert!(
+        median >= timeout && median < timeout + Duration::from_millis(6),
+        "a {timeout:?} timeout took {median:?} (median; all: {took:?})"
+    );
+}

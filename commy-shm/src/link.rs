@@ -818,6 +818,13 @@ impl LinkReceiver {
         self.next(None)
     }
 
+    /// A handle that ends this receiver's waits early from another thread:
+    /// a [`recv`](LinkReceiver::recv) then returns [`RecvError::TimedOut`]
+    /// unless a message is there.
+    pub fn interrupter(&self) -> crate::ring::WaitInterrupter {
+        self.ring.interrupter()
+    }
+
     /// Hands back the ring space of messages consumed with
     /// [`Message::release_later`].
     pub fn release(&mut self) {

@@ -142,6 +142,44 @@ impl RingCtl {
 pub(crate) struct LocalState {
     /// Set when the liveness channel reports the peer process gone.
     pub(crate) peer_gone: std::sync::atomic::AtomicBool,
+    /// Set by a [`WaitInterrupter`]: the consumer's wait ends early.
+    pub(crate) interrupted: std::sync::atomic::AtomicBool,
+}
+
+/// Ends a [`Consumer`]'s current (or next) wait early, from another thread
+/// of the same process: the wait returns as if its deadline had passed.
+/// For a thread that sleeps on a ring with a deadline that others may want
+/// to move earlier.
+pub struct WaitInterrupter {
+    ctl: *const RingCtl,
+    local: Arc<LocalState>,
+    _owner: Arc<dyn Send + Sync>,
+}
+
+// SAFETY: `ctl` points into memory kept alive by `_owner` (as in `RingMem`),
+// and only its atomic wake words are used, so the handle may move to and be
+// shared between threads.
+unsafe impl Send for WaitInterrupter {}
+// SAFETY: as for `Send`: every access through the handle is atomic.
+unsafe impl Sync for WaitInterrupter {}
+
+impl std::fmt::Debug for WaitInterrupter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WaitInterrupter").finish_non_exhaustive()
+    }
+}
+
+impl WaitInterrupter {
+    /// Ends the consumer's wait now (or its next one, if it is not waiting).
+    pub fn interrupt(&self) {
+        self.local.interrupted.store(true, Ordering::Release);
+        // SAFETY: valid and aligned while `_owner` lives (the contract of
+        // `RingMem::new`, from which this handle was made); the control
+        // block is all atomics.
+        let ctl = unsafe { &*self.ctl };
+        // Wakes the consumer if it sleeps (it re-checks, and sees the flag).
+        ctl.data_words().notify();
+    }
 }
 
 /// Where a ring's memory lives, and what keeps it alive.
@@ -926,6 +964,16 @@ impl Consumer {
         }
     }
 
+    /// A handle that ends this consumer's waits early from another thread
+    /// (see [`WaitInterrupter`]).
+    pub fn interrupter(&self) -> WaitInterrupter {
+        WaitInterrupter {
+            ctl: self.mem.ctl,
+            local: self.mem.local.clone(),
+            _owner: self.mem._owner.clone(),
+        }
+    }
+
     /// Whether a record (or padding) is published at the head: one load,
     /// for a cheap spin. It does not see a closed ring or a dead peer; the
     /// receiving calls report those.
@@ -995,7 +1043,13 @@ impl Consumer {
             mem.read_header(off, Ordering::Acquire) != 0
                 || ctl.wake.0.closed.load(Ordering::Acquire) & PRODUCER_CLOSED != 0
                 || mem.local.peer_gone.load(Ordering::Acquire)
+                || mem.local.interrupted.load(Ordering::Relaxed)
         });
+        // An interrupt ends this wait only: a record that is there is still
+        // handed out (the caller re-checks whatever it was woken for).
+        if mem.local.interrupted.load(Ordering::Relaxed) {
+            mem.local.interrupted.store(false, Ordering::Relaxed);
+        }
         match waited {
             Waited::Ready => Ok(()),
             Waited::TimedOut => Err(RecvError::TimedOut),
@@ -1401,6 +1455,52 @@ mod tests {
         tx.reserve(250).unwrap().fill(&[3; 250]).commit();
         assert_eq!(rx.try_recv().unwrap().unwrap()[0], 2);
         assert_eq!(rx.try_recv().unwrap().unwrap()[0], 3);
+    }
+
+    #[test]
+    fn an_interrupt_ends_a_sleeping_wait() {
+        let (mut tx, mut rx) = pair(1024).unwrap();
+        let interrupter = rx.interrupter();
+        let waiter = std::thread::spawn(move || {
+            let far = Instant::now() + Duration::from_secs(60);
+            let woke = rx.recv(Some(far)).map(|_| ()).unwrap_err();
+            (rx, woke)
+        });
+        // Long enough for the waiter to be asleep on the futex.
+        std::thread::sleep(Duration::from_millis(50));
+        interrupter.interrupt();
+        let (mut rx, woke) = waiter.join().unwrap();
+        assert!(matches!(woke, RecvError::TimedOut), "{woke:?}");
+        // The interrupt is used up: messages come through as before.
+        tx.try_send(b"after").unwrap();
+        assert_eq!(&*rx.recv(None).unwrap(), b"after");
+    }
+
+    #[test]
+    fn an_interrupt_while_not_waiting_ends_the_next_wait_only() {
+        let (mut tx, mut rx) = pair(1024).unwrap();
+        rx.interrupter().interrupt();
+        let far = Instant::now() + Duration::from_secs(60);
+        assert!(matches!(
+            rx.recv(Some(far)).map(|_| ()),
+            Err(RecvError::TimedOut)
+        ));
+        // A message that is there is received despite an interrupt, which
+        // then ends the next wait.
+        tx.try_send(b"x").unwrap();
+        rx.interrupter().interrupt();
+        assert_eq!(&*rx.recv(Some(far)).unwrap(), b"x");
+        assert!(matches!(
+            rx.recv(Some(far)).map(|_| ()),
+            Err(RecvError::TimedOut)
+        ));
+        // And the wait after that runs to its deadline.
+        let soon = Instant::now() + Duration::from_millis(20);
+        assert!(matches!(
+            rx.recv(Some(soon)).map(|_| ()),
+            Err(RecvError::TimedOut)
+        ));
+        assert!(Instant::now() >= soon);
     }
 
     #[test]
