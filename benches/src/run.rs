@@ -1,6 +1,6 @@
 //! Running scenarios: how many iterations, K repetitions, medians.
 
-use crate::peer::{Pinning, pin_parent, run_once};
+use crate::peer::{pin_parent, run_once};
 use crate::report::{Report, Row, SCHEMA, Stats, compute_ratios, fmt_ns};
 use crate::scenario::{BenchError, Kind, Measurement, Params, Scenario};
 use crate::stats::{median, percentiles, timer_overhead_ns};
@@ -81,27 +81,53 @@ impl Plan {
 
 /// Runs `selected` `plan.runs` times each and reports medians. Progress goes
 /// to stderr.
+///
+/// The runs go round by round, each round running every scenario once: a
+/// scenario's runs are spread over the whole measurement, so a slow spell of
+/// a shared machine reaches a few runs of every scenario (which the medians
+/// leave out), not all runs of the few scenarios that happen to run during
+/// it (which would skew their ratios to the baselines).
 pub(crate) fn run(selected: &[Scenario], plan: &Plan) -> Result<Report, BenchError> {
     let pinning = pin_parent();
     if pinning.is_none() {
         eprintln!("commy-bench: fewer than two usable CPUs; the processes are not pinned");
     }
     let timer_overhead_ns = timer_overhead_ns();
-    let mut results = Vec::with_capacity(selected.len());
-    for (i, s) in selected.iter().enumerate() {
-        let row = run_scenario(s, plan, pinning).map_err(|e| BenchError::InScenario {
-            scenario: s.name.clone(),
-            source: Box::new(e),
-        })?;
-        eprintln!(
-            "commy-bench: [{}/{}] {:<24} {}",
-            i + 1,
-            selected.len(),
-            s.name,
-            summary(&row.stats)
-        );
-        results.push(row);
+    let rounds = plan.runs.max(1);
+    let mut samples: Vec<Samples> = selected.iter().map(|_| Samples::default()).collect();
+    for round in 1..=rounds {
+        for (i, s) in selected.iter().enumerate() {
+            let params = plan.params(s);
+            run_once(s, params, pinning)
+                .and_then(|m| samples[i].add(s.kind, params, m))
+                .map_err(|e| BenchError::InScenario {
+                    scenario: s.name.clone(),
+                    source: Box::new(e),
+                })?;
+            if round == rounds {
+                let row = samples[i].row(s, params);
+                eprintln!(
+                    "commy-bench: [{}/{}] {:<24} {}",
+                    i + 1,
+                    selected.len(),
+                    s.name,
+                    summary(&row.stats)
+                );
+            } else {
+                eprintln!(
+                    "commy-bench: round {round}/{rounds} [{}/{}] {}",
+                    i + 1,
+                    selected.len(),
+                    s.name
+                );
+            }
+        }
     }
+    let mut results: Vec<Row> = selected
+        .iter()
+        .zip(&samples)
+        .map(|(s, samples)| samples.row(s, plan.params(s)))
+        .collect();
     compute_ratios(&mut results);
     Ok(Report {
         schema: SCHEMA,
@@ -133,12 +159,20 @@ fn summary(stats: &Stats) -> String {
     }
 }
 
-fn run_scenario(s: &Scenario, plan: &Plan, pinning: Option<Pinning>) -> Result<Row, BenchError> {
-    let params = plan.params(s);
-    let (mut p50, mut p99, mut p999, mut msgs, mut gbs) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..plan.runs.max(1) {
-        match (s.kind, run_once(s, params, pinning)?) {
+/// One scenario's statistics from each of its runs so far.
+#[derive(Default)]
+struct Samples {
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    p999: Vec<f64>,
+    msgs: Vec<f64>,
+    gbs: Vec<f64>,
+}
+
+impl Samples {
+    /// Adds one run's measurement.
+    fn add(&mut self, kind: Kind, params: Params, m: Measurement) -> Result<(), BenchError> {
+        match (kind, m) {
             (Kind::RoundTrip, Measurement::RoundTrip(mut samples)) => {
                 if samples.len() as u64 != params.iterations {
                     return Err(BenchError::Protocol(format!(
@@ -149,9 +183,9 @@ fn run_scenario(s: &Scenario, plan: &Plan, pinning: Option<Pinning>) -> Result<R
                 }
                 let p = percentiles(&mut samples)
                     .ok_or_else(|| BenchError::Protocol("round trip produced no samples".into()))?;
-                p50.push(p.p50);
-                p99.push(p.p99);
-                p999.push(p.p999);
+                self.p50.push(p.p50);
+                self.p99.push(p.p99);
+                self.p999.push(p.p999);
             }
             (
                 Kind::Throughput,
@@ -167,8 +201,8 @@ fn run_scenario(s: &Scenario, plan: &Plan, pinning: Option<Pinning>) -> Result<R
                         "throughput run moved {messages} messages in {secs} s"
                     )));
                 }
-                msgs.push(messages as f64 / secs);
-                gbs.push(bytes as f64 / secs / 1e9);
+                self.msgs.push(messages as f64 / secs);
+                self.gbs.push(bytes as f64 / secs / 1e9);
             }
             (kind, _) => {
                 return Err(BenchError::Protocol(format!(
@@ -176,28 +210,33 @@ fn run_scenario(s: &Scenario, plan: &Plan, pinning: Option<Pinning>) -> Result<R
                 )));
             }
         }
+        Ok(())
     }
-    let stats = match s.kind {
-        Kind::RoundTrip => Stats::RoundTrip {
-            p50_ns: median(&p50),
-            p99_ns: median(&p99),
-            p999_ns: median(&p999),
-        },
-        Kind::Throughput => Stats::Throughput {
-            msgs_per_s: median(&msgs),
-            gb_per_s: median(&gbs),
-        },
-    };
-    Ok(Row {
-        name: s.name.clone(),
-        transport: s.transport,
-        size: s.size,
-        wait: s.wait,
-        iterations: params.iterations,
-        warmup: params.warmup,
-        batch: s.batch,
-        stats,
-        vs_uds: None,
-        vs_floor: None,
-    })
+
+    /// The scenario's row: the medians of its runs.
+    fn row(&self, s: &Scenario, params: Params) -> Row {
+        let stats = match s.kind {
+            Kind::RoundTrip => Stats::RoundTrip {
+                p50_ns: median(&self.p50),
+                p99_ns: median(&self.p99),
+                p999_ns: median(&self.p999),
+            },
+            Kind::Throughput => Stats::Throughput {
+                msgs_per_s: median(&self.msgs),
+                gb_per_s: median(&self.gbs),
+            },
+        };
+        Row {
+            name: s.name.clone(),
+            transport: s.transport,
+            size: s.size,
+            wait: s.wait,
+            iterations: params.iterations,
+            warmup: params.warmup,
+            batch: s.batch,
+            stats,
+            vs_uds: None,
+            vs_floor: None,
+        }
+    }
 }

@@ -339,8 +339,10 @@ pub(crate) fn render(report: &Report, machine: &Machine, date: &str) -> String {
             None => w("The processes were **not pinned** (fewer than two CPUs available). ".into()),
         }
         w(format!(
-            "Each scenario is repeated {} times (runs); a table cell is the **median across runs** of \
-             that run's statistic, so one noisy run does not move it.\n\n",
+            "Each scenario is repeated {} times (runs), in rounds that run every scenario once, so that \
+             each scenario's runs are spread over the whole measurement; a table cell is the **median \
+             across runs** of that run's statistic, so a noisy run, or a slow spell of the machine during \
+             one round, does not move it.\n\n",
             report.runs
         ));
         w(format!(
