@@ -95,6 +95,7 @@ pub(crate) fn run(selected: &[Scenario], plan: &Plan) -> Result<Report, BenchErr
     let timer_overhead_ns = timer_overhead_ns();
     let rounds = plan.runs.max(1);
     let mut samples: Vec<Samples> = selected.iter().map(|_| Samples::default()).collect();
+    let mut results = Vec::with_capacity(selected.len());
     for round in 1..=rounds {
         for (i, s) in selected.iter().enumerate() {
             let params = plan.params(s);
@@ -113,6 +114,7 @@ pub(crate) fn run(selected: &[Scenario], plan: &Plan) -> Result<Report, BenchErr
                     s.name,
                     summary(&row.stats)
                 );
+                results.push(row);
             } else {
                 eprintln!(
                     "commy-bench: round {round}/{rounds} [{}/{}] {}",
@@ -123,11 +125,6 @@ pub(crate) fn run(selected: &[Scenario], plan: &Plan) -> Result<Report, BenchErr
             }
         }
     }
-    let mut results: Vec<Row> = selected
-        .iter()
-        .zip(&samples)
-        .map(|(s, samples)| samples.row(s, plan.params(s)))
-        .collect();
     compute_ratios(&mut results);
     Ok(Report {
         schema: SCHEMA,
