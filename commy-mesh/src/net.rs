@@ -679,11 +679,22 @@ impl NetState {
             peer = self.pick_peer(service, exclude);
         }
         let Some(peer) = peer else {
-            return Err(kind.fallback.unwrap_or_else(|| {
-                Status::not_found(format!(
-                    "no instance of service '{service}' (locally or at any peer)"
-                ))
-            }));
+            if let Some(status) = kind.fallback {
+                return Err(status);
+            }
+            // Not found only once every peer has said what it serves: a
+            // deadline that passes while a peer is still being reached is
+            // the deadline's failure.
+            if deadline.is_some_and(Deadline::is_expired)
+                && self.peers.iter().any(|p| !*p.tried.borrow())
+            {
+                return Err(Status::deadline_exceeded(format!(
+                    "the deadline passed while peers were still being asked for service '{service}'"
+                )));
+            }
+            return Err(Status::not_found(format!(
+                "no instance of service '{service}' (locally or at any peer)"
+            )));
         };
         if kind.fallback.is_some() {
             self.fallbacks.fetch_add(1, Ordering::Relaxed);

@@ -822,6 +822,9 @@ async fn a_short_callback_deadline_is_kept_while_the_reader_waits(t: Transport) 
     // ring; calls with a short timeout made meanwhile must fail when it
     // passes, not when the reader's wait would have ended anyway.
     let s = Setup::new("short-deadline", t).await;
+    // The service is reachable first, so that the timed calls measure the
+    // reader's wait, not the peer's first listing.
+    s.mesh.call("later", slow(0)).await.unwrap();
     let (tx0, _rx0) = tokio::sync::oneshot::channel();
     s.mesh
         .call_then("later", slow(60_000), CallOptions::default(), move |r| {
@@ -853,4 +856,38 @@ async fn a_short_callback_deadline_is_kept_while_the_reader_waits(t: Transport) 
         median >= timeout && median < timeout + Duration::from_millis(6),
         "a {timeout:?} timeout took {median:?} (median; all: {took:?})"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_passing_while_a_peer_is_reached_is_deadline_exceeded() {
+    if role().is_some() {
+        return;
+    }
+    // A peer that accepts TCP connections and never says a word: the
+    // mesh cannot know yet whether it serves the service.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        for c in silent.incoming().take(4) {
+            conns.push(c);
+        }
+        std::thread::sleep(Duration::from_secs(5));
+    });
+    // The service process's dev CA, for the client's TLS settings.
+    let s = Setup::new("silent-peer", Transport::Tls).await;
+    let own = own_runtime_dir(&s.dir, "silent-client");
+    let mesh = tls_peer_mesh(&s.dir, &own, silent_port).await;
+    let e = mesh
+        .call_with(
+            "echo",
+            b"hi".to_vec(),
+            CallOptions::default().timeout(Duration::from_millis(100)),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e}");
+    assert!(e.message().contains("peers were still being asked"), "{e}");
+    mesh.close().await;
+    drop(held);
 }
