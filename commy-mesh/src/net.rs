@@ -612,6 +612,11 @@ impl NetState {
         .await;
     }
 
+    /// Whether some peer has not yet said what it serves (nor failed to).
+    fn any_untried(&self) -> bool {
+        self.peers.iter().any(|p| !*p.tried.borrow())
+    }
+
     /// Whether peer `p` serves `service` (other than the `exclude`d instances).
     fn serves(p: &PeerState, service: &ServiceName, exclude: &[InstanceId]) -> bool {
         lock(&p.listing).as_ref().is_some_and(|l| {
@@ -671,7 +676,7 @@ impl NetState {
             }
         };
         let mut peer = self.pick_peer(service, exclude);
-        if peer.is_none() && self.peers.iter().any(|p| !*p.tried.borrow()) {
+        if peer.is_none() && self.any_untried() {
             let wait = deadline.map_or(Duration::from_secs(3), |d| {
                 d.remaining().min(Duration::from_secs(3))
             });
@@ -685,9 +690,7 @@ impl NetState {
             // Not found only once every peer has said what it serves: a
             // deadline that passes while a peer is still being reached is
             // the deadline's failure.
-            if deadline.is_some_and(Deadline::is_expired)
-                && self.peers.iter().any(|p| !*p.tried.borrow())
-            {
+            if deadline.is_some_and(Deadline::is_expired) && self.any_untried() {
                 return Err(Status::deadline_exceeded(format!(
                     "the deadline passed while peers were still being asked for service '{service}'"
                 )));
