@@ -441,6 +441,17 @@ impl Session {
             .map_err(|_| self.lost())
     }
 
+    /// Refuses new calls (they fail with `reason`) but leaves the ones in
+    /// flight waiting. Returns whether any call is still in flight.
+    fn stop_new_calls(&self, reason: &str) -> bool {
+        let mut p = lock(&self.pending);
+        self.closed.store(true, Ordering::Release);
+        if p.closed_reason.is_none() {
+            p.closed_reason = Some(reason.to_string());
+        }
+        !p.calls.is_empty()
+    }
+
     /// Fails every pending call and refuses new ones.
     fn fail_all(&self, reason: String) {
         let calls = {
@@ -508,21 +519,33 @@ async fn read_loop(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut quiet = Quiet::new();
     let mut writer_done = false;
+    let mut write_failure: Option<String> = None;
     let reason = loop {
         tokio::select! {
             biased;
-            end = &mut writer => {
+            end = &mut writer, if !writer_done => {
                 writer_done = true;
-                break match end {
-                    Ok(WriterEnd::TimedOut) => format!("writing stalled for {:?}", settings.write_timeout),
+                let why = match end {
+                    Ok(WriterEnd::TimedOut) => {
+                        break format!("writing stalled for {:?}", settings.write_timeout)
+                    }
                     Ok(WriterEnd::Failed(e)) => format!("write failed: {e}"),
-                    _ => "closed".to_string(),
+                    _ => break "closed".to_string(),
                 };
+                // Nothing more can be sent, but answers may still be on their
+                // way (a server draining after GOAWAY closes its read side
+                // first): refuse new calls and keep reading until the calls
+                // in flight are answered, the server closes, or it goes quiet.
+                let Some(s) = session.upgrade() else { break why };
+                if !s.stop_new_calls(&why) {
+                    break why;
+                }
+                write_failure = Some(why);
             }
             frame = reader.next() => {
                 let frame = match frame {
                     Ok(f) => f,
-                    Err(ReadError::Eof) => break "the server closed the connection".to_string(),
+                    Err(ReadError::Eof) => break write_failure.unwrap_or_else(|| "the server closed the connection".to_string()),
                     Err(ReadError::Frame(e)) => {
                         let _ = ctrl.send(Out::error(0, &Status::invalid_argument(format!("protocol violation: {e}"))));
                         let _ = ctrl.send(Out::Close);
@@ -581,18 +604,31 @@ async fn read_loop(
                     }
                     other => tracing::debug!("{}: ignoring an unexpected {other} frame", s.target),
                 }
+                if let Some(why) = &write_failure
+                    && lock(&s.pending).calls.is_empty()
+                {
+                    break why.clone();
+                }
                 if s.going_away.load(Ordering::Acquire) && lock(&s.pending).calls.is_empty() {
                     let _ = ctrl.send(Out::Close);
                     break "the server went away (GOAWAY)".to_string();
                 }
             }
             _ = tick.tick() => {
+                if let Some(why) = &write_failure
+                    && session.upgrade().is_none_or(|s| lock(&s.pending).calls.is_empty())
+                {
+                    break why.clone();
+                }
                 let quiet = quiet.at_tick();
                 if quiet >= settings.idle_timeout {
                     let _ = ctrl.send(Out::Close);
-                    break format!("nothing received for {quiet:?}");
+                    break match write_failure {
+                        Some(why) => format!("{why}; then nothing received for {quiet:?}"),
+                        None => format!("nothing received for {quiet:?}"),
+                    };
                 }
-                if quiet >= settings.keepalive_interval {
+                if quiet >= settings.keepalive_interval && write_failure.is_none() {
                     let _ = ctrl.send(Out::frame(FrameKind::Ping, 0, Bytes::new(), Bytes::new()));
                 }
             }
