@@ -177,7 +177,7 @@ impl FfiMesh {
     pub fn call_then(
         &self,
         service: &str,
-        payload: Bytes,
+        payload: &[u8],
         timeout: Option<Duration>,
         done: impl FnOnce(Result<Bytes, FfiError>) + Send + 'static,
     ) {

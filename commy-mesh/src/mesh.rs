@@ -614,6 +614,8 @@ impl Mesh {
     /// link's reader), with no task and no further hand-off. Otherwise the
     /// call runs as a task on the mesh's runtime and `done` runs there.
     /// `done` must not block; a call that fails at once calls it right here.
+    /// The payload is only borrowed: it is written into the link as it is
+    /// (and copied only for a call that runs as a task).
     ///
     /// This is for code that waits outside async Rust (an event loop of
     /// another language keeping many calls in flight).
@@ -630,25 +632,26 @@ impl Mesh {
     pub fn call_then(
         &self,
         name: &str,
-        payload: impl Into<Bytes>,
+        payload: impl AsRef<[u8]>,
         options: CallOptions,
         done: impl FnOnce(Result<Response, Status>) + Send + 'static,
     ) {
         if let Err(status) = self.check_open() {
             return done(Err(status));
         }
-        let payload = payload.into();
+        let payload = payload.as_ref();
         if self.preference(&options) != TransportPreference::Tls {
             if let Some((conn, balanced)) = self.connected(name) {
                 let due = conn::Due::new(
                     options.timeout.or(self.inner.config.default_timeout),
                     options.deadline,
                 );
-                return conn.call_then(&payload, &options.metadata, due, balanced, Box::new(done));
+                return conn.call_then(payload, &options.metadata, due, balanced, Box::new(done));
             }
         }
         let mesh = self.clone();
         let name = name.to_owned();
+        let payload = Bytes::copy_from_slice(payload);
         self.inner.runtime.spawn(async move {
             done(mesh.call_with(&name, payload, options).await);
         });

@@ -20,5 +20,12 @@
 #![deny(unsafe_code)]
 
 mod bridge;
+
+/// The addon's allocator. Its buffers are made on the mesh's threads and
+/// freed on the JS thread (and the other way round); glibc's per-thread
+/// caches do not help such hand-offs and every allocation then takes the
+/// arena's slow path, mimalloc's per-page free lists do.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod native;
 mod slab;

@@ -192,10 +192,9 @@ impl NativeMesh {
             Some(t) => Some(timeout(t, "timeoutMs")?.unwrap_or(Duration::from_secs(1 << 40))),
             None => None,
         };
-        let payload = Bytes::copy_from_slice(&payload);
         let bridge = self.bridge.clone();
         match self.mesh() {
-            Ok(m) => m.call_then(name, payload, timeout, move |r| {
+            Ok(m) => m.call_then(name, &payload, timeout, move |r| {
                 bridge.push(match r {
                     Ok(payload) => Event::Answer { id, payload },
                     Err(e) => failed(id, &e),
