@@ -20,6 +20,8 @@
 #![deny(unsafe_code)]
 
 mod bridge;
+mod native;
+mod slab;
 
 /// The addon's allocator. Its buffers are made on the mesh's threads and
 /// freed on the JS thread (and the other way round); glibc's per-thread
@@ -27,5 +29,3 @@ mod bridge;
 /// arena's slow path, mimalloc's per-page free lists do.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-mod native;
-mod slab;
