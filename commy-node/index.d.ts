@@ -222,9 +222,13 @@ export declare class NativeMesh {
    */
   close(id: number): void
   /**
-   * Moves waiting events into `meta`, a byte view of the JS layer's
-   * `Uint32Array`: slot 0 gets the number of events written, slot 1 is 1
-   * if more are waiting (call again), and each event takes [`STRIDE`]
+   * Receives the requests waiting in the served links this thread owns
+   * (see [`crate::driven`]), then moves waiting events into `meta`, a
+   * byte view of the JS layer's `Uint32Array`: slot 0 gets the number of
+   * events written; slot 1 has bit 0 set if more are waiting (call
+   * again now) and bit 1 set if this thread still owns served links
+   * (call again soon, once the handlers of this batch ran); each event
+   * takes [`STRIDE`]
    * slots from slot 2 on: `[kind, id, offset, length, x, y]`. Payloads
    * (and failure texts, `"CODE: message"`) are concatenated in the
    * returned buffer, at each event's offset and length: one buffer per

@@ -128,6 +128,9 @@ class Mesh {
     this._replyMeta = new Uint32Array(2 * BATCH)
     this._replyMetaBytes = Buffer.from(this._replyMeta.buffer)
     this._flushReplies = this._flushReplies.bind(this)
+    // Set while a drain is scheduled with setImmediate (see _pump).
+    this._pumpSoon = false
+    this._pumpAgain = this._pumpAgain.bind(this)
     this._metaBytes = Buffer.from(this._meta.buffer)
     this._timer = setInterval(noop, 0x7fffffff)
     this._timer.unref()
@@ -362,11 +365,17 @@ class Mesh {
   _pump() {
     const meta = this._meta
     let more = 1
-    while (more === 1 && this._native !== null) {
+    while ((more & 1) === 1 && this._native !== null) {
       // One buffer holds every payload of the batch; each event's is a view of it.
       const data = this._native.drain(this._metaBytes)
       const n = meta[0]
       more = meta[1]
+      // Bit 1: this thread owns served links (it polls them itself): drain
+      // again once the handlers of this batch ran and their replies are out.
+      if ((more & 2) !== 0 && !this._pumpSoon) {
+        this._pumpSoon = true
+        setImmediate(this._pumpAgain)
+      }
       for (let i = 0, at = 2; i < n; i++, at += STRIDE) {
         const id = meta[at + 1]
         switch (meta[at]) {
@@ -416,6 +425,11 @@ class Mesh {
         }
       }
     }
+  }
+
+  _pumpAgain() {
+    this._pumpSoon = false
+    if (this._native !== null) this._pump()
   }
 
   _request(token, payload, number, cancel) {

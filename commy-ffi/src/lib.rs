@@ -50,11 +50,11 @@ mod region;
 mod runtime;
 mod subscription;
 
-pub use commy_shm::WaitStrategy;
+pub use commy_shm::{WaitInterrupter, WaitStrategy};
 pub use error::{FfiError, error_code_names};
 pub use mesh::{FfiMesh, FfiRequest, FfiService, MeshOptions, Reply};
 pub use region::{FfiRegion, OpenPolicy, RegionOptions};
 pub use runtime::{CHECK_INTERVAL, FfiTask, LocalTask, block_on, run_inline, runtime, spawn_with};
 pub use subscription::{FfiMessage, FfiSubscription};
 
-pub use commy_mesh::ThreadHook;
+pub use commy_mesh::{Drive, DrivenLink, ThreadHook};

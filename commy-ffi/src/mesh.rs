@@ -49,7 +49,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use commy_mesh::{
-    CallOptions, Deadline, Mesh, Request, Responder, Response, ServiceHandle, Status,
+    CallOptions, Deadline, DrivenLink, Mesh, Request, Responder, Response, ServiceHandle, Status,
 };
 
 use crate::error::FfiError;
@@ -250,6 +250,37 @@ impl FfiMesh {
             .serve_deferred(service, move |req: Request, responder| {
                 handler(FfiRequest::new(req), Reply::new(responder));
             });
+        let handle = quick(serving)?;
+        Ok(FfiService {
+            name: handle.service().to_string(),
+            instance: handle.instance_id().to_string(),
+            handle: Mutex::new(Some(handle)),
+        })
+    }
+
+    /// [`serve`](FfiMesh::serve), with each shared-memory link handed to
+    /// `on_link` (on a thread of its own per link, which it may keep) for
+    /// the binding's own thread to poll: `handler` is then called on the
+    /// thread that [polls](DrivenLink::poll) the link. See
+    /// [`Mesh::serve_driven`](commy_mesh::Mesh::serve_driven).
+    ///
+    /// The handler gets the request's payload only, for bindings whose
+    /// handlers see no deadline: the deadline then costs no clock read.
+    pub fn serve_driven<H, L>(
+        &self,
+        service: &str,
+        handler: H,
+        on_link: L,
+    ) -> Result<FfiService, FfiError>
+    where
+        H: Fn(Bytes, Reply) + Send + Sync + 'static,
+        L: Fn(DrivenLink) + Send + Sync + 'static,
+    {
+        let serving = self.mesh.serve_driven(
+            service,
+            move |req: Request, responder| handler(req.into_payload(), Reply::new(responder)),
+            on_link,
+        );
         let handle = quick(serving)?;
         Ok(FfiService {
             name: handle.service().to_string(),

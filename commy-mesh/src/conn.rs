@@ -1119,26 +1119,6 @@ impl Drop for InlineBusy<'_> {
     }
 }
 
-/// A link's busy flag, registered in its service's context while the link lives.
-struct LinkFlag<'a> {
-    ctx: &'a ServeCtx,
-    busy: Arc<AtomicBool>,
-}
-
-impl<'a> LinkFlag<'a> {
-    fn register(ctx: &'a ServeCtx) -> LinkFlag<'a> {
-        let busy = Arc::new(AtomicBool::new(false));
-        lock(&ctx.links).push(busy.clone());
-        LinkFlag { ctx, busy }
-    }
-}
-
-impl Drop for LinkFlag<'_> {
-    fn drop(&mut self) {
-        lock(&self.ctx.links).retain(|b| !Arc::ptr_eq(b, &self.busy));
-    }
-}
-
 /// Requests not answered inline, by stream id. Removing an entry marks the
 /// answer unwanted.
 pub(crate) type Running = Arc<Mutex<FxHashMap<u64, Pending>>>;
@@ -1189,19 +1169,64 @@ impl LinkAnswer {
 pub(crate) fn serve_link(link: ShmLink, ctx: Arc<ServeCtx>) {
     let _runtime = ctx.runtime.enter();
     let (tx, mut rx) = link.split();
-    let tx = Arc::new(Mutex::new(tx));
-    let running: Running = Arc::default();
-    let flag = LinkFlag::register(&ctx);
-    let mut handler = LinkHandler::new(&ctx.handler);
+    let mut server = LinkServer::new(tx, ctx);
     loop {
         let msg = match rx.recv(None) {
             Ok(m) => m,
-            Err(RecvError::Ring(RingError::Closed | RingError::PeerGone)) => break,
             Err(e) => {
-                tracing::warn!("closing a link of service {}: {e}", ctx.service);
+                server.closing(&e);
                 break;
             }
         };
+        if !server.on_frame(msg) {
+            break;
+        }
+    }
+}
+
+/// One accepted link's serving state, apart from its receive ring (whoever
+/// receives hands each frame to [`on_frame`](LinkServer::on_frame)). When
+/// dropped, the work of requests still running is stopped: nobody waits
+/// for it any more.
+struct LinkServer {
+    ctx: Arc<ServeCtx>,
+    tx: Arc<Mutex<LinkSender>>,
+    running: Running,
+    /// This link's flag in `ctx.links` (see [`ServeCtx::idle`]).
+    busy: Arc<AtomicBool>,
+    handler: LinkHandler,
+}
+
+impl LinkServer {
+    fn new(tx: LinkSender, ctx: Arc<ServeCtx>) -> LinkServer {
+        let busy = Arc::new(AtomicBool::new(false));
+        lock(&ctx.links).push(busy.clone());
+        LinkServer {
+            handler: LinkHandler::new(&ctx.handler),
+            ctx,
+            tx: Arc::new(Mutex::new(tx)),
+            running: Arc::default(),
+            busy,
+        }
+    }
+
+    /// Logs why the link ends (a client that left is no news).
+    fn closing(&self, e: &RecvError) {
+        if !matches!(e, RecvError::Ring(RingError::Closed | RingError::PeerGone)) {
+            tracing::warn!("closing a link of service {}: {e}", self.ctx.service);
+        }
+    }
+
+    /// Handles one frame from the client. `false` when the frame is
+    /// malformed: the link must close.
+    fn on_frame(&mut self, msg: commy_shm::link::Message<'_>) -> bool {
+        let LinkServer {
+            ctx,
+            tx,
+            running,
+            busy,
+            handler,
+        } = self;
         let frame = match FrameRef::decode(&msg, &ctx.limits) {
             Ok(f) => f,
             Err(e) => {
@@ -1209,7 +1234,7 @@ pub(crate) fn serve_link(link: ShmLink, ctx: Arc<ServeCtx>) {
                     "closing a link of service {}: malformed frame from the client: {e}",
                     ctx.service
                 );
-                break;
+                return false;
             }
         };
         let h = *frame.header();
@@ -1221,13 +1246,13 @@ pub(crate) fn serve_link(link: ShmLink, ctx: Arc<ServeCtx>) {
                         drop(msg);
                         if h.kind == FrameKind::Request {
                             reply(
-                                &tx,
+                                tx,
                                 &ctx.limits,
                                 h.stream_id,
                                 Err(Status::invalid_argument(format!("malformed metadata: {e}"))),
                             );
                         }
-                        continue;
+                        return true;
                     }
                 };
                 let request = Request {
@@ -1241,17 +1266,17 @@ pub(crate) fn serve_link(link: ShmLink, ctx: Arc<ServeCtx>) {
                 // (or went on as a task): releasing ends with a fence, which
                 // would otherwise stand between the request and its answer.
                 let link = ServedLink {
-                    ctx: &ctx,
-                    tx: &tx,
-                    running: &running,
-                    busy: &flag.busy,
+                    ctx,
+                    tx,
+                    running,
+                    busy,
                 };
-                handle(&link, &mut handler, h, request);
+                handle(&link, handler, h, request);
                 drop(msg);
             }
             FrameKind::Cancel => {
                 drop(msg);
-                let cancelled = lock(&running).remove(&h.stream_id.0);
+                let cancelled = lock(running).remove(&h.stream_id.0);
                 if let Some(p) = cancelled {
                     p.cancel();
                 }
@@ -1259,7 +1284,7 @@ pub(crate) fn serve_link(link: ShmLink, ctx: Arc<ServeCtx>) {
             FrameKind::Ping => {
                 drop(msg);
                 let _ = send_frame(
-                    &mut lock(&tx),
+                    &mut lock(tx),
                     FrameHeader::new(FrameKind::Pong, h.stream_id),
                     &[],
                     &[],
@@ -1274,11 +1299,125 @@ pub(crate) fn serve_link(link: ShmLink, ctx: Arc<ServeCtx>) {
                 );
             }
         }
+        true
     }
-    // The client is gone: stop work nobody waits for.
-    let left: Vec<_> = lock(&running).drain().map(|(_, p)| p).collect();
-    for p in left {
-        p.cancel();
+
+    /// Stops the work of requests still running (their client is gone).
+    fn stop_running(&self) {
+        let left: Vec<_> = lock(&self.running).drain().map(|(_, p)| p).collect();
+        for p in left {
+            p.cancel();
+        }
+    }
+}
+
+impl Drop for LinkServer {
+    fn drop(&mut self) {
+        self.stop_running();
+        lock(&self.ctx.links).retain(|b| !Arc::ptr_eq(b, &self.busy));
+    }
+}
+
+/// What [`DrivenLink::poll`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drive {
+    /// Every frame that had arrived is handled; the ring is empty.
+    Empty,
+    /// The most frames one poll handles were handled; more may wait.
+    More,
+    /// The link is closed (the client left, or broke the protocol): polling
+    /// it again does nothing, and it may be dropped.
+    Closed,
+}
+
+/// A link of a service served with
+/// [`Mesh::serve_driven`](crate::Mesh::serve_driven), received from by the
+/// embedder's own thread instead of a thread of the mesh: an event loop
+/// that polls its links itself pays no hand-off between a receiving thread
+/// and its own per request.
+///
+/// [`poll`](DrivenLink::poll) handles the requests that have arrived,
+/// calling the service's handler on the polling thread. A thread that only
+/// watches the link while nobody polls it [`wait`](DrivenLink::wait)s. The
+/// two may be different threads, one at a time (the link is `Send`). Dropping
+/// the link closes it: its client sees the instance gone.
+pub struct DrivenLink {
+    server: LinkServer,
+    rx: LinkReceiver,
+    closed: bool,
+}
+
+impl std::fmt::Debug for DrivenLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DrivenLink")
+            .field("service", &self.server.ctx.service)
+            .field("closed", &self.closed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DrivenLink {
+    pub(crate) fn new(link: ShmLink, ctx: Arc<ServeCtx>) -> DrivenLink {
+        let (tx, rx) = link.split();
+        DrivenLink {
+            server: LinkServer::new(tx, ctx),
+            rx,
+            closed: false,
+        }
+    }
+
+    /// Handles the frames that have arrived, at most `max` of them, without
+    /// waiting: each request is handed to the service's handler on this
+    /// thread.
+    pub fn poll(&mut self, max: usize) -> Drive {
+        if self.closed {
+            return Drive::Closed;
+        }
+        let _runtime = self.server.ctx.runtime.enter();
+        for _ in 0..max {
+            let open = match self.rx.try_recv() {
+                Ok(Some(msg)) => self.server.on_frame(msg),
+                Ok(None) => return Drive::Empty,
+                Err(e) => {
+                    self.server.closing(&e);
+                    false
+                }
+            };
+            if !open {
+                return self.close();
+            }
+        }
+        Drive::More
+    }
+
+    fn close(&mut self) -> Drive {
+        self.closed = true;
+        self.server.stop_running();
+        Drive::Closed
+    }
+
+    /// Waits (per the mesh's link wait strategy) until something arrived:
+    /// `true` when [`poll`](DrivenLink::poll) has work (a request, or the
+    /// news that the link closed); `false` when `deadline` passed or an
+    /// [interrupter](DrivenLink::interrupter) ended the wait.
+    pub fn wait(&mut self, deadline: Option<Instant>) -> bool {
+        self.closed || self.rx.wait(deadline)
+    }
+
+    /// Whether a frame has arrived (one load: a hint for a poller deciding
+    /// whether to poll again; the link's closing shows only in `poll`).
+    pub fn has_data(&self) -> bool {
+        self.rx.has_data()
+    }
+
+    /// A handle that ends a [`wait`](DrivenLink::wait) from another thread.
+    pub fn interrupter(&self) -> commy_shm::WaitInterrupter {
+        self.rx.interrupter()
+    }
+
+    /// The service this link serves.
+    pub fn service(&self) -> &commy_core::ServiceName {
+        self.server.ctx.service
     }
 }
 

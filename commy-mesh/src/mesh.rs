@@ -32,7 +32,7 @@ use bytes::Bytes;
 use commy_core::{Deadline, InstanceId, Limits, MeshName, Metadata, ServiceName, Status};
 use commy_shm::{LinkConfig, RuntimeDir, ShmLink, UdsListener};
 
-use crate::conn::{self, ClientConn, ServeCtx, lock};
+use crate::conn::{self, ClientConn, DrivenLink, ServeCtx, lock};
 use crate::discovery::{Instance, LocalRegistry};
 use crate::net::{CallKind, NetState};
 use crate::netconfig::{NetConfig, TransportPreference};
@@ -446,7 +446,7 @@ impl Mesh {
         F: Fn(Request) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Response, Status>> + Send + 'static,
     {
-        self.serve_handler(name, service::erase(handler))
+        self.serve_handler(name, service::erase(handler), None)
     }
 
     /// Serves `name` with a handler that answers through a [`Responder`],
@@ -466,13 +466,41 @@ impl Mesh {
     where
         F: Fn(Request, Responder) + Send + Sync + 'static,
     {
-        self.serve_handler(name, service::erase_deferred(handler))
+        self.serve_handler(name, service::erase_deferred(handler), None)
+    }
+
+    /// [`serve_deferred`](Mesh::serve_deferred), with each shared-memory
+    /// link handed to `on_link` instead of being received from by a thread
+    /// of the mesh: the embedder polls its [`DrivenLink`]s from its own
+    /// thread (an event loop that polls while it is busy pays no hand-off
+    /// per request), and the handler is called on the polling thread.
+    ///
+    /// `on_link` runs on a thread of its own per link, which it may keep
+    /// (for example to [`wait`](DrivenLink::wait) for requests while the
+    /// event loop sleeps). Calls over TLS reach the handler as with
+    /// `serve_deferred`.
+    pub async fn serve_driven<F, L>(
+        &self,
+        name: &str,
+        handler: F,
+        on_link: L,
+    ) -> Result<ServiceHandle, Status>
+    where
+        F: Fn(Request, Responder) + Send + Sync + 'static,
+        L: Fn(DrivenLink) + Send + Sync + 'static,
+    {
+        self.serve_handler(
+            name,
+            service::erase_deferred(handler),
+            Some(Arc::new(on_link)),
+        )
     }
 
     fn serve_handler(
         &self,
         name: &str,
         handler: service::Handler,
+        driver: Option<Arc<dyn Fn(DrivenLink) + Send + Sync>>,
     ) -> Result<ServiceHandle, Status> {
         self.check_open()?;
         let service = service_name(name)?;
@@ -515,13 +543,17 @@ impl Mesh {
             served.stop.clone(),
             {
                 let hook = self.inner.config.link_thread_hook.clone();
+                let serve = move |link: ShmLink, ctx: Arc<ServeCtx>| match &driver {
+                    None => conn::serve_link(link, ctx),
+                    Some(driver) => driver(DrivenLink::new(link, ctx)),
+                };
                 move |link| match &hook {
-                    None => conn::serve_link(link, ctx.clone()),
+                    None => serve(link, ctx.clone()),
                     Some(hook) => {
                         let (mut link, ctx) = (Some(link), ctx.clone());
                         hook.run(&mut || {
                             if let Some(link) = link.take() {
-                                conn::serve_link(link, ctx.clone());
+                                serve(link, ctx.clone());
                             }
                         });
                     }

@@ -1,10 +1,11 @@
 //! The local mesh with real processes: the test binary re-executes itself
 //! as servers and clients (role in an environment variable).
+#![allow(clippy::disallowed_types)] // plain counters in tests, nothing for loom
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use commy_mesh::{CallOptions, Code, Mesh, Request, Response, Status};
@@ -651,4 +652,159 @@ async fn calls_to_marker(client: &Mesh, n: usize) -> Vec<Result<Vec<u8>, Code>> 
         );
     }
     out
+}
+
+/// A driven service's links are received from by the embedder's thread:
+/// requests are handled there (also many in flight, and after the handler
+/// answers from another thread), a cancelled call runs the responder's hook,
+/// a client that leaves closes its link, and a link the embedder drops
+/// leaves its callers with Unavailable until they connect again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_driven_service_runs_on_the_embedders_thread() {
+    if role().is_some() {
+        return;
+    }
+    use commy_mesh::{Drive, DrivenLink};
+    let dir = private_dir("driven");
+    let server = open(&dir).await;
+    let (links_tx, links_rx) = std::sync::mpsc::channel::<DrivenLink>();
+    let cancelled = Arc::new(AtomicUsize::new(0));
+    let c = cancelled.clone();
+    let _h = server
+        .serve_driven(
+            "driven",
+            move |req: Request, responder| {
+                let here = std::thread::current().name().unwrap_or("").to_owned();
+                match &req.payload()[..] {
+                    // Answered later, from another thread, unless cancelled.
+                    b"later" => {
+                        let c = c.clone();
+                        responder.on_cancel(move || {
+                            c.fetch_add(1, Ordering::SeqCst);
+                        });
+                        std::thread::spawn(move || {
+                            std::thread::sleep(Duration::from_millis(300));
+                            responder.respond(Ok(Response::new(&b"late"[..])));
+                        });
+                    }
+                    p => {
+                        let mut answer = here.into_bytes();
+                        answer.push(b':');
+                        answer.extend_from_slice(p);
+                        responder.respond(Ok(Response::new(answer)));
+                    }
+                }
+            },
+            move |link| links_tx.send(link).unwrap(),
+        )
+        .await
+        .unwrap();
+    // The embedder's thread: polls its links, waiting on one while idle.
+    let stop = Arc::new(AtomicBool::new(false));
+    let drop_links = Arc::new(AtomicBool::new(false));
+    let closed = Arc::new(AtomicUsize::new(0));
+    let driver = {
+        let (stop, drop_links, closed) = (stop.clone(), drop_links.clone(), closed.clone());
+        std::thread::Builder::new()
+            .name("driver".into())
+            .spawn(move || {
+                let mut links: Vec<DrivenLink> = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    links.extend(links_rx.try_iter());
+                    if drop_links.swap(false, Ordering::SeqCst) {
+                        links.clear();
+                    }
+                    let mut idle = true;
+                    links.retain_mut(|l| match l.poll(16) {
+                        Drive::Closed => {
+                            closed.fetch_add(1, Ordering::SeqCst);
+                            false
+                        }
+                        Drive::More => {
+                            idle = false;
+                            true
+                        }
+                        Drive::Empty => true,
+                    });
+                    if idle {
+                        match links.first_mut() {
+                            Some(l) => {
+                                l.wait(Some(Instant::now() + Duration::from_millis(5)));
+                            }
+                            None => std::thread::sleep(Duration::from_millis(1)),
+                        }
+                    }
+                }
+            })
+            .unwrap()
+    };
+    let client = open(&dir).await;
+    assert_eq!(
+        &client.call("driven", &b"hi"[..]).await.unwrap()[..],
+        b"driver:hi"
+    );
+    // Many in flight, each with its own answer.
+    let calls = (0..200u32).map(|i| {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let p = i.to_le_bytes().to_vec();
+            let r = client.call("driven", p.clone()).await.unwrap();
+            assert_eq!(&r[..7], b"driver:");
+            assert_eq!(&r[7..], &p[..]);
+        })
+    });
+    for c in calls.collect::<Vec<_>>() {
+        c.await.unwrap();
+    }
+    // Answered from another thread.
+    assert_eq!(
+        &client.call("driven", &b"later"[..]).await.unwrap()[..],
+        b"late"
+    );
+    // A caller that gives up cancels: the hook runs on the driver's thread.
+    let e = client
+        .call_with(
+            "driven",
+            &b"later"[..],
+            CallOptions::default().timeout(Duration::from_millis(50)),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e}");
+    let t = Instant::now();
+    while cancelled.load(Ordering::SeqCst) == 0 && t.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(cancelled.load(Ordering::SeqCst), 1);
+    // The embedder drops its links: callers see the instance gone, then
+    // connect again.
+    drop_links.store(true, Ordering::SeqCst);
+    let t = Instant::now();
+    let mut unavailable = false;
+    loop {
+        match client.call("driven", &b"again"[..]).await {
+            Ok(r) if unavailable => {
+                assert_eq!(&r[..], b"driver:again");
+                break;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                assert_eq!(e.code(), Code::Unavailable, "{e}");
+                unavailable = true;
+            }
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "no reconnection");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // A client that leaves closes its link.
+    client.close().await;
+    drop(client);
+    let t = Instant::now();
+    while closed.load(Ordering::SeqCst) == 0 && t.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(closed.load(Ordering::SeqCst) >= 1);
+    stop.store(true, Ordering::SeqCst);
+    driver.join().unwrap();
+    server.close().await;
 }

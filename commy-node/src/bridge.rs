@@ -5,18 +5,23 @@
 //! per mesh handle. The first push onto an empty queue wakes the JS thread
 //! through one weak thread-safe function; the JS side then takes the whole
 //! queue at once ([`Bridge::take`]), so a burst of a thousand answers costs
-//! one wake-up and one crossing into native code, not a thousand.
+//! one wake-up and one crossing into native code, not a thousand. Served
+//! links that have requests waiting come the same way
+//! ([`Bridge::push_link`]): the JS thread then receives from them itself
+//! (see [`crate::driven`]).
 //!
 //! The thread-safe function is weak: it never keeps the Node event loop
 //! alive. The JS layer holds the loop open itself while calls, handlers or
 //! subscriptions are pending (a ref'd timer), so a process whose mesh is
 //! closed, or idle, can exit.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
+
+use crate::driven::Driven;
 
 /// The wake-up callback: called with no arguments on the JS thread.
 pub(crate) type Wake = ThreadsafeFunction<(), (), (), napi::Status, false, true>;
@@ -54,6 +59,9 @@ pub(crate) enum Event {
 /// One mesh handle's queue of events and its wake-up.
 pub(crate) struct Bridge {
     queue: Mutex<Vec<Event>>,
+    /// Served links whose watchers handed them to the JS thread (see
+    /// [`crate::driven`]).
+    links: Mutex<Vec<Arc<Driven>>>,
     /// Set while a wake-up is pending (between a push onto an empty queue
     /// and the JS thread's next [`Bridge::take`]).
     scheduled: AtomicBool,
@@ -64,6 +72,7 @@ impl Bridge {
     pub(crate) fn new(wake: Wake) -> Bridge {
         Bridge {
             queue: Mutex::new(Vec::with_capacity(64)),
+            links: Mutex::new(Vec::new()),
             scheduled: AtomicBool::new(false),
             wake: Mutex::new(Some(wake)),
         }
@@ -72,9 +81,25 @@ impl Bridge {
     /// Queues `event` and wakes the JS thread unless a wake-up is pending.
     pub(crate) fn push(&self, event: Event) {
         lock(&self.queue).push(event);
+        self.wake();
+    }
+
+    /// Hands served link `link` to the JS thread and wakes it unless a
+    /// wake-up is pending. `false` once the handle is shut (nobody will
+    /// poll the link).
+    pub(crate) fn push_link(&self, link: Arc<Driven>) -> bool {
+        if lock(&self.wake).is_none() {
+            return false;
+        }
+        lock(&self.links).push(link);
+        self.wake();
+        true
+    }
+
+    fn wake(&self) {
         // SYNC: SeqCst pairs with the store in `take`: either this swap sees
         // `false` (and wakes), or `take` runs after it and its lock
-        // acquisition sees the event pushed above.
+        // acquisitions see what was pushed above.
         if !self.scheduled.swap(true, Ordering::SeqCst)
             && let Some(wake) = lock(&self.wake).as_ref()
         {
@@ -82,16 +107,39 @@ impl Bridge {
         }
     }
 
-    /// Takes every queued event (on the JS thread, when woken).
-    pub(crate) fn take(&self, into: &mut Vec<Event>) {
-        // SYNC: see `push`.
+    /// Holds wake-ups back until the next [`take`](Bridge::take): what the
+    /// JS thread pushes itself while it drains needs none.
+    pub(crate) fn hold(&self) {
+        self.scheduled.store(true, Ordering::SeqCst);
+    }
+
+    /// Moves the links handed to the JS thread into `into`.
+    pub(crate) fn take_links(&self, into: &mut Vec<Arc<Driven>>) {
+        into.append(&mut lock(&self.links));
+    }
+
+    /// Appends every queued event to `into` (on the JS thread, when woken).
+    /// Returns whether links were handed over meanwhile (the caller drains
+    /// again: their wake-up may have been held back).
+    pub(crate) fn take(&self, into: &mut Vec<Event>) -> bool {
+        // SYNC: see `wake`.
         self.scheduled.store(false, Ordering::SeqCst);
-        std::mem::swap(&mut *lock(&self.queue), into);
+        let mut queue = lock(&self.queue);
+        if into.is_empty() {
+            std::mem::swap(&mut *queue, into);
+        } else {
+            into.append(&mut queue);
+        }
+        drop(queue);
+        !lock(&self.links).is_empty()
     }
 
     /// Releases the wake-up function: nothing reaches JS after this.
     pub(crate) fn shut(&self) {
         lock(&self.wake).take();
+        for link in lock(&self.links).drain(..) {
+            link.finish();
+        }
     }
 }
 

@@ -20,6 +20,7 @@
 #![deny(unsafe_code)]
 
 mod bridge;
+mod driven;
 mod native;
 mod slab;
 

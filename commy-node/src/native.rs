@@ -8,7 +8,7 @@
 //! mesh.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,6 +22,7 @@ use napi_derive::napi;
 use tokio::sync::Semaphore;
 
 use crate::bridge::{Bridge, Event, lock};
+use crate::driven::{self, Driven, Polled};
 use crate::slab::Slab;
 
 /// How a handler's answer gets back to the mesh.
@@ -96,6 +97,10 @@ pub struct NativeMesh {
     scratch: Mutex<Vec<Event>>,
     /// Service names by number (see [`NativeMesh::name`]).
     names: Mutex<Vec<String>>,
+    /// The served links the JS thread owns (see [`crate::driven`]).
+    polled: Mutex<Polled>,
+    /// Every served link's state, for closing.
+    driven: Arc<Mutex<Vec<Weak<Driven>>>>,
 }
 
 #[napi]
@@ -133,6 +138,8 @@ impl NativeMesh {
             subs: Mutex::default(),
             scratch: Mutex::default(),
             names: Mutex::default(),
+            polled: Mutex::default(),
+            driven: Arc::default(),
         })
     }
 
@@ -255,24 +262,31 @@ impl NativeMesh {
         let bridge = self.bridge.clone();
         let cancellable = cancellable.unwrap_or(false);
         let next_cancel = Mutex::new(0u32);
+        let (b, all) = (self.bridge.clone(), self.driven.clone());
         let served = mesh
-            .serve(&name, move |req, reply| {
-                let cancel = cancellable.then(|| {
-                    let mut n = lock(&next_cancel);
-                    // Never 0: the drained event says 0 for "none".
-                    *n = n.wrapping_add(1).max(1);
-                    let cancel = *n;
-                    let b = bridge.clone();
-                    reply.on_cancel(move || b.push(Event::Cancelled { cancel }));
-                    cancel
-                });
-                bridge.push(Event::Request {
-                    service,
-                    reply,
-                    payload: req.into_payload(),
-                    cancel,
-                });
-            })
+            .serve_driven(
+                &name,
+                move |payload, reply| {
+                    let cancel = cancellable.then(|| {
+                        let mut n = lock(&next_cancel);
+                        // Never 0: the drained event says 0 for "none".
+                        *n = n.wrapping_add(1).max(1);
+                        let cancel = *n;
+                        let b = bridge.clone();
+                        reply.on_cancel(move || b.push(Event::Cancelled { cancel }));
+                        cancel
+                    });
+                    bridge.push(Event::Request {
+                        service,
+                        reply,
+                        payload,
+                        cancel,
+                    });
+                },
+                // Each link's own thread watches it while the JS thread
+                // does not poll it.
+                move |link| driven::watch(link, &b, &all),
+            )
             .map_err(|e| ffi_error(&e))?;
         lock(&self.services).insert(service, served);
         Ok(())
@@ -425,6 +439,7 @@ impl NativeMesh {
         }
         // Requests JS has not answered get INTERNAL when their replies drop.
         drop(lock(&self.replies).drain());
+        lock(&self.polled).close(&self.driven);
         let bridge = self.bridge.clone();
         spawn_with(
             async move {
@@ -440,9 +455,13 @@ impl NativeMesh {
         );
     }
 
-    /// Moves waiting events into `meta`, a byte view of the JS layer's
-    /// `Uint32Array`: slot 0 gets the number of events written, slot 1 is 1
-    /// if more are waiting (call again), and each event takes [`STRIDE`]
+    /// Receives the requests waiting in the served links this thread owns
+    /// (see [`crate::driven`]), then moves waiting events into `meta`, a
+    /// byte view of the JS layer's `Uint32Array`: slot 0 gets the number of
+    /// events written; slot 1 has bit 0 set if more are waiting (call
+    /// again now) and bit 1 set if this thread still owns served links
+    /// (call again soon, once the handlers of this batch ran); each event
+    /// takes [`STRIDE`]
     /// slots from slot 2 on: `[kind, id, offset, length, x, y]`. Payloads
     /// (and failure texts, `"CODE: message"`) are concatenated in the
     /// returned buffer, at each event's offset and length: one buffer per
@@ -459,9 +478,11 @@ impl NativeMesh {
             return Err(invalid("the event buffer is too small"));
         }
         let mut events = std::mem::take(&mut *lock(&self.scratch));
-        if events.is_empty() {
-            self.bridge.take(&mut events);
-        }
+        // The requests waiting in the links the JS thread owns join the
+        // queue first: pushed from this thread, they need no wake-up.
+        self.bridge.hold();
+        let owns_links = lock(&self.polled).poll(&self.bridge);
+        let handed_over = self.bridge.take(&mut events);
         let n = events.len().min(room);
         let mut data = Vec::with_capacity(
             events[..n]
@@ -517,7 +538,10 @@ impl NativeMesh {
         }
         drop(replies);
         put(0, u32::try_from(n).unwrap_or(u32::MAX));
-        put(1, u32::from(!events.is_empty()));
+        put(
+            1,
+            u32::from(!events.is_empty() || handed_over) | (u32::from(owns_links) << 1),
+        );
         *lock(&self.scratch) = events;
         if data.is_empty() {
             Ok(None)

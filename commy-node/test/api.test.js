@@ -48,6 +48,28 @@ test('thousands of calls in flight each get their own answer', () =>
     replies.forEach((r, i) => assert.equal(r.toString(), String(i * 2)))
   }))
 
+// The JS thread receives its services' requests itself: while it waits to
+// send (a request larger than the ring, to a service of its own) or runs a
+// long synchronous handler, the link's watcher receives for it.
+test('a busy event loop still takes its own requests in', () =>
+  withMesh(async (mesh) => {
+    await mesh.serve('echo', async (req) => req)
+    await mesh.serve('busy', (req) => {
+      const end = Date.now() + 50
+      while (Date.now() < end) {}
+      return req
+    })
+    const big = Buffer.alloc(8 << 20)
+    for (let i = 0; i < big.length; i += 4096) big[i] = i >> 12
+    const [a, b] = await Promise.all([mesh.call('echo', big), mesh.call('echo', big)])
+    assert.ok(a.equals(big) && b.equals(big))
+    const calls = [mesh.call('busy', 'x')]
+    for (let i = 0; i < 200; i++) calls.push(mesh.call('echo', String(i)))
+    const replies = await Promise.all(calls)
+    assert.equal(replies[0].toString(), 'x')
+    replies.slice(1).forEach((r, i) => assert.equal(r.toString(), String(i)))
+  }))
+
 test('errors carry the status name as code', () =>
   withMesh(async (mesh) => {
     await rejectsWith(mesh.call('nobody', 'x'), 'NOT_FOUND', /nobody/)

@@ -818,6 +818,20 @@ impl LinkReceiver {
         self.next(None)
     }
 
+    /// Waits (per the link's wait strategy) until something arrives, without
+    /// taking it: `true` once [`try_recv`](LinkReceiver::try_recv) has a
+    /// message, a fragment or an error (a closed link, a dead peer) to hand
+    /// out; `false` when `deadline` passes or an
+    /// [interrupter](LinkReceiver::interrupter) ends the wait first. For a
+    /// thread that only watches the link while another one receives.
+    pub fn wait(&mut self, deadline: Option<Instant>) -> bool {
+        match self.ring.peek_tag(deadline) {
+            Ok(_) => true,
+            Err(ring::RecvError::TimedOut) => false,
+            Err(ring::RecvError::Ring(_)) => true,
+        }
+    }
+
     /// A handle that ends this receiver's waits early from another thread:
     /// a [`recv`](LinkReceiver::recv) then returns [`RecvError::TimedOut`]
     /// unless a message is there.

@@ -544,3 +544,56 @@ fn backpressure_bounds_the_sender() {
     assert!(sent > 0 && sent <= 4096 / 104, "sent {sent}");
     t.join().unwrap();
 }
+
+#[test]
+fn wait_watches_without_taking_and_sees_a_vanished_peer() {
+    if role().is_some() {
+        return;
+    }
+    let dir = temp_dir("wait");
+    let sock = dir.join("l.sock");
+    let listener = ShmListener::bind(&sock, LinkConfig::default()).unwrap();
+    let t = std::thread::spawn(move || {
+        let mut link = listener.accept().unwrap();
+        link.send(b"one").unwrap();
+        // Waits for the go-ahead, then goes away.
+        let _ = link.recv().unwrap();
+    });
+    let link = ShmLink::connect(&sock, LinkConfig::default()).unwrap();
+    let (mut tx, mut rx) = link.split();
+    assert!(rx.wait(Some(Instant::now() + Duration::from_secs(10))));
+    // Waiting took nothing: the message is still there, and again after a second wait.
+    assert!(rx.wait(None));
+    assert_eq!(&*rx.try_recv().unwrap().unwrap(), b"one");
+    // Nothing more: the wait ends at its deadline.
+    let start = Instant::now();
+    assert!(!rx.wait(Some(start + Duration::from_millis(30))));
+    assert!(start.elapsed() >= Duration::from_millis(30));
+    // An interrupter ends a wait with no deadline.
+    let stop = rx.interrupter();
+    let interrupting = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(20));
+        stop.interrupt();
+    });
+    assert!(!rx.wait(None));
+    interrupting.join().unwrap();
+    // The peer leaves: the wait reports it, and the receive names it.
+    tx.send(b"go").unwrap();
+    t.join().unwrap();
+    assert!(rx.wait(Some(Instant::now() + Duration::from_secs(10))));
+    let err = loop {
+        match rx.try_recv() {
+            Ok(Some(_)) => panic!("no message was sent"),
+            Ok(None) => {}
+            Err(e) => break e,
+        }
+        assert!(rx.wait(Some(Instant::now() + Duration::from_secs(10))));
+    };
+    assert!(
+        matches!(
+            err,
+            RecvError::Ring(RingError::Closed | RingError::PeerGone)
+        ),
+        "{err}"
+    );
+}

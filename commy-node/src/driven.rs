@@ -1,0 +1,223 @@
+//! Served links polled by the JS thread.
+//!
+//! A service's shared-memory links are not received from by threads of the
+//! mesh that hand each request over to the JS thread: the JS thread takes
+//! the requests out of the rings itself ([`NativeMesh::drain`] polls them),
+//! so a request costs no hand-off between threads and no cross-thread
+//! queueing.
+//!
+//! Each link still has a thread of its own, its watcher, for the time the
+//! JS thread does not look at it. Who watches goes back and forth:
+//!
+//! - the watcher waits on the ring until something arrives, then hands the
+//!   link to the JS thread ([`Bridge::push_link`], which wakes it);
+//! - the JS thread polls the link at every drain while it has it. A link
+//!   that came up empty is kept one more drain (the one the JS layer runs
+//!   right after its handlers, see `index.js`): so a reply is written before
+//!   the watcher is woken, and a busy link is polled without any wake-up;
+//! - a link still empty then goes back to its watcher, which is unparked.
+//!
+//! While the JS thread has the link, the watcher checks every
+//! [`STUCK_AFTER`] whether it still polls. If it does not (a handler runs
+//! long, or the JS thread waits for ring space to send a call to a peer
+//! whose own JS thread is just as stuck, or to a service of its own), the
+//! watcher receives on the JS thread's behalf until it polls again: what it
+//! receives reaches JS through the bridge, as from any other thread, so
+//! nothing waits on a busy event loop.
+//!
+//! Under load the watchers sleep and the JS thread does all the receiving.
+//!
+//! [`NativeMesh::drain`]: crate::native::NativeMesh::drain
+//! [`Bridge::push_link`]: crate::bridge::Bridge::push_link
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use commy_ffi::{Drive, DrivenLink, WaitInterrupter};
+
+use crate::bridge::{Bridge, lock};
+
+/// Frames one drain handles per link at most: a busy link does not hold
+/// the JS thread from its other work.
+const POLL_MAX: usize = 256;
+
+/// How long the JS thread may leave a link it has unpolled before its
+/// watcher receives for it.
+const STUCK_AFTER: Duration = Duration::from_millis(2);
+
+/// One served link and who owns it.
+pub(crate) struct Driven {
+    link: Mutex<DrivenLink>,
+    /// Set while the JS thread owns the link (its watcher stands by).
+    js: AtomicBool,
+    /// Set once the link is done with: closed, or its mesh handle closed.
+    done: AtomicBool,
+    /// Set by every poll of the JS thread, cleared by the watcher each time
+    /// it looks: still clear, the JS thread is stuck.
+    polled: AtomicBool,
+    watcher: std::thread::Thread,
+    interrupt: WaitInterrupter,
+}
+
+impl Driven {
+    /// Ends the watcher's wait and lets it go: the link is done with.
+    pub(crate) fn finish(&self) {
+        self.done.store(true, Ordering::Release);
+        self.interrupt.interrupt();
+        self.watcher.unpark();
+    }
+
+    /// Gives the link back to its watcher.
+    fn hand_back(&self) {
+        self.js.store(false, Ordering::Release);
+        self.watcher.unpark();
+    }
+}
+
+/// Watches `link` on the current thread (its own) until it is done.
+pub(crate) fn watch(link: DrivenLink, bridge: &Arc<Bridge>, all: &Mutex<Vec<Weak<Driven>>>) {
+    let driven = Arc::new(Driven {
+        interrupt: link.interrupter(),
+        link: Mutex::new(link),
+        js: AtomicBool::new(false),
+        done: AtomicBool::new(false),
+        polled: AtomicBool::new(false),
+        watcher: std::thread::current(),
+    });
+    {
+        let mut all = lock(all);
+        all.retain(|d| d.strong_count() > 0);
+        all.push(Arc::downgrade(&driven));
+    }
+    loop {
+        if driven.done.load(Ordering::Acquire) {
+            return;
+        }
+        // The JS thread does not poll the link now: only this thread locks it.
+        if !lock(&driven.link).wait(None) {
+            continue;
+        }
+        driven.js.store(true, Ordering::Release);
+        if !bridge.push_link(driven.clone()) {
+            // The handle is closed: nobody polls any more.
+            return;
+        }
+        stand_by(&driven);
+    }
+}
+
+/// Waits while the JS thread has the link, receiving for it while it is
+/// stuck (see the module's documentation).
+fn stand_by(driven: &Driven) {
+    driven.polled.store(false, Ordering::Release);
+    loop {
+        std::thread::park_timeout(STUCK_AFTER);
+        if !driven.js.load(Ordering::Acquire) || driven.done.load(Ordering::Acquire) {
+            return;
+        }
+        if driven.polled.swap(false, Ordering::AcqRel) {
+            continue;
+        }
+        // Not polled for a while: receive until the JS thread polls again.
+        let Some(mut link) = try_lock(&driven.link) else {
+            continue;
+        };
+        while !driven.polled.load(Ordering::Acquire)
+            && driven.js.load(Ordering::Acquire)
+            && !driven.done.load(Ordering::Acquire)
+        {
+            if link.wait(Some(Instant::now() + STUCK_AFTER)) && link.poll(POLL_MAX) == Drive::Closed
+            {
+                drop(link);
+                driven.finish();
+                return;
+            }
+        }
+    }
+}
+
+/// The links the JS thread owns (kept by [`crate::native::NativeMesh`],
+/// used on the JS thread only).
+#[derive(Default)]
+pub(crate) struct Polled {
+    /// Polled at every drain.
+    busy: Vec<Arc<Driven>>,
+    /// Came up empty at the last drain: handed back at the next one unless
+    /// something arrived meanwhile.
+    resting: Vec<Arc<Driven>>,
+    /// Set once the handle closed: links handed over are let go at once.
+    closed: bool,
+}
+
+impl Polled {
+    /// Polls every link the JS thread owns (taking over those `bridge` has
+    /// for it): the requests they hold reach `bridge`'s queue. Returns
+    /// whether the JS thread still owns links afterwards (the JS layer then
+    /// drains again soon).
+    pub(crate) fn poll(&mut self, bridge: &Bridge) -> bool {
+        for d in self.resting.drain(..) {
+            // Busy: the watcher receives for us; we poll again next time.
+            let has_data = try_lock(&d.link).is_none_or(|l| l.has_data());
+            if has_data {
+                self.busy.push(d);
+            } else {
+                d.hand_back();
+            }
+        }
+        bridge.take_links(&mut self.busy);
+        if self.closed {
+            for d in self.busy.drain(..) {
+                d.finish();
+            }
+            return false;
+        }
+        let resting = &mut self.resting;
+        self.busy.retain(|d| {
+            if d.done.load(Ordering::Acquire) {
+                return false;
+            }
+            d.polled.store(true, Ordering::Release);
+            let Some(mut link) = try_lock(&d.link) else {
+                // The watcher receives for us (we were away too long).
+                return true;
+            };
+            match link.poll(POLL_MAX) {
+                Drive::More => true,
+                Drive::Empty => {
+                    resting.push(d.clone());
+                    false
+                }
+                Drive::Closed => {
+                    d.finish();
+                    false
+                }
+            }
+        });
+        !self.busy.is_empty() || !self.resting.is_empty()
+    }
+
+    /// Lets every link go (the handle closes): their watchers end, and the
+    /// links close when the last reference goes.
+    pub(crate) fn close(&mut self, all: &Mutex<Vec<Weak<Driven>>>) {
+        self.closed = true;
+        for d in self.busy.drain(..).chain(self.resting.drain(..)) {
+            d.finish();
+        }
+        for d in lock(all).drain(..) {
+            if let Some(d) = d.upgrade() {
+                d.finish();
+            }
+        }
+    }
+}
+
+/// Locks `m` unless another thread holds it (a poisoned lock is taken: every
+/// critical section here leaves the link consistent).
+fn try_lock<T>(m: &Mutex<T>) -> Option<std::sync::MutexGuard<'_, T>> {
+    match m.try_lock() {
+        Ok(g) => Some(g),
+        Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
+}
