@@ -163,9 +163,11 @@ export declare class NativeMesh {
    *
    * The request is written from this (the JS) thread and the answer is
    * queued for JS by the thread that reads it, with no runtime task in
-   * between (see `FfiMesh::call_then`).
+   * between (see `FfiMesh::call_then`): the link's reader, or this
+   * thread at its next drain while calls are in flight there. Returns
+   * whether this thread now receives answers itself (drain again soon).
    */
-  call(id: number, service: number, payload: Buffer, timeoutMs?: number | undefined | null): void
+  call(id: number, service: number, payload: Buffer, timeoutMs?: number | undefined | null): boolean
   /**
    * The number [`call`](NativeMesh::call) takes for service `name`
    * (the JS layer asks once per name).
@@ -226,8 +228,9 @@ export declare class NativeMesh {
    * (see [`crate::driven`]), then moves waiting events into `meta`, a
    * byte view of the JS layer's `Uint32Array`: slot 0 gets the number of
    * events written; slot 1 has bit 0 set if more are waiting (call
-   * again now) and bit 1 set if this thread still owns served links
-   * (call again soon, once the handlers of this batch ran); each event
+   * again now) and bit 1 set if this thread still owns served links or
+   * links it receives answers from (call again soon, once the handlers
+   * and callbacks of this batch ran); each event
    * takes [`STRIDE`]
    * slots from slot 2 on: `[kind, id, offset, length, x, y]`. Payloads
    * (and failure texts, `"CODE: message"`) are concatenated in the

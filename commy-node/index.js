@@ -183,7 +183,13 @@ class Mesh {
           service = this._native.name(name)
           this._names.set(name, service)
         }
-        this._native.call(this._begin(resolve, reject), service, buf, timeoutMs)
+        // With calls in flight on the link, this thread receives the
+        // answers itself (see _pump): it drains again once this turn's
+        // calls are out.
+        if (this._native.call(this._begin(resolve, reject), service, buf, timeoutMs) && !this._pumpSoon) {
+          this._pumpSoon = true
+          setImmediate(this._pumpAgain)
+        }
       })
     } catch (e) {
       return Promise.reject(e)
@@ -370,8 +376,9 @@ class Mesh {
       const data = this._native.drain(this._metaBytes)
       const n = meta[0]
       more = meta[1]
-      // Bit 1: this thread owns served links (it polls them itself): drain
-      // again once the handlers of this batch ran and their replies are out.
+      // Bit 1: this thread owns served links, or links it receives answers
+      // from (it polls them itself): drain again once the handlers and
+      // callbacks of this batch ran and their replies and calls are out.
       if ((more & 2) !== 0 && !this._pumpSoon) {
         this._pumpSoon = true
         setImmediate(this._pumpAgain)

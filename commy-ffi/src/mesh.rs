@@ -49,7 +49,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use commy_mesh::{
-    CallOptions, Deadline, DrivenLink, Mesh, Request, Responder, Response, ServiceHandle, Status,
+    AnswerDriver, CallOptions, Deadline, DrivenLink, Mesh, Request, Responder, Response,
+    ServiceHandle, Status,
 };
 
 use crate::error::FfiError;
@@ -186,6 +187,14 @@ impl FfiMesh {
         self.mesh.call_then(service, payload, options, move |r| {
             done(r.map(Response::into_payload).map_err(FfiError::from));
         });
+    }
+
+    /// The [`AnswerDriver`](commy_mesh::AnswerDriver) of this mesh: the
+    /// answers to [`call_then`](FfiMesh::call_then) calls are then received
+    /// (and their callbacks run) on the thread that polls it, while it
+    /// polls. See [`Mesh::drive_answers`](commy_mesh::Mesh::drive_answers).
+    pub fn drive_answers(&self) -> Result<AnswerDriver, FfiError> {
+        self.mesh.drive_answers().map_err(FfiError::from)
     }
 
     /// [`call`](FfiMesh::call) with its own polling budget `spin` instead of

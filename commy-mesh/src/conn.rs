@@ -7,6 +7,9 @@
 //! A quick call therefore never crosses a thread. Only when no caller polls
 //! and calls are still pending does a parked reader thread take over,
 //! waiting on the ring (spin, yield, then futex: an idle link costs no CPU).
+//! An event loop that keeps many callback calls in flight receives their
+//! answers itself instead, at every turn ([`AnswerDriver`]); the reader
+//! then only stands by.
 //!
 //! Server side: one thread per link waits on the ring and polls each
 //! request's handler once right there; a handler that answers without
@@ -246,6 +249,17 @@ pub(crate) struct ClientConn {
     /// Ends the reader's wait on the ring, which may be set for a later
     /// deadline than a call registered since.
     interrupt: commy_shm::WaitInterrupter,
+    /// Set while an [`AnswerDriver`] receives this link's answers (the
+    /// reader stands by, see [`stand_by`]).
+    driven: AtomicBool,
+    /// Set once an [`AnswerDriver`] has claimed the link: its reader naps
+    /// for a while before parking, so that the next claim needs no wake-up.
+    was_driven: AtomicBool,
+    /// Set by every poll of the driver; cleared by the standing-by reader
+    /// each time it looks.
+    polled: AtomicBool,
+    /// Set while the reader is parked with no timeout (a claim wakes it).
+    asleep: AtomicBool,
 }
 
 /// How long the fallback reader waits on the ring before re-checking
@@ -279,6 +293,10 @@ impl ClientConn {
             reader: OnceLock::new(),
             interrupt,
             sooner: AtomicBool::new(false),
+            driven: AtomicBool::new(false),
+            was_driven: AtomicBool::new(false),
+            polled: AtomicBool::new(false),
+            asleep: AtomicBool::new(false),
         });
         let weak = Arc::downgrade(&conn);
         let spawned = std::thread::Builder::new()
@@ -663,6 +681,10 @@ impl ClientConn {
             // The reader may sleep until a later deadline (or for its whole
             // slice): it wakes, sees `sooner` and waits again until ours.
             self.interrupt.interrupt();
+            if self.driven.load(Ordering::Acquire) {
+                // Standing by, it naps instead.
+                self.wake_reader();
+            }
         }
     }
 
@@ -721,8 +743,10 @@ impl ClientConn {
         };
         match sent {
             Ok(()) => {
-                // The reader delivers the answer unless a caller polls.
-                if self.pollers.load(Ordering::Acquire) == 0 {
+                // The reader delivers the answer unless a caller polls or
+                // an answer driver receives for this link.
+                if self.pollers.load(Ordering::Acquire) == 0 && !self.driven.load(Ordering::Acquire)
+                {
                     self.wake_reader();
                 }
             }
@@ -796,6 +820,215 @@ impl ClientConn {
         if let Some(t) = self.reader.get() {
             t.unpark();
         }
+    }
+
+    /// Makes an [`AnswerDriver`] the receiver of this link's answers.
+    /// Returns false if one already is.
+    fn claim(&self) -> bool {
+        if self.driven.load(Ordering::Relaxed) || self.driven.swap(true, Ordering::SeqCst) {
+            return false;
+        }
+        self.was_driven.store(true, Ordering::Relaxed);
+        // SYNC: SeqCst pairs with the reader's store of `asleep` and load of
+        // `driven` before it parks: either it sees the claim and stands by,
+        // or we see it asleep and wake it (a parked reader could not
+        // receive for a driver that stops polling).
+        if self.asleep.load(Ordering::SeqCst) {
+            self.wake_reader();
+        }
+        true
+    }
+
+    /// Gives the link's answers back to its reader thread.
+    fn hand_back(&self) {
+        self.driven.store(false, Ordering::SeqCst);
+        // A reader standing by notices within a nap; calls still pending
+        // need it at once.
+        if self.pending_len.load(Ordering::Acquire) > 0 {
+            self.wake_reader();
+        }
+    }
+
+    /// Receives up to `max` answers on the calling thread (an
+    /// [`AnswerDriver`]'s), completing their calls there.
+    fn drive(&self, max: usize) -> AnswerDrive {
+        self.polled.store(true, Ordering::Release);
+        let mut rx = match self.rx.try_lock() {
+            Ok(rx) => rx,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            // A caller polls, or the reader receives for us: it completes
+            // the calls it finds; we look again next time.
+            Err(std::sync::TryLockError::WouldBlock) => return AnswerDrive::More,
+        };
+        for _ in 0..max {
+            match rx.try_recv() {
+                Ok(Some(msg)) => {
+                    if self.deliver(&msg, None).is_err() {
+                        return AnswerDrive::Closed;
+                    }
+                }
+                Ok(None) => return AnswerDrive::Empty,
+                Err(e) => {
+                    let _ = self.fail(e);
+                    return AnswerDrive::Closed;
+                }
+            }
+        }
+        AnswerDrive::More
+    }
+
+    /// Whether answers wait in the ring (true while another thread holds
+    /// it: that one may be receiving).
+    fn has_answers(&self) -> bool {
+        self.rx.try_lock().map_or(true, |rx| rx.has_data())
+    }
+}
+
+/// Receives the answers to callback calls ([`Mesh::call_then`]) on the
+/// thread that owns it, instead of on the links' reader threads: an event
+/// loop that polls it at every turn takes its answers in with no hand-off
+/// between threads, and no wake-up while it is busy.
+///
+/// Made by [`Mesh::drive_answers`]. A link becomes the driver's when a
+/// callback call is made on it; the driver gives it back to its reader
+/// thread once it finds it empty at two polls in a row (the reader then
+/// waits on the ring, and its callbacks run there as without a driver). A
+/// reader whose link the driver has watches the driver: if it leaves the
+/// link unpolled for 2 ms (the thread is busy elsewhere, or blocked), the
+/// reader receives for it until it polls again, so answers never wait on a
+/// busy thread and a peer is never held up by a full ring. Dropping the
+/// driver gives every link back.
+///
+/// [`Mesh::call_then`]: crate::Mesh::call_then
+/// [`Mesh::drive_answers`]: crate::Mesh::drive_answers
+pub struct AnswerDriver {
+    claims: Arc<Claims>,
+    /// Polled at every [`poll`](AnswerDriver::poll).
+    busy: Vec<Arc<ClientConn>>,
+    /// Came up empty at the last poll: given back at the next one unless
+    /// answers came meanwhile.
+    resting: Vec<Arc<ClientConn>>,
+}
+
+impl std::fmt::Debug for AnswerDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AnswerDriver")
+            .field("links", &(self.busy.len() + self.resting.len()))
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one poll of a link by an [`AnswerDriver`] found.
+enum AnswerDrive {
+    /// The most answers one poll takes were taken; more may wait.
+    More,
+    /// Every answer that had come was taken; the ring is empty.
+    Empty,
+    /// The link failed (its calls have been failed).
+    Closed,
+}
+
+/// Links claimed for an [`AnswerDriver`] since its last poll.
+#[derive(Default)]
+pub(crate) struct Claims {
+    list: Mutex<ClaimList>,
+    /// `!list.conns.is_empty()`, readable without the lock.
+    any: AtomicBool,
+}
+
+#[derive(Default)]
+struct ClaimList {
+    closed: bool,
+    conns: Vec<Arc<ClientConn>>,
+}
+
+impl Claims {
+    /// Makes the driver the receiver of `conn`'s answers (a callback call
+    /// is about to be made on it), unless it already is.
+    pub(crate) fn claim(&self, conn: &Arc<ClientConn>) {
+        // A lone call is left to the reader: the thread that makes it may
+        // well go to sleep until its answer, and the reader, woken now,
+        // waits on the ring while the request travels. Calls made while
+        // others are in flight are the driver's.
+        if conn.pending_len.load(Ordering::Relaxed) == 0 || !conn.claim() {
+            return;
+        }
+        let mut list = lock(&self.list);
+        if list.closed {
+            drop(list);
+            conn.hand_back();
+            return;
+        }
+        list.conns.push(conn.clone());
+        self.any.store(true, Ordering::Release);
+    }
+}
+
+impl AnswerDriver {
+    pub(crate) fn new(claims: Arc<Claims>) -> AnswerDriver {
+        AnswerDriver {
+            claims,
+            busy: Vec::new(),
+            resting: Vec::new(),
+        }
+    }
+
+    /// Receives the answers waiting on the links the driver has (at most
+    /// `max` per link), completing their calls on this thread. Returns
+    /// whether the driver still has links: poll again soon then (their
+    /// readers stand by).
+    pub fn poll(&mut self, max: usize) -> bool {
+        for c in self.resting.drain(..) {
+            if c.is_alive() && c.has_answers() {
+                self.busy.push(c);
+            } else {
+                c.hand_back();
+            }
+        }
+        if self.claims.any.load(Ordering::Acquire) {
+            let mut list = lock(&self.claims.list);
+            self.claims.any.store(false, Ordering::Relaxed);
+            self.busy.append(&mut list.conns);
+        }
+        let resting = &mut self.resting;
+        self.busy.retain(|c| match c.drive(max) {
+            AnswerDrive::More => true,
+            AnswerDrive::Empty => {
+                resting.push(c.clone());
+                false
+            }
+            AnswerDrive::Closed => {
+                c.hand_back();
+                false
+            }
+        });
+        !self.busy.is_empty() || !self.resting.is_empty()
+    }
+
+    /// Whether the driver has no link: polling it does nothing until a
+    /// call is made.
+    pub fn is_idle(&self) -> bool {
+        self.busy.is_empty() && self.resting.is_empty() && !self.claims.any.load(Ordering::Acquire)
+    }
+
+    /// Gives every link back to its reader and claims no more: later
+    /// callback calls are answered on the readers' threads.
+    pub fn close(&mut self) {
+        {
+            let mut list = lock(&self.claims.list);
+            list.closed = true;
+            self.claims.any.store(false, Ordering::Relaxed);
+            self.busy.append(&mut list.conns);
+        }
+        for c in self.busy.drain(..).chain(self.resting.drain(..)) {
+            c.hand_back();
+        }
+    }
+}
+
+impl Drop for AnswerDriver {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 
@@ -1007,23 +1240,43 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// How long an [`AnswerDriver`] may leave a link it has unpolled before the
+/// link's reader receives for it; also the reader's nap while it stands by.
+const DRIVER_STUCK_AFTER: Duration = Duration::from_millis(2);
+
+/// Naps ([`DRIVER_STUCK_AFTER`] each) an idle reader of a link an
+/// [`AnswerDriver`] has had takes before it parks with no timeout: while
+/// calls keep coming, claiming the link again wakes nobody.
+const IDLE_NAPS: u32 = 25;
+
 /// The fallback reader: while calls are pending and no caller polls, it
 /// waits on the ring and completes responses; otherwise it stays parked.
+/// While an [`AnswerDriver`] has the link it stands by ([`stand_by`]).
 fn client_reader(conn: Weak<ClientConn>) {
     let mut delivered = 0u32;
+    let mut naps = 0u32;
     loop {
         {
             let Some(c) = conn.upgrade() else { return };
+            c.asleep.store(false, Ordering::Relaxed);
             let mut earliest = c.expire();
             loop {
                 if !c.is_alive() {
                     return;
+                }
+                if c.driven.load(Ordering::Acquire) {
+                    naps = 0;
+                    if !stand_by(&c, &mut earliest) {
+                        return;
+                    }
+                    continue;
                 }
                 if c.pollers.load(Ordering::Acquire) > 0
                     || c.pending_len.load(Ordering::Acquire) == 0
                 {
                     break;
                 }
+                naps = 0;
                 let check = {
                     let mut rx = lock(&c.rx);
                     let slice = Instant::now() + READER_SLICE;
@@ -1051,8 +1304,83 @@ fn client_reader(conn: Weak<ClientConn>) {
                     earliest = c.expire();
                 }
             }
+            if c.was_driven.load(Ordering::Relaxed) && naps < IDLE_NAPS {
+                naps += 1;
+                drop(c);
+                std::thread::park_timeout(DRIVER_STUCK_AFTER);
+                continue;
+            }
+            // SYNC: see `ClientConn::claim`.
+            c.asleep.store(true, Ordering::SeqCst);
+            if c.driven.load(Ordering::SeqCst) {
+                continue;
+            }
         }
         std::thread::park();
+    }
+}
+
+/// The reader's part while an [`AnswerDriver`] has its link: it naps, keeps
+/// the callback calls' deadlines, and receives for the driver while that
+/// leaves the link unpolled for [`DRIVER_STUCK_AFTER`] or more. Returns
+/// once the driver gives the link back (true), or the link failed (false).
+fn stand_by(c: &ClientConn, earliest: &mut Option<Instant>) -> bool {
+    c.polled.store(false, Ordering::Release);
+    let mut seen = Instant::now();
+    loop {
+        let nap = earliest.map_or(DRIVER_STUCK_AFTER, |e| {
+            e.saturating_duration_since(Instant::now())
+                .min(DRIVER_STUCK_AFTER)
+        });
+        std::thread::park_timeout(nap);
+        if !c.is_alive() {
+            return false;
+        }
+        let now = Instant::now();
+        if earliest.is_some_and(|e| e <= now) || c.sooner.swap(false, Ordering::AcqRel) {
+            *earliest = c.expire();
+        }
+        if !c.driven.load(Ordering::Acquire) {
+            return true;
+        }
+        if c.polled.swap(false, Ordering::AcqRel) {
+            seen = now;
+            continue;
+        }
+        if now.duration_since(seen) < DRIVER_STUCK_AFTER {
+            continue;
+        }
+        // Not polled for a while: receive until the driver polls again.
+        let mut rx = match c.rx.try_lock() {
+            Ok(rx) => rx,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            // A caller polls: it completes what it finds.
+            Err(std::sync::TryLockError::WouldBlock) => continue,
+        };
+        while !c.polled.load(Ordering::Acquire) && c.driven.load(Ordering::Acquire) {
+            let slice = Instant::now() + DRIVER_STUCK_AFTER;
+            match rx.recv(Some(earliest.map_or(slice, |e| e.min(slice)))) {
+                Ok(msg) => {
+                    if c.deliver(&msg, None).is_err() {
+                        return false;
+                    }
+                }
+                // A deadline, the slice's end, or a call registered with a
+                // sooner deadline (which interrupts the wait).
+                Err(RecvError::TimedOut) => {
+                    if earliest.is_some_and(|e| e <= Instant::now())
+                        || c.sooner.swap(false, Ordering::AcqRel)
+                    {
+                        *earliest = c.expire();
+                    }
+                }
+                Err(e) => {
+                    let _ = c.fail(e);
+                    return false;
+                }
+            }
+        }
+        seen = Instant::now();
     }
 }
 

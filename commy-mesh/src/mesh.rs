@@ -25,7 +25,7 @@ use rustc_hash::FxHashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -305,6 +305,8 @@ pub(crate) struct Inner {
     served: Mutex<Vec<Arc<Served>>>,
     /// The TLS side, when configured.
     net: Option<Arc<NetState>>,
+    /// Set once [`Mesh::drive_answers`] made this handle's driver.
+    answers: OnceLock<Arc<conn::Claims>>,
 }
 
 /// A pool's instances and our links to them, under one lock.
@@ -426,6 +428,7 @@ impl Mesh {
                 closed: AtomicBool::new(false),
                 served: Mutex::new(Vec::new()),
                 net,
+                answers: OnceLock::new(),
             }),
         })
     }
@@ -643,7 +646,9 @@ impl Mesh {
     /// Starts a call whose result goes to `done` instead of a future: on
     /// shared memory, with a link already open, the request is written from
     /// this thread and `done` runs on the thread that reads the answer (the
-    /// link's reader), with no task and no further hand-off. Otherwise the
+    /// link's reader, or the thread polling this handle's
+    /// [`AnswerDriver`](crate::AnswerDriver)), with no task and no further
+    /// hand-off. Otherwise the
     /// call runs as a task on the mesh's runtime and `done` runs there.
     /// `done` must not block; a call that fails at once calls it right here.
     /// The payload is only borrowed: it is written into the link as it is
@@ -678,6 +683,9 @@ impl Mesh {
                     options.timeout.or(self.inner.config.default_timeout),
                     options.deadline,
                 );
+                if let Some(claims) = self.inner.answers.get() {
+                    claims.claim(&conn);
+                }
                 return conn.call_then(payload, &options.metadata, due, balanced, Box::new(done));
             }
         }
@@ -687,6 +695,32 @@ impl Mesh {
         self.inner.runtime.spawn(async move {
             done(mesh.call_with(&name, payload, options).await);
         });
+    }
+
+    /// Makes the [`AnswerDriver`](crate::AnswerDriver) of this handle (and
+    /// its clones): from now on, the answers to
+    /// [`call_then`](Mesh::call_then) calls over shared memory are received
+    /// by the thread that polls it, while it polls, instead of by the links'
+    /// reader threads. One per handle: `FailedPrecondition` if it was made
+    /// already.
+    ///
+    /// ```
+    /// # async fn demo(mesh: commy_mesh::Mesh) -> Result<(), commy_mesh::Status> {
+    /// let mut answers = mesh.drive_answers()?;
+    /// mesh.call_then("echo", "hi", Default::default(), |_result| {});
+    /// // At every turn of the embedder's loop:
+    /// let poll_again_soon = answers.poll(256);
+    /// # let _ = poll_again_soon;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn drive_answers(&self) -> Result<crate::AnswerDriver, Status> {
+        let claims = Arc::new(conn::Claims::default());
+        self.inner
+            .answers
+            .set(claims.clone())
+            .map_err(|_| Status::failed_precondition("this mesh handle has an answer driver"))?;
+        Ok(crate::AnswerDriver::new(claims))
     }
 
     /// The fast path of picking: a live link to an instance of a service

@@ -808,3 +808,202 @@ async fn a_driven_service_runs_on_the_embedders_thread() {
     driver.join().unwrap();
     server.close().await;
 }
+
+/// What the answer driver's test records of each callback call.
+type Answered = std::sync::Mutex<Vec<(String, Result<Vec<u8>, Code>)>>;
+
+/// Makes `n` callback calls of `service` at once, each recording its result
+/// and the thread its callback ran on into `into`.
+fn call_many(
+    mesh: &Mesh,
+    service: &str,
+    n: usize,
+    timeout: Option<Duration>,
+    into: &Arc<Answered>,
+) {
+    for i in 0..n {
+        let into = into.clone();
+        let mut options = CallOptions::default();
+        options.timeout = timeout;
+        mesh.call_then(service, format!("call {i}"), options, move |r| {
+            let here = std::thread::current().name().unwrap_or("").to_owned();
+            let r = r
+                .map(|resp| resp.into_payload().to_vec())
+                .map_err(|s| s.code());
+            into.lock().unwrap().push((here, r));
+        });
+    }
+}
+
+/// Polls `answers` on this thread until `into` holds `n` results (or 10 s
+/// pass).
+fn poll_until(answers: &mut commy_mesh::AnswerDriver, into: &Answered, n: usize) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while into.lock().unwrap().len() < n {
+        assert!(
+            Instant::now() < end,
+            "only {} of {n} calls answered",
+            into.lock().unwrap().len()
+        );
+        if !answers.poll(64) {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+}
+
+/// An answer driver receives the answers to callback calls made while others
+/// are in flight (a lone call is left to the link's reader) on its own thread; a driver that stops polling still gets
+/// every answer (the links' readers take over after a while); deadlines
+/// are kept while the driver has the link; a dropped driver gives the links
+/// back; a handle has one driver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_driver_receives_on_its_own_thread() {
+    if role().is_some() {
+        return;
+    }
+    let dir = private_dir("answers");
+    let server = open(&dir).await;
+    let _echo = serve_test_services(&server).await;
+    // Answers after a while: calls made meanwhile are in flight together.
+    let _slow = server
+        .serve("lagging", |req: Request| async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok::<_, Status>(Response::new(req.into_payload()))
+        })
+        .await
+        .unwrap();
+    let _never = server
+        .serve_deferred("never", |_req: Request, responder| {
+            // Held until the caller gives up.
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_secs(3));
+                drop(responder);
+            });
+        })
+        .await
+        .unwrap();
+    let client = open(&dir).await;
+    // Connected before the driver's thread calls (call_then on a service
+    // not reached yet would run as a task).
+    client.call("lagging", &b"warm"[..]).await.unwrap();
+    client
+        .call_with(
+            "never",
+            &b""[..],
+            CallOptions::default().timeout(Duration::from_millis(1)),
+        )
+        .await
+        .unwrap_err();
+    let mut answers = client.drive_answers().unwrap();
+    assert_eq!(
+        client.drive_answers().unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    let c = client.clone();
+    std::thread::Builder::new()
+        .name("answers".into())
+        .spawn(move || {
+            let client = c;
+            // Many in flight, as an event loop keeps them: each poll's
+            // answers make room for new calls. The driver receives them
+            // here.
+            let got = Arc::new(Answered::default());
+            let (total, window) = (20_000, 64);
+            let mut issued = 0;
+            let end = Instant::now() + Duration::from_secs(30);
+            while got.lock().unwrap().len() < total {
+                assert!(
+                    Instant::now() < end,
+                    "calls in flight were not all answered"
+                );
+                let room = window - (issued - got.lock().unwrap().len());
+                let n = room.min(total - issued);
+                call_many(&client, "echo", n, None, &got);
+                issued += n;
+                answers.poll(64);
+            }
+            let got = std::mem::take(&mut *got.lock().unwrap());
+            assert!(got.iter().all(|(_, r)| r.is_ok()));
+            let here = got.iter().filter(|(t, _)| t == "answers").count();
+            assert!(
+                here >= total / 10,
+                "only {here} of {total} answers were received by the driver"
+            );
+            eprintln!("{here} of {total} answers received by the driver");
+
+            // The driver stops polling: the reader delivers after a while.
+            let got = Arc::new(Answered::default());
+            call_many(&client, "lagging", 64, None, &got);
+            let end = Instant::now() + Duration::from_secs(10);
+            while got.lock().unwrap().len() < 64 {
+                assert!(
+                    Instant::now() < end,
+                    "a driver that does not poll holds answers back"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert!(
+                got.lock()
+                    .unwrap()
+                    .iter()
+                    .all(|(t, r)| t != "answers" && r.is_ok())
+            );
+
+            // A deadline passes while the driver has the link: calls keep
+            // coming back meanwhile, so it is not given back.
+            let never = Arc::new(Answered::default());
+            let t = Instant::now();
+            call_many(&client, "echo", 1, None, &never);
+            call_many(&client, "never", 1, Some(Duration::from_millis(50)), &never);
+            let got = Arc::new(Answered::default());
+            let mut issued = 0;
+            while never.lock().unwrap().len() < 2 {
+                assert!(
+                    t.elapsed() < Duration::from_secs(5),
+                    "the deadline was not kept"
+                );
+                let room = 64 - (issued - got.lock().unwrap().len());
+                call_many(&client, "echo", room, None, &got);
+                issued += room;
+                answers.poll(64);
+            }
+            let waited = t.elapsed();
+            assert!(
+                waited >= Duration::from_millis(50),
+                "failed before its deadline: {waited:?}"
+            );
+            assert!(
+                waited < Duration::from_secs(1),
+                "the deadline was kept late: {waited:?}"
+            );
+            let failed: Vec<_> = never
+                .lock()
+                .unwrap()
+                .iter()
+                .filter_map(|(_, r)| r.clone().err())
+                .collect();
+            assert_eq!(failed, vec![Code::DeadlineExceeded]);
+            poll_until(&mut answers, &got, issued);
+
+            // Dropped, the driver gives its links back.
+            drop(answers);
+            let got = Arc::new(Answered::default());
+            call_many(&client, "lagging", 32, None, &got);
+            let end = Instant::now() + Duration::from_secs(10);
+            while got.lock().unwrap().len() < 32 {
+                assert!(Instant::now() < end, "a dropped driver holds answers back");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert!(
+                got.lock()
+                    .unwrap()
+                    .iter()
+                    .all(|(t, r)| t != "answers" && r.is_ok())
+            );
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    client.close().await;
+    server.close().await;
+}

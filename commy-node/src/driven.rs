@@ -40,7 +40,7 @@ use crate::bridge::{Bridge, lock};
 
 /// Frames one drain handles per link at most: a busy link does not hold
 /// the JS thread from its other work.
-const POLL_MAX: usize = 256;
+pub(crate) const POLL_MAX: usize = 256;
 
 /// How long the JS thread may leave a link it has unpolled before its
 /// watcher receives for it.

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use commy_ffi::{
-    FfiError, FfiMesh, FfiRegion, FfiService, FfiSubscription, MeshOptions, OpenPolicy,
-    RegionOptions, Reply, run_inline, runtime, spawn_with,
+    AnswerDriver, FfiError, FfiMesh, FfiRegion, FfiService, FfiSubscription, MeshOptions,
+    OpenPolicy, RegionOptions, Reply, run_inline, runtime, spawn_with,
 };
 use napi::bindgen_prelude::{BufferSlice, Function};
 use napi::{Env, Result};
@@ -22,7 +22,7 @@ use napi_derive::napi;
 use tokio::sync::Semaphore;
 
 use crate::bridge::{Bridge, Event, lock};
-use crate::driven::{self, Driven, Polled};
+use crate::driven::{self, Driven, POLL_MAX, Polled};
 use crate::slab::Slab;
 
 /// How a handler's answer gets back to the mesh.
@@ -101,6 +101,9 @@ pub struct NativeMesh {
     polled: Mutex<Polled>,
     /// Every served link's state, for closing.
     driven: Arc<Mutex<Vec<Weak<Driven>>>>,
+    /// Receives the answers to this handle's calls on the JS thread, at
+    /// every drain (`None` once closed).
+    answers: Mutex<Option<AnswerDriver>>,
 }
 
 #[napi]
@@ -130,6 +133,7 @@ impl NativeMesh {
             .callee_handled::<false>()
             .build()?;
         let mesh = FfiMesh::open(options).map_err(|e| ffi_error(&e))?;
+        let answers = mesh.drive_answers().map_err(|e| ffi_error(&e))?;
         Ok(NativeMesh {
             mesh: Mutex::new(Some(mesh)),
             bridge: Arc::new(Bridge::new(wake)),
@@ -140,6 +144,7 @@ impl NativeMesh {
             names: Mutex::default(),
             polled: Mutex::default(),
             driven: Arc::default(),
+            answers: Mutex::new(Some(answers)),
         })
     }
 
@@ -182,7 +187,9 @@ impl NativeMesh {
     ///
     /// The request is written from this (the JS) thread and the answer is
     /// queued for JS by the thread that reads it, with no runtime task in
-    /// between (see `FfiMesh::call_then`).
+    /// between (see `FfiMesh::call_then`): the link's reader, or this
+    /// thread at its next drain while calls are in flight there. Returns
+    /// whether this thread now receives answers itself (drain again soon).
     #[napi]
     pub fn call(
         &self,
@@ -190,7 +197,7 @@ impl NativeMesh {
         service: u32,
         payload: BufferSlice,
         timeout_ms: Option<f64>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let names = lock(&self.names);
         let name = names
             .get(service as usize)
@@ -209,7 +216,7 @@ impl NativeMesh {
             }),
             Err(e) => bridge.push(failed(id, &e)),
         }
-        Ok(())
+        Ok(lock(&self.answers).as_ref().is_some_and(|a| !a.is_idle()))
     }
 
     /// The number [`call`](NativeMesh::call) takes for service `name`
@@ -440,6 +447,8 @@ impl NativeMesh {
         // Requests JS has not answered get INTERNAL when their replies drop.
         drop(lock(&self.replies).drain());
         lock(&self.polled).close(&self.driven);
+        // The links' readers deliver what is still to come.
+        drop(lock(&self.answers).take());
         let bridge = self.bridge.clone();
         spawn_with(
             async move {
@@ -459,10 +468,10 @@ impl NativeMesh {
     /// (see [`crate::driven`]), then moves waiting events into `meta`, a
     /// byte view of the JS layer's `Uint32Array`: slot 0 gets the number of
     /// events written; slot 1 has bit 0 set if more are waiting (call
-    /// again now) and bit 1 set if this thread still owns served links
-    /// (call again soon, once the handlers of this batch ran); each event
-    /// takes [`STRIDE`]
-    /// slots from slot 2 on: `[kind, id, offset, length, x, y]`. Payloads
+    /// again now) and bit 1 set if this thread still owns served links or
+    /// links it receives answers from (call again soon, once the handlers
+    /// and callbacks of this batch ran); each event takes [`STRIDE`] slots
+    /// from slot 2 on: `[kind, id, offset, length, x, y]`. Payloads
     /// (and failure texts, `"CODE: message"`) are concatenated in the
     /// returned buffer, at each event's offset and length: one buffer per
     /// drain, however many events (see `index.js` for the kinds).
@@ -482,6 +491,10 @@ impl NativeMesh {
         // queue first: pushed from this thread, they need no wake-up.
         self.bridge.hold();
         let owns_links = lock(&self.polled).poll(&self.bridge);
+        // So do the answers waiting in the links this thread calls on.
+        let owns_calls = lock(&self.answers)
+            .as_mut()
+            .is_some_and(|a| a.poll(POLL_MAX));
         let handed_over = self.bridge.take(&mut events);
         let n = events.len().min(room);
         let mut data = Vec::with_capacity(
@@ -540,7 +553,8 @@ impl NativeMesh {
         put(0, u32::try_from(n).unwrap_or(u32::MAX));
         put(
             1,
-            u32::from(!events.is_empty() || handed_over) | (u32::from(owns_links) << 1),
+            u32::from(!events.is_empty() || handed_over)
+                | (u32::from(owns_links || owns_calls) << 1),
         );
         *lock(&self.scratch) = events;
         if data.is_empty() {
