@@ -230,9 +230,8 @@ export declare class NativeMesh {
    * events written; slot 1 has bit 0 set if more are waiting (call
    * again now) and bit 1 set if this thread still owns served links or
    * links it receives answers from (call again soon, once the handlers
-   * and callbacks of this batch ran); each event
-   * takes [`STRIDE`]
-   * slots from slot 2 on: `[kind, id, offset, length, x, y]`. Payloads
+   * and callbacks of this batch ran); each event takes [`STRIDE`] slots
+   * from slot 2 on: `[kind, id, offset, length, x, y]`. Payloads
    * (and failure texts, `"CODE: message"`) are concatenated in the
    * returned buffer, at each event's offset and length: one buffer per
    * drain, however many events (see `index.js` for the kinds).
