@@ -852,10 +852,11 @@ fn poll_until(answers: &mut commy_mesh::AnswerDriver, into: &Answered, n: usize)
 }
 
 /// An answer driver receives the answers to callback calls made while others
-/// are in flight (a lone call is left to the link's reader) on its own thread; a driver that stops polling still gets
-/// every answer (the links' readers take over after a while); deadlines
-/// are kept while the driver has the link; a dropped driver gives the links
-/// back; a handle has one driver.
+/// are in flight (a lone call is left to the link's reader) on its own
+/// thread; a driver that stops polling still gets every answer (the links'
+/// readers take over after a while); deadlines are kept while the driver
+/// has the link; a dropped driver gives the links back; a handle has one
+/// driver.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_driver_receives_on_its_own_thread() {
     if role().is_some() {
@@ -865,7 +866,7 @@ async fn an_answer_driver_receives_on_its_own_thread() {
     let server = open(&dir).await;
     let _echo = serve_test_services(&server).await;
     // Answers after a while: calls made meanwhile are in flight together.
-    let _slow = server
+    let _lagging = server
         .serve("lagging", |req: Request| async move {
             tokio::time::sleep(Duration::from_millis(20)).await;
             Ok::<_, Status>(Response::new(req.into_payload()))
