@@ -260,6 +260,8 @@ pub(crate) struct ClientConn {
     polled: AtomicBool,
     /// Set while the reader is parked with no timeout (a claim wakes it).
     asleep: AtomicBool,
+    /// Set once a callback call was made on the link.
+    callbacks: AtomicBool,
 }
 
 /// How long the fallback reader waits on the ring before re-checking
@@ -297,6 +299,7 @@ impl ClientConn {
             was_driven: AtomicBool::new(false),
             polled: AtomicBool::new(false),
             asleep: AtomicBool::new(false),
+            callbacks: AtomicBool::new(false),
         });
         let weak = Arc::downgrade(&conn);
         let spawned = std::thread::Builder::new()
@@ -715,6 +718,9 @@ impl ClientConn {
         let md = encode_metadata(metadata);
         if let Err(status) = check_frame(&self.limits, &md, payload) {
             return done(Err(status));
+        }
+        if !self.callbacks.load(Ordering::Relaxed) {
+            self.callbacks.store(true, Ordering::Relaxed);
         }
         let header = FrameHeader {
             deadline_us: due.wire(),
@@ -1240,6 +1246,10 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// How long a reader that delivered callback calls' answers waits on the
+/// ring for more once none is pending, before it parks.
+const READER_LINGER: Duration = Duration::from_millis(1);
+
 /// How long an [`AnswerDriver`] may leave a link it has unpolled before the
 /// link's reader receives for it; also the reader's nap while it stands by.
 const DRIVER_STUCK_AFTER: Duration = Duration::from_millis(2);
@@ -1250,11 +1260,16 @@ const DRIVER_STUCK_AFTER: Duration = Duration::from_millis(2);
 const IDLE_NAPS: u32 = 25;
 
 /// The fallback reader: while calls are pending and no caller polls, it
-/// waits on the ring and completes responses; otherwise it stays parked.
-/// While an [`AnswerDriver`] has the link it stands by ([`stand_by`]).
+/// waits on the ring and completes responses; otherwise it stays parked
+/// (after answering callback calls, once [`READER_LINGER`] passed with none
+/// pending). While an [`AnswerDriver`] has the link it stands by
+/// ([`stand_by`]).
 fn client_reader(conn: Weak<ClientConn>) {
     let mut delivered = 0u32;
     let mut naps = 0u32;
+    // Set while the reader delivers the answers of callback calls: once
+    // none is pending, it waits on the ring a while longer.
+    let mut linger = false;
     loop {
         {
             let Some(c) = conn.upgrade() else { return };
@@ -1271,12 +1286,34 @@ fn client_reader(conn: Weak<ClientConn>) {
                     }
                     continue;
                 }
-                if c.pollers.load(Ordering::Acquire) > 0
-                    || c.pending_len.load(Ordering::Acquire) == 0
-                {
+                if c.pollers.load(Ordering::Acquire) > 0 {
                     break;
                 }
+                if c.pending_len.load(Ordering::Acquire) == 0 {
+                    if !std::mem::take(&mut linger) {
+                        break;
+                    }
+                    // Callback calls come one after another: the next
+                    // one's answer is taken by a reader still waiting on
+                    // the ring, and the call wakes nobody.
+                    let mut rx = lock(&c.rx);
+                    match rx.recv(Some(Instant::now() + READER_LINGER)) {
+                        Ok(msg) => {
+                            if c.deliver(&msg, None).is_err() {
+                                return;
+                            }
+                            linger = true;
+                        }
+                        Err(RecvError::TimedOut) => {}
+                        Err(e) => {
+                            let _ = c.fail(e);
+                            return;
+                        }
+                    }
+                    continue;
+                }
                 naps = 0;
+                linger = c.callbacks.load(Ordering::Relaxed);
                 let check = {
                     let mut rx = lock(&c.rx);
                     let slice = Instant::now() + READER_SLICE;

@@ -17,8 +17,10 @@
 //!   the watcher is woken, and a busy link is polled without any wake-up;
 //! - a link still empty then goes back to its watcher, which is unparked.
 //!
-//! While the JS thread has the link, the watcher checks every
-//! [`STUCK_AFTER`] whether it still polls. If it does not (a handler runs
+//! While the JS thread has the link, the watcher first yields for
+//! [`STAND_BY_YIELD`] (a lone request's link comes back within it, and a
+//! yielding watcher needs no wake-up), then checks every [`STUCK_AFTER`]
+//! whether it still polls. If it does not (a handler runs
 //! long, or the JS thread waits for ring space to send a call to a peer
 //! whose own JS thread is just as stuck, or to a service of its own), the
 //! watcher receives on the JS thread's behalf until it polls again: what it
@@ -45,6 +47,10 @@ pub(crate) const POLL_MAX: usize = 256;
 /// How long the JS thread may leave a link it has unpolled before its
 /// watcher receives for it.
 const STUCK_AFTER: Duration = Duration::from_millis(2);
+
+/// How long a watcher that handed its link to the JS thread yields before
+/// it naps.
+const STAND_BY_YIELD: Duration = Duration::from_micros(50);
 
 /// One served link and who owns it.
 pub(crate) struct Driven {
@@ -111,6 +117,15 @@ pub(crate) fn watch(link: DrivenLink, bridge: &Arc<Bridge>, all: &Mutex<Vec<Weak
 /// stuck (see the module's documentation).
 fn stand_by(driven: &Driven) {
     driven.polled.store(false, Ordering::Release);
+    // A lone request is answered and its link handed back within tens of
+    // microseconds: a watcher still yielding then needs no wake-up.
+    let yield_until = Instant::now() + STAND_BY_YIELD;
+    while Instant::now() < yield_until {
+        if !driven.js.load(Ordering::Acquire) || driven.done.load(Ordering::Acquire) {
+            return;
+        }
+        std::thread::yield_now();
+    }
     loop {
         std::thread::park_timeout(STUCK_AFTER);
         if !driven.js.load(Ordering::Acquire) || driven.done.load(Ordering::Acquire) {
