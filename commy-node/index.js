@@ -186,10 +186,7 @@ class Mesh {
         // With calls in flight on the link, this thread receives the
         // answers itself (see _pump): it drains again once this turn's
         // calls are out.
-        if (this._native.call(this._begin(resolve, reject), service, buf, timeoutMs) && !this._pumpSoon) {
-          this._pumpSoon = true
-          setImmediate(this._pumpAgain)
-        }
+        if (this._native.call(this._begin(resolve, reject), service, buf, timeoutMs)) this._pumpLater()
       })
     } catch (e) {
       return Promise.reject(e)
@@ -379,10 +376,7 @@ class Mesh {
       // Bit 1: this thread owns served links, or links it receives answers
       // from (it polls them itself): drain again once the handlers and
       // callbacks of this batch ran and their replies and calls are out.
-      if ((more & 2) !== 0 && !this._pumpSoon) {
-        this._pumpSoon = true
-        setImmediate(this._pumpAgain)
-      }
+      if ((more & 2) !== 0) this._pumpLater()
       for (let i = 0, at = 2; i < n; i++, at += STRIDE) {
         const id = meta[at + 1]
         switch (meta[at]) {
@@ -431,6 +425,14 @@ class Mesh {
             break
         }
       }
+    }
+  }
+
+  // Schedules one drain for after this turn (once, however often asked).
+  _pumpLater() {
+    if (!this._pumpSoon) {
+      this._pumpSoon = true
+      setImmediate(this._pumpAgain)
     }
   }
 

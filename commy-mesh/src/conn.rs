@@ -859,12 +859,10 @@ impl ClientConn {
     /// [`AnswerDriver`]'s), completing their calls there.
     fn drive(&self, max: usize) -> AnswerDrive {
         self.polled.store(true, Ordering::Release);
-        let mut rx = match self.rx.try_lock() {
-            Ok(rx) => rx,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            // A caller polls, or the reader receives for us: it completes
-            // the calls it finds; we look again next time.
-            Err(std::sync::TryLockError::WouldBlock) => return AnswerDrive::More,
+        // Held by a caller polling, or by the reader receiving for us: it
+        // completes the calls it finds; we look again next time.
+        let Some(mut rx) = try_lock(&self.rx) else {
+            return AnswerDrive::More;
         };
         for _ in 0..max {
             match rx.try_recv() {
@@ -886,7 +884,7 @@ impl ClientConn {
     /// Whether answers wait in the ring (true while another thread holds
     /// it: that one may be receiving).
     fn has_answers(&self) -> bool {
-        self.rx.try_lock().map_or(true, |rx| rx.has_data())
+        try_lock(&self.rx).is_none_or(|rx| rx.has_data())
     }
 }
 
@@ -1289,46 +1287,36 @@ fn client_reader(conn: Weak<ClientConn>) {
                 if c.pollers.load(Ordering::Acquire) > 0 {
                     break;
                 }
-                if c.pending_len.load(Ordering::Acquire) == 0 {
-                    if !std::mem::take(&mut linger) {
-                        break;
-                    }
-                    // Callback calls come one after another: the next
-                    // one's answer is taken by a reader still waiting on
-                    // the ring, and the call wakes nobody.
-                    let mut rx = lock(&c.rx);
-                    match rx.recv(Some(Instant::now() + READER_LINGER)) {
-                        Ok(msg) => {
-                            if c.deliver(&msg, None).is_err() {
-                                return;
-                            }
-                            linger = true;
-                        }
-                        Err(RecvError::TimedOut) => {}
-                        Err(e) => {
-                            let _ = c.fail(e);
-                            return;
-                        }
-                    }
-                    continue;
+                let pending = c.pending_len.load(Ordering::Acquire) > 0;
+                // After answering callback calls, the reader waits on the
+                // ring a while longer once none is pending: callback calls
+                // come one after another, and the next one's answer is
+                // taken by a reader still waiting, so the call wakes nobody.
+                if !pending && !std::mem::take(&mut linger) {
+                    break;
                 }
                 naps = 0;
-                linger = c.callbacks.load(Ordering::Relaxed);
                 let check = {
                     let mut rx = lock(&c.rx);
-                    let slice = Instant::now() + READER_SLICE;
-                    let until = earliest.map_or(slice, |e| e.min(slice));
+                    let now = Instant::now();
+                    let until = if pending {
+                        let slice = now + READER_SLICE;
+                        earliest.map_or(slice, |e| e.min(slice))
+                    } else {
+                        now + READER_LINGER
+                    };
                     match rx.recv(Some(until)) {
                         Ok(msg) => {
                             if c.deliver(&msg, None).is_err() {
                                 return;
                             }
+                            linger = c.callbacks.load(Ordering::Relaxed);
                             // Deadlines are checked every so many answers,
                             // and whenever the ring stays empty until one.
                             delivered = delivered.wrapping_add(1);
                             earliest.is_some() && delivered % 64 == 0
                         }
-                        Err(RecvError::TimedOut) => true,
+                        Err(RecvError::TimedOut) => pending,
                         Err(e) => {
                             let _ = c.fail(e);
                             return;
@@ -1388,11 +1376,9 @@ fn stand_by(c: &ClientConn, earliest: &mut Option<Instant>) -> bool {
             continue;
         }
         // Not polled for a while: receive until the driver polls again.
-        let mut rx = match c.rx.try_lock() {
-            Ok(rx) => rx,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            // A caller polls: it completes what it finds.
-            Err(std::sync::TryLockError::WouldBlock) => continue,
+        // Held by a caller polling: it completes what it finds.
+        let Some(mut rx) = try_lock(&c.rx) else {
+            continue;
         };
         while !c.polled.load(Ordering::Acquire) && c.driven.load(Ordering::Acquire) {
             let slice = Instant::now() + DRIVER_STUCK_AFTER;
@@ -1418,6 +1404,16 @@ fn stand_by(c: &ClientConn, earliest: &mut Option<Instant>) -> bool {
             }
         }
         seen = Instant::now();
+    }
+}
+
+/// Locks `m` unless another thread holds it (a poisoned lock is taken, as
+/// by [`lock`]).
+fn try_lock<T>(m: &Mutex<T>) -> Option<std::sync::MutexGuard<'_, T>> {
+    match m.try_lock() {
+        Ok(g) => Some(g),
+        Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
     }
 }
 
