@@ -166,8 +166,20 @@ export declare class NativeMesh {
    * between (see `FfiMesh::call_then`): the link's reader, or this
    * thread at its next drain while calls are in flight there. Returns
    * whether this thread now receives answers itself (drain again soon).
+   * [`call_many`](NativeMesh::call_many) starts many calls in one
+   * crossing.
    */
   call(id: number, service: number, payload: Buffer, timeoutMs?: number | undefined | null): boolean
+  /**
+   * Starts `n` calls at once, in order: `table` is a byte view of a
+   * float64 array of `[id, service, length, timeout_ms]` quadruples
+   * (`timeout_ms` below 0: the mesh's default; 0: none) and `data` the
+   * calls' payloads, one after another. A call whose entry is wrong
+   * (an unknown service number, a timeout out of range) fails on its
+   * own, with `INVALID_ARGUMENT`. Returns what [`call`](NativeMesh::call)
+   * returns.
+   */
+  callMany(table: Buffer, n: number, data: Buffer): boolean
   /**
    * The number [`call`](NativeMesh::call) takes for service `name`
    * (the JS layer asks once per name).

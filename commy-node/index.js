@@ -23,6 +23,12 @@ const CANCELLED = 6
 const STRIDE = 6
 // Events taken per drain (more are taken by draining again).
 const BATCH = 1024
+// Calls handed to the addon in one crossing at most (see _queueCall), four
+// table slots each: id, service number, payload length, timeout.
+const CALL_BATCH = 1024
+// Payloads of at least this many bytes go to the addon on their own, not
+// copied into a batch.
+const CALL_BATCH_PAYLOAD = 16 * 1024
 
 /** The status names an error's `code` can take. */
 const codes = Object.freeze([
@@ -128,6 +134,12 @@ class Mesh {
     this._replyMeta = new Uint32Array(2 * BATCH)
     this._replyMetaBytes = Buffer.from(this._replyMeta.buffer)
     this._flushReplies = this._flushReplies.bind(this)
+    // Calls waiting for _flushCalls: their table and payloads.
+    this._calls = new Float64Array(4 * CALL_BATCH)
+    this._callsBytes = Buffer.from(this._calls.buffer)
+    this._callCount = 0
+    this._callPayloads = []
+    this._flushCalls = this._flushCalls.bind(this)
     // Set while a drain is scheduled with setImmediate (see _pump).
     this._pumpSoon = false
     this._pumpAgain = this._pumpAgain.bind(this)
@@ -183,14 +195,66 @@ class Mesh {
           service = this._native.name(name)
           this._names.set(name, service)
         }
-        // With calls in flight on the link, this thread receives the
-        // answers itself (see _pump): it drains again once this turn's
-        // calls are out.
-        if (this._native.call(this._begin(resolve, reject), service, buf, timeoutMs)) this._pumpLater()
+        this._queueCall(this._begin(resolve, reject), service, buf, timeoutMs)
       })
     } catch (e) {
       return Promise.reject(e)
     }
+  }
+
+  // Queues call `id` for _flushCalls, which hands this turn's calls to the
+  // addon in one crossing once the code that made them is done (a
+  // microtask, so before any I/O or timer): a thousand calls made in one
+  // turn cost one crossing, not a thousand. Large payloads go on their own
+  // (after the queued calls, keeping the order).
+  _queueCall(id, service, buf, timeoutMs) {
+    if (buf.length >= CALL_BATCH_PAYLOAD) {
+      this._flushCalls()
+      this._sent(this._native.call(id, service, buf, timeoutMs))
+      return
+    }
+    let n = this._callCount
+    if (n === CALL_BATCH) {
+      this._flushCalls()
+      n = 0
+    }
+    const table = this._calls
+    const at = 4 * n
+    table[at] = id
+    table[at + 1] = service
+    table[at + 2] = buf.length
+    table[at + 3] = timeoutMs === undefined ? -1 : timeoutMs
+    this._callPayloads.push(buf)
+    this._callCount = n + 1
+    if (n === 0) queueMicrotask(this._flushCalls)
+  }
+
+  // Starts the queued calls (see _queueCall).
+  _flushCalls() {
+    const n = this._callCount
+    if (n === 0) return
+    const payloads = this._callPayloads
+    this._callCount = 0
+    this._callPayloads = []
+    const data = n === 1 ? payloads[0] : Buffer.concat(payloads)
+    try {
+      this._sent(this._native.callMany(this._callsBytes, n, data))
+    } catch (e) {
+      // The table itself was refused (the addon fails bad entries one by one).
+      for (let i = 0; i < n; i++) {
+        const id = this._calls[4 * i]
+        const reject = this._reject[id]
+        if (reject === undefined) continue
+        this._settle(id)
+        reject(nativeError(e))
+      }
+    }
+  }
+
+  // With calls in flight on the link, this thread receives the answers
+  // itself (see _pump): it drains again once this turn's calls are out.
+  _sent(pollsAnswers) {
+    if (pollsAnswers) this._pumpLater()
   }
 
   /**
@@ -202,6 +266,8 @@ class Mesh {
       checkName(name, 'the service name')
       const buf = toBuffer(payload, 'the payload')
       this._checkOpen()
+      // After the calls made before it.
+      this._flushCalls()
       return new Promise((resolve, reject) => {
         this._native.send(this._begin(() => resolve(), reject), name, buf)
       })
@@ -219,6 +285,7 @@ class Mesh {
       checkName(topic, 'the topic')
       const buf = toBuffer(payload, 'the payload')
       this._checkOpen()
+      this._flushCalls()
       return new Promise((resolve, reject) => {
         this._native.publish(this._begin(resolve, reject), topic, buf)
       })
@@ -315,6 +382,7 @@ class Mesh {
     this._closed = true
     this._closing = (async () => {
       if (this._native === null) return
+      this._flushCalls()
       await Promise.all([...this._services.values()].map((s) => s.close()))
       for (const sub of this._subs.values()) sub.close()
       await new Promise((resolve, reject) => this._native.close(this._begin(resolve, reject)))

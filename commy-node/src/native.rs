@@ -119,8 +119,7 @@ impl NativeMesh {
         if let Some(t) = o.default_timeout_ms {
             // The mesh's "no default timeout" is a very long one here: JS
             // callers that want none pass 0.
-            options.default_timeout =
-                Some(timeout(t, "defaultTimeoutMs")?.unwrap_or(Duration::from_secs(1 << 40)));
+            options.default_timeout = Some(timeout(t, "defaultTimeoutMs")?.unwrap_or(NO_TIMEOUT));
         }
         options.max_concurrency = o.max_concurrency.map(|n| n as usize);
         // Calls from JS run many at once on the shared runtime: a caller
@@ -190,6 +189,8 @@ impl NativeMesh {
     /// between (see `FfiMesh::call_then`): the link's reader, or this
     /// thread at its next drain while calls are in flight there. Returns
     /// whether this thread now receives answers itself (drain again soon).
+    /// [`call_many`](NativeMesh::call_many) starts many calls in one
+    /// crossing.
     #[napi]
     pub fn call(
         &self,
@@ -203,20 +204,98 @@ impl NativeMesh {
             .get(service as usize)
             .ok_or_else(|| invalid(format!("no service name number {service}")))?;
         let timeout = match timeout_ms {
-            Some(t) => Some(timeout(t, "timeoutMs")?.unwrap_or(Duration::from_secs(1 << 40))),
+            Some(t) => Some(timeout(t, "timeoutMs")?.unwrap_or(NO_TIMEOUT)),
             None => None,
         };
-        let bridge = self.bridge.clone();
-        match self.mesh() {
-            Ok(m) => m.call_then(name, &payload, timeout, move |r| {
-                bridge.push(match r {
-                    Ok(payload) => Event::Answer { id, payload },
-                    Err(e) => failed(id, &e),
-                });
-            }),
-            Err(e) => bridge.push(failed(id, &e)),
+        let mesh = self.mesh();
+        self.start_call(&mesh, id, name, &payload, timeout);
+        Ok(self.answers_polled_here())
+    }
+
+    /// Starts `n` calls at once, in order: `table` is a byte view of a
+    /// float64 array of `[id, service, length, timeout_ms]` quadruples
+    /// (`timeout_ms` below 0: the mesh's default; 0: none) and `data` the
+    /// calls' payloads, one after another. A call whose entry is wrong
+    /// (an unknown service number, a timeout out of range) fails on its
+    /// own, with `INVALID_ARGUMENT`. Returns what [`call`](NativeMesh::call)
+    /// returns.
+    #[napi]
+    pub fn call_many(&self, table: BufferSlice, n: u32, data: BufferSlice) -> Result<bool> {
+        let slot = |i: usize| -> Option<f64> {
+            let b = table.get(i * 8..i * 8 + 8)?;
+            Some(f64::from_ne_bytes(b.try_into().ok()?))
+        };
+        let names = lock(&self.names);
+        let mesh = self.mesh();
+        let mut at = 0usize;
+        for i in 0..n as usize {
+            let (Some(id), Some(service), Some(len), Some(timeout_ms)) = (
+                slot(4 * i),
+                slot(4 * i + 1),
+                slot(4 * i + 2),
+                slot(4 * i + 3),
+            ) else {
+                return Err(invalid(format!(
+                    "the call table holds fewer than {n} calls"
+                )));
+            };
+            let (Ok(id), Ok(len)) = (whole(id, "a call id"), index(len, "a payload length")) else {
+                return Err(invalid(format!("entry {i} of the call table is malformed")));
+            };
+            let Some(payload) = at.checked_add(len).and_then(|end| data.get(at..end)) else {
+                return Err(invalid("the calls' lengths exceed their data"));
+            };
+            at += len;
+            let name = whole(service, "a service number")
+                .ok()
+                .and_then(|s| names.get(s as usize))
+                .ok_or_else(|| format!("no service name number {service}"));
+            let timeout = if timeout_ms < 0.0 {
+                Ok(None)
+            } else {
+                timeout(timeout_ms, "timeoutMs")
+                    .map(|t| Some(t.unwrap_or(NO_TIMEOUT)))
+                    .map_err(|e| e.reason.clone())
+            };
+            match (name, timeout) {
+                (Ok(name), Ok(timeout)) => self.start_call(&mesh, id, name, payload, timeout),
+                (Err(why), _) | (_, Err(why)) => self.bridge.push(failed(
+                    id,
+                    &FfiError::from_code_name("INVALID_ARGUMENT", why),
+                )),
+            }
         }
-        Ok(lock(&self.answers).as_ref().is_some_and(|a| !a.is_idle()))
+        Ok(self.answers_polled_here())
+    }
+
+    /// Starts one call (see [`call`](NativeMesh::call)) on `mesh`, or fails
+    /// it if the handle is closed.
+    fn start_call(
+        &self,
+        mesh: &std::result::Result<FfiMesh, FfiError>,
+        id: u32,
+        name: &str,
+        payload: &[u8],
+        timeout: Option<Duration>,
+    ) {
+        match mesh {
+            Ok(m) => {
+                let bridge = self.bridge.clone();
+                m.call_then(name, payload, timeout, move |r| {
+                    bridge.push(match r {
+                        Ok(payload) => Event::Answer { id, payload },
+                        Err(e) => failed(id, &e),
+                    });
+                });
+            }
+            Err(e) => self.bridge.push(failed(id, e)),
+        }
+    }
+
+    /// Whether the JS thread receives answers itself now (it drains again
+    /// soon, see [`drain`](NativeMesh::drain)).
+    fn answers_polled_here(&self) -> bool {
+        lock(&self.answers).as_ref().is_some_and(|a| !a.is_idle())
     }
 
     /// The number [`call`](NativeMesh::call) takes for service `name`
@@ -642,6 +721,21 @@ fn link_wait() -> commy_ffi::WaitStrategy {
     commy_ffi::WaitStrategy::Adaptive {
         spin: us("COMMY_NODE_SPIN_US", 0),
         yield_for: us("COMMY_NODE_YIELD_US", 1000),
+    }
+}
+
+/// The timeout that stands for none: the mesh's "no default timeout" is a
+/// very long one here.
+const NO_TIMEOUT: Duration = Duration::from_secs(1 << 40);
+
+/// A JS number that must be a `u32`.
+fn whole(n: f64, what: &str) -> Result<u32> {
+    if n.is_finite() && n >= 0.0 && n.fract() == 0.0 && n <= f64::from(u32::MAX) {
+        Ok(n as u32)
+    } else {
+        Err(invalid(format!(
+            "{what} must be an integer from 0 to 2^32-1, got {n}"
+        )))
     }
 }
 

@@ -48,6 +48,44 @@ test('thousands of calls in flight each get their own answer', () =>
     replies.forEach((r, i) => assert.equal(r.toString(), String(i * 2)))
   }))
 
+// The calls made in one turn reach the addon together (one crossing), yet
+// each keeps its own outcome, and the order of everything sent.
+test('calls made in one turn each get their own outcome, in order with sends', () =>
+  withMesh(async (mesh) => {
+    const seen = []
+    await mesh.serve('echo', async (req) => req)
+    await mesh.serve('log', (req) => {
+      seen.push(req.toString())
+      return req
+    })
+    await mesh.call('log', 'warm-up')
+    seen.length = 0
+    const big = Buffer.alloc(64 * 1024, 3)
+    const calls = []
+    for (let i = 0; i < 3000; i++) {
+      if (i === 1500) calls.push(mesh.call('echo', big))
+      else if (i === 2000) calls.push(mesh.call('echo', 'x', { timeoutMs: 1e300 }))
+      else calls.push(mesh.call('echo', String(i), { timeoutMs: i % 2 === 0 ? 10_000 : undefined }))
+    }
+    const ordered = [mesh.call('log', 'a'), mesh.send('log', 'b'), mesh.call('log', 'c')]
+    const outcomes = await Promise.allSettled(calls)
+    outcomes.forEach((o, i) => {
+      if (i === 2000) {
+        assert.equal(o.status, 'rejected')
+        assert.ok(o.reason instanceof CommyError, String(o.reason))
+        assert.equal(o.reason.code, 'INVALID_ARGUMENT')
+        assert.match(o.reason.message, /timeoutMs/)
+      } else if (i === 1500) {
+        assert.ok(o.value.equals(big))
+      } else {
+        assert.equal(o.value.toString(), String(i))
+      }
+    })
+    await Promise.all(ordered)
+    await new Promise((resolve) => setTimeout(resolve, 50))
+    assert.deepEqual(seen, ['a', 'b', 'c'])
+  }))
+
 // The JS thread receives its services' requests itself: while it waits to
 // send (a request larger than the ring, to a service of its own) or runs a
 // long synchronous handler, the link's watcher receives for it.
