@@ -174,10 +174,12 @@ export declare class NativeMesh {
    * Starts `n` calls at once, in order: `table` is a byte view of a
    * float64 array of `[id, service, length, timeout_ms]` quadruples
    * (`timeout_ms` below 0: the mesh's default; 0: none) and `data` the
-   * calls' payloads, one after another. A call whose entry is wrong
-   * (an unknown service number, a timeout out of range) fails on its
-   * own, with `INVALID_ARGUMENT`. Returns what [`call`](NativeMesh::call)
-   * returns.
+   * calls' payloads, one after another. A malformed table (too short,
+   * ids or lengths that are no integers, lengths beyond `data`) is
+   * refused whole, before any call starts; a call whose entry is wrong
+   * otherwise (an unknown service number, a timeout out of range) fails
+   * on its own, with `INVALID_ARGUMENT`. Returns what
+   * [`call`](NativeMesh::call) returns.
    */
   callMany(table: Buffer, n: number, data: Buffer): boolean
   /**

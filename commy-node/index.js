@@ -240,7 +240,8 @@ class Mesh {
     try {
       this._sent(this._native.callMany(this._callsBytes, n, data))
     } catch (e) {
-      // The table itself was refused (the addon fails bad entries one by one).
+      // The table itself was refused, before any call started (the addon
+      // fails a call with a bad service number or timeout on its own).
       for (let i = 0; i < n; i++) {
         const id = this._calls[4 * i]
         const reject = this._reject[id]

@@ -215,20 +215,20 @@ impl NativeMesh {
     /// Starts `n` calls at once, in order: `table` is a byte view of a
     /// float64 array of `[id, service, length, timeout_ms]` quadruples
     /// (`timeout_ms` below 0: the mesh's default; 0: none) and `data` the
-    /// calls' payloads, one after another. A call whose entry is wrong
-    /// (an unknown service number, a timeout out of range) fails on its
-    /// own, with `INVALID_ARGUMENT`. Returns what [`call`](NativeMesh::call)
-    /// returns.
+    /// calls' payloads, one after another. A malformed table (too short,
+    /// ids or lengths that are no integers, lengths beyond `data`) is
+    /// refused whole, before any call starts; a call whose entry is wrong
+    /// otherwise (an unknown service number, a timeout out of range) fails
+    /// on its own, with `INVALID_ARGUMENT`. Returns what
+    /// [`call`](NativeMesh::call) returns.
     #[napi]
     pub fn call_many(&self, table: BufferSlice, n: u32, data: BufferSlice) -> Result<bool> {
         let slot = |i: usize| -> Option<f64> {
             let b = table.get(i * 8..i * 8 + 8)?;
             Some(f64::from_ne_bytes(b.try_into().ok()?))
         };
-        let names = lock(&self.names);
-        let mesh = self.mesh();
-        let mut at = 0usize;
-        for i in 0..n as usize {
+        // Entry `i`: its id, service number, payload and timeout.
+        let entry = |i: usize, at: usize| -> Result<(u32, f64, std::ops::Range<usize>, f64)> {
             let (Some(id), Some(service), Some(len), Some(timeout_ms)) = (
                 slot(4 * i),
                 slot(4 * i + 1),
@@ -239,13 +239,23 @@ impl NativeMesh {
                     "the call table holds fewer than {n} calls"
                 )));
             };
-            let (Ok(id), Ok(len)) = (whole(id, "a call id"), index(len, "a payload length")) else {
-                return Err(invalid(format!("entry {i} of the call table is malformed")));
-            };
-            let Some(payload) = at.checked_add(len).and_then(|end| data.get(at..end)) else {
-                return Err(invalid("the calls' lengths exceed their data"));
-            };
-            at += len;
+            let id = whole(id, "a call id")?;
+            let end = at
+                .checked_add(index(len, "a payload length")?)
+                .filter(|end| *end <= data.len())
+                .ok_or_else(|| invalid("the calls' lengths exceed their data"))?;
+            Ok((id, service, at..end, timeout_ms))
+        };
+        let mut at = 0usize;
+        for i in 0..n as usize {
+            at = entry(i, at)?.2.end;
+        }
+        let names = lock(&self.names);
+        let mesh = self.mesh();
+        let mut at = 0usize;
+        for i in 0..n as usize {
+            let (id, service, payload, timeout_ms) = entry(i, at)?;
+            at = payload.end;
             let name = whole(service, "a service number")
                 .ok()
                 .and_then(|s| names.get(s as usize))
@@ -258,7 +268,9 @@ impl NativeMesh {
                     .map_err(|e| e.reason.clone())
             };
             match (name, timeout) {
-                (Ok(name), Ok(timeout)) => self.start_call(&mesh, id, name, payload, timeout),
+                (Ok(name), Ok(timeout)) => {
+                    self.start_call(&mesh, id, name, &data[payload], timeout);
+                }
                 (Err(why), _) | (_, Err(why)) => self.bridge.push(failed(
                     id,
                     &FfiError::from_code_name("INVALID_ARGUMENT", why),

@@ -84,6 +84,13 @@ test('calls made in one turn each get their own outcome, in order with sends', (
     await Promise.all(ordered)
     await new Promise((resolve) => setTimeout(resolve, 50))
     assert.deepEqual(seen, ['a', 'b', 'c'])
+    // The native layer refuses a malformed call table whole.
+    const native = mesh._native
+    assert.throws(() => native.callMany(Buffer.alloc(8), 1, Buffer.alloc(0)), /fewer than 1 calls/)
+    const table = new Float64Array([7, 0, 10, -1])
+    assert.throws(() => native.callMany(Buffer.from(table.buffer), 1, Buffer.alloc(4)), /exceed their data/)
+    table[0] = 0.5
+    assert.throws(() => native.callMany(Buffer.from(table.buffer), 1, Buffer.alloc(10)), /call id/)
   }))
 
 // The JS thread receives its services' requests itself: while it waits to
