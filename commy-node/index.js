@@ -210,7 +210,11 @@ class Mesh {
   _queueCall(id, service, buf, timeoutMs) {
     if (buf.length >= CALL_BATCH_PAYLOAD) {
       this._flushCalls()
-      this._sent(this._native.call(id, service, buf, timeoutMs))
+      try {
+        this._sent(this._native.call(id, service, buf, timeoutMs))
+      } catch (e) {
+        this._fail(id, nativeError(e))
+      }
       return
     }
     let n = this._callCount
@@ -242,14 +246,17 @@ class Mesh {
     } catch (e) {
       // The table itself was refused, before any call started (the addon
       // fails a call with a bad service number or timeout on its own).
-      for (let i = 0; i < n; i++) {
-        const id = this._calls[4 * i]
-        const reject = this._reject[id]
-        if (reject === undefined) continue
-        this._settle(id)
-        reject(nativeError(e))
-      }
+      const error = nativeError(e)
+      for (let i = 0; i < n; i++) this._fail(this._calls[4 * i], error)
     }
+  }
+
+  // Rejects operation `id` with `error` (if it still waits).
+  _fail(id, error) {
+    const reject = this._reject[id]
+    if (reject === undefined) return
+    this._settle(id)
+    reject(error)
   }
 
   // With calls in flight on the link, this thread receives the answers

@@ -65,12 +65,13 @@ test('calls made in one turn each get their own outcome, in order with sends', (
     for (let i = 0; i < 3000; i++) {
       if (i === 1500) calls.push(mesh.call('echo', big))
       else if (i === 2000) calls.push(mesh.call('echo', 'x', { timeoutMs: 1e300 }))
+      else if (i === 2500) calls.push(mesh.call('echo', big, { timeoutMs: 1e300 }))
       else calls.push(mesh.call('echo', String(i), { timeoutMs: i % 2 === 0 ? 10_000 : undefined }))
     }
     const ordered = [mesh.call('log', 'a'), mesh.send('log', 'b'), mesh.call('log', 'c')]
     const outcomes = await Promise.allSettled(calls)
     outcomes.forEach((o, i) => {
-      if (i === 2000) {
+      if (i === 2000 || i === 2500) {
         assert.equal(o.status, 'rejected')
         assert.ok(o.reason instanceof CommyError, String(o.reason))
         assert.equal(o.reason.code, 'INVALID_ARGUMENT')
