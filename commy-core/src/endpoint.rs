@@ -332,12 +332,25 @@ impl TlsAddr {
         Ok(TlsAddr { host, port })
     }
 
+    /// An address to listen on at a port the system picks (port 0). It
+    /// cannot be connected to: the listener reports the port it got.
+    ///
+    /// ```
+    /// use commy_core::{Host, TlsAddr};
+    ///
+    /// let any = TlsAddr::any_port(Host::parse("127.0.0.1").unwrap());
+    /// assert_eq!(any.port(), 0);
+    /// ```
+    pub fn any_port(host: Host) -> TlsAddr {
+        TlsAddr { host, port: 0 }
+    }
+
     /// The host.
     pub fn host(&self) -> &Host {
         &self.host
     }
 
-    /// The TCP port.
+    /// The TCP port (0 only for [`any_port`](TlsAddr::any_port)).
     pub fn port(&self) -> u16 {
         self.port
     }

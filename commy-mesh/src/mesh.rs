@@ -164,9 +164,10 @@ impl MeshBuilder {
     }
 
     /// Serves this handle's services over TLS at `endpoint`
-    /// (`tls://ADDR:PORT`; port 0 picks a free one).
+    /// (`tls://ADDR:PORT`; port 0 picks a free one, which
+    /// [`Mesh::tls_endpoint`] then names).
     pub fn listen(mut self, endpoint: &str) -> MeshBuilder {
-        match crate::netconfig::parse_tls(endpoint) {
+        match crate::netconfig::parse_listen(endpoint) {
             Ok(a) => self.config.net.listen = Some(a),
             Err(e) => self.error = Some(format!("invalid listen endpoint: {e}")),
         }

@@ -406,9 +406,13 @@ impl NetState {
                 });
                 let server = commy_net::Server::bind(addr, tls, link.clone(), handler).await?;
                 let local = server.local_addr();
+                // With port 0 the listener's port is announced, under the
+                // host as configured.
                 let host = match &config.listen {
                     Some(a) if a.port() != 0 => a.clone(),
-                    _ => TlsAddr::new(commy_core::Host::from(local.ip()), local.port())
+                    Some(a) => TlsAddr::new(a.host().clone(), local.port())
+                        .map_err(|e| NetError::Config(e.to_string()))?,
+                    None => TlsAddr::new(commy_core::Host::from(local.ip()), local.port())
                         .map_err(|e| NetError::Config(e.to_string()))?,
                 };
                 tracing::info!("serving over TLS on {local}");

@@ -6,7 +6,7 @@
 //!
 //! | key (config file) | environment | meaning |
 //! |---|---|---|
-//! | `listen = "tls://ADDR:PORT"` | `COMMY_LISTEN` | serve this process's services over TLS there |
+//! | `listen = "tls://ADDR:PORT"` | `COMMY_LISTEN` | serve this process's services over TLS there (port 0: one the system picks) |
 //! | `peers = ["tls://HOST:PORT", ...]` | `COMMY_PEERS` (comma-separated) | processes whose instances this one may call |
 //! | `tls_ca = "PATH"` | `COMMY_TLS_CA` | the CA (PEM) that certificates must chain to; none: the per-user dev CA |
 //! | `tls_cert = "PATH"`, `tls_key = "PATH"` | `COMMY_TLS_CERT`, `COMMY_TLS_KEY` | this process's certificate chain and key (PEM) |
@@ -77,7 +77,8 @@ impl FromStr for TransportPreference {
 #[derive(Debug, Clone, Default)]
 #[non_exhaustive]
 pub struct NetConfig {
-    /// Listen for TLS here (`None`: not at all).
+    /// Listen for TLS here (`None`: not at all; port 0, from
+    /// [`TlsAddr::any_port`]: at a port the system picks).
     pub listen: Option<TlsAddr>,
     /// Ignore `listen` from the environment and the config file (for
     /// one-shot tools that must not take the port of the real server).
@@ -122,6 +123,18 @@ pub(crate) fn parse_tls(text: &str) -> Result<TlsAddr, String> {
     }
 }
 
+/// Parses a listen address: a `tls://HOST:PORT` endpoint, where port 0
+/// asks for a port the system picks.
+pub(crate) fn parse_listen(text: &str) -> Result<TlsAddr, String> {
+    match text.trim().strip_suffix(":0") {
+        // The host is parsed as in an endpoint with a real port.
+        Some(rest) if rest.starts_with("tls://") => {
+            parse_tls(&format!("{rest}:1")).map(|a| TlsAddr::any_port(a.host().clone()))
+        }
+        _ => parse_tls(text),
+    }
+}
+
 impl NetConfig {
     /// Reads a config file (TOML).
     pub fn from_file(path: &Path) -> Result<NetConfig, String> {
@@ -135,7 +148,7 @@ impl NetConfig {
             listen: file
                 .listen
                 .as_deref()
-                .map(parse_tls)
+                .map(parse_listen)
                 .transpose()
                 .map_err(bad)?,
             peers: file
@@ -165,7 +178,7 @@ impl NetConfig {
         let bad = |k: &str, e: String| format!("${k}: {e}");
         Ok(NetConfig {
             listen: var("COMMY_LISTEN")
-                .map(|v| parse_tls(&v))
+                .map(|v| parse_listen(&v))
                 .transpose()
                 .map_err(|e| bad("COMMY_LISTEN", e))?,
             peers: var("COMMY_PEERS")
@@ -251,5 +264,32 @@ impl NetConfig {
         self.listen.is_some()
             || !self.peers.is_empty()
             || self.transport == Some(TransportPreference::Tls)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{parse_listen, parse_tls};
+
+    #[test]
+    fn a_listen_address_may_ask_for_any_port_and_a_peer_may_not() {
+        let any = parse_listen("tls://127.0.0.1:0").unwrap();
+        assert_eq!(
+            (any.host().to_string().as_str(), any.port()),
+            ("127.0.0.1", 0)
+        );
+        let v6 = parse_listen(" tls://[::1]:0 ").unwrap();
+        assert_eq!((v6.host().to_string().as_str(), v6.port()), ("::1", 0));
+        assert_eq!(parse_listen("tls://localhost:7443").unwrap().port(), 7443);
+        for bad in [
+            "tls://127.0.0.1:00",
+            "tls://:0",
+            "shm:///tmp/x:0",
+            "127.0.0.1:0",
+        ] {
+            assert!(parse_listen(bad).is_err(), "{bad}");
+        }
+        let e = parse_tls("tls://127.0.0.1:0").unwrap_err();
+        assert!(e.contains("invalid port \"0\""), "{e}");
     }
 }

@@ -70,22 +70,22 @@ async fn echo_over(mesh: &Mesh, t: TransportPreference, body: &[u8]) -> Result<R
         .await
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The service process: serves the test services over shared memory (in
 /// `<dir>/rt`) and TLS (on `127.0.0.1:<port>`), with its dev CA in `<dir>`.
 struct ServerProcess {
     child: Child,
     _out: BufReader<ChildStdout>,
+    /// The TLS port it listens on.
+    port: u16,
 }
 
+/// Has the service process listen on a port the system picks (it says
+/// which once ready): a port chosen here and bound later by the process
+/// could be taken in between by a concurrent test's connection.
+const ANY_PORT: u16 = 0;
+
 impl ServerProcess {
+    /// Starts the service process on `port` (a restart) or [`ANY_PORT`].
     fn start(dir: &Path, port: u16) -> ServerProcess {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args(["--exact", "child_server", "--nocapture", "--test-threads=1"])
@@ -101,17 +101,28 @@ impl ServerProcess {
             .unwrap();
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
-        loop {
+        let port = loop {
             line.clear();
             assert!(
                 out.read_line(&mut line).unwrap() > 0,
                 "the server exited before READY"
             );
-            if line.trim_end().ends_with("READY") {
-                break;
+            // The test harness may have printed its own text before it.
+            if let Some(at) = line.find("READY ") {
+                break line[at + 6..].trim().parse().ok();
             }
-        }
-        ServerProcess { child, _out: out }
+        };
+        // Made first, so that a failed check below still ends the process.
+        let server = ServerProcess {
+            child,
+            _out: out,
+            port: port.unwrap_or(0),
+        };
+        assert_ne!(
+            server.port, 0,
+            "READY did not name the server's port: {line:?}"
+        );
+        server
     }
 
     fn kill(mut self) {
@@ -145,7 +156,8 @@ fn child_server() {
             .unwrap();
         let _handles = serve_test_services(&mesh).await;
         let _subscriptions = subscribe_test_topics(&mesh).await;
-        println!("READY");
+        let port = mesh.tls_endpoint().expect("listening over TLS").port();
+        println!("READY {port}");
         use std::io::Write;
         std::io::stdout().flush().unwrap();
         tokio::time::sleep(Duration::from_secs(600)).await;
@@ -343,8 +355,8 @@ struct Setup {
 impl Setup {
     async fn new(name: &str, transport: Transport) -> Setup {
         let dir = private_dir(&format!("{name}-{transport:?}"));
-        let port = free_port();
-        let server = ServerProcess::start(&dir, port);
+        let server = ServerProcess::start(&dir, ANY_PORT);
+        let port = server.port;
         let mesh = client(transport, &dir, port).await;
         Setup {
             dir,
@@ -678,8 +690,8 @@ async fn a_transport_can_be_forced_per_call() {
         return;
     }
     let dir = private_dir("forced");
-    let port = free_port();
-    let _server = ServerProcess::start(&dir, port);
+    let server = ServerProcess::start(&dir, ANY_PORT);
+    let port = server.port;
     // Same runtime dir and the server as a peer: auto takes shared memory,
     // `tls` takes the network.
     let both = tls_peer_mesh(&dir, &dir.join("rt"), port).await;
@@ -726,8 +738,8 @@ async fn shared_memory_failing_at_connect_falls_back_to_tls_and_is_counted() {
         return;
     }
     let dir = private_dir("fallback");
-    let port = free_port();
-    let _server = ServerProcess::start(&dir, port);
+    let server = ServerProcess::start(&dir, ANY_PORT);
+    let port = server.port;
     // The client's runtime dir announces an `echo` instance whose socket
     // accepts and hangs up at once: shared memory fails at connect.
     let own = own_runtime_dir(&dir, "own-rt");
