@@ -91,14 +91,6 @@ fn tls_client(mut c: Command, port: u16, ca_pem: &Path) -> Command {
     c
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn first_line(r: impl std::io::Read) -> String {
     let mut line = String::new();
     BufReader::new(r).read_line(&mut line).unwrap();
@@ -117,6 +109,32 @@ fn echo_server(mut c: Command, name: &str) -> (Killed, String) {
     let child = Killed(child);
     let line = first_line(stdout);
     (child, line)
+}
+
+/// Starts `commy echo-server NAME` as `c` says, with `c` set to listen
+/// over TLS at port 0 (a port the system picks, so none is chosen here and
+/// bound later, when a concurrent test's connection could have taken it).
+/// Returns it, the first line it printed, and the address it listens on
+/// with its port, read from the endpoint it prints on stderr (which is
+/// drained from then on).
+fn tls_echo_server(mut c: Command, name: &str) -> (Killed, String, String, u16) {
+    c.stderr(Stdio::piped());
+    let (mut server, first) = echo_server(c, name);
+    let mut err = BufReader::new(server.0.stderr.take().unwrap());
+    let mut line = String::new();
+    let (addr, port) = loop {
+        line.clear();
+        assert!(
+            err.read_line(&mut line).unwrap() > 0,
+            "the server's stderr ended before it named its TLS endpoint"
+        );
+        if let Some(addr) = line.trim_end().strip_prefix("tls endpoint: tls://") {
+            let port = addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok());
+            break (addr.to_owned(), port.expect("the endpoint names a port"));
+        }
+    };
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    (server, first, addr, port)
 }
 
 struct Killed(Child);
@@ -160,20 +178,15 @@ fn certificates_echo_server_services_and_call_over_tls() {
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("spiffe://"));
 
-    let port = free_port();
     let mut c = d.commy("server-rt");
-    c.env("COMMY_LISTEN", format!("tls://127.0.0.1:{port}"))
+    c.env("COMMY_LISTEN", "tls://127.0.0.1:0")
         .env("COMMY_TLS_CA", ca.join("ca.pem"))
-        .env("COMMY_HOST_ID", "server-host")
-        .stderr(Stdio::piped());
+        .env("COMMY_HOST_ID", "server-host");
     identity(&mut c, &d.0.join("server"));
-    let (mut server, first) = echo_server(c, "echo");
+    let (server, first, addr, port) = tls_echo_server(c, "echo");
     assert!(first.starts_with("serving echo as "), "{first}");
-    let tls_line = first_line(server.0.stderr.take().unwrap());
-    assert_eq!(
-        tls_line.trim_end(),
-        format!("tls endpoint: tls://127.0.0.1:{port}")
-    );
+    assert_ne!(port, 0, "{addr}");
+    assert_eq!(addr, format!("127.0.0.1:{port}"));
 
     // A client on "another host": its own runtime dir and host id, only the CA.
     let client = |args: &[&str]| {
@@ -220,13 +233,12 @@ fn certificates_echo_server_services_and_call_over_tls() {
         &d.0.join("client"),
         &["--name", "spiffe://default/caller"],
     ));
-    let port = free_port();
     let mut c = d.commy("server-rt");
-    c.env("COMMY_LISTEN", format!("tls://127.0.0.1:{port}"))
+    c.env("COMMY_LISTEN", "tls://127.0.0.1:0")
         .env("COMMY_TLS_CA", ca.join("ca.pem"))
         .env("COMMY_REQUIRE_CLIENT_CERT", "1");
     identity(&mut c, &d.0.join("server"));
-    let (_strict, _) = echo_server(c, "strict");
+    let (_strict, _, _, port) = tls_echo_server(c, "strict");
     let anonymous = tls_client(d.commy("client-rt"), port, &ca.join("ca.pem"))
         .args(["call", "strict", "x", "--timeout-ms", "3000"])
         .output()
@@ -270,15 +282,14 @@ fn config_file_errors_name_the_file_and_settings_are_used() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("COMMY_PEERS"));
     // A config file with a listen address and no CA configured: the dev CA
     // is created in the user's config dir, and the server listens.
-    let port = free_port();
     std::fs::write(
         &file,
-        format!("listen = \"tls://127.0.0.1:{port}\"\ntransport = \"auto\"\n"),
+        "listen = \"tls://127.0.0.1:0\"\ntransport = \"auto\"\n",
     )
     .unwrap();
     let mut c = d.commy("server-rt");
-    c.env("COMMY_CONFIG", &file).stderr(Stdio::piped());
-    let (server, line) = echo_server(c, "echo");
+    c.env("COMMY_CONFIG", &file);
+    let (server, line, _, port) = tls_echo_server(c, "echo");
     assert!(line.starts_with("serving echo"), "{line}");
     assert!(home.join("commy/dev-ca/ca.pem").is_file());
     assert!(home.join("commy/dev-ca/ca.key").is_file());
@@ -299,10 +310,9 @@ fn config_file_errors_name_the_file_and_settings_are_used() {
 fn an_echo_server_with_connected_peers_stops_promptly_on_sigterm() {
     let d = Dir::new("drain");
     let home = d.0.join("home");
-    let port = free_port();
     let mut c = d.commy("server-rt");
-    c.env("COMMY_LISTEN", format!("tls://127.0.0.1:{port}"));
-    let (mut server, line) = echo_server(c, "echo");
+    c.env("COMMY_LISTEN", "tls://127.0.0.1:0");
+    let (mut server, line, _, port) = tls_echo_server(c, "echo");
     assert!(line.starts_with("serving echo"), "{line}");
     // A peer that stays connected (its listing request waits at the server).
     let rt = tokio::runtime::Runtime::new().unwrap();
