@@ -397,11 +397,7 @@ class Mesh {
       this._services.clear()
       // Whatever is still waiting will never be answered now.
       for (let id = 0; id < this._resolve.length; id++) {
-        if (this._resolve[id] !== undefined) {
-          const reject = this._reject[id]
-          this._settle(id)
-          reject(new CommyError('CANCELLED', 'the mesh handle was closed'))
-        }
+        if (this._resolve[id] !== undefined) this._fail(id, new CommyError('CANCELLED', 'the mesh handle was closed'))
       }
       this._shutdown()
     })()
@@ -471,12 +467,10 @@ class Mesh {
             break
           }
           case FAILED: {
-            const reject = this._reject[id]
-            if (reject === undefined) break
-            this._settle(id)
+            if (this._reject[id] === undefined) break
             const text = data.toString('utf8', meta[at + 2], meta[at + 2] + meta[at + 3])
             const colon = text.indexOf(': ')
-            reject(new CommyError(text.slice(0, colon), text.slice(colon + 2)))
+            this._fail(id, new CommyError(text.slice(0, colon), text.slice(colon + 2)))
             break
           }
           case REQUEST: {

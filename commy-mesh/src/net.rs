@@ -410,10 +410,14 @@ impl NetState {
                 // host as configured.
                 let host = match &config.listen {
                     Some(a) if a.port() != 0 => a.clone(),
-                    Some(a) => TlsAddr::new(a.host().clone(), local.port())
-                        .map_err(|e| NetError::Config(e.to_string()))?,
-                    None => TlsAddr::new(commy_core::Host::from(local.ip()), local.port())
-                        .map_err(|e| NetError::Config(e.to_string()))?,
+                    listen => TlsAddr::new(
+                        listen.as_ref().map_or_else(
+                            || commy_core::Host::from(local.ip()),
+                            |a| a.host().clone(),
+                        ),
+                        local.port(),
+                    )
+                    .map_err(|e| NetError::Config(e.to_string()))?,
                 };
                 tracing::info!("serving over TLS on {local}");
                 (Some(server), Some(host))

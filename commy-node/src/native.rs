@@ -119,7 +119,7 @@ impl NativeMesh {
         if let Some(t) = o.default_timeout_ms {
             // The mesh's "no default timeout" is a very long one here: JS
             // callers that want none pass 0.
-            options.default_timeout = Some(timeout(t, "defaultTimeoutMs")?.unwrap_or(NO_TIMEOUT));
+            options.default_timeout = Some(timeout_or_none(t, "defaultTimeoutMs")?);
         }
         options.max_concurrency = o.max_concurrency.map(|n| n as usize);
         // Calls from JS run many at once on the shared runtime: a caller
@@ -204,7 +204,7 @@ impl NativeMesh {
             .get(service as usize)
             .ok_or_else(|| invalid(format!("no service name number {service}")))?;
         let timeout = match timeout_ms {
-            Some(t) => Some(timeout(t, "timeoutMs")?.unwrap_or(NO_TIMEOUT)),
+            Some(t) => Some(timeout_or_none(t, "timeoutMs")?),
             None => None,
         };
         let mesh = self.mesh();
@@ -263,8 +263,8 @@ impl NativeMesh {
             let timeout = if timeout_ms < 0.0 {
                 Ok(None)
             } else {
-                timeout(timeout_ms, "timeoutMs")
-                    .map(|t| Some(t.unwrap_or(NO_TIMEOUT)))
+                timeout_or_none(timeout_ms, "timeoutMs")
+                    .map(Some)
                     .map_err(|e| e.reason.clone())
             };
             match (name, timeout) {
@@ -736,9 +736,12 @@ fn link_wait() -> commy_ffi::WaitStrategy {
     }
 }
 
-/// The timeout that stands for none: the mesh's "no default timeout" is a
-/// very long one here.
-const NO_TIMEOUT: Duration = Duration::from_secs(1 << 40);
+/// A JS millisecond count as a timeout the mesh is always given: 0 (wait
+/// forever) becomes a very long one, since giving none means "the
+/// default".
+fn timeout_or_none(ms: f64, what: &str) -> Result<Duration> {
+    Ok(timeout(ms, what)?.unwrap_or(Duration::from_secs(1 << 40)))
+}
 
 /// A JS number that must be a `u32`.
 fn whole(n: f64, what: &str) -> Result<u32> {
