@@ -43,6 +43,10 @@ use crate::service::{
 /// `ResourceExhausted` (the peer is not draining its ring).
 const SEND_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Frames up to this many bytes are assembled on the stack and copied into
+/// the ring in one go.
+const SMALL_FRAME: usize = 256;
+
 /// Encodes `header` + `metadata` + `payload` as one message on the link:
 /// in place in the ring when it fits one record, else through the
 /// fragmenting copy path.
@@ -62,8 +66,17 @@ pub(crate) fn send_frame(
             // The clock is only read if the ring is full.
             Patience::For(t) => tx.loan_for(total, t)?,
         };
-        loan.fill_parts(&[&header.encode(), metadata, payload])
-            .commit();
+        if total <= SMALL_FRAME {
+            let mut buf = [0u8; SMALL_FRAME];
+            buf[..commy_core::HEADER_LEN].copy_from_slice(&header.encode());
+            let md_end = commy_core::HEADER_LEN + metadata.len();
+            buf[commy_core::HEADER_LEN..md_end].copy_from_slice(metadata);
+            buf[md_end..total].copy_from_slice(payload);
+            loan.fill(&buf[..total]).commit();
+        } else {
+            loan.fill_parts(&[&header.encode(), metadata, payload])
+                .commit();
+        }
         Ok(())
     } else {
         let mut v = Vec::with_capacity(total);
