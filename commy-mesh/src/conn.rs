@@ -35,8 +35,7 @@ use rustc_hash::FxHashMap;
 use tokio::sync::oneshot;
 
 use crate::service::{
-    Accounting, ArrivedDeadline, Handler, HandlerFuture, InlineSlot, Request, Responder, Response,
-    Shared, Sink,
+    ArrivedDeadline, Handler, HandlerFuture, InlineSlot, Request, Responder, Response, Shared, Sink,
 };
 
 /// How long a send may wait for ring space before the call fails with
@@ -1444,7 +1443,7 @@ pub(crate) struct ServeCtx {
     pub(crate) handler: Handler,
     pub(crate) limits: Limits,
     pub(crate) runtime: tokio::runtime::Handle,
-    pub(crate) permits: Arc<tokio::sync::Semaphore>,
+    pub(crate) permits: Permits,
     /// Requests being handled, across all connections (for draining).
     pub(crate) in_flight: Arc<AtomicUsize>,
     pub(crate) drained: Arc<tokio::sync::Notify>,
@@ -1471,6 +1470,111 @@ impl ServeCtx {
             .iter()
             .any(|busy| busy.load(Ordering::Acquire));
         !inline && self.in_flight.load(Ordering::SeqCst) == 0
+    }
+}
+
+/// A service's concurrency permits: a count taken and given back without
+/// a lock (a request's permit is one compare-and-swap in and one add out),
+/// and the tasks that wait for one.
+pub(crate) struct Permits {
+    free: AtomicUsize,
+    /// Tasks waiting in [`take`](Permits::take).
+    waiting: AtomicUsize,
+    notify: tokio::sync::Notify,
+}
+
+impl Permits {
+    /// `n` permits.
+    pub(crate) fn new(n: usize) -> Permits {
+        Permits {
+            free: AtomicUsize::new(n),
+            waiting: AtomicUsize::new(0),
+            notify: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Takes a permit if one is free; the caller gives it back with
+    /// [`give`](Permits::give).
+    pub(crate) fn try_take(&self) -> bool {
+        // SYNC: SeqCst, for the re-check in `take` (see there).
+        let mut free = self.free.load(Ordering::SeqCst);
+        while free > 0 {
+            match self.free.compare_exchange_weak(
+                free,
+                free - 1,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => return true,
+                Err(now) => free = now,
+            }
+        }
+        false
+    }
+
+    /// Waits for a permit (given back when the guard drops).
+    pub(crate) async fn take(&self) -> Permit<'_> {
+        loop {
+            if self.try_take() {
+                return Permit(self);
+            }
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            // Registered before we count ourselves in: a `give` that sees
+            // us waiting wakes a registered waiter.
+            notified.as_mut().enable();
+            let _waiting = PermitWaiter::enter(&self.waiting);
+            // SYNC: SeqCst with `give`: either it sees us counted (and
+            // wakes a waiter), or this re-check sees its permit.
+            if self.try_take() {
+                return Permit(self);
+            }
+            notified.await;
+        }
+    }
+
+    /// Gives a permit back, waking a task that waits for one.
+    pub(crate) fn give(&self) {
+        // SYNC: see `take`.
+        self.free.fetch_add(1, Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.notify.notify_one();
+        }
+    }
+}
+
+/// A task counted in [`Permits::waiting`] until dropped (also when the
+/// waiting task is dropped).
+struct PermitWaiter<'a>(&'a AtomicUsize);
+
+impl<'a> PermitWaiter<'a> {
+    fn enter(count: &'a AtomicUsize) -> PermitWaiter<'a> {
+        count.fetch_add(1, Ordering::SeqCst);
+        PermitWaiter(count)
+    }
+}
+
+impl Drop for PermitWaiter<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A permit taken from [`Permits`], given back when dropped.
+pub(crate) struct Permit<'a>(&'a Permits);
+
+impl Permit<'_> {
+    /// Hands the permit to `responder`, which gives it back once the
+    /// request is answered or cancelled.
+    fn into_responder(self, responder: &mut Responder) {
+        std::mem::forget(self);
+        responder.hold();
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        self.0.give();
     }
 }
 
@@ -1833,7 +1937,9 @@ impl Drop for OwnedHandling {
     }
 }
 
-fn handled(ctx: &ServeCtx) {
+/// Ends one request's count in `in_flight` (waking a drain that waits for
+/// the last one).
+pub(crate) fn handled(ctx: &ServeCtx) {
     // SYNC: SeqCst on both words, as in `Served::drain`: either the
     // drainer sees the count drop to zero, or we see it draining.
     if ctx.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 && ctx.draining.load(Ordering::SeqCst) {
@@ -1909,7 +2015,7 @@ fn handle(link: &ServedLink<'_>, handler: &mut LinkHandler, h: FrameHeader, requ
     // anchored it already if it asked), and it continues as a task once it
     // has a permit.
     let deadline = deadline.get();
-    let permit = ctx.permits.clone().try_acquire_owned().ok();
+    let permit = ctx.permits.try_take();
     if !oneway {
         lock(running).insert(id.0, Pending::Task(None));
     }
@@ -1917,12 +2023,10 @@ fn handle(link: &ServedLink<'_>, handler: &mut LinkHandler, h: FrameHeader, requ
         let (ctx, tx, running) = (ctx.clone(), tx.clone(), running.clone());
         async move {
             let _handling = handling;
-            let _permit = match permit {
-                Some(p) => p,
-                None => match ctx.permits.clone().acquire_owned().await {
-                    Ok(p) => p,
-                    Err(_) => return,
-                },
+            let _permit = if permit {
+                Permit(&ctx.permits)
+            } else {
+                ctx.permits.take().await
             };
             let result = match deadline {
                 Some(d) => tokio::time::timeout_at(d.instant().into(), fut)
@@ -1966,8 +2070,9 @@ fn handle_deferred(
         busy,
     } = *link;
     let inline = InlineBusy::enter(busy);
-    // Counted before the link's flag clears (see `ServeCtx::idle`).
-    let handling = Some(OwnedHandling::enter(ctx.clone()));
+    // Counted before the link's flag clears (see `ServeCtx::idle`); the
+    // responder ends the count.
+    ctx.in_flight.fetch_add(1, Ordering::SeqCst);
     let sink = if h.kind == FrameKind::OneWay {
         Sink::OneWay
     } else {
@@ -1978,9 +2083,9 @@ fn handle_deferred(
             running: running.clone(),
         })
     };
-    let permit = ctx.permits.clone().try_acquire_owned().ok();
-    let waits = permit.is_none();
-    let responder = Responder::new(sink, Accounting { handling, permit });
+    let permit = ctx.permits.try_take();
+    let waits = !permit;
+    let responder = Responder::new(sink, Some(ctx.clone()), permit);
     if h.kind != FrameKind::OneWay {
         lock(running).insert(h.stream_id.0, Pending::Deferred(responder.shared().clone()));
     }
@@ -1993,13 +2098,7 @@ fn handle_deferred(
     let (ctx2, handler) = (ctx.clone(), handler.clone());
     ctx.runtime.spawn(async move {
         let mut responder = responder;
-        match ctx2.permits.clone().acquire_owned().await {
-            Ok(p) => responder.hold(p),
-            Err(_) => {
-                responder.respond(Err(Status::unavailable("the service is shutting down")));
-                return;
-            }
-        }
+        ctx2.permits.take().await.into_responder(&mut responder);
         if responder.is_cancelled() {
             return;
         }
@@ -2064,5 +2163,76 @@ fn reply(
     };
     if let Err(e) = sent {
         tracing::debug!("could not send a response: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// However many tasks take and give permits at once, no more than the
+    /// permits' number hold one at a time, and none is left waiting.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn permits_bound_their_holders_and_wake_every_waiter() {
+        let permits = Arc::new(Permits::new(3));
+        let holding = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..64)
+            .map(|i| {
+                let (permits, holding, peak) = (permits.clone(), holding.clone(), peak.clone());
+                tokio::spawn(async move {
+                    for _ in 0..50 {
+                        let _permit = permits.take().await;
+                        let now = holding.fetch_add(1, Ordering::SeqCst) + 1;
+                        peak.fetch_max(now, Ordering::SeqCst);
+                        if i % 2 == 0 {
+                            tokio::task::yield_now().await;
+                        }
+                        holding.fetch_sub(1, Ordering::SeqCst);
+                    }
+                })
+            })
+            .collect();
+        let all = async {
+            for t in tasks {
+                t.await.unwrap();
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), all)
+            .await
+            .expect("a task was left waiting for a permit");
+        assert!(
+            peak.load(Ordering::SeqCst) <= 3,
+            "more holders than permits"
+        );
+        // Every permit came back.
+        assert!((0..3).all(|_| permits.try_take()));
+        assert!(!permits.try_take());
+    }
+
+    /// A task dropped while it waits for a permit takes none with it, and
+    /// the wake-up meant for it goes to the next waiter.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_waiter_dropped_while_waiting_loses_no_permit() {
+        let permits = Arc::new(Permits::new(1));
+        assert!(permits.try_take());
+        let dropped = {
+            let permits = permits.clone();
+            tokio::spawn(async move { drop(permits.take().await) })
+        };
+        let next = {
+            let permits = permits.clone();
+            tokio::spawn(async move { drop(permits.take().await) })
+        };
+        tokio::task::yield_now().await;
+        dropped.abort();
+        let _ = dropped.await;
+        permits.give();
+        tokio::time::timeout(Duration::from_secs(5), next)
+            .await
+            .expect("the remaining waiter was not woken")
+            .unwrap();
+        assert!(permits.try_take());
+        assert_eq!(permits.waiting.load(Ordering::SeqCst), 0);
     }
 }

@@ -8,8 +8,11 @@
 #![forbid(unsafe_code)]
 // The workspace routes atomics through commy-shm's loom-switchable `sync`
 // module because that crate's lock-free algorithms are model-checked. This
-// crate has no lock-free algorithm: its atomics are independent counters and
-// flags (stream ids, calls in flight, liveness), nothing loom would check.
+// crate's atomics are counters and flags (stream ids, calls in flight,
+// liveness, concurrency permits); where two of them pair up to hand a
+// wake-up over (draining, permit waiters, a sleeping reader), both sides use
+// SeqCst and the sleeper waits on a tokio `Notify` or a parked thread,
+// which loom cannot model: stress tests with real threads cover them.
 #![allow(clippy::disallowed_types)]
 
 mod conn;

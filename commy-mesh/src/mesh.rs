@@ -520,9 +520,7 @@ impl Mesh {
             handler,
             limits: self.inner.config.limits,
             runtime: self.inner.runtime.clone(),
-            permits: Arc::new(tokio::sync::Semaphore::new(
-                self.inner.config.max_concurrency,
-            )),
+            permits: conn::Permits::new(self.inner.config.max_concurrency),
             in_flight: Arc::new(AtomicUsize::new(0)),
             drained: Arc::new(tokio::sync::Notify::new()),
             draining: AtomicBool::new(false),

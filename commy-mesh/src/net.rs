@@ -155,11 +155,7 @@ impl Router {
             instances[i].1.clone()
         };
         let _handling = Handling::new(ctx.clone());
-        let _permit = ctx
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| Status::unavailable("the service is shutting down"))?;
+        let _permit = ctx.permits.take().await;
         let request = Request {
             service: ctx.service,
             payload: inbound.payload,

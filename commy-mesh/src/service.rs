@@ -246,7 +246,7 @@ impl Handler {
             Handler::Async(f) => f.future(request),
             Handler::Deferred(f) => {
                 let (tx, rx) = oneshot::channel();
-                let responder = Responder::new(Sink::Channel(tx), Accounting::default());
+                let responder = Responder::new(Sink::Channel(tx), None, false);
                 let cancel = CancelOnDrop(responder.shared.clone());
                 f(request, responder);
                 Box::pin(async move {
@@ -371,30 +371,68 @@ const PENDING: u8 = 0;
 const ANSWERED: u8 = 1;
 /// The caller gave up first.
 const CANCELLED: u8 = 2;
+/// The bits of [`Shared::state`] that hold one of the three above.
+const OUTCOME: u8 = 3;
+/// Set in [`Shared::state`] while the request holds a concurrency permit
+/// of its service.
+const PERMIT: u8 = 4;
 
 type CancelHook = Box<dyn FnOnce() + Send>;
 
 /// What a responder and the link's cancellation share.
-#[derive(Default)]
 pub(crate) struct Shared {
+    /// The outcome ([`PENDING`], [`ANSWERED`] or [`CANCELLED`]) and the
+    /// [`PERMIT`] bit, in one word: whoever moves it from `PENDING`
+    /// releases what the request holds, exactly once, without a lock.
     state: AtomicU8,
     hooks: Mutex<Vec<CancelHook>>,
-    /// Released once the request is answered or cancelled, whoever still
-    /// holds the responder.
-    accounting: Mutex<Option<Accounting>>,
+    /// The service the request is counted in (for draining), whose permit
+    /// it may hold; both are released once the request is answered or
+    /// cancelled, whoever still holds the responder. `None`: nothing is
+    /// counted here (the transport counts the request itself).
+    counted: Option<Arc<crate::conn::ServeCtx>>,
 }
 
 impl Shared {
+    /// Moves the state from `PENDING` to `outcome`. Returns the state it
+    /// left (with its permit bit) if this call moved it, `None` if the
+    /// request was answered or cancelled already.
+    fn settle(&self, outcome: u8) -> Option<u8> {
+        let mut state = self.state.load(Ordering::Acquire);
+        loop {
+            if state & OUTCOME != PENDING {
+                return None;
+            }
+            // The permit bit goes with the release below.
+            match self.state.compare_exchange_weak(
+                state,
+                outcome,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Some(state),
+                Err(now) => state = now,
+            }
+        }
+    }
+
+    /// Releases what the request held when [`settle`](Shared::settle)
+    /// left `state`: its permit, and its count for draining.
+    fn release(&self, state: u8) {
+        if let Some(ctx) = &self.counted {
+            if state & PERMIT != 0 {
+                ctx.permits.give();
+            }
+            crate::conn::handled(ctx);
+        }
+    }
+
     /// Marks the request given up by its caller and runs the cancel hooks,
     /// unless it was answered already.
     pub(crate) fn cancel(&self) {
-        if self
-            .state
-            .compare_exchange(PENDING, CANCELLED, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
+        if let Some(state) = self.settle(CANCELLED) {
             let hooks = std::mem::take(&mut *crate::conn::lock(&self.hooks));
-            drop(crate::conn::lock(&self.accounting).take());
+            self.release(state);
             for hook in hooks {
                 hook();
             }
@@ -410,16 +448,6 @@ pub(crate) enum Sink {
     Channel(oneshot::Sender<Result<Response, Status>>),
     /// Nowhere: a one-way message.
     OneWay,
-}
-
-/// What a request holds while it is handled: its count for draining and
-/// its concurrency permit.
-#[derive(Default)]
-pub(crate) struct Accounting {
-    /// Held for its `Drop` (which ends the count).
-    #[allow(dead_code, reason = "held for its Drop")]
-    pub(crate) handling: Option<crate::conn::OwnedHandling>,
-    pub(crate) permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Answers one request of a service served with
@@ -458,20 +486,34 @@ impl std::fmt::Debug for Responder {
 }
 
 impl Responder {
-    pub(crate) fn new(sink: Sink, accounting: Accounting) -> Responder {
+    /// A responder answering into `sink`. `counted`: the service the
+    /// request was counted in (see [`Shared::counted`]), holding one of its
+    /// permits if `permit`.
+    pub(crate) fn new(
+        sink: Sink,
+        counted: Option<Arc<crate::conn::ServeCtx>>,
+        permit: bool,
+    ) -> Responder {
         Responder {
             sink: Some(sink),
             shared: Arc::new(Shared {
-                accounting: Mutex::new(Some(accounting)),
-                ..Shared::default()
+                state: AtomicU8::new(if permit { PERMIT } else { PENDING }),
+                hooks: Mutex::new(Vec::new()),
+                counted,
             }),
         }
     }
 
-    /// Holds the concurrency permit the request waited for.
-    pub(crate) fn hold(&mut self, permit: tokio::sync::OwnedSemaphorePermit) {
-        if let Some(a) = crate::conn::lock(&self.shared.accounting).as_mut() {
-            a.permit = Some(permit);
+    /// Notes that the request now holds a concurrency permit of its service
+    /// (one it waited for); given back at once if the caller gave up
+    /// meanwhile.
+    pub(crate) fn hold(&mut self) {
+        let before = self.shared.state.fetch_or(PERMIT, Ordering::AcqRel);
+        if before & OUTCOME != PENDING {
+            // Released already, without this permit.
+            if let Some(ctx) = &self.shared.counted {
+                ctx.permits.give();
+            }
         }
     }
 
@@ -495,27 +537,24 @@ impl Responder {
         let Some(sink) = self.sink.take() else {
             return false;
         };
-        if self
-            .shared
-            .state
-            .compare_exchange(PENDING, ANSWERED, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
+        let Some(state) = self.shared.settle(ANSWERED) else {
             return false;
-        }
+        };
         let taken = match sink {
             Sink::Link(link) => link.answer(result),
             Sink::Channel(tx) => tx.send(result).is_ok(),
             Sink::OneWay => true,
         };
-        drop(crate::conn::lock(&self.shared.accounting).take());
+        // After the answer is out: a drain waiting for the count sees it
+        // written.
+        self.shared.release(state);
         taken
     }
 
     /// Whether the caller gave up (deadline passed, cancelled, link gone)
     /// before an answer.
     pub fn is_cancelled(&self) -> bool {
-        self.shared.state.load(Ordering::Acquire) == CANCELLED
+        self.shared.state.load(Ordering::Acquire) & OUTCOME == CANCELLED
     }
 
     /// Calls `hook` once if the caller gives up before an answer (on the
@@ -525,7 +564,7 @@ impl Responder {
         let mut hooks = crate::conn::lock(&self.shared.hooks);
         // Read under the lock `Shared::cancel` takes to run the hooks: a
         // hook added after that ran is run here instead.
-        match self.shared.state.load(Ordering::Acquire) {
+        match self.shared.state.load(Ordering::Acquire) & OUTCOME {
             PENDING => hooks.push(Box::new(hook)),
             CANCELLED => {
                 drop(hooks);

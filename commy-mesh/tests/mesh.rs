@@ -1008,3 +1008,106 @@ async fn an_answer_driver_receives_on_its_own_thread() {
     client.close().await;
     server.close().await;
 }
+
+/// Holders of a bounded resource: how many now, and the most at once.
+#[derive(Default)]
+struct Holders {
+    now: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl Holders {
+    fn enter(&self) {
+        let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+    }
+
+    fn leave(&self) {
+        self.now.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// `max_concurrency` bounds the handlers that wait: an async handler past
+/// its first wait, and a deferred handler until it answers. Requests beyond
+/// the bound wait for a permit, and every one is answered with its own
+/// reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_concurrency_bounds_waiting_and_deferred_handlers() {
+    if role().is_some() {
+        return;
+    }
+    const BOUND: usize = 3;
+    let dir = private_dir("bounded");
+    let server = Mesh::builder()
+        .runtime_dir(&dir)
+        .max_concurrency(BOUND)
+        .open()
+        .await
+        .unwrap();
+    let waiting = Arc::new(Holders::default());
+    let deferred = Arc::new(Holders::default());
+    let _waiting = {
+        let holders = waiting.clone();
+        server
+            .serve("waiting", move |req: Request| {
+                let holders = holders.clone();
+                async move {
+                    // The first poll runs on the link's thread without a
+                    // permit; from here on the handler holds one.
+                    tokio::task::yield_now().await;
+                    holders.enter();
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    holders.leave();
+                    Ok::<_, Status>(Response::new(req.into_payload()))
+                }
+            })
+            .await
+            .unwrap()
+    };
+    let _deferred = {
+        let holders = deferred.clone();
+        server
+            .serve_deferred("deferred", move |req, responder| {
+                holders.enter();
+                let holders = holders.clone();
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(10));
+                    holders.leave();
+                    responder.ok(req.into_payload());
+                });
+            })
+            .await
+            .unwrap()
+    };
+    let client = open(&dir).await;
+    for (name, holders) in [("waiting", &waiting), ("deferred", &deferred)] {
+        let calls: Vec<_> = (0..24u32)
+            .map(|i| {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    let reply = client.call(name, i.to_le_bytes().to_vec()).await.unwrap();
+                    assert_eq!(
+                        &reply[..],
+                        &i.to_le_bytes(),
+                        "{name}: call {i} got another's reply"
+                    );
+                })
+            })
+            .collect();
+        for c in calls {
+            c.await.unwrap();
+        }
+        let peak = holders.peak.load(Ordering::SeqCst);
+        assert!(
+            peak <= BOUND,
+            "{name}: {peak} handlers at once, bound {BOUND}"
+        );
+        assert!(
+            peak >= 2,
+            "{name}: the calls never overlapped (peak {peak})"
+        );
+        assert_eq!(holders.now.load(Ordering::SeqCst), 0);
+    }
+    client.close().await;
+    server.close().await;
+}
