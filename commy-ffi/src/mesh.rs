@@ -405,14 +405,25 @@ impl Reply {
     }
 
     fn answer(&self, result: Result<Bytes, Status>) -> bool {
+        self.answer_with(|r| r.respond(result.map(Response::new)))
+    }
+
+    /// Takes the responder out and answers through it with `answer`.
+    fn answer_with(&self, answer: impl FnOnce(Responder) -> bool) -> bool {
         let responder = self.slot().responder.take();
         let Some(r) = responder else { return false };
         // Only a caller that gave up refuses an answer.
-        let taken = r.respond(result.map(Response::new));
+        let taken = answer(r);
         if !taken {
             self.slot().too_late = true;
         }
         taken
+    }
+
+    /// Answers with a copy of `payload`, written straight into the link on
+    /// shared memory (see [`ok`](Reply::ok) for the result).
+    pub fn ok_copied(&self, payload: &[u8]) -> bool {
+        self.answer_with(|r| r.ok_copied(payload))
     }
 
     /// Answers with `payload`. Returns whether the answer was taken: false

@@ -1637,6 +1637,16 @@ impl LinkAnswer {
         reply(&self.tx, &self.limits, self.id, result);
         true
     }
+
+    /// Writes an answer of `payload` (and no metadata) into the link,
+    /// unless the caller gave up.
+    pub(crate) fn answer_payload(self, payload: &[u8]) -> bool {
+        if lock(&self.running).remove(&self.id.0).is_none() {
+            return false;
+        }
+        send_answer(&self.tx, &self.limits, self.id, Ok((&[], payload)));
+        true
+    }
 }
 
 /// Serves one accepted link until it closes (runs on its own thread).
@@ -2127,14 +2137,28 @@ fn reply(
     id: StreamId,
     result: Result<Response, Status>,
 ) {
-    let answer = result.and_then(|resp| {
-        let md = encode_metadata(&resp.metadata);
-        match check_frame(limits, &md, &resp.payload) {
-            Ok(()) => Ok((md, resp.payload)),
-            Err(status) => {
-                tracing::warn!("refusing a handler's response: {}", status.message());
-                Err(status)
-            }
+    match result {
+        Ok(resp) => {
+            let md = encode_metadata(&resp.metadata);
+            send_answer(tx, limits, id, Ok((&md, &resp.payload)));
+        }
+        Err(status) => send_answer(tx, limits, id, Err(status)),
+    }
+}
+
+/// Sends an answer, its metadata section and payload or an error status,
+/// back on the link (as [`reply`] does).
+fn send_answer(
+    tx: &Arc<Mutex<LinkSender>>,
+    limits: &Limits,
+    id: StreamId,
+    answer: Result<(&[u8], &[u8]), Status>,
+) {
+    let answer = answer.and_then(|(md, payload)| match check_frame(limits, md, payload) {
+        Ok(()) => Ok((md, payload)),
+        Err(status) => {
+            tracing::warn!("refusing a handler's response: {}", status.message());
+            Err(status)
         }
     });
     let Ok(mut tx) = tx.lock() else { return };
@@ -2142,8 +2166,8 @@ fn reply(
         Ok((md, payload)) => send_frame(
             &mut tx,
             FrameHeader::new(FrameKind::Response, id),
-            &md,
-            &payload,
+            md,
+            payload,
             Patience::DEFAULT,
         ),
         Err(status) => {

@@ -533,18 +533,39 @@ impl Responder {
         self.respond(Ok(Response::new(payload)))
     }
 
+    /// Answers with a copy of `payload` (no metadata): on shared memory it
+    /// is written straight into the link, with no [`Bytes`] built first,
+    /// for an embedder whose answer sits in a buffer of its own. Returns
+    /// what [`respond`](Responder::respond) returns.
+    pub fn ok_copied(mut self, payload: &[u8]) -> bool {
+        self.deliver(|sink| match sink {
+            Sink::Link(link) => link.answer_payload(payload),
+            Sink::Channel(tx) => tx
+                .send(Ok(Response::new(Bytes::copy_from_slice(payload))))
+                .is_ok(),
+            Sink::OneWay => true,
+        })
+    }
+
     fn send(&mut self, result: Result<Response, Status>) -> bool {
+        self.deliver(|sink| match sink {
+            Sink::Link(link) => link.answer(result),
+            Sink::Channel(tx) => tx.send(result).is_ok(),
+            Sink::OneWay => true,
+        })
+    }
+
+    /// Settles the request as answered and hands the sink to `answer`
+    /// (which returns whether the answer was taken); false without calling
+    /// it if the request was answered or cancelled already.
+    fn deliver(&mut self, answer: impl FnOnce(Sink) -> bool) -> bool {
         let Some(sink) = self.sink.take() else {
             return false;
         };
         let Some(state) = self.shared.settle(ANSWERED) else {
             return false;
         };
-        let taken = match sink {
-            Sink::Link(link) => link.answer(result),
-            Sink::Channel(tx) => tx.send(result).is_ok(),
-            Sink::OneWay => true,
-        };
+        let taken = answer(sink);
         // After the answer is out: a drain waiting for the count sees it
         // written.
         self.shared.release(state);

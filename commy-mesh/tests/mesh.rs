@@ -1111,3 +1111,36 @@ async fn max_concurrency_bounds_waiting_and_deferred_handlers() {
     client.close().await;
     server.close().await;
 }
+
+/// A deferred handler may answer with a borrowed payload (`ok_copied`),
+/// from the link's thread or another one, and only once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferred_handler_answers_with_a_copied_payload() {
+    if role().is_some() {
+        return;
+    }
+    let dir = private_dir("copied");
+    let server = open(&dir).await;
+    let _now = server
+        .serve_deferred("now", |req, responder| {
+            let mut answer = req.payload().to_vec();
+            answer.reverse();
+            assert!(responder.ok_copied(&answer));
+        })
+        .await
+        .unwrap();
+    let _later = server
+        .serve_deferred("later", |req, responder| {
+            std::thread::spawn(move || responder.ok_copied(&req.payload()[..]));
+        })
+        .await
+        .unwrap();
+    let client = open(&dir).await;
+    let reply = client.call("now", &b"abc"[..]).await.unwrap();
+    assert_eq!(&reply[..], b"cba");
+    let big = vec![7u8; 200_000];
+    let reply = client.call("later", big.clone()).await.unwrap();
+    assert_eq!(&reply[..], &big[..]);
+    client.close().await;
+    server.close().await;
+}

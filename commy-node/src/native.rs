@@ -414,6 +414,8 @@ impl NativeMesh {
             let b = meta.get(i * 4..i * 4 + 4)?;
             Some(u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
         };
+        // Checked whole first, and the replies taken under one lock.
+        let mut answers = Vec::with_capacity(n as usize);
         let mut at = 0usize;
         for i in 0..n as usize {
             let (Some(token), Some(len)) = (word(2 * i), word(2 * i + 1)) else {
@@ -422,13 +424,22 @@ impl NativeMesh {
                 )));
             };
             let end = at + len as usize;
-            let Some(bytes) = data.get(at..end) else {
+            if end > data.len() {
                 return Err(invalid("the answers' lengths exceed their data"));
-            };
+            }
+            answers.push((token, at..end));
             at = end;
-            let reply = lock(&self.replies).remove(token);
+        }
+        let answers: Vec<_> = {
+            let mut replies = lock(&self.replies);
+            answers
+                .into_iter()
+                .map(|(token, range)| (replies.remove(token), range))
+                .collect()
+        };
+        for (reply, range) in answers {
             if let Some(reply) = reply {
-                reply.ok(Bytes::copy_from_slice(bytes));
+                reply.ok_copied(&data[range]);
             }
         }
         Ok(())

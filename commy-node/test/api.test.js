@@ -92,6 +92,10 @@ test('calls made in one turn each get their own outcome, in order with sends', (
     assert.throws(() => native.callMany(Buffer.from(table.buffer), 1, Buffer.alloc(4)), /exceed their data/)
     table[0] = 0.5
     assert.throws(() => native.callMany(Buffer.from(table.buffer), 1, Buffer.alloc(10)), /call id/)
+    // And a malformed answer table: nothing in it is answered.
+    assert.throws(() => native.replyMany(Buffer.alloc(8), 2, Buffer.alloc(0)), /fewer than 2 answers/)
+    const answers = new Uint32Array([0, 0, 1, 5])
+    assert.throws(() => native.replyMany(Buffer.from(answers.buffer), 2, Buffer.alloc(4)), /exceed their data/)
   }))
 
 // The JS thread receives its services' requests itself: while it waits to
