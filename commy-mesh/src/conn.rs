@@ -1597,11 +1597,16 @@ impl Drop for InlineBusy<'_> {
     }
 }
 
-/// Requests not answered inline, by stream id. Removing an entry marks the
-/// answer unwanted.
-pub(crate) type Running = Arc<Mutex<FxHashMap<u64, Pending>>>;
+/// What one served link's requests share with it, in one allocation (a
+/// request answered later holds the link with one reference): the link's
+/// sending half, and the requests not answered inline, by stream id
+/// (removing an entry marks the answer unwanted).
+pub(crate) struct LinkShared {
+    tx: Mutex<LinkSender>,
+    running: Mutex<FxHashMap<u64, Pending>>,
+}
 
-/// A request of [`Running`].
+/// A request of [`LinkShared::running`].
 pub(crate) enum Pending {
     /// Continuing as a task: `None` until its abort handle is filled in.
     Task(Option<tokio::task::AbortHandle>),
@@ -1622,29 +1627,28 @@ impl Pending {
 
 /// Where a deferred handler's answer goes on shared memory.
 pub(crate) struct LinkAnswer {
-    tx: Arc<Mutex<LinkSender>>,
+    link: Arc<LinkShared>,
     limits: Limits,
     id: StreamId,
-    running: Running,
 }
 
 impl LinkAnswer {
     /// Writes the answer into the link, unless the caller gave up.
     pub(crate) fn answer(self, result: Result<Response, Status>) -> bool {
-        if lock(&self.running).remove(&self.id.0).is_none() {
+        if lock(&self.link.running).remove(&self.id.0).is_none() {
             return false;
         }
-        reply(&self.tx, &self.limits, self.id, result);
+        reply(&self.link.tx, &self.limits, self.id, result);
         true
     }
 
     /// Writes an answer of `payload` (and no metadata) into the link,
     /// unless the caller gave up.
     pub(crate) fn answer_payload(self, payload: &[u8]) -> bool {
-        if lock(&self.running).remove(&self.id.0).is_none() {
+        if lock(&self.link.running).remove(&self.id.0).is_none() {
             return false;
         }
-        send_answer(&self.tx, &self.limits, self.id, Ok((&[], payload)));
+        send_answer(&self.link.tx, &self.limits, self.id, Ok((&[], payload)));
         true
     }
 }
@@ -1678,8 +1682,7 @@ pub(crate) fn serve_link(link: ShmLink, ctx: Arc<ServeCtx>) {
 /// for it any more.
 struct LinkServer {
     ctx: Arc<ServeCtx>,
-    tx: Arc<Mutex<LinkSender>>,
-    running: Running,
+    link: Arc<LinkShared>,
     /// This link's flag in `ctx.links` (see [`ServeCtx::idle`]).
     busy: Arc<AtomicBool>,
     handler: LinkHandler,
@@ -1692,8 +1695,10 @@ impl LinkServer {
         LinkServer {
             handler: LinkHandler::new(&ctx.handler),
             ctx,
-            tx: Arc::new(Mutex::new(tx)),
-            running: Arc::default(),
+            link: Arc::new(LinkShared {
+                tx: Mutex::new(tx),
+                running: Mutex::default(),
+            }),
             busy,
         }
     }
@@ -1710,11 +1715,11 @@ impl LinkServer {
     fn on_frame(&mut self, msg: commy_shm::link::Message<'_>) -> bool {
         let LinkServer {
             ctx,
-            tx,
-            running,
+            link: shared,
             busy,
             handler,
         } = self;
+        let (tx, running) = (&shared.tx, &shared.running);
         let frame = match FrameRef::decode(&msg, &ctx.limits) {
             Ok(f) => f,
             Err(e) => {
@@ -1755,8 +1760,7 @@ impl LinkServer {
                 // would otherwise stand between the request and its answer.
                 let link = ServedLink {
                     ctx,
-                    tx,
-                    running,
+                    link: shared,
                     busy,
                 };
                 handle(&link, handler, h, request);
@@ -1792,7 +1796,7 @@ impl LinkServer {
 
     /// Stops the work of requests still running (their client is gone).
     fn stop_running(&self) {
-        let left: Vec<_> = lock(&self.running).drain().map(|(_, p)| p).collect();
+        let left: Vec<_> = lock(&self.link.running).drain().map(|(_, p)| p).collect();
         for p in left {
             p.cancel();
         }
@@ -1960,8 +1964,7 @@ pub(crate) fn handled(ctx: &ServeCtx) {
 /// What handling a request needs of the link it came on.
 struct ServedLink<'a> {
     ctx: &'a Arc<ServeCtx>,
-    tx: &'a Arc<Mutex<LinkSender>>,
-    running: &'a Running,
+    link: &'a Arc<LinkShared>,
     /// The link's flag for handlers running inline.
     busy: &'a AtomicBool,
 }
@@ -1988,10 +1991,10 @@ impl LinkHandler {
 fn handle(link: &ServedLink<'_>, handler: &mut LinkHandler, h: FrameHeader, request: Request) {
     let ServedLink {
         ctx,
-        tx,
-        running,
+        link: shared,
         busy,
     } = *link;
+    let (tx, running) = (&shared.tx, &shared.running);
     let slot = match handler {
         LinkHandler::Async(slot) => slot,
         LinkHandler::Deferred(f) => return handle_deferred(link, h, request, f),
@@ -2030,7 +2033,7 @@ fn handle(link: &ServedLink<'_>, handler: &mut LinkHandler, h: FrameHeader, requ
         lock(running).insert(id.0, Pending::Task(None));
     }
     let work = {
-        let (ctx, tx, running) = (ctx.clone(), tx.clone(), running.clone());
+        let (ctx, shared) = (ctx.clone(), shared.clone());
         async move {
             let _handling = handling;
             let _permit = if permit {
@@ -2050,8 +2053,8 @@ fn handle(link: &ServedLink<'_>, handler: &mut LinkHandler, h: FrameHeader, requ
             }
             .unwrap_or_else(|| Err(panicked(ctx.service)));
             // Removed already if the caller cancelled: nobody waits then.
-            if !oneway && lock(&running).remove(&id.0).is_some() {
-                reply(&tx, &ctx.limits, id, result);
+            if !oneway && lock(&shared.running).remove(&id.0).is_some() {
+                reply(&shared.tx, &ctx.limits, id, result);
             }
         }
     };
@@ -2075,8 +2078,7 @@ fn handle_deferred(
 ) {
     let ServedLink {
         ctx,
-        tx,
-        running,
+        link: shared,
         busy,
     } = *link;
     let inline = InlineBusy::enter(busy);
@@ -2087,17 +2089,16 @@ fn handle_deferred(
         Sink::OneWay
     } else {
         Sink::Link(LinkAnswer {
-            tx: tx.clone(),
+            link: shared.clone(),
             limits: ctx.limits,
             id: h.stream_id,
-            running: running.clone(),
         })
     };
     let permit = ctx.permits.try_take();
     let waits = !permit;
     let responder = Responder::new(sink, Some(ctx.clone()), permit);
     if h.kind != FrameKind::OneWay {
-        lock(running).insert(h.stream_id.0, Pending::Deferred(responder.shared().clone()));
+        lock(&shared.running).insert(h.stream_id.0, Pending::Deferred(responder.shared().clone()));
     }
     if !waits {
         call_deferred(handler, request, responder, ctx.service);
@@ -2131,12 +2132,7 @@ fn call_deferred(
 
 /// Sends a handler's result back on the link (best effort: a client that is
 /// gone gets nothing).
-fn reply(
-    tx: &Arc<Mutex<LinkSender>>,
-    limits: &Limits,
-    id: StreamId,
-    result: Result<Response, Status>,
-) {
+fn reply(tx: &Mutex<LinkSender>, limits: &Limits, id: StreamId, result: Result<Response, Status>) {
     match result {
         Ok(resp) => {
             let md = encode_metadata(&resp.metadata);
@@ -2149,7 +2145,7 @@ fn reply(
 /// Sends an answer, its metadata section and payload or an error status,
 /// back on the link (as [`reply`] does).
 fn send_answer(
-    tx: &Arc<Mutex<LinkSender>>,
+    tx: &Mutex<LinkSender>,
     limits: &Limits,
     id: StreamId,
     answer: Result<(&[u8], &[u8]), Status>,
