@@ -633,7 +633,7 @@ impl ClientConn {
             let mut pending = lock(&self.pending);
             self.pending_len.store(0, Ordering::Release);
             pending.earliest = None;
-            pending.calls.drain().map(|(_, w)| w).collect()
+            pending.calls.drain()
         };
         for w in waiters {
             w.complete(self, Err(status.clone()));
@@ -706,7 +706,7 @@ impl ClientConn {
     /// Takes a call out of the pending table.
     fn take(&self, id: u64) -> Option<Waiter> {
         let mut pending = lock(&self.pending);
-        let waiter = pending.calls.remove(&id);
+        let waiter = pending.calls.remove(id);
         self.pending_len
             .store(pending.calls.len(), Ordering::Release);
         waiter
@@ -793,18 +793,18 @@ impl ClientConn {
                 .filter_map(|(id, w)| match w {
                     Waiter::Callback(Callback {
                         deadline: Some(d), ..
-                    }) if *d <= now => Some(*id),
+                    }) if *d <= now => Some(id),
                     _ => None,
                 })
                 .collect();
             let expired = ids
                 .into_iter()
-                .filter_map(|id| pending.calls.remove(&id).map(|w| (id, w)))
+                .filter_map(|id| pending.calls.remove(id).map(|w| (id, w)))
                 .collect();
             pending.earliest = pending
                 .calls
-                .values()
-                .filter_map(|w| match w {
+                .iter()
+                .filter_map(|(_, w)| match w {
                     Waiter::Callback(c) => c.deadline,
                     Waiter::Task(_) => None,
                 })
@@ -876,21 +876,53 @@ impl ClientConn {
         let Some(mut rx) = try_lock(&self.rx) else {
             return AnswerDrive::More;
         };
+        // The answers found are matched with their calls under one lock of
+        // the pending table, then completed.
+        let mut answers = Vec::new();
+        let mut failed = None;
+        let mut outcome = AnswerDrive::More;
         for _ in 0..max {
             match rx.try_recv() {
-                Ok(Some(msg)) => {
-                    if self.deliver(&msg, None).is_err() {
-                        return AnswerDrive::Closed;
+                Ok(Some(msg)) => match self.answer(&msg) {
+                    Some(answer) => answers.push(answer),
+                    None => {
+                        failed = Some(RecvError::Protocol("malformed frame"));
+                        break;
                     }
+                },
+                Ok(None) => {
+                    outcome = AnswerDrive::Empty;
+                    break;
                 }
-                Ok(None) => return AnswerDrive::Empty,
                 Err(e) => {
-                    let _ = self.fail(e);
-                    return AnswerDrive::Closed;
+                    failed = Some(e);
+                    break;
                 }
             }
         }
-        AnswerDrive::More
+        if !answers.is_empty() {
+            let waiters: Vec<_> = {
+                let mut pending = lock(&self.pending);
+                let waiters = answers
+                    .into_iter()
+                    .filter_map(|(id, result)| Some((pending.calls.remove(id)?, result)))
+                    .collect();
+                self.pending_len
+                    .store(pending.calls.len(), Ordering::Release);
+                waiters
+            };
+            for (waiter, result) in waiters {
+                waiter.complete(self, result);
+            }
+        }
+        match failed {
+            Some(reason) => {
+                // After the answers that came before it.
+                let _ = self.fail(reason);
+                AnswerDrive::Closed
+            }
+            None => outcome,
+        }
     }
 
     /// Whether answers wait in the ring (true while another thread holds
@@ -1185,10 +1217,105 @@ impl Drop for Poller<'_> {
 /// Calls waiting for their answers, by stream id.
 #[derive(Default)]
 struct PendingCalls {
-    calls: FxHashMap<u64, Waiter>,
+    calls: CallTable,
     /// No callback call's deadline is earlier (it may be earlier than all
     /// of them: answered calls do not move it).
     earliest: Option<Instant>,
+}
+
+/// Pending calls by stream id: a table indexed by the id itself. Ids are
+/// handed out in sequence, so the calls in flight sit in neighbouring slots:
+/// adding and removing one hashes nothing and touches a line or two that
+/// the calls before it touched too. A call still waiting when a newer id
+/// comes to its slot (the table wrapped around it) puts the newer one in an
+/// overflow map.
+#[derive(Default)]
+struct CallTable {
+    /// A power of two long (or empty until the first call).
+    slots: Vec<Option<(u64, Waiter)>>,
+    overflow: FxHashMap<u64, Waiter>,
+    len: usize,
+}
+
+/// The table's first size, and the largest it grows to (it doubles while
+/// more than half as many calls as slots are pending).
+const CALL_SLOTS_MIN: usize = 64;
+const CALL_SLOTS_MAX: usize = 1 << 14;
+
+impl CallTable {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn slot(&self, id: u64) -> usize {
+        // Client stream ids are odd: consecutive ids, consecutive slots.
+        (id >> 1) as usize & (self.slots.len() - 1)
+    }
+
+    fn insert(&mut self, id: u64, waiter: Waiter) {
+        if self.slots.is_empty() {
+            self.slots.resize_with(CALL_SLOTS_MIN, || None);
+        } else if self.len >= self.slots.len() / 2 && self.slots.len() < CALL_SLOTS_MAX {
+            self.grow();
+        }
+        self.place(id, waiter);
+        self.len += 1;
+    }
+
+    /// Puts a call in its slot, or in the overflow map if that is taken.
+    fn place(&mut self, id: u64, waiter: Waiter) {
+        let i = self.slot(id);
+        if self.slots[i].is_none() {
+            self.slots[i] = Some((id, waiter));
+        } else {
+            self.overflow.insert(id, waiter);
+        }
+    }
+
+    fn grow(&mut self) {
+        let size = self.slots.len() * 2;
+        let old = std::mem::take(&mut self.slots);
+        self.slots.resize_with(size, || None);
+        let overflow = std::mem::take(&mut self.overflow);
+        for (id, waiter) in old.into_iter().flatten().chain(overflow) {
+            self.place(id, waiter);
+        }
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Waiter> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let i = self.slot(id);
+        let waiter = match &self.slots[i] {
+            Some((held, _)) if *held == id => self.slots[i].take().map(|(_, w)| w),
+            _ if self.overflow.is_empty() => None,
+            _ => self.overflow.remove(&id),
+        };
+        if waiter.is_some() {
+            self.len -= 1;
+        }
+        waiter
+    }
+
+    /// Every pending call, by id (in no particular order).
+    fn iter(&self) -> impl Iterator<Item = (u64, &Waiter)> {
+        let slots = self.slots.iter().flatten().map(|(id, w)| (*id, w));
+        slots.chain(self.overflow.iter().map(|(id, w)| (*id, w)))
+    }
+
+    /// Takes every pending call out.
+    fn drain(&mut self) -> Vec<Waiter> {
+        self.len = 0;
+        let slots = self
+            .slots
+            .iter_mut()
+            .filter_map(Option::take)
+            .map(|(_, w)| w);
+        let mut all: Vec<Waiter> = slots.collect();
+        all.extend(self.overflow.drain().map(|(_, w)| w));
+        all
+    }
 }
 
 /// Who gets a pending call's answer.
@@ -2228,6 +2355,69 @@ mod tests {
         // Every permit came back.
         assert!((0..3).all(|_| permits.try_take()));
         assert!(!permits.try_take());
+    }
+
+    fn task_waiter() -> Waiter {
+        Waiter::Task(oneshot::channel().0)
+    }
+
+    /// The call table finds every call it holds, whether in its slot or
+    /// in the overflow (a call left waiting while the ids wrapped around
+    /// it), across growing, and forgets what was taken out.
+    #[test]
+    fn the_call_table_keeps_every_call_by_its_id() {
+        let mut table = CallTable::default();
+        assert!(table.remove(1).is_none());
+        // One call stays pending while many newer ones come and go.
+        table.insert(1, task_waiter());
+        let mut live = std::collections::BTreeSet::from([1u64]);
+        let mut id = 3u64;
+        for round in 0..200u64 {
+            for _ in 0..(round % 7 + 1) {
+                table.insert(id, task_waiter());
+                live.insert(id);
+                id += 2;
+            }
+            // Answers come back out of order: every third one now.
+            let done: Vec<u64> = live
+                .iter()
+                .copied()
+                .filter(|i| *i != 1 && i % 3 == 0)
+                .collect();
+            for i in done {
+                assert!(table.remove(i).is_some(), "call {i} lost");
+                live.remove(&i);
+            }
+            assert_eq!(table.len(), live.len());
+        }
+        assert!(table.slots.len() > CALL_SLOTS_MIN, "the table never grew");
+        // Ids it never held, or no longer holds, are not found.
+        assert!(table.remove(id + 2).is_none());
+        assert!(table.remove(9).is_none());
+        let mut listed: Vec<u64> = table.iter().map(|(i, _)| i).collect();
+        listed.sort_unstable();
+        assert_eq!(listed, live.iter().copied().collect::<Vec<_>>());
+        assert!(table.remove(1).is_some());
+        assert_eq!(table.drain().len(), live.len() - 1);
+        assert_eq!(table.len(), 0);
+        assert_eq!(table.iter().count(), 0);
+    }
+
+    /// Ids that wrap around the whole table (more calls than slots, none
+    /// answered) go to the overflow and are all found again.
+    #[test]
+    fn the_call_table_overflows_past_its_largest_size() {
+        let mut table = CallTable::default();
+        let n = 2 * CALL_SLOTS_MAX as u64 + 5;
+        for k in 0..n {
+            table.insert(2 * k + 1, task_waiter());
+        }
+        assert_eq!(table.slots.len(), CALL_SLOTS_MAX);
+        assert!(!table.overflow.is_empty());
+        for k in (0..n).rev() {
+            assert!(table.remove(2 * k + 1).is_some(), "call {} lost", 2 * k + 1);
+        }
+        assert_eq!(table.len(), 0);
     }
 
     /// A task dropped while it waits for a permit takes none with it, and
