@@ -368,7 +368,7 @@ impl ClientConn {
         if !self.is_alive() {
             return Started::Done(Err(Status::unavailable("the instance is gone")));
         }
-        let in_flight = balanced.then(|| InFlight::enter(&self.in_flight));
+        let in_flight = balanced.then(|| Counted::enter(&self.in_flight));
         let md = encode_metadata(metadata);
         if let Err(status) = check_frame(&self.limits, &md, &payload) {
             return Started::Done(Err(status));
@@ -1105,7 +1105,7 @@ pub(crate) struct Waiting<'a> {
     abandon: Abandon<'a>,
     done: oneshot::Receiver<CallResult>,
     due: Due,
-    _in_flight: Option<InFlight<'a>>,
+    _in_flight: Option<Counted<'a>>,
 }
 
 /// A call still waiting for its answer: if dropped armed (the caller gave
@@ -1367,19 +1367,20 @@ impl TxState {
     }
 }
 
-/// Counts a call in flight until dropped.
-struct InFlight<'a>(&'a AtomicUsize);
+/// Counts one in `count` until dropped (a call in flight, a task waiting
+/// for a permit). SeqCst: a waiter's count pairs with [`Permits::give`].
+struct Counted<'a>(&'a AtomicUsize);
 
-impl<'a> InFlight<'a> {
-    fn enter(count: &'a AtomicUsize) -> InFlight<'a> {
-        count.fetch_add(1, Ordering::Relaxed);
-        InFlight(count)
+impl<'a> Counted<'a> {
+    fn enter(count: &'a AtomicUsize) -> Counted<'a> {
+        count.fetch_add(1, Ordering::SeqCst);
+        Counted(count)
     }
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for Counted<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -1650,7 +1651,8 @@ impl Permits {
             // Registered before we count ourselves in: a `give` that sees
             // us waiting wakes a registered waiter.
             notified.as_mut().enable();
-            let _waiting = PermitWaiter::enter(&self.waiting);
+            // Counted until this task stops waiting (or is dropped).
+            let _waiting = Counted::enter(&self.waiting);
             // SYNC: SeqCst with `give`: either it sees us counted (and
             // wakes a waiter), or this re-check sees its permit.
             if self.try_take() {
@@ -1667,23 +1669,6 @@ impl Permits {
         if self.waiting.load(Ordering::SeqCst) > 0 {
             self.notify.notify_one();
         }
-    }
-}
-
-/// A task counted in [`Permits::waiting`] until dropped (also when the
-/// waiting task is dropped).
-struct PermitWaiter<'a>(&'a AtomicUsize);
-
-impl<'a> PermitWaiter<'a> {
-    fn enter(count: &'a AtomicUsize) -> PermitWaiter<'a> {
-        count.fetch_add(1, Ordering::SeqCst);
-        PermitWaiter(count)
-    }
-}
-
-impl Drop for PermitWaiter<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
