@@ -705,11 +705,17 @@ impl ClientConn {
 
     /// Takes a call out of the pending table.
     fn take(&self, id: u64) -> Option<Waiter> {
+        self.take_calls(|calls| calls.remove(id))
+    }
+
+    /// Runs `take` on the pending table under its lock (once for any
+    /// number of calls taken out), keeping `pending_len` in step.
+    fn take_calls<R>(&self, take: impl FnOnce(&mut CallTable) -> R) -> R {
         let mut pending = lock(&self.pending);
-        let waiter = pending.calls.remove(id);
+        let taken = take(&mut pending.calls);
         self.pending_len
             .store(pending.calls.len(), Ordering::Release);
-        waiter
+        taken
     }
 
     /// Sends a request whose answer goes to `done`, called on the thread
@@ -901,16 +907,12 @@ impl ClientConn {
             }
         }
         if !answers.is_empty() {
-            let waiters: Vec<_> = {
-                let mut pending = lock(&self.pending);
-                let waiters = answers
+            let waiters: Vec<_> = self.take_calls(|calls| {
+                answers
                     .into_iter()
-                    .filter_map(|(id, result)| Some((pending.calls.remove(id)?, result)))
-                    .collect();
-                self.pending_len
-                    .store(pending.calls.len(), Ordering::Release);
-                waiters
-            };
+                    .filter_map(|(id, result)| Some((calls.remove(id)?, result)))
+                    .collect()
+            });
             for (waiter, result) in waiters {
                 waiter.complete(self, result);
             }
@@ -1747,21 +1749,27 @@ pub(crate) struct LinkAnswer {
 impl LinkAnswer {
     /// Writes the answer into the link, unless the caller gave up.
     pub(crate) fn answer(self, result: Result<Response, Status>) -> bool {
-        if lock(&self.link.running).remove(&self.id.0).is_none() {
-            return false;
+        let wanted = self.wanted();
+        if wanted {
+            reply(&self.link.tx, &self.limits, self.id, result);
         }
-        reply(&self.link.tx, &self.limits, self.id, result);
-        true
+        wanted
     }
 
     /// Writes an answer of `payload` (and no metadata) into the link,
     /// unless the caller gave up.
     pub(crate) fn answer_payload(self, payload: &[u8]) -> bool {
-        if lock(&self.link.running).remove(&self.id.0).is_none() {
-            return false;
+        let wanted = self.wanted();
+        if wanted {
+            send_answer(&self.link.tx, &self.limits, self.id, Ok((&[], payload)));
         }
-        send_answer(&self.link.tx, &self.limits, self.id, Ok((&[], payload)));
-        true
+        wanted
+    }
+
+    /// Whether the caller still waits: takes the request out of the
+    /// link's running ones.
+    fn wanted(&self) -> bool {
+        lock(&self.link.running).remove(&self.id.0).is_some()
     }
 }
 
@@ -2052,7 +2060,7 @@ pub(crate) struct OwnedHandling(Arc<ServeCtx>);
 
 impl OwnedHandling {
     pub(crate) fn enter(ctx: Arc<ServeCtx>) -> OwnedHandling {
-        ctx.in_flight.fetch_add(1, Ordering::SeqCst);
+        handling(&ctx);
         OwnedHandling(ctx)
     }
 }
@@ -2061,6 +2069,11 @@ impl Drop for OwnedHandling {
     fn drop(&mut self) {
         handled(&self.0);
     }
+}
+
+/// Counts one request in `in_flight` (ended by [`handled`]).
+fn handling(ctx: &ServeCtx) {
+    ctx.in_flight.fetch_add(1, Ordering::SeqCst);
 }
 
 /// Ends one request's count in `in_flight` (waking a drain that waits for
@@ -2196,7 +2209,7 @@ fn handle_deferred(
     let inline = InlineBusy::enter(busy);
     // Counted before the link's flag clears (see `ServeCtx::idle`); the
     // responder ends the count.
-    ctx.in_flight.fetch_add(1, Ordering::SeqCst);
+    handling(ctx);
     let sink = if h.kind == FrameKind::OneWay {
         Sink::OneWay
     } else {
