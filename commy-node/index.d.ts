@@ -161,10 +161,11 @@ export declare class NativeMesh {
    * Calls service `name` with `payload`; operation `id` answers with the
    * reply. `timeout_ms` overrides the mesh's default timeout (0: none).
    *
-   * The request is written from this (the JS) thread and the answer is
-   * queued for JS by the thread that reads it, with no runtime task in
-   * between (see `FfiMesh::call_then`): the link's reader, or this
-   * thread at its next drain while calls are in flight there. Returns
+   * The request is written from this (the JS) thread, with no runtime
+   * task in between (see `FfiMesh::call_token`). The answer is taken in
+   * by this thread at its next drain while calls are in flight here,
+   * straight from the link into the drained buffer; otherwise the
+   * link's reader queues it for JS. Returns
    * whether this thread now receives answers itself (drain again soon).
    * [`call_many`](NativeMesh::call_many) starts many calls in one
    * crossing.

@@ -54,6 +54,21 @@ use commy_mesh::{
 };
 
 use crate::error::FfiError;
+
+/// An answer sink made of a function (see [`FfiMesh::drive_answers_with`]).
+struct Sink<F>(F);
+
+impl<F> commy_mesh::AnswerSink for Sink<F>
+where
+    F: Fn(u64, Result<Bytes, FfiError>) + Send + Sync + 'static,
+{
+    fn answer(&self, token: u64, result: Result<Response, Status>) {
+        (self.0)(
+            token,
+            result.map(Response::into_payload).map_err(FfiError::from),
+        );
+    }
+}
 use crate::region::{FfiRegion, RegionOptions};
 use crate::runtime::block_on;
 use crate::subscription::FfiSubscription;
@@ -187,6 +202,41 @@ impl FfiMesh {
         self.mesh.call_then(service, payload, options, move |r| {
             done(r.map(Response::into_payload).map_err(FfiError::from));
         });
+    }
+
+    /// Starts a call whose result goes to this mesh's answer sink under
+    /// `token` (see [`drive_answers_with`](FfiMesh::drive_answers_with)),
+    /// or to the callback of the driver's
+    /// [`poll_with`](commy_mesh::AnswerDriver::poll_with) when that takes
+    /// it in: [`call_then`](FfiMesh::call_then) with no function allocated
+    /// per call (see [`Mesh::call_token`]). `FAILED_PRECONDITION` (and
+    /// nothing sent) if the driver was made without a sink.
+    pub fn call_token(
+        &self,
+        service: &str,
+        payload: &[u8],
+        timeout: Option<Duration>,
+        token: u64,
+    ) -> Result<(), FfiError> {
+        let mut options = CallOptions::default();
+        options.timeout = timeout;
+        self.mesh
+            .call_token(service, payload, options, token)
+            .map_err(FfiError::from)
+    }
+
+    /// [`drive_answers`](FfiMesh::drive_answers), with `sink` receiving
+    /// the results of [`call_token`](FfiMesh::call_token) calls that the
+    /// driver's `poll_with` does not hand out itself: answers read by the
+    /// links' reader threads, failures, timeouts. `sink` runs on whichever
+    /// thread finds the result and must not block.
+    pub fn drive_answers_with(
+        &self,
+        sink: impl Fn(u64, Result<Bytes, FfiError>) + Send + Sync + 'static,
+    ) -> Result<AnswerDriver, FfiError> {
+        self.mesh
+            .drive_answers_with(Arc::new(Sink(sink)))
+            .map_err(FfiError::from)
     }
 
     /// The [`AnswerDriver`](commy_mesh::AnswerDriver) of this mesh: the

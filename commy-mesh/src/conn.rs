@@ -229,6 +229,40 @@ pub(crate) fn decode_metadata(
 /// The result a pending call receives.
 pub(crate) type CallResult = Result<Response, Status>;
 
+/// An answer frame as read from the ring, its payload still in place.
+enum AnswerRef<'m> {
+    Response {
+        payload: &'m [u8],
+        metadata: Metadata,
+    },
+    Failed(Status),
+}
+
+impl AnswerRef<'_> {
+    /// The call's result, its payload copied out of the ring.
+    fn into_result(self) -> CallResult {
+        match self {
+            AnswerRef::Response { payload, metadata } => Ok(Response {
+                payload: Bytes::copy_from_slice(payload),
+                metadata: metadata.into(),
+            }),
+            AnswerRef::Failed(status) => Err(status),
+        }
+    }
+}
+
+/// Receives the answers to token calls ([`Mesh::call_token`]) that are
+/// not handed to an [`AnswerDriver::poll_with`] callback: those read by
+/// the links' reader threads, those that fail or time out, and those a
+/// plain [`AnswerDriver::poll`] takes. Called on whichever thread finds the
+/// answer; it must not block (queue the result and wake whoever waits).
+///
+/// [`Mesh::call_token`]: crate::Mesh::call_token
+pub trait AnswerSink: Send + Sync + 'static {
+    /// Call `token` finished with `result`.
+    fn answer(&self, token: u64, result: Result<Response, Status>);
+}
+
 /// The client side of one link to one service instance.
 ///
 /// Responses are read by the callers themselves: a caller that has sent its
@@ -274,6 +308,9 @@ pub(crate) struct ClientConn {
     asleep: AtomicBool,
     /// Set once a callback call was made on the link.
     callbacks: AtomicBool,
+    /// Where the answers to token calls go (set by the first one: every
+    /// call on the link comes through the same mesh handle).
+    sink: OnceLock<Arc<dyn AnswerSink>>,
 }
 
 /// How long the fallback reader waits on the ring before re-checking
@@ -312,6 +349,7 @@ impl ClientConn {
             polled: AtomicBool::new(false),
             asleep: AtomicBool::new(false),
             callbacks: AtomicBool::new(false),
+            sink: OnceLock::new(),
         });
         let weak = Arc::downgrade(&conn);
         let spawned = std::thread::Builder::new()
@@ -589,6 +627,14 @@ impl ClientConn {
     /// Reads an answer frame: its stream and the call's result. `None` when
     /// the frame is malformed (the link must be dropped).
     fn answer(&self, msg: &[u8]) -> Option<(u64, CallResult)> {
+        let (id, answer) = self.answer_ref(msg)?;
+        Some((id, answer.into_result()))
+    }
+
+    /// Reads an answer frame without copying its payload: its stream and
+    /// what it says. `None` when the frame is malformed (the link must be
+    /// dropped).
+    fn answer_ref<'m>(&self, msg: &'m [u8]) -> Option<(u64, AnswerRef<'m>)> {
         let frame = match FrameRef::decode(msg, &self.limits) {
             Ok(f) => f,
             Err(e) => {
@@ -597,25 +643,27 @@ impl ClientConn {
             }
         };
         let h = *frame.header();
-        let result = match h.kind {
+        let answer = match h.kind {
             FrameKind::Response => match decode_metadata(frame.metadata(), &self.limits) {
-                Ok(metadata) => Ok(Response {
-                    payload: Bytes::copy_from_slice(frame.payload()),
-                    metadata: metadata.into(),
-                }),
-                Err(e) => Err(Status::internal(format!(
+                Ok(metadata) => AnswerRef::Response {
+                    payload: frame.payload(),
+                    metadata,
+                },
+                Err(e) => AnswerRef::Failed(Status::internal(format!(
                     "malformed response metadata: {e}"
                 ))),
             },
-            FrameKind::Error => Err(Status::decode(frame.payload()).unwrap_or_else(|e| {
-                Status::internal(format!("malformed error status from the server: {e}"))
-            })),
-            other => Err(Status::internal(format!(
+            FrameKind::Error => {
+                AnswerRef::Failed(Status::decode(frame.payload()).unwrap_or_else(|e| {
+                    Status::internal(format!("malformed error status from the server: {e}"))
+                }))
+            }
+            other => AnswerRef::Failed(Status::internal(format!(
                 "unexpected {} frame in answer to a request",
                 other.as_str()
             ))),
         };
-        Some((h.stream_id.0, result))
+        Some((h.stream_id.0, answer))
     }
 
     /// Marks the link dead and fails every pending call with the reason,
@@ -718,6 +766,14 @@ impl ClientConn {
         taken
     }
 
+    /// Makes `sink` the receiver of this link's token calls' answers (it
+    /// stays the first one set: a link serves one mesh handle).
+    pub(crate) fn set_sink(&self, sink: &Arc<dyn AnswerSink>) {
+        if self.sink.get().is_none() {
+            let _ = self.sink.set(sink.clone());
+        }
+    }
+
     /// Sends a request whose answer goes to `done`, called on the thread
     /// that reads the answer (or on this one if the call fails at once).
     /// The link's reader thread enforces the deadline. `balanced`: as in
@@ -728,14 +784,14 @@ impl ClientConn {
         metadata: &Metadata,
         mut due: Due,
         balanced: bool,
-        done: Box<dyn FnOnce(CallResult) + Send>,
+        done: Done,
     ) {
         if !self.is_alive() {
-            return done(Err(Status::unavailable("the instance is gone")));
+            return done.finish(self, Err(Status::unavailable("the instance is gone")));
         }
         let md = encode_metadata(metadata);
         if let Err(status) = check_frame(&self.limits, &md, payload) {
-            return done(Err(status));
+            return done.finish(self, Err(status));
         }
         if !self.callbacks.load(Ordering::Relaxed) {
             self.callbacks.store(true, Ordering::Relaxed);
@@ -874,56 +930,80 @@ impl ClientConn {
     }
 
     /// Receives up to `max` answers on the calling thread (an
-    /// [`AnswerDriver`]'s), completing their calls there.
-    fn drive(&self, max: usize) -> AnswerDrive {
+    /// [`AnswerDriver`]'s), completing their calls there: the token calls'
+    /// through `local` if given (their payloads still in the ring), every
+    /// other call as it waits. Also says how many answers it took.
+    fn drive(&self, max: usize, mut local: Option<&mut Local<'_>>) -> (AnswerDrive, usize) {
         self.polled.store(true, Ordering::Release);
         // Held by a caller polling, or by the reader receiving for us: it
         // completes the calls it finds; we look again next time.
         let Some(mut rx) = try_lock(&self.rx) else {
-            return AnswerDrive::More;
+            return (AnswerDrive::More, 0);
         };
         // The answers found are matched with their calls under one lock of
-        // the pending table, then completed.
-        let mut answers = Vec::new();
+        // the pending table: those for `local` are handed to it there, the
+        // others completed once the lock is let go.
+        let mut others = Vec::new();
         let mut failed = None;
         let mut outcome = AnswerDrive::More;
-        for _ in 0..max {
-            match rx.try_recv() {
-                Ok(Some(msg)) => match self.answer(&msg) {
-                    Some(answer) => answers.push(answer),
-                    None => {
-                        failed = Some(RecvError::Protocol("malformed frame"));
+        let mut taken = 0;
+        {
+            let mut pending = lock(&self.pending);
+            while taken < max {
+                let msg = match rx.try_recv() {
+                    Ok(Some(msg)) => msg,
+                    Ok(None) => {
+                        outcome = AnswerDrive::Empty;
                         break;
                     }
-                },
-                Ok(None) => {
-                    outcome = AnswerDrive::Empty;
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                };
+                let Some((id, answer)) = self.answer_ref(&msg) else {
+                    failed = Some(RecvError::Protocol("malformed frame"));
                     break;
-                }
-                Err(e) => {
-                    failed = Some(e);
-                    break;
+                };
+                taken += 1;
+                match (pending.calls.remove(id), local.as_deref_mut()) {
+                    // Given up on (timed out) before the answer came.
+                    (None, _) => {}
+                    (
+                        Some(Waiter::Callback(Callback {
+                            done: Done::Token(token),
+                            balanced,
+                            ..
+                        })),
+                        Some(local),
+                    ) => {
+                        if balanced {
+                            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+                        }
+                        local(
+                            token,
+                            match answer {
+                                AnswerRef::Response { payload, .. } => Ok(payload),
+                                AnswerRef::Failed(status) => Err(status),
+                            },
+                        );
+                    }
+                    (Some(waiter), _) => others.push((waiter, answer.into_result())),
                 }
             }
+            self.pending_len
+                .store(pending.calls.len(), Ordering::Release);
         }
-        if !answers.is_empty() {
-            let waiters: Vec<_> = self.take_calls(|calls| {
-                answers
-                    .into_iter()
-                    .filter_map(|(id, result)| Some((calls.remove(id)?, result)))
-                    .collect()
-            });
-            for (waiter, result) in waiters {
-                waiter.complete(self, result);
-            }
+        for (waiter, result) in others {
+            waiter.complete(self, result);
         }
         match failed {
             Some(reason) => {
                 // After the answers that came before it.
                 let _ = self.fail(reason);
-                AnswerDrive::Closed
+                (AnswerDrive::Closed, taken)
             }
-            None => outcome,
+            None => (outcome, taken),
         }
     }
 
@@ -934,14 +1014,16 @@ impl ClientConn {
     }
 }
 
-/// Receives the answers to callback calls ([`Mesh::call_then`]) on the
-/// thread that owns it, instead of on the links' reader threads: an event
-/// loop that polls it at every turn takes its answers in with no hand-off
-/// between threads, and no wake-up while it is busy.
+/// Receives the answers to callback calls ([`Mesh::call_then`]) and token
+/// calls ([`Mesh::call_token`]) on the thread that owns it, instead of on
+/// the links' reader threads: an event loop that polls it at every turn
+/// takes its answers in with no hand-off between threads, and no wake-up
+/// while it is busy.
 ///
 /// Made by [`Mesh::drive_answers`]. A link becomes the driver's when a
 /// callback call is made on it; the driver gives it back to its reader
-/// thread once it finds it empty at two polls in a row (the reader then
+/// thread once it finds it empty at two polls in a row, or for longer (see
+/// [`set_hold`](AnswerDriver::set_hold)) while calls are pending (the reader then
 /// waits on the ring, and its callbacks run there as without a driver). A
 /// reader whose link the driver has watches the driver: if it leaves the
 /// link unpolled for 2 ms (the thread is busy elsewhere, or blocked), the
@@ -950,6 +1032,7 @@ impl ClientConn {
 /// driver gives every link back.
 ///
 /// [`Mesh::call_then`]: crate::Mesh::call_then
+/// [`Mesh::call_token`]: crate::Mesh::call_token
 /// [`Mesh::drive_answers`]: crate::Mesh::drive_answers
 pub struct AnswerDriver {
     claims: Arc<Claims>,
@@ -957,7 +1040,9 @@ pub struct AnswerDriver {
     busy: Vec<Arc<ClientConn>>,
     /// Came up empty at the last poll: given back at the next one unless
     /// answers came meanwhile.
-    resting: Vec<Arc<ClientConn>>,
+    resting: Vec<(Arc<ClientConn>, Instant)>,
+    /// How long a link may stay empty before it is given back.
+    hold: Duration,
 }
 
 impl std::fmt::Debug for AnswerDriver {
@@ -978,12 +1063,21 @@ enum AnswerDrive {
     Closed,
 }
 
-/// Links claimed for an [`AnswerDriver`] since its last poll.
+/// The receiver of a token call's answer as [`AnswerDriver::poll_with`]
+/// takes it.
+type Local<'a> = dyn FnMut(u64, Result<&[u8], Status>) + 'a;
+
+/// Links claimed for an [`AnswerDriver`] since its last poll, and where the
+/// answers to its handle's token calls go.
 #[derive(Default)]
 pub(crate) struct Claims {
     list: Mutex<ClaimList>,
     /// `!list.conns.is_empty()`, readable without the lock.
     any: AtomicBool,
+    /// Set if the driver was made with a sink ([`Mesh::drive_answers_with`]).
+    ///
+    /// [`Mesh::drive_answers_with`]: crate::Mesh::drive_answers_with
+    pub(crate) sink: Option<Arc<dyn AnswerSink>>,
 }
 
 #[derive(Default)]
@@ -993,6 +1087,13 @@ struct ClaimList {
 }
 
 impl Claims {
+    pub(crate) fn new(sink: Option<Arc<dyn AnswerSink>>) -> Claims {
+        Claims {
+            sink,
+            ..Claims::default()
+        }
+    }
+
     /// Makes the driver the receiver of `conn`'s answers (a callback call
     /// is about to be made on it), unless it already is.
     pub(crate) fn claim(&self, conn: &Arc<ClientConn>) {
@@ -1020,6 +1121,7 @@ impl AnswerDriver {
             claims,
             busy: Vec::new(),
             resting: Vec::new(),
+            hold: Duration::ZERO,
         }
     }
 
@@ -1028,31 +1130,92 @@ impl AnswerDriver {
     /// whether the driver still has links: poll again soon then (their
     /// readers stand by).
     pub fn poll(&mut self, max: usize) -> bool {
-        for c in self.resting.drain(..) {
-            if c.is_alive() && c.has_answers() {
-                self.busy.push(c);
-            } else {
-                c.hand_back();
-            }
+        self.poll_links(max, None)
+    }
+
+    /// Like [`poll`](AnswerDriver::poll), but hands the answers of token
+    /// calls ([`Mesh::call_token`]) to `on_answer` instead of the answer
+    /// sink: the call's token and its reply's payload, borrowed from the
+    /// ring (its metadata is checked, not kept), or the status it failed
+    /// with. No copy, no allocation. `max` bounds the answers of this poll
+    /// in all, across links. `on_answer` runs while the link's table of
+    /// pending calls is locked: it must not call into the mesh.
+    ///
+    /// [`Mesh::call_token`]: crate::Mesh::call_token
+    pub fn poll_with(
+        &mut self,
+        max: usize,
+        mut on_answer: impl FnMut(u64, Result<&[u8], Status>),
+    ) -> bool {
+        self.poll_links(max, Some(&mut on_answer))
+    }
+
+    /// [`poll`](AnswerDriver::poll) (`local` unset: `max` answers per link)
+    /// or [`poll_with`](AnswerDriver::poll_with) (`max` in all).
+    fn poll_links(&mut self, max: usize, mut local: Option<&mut Local<'_>>) -> bool {
+        if !self.resting.is_empty() {
+            let now = Instant::now();
+            let (busy, hold) = (&mut self.busy, self.hold);
+            self.resting.retain(|(c, since)| {
+                if c.is_alive() && c.has_answers() {
+                    busy.push(c.clone());
+                    false
+                } else if !c.is_alive()
+                    || c.pending_len.load(Ordering::Acquire) == 0
+                    || now.duration_since(*since) >= hold
+                {
+                    // Nothing to wait for, or waited long enough.
+                    c.hand_back();
+                    false
+                } else {
+                    // Looked at again next time.
+                    c.polled.store(true, Ordering::Release);
+                    true
+                }
+            });
         }
         if self.claims.any.load(Ordering::Acquire) {
             let mut list = lock(&self.claims.list);
             self.claims.any.store(false, Ordering::Relaxed);
             self.busy.append(&mut list.conns);
         }
+        let in_all = local.is_some();
+        let mut budget = max;
         let resting = &mut self.resting;
-        self.busy.retain(|c| match c.drive(max) {
-            AnswerDrive::More => true,
-            AnswerDrive::Empty => {
-                resting.push(c.clone());
-                false
+        let mut now = None;
+        self.busy.retain(|c| {
+            if budget == 0 && in_all {
+                // Polled first next time.
+                return true;
             }
-            AnswerDrive::Closed => {
-                c.hand_back();
-                false
+            let (drive, taken) = c.drive(budget, local.as_deref_mut());
+            if in_all {
+                budget -= taken;
+            }
+            match drive {
+                AnswerDrive::More => true,
+                AnswerDrive::Empty => {
+                    resting.push((c.clone(), *now.get_or_insert_with(Instant::now)));
+                    false
+                }
+                AnswerDrive::Closed => {
+                    c.hand_back();
+                    false
+                }
             }
         });
         !self.busy.is_empty() || !self.resting.is_empty()
+    }
+
+    /// Keeps a link that came up empty, with calls still pending on it,
+    /// for `hold` before giving it back to its reader (looking at it at
+    /// every poll meanwhile): a thread that polls often then takes answers
+    /// that come within `hold` itself, instead of the reader handing them
+    /// over (which wakes it). Without this (and for a link with no call
+    /// pending), a link is given back at the next poll that finds it still
+    /// empty.
+    pub fn set_hold(&mut self, hold: Duration) {
+        self.hold = hold;
     }
 
     /// Whether the driver has no link: polling it does nothing until a
@@ -1070,7 +1233,11 @@ impl AnswerDriver {
             self.claims.any.store(false, Ordering::Relaxed);
             self.busy.append(&mut list.conns);
         }
-        for c in self.busy.drain(..).chain(self.resting.drain(..)) {
+        for c in self
+            .busy
+            .drain(..)
+            .chain(self.resting.drain(..).map(|(c, _)| c))
+        {
             c.hand_back();
         }
     }
@@ -1330,10 +1497,34 @@ enum Waiter {
 
 /// A call answered through a callback.
 struct Callback {
-    done: Box<dyn FnOnce(CallResult) + Send>,
+    done: Done,
     deadline: Option<Instant>,
     /// Counted in [`ClientConn::in_flight`].
     balanced: bool,
+}
+
+/// Where a callback call's answer goes.
+pub(crate) enum Done {
+    /// A function of the caller's ([`Mesh::call_then`](crate::Mesh::call_then)).
+    Call(Box<dyn FnOnce(CallResult) + Send>),
+    /// The answer sink of the caller's mesh handle, named by the caller's
+    /// token ([`Mesh::call_token`](crate::Mesh::call_token)).
+    Token(u64),
+}
+
+impl Done {
+    /// Hands `result` over.
+    fn finish(self, conn: &ClientConn, result: CallResult) {
+        match self {
+            Done::Call(f) => f(result),
+            Done::Token(token) => {
+                // Set before any token call is made on the link.
+                if let Some(sink) = conn.sink.get() {
+                    sink.answer(token, result);
+                }
+            }
+        }
+    }
 }
 
 impl Waiter {
@@ -1347,7 +1538,7 @@ impl Waiter {
                 if c.balanced {
                     conn.in_flight.fetch_sub(1, Ordering::Relaxed);
                 }
-                (c.done)(result);
+                c.done.finish(conn, result);
             }
         }
     }

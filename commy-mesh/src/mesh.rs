@@ -685,7 +685,13 @@ impl Mesh {
                 if let Some(claims) = self.inner.answers.get() {
                     claims.claim(&conn);
                 }
-                return conn.call_then(payload, &options.metadata, due, balanced, Box::new(done));
+                return conn.call_then(
+                    payload,
+                    &options.metadata,
+                    due,
+                    balanced,
+                    conn::Done::Call(Box::new(done)),
+                );
             }
         }
         let mesh = self.clone();
@@ -694,6 +700,83 @@ impl Mesh {
         self.inner.runtime.spawn(async move {
             done(mesh.call_with(&name, payload, options).await);
         });
+    }
+
+    /// Starts a call whose result goes to this handle's
+    /// [`AnswerSink`](crate::AnswerSink) under `token`, a number of the
+    /// caller's: [`call_then`](Mesh::call_then) without a function to
+    /// allocate per call. While the thread that polls the handle's
+    /// [`AnswerDriver`](crate::AnswerDriver) takes the answer in with
+    /// [`poll_with`](crate::AnswerDriver::poll_with), the answer goes to
+    /// that poll's callback instead, its payload read in place.
+    ///
+    /// `FailedPrecondition` (and nothing sent) unless the handle's driver
+    /// was made with a sink ([`drive_answers_with`](Mesh::drive_answers_with));
+    /// every other outcome, a failure at once included, reaches the sink
+    /// or the callback.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// struct Printed;
+    /// impl commy_mesh::AnswerSink for Printed {
+    ///     fn answer(&self, token: u64, result: Result<commy_mesh::Response, commy_mesh::Status>) {
+    ///         println!("call {token}: {:?}", result.map(|r| r.into_payload()));
+    ///     }
+    /// }
+    /// # async fn demo(mesh: commy_mesh::Mesh) -> Result<(), commy_mesh::Status> {
+    /// let mut answers = mesh.drive_answers_with(Arc::new(Printed))?;
+    /// mesh.call_token("echo", "hi", Default::default(), 7)?;
+    /// // At every turn of the embedder's loop:
+    /// answers.poll_with(256, |token, payload| {
+    ///     println!("call {token}: {payload:?}");
+    /// });
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn call_token(
+        &self,
+        name: &str,
+        payload: impl AsRef<[u8]>,
+        options: CallOptions,
+        token: u64,
+    ) -> Result<(), Status> {
+        let Some(sink) = self.inner.answers.get().and_then(|c| c.sink.clone()) else {
+            return Err(Status::failed_precondition(
+                "token calls need an answer sink: make the driver with drive_answers_with",
+            ));
+        };
+        if let Err(status) = self.check_open() {
+            sink.answer(token, Err(status));
+            return Ok(());
+        }
+        let payload = payload.as_ref();
+        if self.preference(&options) != TransportPreference::Tls {
+            if let Some((conn, balanced)) = self.connected(name) {
+                let due = conn::Due::new(
+                    options.timeout.or(self.inner.config.default_timeout),
+                    options.deadline,
+                );
+                if let Some(claims) = self.inner.answers.get() {
+                    conn.set_sink(&sink);
+                    claims.claim(&conn);
+                }
+                conn.call_then(
+                    payload,
+                    &options.metadata,
+                    due,
+                    balanced,
+                    conn::Done::Token(token),
+                );
+                return Ok(());
+            }
+        }
+        let mesh = self.clone();
+        let name = name.to_owned();
+        let payload = Bytes::copy_from_slice(payload);
+        self.inner.runtime.spawn(async move {
+            sink.answer(token, mesh.call_with(&name, payload, options).await);
+        });
+        Ok(())
     }
 
     /// Makes the [`AnswerDriver`](crate::AnswerDriver) of this handle (and
@@ -714,7 +797,25 @@ impl Mesh {
     /// # }
     /// ```
     pub fn drive_answers(&self) -> Result<crate::AnswerDriver, Status> {
-        let claims = Arc::new(conn::Claims::default());
+        self.make_driver(None)
+    }
+
+    /// [`drive_answers`](Mesh::drive_answers), with `sink` receiving the
+    /// answers of [`call_token`](Mesh::call_token) calls that the
+    /// driver's [`poll_with`](crate::AnswerDriver::poll_with) does not
+    /// take itself (see [`AnswerSink`](crate::AnswerSink)).
+    pub fn drive_answers_with(
+        &self,
+        sink: Arc<dyn crate::AnswerSink>,
+    ) -> Result<crate::AnswerDriver, Status> {
+        self.make_driver(Some(sink))
+    }
+
+    fn make_driver(
+        &self,
+        sink: Option<Arc<dyn crate::AnswerSink>>,
+    ) -> Result<crate::AnswerDriver, Status> {
+        let claims = Arc::new(conn::Claims::new(sink));
         self.inner
             .answers
             .set(claims.clone())

@@ -1009,6 +1009,254 @@ async fn an_answer_driver_receives_on_its_own_thread() {
     server.close().await;
 }
 
+/// What an [`commy_mesh::AnswerSink`] received: the token, the thread it
+/// ran on and the result.
+#[derive(Default)]
+struct Sunk(std::sync::Mutex<Vec<SunkAnswer>>);
+
+type SunkAnswer = (u64, String, Result<Vec<u8>, Code>);
+
+impl commy_mesh::AnswerSink for Sunk {
+    fn answer(&self, token: u64, result: Result<Response, Status>) {
+        let here = std::thread::current().name().unwrap_or("").to_owned();
+        let r = result
+            .map(|resp| resp.into_payload().to_vec())
+            .map_err(|s| s.code());
+        self.0.lock().unwrap().push((token, here, r));
+    }
+}
+
+/// Token calls: a handle without an answer sink refuses them; with one, an
+/// answer polled with `poll_with` reaches its callback with the payload read
+/// in place, and every other outcome (an answer read by the link's reader or
+/// taken by a plain `poll`, a deadline passed, a service nobody serves)
+/// reaches the sink, each token exactly once. A driver holding its link
+/// (`set_hold`) takes answers that come late itself; one without hands the
+/// link back and the reader delivers them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_calls_reach_the_poll_callback_or_the_sink() {
+    if role().is_some() {
+        return;
+    }
+    let dir = private_dir("tokens");
+    let server = open(&dir).await;
+    let _echo = serve_test_services(&server).await;
+    let _lagging = server
+        .serve("lagging", |req: Request| async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok::<_, Status>(Response::new(req.into_payload()))
+        })
+        .await
+        .unwrap();
+    let _never = server
+        .serve_deferred("never", |_req: Request, responder| {
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_secs(3));
+                drop(responder);
+            });
+        })
+        .await
+        .unwrap();
+    let client = open(&dir).await;
+    client.call("lagging", &b"warm"[..]).await.unwrap();
+    client
+        .call_with(
+            "never",
+            &b""[..],
+            CallOptions::default().timeout(Duration::from_millis(1)),
+        )
+        .await
+        .unwrap_err();
+    // No sink yet.
+    let refused = client
+        .call_token("echo", &b"x"[..], CallOptions::default(), 1)
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    let sink = Arc::new(Sunk::default());
+    let mut answers = client.drive_answers_with(sink.clone()).unwrap();
+    let c = client.clone();
+    std::thread::Builder::new()
+        .name("answers".into())
+        .spawn(move || {
+            let client = c;
+            let call = |service: &str, token: u64, timeout: Option<Duration>| {
+                let mut options = CallOptions::default();
+                options.timeout = timeout;
+                client
+                    .call_token(service, format!("call {token}"), options, token)
+                    .unwrap();
+            };
+            let take = |sink: &Sunk| std::mem::take(&mut *sink.0.lock().unwrap());
+
+            // Many in flight: each token is answered once, with its own
+            // payload, most of them through the callback.
+            let mut local: Vec<(u64, Result<Vec<u8>, Code>)> = Vec::new();
+            let (total, window) = (5_000u64, 64u64);
+            let mut issued = 0u64;
+            let end = Instant::now() + Duration::from_secs(30);
+            loop {
+                let done = local.len() as u64 + sink.0.lock().unwrap().len() as u64;
+                if done == total {
+                    break;
+                }
+                assert!(
+                    Instant::now() < end,
+                    "only {done} of {total} token calls answered"
+                );
+                while issued < total && issued - done < window {
+                    call("echo", issued, None);
+                    issued += 1;
+                }
+                answers.poll_with(64, |token, r| {
+                    local.push((token, r.map(<[u8]>::to_vec).map_err(|s| s.code())));
+                });
+            }
+            let mut all: Vec<_> = take(&sink).into_iter().map(|(t, _, r)| (t, r)).collect();
+            let here = local.len();
+            all.extend(local);
+            all.sort_by_key(|(t, _)| *t);
+            assert_eq!(all.len() as u64, total);
+            for (i, (token, r)) in all.iter().enumerate() {
+                assert_eq!(*token, i as u64, "a token answered twice or never");
+                assert_eq!(r.as_deref(), Ok(format!("call {token}").as_bytes()));
+            }
+            assert!(
+                here as u64 >= total / 10,
+                "only {here} of {total} answers reached the poll callback"
+            );
+
+            // A plain poll hands token answers to the sink, on this thread.
+            let (total, mut issued) = (2_000u64, 0u64);
+            let end = Instant::now() + Duration::from_secs(30);
+            loop {
+                let done = sink.0.lock().unwrap().len() as u64;
+                if done == total {
+                    break;
+                }
+                assert!(Instant::now() < end, "plain polls lost token answers");
+                while issued < total && issued - done < window {
+                    call("echo", 10_000 + issued, None);
+                    issued += 1;
+                }
+                answers.poll(64);
+            }
+            let got = take(&sink);
+            assert!(
+                got.iter()
+                    .all(|(t, _, r)| r.as_deref() == Ok(format!("call {t}").as_bytes()))
+            );
+            let here = got.iter().filter(|(_, here, _)| here == "answers").count();
+            assert!(
+                here as u64 >= total / 10,
+                "only {here} of {total} answers were taken by plain polls"
+            );
+
+            // Failures reach the sink: a deadline that passes while the
+            // driver has the link, a service nobody serves.
+            call("never", 20_000, Some(Duration::from_millis(50)));
+            call("nobody", 20_001, Some(Duration::from_millis(50)));
+            let mut issued = 0;
+            let mut answered = 0;
+            let end = Instant::now() + Duration::from_secs(10);
+            let failures = |sink: &Sunk| {
+                let got = sink.0.lock().unwrap();
+                got.iter()
+                    .filter(|(t, _, _)| (20_000..30_000).contains(t))
+                    .count()
+            };
+            while failures(&sink) < 2 {
+                assert!(
+                    Instant::now() < end,
+                    "failed token calls never reached the sink"
+                );
+                while issued - answered < 16 {
+                    call("echo", 30_000 + issued, None);
+                    issued += 1;
+                }
+                answers.poll_with(64, |_, r| {
+                    assert!(r.is_ok());
+                    answered += 1;
+                });
+            }
+            let mut failed = Vec::new();
+            loop {
+                for (t, _, r) in take(&sink) {
+                    if t >= 30_000 {
+                        answered += 1;
+                    } else {
+                        failed.push((t, r.map(drop)));
+                    }
+                }
+                if answered == issued {
+                    break;
+                }
+                assert!(Instant::now() < end, "echo calls were lost");
+                answers.poll_with(64, |_, _| answered += 1);
+            }
+            failed.sort_by_key(|(t, _)| *t);
+            assert_eq!(failed.len(), 2);
+            assert_eq!(failed[0], (20_000, Err(Code::DeadlineExceeded)));
+            assert_eq!(failed[1].0, 20_001);
+            assert!(
+                failed[1].1.is_err(),
+                "a call of a service nobody serves succeeded"
+            );
+
+            // Late answers (20 ms): a driver holding its link takes them
+            // itself; this thread being held up longer than 2 ms lets the
+            // reader take over, so up to three tries.
+            answers.set_hold(Duration::from_millis(500));
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                for t in 0..8 {
+                    call("lagging", 40_000 + t, None);
+                }
+                let mut local = 0;
+                let end = Instant::now() + Duration::from_secs(10);
+                while local + take(&sink).len() < 8 {
+                    assert!(Instant::now() < end, "late answers were lost");
+                    answers.poll_with(64, |_, r| {
+                        assert!(r.is_ok());
+                        local += 1;
+                    });
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+                if local == 8 {
+                    break;
+                }
+                assert!(
+                    tries < 3,
+                    "a holding driver left late answers to the reader"
+                );
+            }
+            // Without a hold, the link goes back to its reader after two
+            // empty polls, and the reader delivers.
+            answers.set_hold(Duration::ZERO);
+            for t in 0..8 {
+                call("lagging", 50_000 + t, None);
+            }
+            let mut local = 0;
+            let end = Instant::now() + Duration::from_secs(10);
+            while sink.0.lock().unwrap().len() + local < 8 {
+                assert!(Instant::now() < end, "late answers were lost");
+                answers.poll_with(64, |_, _| local += 1);
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            let got = take(&sink);
+            assert_eq!(local, 0, "a driver without a hold kept a quiet link");
+            assert!(
+                got.iter()
+                    .all(|(_, here, r)| here != "answers" && r.is_ok())
+            );
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    client.close().await;
+    server.close().await;
+}
+
 /// Holders of a bounded resource: how many now, and the most at once.
 #[derive(Default)]
 struct Holders {

@@ -12,10 +12,12 @@
 //! - the watcher waits on the ring until something arrives, then hands the
 //!   link to the JS thread ([`Bridge::push_link`], which wakes it);
 //! - the JS thread polls the link at every drain while it has it. A link
-//!   that came up empty is kept one more drain (the one the JS layer runs
-//!   right after its handlers, see `index.js`): so a reply is written before
-//!   the watcher is woken, and a busy link is polled without any wake-up;
-//! - a link still empty then goes back to its watcher, which is unparked.
+//!   that came up empty is kept, and looked at at every drain, for a while
+//!   longer (the hold, 1 ms: see `poll_hold` in `native.rs`): so a busy
+//!   link is polled without any wake-up, and a reply is written before
+//!   the watcher is woken;
+//! - a link empty for the whole hold goes back to its watcher, which is
+//!   unparked.
 //!
 //! While the JS thread has the link, the watcher first yields for
 //! [`STAND_BY_YIELD`] (a lone request's link comes back within it, and a
@@ -154,31 +156,53 @@ fn stand_by(driven: &Driven) {
 
 /// The links the JS thread owns (kept by [`crate::native::NativeMesh`],
 /// used on the JS thread only).
-#[derive(Default)]
 pub(crate) struct Polled {
     /// Polled at every drain.
     busy: Vec<Arc<Driven>>,
-    /// Came up empty at the last drain: handed back at the next one unless
-    /// something arrived meanwhile.
-    resting: Vec<Arc<Driven>>,
+    /// Came up empty (at the instant kept with each): looked at again at
+    /// every drain, and handed back once empty for `hold`.
+    resting: Vec<(Arc<Driven>, Instant)>,
+    /// See [`Polled::new`].
+    hold: Duration,
     /// Set once the handle closed: links handed over are let go at once.
     closed: bool,
 }
 
 impl Polled {
+    /// No links yet. A link that comes up empty is polled for `hold` more
+    /// before it goes back to its watcher (see the module's
+    /// documentation).
+    pub(crate) fn new(hold: Duration) -> Polled {
+        Polled {
+            busy: Vec::new(),
+            resting: Vec::new(),
+            hold,
+            closed: false,
+        }
+    }
+
     /// Polls every link the JS thread owns (taking over those `bridge` has
     /// for it): the requests they hold reach `bridge`'s queue. Returns
     /// whether the JS thread still owns links afterwards (the JS layer then
     /// drains again soon).
     pub(crate) fn poll(&mut self, bridge: &Bridge) -> bool {
-        for d in self.resting.drain(..) {
-            // Busy: the watcher receives for us; we poll again next time.
-            let has_data = try_lock(&d.link).is_none_or(|l| l.has_data());
-            if has_data {
-                self.busy.push(d);
-            } else {
-                d.hand_back();
-            }
+        if !self.resting.is_empty() {
+            let now = Instant::now();
+            let (busy, hold) = (&mut self.busy, self.hold);
+            self.resting.retain(|(d, since)| {
+                // Busy: the watcher receives for us; we poll again next time.
+                let has_data = try_lock(&d.link).is_none_or(|l| l.has_data());
+                if has_data {
+                    busy.push(d.clone());
+                    false
+                } else if d.done.load(Ordering::Acquire) || now.duration_since(*since) >= hold {
+                    d.hand_back();
+                    false
+                } else {
+                    d.polled.store(true, Ordering::Release);
+                    true
+                }
+            });
         }
         bridge.take_links(&mut self.busy);
         if self.closed {
@@ -188,6 +212,7 @@ impl Polled {
             return false;
         }
         let resting = &mut self.resting;
+        let mut now = None;
         self.busy.retain(|d| {
             if d.done.load(Ordering::Acquire) {
                 return false;
@@ -200,7 +225,7 @@ impl Polled {
             match link.poll(POLL_MAX) {
                 Drive::More => true,
                 Drive::Empty => {
-                    resting.push(d.clone());
+                    resting.push((d.clone(), *now.get_or_insert_with(Instant::now)));
                     false
                 }
                 Drive::Closed => {
@@ -216,7 +241,11 @@ impl Polled {
     /// links close when the last reference goes.
     pub(crate) fn close(&mut self, all: &Mutex<Vec<Weak<Driven>>>) {
         self.closed = true;
-        for d in self.busy.drain(..).chain(self.resting.drain(..)) {
+        for d in self
+            .busy
+            .drain(..)
+            .chain(self.resting.drain(..).map(|(d, _)| d))
+        {
             d.finish();
         }
         for d in lock(all).drain(..) {
