@@ -29,6 +29,10 @@ const CALL_BATCH = 1024
 // Payloads of at least this many bytes go to the addon on their own, not
 // copied into a batch.
 const CALL_BATCH_PAYLOAD = 16 * 1024
+// The batches' bytes are copied into one buffer kept between crossings
+// (see _stage), grown on demand up to this size; bigger batches get a
+// buffer of their own.
+const STAGE_MAX = 1024 * 1024
 
 /** The status names an error's `code` can take. */
 const codes = Object.freeze([
@@ -140,6 +144,8 @@ class Mesh {
     this._callsBytes = Buffer.from(this._calls.buffer)
     this._callCount = 0
     this._callPayloads = []
+    this._callBytes = 0
+    this._staged = Buffer.allocUnsafe(64 * 1024)
     this._flushCalls = this._flushCalls.bind(this)
     // Set while a drain is scheduled with setImmediate (see _pump).
     this._pumpSoon = false
@@ -230,6 +236,7 @@ class Mesh {
     table[at + 2] = buf.length
     table[at + 3] = timeoutMs === undefined ? -1 : timeoutMs
     this._callPayloads.push(buf)
+    this._callBytes += buf.length
     this._callCount = n + 1
     if (n === 0) queueMicrotask(this._flushCalls)
   }
@@ -239,9 +246,11 @@ class Mesh {
     const n = this._callCount
     if (n === 0) return
     const payloads = this._callPayloads
+    const bytes = this._callBytes
     this._callCount = 0
     this._callPayloads = []
-    const data = n === 1 ? payloads[0] : Buffer.concat(payloads)
+    this._callBytes = 0
+    const data = this._stage(payloads, bytes)
     try {
       this._sent(this._native.callMany(this._callsBytes, n, data))
     } catch (e) {
@@ -573,14 +582,35 @@ class Mesh {
       const meta = this._replyMeta
       const parts = []
       let n = 0
+      let bytes = 0
       for (let i = start; i < end; i += 2) {
+        const buf = queued[i + 1]
         meta[2 * n] = queued[i]
-        meta[2 * n + 1] = queued[i + 1].length
-        parts.push(queued[i + 1])
+        meta[2 * n + 1] = buf.length
+        bytes += buf.length
+        parts.push(buf)
         n++
       }
-      this._native.replyMany(this._replyMetaBytes, n, parts.length === 1 ? parts[0] : Buffer.concat(parts))
+      this._native.replyMany(this._replyMetaBytes, n, this._stage(parts, bytes))
     }
+  }
+
+  // The bytes of `parts` one after another, for one crossing: copied into
+  // the staging buffer kept between crossings (the addon is done with it
+  // when it returns), so a batch allocates nothing; a lone part as it is.
+  _stage(parts, bytes) {
+    if (parts.length === 1) return parts[0]
+    if (bytes > STAGE_MAX) return Buffer.concat(parts, bytes)
+    let staged = this._staged
+    if (staged.length < bytes) {
+      staged = this._staged = Buffer.allocUnsafe(Math.min(STAGE_MAX, Math.max(bytes, 2 * staged.length)))
+    }
+    let at = 0
+    for (let i = 0; i < parts.length; i++) {
+      staged.set(parts[i], at)
+      at += parts[i].length
+    }
+    return staged
   }
 
   _failed(token, service, e) {

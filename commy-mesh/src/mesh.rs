@@ -740,7 +740,12 @@ impl Mesh {
         options: CallOptions,
         token: u64,
     ) -> Result<(), Status> {
-        let Some(sink) = self.inner.answers.get().and_then(|c| c.sink.clone()) else {
+        let Some((claims, sink)) = self
+            .inner
+            .answers
+            .get()
+            .and_then(|c| Some((c, c.sink.as_ref()?)))
+        else {
             return Err(Status::failed_precondition(
                 "token calls need an answer sink: make the driver with drive_answers_with",
             ));
@@ -756,10 +761,8 @@ impl Mesh {
                     options.timeout.or(self.inner.config.default_timeout),
                     options.deadline,
                 );
-                if let Some(claims) = self.inner.answers.get() {
-                    conn.set_sink(&sink);
-                    claims.claim(&conn);
-                }
+                conn.set_sink(sink);
+                claims.claim(&conn);
                 conn.call_then(
                     payload,
                     &options.metadata,
@@ -770,7 +773,7 @@ impl Mesh {
                 return Ok(());
             }
         }
-        let mesh = self.clone();
+        let (mesh, sink) = (self.clone(), sink.clone());
         let name = name.to_owned();
         let payload = Bytes::copy_from_slice(payload);
         self.inner.runtime.spawn(async move {

@@ -808,8 +808,11 @@ fn timeout_or_none(ms: f64, what: &str) -> Result<Duration> {
 
 /// A JS number that must be a `u32`.
 fn whole(n: f64, what: &str) -> Result<u32> {
-    if n.is_finite() && n >= 0.0 && n.fract() == 0.0 && n <= f64::from(u32::MAX) {
-        Ok(n as u32)
+    // A cast saturates (NaN becomes 0): only a whole number in range
+    // comes back the same.
+    let w = n as u32;
+    if f64::from(w) == n {
+        Ok(w)
     } else {
         Err(invalid(format!(
             "{what} must be an integer from 0 to 2^32-1, got {n}"
@@ -819,8 +822,10 @@ fn whole(n: f64, what: &str) -> Result<u32> {
 
 /// A JS number used as a byte offset or length.
 fn index(n: f64, what: &str) -> Result<usize> {
-    if n.is_finite() && n >= 0.0 && n.fract() == 0.0 && n <= (1u64 << 53) as f64 {
-        Ok(n as usize)
+    // As in `whole`.
+    let w = n as u64;
+    if w as f64 == n && w <= 1 << 53 {
+        Ok(w as usize)
     } else {
         Err(invalid(format!("{what} must be an integer >= 0, got {n}")))
     }

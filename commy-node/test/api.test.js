@@ -98,6 +98,27 @@ test('calls made in one turn each get their own outcome, in order with sends', (
     assert.throws(() => native.replyMany(Buffer.from(answers.buffer), 2, Buffer.alloc(4)), /exceed their data/)
   }))
 
+// A turn's calls (and a batch of answers) cross in one buffer kept between
+// crossings and grown on demand, or a buffer of their own past 1 MiB: every
+// payload keeps its own bytes either way, and the next batch does not see
+// the last one's.
+test('batched payloads of every size keep their own bytes', () =>
+  withMesh(async (mesh) => {
+    await mesh.serve('echo', async (req) => Buffer.from(req))
+    const payload = (i, size) => Buffer.alloc(size, i % 251)
+    for (const [n, most] of [
+      [50, 100],
+      [300, 1000],
+      [200, 8000],
+      [300, 16000],
+      [40, 3],
+    ]) {
+      const sent = Array.from({ length: n }, (_, i) => payload(i, 1 + ((i * 7919) % most)))
+      const replies = await Promise.all(sent.map((p) => mesh.call('echo', p)))
+      replies.forEach((r, i) => assert.ok(r.equals(sent[i]), `call ${i} of ${n}: ${r.length} bytes back`))
+    }
+  }))
+
 // The JS thread receives its services' requests itself: while it waits to
 // send (a request larger than the ring, to a service of its own) or runs a
 // long synchronous handler, the link's watcher receives for it.
