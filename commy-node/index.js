@@ -122,6 +122,8 @@ class Mesh {
     this._reject = []
     this._free = []
     this._services = new Map()
+    // The same services by number, for the lookup of every request.
+    this._serving = []
     // Service names by the addon's numbers for them (see NativeMesh.name).
     this._names = new Map()
     this._subs = new Map()
@@ -330,11 +332,13 @@ class Mesh {
       const service = new Service(this, number, name, handler)
       // Registered first: a request may arrive as soon as the service is announced.
       this._services.set(number, service)
+      this._serving[number] = service
       try {
         // A handler that declares a second parameter gets a cancellation signal.
         this._native.serve(number, name, handler.length >= 2)
       } catch (e) {
         this._services.delete(number)
+        this._serving[number] = undefined
         throw nativeError(e)
       }
       this._ref()
@@ -405,6 +409,7 @@ class Mesh {
       for (const sub of this._subs.values()) sub.close()
       await new Promise((resolve, reject) => this._native.close(this._begin(resolve, reject)))
       this._services.clear()
+      this._serving = []
       // Whatever is still waiting will never be answered now.
       for (let id = 0; id < this._resolve.length; id++) {
         if (this._resolve[id] !== undefined) this._fail(id, new CommyError('CANCELLED', 'the mesh handle was closed'))
@@ -522,7 +527,7 @@ class Mesh {
   }
 
   _request(token, payload, number, cancel) {
-    const service = this._services.get(number)
+    const service = this._serving[number]
     if (service === undefined) {
       this._native.replyError(token, 'UNAVAILABLE', 'the service is closed')
       return
@@ -662,6 +667,7 @@ class Service {
     this._closing = new Promise((resolve) => {
       if (!mesh._services.has(this._number) || mesh._native === null) return resolve()
       const done = () => {
+        mesh._serving[this._number] = undefined
         if (mesh._services.delete(this._number)) mesh._unref()
         resolve()
       }

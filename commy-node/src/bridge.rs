@@ -15,6 +15,7 @@
 //! subscriptions are pending (a ref'd timer), so a process whose mesh is
 //! closed, or idle, can exit.
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -56,6 +57,13 @@ pub(crate) enum Event {
     Ended { sub: u32 },
 }
 
+thread_local! {
+    /// While the JS thread drains a handle (see [`Bridge::draining`]): the
+    /// handle's bridge (by address) and the events it pushes meanwhile,
+    /// which need neither the queue's lock nor a wake-up.
+    static DRAINING: RefCell<Option<(usize, Vec<Event>)>> = const { RefCell::new(None) };
+}
+
 /// One mesh handle's queue of events and its wake-up.
 pub(crate) struct Bridge {
     queue: Mutex<Vec<Event>>,
@@ -78,10 +86,48 @@ impl Bridge {
         }
     }
 
-    /// Queues `event` and wakes the JS thread unless a wake-up is pending.
+    /// Queues `event` and wakes the JS thread unless a wake-up is pending
+    /// (or, pushed by the JS thread while it drains this handle, adds it to
+    /// the drain's events).
     pub(crate) fn push(&self, event: Event) {
-        lock(&self.queue).push(event);
-        self.wake();
+        let me = std::ptr::from_ref(self) as usize;
+        let queued = DRAINING.with(|d| match d.try_borrow_mut().as_deref_mut() {
+            Ok(Some((who, events))) if *who == me => {
+                events.push(event);
+                None
+            }
+            _ => Some(event),
+        });
+        if let Some(event) = queued {
+            lock(&self.queue).push(event);
+            self.wake();
+        }
+    }
+
+    /// Runs `poll` (on the JS thread, in a drain) with the events this
+    /// thread pushes meanwhile appended to `into`, in order, after the
+    /// events queued so far, which are taken first (so an event pushed here
+    /// never overtakes one another thread queued before it, such as a
+    /// request received for the JS thread before its cancellation is
+    /// received here).
+    pub(crate) fn draining<R>(&self, into: &mut Vec<Event>, poll: impl FnOnce() -> R) -> R {
+        /// Puts back what was drained into before, and hands the events
+        /// over, even if `poll` unwinds.
+        struct Restore<'a> {
+            outer: Option<(usize, Vec<Event>)>,
+            into: &'a mut Vec<Event>,
+        }
+        impl Drop for Restore<'_> {
+            fn drop(&mut self) {
+                let ours = DRAINING.with(|d| d.replace(self.outer.take()));
+                *self.into = ours.map(|(_, events)| events).unwrap_or_default();
+            }
+        }
+        into.append(&mut lock(&self.queue));
+        let me = std::ptr::from_ref(self) as usize;
+        let outer = DRAINING.with(|d| d.replace(Some((me, std::mem::take(into)))));
+        let _restore = Restore { outer, into };
+        poll()
     }
 
     /// Hands served link `link` to the JS thread and wakes it unless a

@@ -603,7 +603,9 @@ impl NativeMesh {
         // The requests waiting in the links the JS thread owns join the
         // queue first: pushed from this thread, they need no wake-up.
         self.bridge.hold();
-        let owns_links = lock(&self.polled).poll(&self.bridge);
+        let owns_links = self
+            .bridge
+            .draining(&mut events, || lock(&self.polled).poll(&self.bridge));
         // The answers waiting in the links this thread calls on go
         // straight into `meta` and `data`.
         let mut data = Vec::with_capacity(DATA_START);
