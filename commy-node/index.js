@@ -103,10 +103,11 @@ function checkMs(value, what) {
 
 function noop() {}
 
-// The bytes of one drained event: a view of the drain's buffer (made
-// directly on its memory: `subarray` would look up a species constructor).
-function view(data, offset, length) {
-  return length === 0 ? Buffer.alloc(0) : Buffer.from(data.buffer, data.byteOffset + offset, length)
+// The bytes of one drained event: a view of the drain's buffer, whose
+// memory is `ab` from `base` on (made directly on it: `subarray` would look
+// up a species constructor).
+function view(ab, base, offset, length) {
+  return length === 0 ? Buffer.alloc(0) : Buffer.from(ab, base + offset, length)
 }
 
 /** A handle on the mesh. Open it with `await Mesh.open()`. */
@@ -126,6 +127,9 @@ class Mesh {
     this._serving = []
     // Service names by the addon's numbers for them (see NativeMesh.name).
     this._names = new Map()
+    // The last name called and its number (calls often go to one service).
+    this._lastName = null
+    this._lastService = 0
     this._subs = new Map()
     // Cancellation signals of requests in progress, for handlers that take one.
     this._aborts = new Map()
@@ -199,10 +203,17 @@ class Mesh {
       const timeoutMs = options === undefined ? undefined : checkMs(checkOptions(options, ['timeoutMs'], 'call options').timeoutMs, 'options.timeoutMs')
       this._checkOpen()
       return new Promise((resolve, reject) => {
-        let service = this._names.get(name)
-        if (service === undefined) {
-          service = this._native.name(name)
-          this._names.set(name, service)
+        let service
+        if (name === this._lastName) {
+          service = this._lastService
+        } else {
+          service = this._names.get(name)
+          if (service === undefined) {
+            service = this._native.name(name)
+            this._names.set(name, service)
+          }
+          this._lastName = name
+          this._lastService = service
         }
         this._queueCall(this._begin(resolve, reject), service, buf, timeoutMs)
       })
@@ -458,6 +469,8 @@ class Mesh {
     while ((more & 1) === 1 && this._native !== null) {
       // One buffer holds every payload of the batch; each event's is a view of it.
       const data = this._native.drain(this._metaBytes)
+      const ab = data?.buffer
+      const base = data?.byteOffset ?? 0
       const n = meta[0]
       more = meta[1]
       // Bit 1: this thread owns served links, or links it receives answers
@@ -471,7 +484,7 @@ class Mesh {
             const resolve = this._resolve[id]
             if (resolve === undefined) break
             this._settle(id)
-            resolve(view(data, meta[at + 2], meta[at + 3]))
+            resolve(view(ab, base, meta[at + 2], meta[at + 3]))
             break
           }
           case DONE: {
@@ -489,7 +502,7 @@ class Mesh {
             break
           }
           case REQUEST: {
-            const payload = view(data, meta[at + 2], meta[at + 3])
+            const payload = view(ab, base, meta[at + 2], meta[at + 3])
             const cancel = meta[at + 5]
             this._request(id, payload, meta[at + 4], cancel === 0 ? undefined : cancel)
             break
@@ -503,7 +516,7 @@ class Mesh {
             break
           }
           case MESSAGE:
-            this._subs.get(id)?._push(view(data, meta[at + 2], meta[at + 3]))
+            this._subs.get(id)?._push(view(ab, base, meta[at + 2], meta[at + 3]))
             break
           case ENDED:
             this._subs.get(id)?._end()
