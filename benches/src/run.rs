@@ -58,7 +58,8 @@ pub(crate) struct Plan {
     pub(crate) profile: Profile,
     /// Repetitions per scenario.
     pub(crate) runs: u32,
-    /// Overrides the profile's iteration count (warm-up is a tenth of it).
+    /// Overrides the profile's iteration count (warm-up is a tenth of it, or
+    /// all of it for scenarios with a long warm-up).
     pub(crate) iterations: Option<u64>,
     /// The name filters used (for the report).
     pub(crate) filters: Vec<String>,
@@ -73,7 +74,11 @@ impl Plan {
         Params {
             size: s.size,
             iterations,
-            warmup: iterations / 10,
+            warmup: if s.long_warmup {
+                iterations
+            } else {
+                iterations / 10
+            },
             batch: s.batch,
         }
     }

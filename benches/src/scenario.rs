@@ -239,6 +239,9 @@ pub(crate) struct Scenario {
     pub(crate) batch: u64,
     /// Whether `commy-bench demo` runs it.
     pub(crate) demo: bool,
+    /// Whether it warms up with as many iterations as it times, instead of
+    /// a tenth of them (see [`Scenario::long_warmup`]).
+    pub(crate) long_warmup: bool,
     /// The transport's functions.
     pub(crate) fns: Fns,
 }
@@ -264,6 +267,7 @@ impl Scenario {
             wait: Wait::Blocking,
             batch: 1,
             demo: false,
+            long_warmup: false,
             fns,
         };
         s.rename();
@@ -299,6 +303,15 @@ impl Scenario {
     pub(crate) fn batch(mut self, batch: u64) -> Self {
         self.batch = batch.max(1);
         self.rename();
+        self
+    }
+
+    /// Warms up with as many iterations as are timed: for processes whose
+    /// runtime compiles their code while they run (Node), on background
+    /// threads that compete with the measured ones for the CPUs until it
+    /// is done.
+    pub(crate) fn long_warmup(mut self) -> Self {
+        self.long_warmup = true;
         self
     }
 

@@ -154,12 +154,14 @@ pub(crate) fn scenarios() -> Vec<Scenario> {
     all.push(
         Scenario::new(NODE_NET, Kind::Throughput, 64, node::NET_THROUGHPUT)
             .wait(Wait::Default)
-            .batch(node::IN_FLIGHT),
+            .batch(node::IN_FLIGHT)
+            .long_warmup(),
     );
     all.push(
         Scenario::new(NODE_COMMY, Kind::Throughput, 64, node::COMMY_THROUGHPUT)
             .wait(Wait::Default)
-            .batch(node::IN_FLIGHT),
+            .batch(node::IN_FLIGHT)
+            .long_warmup(),
     );
 
     all

@@ -397,8 +397,11 @@ pub(crate) fn render(report: &Report, machine: &Machine, date: &str) -> String {
            code for both transports (`commy-node/bench/bench.js`): `node-commy` is `mesh.call` to an \
            async Node handler, `node-net` a Node `net` Unix-socket echo with the same call semantics \
            (framed calls with ids, one promise per call). Their throughput rows keep `batch` calls in \
-           flight (each answer starts the next call) and count calls answered per second; their \
-           *vs UDS* column compares with `node-net`, not with the Rust socket baseline.\n\n"
+           flight (each answer starts the next call) and count calls answered per second, after a \
+           warm-up of as many calls as are timed: V8 compiles the hot code on background threads \
+           during the first few hundred thousand calls, competing with both processes for the CPUs \
+           meanwhile. Their *vs UDS* column compares with `node-net`, not with the Rust socket \
+           baseline.\n\n"
                 .into(),
         );
     }
