@@ -12,7 +12,8 @@
 //
 // Round trip: one call at a time, each timed with process.hrtime.bigint().
 // Throughput: `inflight` calls are kept in flight (each answer starts the
-// next call) until `calls` have been answered; timed as a whole.
+// next call) until `warmup + calls` have been answered; the last `calls`
+// are timed.
 //
 // usage:
 //   node bench.js serve commy MESH | serve net SOCKET
@@ -139,17 +140,23 @@ async function roundTrip(client, size, iterations, warmup) {
   return { samples }
 }
 
+// One flood of `warmup + calls` calls; the clock runs from the warm-up's
+// last answer to the last answer, so the timed calls start with `inflight`
+// calls already in flight (a separate warm-up flood would let them all drain
+// first, and the timed part would start with a ramp).
 async function throughput(client, size, calls, warmup, inflight) {
   const p = payloadOf(size, 7)
-  // Warm-up: the same pattern, untimed.
-  await flood(client, p, warmup, inflight)
-  const t = process.hrtime.bigint()
-  await flood(client, p, calls, inflight)
+  let t = process.hrtime.bigint()
+  await flood(client, p, warmup + calls, inflight, warmup, () => {
+    t = process.hrtime.bigint()
+  })
   const elapsed_ns = Number(process.hrtime.bigint() - t)
   return { calls, bytes: calls * size, elapsed_ns }
 }
 
-function flood(client, payload, total, inflight) {
+// Keeps `inflight` calls in flight until `total` are answered; `mark()` runs
+// when the `markAt`-th answer comes.
+function flood(client, payload, total, inflight, markAt, mark) {
   return new Promise((resolve, reject) => {
     let started = 0
     let answered = 0
@@ -157,7 +164,8 @@ function flood(client, payload, total, inflight) {
       started++
       client.call(payload).then((reply) => {
         if (reply.length !== payload.length) return reject(new Error('short echo'))
-        if (++answered === total) return resolve()
+        if (++answered === markAt) mark()
+        if (answered === total) return resolve()
         if (started < total) one()
       }, reject)
     }
