@@ -50,6 +50,10 @@ pub(crate) const POLL_MAX: usize = 256;
 /// watcher receives for it.
 const STUCK_AFTER: Duration = Duration::from_millis(2);
 
+/// How long the JS thread keeps polling a link that came up empty after
+/// bringing one batch of requests only (see [`Polled::new`]).
+const LONE_HOLD: Duration = Duration::from_micros(50);
+
 /// How long a watcher that handed its link to the JS thread yields before
 /// it naps.
 const STAND_BY_YIELD: Duration = Duration::from_micros(50);
@@ -157,11 +161,15 @@ fn stand_by(driven: &Driven) {
 /// The links the JS thread owns (kept by [`crate::native::NativeMesh`],
 /// used on the JS thread only).
 pub(crate) struct Polled {
-    /// Polled at every drain.
-    busy: Vec<Arc<Driven>>,
+    /// Polled at every drain, each with the number of its polls that found
+    /// requests since the JS thread took it.
+    busy: Vec<(Arc<Driven>, u32)>,
     /// Came up empty (at the instant kept with each): looked at again at
-    /// every drain, and handed back once empty for `hold`.
-    resting: Vec<(Arc<Driven>, Instant)>,
+    /// every drain, and handed back once empty for long enough (see
+    /// [`Polled::new`]).
+    resting: Vec<(Arc<Driven>, Instant, u32)>,
+    /// Links just handed over (reused between drains).
+    arriving: Vec<Arc<Driven>>,
     /// See [`Polled::new`].
     hold: Duration,
     /// Set once the handle closed: links handed over are let go at once.
@@ -170,12 +178,16 @@ pub(crate) struct Polled {
 
 impl Polled {
     /// No links yet. A link that comes up empty is polled for `hold` more
-    /// before it goes back to its watcher (see the module's
-    /// documentation).
+    /// before it goes back to its watcher (see the module's documentation)
+    /// if it brought requests at more than one poll since the JS thread
+    /// took it; for [`LONE_HOLD`] if it brought one batch only (a lone
+    /// request: the next one of a caller calling one at a time is caught
+    /// within it, while a service called now and then spins little).
     pub(crate) fn new(hold: Duration) -> Polled {
         Polled {
             busy: Vec::new(),
             resting: Vec::new(),
+            arriving: Vec::new(),
             hold,
             closed: false,
         }
@@ -189,13 +201,18 @@ impl Polled {
         if !self.resting.is_empty() {
             let now = Instant::now();
             let (busy, hold) = (&mut self.busy, self.hold);
-            self.resting.retain(|(d, since)| {
+            let hold = |found: u32| {
+                if found > 1 { hold } else { hold.min(LONE_HOLD) }
+            };
+            self.resting.retain(|(d, since, found)| {
                 // Busy: the watcher receives for us; we poll again next time.
                 let has_data = try_lock(&d.link).is_none_or(|l| l.has_data());
                 if has_data {
-                    busy.push(d.clone());
+                    busy.push((d.clone(), *found));
                     false
-                } else if d.done.load(Ordering::Acquire) || now.duration_since(*since) >= hold {
+                } else if d.done.load(Ordering::Acquire)
+                    || now.duration_since(*since) >= hold(*found)
+                {
                     d.hand_back();
                     false
                 } else {
@@ -204,16 +221,17 @@ impl Polled {
                 }
             });
         }
-        bridge.take_links(&mut self.busy);
+        bridge.take_links(&mut self.arriving);
+        self.busy.extend(self.arriving.drain(..).map(|d| (d, 0)));
         if self.closed {
-            for d in self.busy.drain(..) {
+            for (d, _) in self.busy.drain(..) {
                 d.finish();
             }
             return false;
         }
         let resting = &mut self.resting;
         let mut now = None;
-        self.busy.retain(|d| {
+        self.busy.retain_mut(|(d, found)| {
             if d.done.load(Ordering::Acquire) {
                 return false;
             }
@@ -222,10 +240,13 @@ impl Polled {
                 // The watcher receives for us (we were away too long).
                 return true;
             };
+            if link.has_data() {
+                *found += 1;
+            }
             match link.poll(POLL_MAX) {
                 Drive::More => true,
                 Drive::Empty => {
-                    resting.push((d.clone(), *now.get_or_insert_with(Instant::now)));
+                    resting.push((d.clone(), *now.get_or_insert_with(Instant::now), *found));
                     false
                 }
                 Drive::Closed => {
@@ -241,11 +262,8 @@ impl Polled {
     /// links close when the last reference goes.
     pub(crate) fn close(&mut self, all: &Mutex<Vec<Weak<Driven>>>) {
         self.closed = true;
-        for d in self
-            .busy
-            .drain(..)
-            .chain(self.resting.drain(..).map(|(d, _)| d))
-        {
+        let resting = self.resting.drain(..).map(|(d, _, _)| d);
+        for d in self.busy.drain(..).map(|(d, _)| d).chain(resting) {
             d.finish();
         }
         for d in lock(all).drain(..) {
