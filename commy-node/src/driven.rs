@@ -13,9 +13,10 @@
 //!   link to the JS thread ([`Bridge::push_link`], which wakes it);
 //! - the JS thread polls the link at every drain while it has it. A link
 //!   that came up empty is kept, and looked at at every drain, for a while
-//!   longer (the hold, 1 ms: see `poll_hold` in `native.rs`): so a busy
-//!   link is polled without any wake-up, and a reply is written before
-//!   the watcher is woken;
+//!   longer (the hold: 1 ms, see `poll_hold` in `native.rs`, or 50 µs
+//!   for a link that brought one batch of requests only): so a busy link
+//!   is polled without any wake-up, and a reply is written before the
+//!   watcher is woken;
 //! - a link empty for the whole hold goes back to its watcher, which is
 //!   unparked.
 //!
