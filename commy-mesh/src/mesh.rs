@@ -676,23 +676,12 @@ impl Mesh {
             return done(Err(status));
         }
         let payload = payload.as_ref();
-        if self.preference(&options) != TransportPreference::Tls {
-            if let Some((conn, balanced)) = self.connected(name) {
-                let due = conn::Due::new(
-                    options.timeout.or(self.inner.config.default_timeout),
-                    options.deadline,
-                );
-                if let Some(claims) = self.inner.answers.get() {
-                    claims.claim(&conn);
-                }
-                return conn.call_then(
-                    payload,
-                    &options.metadata,
-                    due,
-                    balanced,
-                    conn::Done::Call(Box::new(done)),
-                );
+        if let Some((conn, balanced, due)) = self.callback_route(name, &options) {
+            if let Some(claims) = self.inner.answers.get() {
+                claims.claim(&conn);
             }
+            let done = conn::Done::Call(Box::new(done));
+            return conn.call_then(payload, &options.metadata, due, balanced, done);
         }
         let mesh = self.clone();
         let name = name.to_owned();
@@ -755,23 +744,12 @@ impl Mesh {
             return Ok(());
         }
         let payload = payload.as_ref();
-        if self.preference(&options) != TransportPreference::Tls {
-            if let Some((conn, balanced)) = self.connected(name) {
-                let due = conn::Due::new(
-                    options.timeout.or(self.inner.config.default_timeout),
-                    options.deadline,
-                );
-                conn.set_sink(sink);
-                claims.claim(&conn);
-                conn.call_then(
-                    payload,
-                    &options.metadata,
-                    due,
-                    balanced,
-                    conn::Done::Token(token),
-                );
-                return Ok(());
-            }
+        if let Some((conn, balanced, due)) = self.callback_route(name, &options) {
+            conn.set_sink(sink);
+            claims.claim(&conn);
+            let done = conn::Done::Token(token);
+            conn.call_then(payload, &options.metadata, due, balanced, done);
+            return Ok(());
         }
         let (mesh, sink) = (self.clone(), sink.clone());
         let name = name.to_owned();
@@ -780,6 +758,26 @@ impl Mesh {
             sink.answer(token, mesh.call_with(&name, payload, options).await);
         });
         Ok(())
+    }
+
+    /// The link a callback or token call is sent on from the calling
+    /// thread, whether the call is counted for balancing, and when it is
+    /// due; `None` if the call runs as a task instead (over TLS, or before
+    /// a link to the service is open).
+    fn callback_route(
+        &self,
+        name: &str,
+        options: &CallOptions,
+    ) -> Option<(Arc<ClientConn>, bool, conn::Due)> {
+        if self.preference(options) == TransportPreference::Tls {
+            return None;
+        }
+        let (conn, balanced) = self.connected(name)?;
+        let due = conn::Due::new(
+            options.timeout.or(self.inner.config.default_timeout),
+            options.deadline,
+        );
+        Some((conn, balanced, due))
     }
 
     /// Makes the [`AnswerDriver`](crate::AnswerDriver) of this handle (and

@@ -835,6 +835,48 @@ fn call_many(
     }
 }
 
+/// A server with the test services, `lagging` (answers after 20 ms: calls
+/// made meanwhile are in flight together) and `never` (a deferred handler
+/// that holds its request until the caller gives up).
+async fn serve_late_answers(dir: &Path) -> (Mesh, Vec<commy_mesh::ServiceHandle>) {
+    let server = open(dir).await;
+    let mut services = serve_test_services(&server).await;
+    let lagging = server
+        .serve("lagging", |req: Request| async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok::<_, Status>(Response::new(req.into_payload()))
+        })
+        .await
+        .unwrap();
+    let never = server
+        .serve_deferred("never", |_req: Request, responder| {
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_secs(3));
+                drop(responder);
+            });
+        })
+        .await
+        .unwrap();
+    services.extend([lagging, never]);
+    (server, services)
+}
+
+/// A client of [`serve_late_answers`]' services with its links open: a
+/// callback call on a service not reached yet would run as a task.
+async fn connected_to_late_answers(dir: &Path) -> Mesh {
+    let client = open(dir).await;
+    client.call("lagging", &b"warm"[..]).await.unwrap();
+    client
+        .call_with(
+            "never",
+            &b""[..],
+            CallOptions::default().timeout(Duration::from_millis(1)),
+        )
+        .await
+        .unwrap_err();
+    client
+}
+
 /// Polls `answers` on this thread until `into` holds `n` results (or 10 s
 /// pass).
 fn poll_until(answers: &mut commy_mesh::AnswerDriver, into: &Answered, n: usize) {
@@ -863,38 +905,8 @@ async fn an_answer_driver_receives_on_its_own_thread() {
         return;
     }
     let dir = private_dir("answers");
-    let server = open(&dir).await;
-    let _echo = serve_test_services(&server).await;
-    // Answers after a while: calls made meanwhile are in flight together.
-    let _lagging = server
-        .serve("lagging", |req: Request| async move {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            Ok::<_, Status>(Response::new(req.into_payload()))
-        })
-        .await
-        .unwrap();
-    let _never = server
-        .serve_deferred("never", |_req: Request, responder| {
-            // Held until the caller gives up.
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_secs(3));
-                drop(responder);
-            });
-        })
-        .await
-        .unwrap();
-    let client = open(&dir).await;
-    // Connected before the driver's thread calls (call_then on a service
-    // not reached yet would run as a task).
-    client.call("lagging", &b"warm"[..]).await.unwrap();
-    client
-        .call_with(
-            "never",
-            &b""[..],
-            CallOptions::default().timeout(Duration::from_millis(1)),
-        )
-        .await
-        .unwrap_err();
+    let (server, _services) = serve_late_answers(&dir).await;
+    let client = connected_to_late_answers(&dir).await;
     let mut answers = client.drive_answers().unwrap();
     assert_eq!(
         client.drive_answers().unwrap_err().code(),
@@ -1039,34 +1051,8 @@ async fn token_calls_reach_the_poll_callback_or_the_sink() {
         return;
     }
     let dir = private_dir("tokens");
-    let server = open(&dir).await;
-    let _echo = serve_test_services(&server).await;
-    let _lagging = server
-        .serve("lagging", |req: Request| async move {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            Ok::<_, Status>(Response::new(req.into_payload()))
-        })
-        .await
-        .unwrap();
-    let _never = server
-        .serve_deferred("never", |_req: Request, responder| {
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_secs(3));
-                drop(responder);
-            });
-        })
-        .await
-        .unwrap();
-    let client = open(&dir).await;
-    client.call("lagging", &b"warm"[..]).await.unwrap();
-    client
-        .call_with(
-            "never",
-            &b""[..],
-            CallOptions::default().timeout(Duration::from_millis(1)),
-        )
-        .await
-        .unwrap_err();
+    let (server, _services) = serve_late_answers(&dir).await;
+    let client = connected_to_late_answers(&dir).await;
     // No sink yet.
     let refused = client
         .call_token("echo", &b"x"[..], CallOptions::default(), 1)
@@ -1212,9 +1198,10 @@ async fn token_calls_reach_the_poll_callback_or_the_sink() {
                 for t in 0..8 {
                     call("lagging", 40_000 + t, None);
                 }
-                let mut local = 0;
+                let (mut local, mut sunk) = (0, 0);
                 let end = Instant::now() + Duration::from_secs(10);
-                while local + take(&sink).len() < 8 {
+                while local + sunk < 8 {
+                    sunk += take(&sink).len();
                     assert!(Instant::now() < end, "late answers were lost");
                     answers.poll_with(64, |_, r| {
                         assert!(r.is_ok());
