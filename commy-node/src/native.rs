@@ -136,7 +136,7 @@ impl NativeMesh {
         // The answers that `drain` does not take in itself (those read by
         // the links' readers, failures, timeouts) come through the bridge.
         let b = bridge.clone();
-        let answers = mesh
+        let mut answers = mesh
             .drive_answers_with(move |id, r| {
                 let id = id as u32;
                 b.push(match r {
@@ -145,7 +145,6 @@ impl NativeMesh {
                 });
             })
             .map_err(|e| ffi_error(&e))?;
-        let mut answers = answers;
         let hold = poll_hold();
         answers.set_hold(hold);
         Ok(NativeMesh {
@@ -601,14 +600,15 @@ impl NativeMesh {
         }
         let mut events = std::mem::take(&mut *lock(&self.scratch));
         // The requests waiting in the links the JS thread owns join the
-        // queue first: pushed from this thread, they need no wake-up.
+        // events (after those queued before): received on this thread,
+        // they need no queue and no wake-up.
         self.bridge.hold();
         let owns_links = self
             .bridge
             .draining(&mut events, || lock(&self.polled).poll(&self.bridge));
         // The answers waiting in the links this thread calls on go
         // straight into `meta` and `data`.
-        let mut data = Vec::with_capacity(DATA_START);
+        let mut data = Vec::new();
         let mut n = 0usize;
         let owns_calls = lock(&self.answers).as_mut().is_some_and(|a| {
             a.poll_with(room.min(POLL_MAX), |id, answer| {
@@ -690,6 +690,10 @@ fn put_event(meta: &mut [u8], i: usize, ev: [u32; STRIDE]) {
 /// A drained event whose bytes `b` are appended to `data`: `[kind, id,
 /// offset, length, x, y]`.
 fn bytes_event(kind: u32, id: u32, data: &mut Vec<u8>, b: &[u8], x: u32, y: u32) -> [u32; STRIDE] {
+    if data.capacity() == 0 {
+        // Made only for a drain with bytes to hand over.
+        data.reserve(DATA_START.max(b.len()));
+    }
     let at = u32::try_from(data.len()).unwrap_or(u32::MAX);
     data.extend_from_slice(b);
     [
