@@ -54,6 +54,9 @@ use commy_mesh::{
 };
 
 use crate::error::FfiError;
+use crate::region::{FfiRegion, RegionOptions};
+use crate::runtime::block_on;
+use crate::subscription::FfiSubscription;
 
 /// An answer sink made of a function (see [`FfiMesh::drive_answers_with`]).
 struct Sink<F>(F);
@@ -69,9 +72,6 @@ where
         );
     }
 }
-use crate::region::{FfiRegion, RegionOptions};
-use crate::runtime::block_on;
-use crate::subscription::FfiSubscription;
 
 /// Settings of [`FfiMesh::open`]; `MeshOptions::default()` is the embedded
 /// default (mesh `default`, the usual runtime dir, 30 s call timeout).

@@ -1038,8 +1038,9 @@ pub struct AnswerDriver {
     claims: Arc<Claims>,
     /// Polled at every [`poll`](AnswerDriver::poll).
     busy: Vec<Arc<ClientConn>>,
-    /// Came up empty at the last poll: given back at the next one unless
-    /// answers came meanwhile.
+    /// Came up empty (at the instant kept with each): looked at again at
+    /// every poll, and given back once empty for `hold` (at once if no call
+    /// is pending on it).
     resting: Vec<(Arc<ClientConn>, Instant)>,
     /// How long a link may stay empty before it is given back.
     hold: Duration,
@@ -1157,14 +1158,15 @@ impl AnswerDriver {
             let now = Instant::now();
             let (busy, hold) = (&mut self.busy, self.hold);
             self.resting.retain(|(c, since)| {
-                if c.is_alive() && c.has_answers() {
+                let alive = c.is_alive();
+                if alive && c.has_answers() {
                     busy.push(c.clone());
                     false
-                } else if !c.is_alive()
+                } else if !alive
                     || c.pending_len.load(Ordering::Acquire) == 0
                     || now.duration_since(*since) >= hold
                 {
-                    // Nothing to wait for, or waited long enough.
+                    // Gone, nothing to wait for, or waited long enough.
                     c.hand_back();
                     false
                 } else {

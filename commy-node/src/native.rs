@@ -617,7 +617,7 @@ impl NativeMesh {
                     Ok(payload) => bytes_event(ANSWER, id, &mut data, payload, 0, 0),
                     Err(status) => {
                         let e = FfiError::from(status);
-                        let text = format!("{}: {}", e.code_name(), e.message());
+                        let text = failure_text(e.code_name(), e.message());
                         bytes_event(FAILED, id, &mut data, text.as_bytes(), 0, 0)
                     }
                 };
@@ -634,7 +634,7 @@ impl NativeMesh {
                 Event::Done { id, value } => [DONE, id, 0, 0, value.unwrap_or(0), 0],
                 Event::Answer { id, payload } => bytes_event(ANSWER, id, d, &payload, 0, 0),
                 Event::Failed { id, code, message } => {
-                    let text = format!("{code}: {message}");
+                    let text = failure_text(code, &message);
                     bytes_event(FAILED, id, d, text.as_bytes(), 0, 0)
                 }
                 Event::Request {
@@ -677,6 +677,11 @@ const DATA_START: usize = 8 * 1024;
 /// Writes `v` into slot `slot` of `meta`.
 fn put(meta: &mut [u8], slot: usize, v: u32) {
     meta[slot * 4..slot * 4 + 4].copy_from_slice(&v.to_ne_bytes());
+}
+
+/// A failure's bytes in a drained event: `"CODE: message"` (see `index.js`).
+fn failure_text(code: &str, message: &str) -> String {
+    format!("{code}: {message}")
 }
 
 /// Writes drained event `i` (its [`STRIDE`] slots) into `meta`.
