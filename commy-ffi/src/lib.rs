@@ -57,4 +57,4 @@ pub use region::{FfiRegion, OpenPolicy, RegionOptions};
 pub use runtime::{CHECK_INTERVAL, FfiTask, LocalTask, block_on, run_inline, runtime, spawn_with};
 pub use subscription::{FfiMessage, FfiSubscription};
 
-pub use commy_mesh::{AnswerDriver, Drive, DrivenLink, ThreadHook};
+pub use commy_mesh::{AnswerDriver, Drive, DrivenLink, PolledRequest, ThreadHook};

@@ -31,7 +31,7 @@ use commy_core::{
 };
 use commy_shm::link::{LinkSender, RecvError, SendError};
 use commy_shm::{LinkReceiver, RingError, ShmLink};
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::sync::oneshot;
 
 use crate::service::{
@@ -1857,11 +1857,41 @@ impl Permits {
         }
     }
 
+    /// Takes up to `n` free permits at once (one compare-and-swap);
+    /// returns how many were taken (0 when none is free). The caller gives
+    /// them back with [`give_n`](Permits::give_n).
+    pub(crate) fn try_take_up_to(&self, n: usize) -> usize {
+        // SYNC: SeqCst, as in `try_take`.
+        let mut free = self.free.load(Ordering::SeqCst);
+        while free > 0 {
+            let k = free.min(n);
+            match self.free.compare_exchange_weak(
+                free,
+                free - k,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => return k,
+                Err(now) => free = now,
+            }
+        }
+        0
+    }
+
     /// Gives a permit back, waking a task that waits for one.
     pub(crate) fn give(&self) {
+        self.give_n(1);
+    }
+
+    /// Gives `n` permits back at once, waking as many waiting tasks.
+    pub(crate) fn give_n(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
         // SYNC: see `take`.
-        self.free.fetch_add(1, Ordering::SeqCst);
-        if self.waiting.load(Ordering::SeqCst) > 0 {
+        self.free.fetch_add(n, Ordering::SeqCst);
+        let waiting = self.waiting.load(Ordering::SeqCst);
+        for _ in 0..waiting.min(n) {
             self.notify.notify_one();
         }
     }
@@ -1911,6 +1941,21 @@ impl Drop for InlineBusy<'_> {
 pub(crate) struct LinkShared {
     tx: Mutex<LinkSender>,
     running: Mutex<FxHashMap<u64, Pending>>,
+    /// The [`PolledRequest`]s handed out and neither answered nor given up
+    /// by their callers, by stream id (removing one releases what it holds:
+    /// whoever removes it, the answer, a Cancel frame or the link closing).
+    polled: Mutex<FxHashSet<u64>>,
+    /// The service served (what polled requests release).
+    ctx: Arc<ServeCtx>,
+}
+
+impl LinkShared {
+    /// Gives back what `n` answered [`PolledRequest`]s of this link held:
+    /// their permits and their counts as requests in progress.
+    fn release_polled(&self, n: usize) {
+        self.ctx.permits.give_n(n);
+        handled_n(&self.ctx, n);
+    }
 }
 
 /// A request of [`LinkShared::running`].
@@ -1966,6 +2011,112 @@ impl LinkAnswer {
     }
 }
 
+/// A request taken out of a driven link by
+/// [`DrivenLink::poll_requests`], for its poller to answer once, now or
+/// later, from any thread: the answer is written straight into the link.
+/// Dropping it unanswered answers `Internal`.
+///
+/// Until answered it holds one of the service's concurrency permits and
+/// counts as a request in progress (closing the service waits for it),
+/// unless its caller gives up first (deadline passed, call cancelled, link
+/// closed): the answer is then discarded.
+#[must_use = "dropping a polled request answers it INTERNAL"]
+pub struct PolledRequest {
+    /// `None` once answered.
+    link: Option<Arc<LinkShared>>,
+    id: StreamId,
+    /// A one-way message: answering it only releases what it holds.
+    one_way: bool,
+}
+
+impl std::fmt::Debug for PolledRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolledRequest")
+            .field("stream", &self.id.0)
+            .field("one_way", &self.one_way)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PolledRequest {
+    /// Answers with `payload` (and no metadata), or fails with a status
+    /// (for a [one-way](PolledRequest::is_one_way) message, this only
+    /// releases what it holds).
+    pub fn answer(self, answer: Result<&[u8], Status>) {
+        PolledRequest::answer_all([(self, answer)]);
+    }
+
+    /// Answers many requests at once: consecutive answers to one link are
+    /// written under one lock of its sending half, and what their requests
+    /// held is given back once for them all.
+    pub fn answer_all<'a>(
+        answers: impl IntoIterator<Item = (PolledRequest, Result<&'a [u8], Status>)>,
+    ) {
+        let mut answers = answers.into_iter().peekable();
+        while let Some((mut first, answer)) = answers.next() {
+            let Some(link) = first.link.take() else {
+                continue;
+            };
+            let limits = &link.ctx.limits;
+            // Those of the requests answered that held something still.
+            let mut n = 0;
+            {
+                let (mut tx, mut polled) = (lock(&link.tx), lock(&link.polled));
+                let mut send = |r: &PolledRequest, answer: Result<&[u8], Status>| {
+                    if r.one_way {
+                        n += 1;
+                    } else if polled.remove(&r.id.0) {
+                        send_answer_locked(&mut tx, limits, r.id, answer.map(|p| (&[][..], p)));
+                        n += 1;
+                    }
+                };
+                send(&first, answer);
+                let same = |(next, _): &(PolledRequest, _)| {
+                    next.link.as_ref().is_some_and(|l| Arc::ptr_eq(l, &link))
+                };
+                while let Some((mut next, answer)) = answers.next_if(same) {
+                    next.link = None;
+                    send(&next, answer);
+                }
+            }
+            // After the answers are out: a drain waiting for the count sees
+            // them written.
+            link.release_polled(n);
+        }
+    }
+}
+
+impl PolledRequest {
+    /// Whether this is a one-way message (its caller waits for no answer).
+    pub fn is_one_way(&self) -> bool {
+        self.one_way
+    }
+}
+
+impl Drop for PolledRequest {
+    fn drop(&mut self) {
+        if let Some(link) = self.link.take() {
+            if !self.one_way {
+                if !lock(&link.polled).remove(&self.id.0) {
+                    // Given up by its caller: released already.
+                    return;
+                }
+                send_answer(
+                    &link.tx,
+                    &link.ctx.limits,
+                    self.id,
+                    Err(Status::internal("the request was dropped unanswered")),
+                );
+            }
+            link.release_polled(1);
+        }
+    }
+}
+
+/// How many concurrency permits [`DrivenLink::poll_requests`] takes at a
+/// time (those it does not hand out go back when the poll ends).
+const POLLED_PERMITS: usize = 32;
+
 /// Serves one accepted link until it closes (runs on its own thread).
 ///
 /// Each request's handler is polled once right here, so a handler that
@@ -2007,11 +2158,13 @@ impl LinkServer {
         lock(&ctx.links).push(busy.clone());
         LinkServer {
             handler: LinkHandler::new(&ctx.handler),
-            ctx,
             link: Arc::new(LinkShared {
                 tx: Mutex::new(tx),
                 running: Mutex::default(),
+                polled: Mutex::default(),
+                ctx: ctx.clone(),
             }),
+            ctx,
             busy,
         }
     }
@@ -2084,6 +2237,8 @@ impl LinkServer {
                 let cancelled = lock(running).remove(&h.stream_id.0);
                 if let Some(p) = cancelled {
                     p.cancel();
+                } else if lock(&shared.polled).remove(&h.stream_id.0) {
+                    shared.release_polled(1);
                 }
             }
             FrameKind::Ping => {
@@ -2107,12 +2262,80 @@ impl LinkServer {
         true
     }
 
+    /// Hands `msg` to `on_request` if it is a request that may start now
+    /// (see [`DrivenLink::poll_requests`]; `held` counts the permits taken
+    /// for it and not handed out yet). `false`: `msg` is for
+    /// [`on_frame`](LinkServer::on_frame).
+    fn take_request(
+        &self,
+        msg: &[u8],
+        held: &mut usize,
+        on_request: &mut impl FnMut(PolledRequest, &[u8]),
+    ) -> bool {
+        let limits = &self.ctx.limits;
+        let Ok(frame) = FrameRef::decode(msg, limits) else {
+            return false;
+        };
+        let h = *frame.header();
+        let one_way = match h.kind {
+            FrameKind::Request => false,
+            FrameKind::OneWay => true,
+            _ => return false,
+        };
+        if *held == 0 {
+            // Counted in progress before the request is handed out.
+            *held = self.ctx.permits.try_take_up_to(POLLED_PERMITS);
+            if *held == 0 {
+                // The handler's path waits for a permit.
+                return false;
+            }
+            handling_n(&self.ctx, *held);
+        }
+        if let Err(e) = decode_metadata(frame.metadata(), limits) {
+            if !one_way {
+                send_answer(
+                    &self.link.tx,
+                    limits,
+                    h.stream_id,
+                    Err(Status::invalid_argument(format!("malformed metadata: {e}"))),
+                );
+            }
+            return true;
+        }
+        if !one_way && !lock(&self.link.polled).insert(h.stream_id.0) {
+            send_answer(
+                &self.link.tx,
+                limits,
+                h.stream_id,
+                Err(Status::invalid_argument(
+                    "a request reused the stream id of one in progress",
+                )),
+            );
+            return true;
+        }
+        *held -= 1;
+        let request = PolledRequest {
+            link: Some(self.link.clone()),
+            id: h.stream_id,
+            one_way,
+        };
+        on_request(request, frame.payload());
+        true
+    }
+
     /// Stops the work of requests still running (their client is gone).
     fn stop_running(&self) {
         let left: Vec<_> = lock(&self.link.running).drain().map(|(_, p)| p).collect();
         for p in left {
             p.cancel();
         }
+        let polled = {
+            let mut polled = lock(&self.link.polled);
+            let n = polled.len();
+            polled.clear();
+            n
+        };
+        self.link.release_polled(polled);
     }
 }
 
@@ -2195,6 +2418,57 @@ impl DrivenLink {
         Drive::More
     }
 
+    /// [`poll`](DrivenLink::poll), with each request (and one-way
+    /// message) within the service's concurrency limit handed to
+    /// `on_request` with its payload, borrowed from the ring, instead of to
+    /// the service's handler, in the order they came: the poller answers it
+    /// through its [`PolledRequest`]. For a binding that hands requests to
+    /// its event loop in batches: a request then costs no allocation, and
+    /// no lock until its answer. The poller sees no deadline and no
+    /// metadata. Requests beyond the concurrency limit wait for a permit
+    /// and then go to the service's handler, as with `poll`.
+    pub fn poll_requests(
+        &mut self,
+        max: usize,
+        mut on_request: impl FnMut(PolledRequest, &[u8]),
+    ) -> Drive {
+        if self.closed {
+            return Drive::Closed;
+        }
+        let _runtime = self.server.ctx.runtime.enter();
+        // Permits taken (and counted in progress) but not handed out yet.
+        let mut held = 0;
+        let mut drive = Drive::More;
+        for _ in 0..max {
+            let msg = match self.rx.try_recv() {
+                Ok(Some(msg)) => msg,
+                Ok(None) => {
+                    drive = Drive::Empty;
+                    break;
+                }
+                Err(e) => {
+                    self.server.closing(&e);
+                    drive = Drive::Closed;
+                    break;
+                }
+            };
+            if self.server.take_request(&msg, &mut held, &mut on_request) {
+                // Released after its poller had it (as in `on_frame`).
+                drop(msg);
+            } else if !self.server.on_frame(msg) {
+                drive = Drive::Closed;
+                break;
+            }
+        }
+        if held > 0 {
+            self.server.link.release_polled(held);
+        }
+        if drive == Drive::Closed {
+            return self.close();
+        }
+        drive
+    }
+
     fn close(&mut self) -> Drive {
         self.closed = true;
         self.server.stop_running();
@@ -2266,15 +2540,28 @@ impl Drop for OwnedHandling {
 
 /// Counts one request in `in_flight` (ended by [`handled`]).
 fn handling(ctx: &ServeCtx) {
-    ctx.in_flight.fetch_add(1, Ordering::SeqCst);
+    handling_n(ctx, 1);
+}
+
+/// Counts `n` requests in `in_flight` at once.
+fn handling_n(ctx: &ServeCtx, n: usize) {
+    ctx.in_flight.fetch_add(n, Ordering::SeqCst);
 }
 
 /// Ends one request's count in `in_flight` (waking a drain that waits for
 /// the last one).
 pub(crate) fn handled(ctx: &ServeCtx) {
+    handled_n(ctx, 1);
+}
+
+/// Ends `n` requests' counts in `in_flight` at once.
+fn handled_n(ctx: &ServeCtx, n: usize) {
     // SYNC: SeqCst on both words, as in `Served::drain`: either the
     // drainer sees the count drop to zero, or we see it draining.
-    if ctx.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 && ctx.draining.load(Ordering::SeqCst) {
+    if n > 0
+        && ctx.in_flight.fetch_sub(n, Ordering::SeqCst) == n
+        && ctx.draining.load(Ordering::SeqCst)
+    {
         ctx.drained.notify_waiters();
     }
 }
@@ -2468,6 +2755,17 @@ fn send_answer(
     id: StreamId,
     answer: Result<(&[u8], &[u8]), Status>,
 ) {
+    let Ok(mut tx) = tx.lock() else { return };
+    send_answer_locked(&mut tx, limits, id, answer);
+}
+
+/// [`send_answer`] on a link whose sending half is locked already.
+fn send_answer_locked(
+    tx: &mut LinkSender,
+    limits: &Limits,
+    id: StreamId,
+    answer: Result<(&[u8], &[u8]), Status>,
+) {
     let answer = answer.and_then(|(md, payload)| match check_frame(limits, md, payload) {
         Ok(()) => Ok((md, payload)),
         Err(status) => {
@@ -2475,10 +2773,9 @@ fn send_answer(
             Err(status)
         }
     });
-    let Ok(mut tx) = tx.lock() else { return };
     let sent = match answer {
         Ok((md, payload)) => send_frame(
-            &mut tx,
+            tx,
             FrameHeader::new(FrameKind::Response, id),
             md,
             payload,
@@ -2491,7 +2788,7 @@ fn send_answer(
                 status
             };
             send_frame(
-                &mut tx,
+                tx,
                 FrameHeader::new(FrameKind::Error, id),
                 &[],
                 &status.encode(),

@@ -25,7 +25,7 @@ mod service;
 
 pub use commy_core::{Code, Deadline, Metadata, Status};
 pub use commy_shm::WaitInterrupter;
-pub use conn::{AnswerDriver, AnswerSink, Drive, DrivenLink};
+pub use conn::{AnswerDriver, AnswerSink, Drive, DrivenLink, PolledRequest};
 pub use discovery::{DiscoveryError, HOST_ID_ENV, Instance, InstanceWatch, LocalRegistry, host_id};
 pub use mesh::{
     CallOptions, Config, Mesh, MeshBuilder, OpenError, ServiceHandle, ThreadHook, ThreadWork,

@@ -809,6 +809,201 @@ async fn a_driven_service_runs_on_the_embedders_thread() {
     server.close().await;
 }
 
+/// Requests polled out of a driven link with `poll_requests` are answered
+/// by the poller, from any thread, one at a time or many at once: with a
+/// payload, with an error, or `Internal` when dropped unanswered. Each holds
+/// a concurrency permit until answered or given up by its caller (a
+/// request past the bound goes to the service's handler once a permit is
+/// free), and closing the service waits for the ones still held, not for
+/// those whose callers gave up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_polled_from_a_driven_link_are_answered_by_the_poller() {
+    if role().is_some() {
+        return;
+    }
+    use commy_mesh::{Drive, DrivenLink, PolledRequest};
+    const BOUND: usize = 4;
+    let dir = private_dir("polled");
+    let server = Mesh::builder()
+        .runtime_dir(&dir)
+        .max_concurrency(BOUND)
+        .open()
+        .await
+        .unwrap();
+    let (links_tx, links_rx) = std::sync::mpsc::channel::<DrivenLink>();
+    let handle = server
+        .serve_driven(
+            "polled",
+            |req: Request, responder| {
+                let mut answer = b"handler:".to_vec();
+                answer.extend_from_slice(req.payload());
+                responder.respond(Ok(Response::new(answer)));
+            },
+            move |link| links_tx.send(link).unwrap(),
+        )
+        .await
+        .unwrap();
+    // Requests whose payload starts with "hold" wait here for the test.
+    type Held = Vec<(PolledRequest, Vec<u8>)>;
+    let held = Arc::new(std::sync::Mutex::new(Held::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let driver = {
+        let (stop, held) = (stop.clone(), held.clone());
+        std::thread::spawn(move || {
+            let mut links: Vec<DrivenLink> = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                links.extend(links_rx.try_iter());
+                let mut now = Vec::new();
+                links.retain_mut(|l| {
+                    l.poll_requests(16, |req, payload| now.push((req, payload.to_vec())))
+                        != Drive::Closed
+                });
+                let mut answers = Vec::new();
+                let mut answered = Vec::new();
+                for (req, payload) in now {
+                    if payload.starts_with(b"hold") {
+                        held.lock().unwrap().push((req, payload));
+                    } else if payload == b"fail" {
+                        answers.push((req, Err(Status::not_found("no such thing"))));
+                    } else if payload == b"drop" {
+                        drop(req);
+                    } else {
+                        let mut a = b"polled:".to_vec();
+                        a.extend_from_slice(&payload);
+                        answered.push((req, a));
+                    }
+                }
+                let (reqs, bodies): (Vec<_>, Vec<_>) = answered.into_iter().unzip();
+                PolledRequest::answer_all(
+                    reqs.into_iter().zip(&bodies).map(|(r, b)| (r, Ok(&b[..]))),
+                );
+                PolledRequest::answer_all(answers);
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        })
+    };
+    let client = open(&dir).await;
+    // Many in flight, each with its own answer.
+    let calls: Vec<_> = (0..100u32)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let p = i.to_le_bytes().to_vec();
+                let r = client.call("polled", p.clone()).await.unwrap();
+                (r, p)
+            })
+        })
+        .collect();
+    for c in calls {
+        let (r, p) = c.await.unwrap();
+        let (prefix, rest) = r.split_at(r.len() - 4);
+        assert!(prefix == b"polled:" || prefix == b"handler:", "{r:?}");
+        assert_eq!(rest, &p[..]);
+    }
+    let e = client.call("polled", &b"fail"[..]).await.unwrap_err();
+    assert_eq!((e.code(), e.message()), (Code::NotFound, "no such thing"));
+    let e = client.call("polled", &b"drop"[..]).await.unwrap_err();
+    assert_eq!(e.code(), Code::Internal, "{e}");
+    assert!(e.message().contains("dropped unanswered"), "{e}");
+    // Every permit held by a polled request: the next request waits for
+    // one, then goes to the handler.
+    let holds: Vec<_> = (0..BOUND)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move { client.call("polled", format!("hold {i}")).await })
+        })
+        .collect();
+    let t = Instant::now();
+    while held.lock().unwrap().len() < BOUND {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the holds never came"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let past = {
+        let client = client.clone();
+        tokio::spawn(async move { client.call("polled", &b"past"[..]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!past.is_finished(), "a request past the bound did not wait");
+    // Answered from this thread: the permits come back.
+    let (first, _) = held.lock().unwrap().remove(0);
+    first.answer(Ok(b"held 0"));
+    assert_eq!(&past.await.unwrap().unwrap()[..], b"handler:past");
+    // A held request whose caller gives up gives its permit back.
+    let e = client
+        .call_with(
+            "polled",
+            &b"hold late"[..],
+            CallOptions::default().timeout(Duration::from_millis(50)),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e}");
+    assert_eq!(held.lock().unwrap().len(), BOUND);
+    let t = Instant::now();
+    loop {
+        let r = client
+            .call_with(
+                "polled",
+                &b"again"[..],
+                CallOptions::default().timeout(Duration::from_millis(200)),
+            )
+            .await;
+        match r {
+            Ok(r) => {
+                assert_eq!(&r.payload()[..], b"polled:again");
+                break;
+            }
+            Err(e) => assert_eq!(e.code(), Code::DeadlineExceeded, "{e}"),
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the permit never came back"
+        );
+    }
+    // Closing the service waits for the requests still held, but not for
+    // the one given up.
+    let closing = tokio::spawn(async move { handle.shutdown().await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !closing.is_finished(),
+        "closing did not wait for held requests"
+    );
+    let (late, rest): (Held, Held) = held
+        .lock()
+        .unwrap()
+        .drain(..)
+        .partition(|(_, p)| p == b"hold late");
+    let texts: Vec<_> = (1..BOUND).map(|i| format!("held {i}")).collect();
+    PolledRequest::answer_all(
+        rest.into_iter()
+            .zip(&texts)
+            .map(|((r, _), t)| (r, Ok(t.as_bytes()))),
+    );
+    tokio::time::timeout(Duration::from_secs(10), closing)
+        .await
+        .expect("closing never finished")
+        .unwrap();
+    // Its answer, given now, goes nowhere.
+    for (r, _) in late {
+        r.answer(Ok(b"too late"));
+    }
+    // Each held request got one of the answers (in whatever order they came).
+    let mut got = Vec::new();
+    for h in holds {
+        got.push(String::from_utf8(h.await.unwrap().unwrap().to_vec()).unwrap());
+    }
+    got.sort();
+    let want: Vec<_> = (0..BOUND).map(|i| format!("held {i}")).collect();
+    assert_eq!(got, want);
+    stop.store(true, Ordering::SeqCst);
+    driver.join().unwrap();
+    client.close().await;
+    server.close().await;
+}
+
 /// What the answer driver's test records of each callback call.
 type Answered = std::sync::Mutex<Vec<(String, Result<Vec<u8>, Code>)>>;
 

@@ -45,7 +45,7 @@ pub(crate) enum Event {
     /// takes a cancellation signal).
     Request {
         service: u32,
-        reply: crate::native::PendingReply,
+        reply: commy_ffi::Reply,
         payload: Bytes,
         cancel: Option<u32>,
     },

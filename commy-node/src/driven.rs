@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use commy_ffi::{Drive, DrivenLink, WaitInterrupter};
+use commy_ffi::{Drive, DrivenLink, PolledRequest, WaitInterrupter};
 
 use crate::bridge::{Bridge, lock};
 
@@ -71,6 +71,12 @@ pub(crate) struct Driven {
     polled: AtomicBool,
     watcher: std::thread::Thread,
     interrupt: WaitInterrupter,
+    /// The JS layer's number of the service served.
+    service: u32,
+    /// Whether the JS thread takes the link's requests itself (see
+    /// [`Polled::poll`]) rather than through the service's handler: for a
+    /// service whose handlers take no cancellation signal.
+    takes_requests: bool,
 }
 
 impl Driven {
@@ -88,9 +94,19 @@ impl Driven {
     }
 }
 
-/// Watches `link` on the current thread (its own) until it is done.
-pub(crate) fn watch(link: DrivenLink, bridge: &Arc<Bridge>, all: &Mutex<Vec<Weak<Driven>>>) {
+/// Watches `link`, of the JS layer's service number `service`, on the
+/// current thread (its own) until it is done. `takes_requests`: see
+/// [`Driven::takes_requests`].
+pub(crate) fn watch(
+    link: DrivenLink,
+    bridge: &Arc<Bridge>,
+    all: &Mutex<Vec<Weak<Driven>>>,
+    service: u32,
+    takes_requests: bool,
+) {
     let driven = Arc::new(Driven {
+        service,
+        takes_requests,
         interrupt: link.interrupter(),
         link: Mutex::new(link),
         js: AtomicBool::new(false),
@@ -195,10 +211,18 @@ impl Polled {
     }
 
     /// Polls every link the JS thread owns (taking over those `bridge` has
-    /// for it): the requests they hold reach `bridge`'s queue. Returns
-    /// whether the JS thread still owns links afterwards (the JS layer then
-    /// drains again soon).
-    pub(crate) fn poll(&mut self, bridge: &Bridge) -> bool {
+    /// for it): the requests they hold go to `take` (with their service's
+    /// number and payload) for a link that [takes
+    /// requests](Driven::takes_requests), `room` of them at most, else
+    /// through the service's handler to `bridge`'s queue. Returns whether
+    /// the JS thread still owns links afterwards (the JS layer then drains
+    /// again soon).
+    pub(crate) fn poll(
+        &mut self,
+        bridge: &Bridge,
+        mut room: usize,
+        take: &mut dyn FnMut(u32, PolledRequest, &[u8]),
+    ) -> bool {
         if !self.resting.is_empty() {
             let now = Instant::now();
             let (busy, hold) = (&mut self.busy, self.hold);
@@ -244,7 +268,19 @@ impl Polled {
             if link.has_data() {
                 *found += 1;
             }
-            match link.poll(POLL_MAX) {
+            let drive = if !d.takes_requests {
+                link.poll(POLL_MAX)
+            } else if room == 0 {
+                // No room left in this drain: polled at the next.
+                Drive::More
+            } else {
+                let service = d.service;
+                link.poll_requests(POLL_MAX.min(room), |request, payload| {
+                    room -= 1;
+                    take(service, request, payload);
+                })
+            };
+            match drive {
                 Drive::More => true,
                 Drive::Empty => {
                     resting.push((d.clone(), *now.get_or_insert_with(Instant::now), *found));

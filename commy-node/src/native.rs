@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use commy_ffi::{
     AnswerDriver, FfiError, FfiMesh, FfiRegion, FfiService, FfiSubscription, MeshOptions,
-    OpenPolicy, RegionOptions, Reply, run_inline, runtime, spawn_with,
+    OpenPolicy, PolledRequest, RegionOptions, Reply, run_inline, runtime, spawn_with,
 };
 use napi::bindgen_prelude::{BufferSlice, Function};
 use napi::{Env, Result};
@@ -26,7 +26,23 @@ use crate::driven::{self, Driven, POLL_MAX, Polled};
 use crate::slab::Slab;
 
 /// How a handler's answer gets back to the mesh.
-pub(crate) type PendingReply = Reply;
+pub(crate) enum PendingReply {
+    /// A request that came through the service's handler.
+    Reply(Reply),
+    /// A request the JS thread took out of a link itself.
+    Polled(PolledRequest),
+}
+
+impl PendingReply {
+    fn fail(self, error: FfiError) {
+        match self {
+            PendingReply::Reply(r) => {
+                r.error(error);
+            }
+            PendingReply::Polled(p) => p.answer(Err(error.into())),
+        }
+    }
+}
 
 /// Slots per event in [`NativeMesh::drain`]'s array.
 const STRIDE: usize = 6;
@@ -393,7 +409,9 @@ impl NativeMesh {
                 },
                 // Each link's own thread watches it while the JS thread
                 // does not poll it.
-                move |link| driven::watch(link, &b, &all),
+                // A service whose handlers take no cancellation signal has
+                // its requests taken out of the links by the JS thread.
+                move |link| driven::watch(link, &b, &all, service, !cancellable),
             )
             .map_err(|e| ffi_error(&e))?;
         lock(&self.services).insert(service, served);
@@ -447,11 +465,17 @@ impl NativeMesh {
                 .map(|(token, range)| (replies.remove(token), range))
                 .collect()
         };
+        let mut polled = Vec::with_capacity(answers.len());
         for (reply, range) in answers {
-            if let Some(reply) = reply {
-                reply.ok_copied(&data[range]);
+            match reply {
+                Some(PendingReply::Reply(reply)) => {
+                    reply.ok_copied(&data[range]);
+                }
+                Some(PendingReply::Polled(request)) => polled.push((request, Ok(&data[range]))),
+                None => {}
             }
         }
+        PolledRequest::answer_all(polled);
         Ok(())
     }
 
@@ -459,8 +483,9 @@ impl NativeMesh {
     /// name such as `"INTERNAL"`; unknown names become `INTERNAL`).
     #[napi]
     pub fn reply_error(&self, token: u32, code: String, message: String) {
-        if let Some(reply) = lock(&self.replies).remove(token) {
-            reply.error(FfiError::from_code_name(&code, message));
+        let reply = lock(&self.replies).remove(token);
+        if let Some(reply) = reply {
+            reply.fail(FfiError::from_code_name(&code, message));
         }
     }
 
@@ -599,19 +624,30 @@ impl NativeMesh {
             return Err(invalid("the event buffer is too small"));
         }
         let mut events = std::mem::take(&mut *lock(&self.scratch));
-        // The requests waiting in the links the JS thread owns join the
-        // events (after those queued before): received on this thread,
-        // they need no queue and no wake-up.
-        self.bridge.hold();
-        let owns_links = self
-            .bridge
-            .draining(&mut events, || lock(&self.polled).poll(&self.bridge));
-        // The answers waiting in the links this thread calls on go
-        // straight into `meta` and `data`.
         let mut data = Vec::new();
         let mut n = 0usize;
+        let mut replies = lock(&self.replies);
+        // The requests waiting in the links the JS thread owns go straight
+        // into `meta` and `data`, or (those that came through the service's
+        // handler) join the events after those queued before: received on
+        // this thread, they need no queue and no wake-up.
+        self.bridge.hold();
+        let owns_links = self.bridge.draining(&mut events, || {
+            lock(&self.polled).poll(&self.bridge, room, &mut |service, request, payload| {
+                let token = replies.insert(PendingReply::Polled(request));
+                // 0: no cancellation number.
+                put_event(
+                    meta,
+                    n,
+                    bytes_event(REQUEST, token, &mut data, payload, service, 0),
+                );
+                n += 1;
+            })
+        });
+        // The answers waiting in the links this thread calls on go
+        // straight into `meta` and `data` too.
         let owns_calls = lock(&self.answers).as_mut().is_some_and(|a| {
-            a.poll_with(room.min(POLL_MAX), |id, answer| {
+            a.poll_with((room - n).min(POLL_MAX), |id, answer| {
                 let id = id as u32;
                 let ev = match answer {
                     Ok(payload) => bytes_event(ANSWER, id, &mut data, payload, 0, 0),
@@ -627,7 +663,6 @@ impl NativeMesh {
         });
         let handed_over = self.bridge.take(&mut events);
         let queued = events.len().min(room - n);
-        let mut replies = lock(&self.replies);
         for ev in events.drain(..queued) {
             let d = &mut data;
             let ev = match ev {
@@ -643,7 +678,7 @@ impl NativeMesh {
                     payload,
                     cancel,
                 } => {
-                    let token = replies.insert(reply);
+                    let token = replies.insert(PendingReply::Reply(reply));
                     // 0: no cancellation number.
                     bytes_event(REQUEST, token, d, &payload, service, cancel.unwrap_or(0))
                 }
