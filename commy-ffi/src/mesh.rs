@@ -45,7 +45,7 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use commy_mesh::{
@@ -210,16 +210,20 @@ impl FfiMesh {
     /// [`poll_with`](commy_mesh::AnswerDriver::poll_with) when that takes
     /// it in: [`call_then`](FfiMesh::call_then) with no function allocated
     /// per call (see [`Mesh::call_token`]). `FAILED_PRECONDITION` (and
-    /// nothing sent) if the driver was made without a sink.
+    /// nothing sent) if the driver was made without a sink. `started`:
+    /// when the timeout starts counting (see
+    /// [`CallOptions::started`](commy_mesh::CallOptions::started)).
     pub fn call_token(
         &self,
         service: &str,
         payload: &[u8],
         timeout: Option<Duration>,
+        started: Option<Instant>,
         token: u64,
     ) -> Result<(), FfiError> {
         let mut options = CallOptions::default();
         options.timeout = timeout;
+        options.started = started;
         self.mesh
             .call_token(service, payload, options, token)
             .map_err(FfiError::from)

@@ -121,12 +121,17 @@ pub(crate) struct Due {
 }
 
 impl Due {
-    /// A call due within `timeout` and/or by `deadline`.
-    pub(crate) fn new(timeout: Option<Duration>, deadline: Option<Deadline>) -> Due {
+    /// A call due within `timeout` (counted from `start`, or from when
+    /// the clock is first read for it) and/or by `deadline`.
+    pub(crate) fn new(
+        timeout: Option<Duration>,
+        deadline: Option<Deadline>,
+        start: Option<Instant>,
+    ) -> Due {
         Due {
             timeout,
             deadline,
-            start: None,
+            start,
         }
     }
 

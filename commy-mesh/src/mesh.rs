@@ -26,7 +26,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use commy_core::{Deadline, InstanceId, Limits, MeshName, Metadata, ServiceName, Status};
@@ -246,6 +246,10 @@ pub struct CallOptions {
     /// How long this caller polls for its answer before it sleeps, instead
     /// of [`Config::call_spin`].
     pub spin: Option<Duration>,
+    /// When the call's timeout starts counting (default: when it is made,
+    /// read from the clock once needed). A caller making many calls at once
+    /// may read the clock once for all of them.
+    pub started: Option<Instant>,
 }
 
 impl CallOptions {
@@ -270,6 +274,13 @@ impl CallOptions {
     /// Sets this call's polling budget (see [`Config::call_spin`]).
     pub fn spin(mut self, spin: Duration) -> CallOptions {
         self.spin = Some(spin);
+        self
+    }
+
+    /// Sets when the call's timeout starts counting (see
+    /// [`started`](CallOptions::started)).
+    pub fn started_at(mut self, at: Instant) -> CallOptions {
+        self.started = Some(at);
         self
     }
 }
@@ -594,6 +605,7 @@ impl Mesh {
                 let due = conn::Due::new(
                     options.timeout.or(self.inner.config.default_timeout),
                     options.deadline,
+                    options.started,
                 );
                 return match conn.start_call(
                     payload,
@@ -630,6 +642,7 @@ impl Mesh {
         let due = conn::Due::new(
             options.timeout.or(self.inner.config.default_timeout),
             options.deadline,
+            options.started,
         );
         let pool = self.pool(&service_name(name)?);
         let conn = match self.route(&pool, preference).await? {
@@ -776,6 +789,7 @@ impl Mesh {
         let due = conn::Due::new(
             options.timeout.or(self.inner.config.default_timeout),
             options.deadline,
+            options.started,
         );
         Some((conn, balanced, due))
     }
@@ -956,7 +970,11 @@ impl Mesh {
             ));
         };
         let timeout = options.timeout.or(self.inner.config.default_timeout);
-        let deadline = match (timeout.map(Deadline::after), options.deadline) {
+        let now = options.started.unwrap_or_else(Instant::now);
+        let deadline = match (
+            timeout.map(|t| Deadline::after_at(t, now)),
+            options.deadline,
+        ) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };

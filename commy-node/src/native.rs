@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use commy_ffi::{
@@ -239,7 +239,7 @@ impl NativeMesh {
             None => None,
         };
         let mesh = self.mesh();
-        self.start_call(&mesh, id, name, &payload, timeout);
+        self.start_call(&mesh, id, name, &payload, timeout, None);
         Ok(self.answers_polled_here())
     }
 
@@ -283,6 +283,8 @@ impl NativeMesh {
         }
         let names = lock(&self.names);
         let mesh = self.mesh();
+        // One clock read for the batch: its calls' timeouts count from it.
+        let now = Instant::now();
         let mut at = 0usize;
         for i in 0..n as usize {
             let (id, service, payload, timeout_ms) = entry(i, at)?;
@@ -300,7 +302,7 @@ impl NativeMesh {
             };
             match (name, timeout) {
                 (Ok(name), Ok(timeout)) => {
-                    self.start_call(&mesh, id, name, &data[payload], timeout);
+                    self.start_call(&mesh, id, name, &data[payload], timeout, Some(now));
                 }
                 (Err(why), _) | (_, Err(why)) => self.bridge.push(failed(
                     id,
@@ -312,7 +314,8 @@ impl NativeMesh {
     }
 
     /// Starts one call (see [`call`](NativeMesh::call)) on `mesh`, or fails
-    /// it if the handle is closed.
+    /// it if the handle is closed. `now`: when its timeout starts counting,
+    /// if the caller read the clock already.
     fn start_call(
         &self,
         mesh: &std::result::Result<FfiMesh, FfiError>,
@@ -320,11 +323,12 @@ impl NativeMesh {
         name: &str,
         payload: &[u8],
         timeout: Option<Duration>,
+        now: Option<Instant>,
     ) {
         let started = mesh
             .as_ref()
             .map_err(Clone::clone)
-            .and_then(|m| m.call_token(name, payload, timeout, u64::from(id)));
+            .and_then(|m| m.call_token(name, payload, timeout, now, u64::from(id)));
         if let Err(e) = started {
             self.bridge.push(failed(id, &e));
         }
