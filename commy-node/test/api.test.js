@@ -249,6 +249,10 @@ test('closing waits for requests in progress, and a closed service is gone', () 
     assert.equal((await answer).toString(), 'done')
     await closing
     await rejectsWith(mesh.call('slow', 'x'), 'NOT_FOUND')
+    // A request whose caller gave up does not hold closing up.
+    const stuck = await mesh.serve('stuck', () => new Promise(() => {}))
+    await rejectsWith(mesh.call('stuck', 'x', { timeoutMs: 50 }), 'DEADLINE_EXCEEDED')
+    await stuck.close()
   }))
 
 test('send delivers a one-way message', () =>
