@@ -229,6 +229,25 @@ impl FfiMesh {
             .map_err(FfiError::from)
     }
 
+    /// [`call_token`](FfiMesh::call_token) for many calls of `service`
+    /// at once, with the same timeout (see
+    /// [`Mesh::call_tokens`](commy_mesh::Mesh::call_tokens)): `calls` holds
+    /// each call's payload and token.
+    pub fn call_tokens<'a>(
+        &self,
+        service: &str,
+        timeout: Option<Duration>,
+        started: Option<Instant>,
+        calls: impl IntoIterator<Item = (&'a [u8], u64)>,
+    ) -> Result<(), FfiError> {
+        let mut options = CallOptions::default();
+        options.timeout = timeout;
+        options.started = started;
+        self.mesh
+            .call_tokens(service, options, calls)
+            .map_err(FfiError::from)
+    }
+
     /// [`drive_answers`](FfiMesh::drive_answers), with `sink` receiving
     /// the results of [`call_token`](FfiMesh::call_token) calls that the
     /// driver's `poll_with` does not hand out itself: answers read by the

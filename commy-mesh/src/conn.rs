@@ -729,19 +729,28 @@ impl ClientConn {
 
     /// Adds a call to the pending table.
     fn register(&self, id: u64, waiter: Waiter) {
+        self.register_all([(id, waiter)]);
+    }
+
+    /// [`register`](ClientConn::register)s each call under one lock.
+    fn register_all(&self, calls: impl IntoIterator<Item = (u64, Waiter)>) {
         let mut pending = lock(&self.pending);
         let mut sooner = false;
-        if let Waiter::Callback(Callback {
-            deadline: Some(d), ..
-        }) = &waiter
-        {
-            if pending.earliest.is_none_or(|e| *d < e) {
-                pending.earliest = Some(*d);
-                self.sooner.store(true, Ordering::Release);
-                sooner = true;
+        for (id, waiter) in calls {
+            if let Waiter::Callback(Callback {
+                deadline: Some(d), ..
+            }) = &waiter
+            {
+                if pending.earliest.is_none_or(|e| *d < e) {
+                    pending.earliest = Some(*d);
+                    sooner = true;
+                }
             }
+            pending.calls.insert(id, waiter);
         }
-        pending.calls.insert(id, waiter);
+        if sooner {
+            self.sooner.store(true, Ordering::Release);
+        }
         self.pending_len
             .store(pending.calls.len(), Ordering::Release);
         drop(pending);
@@ -776,6 +785,86 @@ impl ClientConn {
     pub(crate) fn set_sink(&self, sink: &Arc<dyn AnswerSink>) {
         if self.sink.get().is_none() {
             let _ = self.sink.set(sink.clone());
+        }
+    }
+
+    /// [`call_then`](ClientConn::call_then) for many token calls at once
+    /// (`calls`: each payload with its token), all with the same metadata
+    /// and due: their streams are opened, registered and sent under one
+    /// lock of each table, and the reader is woken once.
+    pub(crate) fn call_tokens_then<'a>(
+        &self,
+        calls: impl IntoIterator<Item = (&'a [u8], u64)>,
+        metadata: &Metadata,
+        mut due: Due,
+        balanced: bool,
+    ) {
+        let calls = calls.into_iter();
+        if !self.is_alive() {
+            for (_, token) in calls {
+                Done::Token(token).finish(self, Err(Status::unavailable("the instance is gone")));
+            }
+            return;
+        }
+        let md = encode_metadata(metadata);
+        if !self.callbacks.load(Ordering::Relaxed) {
+            self.callbacks.store(true, Ordering::Relaxed);
+        }
+        let header = FrameHeader {
+            deadline_us: due.wire(),
+            ..FrameHeader::new(FrameKind::Request, StreamId(0))
+        };
+        let patience = due.patience();
+        let deadline = due.absolute().map(Deadline::instant);
+        // Finished once the locks are given back: those refused at once,
+        // and those whose request could not be sent.
+        let mut refused: Vec<(u64, Status)> = Vec::new();
+        let mut unsent: Vec<(u64, Status)> = Vec::new();
+        let mut sent = 0usize;
+        {
+            let mut tx = lock(&self.tx);
+            let mut streams = Vec::with_capacity(calls.size_hint().0);
+            for (payload, token) in calls {
+                match check_frame(&self.limits, &md, payload) {
+                    Ok(()) => streams.push((tx.open_stream(), payload, token)),
+                    Err(status) => refused.push((token, status)),
+                }
+            }
+            if balanced {
+                self.in_flight.fetch_add(streams.len(), Ordering::Relaxed);
+            }
+            self.register_all(streams.iter().map(|&(id, _, token)| {
+                let waiter = Waiter::Callback(Callback {
+                    done: Done::Token(token),
+                    deadline,
+                    balanced,
+                });
+                (id, waiter)
+            }));
+            for (id, payload, _) in streams {
+                let header = FrameHeader {
+                    stream_id: StreamId(id),
+                    ..header
+                };
+                match send_frame(&mut tx.sender, header, &md, payload, patience) {
+                    Ok(()) => sent += 1,
+                    Err(e) => unsent.push((id, send_status(e))),
+                }
+            }
+        }
+        for (token, status) in refused {
+            Done::Token(token).finish(self, Err(status));
+        }
+        for (id, status) in unsent {
+            if let Some(w) = self.take(id) {
+                w.complete(self, Err(status));
+            }
+        }
+        if sent > 0
+            && self.pollers.load(Ordering::Acquire) == 0
+            && !self.driven.load(Ordering::Acquire)
+        {
+            self.wake_reader();
         }
     }
 
@@ -1103,11 +1192,17 @@ impl Claims {
     /// Makes the driver the receiver of `conn`'s answers (a callback call
     /// is about to be made on it), unless it already is.
     pub(crate) fn claim(&self, conn: &Arc<ClientConn>) {
+        self.claim_for(conn, 1);
+    }
+
+    /// [`claim`](Claims::claim) for `calls` calls about to be made at once.
+    pub(crate) fn claim_for(&self, conn: &Arc<ClientConn>, calls: usize) {
         // A lone call is left to the reader: the thread that makes it may
         // well go to sleep until its answer, and the reader, woken now,
         // waits on the ring while the request travels. Calls made while
         // others are in flight are the driver's.
-        if conn.pending_len.load(Ordering::Relaxed) == 0 || !conn.claim() {
+        let lone = calls <= 1 && conn.pending_len.load(Ordering::Relaxed) == 0;
+        if lone || !conn.claim() {
             return;
         }
         let mut list = lock(&self.list);

@@ -773,6 +773,43 @@ impl Mesh {
         Ok(())
     }
 
+    /// [`call_token`](Mesh::call_token) for many calls of `name` at once,
+    /// all with the same `options`: `calls` holds each call's payload and
+    /// token. On an open shared-memory link they are sent together (one
+    /// lookup of the link, one lock of its tables for them all); each
+    /// result reaches the sink (or the driver's callback) under its token,
+    /// as with `call_token`.
+    pub fn call_tokens<'a>(
+        &self,
+        name: &str,
+        options: CallOptions,
+        calls: impl IntoIterator<Item = (&'a [u8], u64)>,
+    ) -> Result<(), Status> {
+        let calls: Vec<_> = calls.into_iter().collect();
+        let Some((claims, sink)) = self
+            .inner
+            .answers
+            .get()
+            .and_then(|c| Some((c, c.sink.as_ref()?)))
+        else {
+            return Err(Status::failed_precondition(
+                "token calls need an answer sink: make the driver with drive_answers_with",
+            ));
+        };
+        if self.check_open().is_ok() {
+            if let Some((conn, balanced, due)) = self.callback_route(name, &options) {
+                conn.set_sink(sink);
+                claims.claim_for(&conn, calls.len());
+                conn.call_tokens_then(calls, &options.metadata, due, balanced);
+                return Ok(());
+            }
+        }
+        for (payload, token) in calls {
+            self.call_token(name, payload, options.clone(), token)?;
+        }
+        Ok(())
+    }
+
     /// The link a callback or token call is sent on from the calling
     /// thread, whether the call is counted for balancing, and when it is
     /// due; `None` if the call runs as a task instead (over TLS, or before

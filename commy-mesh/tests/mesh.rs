@@ -1332,6 +1332,46 @@ async fn token_calls_reach_the_poll_callback_or_the_sink() {
                 "only {here} of {total} answers were taken by plain polls"
             );
 
+            // Many calls made at once with `call_tokens`: each answered
+            // once with its own payload; those of a service nobody serves
+            // fail one by one.
+            let payloads: Vec<Vec<u8>> = (0..300u64)
+                .map(|t| {
+                    let mut p = format!("call {}", 60_000 + t).into_bytes();
+                    p.resize(p.len() + (t as usize % 7) * 300, b'.');
+                    p
+                })
+                .collect();
+            client
+                .call_tokens(
+                    "echo",
+                    CallOptions::default(),
+                    payloads.iter().zip(60_000..).map(|(p, t)| (&p[..], t)),
+                )
+                .unwrap();
+            let mut nobody = CallOptions::default();
+            nobody.timeout = Some(Duration::from_millis(50));
+            client
+                .call_tokens("nobody", nobody, [(&b"a"[..], 70_000), (&b"b"[..], 70_001)])
+                .unwrap();
+            let mut got: Vec<(u64, Result<Vec<u8>, Code>)> = Vec::new();
+            let end = Instant::now() + Duration::from_secs(10);
+            while got.len() < payloads.len() + 2 {
+                assert!(Instant::now() < end, "batched token calls were lost");
+                answers.poll_with(64, |token, r| {
+                    got.push((token, r.map(<[u8]>::to_vec).map_err(|s| s.code())));
+                });
+                got.extend(take(&sink).into_iter().map(|(t, _, r)| (t, r)));
+            }
+            got.sort_by_key(|(t, _)| *t);
+            for ((t, r), p) in got.iter().zip(&payloads) {
+                assert_eq!(r.as_deref(), Ok(&p[..]), "token {t}");
+            }
+            let tokens: Vec<_> = got.iter().map(|(t, _)| *t).collect();
+            let want: Vec<_> = (60_000..60_300).chain([70_000, 70_001]).collect();
+            assert_eq!(tokens, want, "a batched token answered twice or never");
+            assert!(got[300..].iter().all(|(_, r)| r.is_err()));
+
             // Failures reach the sink: a deadline that passes while the
             // driver has the link, a service nobody serves.
             call("never", 20_000, Some(Duration::from_millis(50)));

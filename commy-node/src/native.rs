@@ -239,7 +239,7 @@ impl NativeMesh {
             None => None,
         };
         let mesh = self.mesh();
-        self.start_call(&mesh, id, name, &payload, timeout, None);
+        self.start_call(&mesh, id, name, &payload, timeout);
         Ok(self.answers_polled_here())
     }
 
@@ -285,6 +285,9 @@ impl NativeMesh {
         let mesh = self.mesh();
         // One clock read for the batch: its calls' timeouts count from it.
         let now = Instant::now();
+        // Consecutive calls of one service with one timeout start together.
+        let mut group: Vec<(&[u8], u64)> = Vec::new();
+        let mut key: Option<(&str, Option<Duration>)> = None;
         let mut at = 0usize;
         for i in 0..n as usize {
             let (id, service, payload, timeout_ms) = entry(i, at)?;
@@ -302,7 +305,15 @@ impl NativeMesh {
             };
             match (name, timeout) {
                 (Ok(name), Ok(timeout)) => {
-                    self.start_call(&mesh, id, name, &data[payload], timeout, Some(now));
+                    let this = Some((name.as_str(), timeout));
+                    if key != this {
+                        if let Some((name, timeout)) = key {
+                            self.start_calls(&mesh, name, timeout, now, &group);
+                        }
+                        group.clear();
+                        key = this;
+                    }
+                    group.push((&data[payload], u64::from(id)));
                 }
                 (Err(why), _) | (_, Err(why)) => self.bridge.push(failed(
                     id,
@@ -310,12 +321,37 @@ impl NativeMesh {
                 )),
             }
         }
+        if let Some((name, timeout)) = key {
+            self.start_calls(&mesh, name, timeout, now, &group);
+        }
         Ok(self.answers_polled_here())
     }
 
+    /// Starts `calls` (payloads and call ids) of `name` at once on `mesh`,
+    /// their timeouts counted from `now`, or fails them if the handle is
+    /// closed.
+    fn start_calls(
+        &self,
+        mesh: &std::result::Result<FfiMesh, FfiError>,
+        name: &str,
+        timeout: Option<Duration>,
+        now: Instant,
+        calls: &[(&[u8], u64)],
+    ) {
+        let started = mesh
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(|m| m.call_tokens(name, timeout, Some(now), calls.iter().copied()));
+        if let Err(e) = started {
+            for &(_, id) in calls {
+                self.bridge
+                    .push(failed(u32::try_from(id).unwrap_or(u32::MAX), &e));
+            }
+        }
+    }
+
     /// Starts one call (see [`call`](NativeMesh::call)) on `mesh`, or fails
-    /// it if the handle is closed. `now`: when its timeout starts counting,
-    /// if the caller read the clock already.
+    /// it if the handle is closed.
     fn start_call(
         &self,
         mesh: &std::result::Result<FfiMesh, FfiError>,
@@ -323,12 +359,11 @@ impl NativeMesh {
         name: &str,
         payload: &[u8],
         timeout: Option<Duration>,
-        now: Option<Instant>,
     ) {
         let started = mesh
             .as_ref()
             .map_err(Clone::clone)
-            .and_then(|m| m.call_token(name, payload, timeout, now, u64::from(id)));
+            .and_then(|m| m.call_token(name, payload, timeout, None, u64::from(id)));
         if let Err(e) = started {
             self.bridge.push(failed(id, &e));
         }
