@@ -1978,6 +1978,11 @@ impl Permits {
         0
     }
 
+    /// Whether tasks wait for a permit.
+    pub(crate) fn has_waiters(&self) -> bool {
+        self.waiting.load(Ordering::SeqCst) > 0
+    }
+
     /// Gives a permit back, waking a task that waits for one.
     pub(crate) fn give(&self) {
         self.give_n(1);
@@ -2050,8 +2055,9 @@ pub(crate) struct LinkShared {
 }
 
 impl LinkShared {
-    /// Gives back what `n` answered [`PolledRequest`]s of this link held:
-    /// their permits and their counts as requests in progress.
+    /// Gives back `n` permits taken for [`PolledRequest`]s of this link
+    /// (answered, given up, or never handed out) and their counts as
+    /// requests in progress.
     fn release_polled(&self, n: usize) {
         self.ctx.permits.give_n(n);
         handled_n(&self.ctx, n);
@@ -2117,9 +2123,11 @@ impl LinkAnswer {
 /// Dropping it unanswered answers `Internal`.
 ///
 /// Until answered it holds one of the service's concurrency permits and
-/// counts as a request in progress (closing the service waits for it),
-/// unless its caller gives up first (deadline passed, call cancelled, link
-/// closed): the answer is then discarded.
+/// counts as a request in progress (closing the service waits for it). A
+/// two-way request is released earlier if the service learns that its
+/// caller gave up (the caller's Cancel frame, sent when its deadline passes
+/// or it cancels, or the link closing): its answer is then discarded. The
+/// service enforces no deadline itself.
 #[must_use = "dropping a polled request answers it INTERNAL"]
 pub struct PolledRequest {
     /// `None` once answered.
@@ -2153,30 +2161,43 @@ impl PolledRequest {
         answers: impl IntoIterator<Item = (PolledRequest, Result<&'a [u8], Status>)>,
     ) {
         let mut answers = answers.into_iter().peekable();
+        // One link's answers, each with a flag: whether it is one-way, then
+        // (once the registrations are looked at) whether to send it.
+        let mut group: Vec<(StreamId, PolledAnswer<'a>, bool)> = Vec::new();
         while let Some((mut first, answer)) = answers.next() {
             let Some(link) = first.link.take() else {
                 continue;
             };
-            let limits = &link.ctx.limits;
-            // Those of the requests answered that held something still.
+            group.clear();
+            group.push((first.id, answer, first.one_way));
+            let same = |(next, _): &(PolledRequest, _)| {
+                next.link.as_ref().is_some_and(|l| Arc::ptr_eq(l, &link))
+            };
+            while let Some((mut next, answer)) = answers.next_if(same) {
+                next.link = None;
+                group.push((next.id, answer, next.one_way));
+            }
+            // Those still holding something: every one-way message, and
+            // each request its caller did not give up (released here, so
+            // the registrations are not held while the answers are sent).
             let mut n = 0;
             {
-                let (mut tx, mut polled) = (lock(&link.tx), lock(&link.polled));
-                let mut send = |r: &PolledRequest, answer: Result<&[u8], Status>| {
-                    if r.one_way {
-                        n += 1;
-                    } else if polled.remove(&r.id.0) {
-                        send_answer_locked(&mut tx, limits, r.id, answer.map(|p| (&[][..], p)));
+                let mut polled = lock(&link.polled);
+                for (id, _, flag) in &mut group {
+                    let one_way = *flag;
+                    *flag = !one_way && polled.remove(&id.0);
+                    if one_way || *flag {
                         n += 1;
                     }
-                };
-                send(&first, answer);
-                let same = |(next, _): &(PolledRequest, _)| {
-                    next.link.as_ref().is_some_and(|l| Arc::ptr_eq(l, &link))
-                };
-                while let Some((mut next, answer)) = answers.next_if(same) {
-                    next.link = None;
-                    send(&next, answer);
+                }
+            }
+            {
+                let mut tx = lock(&link.tx);
+                for (id, answer, send) in group.drain(..) {
+                    if send {
+                        let answer = answer.map(|p| (&[][..], p));
+                        send_answer_locked(&mut tx, &link.ctx.limits, id, answer);
+                    }
                 }
             }
             // After the answers are out: a drain waiting for the count sees
@@ -2213,9 +2234,25 @@ impl Drop for PolledRequest {
     }
 }
 
+/// What a [`PolledRequest`] is answered with: a payload or a status.
+type PolledAnswer<'a> = Result<&'a [u8], Status>;
+
 /// How many concurrency permits [`DrivenLink::poll_requests`] takes at a
 /// time (those it does not hand out go back when the poll ends).
 const POLLED_PERMITS: usize = 32;
+
+/// Permits a poll took for requests it has not handed out (yet), each
+/// counted in progress: given back when dropped.
+struct HeldPermits {
+    link: Arc<LinkShared>,
+    n: usize,
+}
+
+impl Drop for HeldPermits {
+    fn drop(&mut self) {
+        self.link.release_polled(self.n);
+    }
+}
 
 /// Serves one accepted link until it closes (runs on its own thread).
 ///
@@ -2383,6 +2420,11 @@ impl LinkServer {
             _ => return false,
         };
         if *held == 0 {
+            if self.ctx.permits.has_waiters() {
+                // Requests wait for permits already: this one goes behind
+                // them, through the handler's path.
+                return false;
+            }
             // Counted in progress before the request is handed out.
             *held = self.ctx.permits.try_take_up_to(POLLED_PERMITS);
             if *held == 0 {
@@ -2403,13 +2445,12 @@ impl LinkServer {
             return true;
         }
         if !one_way && !lock(&self.link.polled).insert(h.stream_id.0) {
-            send_answer(
-                &self.link.tx,
-                limits,
-                h.stream_id,
-                Err(Status::invalid_argument(
-                    "a request reused the stream id of one in progress",
-                )),
+            // The request in progress keeps the stream (and gets the one
+            // answer it may get).
+            tracing::warn!(
+                "service {}: ignoring a request that reused stream {} of one in progress",
+                self.ctx.service,
+                h.stream_id.0
             );
             return true;
         }
@@ -2523,10 +2564,12 @@ impl DrivenLink {
     /// `on_request` with its payload, borrowed from the ring, instead of to
     /// the service's handler, in the order they came: the poller answers it
     /// through its [`PolledRequest`]. For a binding that hands requests to
-    /// its event loop in batches: a request then costs no allocation, and
-    /// no lock until its answer. The poller sees no deadline and no
-    /// metadata. Requests beyond the concurrency limit wait for a permit
-    /// and then go to the service's handler, as with `poll`.
+    /// its event loop in batches: a request then costs no allocation and
+    /// one lock (its registration, for cancellation). The poller sees no
+    /// deadline and no metadata. Requests beyond the concurrency limit (or
+    /// while others wait for a permit) go to the service's handler, as with
+    /// `poll`, which bounds them as it does there; they may then be handled
+    /// after requests that came later.
     pub fn poll_requests(
         &mut self,
         max: usize,
@@ -2536,8 +2579,12 @@ impl DrivenLink {
             return Drive::Closed;
         }
         let _runtime = self.server.ctx.runtime.enter();
-        // Permits taken (and counted in progress) but not handed out yet.
-        let mut held = 0;
+        // Permits taken (and counted in progress) but not handed out yet:
+        // given back when the poll ends, also if `on_request` panics.
+        let mut held = HeldPermits {
+            link: self.server.link.clone(),
+            n: 0,
+        };
         let mut drive = Drive::More;
         for _ in 0..max {
             let msg = match self.rx.try_recv() {
@@ -2552,7 +2599,7 @@ impl DrivenLink {
                     break;
                 }
             };
-            if self.server.take_request(&msg, &mut held, &mut on_request) {
+            if self.server.take_request(&msg, &mut held.n, &mut on_request) {
                 // Released after its poller had it (as in `on_frame`).
                 drop(msg);
             } else if !self.server.on_frame(msg) {
@@ -2560,9 +2607,7 @@ impl DrivenLink {
                 break;
             }
         }
-        if held > 0 {
-            self.server.link.release_polled(held);
-        }
+        drop(held);
         if drive == Drive::Closed {
             return self.close();
         }

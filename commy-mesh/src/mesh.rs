@@ -246,9 +246,11 @@ pub struct CallOptions {
     /// How long this caller polls for its answer before it sleeps, instead
     /// of [`Config::call_spin`].
     pub spin: Option<Duration>,
-    /// When the call's timeout starts counting (default: when it is made,
-    /// read from the clock once needed). A caller making many calls at once
-    /// may read the clock once for all of them.
+    /// When the call's timeout starts counting on the calling side
+    /// (default: when it is made, read from the clock once needed): a
+    /// caller making many calls at once may read the clock once for all of
+    /// them. The service is told the timeout itself, counted from the
+    /// request's arrival.
     pub started: Option<Instant>,
 }
 

@@ -45,9 +45,18 @@ pub(crate) enum Event {
     /// takes a cancellation signal).
     Request {
         service: u32,
-        reply: commy_ffi::Reply,
+        reply: crate::native::PendingReply,
         payload: Bytes,
         cancel: Option<u32>,
+    },
+    /// Service `service` received `request`, taken out of its link by the
+    /// JS thread in the drain under way: its payload is at `at..at + len`
+    /// of that drain's buffer.
+    Polled {
+        service: u32,
+        request: commy_ffi::PolledRequest,
+        at: u32,
+        len: u32,
     },
     /// The caller of request `cancel` gave up before it was answered.
     Cancelled { cancel: u32 },
@@ -128,6 +137,21 @@ impl Bridge {
         let outer = DRAINING.with(|d| d.replace(Some((me, std::mem::take(into)))));
         let _restore = Restore { outer, into };
         poll()
+    }
+
+    /// Moves the events queued so far behind those of the drain under way
+    /// on this thread (see [`draining`](Bridge::draining)), if any: called
+    /// before polling a link whose watcher may have queued its earlier
+    /// requests meanwhile, so that none is overtaken.
+    pub(crate) fn pull_queued(&self) {
+        let me = std::ptr::from_ref(self) as usize;
+        DRAINING.with(|d| {
+            if let Ok(Some((who, events))) = d.try_borrow_mut().as_deref_mut()
+                && *who == me
+            {
+                events.append(&mut lock(&self.queue));
+            }
+        });
     }
 
     /// Hands served link `link` to the JS thread and wakes it unless a

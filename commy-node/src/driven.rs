@@ -211,12 +211,13 @@ impl Polled {
     }
 
     /// Polls every link the JS thread owns (taking over those `bridge` has
-    /// for it): the requests they hold go to `take` (with their service's
-    /// number and payload) for a link that [takes
-    /// requests](Driven::takes_requests), `room` of them at most, else
-    /// through the service's handler to `bridge`'s queue. Returns whether
-    /// the JS thread still owns links afterwards (the JS layer then drains
-    /// again soon).
+    /// for it), in a drain of `bridge` (see
+    /// [`Bridge::draining`](crate::bridge::Bridge::draining)): the requests
+    /// they hold go to `take` (with their service's number and payload) for
+    /// a link that [takes requests](Driven::takes_requests), `room` of them
+    /// at most, else through the service's handler to `bridge`. Returns
+    /// whether the JS thread still owns links afterwards (the JS layer then
+    /// drains again soon).
     pub(crate) fn poll(
         &mut self,
         bridge: &Bridge,
@@ -265,6 +266,8 @@ impl Polled {
                 // The watcher receives for us (we were away too long).
                 return true;
             };
+            // What the watcher received for us before go first.
+            bridge.pull_queued();
             if link.has_data() {
                 *found += 1;
             }

@@ -441,7 +441,7 @@ impl NativeMesh {
                     });
                     bridge.push(Event::Request {
                         service,
-                        reply,
+                        reply: PendingReply::Reply(reply),
                         payload,
                         cancel,
                     });
@@ -664,29 +664,27 @@ impl NativeMesh {
         }
         let mut events = std::mem::take(&mut *lock(&self.scratch));
         let mut data = Vec::new();
-        let mut n = 0usize;
-        let mut replies = lock(&self.replies);
-        // The requests waiting in the links the JS thread owns go straight
-        // into `meta` and `data`, or (those that came through the service's
-        // handler) join the events after those queued before: received on
-        // this thread, they need no queue and no wake-up.
+        // The requests waiting in the links the JS thread owns join the
+        // events, after those queued before (their payloads go straight
+        // into `data`): received on this thread, they need no queue and no
+        // wake-up.
         self.bridge.hold();
         let owns_links = self.bridge.draining(&mut events, || {
             lock(&self.polled).poll(&self.bridge, room, &mut |service, request, payload| {
-                let token = replies.insert(PendingReply::Polled(request));
-                // 0: no cancellation number.
-                put_event(
-                    meta,
-                    n,
-                    bytes_event(REQUEST, token, &mut data, payload, service, 0),
-                );
-                n += 1;
+                let (at, len) = append(&mut data, payload);
+                self.bridge.push(Event::Polled {
+                    service,
+                    request,
+                    at,
+                    len,
+                });
             })
         });
         // The answers waiting in the links this thread calls on go
-        // straight into `meta` and `data` too.
+        // straight into `meta` and `data`.
+        let mut n = 0usize;
         let owns_calls = lock(&self.answers).as_mut().is_some_and(|a| {
-            a.poll_with((room - n).min(POLL_MAX), |id, answer| {
+            a.poll_with(room.min(POLL_MAX), |id, answer| {
                 let id = id as u32;
                 let ev = match answer {
                     Ok(payload) => bytes_event(ANSWER, id, &mut data, payload, 0, 0),
@@ -702,6 +700,7 @@ impl NativeMesh {
         });
         let handed_over = self.bridge.take(&mut events);
         let queued = events.len().min(room - n);
+        let mut replies = lock(&self.replies);
         for ev in events.drain(..queued) {
             let d = &mut data;
             let ev = match ev {
@@ -717,9 +716,18 @@ impl NativeMesh {
                     payload,
                     cancel,
                 } => {
-                    let token = replies.insert(PendingReply::Reply(reply));
+                    let token = replies.insert(reply);
                     // 0: no cancellation number.
                     bytes_event(REQUEST, token, d, &payload, service, cancel.unwrap_or(0))
+                }
+                Event::Polled {
+                    service,
+                    request,
+                    at,
+                    len,
+                } => {
+                    let token = replies.insert(PendingReply::Polled(request));
+                    [REQUEST, token, at, len, service, 0]
                 }
                 Event::Cancelled { cancel } => [CANCELLED, cancel, 0, 0, 0, 0],
                 Event::Message { sub, payload } => bytes_event(MESSAGE, sub, d, &payload, 0, 0),
@@ -729,6 +737,28 @@ impl NativeMesh {
             n += 1;
         }
         drop(replies);
+        // Requests polled now that wait for the next drain take their
+        // payloads along (this drain's buffer goes to JS now).
+        for ev in &mut events {
+            if let Event::Polled { at, len, .. } = *ev {
+                let bytes = data
+                    .get(at as usize..at as usize + len as usize)
+                    .map(Bytes::copy_from_slice)
+                    .unwrap_or_default();
+                let Event::Polled {
+                    service, request, ..
+                } = std::mem::replace(ev, Event::Ended { sub: 0 })
+                else {
+                    continue;
+                };
+                *ev = Event::Request {
+                    service,
+                    reply: PendingReply::Polled(request),
+                    payload: bytes,
+                    cancel: None,
+                };
+            }
+        }
         put(meta, 0, u32::try_from(n).unwrap_or(u32::MAX));
         put(
             meta,
@@ -769,20 +799,19 @@ fn put_event(meta: &mut [u8], i: usize, ev: [u32; STRIDE]) {
 /// A drained event whose bytes `b` are appended to `data`: `[kind, id,
 /// offset, length, x, y]`.
 fn bytes_event(kind: u32, id: u32, data: &mut Vec<u8>, b: &[u8], x: u32, y: u32) -> [u32; STRIDE] {
+    let (at, len) = append(data, b);
+    [kind, id, at, len, x, y]
+}
+
+/// Appends `b` to a drain's buffer `data`: its offset and length there.
+fn append(data: &mut Vec<u8>, b: &[u8]) -> (u32, u32) {
     if data.capacity() == 0 {
         // Made only for a drain with bytes to hand over.
         data.reserve(DATA_START.max(b.len()));
     }
     let at = u32::try_from(data.len()).unwrap_or(u32::MAX);
     data.extend_from_slice(b);
-    [
-        kind,
-        id,
-        at,
-        u32::try_from(b.len()).unwrap_or(u32::MAX),
-        x,
-        y,
-    ]
+    (at, u32::try_from(b.len()).unwrap_or(u32::MAX))
 }
 
 /// A shared region opened through [`NativeMesh::region`].
