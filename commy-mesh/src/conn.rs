@@ -788,6 +788,25 @@ impl ClientConn {
         }
     }
 
+    /// Notes that callback calls are made on this link, and gives what a
+    /// callback call due per `due` is sent with: its request's header (its
+    /// stream id still to set), its patience for ring space, and the
+    /// instant its deadline passes.
+    fn callback_request(&self, due: &mut Due) -> (FrameHeader, Patience, Option<Instant>) {
+        if !self.callbacks.load(Ordering::Relaxed) {
+            self.callbacks.store(true, Ordering::Relaxed);
+        }
+        let header = FrameHeader {
+            deadline_us: due.wire(),
+            ..FrameHeader::new(FrameKind::Request, StreamId(0))
+        };
+        (
+            header,
+            due.patience(),
+            due.absolute().map(Deadline::instant),
+        )
+    }
+
     /// [`call_then`](ClientConn::call_then) for many token calls at once
     /// (`calls`: each payload with its token), all with the same metadata
     /// and due: their streams are opened, registered and sent under one
@@ -807,15 +826,7 @@ impl ClientConn {
             return;
         }
         let md = encode_metadata(metadata);
-        if !self.callbacks.load(Ordering::Relaxed) {
-            self.callbacks.store(true, Ordering::Relaxed);
-        }
-        let header = FrameHeader {
-            deadline_us: due.wire(),
-            ..FrameHeader::new(FrameKind::Request, StreamId(0))
-        };
-        let patience = due.patience();
-        let deadline = due.absolute().map(Deadline::instant);
+        let (header, patience, deadline) = self.callback_request(&mut due);
         // Finished once the locks are given back: those refused at once,
         // and those whose request could not be sent.
         let mut refused: Vec<(u64, Status)> = Vec::new();
@@ -887,15 +898,7 @@ impl ClientConn {
         if let Err(status) = check_frame(&self.limits, &md, payload) {
             return done.finish(self, Err(status));
         }
-        if !self.callbacks.load(Ordering::Relaxed) {
-            self.callbacks.store(true, Ordering::Relaxed);
-        }
-        let header = FrameHeader {
-            deadline_us: due.wire(),
-            ..FrameHeader::new(FrameKind::Request, StreamId(0))
-        };
-        let patience = due.patience();
-        let deadline = due.absolute().map(Deadline::instant);
+        let (header, patience, deadline) = self.callback_request(&mut due);
         if balanced {
             self.in_flight.fetch_add(1, Ordering::Relaxed);
         }

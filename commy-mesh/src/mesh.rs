@@ -744,16 +744,7 @@ impl Mesh {
         options: CallOptions,
         token: u64,
     ) -> Result<(), Status> {
-        let Some((claims, sink)) = self
-            .inner
-            .answers
-            .get()
-            .and_then(|c| Some((c, c.sink.as_ref()?)))
-        else {
-            return Err(Status::failed_precondition(
-                "token calls need an answer sink: make the driver with drive_answers_with",
-            ));
-        };
+        let (claims, sink) = self.token_sink()?;
         if let Err(status) = self.check_open() {
             sink.answer(token, Err(status));
             return Ok(());
@@ -788,16 +779,7 @@ impl Mesh {
         calls: impl IntoIterator<Item = (&'a [u8], u64)>,
     ) -> Result<(), Status> {
         let calls: Vec<_> = calls.into_iter().collect();
-        let Some((claims, sink)) = self
-            .inner
-            .answers
-            .get()
-            .and_then(|c| Some((c, c.sink.as_ref()?)))
-        else {
-            return Err(Status::failed_precondition(
-                "token calls need an answer sink: make the driver with drive_answers_with",
-            ));
-        };
+        let (claims, sink) = self.token_sink()?;
         if self.check_open().is_ok() {
             if let Some((conn, balanced, due)) = self.callback_route(name, &options) {
                 conn.set_sink(sink);
@@ -810,6 +792,20 @@ impl Mesh {
             self.call_token(name, payload, options.clone(), token)?;
         }
         Ok(())
+    }
+
+    /// The claims of the answer driver and its sink, which token calls
+    /// need.
+    fn token_sink(&self) -> Result<(&conn::Claims, &Arc<dyn conn::AnswerSink>), Status> {
+        self.inner
+            .answers
+            .get()
+            .and_then(|c| Some((&**c, c.sink.as_ref()?)))
+            .ok_or_else(|| {
+                Status::failed_precondition(
+                    "token calls need an answer sink: make the driver with drive_answers_with",
+                )
+            })
     }
 
     /// The link a callback or token call is sent on from the calling

@@ -43,6 +43,16 @@ async fn open(dir: &Path) -> Mesh {
     Mesh::builder().runtime_dir(dir).open().await.unwrap()
 }
 
+/// [`open`], with a concurrency bound of `bound` per service.
+async fn open_bounded(dir: &Path, bound: usize) -> Mesh {
+    Mesh::builder()
+        .runtime_dir(dir)
+        .max_concurrency(bound)
+        .open()
+        .await
+        .unwrap()
+}
+
 async fn serve_test_services(mesh: &Mesh) -> Vec<commy_mesh::ServiceHandle> {
     let echo = mesh
         .serve("echo", |req: Request| async move {
@@ -824,12 +834,7 @@ async fn requests_polled_from_a_driven_link_are_answered_by_the_poller() {
     use commy_mesh::{Drive, DrivenLink, PolledRequest};
     const BOUND: usize = 4;
     let dir = private_dir("polled");
-    let server = Mesh::builder()
-        .runtime_dir(&dir)
-        .max_concurrency(BOUND)
-        .open()
-        .await
-        .unwrap();
+    let server = open_bounded(&dir, BOUND).await;
     let (links_tx, links_rx) = std::sync::mpsc::channel::<DrivenLink>();
     let handle = server
         .serve_driven(
@@ -1508,12 +1513,7 @@ async fn max_concurrency_bounds_waiting_and_deferred_handlers() {
     }
     const BOUND: usize = 3;
     let dir = private_dir("bounded");
-    let server = Mesh::builder()
-        .runtime_dir(&dir)
-        .max_concurrency(BOUND)
-        .open()
-        .await
-        .unwrap();
+    let server = open_bounded(&dir, BOUND).await;
     let waiting = Arc::new(Holders::default());
     let deferred = Arc::new(Holders::default());
     let _waiting = {
