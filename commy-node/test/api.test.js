@@ -255,6 +255,38 @@ test('closing waits for requests in progress, and a closed service is gone', () 
     await stuck.close()
   }))
 
+test('maxConcurrency bounds the handlers in progress; the calls past it wait their turn', async () => {
+  const bound = 2
+  const mesh = await Mesh.open({ runtimeDir: runtimeDir(), maxConcurrency: bound })
+  try {
+    let running = 0
+    let peak = 0
+    const gates = []
+    await mesh.serve('bounded', async (req) => {
+      running++
+      peak = Math.max(peak, running)
+      await new Promise((r) => gates.push(r))
+      running--
+      return req
+    })
+    const calls = Array.from({ length: 6 }, (_, i) => mesh.call('bounded', `call ${i}`))
+    const answered = []
+    calls.forEach((c) => c.then((r) => answered.push(r.toString())))
+    // Open the gates one at a time as handlers come in.
+    const started = Date.now()
+    while (answered.length < calls.length) {
+      assert.ok(Date.now() - started < 10_000, `only ${answered.length} of ${calls.length} calls answered`)
+      await new Promise((r) => setTimeout(r, 20))
+      assert.ok(running <= bound, `${running} handlers ran at once`)
+      gates.shift()?.()
+    }
+    assert.equal(peak, bound)
+    assert.deepEqual(answered.sort(), calls.map((_, i) => `call ${i}`).sort())
+  } finally {
+    await mesh.close()
+  }
+})
+
 test('send delivers a one-way message', () =>
   withMesh(async (mesh) => {
     let got
