@@ -221,11 +221,8 @@ impl FfiMesh {
         started: Option<Instant>,
         token: u64,
     ) -> Result<(), FfiError> {
-        let mut options = CallOptions::default();
-        options.timeout = timeout;
-        options.started = started;
         self.mesh
-            .call_token(service, payload, options, token)
+            .call_token(service, payload, token_options(timeout, started), token)
             .map_err(FfiError::from)
     }
 
@@ -240,11 +237,8 @@ impl FfiMesh {
         started: Option<Instant>,
         calls: impl IntoIterator<Item = (&'a [u8], u64)>,
     ) -> Result<(), FfiError> {
-        let mut options = CallOptions::default();
-        options.timeout = timeout;
-        options.started = started;
         self.mesh
-            .call_tokens(service, options, calls)
+            .call_tokens(service, token_options(timeout, started), calls)
             .map_err(FfiError::from)
     }
 
@@ -393,6 +387,15 @@ impl FfiMesh {
         let mesh = self.mesh.clone();
         async move { mesh.close().await }
     }
+}
+
+/// The options of a token call: its timeout, counted from `started` if
+/// given.
+fn token_options(timeout: Option<Duration>, started: Option<Instant>) -> CallOptions {
+    let mut options = CallOptions::default();
+    options.timeout = timeout;
+    options.started = started;
+    options
 }
 
 /// A request as a handler sees it.

@@ -2208,9 +2208,7 @@ impl PolledRequest {
             link.release_polled(n);
         }
     }
-}
 
-impl PolledRequest {
     /// Whether this is a one-way message (its caller waits for no answer).
     pub fn is_one_way(&self) -> bool {
         self.one_way
@@ -2219,20 +2217,14 @@ impl PolledRequest {
 
 impl Drop for PolledRequest {
     fn drop(&mut self) {
-        if let Some(link) = self.link.take() {
-            if !self.one_way {
-                if !lock(&link.polled).remove(&self.id.0) {
-                    // Given up by its caller: released already.
-                    return;
-                }
-                send_answer(
-                    &link.tx,
-                    &link.ctx.limits,
-                    self.id,
-                    Err(Status::internal("the request was dropped unanswered")),
-                );
-            }
-            link.release_polled(1);
+        if self.link.is_some() {
+            let unanswered = PolledRequest {
+                link: self.link.take(),
+                id: self.id,
+                one_way: self.one_way,
+            };
+            let status = Status::internal("the request was dropped unanswered");
+            PolledRequest::answer_all([(unanswered, Err(status))]);
         }
     }
 }
@@ -2473,13 +2465,8 @@ impl LinkServer {
         for p in left {
             p.cancel();
         }
-        let polled = {
-            let mut polled = lock(&self.link.polled);
-            let n = polled.len();
-            polled.clear();
-            n
-        };
-        self.link.release_polled(polled);
+        let polled = std::mem::take(&mut *lock(&self.link.polled));
+        self.link.release_polled(polled.len());
     }
 }
 

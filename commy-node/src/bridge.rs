@@ -66,6 +66,31 @@ pub(crate) enum Event {
     Ended { sub: u32 },
 }
 
+impl Event {
+    /// The event with its payload owned: a [`Polled`](Event::Polled)
+    /// request becomes a [`Request`](Event::Request) with a copy of its
+    /// payload out of `data`, its drain's buffer.
+    pub(crate) fn owning(self, data: &[u8]) -> Event {
+        match self {
+            Event::Polled {
+                service,
+                request,
+                at,
+                len,
+            } => Event::Request {
+                service,
+                reply: crate::native::PendingReply::Polled(request),
+                payload: data
+                    .get(at as usize..at as usize + len as usize)
+                    .map(Bytes::copy_from_slice)
+                    .unwrap_or_default(),
+                cancel: None,
+            },
+            other => other,
+        }
+    }
+}
+
 thread_local! {
     /// While the JS thread drains a handle (see [`Bridge::draining`]): the
     /// handle's bridge (by address) and the events it pushes meanwhile,

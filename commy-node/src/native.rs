@@ -739,25 +739,8 @@ impl NativeMesh {
         drop(replies);
         // Requests polled now that wait for the next drain take their
         // payloads along (this drain's buffer goes to JS now).
-        for ev in &mut events {
-            if let Event::Polled { at, len, .. } = *ev {
-                let bytes = data
-                    .get(at as usize..at as usize + len as usize)
-                    .map(Bytes::copy_from_slice)
-                    .unwrap_or_default();
-                let Event::Polled {
-                    service, request, ..
-                } = std::mem::replace(ev, Event::Ended { sub: 0 })
-                else {
-                    continue;
-                };
-                *ev = Event::Request {
-                    service,
-                    reply: PendingReply::Polled(request),
-                    payload: bytes,
-                    cancel: None,
-                };
-            }
+        if events.iter().any(|ev| matches!(ev, Event::Polled { .. })) {
+            events = events.into_iter().map(|ev| ev.owning(&data)).collect();
         }
         put(meta, 0, u32::try_from(n).unwrap_or(u32::MAX));
         put(
