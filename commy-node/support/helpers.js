@@ -92,7 +92,7 @@ function cli() {
   if (process.env.COMMY_CLI) return path.resolve(process.env.COMMY_CLI)
   const candidates = [path.join(REPO, 'target/debug/commy'), path.join(REPO, 'target/release/commy')]
   const found = candidates.filter((c) => fs.existsSync(c))
-  if (found.length === 0) throw new Error('the commy CLI is not built: run `cargo build -p commy-mesh --bin commy` (or set COMMY_CLI)')
+  if (found.length === 0) throw new Error('the commy CLI is not built: run `cargo build -p commy-cli --bin commy` (or set COMMY_CLI)')
   // The most recently built one.
   return found.sort((a, b) => fs.statSync(b).mtimeMs - fs.statSync(a).mtimeMs)[0]
 }

@@ -42,7 +42,7 @@ def commy_cli() -> str:
     path = os.environ.get("COMMY_CLI") or str(REPO / "target" / "debug" / "commy")
     if not os.access(path, os.X_OK):
         raise RuntimeError(
-            f"the commy CLI is not at {path}: build it (cargo build -p commy-mesh --bin commy) "
+            f"the commy CLI is not at {path}: build it (cargo build -p commy-cli --bin commy) "
             "or set COMMY_CLI"
         )
     return path

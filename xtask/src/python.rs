@@ -78,7 +78,7 @@ pub(crate) fn step() -> Step {
             ..Needs::default()
         },
         commands: vec![
-            Cmd::cargo().args(["build", "-p", "commy-mesh", "--bin", "commy"]),
+            Cmd::cargo().args(["build", "-p", "commy-cli", "--bin", "commy"]),
             wheel_cmd(root),
             Cmd::new("python3").args(["-m", "venv", "--clear", FRESH_VENV]),
             fresh_py.clone().args([

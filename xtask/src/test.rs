@@ -94,7 +94,7 @@ fn node_step() -> Step {
         about: "Node SDK: addon build, generated files unchanged, tsc, npm pack + install, node --test",
         needs: npm::needs(),
         commands: vec![
-            Cmd::cargo().args(["build", "-p", "commy-mesh", "--bin", "commy"]),
+            Cmd::cargo().args(["build", "-p", "commy-cli", "--bin", "commy"]),
             npm::build_debug(),
             Cmd::new("git")
                 .args(["diff", "--exit-code", "--stat", "--"])
