@@ -16,7 +16,6 @@
 #![allow(clippy::disallowed_types)]
 
 mod conn;
-mod discovery;
 mod mesh;
 mod net;
 mod netconfig;
@@ -26,7 +25,9 @@ mod service;
 pub use commy_core::{Code, Deadline, Metadata, Status};
 pub use commy_shm::WaitInterrupter;
 pub use conn::{AnswerDriver, AnswerSink, Drive, DrivenLink, PolledRequest};
-pub use discovery::{DiscoveryError, HOST_ID_ENV, Instance, InstanceWatch, LocalRegistry, host_id};
+pub use commy_discovery::{
+    DiscoveryError, HOST_ID_ENV, Instance, InstanceWatch, LocalRegistry, host_id,
+};
 pub use mesh::{
     CallOptions, Config, Mesh, MeshBuilder, OpenError, ServiceHandle, ThreadHook, ThreadWork,
 };

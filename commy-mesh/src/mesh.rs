@@ -33,7 +33,7 @@ use commy_core::{Deadline, InstanceId, Limits, MeshName, Metadata, ServiceName, 
 use commy_shm::{LinkConfig, RuntimeDir, ShmLink, UdsListener};
 
 use crate::conn::{self, ClientConn, DrivenLink, ServeCtx, lock};
-use crate::discovery::{Instance, LocalRegistry};
+use commy_discovery::{Instance, LocalRegistry};
 use crate::net::{CallKind, NetState};
 use crate::netconfig::{NetConfig, TransportPreference};
 use crate::service::{self, Request, Responder, Response};
@@ -222,7 +222,7 @@ pub enum OpenError {
     RuntimeDir(#[from] commy_shm::RuntimeDirError),
     /// Local discovery cannot start.
     #[error(transparent)]
-    Discovery(#[from] crate::discovery::DiscoveryError),
+    Discovery(#[from] commy_discovery::DiscoveryError),
     /// Not called from inside a tokio runtime.
     #[error("Mesh::open must be called from within a tokio runtime")]
     NoRuntime,

@@ -26,7 +26,7 @@ use rustc_hash::FxHashMap;
 use tokio::sync::watch;
 
 use crate::conn::{ServeCtx, decode_metadata, encode_metadata, lock};
-use crate::discovery::Instance;
+use commy_discovery::Instance;
 use crate::netconfig::{NetConfig, TransportPreference};
 use crate::pubsub::{Message, Queue, TOPIC_HEADER};
 use crate::service::{ArrivedDeadline, Request, Response};
@@ -592,13 +592,13 @@ impl NetState {
         for p in &self.peers {
             if let Some(l) = &*lock(&p.listing) {
                 for (service, id) in &l.instances {
-                    out.push(Instance {
-                        service: service.clone(),
-                        id: *id,
-                        pid: l.pid,
-                        endpoint: Endpoint::Tls(p.addr.clone()),
-                        host: l.host.clone(),
-                    });
+                    out.push(Instance::new(
+                        service.clone(),
+                        *id,
+                        l.pid,
+                        Endpoint::Tls(p.addr.clone()),
+                        l.host.clone(),
+                    ));
                 }
             }
         }

@@ -24,7 +24,7 @@
 //!
 //! ```
 //! use commy_core::{InstanceId, MeshName, ServiceName};
-//! use commy_mesh::LocalRegistry;
+//! use commy_discovery::LocalRegistry;
 //! use commy_shm::{RuntimeDir, UdsListener};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -51,7 +51,7 @@
 //!     assert_eq!(watch.changed().await.map(|set| set.len()), Some(1)); // the current set
 //!     drop(listener); // unlinks the socket: the instance is gone
 //!     assert_eq!(watch.changed().await.map(|set| set.len()), Some(0));
-//!     Ok::<_, commy_mesh::DiscoveryError>(())
+//!     Ok::<_, commy_discovery::DiscoveryError>(())
 //! })?;
 //!
 //! std::fs::remove_dir_all(&dir)?;
@@ -294,6 +294,27 @@ pub struct Instance {
     pub endpoint: Endpoint,
     /// The host it runs on: this host (the registry's [`host_id`]).
     pub host: HostId,
+}
+
+impl Instance {
+    /// An instance of `service` with id `id`, run by process `pid` on
+    /// `host`, reached at `endpoint` (for sources other than this host's
+    /// runtime dir, which make their instances themselves).
+    pub fn new(
+        service: ServiceName,
+        id: InstanceId,
+        pid: u32,
+        endpoint: Endpoint,
+        host: HostId,
+    ) -> Instance {
+        Instance {
+            service,
+            id,
+            pid,
+            endpoint,
+            host,
+        }
+    }
 }
 
 /// The instances of one mesh on this host: the sockets in
