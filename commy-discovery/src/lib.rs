@@ -1,10 +1,36 @@
 //! Mesh discovery and balancing: where the instances of a service are, and
 //! which of them a call goes to.
 //!
-//! Today: local discovery, [`LocalRegistry`], which finds the instances of
-//! this host in the runtime directory with no daemon and no configuration.
+//! - [`Discover`]: a source of instance sets per service (a snapshot, and a
+//!   stream of changes boxed once per watch, never per call). The local
+//!   source, [`LocalRegistry`], finds the instances of this host in the
+//!   runtime directory with no daemon and no configuration.
+//! - The balancer strategies are sans-IO state, driven by whoever holds the
+//!   candidates and their loads: [`PowerOfTwo`] (the less loaded of two
+//!   random choices) and [`RoundRobin`]. They allocate nothing and take no
+//!   lock.
+//!
+//! ```
+//! use commy_discovery::{PowerOfTwo, RoundRobin};
+//!
+//! let loads = [3_u64, 0, 7];
+//! let p2c = PowerOfTwo::new();
+//! let i = p2c.pick(loads.len(), |i| loads[i]).unwrap();
+//! assert_ne!(i, 2, "never the most loaded of three");
+//!
+//! let rr = RoundRobin::new();
+//! let order: Vec<_> = (0..4).map(|_| rr.pick(3).unwrap()).collect();
+//! assert_eq!(order, [0, 1, 2, 0]);
+//! ```
 #![forbid(unsafe_code)]
+// The balancers' counters are atomics from std: they only spread choices
+// (no memory is published through them), so loom has nothing to model.
+#![allow(clippy::disallowed_types)]
 
+mod balance;
+mod discover;
 mod local;
 
+pub use balance::{PowerOfTwo, RoundRobin};
+pub use discover::{Discover, InstanceStream};
 pub use local::{DiscoveryError, HOST_ID_ENV, Instance, InstanceWatch, LocalRegistry, host_id};

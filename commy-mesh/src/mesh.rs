@@ -33,7 +33,7 @@ use commy_core::{Deadline, InstanceId, Limits, MeshName, Metadata, ServiceName, 
 use commy_shm::{LinkConfig, RuntimeDir, ShmLink, UdsListener};
 
 use crate::conn::{self, ClientConn, DrivenLink, ServeCtx, lock};
-use commy_discovery::{Instance, LocalRegistry};
+use commy_discovery::{Instance, LocalRegistry, PowerOfTwo};
 use crate::net::{CallKind, NetState};
 use crate::netconfig::{NetConfig, TransportPreference};
 use crate::service::{self, Request, Responder, Response};
@@ -396,7 +396,7 @@ pub(crate) struct Pool {
     state: Mutex<PoolState>,
     /// Serialises connection attempts per instance.
     connecting: tokio::sync::Mutex<()>,
-    rng: AtomicUsize,
+    balancer: PowerOfTwo,
 }
 
 impl Mesh {
@@ -1120,7 +1120,7 @@ impl Mesh {
                     service: service.clone(),
                     state: Mutex::new(PoolState::default()),
                     connecting: tokio::sync::Mutex::new(()),
-                    rng: AtomicUsize::new(0x9E37_79B9),
+                    balancer: PowerOfTwo::new(),
                 });
                 spawn_watch(&self.inner, &pool);
                 pool
@@ -1223,27 +1223,19 @@ enum Route {
     Tls(CallKind),
 }
 
-/// Least loaded of two random choices (by calls in flight on our links).
+/// The instance a call goes to: the less loaded of two random choices (by
+/// calls in flight on our links). `instances` is not empty.
 fn choose(
     pool: &Pool,
     instances: &[Instance],
     conns: &FxHashMap<InstanceId, Arc<ClientConn>>,
 ) -> usize {
-    let n = instances.len();
-    if n == 1 {
-        return 0;
-    }
-    let r = pool.rng.fetch_add(0x9E37_79B9, Ordering::Relaxed);
-    let x = r.wrapping_mul(0x2545_F491_4F6C_DD1D_u64 as usize) >> 7;
-    let a = x % n;
-    let b = (a + 1 + (x / n) % (n - 1)) % n;
     let load = |i: usize| {
         conns
             .get(&instances[i].id)
-            .map(|c| c.in_flight.load(Ordering::Relaxed))
-            .unwrap_or(0)
+            .map_or(0, |c| c.in_flight.load(Ordering::Relaxed) as u64)
     };
-    if load(b) < load(a) { b } else { a }
+    pool.balancer.pick(instances.len(), load).unwrap_or(0)
 }
 
 fn service_name(name: &str) -> Result<ServiceName, Status> {

@@ -26,7 +26,7 @@ use rustc_hash::FxHashMap;
 use tokio::sync::watch;
 
 use crate::conn::{ServeCtx, decode_metadata, encode_metadata, lock};
-use commy_discovery::Instance;
+use commy_discovery::{Instance, PowerOfTwo, RoundRobin};
 use crate::netconfig::{NetConfig, TransportPreference};
 use crate::pubsub::{Message, Queue, TOPIC_HEADER};
 use crate::service::{ArrivedDeadline, Request, Response};
@@ -72,7 +72,9 @@ struct Router {
     version: watch::Sender<u64>,
     host: HostId,
     limits: Limits,
-    rr: AtomicUsize,
+    /// Spreads requests over the instances of a service, and messages
+    /// over the members of a queue group.
+    rr: RoundRobin,
     /// Metadata sections that hold nothing but the service header, and the
     /// service they name (most requests: no need to decode them).
     plain: Mutex<FxHashMap<Bytes, ServiceName>>,
@@ -151,7 +153,7 @@ impl Router {
                 .ok_or_else(|| {
                     Status::not_found(format!("no instance of service '{name}' in this process"))
                 })?;
-            let i = self.rr.fetch_add(1, Ordering::Relaxed) % instances.len();
+            let i = self.rr.pick(instances.len()).unwrap_or(0);
             instances[i].1.clone()
         };
         let _handling = Handling::new(ctx.clone());
@@ -199,11 +201,9 @@ impl Router {
                 .collect();
             if key.as_str().contains('-') {
                 // A queue group: one member.
-                let n = members.len();
-                let i = self.rr.fetch_add(1, Ordering::Relaxed);
-                members
-                    .get(i % n.max(1))
-                    .map(|q| vec![Arc::clone(q)])
+                self.rr
+                    .pick(members.len())
+                    .map(|i| vec![Arc::clone(members[i])])
                     .unwrap_or_default()
             } else {
                 members.into_iter().cloned().collect()
@@ -290,7 +290,10 @@ pub(crate) struct NetState {
     /// calls without metadata of their own.
     known: Mutex<FxHashMap<ServiceName, Bytes>>,
     closed: Arc<AtomicBool>,
-    rr: AtomicUsize,
+    /// Picks the peer a call goes to.
+    balancer: PowerOfTwo,
+    /// Picks the peer that takes a message of a queue group.
+    groups: RoundRobin,
 }
 
 /// Errors starting the network side.
@@ -382,7 +385,7 @@ impl NetState {
             .0,
             host,
             limits,
-            rr: AtomicUsize::new(0),
+            rr: RoundRobin::new(),
             plain: Mutex::new(FxHashMap::default()),
             topics: Mutex::new(FxHashMap::default()),
             closing: watch::channel(false).0,
@@ -447,7 +450,8 @@ impl NetState {
             fallbacks: AtomicU64::new(0),
             known: Mutex::new(FxHashMap::default()),
             closed,
-            rr: AtomicUsize::new(0),
+            balancer: PowerOfTwo::new(),
+            groups: RoundRobin::new(),
         }))
     }
 
@@ -546,7 +550,7 @@ impl NetState {
             }
         }
         for (g, peers) in groups {
-            let i = self.rr.fetch_add(1, Ordering::Relaxed) % peers.len();
+            let i = self.groups.pick(peers.len()).unwrap_or(0);
             if self
                 .send_publish(&peers[i], topic, &g, payload.clone())
                 .await
@@ -633,17 +637,10 @@ impl NetState {
     /// A peer serving `service`: the less loaded of two (by calls in flight).
     fn pick_peer(&self, service: &ServiceName, exclude: &[InstanceId]) -> Option<&Arc<PeerState>> {
         let serving = |p: &&Arc<PeerState>| Self::serves(p, service, exclude);
-        let mut all = self.peers.iter().filter(serving);
-        let first = all.next()?;
-        let n = 1 + all.count();
-        if n == 1 {
-            return Some(first);
-        }
-        let r = self.rr.fetch_add(1, Ordering::Relaxed);
         let nth = |i: usize| self.peers.iter().filter(serving).nth(i);
-        let (a, b) = (nth(r % n)?, nth((r + 1) % n)?);
-        let load = |p: &PeerState| p.in_flight.load(Ordering::Relaxed);
-        Some(if load(b) < load(a) { b } else { a })
+        let n = self.peers.iter().filter(serving).count();
+        let load = |i: usize| nth(i).map_or(u64::MAX, |p| p.in_flight.load(Ordering::Relaxed) as u64);
+        nth(self.balancer.pick(n, load)?)
     }
 
     /// Whether a call to `service` should skip the local lookup: it was
