@@ -33,7 +33,7 @@ use commy_core::{Deadline, InstanceId, Limits, MeshName, Metadata, ServiceName, 
 use commy_shm::{LinkConfig, RuntimeDir, ShmLink, UdsListener};
 
 use crate::conn::{self, ClientConn, DrivenLink, ServeCtx, lock};
-use commy_discovery::{Instance, LocalRegistry, PowerOfTwo};
+use commy_discovery::{Discover, Instance, LocalRegistry, PowerOfTwo};
 use crate::net::{CallKind, NetState};
 use crate::netconfig::{NetConfig, TransportPreference};
 use crate::service::{self, Request, Responder, Response};
@@ -390,8 +390,8 @@ impl LastCalled {
 
 /// The client side of one service: its instances and our links to them.
 pub(crate) struct Pool {
-    /// Where its instances announce themselves (services or topics).
-    registry: LocalRegistry,
+    /// Where its instances are found (services or topics).
+    source: Arc<dyn Discover>,
     pub(crate) service: ServiceName,
     state: Mutex<PoolState>,
     /// Serialises connection attempts per instance.
@@ -1111,12 +1111,13 @@ impl Mesh {
         registry: &LocalRegistry,
         service: &ServiceName,
     ) -> Arc<Pool> {
+        let source: Arc<dyn Discover> = Arc::new(registry.clone());
         let mut pools = lock(pools);
         pools
             .entry(service.clone())
             .or_insert_with(|| {
                 let pool = Arc::new(Pool {
-                    registry: registry.clone(),
+                    source,
                     service: service.clone(),
                     state: Mutex::new(PoolState::default()),
                     connecting: tokio::sync::Mutex::new(()),
@@ -1134,7 +1135,7 @@ impl Mesh {
         if !known.is_empty() {
             return known;
         }
-        let scanned = pool.registry.instances(&pool.service).unwrap_or_default();
+        let scanned = pool.source.instances(&pool.service).unwrap_or_default();
         lock(&pool.state).set_instances(scanned.clone());
         scanned
     }
@@ -1145,7 +1146,7 @@ impl Mesh {
         let mut instances = lock(&pool.state).instances.clone();
         if instances.is_empty() {
             // The watch may not have delivered its first snapshot yet.
-            instances = pool.registry.instances(&pool.service).map_err(|e| {
+            instances = pool.source.instances(&pool.service).map_err(|e| {
                 Status::unavailable(format!("cannot list instances of {}: {e}", pool.service))
             })?;
             lock(&pool.state).set_instances(instances.clone());
@@ -1247,7 +1248,7 @@ fn service_name(name: &str) -> Result<ServiceName, Status> {
 /// drops links to instances that vanished.
 fn spawn_watch(inner: &Arc<Inner>, pool: &Arc<Pool>) {
     let weak = Arc::downgrade(pool);
-    let watch = pool.registry.watch(&pool.service);
+    let watch = pool.source.watch(&pool.service);
     let service = pool.service.clone();
     inner.runtime.spawn(async move {
         let mut watch = match watch {
@@ -1257,7 +1258,7 @@ fn spawn_watch(inner: &Arc<Inner>, pool: &Arc<Pool>) {
                 return;
             }
         };
-        while let Some(set) = watch.changed().await {
+        while let Some(set) = std::future::poll_fn(|cx| watch.as_mut().poll_next(cx)).await {
             let Some(pool) = weak.upgrade() else { return };
             let mut state = lock(&pool.state);
             state.set_instances(set);
