@@ -35,7 +35,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::sync::oneshot;
 
 use crate::service::{
-    ArrivedDeadline, Handler, HandlerFuture, InlineSlot, Request, Responder, Response, Shared, Sink,
+    ArrivedDeadline, Caller, Handler, HandlerFuture, InlineSlot, Request, Responder, Response, Shared, Sink,
 };
 
 /// How long a send may wait for ring space before the call fails with
@@ -2055,6 +2055,8 @@ pub(crate) struct LinkShared {
     polled: Mutex<FxHashSet<u64>>,
     /// The service served (what polled requests release).
     ctx: Arc<ServeCtx>,
+    /// Who is at the other end (every request of the link comes from it).
+    caller: Caller,
 }
 
 impl LinkShared {
@@ -2256,8 +2258,9 @@ impl Drop for HeldPermits {
 /// one that has to wait continues as a tokio task.
 pub(crate) fn serve_link(link: ShmLink, ctx: Arc<ServeCtx>) {
     let _runtime = ctx.runtime.enter();
+    let caller = Caller::local(link.peer());
     let (tx, mut rx) = link.split();
-    let mut server = LinkServer::new(tx, ctx);
+    let mut server = LinkServer::new(tx, ctx, caller);
     loop {
         let msg = match rx.recv(None) {
             Ok(m) => m,
@@ -2285,7 +2288,7 @@ struct LinkServer {
 }
 
 impl LinkServer {
-    fn new(tx: LinkSender, ctx: Arc<ServeCtx>) -> LinkServer {
+    fn new(tx: LinkSender, ctx: Arc<ServeCtx>, caller: Caller) -> LinkServer {
         let busy = Arc::new(AtomicBool::new(false));
         lock(&ctx.links).push(busy.clone());
         LinkServer {
@@ -2295,6 +2298,7 @@ impl LinkServer {
                 running: Mutex::default(),
                 polled: Mutex::default(),
                 ctx: ctx.clone(),
+                caller,
             }),
             ctx,
             busy,
@@ -2352,6 +2356,7 @@ impl LinkServer {
                     metadata: metadata.into(),
                     // Relative on the wire: anchored when first needed.
                     deadline: ArrivedDeadline::from_wire(h.deadline_us),
+                    caller: shared.caller.clone(),
                 };
                 // The request's record is released after the handler ran
                 // (or went on as a task): releasing ends with a fence, which
@@ -2517,12 +2522,19 @@ impl std::fmt::Debug for DrivenLink {
 
 impl DrivenLink {
     pub(crate) fn new(link: ShmLink, ctx: Arc<ServeCtx>) -> DrivenLink {
+        let caller = Caller::local(link.peer());
         let (tx, rx) = link.split();
         DrivenLink {
-            server: LinkServer::new(tx, ctx),
+            server: LinkServer::new(tx, ctx, caller),
             rx,
             closed: false,
         }
+    }
+
+    /// Who is at the other end: every request of this link comes from
+    /// this caller.
+    pub fn caller(&self) -> &Caller {
+        &self.server.link.caller
     }
 
     /// Handles the frames that have arrived, at most `max` of them, without

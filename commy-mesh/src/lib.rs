@@ -34,7 +34,7 @@ pub use mesh::{
 pub use net::{INSTANCES_SERVICE, NetError, PUBLISH_SERVICE, SERVICE_HEADER};
 pub use netconfig::{CONFIG_ENV, NetConfig, TransportPreference};
 pub use pubsub::{Message, SlowSubscriber, SubscribeOptions, Subscription};
-pub use service::{Request, Responder, Response};
+pub use service::{Caller, RemoteCaller, Request, Responder, Response};
 
 /// The README's Rust quickstarts, compiled and run as doc tests.
 #[doc = include_str!("../../README.md")]

@@ -29,7 +29,7 @@ use crate::conn::{ServeCtx, decode_metadata, encode_metadata, lock};
 use commy_discovery::{Instance, PowerOfTwo, RoundRobin};
 use crate::netconfig::{NetConfig, TransportPreference};
 use crate::pubsub::{Message, Queue, TOPIC_HEADER};
-use crate::service::{ArrivedDeadline, Request, Response};
+use crate::service::{ArrivedDeadline, Caller, RemoteCaller, Request, Response};
 
 /// The metadata header naming a request's service on the TLS transport.
 pub const SERVICE_HEADER: &str = "commy-service";
@@ -163,6 +163,7 @@ impl Router {
             payload: inbound.payload,
             metadata: metadata.into(),
             deadline: ArrivedDeadline::at(inbound.deadline),
+            caller: Caller::Remote(RemoteCaller(inbound.peer)),
         };
         let response = ctx.handler.future(request).await?;
         Ok(Reply {

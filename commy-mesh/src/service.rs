@@ -32,6 +32,78 @@ pub struct Request {
     pub(crate) payload: Bytes,
     pub(crate) metadata: SomeMetadata,
     pub(crate) deadline: ArrivedDeadline,
+    pub(crate) caller: Caller,
+}
+
+/// Who sent a request, as its transport vouches for it: the kernel on
+/// shared memory, the TLS handshake across hosts. Bearer tokens a caller
+/// adds travel in the [metadata](Request::metadata) and are not checked
+/// here.
+///
+/// ```
+/// use commy_mesh::{Caller, Request, Response, Status};
+///
+/// async fn whoami(req: Request) -> Result<Response, Status> {
+///     Ok(match req.caller() {
+///         Caller::Local { uid, .. } => format!("uid {uid} on this host"),
+///         Caller::Remote(remote) => match remote.identity() {
+///             Some(id) => id.to_string(),
+///             None => format!("{} (no client certificate)", remote.addr()),
+///         },
+///         _ => "someone".to_owned(),
+///     }
+///     .into_bytes()
+///     .into())
+/// }
+/// # let _ = whoami;
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Caller {
+    /// A process of this host, over shared memory: the credentials the
+    /// kernel recorded when it connected (`SO_PEERCRED`). `pid` is 0 when
+    /// the caller lives in another pid namespace.
+    Local {
+        /// Effective user id.
+        uid: u32,
+        /// Effective group id.
+        gid: u32,
+        /// Process id, as seen in this process's pid namespace.
+        pid: u32,
+    },
+    /// A process on another host, over TLS.
+    Remote(RemoteCaller),
+}
+
+impl Caller {
+    /// The caller of requests that arrive on a shared-memory link with the
+    /// peer `cred`.
+    pub(crate) fn local(cred: commy_shm::PeerCred) -> Caller {
+        Caller::Local {
+            uid: cred.uid,
+            gid: cred.gid,
+            pid: cred.pid,
+        }
+    }
+}
+
+/// A caller on another host: its TLS connection's peer, shared by every
+/// request of the connection (a request costs no copy of it).
+#[derive(Debug, Clone)]
+pub struct RemoteCaller(pub(crate) Arc<commy_net::Peer>);
+
+impl RemoteCaller {
+    /// The SPIFFE ID (`spiffe://<mesh>/<service>`) of the client's
+    /// certificate; `None` when it presented none (the server did not
+    /// require one).
+    pub fn identity(&self) -> Option<&commy_net::Identity> {
+        self.0.identity.as_ref()
+    }
+
+    /// The connection's remote address.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.0.addr
+    }
 }
 
 /// The one copy of a served service's name that its requests refer to, so
@@ -161,6 +233,11 @@ impl Request {
     /// The service this request was addressed to.
     pub fn service(&self) -> &ServiceName {
         self.service
+    }
+
+    /// Who sent the request (see [`Caller`]).
+    pub fn caller(&self) -> &Caller {
+        &self.caller
     }
 }
 

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use commy_mesh::{
-    CallOptions, Code, Mesh, Metadata, NetConfig, Request, Response, Status, TransportPreference,
+    CallOptions, Caller, Code, Mesh, Metadata, NetConfig, Request, Response, Status, TransportPreference,
 };
 
 const ROLE: &str = "COMMY_TRANSPORTS_TEST_ROLE";
@@ -170,6 +170,22 @@ async fn serve_test_services(mesh: &Mesh) -> Vec<commy_mesh::ServiceHandle> {
         mesh.serve("echo", |req: Request| async move {
             let md = req.metadata().clone();
             Ok::<_, Status>(Response::new(req.into_payload()).with_metadata(md))
+        })
+        .await
+        .unwrap(),
+    );
+    // `whoami`: says who the caller is, as the transport vouches for it.
+    handles.push(
+        mesh.serve("whoami", |req: Request| async move {
+            let who = match req.caller() {
+                Caller::Local { uid, gid, pid } => format!("local {uid} {gid} {pid}"),
+                Caller::Remote(r) => match r.identity() {
+                    Some(id) => format!("remote {id}"),
+                    None => "remote none".to_owned(),
+                },
+                other => format!("unknown {other:?}"),
+            };
+            Ok::<_, Status>(Response::new(who.into_bytes()))
         })
         .await
         .unwrap(),
@@ -420,6 +436,48 @@ macro_rules! conformance {
             }
         }
     };
+}
+
+conformance!(the_caller_reaches_the_handler);
+async fn the_caller_reaches_the_handler(t: Transport) {
+    let s = Setup::new("caller", t).await;
+    let who = |r: bytes::Bytes| String::from_utf8(r.to_vec()).unwrap();
+    let answer = who(s.mesh.call("whoami", Vec::new()).await.unwrap());
+    match t {
+        Transport::Shm => {
+            let uid = rustix::process::geteuid().as_raw();
+            let gid = rustix::process::getegid().as_raw();
+            let pid = std::process::id();
+            assert_eq!(answer, format!("local {uid} {gid} {pid}"));
+        }
+        Transport::Tls => {
+            // This client presents no certificate.
+            assert_eq!(answer, "remote none");
+            // One with a certificate of the server's CA is known by it.
+            let ca = commy_net::DevCa::load(&s.dir.join("commy").join("dev-ca")).unwrap();
+            let id = commy_net::Identity::new("default", "caller-test").unwrap();
+            let (cert, key) = ca.issue(&commy_net::LeafSpec::new(id)).unwrap();
+            let (cert_path, key_path) = (s.dir.join("caller.pem"), s.dir.join("caller.key"));
+            commy_net::tls::write_pem_file(&cert_path, &cert).unwrap();
+            commy_net::tls::write_pem_file(&key_path, &key).unwrap();
+            let mut net = NetConfig::default();
+            net.tls_ca = Some(ca.dir().join("ca.pem"));
+            net.tls_cert = Some(cert_path);
+            net.tls_key = Some(key_path);
+            net.no_listen = true;
+            let own = own_runtime_dir(&s.dir, "caller-rt");
+            let known = Mesh::builder()
+                .runtime_dir(own)
+                .net(net)
+                .peer(&format!("tls://127.0.0.1:{}", s.port))
+                .open()
+                .await
+                .unwrap();
+            let answer = who(known.call("whoami", Vec::new()).await.unwrap());
+            assert_eq!(answer, "remote spiffe://default/caller-test");
+            known.close().await;
+        }
+    }
 }
 
 conformance!(concurrent_calls_each_get_their_own_answer);
