@@ -15,26 +15,34 @@
 // which loom cannot model: stress tests with real threads cover them.
 #![allow(clippy::disallowed_types)]
 
-mod conn;
+mod call;
+mod embed;
 mod mesh;
 mod net;
 mod netconfig;
 mod pubsub;
-mod service;
+mod response;
+mod serve;
+mod sync;
+mod wire;
 
 pub use commy_core::{Code, Deadline, Metadata, Status};
-pub use commy_shm::WaitInterrupter;
-pub use conn::{AnswerDriver, AnswerSink, Drive, DrivenLink, PolledRequest};
 pub use commy_discovery::{
     DiscoveryError, HOST_ID_ENV, Instance, InstanceWatch, LocalRegistry, host_id,
 };
+pub use commy_shm::WaitInterrupter;
+pub use embed::answers::{AnswerDriver, AnswerSink};
+pub use embed::driven::{Drive, DrivenLink};
 pub use mesh::{
     CallOptions, Config, Mesh, MeshBuilder, OpenError, ServiceHandle, ThreadHook, ThreadWork,
 };
 pub use net::{INSTANCES_SERVICE, NetError, PUBLISH_SERVICE, SERVICE_HEADER};
 pub use netconfig::{CONFIG_ENV, NetConfig, TransportPreference};
 pub use pubsub::{Message, SlowSubscriber, SubscribeOptions, Subscription};
-pub use service::{Caller, RemoteCaller, Request, Responder, Response};
+pub use response::Response;
+pub use serve::polled::PolledRequest;
+pub use serve::request::{Caller, RemoteCaller, Request};
+pub use serve::responder::Responder;
 
 /// The README's Rust quickstarts, compiled and run as doc tests.
 #[doc = include_str!("../../README.md")]

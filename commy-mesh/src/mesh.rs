@@ -21,7 +21,6 @@
 //! # }
 //! ```
 
-use rustc_hash::FxHashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -30,13 +29,25 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use commy_core::{Deadline, InstanceId, Limits, MeshName, Metadata, ServiceName, Status};
-use commy_shm::{LinkConfig, RuntimeDir, ShmLink, UdsListener};
-
-use crate::conn::{self, ClientConn, DrivenLink, ServeCtx, lock};
 use commy_discovery::{Discover, Instance, LocalRegistry, PowerOfTwo};
+use commy_shm::{LinkConfig, RuntimeDir, ShmLink, UdsListener};
+use rustc_hash::FxHashMap;
+
+use crate::call::deadline::Due;
+use crate::call::shm::{ClientConn, Started};
+use crate::call::table::{AnswerSink, Done};
+use crate::embed::answers::Claims;
+use crate::embed::driven::DrivenLink;
 use crate::net::{CallKind, NetState};
 use crate::netconfig::{NetConfig, TransportPreference};
-use crate::service::{self, Request, Responder, Response};
+use crate::response::Response;
+use crate::serve::dispatch::ServeCtx;
+use crate::serve::handler::{Handler, erase, erase_deferred};
+use crate::serve::permits::Permits;
+use crate::serve::request::{Request, interned};
+use crate::serve::responder::Responder;
+use crate::serve::shm::serve_link;
+use crate::sync::lock;
 
 /// Settings of a mesh handle. `Config::default()` is the embedded default:
 /// mesh `default`, local discovery in the runtime dir, nothing to write first.
@@ -320,7 +331,7 @@ pub(crate) struct Inner {
     /// The TLS side, when configured.
     net: Option<Arc<NetState>>,
     /// Set once [`Mesh::drive_answers`] made this handle's driver.
-    answers: OnceLock<Arc<conn::Claims>>,
+    answers: OnceLock<Arc<Claims>>,
 }
 
 /// A pool's instances and our links to them, under one lock.
@@ -463,7 +474,7 @@ impl Mesh {
         F: Fn(Request) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Response, Status>> + Send + 'static,
     {
-        self.serve_handler(name, service::erase(handler), None)
+        self.serve_handler(name, erase(handler), None)
     }
 
     /// Serves `name` with a handler that answers through a [`Responder`],
@@ -483,7 +494,7 @@ impl Mesh {
     where
         F: Fn(Request, Responder) + Send + Sync + 'static,
     {
-        self.serve_handler(name, service::erase_deferred(handler), None)
+        self.serve_handler(name, erase_deferred(handler), None)
     }
 
     /// [`serve_deferred`](Mesh::serve_deferred), with each shared-memory
@@ -506,17 +517,13 @@ impl Mesh {
         F: Fn(Request, Responder) + Send + Sync + 'static,
         L: Fn(DrivenLink) + Send + Sync + 'static,
     {
-        self.serve_handler(
-            name,
-            service::erase_deferred(handler),
-            Some(Arc::new(on_link)),
-        )
+        self.serve_handler(name, erase_deferred(handler), Some(Arc::new(on_link)))
     }
 
     fn serve_handler(
         &self,
         name: &str,
-        handler: service::Handler,
+        handler: Handler,
         driver: Option<Arc<dyn Fn(DrivenLink) + Send + Sync>>,
     ) -> Result<ServiceHandle, Status> {
         self.check_open()?;
@@ -533,12 +540,12 @@ impl Mesh {
             handler,
             limits: self.inner.config.limits,
             runtime: self.inner.runtime.clone(),
-            permits: conn::Permits::new(self.inner.config.max_concurrency),
+            permits: Permits::new(self.inner.config.max_concurrency),
             in_flight: Arc::new(AtomicUsize::new(0)),
             drained: Arc::new(tokio::sync::Notify::new()),
             draining: AtomicBool::new(false),
             links: Mutex::new(Vec::new()),
-            service: service::interned(&service),
+            service: interned(&service),
         });
         if let Some(net) = &self.inner.net {
             net.add(&service, id, ctx.clone());
@@ -559,7 +566,7 @@ impl Mesh {
             {
                 let hook = self.inner.config.link_thread_hook.clone();
                 let serve = move |link: ShmLink, ctx: Arc<ServeCtx>| match &driver {
-                    None => conn::serve_link(link, ctx),
+                    None => serve_link(link, ctx),
                     Some(driver) => driver(DrivenLink::new(link, ctx)),
                 };
                 move |link| match &hook {
@@ -604,7 +611,7 @@ impl Mesh {
             // not allocate; a call answered within the spin completes in
             // the first poll.
             if let Some((conn, balanced)) = self.connected(name) {
-                let due = conn::Due::new(
+                let due = Due::new(
                     options.timeout.or(self.inner.config.default_timeout),
                     options.deadline,
                     options.started,
@@ -616,8 +623,8 @@ impl Mesh {
                     balanced,
                     options.spin,
                 ) {
-                    conn::Started::Done(result) => result,
-                    conn::Started::Waiting(waiting) => conn.finish_call(waiting).await,
+                    Started::Done(result) => result,
+                    Started::Waiting(waiting) => conn.finish_call(waiting).await,
                 };
             }
         }
@@ -641,7 +648,7 @@ impl Mesh {
                 .net_call(&service, payload, &options, CallKind::default())
                 .await;
         }
-        let due = conn::Due::new(
+        let due = Due::new(
             options.timeout.or(self.inner.config.default_timeout),
             options.deadline,
             options.started,
@@ -695,7 +702,7 @@ impl Mesh {
             if let Some(claims) = self.inner.answers.get() {
                 claims.claim(&conn);
             }
-            let done = conn::Done::Call(Box::new(done));
+            let done = Done::Call(Box::new(done));
             return conn.call_then(payload, &options.metadata, due, balanced, done);
         }
         let mesh = self.clone();
@@ -753,7 +760,7 @@ impl Mesh {
         if let Some((conn, balanced, due)) = self.callback_route(name, &options) {
             conn.set_sink(sink);
             claims.claim(&conn);
-            let done = conn::Done::Token(token);
+            let done = Done::Token(token);
             conn.call_then(payload, &options.metadata, due, balanced, done);
             return Ok(());
         }
@@ -796,7 +803,7 @@ impl Mesh {
 
     /// The claims of the answer driver and its sink, which token calls
     /// need.
-    fn token_sink(&self) -> Result<(&conn::Claims, &Arc<dyn conn::AnswerSink>), Status> {
+    fn token_sink(&self) -> Result<(&Claims, &Arc<dyn AnswerSink>), Status> {
         self.inner
             .answers
             .get()
@@ -816,12 +823,12 @@ impl Mesh {
         &self,
         name: &str,
         options: &CallOptions,
-    ) -> Option<(Arc<ClientConn>, bool, conn::Due)> {
+    ) -> Option<(Arc<ClientConn>, bool, Due)> {
         if self.preference(options) == TransportPreference::Tls {
             return None;
         }
         let (conn, balanced) = self.connected(name)?;
-        let due = conn::Due::new(
+        let due = Due::new(
             options.timeout.or(self.inner.config.default_timeout),
             options.deadline,
             options.started,
@@ -865,7 +872,7 @@ impl Mesh {
         &self,
         sink: Option<Arc<dyn crate::AnswerSink>>,
     ) -> Result<crate::AnswerDriver, Status> {
-        let claims = Arc::new(conn::Claims::new(sink));
+        let claims = Arc::new(Claims::new(sink));
         self.inner
             .answers
             .set(claims.clone())

@@ -21,15 +21,18 @@ use commy_core::{
     Deadline, Endpoint, HostId, InstanceId, Limits, MeshName, Metadata, ServiceName, Status,
     TlsAddr, TopicName,
 };
+use commy_discovery::{Instance, PowerOfTwo, RoundRobin};
 use commy_net::{Credentials, DevCa, Identity, Inbound, LeafSpec, Reply};
 use rustc_hash::FxHashMap;
 use tokio::sync::watch;
 
-use crate::conn::{ServeCtx, decode_metadata, encode_metadata, lock};
-use commy_discovery::{Instance, PowerOfTwo, RoundRobin};
 use crate::netconfig::{NetConfig, TransportPreference};
 use crate::pubsub::{Message, Queue, TOPIC_HEADER};
-use crate::service::{ArrivedDeadline, Caller, RemoteCaller, Request, Response};
+use crate::response::Response;
+use crate::serve::dispatch::ServeCtx;
+use crate::serve::request::{ArrivedDeadline, Caller, RemoteCaller, Request};
+use crate::sync::lock;
+use crate::wire::{decode_metadata, encode_metadata};
 
 /// The metadata header naming a request's service on the TLS transport.
 pub const SERVICE_HEADER: &str = "commy-service";
@@ -640,7 +643,8 @@ impl NetState {
         let serving = |p: &&Arc<PeerState>| Self::serves(p, service, exclude);
         let nth = |i: usize| self.peers.iter().filter(serving).nth(i);
         let n = self.peers.iter().filter(serving).count();
-        let load = |i: usize| nth(i).map_or(u64::MAX, |p| p.in_flight.load(Ordering::Relaxed) as u64);
+        let load =
+            |i: usize| nth(i).map_or(u64::MAX, |p| p.in_flight.load(Ordering::Relaxed) as u64);
         nth(self.balancer.pick(n, load)?)
     }
 

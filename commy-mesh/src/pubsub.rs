@@ -348,7 +348,7 @@ fn serve_topic_link(link: ShmLink, queue: Arc<Queue>, limits: Limits) {
         if frame.header().kind != FrameKind::Publish {
             continue;
         }
-        let Ok(mut metadata) = crate::conn::decode_metadata(frame.metadata(), &limits) else {
+        let Ok(mut metadata) = crate::wire::decode_metadata(frame.metadata(), &limits) else {
             tracing::warn!("subscription to {}: malformed metadata", queue.topic);
             return;
         };

@@ -1,0 +1,1075 @@
+//! The shared-memory client: one link to one service instance.
+//!
+//! The calling task writes its request straight into the ring and then
+//! polls the link's receive ring itself for a short while
+//! ([`Config::call_spin`](crate::Config::call_spin)), completing whatever
+//! answers it finds (its own, or other callers' through the call table).
+//! A quick call therefore never crosses a thread. Only when no caller polls
+//! and calls are still pending does the link's reader thread
+//! ([`reader`](super::reader)) take over. An event loop that keeps many
+//! callback calls in flight receives their answers itself instead
+//! ([`AnswerDriver`](crate::embed::AnswerDriver)).
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use commy_core::{
+    Deadline, FrameHeader, FrameKind, FrameRef, InstanceId, Limits, Metadata, Status, StreamId,
+};
+use commy_shm::link::{LinkSender, RecvError};
+use commy_shm::{LinkReceiver, RingError, ShmLink};
+use tokio::sync::oneshot;
+
+use crate::call::deadline::Due;
+use crate::call::reader::client_reader;
+use crate::call::table::{AnswerSink, CallTable, Callback, Done, PendingCalls, Waiter};
+use crate::response::Response;
+use crate::sync::{Counted, lock, try_lock};
+use crate::wire::{
+    Patience, check_frame, decode_metadata, encode_metadata, far_future, send_frame, send_status,
+};
+
+/// What one poll of a link by an [`AnswerDriver`] found.
+pub(crate) enum AnswerDrive {
+    /// The most answers one poll takes were taken; more may wait.
+    More,
+    /// Every answer that had come was taken; the ring is empty.
+    Empty,
+    /// The link failed (its calls have been failed).
+    Closed,
+}
+
+/// The receiver of a token call's answer as [`AnswerDriver::poll_with`]
+/// takes it.
+pub(crate) type Local<'a> = dyn FnMut(u64, Result<&[u8], Status>) + 'a;
+
+/// The result a pending call receives.
+pub(crate) type CallResult = Result<Response, Status>;
+
+/// An answer frame as read from the ring, its payload still in place.
+pub(crate) enum AnswerRef<'m> {
+    Response {
+        payload: &'m [u8],
+        metadata: Metadata,
+    },
+    Failed(Status),
+}
+
+impl AnswerRef<'_> {
+    /// The call's result, its payload copied out of the ring.
+    pub(crate) fn into_result(self) -> CallResult {
+        match self {
+            AnswerRef::Response { payload, metadata } => Ok(Response {
+                payload: Bytes::copy_from_slice(payload),
+                metadata: metadata.into(),
+            }),
+            AnswerRef::Failed(status) => Err(status),
+        }
+    }
+}
+
+/// The client side of one link to one service instance.
+///
+/// Responses are read by the callers themselves: a caller that has sent its
+/// request polls the link's receive ring for a short while (`spin`),
+/// completing whatever responses it finds, its own or other callers'. Only
+/// when no caller is polling and calls are still pending does a parked
+/// reader thread take over, waiting on the ring (and sleeping when it stays
+/// empty). A quick call therefore never crosses a thread.
+pub(crate) struct ClientConn {
+    pub(crate) tx: Mutex<TxState>,
+    pub(crate) rx: Mutex<LinkReceiver>,
+    pub(crate) pending: Mutex<PendingCalls>,
+    /// `pending.len()`, readable without the lock (stored under it).
+    pub(crate) pending_len: AtomicUsize,
+    pub(crate) alive: AtomicBool,
+    /// Callers currently polling the receive ring (the reader stands back).
+    pub(crate) pollers: AtomicUsize,
+    /// Calls in flight (for least-loaded balancing).
+    pub(crate) in_flight: AtomicUsize,
+    /// Set while this link's instance is the only one its pool knows, by a
+    /// call under the pool's lock; cleared there whenever the pool's
+    /// instances change (a thread's last-called cache relies on it).
+    pub(crate) sole: AtomicBool,
+    pub(crate) limits: Limits,
+    pub(crate) spin: Duration,
+    pub(crate) reader: OnceLock<std::thread::Thread>,
+    /// Set when a callback call moved the earliest deadline forward (the
+    /// reader then reads it again).
+    pub(crate) sooner: AtomicBool,
+    /// Ends the reader's wait on the ring, which may be set for a later
+    /// deadline than a call registered since.
+    pub(crate) interrupt: commy_shm::WaitInterrupter,
+    /// Set while an [`AnswerDriver`] receives this link's answers (the
+    /// reader stands by, see [`stand_by`]).
+    pub(crate) driven: AtomicBool,
+    /// Set once an [`AnswerDriver`] has claimed the link: its reader naps
+    /// for a while before parking, so that the next claim needs no wake-up.
+    pub(crate) was_driven: AtomicBool,
+    /// Set by every poll of the driver; cleared by the standing-by reader
+    /// each time it looks.
+    pub(crate) polled: AtomicBool,
+    /// Set while the reader is parked with no timeout (a claim wakes it).
+    pub(crate) asleep: AtomicBool,
+    /// Set once a callback call was made on the link.
+    pub(crate) callbacks: AtomicBool,
+    /// Where the answers to token calls go (set by the first one: every
+    /// call on the link comes through the same mesh handle).
+    pub(crate) sink: OnceLock<Arc<dyn AnswerSink>>,
+}
+
+/// How long the fallback reader waits on the ring before re-checking
+/// whether a caller took over or nothing is pending any more.
+pub(crate) const READER_SLICE: Duration = Duration::from_millis(20);
+
+impl ClientConn {
+    /// Wraps a connected link and starts its (parked) reader thread.
+    pub(crate) fn start(
+        instance: InstanceId,
+        link: ShmLink,
+        limits: Limits,
+        spin: Duration,
+    ) -> Arc<ClientConn> {
+        let (tx, rx) = link.split();
+        let interrupt = rx.interrupter();
+        let conn = Arc::new(ClientConn {
+            tx: Mutex::new(TxState {
+                sender: tx,
+                next_stream: 1,
+            }),
+            rx: Mutex::new(rx),
+            pending: Mutex::new(PendingCalls::default()),
+            pending_len: AtomicUsize::new(0),
+            alive: AtomicBool::new(true),
+            pollers: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
+            sole: AtomicBool::new(false),
+            limits,
+            spin,
+            reader: OnceLock::new(),
+            interrupt,
+            sooner: AtomicBool::new(false),
+            driven: AtomicBool::new(false),
+            was_driven: AtomicBool::new(false),
+            polled: AtomicBool::new(false),
+            asleep: AtomicBool::new(false),
+            callbacks: AtomicBool::new(false),
+            sink: OnceLock::new(),
+        });
+        let weak = Arc::downgrade(&conn);
+        let spawned = std::thread::Builder::new()
+            .name(format!("commy-client-{instance}"))
+            .spawn(move || client_reader(weak));
+        match spawned {
+            Ok(handle) => {
+                let _ = conn.reader.set(handle.thread().clone());
+            }
+            Err(e) => {
+                tracing::error!("cannot start a link reader thread: {e}");
+                conn.alive.store(false, Ordering::Release);
+            }
+        }
+        conn
+    }
+
+    /// Whether the link still works.
+    pub(crate) fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire)
+    }
+
+    /// Sends a request and waits for its response (or the deadline).
+    /// `balanced`: count the call in [`in_flight`](ClientConn::in_flight)
+    /// (only needed when there are instances to choose between); `spin`:
+    /// this call's polling budget instead of the link's.
+    pub(crate) async fn call(
+        &self,
+        payload: Bytes,
+        metadata: &Metadata,
+        due: Due,
+        balanced: bool,
+        spin: Option<Duration>,
+    ) -> CallResult {
+        match self.start_call(payload, metadata, due, balanced, spin) {
+            Started::Done(result) => result,
+            Started::Waiting(waiting) => self.finish_call(waiting).await,
+        }
+    }
+
+    /// The synchronous part of a call: sends the request and polls for the
+    /// answer for a while. A quick call is done here, without a future.
+    /// The payload is dropped once sent, while the answer is still on its
+    /// way.
+    pub(crate) fn start_call(
+        &self,
+        payload: Bytes,
+        metadata: &Metadata,
+        mut due: Due,
+        balanced: bool,
+        spin: Option<Duration>,
+    ) -> Started<'_> {
+        let spin = spin.unwrap_or(self.spin);
+        if !self.is_alive() {
+            return Started::Done(Err(Status::unavailable("the instance is gone")));
+        }
+        let in_flight = balanced.then(|| Counted::enter(&self.in_flight));
+        let md = encode_metadata(metadata);
+        if let Err(status) = check_frame(&self.limits, &md, &payload) {
+            return Started::Done(Err(status));
+        }
+        let deadline_us = due.wire();
+        let patience = due.patience();
+        let send = |tx: &mut TxState, id: u64, payload: Bytes| {
+            let header = FrameHeader {
+                deadline_us,
+                ..FrameHeader::new(FrameKind::Request, StreamId(id))
+            };
+            let sent = send_frame(&mut tx.sender, header, &md, &payload, patience);
+            // Freed after the send, not on the answer's path.
+            drop(payload);
+            sent.map_err(send_status)
+        };
+        let (id, done) = match self.rx.try_lock() {
+            Ok(mut rx) => {
+                // We own the receive ring: our answer cannot be taken by
+                // anyone else, so it needs no registration unless we stop
+                // polling before it comes.
+                let id = {
+                    let mut tx = lock(&self.tx);
+                    let id = tx.open_stream();
+                    if let Err(status) = send(&mut tx, id, payload) {
+                        return Started::Done(Err(status));
+                    }
+                    id
+                };
+                // The space of the answer before, if the last call left it.
+                rx.release();
+                if let Some(result) = self.poll_own(&mut rx, id, &mut due, spin) {
+                    return Started::Done(result);
+                }
+                let (done_tx, done_rx) = oneshot::channel();
+                self.register(id, Waiter::Task(done_tx));
+                drop(rx);
+                // Not answered within the spin: the reader thread takes over.
+                self.wake_reader();
+                (id, done_rx)
+            }
+            Err(_) => {
+                // Another caller (or the reader) owns the ring: it completes
+                // our call through the pending table. Polling callers make
+                // the reader stand back; the last one out wakes it.
+                let polling = Poller::enter(self);
+                let (done_tx, mut done_rx) = oneshot::channel();
+                let id = {
+                    let mut tx = lock(&self.tx);
+                    let id = tx.open_stream();
+                    self.register(id, Waiter::Task(done_tx));
+                    if let Err(e) = send(&mut tx, id, payload) {
+                        drop(tx);
+                        self.take(id);
+                        return Started::Done(Err(e));
+                    }
+                    id
+                };
+                // Spinning pays only while few callers wait: with many in
+                // flight, spinners would take the threads their answers are
+                // delivered on (and the other callers' work) away.
+                if polling.may_spin() {
+                    if let Some(result) = self.poll_shared(&mut done_rx, &mut due, spin) {
+                        return Started::Done(result);
+                    }
+                }
+                drop(polling);
+                (id, done_rx)
+            }
+        };
+        Started::Waiting(Waiting {
+            abandon: Abandon {
+                conn: self,
+                id,
+                armed: true,
+            },
+            done,
+            due,
+            _in_flight: in_flight,
+        })
+    }
+
+    /// The rest of a call [`start_call`](ClientConn::start_call) left
+    /// waiting: its answer, or `DeadlineExceeded`.
+    pub(crate) async fn finish_call(&self, waiting: Waiting<'_>) -> CallResult {
+        // From here on the caller may give up (drop this future) or time
+        // out: either way the call leaves the pending table (`abandon`) and
+        // the server is told to stop working on it.
+        let Waiting {
+            mut abandon,
+            mut done,
+            mut due,
+            _in_flight,
+        } = waiting;
+        let outcome = match due.absolute() {
+            Some(d) => match tokio::time::timeout_at(d.instant().into(), &mut done).await {
+                Ok(r) => r,
+                Err(_) => {
+                    drop(abandon);
+                    return Err(Status::deadline_exceeded("no response before the deadline"));
+                }
+            },
+            None => done.await,
+        };
+        abandon.armed = false;
+        outcome.unwrap_or_else(|_| Err(gone_status()))
+    }
+
+    /// Polls the ring we own until the answer to `id` comes (completing
+    /// other callers' answers on the way), the spin budget runs out or the
+    /// deadline passes (`None` in the last two cases).
+    pub(crate) fn poll_own(
+        &self,
+        rx: &mut LinkReceiver,
+        id: u64,
+        due: &mut Due,
+        spin: Duration,
+    ) -> Option<CallResult> {
+        // One cheap round is a load and a pause: the clock (which takes
+        // as long as a few dozen rounds) is read rarely.
+        let mut spin = SpinBudget::new(spin, 1024);
+        loop {
+            // A cheap look first; the full receive (which also sees a
+            // closed link) when something came, and every 1024 rounds.
+            if !rx.has_data() && !spin.checks_now() {
+                spin.round();
+                std::hint::spin_loop();
+                continue;
+            }
+            match rx.try_recv() {
+                Ok(Some(msg)) => match self.deliver(&msg, Some(id)) {
+                    Ok(None) => {}
+                    Ok(Some(result)) => {
+                        // Its space goes back after the next request is
+                        // sent (or with the next receive), not on the way
+                        // to the caller.
+                        msg.release_later();
+                        return Some(result);
+                    }
+                    Err(status) => return Some(Err(status)),
+                },
+                Ok(None) => {
+                    if spin.spent(due) {
+                        return None;
+                    }
+                    std::hint::spin_loop();
+                }
+                Err(e) => {
+                    let status = self.fail(e);
+                    return Some(Err(status));
+                }
+            }
+        }
+    }
+
+    /// Waits for our pending answer while another thread owns the ring,
+    /// taking the ring over if it is released.
+    pub(crate) fn poll_shared(
+        &self,
+        done: &mut oneshot::Receiver<CallResult>,
+        due: &mut Due,
+        spin: Duration,
+    ) -> Option<CallResult> {
+        let mut spin = SpinBudget::new(spin, 64);
+        loop {
+            if let Ok(mut rx) = self.rx.try_lock() {
+                self.drain(&mut rx);
+            }
+            match done.try_recv() {
+                Ok(r) => return Some(r),
+                Err(oneshot::error::TryRecvError::Empty) => {}
+                Err(oneshot::error::TryRecvError::Closed) => return Some(Err(gone_status())),
+            }
+            if spin.spent(due) {
+                return None;
+            }
+            for _ in 0..8 {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    /// Completes every answer waiting in the ring. Returns false once the
+    /// link failed (pending calls have been failed then).
+    pub(crate) fn drain(&self, rx: &mut LinkReceiver) -> bool {
+        loop {
+            match rx.try_recv() {
+                Ok(Some(msg)) => {
+                    if self.deliver(&msg, None).is_err() {
+                        return false;
+                    }
+                }
+                Ok(None) => return true,
+                Err(e) => {
+                    let _ = self.fail(e);
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Handles one answer frame: returns its result if it answers `own`,
+    /// else hands it to the pending call it belongs to (if that still
+    /// waits). A malformed frame fails the link: its status is the error.
+    pub(crate) fn deliver(
+        &self,
+        msg: &[u8],
+        own: Option<u64>,
+    ) -> Result<Option<CallResult>, Status> {
+        let Some((id, result)) = self.answer(msg) else {
+            return Err(self.fail(RecvError::Protocol("malformed frame")));
+        };
+        if own == Some(id) {
+            return Ok(Some(result));
+        }
+        if let Some(waiter) = self.take(id) {
+            waiter.complete(self, result);
+        }
+        Ok(None)
+    }
+
+    /// Reads an answer frame: its stream and the call's result. `None` when
+    /// the frame is malformed (the link must be dropped).
+    pub(crate) fn answer(&self, msg: &[u8]) -> Option<(u64, CallResult)> {
+        let (id, answer) = self.answer_ref(msg)?;
+        Some((id, answer.into_result()))
+    }
+
+    /// Reads an answer frame without copying its payload: its stream and
+    /// what it says. `None` when the frame is malformed (the link must be
+    /// dropped).
+    pub(crate) fn answer_ref<'m>(&self, msg: &'m [u8]) -> Option<(u64, AnswerRef<'m>)> {
+        let frame = match FrameRef::decode(msg, &self.limits) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!("dropping a link: the server sent a malformed frame: {e}");
+                return None;
+            }
+        };
+        let h = *frame.header();
+        let answer = match h.kind {
+            FrameKind::Response => match decode_metadata(frame.metadata(), &self.limits) {
+                Ok(metadata) => AnswerRef::Response {
+                    payload: frame.payload(),
+                    metadata,
+                },
+                Err(e) => AnswerRef::Failed(Status::internal(format!(
+                    "malformed response metadata: {e}"
+                ))),
+            },
+            FrameKind::Error => {
+                AnswerRef::Failed(Status::decode(frame.payload()).unwrap_or_else(|e| {
+                    Status::internal(format!("malformed error status from the server: {e}"))
+                }))
+            }
+            other => AnswerRef::Failed(Status::internal(format!(
+                "unexpected {} frame in answer to a request",
+                other.as_str()
+            ))),
+        };
+        Some((h.stream_id.0, answer))
+    }
+
+    /// Marks the link dead and fails every pending call with the reason,
+    /// which it returns.
+    pub(crate) fn fail(&self, reason: RecvError) -> Status {
+        self.alive.store(false, Ordering::Release);
+        let status = match reason {
+            RecvError::Ring(RingError::Closed) => {
+                Status::unavailable("the instance closed the link")
+            }
+            RecvError::Ring(RingError::PeerGone) => Status::unavailable("the instance died"),
+            other => Status::unavailable(format!("link to the instance failed: {other}")),
+        };
+        let waiters: Vec<_> = {
+            let mut pending = lock(&self.pending);
+            self.pending_len.store(0, Ordering::Release);
+            pending.earliest = None;
+            pending.calls.drain()
+        };
+        for w in waiters {
+            w.complete(self, Err(status.clone()));
+        }
+        status
+    }
+
+    /// Sends a one-way message.
+    pub(crate) fn send_oneway(&self, payload: &[u8], metadata: &Metadata) -> Result<(), Status> {
+        self.send_unanswered(FrameKind::OneWay, &encode_metadata(metadata), payload)
+    }
+
+    /// Sends a Publish frame (its metadata carries the topic).
+    pub(crate) fn send_publish(&self, metadata: &[u8], payload: &[u8]) -> Result<(), Status> {
+        self.send_unanswered(FrameKind::Publish, metadata, payload)
+    }
+
+    /// Sends a frame on a fresh stream that gets no answer.
+    pub(crate) fn send_unanswered(
+        &self,
+        kind: FrameKind,
+        metadata: &[u8],
+        payload: &[u8],
+    ) -> Result<(), Status> {
+        if !self.is_alive() {
+            return Err(Status::unavailable("the instance is gone"));
+        }
+        check_frame(&self.limits, metadata, payload)?;
+        let mut tx = lock(&self.tx);
+        let id = tx.open_stream();
+        send_frame(
+            &mut tx.sender,
+            FrameHeader::new(kind, StreamId(id)),
+            metadata,
+            payload,
+            Patience::DEFAULT,
+        )
+        .map_err(send_status)
+    }
+
+    /// Adds a call to the pending table.
+    pub(crate) fn register(&self, id: u64, waiter: Waiter) {
+        self.register_all([(id, waiter)]);
+    }
+
+    /// [`register`](ClientConn::register)s each call under one lock.
+    pub(crate) fn register_all(&self, calls: impl IntoIterator<Item = (u64, Waiter)>) {
+        let mut pending = lock(&self.pending);
+        let mut sooner = false;
+        for (id, waiter) in calls {
+            if let Waiter::Callback(Callback {
+                deadline: Some(d), ..
+            }) = &waiter
+            {
+                if pending.earliest.is_none_or(|e| *d < e) {
+                    pending.earliest = Some(*d);
+                    sooner = true;
+                }
+            }
+            pending.calls.insert(id, waiter);
+        }
+        if sooner {
+            self.sooner.store(true, Ordering::Release);
+        }
+        self.pending_len
+            .store(pending.calls.len(), Ordering::Release);
+        drop(pending);
+        if sooner {
+            // The reader may sleep until a later deadline (or for its whole
+            // slice): it wakes, sees `sooner` and waits again until ours.
+            self.interrupt.interrupt();
+            if self.driven.load(Ordering::Acquire) {
+                // Standing by, it naps instead.
+                self.wake_reader();
+            }
+        }
+    }
+
+    /// Takes a call out of the pending table.
+    pub(crate) fn take(&self, id: u64) -> Option<Waiter> {
+        self.take_calls(|calls| calls.remove(id))
+    }
+
+    /// Runs `take` on the pending table under its lock (once for any
+    /// number of calls taken out), keeping `pending_len` in step.
+    pub(crate) fn take_calls<R>(&self, take: impl FnOnce(&mut CallTable) -> R) -> R {
+        let mut pending = lock(&self.pending);
+        let taken = take(&mut pending.calls);
+        self.pending_len
+            .store(pending.calls.len(), Ordering::Release);
+        taken
+    }
+
+    /// Makes `sink` the receiver of this link's token calls' answers (it
+    /// stays the first one set: a link serves one mesh handle).
+    pub(crate) fn set_sink(&self, sink: &Arc<dyn AnswerSink>) {
+        if self.sink.get().is_none() {
+            let _ = self.sink.set(sink.clone());
+        }
+    }
+
+    /// Notes that callback calls are made on this link, and gives what a
+    /// callback call due per `due` is sent with: its request's header (its
+    /// stream id still to set), its patience for ring space, and the
+    /// instant its deadline passes.
+    pub(crate) fn callback_request(
+        &self,
+        due: &mut Due,
+    ) -> (FrameHeader, Patience, Option<Instant>) {
+        if !self.callbacks.load(Ordering::Relaxed) {
+            self.callbacks.store(true, Ordering::Relaxed);
+        }
+        let header = FrameHeader {
+            deadline_us: due.wire(),
+            ..FrameHeader::new(FrameKind::Request, StreamId(0))
+        };
+        (
+            header,
+            due.patience(),
+            due.absolute().map(Deadline::instant),
+        )
+    }
+
+    /// [`call_then`](ClientConn::call_then) for many token calls at once
+    /// (`calls`: each payload with its token), all with the same metadata
+    /// and due: their streams are opened, registered and sent under one
+    /// lock of each table, and the reader is woken once.
+    pub(crate) fn call_tokens_then<'a>(
+        &self,
+        calls: impl IntoIterator<Item = (&'a [u8], u64)>,
+        metadata: &Metadata,
+        mut due: Due,
+        balanced: bool,
+    ) {
+        let calls = calls.into_iter();
+        if !self.is_alive() {
+            for (_, token) in calls {
+                Done::Token(token).finish(self, Err(Status::unavailable("the instance is gone")));
+            }
+            return;
+        }
+        let md = encode_metadata(metadata);
+        let (header, patience, deadline) = self.callback_request(&mut due);
+        // Finished once the locks are given back: those refused at once,
+        // and those whose request could not be sent.
+        let mut refused: Vec<(u64, Status)> = Vec::new();
+        let mut unsent: Vec<(u64, Status)> = Vec::new();
+        let mut sent = 0usize;
+        {
+            let mut tx = lock(&self.tx);
+            let mut streams = Vec::with_capacity(calls.size_hint().0);
+            for (payload, token) in calls {
+                match check_frame(&self.limits, &md, payload) {
+                    Ok(()) => streams.push((tx.open_stream(), payload, token)),
+                    Err(status) => refused.push((token, status)),
+                }
+            }
+            if balanced {
+                self.in_flight.fetch_add(streams.len(), Ordering::Relaxed);
+            }
+            self.register_all(streams.iter().map(|&(id, _, token)| {
+                let waiter = Waiter::Callback(Callback {
+                    done: Done::Token(token),
+                    deadline,
+                    balanced,
+                });
+                (id, waiter)
+            }));
+            for (id, payload, _) in streams {
+                let header = FrameHeader {
+                    stream_id: StreamId(id),
+                    ..header
+                };
+                match send_frame(&mut tx.sender, header, &md, payload, patience) {
+                    Ok(()) => sent += 1,
+                    Err(e) => unsent.push((id, send_status(e))),
+                }
+            }
+        }
+        for (token, status) in refused {
+            Done::Token(token).finish(self, Err(status));
+        }
+        for (id, status) in unsent {
+            if let Some(w) = self.take(id) {
+                w.complete(self, Err(status));
+            }
+        }
+        if sent > 0
+            && self.pollers.load(Ordering::Acquire) == 0
+            && !self.driven.load(Ordering::Acquire)
+        {
+            self.wake_reader();
+        }
+    }
+
+    /// Sends a request whose answer goes to `done`, called on the thread
+    /// that reads the answer (or on this one if the call fails at once).
+    /// The link's reader thread enforces the deadline. `balanced`: as in
+    /// [`call`](ClientConn::call).
+    pub(crate) fn call_then(
+        &self,
+        payload: &[u8],
+        metadata: &Metadata,
+        mut due: Due,
+        balanced: bool,
+        done: Done,
+    ) {
+        if !self.is_alive() {
+            return done.finish(self, Err(Status::unavailable("the instance is gone")));
+        }
+        let md = encode_metadata(metadata);
+        if let Err(status) = check_frame(&self.limits, &md, payload) {
+            return done.finish(self, Err(status));
+        }
+        let (header, patience, deadline) = self.callback_request(&mut due);
+        if balanced {
+            self.in_flight.fetch_add(1, Ordering::Relaxed);
+        }
+        let waiter = Waiter::Callback(Callback {
+            done,
+            deadline,
+            balanced,
+        });
+        let sent = {
+            let mut tx = lock(&self.tx);
+            let id = tx.open_stream();
+            self.register(id, waiter);
+            let header = FrameHeader {
+                stream_id: StreamId(id),
+                ..header
+            };
+            send_frame(&mut tx.sender, header, &md, payload, patience)
+                .map_err(|e| (id, send_status(e)))
+        };
+        match sent {
+            Ok(()) => {
+                // The reader delivers the answer unless a caller polls or
+                // an answer driver receives for this link.
+                if self.pollers.load(Ordering::Acquire) == 0 && !self.driven.load(Ordering::Acquire)
+                {
+                    self.wake_reader();
+                }
+            }
+            Err((id, status)) => {
+                if let Some(w) = self.take(id) {
+                    w.complete(self, Err(status));
+                }
+            }
+        }
+    }
+
+    /// When the earliest deadline of a callback call has passed, fails the
+    /// callback calls past their deadline (telling the server to stop).
+    /// Returns the earliest deadline still pending.
+    pub(crate) fn expire(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let expired: Vec<(u64, Waiter)> = {
+            let mut pending = lock(&self.pending);
+            match pending.earliest {
+                Some(e) if e <= now => {}
+                other => return other,
+            }
+            let ids: Vec<u64> = pending
+                .calls
+                .iter()
+                .filter_map(|(id, w)| match w {
+                    Waiter::Callback(Callback {
+                        deadline: Some(d), ..
+                    }) if *d <= now => Some(id),
+                    _ => None,
+                })
+                .collect();
+            let expired = ids
+                .into_iter()
+                .filter_map(|id| pending.calls.remove(id).map(|w| (id, w)))
+                .collect();
+            pending.earliest = pending
+                .calls
+                .iter()
+                .filter_map(|(_, w)| match w {
+                    Waiter::Callback(c) => c.deadline,
+                    Waiter::Task(_) => None,
+                })
+                .min();
+            self.pending_len
+                .store(pending.calls.len(), Ordering::Release);
+            expired
+        };
+        for (id, w) in expired {
+            self.cancel(id);
+            w.complete(
+                self,
+                Err(Status::deadline_exceeded("no response before the deadline")),
+            );
+        }
+        lock(&self.pending).earliest
+    }
+
+    /// Tells the server to stop working on `id` (best effort).
+    pub(crate) fn cancel(&self, id: u64) {
+        let _ = send_frame(
+            &mut lock(&self.tx).sender,
+            FrameHeader::new(FrameKind::Cancel, StreamId(id)),
+            &[],
+            &[],
+            Patience::For(Duration::ZERO),
+        );
+    }
+
+    pub(crate) fn wake_reader(&self) {
+        if let Some(t) = self.reader.get() {
+            t.unpark();
+        }
+    }
+
+    /// Makes an [`AnswerDriver`] the receiver of this link's answers.
+    /// Returns false if one already is.
+    pub(crate) fn claim(&self) -> bool {
+        if self.driven.load(Ordering::Relaxed) || self.driven.swap(true, Ordering::SeqCst) {
+            return false;
+        }
+        self.was_driven.store(true, Ordering::Relaxed);
+        // SYNC: SeqCst pairs with the reader's store of `asleep` and load of
+        // `driven` before it parks: either it sees the claim and stands by,
+        // or we see it asleep and wake it (a parked reader could not
+        // receive for a driver that stops polling).
+        if self.asleep.load(Ordering::SeqCst) {
+            self.wake_reader();
+        }
+        true
+    }
+
+    /// Gives the link's answers back to its reader thread.
+    pub(crate) fn hand_back(&self) {
+        self.driven.store(false, Ordering::SeqCst);
+        // A reader standing by notices within a nap; calls still pending
+        // need it at once.
+        if self.pending_len.load(Ordering::Acquire) > 0 {
+            self.wake_reader();
+        }
+    }
+
+    /// Receives up to `max` answers on the calling thread (an
+    /// [`AnswerDriver`]'s), completing their calls there: the token calls'
+    /// through `local` if given (their payloads still in the ring), every
+    /// other call as it waits. Also says how many answers it took.
+    pub(crate) fn drive(
+        &self,
+        max: usize,
+        mut local: Option<&mut Local<'_>>,
+    ) -> (AnswerDrive, usize) {
+        self.polled.store(true, Ordering::Release);
+        // Held by a caller polling, or by the reader receiving for us: it
+        // completes the calls it finds; we look again next time.
+        let Some(mut rx) = try_lock(&self.rx) else {
+            return (AnswerDrive::More, 0);
+        };
+        // The answers found are matched with their calls under one lock of
+        // the pending table: those for `local` are handed to it there, the
+        // others completed once the lock is let go.
+        let mut others = Vec::new();
+        let mut failed = None;
+        let mut outcome = AnswerDrive::More;
+        let mut taken = 0;
+        {
+            let mut pending = lock(&self.pending);
+            while taken < max {
+                let msg = match rx.try_recv() {
+                    Ok(Some(msg)) => msg,
+                    Ok(None) => {
+                        outcome = AnswerDrive::Empty;
+                        break;
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                };
+                let Some((id, answer)) = self.answer_ref(&msg) else {
+                    failed = Some(RecvError::Protocol("malformed frame"));
+                    break;
+                };
+                taken += 1;
+                match (pending.calls.remove(id), local.as_deref_mut()) {
+                    // Given up on (timed out) before the answer came.
+                    (None, _) => {}
+                    (
+                        Some(Waiter::Callback(Callback {
+                            done: Done::Token(token),
+                            balanced,
+                            ..
+                        })),
+                        Some(local),
+                    ) => {
+                        if balanced {
+                            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+                        }
+                        local(
+                            token,
+                            match answer {
+                                AnswerRef::Response { payload, .. } => Ok(payload),
+                                AnswerRef::Failed(status) => Err(status),
+                            },
+                        );
+                    }
+                    (Some(waiter), _) => others.push((waiter, answer.into_result())),
+                }
+            }
+            self.pending_len
+                .store(pending.calls.len(), Ordering::Release);
+        }
+        for (waiter, result) in others {
+            waiter.complete(self, result);
+        }
+        match failed {
+            Some(reason) => {
+                // After the answers that came before it.
+                let _ = self.fail(reason);
+                (AnswerDrive::Closed, taken)
+            }
+            None => (outcome, taken),
+        }
+    }
+
+    /// Whether answers wait in the ring (true while another thread holds
+    /// it: that one may be receiving).
+    pub(crate) fn has_answers(&self) -> bool {
+        try_lock(&self.rx).is_none_or(|rx| rx.has_data())
+    }
+}
+
+pub(crate) fn gone_status() -> Status {
+    Status::unavailable("the instance went away during the call")
+}
+
+impl Drop for ClientConn {
+    fn drop(&mut self) {
+        // Lets the reader thread notice that the connection is gone.
+        self.alive.store(false, Ordering::Release);
+        self.wake_reader();
+    }
+}
+
+/// How [`ClientConn::start_call`] left a call.
+pub(crate) enum Started<'a> {
+    /// Answered (or failed) already.
+    Done(CallResult),
+    /// Sent, the answer still to come: see [`ClientConn::finish_call`].
+    Waiting(Waiting<'a>),
+}
+
+/// A call sent whose answer is still to come.
+pub(crate) struct Waiting<'a> {
+    pub(crate) abandon: Abandon<'a>,
+    pub(crate) done: oneshot::Receiver<CallResult>,
+    pub(crate) due: Due,
+    pub(crate) _in_flight: Option<Counted<'a>>,
+}
+
+/// A call still waiting for its answer: if dropped armed (the caller gave
+/// up), it takes the call out of the pending table and sends Cancel, unless
+/// the answer came meanwhile.
+pub(crate) struct Abandon<'a> {
+    pub(crate) conn: &'a ClientConn,
+    pub(crate) id: u64,
+    pub(crate) armed: bool,
+}
+
+impl Drop for Abandon<'_> {
+    fn drop(&mut self) {
+        if self.armed && self.conn.take(self.id).is_some() {
+            self.conn.cancel(self.id);
+        }
+    }
+}
+
+/// How long a caller polls: the clock is first read after a while, so a
+/// quick answer costs no clock read at all.
+pub(crate) struct SpinBudget {
+    pub(crate) spin: Duration,
+    pub(crate) end: Option<Instant>,
+    pub(crate) round: u32,
+    /// Rounds per clock read.
+    pub(crate) every: u32,
+}
+
+impl SpinBudget {
+    pub(crate) fn new(spin: Duration, every: u32) -> SpinBudget {
+        SpinBudget {
+            spin,
+            end: None,
+            round: 0,
+            every,
+        }
+    }
+
+    /// Counts a round that checks nothing.
+    pub(crate) fn round(&mut self) {
+        self.round = self.round.wrapping_add(1);
+    }
+
+    /// Whether the next [`spent`](SpinBudget::spent) reads the clock.
+    pub(crate) fn checks_now(&self) -> bool {
+        self.round.wrapping_add(1) % self.every == 0
+    }
+
+    /// Whether polling should stop: the budget or the call's deadline is
+    /// reached (checks the clock every `every` rounds).
+    pub(crate) fn spent(&mut self, due: &mut Due) -> bool {
+        self.round = self.round.wrapping_add(1);
+        if self.round % self.every != 0 {
+            return false;
+        }
+        let now = Instant::now();
+        let end = match self.end {
+            Some(end) => end,
+            None => {
+                due.start.get_or_insert(now);
+                let spin_end = now.checked_add(self.spin).unwrap_or_else(far_future);
+                let end = due
+                    .absolute()
+                    .map_or(spin_end, |d| spin_end.min(d.instant()));
+                *self.end.insert(end)
+            }
+        };
+        now >= end
+    }
+}
+
+/// How many callers besides the one owning the receive ring may spin for
+/// their answers at once; the others wait to be woken at once.
+pub(crate) const MAX_SHARED_SPINNERS: usize = 1;
+
+/// A caller polling the receive ring; the last one leaving wakes the
+/// reader if calls are still pending.
+pub(crate) struct Poller<'a> {
+    pub(crate) conn: &'a ClientConn,
+    /// Pollers before this one.
+    pub(crate) ahead: usize,
+}
+
+impl<'a> Poller<'a> {
+    pub(crate) fn enter(conn: &'a ClientConn) -> Poller<'a> {
+        let ahead = conn.pollers.fetch_add(1, Ordering::AcqRel);
+        Poller { conn, ahead }
+    }
+
+    /// Whether this caller may spin for its answer (few others do).
+    pub(crate) fn may_spin(&self) -> bool {
+        self.ahead < MAX_SHARED_SPINNERS
+    }
+}
+
+impl Drop for Poller<'_> {
+    fn drop(&mut self) {
+        // The last poller out hands over to the reader if any call still
+        // waits (a caller that gives up polling is still pending here).
+        if self.conn.pollers.fetch_sub(1, Ordering::AcqRel) == 1
+            && self.conn.pending_len.load(Ordering::Acquire) > 0
+        {
+            self.conn.wake_reader();
+        }
+    }
+}
+
+/// The sending half of a client link and its stream numbering.
+pub(crate) struct TxState {
+    pub(crate) sender: LinkSender,
+    /// The next stream id: client-opened streams use odd ids.
+    pub(crate) next_stream: u64,
+}
+
+impl TxState {
+    /// Takes a fresh stream id.
+    pub(crate) fn open_stream(&mut self) -> u64 {
+        let id = self.next_stream;
+        self.next_stream = self.next_stream.wrapping_add(2);
+        id
+    }
+}

@@ -1,0 +1,253 @@
+//! The calls in flight on one client link, by stream id, and who waits for
+//! each answer: a task, a callback or an answer sink.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use commy_core::Status;
+use rustc_hash::FxHashMap;
+use tokio::sync::oneshot;
+
+use crate::call::shm::{CallResult, ClientConn};
+use crate::response::Response;
+
+/// Receives the answers to token calls ([`Mesh::call_token`]) that are
+/// not handed to an [`AnswerDriver::poll_with`] callback: those read by
+/// the links' reader threads, those that fail or time out, and those a
+/// plain [`AnswerDriver::poll`] takes. Called on whichever thread finds the
+/// answer; it must not block (queue the result and wake whoever waits).
+///
+/// [`Mesh::call_token`]: crate::Mesh::call_token
+pub trait AnswerSink: Send + Sync + 'static {
+    /// Call `token` finished with `result`.
+    fn answer(&self, token: u64, result: Result<Response, Status>);
+}
+
+/// Calls waiting for their answers, by stream id.
+#[derive(Default)]
+pub(crate) struct PendingCalls {
+    pub(crate) calls: CallTable,
+    /// No callback call's deadline is earlier (it may be earlier than all
+    /// of them: answered calls do not move it).
+    pub(crate) earliest: Option<Instant>,
+}
+
+/// Pending calls by stream id: a table indexed by the id itself. Ids are
+/// handed out in sequence, so the calls in flight sit in neighbouring slots:
+/// adding and removing one hashes nothing and touches a line or two that
+/// the calls before it touched too. A call still waiting when a newer id
+/// comes to its slot (the table wrapped around it) puts the newer one in an
+/// overflow map.
+#[derive(Default)]
+pub(crate) struct CallTable {
+    /// A power of two long (or empty until the first call).
+    pub(crate) slots: Vec<Option<(u64, Waiter)>>,
+    pub(crate) overflow: FxHashMap<u64, Waiter>,
+    pub(crate) len: usize,
+}
+
+/// The table's first size, and the largest it grows to (it doubles while
+/// more than half as many calls as slots are pending).
+pub(crate) const CALL_SLOTS_MIN: usize = 64;
+pub(crate) const CALL_SLOTS_MAX: usize = 1 << 14;
+
+impl CallTable {
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn slot(&self, id: u64) -> usize {
+        // Client stream ids are odd: consecutive ids, consecutive slots.
+        (id >> 1) as usize & (self.slots.len() - 1)
+    }
+
+    pub(crate) fn insert(&mut self, id: u64, waiter: Waiter) {
+        if self.slots.is_empty() {
+            self.slots.resize_with(CALL_SLOTS_MIN, || None);
+        } else if self.len >= self.slots.len() / 2 && self.slots.len() < CALL_SLOTS_MAX {
+            self.grow();
+        }
+        self.place(id, waiter);
+        self.len += 1;
+    }
+
+    /// Puts a call in its slot, or in the overflow map if that is taken.
+    pub(crate) fn place(&mut self, id: u64, waiter: Waiter) {
+        let i = self.slot(id);
+        if self.slots[i].is_none() {
+            self.slots[i] = Some((id, waiter));
+        } else {
+            self.overflow.insert(id, waiter);
+        }
+    }
+
+    pub(crate) fn grow(&mut self) {
+        let size = self.slots.len() * 2;
+        let old = std::mem::take(&mut self.slots);
+        self.slots.resize_with(size, || None);
+        let overflow = std::mem::take(&mut self.overflow);
+        for (id, waiter) in old.into_iter().flatten().chain(overflow) {
+            self.place(id, waiter);
+        }
+    }
+
+    pub(crate) fn remove(&mut self, id: u64) -> Option<Waiter> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let i = self.slot(id);
+        let waiter = match &self.slots[i] {
+            Some((held, _)) if *held == id => self.slots[i].take().map(|(_, w)| w),
+            _ if self.overflow.is_empty() => None,
+            _ => self.overflow.remove(&id),
+        };
+        if waiter.is_some() {
+            self.len -= 1;
+        }
+        waiter
+    }
+
+    /// Every pending call, by id (in no particular order).
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, &Waiter)> {
+        let slots = self.slots.iter().flatten().map(|(id, w)| (*id, w));
+        slots.chain(self.overflow.iter().map(|(id, w)| (*id, w)))
+    }
+
+    /// Takes every pending call out.
+    pub(crate) fn drain(&mut self) -> Vec<Waiter> {
+        self.len = 0;
+        let slots = self
+            .slots
+            .iter_mut()
+            .filter_map(Option::take)
+            .map(|(_, w)| w);
+        let mut all: Vec<Waiter> = slots.collect();
+        all.extend(self.overflow.drain().map(|(_, w)| w));
+        all
+    }
+}
+
+/// Who gets a pending call's answer.
+pub(crate) enum Waiter {
+    /// A calling task.
+    Task(oneshot::Sender<CallResult>),
+    /// A callback ([`ClientConn::call_then`]).
+    Callback(Callback),
+}
+
+/// A call answered through a callback.
+pub(crate) struct Callback {
+    pub(crate) done: Done,
+    pub(crate) deadline: Option<Instant>,
+    /// Counted in [`ClientConn::in_flight`].
+    pub(crate) balanced: bool,
+}
+
+/// Where a callback call's answer goes.
+pub(crate) enum Done {
+    /// A function of the caller's ([`Mesh::call_then`](crate::Mesh::call_then)).
+    Call(Box<dyn FnOnce(CallResult) + Send>),
+    /// The answer sink of the caller's mesh handle, named by the caller's
+    /// token ([`Mesh::call_token`](crate::Mesh::call_token)).
+    Token(u64),
+}
+
+impl Done {
+    /// Hands `result` over.
+    pub(crate) fn finish(self, conn: &ClientConn, result: CallResult) {
+        match self {
+            Done::Call(f) => f(result),
+            Done::Token(token) => {
+                // Set before any token call is made on the link.
+                if let Some(sink) = conn.sink.get() {
+                    sink.answer(token, result);
+                }
+            }
+        }
+    }
+}
+
+impl Waiter {
+    /// Hands `result` to whoever waits.
+    pub(crate) fn complete(self, conn: &ClientConn, result: CallResult) {
+        match self {
+            Waiter::Task(tx) => {
+                let _ = tx.send(result);
+            }
+            Waiter::Callback(c) => {
+                if c.balanced {
+                    conn.in_flight.fetch_sub(1, Ordering::Relaxed);
+                }
+                c.done.finish(conn, result);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task_waiter() -> Waiter {
+        Waiter::Task(oneshot::channel().0)
+    }
+
+    /// The call table finds every call it holds, whether in its slot or
+    /// in the overflow (a call left waiting while the ids wrapped around
+    /// it), across growing, and forgets what was taken out.
+    #[test]
+    fn the_call_table_keeps_every_call_by_its_id() {
+        let mut table = CallTable::default();
+        assert!(table.remove(1).is_none());
+        // One call stays pending while many newer ones come and go.
+        table.insert(1, task_waiter());
+        let mut live = std::collections::BTreeSet::from([1u64]);
+        let mut id = 3u64;
+        for round in 0..200u64 {
+            for _ in 0..(round % 7 + 1) {
+                table.insert(id, task_waiter());
+                live.insert(id);
+                id += 2;
+            }
+            // Answers come back out of order: every third one now.
+            let done: Vec<u64> = live
+                .iter()
+                .copied()
+                .filter(|i| *i != 1 && i % 3 == 0)
+                .collect();
+            for i in done {
+                assert!(table.remove(i).is_some(), "call {i} lost");
+                live.remove(&i);
+            }
+            assert_eq!(table.len(), live.len());
+        }
+        assert!(table.slots.len() > CALL_SLOTS_MIN, "the table never grew");
+        // Ids it never held, or no longer holds, are not found.
+        assert!(table.remove(id + 2).is_none());
+        assert!(table.remove(9).is_none());
+        let mut listed: Vec<u64> = table.iter().map(|(i, _)| i).collect();
+        listed.sort_unstable();
+        assert_eq!(listed, live.iter().copied().collect::<Vec<_>>());
+        assert!(table.remove(1).is_some());
+        assert_eq!(table.drain().len(), live.len() - 1);
+        assert_eq!(table.len(), 0);
+        assert_eq!(table.iter().count(), 0);
+    }
+
+    /// Ids that wrap around the whole table (more calls than slots, none
+    /// answered) go to the overflow and are all found again.
+    #[test]
+    fn the_call_table_overflows_past_its_largest_size() {
+        let mut table = CallTable::default();
+        let n = 2 * CALL_SLOTS_MAX as u64 + 5;
+        for k in 0..n {
+            table.insert(2 * k + 1, task_waiter());
+        }
+        assert_eq!(table.slots.len(), CALL_SLOTS_MAX);
+        assert!(!table.overflow.is_empty());
+        for k in (0..n).rev() {
+            assert!(table.remove(2 * k + 1).is_some(), "call {} lost", 2 * k + 1);
+        }
+        assert_eq!(table.len(), 0);
+    }
+}

@@ -1,0 +1,167 @@
+//! The sending side of one served shared-memory link, shared by its
+//! requests: answers written into the ring from whichever thread answers,
+//! and the requests not answered inline (a Cancel frame stops them).
+
+use std::sync::{Arc, Mutex};
+
+use commy_core::{Code, FrameHeader, FrameKind, Limits, Status, StreamId};
+use commy_shm::link::LinkSender;
+use rustc_hash::{FxHashMap, FxHashSet};
+
+use crate::response::Response;
+use crate::serve::dispatch::{ServeCtx, handled_n};
+use crate::serve::request::Caller;
+use crate::serve::responder::Shared;
+use crate::sync::lock;
+use crate::wire::{Patience, check_frame, encode_metadata, send_frame};
+
+/// What one served link's requests share with it, in one allocation (a
+/// request answered later holds the link with one reference): the link's
+/// sending half, and the requests not answered inline, by stream id
+/// (removing an entry marks the answer unwanted).
+pub(crate) struct LinkShared {
+    pub(crate) tx: Mutex<LinkSender>,
+    pub(crate) running: Mutex<FxHashMap<u64, Pending>>,
+    /// The [`PolledRequest`]s handed out and neither answered nor given up
+    /// by their callers, by stream id (removing one releases what it holds:
+    /// whoever removes it, the answer, a Cancel frame or the link closing).
+    pub(crate) polled: Mutex<FxHashSet<u64>>,
+    /// The service served (what polled requests release).
+    pub(crate) ctx: Arc<ServeCtx>,
+    /// Who is at the other end (every request of the link comes from it).
+    pub(crate) caller: Caller,
+}
+
+impl LinkShared {
+    /// Gives back `n` permits taken for [`PolledRequest`]s of this link
+    /// (answered, given up, or never handed out) and their counts as
+    /// requests in progress.
+    pub(crate) fn release_polled(&self, n: usize) {
+        self.ctx.permits.give_n(n);
+        handled_n(&self.ctx, n);
+    }
+}
+
+/// A request of [`LinkShared::running`].
+pub(crate) enum Pending {
+    /// Continuing as a task: `None` until its abort handle is filled in.
+    Task(Option<tokio::task::AbortHandle>),
+    /// With a deferred handler's [`Responder`](crate::Responder).
+    Deferred(Arc<Shared>),
+}
+
+impl Pending {
+    /// The caller gave up: stop the work.
+    pub(crate) fn cancel(self) {
+        match self {
+            Pending::Task(Some(task)) => task.abort(),
+            Pending::Task(None) => {}
+            Pending::Deferred(shared) => shared.cancel(),
+        }
+    }
+}
+
+/// Where a deferred handler's answer goes on shared memory.
+pub(crate) struct LinkAnswer {
+    pub(crate) link: Arc<LinkShared>,
+    pub(crate) limits: Limits,
+    pub(crate) id: StreamId,
+}
+
+impl LinkAnswer {
+    /// Writes the answer into the link, unless the caller gave up.
+    pub(crate) fn answer(self, result: Result<Response, Status>) -> bool {
+        let wanted = self.wanted();
+        if wanted {
+            reply(&self.link.tx, &self.limits, self.id, result);
+        }
+        wanted
+    }
+
+    /// Writes an answer of `payload` (and no metadata) into the link,
+    /// unless the caller gave up.
+    pub(crate) fn answer_payload(self, payload: &[u8]) -> bool {
+        let wanted = self.wanted();
+        if wanted {
+            send_answer(&self.link.tx, &self.limits, self.id, Ok((&[], payload)));
+        }
+        wanted
+    }
+
+    /// Whether the caller still waits: takes the request out of the
+    /// link's running ones.
+    pub(crate) fn wanted(&self) -> bool {
+        lock(&self.link.running).remove(&self.id.0).is_some()
+    }
+}
+
+/// Sends a handler's result back on the link (best effort: a client that is
+/// gone gets nothing).
+pub(crate) fn reply(
+    tx: &Mutex<LinkSender>,
+    limits: &Limits,
+    id: StreamId,
+    result: Result<Response, Status>,
+) {
+    match result {
+        Ok(resp) => {
+            let md = encode_metadata(&resp.metadata);
+            send_answer(tx, limits, id, Ok((&md, &resp.payload)));
+        }
+        Err(status) => send_answer(tx, limits, id, Err(status)),
+    }
+}
+
+/// Sends an answer, its metadata section and payload or an error status,
+/// back on the link (as [`reply`] does).
+pub(crate) fn send_answer(
+    tx: &Mutex<LinkSender>,
+    limits: &Limits,
+    id: StreamId,
+    answer: Result<(&[u8], &[u8]), Status>,
+) {
+    let Ok(mut tx) = tx.lock() else { return };
+    send_answer_locked(&mut tx, limits, id, answer);
+}
+
+/// [`send_answer`] on a link whose sending half is locked already.
+pub(crate) fn send_answer_locked(
+    tx: &mut LinkSender,
+    limits: &Limits,
+    id: StreamId,
+    answer: Result<(&[u8], &[u8]), Status>,
+) {
+    let answer = answer.and_then(|(md, payload)| match check_frame(limits, md, payload) {
+        Ok(()) => Ok((md, payload)),
+        Err(status) => {
+            tracing::warn!("refusing a handler's response: {}", status.message());
+            Err(status)
+        }
+    });
+    let sent = match answer {
+        Ok((md, payload)) => send_frame(
+            tx,
+            FrameHeader::new(FrameKind::Response, id),
+            md,
+            payload,
+            Patience::DEFAULT,
+        ),
+        Err(status) => {
+            let status = if status.code() == Code::Ok {
+                Status::internal("handler returned an error with code OK")
+            } else {
+                status
+            };
+            send_frame(
+                tx,
+                FrameHeader::new(FrameKind::Error, id),
+                &[],
+                &status.encode(),
+                Patience::DEFAULT,
+            )
+        }
+    };
+    if let Err(e) = sent {
+        tracing::debug!("could not send a response: {e}");
+    }
+}

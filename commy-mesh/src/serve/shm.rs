@@ -1,0 +1,432 @@
+//! The shared-memory server: one thread per link waits on the ring and
+//! polls each request's handler once right there; a handler that answers
+//! without waiting is answered from that thread, one that has to wait
+//! continues as a tokio task (bounded by the service's concurrency
+//! permits).
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Waker};
+
+use bytes::Bytes;
+use commy_core::{FrameHeader, FrameKind, FrameRef, Status};
+use commy_shm::link::{LinkSender, RecvError};
+use commy_shm::{RingError, ShmLink};
+
+use crate::serve::dispatch::{
+    CatchPanic, InlineBusy, OwnedHandling, ServeCtx, handling, handling_n, panicked,
+};
+use crate::serve::handler::{Handler, InlineSlot};
+use crate::serve::link::{LinkAnswer, LinkShared, Pending, reply, send_answer};
+use crate::serve::permits::Permit;
+use crate::serve::polled::{POLLED_PERMITS, PolledRequest};
+use crate::serve::request::{ArrivedDeadline, Caller, Request};
+use crate::serve::responder::{Responder, Sink};
+use crate::sync::lock;
+use crate::wire::{Patience, decode_metadata, send_frame};
+
+/// Serves one accepted link until it closes (runs on its own thread).
+///
+/// Each request's handler is polled once right here, so a handler that
+/// completes without waiting is answered from this thread with no hand-off;
+/// one that has to wait continues as a tokio task.
+pub(crate) fn serve_link(link: ShmLink, ctx: Arc<ServeCtx>) {
+    let _runtime = ctx.runtime.enter();
+    let caller = Caller::local(link.peer());
+    let (tx, mut rx) = link.split();
+    let mut server = LinkServer::new(tx, ctx, caller);
+    loop {
+        let msg = match rx.recv(None) {
+            Ok(m) => m,
+            Err(e) => {
+                server.closing(&e);
+                break;
+            }
+        };
+        if !server.on_frame(msg) {
+            break;
+        }
+    }
+}
+
+/// One accepted link's serving state, apart from its receive ring (whoever
+/// receives hands each frame to [`on_frame`](LinkServer::on_frame)). When
+/// dropped, the work of requests still running is stopped: nobody waits
+/// for it any more.
+pub(crate) struct LinkServer {
+    pub(crate) ctx: Arc<ServeCtx>,
+    pub(crate) link: Arc<LinkShared>,
+    /// This link's flag in `ctx.links` (see [`ServeCtx::idle`]).
+    pub(crate) busy: Arc<AtomicBool>,
+    pub(crate) handler: LinkHandler,
+}
+
+impl LinkServer {
+    pub(crate) fn new(tx: LinkSender, ctx: Arc<ServeCtx>, caller: Caller) -> LinkServer {
+        let busy = Arc::new(AtomicBool::new(false));
+        lock(&ctx.links).push(busy.clone());
+        LinkServer {
+            handler: LinkHandler::new(&ctx.handler),
+            link: Arc::new(LinkShared {
+                tx: Mutex::new(tx),
+                running: Mutex::default(),
+                polled: Mutex::default(),
+                ctx: ctx.clone(),
+                caller,
+            }),
+            ctx,
+            busy,
+        }
+    }
+
+    /// Logs why the link ends (a client that left is no news).
+    pub(crate) fn closing(&self, e: &RecvError) {
+        if !matches!(e, RecvError::Ring(RingError::Closed | RingError::PeerGone)) {
+            tracing::warn!("closing a link of service {}: {e}", self.ctx.service);
+        }
+    }
+
+    /// Handles one frame from the client. `false` when the frame is
+    /// malformed: the link must close.
+    pub(crate) fn on_frame(&mut self, msg: commy_shm::link::Message<'_>) -> bool {
+        let LinkServer {
+            ctx,
+            link: shared,
+            busy,
+            handler,
+        } = self;
+        let (tx, running) = (&shared.tx, &shared.running);
+        let frame = match FrameRef::decode(&msg, &ctx.limits) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(
+                    "closing a link of service {}: malformed frame from the client: {e}",
+                    ctx.service
+                );
+                return false;
+            }
+        };
+        let h = *frame.header();
+        match h.kind {
+            FrameKind::Request | FrameKind::OneWay => {
+                let metadata = match decode_metadata(frame.metadata(), &ctx.limits) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        drop(msg);
+                        if h.kind == FrameKind::Request {
+                            reply(
+                                tx,
+                                &ctx.limits,
+                                h.stream_id,
+                                Err(Status::invalid_argument(format!("malformed metadata: {e}"))),
+                            );
+                        }
+                        return true;
+                    }
+                };
+                let request = Request {
+                    service: ctx.service,
+                    payload: Bytes::copy_from_slice(frame.payload()),
+                    metadata: metadata.into(),
+                    // Relative on the wire: anchored when first needed.
+                    deadline: ArrivedDeadline::from_wire(h.deadline_us),
+                    caller: shared.caller.clone(),
+                };
+                // The request's record is released after the handler ran
+                // (or went on as a task): releasing ends with a fence, which
+                // would otherwise stand between the request and its answer.
+                let link = ServedLink {
+                    ctx,
+                    link: shared,
+                    busy,
+                };
+                handle(&link, handler, h, request);
+                drop(msg);
+            }
+            FrameKind::Cancel => {
+                drop(msg);
+                let cancelled = lock(running).remove(&h.stream_id.0);
+                if let Some(p) = cancelled {
+                    p.cancel();
+                } else if lock(&shared.polled).remove(&h.stream_id.0) {
+                    shared.release_polled(1);
+                }
+            }
+            FrameKind::Ping => {
+                drop(msg);
+                let _ = send_frame(
+                    &mut lock(tx),
+                    FrameHeader::new(FrameKind::Pong, h.stream_id),
+                    &[],
+                    &[],
+                    Patience::DEFAULT,
+                );
+            }
+            other => {
+                tracing::debug!(
+                    "service {}: ignoring an unexpected {} frame",
+                    ctx.service,
+                    other.as_str()
+                );
+            }
+        }
+        true
+    }
+
+    /// Hands `msg` to `on_request` if it is a request that may start now
+    /// (see [`DrivenLink::poll_requests`]; `held` counts the permits taken
+    /// for it and not handed out yet). `false`: `msg` is for
+    /// [`on_frame`](LinkServer::on_frame).
+    pub(crate) fn take_request(
+        &self,
+        msg: &[u8],
+        held: &mut usize,
+        on_request: &mut impl FnMut(PolledRequest, &[u8]),
+    ) -> bool {
+        let limits = &self.ctx.limits;
+        let Ok(frame) = FrameRef::decode(msg, limits) else {
+            return false;
+        };
+        let h = *frame.header();
+        let one_way = match h.kind {
+            FrameKind::Request => false,
+            FrameKind::OneWay => true,
+            _ => return false,
+        };
+        if *held == 0 {
+            if self.ctx.permits.has_waiters() {
+                // Requests wait for permits already: this one goes behind
+                // them, through the handler's path.
+                return false;
+            }
+            // Counted in progress before the request is handed out.
+            *held = self.ctx.permits.try_take_up_to(POLLED_PERMITS);
+            if *held == 0 {
+                // The handler's path waits for a permit.
+                return false;
+            }
+            handling_n(&self.ctx, *held);
+        }
+        if let Err(e) = decode_metadata(frame.metadata(), limits) {
+            if !one_way {
+                send_answer(
+                    &self.link.tx,
+                    limits,
+                    h.stream_id,
+                    Err(Status::invalid_argument(format!("malformed metadata: {e}"))),
+                );
+            }
+            return true;
+        }
+        if !one_way && !lock(&self.link.polled).insert(h.stream_id.0) {
+            // The request in progress keeps the stream (and gets the one
+            // answer it may get).
+            tracing::warn!(
+                "service {}: ignoring a request that reused stream {} of one in progress",
+                self.ctx.service,
+                h.stream_id.0
+            );
+            return true;
+        }
+        *held -= 1;
+        let request = PolledRequest {
+            link: Some(self.link.clone()),
+            id: h.stream_id,
+            one_way,
+        };
+        on_request(request, frame.payload());
+        true
+    }
+
+    /// Stops the work of requests still running (their client is gone).
+    pub(crate) fn stop_running(&self) {
+        let left: Vec<_> = lock(&self.link.running).drain().map(|(_, p)| p).collect();
+        for p in left {
+            p.cancel();
+        }
+        let polled = std::mem::take(&mut *lock(&self.link.polled));
+        self.link.release_polled(polled.len());
+    }
+}
+
+impl Drop for LinkServer {
+    fn drop(&mut self) {
+        self.stop_running();
+        lock(&self.ctx.links).retain(|b| !Arc::ptr_eq(b, &self.busy));
+    }
+}
+
+/// What handling a request needs of the link it came on.
+pub(crate) struct ServedLink<'a> {
+    pub(crate) ctx: &'a Arc<ServeCtx>,
+    pub(crate) link: &'a Arc<LinkShared>,
+    /// The link's flag for handlers running inline.
+    pub(crate) busy: &'a AtomicBool,
+}
+
+/// A service's handler as one link's thread runs it.
+pub(crate) enum LinkHandler {
+    /// An async handler, in this link's slot.
+    Async(Box<dyn InlineSlot>),
+    /// A deferred handler.
+    Deferred(Arc<dyn Fn(Request, Responder) + Send + Sync>),
+}
+
+impl LinkHandler {
+    pub(crate) fn new(handler: &Handler) -> LinkHandler {
+        match handler {
+            Handler::Async(f) => LinkHandler::Async(f.clone().inline_slot()),
+            Handler::Deferred(f) => LinkHandler::Deferred(f.clone()),
+        }
+    }
+}
+
+/// Runs one request: inline if its handler completes at once, else as a
+/// task.
+pub(crate) fn handle(
+    link: &ServedLink<'_>,
+    handler: &mut LinkHandler,
+    h: FrameHeader,
+    request: Request,
+) {
+    let ServedLink {
+        ctx,
+        link: shared,
+        busy,
+    } = *link;
+    let (tx, running) = (&shared.tx, &shared.running);
+    let slot = match handler {
+        LinkHandler::Async(slot) => slot,
+        LinkHandler::Deferred(f) => return handle_deferred(link, h, request, f),
+    };
+    let id = h.stream_id;
+    let oneway = h.kind == FrameKind::OneWay;
+    let deadline = request.deadline.clone();
+    let inline = InlineBusy::enter(busy);
+    // A handler that answers at once runs right here, one at a time per
+    // link, without a permit: permits bound the handlers left waiting.
+    let mut cx = Context::from_waker(Waker::noop());
+    let fut = match std::panic::catch_unwind(AssertUnwindSafe(|| slot.run(request, &mut cx))) {
+        Ok(Ok(result)) => {
+            if !oneway {
+                reply(tx, &ctx.limits, id, result);
+            }
+            return;
+        }
+        Ok(Err(fut)) => CatchPanic(fut),
+        Err(_) => {
+            if !oneway {
+                reply(tx, &ctx.limits, id, Err(panicked(ctx.service)));
+            }
+            return;
+        }
+    };
+    // Counted before the link's flag clears (see `ServeCtx::idle`).
+    let handling = OwnedHandling::enter(ctx.clone());
+    drop(inline);
+    // The handler waits: its deadline counts from now at the latest (it
+    // anchored it already if it asked), and it continues as a task once it
+    // has a permit.
+    let deadline = deadline.get();
+    let permit = ctx.permits.try_take();
+    if !oneway {
+        lock(running).insert(id.0, Pending::Task(None));
+    }
+    let work = {
+        let (ctx, shared) = (ctx.clone(), shared.clone());
+        async move {
+            let _handling = handling;
+            let _permit = if permit {
+                Permit(&ctx.permits)
+            } else {
+                ctx.permits.take().await
+            };
+            let result = match deadline {
+                Some(d) => tokio::time::timeout_at(d.instant().into(), fut)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Some(Err(Status::deadline_exceeded(
+                            "the handler ran past the deadline",
+                        )))
+                    }),
+                None => fut.await,
+            }
+            .unwrap_or_else(|| Err(panicked(ctx.service)));
+            // Removed already if the caller cancelled: nobody waits then.
+            if !oneway && lock(&shared.running).remove(&id.0).is_some() {
+                reply(&shared.tx, &ctx.limits, id, result);
+            }
+        }
+    };
+    let task = ctx.runtime.spawn(work);
+    if !oneway {
+        if let Some(slot) = lock(running).get_mut(&id.0) {
+            *slot = Pending::Task(Some(task.abort_handle()));
+        }
+    }
+}
+
+/// Runs one request of a deferred handler: the handler gets a responder
+/// that writes the answer into the link from whichever thread answers.
+/// Without a free concurrency permit the request waits for one on the
+/// runtime and its handler is then called there.
+pub(crate) fn handle_deferred(
+    link: &ServedLink<'_>,
+    h: FrameHeader,
+    request: Request,
+    handler: &Arc<dyn Fn(Request, Responder) + Send + Sync>,
+) {
+    let ServedLink {
+        ctx,
+        link: shared,
+        busy,
+    } = *link;
+    let inline = InlineBusy::enter(busy);
+    // Counted before the link's flag clears (see `ServeCtx::idle`); the
+    // responder ends the count.
+    handling(ctx);
+    let sink = if h.kind == FrameKind::OneWay {
+        Sink::OneWay
+    } else {
+        Sink::Link(LinkAnswer {
+            link: shared.clone(),
+            limits: ctx.limits,
+            id: h.stream_id,
+        })
+    };
+    let permit = ctx.permits.try_take();
+    let waits = !permit;
+    let responder = Responder::new(sink, Some(ctx.clone()), permit);
+    if h.kind != FrameKind::OneWay {
+        lock(&shared.running).insert(h.stream_id.0, Pending::Deferred(responder.shared().clone()));
+    }
+    if !waits {
+        call_deferred(handler, request, responder, ctx.service);
+        drop(inline);
+        return;
+    }
+    drop(inline);
+    let (ctx2, handler) = (ctx.clone(), handler.clone());
+    ctx.runtime.spawn(async move {
+        let mut responder = responder;
+        ctx2.permits.take().await.into_responder(&mut responder);
+        if responder.is_cancelled() {
+            return;
+        }
+        call_deferred(&handler, request, responder, ctx2.service);
+    });
+}
+
+/// Calls a deferred handler; if it panics, the caller gets `Internal`.
+pub(crate) fn call_deferred(
+    handler: &Arc<dyn Fn(Request, Responder) + Send + Sync>,
+    request: Request,
+    responder: Responder,
+    service: &commy_core::ServiceName,
+) {
+    if std::panic::catch_unwind(AssertUnwindSafe(|| handler(request, responder))).is_err() {
+        // The responder, dropped while unwinding, answered `Internal`.
+        let _ = panicked(service);
+    }
+}

@@ -1,0 +1,136 @@
+//! What both sides of a shared-memory link write: frames into the ring
+//! (in place when they fit one record), the metadata section, the frame
+//! limits checked before sending, and how a failed send reads to a caller.
+
+use std::time::{Duration, Instant};
+
+use commy_core::{FrameHeader, Limits, Metadata, Status};
+use commy_shm::link::{LinkSender, SendError};
+
+/// How long a send may wait for ring space before the call fails with
+/// `ResourceExhausted` (the peer is not draining its ring).
+pub(crate) const SEND_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Frames up to this many bytes are assembled on the stack and copied into
+/// the ring in one go.
+pub(crate) const SMALL_FRAME: usize = 256;
+
+/// Encodes `header` + `metadata` + `payload` as one message on the link:
+/// in place in the ring when it fits one record, else through the
+/// fragmenting copy path.
+pub(crate) fn send_frame(
+    tx: &mut LinkSender,
+    mut header: FrameHeader,
+    metadata: &[u8],
+    payload: &[u8],
+    patience: Patience,
+) -> Result<(), SendError> {
+    header.metadata_len = metadata.len() as u32;
+    header.payload_len = payload.len() as u32;
+    let total = commy_core::HEADER_LEN + metadata.len() + payload.len();
+    if total <= tx.max_record() {
+        let loan = match patience {
+            Patience::Until(d) => tx.loan(total, Some(d))?,
+            // The clock is only read if the ring is full.
+            Patience::For(t) => tx.loan_for(total, t)?,
+        };
+        if total <= SMALL_FRAME {
+            let mut buf = [0u8; SMALL_FRAME];
+            buf[..commy_core::HEADER_LEN].copy_from_slice(&header.encode());
+            let md_end = commy_core::HEADER_LEN + metadata.len();
+            buf[commy_core::HEADER_LEN..md_end].copy_from_slice(metadata);
+            buf[md_end..total].copy_from_slice(payload);
+            loan.fill(&buf[..total]).commit();
+        } else {
+            loan.fill_parts(&[&header.encode(), metadata, payload])
+                .commit();
+        }
+        Ok(())
+    } else {
+        let mut v = Vec::with_capacity(total);
+        v.extend_from_slice(&header.encode());
+        v.extend_from_slice(metadata);
+        v.extend_from_slice(payload);
+        let deadline = match patience {
+            Patience::Until(d) => d,
+            Patience::For(t) => Instant::now().checked_add(t).unwrap_or_else(far_future),
+        };
+        tx.send_deadline(&v, Some(deadline))
+    }
+}
+
+/// A moment no wait reaches (for timeouts too large to add to the clock).
+pub(crate) fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600)
+}
+
+/// How long a send may wait for ring space.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Patience {
+    /// Until this moment.
+    Until(Instant),
+    /// This long from when the ring is found full.
+    For(Duration),
+}
+
+impl Patience {
+    /// The default for sends that have no deadline of their own.
+    pub(crate) const DEFAULT: Patience = Patience::For(SEND_PATIENCE);
+}
+
+/// Refuses a frame the peer would reject as too large (it would close the
+/// link): the caller gets `ResourceExhausted` and the link stays up.
+pub(crate) fn check_frame(limits: &Limits, metadata: &[u8], payload: &[u8]) -> Result<(), Status> {
+    let len = commy_core::HEADER_LEN as u64 + metadata.len() as u64 + payload.len() as u64;
+    if metadata.len() as u64 > u64::from(limits.max_metadata) {
+        return Err(Status::resource_exhausted(format!(
+            "metadata of {} bytes exceeds the limit of {} bytes",
+            metadata.len(),
+            limits.max_metadata
+        )));
+    }
+    if len > u64::from(limits.max_frame) {
+        return Err(Status::resource_exhausted(format!(
+            "message of {} bytes exceeds the frame limit of {} bytes",
+            payload.len(),
+            limits.max_frame
+        )));
+    }
+    Ok(())
+}
+
+/// Maps a link send failure to the caller's status.
+pub(crate) fn send_status(e: SendError) -> Status {
+    match e {
+        SendError::TooLarge { len, max } => Status::resource_exhausted(format!(
+            "message of {len} bytes exceeds the peer's limit of {max} bytes"
+        )),
+        SendError::TimedOut => {
+            Status::resource_exhausted("the peer is not draining its queue (ring full)")
+        }
+        SendError::Ring(e) => Status::unavailable(format!("link lost: {e}")),
+        other => Status::unavailable(format!("link error: {other}")),
+    }
+}
+
+/// The metadata section of a frame: empty when there is no metadata, so
+/// the common case costs nothing to encode or decode.
+pub(crate) fn encode_metadata(metadata: &Metadata) -> Vec<u8> {
+    if metadata.is_empty() {
+        Vec::new()
+    } else {
+        metadata.encode()
+    }
+}
+
+/// Reads a frame's metadata section (see [`encode_metadata`]).
+pub(crate) fn decode_metadata(
+    bytes: &[u8],
+    limits: &Limits,
+) -> Result<Metadata, commy_core::MetadataError> {
+    if bytes.is_empty() {
+        Ok(Metadata::default())
+    } else {
+        Metadata::decode(bytes, limits)
+    }
+}
