@@ -15,7 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use commy_mesh::{
-    CallOptions, Caller, Code, Mesh, Metadata, NetConfig, Request, Response, Status, TransportPreference,
+    CallOptions, Caller, Code, Mesh, Metadata, NetConfig, Request, Response, Status,
+    TransportPreference,
 };
 
 const ROLE: &str = "COMMY_TRANSPORTS_TEST_ROLE";
