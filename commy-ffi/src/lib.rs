@@ -14,6 +14,7 @@
 //!   region / close. Handlers are callbacks `(FfiRequest, Reply)`; the
 //!   [`Reply`] is answered now or later, from any thread, and tells the
 //!   handler when the caller gives up ([`Reply::on_cancel`]).
+//!   [`FfiRequest::caller`] says who sent the request ([`FfiCaller`]).
 //! - [`FfiSubscription`]: `next` / `close` (which ends a waiting `next`).
 //! - [`FfiRegion`]: a shared region, with a descriptor and data offset for
 //!   zero-copy mappings on the binding's side.
@@ -44,12 +45,14 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod caller;
 mod error;
 mod mesh;
 mod region;
 mod runtime;
 mod subscription;
 
+pub use caller::FfiCaller;
 pub use commy_shm::{WaitInterrupter, WaitStrategy};
 pub use error::{FfiError, error_code_names};
 pub use mesh::{FfiMesh, FfiRequest, FfiService, MeshOptions, Reply};
@@ -57,4 +60,4 @@ pub use region::{FfiRegion, OpenPolicy, RegionOptions};
 pub use runtime::{CHECK_INTERVAL, FfiTask, LocalTask, block_on, run_inline, runtime, spawn_with};
 pub use subscription::{FfiMessage, FfiSubscription};
 
-pub use commy_mesh::{AnswerDriver, Drive, DrivenLink, PolledRequest, ThreadHook};
+pub use commy_mesh::{AnswerDriver, Caller, Drive, DrivenLink, PolledRequest, ThreadHook};

@@ -53,6 +53,7 @@ use commy_mesh::{
     ServiceHandle, Status,
 };
 
+use crate::caller::FfiCaller;
 use crate::error::FfiError;
 use crate::region::{FfiRegion, RegionOptions};
 use crate::runtime::block_on;
@@ -340,8 +341,10 @@ impl FfiMesh {
     /// thread that [polls](DrivenLink::poll) the link. See
     /// [`Mesh::serve_driven`](commy_mesh::Mesh::serve_driven).
     ///
-    /// The handler gets the request's payload only, for bindings whose
-    /// handlers see no deadline: the deadline then costs no clock read.
+    /// The handler gets the request's payload and caller only, for
+    /// bindings whose handlers see no deadline: the deadline then costs no
+    /// clock read. (The requests the binding polls itself come with their
+    /// link's caller: [`DrivenLink::caller`].)
     pub fn serve_driven<H, L>(
         &self,
         service: &str,
@@ -349,12 +352,15 @@ impl FfiMesh {
         on_link: L,
     ) -> Result<FfiService, FfiError>
     where
-        H: Fn(Bytes, Reply) + Send + Sync + 'static,
+        H: Fn(Bytes, FfiCaller, Reply) + Send + Sync + 'static,
         L: Fn(DrivenLink) + Send + Sync + 'static,
     {
         let serving = self.mesh.serve_driven(
             service,
-            move |req: Request, responder| handler(req.into_payload(), Reply::new(responder)),
+            move |req: Request, responder| {
+                let caller = FfiCaller::from(req.caller());
+                handler(req.into_payload(), caller, Reply::new(responder));
+            },
             on_link,
         );
         let handle = quick(serving)?;
@@ -404,6 +410,7 @@ pub struct FfiRequest {
     service: commy_core::ServiceName,
     payload: Bytes,
     deadline: Option<Deadline>,
+    caller: FfiCaller,
 }
 
 impl FfiRequest {
@@ -411,8 +418,14 @@ impl FfiRequest {
         FfiRequest {
             service: req.service().clone(),
             deadline: req.deadline(),
+            caller: FfiCaller::from(req.caller()),
             payload: req.into_payload(),
         }
+    }
+
+    /// Who sent the request.
+    pub fn caller(&self) -> &FfiCaller {
+        &self.caller
     }
 
     /// The service the request was addressed to.

@@ -437,3 +437,147 @@ fn the_link_thread_hook_wraps_the_threads_that_run_handlers() {
     let hooked = hooked_rx.recv_timeout(LONG).expect("the hook ran");
     assert_eq!(ran_rx.recv_timeout(LONG).unwrap(), hooked);
 }
+
+/// This process's effective uid and gid, from `/proc/self/status` (its
+/// `Uid:` and `Gid:` lines: real, effective, saved, filesystem).
+fn effective_ids() -> (u32, u32) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let effective = |key: &str| -> u32 {
+        let line = status.lines().find(|l| l.starts_with(key)).unwrap();
+        line.split_whitespace().nth(2).unwrap().parse().unwrap()
+    };
+    (effective("Uid:"), effective("Gid:"))
+}
+
+#[test]
+fn handlers_and_driven_links_see_who_called() {
+    let mesh = open("caller");
+    let (tx, rx) = mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let _svc = mesh
+        .serve("whoami", move |req, reply| {
+            let _ = tx.lock().unwrap().send(req.caller().clone());
+            reply.ok(req.into_payload());
+        })
+        .unwrap();
+    wait(mesh.call("whoami", Bytes::new(), Some(LONG))).unwrap();
+    let caller = rx.recv_timeout(LONG).unwrap();
+    let (uid, gid) = effective_ids();
+    assert_eq!(caller.kind(), "local");
+    assert_eq!(
+        (caller.uid(), caller.gid(), caller.pid()),
+        (Some(uid), Some(gid), Some(std::process::id()))
+    );
+    assert_eq!((caller.identity(), caller.addr()), (None, None));
+    assert!(matches!(caller.caller(), commy_ffi::Caller::Local { .. }));
+
+    // A driven link says who is at its other end, and its handler gets the
+    // same caller with each request.
+    let (tx, rx) = mpsc::channel();
+    let (link_tx, handler_tx) = (std::sync::Mutex::new(tx.clone()), std::sync::Mutex::new(tx));
+    let _driven = mesh
+        .serve_driven(
+            "whoami-driven",
+            move |payload, caller, reply| {
+                let _ = handler_tx.lock().unwrap().send(("handler", caller));
+                reply.ok(payload);
+            },
+            move |mut link| {
+                let _ = link_tx
+                    .lock()
+                    .unwrap()
+                    .send(("link", commy_ffi::FfiCaller::from(link.caller())));
+                while link.poll(16) != commy_ffi::Drive::Closed {
+                    link.wait(Some(Instant::now() + Duration::from_millis(10)));
+                }
+            },
+        )
+        .unwrap();
+    wait(mesh.call("whoami-driven", Bytes::new(), Some(LONG))).unwrap();
+    let mut seen: Vec<_> = (0..2).map(|_| rx.recv_timeout(LONG).unwrap()).collect();
+    seen.sort_by_key(|(from, _)| *from);
+    assert_eq!(seen[0].0, "handler");
+    assert_eq!(seen[1].0, "link");
+    assert_eq!(seen[0].1, caller);
+    assert_eq!(seen[1].1, caller);
+    wait(mesh.close());
+}
+
+#[test]
+fn a_caller_over_tls_is_remote_with_its_certificate_identity_if_any() {
+    use commy_mesh::{Mesh, NetConfig, Request, Response, Status};
+    use commy_net::{DevCa, Identity, LeafSpec, tls::write_pem_file};
+
+    let dir = runtime_dir("tls");
+    let ca_dir = dir.join("ca");
+    DevCa::create(&ca_dir).unwrap();
+    let ca = DevCa::load(&ca_dir).unwrap();
+    let issue = |service: &str, spec: fn(Identity) -> LeafSpec| {
+        let (cert, key) = ca
+            .issue(&spec(Identity::new("default", service).unwrap()))
+            .unwrap();
+        let (cert_path, key_path) = (
+            dir.join(format!("{service}.pem")),
+            dir.join(format!("{service}.key")),
+        );
+        write_pem_file(&cert_path, &cert).unwrap();
+        write_pem_file(&key_path, &key).unwrap();
+        (Some(cert_path), Some(key_path))
+    };
+    let own_dir = |name: &str| {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
+        d
+    };
+
+    // The service answers with what FfiCaller makes of its caller.
+    let mut net = NetConfig::default();
+    net.tls_ca = Some(ca_dir.join("ca.pem"));
+    (net.tls_cert, net.tls_key) = issue("server", |id| {
+        LeafSpec::for_this_host(id, &["127.0.0.1".parse().unwrap()])
+    });
+    let server = wait(
+        Mesh::builder()
+            .runtime_dir(own_dir("server"))
+            .net(net)
+            .listen("tls://127.0.0.1:0")
+            .open(),
+    )
+    .unwrap();
+    let _whoami = wait(server.serve("whoami", |req: Request| async move {
+        let c = commy_ffi::FfiCaller::from(req.caller());
+        let addr = c.addr().map(|a| a.ip().to_string());
+        let who = format!("{} {:?} {addr:?} {:?}", c.kind(), c.identity(), c.uid());
+        Ok::<_, Status>(Response::new(who.into_bytes()))
+    }))
+    .unwrap();
+    let port = server.tls_endpoint().unwrap().port();
+
+    let client = |name: &str, cert: (Option<PathBuf>, Option<PathBuf>)| {
+        let mut net = NetConfig::default();
+        net.tls_ca = Some(ca_dir.join("ca.pem"));
+        (net.tls_cert, net.tls_key) = cert;
+        net.no_listen = true;
+        let mesh = wait(
+            Mesh::builder()
+                .runtime_dir(own_dir(name))
+                .net(net)
+                .peer(&format!("tls://127.0.0.1:{port}"))
+                .open(),
+        )
+        .unwrap();
+        let who = wait(mesh.call("whoami", Vec::new())).unwrap();
+        wait(mesh.close());
+        String::from_utf8(who.to_vec()).unwrap()
+    };
+    assert_eq!(
+        client("anonymous", (None, None)),
+        r#"remote None Some("127.0.0.1") None"#
+    );
+    assert_eq!(
+        client("known", issue("caller-test", LeafSpec::new)),
+        r#"remote Some("spiffe://default/caller-test") Some("127.0.0.1") None"#
+    );
+    wait(server.close());
+}

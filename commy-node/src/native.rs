@@ -429,7 +429,7 @@ impl NativeMesh {
         let served = mesh
             .serve_driven(
                 &name,
-                move |payload, reply| {
+                move |payload, _caller, reply| {
                     let cancel = cancellable.then(|| {
                         let mut n = lock(&next_cancel);
                         // Never 0: the drained event says 0 for "none".
