@@ -1,5 +1,9 @@
 //! `cargo xtask bench`: runs the end-to-end harness (`commy-bench`, crate
-//! `benches`) in release mode and rewrites `docs/BENCHMARKS.md` from its JSON.
+//! `benches`) in release mode and rewrites `docs/BENCHMARKS.md` from its JSON;
+//! with `--baseline REV`, compares REV's harness with the current one
+//! ([`baseline`]).
+
+mod baseline;
 
 use std::path::Path;
 
@@ -25,6 +29,8 @@ pub(crate) struct BenchArgs {
     pub(crate) filters: Vec<String>,
     /// Print the markdown instead of writing [`REPORT`].
     pub(crate) print: bool,
+    /// Compare with this git revision's harness instead (print only).
+    pub(crate) baseline: Option<String>,
 }
 
 /// `cargo xtask bench` failed.
@@ -57,6 +63,44 @@ pub(crate) enum BenchError {
     /// Building the Node SDK's addon for the Node scenarios failed.
     #[error("building the Node addon for the node-* scenarios failed: {0}")]
     NodeAddon(crate::npm::NpmError),
+    /// `--baseline` names no commit.
+    #[error("`{rev}` names no commit of this repository (`git rev-parse --verify`)")]
+    BadRevision {
+        /// The revision given.
+        rev: String,
+    },
+    /// `--baseline` names a commit older than the harness.
+    #[error("`{rev}` has no commy-bench executable in benches/: the harness did not exist yet")]
+    NoHarness {
+        /// The revision given.
+        rev: String,
+    },
+    /// The baseline's worktree folder is in a state this xtask will not touch.
+    #[error("{path} {problem}")]
+    Worktree {
+        /// The folder.
+        path: String,
+        /// What is wrong with it, and what to do.
+        problem: String,
+    },
+    /// A git command preparing the baseline failed.
+    #[error("preparing the baseline's worktree failed: {0}")]
+    Git(CmdError),
+    /// A build reported no `commy-bench` executable.
+    #[error("`{cmd}` reported no commy-bench executable")]
+    NoExecutable {
+        /// The build command.
+        cmd: String,
+    },
+    /// `--baseline` with filters that select Node or Python scenarios only.
+    #[error(
+        "--baseline compares the Rust harness's scenarios only, and the filters select only \
+         Node/Python ones ({left_out:?}); run `cargo xtask bench --print` for those"
+    )]
+    BaselineRustOnly {
+        /// The scenarios selected.
+        left_out: Vec<String>,
+    },
     /// Writing the report failed.
     #[error("writing {path} failed: {source}")]
     Write {
@@ -149,6 +193,9 @@ const NODE_SCENARIOS: [&str; 4] = [
 /// A filter that matches a Python scenario's name (`python/...`) selects
 /// Python scenarios only; the others go to the harness.
 pub(crate) fn run(root: &Path, args: &BenchArgs) -> Result<(), BenchError> {
+    if let Some(rev) = &args.baseline {
+        return baseline::run(root, args, rev);
+    }
     let python_name = |f: &String| {
         crate::python::BENCH_SCENARIOS
             .iter()

@@ -47,17 +47,32 @@ options:
 ";
 
 const BENCH_USAGE: &str = "\
-usage: cargo xtask bench [--quick] [--runs K] [--print] [FILTER]...
+usage: cargo xtask bench [--quick] [--runs K] [--print] [[--filter] FILTER]...
+       cargo xtask bench --baseline REV [--quick] [--runs K] [[--filter] FILTER]...
 
 Builds the benches crate in release mode, runs the commy-bench harness and
 rewrites docs/BENCHMARKS.md (machine, date, method, tables).
 
+With --baseline REV it compares git revision REV with the working tree
+instead, and only prints: REV is checked out with `git worktree add --detach`
+into target/baseline/<commit> (kept and reused) and its harness built there
+(target dir target/baseline-target, kept between invocations); then the two
+harnesses take turns, baseline run 1, current run 1, baseline run 2, ..., each
+run doing every selected scenario once, and a markdown table shows per
+scenario the median across runs (round trip p50, or msgs/s), the ratio
+current/baseline and every run's value. A scenario REV's harness does not
+have is shown as such. This mode compares the Rust harness's scenarios only:
+the node-* and python/* scenarios are left out, and filters that select
+nothing else are an error.
+
 options:
-  --quick       few iterations and runs: a smoke test of the pipeline
-  --runs K      repeat each scenario K times (the table shows medians)
-  --print       print the report instead of writing docs/BENCHMARKS.md
-  FILTER        only scenarios whose name contains FILTER (e.g. `uds`, `rt/64B`)
-  -h, --help    show this message
+  --quick          few iterations and runs: a smoke test of the pipeline
+  --runs K         repeat each scenario K times (the table shows medians)
+  --print          print the report instead of writing docs/BENCHMARKS.md
+  --baseline REV   compare with git revision REV (commit, tag, branch, HEAD~1)
+  --filter FILTER  the same as FILTER
+  FILTER           only scenarios whose name contains FILTER (e.g. `uds`, `rt/64B`)
+  -h, --help       show this message
 ";
 
 const NPM_USAGE: &str = "\
@@ -124,6 +139,19 @@ fn parse_bench(args: &[String]) -> Result<Option<BenchArgs>, UsageError> {
             a if is_help(a) => return Ok(None),
             "--quick" => out.quick = true,
             "--print" => out.print = true,
+            "--baseline" => {
+                let rev = it
+                    .next()
+                    .filter(|r| !r.starts_with('-'))
+                    .ok_or_else(|| UsageError("--baseline needs a git revision".into()))?;
+                out.baseline = Some(rev.clone());
+            }
+            "--filter" => {
+                let filter = it
+                    .next()
+                    .ok_or_else(|| UsageError("--filter needs a text".into()))?;
+                out.filters.push(filter.clone());
+            }
             "--runs" => {
                 let k = it
                     .next()
@@ -295,9 +323,34 @@ mod tests {
                 quick: true,
                 runs: Some(3),
                 filters: vec!["uds".into(), "floor".into()],
-                print: false
+                print: false,
+                baseline: None,
             }
         );
+        let a = parse_bench(&strings(&[
+            "--baseline",
+            "HEAD~1",
+            "--filter",
+            "mesh/rt-default",
+            "--runs",
+            "2",
+            "shm",
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            a,
+            BenchArgs {
+                quick: false,
+                runs: Some(2),
+                filters: vec!["mesh/rt-default".into(), "shm".into()],
+                print: false,
+                baseline: Some("HEAD~1".into()),
+            }
+        );
+        assert!(parse_bench(&strings(&["--baseline"])).is_err());
+        assert!(parse_bench(&strings(&["--baseline", "--quick"])).is_err());
+        assert!(parse_bench(&strings(&["--filter"])).is_err());
         assert!(parse_bench(&strings(&["--runs", "0"])).is_err());
         assert!(parse_bench(&strings(&["--fast"])).is_err());
     }
