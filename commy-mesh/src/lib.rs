@@ -15,7 +15,9 @@
 // which loom cannot model: stress tests with real threads cover them.
 #![allow(clippy::disallowed_types)]
 
+mod accept;
 mod call;
+mod config;
 mod embed;
 mod mesh;
 mod net;
@@ -26,23 +28,25 @@ mod serve;
 mod sync;
 mod wire;
 
+pub use call::options::CallOptions;
 pub use commy_core::{Code, Deadline, Metadata, Status};
 pub use commy_discovery::{
     DiscoveryError, HOST_ID_ENV, Instance, InstanceWatch, LocalRegistry, host_id,
 };
 pub use commy_shm::WaitInterrupter;
+pub use config::{Config, MeshBuilder, ThreadHook, ThreadWork};
 pub use embed::answers::{AnswerDriver, AnswerSink};
 pub use embed::driven::{Drive, DrivenLink};
-pub use mesh::{
-    CallOptions, Config, Mesh, MeshBuilder, OpenError, ServiceHandle, ThreadHook, ThreadWork,
-};
-pub use net::{INSTANCES_SERVICE, NetError, PUBLISH_SERVICE, SERVICE_HEADER};
+pub use mesh::{Mesh, OpenError};
+pub use net::NetError;
 pub use netconfig::{CONFIG_ENV, NetConfig, TransportPreference};
 pub use pubsub::{Message, SlowSubscriber, SubscribeOptions, Subscription};
 pub use response::Response;
 pub use serve::polled::PolledRequest;
 pub use serve::request::{Caller, RemoteCaller, Request};
 pub use serve::responder::Responder;
+pub use serve::service::ServiceHandle;
+pub use wire::{INSTANCES_SERVICE, PUBLISH_SERVICE, SERVICE_HEADER};
 
 /// The README's Rust quickstarts, compiled and run as doc tests.
 #[doc = include_str!("../../README.md")]

@@ -22,204 +22,36 @@
 //! ```
 
 use std::future::Future;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use commy_core::{Deadline, InstanceId, Limits, MeshName, Metadata, ServiceName, Status};
-use commy_discovery::{Discover, Instance, LocalRegistry, PowerOfTwo};
-use commy_shm::{LinkConfig, RuntimeDir, ShmLink, UdsListener};
-use rustc_hash::FxHashMap;
+use commy_core::{Deadline, InstanceId, MeshName, Metadata, ServiceName, Status};
+use commy_discovery::{Instance, LocalRegistry};
+use commy_shm::{RuntimeDir, ShmLink, UdsListener};
 
+use crate::accept::start_accepting;
 use crate::call::deadline::Due;
+use crate::call::options::CallOptions;
+use crate::call::pool::{Pool, Pools};
 use crate::call::shm::{ClientConn, Started};
 use crate::call::table::{AnswerSink, Done};
+use crate::call::tls::CallKind;
+use crate::config::{Config, MeshBuilder};
 use crate::embed::answers::Claims;
 use crate::embed::driven::DrivenLink;
-use crate::net::{CallKind, NetState};
-use crate::netconfig::{NetConfig, TransportPreference};
+use crate::net::NetState;
+use crate::netconfig::TransportPreference;
+use crate::pubsub::{PubSub, SubscribeOptions, Subscription};
 use crate::response::Response;
 use crate::serve::dispatch::ServeCtx;
 use crate::serve::handler::{Handler, erase, erase_deferred};
 use crate::serve::permits::Permits;
 use crate::serve::request::{Request, interned};
 use crate::serve::responder::Responder;
+use crate::serve::service::{Served, ServiceHandle};
 use crate::serve::shm::serve_link;
-use crate::sync::lock;
-
-/// Settings of a mesh handle. `Config::default()` is the embedded default:
-/// mesh `default`, local discovery in the runtime dir, nothing to write first.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct Config {
-    /// The mesh's name: processes only see services of the same mesh.
-    pub mesh: MeshName,
-    /// Where sockets live; `None` = `$COMMY_RUNTIME_DIR`, else
-    /// `$XDG_RUNTIME_DIR/commy`, else `/tmp/commy-<uid>`.
-    pub runtime_dir: Option<PathBuf>,
-    /// Shared-memory link settings.
-    pub link: LinkConfig,
-    /// Frame limits enforced on everything received.
-    pub limits: Limits,
-    /// Handlers of one service instance that may be waiting at once (a
-    /// handler that answers without waiting runs on its link's thread and
-    /// takes no slot); more wait in line.
-    pub max_concurrency: usize,
-    /// Timeout of calls that set none.
-    pub default_timeout: Option<Duration>,
-    /// How long a caller polls the link for its response before it yields
-    /// its thread and waits to be woken (zero: never poll). Polling saves
-    /// the thread hand-off, which costs more than a whole quick call.
-    pub call_spin: Duration,
-    /// Network settings: TLS listener, peers, certificates, transport
-    /// preference (unset ones come from the environment and config file).
-    pub net: NetConfig,
-    /// Runs each service link thread's work (see [`ThreadHook`]).
-    pub link_thread_hook: Option<ThreadHook>,
-}
-
-/// Wraps the work of every thread that serves a link of this mesh's
-/// services: the hook is called on that thread with the thread's whole
-/// work, which it must run exactly once. A binding uses it to set the
-/// thread up once instead of per request (Python: attach the thread to the
-/// interpreter once, so each handler call only takes the GIL).
-#[derive(Clone)]
-pub struct ThreadHook(Arc<HookFn>);
-
-/// A link thread's whole work, as a [`ThreadHook`] receives it.
-pub type ThreadWork<'a> = &'a mut (dyn FnMut() + Send);
-
-type HookFn = dyn Fn(ThreadWork<'_>) + Send + Sync;
-
-impl ThreadHook {
-    /// A hook that runs `f` around each link thread's work.
-    pub fn new(f: impl Fn(ThreadWork<'_>) + Send + Sync + 'static) -> ThreadHook {
-        ThreadHook(Arc::new(f))
-    }
-
-    fn run(&self, work: ThreadWork<'_>) {
-        (self.0)(work)
-    }
-}
-
-impl std::fmt::Debug for ThreadHook {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ThreadHook")
-    }
-}
-
-impl Default for Config {
-    fn default() -> Config {
-        Config {
-            mesh: MeshName::default(),
-            runtime_dir: None,
-            link: LinkConfig::default(),
-            limits: Limits::DEFAULT,
-            max_concurrency: 1024,
-            default_timeout: Some(Duration::from_secs(30)),
-            call_spin: Duration::from_micros(50),
-            net: NetConfig::default(),
-            link_thread_hook: None,
-        }
-    }
-}
-
-/// Builds a [`Mesh`] with options.
-#[derive(Debug, Clone, Default)]
-pub struct MeshBuilder {
-    config: Config,
-    error: Option<String>,
-}
-
-impl MeshBuilder {
-    /// Joins the mesh named `name` instead of `default`.
-    pub fn mesh(mut self, name: &str) -> MeshBuilder {
-        match MeshName::new(name) {
-            Ok(n) => self.config.mesh = n,
-            Err(e) => self.error = Some(format!("invalid mesh name {name:?}: {e}")),
-        }
-        self
-    }
-
-    /// Uses `dir` as the runtime dir (must be private: mode 0700, ours).
-    pub fn runtime_dir(mut self, dir: impl AsRef<Path>) -> MeshBuilder {
-        self.config.runtime_dir = Some(dir.as_ref().to_owned());
-        self
-    }
-
-    /// Sets the shared-memory link settings.
-    pub fn link(mut self, link: LinkConfig) -> MeshBuilder {
-        self.config.link = link;
-        self
-    }
-
-    /// Sets how many requests one instance handles at once.
-    pub fn max_concurrency(mut self, n: usize) -> MeshBuilder {
-        self.config.max_concurrency = n.max(1);
-        self
-    }
-
-    /// Sets the timeout of calls that set none (`None`: wait forever).
-    pub fn default_timeout(mut self, t: Option<Duration>) -> MeshBuilder {
-        self.config.default_timeout = t;
-        self
-    }
-
-    /// Sets how long a caller polls for its response before sleeping
-    /// (see [`Config::call_spin`]).
-    pub fn call_spin(mut self, spin: Duration) -> MeshBuilder {
-        self.config.call_spin = spin;
-        self
-    }
-
-    /// Serves this handle's services over TLS at `endpoint`
-    /// (`tls://ADDR:PORT`; port 0 picks a free one, which
-    /// [`Mesh::tls_endpoint`] then names).
-    pub fn listen(mut self, endpoint: &str) -> MeshBuilder {
-        match crate::netconfig::parse_listen(endpoint) {
-            Ok(a) => self.config.net.listen = Some(a),
-            Err(e) => self.error = Some(format!("invalid listen endpoint: {e}")),
-        }
-        self
-    }
-
-    /// Adds a static peer (`tls://HOST:PORT`) whose instances may be called.
-    pub fn peer(mut self, endpoint: &str) -> MeshBuilder {
-        match crate::netconfig::parse_tls(endpoint) {
-            Ok(a) => self.config.net.peers.push(a),
-            Err(e) => self.error = Some(format!("invalid peer endpoint: {e}")),
-        }
-        self
-    }
-
-    /// Sets which transport calls use (see [`TransportPreference`]).
-    pub fn transport(mut self, t: TransportPreference) -> MeshBuilder {
-        self.config.net.transport = Some(t);
-        self
-    }
-
-    /// Sets all network settings at once.
-    pub fn net(mut self, net: NetConfig) -> MeshBuilder {
-        self.config.net = net;
-        self
-    }
-
-    /// Wraps the work of every service link thread (see [`ThreadHook`]).
-    pub fn link_thread_hook(mut self, hook: ThreadHook) -> MeshBuilder {
-        self.config.link_thread_hook = Some(hook);
-        self
-    }
-
-    /// Opens the mesh.
-    pub async fn open(self) -> Result<Mesh, OpenError> {
-        if let Some(e) = self.error {
-            return Err(OpenError::Config(e));
-        }
-        Mesh::open(self.config).await
-    }
-}
 
 /// Errors from [`Mesh::open`].
 #[derive(Debug, thiserror::Error)]
@@ -242,66 +74,10 @@ pub enum OpenError {
     Net(#[from] crate::net::NetError),
 }
 
-/// Options of one call.
-#[derive(Debug, Clone, Default)]
-#[non_exhaustive]
-pub struct CallOptions {
-    /// Give up after this long (overrides the mesh's default timeout).
-    pub timeout: Option<Duration>,
-    /// An absolute deadline (the earlier of this and `timeout` applies).
-    pub deadline: Option<Deadline>,
-    /// Metadata sent with the request.
-    pub metadata: Metadata,
-    /// The transport this call may use (default: the mesh's).
-    pub transport: Option<TransportPreference>,
-    /// How long this caller polls for its answer before it sleeps, instead
-    /// of [`Config::call_spin`].
-    pub spin: Option<Duration>,
-    /// When the call's timeout starts counting on the calling side
-    /// (default: when it is made, read from the clock once needed): a
-    /// caller making many calls at once may read the clock once for all of
-    /// them. The service is told the timeout itself, counted from the
-    /// request's arrival.
-    pub started: Option<Instant>,
-}
-
-impl CallOptions {
-    /// Sets the timeout.
-    pub fn timeout(mut self, t: Duration) -> CallOptions {
-        self.timeout = Some(t);
-        self
-    }
-
-    /// Sets the metadata.
-    pub fn metadata(mut self, m: Metadata) -> CallOptions {
-        self.metadata = m;
-        self
-    }
-
-    /// Forces a transport for this call.
-    pub fn transport(mut self, t: TransportPreference) -> CallOptions {
-        self.transport = Some(t);
-        self
-    }
-
-    /// Sets this call's polling budget (see [`Config::call_spin`]).
-    pub fn spin(mut self, spin: Duration) -> CallOptions {
-        self.spin = Some(spin);
-        self
-    }
-
-    /// Sets when the call's timeout starts counting (see
-    /// [`started`](CallOptions::started)).
-    pub fn started_at(mut self, at: Instant) -> CallOptions {
-        self.started = Some(at);
-        self
-    }
-}
-
 /// A handle on the mesh. Cheap to clone; all clones share connections.
 #[derive(Clone)]
 pub struct Mesh {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for Mesh {
@@ -313,101 +89,20 @@ impl std::fmt::Debug for Mesh {
 }
 
 pub(crate) struct Inner {
-    /// Unique among this process's mesh handles.
-    id: u64,
     pub(crate) config: Config,
-    registry: LocalRegistry,
-    /// Subscribers announce themselves here (mesh `<mesh>.t`).
-    pub(crate) topics: LocalRegistry,
-    /// Pools of topic subscriber sets, keyed by their registry name.
-    topic_pools: Mutex<FxHashMap<ServiceName, Arc<Pool>>>,
-    /// Queue groups per topic.
-    pub(crate) group_index: Arc<crate::pubsub::GroupIndex>,
-    runtime: tokio::runtime::Handle,
-    pools: Mutex<FxHashMap<ServiceName, Arc<Pool>>>,
-    closed: AtomicBool,
+    pub(crate) registry: LocalRegistry,
+    /// The pools of the services this handle calls.
+    pub(crate) services: Pools,
+    /// Subscriptions and publishing on this host.
+    pubsub: PubSub,
+    pub(crate) runtime: tokio::runtime::Handle,
+    pub(crate) closed: AtomicBool,
     /// Services served through this handle, to drain on close.
-    served: Mutex<Vec<Arc<Served>>>,
+    pub(crate) served: Mutex<Vec<Arc<Served>>>,
     /// The TLS side, when configured.
-    net: Option<Arc<NetState>>,
+    pub(crate) net: Option<Arc<NetState>>,
     /// Set once [`Mesh::drive_answers`] made this handle's driver.
-    answers: OnceLock<Arc<Claims>>,
-}
-
-/// A pool's instances and our links to them, under one lock.
-#[derive(Default)]
-struct PoolState {
-    instances: Vec<Instance>,
-    conns: FxHashMap<InstanceId, Arc<ClientConn>>,
-}
-
-impl PoolState {
-    /// Replaces the known instances. No link stays marked as its service's
-    /// only one ([`ClientConn::sole`]) until a call finds it so again.
-    fn set_instances(&mut self, instances: Vec<Instance>) {
-        for c in self.conns.values() {
-            c.sole.store(false, Ordering::Relaxed);
-        }
-        self.instances = instances;
-    }
-}
-
-/// Ids of mesh handles, so a thread's [`LastCalled`] never mixes them up.
-static NEXT_MESH_ID: AtomicU64 = AtomicU64::new(1);
-
-/// The service a thread called last, if it has a single instance: repeated
-/// calls to it find their link without taking the pool's locks. The entry
-/// holds the link weakly (it never keeps a link open) and is used only
-/// while the link lives and is still marked as the service's only instance
-/// ([`ClientConn::sole`]; any change of the pool's instances clears it).
-struct LastCalled {
-    mesh: u64,
-    service: Box<str>,
-    conn: std::sync::Weak<ClientConn>,
-}
-
-thread_local! {
-    static LAST_CALLED: std::cell::RefCell<Option<LastCalled>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-impl LastCalled {
-    fn get(mesh: u64, service: &str) -> Option<Arc<ClientConn>> {
-        LAST_CALLED.with_borrow(|last| {
-            let last = last.as_ref()?;
-            if last.mesh != mesh || &*last.service != service {
-                return None;
-            }
-            let conn = last.conn.upgrade()?;
-            (conn.is_alive() && conn.sole.load(Ordering::Relaxed)).then_some(conn)
-        })
-    }
-
-    fn set(mesh: u64, service: &str, conn: &Arc<ClientConn>) {
-        LAST_CALLED.with_borrow_mut(|last| match last {
-            Some(l) if l.mesh == mesh && &*l.service == service => {
-                l.conn = Arc::downgrade(conn);
-            }
-            _ => {
-                *last = Some(LastCalled {
-                    mesh,
-                    service: service.into(),
-                    conn: Arc::downgrade(conn),
-                });
-            }
-        });
-    }
-}
-
-/// The client side of one service: its instances and our links to them.
-pub(crate) struct Pool {
-    /// Where its instances are found (services or topics).
-    source: Arc<dyn Discover>,
-    pub(crate) service: ServiceName,
-    state: Mutex<PoolState>,
-    /// Serialises connection attempts per instance.
-    connecting: tokio::sync::Mutex<()>,
-    balancer: PowerOfTwo,
+    pub(crate) answers: OnceLock<Arc<Claims>>,
 }
 
 impl Mesh {
@@ -442,14 +137,16 @@ impl Mesh {
         };
         Ok(Mesh {
             inner: Arc::new(Inner {
-                id: NEXT_MESH_ID.fetch_add(1, Ordering::Relaxed),
+                services: pools(&config, &registry, &runtime),
+                pubsub: PubSub::new(
+                    topics.clone(),
+                    pools(&config, &topics, &runtime),
+                    config.link.clone(),
+                    config.limits,
+                ),
                 config,
                 registry,
-                topics,
-                topic_pools: Mutex::new(FxHashMap::default()),
-                group_index: Arc::default(),
                 runtime,
-                pools: Mutex::new(FxHashMap::default()),
                 closed: AtomicBool::new(false),
                 served: Mutex::new(Vec::new()),
                 net,
@@ -520,7 +217,7 @@ impl Mesh {
         self.serve_handler(name, erase_deferred(handler), Some(Arc::new(on_link)))
     }
 
-    fn serve_handler(
+    pub(crate) fn serve_handler(
         &self,
         name: &str,
         handler: Handler,
@@ -550,13 +247,17 @@ impl Mesh {
         if let Some(net) = &self.inner.net {
             net.add(&service, id, ctx.clone());
         }
+        let withdraw = self.inner.net.clone().map(|net| {
+            let service = service.clone();
+            Box::new(move || net.remove(&service, id)) as Box<dyn Fn() + Send + Sync>
+        });
         let served = Arc::new(Served {
             service,
             id,
             path,
             stop: Arc::new(AtomicBool::new(false)),
             ctx: ctx.clone(),
-            net: self.inner.net.clone(),
+            withdraw,
         });
         start_accepting(
             listener,
@@ -610,7 +311,7 @@ impl Mesh {
             // The fast path: a link already open. It stays small and does
             // not allocate; a call answered within the spin completes in
             // the first poll.
-            if let Some((conn, balanced)) = self.connected(name) {
+            if let Some((conn, balanced)) = self.inner.services.connected(name) {
                 let due = Due::new(
                     options.timeout.or(self.inner.config.default_timeout),
                     options.deadline,
@@ -635,7 +336,7 @@ impl Mesh {
 
     /// A call that has to find (or connect to) an instance first, or goes
     /// over TLS.
-    async fn call_routed(
+    pub(crate) async fn call_routed(
         &self,
         name: &str,
         payload: Bytes,
@@ -653,7 +354,7 @@ impl Mesh {
             options.deadline,
             options.started,
         );
-        let pool = self.pool(&service_name(name)?);
+        let pool = self.inner.services.get(&service_name(name)?);
         let conn = match self.route(&pool, preference).await? {
             Route::Shm(c) => c,
             Route::Tls(kind) => {
@@ -803,7 +504,7 @@ impl Mesh {
 
     /// The claims of the answer driver and its sink, which token calls
     /// need.
-    fn token_sink(&self) -> Result<(&Claims, &Arc<dyn AnswerSink>), Status> {
+    pub(crate) fn token_sink(&self) -> Result<(&Claims, &Arc<dyn AnswerSink>), Status> {
         self.inner
             .answers
             .get()
@@ -819,7 +520,7 @@ impl Mesh {
     /// thread, whether the call is counted for balancing, and when it is
     /// due; `None` if the call runs as a task instead (over TLS, or before
     /// a link to the service is open).
-    fn callback_route(
+    pub(crate) fn callback_route(
         &self,
         name: &str,
         options: &CallOptions,
@@ -827,7 +528,7 @@ impl Mesh {
         if self.preference(options) == TransportPreference::Tls {
             return None;
         }
-        let (conn, balanced) = self.connected(name)?;
+        let (conn, balanced) = self.inner.services.connected(name)?;
         let due = Due::new(
             options.timeout.or(self.inner.config.default_timeout),
             options.deadline,
@@ -868,7 +569,7 @@ impl Mesh {
         self.make_driver(Some(sink))
     }
 
-    fn make_driver(
+    pub(crate) fn make_driver(
         &self,
         sink: Option<Arc<dyn crate::AnswerSink>>,
     ) -> Result<crate::AnswerDriver, Status> {
@@ -878,38 +579,6 @@ impl Mesh {
             .set(claims.clone())
             .map_err(|_| Status::failed_precondition("this mesh handle has an answer driver"))?;
         Ok(crate::AnswerDriver::new(claims))
-    }
-
-    /// The fast path of picking: a live link to an instance of a service
-    /// already known, chosen like [`pick`](Mesh::pick), without allocating.
-    /// Also says whether the call must be counted for balancing (only if
-    /// there are several instances).
-    ///
-    /// A service with one instance is remembered per thread (see
-    /// [`LastCalled`]): calling it again skips the pool's two locks.
-    fn connected(&self, name: &str) -> Option<(Arc<ClientConn>, bool)> {
-        if let Some(conn) = LastCalled::get(self.inner.id, name) {
-            return Some((conn, false));
-        }
-        let pools = lock(&self.inner.pools);
-        let pool = pools.get(name)?;
-        let state = lock(&pool.state);
-        if state.instances.is_empty() {
-            return None;
-        }
-        let idx = choose(pool, &state.instances, &state.conns);
-        let conn = state.conns.get(&state.instances[idx].id)?;
-        if !conn.is_alive() {
-            return None;
-        }
-        let several = state.instances.len() > 1;
-        if !several {
-            // Under the pool's lock, like every change of its instances,
-            // which clears the mark again.
-            conn.sole.store(true, Ordering::Relaxed);
-            LastCalled::set(self.inner.id, name, conn);
-        }
-        Some((conn.clone(), several))
     }
 
     /// Calls `name` with a serde value encoded by postcard, decoding the reply.
@@ -941,7 +610,7 @@ impl Mesh {
                 .await
                 .map(drop);
         }
-        let pool = self.pool(&service);
+        let pool = self.inner.services.get(&service);
         let conn = match self.route(&pool, preference).await? {
             Route::Shm(c) => c,
             Route::Tls(kind) => {
@@ -959,7 +628,7 @@ impl Mesh {
     }
 
     /// The transport a call may use.
-    fn preference(&self, options: &CallOptions) -> TransportPreference {
+    pub(crate) fn preference(&self, options: &CallOptions) -> TransportPreference {
         options.transport.unwrap_or_else(|| {
             self.inner
                 .net
@@ -972,20 +641,20 @@ impl Mesh {
     /// `auto`, when the service has no local instance, or when shared memory
     /// failed at connect: then the failure travels along, for when no peer
     /// can take the call either).
-    async fn route(
+    pub(crate) async fn route(
         &self,
         pool: &Arc<Pool>,
         preference: TransportPreference,
     ) -> Result<Route, Status> {
         let net = match (&self.inner.net, preference) {
             (Some(n), TransportPreference::Auto) => n,
-            _ => return self.pick(pool).await.map(Route::Shm),
+            _ => return self.inner.services.pick(pool).await.map(Route::Shm),
         };
-        let local_empty = lock(&pool.state).instances.is_empty();
-        if net.go_remote(&pool.service, local_empty) {
+        let local_empty = pool.is_empty();
+        if net.peers.go_remote(&pool.service, local_empty) {
             return Ok(Route::Tls(CallKind::default()));
         }
-        match self.pick(pool).await {
+        match self.inner.services.pick(pool).await {
             Ok(c) => Ok(Route::Shm(c)),
             Err(e) if e.code() == commy_core::Code::NotFound => Ok(Route::Tls(CallKind::default())),
             Err(e) => {
@@ -999,7 +668,7 @@ impl Mesh {
     }
 
     /// A call (or one-way message) through a peer over TLS.
-    async fn net_call(
+    pub(crate) async fn net_call(
         &self,
         service: &ServiceName,
         payload: Bytes,
@@ -1020,13 +689,71 @@ impl Mesh {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        net.call(service, payload, &options.metadata, deadline, &[], kind)
+        net.peers
+            .call(service, payload, &options.metadata, deadline, &[], kind)
             .await
+    }
+
+    /// Subscribes to `topic` with the default options (queue of 1024,
+    /// `SlowSubscriber::Block`).
+    pub async fn subscribe(&self, topic: &str) -> Result<Subscription, Status> {
+        self.subscribe_with(topic, None, SubscribeOptions::default())
+            .await
+    }
+
+    /// Joins queue group `group` of `topic`: each message goes to exactly
+    /// one member of the group.
+    pub async fn subscribe_group(&self, topic: &str, group: &str) -> Result<Subscription, Status> {
+        self.subscribe_with(topic, Some(group), SubscribeOptions::default())
+            .await
+    }
+
+    /// Subscribes with options, optionally as a member of a queue group.
+    pub async fn subscribe_with(
+        &self,
+        topic: &str,
+        group: Option<&str>,
+        options: SubscribeOptions,
+    ) -> Result<Subscription, Status> {
+        self.check_open()?;
+        let new = self.inner.pubsub.subscribe(topic, group, options)?;
+        let mut subscription = new.subscription;
+        // Announced to TLS peers too when this handle listens.
+        if let Some(net) = self.inner.net.as_ref().filter(|n| n.endpoint().is_some()) {
+            net.add_subscription(&new.key, new.id, new.queue);
+            let (net, key, id) = (net.clone(), new.key, new.id);
+            subscription.on_drop(Box::new(move || net.remove_subscription(&key, id)));
+        }
+        Ok(subscription)
+    }
+
+    /// Publishes `payload` on `topic`: every subscriber gets it, and one
+    /// member of each queue group. Returns how many deliveries were made
+    /// (0 when nobody listens; a message nobody hears is dropped).
+    pub async fn publish(&self, topic: &str, payload: impl Into<Bytes>) -> Result<usize, Status> {
+        self.check_open()?;
+        let payload = payload.into();
+        let local = self.inner.pubsub.publish(topic, &payload).await?;
+        let mut delivered = local.delivered;
+        // Subscribers at TLS peers (those not reached above).
+        if let Some(net) = &self.inner.net {
+            delivered += net
+                .peers
+                .publish(
+                    &local.topic,
+                    &local.key,
+                    &local.reached,
+                    &local.groups_done,
+                    payload,
+                )
+                .await;
+        }
+        Ok(delivered)
     }
 
     /// Calls that went over TLS because shared memory failed at connect.
     pub fn transport_fallbacks(&self) -> u64 {
-        self.inner.net.as_ref().map_or(0, |n| n.fallbacks())
+        self.inner.net.as_ref().map_or(0, |n| n.peers.fallbacks())
     }
 
     /// The TLS endpoint this handle serves on, if it listens.
@@ -1039,8 +766,8 @@ impl Mesh {
     pub async fn remote_instances(&self, wait: Duration) -> Vec<Instance> {
         match &self.inner.net {
             Some(n) => {
-                n.wait_listed(wait).await;
-                n.remote_instances()
+                n.peers.wait_listed(wait).await;
+                n.peers.remote_instances()
             }
             None => Vec::new(),
         }
@@ -1075,24 +802,11 @@ impl Mesh {
             s.deregister();
             s.drain().await;
         }
-        lock(&self.inner.pools).clear();
-        lock(&self.inner.topic_pools).clear();
+        self.inner.services.clear();
+        self.inner.pubsub.clear();
         if let Some(net) = &self.inner.net {
             net.close().await;
         }
-    }
-
-    pub(crate) fn inner(&self) -> &Arc<Inner> {
-        &self.inner
-    }
-
-    /// The TLS side, when configured.
-    pub(crate) fn net(&self) -> Option<&Arc<NetState>> {
-        self.inner.net.as_ref()
-    }
-
-    pub(crate) fn check_open_pub(&self) -> Result<(), Status> {
-        self.check_open()
     }
 
     fn check_open(&self) -> Result<(), Status> {
@@ -1102,305 +816,42 @@ impl Mesh {
             Ok(())
         }
     }
-
-    fn pool(&self, service: &ServiceName) -> Arc<Pool> {
-        self.pool_in(&self.inner.pools, &self.inner.registry, service)
-    }
-
-    /// The pool of a topic's subscriber set (see `pubsub`).
-    pub(crate) fn topic_pool(&self, name: &ServiceName) -> Arc<Pool> {
-        self.pool_in(&self.inner.topic_pools, &self.inner.topics, name)
-    }
-
-    fn pool_in(
-        &self,
-        pools: &Mutex<FxHashMap<ServiceName, Arc<Pool>>>,
-        registry: &LocalRegistry,
-        service: &ServiceName,
-    ) -> Arc<Pool> {
-        let source: Arc<dyn Discover> = Arc::new(registry.clone());
-        let mut pools = lock(pools);
-        pools
-            .entry(service.clone())
-            .or_insert_with(|| {
-                let pool = Arc::new(Pool {
-                    source,
-                    service: service.clone(),
-                    state: Mutex::new(PoolState::default()),
-                    connecting: tokio::sync::Mutex::new(()),
-                    balancer: PowerOfTwo::new(),
-                });
-                spawn_watch(&self.inner, &pool);
-                pool
-            })
-            .clone()
-    }
-
-    /// The known instances of a pool (scanning once if none are known yet).
-    pub(crate) fn instances_of(&self, pool: &Arc<Pool>) -> Vec<Instance> {
-        let known = lock(&pool.state).instances.clone();
-        if !known.is_empty() {
-            return known;
-        }
-        let scanned = pool.source.instances(&pool.service).unwrap_or_default();
-        lock(&pool.state).set_instances(scanned.clone());
-        scanned
-    }
-
-    /// Picks an instance (least loaded of two random choices) and returns a
-    /// live link to it, connecting if needed.
-    pub(crate) async fn pick(&self, pool: &Arc<Pool>) -> Result<Arc<ClientConn>, Status> {
-        let mut instances = lock(&pool.state).instances.clone();
-        if instances.is_empty() {
-            // The watch may not have delivered its first snapshot yet.
-            instances = pool.source.instances(&pool.service).map_err(|e| {
-                Status::unavailable(format!("cannot list instances of {}: {e}", pool.service))
-            })?;
-            lock(&pool.state).set_instances(instances.clone());
-        }
-        let mut tried = 0;
-        while !instances.is_empty() {
-            let idx = choose(pool, &instances, &lock(&pool.state).conns);
-            let inst = instances.swap_remove(idx);
-            tried += 1;
-            match self.connect(pool, &inst).await {
-                Ok(c) => return Ok(c),
-                Err(e) => {
-                    tracing::debug!("instance {} of {} unusable: {e}", inst.id, pool.service);
-                    let mut state = lock(&pool.state);
-                    let mut left = std::mem::take(&mut state.instances);
-                    left.retain(|i| i.id != inst.id);
-                    state.set_instances(left);
-                }
-            }
-        }
-        if tried == 0 {
-            Err(Status::not_found(format!(
-                "no instance of service '{}' in mesh '{}'",
-                pool.service, self.inner.config.mesh
-            )))
-        } else {
-            Err(Status::unavailable(format!(
-                "no reachable instance of service '{}' ({tried} tried)",
-                pool.service
-            )))
-        }
-    }
-
-    pub(crate) async fn connect(
-        &self,
-        pool: &Arc<Pool>,
-        inst: &Instance,
-    ) -> Result<Arc<ClientConn>, Status> {
-        if let Some(c) = lock(&pool.state).conns.get(&inst.id) {
-            if c.is_alive() {
-                return Ok(c.clone());
-            }
-        }
-        let _one_at_a_time = pool.connecting.lock().await;
-        if let Some(c) = lock(&pool.state).conns.get(&inst.id) {
-            if c.is_alive() {
-                return Ok(c.clone());
-            }
-        }
-        let commy_core::Endpoint::Shm(addr) = &inst.endpoint else {
-            return Err(Status::unavailable(
-                "only shared-memory endpoints are supported",
-            ));
-        };
-        let path = addr.to_path_buf();
-        let link_config = self.inner.config.link.clone();
-        let link = tokio::task::spawn_blocking(move || ShmLink::connect(path, link_config))
-            .await
-            .map_err(|e| Status::internal(format!("connect task failed: {e}")))?
-            .map_err(|e| Status::unavailable(format!("cannot connect to {}: {e}", inst.id)))?;
-        let conn = ClientConn::start(
-            inst.id,
-            link,
-            self.inner.config.limits,
-            self.inner.config.call_spin,
-        );
-        lock(&pool.state).conns.insert(inst.id, conn.clone());
-        Ok(conn)
-    }
 }
 
 /// Where a call goes (see [`Mesh::route`]).
-enum Route {
+pub(crate) enum Route {
     Shm(Arc<ClientConn>),
     Tls(CallKind),
 }
 
-/// The instance a call goes to: the less loaded of two random choices (by
-/// calls in flight on our links). `instances` is not empty.
-fn choose(
-    pool: &Pool,
-    instances: &[Instance],
-    conns: &FxHashMap<InstanceId, Arc<ClientConn>>,
-) -> usize {
-    let load = |i: usize| {
-        conns
-            .get(&instances[i].id)
-            .map_or(0, |c| c.in_flight.load(Ordering::Relaxed) as u64)
-    };
-    pool.balancer.pick(instances.len(), load).unwrap_or(0)
+/// The pools of the instances `registry` finds, linked with `config`'s
+/// settings.
+pub(crate) fn pools(
+    config: &Config,
+    registry: &LocalRegistry,
+    runtime: &tokio::runtime::Handle,
+) -> Pools {
+    Pools::new(
+        config.mesh.clone(),
+        Arc::new(registry.clone()),
+        config.link.clone(),
+        config.limits,
+        config.call_spin,
+        runtime.clone(),
+    )
 }
 
-fn service_name(name: &str) -> Result<ServiceName, Status> {
+pub(crate) fn service_name(name: &str) -> Result<ServiceName, Status> {
     ServiceName::new(name)
         .map_err(|e| Status::invalid_argument(format!("invalid service name {name:?}: {e}")))
 }
 
-/// Keeps `pool.instances` up to date from the local registry's watch, and
-/// drops links to instances that vanished.
-fn spawn_watch(inner: &Arc<Inner>, pool: &Arc<Pool>) {
-    let weak = Arc::downgrade(pool);
-    let watch = pool.source.watch(&pool.service);
-    let service = pool.service.clone();
-    inner.runtime.spawn(async move {
-        let mut watch = match watch {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::warn!("cannot watch instances of {service}: {e}");
-                return;
-            }
-        };
-        while let Some(set) = std::future::poll_fn(|cx| watch.as_mut().poll_next(cx)).await {
-            let Some(pool) = weak.upgrade() else { return };
-            let mut state = lock(&pool.state);
-            state.set_instances(set);
-            let PoolState { instances, conns } = &mut *state;
-            conns.retain(|id, c| c.is_alive() && instances.iter().any(|i| i.id == *id));
+impl MeshBuilder {
+    /// Opens the mesh.
+    pub async fn open(self) -> Result<Mesh, OpenError> {
+        if let Some(e) = self.error {
+            return Err(OpenError::Config(e));
         }
-    });
-}
-
-/// A service served by this process.
-struct Served {
-    service: ServiceName,
-    id: InstanceId,
-    path: PathBuf,
-    stop: Arc<AtomicBool>,
-    ctx: Arc<ServeCtx>,
-    net: Option<Arc<NetState>>,
-}
-
-impl Served {
-    /// Stops accepting: the socket is unlinked now (so discovery sees the
-    /// instance vanish at once) and the accept thread ends.
-    fn deregister(&self) {
-        if !self.stop.swap(true, Ordering::AcqRel) {
-            let _ = std::fs::remove_file(&self.path);
-            if let Some(net) = &self.net {
-                net.remove(&self.service, self.id);
-            }
-        }
+        Mesh::open(self.config).await
     }
-
-    /// Waits until no request is being handled.
-    async fn drain(&self) {
-        // SYNC: SeqCst pairs with `handled` (see there).
-        self.ctx.draining.store(true, Ordering::SeqCst);
-        loop {
-            let notified = self.ctx.drained.notified();
-            if self.ctx.idle() {
-                return;
-            }
-            // Tasks finishing notify; handlers running inline on link
-            // threads do not (that would cost every request), so look again
-            // shortly.
-            let _ = tokio::time::timeout(Duration::from_millis(1), notified).await;
-        }
-    }
-}
-
-/// A running service. Dropping it deregisters the instance (new calls go
-/// elsewhere) and lets in-flight calls finish; [`shutdown`](ServiceHandle::shutdown)
-/// also waits for them.
-#[derive(Clone)]
-pub struct ServiceHandle {
-    served: Arc<Served>,
-}
-
-impl std::fmt::Debug for ServiceHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServiceHandle")
-            .field("service", &self.served.service)
-            .field("instance", &self.served.id)
-            .finish()
-    }
-}
-
-impl ServiceHandle {
-    /// The instance id announced for this service.
-    pub fn instance_id(&self) -> InstanceId {
-        self.served.id
-    }
-
-    /// The service name.
-    pub fn service(&self) -> &ServiceName {
-        &self.served.service
-    }
-
-    /// The socket path announcing this instance.
-    pub fn socket_path(&self) -> &Path {
-        &self.served.path
-    }
-
-    /// Deregisters, then waits for in-flight requests to finish.
-    pub async fn shutdown(self) {
-        self.served.deregister();
-        self.served.drain().await;
-    }
-}
-
-impl Drop for ServiceHandle {
-    fn drop(&mut self) {
-        // The last clone of the handle deregisters (the mesh keeps its own
-        // reference for `close`).
-        if Arc::strong_count(&self.served) <= 2 {
-            self.served.deregister();
-        }
-    }
-}
-
-/// Starts a thread accepting links on `listener` until `stop` is set; each
-/// link is handed to `on_link` on a thread of its own, the handshake
-/// included, so a silent client cannot hold up others.
-pub(crate) fn start_accepting(
-    listener: UdsListener,
-    link: LinkConfig,
-    name: String,
-    stop: Arc<AtomicBool>,
-    on_link: impl Fn(ShmLink) + Send + Sync + 'static,
-) -> Result<(), Status> {
-    let on_link = Arc::new(on_link);
-    std::thread::Builder::new()
-        .name(format!("commy-accept-{name}"))
-        .spawn(move || {
-            // The tick only bounds how long a stopped listener keeps its
-            // thread; its socket is unlinked at once on deregistration.
-            let tick = Duration::from_millis(100);
-            while !stop.load(Ordering::Acquire) {
-                match listener.accept_timeout(tick) {
-                    Ok(Some((sock, _peer))) => {
-                        let (on_link, link, name2) = (on_link.clone(), link.clone(), name.clone());
-                        let spawned = std::thread::Builder::new()
-                            .name(format!("commy-link-{name}"))
-                            .spawn(move || match ShmLink::accept_stream(sock, &link) {
-                                Ok(l) => on_link(l),
-                                Err(e) => tracing::warn!("{name2}: refused a connection: {e}"),
-                            });
-                        if let Err(e) = spawned {
-                            tracing::error!("cannot start a link thread: {e}");
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(e) => tracing::warn!("{name}: accept failed: {e}"),
-                }
-            }
-            drop(listener);
-        })
-        .map(|_| ())
-        .map_err(|e| Status::internal(format!("cannot start the accept thread: {e}")))
 }

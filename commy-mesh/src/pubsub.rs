@@ -40,13 +40,13 @@ use bytes::Bytes;
 use commy_core::{
     FrameKind, FrameRef, InstanceId, Limits, Metadata, ServiceName, Status, TopicName,
 };
+use commy_discovery::LocalRegistry;
 use commy_shm::link::RecvError;
-use commy_shm::{RingError, ShmLink, UdsListener};
+use commy_shm::{LinkConfig, RingError, ShmLink, UdsListener};
 
-use crate::mesh::{Mesh, start_accepting};
-
-/// The metadata header that carries the topic of a published message.
-pub(crate) const TOPIC_HEADER: &str = "commy-topic";
+use crate::accept::start_accepting;
+use crate::call::pool::Pools;
+use crate::wire::TOPIC_HEADER;
 
 /// What happens when a subscriber's queue is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -236,8 +236,8 @@ pub struct Subscription {
     path: std::path::PathBuf,
     stop: Arc<AtomicBool>,
     group: Option<String>,
-    /// Where it is announced to TLS peers, if this handle listens.
-    net: Option<(Arc<crate::net::NetState>, ServiceName, InstanceId)>,
+    /// Withdraws its announcement to TLS peers, if it was made.
+    withdraw: Option<Box<dyn FnOnce() + Send + Sync>>,
 }
 
 impl std::fmt::Debug for Subscription {
@@ -272,6 +272,12 @@ impl Subscription {
     pub fn group(&self) -> Option<&str> {
         self.group.as_deref()
     }
+
+    /// Runs `withdraw` when the subscription ends (its announcement to
+    /// peers is taken back).
+    pub(crate) fn on_drop(&mut self, withdraw: Box<dyn FnOnce() + Send + Sync>) {
+        self.withdraw = Some(withdraw);
+    }
 }
 
 impl Drop for Subscription {
@@ -279,8 +285,8 @@ impl Drop for Subscription {
         if !self.stop.swap(true, Ordering::AcqRel) {
             let _ = std::fs::remove_file(&self.path);
         }
-        if let Some((net, key, id)) = &self.net {
-            net.remove_subscription(key, *id);
+        if let Some(withdraw) = self.withdraw.take() {
+            withdraw();
         }
         self.queue.close();
     }
@@ -442,29 +448,71 @@ impl GroupIndex {
     }
 }
 
-impl Mesh {
-    /// Subscribes to `topic` with the default options (queue of 1024,
-    /// `SlowSubscriber::Block`).
-    pub async fn subscribe(&self, topic: &str) -> Result<Subscription, Status> {
-        self.subscribe_with(topic, None, SubscribeOptions::default())
-            .await
+/// The pub/sub side of a mesh handle: its subscriptions' announcements
+/// (the topic registry), the pools of subscriber sets it publishes to, and
+/// the queue groups per topic. Subscribers and groups at TLS peers are the
+/// network side's (the mesh handle joins the two).
+pub(crate) struct PubSub {
+    /// Subscribers announce themselves here (mesh `<mesh>.t`).
+    registry: LocalRegistry,
+    /// The pools of subscriber sets, keyed by their registry name.
+    pools: Pools,
+    /// Queue groups per topic.
+    groups: Arc<GroupIndex>,
+    /// How publishers' links are accepted.
+    link: LinkConfig,
+    limits: Limits,
+}
+
+/// A subscription made by [`PubSub::subscribe`], with what the network
+/// side needs to announce it to peers.
+pub(crate) struct NewSubscription {
+    pub(crate) subscription: Subscription,
+    /// Its subscriber set's registry name.
+    pub(crate) key: ServiceName,
+    pub(crate) id: InstanceId,
+    pub(crate) queue: Arc<Queue>,
+}
+
+/// What a publish delivered on this host.
+pub(crate) struct Published {
+    pub(crate) topic: TopicName,
+    /// The topic's subscriber-set key.
+    pub(crate) key: String,
+    /// Deliveries made.
+    pub(crate) delivered: usize,
+    /// The plain subscribers reached (not to be reached again remotely).
+    pub(crate) reached: Vec<InstanceId>,
+    /// The queue groups that took the message.
+    pub(crate) groups_done: Vec<String>,
+}
+
+impl PubSub {
+    /// Pub/sub with subscriptions announced in `registry` and subscriber
+    /// sets reached through `pools`.
+    pub(crate) fn new(
+        registry: LocalRegistry,
+        pools: Pools,
+        link: LinkConfig,
+        limits: Limits,
+    ) -> PubSub {
+        PubSub {
+            registry,
+            pools,
+            groups: Arc::default(),
+            link,
+            limits,
+        }
     }
 
-    /// Joins queue group `group` of `topic`: each message goes to exactly
-    /// one member of the group.
-    pub async fn subscribe_group(&self, topic: &str, group: &str) -> Result<Subscription, Status> {
-        self.subscribe_with(topic, Some(group), SubscribeOptions::default())
-            .await
-    }
-
-    /// Subscribes with options, optionally as a member of a queue group.
-    pub async fn subscribe_with(
+    /// Subscribes to `topic`, optionally as a member of queue group
+    /// `group`.
+    pub(crate) fn subscribe(
         &self,
         topic: &str,
         group: Option<&str>,
         options: SubscribeOptions,
-    ) -> Result<Subscription, Status> {
-        self.check_open_pub()?;
+    ) -> Result<NewSubscription, Status> {
         let topic = topic_name(topic)?;
         if let Some(g) = group {
             ServiceName::new(g)
@@ -474,11 +522,11 @@ impl Mesh {
             Some(g) => group_key(&topic, g),
             None => topic_key(&topic),
         };
-        let inner = self.inner();
+        let key = key_name(&key)?;
         let id = InstanceId::random();
-        let path = inner
-            .topics
-            .socket_path(&key_name(&key)?, id)
+        let path = self
+            .registry
+            .socket_path(&key, id)
             .map_err(|e| Status::unavailable(format!("cannot announce the subscription: {e}")))?;
         let listener = UdsListener::bind(&path)
             .map_err(|e| Status::unavailable(format!("cannot listen for publishers: {e}")))?;
@@ -495,40 +543,33 @@ impl Mesh {
             dropped: AtomicU64::new(0),
         });
         let stop = Arc::new(AtomicBool::new(false));
-        let limits = inner.config.limits;
+        let limits = self.limits;
         let q = queue.clone();
         start_accepting(
             listener,
-            inner.config.link.clone(),
+            self.link.clone(),
             format!("sub-{topic}"),
             stop.clone(),
             move |link| serve_topic_link(link, q.clone(), limits),
         )?;
-        let net = match self.net() {
-            Some(n) if n.endpoint().is_some() => {
-                let key = key_name(&key)?;
-                n.add_subscription(&key, id, queue.clone());
-                Some((n.clone(), key, id))
-            }
-            _ => None,
-        };
-        Ok(Subscription {
+        Ok(NewSubscription {
+            subscription: Subscription {
+                queue: queue.clone(),
+                path,
+                stop,
+                group: group.map(str::to_owned),
+                withdraw: None,
+            },
+            key,
+            id,
             queue,
-            path,
-            stop,
-            group: group.map(str::to_owned),
-            net,
         })
     }
 
-    /// Publishes `payload` on `topic`: every subscriber gets it, and one
-    /// member of each queue group. Returns how many deliveries were made
-    /// (0 when nobody listens; a message nobody hears is dropped).
-    pub async fn publish(&self, topic: &str, payload: impl Into<Bytes>) -> Result<usize, Status> {
-        self.check_open_pub()?;
+    /// Publishes `payload` on `topic` to the subscribers of this host:
+    /// every plain subscriber, and one member of each queue group.
+    pub(crate) async fn publish(&self, topic: &str, payload: &Bytes) -> Result<Published, Status> {
         let topic = topic_name(topic)?;
-        let payload = payload.into();
-        let inner = self.inner();
         let mut metadata = Metadata::default();
         metadata.add_header(TOPIC_HEADER, topic.as_str().as_bytes().to_vec());
         let md = metadata.encode();
@@ -536,11 +577,11 @@ impl Mesh {
         let mut delivered = 0;
 
         // Plain subscribers: all of them.
-        let pool = self.topic_pool(&key_name(&key)?);
-        let local = self.instances_of(&pool);
+        let pool = self.pools.get(&key_name(&key)?);
+        let local = self.pools.instances_of(&pool);
         for inst in &local {
-            match self.connect(&pool, inst).await {
-                Ok(conn) => match conn.send_publish(&md, &payload) {
+            match self.pools.connect(&pool, inst).await {
+                Ok(conn) => match conn.send_publish(&md, payload) {
                     Ok(()) => delivered += 1,
                     Err(e) => tracing::debug!("publish to a subscriber of {topic} failed: {e}"),
                 },
@@ -549,15 +590,13 @@ impl Mesh {
         }
 
         // Queue groups: one member each.
-        inner
-            .group_index
-            .ensure_started(inner.topics.dir().to_owned());
+        self.groups.ensure_started(self.registry.dir().to_owned());
         let mut groups_done = Vec::new();
-        for group in inner.group_index.groups_of(&key) {
-            let pool = self.topic_pool(&key_name(&group)?);
+        for group in self.groups.groups_of(&key) {
+            let pool = self.pools.get(&key_name(&group)?);
             // An empty group (all members left) is not an error.
-            if let Ok(conn) = self.pick(&pool).await {
-                match conn.send_publish(&md, &payload) {
+            if let Ok(conn) = self.pools.pick(&pool).await {
+                match conn.send_publish(&md, payload) {
                     Ok(()) => {
                         delivered += 1;
                         groups_done.push(group);
@@ -566,14 +605,17 @@ impl Mesh {
                 }
             }
         }
+        Ok(Published {
+            topic,
+            key,
+            delivered,
+            reached: local.iter().map(|i| i.id).collect(),
+            groups_done,
+        })
+    }
 
-        // Subscribers at TLS peers (those not reached above).
-        if let Some(net) = self.net() {
-            let local: Vec<InstanceId> = local.iter().map(|i| i.id).collect();
-            delivered += net
-                .publish(&topic, &key, &local, &groups_done, payload)
-                .await;
-        }
-        Ok(delivered)
+    /// Drops the links to subscribers.
+    pub(crate) fn clear(&self) {
+        self.pools.clear();
     }
 }

@@ -15,4 +15,6 @@ pub(crate) mod permits;
 pub(crate) mod polled;
 pub(crate) mod request;
 pub(crate) mod responder;
+pub(crate) mod service;
 pub(crate) mod shm;
+pub(crate) mod tls;

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use commy_core::{FrameHeader, Limits, Metadata, Status};
+use commy_core::{FrameHeader, HostId, InstanceId, Limits, Metadata, ServiceName, Status};
 use commy_shm::link::{LinkSender, SendError};
 
 /// How long a send may wait for ring space before the call fails with
@@ -134,3 +134,39 @@ pub(crate) fn decode_metadata(
         Metadata::decode(bytes, limits)
     }
 }
+
+// ---------------------------------------------------------------------------
+// The TLS transport's reserved services and headers (docs/PROTOCOL.md)
+// ---------------------------------------------------------------------------
+
+/// The metadata header naming a request's service on the TLS transport.
+pub const SERVICE_HEADER: &str = "commy-service";
+
+/// The control service listing a process's instances.
+pub const INSTANCES_SERVICE: &str = "commy.instances";
+
+/// The reserved service that takes published messages for this process's
+/// subscriptions (a OneWay with the topic and its subscriber-set key in
+/// the headers `commy-topic` and `commy-topic-key`).
+pub const PUBLISH_SERVICE: &str = "commy.publish";
+
+/// The header naming the subscriber set (topic key or queue-group key) a
+/// message published over TLS is for.
+pub(crate) const TOPIC_KEY_HEADER: &str = "commy-topic-key";
+
+/// How long a listing request waits for a change before answering anyway.
+pub(crate) const LONG_POLL: Duration = Duration::from_secs(20);
+
+/// A process's instances, as its `commy.instances` control service lists them.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Listing {
+    pub(crate) version: u64,
+    pub(crate) host: HostId,
+    pub(crate) pid: u32,
+    pub(crate) instances: Vec<(ServiceName, InstanceId)>,
+    /// Subscriptions: (subscriber-set key, subscription id).
+    pub(crate) subscriptions: Vec<(ServiceName, InstanceId)>,
+}
+
+/// The metadata header that carries the topic of a published message.
+pub(crate) const TOPIC_HEADER: &str = "commy-topic";

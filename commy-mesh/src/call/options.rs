@@ -1,0 +1,64 @@
+//! The options of one call: timeout or deadline, metadata, transport,
+//! polling budget.
+
+use std::time::{Duration, Instant};
+
+use commy_core::{Deadline, Metadata};
+
+use crate::netconfig::TransportPreference;
+
+/// Options of one call.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct CallOptions {
+    /// Give up after this long (overrides the mesh's default timeout).
+    pub timeout: Option<Duration>,
+    /// An absolute deadline (the earlier of this and `timeout` applies).
+    pub deadline: Option<Deadline>,
+    /// Metadata sent with the request.
+    pub metadata: Metadata,
+    /// The transport this call may use (default: the mesh's).
+    pub transport: Option<TransportPreference>,
+    /// How long this caller polls for its answer before it sleeps, instead
+    /// of [`Config::call_spin`].
+    pub spin: Option<Duration>,
+    /// When the call's timeout starts counting on the calling side
+    /// (default: when it is made, read from the clock once needed): a
+    /// caller making many calls at once may read the clock once for all of
+    /// them. The service is told the timeout itself, counted from the
+    /// request's arrival.
+    pub started: Option<Instant>,
+}
+
+impl CallOptions {
+    /// Sets the timeout.
+    pub fn timeout(mut self, t: Duration) -> CallOptions {
+        self.timeout = Some(t);
+        self
+    }
+
+    /// Sets the metadata.
+    pub fn metadata(mut self, m: Metadata) -> CallOptions {
+        self.metadata = m;
+        self
+    }
+
+    /// Forces a transport for this call.
+    pub fn transport(mut self, t: TransportPreference) -> CallOptions {
+        self.transport = Some(t);
+        self
+    }
+
+    /// Sets this call's polling budget (see [`Config::call_spin`]).
+    pub fn spin(mut self, spin: Duration) -> CallOptions {
+        self.spin = Some(spin);
+        self
+    }
+
+    /// Sets when the call's timeout starts counting (see
+    /// [`started`](CallOptions::started)).
+    pub fn started_at(mut self, at: Instant) -> CallOptions {
+        self.started = Some(at);
+        self
+    }
+}

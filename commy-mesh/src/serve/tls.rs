@@ -1,0 +1,233 @@
+//! The TLS server side: one listener per process serves every service of
+//! the handle; a request names its service in the reserved metadata header
+//! `commy-service`. The router also answers the control service
+//! `commy.instances` (this process's listing, long-polled by peers) and
+//! takes messages published to this process's subscriptions
+//! (`commy.publish`).
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use commy_core::{HostId, InstanceId, Limits, Metadata, ServiceName, Status, TopicName};
+use commy_discovery::RoundRobin;
+use commy_net::{Inbound, Reply};
+use rustc_hash::FxHashMap;
+use tokio::sync::watch;
+
+use crate::pubsub::{Message, Queue};
+use crate::serve::dispatch::ServeCtx;
+use crate::serve::request::{ArrivedDeadline, Caller, RemoteCaller, Request};
+use crate::sync::lock;
+use crate::wire::{
+    INSTANCES_SERVICE, LONG_POLL, Listing, PUBLISH_SERVICE, SERVICE_HEADER, TOPIC_HEADER,
+    TOPIC_KEY_HEADER, decode_metadata, encode_metadata,
+};
+
+/// The subscriptions of one subscriber set in this process.
+pub(crate) type Subscribers = Vec<(InstanceId, Arc<Queue>)>;
+
+/// The instances of one service served in this process.
+pub(crate) type Instances = Vec<(InstanceId, Arc<ServeCtx>)>;
+
+/// The services this process serves over TLS.
+pub(crate) struct Router {
+    pub(crate) services: Mutex<FxHashMap<ServiceName, Instances>>,
+    pub(crate) version: watch::Sender<u64>,
+    pub(crate) host: HostId,
+    pub(crate) limits: Limits,
+    /// Spreads requests over the instances of a service, and messages
+    /// over the members of a queue group.
+    pub(crate) rr: RoundRobin,
+    /// Metadata sections that hold nothing but the service header, and the
+    /// service they name (most requests: no need to decode them).
+    pub(crate) plain: Mutex<FxHashMap<Bytes, ServiceName>>,
+    /// This process's subscriptions, by subscriber-set key.
+    pub(crate) topics: Mutex<FxHashMap<ServiceName, Subscribers>>,
+    /// Set when the handle closes: listing requests answer at once.
+    pub(crate) closing: watch::Sender<bool>,
+}
+
+/// At most this many entries in [`Router::plain`].
+pub(crate) const PLAIN_CACHE: usize = 1024;
+
+impl Router {
+    pub(crate) fn listing(&self) -> Listing {
+        let services = lock(&self.services);
+        Listing {
+            version: *self.version.borrow(),
+            host: self.host.clone(),
+            pid: std::process::id(),
+            instances: services
+                .iter()
+                .flat_map(|(s, v)| v.iter().map(move |(id, _)| (s.clone(), *id)))
+                .collect(),
+            subscriptions: lock(&self.topics)
+                .iter()
+                .flat_map(|(k, v)| v.iter().map(move |(id, _)| (k.clone(), *id)))
+                .collect(),
+        }
+    }
+
+    /// The service a request names and the rest of its metadata.
+    pub(crate) fn route(&self, raw: &Bytes) -> Result<(ServiceName, Metadata), Status> {
+        if let Some(name) = lock(&self.plain).get(raw) {
+            return Ok((name.clone(), Metadata::default()));
+        }
+        let mut metadata = decode_metadata(raw, &self.limits)
+            .map_err(|e| Status::invalid_argument(format!("malformed metadata: {e}")))?;
+        let Some(pos) = metadata
+            .headers
+            .iter()
+            .position(|(k, _)| k == SERVICE_HEADER)
+        else {
+            return Err(Status::invalid_argument(format!(
+                "the request names no service (no {SERVICE_HEADER} header)"
+            )));
+        };
+        let (_, name) = metadata.headers.remove(pos);
+        let name = std::str::from_utf8(&name)
+            .ok()
+            .and_then(|n| ServiceName::new(n).ok())
+            .ok_or_else(|| {
+                Status::invalid_argument("the service header is not a valid service name")
+            })?;
+        if metadata.is_empty() {
+            let mut plain = lock(&self.plain);
+            if plain.len() < PLAIN_CACHE {
+                plain.insert(raw.clone(), name.clone());
+            }
+        }
+        Ok((name, metadata))
+    }
+
+    pub(crate) async fn handle(&self, inbound: Inbound) -> Result<Reply, Status> {
+        let (name, metadata) = self.route(&inbound.metadata)?;
+        if name.as_str() == INSTANCES_SERVICE {
+            return self.list(&inbound.payload).await;
+        }
+        if name.as_str() == PUBLISH_SERVICE {
+            return self.deliver(metadata, inbound.payload);
+        }
+        let ctx = {
+            let services = lock(&self.services);
+            let instances = services
+                .get(&name)
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| {
+                    Status::not_found(format!("no instance of service '{name}' in this process"))
+                })?;
+            let i = self.rr.pick(instances.len()).unwrap_or(0);
+            instances[i].1.clone()
+        };
+        let _handling = Handling::new(ctx.clone());
+        let _permit = ctx.permits.take().await;
+        let request = Request {
+            service: ctx.service,
+            payload: inbound.payload,
+            metadata: metadata.into(),
+            deadline: ArrivedDeadline::at(inbound.deadline),
+            caller: Caller::Remote(RemoteCaller(inbound.peer)),
+        };
+        let response = ctx.handler.future(request).await?;
+        Ok(Reply {
+            metadata: Bytes::from(encode_metadata(&response.metadata)),
+            payload: response.payload,
+        })
+    }
+
+    /// Queues a message published over TLS for this process's subscribers
+    /// of its key: all of them for a topic key, one for a queue group.
+    pub(crate) fn deliver(&self, mut metadata: Metadata, payload: Bytes) -> Result<Reply, Status> {
+        let text = |name: &str| {
+            metadata
+                .header(name)
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .map(str::to_owned)
+        };
+        let topic = text(TOPIC_HEADER)
+            .and_then(|t| TopicName::new(&t).ok())
+            .ok_or_else(|| Status::invalid_argument("a publish without a valid topic header"))?;
+        let key = text(TOPIC_KEY_HEADER)
+            .and_then(|k| ServiceName::new(&k).ok())
+            .ok_or_else(|| {
+                Status::invalid_argument("a publish without a valid topic key header")
+            })?;
+        metadata
+            .headers
+            .retain(|(k, _)| k != TOPIC_HEADER && k != TOPIC_KEY_HEADER);
+        let targets: Vec<Arc<Queue>> = {
+            let topics = lock(&self.topics);
+            let members = topics.get(&key).map(Vec::as_slice).unwrap_or_default();
+            let members: Vec<&Arc<Queue>> = members
+                .iter()
+                .map(|(_, q)| q)
+                .filter(|q| q.topic() == &topic)
+                .collect();
+            if key.as_str().contains('-') {
+                // A queue group: one member.
+                self.rr
+                    .pick(members.len())
+                    .map(|i| vec![Arc::clone(members[i])])
+                    .unwrap_or_default()
+            } else {
+                members.into_iter().cloned().collect()
+            }
+        };
+        for q in targets {
+            let m = Message::new(topic.clone(), payload.clone(), metadata.clone());
+            // A full queue with the Block policy waits here, which holds
+            // back this connection's reader: backpressure, order kept.
+            if tokio::runtime::Handle::current().runtime_flavor()
+                == tokio::runtime::RuntimeFlavor::MultiThread
+            {
+                tokio::task::block_in_place(|| q.push(m));
+            } else {
+                q.push(m);
+            }
+        }
+        Ok(Reply::default())
+    }
+
+    /// Answers a listing request: at once if the caller's version is old,
+    /// else when something changes (or after the long-poll time).
+    pub(crate) async fn list(&self, payload: &[u8]) -> Result<Reply, Status> {
+        let known: u64 = postcard::from_bytes(payload).unwrap_or(u64::MAX);
+        let mut rx = self.version.subscribe();
+        let mut closing = self.closing.subscribe();
+        if *rx.borrow_and_update() == known && !*closing.borrow_and_update() {
+            // Until something changes, the process shuts down (so the
+            // drain never waits for a long poll) or the long-poll time ends.
+            tokio::select! {
+                _ = rx.changed() => {}
+                _ = closing.changed() => {}
+                _ = tokio::time::sleep(LONG_POLL) => {}
+            }
+        }
+        let body = postcard::to_allocvec(&self.listing())
+            .map_err(|e| Status::internal(format!("cannot encode the listing: {e}")))?;
+        Ok(Reply::new(body))
+    }
+}
+
+/// A request being handled, counted for draining (as on shared memory).
+pub(crate) struct Handling(Arc<ServeCtx>);
+
+impl Handling {
+    pub(crate) fn new(ctx: Arc<ServeCtx>) -> Handling {
+        ctx.in_flight.fetch_add(1, Ordering::SeqCst);
+        Handling(ctx)
+    }
+}
+
+impl Drop for Handling {
+    fn drop(&mut self) {
+        // SYNC: SeqCst as in conn.rs `handled`: either the drainer sees the
+        // count drop to zero, or we see it draining.
+        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.0.draining.load(Ordering::SeqCst)
+        {
+            self.0.drained.notify_waiters();
+        }
+    }
+}
