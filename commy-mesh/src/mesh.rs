@@ -24,10 +24,10 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
-use commy_core::{Deadline, InstanceId, MeshName, Metadata, ServiceName, Status};
+use commy_core::{InstanceId, MeshName, Metadata, ServiceName, Status};
 use commy_discovery::{Instance, LocalRegistry};
 use commy_shm::{RuntimeDir, ShmLink, UdsListener};
 
@@ -312,11 +312,7 @@ impl Mesh {
             // not allocate; a call answered within the spin completes in
             // the first poll.
             if let Some((conn, balanced)) = self.inner.services.connected(name) {
-                let due = Due::new(
-                    options.timeout.or(self.inner.config.default_timeout),
-                    options.deadline,
-                    options.started,
-                );
+                let due = self.due(&options);
                 return match conn.start_call(
                     payload,
                     &options.metadata,
@@ -349,11 +345,7 @@ impl Mesh {
                 .net_call(&service, payload, &options, CallKind::default())
                 .await;
         }
-        let due = Due::new(
-            options.timeout.or(self.inner.config.default_timeout),
-            options.deadline,
-            options.started,
-        );
+        let due = self.due(&options);
         let pool = self.inner.services.get(&service_name(name)?);
         let conn = match self.route(&pool, preference).await? {
             Route::Shm(c) => c,
@@ -529,11 +521,7 @@ impl Mesh {
             return None;
         }
         let (conn, balanced) = self.inner.services.connected(name)?;
-        let due = Due::new(
-            options.timeout.or(self.inner.config.default_timeout),
-            options.deadline,
-            options.started,
-        );
+        let due = self.due(options);
         Some((conn, balanced, due))
     }
 
@@ -667,6 +655,16 @@ impl Mesh {
         }
     }
 
+    /// When a call with `options` is due: the one place a call's timeout,
+    /// deadline and start are put together, whatever its transport.
+    fn due(&self, options: &CallOptions) -> Due {
+        Due::new(
+            options.timeout.or(self.inner.config.default_timeout),
+            options.deadline,
+            options.started,
+        )
+    }
+
     /// A call (or one-way message) through a peer over TLS.
     pub(crate) async fn net_call(
         &self,
@@ -680,15 +678,7 @@ impl Mesh {
                 "the TLS transport is not configured (no listen address or peers)",
             ));
         };
-        let timeout = options.timeout.or(self.inner.config.default_timeout);
-        let now = options.started.unwrap_or_else(Instant::now);
-        let deadline = match (
-            timeout.map(|t| Deadline::after_at(t, now)),
-            options.deadline,
-        ) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let deadline = self.due(options).absolute();
         net.peers
             .call(service, payload, &options.metadata, deadline, &[], kind)
             .await
