@@ -23,13 +23,14 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use commy_core::{InstanceId, MeshName, Metadata, ServiceName, Status};
 use commy_discovery::{Instance, LocalRegistry};
 use commy_shm::{RuntimeDir, ShmLink, UdsListener};
+use parking_lot::Mutex;
 
 use crate::accept::start_accepting;
 use crate::call::deadline::Due;
@@ -283,9 +284,7 @@ impl Mesh {
                 }
             },
         )?;
-        if let Ok(mut s) = self.inner.served.lock() {
-            s.push(served.clone());
-        }
+        self.inner.served.lock().push(served.clone());
         Ok(ServiceHandle { served })
     }
 
@@ -782,12 +781,7 @@ impl Mesh {
     /// waits for in-flight requests to finish) and drops client links.
     pub async fn close(&self) {
         self.inner.closed.store(true, Ordering::Release);
-        let served: Vec<_> = self
-            .inner
-            .served
-            .lock()
-            .map(|mut s| s.drain(..).collect())
-            .unwrap_or_default();
+        let served: Vec<_> = self.inner.served.lock().drain(..).collect();
         for s in served {
             s.deregister();
             s.drain().await;

@@ -13,12 +13,13 @@
 //! The listing also names the process's subscriptions, so publishes reach
 //! them through the reserved service `commy.publish`.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 
 use commy_core::{HostId, InstanceId, Limits, MeshName, ServiceName, TlsAddr};
 use commy_discovery::RoundRobin;
 use commy_net::{Credentials, DevCa, Identity, Inbound, LeafSpec};
+use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
 use tokio::sync::watch;
 
@@ -27,7 +28,6 @@ use crate::netconfig::{NetConfig, TransportPreference};
 use crate::pubsub::Queue;
 use crate::serve::dispatch::ServeCtx;
 use crate::serve::tls::Router;
-use crate::sync::lock;
 
 /// The network side of a mesh handle.
 pub(crate) struct NetState {
@@ -197,7 +197,9 @@ impl NetState {
         if self.endpoint.is_none() {
             return;
         }
-        lock(&self.router.services)
+        self.router
+            .services
+            .lock()
             .entry(service.clone())
             .or_default()
             .push((id, ctx));
@@ -205,7 +207,7 @@ impl NetState {
     }
 
     pub(crate) fn remove(&self, service: &ServiceName, id: InstanceId) {
-        let mut services = lock(&self.router.services);
+        let mut services = self.router.services.lock();
         if let Some(v) = services.get_mut(service) {
             v.retain(|(i, _)| *i != id);
             if v.is_empty() {
@@ -218,7 +220,9 @@ impl NetState {
 
     /// Announces a subscription to peers.
     pub(crate) fn add_subscription(&self, key: &ServiceName, id: InstanceId, queue: Arc<Queue>) {
-        lock(&self.router.topics)
+        self.router
+            .topics
+            .lock()
             .entry(key.clone())
             .or_default()
             .push((id, queue));
@@ -227,7 +231,7 @@ impl NetState {
 
     /// Withdraws a subscription.
     pub(crate) fn remove_subscription(&self, key: &ServiceName, id: InstanceId) {
-        let mut topics = lock(&self.router.topics);
+        let mut topics = self.router.topics.lock();
         if let Some(v) = topics.get_mut(key) {
             v.retain(|(i, _)| *i != id);
             if v.is_empty() {
@@ -244,7 +248,7 @@ impl NetState {
         // Peers' listing requests answer at once from now on instead of
         // holding the drain for their long-poll time.
         self.router.closing.send_replace(true);
-        let server = lock(&self.server).take();
+        let server = self.server.lock().take();
         if let Some(s) = server {
             s.shutdown().await;
         }

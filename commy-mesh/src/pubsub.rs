@@ -33,8 +33,8 @@
 //! ```
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
 
 use bytes::Bytes;
 use commy_core::{
@@ -43,6 +43,7 @@ use commy_core::{
 use commy_discovery::LocalRegistry;
 use commy_shm::link::RecvError;
 use commy_shm::{LinkConfig, RingError, ShmLink, UdsListener};
+use parking_lot::{Condvar, Mutex};
 
 use crate::accept::start_accepting;
 use crate::call::pool::Pools;
@@ -158,10 +159,7 @@ impl Queue {
 
     /// Queues a message per the policy; false once the subscription is over.
     pub(crate) fn push(&self, msg: Message) -> bool {
-        let mut st = match self.state.lock() {
-            Ok(s) => s,
-            Err(_) => return false,
-        };
+        let mut st = self.state.lock();
         loop {
             if st.closed {
                 return false;
@@ -171,10 +169,7 @@ impl Queue {
             }
             match self.policy {
                 SlowSubscriber::Block => {
-                    st = match self.space.wait(st) {
-                        Ok(s) => s,
-                        Err(_) => return false,
-                    };
+                    self.space.wait(&mut st);
                 }
                 SlowSubscriber::DropOldest => {
                     st.messages.pop_front();
@@ -203,10 +198,11 @@ impl Queue {
     }
 
     fn close(&self) {
-        let waker = self.state.lock().ok().and_then(|mut st| {
+        let waker = {
+            let mut st = self.state.lock();
             st.closed = true;
             st.waker.take()
-        });
+        };
         self.space.notify_all();
         if let Some(w) = waker {
             w.wake();
@@ -214,9 +210,7 @@ impl Queue {
     }
 
     fn poll_message(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Message>> {
-        let Ok(mut st) = self.state.lock() else {
-            return std::task::Poll::Ready(None);
-        };
+        let mut st = self.state.lock();
         if let Some(m) = st.messages.pop_front() {
             drop(st);
             self.space.notify_one();
@@ -397,16 +391,14 @@ impl GroupIndex {
                 }
             }
         }
-        if let Ok(mut g) = self.groups.lock() {
-            *g = map;
-        }
+        *self.groups.lock() = map;
     }
 
     fn groups_of(&self, key: &str) -> Vec<String> {
         self.groups
             .lock()
-            .ok()
-            .and_then(|g| g.get(key).map(|s| s.iter().cloned().collect()))
+            .get(key)
+            .map(|s| s.iter().cloned().collect())
             .unwrap_or_default()
     }
 

@@ -8,17 +8,17 @@
 //! calling it again takes no lock at all. Finding instances and
 //! connecting ([`Pools::pick`]) happen off that path.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use commy_core::{InstanceId, Limits, MeshName, ServiceName, Status};
 use commy_discovery::{Discover, Instance, PowerOfTwo};
 use commy_shm::{LinkConfig, ShmLink};
+use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
 
 use crate::call::shm::ClientConn;
-use crate::sync::lock;
 
 /// Ids of pool sets, so a thread's [`LastCalled`] never mixes them up.
 static NEXT_POOLS_ID: AtomicU64 = AtomicU64::new(1);
@@ -66,7 +66,7 @@ impl Pools {
 
     /// The pool of `service`, made (and its watch started) on first use.
     pub(crate) fn get(&self, service: &ServiceName) -> Arc<Pool> {
-        let mut pools = lock(&self.map);
+        let mut pools = self.map.lock();
         pools
             .entry(service.clone())
             .or_insert_with(|| {
@@ -85,36 +85,36 @@ impl Pools {
 
     /// The known instances of a pool (scanning once if none are known yet).
     pub(crate) fn instances_of(&self, pool: &Arc<Pool>) -> Vec<Instance> {
-        let known = lock(&pool.state).instances.clone();
+        let known = pool.state.lock().instances.clone();
         if !known.is_empty() {
             return known;
         }
         let scanned = pool.source.instances(&pool.service).unwrap_or_default();
-        lock(&pool.state).set_instances(scanned.clone());
+        pool.state.lock().set_instances(scanned.clone());
         scanned
     }
 
     /// Picks an instance (least loaded of two random choices) and returns a
     /// live link to it, connecting if needed.
     pub(crate) async fn pick(&self, pool: &Arc<Pool>) -> Result<Arc<ClientConn>, Status> {
-        let mut instances = lock(&pool.state).instances.clone();
+        let mut instances = pool.state.lock().instances.clone();
         if instances.is_empty() {
             // The watch may not have delivered its first snapshot yet.
             instances = pool.source.instances(&pool.service).map_err(|e| {
                 Status::unavailable(format!("cannot list instances of {}: {e}", pool.service))
             })?;
-            lock(&pool.state).set_instances(instances.clone());
+            pool.state.lock().set_instances(instances.clone());
         }
         let mut tried = 0;
         while !instances.is_empty() {
-            let idx = choose(pool, &instances, &lock(&pool.state).conns);
+            let idx = choose(pool, &instances, &pool.state.lock().conns);
             let inst = instances.swap_remove(idx);
             tried += 1;
             match self.connect(pool, &inst).await {
                 Ok(c) => return Ok(c),
                 Err(e) => {
                     tracing::debug!("instance {} of {} unusable: {e}", inst.id, pool.service);
-                    let mut state = lock(&pool.state);
+                    let mut state = pool.state.lock();
                     let mut left = std::mem::take(&mut state.instances);
                     left.retain(|i| i.id != inst.id);
                     state.set_instances(left);
@@ -139,13 +139,13 @@ impl Pools {
         pool: &Arc<Pool>,
         inst: &Instance,
     ) -> Result<Arc<ClientConn>, Status> {
-        if let Some(c) = lock(&pool.state).conns.get(&inst.id) {
+        if let Some(c) = pool.state.lock().conns.get(&inst.id) {
             if c.is_alive() {
                 return Ok(c.clone());
             }
         }
         let _one_at_a_time = pool.connecting.lock().await;
-        if let Some(c) = lock(&pool.state).conns.get(&inst.id) {
+        if let Some(c) = pool.state.lock().conns.get(&inst.id) {
             if c.is_alive() {
                 return Ok(c.clone());
             }
@@ -162,7 +162,7 @@ impl Pools {
             .map_err(|e| Status::internal(format!("connect task failed: {e}")))?
             .map_err(|e| Status::unavailable(format!("cannot connect to {}: {e}", inst.id)))?;
         let conn = ClientConn::start(inst.id, link, self.limits, self.call_spin);
-        lock(&pool.state).conns.insert(inst.id, conn.clone());
+        pool.state.lock().conns.insert(inst.id, conn.clone());
         Ok(conn)
     }
 
@@ -177,9 +177,9 @@ impl Pools {
         if let Some(conn) = LastCalled::get(self.id, name) {
             return Some((conn, false));
         }
-        let pools = lock(&self.map);
+        let pools = self.map.lock();
         let pool = pools.get(name)?;
-        let state = lock(&pool.state);
+        let state = pool.state.lock();
         if state.instances.is_empty() {
             return None;
         }
@@ -200,7 +200,7 @@ impl Pools {
 
     /// Drops every pool (and with them our links).
     pub(crate) fn clear(&self) {
-        lock(&self.map).clear();
+        self.map.lock().clear();
     }
 }
 
@@ -280,7 +280,7 @@ pub(crate) struct Pool {
 impl Pool {
     /// Whether the pool knows no instance (yet, or any more).
     pub(crate) fn is_empty(&self) -> bool {
-        lock(&self.state).instances.is_empty()
+        self.state.lock().instances.is_empty()
     }
 }
 
@@ -315,7 +315,7 @@ pub(crate) fn spawn_watch(runtime: &tokio::runtime::Handle, pool: &Arc<Pool>) {
         };
         while let Some(set) = std::future::poll_fn(|cx| watch.as_mut().poll_next(cx)).await {
             let Some(pool) = weak.upgrade() else { return };
-            let mut state = lock(&pool.state);
+            let mut state = pool.state.lock();
             state.set_instances(set);
             let PoolState { instances, conns } = &mut *state;
             conns.retain(|id, c| c.is_alive() && instances.iter().any(|i| i.id == *id));

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use commy_shm::link::RecvError;
 
 use crate::call::shm::{ClientConn, READER_SLICE};
-use crate::sync::{lock, try_lock};
 
 /// How long a reader that delivered callback calls' answers waits on the
 /// ring for more once none is pending, before it parks.
@@ -65,7 +64,7 @@ pub(crate) fn client_reader(conn: Weak<ClientConn>) {
                 }
                 naps = 0;
                 let check = {
-                    let mut rx = lock(&c.rx);
+                    let mut rx = c.rx.lock();
                     let now = Instant::now();
                     let until = if pending {
                         let slice = now + READER_SLICE;
@@ -145,7 +144,7 @@ pub(crate) fn stand_by(c: &ClientConn, earliest: &mut Option<Instant>) -> bool {
         }
         // Not polled for a while: receive until the driver polls again.
         // Held by a caller polling: it completes what it finds.
-        let Some(mut rx) = try_lock(&c.rx) else {
+        let Some(mut rx) = c.rx.try_lock() else {
             continue;
         };
         while !c.polled.load(Ordering::Acquire) && c.driven.load(Ordering::Acquire) {

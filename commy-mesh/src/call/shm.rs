@@ -11,7 +11,7 @@
 //! ([`AnswerDriver`](crate::embed::AnswerDriver)).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -20,13 +20,14 @@ use commy_core::{
 };
 use commy_shm::link::{LinkSender, RecvError};
 use commy_shm::{LinkReceiver, RingError, ShmLink};
+use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use crate::call::deadline::Due;
 use crate::call::reader::client_reader;
 use crate::call::table::{AnswerSink, CallTable, Callback, Done, PendingCalls, Waiter};
 use crate::response::Response;
-use crate::sync::{Counted, lock, try_lock};
+use crate::sync::Counted;
 use crate::wire::{
     Patience, check_frame, decode_metadata, encode_metadata, far_future, send_frame, send_status,
 };
@@ -231,12 +232,12 @@ impl ClientConn {
             sent.map_err(send_status)
         };
         let (id, done) = match self.rx.try_lock() {
-            Ok(mut rx) => {
+            Some(mut rx) => {
                 // We own the receive ring: our answer cannot be taken by
                 // anyone else, so it needs no registration unless we stop
                 // polling before it comes.
                 let id = {
-                    let mut tx = lock(&self.tx);
+                    let mut tx = self.tx.lock();
                     let id = tx.open_stream();
                     if let Err(status) = send(&mut tx, id, payload) {
                         return Started::Done(Err(status));
@@ -255,14 +256,14 @@ impl ClientConn {
                 self.wake_reader();
                 (id, done_rx)
             }
-            Err(_) => {
+            None => {
                 // Another caller (or the reader) owns the ring: it completes
                 // our call through the pending table. Polling callers make
                 // the reader stand back; the last one out wakes it.
                 let polling = Poller::enter(self);
                 let (done_tx, mut done_rx) = oneshot::channel();
                 let id = {
-                    let mut tx = lock(&self.tx);
+                    let mut tx = self.tx.lock();
                     let id = tx.open_stream();
                     self.register(id, Waiter::Task(done_tx));
                     if let Err(e) = send(&mut tx, id, payload) {
@@ -379,7 +380,7 @@ impl ClientConn {
     ) -> Option<CallResult> {
         let mut spin = SpinBudget::new(spin, 64);
         loop {
-            if let Ok(mut rx) = self.rx.try_lock() {
+            if let Some(mut rx) = self.rx.try_lock() {
                 self.drain(&mut rx);
             }
             match done.try_recv() {
@@ -489,7 +490,7 @@ impl ClientConn {
             other => Status::unavailable(format!("link to the instance failed: {other}")),
         };
         let waiters: Vec<_> = {
-            let mut pending = lock(&self.pending);
+            let mut pending = self.pending.lock();
             self.pending_len.store(0, Ordering::Release);
             pending.earliest = None;
             pending.calls.drain()
@@ -521,7 +522,7 @@ impl ClientConn {
             return Err(Status::unavailable("the instance is gone"));
         }
         check_frame(&self.limits, metadata, payload)?;
-        let mut tx = lock(&self.tx);
+        let mut tx = self.tx.lock();
         let id = tx.open_stream();
         send_frame(
             &mut tx.sender,
@@ -540,7 +541,7 @@ impl ClientConn {
 
     /// [`register`](ClientConn::register)s each call under one lock.
     pub(crate) fn register_all(&self, calls: impl IntoIterator<Item = (u64, Waiter)>) {
-        let mut pending = lock(&self.pending);
+        let mut pending = self.pending.lock();
         let mut sooner = false;
         for (id, waiter) in calls {
             if let Waiter::Callback(Callback {
@@ -579,7 +580,7 @@ impl ClientConn {
     /// Runs `take` on the pending table under its lock (once for any
     /// number of calls taken out), keeping `pending_len` in step.
     pub(crate) fn take_calls<R>(&self, take: impl FnOnce(&mut CallTable) -> R) -> R {
-        let mut pending = lock(&self.pending);
+        let mut pending = self.pending.lock();
         let taken = take(&mut pending.calls);
         self.pending_len
             .store(pending.calls.len(), Ordering::Release);
@@ -642,7 +643,7 @@ impl ClientConn {
         let mut unsent: Vec<(u64, Status)> = Vec::new();
         let mut sent = 0usize;
         {
-            let mut tx = lock(&self.tx);
+            let mut tx = self.tx.lock();
             let mut streams = Vec::with_capacity(calls.size_hint().0);
             for (payload, token) in calls {
                 match check_frame(&self.limits, &md, payload) {
@@ -717,7 +718,7 @@ impl ClientConn {
             balanced,
         });
         let sent = {
-            let mut tx = lock(&self.tx);
+            let mut tx = self.tx.lock();
             let id = tx.open_stream();
             self.register(id, waiter);
             let header = FrameHeader {
@@ -750,7 +751,7 @@ impl ClientConn {
     pub(crate) fn expire(&self) -> Option<Instant> {
         let now = Instant::now();
         let expired: Vec<(u64, Waiter)> = {
-            let mut pending = lock(&self.pending);
+            let mut pending = self.pending.lock();
             match pending.earliest {
                 Some(e) if e <= now => {}
                 other => return other,
@@ -788,13 +789,13 @@ impl ClientConn {
                 Err(Status::deadline_exceeded("no response before the deadline")),
             );
         }
-        lock(&self.pending).earliest
+        self.pending.lock().earliest
     }
 
     /// Tells the server to stop working on `id` (best effort).
     pub(crate) fn cancel(&self, id: u64) {
         let _ = send_frame(
-            &mut lock(&self.tx).sender,
+            &mut self.tx.lock().sender,
             FrameHeader::new(FrameKind::Cancel, StreamId(id)),
             &[],
             &[],
@@ -847,7 +848,7 @@ impl ClientConn {
         self.polled.store(true, Ordering::Release);
         // Held by a caller polling, or by the reader receiving for us: it
         // completes the calls it finds; we look again next time.
-        let Some(mut rx) = try_lock(&self.rx) else {
+        let Some(mut rx) = self.rx.try_lock() else {
             return (AnswerDrive::More, 0);
         };
         // The answers found are matched with their calls under one lock of
@@ -858,7 +859,7 @@ impl ClientConn {
         let mut outcome = AnswerDrive::More;
         let mut taken = 0;
         {
-            let mut pending = lock(&self.pending);
+            let mut pending = self.pending.lock();
             while taken < max {
                 let msg = match rx.try_recv() {
                     Ok(Some(msg)) => msg,
@@ -920,7 +921,7 @@ impl ClientConn {
     /// Whether answers wait in the ring (true while another thread holds
     /// it: that one may be receiving).
     pub(crate) fn has_answers(&self) -> bool {
-        try_lock(&self.rx).is_none_or(|rx| rx.has_data())
+        self.rx.try_lock().is_none_or(|rx| rx.has_data())
     }
 }
 

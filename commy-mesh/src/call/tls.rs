@@ -5,8 +5,8 @@
 //! last listing survives a peer outage, so calls to a dead peer fail with
 //! `UNAVAILABLE`, not `NOT_FOUND`.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,11 +14,11 @@ use commy_core::{
     Deadline, Endpoint, InstanceId, Limits, Metadata, ServiceName, Status, TlsAddr, TopicName,
 };
 use commy_discovery::{Instance, PowerOfTwo, RoundRobin};
+use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
 use tokio::sync::watch;
 
 use crate::response::Response;
-use crate::sync::lock;
 use crate::wire::{
     INSTANCES_SERVICE, LONG_POLL, Listing, PUBLISH_SERVICE, SERVICE_HEADER, TOPIC_HEADER,
     TOPIC_KEY_HEADER, decode_metadata,
@@ -96,7 +96,7 @@ impl Peers {
         let mut plain: Vec<(Arc<PeerState>, usize)> = Vec::new();
         let mut groups: Vec<(String, Vec<Arc<PeerState>>)> = Vec::new();
         for p in &self.peers {
-            let listing = lock(&p.listing);
+            let listing = p.listing.lock();
             let Some(l) = listing.as_ref() else { continue };
             let n = l
                 .subscriptions
@@ -169,7 +169,7 @@ impl Peers {
     pub(crate) fn remote_instances(&self) -> Vec<Instance> {
         let mut out = Vec::new();
         for p in &self.peers {
-            if let Some(l) = &*lock(&p.listing) {
+            if let Some(l) = &*p.listing.lock() {
                 for (service, id) in &l.instances {
                     out.push(Instance::new(
                         service.clone(),
@@ -202,7 +202,7 @@ impl Peers {
 
     /// Whether peer `p` serves `service` (other than the `exclude`d instances).
     pub(crate) fn serves(p: &PeerState, service: &ServiceName, exclude: &[InstanceId]) -> bool {
-        lock(&p.listing).as_ref().is_some_and(|l| {
+        p.listing.lock().as_ref().is_some_and(|l| {
             l.instances
                 .iter()
                 .any(|(s, id)| s == service && !exclude.contains(id))
@@ -227,7 +227,7 @@ impl Peers {
     /// done before, found nothing, and peers serve the service.
     pub(crate) fn go_remote(&self, service: &ServiceName, local_empty: bool) -> bool {
         local_empty
-            && lock(&self.known).contains_key(service)
+            && self.known.lock().contains_key(service)
             && self.pick_peer(service, &[]).is_some()
     }
 
@@ -244,7 +244,7 @@ impl Peers {
         kind: CallKind,
     ) -> Result<Response, Status> {
         let plain_md = {
-            let mut known = lock(&self.known);
+            let mut known = self.known.lock();
             match known.get(service) {
                 Some(md) => md.clone(),
                 None => {
@@ -345,7 +345,7 @@ pub(crate) async fn watch_peer(peer: std::sync::Weak<PeerState>, closed: Arc<Ato
         if closed.load(Ordering::Acquire) {
             return;
         }
-        let known = lock(&p.listing).as_ref().map_or(u64::MAX, |l| l.version);
+        let known = p.listing.lock().as_ref().map_or(u64::MAX, |l| l.version);
         let client = p.client.clone();
         drop(p);
         let body = Bytes::from(postcard::to_allocvec(&known).unwrap_or_default());
@@ -360,7 +360,7 @@ pub(crate) async fn watch_peer(peer: std::sync::Weak<PeerState>, closed: Arc<Ato
         let failed = match answer {
             Ok(reply) => match postcard::from_bytes::<Listing>(&reply.payload) {
                 Ok(listing) => {
-                    *lock(&p.listing) = Some(listing);
+                    *p.listing.lock() = Some(listing);
                     backoff.reset();
                     false
                 }

@@ -3,14 +3,14 @@
 //! turn of the embedder's event loop, and an [`AnswerSink`] takes the
 //! answers of token calls found elsewhere.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use commy_core::Status;
+use parking_lot::Mutex;
 
 use crate::call::shm::{AnswerDrive, ClientConn, Local};
-use crate::sync::lock;
 
 pub use crate::call::table::AnswerSink;
 
@@ -97,7 +97,7 @@ impl Claims {
         if lone || !conn.claim() {
             return;
         }
-        let mut list = lock(&self.list);
+        let mut list = self.list.lock();
         if list.closed {
             drop(list);
             conn.hand_back();
@@ -169,7 +169,7 @@ impl AnswerDriver {
             });
         }
         if self.claims.any.load(Ordering::Acquire) {
-            let mut list = lock(&self.claims.list);
+            let mut list = self.claims.list.lock();
             self.claims.any.store(false, Ordering::Relaxed);
             self.busy.append(&mut list.conns);
         }
@@ -222,7 +222,7 @@ impl AnswerDriver {
     /// callback calls are answered on the readers' threads.
     pub fn close(&mut self) {
         {
-            let mut list = lock(&self.claims.list);
+            let mut list = self.claims.list.lock();
             list.closed = true;
             self.claims.any.store(false, Ordering::Relaxed);
             self.busy.append(&mut list.conns);

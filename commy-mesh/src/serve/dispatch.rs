@@ -5,16 +5,16 @@
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use commy_core::{Limits, Status};
+use parking_lot::Mutex;
 
 use crate::response::Response;
 use crate::serve::handler::{Handler, HandlerFuture};
 use crate::serve::permits::Permits;
-use crate::sync::lock;
 
 /// Per-service state a server connection needs.
 pub(crate) struct ServeCtx {
@@ -44,7 +44,9 @@ impl ServeCtx {
         // link's flag in `InlineBusy::drop`, made after a waiting handler
         // was counted in `in_flight`: a cleared flag means its handler is
         // done or counted, so `in_flight` is read after the flags.
-        let inline = lock(&self.links)
+        let inline = self
+            .links
+            .lock()
             .iter()
             .any(|busy| busy.load(Ordering::Acquire));
         !inline && self.in_flight.load(Ordering::SeqCst) == 0

@@ -2,17 +2,17 @@
 //! requests: answers written into the ring from whichever thread answers,
 //! and the requests not answered inline (a Cancel frame stops them).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use commy_core::{Code, FrameHeader, FrameKind, Limits, Status, StreamId};
 use commy_shm::link::LinkSender;
+use parking_lot::Mutex;
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::response::Response;
 use crate::serve::dispatch::{ServeCtx, handled_n};
 use crate::serve::request::Caller;
 use crate::serve::responder::Shared;
-use crate::sync::lock;
 use crate::wire::{Patience, check_frame, encode_metadata, send_frame};
 
 /// What one served link's requests share with it, in one allocation (a
@@ -91,7 +91,7 @@ impl LinkAnswer {
     /// Whether the caller still waits: takes the request out of the
     /// link's running ones.
     pub(crate) fn wanted(&self) -> bool {
-        lock(&self.link.running).remove(&self.id.0).is_some()
+        self.link.running.lock().remove(&self.id.0).is_some()
     }
 }
 
@@ -120,7 +120,7 @@ pub(crate) fn send_answer(
     id: StreamId,
     answer: Result<(&[u8], &[u8]), Status>,
 ) {
-    let Ok(mut tx) = tx.lock() else { return };
+    let mut tx = tx.lock();
     send_answer_locked(&mut tx, limits, id, answer);
 }
 

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use commy_core::{Status, StreamId};
 
 use crate::serve::link::{LinkShared, send_answer_locked};
-use crate::sync::lock;
 
 /// A request taken out of a driven link by
 /// [`DrivenLink::poll_requests`], for its poller to answer once, now or
@@ -73,7 +72,7 @@ impl PolledRequest {
             // the registrations are not held while the answers are sent).
             let mut n = 0;
             {
-                let mut polled = lock(&link.polled);
+                let mut polled = link.polled.lock();
                 for (id, _, flag) in &mut group {
                     let one_way = *flag;
                     *flag = !one_way && polled.remove(&id.0);
@@ -83,7 +82,7 @@ impl PolledRequest {
                 }
             }
             {
-                let mut tx = lock(&link.tx);
+                let mut tx = link.tx.lock();
                 for (id, answer, send) in group.drain(..) {
                     if send {
                         let answer = answer.map(|p| (&[][..], p));

@@ -15,11 +15,12 @@
 //! # let _ = greet;
 //! ```
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use commy_core::{Deadline, Metadata, NO_DEADLINE, ServiceName};
+use parking_lot::Mutex;
 
 use crate::response::SomeMetadata;
 
@@ -109,7 +110,7 @@ impl RemoteCaller {
 /// distinct name the process serves (never freed: a handful of names).
 pub(crate) fn interned(name: &ServiceName) -> &'static ServiceName {
     static NAMES: Mutex<Vec<&'static ServiceName>> = Mutex::new(Vec::new());
-    let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
+    let mut names = NAMES.lock();
     if let Some(known) = names.iter().find(|n| **n == name) {
         return known;
     }

@@ -3,11 +3,12 @@
 //! request first, the answer or the caller giving up, releases what it
 //! holds).
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use commy_core::Status;
+use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use crate::response::Response;
@@ -82,7 +83,7 @@ impl Shared {
     /// unless it was answered already.
     pub(crate) fn cancel(&self) {
         if let Some(state) = self.settle(CANCELLED) {
-            let hooks = std::mem::take(&mut *crate::sync::lock(&self.hooks));
+            let hooks = std::mem::take(&mut *self.hooks.lock());
             self.release(state);
             for hook in hooks {
                 hook();
@@ -233,7 +234,7 @@ impl Responder {
     /// link's thread, or a runtime thread); at once if it already has. Never
     /// called once the request is answered.
     pub fn on_cancel(&self, hook: impl FnOnce() + Send + 'static) {
-        let mut hooks = crate::sync::lock(&self.shared.hooks);
+        let mut hooks = self.shared.hooks.lock();
         // Read under the lock `Shared::cancel` takes to run the hooks: a
         // hook added after that ran is run here instead.
         match self.shared.state.load(Ordering::Acquire) & OUTCOME {

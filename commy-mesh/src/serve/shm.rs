@@ -5,14 +5,15 @@
 //! permits).
 
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Waker};
 
 use bytes::Bytes;
 use commy_core::{FrameHeader, FrameKind, FrameRef, Status};
 use commy_shm::link::{LinkSender, RecvError};
 use commy_shm::{RingError, ShmLink};
+use parking_lot::Mutex;
 
 use crate::serve::dispatch::{
     CatchPanic, InlineBusy, OwnedHandling, ServeCtx, handling, handling_n, panicked,
@@ -23,7 +24,6 @@ use crate::serve::permits::Permit;
 use crate::serve::polled::{POLLED_PERMITS, PolledRequest};
 use crate::serve::request::{ArrivedDeadline, Caller, Request};
 use crate::serve::responder::{Responder, Sink};
-use crate::sync::lock;
 use crate::wire::{Patience, decode_metadata, send_frame};
 
 /// Serves one accepted link until it closes (runs on its own thread).
@@ -65,7 +65,7 @@ pub(crate) struct LinkServer {
 impl LinkServer {
     pub(crate) fn new(tx: LinkSender, ctx: Arc<ServeCtx>, caller: Caller) -> LinkServer {
         let busy = Arc::new(AtomicBool::new(false));
-        lock(&ctx.links).push(busy.clone());
+        ctx.links.lock().push(busy.clone());
         LinkServer {
             handler: LinkHandler::new(&ctx.handler),
             link: Arc::new(LinkShared {
@@ -146,17 +146,17 @@ impl LinkServer {
             }
             FrameKind::Cancel => {
                 drop(msg);
-                let cancelled = lock(running).remove(&h.stream_id.0);
+                let cancelled = running.lock().remove(&h.stream_id.0);
                 if let Some(p) = cancelled {
                     p.cancel();
-                } else if lock(&shared.polled).remove(&h.stream_id.0) {
+                } else if shared.polled.lock().remove(&h.stream_id.0) {
                     shared.release_polled(1);
                 }
             }
             FrameKind::Ping => {
                 drop(msg);
                 let _ = send_frame(
-                    &mut lock(tx),
+                    &mut tx.lock(),
                     FrameHeader::new(FrameKind::Pong, h.stream_id),
                     &[],
                     &[],
@@ -219,7 +219,7 @@ impl LinkServer {
             }
             return true;
         }
-        if !one_way && !lock(&self.link.polled).insert(h.stream_id.0) {
+        if !one_way && !self.link.polled.lock().insert(h.stream_id.0) {
             // The request in progress keeps the stream (and gets the one
             // answer it may get).
             tracing::warn!(
@@ -241,11 +241,11 @@ impl LinkServer {
 
     /// Stops the work of requests still running (their client is gone).
     pub(crate) fn stop_running(&self) {
-        let left: Vec<_> = lock(&self.link.running).drain().map(|(_, p)| p).collect();
+        let left: Vec<_> = self.link.running.lock().drain().map(|(_, p)| p).collect();
         for p in left {
             p.cancel();
         }
-        let polled = std::mem::take(&mut *lock(&self.link.polled));
+        let polled = std::mem::take(&mut *self.link.polled.lock());
         self.link.release_polled(polled.len());
     }
 }
@@ -253,7 +253,10 @@ impl LinkServer {
 impl Drop for LinkServer {
     fn drop(&mut self) {
         self.stop_running();
-        lock(&self.ctx.links).retain(|b| !Arc::ptr_eq(b, &self.busy));
+        self.ctx
+            .links
+            .lock()
+            .retain(|b| !Arc::ptr_eq(b, &self.busy));
     }
 }
 
@@ -331,7 +334,7 @@ pub(crate) fn handle(
     let deadline = deadline.get();
     let permit = ctx.permits.try_take();
     if !oneway {
-        lock(running).insert(id.0, Pending::Task(None));
+        running.lock().insert(id.0, Pending::Task(None));
     }
     let work = {
         let (ctx, shared) = (ctx.clone(), shared.clone());
@@ -354,14 +357,14 @@ pub(crate) fn handle(
             }
             .unwrap_or_else(|| Err(panicked(ctx.service)));
             // Removed already if the caller cancelled: nobody waits then.
-            if !oneway && lock(&shared.running).remove(&id.0).is_some() {
+            if !oneway && shared.running.lock().remove(&id.0).is_some() {
                 reply(&shared.tx, &ctx.limits, id, result);
             }
         }
     };
     let task = ctx.runtime.spawn(work);
     if !oneway {
-        if let Some(slot) = lock(running).get_mut(&id.0) {
+        if let Some(slot) = running.lock().get_mut(&id.0) {
             *slot = Pending::Task(Some(task.abort_handle()));
         }
     }
@@ -399,7 +402,10 @@ pub(crate) fn handle_deferred(
     let waits = !permit;
     let responder = Responder::new(sink, Some(ctx.clone()), permit);
     if h.kind != FrameKind::OneWay {
-        lock(&shared.running).insert(h.stream_id.0, Pending::Deferred(responder.shared().clone()));
+        shared
+            .running
+            .lock()
+            .insert(h.stream_id.0, Pending::Deferred(responder.shared().clone()));
     }
     if !waits {
         call_deferred(handler, request, responder, ctx.service);

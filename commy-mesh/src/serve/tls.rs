@@ -5,20 +5,20 @@
 //! takes messages published to this process's subscriptions
 //! (`commy.publish`).
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use commy_core::{HostId, InstanceId, Limits, Metadata, ServiceName, Status, TopicName};
 use commy_discovery::RoundRobin;
 use commy_net::{Inbound, Reply};
+use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
 use tokio::sync::watch;
 
 use crate::pubsub::{Message, Queue};
 use crate::serve::dispatch::ServeCtx;
 use crate::serve::request::{ArrivedDeadline, Caller, RemoteCaller, Request};
-use crate::sync::lock;
 use crate::wire::{
     INSTANCES_SERVICE, LONG_POLL, Listing, PUBLISH_SERVICE, SERVICE_HEADER, TOPIC_HEADER,
     TOPIC_KEY_HEADER, decode_metadata, encode_metadata,
@@ -53,7 +53,7 @@ pub(crate) const PLAIN_CACHE: usize = 1024;
 
 impl Router {
     pub(crate) fn listing(&self) -> Listing {
-        let services = lock(&self.services);
+        let services = self.services.lock();
         Listing {
             version: *self.version.borrow(),
             host: self.host.clone(),
@@ -62,7 +62,9 @@ impl Router {
                 .iter()
                 .flat_map(|(s, v)| v.iter().map(move |(id, _)| (s.clone(), *id)))
                 .collect(),
-            subscriptions: lock(&self.topics)
+            subscriptions: self
+                .topics
+                .lock()
                 .iter()
                 .flat_map(|(k, v)| v.iter().map(move |(id, _)| (k.clone(), *id)))
                 .collect(),
@@ -71,7 +73,7 @@ impl Router {
 
     /// The service a request names and the rest of its metadata.
     pub(crate) fn route(&self, raw: &Bytes) -> Result<(ServiceName, Metadata), Status> {
-        if let Some(name) = lock(&self.plain).get(raw) {
+        if let Some(name) = self.plain.lock().get(raw) {
             return Ok((name.clone(), Metadata::default()));
         }
         let mut metadata = decode_metadata(raw, &self.limits)
@@ -93,7 +95,7 @@ impl Router {
                 Status::invalid_argument("the service header is not a valid service name")
             })?;
         if metadata.is_empty() {
-            let mut plain = lock(&self.plain);
+            let mut plain = self.plain.lock();
             if plain.len() < PLAIN_CACHE {
                 plain.insert(raw.clone(), name.clone());
             }
@@ -110,7 +112,7 @@ impl Router {
             return self.deliver(metadata, inbound.payload);
         }
         let ctx = {
-            let services = lock(&self.services);
+            let services = self.services.lock();
             let instances = services
                 .get(&name)
                 .filter(|v| !v.is_empty())
@@ -157,7 +159,7 @@ impl Router {
             .headers
             .retain(|(k, _)| k != TOPIC_HEADER && k != TOPIC_KEY_HEADER);
         let targets: Vec<Arc<Queue>> = {
-            let topics = lock(&self.topics);
+            let topics = self.topics.lock();
             let members = topics.get(&key).map(Vec::as_slice).unwrap_or_default();
             let members: Vec<&Arc<Queue>> = members
                 .iter()
