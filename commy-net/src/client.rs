@@ -13,12 +13,13 @@
 //! A GOAWAY from the server lets calls in flight finish while new calls
 //! open a new connection.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
 use commy_core::{Deadline, FrameHeader, FrameKind, Status, StreamId};
+use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
@@ -129,7 +130,9 @@ impl Client {
 
     /// Whether a connection is up right now.
     pub fn is_connected(&self) -> bool {
-        lock(&self.inner.state)
+        self.inner
+            .state
+            .lock()
             .session
             .as_ref()
             .is_some_and(|s| s.usable())
@@ -137,7 +140,9 @@ impl Client {
 
     /// The server's identity (from its certificate), once connected.
     pub fn server_identity(&self) -> Option<Identity> {
-        lock(&self.inner.state)
+        self.inner
+            .state
+            .lock()
             .session
             .as_ref()
             .and_then(|s| s.identity.clone())
@@ -173,7 +178,7 @@ impl Client {
 
     /// Closes the connection (calls in flight fail; the next call reconnects).
     pub fn disconnect(&self) {
-        if let Some(s) = lock(&self.inner.state).session.take() {
+        if let Some(s) = self.inner.state.lock().session.take() {
             s.close();
         }
     }
@@ -187,7 +192,7 @@ impl Client {
             return Ok(s);
         }
         {
-            let st = lock(&self.inner.state);
+            let st = self.inner.state.lock();
             if let Some(at) = st.retry_at {
                 let now = Instant::now();
                 if now < at {
@@ -209,7 +214,7 @@ impl Client {
             Ok(r) => r,
             Err(_) => Err(format!("no connection within {timeout:?}")),
         };
-        let mut st = lock(&self.inner.state);
+        let mut st = self.inner.state.lock();
         match result {
             Ok(session) => {
                 st.backoff.reset();
@@ -235,7 +240,7 @@ impl Client {
     }
 
     fn current(&self) -> Option<Arc<Session>> {
-        let st = lock(&self.inner.state);
+        let st = self.inner.state.lock();
         st.session.as_ref().filter(|s| s.usable()).cloned()
     }
 
@@ -265,10 +270,6 @@ impl Client {
             inner.target.clone(),
         ))
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 type Pending = FxHashMap<u64, oneshot::Sender<Result<Reply, Status>>>;
@@ -368,7 +369,9 @@ impl Session {
     }
 
     fn lost(&self) -> Status {
-        let reason = lock(&self.pending)
+        let reason = self
+            .pending
+            .lock()
             .closed_reason
             .clone()
             .unwrap_or_else(|| "connection closed".into());
@@ -385,7 +388,7 @@ impl Session {
         let id = self.next_id.fetch_add(2, Ordering::Relaxed);
         let (done_tx, done_rx) = oneshot::channel();
         {
-            let mut p = lock(&self.pending);
+            let mut p = self.pending.lock();
             if p.closed_reason.is_some() {
                 drop(p);
                 return Err(self.lost());
@@ -444,7 +447,7 @@ impl Session {
     /// Refuses new calls (they fail with `reason`) but leaves the ones in
     /// flight waiting. Returns whether any call is still in flight.
     fn stop_new_calls(&self, reason: &str) -> bool {
-        let mut p = lock(&self.pending);
+        let mut p = self.pending.lock();
         self.closed.store(true, Ordering::Release);
         if p.closed_reason.is_none() {
             p.closed_reason = Some(reason.to_string());
@@ -455,7 +458,7 @@ impl Session {
     /// Fails every pending call and refuses new ones.
     fn fail_all(&self, reason: String) {
         let calls = {
-            let mut p = lock(&self.pending);
+            let mut p = self.pending.lock();
             self.closed.store(true, Ordering::Release);
             if p.closed_reason.is_none() {
                 p.closed_reason = Some(reason.clone());
@@ -493,7 +496,7 @@ struct CallGuard<'a> {
 
 impl Drop for CallGuard<'_> {
     fn drop(&mut self) {
-        let was_pending = lock(&self.session.pending).calls.remove(&self.id).is_some();
+        let was_pending = self.session.pending.lock().calls.remove(&self.id).is_some();
         if was_pending {
             let _ = self.session.ctrl.send(Out::frame(
                 FrameKind::Cancel,
@@ -559,7 +562,7 @@ async fn read_loop(
                 let id = h.stream_id.0;
                 match h.kind {
                     FrameKind::Response | FrameKind::Error if id != 0 => {
-                        let waiter = lock(&s.pending).calls.remove(&id);
+                        let waiter = s.pending.lock().calls.remove(&id);
                         if let Some(w) = waiter {
                             let result = if h.kind == FrameKind::Response {
                                 Ok(Reply { metadata, payload })
@@ -586,14 +589,14 @@ async fn read_loop(
                         // Streams the server will not handle fail now; the
                         // rest finish here.
                         let refused: Vec<_> = {
-                            let mut p = lock(&s.pending);
+                            let mut p = s.pending.lock();
                             let ids: Vec<u64> = p.calls.keys().copied().filter(|k| *k > id).collect();
                             ids.into_iter().filter_map(|k| p.calls.remove(&k)).collect()
                         };
                         for w in refused {
                             let _ = w.send(Err(Status::unavailable("the server is shutting down and did not take the call")));
                         }
-                        if lock(&s.pending).calls.is_empty() {
+                        if s.pending.lock().calls.is_empty() {
                             let _ = ctrl.send(Out::Close);
                             break "the server went away (GOAWAY)".to_string();
                         }
@@ -605,18 +608,18 @@ async fn read_loop(
                     other => tracing::debug!("{}: ignoring an unexpected {other} frame", s.target),
                 }
                 if let Some(why) = &write_failure
-                    && lock(&s.pending).calls.is_empty()
+                    && s.pending.lock().calls.is_empty()
                 {
                     break why.clone();
                 }
-                if s.going_away.load(Ordering::Acquire) && lock(&s.pending).calls.is_empty() {
+                if s.going_away.load(Ordering::Acquire) && s.pending.lock().calls.is_empty() {
                     let _ = ctrl.send(Out::Close);
                     break "the server went away (GOAWAY)".to_string();
                 }
             }
             _ = tick.tick() => {
                 if let Some(why) = &write_failure
-                    && session.upgrade().is_none_or(|s| lock(&s.pending).calls.is_empty())
+                    && session.upgrade().is_none_or(|s| s.pending.lock().calls.is_empty())
                 {
                     break why.clone();
                 }

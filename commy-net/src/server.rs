@@ -33,11 +33,12 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use commy_core::{Deadline, Frame, FrameKind, Status};
+use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc, watch};
@@ -359,21 +360,21 @@ async fn serve_conn(
             }
             _ = stop.changed(), if !draining => {
                 draining = true;
-                let last = lock(&conn.state).last_stream;
+                let last = conn.state.lock().last_stream;
                 let _ = conn.ctrl.send(Out::frame(FrameKind::GoAway, last, Bytes::new(), Bytes::new()));
-                if lock(&conn.state).window.in_flight() == 0 {
+                if conn.state.lock().window.in_flight() == 0 {
                     break;
                 }
             }
             _ = conn.drained.notified(), if draining => {
-                if lock(&conn.state).window.in_flight() == 0 {
+                if conn.state.lock().window.in_flight() == 0 {
                     break;
                 }
             }
         }
     }
     // Work nobody waits for any more is stopped (after a drain there is none).
-    let running: Vec<_> = lock(&conn.state).running.drain().collect();
+    let running: Vec<_> = conn.state.lock().running.drain().collect();
     for (_, task) in running {
         if let Some(task) = task {
             task.abort();
@@ -399,10 +400,6 @@ async fn serve_conn(
         WriterEnd::Failed(e) => tracing::debug!("connection from {addr}: write failed: {e}"),
         WriterEnd::Closed => {}
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 struct ConnState {
@@ -431,7 +428,7 @@ impl Conn {
             FrameKind::Request | FrameKind::OneWay => {
                 ctx.stats.request();
                 {
-                    let mut st = lock(&self.state);
+                    let mut st = self.state.lock();
                     if let Err(e) = st.window.open() {
                         drop(st);
                         tracing::warn!("closing {}: {e}", self.peer.addr);
@@ -462,7 +459,7 @@ impl Conn {
                     .await;
             }
             FrameKind::Cancel => {
-                let task = lock(&self.state).running.remove(&id);
+                let task = self.state.lock().running.remove(&id);
                 if let Some(Some(task)) = task {
                     task.abort();
                 }
@@ -512,7 +509,7 @@ impl Conn {
         }
         let id = stream.id;
         if !oneway {
-            lock(&self.state).running.insert(id, None);
+            self.state.lock().running.insert(id, None);
         }
         let conn = self.clone();
         let task = tokio::spawn(async move {
@@ -527,12 +524,12 @@ impl Conn {
                     }),
                 None => fut.await,
             };
-            if !oneway && lock(&conn.state).running.remove(&id).is_some() {
+            if !oneway && conn.state.lock().running.remove(&id).is_some() {
                 conn.reply(id, result).await;
             }
         });
         if !oneway {
-            if let Some(slot) = lock(&self.state).running.get_mut(&id) {
+            if let Some(slot) = self.state.lock().running.get_mut(&id) {
                 *slot = Some(task.abort_handle());
             }
         }
@@ -576,7 +573,7 @@ struct Stream {
 
 impl Drop for Stream {
     fn drop(&mut self) {
-        let mut st = lock(&self.conn.state);
+        let mut st = self.conn.state.lock();
         let grant = st.window.complete();
         let idle = st.window.in_flight() == 0;
         drop(st);
