@@ -20,7 +20,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use commy_ffi::{FfiError, LocalTask, Reply};
+use commy_ffi::{FfiCaller, FfiError, LocalTask, Reply};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 
@@ -49,6 +49,7 @@ enum Event {
         handler: Arc<Py<PyAny>>,
         payload: Bytes,
         reply: Reply,
+        caller: FfiCaller,
         service: Arc<str>,
     },
     /// Call `callback()` (a handler's caller gave up).
@@ -186,9 +187,10 @@ impl RawQueue {
                     handler,
                     payload,
                     reply,
+                    caller,
                     service,
                 } => {
-                    let raw = Py::new(py, RawReply::new(reply, service.to_string()))?;
+                    let raw = Py::new(py, RawReply::new(reply, service.to_string(), caller))?;
                     PyTuple::new(
                         py,
                         [
@@ -264,18 +266,20 @@ where
     Ok(task)
 }
 
-/// Queues a request for `handler` (from a link thread).
+/// Queues a request for `handler` from `caller` (from a link thread).
 pub(crate) fn request(
     queue: &Queue,
     handler: &Arc<Py<PyAny>>,
     payload: Bytes,
     reply: Reply,
+    caller: FfiCaller,
     service: &Arc<str>,
 ) {
     queue.push(Event::Request {
         handler: handler.clone(),
         payload,
         reply,
+        caller,
         service: service.clone(),
     });
 }

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod aio;
+mod caller;
 mod convert;
 mod errors;
 mod mesh;
@@ -22,6 +23,8 @@ use pyo3::prelude::*;
 mod _commy {
     #[pymodule_export]
     use crate::aio::RawQueue;
+    #[pymodule_export]
+    use crate::caller::{Caller, HandlerContext};
     #[pymodule_export]
     use crate::mesh::{RawMesh, RawReply, RawService, RawTask};
     #[pymodule_export]

@@ -4,11 +4,14 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use commy_ffi::{FfiError, FfiMesh, FfiService, LocalTask, MeshOptions, OpenPolicy, Reply};
+use commy_ffi::{
+    FfiCaller, FfiError, FfiMesh, FfiService, LocalTask, MeshOptions, OpenPolicy, Reply,
+};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use crate::aio::{self, Outcome, RawQueue};
+use crate::caller::HandlerContext;
 use crate::convert::{payload, seconds, wait, with_python};
 use crate::errors;
 use crate::region::RawRegion;
@@ -150,17 +153,30 @@ impl RawMesh {
     }
 
     /// Serves `service` with `handler(data: bytes) -> bytes-like`, called on
-    /// the link's thread. A `commy.CommyError` it raises answers with its
-    /// code; any other exception answers INTERNAL (traceback printed here).
-    fn serve(&self, py: Python<'_>, service: &str, handler: Py<PyAny>) -> PyResult<RawService> {
+    /// the link's thread; with `context`, `handler(data, HandlerContext)`.
+    /// A `commy.CommyError` it raises answers with its code; any other
+    /// exception answers INTERNAL (traceback printed here).
+    #[pyo3(signature = (service, handler, context=false))]
+    fn serve(
+        &self,
+        py: Python<'_>,
+        service: &str,
+        handler: Py<PyAny>,
+        context: bool,
+    ) -> PyResult<RawService> {
         let name = service.to_owned();
         let served = py.detach(|| {
             self.mesh.serve(service, move |req, reply| {
                 let answered = with_python(|py| {
                     let arg = PyBytes::new(py, req.payload());
-                    let answer = handler
-                        .call1(py, (arg,))
-                        .and_then(|v| payload(v.bind(py), "the handler's return value"));
+                    let called = if context {
+                        Py::new(py, HandlerContext::new(req.caller().clone()))
+                            .and_then(|ctx| handler.call1(py, (arg, ctx)))
+                    } else {
+                        handler.call1(py, (arg,))
+                    };
+                    let answer =
+                        called.and_then(|v| payload(v.bind(py), "the handler's return value"));
                     match answer {
                         Ok(b) => reply.ok(b),
                         Err(e) => reply.error(errors::from_py(py, &e, &name)),
@@ -190,7 +206,8 @@ impl RawMesh {
         let queue = queue.queue.clone();
         let served = py.detach(|| {
             self.mesh.serve(service, move |req, reply| {
-                aio::request(&queue, &handler, req.into_payload(), reply, &name);
+                let caller = req.caller().clone();
+                aio::request(&queue, &handler, req.into_payload(), reply, caller, &name);
             })
         });
         served
@@ -305,21 +322,32 @@ impl RawService {
     }
 }
 
-/// How a `serve_reply` callback answers: once, now or later, any thread.
+/// How a `serve_queued` handler answers: once, now or later, any thread.
 #[pyclass(frozen, module = "commy._commy")]
 pub(crate) struct RawReply {
     reply: Reply,
     service: String,
+    caller: FfiCaller,
 }
 
 impl RawReply {
-    pub(crate) fn new(reply: Reply, service: String) -> RawReply {
-        RawReply { reply, service }
+    pub(crate) fn new(reply: Reply, service: String, caller: FfiCaller) -> RawReply {
+        RawReply {
+            reply,
+            service,
+            caller,
+        }
     }
 }
 
 #[pymethods]
 impl RawReply {
+    /// The request's `HandlerContext` (a new one each time).
+    #[getter]
+    fn context(&self) -> HandlerContext {
+        HandlerContext::new(self.caller.clone())
+    }
+
     /// Answers with `data`; False if already answered or the caller gave up.
     fn ok(&self, data: &Bound<'_, PyAny>) -> PyResult<bool> {
         match payload(data, "the handler's return value") {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any, Awaitable, Callable, List
 
@@ -215,5 +216,29 @@ def test_sequential_awaits_with_either_spin_setting(runtime_dir: str) -> None:
                 for _ in range(50):
                     b = await mesh.call("inc", b, timeout=LONG)
                 assert b == b"\x32"
+
+    run(main)
+
+
+def test_async_and_plain_handlers_with_a_context_see_their_caller(runtime_dir: str) -> None:
+    async def main() -> None:
+        async with commy.AsyncMesh() as mesh:
+
+            def who(context: commy.HandlerContext) -> bytes:
+                c = context.caller
+                return b"%s %r %r %r" % (c.kind.encode(), c.uid, c.gid, c.pid)
+
+            @mesh.service("whoami-async")
+            async def whoami_async(data: bytes, context: commy.HandlerContext) -> bytes:
+                await asyncio.sleep(0)
+                return who(context)
+
+            @mesh.service("whoami-plain")
+            def whoami_plain(data: bytes, context: commy.HandlerContext) -> bytes:
+                return who(context)
+
+            me = b"local %d %d %d" % (os.geteuid(), os.getegid(), os.getpid())
+            assert await mesh.call("whoami-async", b"", timeout=LONG) == me
+            assert await mesh.call("whoami-plain", b"", timeout=LONG) == me
 
     run(main)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from typing import List
 
@@ -57,6 +58,12 @@ def test_a_python_client_of_the_rust_echo_server(mesh: commy.Mesh, children: Lis
 def test_a_python_service_called_by_the_rust_cli(mesh: commy.Mesh) -> None:
     mesh.serve("py-upper", lambda d: d.upper())
 
+    def whoami(data: bytes, context: commy.HandlerContext) -> bytes:
+        c = context.caller
+        return b"%s %r %r" % (c.kind.encode(), c.uid, c.pid)
+
+    mesh.serve("py-whoami", whoami)
+
     def fails(data: bytes) -> bytes:
         raise commy.Unavailable("come back later")
 
@@ -69,6 +76,17 @@ def test_a_python_service_called_by_the_rust_cli(mesh: commy.Mesh) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout == "HELLO FROM RUST\n"
+    # The CLI is a local caller of this user, in a process of its own.
+    out = subprocess.run(
+        [commy_cli(), "call", "py-whoami", "x", "--timeout-ms", "30000"],
+        capture_output=True,
+        text=True,
+        timeout=LONG,
+    )
+    assert out.returncode == 0, out.stderr
+    kind, uid, pid = out.stdout.split()
+    assert (kind, int(uid)) == ("local", os.geteuid())
+    assert int(pid) not in (0, os.getpid())
     out = subprocess.run(
         [commy_cli(), "call", "py-fails", "x"], capture_output=True, text=True, timeout=LONG
     )

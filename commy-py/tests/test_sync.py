@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -312,3 +313,39 @@ def test_many_threads_call_at_once_and_handlers_may_call_services(mesh: commy.Me
     for t in threads:
         t.join(LONG * 2)
     assert not errors, errors
+
+
+def test_a_handler_with_a_context_sees_its_caller(mesh: commy.Mesh) -> None:
+    contexts: List[commy.HandlerContext] = []
+
+    @mesh.service("whoami")
+    def whoami(data: bytes, context: commy.HandlerContext) -> bytes:
+        contexts.append(context)
+        return data
+
+    # A second parameter with a default is not asked for a context.
+    def defaulted(data: bytes, suffix: bytes = b"!") -> bytes:
+        return data + suffix
+
+    mesh.serve("defaulted", defaulted)
+    assert mesh.call("whoami", b"hi", timeout=LONG) == b"hi"
+    assert mesh.call("defaulted", b"hi", timeout=LONG) == b"hi!"
+    # Over shared memory, from this very process.
+    caller = contexts[0].caller
+    assert (caller.kind, caller.uid, caller.gid, caller.pid) == (
+        "local",
+        os.geteuid(),
+        os.getegid(),
+        os.getpid(),
+    )
+    assert caller.identity is None and caller.addr is None
+    assert contexts[0].caller is caller  # made once per request
+    assert caller == commy.Caller("local", uid=os.geteuid(), gid=os.getegid(), pid=os.getpid())
+    assert hash(caller) == hash(commy.Caller("local", uid=os.geteuid(), gid=os.getegid(), pid=os.getpid()))
+    assert caller != commy.Caller("remote", identity="spiffe://default/x", addr="10.0.0.1:7443")
+    assert repr(caller) == (
+        f"commy.Caller(kind='local', uid={os.geteuid()}, gid={os.getegid()}, "
+        f"pid={os.getpid()}, identity=None, addr=None)"
+    )
+    with pytest.raises(AttributeError):
+        caller.uid = 0  # type: ignore[misc]

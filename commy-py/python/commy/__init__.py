@@ -20,6 +20,13 @@ asyncio::
 
         replies = await asyncio.gather(*(mesh.call("echo", b"x") for _ in range(1000)))
 
+A handler that takes a second parameter gets a :class:`HandlerContext`
+with each request; its ``caller`` says who sent it::
+
+    @mesh.service("whoami")
+    def whoami(data: bytes, context: commy.HandlerContext) -> bytes:
+        return repr(context.caller).encode()
+
 Errors are ``commy.CommyError`` subclasses, one per status code
 (``commy.NotFound``, ``commy.Unavailable``, ``commy.DeadlineExceeded``, ...).
 Blocking calls release the GIL while they wait and Ctrl-C interrupts them.
@@ -49,6 +56,7 @@ from typing import (
 )
 
 from . import _commy
+from ._commy import Caller, HandlerContext
 from ._errors import (
     BY_CODE,
     Aborted,
@@ -73,10 +81,12 @@ __all__ = [
     "AlreadyExists",
     "AsyncMesh",
     "AsyncSubscription",
+    "Caller",
     "Cancelled",
     "CommyError",
     "DeadlineExceeded",
     "FailedPrecondition",
+    "HandlerContext",
     "Internal",
     "InvalidArgument",
     "Mesh",
@@ -95,9 +105,23 @@ __all__ = [
 #: What a payload may be: any bytes-like object.
 Buffer = Union[bytes, bytearray, memoryview]
 
-SyncHandler = Callable[[bytes], Buffer]
-AsyncHandler = Callable[[bytes], Awaitable[Buffer]]
+SyncHandler = Union[Callable[[bytes], Buffer], Callable[[bytes, HandlerContext], Buffer]]
+AsyncHandler = Union[
+    Callable[[bytes], Awaitable[Buffer]], Callable[[bytes, HandlerContext], Awaitable[Buffer]]
+]
 _F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _takes_context(handler: Callable[..., Any]) -> bool:
+    """Whether ``handler`` declares a second positional parameter without a
+    default: it is then called as ``handler(data, context)``."""
+    try:
+        parameters = inspect.signature(handler).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (some builtins)
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [p for p in parameters if p.kind in positional and p.default is p.empty]
+    return len(required) >= 2
 
 
 class Message(NamedTuple):
@@ -424,13 +448,16 @@ class Mesh(_Base):
     def serve(self, service: str, handler: SyncHandler) -> Service:
         """Serves ``service``: ``handler(data) -> bytes`` answers each request.
 
+        A handler that declares a second parameter (without a default) is
+        called as ``handler(data, context)``, ``context`` a
+        :class:`HandlerContext` (``context.caller``: who sent the request).
         A :class:`CommyError` it raises answers with its code; any other
         exception answers :class:`Internal` (its traceback is printed here)
         and the service keeps serving.
         """
         if inspect.iscoroutinefunction(handler):
             raise InvalidArgument("Mesh.serve takes a plain function; use AsyncMesh for async handlers")
-        return self._keep(self._raw.serve(service, handler))
+        return self._keep(self._raw.serve(service, handler, _takes_context(handler)))
 
     def subscribe(self, topic: str, group: Optional[str] = None) -> Subscription:
         """Subscribes to ``topic``; with ``group``, as a member of that queue
@@ -596,11 +623,14 @@ class AsyncMesh(_Base):
 
     def serve(self, service: str, handler: Union[AsyncHandler, SyncHandler]) -> Service:
         """Serves ``service`` with ``handler(data)``, a coroutine function or a
-        plain function, run on this event loop. Errors as in :meth:`Mesh.serve`;
-        a caller that gives up cancels the handler's task."""
+        plain function, run on this event loop. A second parameter and errors
+        as in :meth:`Mesh.serve`; a caller that gives up cancels the
+        handler's task."""
         bridge = self._bridge
         loop = bridge.loop
         tasks = self._tasks
+        with_context = _takes_context(handler)
+        call: Callable[..., Any] = handler
 
         def finish(reply: _commy.RawReply, task: "asyncio.Task[Any]") -> None:
             tasks.discard(task)
@@ -616,7 +646,7 @@ class AsyncMesh(_Base):
 
         def dispatch(data: bytes, reply: _commy.RawReply) -> None:
             try:
-                result = handler(data)
+                result = call(data, reply.context) if with_context else call(data)
             except Exception as exc:  # becomes the caller's error
                 reply.fail(exc)
                 return

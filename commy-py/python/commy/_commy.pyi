@@ -3,6 +3,8 @@
 from typing import Any, Callable, List, Optional, Tuple, final
 
 __all__ = [
+    "Caller",
+    "HandlerContext",
     "RawQueue",
     "RawMesh",
     "RawReply",
@@ -19,6 +21,49 @@ __version__: str
 
 def error_code_names() -> List[str]: ...
 def _at_exit(patience: float = 5.0) -> None: ...
+
+@final
+class Caller:
+    """Who sent a request, as its transport vouches for it."""
+
+    def __new__(
+        cls,
+        kind: str,
+        *,
+        uid: Optional[int] = None,
+        gid: Optional[int] = None,
+        pid: Optional[int] = None,
+        identity: Optional[str] = None,
+        addr: Optional[str] = None,
+    ) -> "Caller": ...
+    @property
+    def kind(self) -> str:
+        """``"local"`` (over shared memory) or ``"remote"`` (over TLS)."""
+    @property
+    def uid(self) -> Optional[int]:
+        """A local caller's effective user id."""
+    @property
+    def gid(self) -> Optional[int]:
+        """A local caller's effective group id."""
+    @property
+    def pid(self) -> Optional[int]:
+        """A local caller's process id (0 if in another pid namespace)."""
+    @property
+    def identity(self) -> Optional[str]:
+        """A remote caller's SPIFFE ID; None without a client certificate."""
+    @property
+    def addr(self) -> Optional[str]:
+        """A remote caller's address, ``"IP:PORT"``."""
+    def __eq__(self, value: object, /) -> bool: ...
+    def __hash__(self) -> int: ...
+
+@final
+class HandlerContext:
+    """What a handler that takes a second parameter gets with each request."""
+
+    @property
+    def caller(self) -> Caller:
+        """Who sent the request."""
 
 @final
 class RawQueue:
@@ -53,7 +98,9 @@ class RawMesh:
     ) -> RawTask: ...
     def send_async(self, service: str, data: Any, queue: RawQueue, fut: Any) -> RawTask: ...
     def publish_async(self, topic: str, data: Any, queue: RawQueue, fut: Any) -> RawTask: ...
-    def serve(self, service: str, handler: Callable[[bytes], Any]) -> RawService: ...
+    def serve(
+        self, service: str, handler: Callable[..., Any], context: bool = False
+    ) -> RawService: ...
     def serve_queued(
         self, service: str, handler: Callable[[bytes, RawReply], object], queue: RawQueue
     ) -> RawService: ...
@@ -81,6 +128,8 @@ class RawService:
 
 @final
 class RawReply:
+    @property
+    def context(self) -> HandlerContext: ...
     def ok(self, data: Any) -> bool: ...
     def error(self, code: str, message: str) -> bool: ...
     def fail(self, exc: BaseException) -> bool: ...
