@@ -25,9 +25,13 @@ pub struct Config {
     pub link: LinkConfig,
     /// Frame limits enforced on everything received.
     pub limits: Limits,
-    /// Handlers of one service instance that may be waiting at once (a
-    /// handler that answers without waiting runs on its link's thread and
-    /// takes no slot); more wait in line.
+    /// Handlers of one service instance that may be waiting at once, over
+    /// both transports together. The rule is the same on shared memory and
+    /// TLS: a handler is first polled holding no slot, so one that answers
+    /// without waiting takes none (on shared memory it runs on its link's
+    /// thread); one that has to wait continues once it holds a slot, and
+    /// requests past the bound wait in line for one. A deferred handler
+    /// holds its slot until it answers.
     pub max_concurrency: usize,
     /// Timeout of calls that set none.
     pub default_timeout: Option<Duration>,

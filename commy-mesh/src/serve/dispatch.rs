@@ -9,12 +9,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
-use commy_core::{Limits, Status};
+use commy_core::{Deadline, Limits, Status};
 use parking_lot::Mutex;
 
 use crate::response::Response;
 use crate::serve::handler::{Handler, HandlerFuture};
-use crate::serve::permits::Permits;
+use crate::serve::permits::{Permit, Permits};
 
 /// Per-service state a server connection needs.
 pub(crate) struct ServeCtx {
@@ -90,6 +90,55 @@ impl Future for CatchPanic {
 pub(crate) fn panicked(service: &commy_core::ServiceName) -> Status {
     tracing::error!("service {service}: the handler panicked");
     Status::internal("the service's handler panicked")
+}
+
+/// Serves a request whose handler future is `fut`, as every transport
+/// does: the handler is polled once right away, holding no permit (a
+/// handler that answers at once takes none); one that has to wait goes on
+/// in [`finish_waiting`]. The shared-memory link thread does the first poll
+/// itself (in its handler's inline slot, which saves the future's
+/// allocation) and spawns the rest; a transport that awaits its handlers
+/// (TLS) calls this.
+pub(crate) async fn serve_request(
+    ctx: &ServeCtx,
+    fut: HandlerFuture,
+    deadline: Option<Deadline>,
+) -> Result<Response, Status> {
+    let mut fut = CatchPanic(fut);
+    let first = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut fut).poll(cx))).await;
+    match first {
+        Poll::Ready(done) => done.unwrap_or_else(|| Err(panicked(ctx.service))),
+        Poll::Pending => finish_waiting(ctx, fut, deadline, ctx.permits.try_take()).await,
+    }
+}
+
+/// The rest of serving a request whose handler's first poll found it
+/// waiting, the same on both transports: it holds one of the service's
+/// concurrency permits while it continues (`permit`: taken already; else
+/// waited for here), its deadline ends it, and a panic of the handler
+/// becomes `Internal`.
+pub(crate) async fn finish_waiting(
+    ctx: &ServeCtx,
+    fut: CatchPanic,
+    deadline: Option<Deadline>,
+    permit: bool,
+) -> Result<Response, Status> {
+    let _permit = if permit {
+        Permit(&ctx.permits)
+    } else {
+        ctx.permits.take().await
+    };
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d.instant().into(), fut)
+            .await
+            .unwrap_or_else(|_| {
+                Some(Err(Status::deadline_exceeded(
+                    "the handler ran past the deadline",
+                )))
+            }),
+        None => fut.await,
+    }
+    .unwrap_or_else(|| Err(panicked(ctx.service)))
 }
 
 /// A request continuing as a task (or with a deferred handler): counted in

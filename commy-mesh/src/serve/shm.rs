@@ -16,11 +16,10 @@ use commy_shm::{RingError, ShmLink};
 use parking_lot::Mutex;
 
 use crate::serve::dispatch::{
-    CatchPanic, InlineBusy, OwnedHandling, ServeCtx, handling, handling_n, panicked,
+    CatchPanic, InlineBusy, OwnedHandling, ServeCtx, finish_waiting, handling, handling_n, panicked,
 };
 use crate::serve::handler::{Handler, InlineSlot};
 use crate::serve::link::{LinkAnswer, LinkShared, Pending, reply, send_answer};
-use crate::serve::permits::Permit;
 use crate::serve::polled::{POLLED_PERMITS, PolledRequest};
 use crate::serve::request::{ArrivedDeadline, Caller, Request};
 use crate::serve::responder::{Responder, Sink};
@@ -340,22 +339,7 @@ pub(crate) fn handle(
         let (ctx, shared) = (ctx.clone(), shared.clone());
         async move {
             let _handling = handling;
-            let _permit = if permit {
-                Permit(&ctx.permits)
-            } else {
-                ctx.permits.take().await
-            };
-            let result = match deadline {
-                Some(d) => tokio::time::timeout_at(d.instant().into(), fut)
-                    .await
-                    .unwrap_or_else(|_| {
-                        Some(Err(Status::deadline_exceeded(
-                            "the handler ran past the deadline",
-                        )))
-                    }),
-                None => fut.await,
-            }
-            .unwrap_or_else(|| Err(panicked(ctx.service)));
+            let result = finish_waiting(&ctx, fut, deadline, permit).await;
             // Removed already if the caller cancelled: nobody waits then.
             if !oneway && shared.running.lock().remove(&id.0).is_some() {
                 reply(&shared.tx, &ctx.limits, id, result);

@@ -6,7 +6,6 @@
 //! (`commy.publish`).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use commy_core::{HostId, InstanceId, Limits, Metadata, ServiceName, Status, TopicName};
@@ -17,7 +16,7 @@ use rustc_hash::FxHashMap;
 use tokio::sync::watch;
 
 use crate::pubsub::{Message, Queue};
-use crate::serve::dispatch::ServeCtx;
+use crate::serve::dispatch::{OwnedHandling, ServeCtx, serve_request};
 use crate::serve::request::{ArrivedDeadline, Caller, RemoteCaller, Request};
 use crate::wire::{
     INSTANCES_SERVICE, LONG_POLL, Listing, PUBLISH_SERVICE, SERVICE_HEADER, TOPIC_HEADER,
@@ -122,16 +121,16 @@ impl Router {
             let i = self.rr.pick(instances.len()).unwrap_or(0);
             instances[i].1.clone()
         };
-        let _handling = Handling::new(ctx.clone());
-        let _permit = ctx.permits.take().await;
+        let _handling = OwnedHandling::enter(ctx.clone());
+        let deadline = inbound.deadline;
         let request = Request {
             service: ctx.service,
             payload: inbound.payload,
             metadata: metadata.into(),
-            deadline: ArrivedDeadline::at(inbound.deadline),
+            deadline: ArrivedDeadline::at(deadline),
             caller: Caller::Remote(RemoteCaller(inbound.peer)),
         };
-        let response = ctx.handler.future(request).await?;
+        let response = serve_request(&ctx, ctx.handler.future(request), deadline).await?;
         Ok(Reply {
             metadata: Bytes::from(encode_metadata(&response.metadata)),
             payload: response.payload,
@@ -209,27 +208,5 @@ impl Router {
         let body = postcard::to_allocvec(&self.listing())
             .map_err(|e| Status::internal(format!("cannot encode the listing: {e}")))?;
         Ok(Reply::new(body))
-    }
-}
-
-/// A request being handled, counted for draining (as on shared memory).
-pub(crate) struct Handling(Arc<ServeCtx>);
-
-impl Handling {
-    pub(crate) fn new(ctx: Arc<ServeCtx>) -> Handling {
-        ctx.in_flight.fetch_add(1, Ordering::SeqCst);
-        Handling(ctx)
-    }
-}
-
-impl Drop for Handling {
-    fn drop(&mut self) {
-        // SYNC: SeqCst as in conn.rs `handled`: either the drainer sees the
-        // count drop to zero, or we see it draining.
-        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1
-            && self.0.draining.load(Ordering::SeqCst)
-        {
-            self.0.drained.notify_waiters();
-        }
     }
 }
