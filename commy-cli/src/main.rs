@@ -105,7 +105,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use commy_core::{MeshName, ServiceName, TopicName};
-use commy_mesh::{Config, DiscoveryError, Mesh, OpenError, Status};
+use commy_mesh::discovery::DiscoveryError;
+use commy_mesh::{Config, Mesh, OpenError, Status};
 
 /// Exit status of a failed operation.
 const EXIT_FAILURE: u8 = 1;

@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use commy_mesh::{Instance, LocalRegistry};
+use commy_mesh::discovery::{Instance, LocalRegistry};
 use commy_shm::RuntimeDir;
 
 use crate::{CliError, Global, write_stdout};

@@ -22,7 +22,7 @@
 //! assert_eq!(FfiError::from_code_name("WHATEVER", "x").code(), Code::Internal);
 //! ```
 
-use commy_core::{Code, Status};
+use commy_mesh::{Code, Status};
 
 /// A failure as bindings see it: a stable [`Code`] and a message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -53,11 +53,13 @@ mod runtime;
 mod subscription;
 
 pub use caller::FfiCaller;
-pub use commy_shm::{WaitInterrupter, WaitStrategy};
 pub use error::{FfiError, error_code_names};
 pub use mesh::{FfiMesh, FfiRequest, FfiService, MeshOptions, Reply};
 pub use region::{FfiRegion, OpenPolicy, RegionOptions};
 pub use runtime::{CHECK_INTERVAL, FfiTask, LocalTask, block_on, run_inline, runtime, spawn_with};
 pub use subscription::{FfiMessage, FfiSubscription};
 
-pub use commy_mesh::{AnswerDriver, Caller, Drive, DrivenLink, PolledRequest, ThreadHook};
+pub use commy_mesh::embed::{
+    AnswerDriver, Drive, DrivenLink, PolledRequest, ThreadHook, WaitInterrupter,
+};
+pub use commy_mesh::{Caller, WaitStrategy};

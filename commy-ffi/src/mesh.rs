@@ -48,9 +48,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use commy_mesh::embed::{AnswerDriver, AnswerSink, DrivenLink, ThreadHook};
+use commy_mesh::service::ServiceName;
 use commy_mesh::{
-    AnswerDriver, CallOptions, Deadline, DrivenLink, Mesh, Request, Responder, Response,
-    ServiceHandle, Status,
+    CallOptions, Deadline, LinkConfig, Mesh, Request, Responder, Response, ServiceHandle, Status,
+    WaitStrategy,
 };
 
 use crate::caller::FfiCaller;
@@ -62,7 +64,7 @@ use crate::subscription::FfiSubscription;
 /// An answer sink made of a function (see [`FfiMesh::drive_answers_with`]).
 struct Sink<F>(F);
 
-impl<F> commy_mesh::AnswerSink for Sink<F>
+impl<F> AnswerSink for Sink<F>
 where
     F: Fn(u64, Result<Bytes, FfiError>) + Send + Sync + 'static,
 {
@@ -96,12 +98,12 @@ pub struct MeshOptions {
     /// Runs each service link thread's work, on that thread (see
     /// [`commy_mesh::ThreadHook`]): a binding sets the thread up once there
     /// instead of once per request.
-    pub link_thread_hook: Option<commy_mesh::ThreadHook>,
+    pub link_thread_hook: Option<ThreadHook>,
     /// How this process's side of each link waits for the peer (the
     /// commy-shm default if `None`: spin 50 µs, yield 100 µs, then sleep).
     /// A binding whose own thread is busy beside the link threads (an event
     /// loop) wants a short spin, so waiting threads leave it the CPU.
-    pub link_wait: Option<commy_shm::WaitStrategy>,
+    pub link_wait: Option<WaitStrategy>,
 }
 
 /// A handle on the mesh. Cheap to clone; clones share links.
@@ -143,7 +145,7 @@ impl FfiMesh {
             builder = builder.max_concurrency(n);
         }
         if let Some(wait) = options.link_wait {
-            let mut link = commy_shm::LinkConfig::default();
+            let mut link = LinkConfig::default();
             link.wait = wait;
             builder = builder.link(link);
         }
@@ -407,7 +409,7 @@ fn token_options(timeout: Option<Duration>, started: Option<Instant>) -> CallOpt
 /// A request as a handler sees it.
 #[derive(Debug, Clone)]
 pub struct FfiRequest {
-    service: commy_core::ServiceName,
+    service: ServiceName,
     payload: Bytes,
     deadline: Option<Deadline>,
     caller: FfiCaller,

@@ -36,7 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use commy_mesh::Code;
-use commy_shm::{Region, RegionAccessError, RegionOpenError};
+use commy_mesh::region::{Region, RegionAccessError, RegionOpenError};
 
 use crate::error::FfiError;
 
@@ -75,7 +75,7 @@ pub struct FfiRegion {
 
 impl FfiRegion {
     pub(crate) fn open(
-        mut shm: commy_shm::RegionOptions,
+        mut shm: commy_mesh::region::RegionOptions,
         name: &str,
         options: RegionOptions,
     ) -> Result<FfiRegion, FfiError> {

@@ -92,7 +92,7 @@ impl Default for Config {
     }
 }
 
-/// Builds a [`Mesh`] with options.
+/// Builds a [`Mesh`](crate::Mesh) with options.
 #[derive(Debug, Clone, Default)]
 pub struct MeshBuilder {
     pub(crate) config: Config,
@@ -142,7 +142,7 @@ impl MeshBuilder {
 
     /// Serves this handle's services over TLS at `endpoint`
     /// (`tls://ADDR:PORT`; port 0 picks a free one, which
-    /// [`Mesh::tls_endpoint`] then names).
+    /// [`Mesh::tls_endpoint`](crate::Mesh::tls_endpoint) then names).
     pub fn listen(mut self, endpoint: &str) -> MeshBuilder {
         match crate::netconfig::parse_listen(endpoint) {
             Ok(a) => self.config.net.listen = Some(a),

@@ -1,10 +1,22 @@
 //! Commy's facade crate: a mesh of named services.
 //!
 //! On one host, with no configuration file and no daemon, processes open a
-//! [`Mesh`](crate) handle, serve named services and call them; bytes move
+//! [`Mesh`] handle, serve named services and call them; bytes move
 //! through commy-shm's lock-free rings. Instances on other hosts are reached
 //! over TLS (commy-net) with the same API: set `listen` and `peers` (see
 //! [`NetConfig`]) and the mesh picks the transport by itself.
+//!
+//! The common types are at the crate root; the themed modules hold the rest:
+//!
+//! - [`call`]: calling services ([`CallOptions`], [`Response`]);
+//! - [`service`]: serving them ([`Request`], its [`Caller`], [`Responder`],
+//!   [`ServiceHandle`]);
+//! - [`pubsub`]: topics, subscriptions and queue groups;
+//! - [`region`]: named shared-memory regions;
+//! - [`discovery`]: discovery sources and balancer strategies.
+//!
+//! docs/ARCHITECTURE.md in the repository follows one call through the
+//! modules, file by file.
 #![forbid(unsafe_code)]
 // The workspace routes atomics through commy-shm's loom-switchable `sync`
 // module because that crate's lock-free algorithms are model-checked. This
@@ -16,37 +28,32 @@
 #![allow(clippy::disallowed_types)]
 
 mod accept;
-mod call;
+pub mod call;
 mod config;
-mod embed;
+pub mod discovery;
+#[doc(hidden)]
+pub mod embed;
 mod mesh;
 mod net;
 mod netconfig;
-mod pubsub;
+pub mod pubsub;
+pub mod region;
 mod response;
 mod serve;
+pub mod service;
 mod sync;
 mod wire;
 
-pub use call::options::CallOptions;
-pub use commy_core::{Code, Deadline, Metadata, Status};
-pub use commy_discovery::{
-    DiscoveryError, HOST_ID_ENV, Instance, InstanceWatch, LocalRegistry, host_id,
-};
-pub use commy_shm::WaitInterrupter;
-pub use config::{Config, MeshBuilder, ThreadHook, ThreadWork};
-pub use embed::answers::{AnswerDriver, AnswerSink};
-pub use embed::driven::{Drive, DrivenLink};
+pub use call::CallOptions;
+pub use commy_core::{Code, Deadline, MeshName, Metadata, NameError, Status};
+pub use commy_shm::{LinkConfig, WaitStrategy};
+pub use config::{Config, MeshBuilder};
 pub use mesh::{Mesh, OpenError};
 pub use net::NetError;
 pub use netconfig::{CONFIG_ENV, NetConfig, TransportPreference};
 pub use pubsub::{Message, SlowSubscriber, SubscribeOptions, Subscription};
 pub use response::Response;
-pub use serve::polled::PolledRequest;
-pub use serve::request::{Caller, RemoteCaller, Request};
-pub use serve::responder::Responder;
-pub use serve::service::ServiceHandle;
-pub use wire::{INSTANCES_SERVICE, PUBLISH_SERVICE, SERVICE_HEADER};
+pub use service::{Caller, RemoteCaller, Request, Responder, ServiceHandle};
 
 /// The README's Rust quickstarts, compiled and run as doc tests.
 #[doc = include_str!("../../README.md")]

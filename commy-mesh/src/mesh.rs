@@ -360,7 +360,7 @@ impl Mesh {
     /// shared memory, with a link already open, the request is written from
     /// this thread and `done` runs on the thread that reads the answer (the
     /// link's reader, or the thread polling this handle's
-    /// [`AnswerDriver`](crate::AnswerDriver)), with no task and no further
+    /// [`AnswerDriver`](crate::embed::AnswerDriver)), with no task and no further
     /// hand-off. Otherwise the
     /// call runs as a task on the mesh's runtime and `done` runs there.
     /// `done` must not block; a call that fails at once calls it right here.
@@ -406,11 +406,11 @@ impl Mesh {
     }
 
     /// Starts a call whose result goes to this handle's
-    /// [`AnswerSink`](crate::AnswerSink) under `token`, a number of the
+    /// [`AnswerSink`](crate::embed::AnswerSink) under `token`, a number of the
     /// caller's: [`call_then`](Mesh::call_then) without a function to
     /// allocate per call. While the thread that polls the handle's
-    /// [`AnswerDriver`](crate::AnswerDriver) takes the answer in with
-    /// [`poll_with`](crate::AnswerDriver::poll_with), the answer goes to
+    /// [`AnswerDriver`](crate::embed::AnswerDriver) takes the answer in with
+    /// [`poll_with`](crate::embed::AnswerDriver::poll_with), the answer goes to
     /// that poll's callback instead, its payload read in place.
     ///
     /// `FailedPrecondition` (and nothing sent) unless the handle's driver
@@ -421,7 +421,7 @@ impl Mesh {
     /// ```
     /// # use std::sync::Arc;
     /// struct Printed;
-    /// impl commy_mesh::AnswerSink for Printed {
+    /// impl commy_mesh::embed::AnswerSink for Printed {
     ///     fn answer(&self, token: u64, result: Result<commy_mesh::Response, commy_mesh::Status>) {
     ///         println!("call {token}: {:?}", result.map(|r| r.into_payload()));
     ///     }
@@ -524,7 +524,7 @@ impl Mesh {
         Some((conn, balanced, due))
     }
 
-    /// Makes the [`AnswerDriver`](crate::AnswerDriver) of this handle (and
+    /// Makes the [`AnswerDriver`](crate::embed::AnswerDriver) of this handle (and
     /// its clones): from now on, the answers to
     /// [`call_then`](Mesh::call_then) calls over shared memory are received
     /// by the thread that polls it, while it polls, instead of by the links'
@@ -541,31 +541,31 @@ impl Mesh {
     /// # Ok(())
     /// # }
     /// ```
-    pub fn drive_answers(&self) -> Result<crate::AnswerDriver, Status> {
+    pub fn drive_answers(&self) -> Result<crate::embed::AnswerDriver, Status> {
         self.make_driver(None)
     }
 
     /// [`drive_answers`](Mesh::drive_answers), with `sink` receiving the
     /// answers of [`call_token`](Mesh::call_token) calls that the
-    /// driver's [`poll_with`](crate::AnswerDriver::poll_with) does not
-    /// take itself (see [`AnswerSink`](crate::AnswerSink)).
+    /// driver's [`poll_with`](crate::embed::AnswerDriver::poll_with) does not
+    /// take itself (see [`AnswerSink`](crate::embed::AnswerSink)).
     pub fn drive_answers_with(
         &self,
-        sink: Arc<dyn crate::AnswerSink>,
-    ) -> Result<crate::AnswerDriver, Status> {
+        sink: Arc<dyn crate::embed::AnswerSink>,
+    ) -> Result<crate::embed::AnswerDriver, Status> {
         self.make_driver(Some(sink))
     }
 
     pub(crate) fn make_driver(
         &self,
-        sink: Option<Arc<dyn crate::AnswerSink>>,
-    ) -> Result<crate::AnswerDriver, Status> {
+        sink: Option<Arc<dyn crate::embed::AnswerSink>>,
+    ) -> Result<crate::embed::AnswerDriver, Status> {
         let claims = Arc::new(Claims::new(sink));
         self.inner
             .answers
             .set(claims.clone())
             .map_err(|_| Status::failed_precondition("this mesh handle has an answer driver"))?;
-        Ok(crate::AnswerDriver::new(claims))
+        Ok(crate::embed::AnswerDriver::new(claims))
     }
 
     /// Calls `name` with a serde value encoded by postcard, decoding the reply.

@@ -674,7 +674,7 @@ async fn a_driven_service_runs_on_the_embedders_thread() {
     if role().is_some() {
         return;
     }
-    use commy_mesh::{Drive, DrivenLink};
+    use commy_mesh::embed::{Drive, DrivenLink};
     let dir = private_dir("driven");
     let server = open(&dir).await;
     let (links_tx, links_rx) = std::sync::mpsc::channel::<DrivenLink>();
@@ -831,7 +831,7 @@ async fn requests_polled_from_a_driven_link_are_answered_by_the_poller() {
     if role().is_some() {
         return;
     }
-    use commy_mesh::{Drive, DrivenLink, PolledRequest};
+    use commy_mesh::embed::{Drive, DrivenLink, PolledRequest};
     const BOUND: usize = 4;
     let dir = private_dir("polled");
     let server = open_bounded(&dir, BOUND).await;
@@ -1079,7 +1079,7 @@ async fn connected_to_late_answers(dir: &Path) -> Mesh {
 
 /// Polls `answers` on this thread until `into` holds `n` results (or 10 s
 /// pass).
-fn poll_until(answers: &mut commy_mesh::AnswerDriver, into: &Answered, n: usize) {
+fn poll_until(answers: &mut commy_mesh::embed::AnswerDriver, into: &Answered, n: usize) {
     let end = Instant::now() + Duration::from_secs(10);
     while into.lock().unwrap().len() < n {
         assert!(
@@ -1221,14 +1221,14 @@ async fn an_answer_driver_receives_on_its_own_thread() {
     server.close().await;
 }
 
-/// What an [`commy_mesh::AnswerSink`] received: the token, the thread it
+/// What an [`commy_mesh::embed::AnswerSink`] received: the token, the thread it
 /// ran on and the result.
 #[derive(Default)]
 struct Sunk(std::sync::Mutex<Vec<SunkAnswer>>);
 
 type SunkAnswer = (u64, String, Result<Vec<u8>, Code>);
 
-impl commy_mesh::AnswerSink for Sunk {
+impl commy_mesh::embed::AnswerSink for Sunk {
     fn answer(&self, token: u64, result: Result<Response, Status>) {
         let here = std::thread::current().name().unwrap_or("").to_owned();
         let r = result

@@ -802,7 +802,7 @@ async fn shared_memory_failing_at_connect_falls_back_to_tls_and_is_counted() {
     // The client's runtime dir announces an `echo` instance whose socket
     // accepts and hangs up at once: shared memory fails at connect.
     let own = own_runtime_dir(&dir, "own-rt");
-    let registry = commy_mesh::LocalRegistry::new(
+    let registry = commy_mesh::discovery::LocalRegistry::new(
         commy_shm::RuntimeDir::at(&own).unwrap(),
         &commy_core::MeshName::default(),
     )

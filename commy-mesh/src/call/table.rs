@@ -12,9 +12,9 @@ use crate::call::shm::{CallResult, ClientConn};
 use crate::response::Response;
 
 /// Receives the answers to token calls ([`Mesh::call_token`]) that are
-/// not handed to an [`AnswerDriver::poll_with`] callback: those read by
+/// not handed to an [`AnswerDriver::poll_with`](crate::embed::AnswerDriver::poll_with) callback: those read by
 /// the links' reader threads, those that fail or time out, and those a
-/// plain [`AnswerDriver::poll`] takes. Called on whichever thread finds the
+/// plain [`AnswerDriver::poll`](crate::embed::AnswerDriver::poll) takes. Called on whichever thread finds the
 /// answer; it must not block (queue the result and wake whoever waits).
 ///
 /// [`Mesh::call_token`]: crate::Mesh::call_token

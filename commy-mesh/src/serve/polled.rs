@@ -8,7 +8,7 @@ use commy_core::{Status, StreamId};
 use crate::serve::link::{LinkShared, send_answer_locked};
 
 /// A request taken out of a driven link by
-/// [`DrivenLink::poll_requests`], for its poller to answer once, now or
+/// [`DrivenLink::poll_requests`](crate::embed::DrivenLink::poll_requests), for its poller to answer once, now or
 /// later, from any thread: the answer is written straight into the link.
 /// Dropping it unanswered answers `Internal`.
 ///
