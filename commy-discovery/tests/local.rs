@@ -16,7 +16,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use commy_core::{InstanceId, MeshName, ServiceName};
-use commy_discovery::{DiscoveryError, HOST_ID_ENV, Instance, InstanceWatch, LocalRegistry, host_id};
+use commy_discovery::{
+    DiscoveryError, HOST_ID_ENV, Instance, InstanceWatch, LocalRegistry, host_id,
+};
 use commy_shm::{LinkConfig, RuntimeDir, ShmListener, UdsListener};
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
 
