@@ -23,6 +23,7 @@
 //! `deadline.rs` computes when a call is due, once.
 
 pub(crate) mod deadline;
+pub(crate) mod endpoint;
 pub(crate) mod options;
 pub(crate) mod pool;
 pub(crate) mod reader;

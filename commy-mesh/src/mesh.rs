@@ -28,17 +28,17 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use commy_core::{InstanceId, MeshName, Metadata, ServiceName, Status};
-use commy_discovery::{Instance, LocalRegistry};
+use commy_discovery::{Discover, Instance, LocalRegistry};
 use commy_shm::{RuntimeDir, ShmLink, UdsListener};
 use parking_lot::Mutex;
 
 use crate::accept::start_accepting;
 use crate::call::deadline::Due;
 use crate::call::options::CallOptions;
-use crate::call::pool::{Pool, Pools};
+use crate::call::pool::Pools;
 use crate::call::shm::{ClientConn, Started};
 use crate::call::table::{AnswerSink, Done};
-use crate::call::tls::CallKind;
+use crate::call::tls::{PeerSource, Peers};
 use crate::config::{Config, MeshBuilder};
 use crate::embed::answers::Claims;
 use crate::embed::driven::DrivenLink;
@@ -138,10 +138,10 @@ impl Mesh {
         };
         Ok(Mesh {
             inner: Arc::new(Inner {
-                services: pools(&config, &registry, &runtime),
+                services: pools(&config, &registry, net.as_ref().map(|n| &n.peers), &runtime),
                 pubsub: PubSub::new(
                     topics.clone(),
-                    pools(&config, &topics, &runtime),
+                    pools(&config, &topics, None, &runtime),
                     config.link.clone(),
                     config.limits,
                 ),
@@ -338,21 +338,22 @@ impl Mesh {
         options: CallOptions,
         preference: TransportPreference,
     ) -> Result<Response, Status> {
-        if preference == TransportPreference::Tls {
-            let service = service_name(name)?;
-            return self
-                .net_call(&service, payload, &options, CallKind::default())
-                .await;
-        }
-        let due = self.due(&options);
+        let mut due = self.due(&options);
         let pool = self.inner.services.get(&service_name(name)?);
-        let conn = match self.route(&pool, preference).await? {
-            Route::Shm(c) => c,
-            Route::Tls(kind) => {
-                return self.net_call(&pool.service, payload, &options, kind).await;
-            }
-        };
-        conn.call(payload, &options.metadata, due, true, options.spin)
+        let endpoint = self
+            .inner
+            .services
+            .pick(&pool, preference, due.absolute())
+            .await?;
+        endpoint
+            .call(
+                &pool.service,
+                payload,
+                &options.metadata,
+                due,
+                true,
+                options.spin,
+            )
             .await
     }
 
@@ -586,32 +587,16 @@ impl Mesh {
         self.check_open()?;
         let service = service_name(name)?;
         let options = CallOptions::default();
-        let preference = self.preference(&options);
-        let oneway = CallKind {
-            oneway: true,
-            fallback: None,
-        };
-        if preference == TransportPreference::Tls {
-            return self
-                .net_call(&service, payload.into(), &options, oneway)
-                .await
-                .map(drop);
-        }
+        let mut due = self.due(&options);
         let pool = self.inner.services.get(&service);
-        let conn = match self.route(&pool, preference).await? {
-            Route::Shm(c) => c,
-            Route::Tls(kind) => {
-                let kind = CallKind {
-                    oneway: true,
-                    ..kind
-                };
-                return self
-                    .net_call(&service, payload.into(), &options, kind)
-                    .await
-                    .map(drop);
-            }
-        };
-        conn.send_oneway(&payload.into(), &Metadata::default())
+        let endpoint = self
+            .inner
+            .services
+            .pick(&pool, self.preference(&options), due.absolute())
+            .await?;
+        endpoint
+            .send(&service, payload.into(), &Metadata::default(), due)
+            .await
     }
 
     /// The transport a call may use.
@@ -624,36 +609,6 @@ impl Mesh {
         })
     }
 
-    /// Where a call goes: a shared-memory link, or a peer over TLS (in
-    /// `auto`, when the service has no local instance, or when shared memory
-    /// failed at connect: then the failure travels along, for when no peer
-    /// can take the call either).
-    pub(crate) async fn route(
-        &self,
-        pool: &Arc<Pool>,
-        preference: TransportPreference,
-    ) -> Result<Route, Status> {
-        let net = match (&self.inner.net, preference) {
-            (Some(n), TransportPreference::Auto) => n,
-            _ => return self.inner.services.pick(pool).await.map(Route::Shm),
-        };
-        let local_empty = pool.is_empty();
-        if net.peers.go_remote(&pool.service, local_empty) {
-            return Ok(Route::Tls(CallKind::default()));
-        }
-        match self.inner.services.pick(pool).await {
-            Ok(c) => Ok(Route::Shm(c)),
-            Err(e) if e.code() == commy_core::Code::NotFound => Ok(Route::Tls(CallKind::default())),
-            Err(e) => {
-                tracing::debug!("no shared-memory link to '{}': {e}", pool.service);
-                Ok(Route::Tls(CallKind {
-                    oneway: false,
-                    fallback: Some(e),
-                }))
-            }
-        }
-    }
-
     /// When a call with `options` is due: the one place a call's timeout,
     /// deadline and start are put together, whatever its transport.
     fn due(&self, options: &CallOptions) -> Due {
@@ -662,25 +617,6 @@ impl Mesh {
             options.deadline,
             options.started,
         )
-    }
-
-    /// A call (or one-way message) through a peer over TLS.
-    pub(crate) async fn net_call(
-        &self,
-        service: &ServiceName,
-        payload: Bytes,
-        options: &CallOptions,
-        kind: CallKind,
-    ) -> Result<Response, Status> {
-        let Some(net) = &self.inner.net else {
-            return Err(Status::failed_precondition(
-                "the TLS transport is not configured (no listen address or peers)",
-            ));
-        };
-        let deadline = self.due(options).absolute();
-        net.peers
-            .call(service, payload, &options.metadata, deadline, &[], kind)
-            .await
     }
 
     /// Subscribes to `topic` with the default options (queue of 1024,
@@ -802,22 +738,23 @@ impl Mesh {
     }
 }
 
-/// Where a call goes (see [`Mesh::route`]).
-pub(crate) enum Route {
-    Shm(Arc<ClientConn>),
-    Tls(CallKind),
-}
-
-/// The pools of the instances `registry` finds, linked with `config`'s
+/// The pools of the instances `registry` finds (and `peers` list, if
+/// given), linked with `config`'s settings.
 /// settings.
 pub(crate) fn pools(
     config: &Config,
     registry: &LocalRegistry,
+    peers: Option<&Arc<Peers>>,
     runtime: &tokio::runtime::Handle,
 ) -> Pools {
+    let mut sources: Vec<Arc<dyn Discover>> = vec![Arc::new(registry.clone())];
+    if let Some(peers) = peers {
+        sources.push(Arc::new(PeerSource(peers.clone())));
+    }
     Pools::new(
         config.mesh.clone(),
-        Arc::new(registry.clone()),
+        sources,
+        peers.cloned(),
         config.link.clone(),
         config.limits,
         config.call_spin,

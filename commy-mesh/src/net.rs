@@ -35,7 +35,7 @@ pub(crate) struct NetState {
     endpoint: Option<TlsAddr>,
     router: Arc<Router>,
     /// The processes whose instances this handle may call.
-    pub(crate) peers: Peers,
+    pub(crate) peers: Arc<Peers>,
     pub(crate) preference: TransportPreference,
     closed: Arc<AtomicBool>,
 }
@@ -177,7 +177,7 @@ impl NetState {
                     .map_err(|e| NetError::Config(e.to_string()))?;
             clients.push((addr.clone(), client));
         }
-        let peers = Peers::start(clients, limits, closed.clone());
+        let peers = Arc::new(Peers::start(clients, limits, closed.clone()));
         Ok(Arc::new(NetState {
             server: Mutex::new(server),
             endpoint,

@@ -47,6 +47,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::accept::start_accepting;
 use crate::call::pool::Pools;
+use crate::netconfig::TransportPreference;
 use crate::wire::TOPIC_HEADER;
 
 /// What happens when a subscriber's queue is full.
@@ -587,7 +588,7 @@ impl PubSub {
         for group in self.groups.groups_of(&key) {
             let pool = self.pools.get(&key_name(&group)?);
             // An empty group (all members left) is not an error.
-            if let Ok(conn) = self.pools.pick(&pool).await {
+            if let Ok(conn) = self.pools.pick(&pool, TransportPreference::Shm, None).await {
                 match conn.send_publish(&md, payload) {
                     Ok(()) => {
                         delivered += 1;

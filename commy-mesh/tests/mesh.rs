@@ -1703,9 +1703,13 @@ async fn the_permit_rule_is_the_same_on_both_transports() {
             let client = client.clone();
             tokio::spawn(async move { client.call("hold", Vec::new()).await })
         };
-        tokio::time::timeout(Duration::from_secs(10), holding.notified())
+        if tokio::time::timeout(Duration::from_secs(10), holding.notified())
             .await
-            .unwrap_or_else(|_| panic!("{transport}: the holding handler never ran"));
+            .is_err()
+        {
+            let outcome = held.await;
+            panic!("{transport}: the holding handler never ran: {outcome:?}");
+        }
         let quick = client
             .call_with(
                 "quick",

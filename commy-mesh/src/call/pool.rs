@@ -1,38 +1,56 @@
 //! The pools of a mesh handle: per service (or topic subscriber set), the
-//! instances its discovery source knows and our links to them, and the
-//! pick of the instance a call goes to.
+//! instances its discovery sources know (this host's runtime dir, the TLS
+//! peers' listings), our links to them, and the pick of the instance a
+//! call goes to.
 //!
-//! The per-call path is [`Pools::connected`]: a live link chosen by the
-//! pool's balancer under the pool's lock, without allocating; a service
-//! with a single instance is remembered per thread ([`LastCalled`]), so
-//! calling it again takes no lock at all. Finding instances and
-//! connecting ([`Pools::pick`]) happen off that path.
+//! One pool holds a service's local and remote instances. The pick goes
+//! by tiers: instances reached over shared memory first, then those
+//! reached over TLS; the call's transport preference filters the tiers
+//! (`shm`: the first only, `tls`: the second only). Within a tier the
+//! pool's balancer chooses. A local instance that cannot be connected to
+//! is dropped from the pool and the pick goes on, to the TLS tier if need
+//! be (counted as a fallback).
+//!
+//! The per-call path is [`Pools::connected`]: a live shared-memory link
+//! chosen by the pool's balancer under the pool's lock, without
+//! allocating; a service with a single instance is remembered per thread
+//! ([`LastCalled`]), so calling it again takes no lock at all. Finding
+//! instances and connecting ([`Pools::pick`]) happen off that path.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use commy_core::{InstanceId, Limits, MeshName, ServiceName, Status};
+use commy_core::{Deadline, InstanceId, Limits, MeshName, ServiceName, Status};
 use commy_discovery::{Discover, Instance, PowerOfTwo};
 use commy_shm::{LinkConfig, ShmLink};
 use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
 
+use crate::call::endpoint::Endpoint;
 use crate::call::shm::ClientConn;
+use crate::call::tls::Peers;
+use crate::netconfig::TransportPreference;
 
 /// Ids of pool sets, so a thread's [`LastCalled`] never mixes them up.
 static NEXT_POOLS_ID: AtomicU64 = AtomicU64::new(1);
 
+/// How long a pick waits for peers that have not said yet what they serve.
+const FIRST_LISTING_WAIT: Duration = Duration::from_secs(3);
+
 /// The pools of one mesh handle's services (or of its topics' subscriber
-/// sets), fed by one discovery source.
+/// sets), fed by the same discovery sources.
 pub(crate) struct Pools {
     /// Unique among this process's pool sets.
     id: u64,
     /// The mesh's name, for errors.
     mesh: MeshName,
-    /// Where instances are found.
-    source: Arc<dyn Discover>,
-    /// How links to instances are made.
+    /// Where instances are found; the first is this host's runtime dir.
+    sources: Arc<[Arc<dyn Discover>]>,
+    /// The TLS peers, when the handle has any: the links of instances
+    /// with a `tls://` endpoint.
+    peers: Option<Arc<Peers>>,
+    /// How shared-memory links to instances are made.
     link: LinkConfig,
     limits: Limits,
     call_spin: Duration,
@@ -42,11 +60,13 @@ pub(crate) struct Pools {
 }
 
 impl Pools {
-    /// Pools fed by `source`, whose links are made with `link`, `limits`
-    /// and `call_spin`; watches run on `runtime`.
+    /// Pools fed by `sources` (this host's first); shared-memory links are
+    /// made with `link`, `limits` and `call_spin`, TLS ones through
+    /// `peers`; watches run on `runtime`.
     pub(crate) fn new(
         mesh: MeshName,
-        source: Arc<dyn Discover>,
+        sources: Vec<Arc<dyn Discover>>,
+        peers: Option<Arc<Peers>>,
         link: LinkConfig,
         limits: Limits,
         call_spin: Duration,
@@ -55,7 +75,8 @@ impl Pools {
         Pools {
             id: NEXT_POOLS_ID.fetch_add(1, Ordering::Relaxed),
             mesh,
-            source,
+            sources: sources.into(),
+            peers,
             link,
             limits,
             call_spin,
@@ -64,112 +85,188 @@ impl Pools {
         }
     }
 
-    /// The pool of `service`, made (and its watch started) on first use.
+    /// The pool of `service`, made (and its watches started) on first use.
     pub(crate) fn get(&self, service: &ServiceName) -> Arc<Pool> {
         let mut pools = self.map.lock();
         pools
             .entry(service.clone())
             .or_insert_with(|| {
                 let pool = Arc::new(Pool {
-                    source: self.source.clone(),
+                    sources: self.sources.clone(),
                     service: service.clone(),
-                    state: Mutex::new(PoolState::default()),
+                    state: Mutex::new(PoolState::new(self.sources.len())),
                     connecting: tokio::sync::Mutex::new(()),
                     balancer: PowerOfTwo::new(),
                 });
-                spawn_watch(&self.runtime, &pool);
+                for i in 0..self.sources.len() {
+                    spawn_watch(&self.runtime, &pool, i);
+                }
                 pool
             })
             .clone()
     }
 
-    /// The known instances of a pool (scanning once if none are known yet).
+    /// The instances of a pool reached over shared memory (scanning this
+    /// host once if its watch has not said yet).
     pub(crate) fn instances_of(&self, pool: &Arc<Pool>) -> Vec<Instance> {
-        let known = pool.state.lock().instances.clone();
-        if !known.is_empty() {
-            return known;
-        }
-        let scanned = pool.source.instances(&pool.service).unwrap_or_default();
-        pool.state.lock().set_instances(scanned.clone());
-        scanned
+        pool.local_tier().unwrap_or_default()
     }
 
-    /// Picks an instance (least loaded of two random choices) and returns a
-    /// live link to it, connecting if needed.
-    pub(crate) async fn pick(&self, pool: &Arc<Pool>) -> Result<Arc<ClientConn>, Status> {
-        let mut instances = pool.state.lock().instances.clone();
-        if instances.is_empty() {
-            // The watch may not have delivered its first snapshot yet.
-            instances = pool.source.instances(&pool.service).map_err(|e| {
+    /// Picks an instance for a call with the transport `preference` and
+    /// returns a live link to it, connecting if needed. `deadline` bounds
+    /// the wait for peers that have not listed their instances yet.
+    pub(crate) async fn pick(
+        &self,
+        pool: &Arc<Pool>,
+        preference: TransportPreference,
+        deadline: Option<Deadline>,
+    ) -> Result<Endpoint, Status> {
+        let mut tried = 0;
+        // Why the last local instance could not be reached.
+        let mut failed: Option<Status> = None;
+        if preference != TransportPreference::Tls {
+            let mut local = pool.local_tier().map_err(|e| {
                 Status::unavailable(format!("cannot list instances of {}: {e}", pool.service))
             })?;
-            pool.state.lock().set_instances(instances.clone());
-        }
-        let mut tried = 0;
-        while !instances.is_empty() {
-            let idx = choose(pool, &instances, &pool.state.lock().conns);
-            let inst = instances.swap_remove(idx);
-            tried += 1;
-            match self.connect(pool, &inst).await {
-                Ok(c) => return Ok(c),
-                Err(e) => {
-                    tracing::debug!("instance {} of {} unusable: {e}", inst.id, pool.service);
-                    let mut state = pool.state.lock();
-                    let mut left = std::mem::take(&mut state.instances);
-                    left.retain(|i| i.id != inst.id);
-                    state.set_instances(left);
+            while !local.is_empty() {
+                let idx = pool.choose(&local);
+                let inst = local.swap_remove(idx);
+                tried += 1;
+                match self.connect(pool, &inst).await {
+                    Ok(ep) => return Ok(ep),
+                    Err(e) => {
+                        tracing::debug!("instance {} of {} unusable: {e}", inst.id, pool.service);
+                        pool.state.lock().forget(inst.id);
+                        failed = Some(e);
+                    }
                 }
             }
         }
+        let peers = match (&self.peers, preference) {
+            (Some(peers), TransportPreference::Auto | TransportPreference::Tls) => peers,
+            (None, TransportPreference::Tls) => {
+                return Err(Status::failed_precondition(
+                    "the TLS transport is not configured (no listen address or peers)",
+                ));
+            }
+            _ => return Err(self.none_reached(pool, tried, failed)),
+        };
+        let mut remote = pool.state.lock().remote.clone();
+        if remote.is_empty() {
+            // The pool's watch of the peers may not have delivered yet: ask
+            // them directly, after waiting for those that have not listed
+            // their instances yet.
+            if peers.any_untried() {
+                let wait = deadline.map_or(FIRST_LISTING_WAIT, |d| {
+                    d.remaining().min(FIRST_LISTING_WAIT)
+                });
+                peers.wait_listed(wait).await;
+            }
+            remote = peers.instances_of(&pool.service);
+        }
+        if remote.is_empty() {
+            if let Some(status) = failed {
+                return Err(status);
+            }
+            // Not found only once every peer has said what it serves: a
+            // deadline that passes while a peer is still being reached is
+            // the deadline's failure.
+            if deadline.is_some_and(Deadline::is_expired) && peers.any_untried() {
+                return Err(Status::deadline_exceeded(format!(
+                    "the deadline passed while peers were still being asked for service '{}'",
+                    pool.service
+                )));
+            }
+            return Err(Status::not_found(format!(
+                "no instance of service '{}' (locally or at any peer)",
+                pool.service
+            )));
+        }
+        let inst = &remote[pool.choose(&remote)];
+        let ep = self.connect(pool, inst).await?;
+        if let (Some(_), Endpoint::Tls(peer)) = (&failed, &ep) {
+            peers.count_fallback(&pool.service, &peer.addr);
+        }
+        Ok(ep)
+    }
+
+    /// The failure of a pick that reached no instance.
+    fn none_reached(&self, pool: &Pool, tried: usize, failed: Option<Status>) -> Status {
         if tried == 0 {
-            Err(Status::not_found(format!(
+            Status::not_found(format!(
                 "no instance of service '{}' in mesh '{}'",
                 pool.service, self.mesh
-            )))
+            ))
         } else {
-            Err(Status::unavailable(format!(
+            let _ = failed;
+            Status::unavailable(format!(
                 "no reachable instance of service '{}' ({tried} tried)",
                 pool.service
-            )))
+            ))
         }
     }
 
+    /// A live link to `inst`, made by its endpoint's scheme if there is
+    /// none yet: a shared-memory link of our own, or the connection to the
+    /// TLS peer that listed it.
     pub(crate) async fn connect(
         &self,
         pool: &Arc<Pool>,
         inst: &Instance,
-    ) -> Result<Arc<ClientConn>, Status> {
-        if let Some(c) = pool.state.lock().conns.get(&inst.id) {
-            if c.is_alive() {
-                return Ok(c.clone());
+    ) -> Result<Endpoint, Status> {
+        if let Some(ep) = pool.state.lock().conns.get(&inst.id) {
+            if ep.is_alive() {
+                return Ok(ep.clone());
             }
         }
         let _one_at_a_time = pool.connecting.lock().await;
-        if let Some(c) = pool.state.lock().conns.get(&inst.id) {
-            if c.is_alive() {
-                return Ok(c.clone());
+        if let Some(ep) = pool.state.lock().conns.get(&inst.id) {
+            if ep.is_alive() {
+                return Ok(ep.clone());
             }
         }
-        let commy_core::Endpoint::Shm(addr) = &inst.endpoint else {
-            return Err(Status::unavailable(
-                "only shared-memory endpoints are supported",
-            ));
+        let ep = match &inst.endpoint {
+            commy_core::Endpoint::Shm(addr) => {
+                let path = addr.to_path_buf();
+                let link_config = self.link.clone();
+                let link = tokio::task::spawn_blocking(move || ShmLink::connect(path, link_config))
+                    .await
+                    .map_err(|e| Status::internal(format!("connect task failed: {e}")))?
+                    .map_err(|e| {
+                        Status::unavailable(format!("cannot connect to {}: {e}", inst.id))
+                    })?;
+                Endpoint::Shm(ClientConn::start(
+                    inst.id,
+                    link,
+                    self.limits,
+                    self.call_spin,
+                ))
+            }
+            commy_core::Endpoint::Tls(addr) => {
+                let peer = self
+                    .peers
+                    .as_ref()
+                    .and_then(|p| p.peer(addr))
+                    .ok_or_else(|| {
+                        Status::unavailable(format!("{addr} is not a peer of this mesh handle"))
+                    })?;
+                Endpoint::Tls(peer.clone())
+            }
+            other => {
+                return Err(Status::unavailable(format!(
+                    "instance {} has an endpoint this mesh cannot reach: {other}",
+                    inst.id
+                )));
+            }
         };
-        let path = addr.to_path_buf();
-        let link_config = self.link.clone();
-        let link = tokio::task::spawn_blocking(move || ShmLink::connect(path, link_config))
-            .await
-            .map_err(|e| Status::internal(format!("connect task failed: {e}")))?
-            .map_err(|e| Status::unavailable(format!("cannot connect to {}: {e}", inst.id)))?;
-        let conn = ClientConn::start(inst.id, link, self.limits, self.call_spin);
-        pool.state.lock().conns.insert(inst.id, conn.clone());
-        Ok(conn)
+        pool.state.lock().conns.insert(inst.id, ep.clone());
+        Ok(ep)
     }
 
-    /// The fast path of picking: a live link to an instance of a service
-    /// already known, chosen like [`pick`](Pools::pick), without allocating.
-    /// Also says whether the call must be counted for balancing (only if
-    /// there are several instances).
+    /// The fast path of picking: a live shared-memory link to an instance
+    /// of a service already known, chosen like [`pick`](Pools::pick),
+    /// without allocating. Also says whether the call must be counted for
+    /// balancing (only if there are several instances).
     ///
     /// A service with one instance is remembered per thread (see
     /// [`LastCalled`]): calling it again skips the pool's two locks.
@@ -180,15 +277,15 @@ impl Pools {
         let pools = self.map.lock();
         let pool = pools.get(name)?;
         let state = pool.state.lock();
-        if state.instances.is_empty() {
+        if state.local.is_empty() {
             return None;
         }
-        let idx = choose(pool, &state.instances, &state.conns);
-        let conn = state.conns.get(&state.instances[idx].id)?;
+        let idx = pool.choose_in(&state.local, &state.conns);
+        let conn = state.conns.get(&state.local[idx].id)?.shm()?;
         if !conn.is_alive() {
             return None;
         }
-        let several = state.instances.len() > 1;
+        let several = state.local.len() > 1;
         if !several {
             // Under the pool's lock, like every change of its instances,
             // which clears the mark again.
@@ -205,20 +302,64 @@ impl Pools {
 }
 
 /// A pool's instances and our links to them, under one lock.
-#[derive(Default)]
 pub(crate) struct PoolState {
-    instances: Vec<Instance>,
-    conns: FxHashMap<InstanceId, Arc<ClientConn>>,
+    /// Each source's last set (`None` until its watch first delivers).
+    sets: Vec<Option<Vec<Instance>>>,
+    /// The instances reached over shared memory, from every source.
+    local: Vec<Instance>,
+    /// The instances reached over TLS, from every source.
+    remote: Vec<Instance>,
+    conns: FxHashMap<InstanceId, Endpoint>,
 }
 
 impl PoolState {
-    /// Replaces the known instances. No link stays marked as its service's
-    /// only one ([`ClientConn::sole`]) until a call finds it so again.
-    fn set_instances(&mut self, instances: Vec<Instance>) {
-        for c in self.conns.values() {
-            c.sole.store(false, Ordering::Relaxed);
+    fn new(sources: usize) -> PoolState {
+        PoolState {
+            sets: vec![None; sources],
+            local: Vec::new(),
+            remote: Vec::new(),
+            conns: FxHashMap::default(),
         }
-        self.instances = instances;
+    }
+
+    /// Replaces source `i`'s set and with it the tiers. No link stays
+    /// marked as its service's only one ([`ClientConn::sole`]) until a call
+    /// finds it so again.
+    fn set_source(&mut self, i: usize, set: Vec<Instance>) {
+        self.sets[i] = Some(set);
+        self.rebuild();
+    }
+
+    /// Forgets an instance that could not be reached (its source's next
+    /// set may bring it back).
+    fn forget(&mut self, id: InstanceId) {
+        for set in self.sets.iter_mut().flatten() {
+            set.retain(|i| i.id != id);
+        }
+        self.rebuild();
+    }
+
+    fn rebuild(&mut self) {
+        for ep in self.conns.values() {
+            if let Some(conn) = ep.shm() {
+                conn.sole.store(false, Ordering::Relaxed);
+            }
+        }
+        self.local.clear();
+        self.remote.clear();
+        for inst in self.sets.iter().flatten().flatten() {
+            let tier = match inst.endpoint {
+                commy_core::Endpoint::Shm(_) => &mut self.local,
+                commy_core::Endpoint::Tls(_) => &mut self.remote,
+                _ => continue,
+            };
+            if !tier.iter().any(|i| i.id == inst.id) {
+                tier.push(inst.clone());
+            }
+        }
+        let (local, remote) = (&self.local, &self.remote);
+        self.conns
+            .retain(|id, ep| ep.is_alive() && local.iter().chain(remote).any(|i| i.id == *id));
     }
 }
 
@@ -268,8 +409,8 @@ impl LastCalled {
 
 /// The client side of one service: its instances and our links to them.
 pub(crate) struct Pool {
-    /// Where its instances are found (services or topics).
-    source: Arc<dyn Discover>,
+    /// Where its instances are found (the first: this host).
+    sources: Arc<[Arc<dyn Discover>]>,
     pub(crate) service: ServiceName,
     state: Mutex<PoolState>,
     /// Serialises connection attempts per instance.
@@ -278,47 +419,56 @@ pub(crate) struct Pool {
 }
 
 impl Pool {
-    /// Whether the pool knows no instance (yet, or any more).
-    pub(crate) fn is_empty(&self) -> bool {
-        self.state.lock().instances.is_empty()
+    /// The instances reached over shared memory. If this host's source has
+    /// not delivered its first set yet (its watch runs as a task), it is
+    /// scanned now.
+    fn local_tier(&self) -> Result<Vec<Instance>, commy_discovery::DiscoveryError> {
+        {
+            let state = self.state.lock();
+            if !state.local.is_empty() || state.sets[0].is_some() {
+                return Ok(state.local.clone());
+            }
+        }
+        let scanned = self.sources[0].instances(&self.service)?;
+        let mut state = self.state.lock();
+        if state.sets[0].is_none() {
+            state.set_source(0, scanned);
+        }
+        Ok(state.local.clone())
+    }
+
+    /// Chooses among `instances` (not empty) by their links' load.
+    fn choose(&self, instances: &[Instance]) -> usize {
+        let state = self.state.lock();
+        self.choose_in(instances, &state.conns)
+    }
+
+    /// The instance a call goes to: the less loaded of two random choices
+    /// (by calls in flight on our links). `instances` is not empty.
+    fn choose_in(&self, instances: &[Instance], conns: &FxHashMap<InstanceId, Endpoint>) -> usize {
+        let load = |i: usize| conns.get(&instances[i].id).map_or(0, Endpoint::in_flight);
+        self.balancer.pick(instances.len(), load).unwrap_or(0)
     }
 }
 
-/// The instance a call goes to: the less loaded of two random choices (by
-/// calls in flight on our links). `instances` is not empty.
-pub(crate) fn choose(
-    pool: &Pool,
-    instances: &[Instance],
-    conns: &FxHashMap<InstanceId, Arc<ClientConn>>,
-) -> usize {
-    let load = |i: usize| {
-        conns
-            .get(&instances[i].id)
-            .map_or(0, |c| c.in_flight.load(Ordering::Relaxed) as u64)
-    };
-    pool.balancer.pick(instances.len(), load).unwrap_or(0)
-}
-
-/// Keeps `pool.instances` up to date from the local registry's watch, and
-/// drops links to instances that vanished.
-pub(crate) fn spawn_watch(runtime: &tokio::runtime::Handle, pool: &Arc<Pool>) {
+/// Keeps source `i`'s part of `pool` up to date from its watch, and drops
+/// links to instances that vanished.
+fn spawn_watch(runtime: &tokio::runtime::Handle, pool: &Arc<Pool>, i: usize) {
     let weak = Arc::downgrade(pool);
-    let watch = pool.source.watch(&pool.service);
-    let service = pool.service.clone();
+    let source = &pool.sources[i];
+    let watch = source.watch(&pool.service);
+    let (service, name) = (pool.service.clone(), source.name());
     runtime.spawn(async move {
         let mut watch = match watch {
             Ok(w) => w,
             Err(e) => {
-                tracing::warn!("cannot watch instances of {service}: {e}");
+                tracing::warn!("cannot watch instances of {service} ({name}): {e}");
                 return;
             }
         };
         while let Some(set) = std::future::poll_fn(|cx| watch.as_mut().poll_next(cx)).await {
             let Some(pool) = weak.upgrade() else { return };
-            let mut state = pool.state.lock();
-            state.set_instances(set);
-            let PoolState { instances, conns } = &mut *state;
-            conns.retain(|id, c| c.is_alive() && instances.iter().any(|i| i.id == *id));
+            pool.state.lock().set_source(i, set);
         }
     });
 }

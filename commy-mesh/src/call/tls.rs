@@ -13,10 +13,12 @@ use bytes::Bytes;
 use commy_core::{
     Deadline, Endpoint, InstanceId, Limits, Metadata, ServiceName, Status, TlsAddr, TopicName,
 };
-use commy_discovery::{Instance, PowerOfTwo, RoundRobin};
+use commy_discovery::{Discover, DiscoveryError, Instance, InstanceStream, RoundRobin};
 use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
 use tokio::sync::watch;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::WatchStream;
 
 use crate::response::Response;
 use crate::wire::{
@@ -32,20 +34,64 @@ pub(crate) struct PeerState {
     /// Becomes true once the first listing attempt finished (either way).
     pub(crate) tried: watch::Sender<bool>,
     pub(crate) in_flight: AtomicUsize,
+    /// Limits on what the peer answers.
+    limits: Limits,
+    /// The metadata section of calls without metadata of their own, per
+    /// service called (it holds nothing but the service header).
+    plain: Mutex<FxHashMap<ServiceName, Bytes>>,
+}
+
+impl PeerState {
+    /// Calls `service` on this peer (`oneway`: a message with no answer).
+    pub(crate) async fn call(
+        &self,
+        service: &ServiceName,
+        payload: Bytes,
+        metadata: &Metadata,
+        deadline: Option<Deadline>,
+        oneway: bool,
+    ) -> Result<Response, Status> {
+        let md = if metadata.is_empty() {
+            let mut plain = self.plain.lock();
+            match plain.get(service) {
+                Some(md) => md.clone(),
+                None => {
+                    let md = service_metadata(service, &Metadata::default());
+                    plain.insert(service.clone(), md.clone());
+                    md
+                }
+            }
+        } else {
+            service_metadata(service, metadata)
+        };
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let _done = DecOnDrop(&self.in_flight);
+        if oneway {
+            self.client.send(md, payload, deadline).await?;
+            return Ok(Response::new(Bytes::new()));
+        }
+        let reply = self.client.call(md, payload, deadline).await?;
+        let metadata = decode_metadata(&reply.metadata, &self.limits)
+            .map_err(|e| Status::internal(format!("malformed response metadata: {e}")))?;
+        Ok(Response::new(reply.payload).with_metadata(metadata))
+    }
+}
+
+/// `metadata` with the header naming `service` added, encoded.
+fn service_metadata(service: &ServiceName, metadata: &Metadata) -> Bytes {
+    let mut md = metadata.clone();
+    md.add_header(SERVICE_HEADER, service.as_str().as_bytes().to_vec());
+    Bytes::from(md.encode())
 }
 
 /// The peer processes whose instances this handle may call over TLS,
 /// each watched through its listing.
 pub(crate) struct Peers {
     peers: Vec<Arc<PeerState>>,
-    limits: Limits,
     fallbacks: AtomicU64,
-    /// Services called over TLS so far (later calls to a service with no
-    /// local instance go to TLS directly), with their metadata section for
-    /// calls without metadata of their own.
-    known: Mutex<FxHashMap<ServiceName, Bytes>>,
-    /// Picks the peer a call goes to.
-    balancer: PowerOfTwo,
+    /// Bumped whenever a peer's listing changes (pools watch it through
+    /// [`PeerSource`]).
+    changes: Arc<watch::Sender<u64>>,
     /// Picks the peer that takes a message of a queue group.
     groups: RoundRobin,
 }
@@ -58,6 +104,7 @@ impl Peers {
         limits: Limits,
         closed: Arc<AtomicBool>,
     ) -> Peers {
+        let changes = Arc::new(watch::channel(0).0);
         let mut peers = Vec::new();
         for (addr, client) in clients {
             let peer = Arc::new(PeerState {
@@ -66,20 +113,43 @@ impl Peers {
                 listing: Mutex::new(None),
                 tried: watch::channel(false).0,
                 in_flight: AtomicUsize::new(0),
+                limits,
+                plain: Mutex::new(FxHashMap::default()),
             });
-            tokio::spawn(watch_peer(Arc::downgrade(&peer), closed.clone()));
+            tokio::spawn(watch_peer(
+                Arc::downgrade(&peer),
+                closed.clone(),
+                changes.clone(),
+            ));
             peers.push(peer);
         }
         Peers {
             peers,
-            limits,
             fallbacks: AtomicU64::new(0),
-            known: Mutex::new(FxHashMap::default()),
-            balancer: PowerOfTwo::new(),
+            changes,
             groups: RoundRobin::new(),
         }
     }
 
+    /// The peer at `addr`, if it is one of ours.
+    pub(crate) fn peer(&self, addr: &TlsAddr) -> Option<&Arc<PeerState>> {
+        self.peers.iter().find(|p| &p.addr == addr)
+    }
+
+    /// The instances of `service` the peers listed last.
+    pub(crate) fn instances_of(&self, service: &ServiceName) -> Vec<Instance> {
+        let mut out = self.remote_instances();
+        out.retain(|i| &i.service == service);
+        out
+    }
+
+    /// Counts a call that went over TLS because shared memory failed at
+    /// connect.
+    pub(crate) fn count_fallback(&self, service: &ServiceName, to: &TlsAddr) {
+        self.fallbacks.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("commy_transport_fallback_total").increment(1);
+        tracing::debug!("shared memory to '{service}' failed: calling {to} over TLS");
+    }
     /// Publishes to the subscribers the peers listed for topic key `key`
     /// (except the `local` ones, reached over shared memory) and to one
     /// member of each of their queue groups not in `groups_done`. Returns
@@ -200,113 +270,6 @@ impl Peers {
         self.peers.iter().any(|p| !*p.tried.borrow())
     }
 
-    /// Whether peer `p` serves `service` (other than the `exclude`d instances).
-    pub(crate) fn serves(p: &PeerState, service: &ServiceName, exclude: &[InstanceId]) -> bool {
-        p.listing.lock().as_ref().is_some_and(|l| {
-            l.instances
-                .iter()
-                .any(|(s, id)| s == service && !exclude.contains(id))
-        })
-    }
-
-    /// A peer serving `service`: the less loaded of two (by calls in flight).
-    pub(crate) fn pick_peer(
-        &self,
-        service: &ServiceName,
-        exclude: &[InstanceId],
-    ) -> Option<&Arc<PeerState>> {
-        let serving = |p: &&Arc<PeerState>| Self::serves(p, service, exclude);
-        let nth = |i: usize| self.peers.iter().filter(serving).nth(i);
-        let n = self.peers.iter().filter(serving).count();
-        let load =
-            |i: usize| nth(i).map_or(u64::MAX, |p| p.in_flight.load(Ordering::Relaxed) as u64);
-        nth(self.balancer.pick(n, load)?)
-    }
-
-    /// Whether a call to `service` should skip the local lookup: it was
-    /// done before, found nothing, and peers serve the service.
-    pub(crate) fn go_remote(&self, service: &ServiceName, local_empty: bool) -> bool {
-        local_empty
-            && self.known.lock().contains_key(service)
-            && self.pick_peer(service, &[]).is_some()
-    }
-
-    /// Calls `service` on a peer. `exclude`: instances reached locally;
-    /// `shm_failed`: shared memory failed at connect (counted as a fallback
-    /// if a peer takes the call).
-    pub(crate) async fn call(
-        &self,
-        service: &ServiceName,
-        payload: Bytes,
-        metadata: &Metadata,
-        deadline: Option<Deadline>,
-        exclude: &[InstanceId],
-        kind: CallKind,
-    ) -> Result<Response, Status> {
-        let plain_md = {
-            let mut known = self.known.lock();
-            match known.get(service) {
-                Some(md) => md.clone(),
-                None => {
-                    let mut md = Metadata::default();
-                    md.add_header(SERVICE_HEADER, service.as_str().as_bytes().to_vec());
-                    let md = Bytes::from(md.encode());
-                    known.insert(service.clone(), md.clone());
-                    md
-                }
-            }
-        };
-        let mut peer = self.pick_peer(service, exclude);
-        if peer.is_none() && self.any_untried() {
-            let wait = deadline.map_or(Duration::from_secs(3), |d| {
-                d.remaining().min(Duration::from_secs(3))
-            });
-            self.wait_listed(wait).await;
-            peer = self.pick_peer(service, exclude);
-        }
-        let Some(peer) = peer else {
-            if let Some(status) = kind.fallback {
-                return Err(status);
-            }
-            // Not found only once every peer has said what it serves: a
-            // deadline that passes while a peer is still being reached is
-            // the deadline's failure.
-            if deadline.is_some_and(Deadline::is_expired) && self.any_untried() {
-                return Err(Status::deadline_exceeded(format!(
-                    "the deadline passed while peers were still being asked for service '{service}'"
-                )));
-            }
-            return Err(Status::not_found(format!(
-                "no instance of service '{service}' (locally or at any peer)"
-            )));
-        };
-        if kind.fallback.is_some() {
-            self.fallbacks.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("commy_transport_fallback_total").increment(1);
-            tracing::debug!(
-                "shared memory to '{service}' failed: calling {} over TLS",
-                peer.addr
-            );
-        }
-        let md = if metadata.is_empty() {
-            plain_md
-        } else {
-            let mut md = metadata.clone();
-            md.add_header(SERVICE_HEADER, service.as_str().as_bytes().to_vec());
-            Bytes::from(md.encode())
-        };
-        peer.in_flight.fetch_add(1, Ordering::Relaxed);
-        let _done = DecOnDrop(&peer.in_flight);
-        if kind.oneway {
-            peer.client.send(md, payload, deadline).await?;
-            return Ok(Response::new(Bytes::new()));
-        }
-        let reply = peer.client.call(md, payload, deadline).await?;
-        let metadata = decode_metadata(&reply.metadata, &self.limits)
-            .map_err(|e| Status::internal(format!("malformed response metadata: {e}")))?;
-        Ok(Response::new(reply.payload).with_metadata(metadata))
-    }
-
     /// Drops the connections to every peer.
     pub(crate) fn disconnect(&self) {
         for p in &self.peers {
@@ -315,16 +278,7 @@ impl Peers {
     }
 }
 
-/// What kind of call [`NetState::call`] makes.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct CallKind {
-    /// A one-way message (no response).
-    pub(crate) oneway: bool,
-    /// Shared memory failed at connect with this: counted as a fallback
-    /// if a peer takes the call, returned if none can.
-    pub(crate) fallback: Option<Status>,
-}
-
+/// Decrements a counter when dropped.
 pub(crate) struct DecOnDrop<'a>(&'a AtomicUsize);
 
 impl Drop for DecOnDrop<'_> {
@@ -334,7 +288,11 @@ impl Drop for DecOnDrop<'_> {
 }
 
 /// Keeps a peer's listing current by long-polling its control service.
-pub(crate) async fn watch_peer(peer: std::sync::Weak<PeerState>, closed: Arc<AtomicBool>) {
+pub(crate) async fn watch_peer(
+    peer: std::sync::Weak<PeerState>,
+    closed: Arc<AtomicBool>,
+    changes: Arc<watch::Sender<u64>>,
+) {
     let mut backoff =
         commy_net::mux::Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
     let mut md = Metadata::default();
@@ -361,6 +319,7 @@ pub(crate) async fn watch_peer(peer: std::sync::Weak<PeerState>, closed: Arc<Ato
             Ok(reply) => match postcard::from_bytes::<Listing>(&reply.payload) {
                 Ok(listing) => {
                     *p.listing.lock() = Some(listing);
+                    changes.send_modify(|v| *v += 1);
                     backoff.reset();
                     false
                 }
@@ -382,5 +341,26 @@ pub(crate) async fn watch_peer(peer: std::sync::Weak<PeerState>, closed: Arc<Ato
             }
             tokio::time::sleep(backoff.next_delay().max(Duration::from_millis(10))).await;
         }
+    }
+}
+
+/// The peers as a discovery source: the instances their listings name,
+/// reached over TLS. Pools take it beside the local source, so one pool
+/// holds a service's local and remote instances.
+pub(crate) struct PeerSource(pub(crate) Arc<Peers>);
+
+impl Discover for PeerSource {
+    fn name(&self) -> &'static str {
+        "peers"
+    }
+
+    fn instances(&self, service: &ServiceName) -> Result<Vec<Instance>, DiscoveryError> {
+        Ok(self.0.instances_of(service))
+    }
+
+    fn watch(&self, service: &ServiceName) -> Result<InstanceStream, DiscoveryError> {
+        let (peers, service) = (self.0.clone(), service.clone());
+        let changes = WatchStream::new(self.0.changes.subscribe());
+        Ok(Box::pin(changes.map(move |_| peers.instances_of(&service))))
     }
 }

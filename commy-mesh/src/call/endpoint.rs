@@ -1,0 +1,111 @@
+//! One instance as a call reaches it: an [`Endpoint`] is a live link over
+//! one of the two transports. Everything above it (the pool's pick, the
+//! balancer, the mesh's call methods) is transport-agnostic; the transport
+//! is decided here, in each method, and where a link is made
+//! ([`Pools::connect`](crate::call::pool::Pools::connect), by the
+//! instance's endpoint scheme).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use commy_core::{Metadata, ServiceName, Status};
+
+use crate::call::deadline::Due;
+use crate::call::shm::ClientConn;
+use crate::call::tls::PeerState;
+use crate::response::Response;
+
+/// A live link to an instance: a shared-memory link of our own, or the TLS
+/// connection to the peer process that serves it (shared by all the
+/// instances that process serves). Cloning one clones a reference.
+#[derive(Clone)]
+pub(crate) enum Endpoint {
+    /// A shared-memory link to an instance on this host.
+    Shm(Arc<ClientConn>),
+    /// The connection to a peer process over TLS.
+    Tls(Arc<PeerState>),
+}
+
+impl Endpoint {
+    /// Calls `service` with `payload`. `balanced`: count the call in the
+    /// endpoint's load (only needed when there are instances to choose
+    /// between); `spin`: the call's polling budget on shared memory.
+    pub(crate) async fn call(
+        &self,
+        service: &ServiceName,
+        payload: Bytes,
+        metadata: &Metadata,
+        mut due: Due,
+        balanced: bool,
+        spin: Option<Duration>,
+    ) -> Result<Response, Status> {
+        match self {
+            Endpoint::Shm(conn) => conn.call(payload, metadata, due, balanced, spin).await,
+            Endpoint::Tls(peer) => {
+                peer.call(service, payload, metadata, due.absolute(), false)
+                    .await
+            }
+        }
+    }
+
+    /// Sends a one-way message to `service` (no answer).
+    pub(crate) async fn send(
+        &self,
+        service: &ServiceName,
+        payload: Bytes,
+        metadata: &Metadata,
+        mut due: Due,
+    ) -> Result<(), Status> {
+        match self {
+            Endpoint::Shm(conn) => conn.send_oneway(&payload, metadata),
+            Endpoint::Tls(peer) => peer
+                .call(service, payload, metadata, due.absolute(), true)
+                .await
+                .map(drop),
+        }
+    }
+
+    /// Sends a published message (its topic in `metadata`) to one
+    /// subscriber. Subscribers at TLS peers are reached through their
+    /// process's publish service instead (see
+    /// [`Peers::publish`](crate::call::tls::Peers::publish)).
+    pub(crate) fn send_publish(&self, metadata: &[u8], payload: &[u8]) -> Result<(), Status> {
+        match self {
+            Endpoint::Shm(conn) => conn.send_publish(metadata, payload),
+            Endpoint::Tls(peer) => Err(Status::failed_precondition(format!(
+                "a subscriber at peer {} is published to through its process's publish service",
+                peer.addr
+            ))),
+        }
+    }
+
+    /// Calls in flight on this endpoint (its load for balancing).
+    pub(crate) fn in_flight(&self) -> u64 {
+        let n = match self {
+            Endpoint::Shm(conn) => conn.in_flight.load(Ordering::Relaxed),
+            Endpoint::Tls(peer) => peer.in_flight.load(Ordering::Relaxed),
+        };
+        n as u64
+    }
+
+    /// Whether the endpoint can still carry calls: a shared-memory link
+    /// whose peer is gone cannot (the next call makes a new one); a TLS
+    /// peer reconnects by itself.
+    pub(crate) fn is_alive(&self) -> bool {
+        match self {
+            Endpoint::Shm(conn) => conn.is_alive(),
+            Endpoint::Tls(_) => true,
+        }
+    }
+
+    /// The shared-memory link, for the paths that only exist there (the
+    /// allocation-free fast path, callback and token calls).
+    pub(crate) fn shm(&self) -> Option<&Arc<ClientConn>> {
+        match self {
+            Endpoint::Shm(conn) => Some(conn),
+            Endpoint::Tls(_) => None,
+        }
+    }
+}
