@@ -31,7 +31,7 @@ pub(crate) mod shm;
 pub(crate) mod table;
 pub(crate) mod tls;
 
-pub use crate::netconfig::TransportPreference;
 pub use crate::response::Response;
+pub use commy_config::TransportPreference;
 pub use commy_core::{Deadline, Metadata};
 pub use options::CallOptions;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use commy_core::{Limits, MeshName};
 use commy_shm::LinkConfig;
 
-use crate::netconfig::{NetConfig, TransportPreference};
+use commy_config::{NetConfig, TransportPreference};
 
 /// Settings of a mesh handle. `Config::default()` is the embedded default:
 /// mesh `default`, local discovery in the runtime dir, nothing to write first.
@@ -144,7 +144,7 @@ impl MeshBuilder {
     /// (`tls://ADDR:PORT`; port 0 picks a free one, which
     /// [`Mesh::tls_endpoint`](crate::Mesh::tls_endpoint) then names).
     pub fn listen(mut self, endpoint: &str) -> MeshBuilder {
-        match crate::netconfig::parse_listen(endpoint) {
+        match commy_config::parse_listen(endpoint) {
             Ok(a) => self.config.net.listen = Some(a),
             Err(e) => self.error = Some(format!("invalid listen endpoint: {e}")),
         }
@@ -153,7 +153,7 @@ impl MeshBuilder {
 
     /// Adds a static peer (`tls://HOST:PORT`) whose instances may be called.
     pub fn peer(mut self, endpoint: &str) -> MeshBuilder {
-        match crate::netconfig::parse_tls(endpoint) {
+        match commy_config::parse_tls(endpoint) {
             Ok(a) => self.config.net.peers.push(a),
             Err(e) => self.error = Some(format!("invalid peer endpoint: {e}")),
         }

@@ -43,7 +43,6 @@ use crate::config::{Config, MeshBuilder};
 use crate::embed::answers::Claims;
 use crate::embed::driven::DrivenLink;
 use crate::net::NetState;
-use crate::netconfig::TransportPreference;
 use crate::pubsub::{PubSub, SubscribeOptions, Subscription};
 use crate::response::Response;
 use crate::serve::dispatch::ServeCtx;
@@ -53,6 +52,7 @@ use crate::serve::request::{Request, interned};
 use crate::serve::responder::Responder;
 use crate::serve::service::{Served, ServiceHandle};
 use crate::serve::shm::serve_link;
+use commy_config::TransportPreference;
 
 /// Errors from [`Mesh::open`].
 #[derive(Debug, thiserror::Error)]

@@ -24,10 +24,10 @@ use rustc_hash::FxHashMap;
 use tokio::sync::watch;
 
 use crate::call::tls::Peers;
-use crate::netconfig::{NetConfig, TransportPreference};
 use crate::pubsub::Queue;
 use crate::serve::dispatch::ServeCtx;
 use crate::serve::tls::Router;
+use commy_config::{NetConfig, TransportPreference};
 
 /// The network side of a mesh handle.
 pub(crate) struct NetState {
@@ -113,7 +113,7 @@ impl NetState {
                 ca.credentials(&LeafSpec::for_this_host(identity, &extra))?
             }
         };
-        let mut link = config.link.clone();
+        let mut link = commy_net::Settings::default();
         link.limits = limits;
         let router = Arc::new(Router {
             services: Mutex::new(FxHashMap::default()),

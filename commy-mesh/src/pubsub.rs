@@ -47,8 +47,8 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::accept::start_accepting;
 use crate::call::pool::Pools;
-use crate::netconfig::TransportPreference;
 use crate::wire::TOPIC_HEADER;
+use commy_config::TransportPreference;
 
 /// What happens when a subscriber's queue is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

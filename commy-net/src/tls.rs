@@ -227,14 +227,7 @@ pub fn default_dev_ca_dir() -> Result<PathBuf, TlsError> {
 /// The user's commy config dir: `$XDG_CONFIG_HOME/commy`, else
 /// `$HOME/.config/commy`.
 pub fn config_dir() -> Result<PathBuf, TlsError> {
-    let base = match std::env::var_os("XDG_CONFIG_HOME").filter(|v| !v.is_empty()) {
-        Some(x) => PathBuf::from(x),
-        None => match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
-            Some(h) => PathBuf::from(h).join(".config"),
-            None => return Err(TlsError::NoConfigDir),
-        },
-    };
-    Ok(base.join("commy"))
+    commy_config::user_config_dir().ok_or(TlsError::NoConfigDir)
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> TlsError + 'a {

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use commy_core::{Deadline, Metadata};
 
-use crate::netconfig::TransportPreference;
+use commy_config::TransportPreference;
 
 /// Options of one call.
 #[derive(Debug, Clone, Default)]

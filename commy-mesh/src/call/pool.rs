@@ -30,7 +30,7 @@ use rustc_hash::FxHashMap;
 use crate::call::endpoint::Endpoint;
 use crate::call::shm::ClientConn;
 use crate::call::tls::Peers;
-use crate::netconfig::TransportPreference;
+use commy_config::TransportPreference;
 
 /// Ids of pool sets, so a thread's [`LastCalled`] never mixes them up.
 static NEXT_POOLS_ID: AtomicU64 = AtomicU64::new(1);

@@ -1,8 +1,8 @@
 //! Network settings of a mesh handle: where to listen for TLS, which peers
 //! to ask for remote instances, which certificates to use and which
 //! transport calls take. Each setting comes from, in order: the
-//! [`MeshBuilder`](crate::MeshBuilder) (or [`Config::net`](crate::Config::net)),
-//! the environment, the config file.
+//! mesh handle's builder (or its config's `net`), the environment, the
+//! config file.
 //!
 //! | key (config file) | environment | meaning |
 //! |---|---|---|
@@ -19,7 +19,7 @@
 //! the file's directory.
 //!
 //! ```
-//! use commy_mesh::{NetConfig, TransportPreference};
+//! use commy_config::{NetConfig, TransportPreference};
 //!
 //! let dir = std::env::temp_dir().join(format!("commy-netconfig-doc-{}", std::process::id()));
 //! std::fs::create_dir_all(&dir).unwrap();
@@ -95,8 +95,6 @@ pub struct NetConfig {
     pub require_client_cert: Option<bool>,
     /// Which transport calls use.
     pub transport: Option<TransportPreference>,
-    /// Link timeouts and limits.
-    pub link: commy_net::Settings,
 }
 
 #[derive(serde::Deserialize)]
@@ -112,7 +110,7 @@ struct FileConfig {
 }
 
 /// Parses `tls://HOST:PORT`.
-pub(crate) fn parse_tls(text: &str) -> Result<TlsAddr, String> {
+pub fn parse_tls(text: &str) -> Result<TlsAddr, String> {
     match Endpoint::parse(text.trim()) {
         Ok(Endpoint::Tls(a)) => Ok(a),
         Ok(other) => Err(format!(
@@ -125,7 +123,7 @@ pub(crate) fn parse_tls(text: &str) -> Result<TlsAddr, String> {
 
 /// Parses a listen address: a `tls://HOST:PORT` endpoint, where port 0
 /// asks for a port the system picks.
-pub(crate) fn parse_listen(text: &str) -> Result<TlsAddr, String> {
+pub fn parse_listen(text: &str) -> Result<TlsAddr, String> {
     match text.trim().strip_suffix(":0") {
         // The host is parsed as in an endpoint with a real port.
         Some(rest) if rest.starts_with("tls://") => {
@@ -133,6 +131,16 @@ pub(crate) fn parse_listen(text: &str) -> Result<TlsAddr, String> {
         }
         _ => parse_tls(text),
     }
+}
+
+/// The user's Commy config directory: `$XDG_CONFIG_HOME/commy`, else
+/// `~/.config/commy`; `None` when neither variable is set.
+pub fn user_config_dir() -> Option<PathBuf> {
+    let base = match std::env::var_os("XDG_CONFIG_HOME").filter(|v| !v.is_empty()) {
+        Some(x) => PathBuf::from(x),
+        None => PathBuf::from(std::env::var_os("HOME").filter(|v| !v.is_empty())?).join(".config"),
+    };
+    Some(base.join("commy"))
 }
 
 impl NetConfig {
@@ -224,8 +232,7 @@ impl NetConfig {
                 ))
             };
         }
-        Ok(commy_net::tls::config_dir()
-            .ok()
+        Ok(user_config_dir()
             .map(|d| d.join("config.toml"))
             .filter(|p| p.is_file()))
     }
@@ -260,7 +267,7 @@ impl NetConfig {
     }
 
     /// Whether anything needs the network.
-    pub(crate) fn in_use(&self) -> bool {
+    pub fn in_use(&self) -> bool {
         self.listen.is_some()
             || !self.peers.is_empty()
             || self.transport == Some(TransportPreference::Tls)
