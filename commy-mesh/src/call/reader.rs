@@ -38,13 +38,13 @@ pub(crate) fn client_reader(conn: Weak<ClientConn>) {
     loop {
         {
             let Some(c) = conn.upgrade() else { return };
-            c.asleep.store(false, Ordering::Relaxed);
+            c.driving.asleep.store(false, Ordering::Relaxed);
             let mut earliest = c.expire();
             loop {
                 if !c.is_alive() {
                     return;
                 }
-                if c.driven.load(Ordering::Acquire) {
+                if c.driving.driven.load(Ordering::Acquire) {
                     naps = 0;
                     if !stand_by(&c, &mut earliest) {
                         return;
@@ -77,7 +77,7 @@ pub(crate) fn client_reader(conn: Weak<ClientConn>) {
                             if c.deliver(&msg, None).is_err() {
                                 return;
                             }
-                            linger = c.callbacks.load(Ordering::Relaxed);
+                            linger = c.driving.callbacks.load(Ordering::Relaxed);
                             // Deadlines are checked every so many answers,
                             // and whenever the ring stays empty until one.
                             delivered = delivered.wrapping_add(1);
@@ -96,15 +96,15 @@ pub(crate) fn client_reader(conn: Weak<ClientConn>) {
                     earliest = c.expire();
                 }
             }
-            if c.was_driven.load(Ordering::Relaxed) && naps < IDLE_NAPS {
+            if c.driving.was_driven.load(Ordering::Relaxed) && naps < IDLE_NAPS {
                 naps += 1;
                 drop(c);
                 std::thread::park_timeout(DRIVER_STUCK_AFTER);
                 continue;
             }
             // SYNC: see `ClientConn::claim`.
-            c.asleep.store(true, Ordering::SeqCst);
-            if c.driven.load(Ordering::SeqCst) {
+            c.driving.asleep.store(true, Ordering::SeqCst);
+            if c.driving.driven.load(Ordering::SeqCst) {
                 continue;
             }
         }
@@ -117,7 +117,7 @@ pub(crate) fn client_reader(conn: Weak<ClientConn>) {
 /// leaves the link unpolled for [`DRIVER_STUCK_AFTER`] or more. Returns
 /// once the driver gives the link back (true), or the link failed (false).
 pub(crate) fn stand_by(c: &ClientConn, earliest: &mut Option<Instant>) -> bool {
-    c.polled.store(false, Ordering::Release);
+    c.driving.polled.store(false, Ordering::Release);
     let mut seen = Instant::now();
     loop {
         let nap = earliest.map_or(DRIVER_STUCK_AFTER, |e| {
@@ -132,10 +132,10 @@ pub(crate) fn stand_by(c: &ClientConn, earliest: &mut Option<Instant>) -> bool {
         if earliest.is_some_and(|e| e <= now) || c.sooner.swap(false, Ordering::AcqRel) {
             *earliest = c.expire();
         }
-        if !c.driven.load(Ordering::Acquire) {
+        if !c.driving.driven.load(Ordering::Acquire) {
             return true;
         }
-        if c.polled.swap(false, Ordering::AcqRel) {
+        if c.driving.polled.swap(false, Ordering::AcqRel) {
             seen = now;
             continue;
         }
@@ -147,7 +147,8 @@ pub(crate) fn stand_by(c: &ClientConn, earliest: &mut Option<Instant>) -> bool {
         let Some(mut rx) = c.rx.try_lock() else {
             continue;
         };
-        while !c.polled.load(Ordering::Acquire) && c.driven.load(Ordering::Acquire) {
+        while !c.driving.polled.load(Ordering::Acquire) && c.driving.driven.load(Ordering::Acquire)
+        {
             let slice = Instant::now() + DRIVER_STUCK_AFTER;
             match rx.recv(Some(earliest.map_or(slice, |e| e.min(slice)))) {
                 Ok(msg) => {

@@ -103,10 +103,21 @@ pub(crate) struct ClientConn {
     /// Ends the reader's wait on the ring, which may be set for a later
     /// deadline than a call registered since.
     pub(crate) interrupt: commy_shm::WaitInterrupter,
-    /// Set while an [`AnswerDriver`] receives this link's answers (the
-    /// reader stands by, see [`stand_by`]).
+    /// What the answer driver, the reader and the callback and token calls
+    /// of the link share (see [`Driving`]).
+    pub(crate) driving: Driving,
+}
+
+/// The state of a client link that only callback and token calls and an
+/// [`AnswerDriver`](crate::embed::AnswerDriver) use: who receives the
+/// link's answers (the driver while it has the link, else the reader), and
+/// where token calls' answers go. Plain calls never touch it.
+#[derive(Default)]
+pub(crate) struct Driving {
+    /// Set while an [`AnswerDriver`](crate::embed::AnswerDriver) receives this link's answers (the
+    /// reader stands by, see [`stand_by`](crate::call::reader::stand_by)).
     pub(crate) driven: AtomicBool,
-    /// Set once an [`AnswerDriver`] has claimed the link: its reader naps
+    /// Set once an [`AnswerDriver`](crate::embed::AnswerDriver) has claimed the link: its reader naps
     /// for a while before parking, so that the next claim needs no wake-up.
     pub(crate) was_driven: AtomicBool,
     /// Set by every poll of the driver; cleared by the standing-by reader
@@ -152,12 +163,7 @@ impl ClientConn {
             reader: OnceLock::new(),
             interrupt,
             sooner: AtomicBool::new(false),
-            driven: AtomicBool::new(false),
-            was_driven: AtomicBool::new(false),
-            polled: AtomicBool::new(false),
-            asleep: AtomicBool::new(false),
-            callbacks: AtomicBool::new(false),
-            sink: OnceLock::new(),
+            driving: Driving::default(),
         });
         let weak = Arc::downgrade(&conn);
         let spawned = std::thread::Builder::new()
@@ -565,7 +571,7 @@ impl ClientConn {
             // The reader may sleep until a later deadline (or for its whole
             // slice): it wakes, sees `sooner` and waits again until ours.
             self.interrupt.interrupt();
-            if self.driven.load(Ordering::Acquire) {
+            if self.driving.driven.load(Ordering::Acquire) {
                 // Standing by, it naps instead.
                 self.wake_reader();
             }
@@ -590,8 +596,8 @@ impl ClientConn {
     /// Makes `sink` the receiver of this link's token calls' answers (it
     /// stays the first one set: a link serves one mesh handle).
     pub(crate) fn set_sink(&self, sink: &Arc<dyn AnswerSink>) {
-        if self.sink.get().is_none() {
-            let _ = self.sink.set(sink.clone());
+        if self.driving.sink.get().is_none() {
+            let _ = self.driving.sink.set(sink.clone());
         }
     }
 
@@ -603,8 +609,8 @@ impl ClientConn {
         &self,
         due: &mut Due,
     ) -> (FrameHeader, Patience, Option<Instant>) {
-        if !self.callbacks.load(Ordering::Relaxed) {
-            self.callbacks.store(true, Ordering::Relaxed);
+        if !self.driving.callbacks.load(Ordering::Relaxed) {
+            self.driving.callbacks.store(true, Ordering::Relaxed);
         }
         let header = FrameHeader {
             deadline_us: due.wire(),
@@ -683,7 +689,7 @@ impl ClientConn {
         }
         if sent > 0
             && self.pollers.load(Ordering::Acquire) == 0
-            && !self.driven.load(Ordering::Acquire)
+            && !self.driving.driven.load(Ordering::Acquire)
         {
             self.wake_reader();
         }
@@ -732,7 +738,8 @@ impl ClientConn {
             Ok(()) => {
                 // The reader delivers the answer unless a caller polls or
                 // an answer driver receives for this link.
-                if self.pollers.load(Ordering::Acquire) == 0 && !self.driven.load(Ordering::Acquire)
+                if self.pollers.load(Ordering::Acquire) == 0
+                    && !self.driving.driven.load(Ordering::Acquire)
                 {
                     self.wake_reader();
                 }
@@ -812,15 +819,17 @@ impl ClientConn {
     /// Makes an [`AnswerDriver`] the receiver of this link's answers.
     /// Returns false if one already is.
     pub(crate) fn claim(&self) -> bool {
-        if self.driven.load(Ordering::Relaxed) || self.driven.swap(true, Ordering::SeqCst) {
+        if self.driving.driven.load(Ordering::Relaxed)
+            || self.driving.driven.swap(true, Ordering::SeqCst)
+        {
             return false;
         }
-        self.was_driven.store(true, Ordering::Relaxed);
+        self.driving.was_driven.store(true, Ordering::Relaxed);
         // SYNC: SeqCst pairs with the reader's store of `asleep` and load of
         // `driven` before it parks: either it sees the claim and stands by,
         // or we see it asleep and wake it (a parked reader could not
         // receive for a driver that stops polling).
-        if self.asleep.load(Ordering::SeqCst) {
+        if self.driving.asleep.load(Ordering::SeqCst) {
             self.wake_reader();
         }
         true
@@ -828,7 +837,7 @@ impl ClientConn {
 
     /// Gives the link's answers back to its reader thread.
     pub(crate) fn hand_back(&self) {
-        self.driven.store(false, Ordering::SeqCst);
+        self.driving.driven.store(false, Ordering::SeqCst);
         // A reader standing by notices within a nap; calls still pending
         // need it at once.
         if self.pending_len.load(Ordering::Acquire) > 0 {
@@ -845,7 +854,7 @@ impl ClientConn {
         max: usize,
         mut local: Option<&mut Local<'_>>,
     ) -> (AnswerDrive, usize) {
-        self.polled.store(true, Ordering::Release);
+        self.driving.polled.store(true, Ordering::Release);
         // Held by a caller polling, or by the reader receiving for us: it
         // completes the calls it finds; we look again next time.
         let Some(mut rx) = self.rx.try_lock() else {

@@ -159,7 +159,7 @@ impl Done {
             Done::Call(f) => f(result),
             Done::Token(token) => {
                 // Set before any token call is made on the link.
-                if let Some(sink) = conn.sink.get() {
+                if let Some(sink) = conn.driving.sink.get() {
                     sink.answer(token, result);
                 }
             }

@@ -163,7 +163,7 @@ impl AnswerDriver {
                     false
                 } else {
                     // Looked at again next time.
-                    c.polled.store(true, Ordering::Release);
+                    c.driving.polled.store(true, Ordering::Release);
                     true
                 }
             });
