@@ -109,7 +109,8 @@ impl Pools {
     /// The instances of a pool reached over shared memory (scanning this
     /// host once if its watch has not said yet).
     pub(crate) fn instances_of(&self, pool: &Arc<Pool>) -> Vec<Instance> {
-        pool.local_tier().unwrap_or_default()
+        let _ = pool.scan_local();
+        pool.state.lock().local.clone()
     }
 
     /// Picks an instance for a call with the transport `preference` and
@@ -125,12 +126,16 @@ impl Pools {
         // Why the last local instance could not be reached.
         let mut failed: Option<Status> = None;
         if preference != TransportPreference::Tls {
-            let mut local = pool.local_tier().map_err(|e| {
+            let local = pool.scan_local().map_err(|e| {
                 Status::unavailable(format!("cannot list instances of {}: {e}", pool.service))
             })?;
-            while !local.is_empty() {
-                let idx = pool.choose(&local);
-                let inst = local.swap_remove(idx);
+            // Each failed instance is forgotten: at most one try each.
+            for _ in 0..local {
+                let inst = match pool.choose_from(Tier::Local) {
+                    None => break,
+                    Some(Chosen::Linked(ep)) => return Ok(ep),
+                    Some(Chosen::Unlinked(inst)) => inst,
+                };
                 tried += 1;
                 match self.connect(pool, &inst).await {
                     Ok(ep) => return Ok(ep),
@@ -151,43 +156,73 @@ impl Pools {
             }
             _ => return Err(self.none_reached(pool, tried, failed)),
         };
-        let mut remote = pool.state.lock().remote.clone();
-        if remote.is_empty() {
-            // The pool's watch of the peers may not have delivered yet: ask
-            // them directly, after waiting for those that have not listed
-            // their instances yet.
-            if peers.any_untried() {
-                let wait = deadline.map_or(FIRST_LISTING_WAIT, |d| {
-                    d.remaining().min(FIRST_LISTING_WAIT)
-                });
-                peers.wait_listed(wait).await;
+        let inst = match pool.choose_from(Tier::Remote) {
+            Some(Chosen::Linked(ep)) => return Ok(self.fell_back(pool, peers, &failed, ep)),
+            Some(Chosen::Unlinked(inst)) => Some(inst),
+            None => None,
+        };
+        let inst = match inst {
+            Some(inst) => inst,
+            None => {
+                // The pool's watch of the peers may not have delivered yet:
+                // ask them directly, after waiting for those that have not
+                // listed their instances yet.
+                if peers.any_untried() {
+                    let wait = deadline.map_or(FIRST_LISTING_WAIT, |d| {
+                        d.remaining().min(FIRST_LISTING_WAIT)
+                    });
+                    peers.wait_listed(wait).await;
+                }
+                let remote = peers.instances_of(&pool.service);
+                if remote.is_empty() {
+                    return Err(self.none_remote(pool, peers, failed, deadline));
+                }
+                remote[pool.choose(&remote)].clone()
             }
-            remote = peers.instances_of(&pool.service);
-        }
-        if remote.is_empty() {
-            if let Some(status) = failed {
-                return Err(status);
-            }
-            // Not found only once every peer has said what it serves: a
-            // deadline that passes while a peer is still being reached is
-            // the deadline's failure.
-            if deadline.is_some_and(Deadline::is_expired) && peers.any_untried() {
-                return Err(Status::deadline_exceeded(format!(
-                    "the deadline passed while peers were still being asked for service '{}'",
-                    pool.service
-                )));
-            }
-            return Err(Status::not_found(format!(
-                "no instance of service '{}' (locally or at any peer)",
-                pool.service
-            )));
-        }
-        let inst = &remote[pool.choose(&remote)];
-        let ep = self.connect(pool, inst).await?;
-        if let (Some(_), Endpoint::Tls(peer)) = (&failed, &ep) {
+        };
+        let ep = self.connect(pool, &inst).await?;
+        Ok(self.fell_back(pool, peers, &failed, ep))
+    }
+
+    /// Counts a call that a TLS endpoint takes because shared memory
+    /// failed at connect (`failed`).
+    fn fell_back(
+        &self,
+        pool: &Pool,
+        peers: &Peers,
+        failed: &Option<Status>,
+        ep: Endpoint,
+    ) -> Endpoint {
+        if let (Some(_), Endpoint::Tls(peer)) = (failed, &ep) {
             peers.count_fallback(&pool.service, &peer.addr);
         }
-        Ok(ep)
+        ep
+    }
+
+    /// The failure of a pick that found no instance at any peer.
+    fn none_remote(
+        &self,
+        pool: &Pool,
+        peers: &Peers,
+        failed: Option<Status>,
+        deadline: Option<Deadline>,
+    ) -> Status {
+        if let Some(status) = failed {
+            return status;
+        }
+        // Not found only once every peer has said what it serves: a
+        // deadline that passes while a peer is still being reached is the
+        // deadline's failure.
+        if deadline.is_some_and(Deadline::is_expired) && peers.any_untried() {
+            return Status::deadline_exceeded(format!(
+                "the deadline passed while peers were still being asked for service '{}'",
+                pool.service
+            ));
+        }
+        Status::not_found(format!(
+            "no instance of service '{}' (locally or at any peer)",
+            pool.service
+        ))
     }
 
     /// The failure of a pick that reached no instance.
@@ -419,14 +454,14 @@ pub(crate) struct Pool {
 }
 
 impl Pool {
-    /// The instances reached over shared memory. If this host's source has
-    /// not delivered its first set yet (its watch runs as a task), it is
-    /// scanned now.
-    fn local_tier(&self) -> Result<Vec<Instance>, commy_discovery::DiscoveryError> {
+    /// How many instances are reached over shared memory. If this host's
+    /// source has not delivered its first set yet (its watch runs as a
+    /// task), it is scanned now.
+    fn scan_local(&self) -> Result<usize, commy_discovery::DiscoveryError> {
         {
             let state = self.state.lock();
             if !state.local.is_empty() || state.sets[0].is_some() {
-                return Ok(state.local.clone());
+                return Ok(state.local.len());
             }
         }
         let scanned = self.sources[0].instances(&self.service)?;
@@ -434,7 +469,26 @@ impl Pool {
         if state.sets[0].is_none() {
             state.set_source(0, scanned);
         }
-        Ok(state.local.clone())
+        Ok(state.local.len())
+    }
+
+    /// Chooses an instance of `tier` by its link's load, under the pool's
+    /// lock and without copying the tier: its live link if it has one, else
+    /// the instance to connect to. `None` if the tier is empty.
+    fn choose_from(&self, tier: Tier) -> Option<Chosen> {
+        let state = self.state.lock();
+        let list = match tier {
+            Tier::Local => &state.local,
+            Tier::Remote => &state.remote,
+        };
+        if list.is_empty() {
+            return None;
+        }
+        let inst = &list[self.choose_in(list, &state.conns)];
+        Some(match state.conns.get(&inst.id).filter(|ep| ep.is_alive()) {
+            Some(ep) => Chosen::Linked(ep.clone()),
+            None => Chosen::Unlinked(inst.clone()),
+        })
     }
 
     /// Chooses among `instances` (not empty) by their links' load.
@@ -449,6 +503,23 @@ impl Pool {
         let load = |i: usize| conns.get(&instances[i].id).map_or(0, Endpoint::in_flight);
         self.balancer.pick(instances.len(), load).unwrap_or(0)
     }
+}
+
+/// A pool's instances by how they are reached.
+#[derive(Clone, Copy)]
+enum Tier {
+    /// Over shared memory.
+    Local,
+    /// Over TLS.
+    Remote,
+}
+
+/// What [`Pool::choose_from`] chose.
+enum Chosen {
+    /// An instance we have a live link to: the link.
+    Linked(Endpoint),
+    /// An instance to connect to first.
+    Unlinked(Instance),
 }
 
 /// Keeps source `i`'s part of `pool` up to date from its watch, and drops
