@@ -154,10 +154,10 @@ impl Pools {
                     "the TLS transport is not configured (no listen address or peers)",
                 ));
             }
-            _ => return Err(self.none_reached(pool, tried, failed)),
+            _ => return Err(self.none_reached(pool, tried)),
         };
         let inst = match pool.choose_from(Tier::Remote) {
-            Some(Chosen::Linked(ep)) => return Ok(self.fell_back(pool, peers, &failed, ep)),
+            Some(Chosen::Linked(ep)) => return Ok(fell_back(pool, peers, &failed, ep)),
             Some(Chosen::Unlinked(inst)) => Some(inst),
             None => None,
         };
@@ -181,22 +181,7 @@ impl Pools {
             }
         };
         let ep = self.connect(pool, &inst).await?;
-        Ok(self.fell_back(pool, peers, &failed, ep))
-    }
-
-    /// Counts a call that a TLS endpoint takes because shared memory
-    /// failed at connect (`failed`).
-    fn fell_back(
-        &self,
-        pool: &Pool,
-        peers: &Peers,
-        failed: &Option<Status>,
-        ep: Endpoint,
-    ) -> Endpoint {
-        if let (Some(_), Endpoint::Tls(peer)) = (failed, &ep) {
-            peers.count_fallback(&pool.service, &peer.addr);
-        }
-        ep
+        Ok(fell_back(pool, peers, &failed, ep))
     }
 
     /// The failure of a pick that found no instance at any peer.
@@ -226,14 +211,13 @@ impl Pools {
     }
 
     /// The failure of a pick that reached no instance.
-    fn none_reached(&self, pool: &Pool, tried: usize, failed: Option<Status>) -> Status {
+    fn none_reached(&self, pool: &Pool, tried: usize) -> Status {
         if tried == 0 {
             Status::not_found(format!(
                 "no instance of service '{}' in mesh '{}'",
                 pool.service, self.mesh
             ))
         } else {
-            let _ = failed;
             Status::unavailable(format!(
                 "no reachable instance of service '{}' ({tried} tried)",
                 pool.service
@@ -503,6 +487,15 @@ impl Pool {
         let load = |i: usize| conns.get(&instances[i].id).map_or(0, Endpoint::in_flight);
         self.balancer.pick(instances.len(), load).unwrap_or(0)
     }
+}
+
+/// Counts a call that a TLS endpoint `ep` takes because shared memory failed
+/// at connect (`failed`); returns the endpoint.
+fn fell_back(pool: &Pool, peers: &Peers, failed: &Option<Status>, ep: Endpoint) -> Endpoint {
+    if let (Some(_), Endpoint::Tls(peer)) = (failed, &ep) {
+        peers.count_fallback(&pool.service, &peer.addr);
+    }
+    ep
 }
 
 /// A pool's instances by how they are reached.
