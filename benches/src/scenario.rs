@@ -248,7 +248,7 @@ pub(crate) struct Scenario {
 
 /// `64B`, `1KiB`, `64KiB`: the size part of scenario names.
 pub(crate) fn size_label(size: usize) -> String {
-    if size >= 1024 && size % 1024 == 0 {
+    if size >= 1024 && size.is_multiple_of(1024) {
         format!("{}KiB", size / 1024)
     } else {
         format!("{size}B")

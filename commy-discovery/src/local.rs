@@ -674,10 +674,10 @@ fn liveness(pid: u32, socket_made: Option<SystemTime>) -> Liveness {
     if has_exited(&pidfd) {
         return Liveness::Gone;
     }
-    if let (Some(started), Some(made)) = (started, socket_made) {
-        if started > made + PID_REUSE_SLACK {
-            return Liveness::Gone;
-        }
+    if let (Some(started), Some(made)) = (started, socket_made)
+        && started > made + PID_REUSE_SLACK
+    {
+        return Liveness::Gone;
     }
     Liveness::Alive(Some(pidfd))
 }

@@ -66,10 +66,10 @@ pub fn runtime() -> &'static Runtime {
         Ok(g) => g,
         Err(p) => p.into_inner(),
     };
-    if let Some((owner, rt)) = *slot {
-        if owner == pid {
-            return rt;
-        }
+    if let Some((owner, rt)) = *slot
+        && owner == pid
+    {
+        return rt;
     }
     let workers = std::thread::available_parallelism()
         .map(|n| n.get().clamp(2, 4))

@@ -480,13 +480,13 @@ impl Mesh {
     ) -> Result<(), Status> {
         let calls: Vec<_> = calls.into_iter().collect();
         let (claims, sink) = self.token_sink()?;
-        if self.check_open().is_ok() {
-            if let Some((conn, balanced, due)) = self.callback_route(name, &options) {
-                conn.set_sink(sink);
-                claims.claim_for(&conn, calls.len());
-                conn.call_tokens_then(calls, &options.metadata, due, balanced);
-                return Ok(());
-            }
+        if self.check_open().is_ok()
+            && let Some((conn, balanced, due)) = self.callback_route(name, &options)
+        {
+            conn.set_sink(sink);
+            claims.claim_for(&conn, calls.len());
+            conn.call_tokens_then(calls, &options.metadata, due, balanced);
+            return Ok(());
         }
         for (payload, token) in calls {
             self.call_token(name, payload, options.clone(), token)?;

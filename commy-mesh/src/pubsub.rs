@@ -385,10 +385,10 @@ impl GroupIndex {
         if let Ok(rd) = std::fs::read_dir(dir) {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if let Some((topic, _)) = name.split_once('-') {
-                    if topic.len() == 12 {
-                        map.entry(topic.to_owned()).or_default().insert(name);
-                    }
+                if let Some((topic, _)) = name.split_once('-')
+                    && topic.len() == 12
+                {
+                    map.entry(topic.to_owned()).or_default().insert(name);
                 }
             }
         }

@@ -528,10 +528,8 @@ impl Conn {
                 conn.reply(id, result).await;
             }
         });
-        if !oneway {
-            if let Some(slot) = self.state.lock().running.get_mut(&id) {
-                *slot = Some(task.abort_handle());
-            }
+        if !oneway && let Some(slot) = self.state.lock().running.get_mut(&id) {
+            *slot = Some(task.abort_handle());
         }
     }
 

@@ -175,11 +175,11 @@ impl RawQueue {
         for event in events {
             let tuple = match event {
                 Event::Poll { task, fut } => {
-                    if let Some(result) = task.poll() {
-                        if let Err(e) = settle(py, fut.bind(py), result) {
-                            // Not the future asyncio made: report, go on.
-                            e.display(py);
-                        }
+                    if let Some(result) = task.poll()
+                        && let Err(e) = settle(py, fut.bind(py), result)
+                    {
+                        // Not the future asyncio made: report, go on.
+                        e.display(py);
                     }
                     continue;
                 }

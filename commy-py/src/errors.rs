@@ -42,20 +42,20 @@ pub(crate) fn to_py(py: Python<'_>, e: &FfiError) -> PyErr {
 /// `err`: a `commy.CommyError` keeps its code and message; anything else is
 /// INTERNAL, and its traceback is printed here, on the service's side.
 pub(crate) fn from_py(py: Python<'_>, err: &PyErr, service: &str) -> FfiError {
-    if let Ok((_, base)) = classes(py) {
-        if err.is_instance(py, base.bind(py)) {
-            let value = err.value(py);
-            let code: Option<String> = value.getattr("code").and_then(|c| c.extract()).ok();
-            let message: String = value
-                .getattr("message")
-                .and_then(|m| m.extract())
-                .or_else(|_| value.str().map(|s| s.to_string()))
-                .unwrap_or_default();
-            return match code {
-                Some(code) => FfiError::from_code_name(&code, message),
-                None => FfiError::internal(message),
-            };
-        }
+    if let Ok((_, base)) = classes(py)
+        && err.is_instance(py, base.bind(py))
+    {
+        let value = err.value(py);
+        let code: Option<String> = value.getattr("code").and_then(|c| c.extract()).ok();
+        let message: String = value
+            .getattr("message")
+            .and_then(|m| m.extract())
+            .or_else(|_| value.str().map(|s| s.to_string()))
+            .unwrap_or_default();
+        return match code {
+            Some(code) => FfiError::from_code_name(&code, message),
+            None => FfiError::internal(message),
+        };
     }
     err.display(py);
     let ty = err

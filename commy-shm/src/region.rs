@@ -711,14 +711,14 @@ impl RegionOptions {
                     continue;
                 }
             }
-            if let Some(requested) = self.size {
-                if requested != mapped.data_len {
-                    return Err(RegionOpenError::SizeMismatch {
-                        path,
-                        requested: requested as u64,
-                        actual: mapped.data_len as u64,
-                    });
-                }
+            if let Some(requested) = self.size
+                && requested != mapped.data_len
+            {
+                return Err(RegionOpenError::SizeMismatch {
+                    path,
+                    requested: requested as u64,
+                    actual: mapped.data_len as u64,
+                });
             }
             saturating_increment(&h.refcount);
             let dir = dir.try_clone().map_err(io_err("dup"))?;

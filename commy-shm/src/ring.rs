@@ -247,7 +247,7 @@ impl RingMem {
     /// Reads the 8-byte header word at `off` (8-aligned, `off + 8 <= cap`).
     #[inline]
     fn read_header(&self, off: usize, order: Ordering) -> u64 {
-        debug_assert!(off % 8 == 0 && off + 8 <= self.cap);
+        debug_assert!(off.is_multiple_of(8) && off + 8 <= self.cap);
         #[cfg(not(loom))]
         {
             // SAFETY: `off` is 8-aligned and in bounds (callers mask it), the
@@ -267,7 +267,7 @@ impl RingMem {
     /// Writes the 8-byte header word at `off`.
     #[inline]
     fn write_header(&self, off: usize, word: u64, order: Ordering) {
-        debug_assert!(off % 8 == 0 && off + 8 <= self.cap);
+        debug_assert!(off.is_multiple_of(8) && off + 8 <= self.cap);
         #[cfg(not(loom))]
         {
             // SAFETY: as in `read_header`.
@@ -510,7 +510,7 @@ impl Producer {
         let head = self.mem.ctl().head.0.load(Ordering::Acquire);
         // The head may only move forward, and never past what we published.
         let moved = head.wrapping_sub(self.head_cache);
-        if moved > self.published.wrapping_sub(self.head_cache) || head % 8 != 0 {
+        if moved > self.published.wrapping_sub(self.head_cache) || !head.is_multiple_of(8) {
             let e = RingError::Corrupt {
                 what: "consumer head",
                 value: head,

@@ -796,10 +796,10 @@ struct TempGuard {
 
 impl Drop for TempGuard {
     fn drop(&mut self) {
-        if let Some(path) = self.path.take() {
-            if fs::symlink_metadata(&path).is_ok_and(|m| same_inode(&m, self.id)) {
-                let _ = fs::remove_file(path);
-            }
+        if let Some(path) = self.path.take()
+            && fs::symlink_metadata(&path).is_ok_and(|m| same_inode(&m, self.id))
+        {
+            let _ = fs::remove_file(path);
         }
     }
 }

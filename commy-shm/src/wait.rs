@@ -117,7 +117,7 @@ pub(crate) fn wait_until(
             return Waited::Ready;
         }
         i = i.wrapping_add(1);
-        if i % 64 == 0 {
+        if i.is_multiple_of(64) {
             let now = Instant::now();
             if deadline.is_some_and(|d| now >= d) {
                 return Waited::TimedOut;

@@ -67,7 +67,7 @@ fn checksum(b: &[u8]) -> u64 {
 /// One in 5000 is large enough to be fragmented.
 fn make_message(seq: u64, buf: &mut Vec<u8>) {
     let r = splitmix(seq);
-    let len = if r % 5000 == 0 {
+    let len = if r.is_multiple_of(5000) {
         300_000 + (r >> 20) as usize % 700_000
     } else {
         (r >> 8) as usize % 600
@@ -253,7 +253,7 @@ fn child_scribbler() {
         loop {
             x = splitmix(x);
             // Mostly small scribbles near the control blocks, sometimes anywhere.
-            let off = if x % 4 == 0 {
+            let off = if x.is_multiple_of(4) {
                 x % len
             } else {
                 (x >> 8) % 1024 + 128

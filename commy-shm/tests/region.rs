@@ -116,10 +116,10 @@ fn spawn_with(
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
-            if let Some(msg) = line.strip_prefix(MARK) {
-                if tx.send(msg.to_owned()).is_err() {
-                    break;
-                }
+            if let Some(msg) = line.strip_prefix(MARK)
+                && tx.send(msg.to_owned()).is_err()
+            {
+                break;
             }
         }
     });
@@ -397,7 +397,7 @@ fn seqlock_reads_are_never_torn() {
             let mut counter = 0u64;
             while stop.read(|b| b[0]).unwrap() == 0 && Instant::now() < deadline {
                 counter += 1;
-                if counter % 2 == 0 {
+                if counter.is_multiple_of(2) {
                     r.write(|b| {
                         for w in b.chunks_exact_mut(8) {
                             w.copy_from_slice(&counter.to_ne_bytes());

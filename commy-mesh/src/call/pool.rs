@@ -233,16 +233,16 @@ impl Pools {
         pool: &Arc<Pool>,
         inst: &Instance,
     ) -> Result<Endpoint, Status> {
-        if let Some(ep) = pool.state.lock().conns.get(&inst.id) {
-            if ep.is_alive() {
-                return Ok(ep.clone());
-            }
+        if let Some(ep) = pool.state.lock().conns.get(&inst.id)
+            && ep.is_alive()
+        {
+            return Ok(ep.clone());
         }
         let _one_at_a_time = pool.connecting.lock().await;
-        if let Some(ep) = pool.state.lock().conns.get(&inst.id) {
-            if ep.is_alive() {
-                return Ok(ep.clone());
-            }
+        if let Some(ep) = pool.state.lock().conns.get(&inst.id)
+            && ep.is_alive()
+        {
+            return Ok(ep.clone());
         }
         let ep = match &inst.endpoint {
             commy_core::Endpoint::Shm(addr) => {

@@ -81,7 +81,7 @@ pub(crate) fn client_reader(conn: Weak<ClientConn>) {
                             // Deadlines are checked every so many answers,
                             // and whenever the ring stays empty until one.
                             delivered = delivered.wrapping_add(1);
-                            earliest.is_some() && delivered % 64 == 0
+                            earliest.is_some() && delivered.is_multiple_of(64)
                         }
                         Err(RecvError::TimedOut) => pending,
                         Err(e) => {

@@ -282,10 +282,10 @@ impl ClientConn {
                 // Spinning pays only while few callers wait: with many in
                 // flight, spinners would take the threads their answers are
                 // delivered on (and the other callers' work) away.
-                if polling.may_spin() {
-                    if let Some(result) = self.poll_shared(&mut done_rx, &mut due, spin) {
-                        return Started::Done(result);
-                    }
+                if polling.may_spin()
+                    && let Some(result) = self.poll_shared(&mut done_rx, &mut due, spin)
+                {
+                    return Started::Done(result);
                 }
                 drop(polling);
                 (id, done_rx)
@@ -553,11 +553,10 @@ impl ClientConn {
             if let Waiter::Callback(Callback {
                 deadline: Some(d), ..
             }) = &waiter
+                && pending.earliest.is_none_or(|e| *d < e)
             {
-                if pending.earliest.is_none_or(|e| *d < e) {
-                    pending.earliest = Some(*d);
-                    sooner = true;
-                }
+                pending.earliest = Some(*d);
+                sooner = true;
             }
             pending.calls.insert(id, waiter);
         }
@@ -1006,14 +1005,14 @@ impl SpinBudget {
 
     /// Whether the next [`spent`](SpinBudget::spent) reads the clock.
     pub(crate) fn checks_now(&self) -> bool {
-        self.round.wrapping_add(1) % self.every == 0
+        self.round.wrapping_add(1).is_multiple_of(self.every)
     }
 
     /// Whether polling should stop: the budget or the call's deadline is
     /// reached (checks the clock every `every` rounds).
     pub(crate) fn spent(&mut self, due: &mut Due) -> bool {
         self.round = self.round.wrapping_add(1);
-        if self.round % self.every != 0 {
+        if !self.round.is_multiple_of(self.every) {
             return false;
         }
         let now = Instant::now();

@@ -347,10 +347,8 @@ pub(crate) fn handle(
         }
     };
     let task = ctx.runtime.spawn(work);
-    if !oneway {
-        if let Some(slot) = running.lock().get_mut(&id.0) {
-            *slot = Pending::Task(Some(task.abort_handle()));
-        }
+    if !oneway && let Some(slot) = running.lock().get_mut(&id.0) {
+        *slot = Pending::Task(Some(task.abort_handle()));
     }
 }
 
