@@ -12,9 +12,9 @@
 //! warms up with [`WARM_UP`] calls, then counts [`CALLS`] calls and
 //! compares the total with `CALLS * per-call constant + SLACK`.
 //!
-//! The constants are today's numbers: they may go down, never up. They
-//! were measured at commit ae3edcb (whose `commy-mesh/src` is that of
-//! 6c3ebcd), on a 2-vCPU Intel Xeon VM, in 5 debug runs, 2 debug runs next
+//! The constants are the numbers of the code before the restructure of
+//! commy-mesh (6c3ebcd): they may go down, never up. They were measured on
+//! a 2-vCPU Intel Xeon VM, in 5 debug runs, 2 debug runs next
 //! to a release build of three crates (load average 5.7) and 3 release
 //! runs. Per call, the same for 64 B and 4 KiB payloads, debug and release:
 //!
