@@ -63,10 +63,37 @@ export interface RegionOptions {
   create?: 'open' | 'create' | 'openOrCreate'
 }
 
-/** What a handler that declares a second parameter gets with each request. */
+/**
+ * Who sent a request, as its transport vouches for it. `'local'`: a process
+ * of this host, over shared memory (`uid`, `gid`, `pid`, from the kernel);
+ * `'remote'`: a process of another host, over TLS (`identity`, `addr`).
+ * The fields of the other kind are `null`.
+ */
+export interface Caller {
+  /** `'unknown'` only for a kind of caller this version does not know. */
+  readonly kind: 'local' | 'remote' | 'unknown'
+  /** A local caller's effective user id. */
+  readonly uid: number | null
+  /** A local caller's effective group id. */
+  readonly gid: number | null
+  /** A local caller's process id (0 if it lives in another pid namespace). */
+  readonly pid: number | null
+  /** A remote caller's SPIFFE ID (`spiffe://<mesh>/<service>`); `null` if it presented no client certificate. */
+  readonly identity: string | null
+  /** A remote caller's address, `'IP:PORT'`. */
+  readonly addr: string | null
+}
+
+/** What a handler gets with each request, as its second argument. */
 export interface HandlerContext {
-  /** Fires (with a `CANCELLED` CommyError as its reason) if the caller gives up before the answer. */
-  signal: AbortSignal
+  /**
+   * Fires (with a `CANCELLED` CommyError as its reason) if the caller gives up
+   * before the answer. Only for a handler that declares the second parameter:
+   * for one that does not, it never fires.
+   */
+  readonly signal: AbortSignal
+  /** Who sent the request. */
+  readonly caller: Caller
 }
 
 /**

@@ -20,7 +20,14 @@ const REQUEST = 3
 const MESSAGE = 4
 const ENDED = 5
 const CANCELLED = 6
+// Who sent the requests that follow: caller number `id` defined (x, y and
+// the bytes: see callerOf) or named again.
+const CALLER = 7
+const CALLER_USE = 8
 const STRIDE = 6
+// Caller kinds in a CALLER event.
+const CALLER_LOCAL = 1
+const CALLER_REMOTE = 2
 // Events taken per drain (more are taken by draining again).
 const BATCH = 1024
 // Calls handed to the addon in one crossing at most (see _queueCall), four
@@ -103,6 +110,30 @@ function checkMs(value, what) {
 
 function noop() {}
 
+// The signal in the context of a handler that did not ask for one (it
+// declares one parameter): its requests are not tracked, it never fires.
+const NEVER_ABORTED = new AbortController().signal
+
+// The caller defined by the CALLER event at slot `at` of `meta`: local,
+// [uid, gid, pid, kind]; remote, [offset, length, id, kind], its identity
+// (id - 1 bytes, none if id is 0) and address at offset..offset+length of
+// `data`.
+function callerOf(meta, at, data) {
+  const kind = meta[at + 5]
+  if (kind === CALLER_LOCAL) {
+    return Object.freeze({ kind: 'local', uid: meta[at + 2], gid: meta[at + 3], pid: meta[at + 4], identity: null, addr: null })
+  }
+  if (kind === CALLER_REMOTE) {
+    const start = meta[at + 2]
+    const end = start + meta[at + 3]
+    const id = meta[at + 4]
+    const identity = id === 0 ? null : data.toString('utf8', start, start + id - 1)
+    const addr = data.toString('utf8', id === 0 ? start : start + id - 1, end)
+    return Object.freeze({ kind: 'remote', uid: null, gid: null, pid: null, identity, addr })
+  }
+  return Object.freeze({ kind: 'unknown', uid: null, gid: null, pid: null, identity: null, addr: null })
+}
+
 // The bytes of one drained event: a view of the drain's buffer, whose
 // memory is `ab` from `base` on (made directly on it: `subarray` would look
 // up a species constructor).
@@ -133,6 +164,10 @@ class Mesh {
     this._subs = new Map()
     // Cancellation signals of requests in progress, for handlers that take one.
     this._aborts = new Map()
+    // Handler contexts by caller number (see CALLER), and the one of the
+    // caller of the requests being drained.
+    this._contexts = []
+    this._context = undefined
     this._nextHandle = 1
     this._inFlight = 0
     this._idle = null
@@ -326,10 +361,11 @@ class Mesh {
   }
 
   /**
-   * Serves `name`: `handler(request: Buffer, { signal })` returns (or
-   * resolves to) the reply. A handler that declares the second parameter
-   * gets an AbortSignal that fires if the caller gives up (deadline passed,
-   * call cancelled) before the answer. A handler that throws answers
+   * Serves `name`: `handler(request: Buffer, { signal, caller })` returns
+   * (or resolves to) the reply. `caller` says who sent the request. A
+   * handler that declares the second parameter gets an AbortSignal that
+   * fires if the caller gives up (deadline passed, call cancelled) before
+   * the answer. A handler that throws answers
    * `INTERNAL` (or the status named by the thrown error's `code`), and the
    * service keeps serving.
    * @returns {Promise<Service>}
@@ -507,6 +543,12 @@ class Mesh {
             this._request(id, payload, meta[at + 4], cancel === 0 ? undefined : cancel)
             break
           }
+          case CALLER:
+            this._context = this._contexts[id] = Object.freeze({ signal: NEVER_ABORTED, caller: callerOf(meta, at, data) })
+            break
+          case CALLER_USE:
+            this._context = this._contexts[id]
+            break
           case CANCELLED: {
             const aborter = this._aborts.get(id)
             if (aborter !== undefined) {
@@ -549,12 +591,12 @@ class Mesh {
     let result
     try {
       if (cancel === undefined) {
-        result = service._handler(payload)
+        result = service._handler(payload, this._context)
       } else {
         const aborter = new AbortController()
         this._aborts.set(cancel, aborter)
         const forget = () => this._aborts.delete(cancel)
-        result = service._handler(payload, { signal: aborter.signal })
+        result = service._handler(payload, { signal: aborter.signal, caller: this._context.caller })
         if (result !== null && typeof result === 'object' && typeof result.then === 'function') {
           result.then(forget, forget)
         } else {

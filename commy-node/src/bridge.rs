@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use commy_ffi::FfiCaller;
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 
 use crate::driven::Driven;
@@ -40,23 +41,25 @@ pub(crate) enum Event {
         code: &'static str,
         message: String,
     },
-    /// Service `service` received a request; `reply` answers it. `cancel`
-    /// names it in a later [`Event::Cancelled`] (for services whose handler
-    /// takes a cancellation signal).
+    /// Service `service` received a request from `caller`; `reply`
+    /// answers it. `cancel` names it in a later [`Event::Cancelled`] (for
+    /// services whose handler takes a cancellation signal).
     Request {
         service: u32,
         reply: crate::native::PendingReply,
         payload: Bytes,
         cancel: Option<u32>,
+        caller: FfiCaller,
     },
-    /// Service `service` received `request`, taken out of its link by the
-    /// JS thread in the drain under way: its payload is at `at..at + len`
-    /// of that drain's buffer.
+    /// Service `service` received `request` from `caller`, taken out of
+    /// its link by the JS thread in the drain under way: its payload is at
+    /// `at..at + len` of that drain's buffer.
     Polled {
         service: u32,
         request: commy_ffi::PolledRequest,
         at: u32,
         len: u32,
+        caller: FfiCaller,
     },
     /// The caller of request `cancel` gave up before it was answered.
     Cancelled { cancel: u32 },
@@ -77,6 +80,7 @@ impl Event {
                 request,
                 at,
                 len,
+                caller,
             } => Event::Request {
                 service,
                 reply: crate::native::PendingReply::Polled(request),
@@ -85,6 +89,7 @@ impl Event {
                     .map(Bytes::copy_from_slice)
                     .unwrap_or_default(),
                 cancel: None,
+                caller,
             },
             other => other,
         }

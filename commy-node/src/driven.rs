@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use commy_ffi::{Drive, DrivenLink, PolledRequest, WaitInterrupter};
+use commy_ffi::{Drive, DrivenLink, FfiCaller, PolledRequest, WaitInterrupter};
 
 use crate::bridge::{Bridge, lock};
 
@@ -73,6 +73,8 @@ pub(crate) struct Driven {
     interrupt: WaitInterrupter,
     /// The JS layer's number of the service served.
     service: u32,
+    /// Who is at the other end (the caller of every request of the link).
+    caller: FfiCaller,
     /// Whether the JS thread takes the link's requests itself (see
     /// [`Polled::poll`]) rather than through the service's handler: for a
     /// service whose handlers take no cancellation signal.
@@ -106,6 +108,7 @@ pub(crate) fn watch(
 ) {
     let driven = Arc::new(Driven {
         service,
+        caller: FfiCaller::from(link.caller()),
         takes_requests,
         interrupt: link.interrupter(),
         link: Mutex::new(link),
@@ -175,6 +178,10 @@ fn stand_by(driven: &Driven) {
     }
 }
 
+/// What receives each request [`Polled::poll`] takes out of a link: its
+/// service's number, its link's caller, the request and its payload.
+pub(crate) type Take<'a> = dyn FnMut(u32, &FfiCaller, PolledRequest, &[u8]) + 'a;
+
 /// The links the JS thread owns (kept by [`crate::native::NativeMesh`],
 /// used on the JS thread only).
 pub(crate) struct Polled {
@@ -213,17 +220,13 @@ impl Polled {
     /// Polls every link the JS thread owns (taking over those `bridge` has
     /// for it), in a drain of `bridge` (see
     /// [`Bridge::draining`](crate::bridge::Bridge::draining)): the requests
-    /// they hold go to `take` (with their service's number and payload) for
-    /// a link that [takes requests](Driven::takes_requests), `room` of them
-    /// at most, else through the service's handler to `bridge`. Returns
+    /// they hold go to `take` (with their service's number, their link's
+    /// caller and their payload) for a link that [takes
+    /// requests](Driven::takes_requests), `room` of them at most, else
+    /// through the service's handler to `bridge`. Returns
     /// whether the JS thread still owns links afterwards (the JS layer then
     /// drains again soon).
-    pub(crate) fn poll(
-        &mut self,
-        bridge: &Bridge,
-        mut room: usize,
-        take: &mut dyn FnMut(u32, PolledRequest, &[u8]),
-    ) -> bool {
+    pub(crate) fn poll(&mut self, bridge: &Bridge, mut room: usize, take: &mut Take<'_>) -> bool {
         if !self.resting.is_empty() {
             let now = Instant::now();
             let (busy, hold) = (&mut self.busy, self.hold);
@@ -277,10 +280,10 @@ impl Polled {
                 // No room left in this drain: polled at the next.
                 Drive::More
             } else {
-                let service = d.service;
+                let (service, caller) = (d.service, &d.caller);
                 link.poll_requests(POLL_MAX.min(room), |request, payload| {
                     room -= 1;
-                    take(service, request, payload);
+                    take(service, caller, request, payload);
                 })
             };
             match drive {

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use commy_ffi::{
-    AnswerDriver, FfiError, FfiMesh, FfiRegion, FfiService, FfiSubscription, MeshOptions,
-    OpenPolicy, PolledRequest, RegionOptions, Reply, run_inline, runtime, spawn_with,
+    AnswerDriver, FfiCaller, FfiError, FfiMesh, FfiRegion, FfiService, FfiSubscription,
+    MeshOptions, OpenPolicy, PolledRequest, RegionOptions, Reply, run_inline, runtime, spawn_with,
 };
 use napi::bindgen_prelude::{BufferSlice, Function};
 use napi::{Env, Result};
@@ -55,6 +55,16 @@ const REQUEST: u32 = 3;
 const MESSAGE: u32 = 4;
 const ENDED: u32 = 5;
 const CANCELLED: u32 = 6;
+const CALLER: u32 = 7;
+const CALLER_USE: u32 = 8;
+
+/// Caller kinds in a `CALLER` event.
+const CALLER_UNKNOWN: u32 = 0;
+const CALLER_LOCAL: u32 = 1;
+const CALLER_REMOTE: u32 = 2;
+
+/// Callers the JS layer keeps by number (see [`Callers`]).
+const CALLERS_MAX: usize = 64;
 
 /// Messages a subscription may have on their way to JS before the JS side
 /// asks for more (see [`NativeMesh::sub_credit`]).
@@ -98,6 +108,86 @@ struct Sub {
     credit: Arc<Semaphore>,
 }
 
+/// The callers the JS layer knows, by number, and the one its next
+/// request comes from (the current one): a drain tells JS who sent a
+/// request only when that is another caller than the previous request's
+/// (a `CALLER` event, defining a number, or `CALLER_USE`, naming a
+/// number JS knows), so a run of requests of one link costs nothing more
+/// than a comparison each, and JS keeps one context object per caller.
+/// Numbers are reused, oldest first, past [`CALLERS_MAX`]: JS reads the
+/// events in order, so a number always means what it was last defined as.
+#[derive(Default)]
+struct Callers {
+    known: Vec<FfiCaller>,
+    /// The current caller's number.
+    current: Option<usize>,
+    /// The number defined anew next once every one is taken.
+    next_reused: usize,
+}
+
+impl Callers {
+    fn is_current(&self, caller: &FfiCaller) -> bool {
+        self.current.is_some_and(|i| self.known[i] == *caller)
+    }
+
+    /// Makes `caller` the current caller: the event that tells JS so (its
+    /// bytes, for a remote caller, appended to `data`), unless it is
+    /// already.
+    fn make_current(&mut self, caller: &FfiCaller, data: &mut Vec<u8>) -> Option<[u32; STRIDE]> {
+        if self.is_current(caller) {
+            return None;
+        }
+        if let Some(i) = self.known.iter().position(|k| k == caller) {
+            self.current = Some(i);
+            return Some([CALLER_USE, i as u32, 0, 0, 0, 0]);
+        }
+        let i = if self.known.len() < CALLERS_MAX {
+            self.known.push(caller.clone());
+            self.known.len() - 1
+        } else {
+            let i = self.next_reused;
+            self.next_reused = (i + 1) % CALLERS_MAX;
+            self.known[i] = caller.clone();
+            i
+        };
+        self.current = Some(i);
+        Some(caller_event(i as u32, caller, data))
+    }
+}
+
+/// The `CALLER` event defining caller number `n`: `[CALLER, n, uid, gid,
+/// pid, LOCAL]` for a local caller; `[CALLER, n, offset, length, id,
+/// REMOTE]` for a remote one, whose bytes in `data` are its identity
+/// (`id - 1` bytes, none if `id` is 0: no identity) and then its address.
+fn caller_event(n: u32, caller: &FfiCaller, data: &mut Vec<u8>) -> [u32; STRIDE] {
+    match caller.kind() {
+        "local" => [
+            CALLER,
+            n,
+            caller.uid().unwrap_or(0),
+            caller.gid().unwrap_or(0),
+            caller.pid().unwrap_or(0),
+            CALLER_LOCAL,
+        ],
+        "remote" => {
+            let identity = caller.identity();
+            let id = identity.as_ref().map_or(0, |i| i.len() + 1);
+            let addr = caller.addr().map(|a| a.to_string()).unwrap_or_default();
+            let text = identity.unwrap_or_default() + &addr;
+            let (at, len) = append(data, text.as_bytes());
+            [
+                CALLER,
+                n,
+                at,
+                len,
+                u32::try_from(id).unwrap_or(0),
+                CALLER_REMOTE,
+            ]
+        }
+        _ => [CALLER, n, 0, 0, 0, CALLER_UNKNOWN],
+    }
+}
+
 /// One mesh handle, as the JS layer drives it.
 #[napi]
 pub struct NativeMesh {
@@ -117,6 +207,8 @@ pub struct NativeMesh {
     polled: Mutex<Polled>,
     /// Every served link's state, for closing.
     driven: Arc<Mutex<Vec<Weak<Driven>>>>,
+    /// The callers JS knows (JS thread only, see [`Callers`]).
+    callers: Mutex<Callers>,
     /// Receives the answers to this handle's calls on the JS thread, at
     /// every drain (`None` once closed).
     answers: Mutex<Option<AnswerDriver>>,
@@ -173,6 +265,7 @@ impl NativeMesh {
             names: Mutex::default(),
             polled: Mutex::new(Polled::new(hold)),
             driven: Arc::default(),
+            callers: Mutex::default(),
             answers: Mutex::new(Some(answers)),
         })
     }
@@ -429,7 +522,7 @@ impl NativeMesh {
         let served = mesh
             .serve_driven(
                 &name,
-                move |payload, _caller, reply| {
+                move |payload, caller, reply| {
                     let cancel = cancellable.then(|| {
                         let mut n = lock(&next_cancel);
                         // Never 0: the drained event says 0 for "none".
@@ -444,6 +537,7 @@ impl NativeMesh {
                         reply: PendingReply::Reply(reply),
                         payload,
                         cancel,
+                        caller,
                     });
                 },
                 // Each link's own thread watches it while the JS thread
@@ -670,15 +764,20 @@ impl NativeMesh {
         // wake-up.
         self.bridge.hold();
         let owns_links = self.bridge.draining(&mut events, || {
-            lock(&self.polled).poll(&self.bridge, room, &mut |service, request, payload| {
-                let (at, len) = append(&mut data, payload);
-                self.bridge.push(Event::Polled {
-                    service,
-                    request,
-                    at,
-                    len,
-                });
-            })
+            lock(&self.polled).poll(
+                &self.bridge,
+                room,
+                &mut |service, caller, request, payload| {
+                    let (at, len) = append(&mut data, payload);
+                    self.bridge.push(Event::Polled {
+                        service,
+                        request,
+                        at,
+                        len,
+                        caller: caller.clone(),
+                    });
+                },
+            )
         });
         // The answers waiting in the links this thread calls on go
         // straight into `meta` and `data`.
@@ -699,10 +798,30 @@ impl NativeMesh {
             })
         });
         let handed_over = self.bridge.take(&mut events);
-        let queued = events.len().min(room - n);
         let mut replies = lock(&self.replies);
-        for ev in events.drain(..queued) {
+        let mut callers = lock(&self.callers);
+        // Those with no room in this drain, kept for the next.
+        let mut left = Vec::new();
+        for ev in events.drain(..) {
+            if n == room || !left.is_empty() {
+                left.push(ev);
+                continue;
+            }
             let d = &mut data;
+            // A request from another caller than the previous one's first
+            // says whose it is (see `Callers`).
+            if let Event::Request { caller, .. } | Event::Polled { caller, .. } = &ev
+                && !callers.is_current(caller)
+            {
+                if n + 2 > room {
+                    left.push(ev);
+                    continue;
+                }
+                if let Some(tell) = callers.make_current(caller, d) {
+                    put_event(meta, n, tell);
+                    n += 1;
+                }
+            }
             let ev = match ev {
                 Event::Done { id, value } => [DONE, id, 0, 0, value.unwrap_or(0), 0],
                 Event::Answer { id, payload } => bytes_event(ANSWER, id, d, &payload, 0, 0),
@@ -715,6 +834,7 @@ impl NativeMesh {
                     reply,
                     payload,
                     cancel,
+                    caller: _,
                 } => {
                     let token = replies.insert(reply);
                     // 0: no cancellation number.
@@ -725,6 +845,7 @@ impl NativeMesh {
                     request,
                     at,
                     len,
+                    caller: _,
                 } => {
                     let token = replies.insert(PendingReply::Polled(request));
                     [REQUEST, token, at, len, service, 0]
@@ -737,6 +858,8 @@ impl NativeMesh {
             n += 1;
         }
         drop(replies);
+        drop(callers);
+        events.append(&mut left);
         // Requests polled now that wait for the next drain take their
         // payloads along (this drain's buffer goes to JS now).
         if events.iter().any(|ev| matches!(ev, Event::Polled { .. })) {
@@ -945,4 +1068,49 @@ fn timeout(ms: f64, what: &str) -> Result<Option<Duration>> {
     Duration::try_from_secs_f64(ms / 1000.0)
         .map(Some)
         .map_err(|_| invalid(format!("{what} of {ms} milliseconds is too large")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn local(pid: u32) -> FfiCaller {
+        FfiCaller::from(commy_ffi::Caller::Local {
+            uid: 1000,
+            gid: 100,
+            pid,
+        })
+    }
+
+    #[test]
+    fn js_is_told_of_a_caller_when_it_changes_and_numbers_are_reused_oldest_first() {
+        let mut callers = Callers::default();
+        let mut data = Vec::new();
+        let mut tell = |callers: &mut Callers, pid| callers.make_current(&local(pid), &mut data);
+        assert_eq!(
+            tell(&mut callers, 7),
+            Some([CALLER, 0, 1000, 100, 7, CALLER_LOCAL])
+        );
+        assert_eq!(tell(&mut callers, 7), None);
+        assert_eq!(
+            tell(&mut callers, 8),
+            Some([CALLER, 1, 1000, 100, 8, CALLER_LOCAL])
+        );
+        assert_eq!(tell(&mut callers, 7), Some([CALLER_USE, 0, 0, 0, 0, 0]));
+        assert_eq!(tell(&mut callers, 7), None);
+        for pid in 2..CALLERS_MAX as u32 {
+            assert_eq!(tell(&mut callers, 100 + pid).map(|e| e[1]), Some(pid));
+        }
+        // Every number is taken: the oldest definitions go first.
+        assert_eq!(
+            tell(&mut callers, 9),
+            Some([CALLER, 0, 1000, 100, 9, CALLER_LOCAL])
+        );
+        assert_eq!(tell(&mut callers, 8), Some([CALLER_USE, 1, 0, 0, 0, 0]));
+        assert_eq!(
+            tell(&mut callers, 7).map(|e| e[..2].to_vec()),
+            Some(vec![CALLER, 1])
+        );
+        assert!(data.is_empty(), "local callers need no bytes");
+    }
 }

@@ -205,6 +205,40 @@ test('a handler that asks for a signal learns when its caller gives up', () =>
     assert.equal((await mesh.call('prompt', 'x')).toString(), 'fine')
   }))
 
+test('handlers see who called them, with a signal or without', () =>
+  withMesh(async (mesh) => {
+    const contexts = { fast: [], signal: [] }
+    // A defaulted second parameter does not count: this one stays on the
+    // path whose requests the JS thread takes out of the rings itself.
+    await mesh.serve('whoami', (req, context = undefined) => {
+      contexts.fast.push(context)
+      return context.caller.kind
+    })
+    await mesh.serve('whoami-signal', (req, context) => {
+      contexts.signal.push(context)
+      return context.caller.kind
+    })
+    const calls = ['whoami', 'whoami-signal', 'whoami', 'whoami-signal']
+    // In flight together (one drain) and one after the other.
+    const together = await Promise.all(calls.map((name) => mesh.call(name, 'x')))
+    for (const name of calls) assert.equal((await mesh.call(name, 'x')).toString(), 'local')
+    assert.deepEqual(together.map(String), ['local', 'local', 'local', 'local'])
+    const me = { kind: 'local', uid: process.geteuid(), gid: process.getegid(), pid: process.pid, identity: null, addr: null }
+    const all = [...contexts.fast, ...contexts.signal]
+    assert.equal(all.length, 8)
+    for (const context of all) assert.deepEqual({ ...context.caller }, me)
+    // One caller object for this process's requests, frozen.
+    for (const context of all) assert.equal(context.caller, all[0].caller)
+    assert.ok(Object.isFrozen(all[0].caller))
+    // The fast path's context is made once per caller, and its signal never fires.
+    for (const context of contexts.fast) assert.equal(context, contexts.fast[0])
+    assert.ok(Object.isFrozen(contexts.fast[0]))
+    assert.equal(contexts.fast[0].signal.aborted, false)
+    // The signal path's is made per request, with a signal of its own.
+    assert.notEqual(contexts.signal[0], contexts.signal[1])
+    assert.notEqual(contexts.signal[0].signal, contexts.signal[1].signal)
+  }))
+
 test('bad arguments are refused with errors that name them', () =>
   withMesh(async (mesh) => {
     await assert.rejects(mesh.call(42, 'x'), /service name must be a string/)

@@ -30,6 +30,7 @@ test('Node, Rust and Python services call each other', async (t) => {
   const dir = runtimeDir()
   const mesh = await Mesh.open({ runtimeDir: dir })
   await mesh.serve('node-upper', (req) => req.toString().toUpperCase())
+  await mesh.serve('node-whoami', (req, { caller }) => `${caller.kind} ${caller.uid} ${caller.pid}`)
 
   // Rust serves; Node calls it.
   const rust = start(cli(), ['echo-server', 'rust-echo'], { dir, ready: /^serving rust-echo as / })
@@ -40,6 +41,16 @@ test('Node, Rust and Python services call each other', async (t) => {
   const called = await run(cli(), ['call', 'node-upper', 'from rust'], { dir })
   assert.equal(called.code, 0, called.stderr)
   assert.equal(called.stdout, 'FROM RUST\n')
+  // The CLI is a local caller of this user, in a process of its own, between
+  // two calls of this process (whose caller JS then knows already).
+  const me = `local ${process.geteuid()} ${process.pid}`
+  assert.equal((await mesh.call('node-whoami', 'x')).toString(), me)
+  const who = await run(cli(), ['call', 'node-whoami', 'x'], { dir })
+  assert.equal(who.code, 0, who.stderr)
+  const [kind, uid, pid] = who.stdout.trim().split(' ')
+  assert.deepEqual([kind, Number(uid)], ['local', process.geteuid()])
+  assert.ok(![0, process.pid].includes(Number(pid)), who.stdout)
+  assert.equal((await mesh.call('node-whoami', 'x')).toString(), me)
   const missing = await run(cli(), ['call', 'nobody-here', 'x'], { dir })
   assert.equal(missing.code, 1)
   assert.match(missing.stderr, /NOT_FOUND/)

@@ -5,6 +5,13 @@ import { CommyError, Mesh, type Code, codes } from '@commy/node'
 async function main(): Promise<void> {
   const mesh: Mesh = await Mesh.open({ mesh: 'types', defaultTimeoutMs: 1000 })
   const svc = await mesh.serve('echo', async (req: Buffer) => req)
+  await mesh.serve('whoami', (req, { caller, signal }) => {
+    const kind: 'local' | 'remote' | 'unknown' = caller.kind
+    const uid: number | null = caller.uid
+    const identity: string | null = caller.identity
+    void signal.aborted
+    return `${kind} ${uid ?? caller.addr} ${identity}`
+  })
   const reply: Buffer = await mesh.call('echo', Buffer.from('hi'), { timeoutMs: 1000 })
   const n: number = await mesh.publish('t', 'x')
   await mesh.send('echo', new Uint8Array([1]))
