@@ -6,10 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use commy_config::{NetConfig, TransportPreference};
 use commy_core::{Limits, MeshName};
 use commy_shm::LinkConfig;
-
-use commy_config::{NetConfig, TransportPreference};
 
 /// Settings of a mesh handle. `Config::default()` is the embedded default:
 /// mesh `default`, local discovery in the runtime dir, nothing to write first.

@@ -22,11 +22,12 @@
 //! ```
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use commy_config::TransportPreference;
 use commy_core::{InstanceId, MeshName, Metadata, ServiceName, Status};
 use commy_discovery::{Discover, Instance, LocalRegistry};
 use commy_shm::{RuntimeDir, ShmLink, UdsListener};
@@ -47,12 +48,11 @@ use crate::pubsub::{PubSub, SubscribeOptions, Subscription};
 use crate::response::Response;
 use crate::serve::dispatch::ServeCtx;
 use crate::serve::handler::{Handler, erase, erase_deferred};
-use crate::serve::permits::Permits;
+use crate::serve::load::Load;
 use crate::serve::request::{Request, interned};
 use crate::serve::responder::Responder;
 use crate::serve::service::{Served, ServiceHandle};
 use crate::serve::shm::serve_link;
-use commy_config::TransportPreference;
 
 /// Errors from [`Mesh::open`].
 #[derive(Debug, thiserror::Error)]
@@ -238,12 +238,8 @@ impl Mesh {
             handler,
             limits: self.inner.config.limits,
             runtime: self.inner.runtime.clone(),
-            permits: Permits::new(self.inner.config.max_concurrency),
-            in_flight: Arc::new(AtomicUsize::new(0)),
-            drained: Arc::new(tokio::sync::Notify::new()),
-            draining: AtomicBool::new(false),
-            links: Mutex::new(Vec::new()),
             service: interned(&service),
+            load: Arc::new(Load::new(self.inner.config.max_concurrency)),
         });
         if let Some(net) = &self.inner.net {
             net.add(&service, id, ctx.clone());

@@ -16,6 +16,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use commy_config::{NetConfig, TransportPreference};
 use commy_core::{HostId, InstanceId, Limits, MeshName, ServiceName, TlsAddr};
 use commy_discovery::RoundRobin;
 use commy_net::{Credentials, DevCa, Identity, Inbound, LeafSpec};
@@ -27,7 +28,6 @@ use crate::call::tls::Peers;
 use crate::pubsub::Queue;
 use crate::serve::dispatch::ServeCtx;
 use crate::serve::tls::Router;
-use commy_config::{NetConfig, TransportPreference};
 
 /// The network side of a mesh handle.
 pub(crate) struct NetState {

@@ -37,6 +37,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::Bytes;
+use commy_config::TransportPreference;
 use commy_core::{
     FrameKind, FrameRef, InstanceId, Limits, Metadata, ServiceName, Status, TopicName,
 };
@@ -48,7 +49,6 @@ use parking_lot::{Condvar, Mutex};
 use crate::accept::start_accepting;
 use crate::call::pool::Pools;
 use crate::wire::TOPIC_HEADER;
-use commy_config::TransportPreference;
 
 /// What happens when a subscriber's queue is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

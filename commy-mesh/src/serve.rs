@@ -8,9 +8,11 @@
 //! [`responder`]. Embedders may take requests out of a link themselves
 //! ([`polled`]).
 
+pub(crate) mod cancel;
 pub(crate) mod dispatch;
 pub(crate) mod handler;
 pub(crate) mod link;
+pub(crate) mod load;
 pub(crate) mod permits;
 pub(crate) mod polled;
 pub(crate) mod request;

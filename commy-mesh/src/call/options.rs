@@ -3,9 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use commy_core::{Deadline, Metadata};
-
 use commy_config::TransportPreference;
+use commy_core::{Deadline, Metadata};
 
 /// Options of one call.
 #[derive(Debug, Clone, Default)]

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use commy_config::TransportPreference;
 use commy_core::{Deadline, InstanceId, Limits, MeshName, ServiceName, Status};
 use commy_discovery::{Discover, Instance, PowerOfTwo};
 use commy_shm::{LinkConfig, ShmLink};
@@ -30,7 +31,6 @@ use rustc_hash::FxHashMap;
 use crate::call::endpoint::Endpoint;
 use crate::call::shm::ClientConn;
 use crate::call::tls::Peers;
-use commy_config::TransportPreference;
 
 /// Ids of pool sets, so a thread's [`LastCalled`] never mixes them up.
 static NEXT_POOLS_ID: AtomicU64 = AtomicU64::new(1);

@@ -10,9 +10,9 @@ use parking_lot::Mutex;
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::response::Response;
-use crate::serve::dispatch::{ServeCtx, handled_n};
+use crate::serve::cancel::Shared;
+use crate::serve::load::{Load, handled_n};
 use crate::serve::request::Caller;
-use crate::serve::responder::Shared;
 use crate::wire::{Patience, check_frame, encode_metadata, send_frame};
 
 /// What one served link's requests share with it, in one allocation (a
@@ -26,8 +26,10 @@ pub(crate) struct LinkShared {
     /// by their callers, by stream id (removing one releases what it holds:
     /// whoever removes it, the answer, a Cancel frame or the link closing).
     pub(crate) polled: Mutex<FxHashSet<u64>>,
-    /// The service served (what polled requests release).
-    pub(crate) ctx: Arc<ServeCtx>,
+    /// The served service's load (what polled requests release).
+    pub(crate) load: Arc<Load>,
+    /// The frame limits answers are checked against.
+    pub(crate) limits: Limits,
     /// Who is at the other end (every request of the link comes from it).
     pub(crate) caller: Caller,
 }
@@ -37,8 +39,8 @@ impl LinkShared {
     /// (answered, given up, or never handed out) and their counts as
     /// requests in progress.
     pub(crate) fn release_polled(&self, n: usize) {
-        self.ctx.permits.give_n(n);
-        handled_n(&self.ctx, n);
+        self.load.permits.give_n(n);
+        handled_n(&self.load, n);
     }
 }
 

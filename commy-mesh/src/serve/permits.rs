@@ -2,7 +2,6 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::serve::responder::Responder;
 use crate::sync::Counted;
 
 /// A service's concurrency permits: a count taken and given back without
@@ -113,15 +112,6 @@ impl Permits {
 
 /// A permit taken from [`Permits`], given back when dropped.
 pub(crate) struct Permit<'a>(pub(crate) &'a Permits);
-
-impl Permit<'_> {
-    /// Hands the permit to `responder`, which gives it back once the
-    /// request is answered or cancelled.
-    pub(crate) fn into_responder(self, responder: &mut Responder) {
-        std::mem::forget(self);
-        responder.hold();
-    }
-}
 
 impl Drop for Permit<'_> {
     fn drop(&mut self) {

@@ -12,90 +12,19 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use crate::response::Response;
+use crate::serve::cancel::{ANSWERED, CANCELLED, OUTCOME, PENDING, PERMIT, Shared};
+use crate::serve::link::LinkAnswer;
+use crate::serve::load::Load;
+use crate::serve::permits::Permit;
 
 pub(crate) fn unanswered() -> Status {
     Status::internal("the service's handler finished without answering")
 }
 
-/// Not answered yet.
-pub(crate) const PENDING: u8 = 0;
-/// Answered (or being answered).
-pub(crate) const ANSWERED: u8 = 1;
-/// The caller gave up first.
-pub(crate) const CANCELLED: u8 = 2;
-/// The bits of [`Shared::state`] that hold one of the three above.
-pub(crate) const OUTCOME: u8 = 3;
-/// Set in [`Shared::state`] while the request holds a concurrency permit
-/// of its service.
-pub(crate) const PERMIT: u8 = 4;
-
-pub(crate) type CancelHook = Box<dyn FnOnce() + Send>;
-
-/// What a responder and the link's cancellation share.
-pub(crate) struct Shared {
-    /// The outcome ([`PENDING`], [`ANSWERED`] or [`CANCELLED`]) and the
-    /// [`PERMIT`] bit, in one word: whoever moves it from `PENDING`
-    /// releases what the request holds, exactly once, without a lock.
-    pub(crate) state: AtomicU8,
-    pub(crate) hooks: Mutex<Vec<CancelHook>>,
-    /// The service the request is counted in (for draining), whose permit
-    /// it may hold; both are released once the request is answered or
-    /// cancelled, whoever still holds the responder. `None`: nothing is
-    /// counted here (the transport counts the request itself).
-    pub(crate) counted: Option<Arc<crate::serve::dispatch::ServeCtx>>,
-}
-
-impl Shared {
-    /// Moves the state from `PENDING` to `outcome`. Returns the state it
-    /// left (with its permit bit) if this call moved it, `None` if the
-    /// request was answered or cancelled already.
-    pub(crate) fn settle(&self, outcome: u8) -> Option<u8> {
-        let mut state = self.state.load(Ordering::Acquire);
-        loop {
-            if state & OUTCOME != PENDING {
-                return None;
-            }
-            // The permit bit goes with the release below.
-            match self.state.compare_exchange_weak(
-                state,
-                outcome,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => return Some(state),
-                Err(now) => state = now,
-            }
-        }
-    }
-
-    /// Releases what the request held when [`settle`](Shared::settle)
-    /// left `state`: its permit, and its count for draining.
-    pub(crate) fn release(&self, state: u8) {
-        if let Some(ctx) = &self.counted {
-            if state & PERMIT != 0 {
-                ctx.permits.give();
-            }
-            crate::serve::dispatch::handled(ctx);
-        }
-    }
-
-    /// Marks the request given up by its caller and runs the cancel hooks,
-    /// unless it was answered already.
-    pub(crate) fn cancel(&self) {
-        if let Some(state) = self.settle(CANCELLED) {
-            let hooks = std::mem::take(&mut *self.hooks.lock());
-            self.release(state);
-            for hook in hooks {
-                hook();
-            }
-        }
-    }
-}
-
 /// Where a responder's answer goes.
 pub(crate) enum Sink {
     /// Written straight into a shared-memory link.
-    Link(crate::serve::link::LinkAnswer),
+    Link(LinkAnswer),
     /// Handed to a future awaiting it (TLS).
     Channel(oneshot::Sender<Result<Response, Status>>),
     /// Nowhere: a one-way message.
@@ -141,11 +70,7 @@ impl Responder {
     /// A responder answering into `sink`. `counted`: the service the
     /// request was counted in (see [`Shared::counted`]), holding one of its
     /// permits if `permit`.
-    pub(crate) fn new(
-        sink: Sink,
-        counted: Option<Arc<crate::serve::dispatch::ServeCtx>>,
-        permit: bool,
-    ) -> Responder {
+    pub(crate) fn new(sink: Sink, counted: Option<Arc<Load>>, permit: bool) -> Responder {
         Responder {
             sink: Some(sink),
             shared: Arc::new(Shared {
@@ -156,10 +81,18 @@ impl Responder {
         }
     }
 
+    /// Hands `permit` (one the request waited for) to the request, which
+    /// gives it back once answered or cancelled; at once if the caller gave
+    /// up meanwhile.
+    pub(crate) fn hold_permit(&mut self, permit: Permit<'_>) {
+        std::mem::forget(permit);
+        self.hold();
+    }
+
     /// Notes that the request now holds a concurrency permit of its service
     /// (one it waited for); given back at once if the caller gave up
     /// meanwhile.
-    pub(crate) fn hold(&mut self) {
+    fn hold(&mut self) {
         let before = self.shared.state.fetch_or(PERMIT, Ordering::AcqRel);
         if before & OUTCOME != PENDING {
             // Released already, without this permit.

@@ -38,10 +38,10 @@ impl Served {
     /// Waits until no request is being handled.
     pub(crate) async fn drain(&self) {
         // SYNC: SeqCst pairs with `handled` (see there).
-        self.ctx.draining.store(true, Ordering::SeqCst);
+        self.ctx.load.draining.store(true, Ordering::SeqCst);
         loop {
-            let notified = self.ctx.drained.notified();
-            if self.ctx.idle() {
+            let notified = self.ctx.load.drained.notified();
+            if self.ctx.load.idle() {
                 return;
             }
             // Tasks finishing notify; handlers running inline on link

@@ -15,11 +15,10 @@ use commy_shm::link::{LinkSender, RecvError};
 use commy_shm::{RingError, ShmLink};
 use parking_lot::Mutex;
 
-use crate::serve::dispatch::{
-    CatchPanic, InlineBusy, OwnedHandling, ServeCtx, finish_waiting, handling, handling_n, panicked,
-};
+use crate::serve::dispatch::{CatchPanic, ServeCtx, finish_waiting, panicked};
 use crate::serve::handler::{Handler, InlineSlot};
 use crate::serve::link::{LinkAnswer, LinkShared, Pending, reply, send_answer};
+use crate::serve::load::{InlineBusy, OwnedHandling, handling, handling_n};
 use crate::serve::polled::{POLLED_PERMITS, PolledRequest};
 use crate::serve::request::{ArrivedDeadline, Caller, Request};
 use crate::serve::responder::{Responder, Sink};
@@ -56,7 +55,7 @@ pub(crate) fn serve_link(link: ShmLink, ctx: Arc<ServeCtx>) {
 pub(crate) struct LinkServer {
     pub(crate) ctx: Arc<ServeCtx>,
     pub(crate) link: Arc<LinkShared>,
-    /// This link's flag in `ctx.links` (see [`ServeCtx::idle`]).
+    /// This link's flag in `ctx.links` (see [`Load::idle`](crate::serve::load::Load::idle)).
     pub(crate) busy: Arc<AtomicBool>,
     pub(crate) handler: LinkHandler,
 }
@@ -64,14 +63,15 @@ pub(crate) struct LinkServer {
 impl LinkServer {
     pub(crate) fn new(tx: LinkSender, ctx: Arc<ServeCtx>, caller: Caller) -> LinkServer {
         let busy = Arc::new(AtomicBool::new(false));
-        ctx.links.lock().push(busy.clone());
+        ctx.load.links.lock().push(busy.clone());
         LinkServer {
             handler: LinkHandler::new(&ctx.handler),
             link: Arc::new(LinkShared {
                 tx: Mutex::new(tx),
                 running: Mutex::default(),
                 polled: Mutex::default(),
-                ctx: ctx.clone(),
+                load: ctx.load.clone(),
+                limits: ctx.limits,
                 caller,
             }),
             ctx,
@@ -194,18 +194,18 @@ impl LinkServer {
             _ => return false,
         };
         if *held == 0 {
-            if self.ctx.permits.has_waiters() {
+            if self.ctx.load.permits.has_waiters() {
                 // Requests wait for permits already: this one goes behind
                 // them, through the handler's path.
                 return false;
             }
             // Counted in progress before the request is handed out.
-            *held = self.ctx.permits.try_take_up_to(POLLED_PERMITS);
+            *held = self.ctx.load.permits.try_take_up_to(POLLED_PERMITS);
             if *held == 0 {
                 // The handler's path waits for a permit.
                 return false;
             }
-            handling_n(&self.ctx, *held);
+            handling_n(&self.ctx.load, *held);
         }
         if let Err(e) = decode_metadata(frame.metadata(), limits) {
             if !one_way {
@@ -253,6 +253,7 @@ impl Drop for LinkServer {
     fn drop(&mut self) {
         self.stop_running();
         self.ctx
+            .load
             .links
             .lock()
             .retain(|b| !Arc::ptr_eq(b, &self.busy));
@@ -325,13 +326,13 @@ pub(crate) fn handle(
         }
     };
     // Counted before the link's flag clears (see `ServeCtx::idle`).
-    let handling = OwnedHandling::enter(ctx.clone());
+    let handling = OwnedHandling::enter(ctx.load.clone());
     drop(inline);
     // The handler waits: its deadline counts from now at the latest (it
     // anchored it already if it asked), and it continues as a task once it
     // has a permit.
     let deadline = deadline.get();
-    let permit = ctx.permits.try_take();
+    let permit = ctx.load.permits.try_take();
     if !oneway {
         running.lock().insert(id.0, Pending::Task(None));
     }
@@ -370,7 +371,7 @@ pub(crate) fn handle_deferred(
     let inline = InlineBusy::enter(busy);
     // Counted before the link's flag clears (see `ServeCtx::idle`); the
     // responder ends the count.
-    handling(ctx);
+    handling(&ctx.load);
     let sink = if h.kind == FrameKind::OneWay {
         Sink::OneWay
     } else {
@@ -380,9 +381,9 @@ pub(crate) fn handle_deferred(
             id: h.stream_id,
         })
     };
-    let permit = ctx.permits.try_take();
+    let permit = ctx.load.permits.try_take();
     let waits = !permit;
-    let responder = Responder::new(sink, Some(ctx.clone()), permit);
+    let responder = Responder::new(sink, Some(ctx.load.clone()), permit);
     if h.kind != FrameKind::OneWay {
         shared
             .running
@@ -398,7 +399,8 @@ pub(crate) fn handle_deferred(
     let (ctx2, handler) = (ctx.clone(), handler.clone());
     ctx.runtime.spawn(async move {
         let mut responder = responder;
-        ctx2.permits.take().await.into_responder(&mut responder);
+        let permit = ctx2.load.permits.take().await;
+        responder.hold_permit(permit);
         if responder.is_cancelled() {
             return;
         }

@@ -16,7 +16,8 @@ use rustc_hash::FxHashMap;
 use tokio::sync::watch;
 
 use crate::pubsub::{Message, Queue};
-use crate::serve::dispatch::{OwnedHandling, ServeCtx, serve_request};
+use crate::serve::dispatch::{ServeCtx, serve_request};
+use crate::serve::load::OwnedHandling;
 use crate::serve::request::{ArrivedDeadline, Caller, RemoteCaller, Request};
 use crate::wire::{
     INSTANCES_SERVICE, LONG_POLL, Listing, PUBLISH_SERVICE, SERVICE_HEADER, TOPIC_HEADER,
@@ -121,7 +122,7 @@ impl Router {
             let i = self.rr.pick(instances.len()).unwrap_or(0);
             instances[i].1.clone()
         };
-        let _handling = OwnedHandling::enter(ctx.clone());
+        let _handling = OwnedHandling::enter(ctx.load.clone());
         let deadline = inbound.deadline;
         let request = Request {
             service: ctx.service,
