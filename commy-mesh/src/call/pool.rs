@@ -29,6 +29,7 @@ use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
 
 use crate::call::endpoint::Endpoint;
+use crate::call::reader;
 use crate::call::shm::ClientConn;
 use crate::call::tls::Peers;
 
@@ -254,12 +255,11 @@ impl Pools {
                     .map_err(|e| {
                         Status::unavailable(format!("cannot connect to {}: {e}", inst.id))
                     })?;
-                Endpoint::Shm(ClientConn::start(
-                    inst.id,
-                    link,
-                    self.limits,
-                    self.call_spin,
-                ))
+                {
+                    let conn = ClientConn::new(link, self.limits, self.call_spin);
+                    reader::spawn(&conn, inst.id);
+                    Endpoint::Shm(conn)
+                }
             }
             commy_core::Endpoint::Tls(addr) => {
                 let peer = self

@@ -3,13 +3,36 @@
 //! futex: an idle link costs no CPU), and stands by while an
 //! [`AnswerDriver`](crate::embed::AnswerDriver) has the link.
 
-use std::sync::Weak;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use commy_core::InstanceId;
 use commy_shm::link::RecvError;
 
-use crate::call::shm::{ClientConn, READER_SLICE};
+use crate::call::shm::ClientConn;
+
+/// How long the fallback reader waits on the ring before re-checking
+/// whether a caller took over or nothing is pending any more.
+const READER_SLICE: Duration = Duration::from_millis(20);
+
+/// Starts the (parked) reader thread of `conn`, a link to `instance`. If
+/// the thread cannot start, the link is marked dead.
+pub(crate) fn spawn(conn: &Arc<ClientConn>, instance: InstanceId) {
+    let weak = Arc::downgrade(conn);
+    let spawned = std::thread::Builder::new()
+        .name(format!("commy-client-{instance}"))
+        .spawn(move || client_reader(weak));
+    match spawned {
+        Ok(handle) => {
+            let _ = conn.reader.set(handle.thread().clone());
+        }
+        Err(e) => {
+            tracing::error!("cannot start a link reader thread: {e}");
+            conn.alive.store(false, Ordering::Release);
+        }
+    }
+}
 
 /// How long a reader that delivered callback calls' answers waits on the
 /// ring for more once none is pending, before it parks.

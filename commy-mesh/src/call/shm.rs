@@ -15,17 +15,14 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use commy_core::{
-    Deadline, FrameHeader, FrameKind, FrameRef, InstanceId, Limits, Metadata, Status, StreamId,
-};
+use commy_core::{Deadline, FrameHeader, FrameKind, FrameRef, Limits, Metadata, Status, StreamId};
 use commy_shm::link::{LinkSender, RecvError};
 use commy_shm::{LinkReceiver, RingError, ShmLink};
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use crate::call::deadline::Due;
-use crate::call::reader::client_reader;
-use crate::call::table::{AnswerSink, CallTable, Callback, Done, PendingCalls, Waiter};
+use crate::call::table::{AnswerSink, CallResult, CallTable, Callback, Done, PendingCalls, Waiter};
 use crate::response::Response;
 use crate::sync::Counted;
 use crate::wire::{
@@ -45,9 +42,6 @@ pub(crate) enum AnswerDrive {
 /// The receiver of a token call's answer as [`AnswerDriver::poll_with`]
 /// takes it.
 pub(crate) type Local<'a> = dyn FnMut(u64, Result<&[u8], Status>) + 'a;
-
-/// The result a pending call receives.
-pub(crate) type CallResult = Result<Response, Status>;
 
 /// An answer frame as read from the ring, its payload still in place.
 pub(crate) enum AnswerRef<'m> {
@@ -132,21 +126,13 @@ pub(crate) struct Driving {
     pub(crate) sink: OnceLock<Arc<dyn AnswerSink>>,
 }
 
-/// How long the fallback reader waits on the ring before re-checking
-/// whether a caller took over or nothing is pending any more.
-pub(crate) const READER_SLICE: Duration = Duration::from_millis(20);
-
 impl ClientConn {
-    /// Wraps a connected link and starts its (parked) reader thread.
-    pub(crate) fn start(
-        instance: InstanceId,
-        link: ShmLink,
-        limits: Limits,
-        spin: Duration,
-    ) -> Arc<ClientConn> {
+    /// Wraps a connected link; its reader thread is started by
+    /// [`reader::spawn`](crate::call::reader::spawn).
+    pub(crate) fn new(link: ShmLink, limits: Limits, spin: Duration) -> Arc<ClientConn> {
         let (tx, rx) = link.split();
         let interrupt = rx.interrupter();
-        let conn = Arc::new(ClientConn {
+        Arc::new(ClientConn {
             tx: Mutex::new(TxState {
                 sender: tx,
                 next_stream: 1,
@@ -164,21 +150,7 @@ impl ClientConn {
             interrupt,
             sooner: AtomicBool::new(false),
             driving: Driving::default(),
-        });
-        let weak = Arc::downgrade(&conn);
-        let spawned = std::thread::Builder::new()
-            .name(format!("commy-client-{instance}"))
-            .spawn(move || client_reader(weak));
-        match spawned {
-            Ok(handle) => {
-                let _ = conn.reader.set(handle.thread().clone());
-            }
-            Err(e) => {
-                tracing::error!("cannot start a link reader thread: {e}");
-                conn.alive.store(false, Ordering::Release);
-            }
-        }
-        conn
+        })
     }
 
     /// Whether the link still works.
@@ -1080,5 +1052,37 @@ impl TxState {
         let id = self.next_stream;
         self.next_stream = self.next_stream.wrapping_add(2);
         id
+    }
+}
+
+impl Done {
+    /// Hands `result` over.
+    pub(crate) fn finish(self, conn: &ClientConn, result: CallResult) {
+        match self {
+            Done::Call(f) => f(result),
+            Done::Token(token) => {
+                // Set before any token call is made on the link.
+                if let Some(sink) = conn.driving.sink.get() {
+                    sink.answer(token, result);
+                }
+            }
+        }
+    }
+}
+
+impl Waiter {
+    /// Hands `result` to whoever waits.
+    pub(crate) fn complete(self, conn: &ClientConn, result: CallResult) {
+        match self {
+            Waiter::Task(tx) => {
+                let _ = tx.send(result);
+            }
+            Waiter::Callback(c) => {
+                if c.balanced {
+                    conn.in_flight.fetch_sub(1, Ordering::Relaxed);
+                }
+                c.done.finish(conn, result);
+            }
+        }
     }
 }

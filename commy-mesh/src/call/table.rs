@@ -1,15 +1,16 @@
 //! The calls in flight on one client link, by stream id, and who waits for
 //! each answer: a task, a callback or an answer sink.
 
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use commy_core::Status;
 use rustc_hash::FxHashMap;
 use tokio::sync::oneshot;
 
-use crate::call::shm::{CallResult, ClientConn};
 use crate::response::Response;
+
+/// The result a pending call receives.
+pub(crate) type CallResult = Result<Response, Status>;
 
 /// Receives the answers to token calls ([`Mesh::call_token`]) that are
 /// not handed to an [`AnswerDriver::poll_with`](crate::embed::AnswerDriver::poll_with) callback: those read by
@@ -131,7 +132,7 @@ impl CallTable {
 pub(crate) enum Waiter {
     /// A calling task.
     Task(oneshot::Sender<CallResult>),
-    /// A callback ([`ClientConn::call_then`]).
+    /// A callback (`ClientConn::call_then`).
     Callback(Callback),
 }
 
@@ -139,7 +140,7 @@ pub(crate) enum Waiter {
 pub(crate) struct Callback {
     pub(crate) done: Done,
     pub(crate) deadline: Option<Instant>,
-    /// Counted in [`ClientConn::in_flight`].
+    /// Counted in the link's calls in flight (`ClientConn::in_flight`).
     pub(crate) balanced: bool,
 }
 
@@ -150,38 +151,6 @@ pub(crate) enum Done {
     /// The answer sink of the caller's mesh handle, named by the caller's
     /// token ([`Mesh::call_token`](crate::Mesh::call_token)).
     Token(u64),
-}
-
-impl Done {
-    /// Hands `result` over.
-    pub(crate) fn finish(self, conn: &ClientConn, result: CallResult) {
-        match self {
-            Done::Call(f) => f(result),
-            Done::Token(token) => {
-                // Set before any token call is made on the link.
-                if let Some(sink) = conn.driving.sink.get() {
-                    sink.answer(token, result);
-                }
-            }
-        }
-    }
-}
-
-impl Waiter {
-    /// Hands `result` to whoever waits.
-    pub(crate) fn complete(self, conn: &ClientConn, result: CallResult) {
-        match self {
-            Waiter::Task(tx) => {
-                let _ = tx.send(result);
-            }
-            Waiter::Callback(c) => {
-                if c.balanced {
-                    conn.in_flight.fetch_sub(1, Ordering::Relaxed);
-                }
-                c.done.finish(conn, result);
-            }
-        }
-    }
 }
 
 #[cfg(test)]
