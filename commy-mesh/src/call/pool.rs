@@ -110,6 +110,12 @@ impl Pools {
     /// The instances of a pool reached over shared memory (scanning this
     /// host once if its watch has not said yet).
     pub(crate) fn instances_of(&self, pool: &Arc<Pool>) -> Vec<Instance> {
+        {
+            let state = pool.state.lock();
+            if !state.local.is_empty() || state.sets[0].is_some() {
+                return state.local.clone();
+            }
+        }
         let _ = pool.scan_local();
         pool.state.lock().local.clone()
     }
