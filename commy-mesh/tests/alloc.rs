@@ -3,9 +3,10 @@
 //! request likewise (DESIGN.md, "No per-call allocation beyond the answer's
 //! bytes").
 //!
-//! A `#[global_allocator]` wraps [`System`] and counts every `alloc`,
-//! `alloc_zeroed` and `realloc` of the whole process, and the bytes they
-//! ask for (frees are not counted). Each check runs one side in this
+//! A `#[global_allocator]`, commy-shm's `CountingAllocator` (which wraps
+//! the system allocator), counts every `alloc`, `alloc_zeroed` and
+//! `realloc` of the whole process, and the bytes they ask for (frees are
+//! not counted). Each check runs one side in this
 //! process and its peer in a child process (this same binary, role in
 //! [`ROLE`]), so the count holds only the measured side: the client's own
 //! calls, or the serving side of requests that a child makes. Each check
@@ -37,7 +38,6 @@
 
 #![allow(clippy::disallowed_types)] // plain counters in a test, nothing for loom
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -49,51 +49,12 @@ use bytes::Bytes;
 use commy_mesh::{
     Mesh, MeshBuilder, NetConfig, Request, Responder, Response, Status, TransportPreference,
 };
+use commy_shm::testing::CountingAllocator;
 
-/// Allocations (`alloc`, `alloc_zeroed`, `realloc`) of this process so far.
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-/// Bytes those allocations asked for (a `realloc` counts its new size).
-static ALLOCATED_BYTES: AtomicU64 = AtomicU64::new(0);
-
-/// [`System`], counting.
-struct Counting;
-
-impl Counting {
-    fn count(size: usize) {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        ALLOCATED_BYTES.fetch_add(size as u64, Ordering::Relaxed);
-    }
-}
-
-// SAFETY: every method passes its arguments to `System` unchanged and returns
-// what it returns; counting touches only two atomics and never allocates.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        Counting::count(layout.size());
-        // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        Counting::count(layout.size());
-        // SAFETY: the caller upholds `GlobalAlloc::alloc_zeroed`'s contract.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        Counting::count(new_size);
-        // SAFETY: the caller upholds `GlobalAlloc::realloc`'s contract.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: the caller upholds `GlobalAlloc::dealloc`'s contract.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
+/// Counts this process's allocations (`alloc`, `alloc_zeroed`,
+/// `realloc`) and the bytes they ask for.
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: CountingAllocator = CountingAllocator::new();
 
 /// What the allocator counted.
 #[derive(Clone, Copy)]
@@ -106,8 +67,8 @@ impl Counted {
     /// The counters now.
     fn now() -> Counted {
         Counted {
-            allocations: ALLOCATIONS.load(Ordering::SeqCst),
-            bytes: ALLOCATED_BYTES.load(Ordering::SeqCst),
+            allocations: GLOBAL.allocations(),
+            bytes: GLOBAL.bytes(),
         }
     }
 

@@ -21,6 +21,8 @@ mod region;
 pub mod ring;
 mod segment;
 mod sync;
+#[cfg(all(feature = "testing", not(loom)))]
+pub mod testing;
 pub mod uds;
 mod wait;
 
