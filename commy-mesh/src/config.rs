@@ -56,7 +56,7 @@ pub struct ThreadHook(Arc<HookFn>);
 /// A link thread's whole work, as a [`ThreadHook`] receives it.
 pub type ThreadWork<'a> = &'a mut (dyn FnMut() + Send);
 
-pub(crate) type HookFn = dyn Fn(ThreadWork<'_>) + Send + Sync;
+type HookFn = dyn Fn(ThreadWork<'_>) + Send + Sync;
 
 impl ThreadHook {
     /// A hook that runs `f` around each link thread's work.

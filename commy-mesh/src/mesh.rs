@@ -78,7 +78,7 @@ pub enum OpenError {
 /// A handle on the mesh. Cheap to clone; all clones share connections.
 #[derive(Clone)]
 pub struct Mesh {
-    pub(crate) inner: Arc<Inner>,
+    inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for Mesh {
@@ -89,21 +89,21 @@ impl std::fmt::Debug for Mesh {
     }
 }
 
-pub(crate) struct Inner {
-    pub(crate) config: Config,
-    pub(crate) registry: LocalRegistry,
+struct Inner {
+    config: Config,
+    registry: LocalRegistry,
     /// The pools of the services this handle calls.
-    pub(crate) services: Pools,
+    services: Pools,
     /// Subscriptions and publishing on this host.
     pubsub: PubSub,
-    pub(crate) runtime: tokio::runtime::Handle,
-    pub(crate) closed: AtomicBool,
+    runtime: tokio::runtime::Handle,
+    closed: AtomicBool,
     /// Services served through this handle, to drain on close.
-    pub(crate) served: Mutex<Vec<Arc<Served>>>,
+    served: Mutex<Vec<Arc<Served>>>,
     /// The TLS side, when configured.
-    pub(crate) net: Option<Arc<NetState>>,
+    net: Option<Arc<NetState>>,
     /// Set once [`Mesh::drive_answers`] made this handle's driver.
-    pub(crate) answers: OnceLock<Arc<Claims>>,
+    answers: OnceLock<Arc<Claims>>,
 }
 
 impl Mesh {
@@ -218,7 +218,7 @@ impl Mesh {
         self.serve_handler(name, erase_deferred(handler), Some(Arc::new(on_link)))
     }
 
-    pub(crate) fn serve_handler(
+    fn serve_handler(
         &self,
         name: &str,
         handler: Handler,
@@ -327,7 +327,7 @@ impl Mesh {
 
     /// A call that has to find (or connect to) an instance first, or goes
     /// over TLS.
-    pub(crate) async fn call_routed(
+    async fn call_routed(
         &self,
         name: &str,
         payload: Bytes,
@@ -492,7 +492,7 @@ impl Mesh {
 
     /// The claims of the answer driver and its sink, which token calls
     /// need.
-    pub(crate) fn token_sink(&self) -> Result<(&Claims, &Arc<dyn AnswerSink>), Status> {
+    fn token_sink(&self) -> Result<(&Claims, &Arc<dyn AnswerSink>), Status> {
         self.inner
             .answers
             .get()
@@ -508,7 +508,7 @@ impl Mesh {
     /// thread, whether the call is counted for balancing, and when it is
     /// due; `None` if the call runs as a task instead (over TLS, or before
     /// a link to the service is open).
-    pub(crate) fn callback_route(
+    fn callback_route(
         &self,
         name: &str,
         options: &CallOptions,
@@ -553,7 +553,7 @@ impl Mesh {
         self.make_driver(Some(sink))
     }
 
-    pub(crate) fn make_driver(
+    fn make_driver(
         &self,
         sink: Option<Arc<dyn crate::embed::AnswerSink>>,
     ) -> Result<crate::embed::AnswerDriver, Status> {
@@ -596,7 +596,7 @@ impl Mesh {
     }
 
     /// The transport a call may use.
-    pub(crate) fn preference(&self, options: &CallOptions) -> TransportPreference {
+    fn preference(&self, options: &CallOptions) -> TransportPreference {
         options.transport.unwrap_or_else(|| {
             self.inner
                 .net
@@ -737,7 +737,7 @@ impl Mesh {
 /// The pools of the instances `registry` finds (and `peers` list, if
 /// given), linked with `config`'s settings.
 /// settings.
-pub(crate) fn pools(
+fn pools(
     config: &Config,
     registry: &LocalRegistry,
     peers: Option<&Arc<Peers>>,
@@ -758,7 +758,7 @@ pub(crate) fn pools(
     )
 }
 
-pub(crate) fn service_name(name: &str) -> Result<ServiceName, Status> {
+fn service_name(name: &str) -> Result<ServiceName, Status> {
     ServiceName::new(name)
         .map_err(|e| Status::invalid_argument(format!("invalid service name {name:?}: {e}")))
 }

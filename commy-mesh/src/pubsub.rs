@@ -374,7 +374,7 @@ fn serve_topic_link(link: ShmLink, queue: Arc<Queue>, limits: Limits) {
 /// Which queue groups exist per topic key, kept current from the topic
 /// registry's directory (inotify), so a publish does not scan it.
 #[derive(Default)]
-pub(crate) struct GroupIndex {
+struct GroupIndex {
     groups: Mutex<HashMap<String, HashSet<String>>>,
     started: AtomicBool,
 }

@@ -10,7 +10,7 @@ use commy_core::Metadata;
 pub(crate) struct SomeMetadata(pub(crate) Option<Box<Metadata>>);
 
 /// What an absent [`SomeMetadata`] reads as.
-pub(crate) static NO_METADATA: Metadata = Metadata {
+static NO_METADATA: Metadata = Metadata {
     auth_token: None,
     traceparent: None,
     content_type: None,

@@ -9,11 +9,11 @@ use commy_shm::link::{LinkSender, SendError};
 
 /// How long a send may wait for ring space before the call fails with
 /// `ResourceExhausted` (the peer is not draining its ring).
-pub(crate) const SEND_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+const SEND_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Frames up to this many bytes are assembled on the stack and copied into
 /// the ring in one go.
-pub(crate) const SMALL_FRAME: usize = 256;
+const SMALL_FRAME: usize = 256;
 
 /// Encodes `header` + `metadata` + `payload` as one message on the link:
 /// in place in the ring when it fits one record, else through the

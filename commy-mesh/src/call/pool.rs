@@ -327,7 +327,7 @@ impl Pools {
 }
 
 /// A pool's instances and our links to them, under one lock.
-pub(crate) struct PoolState {
+struct PoolState {
     /// Each source's last set (`None` until its watch first delivers).
     sets: Vec<Option<Vec<Instance>>>,
     /// The instances reached over shared memory, from every source.
@@ -393,7 +393,7 @@ impl PoolState {
 /// holds the link weakly (it never keeps a link open) and is used only
 /// while the link lives and is still marked as the service's only instance
 /// ([`ClientConn::sole`]; any change of the pool's instances clears it).
-pub(crate) struct LastCalled {
+struct LastCalled {
     mesh: u64,
     service: Box<str>,
     conn: std::sync::Weak<ClientConn>,

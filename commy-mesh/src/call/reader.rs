@@ -36,23 +36,23 @@ pub(crate) fn spawn(conn: &Arc<ClientConn>, instance: InstanceId) {
 
 /// How long a reader that delivered callback calls' answers waits on the
 /// ring for more once none is pending, before it parks.
-pub(crate) const READER_LINGER: Duration = Duration::from_millis(1);
+const READER_LINGER: Duration = Duration::from_millis(1);
 
 /// How long an [`AnswerDriver`] may leave a link it has unpolled before the
 /// link's reader receives for it; also the reader's nap while it stands by.
-pub(crate) const DRIVER_STUCK_AFTER: Duration = Duration::from_millis(2);
+const DRIVER_STUCK_AFTER: Duration = Duration::from_millis(2);
 
 /// Naps ([`DRIVER_STUCK_AFTER`] each) an idle reader of a link an
 /// [`AnswerDriver`] has had takes before it parks with no timeout: while
 /// calls keep coming, claiming the link again wakes nobody.
-pub(crate) const IDLE_NAPS: u32 = 25;
+const IDLE_NAPS: u32 = 25;
 
 /// The fallback reader: while calls are pending and no caller polls, it
 /// waits on the ring and completes responses; otherwise it stays parked
 /// (after answering callback calls, once [`READER_LINGER`] passed with none
 /// pending). While an [`AnswerDriver`] has the link it stands by
 /// ([`stand_by`]).
-pub(crate) fn client_reader(conn: Weak<ClientConn>) {
+fn client_reader(conn: Weak<ClientConn>) {
     let mut delivered = 0u32;
     let mut naps = 0u32;
     // Set while the reader delivers the answers of callback calls: once

@@ -44,7 +44,7 @@ pub(crate) enum AnswerDrive {
 pub(crate) type Local<'a> = dyn FnMut(u64, Result<&[u8], Status>) + 'a;
 
 /// An answer frame as read from the ring, its payload still in place.
-pub(crate) enum AnswerRef<'m> {
+enum AnswerRef<'m> {
     Response {
         payload: &'m [u8],
         metadata: Metadata,
@@ -54,7 +54,7 @@ pub(crate) enum AnswerRef<'m> {
 
 impl AnswerRef<'_> {
     /// The call's result, its payload copied out of the ring.
-    pub(crate) fn into_result(self) -> CallResult {
+    fn into_result(self) -> CallResult {
         match self {
             AnswerRef::Response { payload, metadata } => Ok(Response {
                 payload: Bytes::copy_from_slice(payload),
@@ -96,7 +96,7 @@ pub(crate) struct ClientConn {
     pub(crate) sooner: AtomicBool,
     /// Ends the reader's wait on the ring, which may be set for a later
     /// deadline than a call registered since.
-    pub(crate) interrupt: commy_shm::WaitInterrupter,
+    interrupt: commy_shm::WaitInterrupter,
     /// What the answer driver, the reader and the callback and token calls
     /// of the link share (see [`Driving`]).
     pub(crate) driving: Driving,
@@ -304,7 +304,7 @@ impl ClientConn {
     /// Polls the ring we own until the answer to `id` comes (completing
     /// other callers' answers on the way), the spin budget runs out or the
     /// deadline passes (`None` in the last two cases).
-    pub(crate) fn poll_own(
+    fn poll_own(
         &self,
         rx: &mut LinkReceiver,
         id: u64,
@@ -350,7 +350,7 @@ impl ClientConn {
 
     /// Waits for our pending answer while another thread owns the ring,
     /// taking the ring over if it is released.
-    pub(crate) fn poll_shared(
+    fn poll_shared(
         &self,
         done: &mut oneshot::Receiver<CallResult>,
         due: &mut Due,
@@ -424,7 +424,7 @@ impl ClientConn {
     /// Reads an answer frame without copying its payload: its stream and
     /// what it says. `None` when the frame is malformed (the link must be
     /// dropped).
-    pub(crate) fn answer_ref<'m>(&self, msg: &'m [u8]) -> Option<(u64, AnswerRef<'m>)> {
+    fn answer_ref<'m>(&self, msg: &'m [u8]) -> Option<(u64, AnswerRef<'m>)> {
         let frame = match FrameRef::decode(msg, &self.limits) {
             Ok(f) => f,
             Err(e) => {
@@ -490,7 +490,7 @@ impl ClientConn {
     }
 
     /// Sends a frame on a fresh stream that gets no answer.
-    pub(crate) fn send_unanswered(
+    fn send_unanswered(
         &self,
         kind: FrameKind,
         metadata: &[u8],
@@ -513,12 +513,12 @@ impl ClientConn {
     }
 
     /// Adds a call to the pending table.
-    pub(crate) fn register(&self, id: u64, waiter: Waiter) {
+    fn register(&self, id: u64, waiter: Waiter) {
         self.register_all([(id, waiter)]);
     }
 
     /// [`register`](ClientConn::register)s each call under one lock.
-    pub(crate) fn register_all(&self, calls: impl IntoIterator<Item = (u64, Waiter)>) {
+    fn register_all(&self, calls: impl IntoIterator<Item = (u64, Waiter)>) {
         let mut pending = self.pending.lock();
         let mut sooner = false;
         for (id, waiter) in calls {
@@ -556,7 +556,7 @@ impl ClientConn {
 
     /// Runs `take` on the pending table under its lock (once for any
     /// number of calls taken out), keeping `pending_len` in step.
-    pub(crate) fn take_calls<R>(&self, take: impl FnOnce(&mut CallTable) -> R) -> R {
+    fn take_calls<R>(&self, take: impl FnOnce(&mut CallTable) -> R) -> R {
         let mut pending = self.pending.lock();
         let taken = take(&mut pending.calls);
         self.pending_len
@@ -576,10 +576,7 @@ impl ClientConn {
     /// callback call due per `due` is sent with: its request's header (its
     /// stream id still to set), its patience for ring space, and the
     /// instant its deadline passes.
-    pub(crate) fn callback_request(
-        &self,
-        due: &mut Due,
-    ) -> (FrameHeader, Patience, Option<Instant>) {
+    fn callback_request(&self, due: &mut Due) -> (FrameHeader, Patience, Option<Instant>) {
         if !self.driving.callbacks.load(Ordering::Relaxed) {
             self.driving.callbacks.store(true, Ordering::Relaxed);
         }
@@ -781,7 +778,7 @@ impl ClientConn {
         );
     }
 
-    pub(crate) fn wake_reader(&self) {
+    fn wake_reader(&self) {
         if let Some(t) = self.reader.get() {
             t.unpark();
         }
@@ -905,7 +902,7 @@ impl ClientConn {
     }
 }
 
-pub(crate) fn gone_status() -> Status {
+fn gone_status() -> Status {
     Status::unavailable("the instance went away during the call")
 }
 
@@ -927,19 +924,19 @@ pub(crate) enum Started<'a> {
 
 /// A call sent whose answer is still to come.
 pub(crate) struct Waiting<'a> {
-    pub(crate) abandon: Abandon<'a>,
+    abandon: Abandon<'a>,
     pub(crate) done: oneshot::Receiver<CallResult>,
     pub(crate) due: Due,
-    pub(crate) _in_flight: Option<Counted<'a>>,
+    _in_flight: Option<Counted<'a>>,
 }
 
 /// A call still waiting for its answer: if dropped armed (the caller gave
 /// up), it takes the call out of the pending table and sends Cancel, unless
 /// the answer came meanwhile.
-pub(crate) struct Abandon<'a> {
+struct Abandon<'a> {
     pub(crate) conn: &'a ClientConn,
     pub(crate) id: u64,
-    pub(crate) armed: bool,
+    armed: bool,
 }
 
 impl Drop for Abandon<'_> {
@@ -952,7 +949,7 @@ impl Drop for Abandon<'_> {
 
 /// How long a caller polls: the clock is first read after a while, so a
 /// quick answer costs no clock read at all.
-pub(crate) struct SpinBudget {
+struct SpinBudget {
     pub(crate) spin: Duration,
     pub(crate) end: Option<Instant>,
     pub(crate) round: u32,
@@ -976,13 +973,13 @@ impl SpinBudget {
     }
 
     /// Whether the next [`spent`](SpinBudget::spent) reads the clock.
-    pub(crate) fn checks_now(&self) -> bool {
+    fn checks_now(&self) -> bool {
         self.round.wrapping_add(1).is_multiple_of(self.every)
     }
 
     /// Whether polling should stop: the budget or the call's deadline is
     /// reached (checks the clock every `every` rounds).
-    pub(crate) fn spent(&mut self, due: &mut Due) -> bool {
+    fn spent(&mut self, due: &mut Due) -> bool {
         self.round = self.round.wrapping_add(1);
         if !self.round.is_multiple_of(self.every) {
             return false;
@@ -1005,14 +1002,14 @@ impl SpinBudget {
 
 /// How many callers besides the one owning the receive ring may spin for
 /// their answers at once; the others wait to be woken at once.
-pub(crate) const MAX_SHARED_SPINNERS: usize = 1;
+const MAX_SHARED_SPINNERS: usize = 1;
 
 /// A caller polling the receive ring; the last one leaving wakes the
 /// reader if calls are still pending.
-pub(crate) struct Poller<'a> {
+struct Poller<'a> {
     pub(crate) conn: &'a ClientConn,
     /// Pollers before this one.
-    pub(crate) ahead: usize,
+    ahead: usize,
 }
 
 impl<'a> Poller<'a> {
@@ -1022,7 +1019,7 @@ impl<'a> Poller<'a> {
     }
 
     /// Whether this caller may spin for its answer (few others do).
-    pub(crate) fn may_spin(&self) -> bool {
+    fn may_spin(&self) -> bool {
         self.ahead < MAX_SHARED_SPINNERS
     }
 }
@@ -1041,14 +1038,14 @@ impl Drop for Poller<'_> {
 
 /// The sending half of a client link and its stream numbering.
 pub(crate) struct TxState {
-    pub(crate) sender: LinkSender,
+    sender: LinkSender,
     /// The next stream id: client-opened streams use odd ids.
-    pub(crate) next_stream: u64,
+    next_stream: u64,
 }
 
 impl TxState {
     /// Takes a fresh stream id.
-    pub(crate) fn open_stream(&mut self) -> u64 {
+    fn open_stream(&mut self) -> u64 {
         let id = self.next_stream;
         self.next_stream = self.next_stream.wrapping_add(2);
         id
@@ -1072,7 +1069,7 @@ impl Done {
 
 impl Waiter {
     /// Hands `result` to whoever waits.
-    pub(crate) fn complete(self, conn: &ClientConn, result: CallResult) {
+    fn complete(self, conn: &ClientConn, result: CallResult) {
         match self {
             Waiter::Task(tx) => {
                 let _ = tx.send(result);

@@ -42,15 +42,15 @@ pub(crate) struct PendingCalls {
 #[derive(Default)]
 pub(crate) struct CallTable {
     /// A power of two long (or empty until the first call).
-    pub(crate) slots: Vec<Option<(u64, Waiter)>>,
-    pub(crate) overflow: FxHashMap<u64, Waiter>,
+    slots: Vec<Option<(u64, Waiter)>>,
+    overflow: FxHashMap<u64, Waiter>,
     pub(crate) len: usize,
 }
 
 /// The table's first size, and the largest it grows to (it doubles while
 /// more than half as many calls as slots are pending).
-pub(crate) const CALL_SLOTS_MIN: usize = 64;
-pub(crate) const CALL_SLOTS_MAX: usize = 1 << 14;
+const CALL_SLOTS_MIN: usize = 64;
+const CALL_SLOTS_MAX: usize = 1 << 14;
 
 impl CallTable {
     pub(crate) fn len(&self) -> usize {
@@ -82,7 +82,7 @@ impl CallTable {
         }
     }
 
-    pub(crate) fn grow(&mut self) {
+    fn grow(&mut self) {
         let size = self.slots.len() * 2;
         let old = std::mem::take(&mut self.slots);
         self.slots.resize_with(size, || None);

@@ -279,7 +279,7 @@ impl Peers {
 }
 
 /// Decrements a counter when dropped.
-pub(crate) struct DecOnDrop<'a>(&'a AtomicUsize);
+struct DecOnDrop<'a>(&'a AtomicUsize);
 
 impl Drop for DecOnDrop<'_> {
     fn drop(&mut self) {
@@ -288,7 +288,7 @@ impl Drop for DecOnDrop<'_> {
 }
 
 /// Keeps a peer's listing current by long-polling its control service.
-pub(crate) async fn watch_peer(
+async fn watch_peer(
     peer: std::sync::Weak<PeerState>,
     closed: Arc<AtomicBool>,
     changes: Arc<watch::Sender<u64>>,

@@ -41,7 +41,7 @@ pub struct AnswerDriver {
     /// Came up empty (at the instant kept with each): looked at again at
     /// every poll, and given back once empty for `hold` (at once if no call
     /// is pending on it).
-    pub(crate) resting: Vec<(Arc<ClientConn>, Instant)>,
+    resting: Vec<(Arc<ClientConn>, Instant)>,
     /// How long a link may stay empty before it is given back.
     pub(crate) hold: Duration,
 }
@@ -145,7 +145,7 @@ impl AnswerDriver {
 
     /// [`poll`](AnswerDriver::poll) (`local` unset: `max` answers per link)
     /// or [`poll_with`](AnswerDriver::poll_with) (`max` in all).
-    pub(crate) fn poll_links(&mut self, max: usize, mut local: Option<&mut Local<'_>>) -> bool {
+    fn poll_links(&mut self, max: usize, mut local: Option<&mut Local<'_>>) -> bool {
         if !self.resting.is_empty() {
             let now = Instant::now();
             let (busy, hold) = (&mut self.busy, self.hold);

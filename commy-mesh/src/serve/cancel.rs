@@ -23,7 +23,7 @@ pub(crate) const OUTCOME: u8 = 3;
 /// of its service.
 pub(crate) const PERMIT: u8 = 4;
 
-pub(crate) type CancelHook = Box<dyn FnOnce() + Send>;
+type CancelHook = Box<dyn FnOnce() + Send>;
 
 /// What a responder and the link's cancellation share.
 pub(crate) struct Shared {

@@ -75,10 +75,10 @@ pub(crate) trait InlineSlot: Send {
 }
 
 /// What a handler's future gives.
-pub(crate) type HandlerResult = Result<Response, Status>;
+type HandlerResult = Result<Response, Status>;
 
 /// [`AsyncHandler`] of a function returning futures of type `Fut`.
-pub(crate) struct AsyncFn<F>(pub(crate) F);
+struct AsyncFn<F>(pub(crate) F);
 
 impl<F, Fut> AsyncHandler for AsyncFn<F>
 where
@@ -98,11 +98,11 @@ where
 }
 
 /// [`InlineSlot`] of an [`AsyncFn`].
-pub(crate) struct AsyncFnSlot<F, Fut> {
+struct AsyncFnSlot<F, Fut> {
     pub(crate) handler: Arc<AsyncFn<F>>,
     /// The allocation of the last future that finished at once (holding
     /// that finished future, which owns nothing any more).
-    pub(crate) spare: Option<Pin<Box<Fut>>>,
+    spare: Option<Pin<Box<Fut>>>,
 }
 
 impl<F, Fut> InlineSlot for AsyncFnSlot<F, Fut>

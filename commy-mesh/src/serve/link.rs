@@ -92,7 +92,7 @@ impl LinkAnswer {
 
     /// Whether the caller still waits: takes the request out of the
     /// link's running ones.
-    pub(crate) fn wanted(&self) -> bool {
+    fn wanted(&self) -> bool {
         self.link.running.lock().remove(&self.id.0).is_some()
     }
 }

@@ -117,7 +117,7 @@ impl Drop for PolledRequest {
 }
 
 /// What a [`PolledRequest`] is answered with: a payload or a status.
-pub(crate) type PolledAnswer<'a> = Result<&'a [u8], Status>;
+type PolledAnswer<'a> = Result<&'a [u8], Status>;
 
 /// How many concurrency permits [`DrivenLink::poll_requests`] takes at a
 /// time (those it does not hand out go back when the poll ends).

@@ -357,7 +357,7 @@ pub(crate) fn handle(
 /// that writes the answer into the link from whichever thread answers.
 /// Without a free concurrency permit the request waits for one on the
 /// runtime and its handler is then called there.
-pub(crate) fn handle_deferred(
+fn handle_deferred(
     link: &ServedLink<'_>,
     h: FrameHeader,
     request: Request,
@@ -409,7 +409,7 @@ pub(crate) fn handle_deferred(
 }
 
 /// Calls a deferred handler; if it panics, the caller gets `Internal`.
-pub(crate) fn call_deferred(
+fn call_deferred(
     handler: &Arc<dyn Fn(Request, Responder) + Send + Sync>,
     request: Request,
     responder: Responder,

@@ -49,7 +49,7 @@ pub(crate) struct Router {
 }
 
 /// At most this many entries in [`Router::plain`].
-pub(crate) const PLAIN_CACHE: usize = 1024;
+const PLAIN_CACHE: usize = 1024;
 
 impl Router {
     pub(crate) fn listing(&self) -> Listing {
@@ -72,7 +72,7 @@ impl Router {
     }
 
     /// The service a request names and the rest of its metadata.
-    pub(crate) fn route(&self, raw: &Bytes) -> Result<(ServiceName, Metadata), Status> {
+    fn route(&self, raw: &Bytes) -> Result<(ServiceName, Metadata), Status> {
         if let Some(name) = self.plain.lock().get(raw) {
             return Ok((name.clone(), Metadata::default()));
         }
