@@ -25,9 +25,11 @@
 pub(crate) mod deadline;
 pub(crate) mod endpoint;
 pub(crate) mod options;
+pub(crate) mod policy;
 pub(crate) mod pool;
 pub(crate) mod reader;
 pub(crate) mod shm;
+pub(crate) mod stats;
 pub(crate) mod table;
 pub(crate) mod tls;
 

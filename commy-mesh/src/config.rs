@@ -7,8 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use commy_config::{NetConfig, TransportPreference};
-use commy_core::{Limits, MeshName};
+use commy_core::{Limits, MeshName, ServiceName};
 use commy_shm::LinkConfig;
+
+use crate::policy::{CallPolicies, CallPolicy, ServePolicies, ServePolicy};
 
 /// Settings of a mesh handle. `Config::default()` is the embedded default:
 /// mesh `default`, local discovery in the runtime dir, nothing to write first.
@@ -43,6 +45,10 @@ pub struct Config {
     pub net: NetConfig,
     /// Runs each service link thread's work (see [`ThreadHook`]).
     pub link_thread_hook: Option<ThreadHook>,
+    /// The call policy of each called service (see [`crate::policy`]).
+    pub call_policy: Option<CallPolicies>,
+    /// The serve policy of each served service (see [`crate::policy`]).
+    pub serve_policy: Option<ServePolicies>,
 }
 
 /// Wraps the work of every thread that serves a link of this mesh's
@@ -87,6 +93,8 @@ impl Default for Config {
             call_spin: Duration::from_micros(50),
             net: NetConfig::default(),
             link_thread_hook: None,
+            call_policy: None,
+            serve_policy: None,
         }
     }
 }
@@ -174,6 +182,26 @@ impl MeshBuilder {
     /// Wraps the work of every service link thread (see [`ThreadHook`]).
     pub fn link_thread_hook(mut self, hook: ThreadHook) -> MeshBuilder {
         self.config.link_thread_hook = Some(hook);
+        self
+    }
+
+    /// Gives each called service its call policy (`None`: none), asked
+    /// when the handle first calls the service (see [`crate::policy`]).
+    pub fn call_policy(
+        mut self,
+        f: impl Fn(&ServiceName) -> Option<Arc<dyn CallPolicy>> + Send + Sync + 'static,
+    ) -> MeshBuilder {
+        self.config.call_policy = Some(CallPolicies::new(f));
+        self
+    }
+
+    /// Gives each served service its serve policy (`None`: none), asked
+    /// when the service starts (see [`crate::policy`]).
+    pub fn serve_policy(
+        mut self,
+        f: impl Fn(&ServiceName) -> Option<Arc<dyn ServePolicy>> + Send + Sync + 'static,
+    ) -> MeshBuilder {
+        self.config.serve_policy = Some(ServePolicies::new(f));
         self
     }
 }

@@ -4,7 +4,7 @@
 //! ([`PowerOfTwo`], [`RoundRobin`]). The crate behind it is
 //! commy-discovery.
 
-pub use commy_core::HostId;
+pub use commy_core::{HostId, InstanceId};
 pub use commy_discovery::{
     Discover, DiscoveryError, HOST_ID_ENV, Instance, InstanceStream, InstanceWatch, LocalRegistry,
     PowerOfTwo, RoundRobin, host_id,

@@ -13,7 +13,9 @@
 //!   [`ServiceHandle`]);
 //! - [`pubsub`]: topics, subscriptions and queue groups;
 //! - [`region`]: named shared-memory regions;
-//! - [`discovery`]: discovery sources and balancer strategies.
+//! - [`discovery`]: discovery sources and balancer strategies;
+//! - [`policy`]: the call and serve policy slots (balancing, retry,
+//!   authorization plug in there).
 //!
 //! docs/ARCHITECTURE.md in the repository follows one call through the
 //! modules, file by file.
@@ -35,6 +37,7 @@ pub mod discovery;
 pub mod embed;
 mod mesh;
 mod net;
+pub mod policy;
 pub mod pubsub;
 pub mod region;
 mod response;

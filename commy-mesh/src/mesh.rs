@@ -24,7 +24,7 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use commy_config::TransportPreference;
@@ -36,6 +36,7 @@ use parking_lot::Mutex;
 use crate::accept::start_accepting;
 use crate::call::deadline::Due;
 use crate::call::options::CallOptions;
+use crate::call::policy::{CallPolicies, settle};
 use crate::call::pool::Pools;
 use crate::call::shm::{ClientConn, Started};
 use crate::call::table::{AnswerSink, Done};
@@ -138,10 +139,16 @@ impl Mesh {
         };
         Ok(Mesh {
             inner: Arc::new(Inner {
-                services: pools(&config, &registry, net.as_ref().map(|n| &n.peers), &runtime),
+                services: pools(
+                    &config,
+                    &registry,
+                    net.as_ref().map(|n| &n.peers),
+                    config.call_policy.clone(),
+                    &runtime,
+                ),
                 pubsub: PubSub::new(
                     topics.clone(),
-                    pools(&config, &topics, None, &runtime),
+                    pools(&config, &topics, None, None, &runtime),
                     config.link.clone(),
                     config.limits,
                 ),
@@ -240,6 +247,12 @@ impl Mesh {
             runtime: self.inner.runtime.clone(),
             service: interned(&service),
             load: Arc::new(Load::new(self.inner.config.max_concurrency)),
+            policy: self
+                .inner
+                .config
+                .serve_policy
+                .as_ref()
+                .and_then(|p| p.get(&service)),
         });
         if let Some(net) = &self.inner.net {
             net.add(&service, id, ctx.clone());
@@ -297,7 +310,7 @@ impl Mesh {
         &self,
         name: &str,
         payload: impl Into<Bytes>,
-        options: CallOptions,
+        mut options: CallOptions,
     ) -> Result<Response, Status> {
         self.check_open()?;
         let payload = payload.into();
@@ -307,50 +320,96 @@ impl Mesh {
             // not allocate; a call answered within the spin completes in
             // the first poll.
             if let Some((conn, balanced)) = self.inner.services.connected(name) {
+                let Some(policy) = &conn.policy else {
+                    let due = self.due(&options);
+                    return match conn.start_call(
+                        payload,
+                        &options.metadata,
+                        due,
+                        balanced,
+                        options.spin,
+                    ) {
+                        Started::Done(result) => result,
+                        Started::Waiting(waiting) => conn.finish_call(waiting).await,
+                    };
+                };
+                // The same with the service's call policy: the outcome is
+                // recorded, and a retry goes the routed way.
+                let now = Instant::now();
+                options.started.get_or_insert(now);
                 let due = self.due(&options);
-                return match conn.start_call(
-                    payload,
-                    &options.metadata,
-                    due,
-                    balanced,
-                    options.spin,
-                ) {
+                let kept = (policy.max_attempts() > 1).then(|| payload.clone());
+                let md = &options.metadata;
+                let result = match conn.start_call(payload, md, due, true, options.spin) {
                     Started::Done(result) => result,
                     Started::Waiting(waiting) => conn.finish_call(waiting).await,
+                };
+                let again = settle(&**policy, conn.instance, &conn.stats, now, 1, &result);
+                return match kept {
+                    Some(payload) if again && !self.due(&options).expired() => {
+                        Box::pin(self.call_routed(name, payload, options, preference, 2)).await
+                    }
+                    _ => result,
                 };
             }
         }
         // Boxed: finding and connecting an instance, or TLS, would make
         // every call's future large.
-        Box::pin(self.call_routed(name, payload, options, preference)).await
+        Box::pin(self.call_routed(name, payload, options, preference, 1)).await
     }
 
     /// A call that has to find (or connect to) an instance first, or goes
-    /// over TLS.
+    /// over TLS; `attempt` is its number (1 for the first). With the
+    /// service's call policy, each attempt's outcome is recorded and a
+    /// failed attempt is tried again on a new pick while the policy says
+    /// so and the deadline has not passed.
     async fn call_routed(
         &self,
         name: &str,
-        payload: Bytes,
-        options: CallOptions,
+        mut payload: Bytes,
+        mut options: CallOptions,
         preference: TransportPreference,
+        mut attempt: u32,
     ) -> Result<Response, Status> {
-        let mut due = self.due(&options);
         let pool = self.inner.services.get(&service_name(name)?);
-        let endpoint = self
-            .inner
-            .services
-            .pick(&pool, preference, due.absolute())
-            .await?;
-        endpoint
-            .call(
-                &pool.service,
-                payload,
-                &options.metadata,
-                due,
-                true,
-                options.spin,
-            )
-            .await
+        let Some(policy) = pool.policy.clone() else {
+            let mut due = self.due(&options);
+            let (endpoint, _) = self
+                .inner
+                .services
+                .pick(&pool, preference, due.absolute())
+                .await?;
+            let md = &options.metadata;
+            return endpoint
+                .call(&pool.service, payload, md, due, true, options.spin)
+                .await;
+        };
+        // Every attempt is due by the first one's deadline.
+        options.started.get_or_insert_with(Instant::now);
+        let keep = policy.max_attempts() > 1;
+        loop {
+            let mut due = self.due(&options);
+            let (endpoint, instance) = self
+                .inner
+                .services
+                .pick(&pool, preference, due.absolute())
+                .await?;
+            let body = if keep {
+                payload.clone()
+            } else {
+                std::mem::take(&mut payload)
+            };
+            let now = Instant::now();
+            let md = &options.metadata;
+            let result = endpoint
+                .call(&pool.service, body, md, due, true, options.spin)
+                .await;
+            let again = settle(&*policy, instance, endpoint.stats(), now, attempt, &result);
+            if !again || due.expired() {
+                return result;
+            }
+            attempt += 1;
+        }
     }
 
     /// Starts a call whose result goes to `done` instead of a future: on
@@ -517,6 +576,10 @@ impl Mesh {
             return None;
         }
         let (conn, balanced) = self.inner.services.connected(name)?;
+        if conn.policy.is_some() {
+            // The task records the outcome and retries as the policy says.
+            return None;
+        }
         let due = self.due(options);
         Some((conn, balanced, due))
     }
@@ -585,7 +648,7 @@ impl Mesh {
         let options = CallOptions::default();
         let mut due = self.due(&options);
         let pool = self.inner.services.get(&service);
-        let endpoint = self
+        let (endpoint, _) = self
             .inner
             .services
             .pick(&pool, self.preference(&options), due.absolute())
@@ -741,6 +804,7 @@ fn pools(
     config: &Config,
     registry: &LocalRegistry,
     peers: Option<&Arc<Peers>>,
+    policies: Option<CallPolicies>,
     runtime: &tokio::runtime::Handle,
 ) -> Pools {
     let mut sources: Vec<Arc<dyn Discover>> = vec![Arc::new(registry.clone())];
@@ -754,6 +818,7 @@ fn pools(
         config.link.clone(),
         config.limits,
         config.call_spin,
+        policies,
         runtime.clone(),
     )
 }

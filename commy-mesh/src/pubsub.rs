@@ -588,7 +588,7 @@ impl PubSub {
         for group in self.groups.groups_of(&key) {
             let pool = self.pools.get(&key_name(&group)?);
             // An empty group (all members left) is not an error.
-            if let Ok(conn) = self.pools.pick(&pool, TransportPreference::Shm, None).await {
+            if let Ok((conn, _)) = self.pools.pick(&pool, TransportPreference::Shm, None).await {
                 match conn.send_publish(&md, payload) {
                     Ok(()) => {
                         delivered += 1;

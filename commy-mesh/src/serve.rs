@@ -14,6 +14,7 @@ pub(crate) mod handler;
 pub(crate) mod link;
 pub(crate) mod load;
 pub(crate) mod permits;
+pub(crate) mod policy;
 pub(crate) mod polled;
 pub(crate) mod request;
 pub(crate) mod responder;

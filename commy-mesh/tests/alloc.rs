@@ -27,6 +27,10 @@
 //! | served by `serve`, answering at once | 1: the request's payload |
 //! | served by `serve_deferred`, answering at once | 2: the payload, the responder's state (64 B) |
 //!
+//! The same checks run with empty policies installed (a call policy and a
+//! serve policy that admit everything and keep no state, see
+//! `commy_mesh::policy`): they must allocate no more.
+//!
 //! The counts were exact in every run, but for up to 3 allocations more
 //! in one run (another thread of the process), and up to 20 fewer when the
 //! caller that should sleep was answered while it polled.
@@ -42,10 +46,14 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitCode, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use commy_mesh::Caller;
+use commy_mesh::policy::{CallPolicy, RequestHead, ServePolicy};
+use commy_mesh::service::ServiceName;
 use commy_mesh::{
     Mesh, MeshBuilder, NetConfig, Request, Responder, Response, Status, TransportPreference,
 };
@@ -263,9 +271,15 @@ fn client_side(report: &mut Report) {
     let mut server = Peer::spawn("server", &dir.0);
     server.expect("READY");
     let rt = runtime();
-    for case in [ClientCase::Polled, ClientCase::Woken, ClientCase::Default] {
+    let cases = [ClientCase::Polled, ClientCase::Woken, ClientCase::Default];
+    let policies = [false, true];
+    for (case, policy) in cases.into_iter().flat_map(|c| policies.map(|p| (c, p))) {
         rt.block_on(async {
-            let mesh = case.builder(builder(&dir.0)).open().await.unwrap();
+            let mut builder = case.builder(builder(&dir.0));
+            if policy {
+                builder = builder.call_policy(empty_call_policy);
+            }
+            let mesh = builder.open().await.unwrap();
             let service = case.service();
             for size in SIZES {
                 let payload = payload(size);
@@ -278,8 +292,12 @@ fn client_side(report: &mut Report) {
                 }
                 let counted = Counted::since(before);
                 let (per_call, exact) = case.allowed();
+                let with = if policy { ", empty call policy" } else { "" };
                 report.check(
-                    &format!("client: mesh.call {service}, {size} B, {}", case.describe()),
+                    &format!(
+                        "client: mesh.call {service}, {size} B, {}{with}",
+                        case.describe()
+                    ),
                     per_call,
                     exact,
                     counted,
@@ -318,11 +336,21 @@ fn serving_side(report: &mut Report) {
             .unwrap();
         (echo, deferred)
     });
+    // The same echo in a handle whose services have an empty serve policy.
+    let policed = rt
+        .block_on(builder(&dir.0).serve_policy(empty_serve_policy).open())
+        .unwrap();
+    let _admitted = rt
+        .block_on(policed.serve("echo-admitted", |req: Request| async move {
+            Ok::<_, Status>(Response::new(req.into_payload()))
+        }))
+        .unwrap();
     let mut client = Peer::spawn("client", &dir.0);
     client.expect("READY");
     for (service, what, per_call) in [
         ("echo", "serve", SERVED),
         ("echo-deferred", "serve_deferred", SERVED_DEFERRED),
+        ("echo-admitted", "serve with an empty serve policy", SERVED),
     ] {
         for size in SIZES {
             client.send(&format!("CALL {service} {size} {WARM_UP}\n"));
@@ -340,7 +368,31 @@ fn serving_side(report: &mut Report) {
             );
         }
     }
+    rt.block_on(policed.close());
     rt.block_on(mesh.close());
+}
+
+/// A call policy with every default: admits every instance, records
+/// nothing of its own, never retries.
+struct EmptyCallPolicy;
+
+impl CallPolicy for EmptyCallPolicy {}
+
+fn empty_call_policy(_: &ServiceName) -> Option<Arc<dyn CallPolicy>> {
+    Some(Arc::new(EmptyCallPolicy))
+}
+
+/// A serve policy that admits every request.
+struct AdmitAll;
+
+impl ServePolicy for AdmitAll {
+    fn admit(&self, _: &Caller, _: &RequestHead<'_>) -> Result<(), Status> {
+        Ok(())
+    }
+}
+
+fn empty_serve_policy(_: &ServiceName) -> Option<Arc<dyn ServePolicy>> {
+    Some(Arc::new(AdmitAll))
 }
 
 fn runtime() -> tokio::runtime::Runtime {

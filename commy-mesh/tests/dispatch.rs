@@ -1,12 +1,17 @@
 //! The serve dispatch, the same on both transports: one test holds a
 //! service's only concurrency permit with a waiting handler and calls a
-//! handler that answers at once, over shared memory and over TLS.
+//! handler that answers at once, over shared memory and over TLS. Another
+//! checks that a serve policy stands before requests an embedder polls out
+//! of a driven link too (the conformance suite covers the handlers).
+
+#![allow(clippy::disallowed_types)] // plain counters in a test, nothing for loom
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use commy_mesh::{CallOptions, Mesh, Request, Response, Status};
+use commy_mesh::policy::{RequestHead, ServePolicy};
+use commy_mesh::{CallOptions, Caller, Mesh, Metadata, Request, Response, Status};
 
 fn private_dir(name: &str) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
@@ -126,6 +131,84 @@ async fn the_permit_rule_is_the_same_on_both_transports() {
     }
     over_tls.close().await;
     over_shm.close().await;
+    server.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Admits requests with the header `pass`.
+struct NeedsPass;
+
+impl ServePolicy for NeedsPass {
+    fn admit(&self, _caller: &Caller, head: &RequestHead<'_>) -> Result<(), Status> {
+        match head.metadata.header("pass") {
+            Some(_) => Ok(()),
+            None => Err(Status::permission_denied("no pass")),
+        }
+    }
+}
+
+/// Requests taken out of a driven link by `poll_requests` (the Node
+/// binding's path) pass the serve policy first: a refused one is answered
+/// with the refusal and never reaches the poller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serve_policy_stands_before_polled_requests() {
+    use commy_mesh::embed::{Drive, DrivenLink, PolledRequest};
+    let dir = private_dir("polled-policy");
+    let server = Mesh::builder()
+        .runtime_dir(&dir)
+        .serve_policy(|_| Some(Arc::new(NeedsPass) as Arc<dyn ServePolicy>))
+        .open()
+        .await
+        .unwrap();
+    let (links_tx, links_rx) = std::sync::mpsc::channel::<DrivenLink>();
+    let _service = server
+        .serve_driven(
+            "polled",
+            |_req: Request, responder| {
+                responder.respond(Ok(Response::new(&b"handler"[..])));
+            },
+            move |link| links_tx.send(link).unwrap(),
+        )
+        .await
+        .unwrap();
+    let polled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let driver = {
+        let (polled, stop) = (polled.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut links: Vec<DrivenLink> = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                links.extend(links_rx.try_iter());
+                let mut taken = Vec::new();
+                links.retain_mut(|l| {
+                    l.poll_requests(16, |req, _payload| taken.push(req)) != Drive::Closed
+                });
+                polled.fetch_add(taken.len(), std::sync::atomic::Ordering::SeqCst);
+                PolledRequest::answer_all(taken.into_iter().map(|r| (r, Ok(&b"polled"[..]))));
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        })
+    };
+    let client = Mesh::builder().runtime_dir(&dir).open().await.unwrap();
+    let refused = client.call("polled", Vec::new()).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        commy_mesh::Code::PermissionDenied,
+        "{refused}"
+    );
+    assert_eq!(refused.message(), "no pass");
+    let mut pass = Metadata::default();
+    pass.add_header("pass", b"yes".to_vec());
+    let options = CallOptions::default().metadata(pass);
+    let admitted = client
+        .call_with("polled", Vec::new(), options)
+        .await
+        .unwrap();
+    assert_eq!(&admitted.payload()[..], b"polled");
+    assert_eq!(polled.load(std::sync::atomic::Ordering::SeqCst), 1);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    driver.join().unwrap();
+    client.close().await;
     server.close().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

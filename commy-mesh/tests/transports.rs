@@ -14,8 +14,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use commy_mesh::discovery::InstanceId;
+use commy_mesh::policy::{CallPolicy, EndpointStats, Outcome, RequestHead, ServePolicy};
+use commy_mesh::service::ServiceName;
 use commy_mesh::{
-    CallOptions, Caller, Code, Mesh, Metadata, NetConfig, Request, Response, Status,
+    CallOptions, Caller, Code, Mesh, MeshBuilder, Metadata, NetConfig, Request, Response, Status,
     TransportPreference,
 };
 
@@ -53,6 +56,11 @@ fn own_runtime_dir(dir: &Path, name: &str) -> PathBuf {
 /// A mesh in the runtime dir `rt` that does not listen and has the service
 /// process on `port` as its TLS peer (trusting its dev CA in `dir`).
 async fn tls_peer_mesh(dir: &Path, rt: &Path, port: u16) -> Mesh {
+    tls_peer_builder(dir, rt, port).open().await.unwrap()
+}
+
+/// The builder of [`tls_peer_mesh`].
+fn tls_peer_builder(dir: &Path, rt: &Path, port: u16) -> MeshBuilder {
     let mut net = NetConfig::default();
     net.tls_ca = Some(dir.join("commy").join("dev-ca").join("ca.pem"));
     net.no_listen = true;
@@ -60,9 +68,6 @@ async fn tls_peer_mesh(dir: &Path, rt: &Path, port: u16) -> Mesh {
         .runtime_dir(rt)
         .net(net)
         .peer(&format!("tls://127.0.0.1:{port}"))
-        .open()
-        .await
-        .unwrap()
 }
 
 /// Calls `echo` with `body`, forcing the transport `t`.
@@ -152,6 +157,9 @@ fn child_server() {
         let mesh = Mesh::builder()
             .runtime_dir(dir.join("rt"))
             .listen(&format!("tls://127.0.0.1:{port}"))
+            .serve_policy(|service: &ServiceName| {
+                (service.as_str() == "guarded").then(|| Arc::new(NeedsPass) as Arc<dyn ServePolicy>)
+            })
             .open()
             .await
             .unwrap();
@@ -165,8 +173,55 @@ fn child_server() {
     });
 }
 
+/// The serve policy of `guarded`: a request needs the header `pass` set to
+/// `open sesame`; a refusal says who the policy saw calling.
+struct NeedsPass;
+
+impl ServePolicy for NeedsPass {
+    fn admit(&self, caller: &Caller, head: &RequestHead<'_>) -> Result<(), Status> {
+        if head.metadata.header("pass") == Some(&b"open sesame"[..]) {
+            return Ok(());
+        }
+        let who = match caller {
+            Caller::Local { uid, .. } => format!("local uid {uid}"),
+            Caller::Remote(r) => format!("remote {:?}", r.identity().map(|i| i.to_string())),
+            other => format!("{other:?}"),
+        };
+        let kind = if head.one_way { "message" } else { "call" };
+        Err(Status::permission_denied(format!(
+            "{kind} to {} without a pass from {who}",
+            head.service
+        )))
+    }
+}
+
 async fn serve_test_services(mesh: &Mesh) -> Vec<commy_mesh::ServiceHandle> {
     let mut handles = Vec::new();
+    // `guarded`: behind the `NeedsPass` serve policy; answers how many
+    // requests reached it.
+    let reached = Arc::new(AtomicU64::new(0));
+    handles.push(
+        mesh.serve("guarded", move |_req: Request| {
+            let n = reached.fetch_add(1, Ordering::SeqCst) + 1;
+            async move { Ok::<_, Status>(Response::new(n.to_le_bytes().to_vec())) }
+        })
+        .await
+        .unwrap(),
+    );
+    // `flaky`: two instances, one of them down (`UNAVAILABLE`).
+    for up in [true, false] {
+        handles.push(
+            mesh.serve("flaky", move |_req: Request| async move {
+                if up {
+                    Ok(Response::new(&b"up"[..]))
+                } else {
+                    Err(Status::unavailable("this instance is down"))
+                }
+            })
+            .await
+            .unwrap(),
+        );
+    }
     handles.push(
         mesh.serve("echo", |req: Request| async move {
             let md = req.metadata().clone();
@@ -341,16 +396,18 @@ enum Transport {
 /// server's runtime dir; over TLS it has its own and the server as a peer
 /// (trusting the server's dev CA), and `auto` picks TLS.
 async fn client(transport: Transport, dir: &Path, port: u16) -> Mesh {
+    client_builder(transport, dir, port).open().await.unwrap()
+}
+
+/// The builder of [`client`].
+fn client_builder(transport: Transport, dir: &Path, port: u16) -> MeshBuilder {
     match transport {
         Transport::Shm => Mesh::builder()
             .runtime_dir(dir.join("rt"))
-            .transport(TransportPreference::Shm)
-            .open()
-            .await
-            .unwrap(),
+            .transport(TransportPreference::Shm),
         Transport::Tls => {
             let own = own_runtime_dir(dir, &format!("client-rt-{:x}", rand_u32()));
-            tls_peer_mesh(dir, &own, port).await
+            tls_peer_builder(dir, &own, port)
         }
     }
 }
@@ -961,4 +1018,157 @@ async fn a_deadline_passing_while_a_peer_is_reached_is_deadline_exceeded() {
     assert!(e.message().contains("peers were still being asked"), "{e}");
     mesh.close().await;
     drop(held);
+}
+
+/// A call policy that records every outcome, refuses the instances that
+/// failed (with `refuse_failed`; all of them with `refuse_all`) and
+/// retries failures up to `attempts` in all (those with `retry_code` only,
+/// if set).
+#[derive(Default)]
+struct Recording {
+    outcomes: Mutex<Vec<(InstanceId, Option<Code>, u32)>>,
+    failed: Mutex<Vec<InstanceId>>,
+    refuse_failed: bool,
+    refuse_all: bool,
+    attempts: u32,
+    retry_code: Option<Code>,
+    /// The recorded calls and failures of the last endpoint, as its stats
+    /// said after the last outcome.
+    last_stats: Mutex<(u64, u64)>,
+}
+
+impl CallPolicy for Recording {
+    fn admit(&self, instance: InstanceId, _stats: Option<&EndpointStats>) -> bool {
+        !self.refuse_all && !self.failed.lock().unwrap().contains(&instance)
+    }
+
+    fn record(&self, instance: InstanceId, stats: &EndpointStats, outcome: &Outcome<'_>) {
+        let code = outcome.status.map(Status::code);
+        self.outcomes
+            .lock()
+            .unwrap()
+            .push((instance, code, outcome.attempt));
+        if code.is_some() && self.refuse_failed {
+            self.failed.lock().unwrap().push(instance);
+        }
+        *self.last_stats.lock().unwrap() = (stats.calls(), stats.failures());
+    }
+
+    fn max_attempts(&self) -> u32 {
+        self.attempts.max(1)
+    }
+
+    fn retry(&self, status: &Status, _attempt: u32) -> bool {
+        self.retry_code.is_none_or(|c| c == status.code())
+    }
+}
+
+/// A client for `t` whose calls go through `policy`.
+async fn client_with_policy(s: &Setup, t: Transport, policy: &Arc<Recording>) -> Mesh {
+    let policy = policy.clone();
+    client_builder(t, &s.dir, s.port)
+        .call_policy(move |_| Some(policy.clone() as Arc<dyn CallPolicy>))
+        .open()
+        .await
+        .unwrap()
+}
+
+conformance!(a_serve_policy_admits_or_refuses_before_the_handler);
+async fn a_serve_policy_admits_or_refuses_before_the_handler(t: Transport) {
+    let s = Setup::new("serve-policy", t).await;
+    let refused = s.mesh.call("guarded", Vec::new()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused}");
+    let expected_who = match t {
+        Transport::Shm => format!("local uid {}", rustix::process::geteuid().as_raw()),
+        // The client has no certificate of its own.
+        Transport::Tls => "remote None".to_owned(),
+    };
+    assert_eq!(
+        refused.message(),
+        format!("call to guarded without a pass from {expected_who}"),
+    );
+    // A refused one-way message never reaches the handler either.
+    s.mesh.send("guarded", Vec::new()).await.unwrap();
+    let mut pass = Metadata::default();
+    pass.add_header("pass", b"open sesame".to_vec());
+    let admitted = s
+        .mesh
+        .call_with("guarded", Vec::new(), CallOptions::default().metadata(pass))
+        .await
+        .unwrap();
+    assert_eq!(
+        u64::from_le_bytes(admitted.payload()[..8].try_into().unwrap()),
+        1,
+        "only the admitted call reached the handler"
+    );
+    // Services without a policy are not asked.
+    assert_eq!(&s.mesh.call("echo", &b"x"[..]).await.unwrap()[..], b"x");
+}
+
+conformance!(a_call_policy_records_refuses_and_retries);
+async fn a_call_policy_records_refuses_and_retries(t: Transport) {
+    let s = Setup::new("call-policy", t).await;
+    // Over TLS the peer process chooses among its own instances: refusing
+    // the instance id a call went to does not keep the next call from its
+    // process's instance that is down, so only shared memory refuses.
+    let policy = Arc::new(Recording {
+        attempts: 3,
+        retry_code: Some(Code::Unavailable),
+        refuse_failed: t == Transport::Shm,
+        ..Recording::default()
+    });
+    let mesh = client_with_policy(&s, t, &policy).await;
+    for _ in 0..20 {
+        let up = mesh.call("flaky", Vec::new()).await.unwrap();
+        assert_eq!(&up[..], b"up");
+    }
+    let outcomes = policy.outcomes.lock().unwrap().clone();
+    let failures = outcomes.iter().filter(|o| o.1.is_some()).count();
+    assert_eq!(outcomes.len(), 20 + failures, "{outcomes:?}");
+    for (i, (_, code, attempt)) in outcomes.iter().enumerate() {
+        if let Some(code) = code {
+            assert_eq!(*code, Code::Unavailable);
+            // Retried at once, as the next attempt of the same call.
+            assert_eq!(outcomes[i + 1].2, attempt + 1, "{outcomes:?}");
+        }
+    }
+    if t == Transport::Shm {
+        // Each instance is its own endpoint: once the instance that is
+        // down failed, the policy refuses it and no call goes there again.
+        assert!(failures <= 1, "{outcomes:?}");
+        let (calls, failed) = *policy.last_stats.lock().unwrap();
+        assert_eq!(failed, 0, "the last endpoint used is the one up");
+        assert_eq!(calls, 20, "{outcomes:?}");
+    }
+
+    // Retries stop at the policy's number of attempts.
+    let policy = Arc::new(Recording {
+        attempts: 3,
+        ..Recording::default()
+    });
+    let mesh = client_with_policy(&s, t, &policy).await;
+    let denied = mesh.call("fail", &b"denied"[..]).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let attempts: Vec<_> = policy
+        .outcomes
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|o| (o.1, o.2))
+        .collect();
+    assert_eq!(
+        attempts,
+        [1, 2, 3].map(|a| (Some(Code::PermissionDenied), a)),
+    );
+
+    // With every instance refused, a call fails without being sent.
+    let policy = Arc::new(Recording {
+        refuse_all: true,
+        ..Recording::default()
+    });
+    let mesh = client_with_policy(&s, t, &policy).await;
+    let refused = mesh.call("echo", &b"x"[..]).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused}");
+    assert!(refused.message().contains("admits none"), "{refused}");
+    assert!(policy.outcomes.lock().unwrap().is_empty());
 }

@@ -46,6 +46,11 @@ impl Due {
         }
     }
 
+    /// Whether the deadline has passed (reads the clock if there is one).
+    pub(crate) fn expired(&mut self) -> bool {
+        self.absolute().is_some_and(|d| d.is_expired())
+    }
+
     /// The frame header's deadline field.
     pub(crate) fn wire(&mut self) -> u64 {
         match (self.timeout, self.deadline) {

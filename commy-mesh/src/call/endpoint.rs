@@ -6,7 +6,6 @@
 //! instance's endpoint scheme).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,6 +13,7 @@ use commy_core::{Metadata, ServiceName, Status};
 
 use crate::call::deadline::Due;
 use crate::call::shm::ClientConn;
+use crate::call::stats::EndpointStats;
 use crate::call::tls::PeerState;
 use crate::response::Response;
 
@@ -81,13 +81,12 @@ impl Endpoint {
         }
     }
 
-    /// Calls in flight on this endpoint (its load for balancing).
-    pub(crate) fn in_flight(&self) -> u64 {
-        let n = match self {
-            Endpoint::Shm(conn) => conn.in_flight.load(Ordering::Relaxed),
-            Endpoint::Tls(peer) => peer.in_flight.load(Ordering::Relaxed),
-        };
-        n as u64
+    /// The endpoint's statistics.
+    pub(crate) fn stats(&self) -> &EndpointStats {
+        match self {
+            Endpoint::Shm(conn) => &conn.stats,
+            Endpoint::Tls(peer) => &peer.stats,
+        }
     }
 
     /// Whether the endpoint can still carry calls: a shared-memory link

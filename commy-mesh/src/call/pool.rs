@@ -29,6 +29,7 @@ use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
 
 use crate::call::endpoint::Endpoint;
+use crate::call::policy::{CallPolicies, CallPolicy};
 use crate::call::reader;
 use crate::call::shm::ClientConn;
 use crate::call::tls::Peers;
@@ -55,6 +56,8 @@ pub(crate) struct Pools {
     link: LinkConfig,
     limits: Limits,
     call_spin: Duration,
+    /// Gives each pool its call policy.
+    policies: Option<CallPolicies>,
     /// Where pools' watches run.
     runtime: tokio::runtime::Handle,
     map: Mutex<FxHashMap<ServiceName, Arc<Pool>>>,
@@ -63,7 +66,9 @@ pub(crate) struct Pools {
 impl Pools {
     /// Pools fed by `sources` (this host's first); shared-memory links are
     /// made with `link`, `limits` and `call_spin`, TLS ones through
-    /// `peers`; watches run on `runtime`.
+    /// `peers`; each pool's call policy comes from `policies`; watches run
+    /// on `runtime`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         mesh: MeshName,
         sources: Vec<Arc<dyn Discover>>,
@@ -71,6 +76,7 @@ impl Pools {
         link: LinkConfig,
         limits: Limits,
         call_spin: Duration,
+        policies: Option<CallPolicies>,
         runtime: tokio::runtime::Handle,
     ) -> Pools {
         Pools {
@@ -81,6 +87,7 @@ impl Pools {
             link,
             limits,
             call_spin,
+            policies,
             runtime,
             map: Mutex::new(FxHashMap::default()),
         }
@@ -98,6 +105,7 @@ impl Pools {
                     state: Mutex::new(PoolState::new(self.sources.len())),
                     connecting: tokio::sync::Mutex::new(()),
                     balancer: PowerOfTwo::new(),
+                    policy: self.policies.as_ref().and_then(|p| p.get(service)),
                 });
                 for i in 0..self.sources.len() {
                     spawn_watch(&self.runtime, &pool, i);
@@ -121,17 +129,21 @@ impl Pools {
     }
 
     /// Picks an instance for a call with the transport `preference` and
-    /// returns a live link to it, connecting if needed. `deadline` bounds
-    /// the wait for peers that have not listed their instances yet.
+    /// returns a live link to it (connecting if needed) and the instance's
+    /// id. `deadline` bounds the wait for peers that have not listed their
+    /// instances yet. Only instances the pool's call policy admits are
+    /// picked.
     pub(crate) async fn pick(
         &self,
         pool: &Arc<Pool>,
         preference: TransportPreference,
         deadline: Option<Deadline>,
-    ) -> Result<Endpoint, Status> {
+    ) -> Result<(Endpoint, InstanceId), Status> {
         let mut tried = 0;
         // Why the last local instance could not be reached.
         let mut failed: Option<Status> = None;
+        // Whether the call policy refused every instance of a tier.
+        let mut refused = false;
         if preference != TransportPreference::Tls {
             let local = pool.scan_local().map_err(|e| {
                 Status::unavailable(format!("cannot list instances of {}: {e}", pool.service))
@@ -139,13 +151,17 @@ impl Pools {
             // Each failed instance is forgotten: at most one try each.
             for _ in 0..local {
                 let inst = match pool.choose_from(Tier::Local) {
-                    None => break,
-                    Some(Chosen::Linked(ep)) => return Ok(ep),
-                    Some(Chosen::Unlinked(inst)) => inst,
+                    Chosen::Empty => break,
+                    Chosen::Refused => {
+                        refused = true;
+                        break;
+                    }
+                    Chosen::Linked(ep, id) => return Ok((ep, id)),
+                    Chosen::Unlinked(inst) => inst,
                 };
                 tried += 1;
                 match self.connect(pool, &inst).await {
-                    Ok(ep) => return Ok(ep),
+                    Ok(ep) => return Ok((ep, inst.id)),
                     Err(e) => {
                         tracing::debug!("instance {} of {} unusable: {e}", inst.id, pool.service);
                         pool.state.lock().forget(inst.id);
@@ -161,16 +177,14 @@ impl Pools {
                     "the TLS transport is not configured (no listen address or peers)",
                 ));
             }
+            _ if refused && failed.is_none() => return Err(refused_all(pool)),
             _ => return Err(self.none_reached(pool, tried)),
         };
         let inst = match pool.choose_from(Tier::Remote) {
-            Some(Chosen::Linked(ep)) => return Ok(fell_back(pool, peers, &failed, ep)),
-            Some(Chosen::Unlinked(inst)) => Some(inst),
-            None => None,
-        };
-        let inst = match inst {
-            Some(inst) => inst,
-            None => {
+            Chosen::Linked(ep, id) => return Ok((fell_back(pool, peers, &failed, ep), id)),
+            Chosen::Unlinked(inst) => inst,
+            Chosen::Refused => return Err(failed.unwrap_or_else(|| refused_all(pool))),
+            Chosen::Empty => {
                 // The pool's watch of the peers may not have delivered yet:
                 // ask them directly, after waiting for those that have not
                 // listed their instances yet.
@@ -182,13 +196,19 @@ impl Pools {
                 }
                 let remote = peers.instances_of(&pool.service);
                 if remote.is_empty() {
+                    if refused && failed.is_none() {
+                        return Err(refused_all(pool));
+                    }
                     return Err(self.none_remote(pool, peers, failed, deadline));
                 }
-                remote[pool.choose(&remote)].clone()
+                match pool.choose(&remote) {
+                    Some(i) => remote[i].clone(),
+                    None => return Err(failed.unwrap_or_else(|| refused_all(pool))),
+                }
             }
         };
         let ep = self.connect(pool, &inst).await?;
-        Ok(fell_back(pool, peers, &failed, ep))
+        Ok((fell_back(pool, peers, &failed, ep), inst.id))
     }
 
     /// The failure of a pick that found no instance at any peer.
@@ -262,7 +282,8 @@ impl Pools {
                         Status::unavailable(format!("cannot connect to {}: {e}", inst.id))
                     })?;
                 {
-                    let conn = ClientConn::new(link, self.limits, self.call_spin);
+                    let policy = pool.policy.clone();
+                    let conn = ClientConn::new(link, inst.id, policy, self.limits, self.call_spin);
                     reader::spawn(&conn, inst.id);
                     Endpoint::Shm(conn)
                 }
@@ -297,7 +318,12 @@ impl Pools {
     /// [`LastCalled`]): calling it again skips the pool's two locks.
     pub(crate) fn connected(&self, name: &str) -> Option<(Arc<ClientConn>, bool)> {
         if let Some(conn) = LastCalled::get(self.id, name) {
-            return Some((conn, false));
+            match &conn.policy {
+                None => return Some((conn, false)),
+                Some(p) if p.admit(conn.instance, Some(&conn.stats)) => return Some((conn, false)),
+                // The pool's pick says what happens to a refused instance.
+                Some(_) => return None,
+            }
         }
         let pools = self.map.lock();
         let pool = pools.get(name)?;
@@ -305,7 +331,7 @@ impl Pools {
         if state.local.is_empty() {
             return None;
         }
-        let idx = pool.choose_in(&state.local, &state.conns);
+        let idx = pool.choose_in(&state.local, &state.conns)?;
         let conn = state.conns.get(&state.local[idx].id)?.shm()?;
         if !conn.is_alive() {
             return None;
@@ -441,6 +467,8 @@ pub(crate) struct Pool {
     /// Serialises connection attempts per instance.
     connecting: tokio::sync::Mutex<()>,
     balancer: PowerOfTwo,
+    /// The service's call policy, if it has one.
+    pub(crate) policy: Option<Arc<dyn CallPolicy>>,
 }
 
 impl Pool {
@@ -464,35 +492,69 @@ impl Pool {
 
     /// Chooses an instance of `tier` by its link's load, under the pool's
     /// lock and without copying the tier: its live link if it has one, else
-    /// the instance to connect to. `None` if the tier is empty.
-    fn choose_from(&self, tier: Tier) -> Option<Chosen> {
+    /// the instance to connect to.
+    fn choose_from(&self, tier: Tier) -> Chosen {
         let state = self.state.lock();
         let list = match tier {
             Tier::Local => &state.local,
             Tier::Remote => &state.remote,
         };
         if list.is_empty() {
-            return None;
+            return Chosen::Empty;
         }
-        let inst = &list[self.choose_in(list, &state.conns)];
-        Some(match state.conns.get(&inst.id).filter(|ep| ep.is_alive()) {
-            Some(ep) => Chosen::Linked(ep.clone()),
+        let Some(i) = self.choose_in(list, &state.conns) else {
+            return Chosen::Refused;
+        };
+        let inst = &list[i];
+        match state.conns.get(&inst.id).filter(|ep| ep.is_alive()) {
+            Some(ep) => Chosen::Linked(ep.clone(), inst.id),
             None => Chosen::Unlinked(inst.clone()),
-        })
+        }
     }
 
-    /// Chooses among `instances` (not empty) by their links' load.
-    fn choose(&self, instances: &[Instance]) -> usize {
+    /// Chooses among `instances` (not empty) by their links' load; `None`
+    /// if the call policy admits none.
+    fn choose(&self, instances: &[Instance]) -> Option<usize> {
         let state = self.state.lock();
         self.choose_in(instances, &state.conns)
     }
 
     /// The instance a call goes to: the less loaded of two random choices
-    /// (by calls in flight on our links). `instances` is not empty.
-    fn choose_in(&self, instances: &[Instance], conns: &FxHashMap<InstanceId, Endpoint>) -> usize {
-        let load = |i: usize| conns.get(&instances[i].id).map_or(0, Endpoint::in_flight);
-        self.balancer.pick(instances.len(), load).unwrap_or(0)
+    /// (by calls in flight on our links) among those the call policy
+    /// admits; `None` if it admits none. `instances` is not empty.
+    fn choose_in(
+        &self,
+        instances: &[Instance],
+        conns: &FxHashMap<InstanceId, Endpoint>,
+    ) -> Option<usize> {
+        let stats = |i: usize| conns.get(&instances[i].id).map(Endpoint::stats);
+        let Some(policy) = &self.policy else {
+            let load = |i: usize| stats(i).map_or(0, |s| s.in_flight());
+            return self.balancer.pick(instances.len(), load);
+        };
+        let admitted = |i: usize| policy.admit(instances[i].id, stats(i));
+        let load = |i: usize| {
+            if admitted(i) {
+                stats(i).map_or(0, |s| s.in_flight())
+            } else {
+                u64::MAX
+            }
+        };
+        let i = self.balancer.pick(instances.len(), load)?;
+        if admitted(i) {
+            return Some(i);
+        }
+        // Both draws were refused: the first admitted one, if any.
+        (0..instances.len()).find(|&j| admitted(j))
     }
+}
+
+/// The failure of a call whose every instance the call policy refused.
+fn refused_all(pool: &Pool) -> Status {
+    Status::unavailable(format!(
+        "the call policy of service '{}' admits none of its instances",
+        pool.service
+    ))
 }
 
 /// Counts a call that a TLS endpoint `ep` takes because shared memory failed
@@ -515,8 +577,12 @@ enum Tier {
 
 /// What [`Pool::choose_from`] chose.
 enum Chosen {
-    /// An instance we have a live link to: the link.
-    Linked(Endpoint),
+    /// The tier has no instance.
+    Empty,
+    /// The call policy admits none of the tier's instances.
+    Refused,
+    /// An instance we have a live link to: the link and the instance.
+    Linked(Endpoint, InstanceId),
     /// An instance to connect to first.
     Unlinked(Instance),
 }

@@ -15,13 +15,17 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use commy_core::{Deadline, FrameHeader, FrameKind, FrameRef, Limits, Metadata, Status, StreamId};
+use commy_core::{
+    Deadline, FrameHeader, FrameKind, FrameRef, InstanceId, Limits, Metadata, Status, StreamId,
+};
 use commy_shm::link::{LinkSender, RecvError};
 use commy_shm::{LinkReceiver, RingError, ShmLink};
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use crate::call::deadline::Due;
+use crate::call::policy::CallPolicy;
+use crate::call::stats::EndpointStats;
 use crate::call::table::{AnswerSink, CallResult, CallTable, Callback, Done, PendingCalls, Waiter};
 use crate::response::Response;
 use crate::sync::Counted;
@@ -82,8 +86,13 @@ pub(crate) struct ClientConn {
     pub(crate) alive: AtomicBool,
     /// Callers currently polling the receive ring (the reader stands back).
     pub(crate) pollers: AtomicUsize,
-    /// Calls in flight (for least-loaded balancing).
-    pub(crate) in_flight: AtomicUsize,
+    /// The instance at the other end.
+    pub(crate) instance: InstanceId,
+    /// Calls in flight (for least-loaded balancing) and, for a service
+    /// with a call policy, the calls' outcomes.
+    pub(crate) stats: EndpointStats,
+    /// The call policy of the instance's service, if it has one.
+    pub(crate) policy: Option<Arc<dyn CallPolicy>>,
     /// Set while this link's instance is the only one its pool knows, by a
     /// call under the pool's lock; cleared there whenever the pool's
     /// instances change (a thread's last-called cache relies on it).
@@ -129,7 +138,13 @@ pub(crate) struct Driving {
 impl ClientConn {
     /// Wraps a connected link; its reader thread is started by
     /// [`reader::spawn`](crate::call::reader::spawn).
-    pub(crate) fn new(link: ShmLink, limits: Limits, spin: Duration) -> Arc<ClientConn> {
+    pub(crate) fn new(
+        link: ShmLink,
+        instance: InstanceId,
+        policy: Option<Arc<dyn CallPolicy>>,
+        limits: Limits,
+        spin: Duration,
+    ) -> Arc<ClientConn> {
         let (tx, rx) = link.split();
         let interrupt = rx.interrupter();
         Arc::new(ClientConn {
@@ -142,7 +157,9 @@ impl ClientConn {
             pending_len: AtomicUsize::new(0),
             alive: AtomicBool::new(true),
             pollers: AtomicUsize::new(0),
-            in_flight: AtomicUsize::new(0),
+            instance,
+            stats: EndpointStats::default(),
+            policy,
             sole: AtomicBool::new(false),
             limits,
             spin,
@@ -159,7 +176,7 @@ impl ClientConn {
     }
 
     /// Sends a request and waits for its response (or the deadline).
-    /// `balanced`: count the call in [`in_flight`](ClientConn::in_flight)
+    /// `balanced`: count the call in the link's calls in flight
     /// (only needed when there are instances to choose between); `spin`:
     /// this call's polling budget instead of the link's.
     pub(crate) async fn call(
@@ -192,7 +209,7 @@ impl ClientConn {
         if !self.is_alive() {
             return Started::Done(Err(Status::unavailable("the instance is gone")));
         }
-        let in_flight = balanced.then(|| Counted::enter(&self.in_flight));
+        let in_flight = balanced.then(|| Counted::enter(&self.stats.in_flight));
         let md = encode_metadata(metadata);
         if let Err(status) = check_frame(&self.limits, &md, &payload) {
             return Started::Done(Err(status));
@@ -626,7 +643,9 @@ impl ClientConn {
                 }
             }
             if balanced {
-                self.in_flight.fetch_add(streams.len(), Ordering::Relaxed);
+                self.stats
+                    .in_flight
+                    .fetch_add(streams.len(), Ordering::Relaxed);
             }
             self.register_all(streams.iter().map(|&(id, _, token)| {
                 let waiter = Waiter::Callback(Callback {
@@ -684,7 +703,7 @@ impl ClientConn {
         }
         let (header, patience, deadline) = self.callback_request(&mut due);
         if balanced {
-            self.in_flight.fetch_add(1, Ordering::Relaxed);
+            self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
         }
         let waiter = Waiter::Callback(Callback {
             done,
@@ -866,7 +885,7 @@ impl ClientConn {
                         Some(local),
                     ) => {
                         if balanced {
-                            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+                            self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
                         }
                         local(
                             token,
@@ -1076,7 +1095,7 @@ impl Waiter {
             }
             Waiter::Callback(c) => {
                 if c.balanced {
-                    conn.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    conn.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
                 }
                 c.done.finish(conn, result);
             }

@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::WatchStream;
 
+use crate::call::stats::EndpointStats;
 use crate::response::Response;
 use crate::wire::{
     INSTANCES_SERVICE, LONG_POLL, Listing, PUBLISH_SERVICE, SERVICE_HEADER, TOPIC_HEADER,
@@ -33,7 +34,9 @@ pub(crate) struct PeerState {
     pub(crate) listing: Mutex<Option<Listing>>,
     /// Becomes true once the first listing attempt finished (either way).
     pub(crate) tried: watch::Sender<bool>,
-    pub(crate) in_flight: AtomicUsize,
+    /// Calls in flight and, for services with a call policy, outcomes
+    /// (for every instance this peer serves).
+    pub(crate) stats: EndpointStats,
     /// Limits on what the peer answers.
     limits: Limits,
     /// The metadata section of calls without metadata of their own, per
@@ -64,8 +67,8 @@ impl PeerState {
         } else {
             service_metadata(service, metadata)
         };
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        let _done = DecOnDrop(&self.in_flight);
+        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        let _done = DecOnDrop(&self.stats.in_flight);
         if oneway {
             self.client.send(md, payload, deadline).await?;
             return Ok(Response::new(Bytes::new()));
@@ -112,7 +115,7 @@ impl Peers {
                 client,
                 listing: Mutex::new(None),
                 tried: watch::channel(false).0,
-                in_flight: AtomicUsize::new(0),
+                stats: EndpointStats::default(),
                 limits,
                 plain: Mutex::new(FxHashMap::default()),
             });

@@ -8,12 +8,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use commy_core::{Deadline, Limits, Status};
+use commy_core::{Deadline, Limits, Metadata, Status};
 
 use crate::response::Response;
 use crate::serve::handler::{Handler, HandlerFuture};
 use crate::serve::load::Load;
 use crate::serve::permits::Permit;
+use crate::serve::policy::{RequestHead, ServePolicy};
+use crate::serve::request::Caller;
 
 /// Per-service state a server connection needs.
 pub(crate) struct ServeCtx {
@@ -25,6 +27,35 @@ pub(crate) struct ServeCtx {
     pub(crate) service: &'static commy_core::ServiceName,
     /// Its permits and the requests in progress (what a request releases).
     pub(crate) load: Arc<Load>,
+    /// Its serve policy, if it has one.
+    pub(crate) policy: Option<Arc<dyn ServePolicy>>,
+}
+
+impl ServeCtx {
+    /// Whether a request from `caller` with `metadata` may reach the
+    /// handler, by the service's serve policy (`Ok` without one): the one
+    /// admission of every transport and every way of taking requests.
+    #[inline]
+    pub(crate) fn admit(
+        &self,
+        caller: &Caller,
+        metadata: &Metadata,
+        one_way: bool,
+    ) -> Result<(), Status> {
+        match &self.policy {
+            None => Ok(()),
+            Some(policy) => {
+                let head = RequestHead {
+                    service: self.service,
+                    metadata,
+                    one_way,
+                };
+                policy.admit(caller, &head).inspect_err(|status| {
+                    tracing::debug!("service {}: refused a request: {status}", self.service);
+                })
+            }
+        }
+    }
 }
 
 /// A handler's future with panics caught: `None` if it panicked.

@@ -124,6 +124,15 @@ impl LinkServer {
                         return true;
                     }
                 };
+                if let Err(status) =
+                    ctx.admit(&shared.caller, &metadata, h.kind == FrameKind::OneWay)
+                {
+                    drop(msg);
+                    if h.kind == FrameKind::Request {
+                        reply(tx, &ctx.limits, h.stream_id, Err(status));
+                    }
+                    return true;
+                }
                 let request = Request {
                     service: ctx.service,
                     payload: Bytes::copy_from_slice(frame.payload()),
@@ -207,14 +216,13 @@ impl LinkServer {
             }
             handling_n(&self.ctx.load, *held);
         }
-        if let Err(e) = decode_metadata(frame.metadata(), limits) {
+        let refused = match decode_metadata(frame.metadata(), limits) {
+            Ok(metadata) => self.ctx.admit(&self.link.caller, &metadata, one_way).err(),
+            Err(e) => Some(Status::invalid_argument(format!("malformed metadata: {e}"))),
+        };
+        if let Some(status) = refused {
             if !one_way {
-                send_answer(
-                    &self.link.tx,
-                    limits,
-                    h.stream_id,
-                    Err(Status::invalid_argument(format!("malformed metadata: {e}"))),
-                );
+                send_answer(&self.link.tx, limits, h.stream_id, Err(status));
             }
             return true;
         }

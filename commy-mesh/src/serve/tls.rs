@@ -122,6 +122,12 @@ impl Router {
             let i = self.rr.pick(instances.len()).unwrap_or(0);
             instances[i].1.clone()
         };
+        let caller = Caller::Remote(RemoteCaller(inbound.peer));
+        ctx.admit(
+            &caller,
+            &metadata,
+            inbound.kind == commy_core::FrameKind::OneWay,
+        )?;
         let _handling = OwnedHandling::enter(ctx.load.clone());
         let deadline = inbound.deadline;
         let request = Request {
@@ -129,7 +135,7 @@ impl Router {
             payload: inbound.payload,
             metadata: metadata.into(),
             deadline: ArrivedDeadline::at(deadline),
-            caller: Caller::Remote(RemoteCaller(inbound.peer)),
+            caller,
         };
         let response = serve_request(&ctx, ctx.handler.future(request), deadline).await?;
         Ok(Reply {

@@ -1,0 +1,82 @@
+//! What one endpoint's calls did, in one struct made with the link at
+//! connect time ([`EndpointStats`]): the balancer reads the calls in
+//! flight, a [call policy](crate::policy::CallPolicy) reads the rest.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+/// The statistics of one endpoint: a shared-memory link to one instance,
+/// or the TLS connection to one peer process (shared by the instances it
+/// serves).
+///
+/// Calls in flight are counted whenever the pool balances between
+/// instances or has a call policy. Outcomes (calls, failures, latency) are
+/// recorded only for services that have a call policy: without one the
+/// call path reads no clock for them.
+#[derive(Debug, Default)]
+pub struct EndpointStats {
+    pub(crate) in_flight: AtomicUsize,
+    calls: AtomicU64,
+    failures: AtomicU64,
+    latency_ns: AtomicU64,
+    last_latency_ns: AtomicU64,
+}
+
+impl EndpointStats {
+    /// Calls sent and not answered yet.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed) as u64
+    }
+
+    /// Calls whose outcome was recorded.
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    /// Recorded calls that failed (any status but OK).
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// The round trip of the last recorded call.
+    pub fn last_latency(&self) -> Duration {
+        Duration::from_nanos(self.last_latency_ns.load(Ordering::Relaxed))
+    }
+
+    /// The mean round trip of the recorded calls (zero before the first).
+    pub fn mean_latency(&self) -> Duration {
+        let n = self.calls();
+        if n == 0 {
+            return Duration::ZERO;
+        }
+        Duration::from_nanos(self.latency_ns.load(Ordering::Relaxed) / n)
+    }
+
+    /// Records one call's outcome.
+    pub(crate) fn record(&self, ok: bool, latency: Duration) {
+        let ns = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        if !ok {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        self.latency_ns.fetch_add(ns, Ordering::Relaxed);
+        self.last_latency_ns.store(ns, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_add_up_to_counts_and_a_mean() {
+        let s = EndpointStats::default();
+        assert_eq!(s.mean_latency(), Duration::ZERO);
+        s.record(true, Duration::from_micros(10));
+        s.record(false, Duration::from_micros(30));
+        assert_eq!((s.calls(), s.failures()), (2, 1));
+        assert_eq!(s.mean_latency(), Duration::from_micros(20));
+        assert_eq!(s.last_latency(), Duration::from_micros(30));
+        assert_eq!(s.in_flight(), 0);
+    }
+}
