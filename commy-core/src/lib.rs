@@ -45,6 +45,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod backoff;
 pub mod deadline;
 pub mod endpoint;
 pub mod frame;
