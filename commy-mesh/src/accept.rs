@@ -1,12 +1,15 @@
 //! The accept loop of a Unix socket that announces an instance (a service,
 //! or a topic subscription): each link's handshake and work run on a
-//! thread of their own.
+//! thread of their own. A failing accept (out of descriptors) backs off
+//! ([`AcceptBackoff`]) instead of spinning, and is logged a few times, not
+//! per attempt.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use commy_core::Status;
+use commy_core::backoff::AcceptBackoff;
 use commy_shm::{LinkConfig, ShmLink, UdsListener};
 
 /// Starts a thread accepting links on `listener` until `stop` is set; each
@@ -26,9 +29,13 @@ pub(crate) fn start_accepting(
             // The tick only bounds how long a stopped listener keeps its
             // thread; its socket is unlinked at once on deregistration.
             let tick = Duration::from_millis(100);
+            let mut backoff = AcceptBackoff::new();
             while !stop.load(Ordering::Acquire) {
                 match listener.accept_timeout(tick) {
                     Ok(Some((sock, _peer))) => {
+                        if let Some(n) = backoff.succeeded() {
+                            tracing::info!("{name}: accepting again after {n} failed accepts");
+                        }
                         let (on_link, link, name2) = (on_link.clone(), link.clone(), name.clone());
                         let spawned = std::thread::Builder::new()
                             .name(format!("commy-link-{name}"))
@@ -41,7 +48,21 @@ pub(crate) fn start_accepting(
                         }
                     }
                     Ok(None) => {}
-                    Err(e) => tracing::warn!("{name}: accept failed: {e}"),
+                    Err(commy_shm::uds::AcceptError::PeerCred { source, .. }) => {
+                        // That connection is closed; the listener is fine.
+                        tracing::warn!("{name}: refused a connection: {source}");
+                    }
+                    Err(e) => {
+                        let after = backoff.failed(std::time::Instant::now());
+                        if let Some(n) = after.report {
+                            tracing::warn!(
+                                "{name}: {e} ({n} failed accepts since the last report; \
+                                 retrying every {:?} at most)",
+                                AcceptBackoff::MAX
+                            );
+                        }
+                        std::thread::sleep(after.wait);
+                    }
                 }
             }
             drop(listener);

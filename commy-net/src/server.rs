@@ -37,6 +37,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
+use commy_core::backoff::AcceptBackoff;
 use commy_core::{Deadline, Frame, FrameKind, Status};
 use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
@@ -198,11 +199,17 @@ struct ServerCtx {
 
 async fn accept_loop(listener: TcpListener, ctx: Arc<ServerCtx>, mut stop: watch::Receiver<bool>) {
     let mut conns = JoinSet::new();
+    // Out of descriptors, accept fails at once: wait more each time
+    // instead of spinning, and log a spell of failures a few times only.
+    let mut backoff = AcceptBackoff::new();
     loop {
         tokio::select! {
             _ = stop.changed() => break,
             accepted = listener.accept() => match accepted {
                 Ok((sock, addr)) => {
+                    if let Some(n) = backoff.succeeded() {
+                        tracing::info!("accepting again after {n} failed accepts");
+                    }
                     if conns.len() >= ctx.settings.max_connections {
                         ctx.stats.record(Reason::TooManyConnections);
                         tracing::warn!("refused a connection from {addr}: {} connections open already", conns.len());
@@ -211,8 +218,19 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ServerCtx>, mut stop: watch
                     conns.spawn(serve_conn(sock, addr, ctx.clone(), stop.clone()));
                 }
                 Err(e) => {
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    ctx.stats.record(Reason::AcceptFailed);
+                    let after = backoff.failed(std::time::Instant::now());
+                    if let Some(n) = after.report {
+                        tracing::warn!(
+                            "accept failed: {e} ({n} failed accepts since the last report; \
+                             retrying every {:?} at most)",
+                            AcceptBackoff::MAX
+                        );
+                    }
+                    tokio::select! {
+                        _ = stop.changed() => break,
+                        _ = tokio::time::sleep(after.wait) => {}
+                    }
                 }
             },
             Some(_) = conns.join_next(), if !conns.is_empty() => {}

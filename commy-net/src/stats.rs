@@ -30,11 +30,14 @@ pub enum Reason {
     WriteTimeout,
     /// The connection limit was reached.
     TooManyConnections,
+    /// `accept` itself failed (e.g. out of file descriptors); the
+    /// connection stays queued until accepting works again.
+    AcceptFailed,
 }
 
 impl Reason {
     /// Every reason.
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 12] = [
         Reason::NotTls,
         Reason::Alpn,
         Reason::NoClientCert,
@@ -46,6 +49,7 @@ impl Reason {
         Reason::CreditExceeded,
         Reason::WriteTimeout,
         Reason::TooManyConnections,
+        Reason::AcceptFailed,
     ];
 
     /// The metric label.
@@ -62,6 +66,7 @@ impl Reason {
             Reason::CreditExceeded => "credit_exceeded",
             Reason::WriteTimeout => "write_timeout",
             Reason::TooManyConnections => "too_many_connections",
+            Reason::AcceptFailed => "accept_failed",
         }
     }
 
@@ -77,6 +82,7 @@ impl Reason {
                 | Reason::Handshake
                 | Reason::HandshakeTimeout
                 | Reason::TooManyConnections
+                | Reason::AcceptFailed
         )
     }
 }

@@ -1,0 +1,156 @@
+//! A service out of file descriptors: its accept loop backs off instead of
+//! spinning, and serves again once descriptors are free.
+//!
+//! This process serves `echo` and then opens `/dev/null` until `open`
+//! fails with `EMFILE` (its descriptor limit lowered first, so that takes
+//! few files). A child process (this binary in the client role, started
+//! before, when pipes could still be made) then calls `echo`: its
+//! connection waits in the listener's backlog while every `accept` of the
+//! service fails. Over that time the process's CPU time must stay far below
+//! what a spinning loop burns (one core); once the files are closed the
+//! child's call must succeed.
+//!
+//! `harness = false`: `main` runs the one check (or the child's role), as
+//! the descriptor limit is the whole process's.
+
+use std::io::{BufRead, BufReader, Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::Duration;
+
+use commy_mesh::{CallOptions, Mesh, MeshBuilder, NetConfig, Request, Response, Status};
+
+/// The environment variable naming a child's role and runtime dir.
+const ROLE: &str = "COMMY_ACCEPT_TEST_ROLE";
+const DIR: &str = "COMMY_ACCEPT_TEST_DIR";
+
+/// How long the service stays out of descriptors with a connection queued.
+const EXHAUSTED: Duration = Duration::from_millis(1500);
+
+fn main() -> ExitCode {
+    match std::env::var(ROLE).as_deref() {
+        Ok("client") => client(),
+        Ok(other) => {
+            eprintln!("unknown {ROLE}: {other}");
+            ExitCode::FAILURE
+        }
+        Err(_) => {
+            out_of_descriptors_the_accept_loop_backs_off_and_recovers();
+            println!("accept: 1 passed");
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A mesh in `dir`, shared memory only, whatever the environment says.
+fn builder(dir: &Path) -> MeshBuilder {
+    let mut net = NetConfig::default();
+    net.no_listen = true;
+    net.transport = Some(commy_mesh::TransportPreference::Shm);
+    Mesh::builder().runtime_dir(dir).net(net)
+}
+
+/// Child role: once stdin says `GO`, calls `echo` and prints the answer.
+fn client() -> ExitCode {
+    let dir = PathBuf::from(std::env::var(DIR).unwrap());
+    let rt = runtime();
+    let mesh = rt.block_on(builder(&dir).open()).unwrap();
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "GO");
+    let options = CallOptions::default().timeout(Duration::from_secs(20));
+    let answer = rt.block_on(mesh.call_with("echo", &b"still here"[..], options));
+    match answer {
+        Ok(r) => println!("OK {}", String::from_utf8_lossy(r.payload())),
+        Err(e) => println!("ERR {e}"),
+    }
+    rt.block_on(mesh.close());
+    ExitCode::SUCCESS
+}
+
+/// This process's CPU time (user and system), read from an open
+/// `/proc/self/stat` (no descriptor needed while they are exhausted).
+fn cpu_time(stat: &mut std::fs::File) -> Duration {
+    let mut text = String::new();
+    stat.rewind().unwrap();
+    stat.read_to_string(&mut text).unwrap();
+    // Fields after the command name, which ends with the last ')'.
+    let rest = &text[text.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    let per_second = rustix::param::clock_ticks_per_second();
+    Duration::from_secs_f64(ticks as f64 / per_second as f64)
+}
+
+fn out_of_descriptors_the_accept_loop_backs_off_and_recovers() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("commy-accept-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let rt = runtime();
+    let mesh = rt.block_on(builder(&dir).open()).unwrap();
+    let _echo = rt
+        .block_on(mesh.serve("echo", |req: Request| async move {
+            Ok::<_, Status>(Response::new(req.into_payload()))
+        }))
+        .unwrap();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .env(ROLE, "client")
+        .env(DIR, &dir)
+        .env("XDG_CONFIG_HOME", &dir)
+        .env_remove("COMMY_CONFIG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut to_child = child.stdin.take().unwrap();
+    let mut from_child = BufReader::new(child.stdout.take().unwrap());
+    let mut stat = std::fs::File::open("/proc/self/stat").unwrap();
+
+    // Few descriptors above those open now, then all of them taken.
+    let open_now = std::fs::read_dir("/proc/self/fd").unwrap().count() as u64;
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    let lowered = rustix::process::Rlimit {
+        current: Some(open_now + 64),
+        maximum: limit.maximum,
+    };
+    rustix::process::setrlimit(rustix::process::Resource::Nofile, lowered).unwrap();
+    let mut held = Vec::new();
+    loop {
+        match std::fs::File::open("/dev/null") {
+            Ok(f) => held.push(f),
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::MFILE.raw_os_error()) => break,
+            Err(e) => panic!("opening /dev/null failed otherwise: {e}"),
+        }
+    }
+    to_child.write_all(b"GO\n").unwrap();
+    to_child.flush().unwrap();
+    // The child's connection is queued now, or soon; every accept fails.
+    let before = cpu_time(&mut stat);
+    std::thread::sleep(EXHAUSTED);
+    let spent = cpu_time(&mut stat) - before;
+    drop(held);
+    rustix::process::setrlimit(rustix::process::Resource::Nofile, limit).unwrap();
+    // A loop that spins burns about one core: EXHAUSTED of CPU time.
+    assert!(
+        spent < EXHAUSTED / 5,
+        "the service spent {spent:?} of CPU in {EXHAUSTED:?} out of descriptors"
+    );
+    let mut answer = String::new();
+    from_child.read_line(&mut answer).unwrap();
+    assert_eq!(answer.trim(), "OK still here", "the child's call");
+    assert!(child.wait().unwrap().success());
+    rt.block_on(mesh.close());
+    let _ = std::fs::remove_dir_all(&dir);
+}
