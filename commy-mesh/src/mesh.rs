@@ -379,6 +379,7 @@ impl Mesh {
                 .services
                 .pick(&pool, preference, due.absolute())
                 .await?;
+            check_due(&mut due, name)?;
             let md = &options.metadata;
             return endpoint
                 .call(&pool.service, payload, md, due, true, options.spin)
@@ -394,6 +395,7 @@ impl Mesh {
                 .services
                 .pick(&pool, preference, due.absolute())
                 .await?;
+            check_due(&mut due, name)?;
             let body = if keep {
                 payload.clone()
             } else {
@@ -821,6 +823,17 @@ fn pools(
         policies,
         runtime.clone(),
     )
+}
+
+/// `DeadlineExceeded` if a call's deadline passed while its instance was
+/// found or connected to: the request is not sent then.
+fn check_due(due: &mut Due, service: &str) -> Result<(), Status> {
+    if due.expired() {
+        return Err(Status::deadline_exceeded(format!(
+            "the deadline passed while an instance of '{service}' was found or connected to"
+        )));
+    }
+    Ok(())
 }
 
 fn service_name(name: &str) -> Result<ServiceName, Status> {

@@ -573,7 +573,7 @@ impl PubSub {
         let pool = self.pools.get(&key_name(&key)?);
         let local = self.pools.instances_of(&pool);
         for inst in &local {
-            match self.pools.connect(&pool, inst).await {
+            match self.pools.connect(&pool, inst, None).await {
                 Ok(conn) => match conn.send_publish(&md, payload) {
                     Ok(()) => delivered += 1,
                     Err(e) => tracing::debug!("publish to a subscriber of {topic} failed: {e}"),

@@ -1,5 +1,7 @@
-//! A service out of file descriptors: its accept loop backs off instead of
-//! spinning, and serves again once descriptors are free.
+//! Services that cannot take a connection: one out of file descriptors
+//! (its accept loop backs off instead of spinning, and serves again once
+//! descriptors are free), and one that is frozen (a call's deadline bounds
+//! the handshake with it).
 //!
 //! This process serves `echo` and then opens `/dev/null` until `open`
 //! fails with `EMFILE` (its descriptor limit lowered first, so that takes
@@ -10,8 +12,13 @@
 //! what a spinning loop burns (one core); once the files are closed the
 //! child's call must succeed.
 //!
-//! `harness = false`: `main` runs the one check (or the child's role), as
-//! the descriptor limit is the whole process's.
+//! A frozen instance (a child serving `echo`, stopped with SIGSTOP after
+//! it announced itself) must cost a new client's call no more than the
+//! call's timeout, where the handshake used to wait its own 5 s; once the
+//! child runs again, the next call reaches it.
+//!
+//! `harness = false`: `main` runs the checks one after the other (or a
+//! child's role), as the descriptor limit is the whole process's.
 
 use std::io::{BufRead, BufReader, Read, Seek, Write};
 use std::path::{Path, PathBuf};
@@ -30,13 +37,17 @@ const EXHAUSTED: Duration = Duration::from_millis(1500);
 fn main() -> ExitCode {
     match std::env::var(ROLE).as_deref() {
         Ok("client") => client(),
+        Ok("server") => server(),
         Ok(other) => {
             eprintln!("unknown {ROLE}: {other}");
             ExitCode::FAILURE
         }
         Err(_) => {
             out_of_descriptors_the_accept_loop_backs_off_and_recovers();
-            println!("accept: 1 passed");
+            println!("ok: out of descriptors, the accept loop backs off and recovers");
+            a_frozen_instance_costs_a_call_no_more_than_its_timeout();
+            println!("ok: a frozen instance costs a call no more than its timeout");
+            println!("accept: 2 passed");
             ExitCode::SUCCESS
         }
     }
@@ -76,6 +87,98 @@ fn client() -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Child role: serves `echo` until stdin closes, after saying `READY`.
+fn server() -> ExitCode {
+    let dir = PathBuf::from(std::env::var(DIR).unwrap());
+    let rt = runtime();
+    let mesh = rt.block_on(builder(&dir).open()).unwrap();
+    let _echo = rt
+        .block_on(mesh.serve("echo", |req: Request| async move {
+            Ok::<_, Status>(Response::new(req.into_payload()))
+        }))
+        .unwrap();
+    println!("READY");
+    let mut rest = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut rest);
+    rt.block_on(mesh.close());
+    ExitCode::SUCCESS
+}
+
+/// A fresh private (0700) runtime dir.
+fn private_dir(name: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("commy-accept-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    dir
+}
+
+/// This binary in `role` with the runtime dir `dir`, talking over pipes.
+fn spawn(role: &str, dir: &Path) -> std::process::Child {
+    Command::new(std::env::current_exe().unwrap())
+        .env(ROLE, role)
+        .env(DIR, dir)
+        .env("XDG_CONFIG_HOME", dir)
+        .env_remove("COMMY_CONFIG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+fn a_frozen_instance_costs_a_call_no_more_than_its_timeout() {
+    use rustix::process::{Pid, Signal, kill_process};
+    let dir = private_dir("frozen");
+    let mut child = spawn("server", &dir);
+    let mut from_child = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    from_child.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "READY");
+    let pid = Pid::from_raw(child.id() as i32).unwrap();
+    /// Ends the child however the check ends (a stopped child would
+    /// outlive a failed check).
+    struct Reap(std::process::Child, Pid);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = kill_process(self.1, Signal::CONT);
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let to_child = child.stdin.take();
+    let _reap = Reap(child, pid);
+    kill_process(pid, Signal::STOP).unwrap();
+    let rt = runtime();
+    let mesh = rt.block_on(builder(&dir).open()).unwrap();
+    let timeout = Duration::from_millis(300);
+    let started = std::time::Instant::now();
+    let frozen = rt.block_on(mesh.call_with(
+        "echo",
+        &b"anyone?"[..],
+        CallOptions::default().timeout(timeout),
+    ));
+    let took = started.elapsed();
+    let status = frozen.unwrap_err();
+    assert_eq!(
+        status.code(),
+        commy_mesh::Code::DeadlineExceeded,
+        "{status}"
+    );
+    // The handshake's own limit is 5 s; the call's timeout cut it short
+    // (the margin is for a loaded machine, far below those 5 s).
+    assert!(took < Duration::from_secs(3), "the call took {took:?}");
+    kill_process(pid, Signal::CONT).unwrap();
+    // The instance is still known: the next call reaches it.
+    let options = CallOptions::default().timeout(Duration::from_secs(20));
+    let answer = rt.block_on(mesh.call_with("echo", &b"awake"[..], options));
+    assert_eq!(&answer.unwrap().payload()[..], b"awake");
+    rt.block_on(mesh.close());
+    drop(to_child);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// This process's CPU time (user and system), read from an open
 /// `/proc/self/stat` (no descriptor needed while they are exhausted).
 fn cpu_time(stat: &mut std::fs::File) -> Duration {
@@ -92,11 +195,7 @@ fn cpu_time(stat: &mut std::fs::File) -> Duration {
 }
 
 fn out_of_descriptors_the_accept_loop_backs_off_and_recovers() {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = std::env::temp_dir().join(format!("commy-accept-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let dir = private_dir("emfile");
     let rt = runtime();
     let mesh = rt.block_on(builder(&dir).open()).unwrap();
     let _echo = rt
@@ -104,16 +203,7 @@ fn out_of_descriptors_the_accept_loop_backs_off_and_recovers() {
             Ok::<_, Status>(Response::new(req.into_payload()))
         }))
         .unwrap();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .env(ROLE, "client")
-        .env(DIR, &dir)
-        .env("XDG_CONFIG_HOME", &dir)
-        .env_remove("COMMY_CONFIG")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let mut child = spawn("client", &dir);
     let mut to_child = child.stdin.take().unwrap();
     let mut from_child = BufReader::new(child.stdout.take().unwrap());
     let mut stat = std::fs::File::open("/proc/self/stat").unwrap();

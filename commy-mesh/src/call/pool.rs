@@ -160,9 +160,14 @@ impl Pools {
                     Chosen::Unlinked(inst) => inst,
                 };
                 tried += 1;
-                match self.connect(pool, &inst).await {
+                match self.connect(pool, &inst, deadline).await {
                     Ok(ep) => return Ok((ep, inst.id)),
                     Err(e) => {
+                        if e.code() == commy_core::Code::DeadlineExceeded {
+                            // No time left to try another. The instance
+                            // was slow, not proven gone: it stays known.
+                            return Err(e);
+                        }
                         tracing::debug!("instance {} of {} unusable: {e}", inst.id, pool.service);
                         pool.state.lock().forget(inst.id);
                         failed = Some(e);
@@ -207,7 +212,7 @@ impl Pools {
                 }
             }
         };
-        let ep = self.connect(pool, &inst).await?;
+        let ep = self.connect(pool, &inst, deadline).await?;
         Ok((fell_back(pool, peers, &failed, ep), inst.id))
     }
 
@@ -254,11 +259,15 @@ impl Pools {
 
     /// A live link to `inst`, made by its endpoint's scheme if there is
     /// none yet: a shared-memory link of our own, or the connection to the
-    /// TLS peer that listed it.
+    /// TLS peer that listed it. `deadline` (the call's) bounds a
+    /// shared-memory handshake: an instance that does not finish it in
+    /// time fails with `DeadlineExceeded` (a frozen instance costs a call
+    /// no more than its timeout).
     pub(crate) async fn connect(
         &self,
         pool: &Arc<Pool>,
         inst: &Instance,
+        deadline: Option<Deadline>,
     ) -> Result<Endpoint, Status> {
         if let Some(ep) = pool.state.lock().conns.get(&inst.id)
             && ep.is_alive()
@@ -274,12 +283,25 @@ impl Pools {
         let ep = match &inst.endpoint {
             commy_core::Endpoint::Shm(addr) => {
                 let path = addr.to_path_buf();
-                let link_config = self.link.clone();
+                let mut link_config = self.link.clone();
+                let cut_short =
+                    deadline.is_some_and(|d| d.remaining() < link_config.handshake_timeout);
+                if let Some(d) = deadline.filter(|_| cut_short) {
+                    // Zero would mean no wait at all, not an expired one.
+                    link_config.handshake_timeout = d.remaining().max(Duration::from_micros(1));
+                }
                 let link = tokio::task::spawn_blocking(move || ShmLink::connect(path, link_config))
                     .await
                     .map_err(|e| Status::internal(format!("connect task failed: {e}")))?
                     .map_err(|e| {
-                        Status::unavailable(format!("cannot connect to {}: {e}", inst.id))
+                        if cut_short && deadline.is_some_and(Deadline::is_expired) {
+                            Status::deadline_exceeded(format!(
+                                "the deadline passed while connecting to instance {}: {e}",
+                                inst.id
+                            ))
+                        } else {
+                            Status::unavailable(format!("cannot connect to {}: {e}", inst.id))
+                        }
                     })?;
                 {
                     let policy = pool.policy.clone();
