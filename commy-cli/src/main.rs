@@ -200,9 +200,14 @@ impl Global {
     /// TLS listen address (if configured) is taken.
     fn config(&self, listen: bool) -> Config {
         let mut config = Config::default();
-        config.mesh = self.mesh.clone();
-        config.runtime_dir = self.runtime_dir.clone();
-        config.net.no_listen = !listen;
+        config.settings.set_name("command line");
+        config.settings.set("mesh", self.mesh.as_str());
+        if let Some(dir) = &self.runtime_dir {
+            config
+                .settings
+                .set("runtime_dir", dir.to_string_lossy().into_owned());
+        }
+        config.no_listen = !listen;
         config
     }
 

@@ -38,15 +38,14 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<(), CliError> {
         .flat_map(|(_, instances)| instances)
         .collect();
     // With peers configured, their instances too.
-    let net = global
-        .config(false)
-        .net
-        .resolve()
-        .map_err(|e| CliError::Open {
-            mesh: global.mesh.clone(),
-            source: commy_mesh::OpenError::Config(e),
+    let settings =
+        commy_mesh::settings::Settings::load(&global.config(false).settings).map_err(|e| {
+            CliError::Open {
+                mesh: global.mesh.clone(),
+                source: commy_mesh::OpenError::Config(e),
+            }
         })?;
-    if !net.peers.is_empty() {
+    if !settings.settings().peers.is_empty() {
         let mesh = global.open().await?;
         let mut remote = mesh
             .remote_instances(std::time::Duration::from_secs(3))

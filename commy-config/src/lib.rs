@@ -1,11 +1,15 @@
-//! Commy's settings. Today: the network settings of a mesh handle
-//! ([`NetConfig`]): where to listen for TLS, which peers to ask for remote
-//! instances, which certificates to use and which transport calls take,
-//! each from the builder, the environment or the config file.
+//! Commy's settings: the settings of a mesh handle as one serde type
+//! ([`Settings`]) layered from the defaults, the config file, the
+//! environment and the values set in code ([`Layer`]), each value knowing
+//! where it came from ([`Loaded::explain`]); and the network part of them,
+//! typed ([`NetConfig`]).
 #![forbid(unsafe_code)]
 
 mod net;
+mod settings;
 
-pub use net::{
-    CONFIG_ENV, NetConfig, TransportPreference, parse_listen, parse_tls, user_config_dir,
+pub use net::{NetConfig, TransportPreference, parse_listen, parse_tls, user_config_dir};
+pub use settings::{
+    CONFIG_ENV, Explained, KEYS, Layer, Loaded, SettingValue, Settings, Source, env_var,
+    format_duration, parse_duration,
 };

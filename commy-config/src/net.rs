@@ -1,48 +1,12 @@
-//! Network settings of a mesh handle: where to listen for TLS, which peers
-//! to ask for remote instances, which certificates to use and which
-//! transport calls take. Each setting comes from, in order: the
-//! mesh handle's builder (or its config's `net`), the environment, the
-//! config file.
-//!
-//! | key (config file) | environment | meaning |
-//! |---|---|---|
-//! | `listen = "tls://ADDR:PORT"` | `COMMY_LISTEN` | serve this process's services over TLS there (port 0: one the system picks) |
-//! | `peers = ["tls://HOST:PORT", ...]` | `COMMY_PEERS` (comma-separated) | processes whose instances this one may call |
-//! | `tls_ca = "PATH"` | `COMMY_TLS_CA` | the CA (PEM) that certificates must chain to; none: the per-user dev CA |
-//! | `tls_cert = "PATH"`, `tls_key = "PATH"` | `COMMY_TLS_CERT`, `COMMY_TLS_KEY` | this process's certificate chain and key (PEM) |
-//! | `require_client_cert = true` | `COMMY_REQUIRE_CLIENT_CERT=1` | mTLS: refuse clients without a certificate from the CA |
-//! | `transport = "auto"` | `COMMY_TRANSPORT` | `auto`, `shm` or `tls` |
-//!
-//! The config file is `$COMMY_CONFIG`, else `$XDG_CONFIG_HOME/commy/config.toml`
-//! (or `~/.config/commy/config.toml`) if it exists. It is TOML; an unknown
-//! key is an error naming the file. Relative paths in it are relative to
-//! the file's directory.
-//!
-//! ```
-//! use commy_config::{NetConfig, TransportPreference};
-//!
-//! let dir = std::env::temp_dir().join(format!("commy-netconfig-doc-{}", std::process::id()));
-//! std::fs::create_dir_all(&dir).unwrap();
-//! let file = dir.join("config.toml");
-//! std::fs::write(&file, "listen = \"tls://127.0.0.1:7443\"\npeers = [\"tls://10.0.0.2:7443\"]\n").unwrap();
-//! let config = NetConfig::from_file(&file).unwrap();
-//! assert_eq!(config.listen.unwrap().to_string(), "127.0.0.1:7443");
-//! assert_eq!(config.peers.len(), 1);
-//!
-//! std::fs::write(&file, "lisen = \"tls://127.0.0.1:7443\"\n").unwrap();
-//! let err = NetConfig::from_file(&file).unwrap_err();
-//! assert!(err.contains("config.toml") && err.contains("lisen"), "{err}");
-//! assert_eq!("tls".parse::<TransportPreference>(), Ok(TransportPreference::Tls));
-//! # std::fs::remove_dir_all(&dir).unwrap();
-//! ```
+//! The network settings of a mesh handle, typed: where to listen for TLS,
+//! which peers to ask for remote instances, which certificates to use and
+//! which transport calls take. They are made from the [`Settings`]
+//! (crate::Settings), which say where each value came from.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use commy_core::{Endpoint, TlsAddr};
-
-/// Environment variable naming the config file.
-pub const CONFIG_ENV: &str = "COMMY_CONFIG";
 
 /// Which transport calls use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -97,18 +61,6 @@ pub struct NetConfig {
     pub transport: Option<TransportPreference>,
 }
 
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    listen: Option<String>,
-    peers: Option<Vec<String>>,
-    tls_ca: Option<PathBuf>,
-    tls_cert: Option<PathBuf>,
-    tls_key: Option<PathBuf>,
-    require_client_cert: Option<bool>,
-    transport: Option<String>,
-}
-
 /// Parses `tls://HOST:PORT`.
 pub fn parse_tls(text: &str) -> Result<TlsAddr, String> {
     match Endpoint::parse(text.trim()) {
@@ -144,126 +96,29 @@ pub fn user_config_dir() -> Option<PathBuf> {
 }
 
 impl NetConfig {
-    /// Reads a config file (TOML).
-    pub fn from_file(path: &Path) -> Result<NetConfig, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read the config file {}: {e}", path.display()))?;
-        let bad = |e: String| format!("config file {}: {e}", path.display());
-        let file: FileConfig = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        let rel = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
+    /// The network part of `settings`, parsed (the settings were checked
+    /// when they were loaded; an error here names the key all the same).
+    pub fn from_settings(settings: &crate::Settings) -> Result<NetConfig, String> {
         Ok(NetConfig {
-            listen: file
+            listen: settings
                 .listen
                 .as_deref()
                 .map(parse_listen)
                 .transpose()
-                .map_err(bad)?,
-            peers: file
+                .map_err(|e| format!("listen: {e}"))?,
+            no_listen: false,
+            peers: settings
                 .peers
-                .unwrap_or_default()
                 .iter()
                 .map(|p| parse_tls(p))
                 .collect::<Result<_, _>>()
-                .map_err(bad)?,
-            tls_ca: file.tls_ca.map(rel),
-            tls_cert: file.tls_cert.map(rel),
-            tls_key: file.tls_key.map(rel),
-            require_client_cert: file.require_client_cert,
-            transport: file
-                .transport
-                .as_deref()
-                .map(str::parse)
-                .transpose()
-                .map_err(bad)?,
-            ..NetConfig::default()
+                .map_err(|e| format!("peers: {e}"))?,
+            tls_ca: settings.tls_ca.clone(),
+            tls_cert: settings.tls_cert.clone(),
+            tls_key: settings.tls_key.clone(),
+            require_client_cert: Some(settings.require_client_cert),
+            transport: Some(settings.transport),
         })
-    }
-
-    /// The settings from the environment.
-    pub fn from_env() -> Result<NetConfig, String> {
-        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
-        let bad = |k: &str, e: String| format!("${k}: {e}");
-        Ok(NetConfig {
-            listen: var("COMMY_LISTEN")
-                .map(|v| parse_listen(&v))
-                .transpose()
-                .map_err(|e| bad("COMMY_LISTEN", e))?,
-            peers: var("COMMY_PEERS")
-                .map(|v| {
-                    v.split(',')
-                        .filter(|p| !p.trim().is_empty())
-                        .map(parse_tls)
-                        .collect::<Result<Vec<_>, _>>()
-                })
-                .transpose()
-                .map_err(|e| bad("COMMY_PEERS", e))?
-                .unwrap_or_default(),
-            tls_ca: var("COMMY_TLS_CA").map(PathBuf::from),
-            tls_cert: var("COMMY_TLS_CERT").map(PathBuf::from),
-            tls_key: var("COMMY_TLS_KEY").map(PathBuf::from),
-            require_client_cert: var("COMMY_REQUIRE_CLIENT_CERT")
-                .map(|v| match v.as_str() {
-                    "1" | "true" | "yes" => Ok(true),
-                    "0" | "false" | "no" => Ok(false),
-                    other => Err(format!("expected 1/true or 0/false, got {other:?}")),
-                })
-                .transpose()
-                .map_err(|e| bad("COMMY_REQUIRE_CLIENT_CERT", e))?,
-            transport: var("COMMY_TRANSPORT")
-                .map(|v| v.parse())
-                .transpose()
-                .map_err(|e| bad("COMMY_TRANSPORT", e))?,
-            ..NetConfig::default()
-        })
-    }
-
-    /// The config file in use, if any: `$COMMY_CONFIG` (which must exist),
-    /// else the user's `config.toml` if it exists.
-    pub fn config_file() -> Result<Option<PathBuf>, String> {
-        if let Some(p) = std::env::var_os(CONFIG_ENV).filter(|v| !v.is_empty()) {
-            let p = PathBuf::from(p);
-            return if p.is_file() {
-                Ok(Some(p))
-            } else {
-                Err(format!(
-                    "${CONFIG_ENV} names {}, which is not a file",
-                    p.display()
-                ))
-            };
-        }
-        Ok(user_config_dir()
-            .map(|d| d.join("config.toml"))
-            .filter(|p| p.is_file()))
-    }
-
-    /// Fills what is unset here from the environment, then the config file.
-    pub fn resolve(mut self) -> Result<NetConfig, String> {
-        let env = NetConfig::from_env()?;
-        let file = match NetConfig::config_file()? {
-            Some(p) => NetConfig::from_file(&p)?,
-            None => NetConfig::default(),
-        };
-        for other in [env, file] {
-            if !self.no_listen {
-                self.listen = self.listen.or(other.listen);
-            }
-            if self.peers.is_empty() {
-                self.peers = other.peers;
-            }
-            self.tls_ca = self.tls_ca.or(other.tls_ca);
-            self.tls_cert = self.tls_cert.or(other.tls_cert);
-            self.tls_key = self.tls_key.or(other.tls_key);
-            self.require_client_cert = self.require_client_cert.or(other.require_client_cert);
-            self.transport = self.transport.or(other.transport);
-        }
-        if self.tls_cert.is_some() != self.tls_key.is_some() {
-            return Err("tls_cert and tls_key must be given together".into());
-        }
-        if self.tls_cert.is_some() && self.tls_ca.is_none() {
-            return Err("tls_cert needs tls_ca (the CA that signed it, which peers trust)".into());
-        }
-        Ok(self)
     }
 
     /// Whether anything needs the network.

@@ -1,48 +1,45 @@
 //! The settings of a mesh handle: [`Config`] (`Config::default()` is the
 //! embedded default: mesh `default`, local discovery, nothing to write
 //! first) and the [`MeshBuilder`] that sets them one by one.
+//!
+//! The settings that have a key (mesh, runtime dir, timeouts, concurrency,
+//! network) are one serde type, [`Settings`](commy_config::Settings),
+//! layered at open from the defaults, the config file, the environment and
+//! what the code set ([`Config::settings`]); each value knows where it came
+//! from ([`Mesh::settings`](crate::Mesh::settings)). The rest (link
+//! tuning, hooks, policies) are Rust values set here.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use commy_config::{NetConfig, TransportPreference};
+use commy_config::{Layer, NetConfig, SettingValue, TransportPreference, format_duration};
 use commy_core::{Limits, MeshName, ServiceName};
 use commy_shm::LinkConfig;
 
 use crate::policy::{CallPolicies, CallPolicy, ServePolicies, ServePolicy};
+
+/// The name of the layer of settings a [`MeshBuilder`] sets, as
+/// explanations name it.
+const BUILDER: &str = "builder";
 
 /// Settings of a mesh handle. `Config::default()` is the embedded default:
 /// mesh `default`, local discovery in the runtime dir, nothing to write first.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Config {
-    /// The mesh's name: processes only see services of the same mesh.
-    pub mesh: MeshName,
-    /// Where sockets live; `None` = `$COMMY_RUNTIME_DIR`, else
-    /// `$XDG_RUNTIME_DIR/commy`, else `/tmp/commy-<uid>`.
-    pub runtime_dir: Option<PathBuf>,
+    /// The settings set in code, by key (see [`commy_config::Settings`]
+    /// for the keys): the last layer over the defaults, the config file and
+    /// the environment, resolved when the mesh opens.
+    pub settings: Layer,
     /// Shared-memory link settings.
     pub link: LinkConfig,
     /// Frame limits enforced on everything received.
     pub limits: Limits,
-    /// Handlers of one service instance that may be waiting at once, over
-    /// both transports together. The rule is the same on shared memory and
-    /// TLS: a handler is first polled holding no slot, so one that answers
-    /// without waiting takes none (on shared memory it runs on its link's
-    /// thread); one that has to wait continues once it holds a slot, and
-    /// requests past the bound wait in line for one. A deferred handler
-    /// holds its slot until it answers.
-    pub max_concurrency: usize,
-    /// Timeout of calls that set none.
-    pub default_timeout: Option<Duration>,
-    /// How long a caller polls the link for its response before it yields
-    /// its thread and waits to be woken (zero: never poll). Polling saves
-    /// the thread hand-off, which costs more than a whole quick call.
-    pub call_spin: Duration,
-    /// Network settings: TLS listener, peers, certificates, transport
-    /// preference (unset ones come from the environment and config file).
-    pub net: NetConfig,
+    /// Do not listen over TLS unless the code itself said where (ignore
+    /// `listen` from the environment and the config file): for one-shot
+    /// tools that must not take the port of the real server.
+    pub no_listen: bool,
     /// Runs each service link thread's work (see [`ThreadHook`]).
     pub link_thread_hook: Option<ThreadHook>,
     /// The call policy of each called service (see [`crate::policy`]).
@@ -84,14 +81,10 @@ impl std::fmt::Debug for ThreadHook {
 impl Default for Config {
     fn default() -> Config {
         Config {
-            mesh: MeshName::default(),
-            runtime_dir: None,
+            settings: Layer::new(BUILDER),
             link: LinkConfig::default(),
             limits: Limits::DEFAULT,
-            max_concurrency: 1024,
-            default_timeout: Some(Duration::from_secs(30)),
-            call_spin: Duration::from_micros(50),
-            net: NetConfig::default(),
+            no_listen: false,
             link_thread_hook: None,
             call_policy: None,
             serve_policy: None,
@@ -107,10 +100,26 @@ pub struct MeshBuilder {
 }
 
 impl MeshBuilder {
+    /// Sets the setting `key` (any key of [`commy_config::Settings`]; an
+    /// unknown key or a bad value fails the open, naming it). The typed
+    /// methods below set the common ones.
+    pub fn setting(mut self, key: &str, value: impl Into<SettingValue>) -> MeshBuilder {
+        self.config.settings.set(key, value);
+        self
+    }
+
+    /// Names the source of the settings this builder sets, as
+    /// [`Mesh::settings`](crate::Mesh::settings) explains them (`builder`
+    /// unless set; a binding says `Python options`).
+    pub fn settings_source(mut self, name: &str) -> MeshBuilder {
+        self.config.settings.set_name(name);
+        self
+    }
+
     /// Joins the mesh named `name` instead of `default`.
     pub fn mesh(mut self, name: &str) -> MeshBuilder {
         match MeshName::new(name) {
-            Ok(n) => self.config.mesh = n,
+            Ok(_) => self.config.settings.set("mesh", name),
             Err(e) => self.error = Some(format!("invalid mesh name {name:?}: {e}")),
         }
         self
@@ -118,7 +127,15 @@ impl MeshBuilder {
 
     /// Uses `dir` as the runtime dir (must be private: mode 0700, ours).
     pub fn runtime_dir(mut self, dir: impl AsRef<Path>) -> MeshBuilder {
-        self.config.runtime_dir = Some(dir.as_ref().to_owned());
+        match dir.as_ref().to_str() {
+            Some(d) => self.config.settings.set("runtime_dir", d),
+            None => {
+                self.error = Some(format!(
+                    "the runtime dir {} is not valid UTF-8",
+                    dir.as_ref().display()
+                ));
+            }
+        }
         self
     }
 
@@ -128,23 +145,26 @@ impl MeshBuilder {
         self
     }
 
-    /// Sets how many requests one instance handles at once.
-    pub fn max_concurrency(mut self, n: usize) -> MeshBuilder {
-        self.config.max_concurrency = n.max(1);
-        self
+    /// Sets how many requests one instance handles at once (at least 1).
+    pub fn max_concurrency(self, n: usize) -> MeshBuilder {
+        let n = i64::try_from(n.max(1)).unwrap_or(i64::MAX);
+        self.setting("max_concurrency", n)
     }
 
     /// Sets the timeout of calls that set none (`None`: wait forever).
-    pub fn default_timeout(mut self, t: Option<Duration>) -> MeshBuilder {
-        self.config.default_timeout = t;
-        self
+    pub fn default_timeout(self, t: Option<Duration>) -> MeshBuilder {
+        match t {
+            Some(t) if !t.is_zero() => self.setting("default_timeout", format_duration(t)),
+            // The shortest timeout there is: zero would mean none.
+            Some(_) => self.setting("default_timeout", "1ns"),
+            None => self.setting("default_timeout", "none"),
+        }
     }
 
     /// Sets how long a caller polls for its response before sleeping
-    /// (see [`Config::call_spin`]).
-    pub fn call_spin(mut self, spin: Duration) -> MeshBuilder {
-        self.config.call_spin = spin;
-        self
+    /// (zero: it sleeps at once).
+    pub fn call_spin(self, spin: Duration) -> MeshBuilder {
+        self.setting("call_spin", format_duration(spin))
     }
 
     /// Serves this handle's services over TLS at `endpoint`
@@ -152,7 +172,7 @@ impl MeshBuilder {
     /// [`Mesh::tls_endpoint`](crate::Mesh::tls_endpoint) then names).
     pub fn listen(mut self, endpoint: &str) -> MeshBuilder {
         match commy_config::parse_listen(endpoint) {
-            Ok(a) => self.config.net.listen = Some(a),
+            Ok(_) => self.config.settings.set("listen", endpoint.trim()),
             Err(e) => self.error = Some(format!("invalid listen endpoint: {e}")),
         }
         self
@@ -161,22 +181,58 @@ impl MeshBuilder {
     /// Adds a static peer (`tls://HOST:PORT`) whose instances may be called.
     pub fn peer(mut self, endpoint: &str) -> MeshBuilder {
         match commy_config::parse_tls(endpoint) {
-            Ok(a) => self.config.net.peers.push(a),
+            Ok(_) => {
+                let mut peers = match self.config.settings.get("peers") {
+                    Some(SettingValue::List(p)) => p.clone(),
+                    _ => Vec::new(),
+                };
+                peers.push(endpoint.trim().to_owned());
+                self.config.settings.set("peers", peers);
+            }
             Err(e) => self.error = Some(format!("invalid peer endpoint: {e}")),
         }
         self
     }
 
     /// Sets which transport calls use (see [`TransportPreference`]).
-    pub fn transport(mut self, t: TransportPreference) -> MeshBuilder {
-        self.config.net.transport = Some(t);
-        self
+    pub fn transport(self, t: TransportPreference) -> MeshBuilder {
+        let name = match t {
+            TransportPreference::Auto => "auto",
+            TransportPreference::Shm => "shm",
+            TransportPreference::Tls => "tls",
+        };
+        self.setting("transport", name)
     }
 
-    /// Sets all network settings at once.
+    /// Sets the network settings that `net` holds (its unset ones keep
+    /// coming from the environment and the config file).
     pub fn net(mut self, net: NetConfig) -> MeshBuilder {
-        self.config.net = net;
-        self
+        let layer = &mut self.config.settings;
+        if let Some(a) = &net.listen {
+            layer.set("listen", format!("tls://{a}"));
+        }
+        if !net.peers.is_empty() {
+            let peers = net.peers.iter().map(|p| format!("tls://{p}")).collect();
+            layer.set("peers", SettingValue::List(peers));
+        }
+        let path = |p: &std::path::PathBuf| p.to_string_lossy().into_owned();
+        for (key, value) in [
+            ("tls_ca", &net.tls_ca),
+            ("tls_cert", &net.tls_cert),
+            ("tls_key", &net.tls_key),
+        ] {
+            if let Some(p) = value {
+                layer.set(key, path(p));
+            }
+        }
+        if let Some(r) = net.require_client_cert {
+            layer.set("require_client_cert", r);
+        }
+        self.config.no_listen |= net.no_listen;
+        match net.transport {
+            Some(t) => self.transport(t),
+            None => self,
+        }
     }
 
     /// Wraps the work of every service link thread (see [`ThreadHook`]).

@@ -48,6 +48,15 @@ mod wire;
 
 pub use call::CallOptions;
 pub use commy_config::{CONFIG_ENV, NetConfig, TransportPreference};
+/// The settings by key, layered from the defaults, the config file, the
+/// environment and the code, each knowing where it came from (the crate
+/// behind it is commy-config).
+pub mod settings {
+    pub use commy_config::{
+        Explained, KEYS, Layer, Loaded, SettingValue, Settings, Source, env_var, format_duration,
+        parse_duration,
+    };
+}
 pub use commy_core::{Code, Deadline, MeshName, Metadata, NameError, Status};
 pub use commy_shm::{LinkConfig, WaitStrategy};
 pub use config::{Config, MeshBuilder};

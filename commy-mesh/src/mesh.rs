@@ -27,7 +27,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use commy_config::TransportPreference;
+use commy_config::{Loaded, NetConfig, Settings, Source, TransportPreference};
 use commy_core::{InstanceId, MeshName, Metadata, ServiceName, Status};
 use commy_discovery::{Discover, Instance, LocalRegistry};
 use commy_shm::{RuntimeDir, ShmLink, UdsListener};
@@ -85,13 +85,21 @@ pub struct Mesh {
 impl std::fmt::Debug for Mesh {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Mesh")
-            .field("mesh", &self.inner.config.mesh)
+            .field("mesh", &self.inner.mesh)
             .finish_non_exhaustive()
     }
 }
 
 struct Inner {
     config: Config,
+    /// The settings as loaded, with where each value came from.
+    settings: Loaded,
+    /// The mesh's name (from the settings).
+    mesh: MeshName,
+    /// Timeout of calls that set none (from the settings).
+    default_timeout: Option<Duration>,
+    /// Handlers of one instance waiting at once (from the settings).
+    max_concurrency: usize,
     registry: LocalRegistry,
     /// The pools of the services this handle calls.
     services: Pools,
@@ -112,35 +120,38 @@ impl Mesh {
     /// embedded default). Must run inside a tokio runtime.
     pub async fn open(config: Config) -> Result<Mesh, OpenError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| OpenError::NoRuntime)?;
-        let dir = match &config.runtime_dir {
+        let settings = Settings::load(&config.settings).map_err(OpenError::Config)?;
+        let s = settings.settings();
+        let mesh = MeshName::new(&s.mesh)
+            .map_err(|e| OpenError::Config(format!("invalid mesh name {:?}: {e}", s.mesh)))?;
+        let dir = match &s.runtime_dir {
             Some(d) => RuntimeDir::at(d)?,
             None => RuntimeDir::resolve()?,
         };
-        let registry = LocalRegistry::new(dir.clone(), &config.mesh)?;
-        let topics_mesh = MeshName::new(&format!("{}.t", config.mesh))
+        let registry = LocalRegistry::new(dir.clone(), &mesh)?;
+        let topics_mesh = MeshName::new(&format!("{mesh}.t"))
             .map_err(|e| OpenError::Config(format!("mesh name too long for topics: {e}")))?;
         let topics = LocalRegistry::new(dir, &topics_mesh)?;
-        let mut config = config;
-        config.net = std::mem::take(&mut config.net)
-            .resolve()
-            .map_err(OpenError::Config)?;
-        let net = if config.net.in_use() {
-            Some(
-                NetState::start(
-                    &config.net,
-                    &config.mesh,
-                    registry.host().clone(),
-                    config.limits,
-                )
-                .await?,
-            )
+        let mut net_config = NetConfig::from_settings(s).map_err(OpenError::Config)?;
+        let listen_in_code = settings
+            .explain("listen")
+            .is_some_and(|e| matches!(e.source, Source::Layer(_)));
+        if config.no_listen && !listen_in_code {
+            net_config.listen = None;
+        }
+        let net = if net_config.in_use() {
+            Some(NetState::start(&net_config, &mesh, registry.host().clone(), config.limits).await?)
         } else {
             None
         };
+        let (call_spin, default_timeout) = (s.call_spin, s.default_timeout);
+        let max_concurrency = s.max_concurrency.max(1);
         Ok(Mesh {
             inner: Arc::new(Inner {
                 services: pools(
                     &config,
+                    &mesh,
+                    call_spin,
                     &registry,
                     net.as_ref().map(|n| &n.peers),
                     config.call_policy.clone(),
@@ -148,11 +159,15 @@ impl Mesh {
                 ),
                 pubsub: PubSub::new(
                     topics.clone(),
-                    pools(&config, &topics, None, None, &runtime),
+                    pools(&config, &mesh, call_spin, &topics, None, None, &runtime),
                     config.link.clone(),
                     config.limits,
                 ),
                 config,
+                settings,
+                mesh,
+                default_timeout,
+                max_concurrency,
                 registry,
                 runtime,
                 closed: AtomicBool::new(false),
@@ -170,7 +185,22 @@ impl Mesh {
 
     /// The mesh's name.
     pub fn name(&self) -> &MeshName {
-        &self.inner.config.mesh
+        &self.inner.mesh
+    }
+
+    /// The settings this handle opened with, and where each value came
+    /// from (the default, the config file and its line, an environment
+    /// variable, the code):
+    ///
+    /// ```
+    /// # async fn demo(mesh: commy_mesh::Mesh) {
+    /// for setting in mesh.settings().explain_all() {
+    ///     println!("{setting}"); // e.g. `max_concurrency = 64 (builder)`
+    /// }
+    /// # }
+    /// ```
+    pub fn settings(&self) -> &Loaded {
+        &self.inner.settings
     }
 
     /// Serves `name` with `handler` until the returned handle is dropped.
@@ -246,7 +276,7 @@ impl Mesh {
             limits: self.inner.config.limits,
             runtime: self.inner.runtime.clone(),
             service: interned(&service),
-            load: Arc::new(Load::new(self.inner.config.max_concurrency)),
+            load: Arc::new(Load::new(self.inner.max_concurrency)),
             policy: self
                 .inner
                 .config
@@ -674,7 +704,7 @@ impl Mesh {
     /// deadline and start are put together, whatever its transport.
     fn due(&self, options: &CallOptions) -> Due {
         Due::new(
-            options.timeout.or(self.inner.config.default_timeout),
+            options.timeout.or(self.inner.default_timeout),
             options.deadline,
             options.started,
         )
@@ -769,7 +799,7 @@ impl Mesh {
             .registry
             .dir()
             .parent()
-            .map(|rt| rt.join("regions").join(self.inner.config.mesh.as_str()))
+            .map(|rt| rt.join("regions").join(self.inner.mesh.as_str()))
             .unwrap_or_else(|| self.inner.registry.dir().join("regions"));
         commy_shm::RegionOptions::new(name).dir(dir)
     }
@@ -802,8 +832,11 @@ impl Mesh {
 /// The pools of the instances `registry` finds (and `peers` list, if
 /// given), linked with `config`'s settings.
 /// settings.
+#[allow(clippy::too_many_arguments)]
 fn pools(
     config: &Config,
+    mesh: &MeshName,
+    call_spin: Duration,
     registry: &LocalRegistry,
     peers: Option<&Arc<Peers>>,
     policies: Option<CallPolicies>,
@@ -814,12 +847,12 @@ fn pools(
         sources.push(Arc::new(PeerSource(peers.clone())));
     }
     Pools::new(
-        config.mesh.clone(),
+        mesh.clone(),
         sources,
         peers.cloned(),
         config.link.clone(),
         config.limits,
-        config.call_spin,
+        call_spin,
         policies,
         runtime.clone(),
     )
