@@ -837,3 +837,4 @@ module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __n
 module.exports = nativeBinding
 module.exports.NativeMesh = nativeBinding.NativeMesh
 module.exports.NativeRegion = nativeBinding.NativeRegion
+module.exports.meshOptionNames = nativeBinding.meshOptionNames

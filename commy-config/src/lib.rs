@@ -10,6 +10,6 @@ mod settings;
 
 pub use net::{NetConfig, TransportPreference, parse_listen, parse_tls, user_config_dir};
 pub use settings::{
-    CONFIG_ENV, Explained, KEYS, Layer, Loaded, SettingValue, Settings, Source, env_var,
-    format_duration, parse_duration,
+    CONFIG_ENV, Explained, KEYS, KeyKind, Layer, Loaded, SettingValue, Settings, Source, env_var,
+    format_duration, key_kind, parse_duration,
 };

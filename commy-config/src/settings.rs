@@ -127,6 +127,39 @@ pub const KEYS: [&str; 12] = [
     "transport",
 ];
 
+/// What kind of value a key takes: bindings use it to map their own
+/// conventions (a Node option `defaultTimeoutMs` in milliseconds) onto the
+/// keys without knowing them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KeyKind {
+    /// Text: a name, an endpoint, a transport.
+    Text,
+    /// A file or directory path.
+    Path,
+    /// A duration.
+    Duration,
+    /// A whole number.
+    Count,
+    /// A flag.
+    Flag,
+    /// A list of texts.
+    List,
+}
+
+/// The kind of value `key` takes; `None` for an unknown key.
+pub fn key_kind(key: &str) -> Option<KeyKind> {
+    Some(match key {
+        "mesh" | "listen" | "transport" => KeyKind::Text,
+        "runtime_dir" | "tls_ca" | "tls_cert" | "tls_key" => KeyKind::Path,
+        "default_timeout" | "call_spin" => KeyKind::Duration,
+        "max_concurrency" => KeyKind::Count,
+        "require_client_cert" => KeyKind::Flag,
+        "peers" => KeyKind::List,
+        _ => return None,
+    })
+}
+
 /// Keys that hold paths: relative ones in a config file are relative to
 /// the file's directory.
 const PATH_KEYS: [&str; 4] = ["runtime_dir", "tls_ca", "tls_cert", "tls_key"];
@@ -265,6 +298,11 @@ impl Layer {
         self.values.get(key)
     }
 
+    /// The keys set and their values, by key.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &SettingValue)> {
+        self.values.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
     /// The source's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -280,6 +318,8 @@ impl Layer {
 #[derive(Debug, Clone)]
 pub struct Loaded {
     settings: Settings,
+    /// The settings as values, to show them.
+    values: Value,
     figment: Figment,
     /// The config file's text, to find the line of a key.
     file: Option<(PathBuf, String)>,
@@ -291,11 +331,14 @@ impl Loaded {
         &self.settings
     }
 
-    /// `key`'s value and where it came from; `None` for an unknown key.
+    /// `key`'s value (as the settings hold it, whatever form its source
+    /// gave) and where it came from; `None` for an unknown key.
     pub fn explain(&self, key: &str) -> Option<Explained> {
         let key = *KEYS.iter().find(|k| **k == key)?;
-        let value = self.figment.find_value(key).ok();
-        let value = value.map_or_else(|| "none".to_owned(), |v| show(&v));
+        let value = self
+            .values
+            .find_ref(key)
+            .map_or_else(|| "none".to_owned(), show);
         let source = match self.figment.find_metadata(key) {
             None => Source::Default,
             Some(md) => self.source_of(key, md),
@@ -495,8 +538,10 @@ impl Settings {
                 }
             }
         }
+        let values = Value::serialize(&settings).map_err(|e| describe(&e))?;
         let loaded = Loaded {
             settings,
+            values,
             figment,
             file: loaded_file,
         };
@@ -779,7 +824,7 @@ mod tests {
         assert_eq!(loaded.explain("tls_ca").unwrap().source, at(4));
         assert_eq!(
             loaded.explain("peers").unwrap().to_string(),
-            "peers = \"tls://a:1, tls://b:2\" ($COMMY_PEERS)"
+            "peers = [\"tls://a:1\", \"tls://b:2\"] ($COMMY_PEERS)"
         );
         assert_eq!(
             loaded.explain("call_spin").unwrap().source,
@@ -791,6 +836,9 @@ mod tests {
         );
         assert_eq!(loaded.explain("max_concurrency").unwrap().value, "1024");
         assert!(loaded.explain("nope").is_none());
+        for key in KEYS {
+            assert!(key_kind(key).is_some(), "{key} has no kind");
+        }
         assert_eq!(loaded.explain_all().len(), KEYS.len());
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -858,6 +906,6 @@ mod tests {
         code.set("default_timeout", 0);
         let s = Settings::load_from(None, &env(&[]), &code).unwrap();
         assert_eq!(s.settings().default_timeout, None);
-        assert_eq!(s.explain("default_timeout").unwrap().value, "0");
+        assert_eq!(s.explain("default_timeout").unwrap().value, "\"none\"");
     }
 }

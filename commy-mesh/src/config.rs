@@ -108,6 +108,15 @@ impl MeshBuilder {
         self
     }
 
+    /// Sets every key `layer` sets, and names their source after it.
+    pub fn settings(mut self, layer: &Layer) -> MeshBuilder {
+        for (key, value) in layer.iter() {
+            self.config.settings.set(key, value.clone());
+        }
+        self.config.settings.set_name(layer.name());
+        self
+    }
+
     /// Names the source of the settings this builder sets, as
     /// [`Mesh::settings`](crate::Mesh::settings) explains them (`builder`
     /// unless set; a binding says `Python options`).

@@ -53,8 +53,8 @@ pub use commy_config::{CONFIG_ENV, NetConfig, TransportPreference};
 /// behind it is commy-config).
 pub mod settings {
     pub use commy_config::{
-        Explained, KEYS, Layer, Loaded, SettingValue, Settings, Source, env_var, format_duration,
-        parse_duration,
+        Explained, KEYS, KeyKind, Layer, Loaded, SettingValue, Settings, Source, env_var,
+        format_duration, key_kind, parse_duration,
     };
 }
 pub use commy_core::{Code, Deadline, MeshName, Metadata, NameError, Status};
