@@ -32,6 +32,12 @@ export declare class CommyError extends Error {
 export type Payload = Buffer | Uint8Array | ArrayBuffer | string
 
 /** Options of `Mesh.open`. */
+/**
+ * Options of `Mesh.open`: the mesh's settings, each by its key in camelCase
+ * (a duration's with `Ms`, in milliseconds). Unset ones come from
+ * `$COMMY_<KEY>` and the config file; `mesh.explain(name)` says where each
+ * value came from.
+ */
 export interface MeshOptions {
   /** The mesh to join (`'default'` unless set). */
   mesh?: string
@@ -39,8 +45,24 @@ export interface MeshOptions {
   runtimeDir?: string
   /** Timeout of calls that set none, in milliseconds (30 000 unless set; 0 waits forever). */
   defaultTimeoutMs?: number
+  /** How long a call polls for its answer before it sleeps, in milliseconds (0 unless set: calls from JS share the runtime). */
+  callSpinMs?: number
   /** Requests one service instance handles at once (1024 unless set). */
   maxConcurrency?: number
+  /** Serve over TLS at `tls://ADDR:PORT` (port 0: one the system picks). */
+  listen?: string
+  /** Processes (`tls://HOST:PORT`) whose instances may be called. */
+  peers?: string[]
+  /** The CA (PEM file) certificates must chain to (the per-user dev CA unless set). */
+  tlsCa?: string
+  /** This process's certificate chain (PEM file). */
+  tlsCert?: string
+  /** This process's private key (PEM file). */
+  tlsKey?: string
+  /** mTLS: refuse clients without a certificate from the CA. */
+  requireClientCert?: boolean
+  /** Which transport calls use: `'auto'` (the default), `'shm'` or `'tls'`. */
+  transport?: 'auto' | 'shm' | 'tls'
 }
 
 /** Options of `mesh.call`. */
@@ -122,6 +144,13 @@ export declare class Mesh {
   subscribe(topic: string, options?: SubscribeOptions): Promise<Subscription>
   /** Opens (or creates) the shared region `name` of this mesh. */
   region(name: string, options?: RegionOptions): Region
+  /**
+   * The value of a setting this mesh opened with and where it came from
+   * (`['64', 'Node options']`, `['"50us"', 'default']`); `name` is an option
+   * name (`maxConcurrency`) or a settings key (`max_concurrency`); null
+   * for an unknown one.
+   */
+  explain(name: string): [string, string] | null
   /** Stops serving (after requests in progress are answered), ends subscriptions, drops links. */
   close(): Promise<void>
 }

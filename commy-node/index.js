@@ -10,6 +10,9 @@
 const binding = require('./binding.js')
 
 const { NativeMesh, NativeRegion } = binding
+// The options of Mesh.open: every setting, by its key in camelCase (a
+// duration's with `Ms`, in milliseconds), as the addon names them.
+const MESH_OPTIONS = binding.meshOptionNames()
 
 // Event kinds of NativeMesh.drain(), six slots per event: kind, id, offset,
 // length (of the event's bytes in the drained buffer), x, y.
@@ -203,16 +206,17 @@ class Mesh {
    */
   static open(options) {
     try {
-      const o = checkOptions(options, ['mesh', 'runtimeDir', 'defaultTimeoutMs', 'maxConcurrency'], 'Mesh.open options')
-      const native = {}
-      if (o.mesh !== undefined) native.mesh = checkName(o.mesh, 'options.mesh')
-      if (o.runtimeDir !== undefined) native.runtimeDir = checkName(o.runtimeDir, 'options.runtimeDir')
-      if (o.defaultTimeoutMs !== undefined) native.defaultTimeoutMs = checkMs(o.defaultTimeoutMs, 'options.defaultTimeoutMs')
-      if (o.maxConcurrency !== undefined) {
-        if (!Number.isInteger(o.maxConcurrency) || o.maxConcurrency < 1 || o.maxConcurrency > 0xffffffff) {
-          throw new TypeError(`options.maxConcurrency must be an integer >= 1, not ${String(o.maxConcurrency)}`)
-        }
-        native.maxConcurrency = o.maxConcurrency
+      const o = checkOptions(options, MESH_OPTIONS, 'Mesh.open options')
+      // Each option by its JS type; the addon takes them as settings by
+      // key, which check the values when the mesh opens.
+      const native = []
+      for (const [name, value] of Object.entries(o)) {
+        if (value === undefined || value === null) continue
+        if (typeof value === 'string') native.push({ name, text: value })
+        else if (typeof value === 'number') native.push({ name, number: value })
+        else if (typeof value === 'boolean') native.push({ name, flag: value })
+        else if (Array.isArray(value) && value.every((v) => typeof v === 'string')) native.push({ name, list: value })
+        else throw new TypeError(`options.${name} must be a string, a number, a boolean or an array of strings, not ${describe(value)}`)
       }
       const mesh = new Mesh(OPEN)
       try {
@@ -440,6 +444,24 @@ class Mesh {
     this._checkOpen()
     try {
       return new Region(this._native.region(name, o.size, mode))
+    } catch (e) {
+      throw nativeError(e)
+    }
+  }
+
+  /**
+   * The value of a setting this mesh opened with and where it came from:
+   * `['64', 'Node options']`, `['"50us"', 'default']`, a config file and
+   * line, or a `$COMMY_<KEY>` variable. `name` is an option name
+   * (`maxConcurrency`) or a settings key (`max_concurrency`); null for an
+   * unknown one.
+   * @returns {[string, string] | null}
+   */
+  explain(name) {
+    checkName(name, 'the setting name')
+    this._checkOpen()
+    try {
+      return this._native.explain(name)
     } catch (e) {
       throw nativeError(e)
     }

@@ -29,7 +29,7 @@
 //! # std::fs::create_dir_all(&dir)?;
 //! # std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
 //! # let mut options = MeshOptions::default();
-//! # options.runtime_dir = Some(dir.clone());
+//! # options.settings.set("runtime_dir", dir.clone().to_str().unwrap());
 //! let mesh = FfiMesh::open(options)?;
 //! let _svc = mesh.serve("upper", |req, reply| {
 //!     reply.ok(req.payload().to_ascii_uppercase().into());
@@ -62,4 +62,5 @@ pub use subscription::{FfiMessage, FfiSubscription};
 pub use commy_mesh::embed::{
     AnswerDriver, Drive, DrivenLink, PolledRequest, ThreadHook, WaitInterrupter,
 };
+pub use commy_mesh::settings::{KEYS, KeyKind, Layer, SettingValue, key_kind};
 pub use commy_mesh::{Caller, WaitStrategy};

@@ -15,7 +15,7 @@
 //! # std::fs::create_dir_all(&dir)?;
 //! # std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
 //! let mut options = MeshOptions::default();
-//! options.runtime_dir = Some(dir.clone());
+//! options.settings.set("runtime_dir", dir.to_str().unwrap());
 //! let mesh = FfiMesh::open(options)?;
 //!
 //! // A handler answering at once ...
@@ -43,13 +43,14 @@
 //! ```
 
 use std::future::Future;
-use std::path::PathBuf;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use commy_mesh::embed::{AnswerDriver, AnswerSink, DrivenLink, ThreadHook};
 use commy_mesh::service::ServiceName;
+use commy_mesh::settings::Layer;
 use commy_mesh::{
     CallOptions, Deadline, LinkConfig, Mesh, Request, Responder, Response, ServiceHandle, Status,
     WaitStrategy,
@@ -81,20 +82,12 @@ where
 #[derive(Debug, Clone, Default)]
 #[non_exhaustive]
 pub struct MeshOptions {
-    /// The mesh's name (`default` if `None`).
-    pub mesh: Option<String>,
-    /// The runtime dir (`$COMMY_RUNTIME_DIR`, `$XDG_RUNTIME_DIR/commy` or
-    /// `/tmp/commy-<uid>` if `None`).
-    pub runtime_dir: Option<PathBuf>,
-    /// Timeout of calls that set none (30 s if `None`).
-    pub default_timeout: Option<Duration>,
-    /// How long a caller polls the link for its answer before it sleeps
-    /// (50 µs if `None`). Polling is what makes a quick call fast, but it
-    /// occupies the calling thread: a binding that runs many calls at once
-    /// on the shared runtime (asyncio, Node) wants it short or zero.
-    pub call_spin: Option<Duration>,
-    /// Handlers of one service that may be waiting at once (1024 if `None`).
-    pub max_concurrency: Option<usize>,
+    /// The settings the binding's program passed, by key (see
+    /// [`commy_mesh::settings::Settings`]): a binding copies its options
+    /// into it key by key, so a new setting needs no change there. Name
+    /// the layer after the binding (`Python options`) so that
+    /// [`FfiMesh::explain`] says where a value came from.
+    pub settings: Layer,
     /// Runs each service link thread's work, on that thread (see
     /// [`commy_mesh::ThreadHook`]): a binding sets the thread up once there
     /// instead of once per request.
@@ -128,22 +121,7 @@ fn quick<T>(fut: impl Future<Output = T>) -> T {
 impl FfiMesh {
     /// Opens the mesh (from any thread; the runtime starts on first use).
     pub fn open(options: MeshOptions) -> Result<FfiMesh, FfiError> {
-        let mut builder = Mesh::builder();
-        if let Some(name) = &options.mesh {
-            builder = builder.mesh(name);
-        }
-        if let Some(dir) = &options.runtime_dir {
-            builder = builder.runtime_dir(dir);
-        }
-        if let Some(t) = options.default_timeout {
-            builder = builder.default_timeout(Some(t));
-        }
-        if let Some(spin) = options.call_spin {
-            builder = builder.call_spin(spin);
-        }
-        if let Some(n) = options.max_concurrency {
-            builder = builder.max_concurrency(n);
-        }
+        let mut builder = Mesh::builder().settings(&options.settings);
         if let Some(wait) = options.link_wait {
             let mut link = LinkConfig::default();
             link.wait = wait;
@@ -162,6 +140,14 @@ impl FfiMesh {
     /// The mesh's name.
     pub fn name(&self) -> String {
         self.mesh.name().to_string()
+    }
+
+    /// The value of setting `key` this mesh opened with and where it came
+    /// from (`default`, `<file>:<line>`, `$COMMY_<KEY>`, or the name of the
+    /// layer set in code); `None` for an unknown key.
+    pub fn explain(&self, key: &str) -> Option<(String, String)> {
+        let e = self.mesh.settings().explain(key)?;
+        Some((e.value, e.source.to_string()))
     }
 
     /// The wrapped mesh, for Rust code living beside a binding.

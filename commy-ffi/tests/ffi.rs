@@ -22,7 +22,9 @@ fn runtime_dir(test: &str) -> PathBuf {
 
 fn open(test: &str) -> FfiMesh {
     let mut options = MeshOptions::default();
-    options.runtime_dir = Some(runtime_dir(test));
+    options
+        .settings
+        .set("runtime_dir", runtime_dir(test).to_str().unwrap());
     FfiMesh::open(options).unwrap()
 }
 
@@ -146,8 +148,10 @@ fn a_handler_can_block_on_another_call() {
 #[test]
 fn thousands_of_calls_in_flight_through_spawn_with() {
     let mut options = MeshOptions::default();
-    options.runtime_dir = Some(runtime_dir("many"));
-    options.call_spin = Some(Duration::ZERO);
+    options
+        .settings
+        .set("runtime_dir", runtime_dir("many").to_str().unwrap());
+    options.settings.set("call_spin", "0s");
     let mesh = FfiMesh::open(options).unwrap();
     let _svc = mesh
         .serve("echo", |req, reply| {
@@ -362,8 +366,10 @@ fn a_caller_that_drops_its_call_cancels_the_handler() {
 #[test]
 fn local_tasks_drive_calls_on_one_loop_thread() {
     let mut options = MeshOptions::default();
-    options.runtime_dir = Some(runtime_dir("local"));
-    options.call_spin = Some(Duration::ZERO);
+    options
+        .settings
+        .set("runtime_dir", runtime_dir("local").to_str().unwrap());
+    options.settings.set("call_spin", "0s");
     let mesh = FfiMesh::open(options).unwrap();
     let _svc = mesh
         .serve("later", |req, reply| {
@@ -418,7 +424,9 @@ fn the_link_thread_hook_wraps_the_threads_that_run_handlers() {
     let (hooked_tx, hooked_rx) = mpsc::channel();
     let hooked_tx = std::sync::Mutex::new(hooked_tx);
     let mut options = MeshOptions::default();
-    options.runtime_dir = Some(runtime_dir("hook"));
+    options
+        .settings
+        .set("runtime_dir", runtime_dir("hook").to_str().unwrap());
     options.link_thread_hook = Some(commy_ffi::ThreadHook::new(move |work| {
         let _ = hooked_tx.lock().unwrap().send(std::thread::current().id());
         work();
@@ -580,4 +588,49 @@ fn a_caller_over_tls_is_remote_with_its_certificate_identity_if_any() {
         r#"remote Some("spiffe://default/caller-test") Some("127.0.0.1") None"#
     );
     wait(server.close());
+}
+
+/// A binding passes its program's options as a layer of settings by key:
+/// any key of the settings, each value then explained with the layer's
+/// name; an unknown key or a bad value fails the open naming it.
+#[test]
+fn options_are_settings_by_key_and_say_where_they_came_from() {
+    let mut options = MeshOptions::default();
+    options.settings.set_name("test options");
+    options
+        .settings
+        .set("runtime_dir", runtime_dir("settings").to_str().unwrap());
+    options.settings.set("max_concurrency", 3);
+    options.settings.set("transport", "shm");
+    let mesh = FfiMesh::open(options.clone()).unwrap();
+    assert_eq!(
+        mesh.explain("max_concurrency"),
+        Some(("3".to_owned(), "test options".to_owned()))
+    );
+    assert_eq!(
+        mesh.explain("transport"),
+        Some(("\"shm\"".to_owned(), "test options".to_owned()))
+    );
+    assert_eq!(
+        mesh.explain("call_spin").map(|e| e.1).as_deref(),
+        Some("default")
+    );
+    assert_eq!(mesh.explain("colour"), None);
+    wait(mesh.close());
+
+    let mut unknown = options.clone();
+    unknown.settings.set("colour", "blue");
+    let e = FfiMesh::open(unknown).unwrap_err();
+    assert_eq!(e.code_name(), "INVALID_ARGUMENT");
+    assert!(
+        e.message().contains("colour") && e.message().contains("test options"),
+        "{e}"
+    );
+    let mut bad = options;
+    bad.settings.set("max_concurrency", 0);
+    let e = FfiMesh::open(bad).unwrap_err();
+    assert_eq!(
+        e.message(),
+        "max_concurrency (test options): must be at least 1"
+    );
 }

@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use commy_ffi::{
-    AnswerDriver, FfiCaller, FfiError, FfiMesh, FfiRegion, FfiService, FfiSubscription,
-    MeshOptions, OpenPolicy, PolledRequest, RegionOptions, Reply, run_inline, runtime, spawn_with,
+    AnswerDriver, FfiCaller, FfiError, FfiMesh, FfiRegion, FfiService, FfiSubscription, KEYS,
+    KeyKind, Layer, MeshOptions, OpenPolicy, PolledRequest, RegionOptions, Reply, SettingValue,
+    key_kind, run_inline, runtime, spawn_with,
 };
 use napi::bindgen_prelude::{BufferSlice, Function};
 use napi::{Env, Result};
@@ -88,19 +89,94 @@ fn invalid(message: impl Into<String>) -> napi::Error {
     napi::Error::new(napi::Status::InvalidArg, message.into())
 }
 
-/// Options of `NativeMesh.open`.
-#[napi(object, js_name = "NativeOpenOptions")]
-#[derive(Default)]
-pub struct OpenOptions {
-    /// The mesh to join (`default` unless set).
-    pub mesh: Option<String>,
-    /// Where the mesh's sockets live (the default runtime dir unless set).
-    pub runtime_dir: Option<String>,
-    /// Timeout of calls that set none, in milliseconds (30 000 unless set;
-    /// 0 waits forever).
-    pub default_timeout_ms: Option<f64>,
-    /// Requests one service instance handles at once (1024 unless set).
-    pub max_concurrency: Option<u32>,
+/// One option of `NativeMesh.open`: a setting by its JS name (the key
+/// in camelCase, a duration's with `Ms` and a number of milliseconds) and
+/// its value, by JS type.
+#[napi(object, js_name = "NativeSetting")]
+pub struct Setting {
+    /// The option's name (`runtimeDir`, `defaultTimeoutMs`).
+    pub name: String,
+    /// A string value.
+    pub text: Option<String>,
+    /// A number value.
+    pub number: Option<f64>,
+    /// A boolean value.
+    pub flag: Option<bool>,
+    /// An array of strings.
+    pub list: Option<Vec<String>>,
+}
+
+/// The key in camelCase (`max_concurrency` -> `maxConcurrency`).
+fn camel(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    let mut upper = false;
+    for c in key.chars() {
+        match c {
+            '_' => upper = true,
+            c if upper => {
+                out.push(c.to_ascii_uppercase());
+                upper = false;
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The JS option name of each setting: the key in camelCase, with `Ms` for
+/// a duration (given in milliseconds).
+#[napi]
+pub(crate) fn mesh_option_names() -> Vec<String> {
+    KEYS.iter().map(|k| option_name(k)).collect()
+}
+
+fn option_name(key: &str) -> String {
+    match key_kind(key) {
+        Some(KeyKind::Duration) => format!("{}Ms", camel(key)),
+        _ => camel(key),
+    }
+}
+
+/// The settings key of the JS option `name`, if it names one.
+fn setting_key(name: &str) -> Option<&'static str> {
+    KEYS.iter()
+        .copied()
+        .find(|k| option_name(k) == name || *k == name)
+}
+
+/// The options a JS program passed, as the layer `Node options`.
+fn settings_layer(settings: Vec<Setting>) -> Result<Layer> {
+    let mut layer = Layer::new("Node options");
+    for s in settings {
+        let key = setting_key(&s.name).ok_or_else(|| {
+            invalid(format!(
+                "unknown option '{}' in Mesh.open options; known: {}",
+                s.name,
+                mesh_option_names().join(", ")
+            ))
+        })?;
+        let value = match (s.text, s.number, s.flag, s.list) {
+            (_, Some(n), _, _) if key_kind(key) == Some(KeyKind::Duration) => {
+                if !(n.is_finite() && n >= 0.0) {
+                    return Err(invalid(format!(
+                        "options.{} must be a finite number of milliseconds >= 0, not {n}",
+                        s.name
+                    )));
+                }
+                SettingValue::Text(format!("{n}ms"))
+            }
+            (_, Some(n), _, _) if n.fract() == 0.0 && n.abs() < 9.0e15 => {
+                SettingValue::Int(n as i64)
+            }
+            (_, Some(n), _, _) => SettingValue::Float(n),
+            (Some(t), ..) => SettingValue::Text(t),
+            (_, _, Some(b), _) => SettingValue::Bool(b),
+            (_, _, _, Some(l)) => SettingValue::List(l),
+            _ => continue,
+        };
+        layer.set(key, value);
+    }
+    Ok(layer)
 }
 
 struct Sub {
@@ -219,20 +295,15 @@ impl NativeMesh {
     /// Opens a mesh handle; `on_wake` is called (on the JS thread, with no
     /// arguments) whenever events are waiting in [`NativeMesh::drain`].
     #[napi(factory)]
-    pub fn open(options: Option<OpenOptions>, on_wake: Function<(), ()>) -> Result<Self> {
-        let o = options.unwrap_or_default();
+    pub fn open(settings: Vec<Setting>, on_wake: Function<(), ()>) -> Result<Self> {
         let mut options = MeshOptions::default();
-        options.mesh = o.mesh;
-        options.runtime_dir = o.runtime_dir.map(Into::into);
-        if let Some(t) = o.default_timeout_ms {
-            // The mesh's "no default timeout" is a very long one here: JS
-            // callers that want none pass 0.
-            options.default_timeout = Some(timeout_or_none(t, "defaultTimeoutMs")?);
+        options.settings = settings_layer(settings)?;
+        if options.settings.get("call_spin").is_none() {
+            // Calls from JS run many at once on the shared runtime: a
+            // caller polling for its answer would hold a worker other
+            // calls need.
+            options.settings.set("call_spin", "0s");
         }
-        options.max_concurrency = o.max_concurrency.map(|n| n as usize);
-        // Calls from JS run many at once on the shared runtime: a caller
-        // polling for its answer would hold a worker other calls need.
-        options.call_spin = Some(Duration::ZERO);
         options.link_wait = Some(link_wait());
         let wake = on_wake
             .build_threadsafe_function::<()>()
@@ -268,6 +339,17 @@ impl NativeMesh {
             callers: Mutex::default(),
             answers: Mutex::new(Some(answers)),
         })
+    }
+
+    /// The value of the setting `name` (its key, or its JS option name)
+    /// and where it came from, as `[value, source]`; null for an unknown
+    /// one.
+    #[napi]
+    pub fn explain(&self, name: String) -> Result<Option<Vec<String>>> {
+        let mesh = self.mesh().map_err(|e| ffi_error(&e))?;
+        Ok(setting_key(&name)
+            .and_then(|k| mesh.explain(k))
+            .map(|(value, source)| vec![value, source]))
     }
 
     fn mesh(&self) -> std::result::Result<FfiMesh, FfiError> {

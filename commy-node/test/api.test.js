@@ -252,6 +252,28 @@ test('bad arguments are refused with errors that name them', () =>
     await assert.rejects(Mesh.open({ mesh: 'bad name!' }), (e) => e.code === 'INVALID_ARGUMENT')
   }))
 
+test('every setting is an option by its key, and each value says where it came from', async () => {
+  process.env.COMMY_MAX_CONCURRENCY = '7'
+  try {
+    const mesh = await Mesh.open({ runtimeDir: runtimeDir(), transport: 'shm', defaultTimeoutMs: 1500 })
+    try {
+      assert.deepEqual(mesh.explain('transport'), ['"shm"', 'Node options'])
+      assert.deepEqual(mesh.explain('defaultTimeoutMs'), ['"1500ms"', 'Node options'])
+      assert.deepEqual(mesh.explain('default_timeout'), ['"1500ms"', 'Node options'])
+      assert.deepEqual(mesh.explain('maxConcurrency'), ['7', '$COMMY_MAX_CONCURRENCY'])
+      assert.deepEqual(mesh.explain('requireClientCert'), ['false', 'default'])
+      assert.equal(mesh.explain('colour'), null)
+    } finally {
+      await mesh.close()
+    }
+  } finally {
+    delete process.env.COMMY_MAX_CONCURRENCY
+  }
+  await rejectsWith(Mesh.open({ runtimeDir: runtimeDir(), maxConcurrency: 0 }), 'INVALID_ARGUMENT', /max_concurrency \(Node options\)/)
+  await rejectsWith(Mesh.open({ runtimeDir: runtimeDir(), transport: 'pigeon' }), 'INVALID_ARGUMENT', /transport/)
+  await assert.rejects(Mesh.open({ peers: [1, 2] }), /options.peers must be/)
+})
+
 test('a closed mesh refuses work and close is idempotent', async () => {
   const mesh = await Mesh.open({ runtimeDir: runtimeDir() })
   await mesh.close()

@@ -1,14 +1,15 @@
 //! Arguments in, results out: payloads, timeouts, blocking waits.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use commy_ffi::FfiError;
+use commy_ffi::{FfiError, Layer, SettingValue};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyMemoryView, PyString};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyMemoryView, PyString};
 
 use crate::errors;
 
@@ -146,6 +147,42 @@ pub(crate) fn seconds(py: Python<'_>, t: Option<f64>, what: &str) -> PyResult<Op
             )
         }),
     }
+}
+
+/// The settings a Python program passed as keyword arguments, by key, as
+/// the layer named `Python options`: `None` leaves a key unset; strings,
+/// paths, numbers (durations in seconds), booleans and lists of strings are
+/// taken as they are, and the settings check keys and values when the mesh
+/// opens.
+pub(crate) fn settings_layer(settings: Option<&Bound<'_, PyDict>>) -> PyResult<Layer> {
+    let mut layer = Layer::new("Python options");
+    let Some(settings) = settings else {
+        return Ok(layer);
+    };
+    for (key, value) in settings.iter() {
+        let key: String = key.extract()?;
+        if value.is_none() {
+            continue;
+        }
+        let value = if let Ok(b) = value.cast::<PyBool>() {
+            SettingValue::Bool(b.is_true())
+        } else if let Ok(n) = value.extract::<i64>() {
+            SettingValue::Int(n)
+        } else if let Ok(f) = value.extract::<f64>() {
+            SettingValue::Float(f)
+        } else if let Ok(p) = value.extract::<PathBuf>() {
+            SettingValue::Text(p.to_string_lossy().into_owned())
+        } else if let Ok(list) = value.extract::<Vec<String>>() {
+            SettingValue::List(list)
+        } else {
+            return Err(PyTypeError::new_err(format!(
+                "setting {key}: a {} is not a setting value (str, path, number, bool or list of str)",
+                value.get_type().name()?
+            )));
+        };
+        layer.set(&key, value);
+    }
+    Ok(layer)
 }
 
 /// Ctrl-C and other signal handlers, run while a blocking call waits.

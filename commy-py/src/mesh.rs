@@ -1,18 +1,17 @@
 //! `RawMesh` and what serving hands out: `RawService`, `RawReply`,
 //! `RawTask`.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use commy_ffi::{
     FfiCaller, FfiError, FfiMesh, FfiService, LocalTask, MeshOptions, OpenPolicy, Reply,
 };
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyDict};
 
 use crate::aio::{self, Outcome, RawQueue};
 use crate::caller::HandlerContext;
-use crate::convert::{payload, seconds, wait, with_python};
+use crate::convert::{payload, seconds, settings_layer, wait, with_python};
 use crate::errors;
 use crate::region::RawRegion;
 use crate::subscription::RawSubscription;
@@ -30,27 +29,10 @@ pub(crate) struct RawMesh {
 #[pymethods]
 impl RawMesh {
     #[new]
-    #[pyo3(signature = (mesh=None, runtime_dir=None, default_timeout=None, call_spin=None, max_concurrency=None))]
-    fn new(
-        py: Python<'_>,
-        mesh: Option<String>,
-        runtime_dir: Option<PathBuf>,
-        default_timeout: Option<f64>,
-        call_spin: Option<f64>,
-        max_concurrency: Option<usize>,
-    ) -> PyResult<RawMesh> {
+    #[pyo3(signature = (settings=None))]
+    fn new(py: Python<'_>, settings: Option<&Bound<'_, PyDict>>) -> PyResult<RawMesh> {
         let mut options = MeshOptions::default();
-        options.mesh = mesh;
-        options.runtime_dir = runtime_dir;
-        options.default_timeout = seconds(py, default_timeout, "default_timeout")?;
-        options.call_spin = seconds(py, call_spin, "call_spin")?;
-        if max_concurrency == Some(0) {
-            return Err(errors::to_py(
-                py,
-                &FfiError::invalid_argument("max_concurrency must be at least 1"),
-            ));
-        }
-        options.max_concurrency = max_concurrency;
+        options.settings = settings_layer(settings)?;
         options.link_thread_hook = Some(crate::convert::link_thread_hook());
         let mesh = py
             .detach(|| FfiMesh::open(options))
@@ -62,6 +44,12 @@ impl RawMesh {
     #[getter]
     fn name(&self) -> String {
         self.mesh.name()
+    }
+
+    /// The value of setting `key` and where it came from, or None for an
+    /// unknown key.
+    fn explain(&self, key: &str) -> Option<(String, String)> {
+        self.mesh.explain(key)
     }
 
     /// Calls `service`, blocking (GIL released, Ctrl-C interrupts).

@@ -114,6 +114,26 @@ def test_bad_mesh_options_are_refused(runtime_dir: str) -> None:
         commy.Mesh(runtime_dir="/proc/not-a-runtime-dir")
 
 
+def test_settings_are_taken_by_key_and_say_where_they_came_from(
+    runtime_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COMMY_MAX_CONCURRENCY", "7")
+    with commy.Mesh(transport="shm", default_timeout=1.5) as m:
+        assert m.explain("transport") == ('"shm"', "Python options")
+        assert m.explain("default_timeout") == ('"1500ms"', "Python options")
+        assert m.explain("max_concurrency") == ("7", "$COMMY_MAX_CONCURRENCY")
+        assert m.explain("call_spin") == ('"50us"', "default")
+        assert m.explain("colour") is None
+    with pytest.raises(commy.InvalidArgument, match="colour.*Python options|Python options.*colour"):
+        commy.Mesh(colour="blue")
+    with pytest.raises(commy.InvalidArgument, match=r"\$COMMY_TRANSPORT"):
+        monkeypatch.setenv("COMMY_TRANSPORT", "pigeon")
+        commy.Mesh()
+    monkeypatch.delenv("COMMY_TRANSPORT")
+    with pytest.raises(TypeError, match="setting peers"):
+        commy.Mesh(peers={"a": 1})
+
+
 def test_a_closed_mesh_refuses(runtime_dir: str) -> None:
     m = commy.Mesh()
     m.serve("svc", lambda d: d)

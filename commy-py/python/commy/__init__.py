@@ -51,6 +51,7 @@ from typing import (
     Iterator,
     NamedTuple,
     Optional,
+    Tuple,
     TypeVar,
     Union,
 )
@@ -307,21 +308,8 @@ def _at_exit() -> None:
 
 
 class _Base:
-    def __init__(
-        self,
-        mesh: Optional[str],
-        runtime_dir: Optional[Union[str, "os.PathLike[str]"]],
-        default_timeout: Optional[float],
-        call_spin: Optional[float],
-        max_concurrency: Optional[int],
-    ) -> None:
-        self._raw = _commy.RawMesh(
-            mesh,
-            None if runtime_dir is None else os.fspath(runtime_dir),
-            default_timeout,
-            call_spin,
-            max_concurrency,
-        )
+    def __init__(self, settings: "dict[str, Any]") -> None:
+        self._raw = _commy.RawMesh(settings)
         self._services: "list[Service]" = []
         self._subscriptions: "weakref.WeakSet[_SubscriptionBase]" = weakref.WeakSet()
         self._closed = False
@@ -332,6 +320,13 @@ class _Base:
     def name(self) -> str:
         """The mesh's name."""
         return self._raw.name
+
+    def explain(self, key: str) -> Optional[Tuple[str, str]]:
+        """The value of setting ``key`` this mesh opened with, and where it
+        came from: ``("64", "Python options")``, ``('"50us"', "default")``,
+        a config file and line, or a ``$COMMY_<KEY>`` variable. ``None``
+        for an unknown key."""
+        return self._raw.explain(key)
 
     @property
     def closed(self) -> bool:
@@ -408,9 +403,12 @@ class Mesh(_Base):
     ``mesh``: the mesh's name (``"default"``); ``runtime_dir``: where its
     sockets live (``$COMMY_RUNTIME_DIR``, ``$XDG_RUNTIME_DIR/commy`` or
     ``/tmp/commy-<uid>``); ``default_timeout``: seconds for calls that give
-    none (30); ``call_spin``: seconds a caller polls for its answer before it
-    sleeps (50 µs); ``max_concurrency``: handlers of one service waiting at
-    once (1024).
+    none (30; 0 waits forever); ``call_spin``: seconds a caller polls for its
+    answer before it sleeps (50 µs); ``max_concurrency``: handlers of one
+    service waiting at once (1024). Any other setting is taken by its key
+    (``listen="tls://0.0.0.0:7443"``, ``peers=[...]``, ``transport="shm"``;
+    durations in seconds); unset ones come from ``$COMMY_<KEY>`` and the
+    config file, and :meth:`explain` says where each value came from.
 
     Handlers run on commy's threads, one link at a time, with the GIL.
     """
@@ -423,8 +421,18 @@ class Mesh(_Base):
         default_timeout: Optional[float] = None,
         call_spin: Optional[float] = None,
         max_concurrency: Optional[int] = None,
+        **settings: Any,
     ) -> None:
-        super().__init__(mesh, runtime_dir, default_timeout, call_spin, max_concurrency)
+        super().__init__(
+            dict(
+                settings,
+                mesh=mesh,
+                runtime_dir=runtime_dir,
+                default_timeout=default_timeout,
+                call_spin=call_spin,
+                max_concurrency=max_concurrency,
+            )
+        )
         self._closed_event = threading.Event()
 
     def call(self, service: str, data: Buffer, timeout: Optional[float] = None) -> bytes:
@@ -579,8 +587,18 @@ class AsyncMesh(_Base):
         default_timeout: Optional[float] = None,
         call_spin: Optional[float] = None,
         max_concurrency: Optional[int] = None,
+        **settings: Any,
     ) -> None:
-        super().__init__(mesh, runtime_dir, default_timeout, 0.0, max_concurrency)
+        super().__init__(
+            dict(
+                settings,
+                mesh=mesh,
+                runtime_dir=runtime_dir,
+                default_timeout=default_timeout,
+                call_spin=0.0,
+                max_concurrency=max_concurrency,
+            )
+        )
         if call_spin is not None and not call_spin >= 0:
             raise InvalidArgument(f"call_spin must be a number of seconds >= 0, not {call_spin}")
         self._call_spin = call_spin

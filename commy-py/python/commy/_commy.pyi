@@ -1,6 +1,6 @@
 """Type stubs of commy's native module (private: use the ``commy`` package)."""
 
-from typing import Any, Callable, List, Optional, Tuple, final
+from typing import Any, Callable, Dict, List, Optional, Tuple, final
 
 __all__ = [
     "Caller",
@@ -74,16 +74,10 @@ class RawQueue:
 
 @final
 class RawMesh:
-    def __new__(
-        cls,
-        mesh: Optional[str] = None,
-        runtime_dir: Optional[str] = None,
-        default_timeout: Optional[float] = None,
-        call_spin: Optional[float] = None,
-        max_concurrency: Optional[int] = None,
-    ) -> "RawMesh": ...
+    def __new__(cls, settings: Optional[Dict[str, Any]] = None) -> "RawMesh": ...
     @property
     def name(self) -> str: ...
+    def explain(self, key: str) -> Optional[Tuple[str, str]]: ...
     def call(self, service: str, data: Any, timeout: Optional[float] = None) -> bytes: ...
     def send(self, service: str, data: Any) -> None: ...
     def publish(self, topic: str, data: Any) -> int: ...
