@@ -25,7 +25,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::Duration;
 
-use commy_mesh::{CallOptions, Mesh, MeshBuilder, NetConfig, Request, Response, Status};
+use commy_mesh::{CallOptions, Mesh, Request, Response, Status};
+
+mod support;
+use support::{builder, runtime};
 
 /// The environment variable naming a child's role and runtime dir.
 const ROLE: &str = "COMMY_ACCEPT_TEST_ROLE";
@@ -53,22 +56,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// A mesh in `dir`, shared memory only, whatever the environment says.
-fn builder(dir: &Path) -> MeshBuilder {
-    let mut net = NetConfig::default();
-    net.no_listen = true;
-    net.transport = Some(commy_mesh::TransportPreference::Shm);
-    Mesh::builder().runtime_dir(dir).net(net)
-}
-
 /// Child role: once stdin says `GO`, calls `echo` and prints the answer.
 fn client() -> ExitCode {
     let dir = PathBuf::from(std::env::var(DIR).unwrap());
@@ -87,16 +74,22 @@ fn client() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Child role: serves `echo` until stdin closes, after saying `READY`.
-fn server() -> ExitCode {
-    let dir = PathBuf::from(std::env::var(DIR).unwrap());
-    let rt = runtime();
-    let mesh = rt.block_on(builder(&dir).open()).unwrap();
-    let _echo = rt
+/// A mesh in `dir` serving `echo`, and the service's handle.
+fn serve_echo(rt: &tokio::runtime::Runtime, dir: &Path) -> (Mesh, commy_mesh::ServiceHandle) {
+    let mesh = rt.block_on(builder(dir).open()).unwrap();
+    let echo = rt
         .block_on(mesh.serve("echo", |req: Request| async move {
             Ok::<_, Status>(Response::new(req.into_payload()))
         }))
         .unwrap();
+    (mesh, echo)
+}
+
+/// Child role: serves `echo` until stdin closes, after saying `READY`.
+fn server() -> ExitCode {
+    let dir = PathBuf::from(std::env::var(DIR).unwrap());
+    let rt = runtime();
+    let (mesh, _echo) = serve_echo(&rt, &dir);
     println!("READY");
     let mut rest = Vec::new();
     let _ = std::io::stdin().read_to_end(&mut rest);
@@ -197,12 +190,7 @@ fn cpu_time(stat: &mut std::fs::File) -> Duration {
 fn out_of_descriptors_the_accept_loop_backs_off_and_recovers() {
     let dir = private_dir("emfile");
     let rt = runtime();
-    let mesh = rt.block_on(builder(&dir).open()).unwrap();
-    let _echo = rt
-        .block_on(mesh.serve("echo", |req: Request| async move {
-            Ok::<_, Status>(Response::new(req.into_payload()))
-        }))
-        .unwrap();
+    let (mesh, _echo) = serve_echo(&rt, &dir);
     let mut child = spawn("client", &dir);
     let mut to_child = child.stdin.take().unwrap();
     let mut from_child = BufReader::new(child.stdout.take().unwrap());

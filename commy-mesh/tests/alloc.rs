@@ -54,10 +54,11 @@ use bytes::Bytes;
 use commy_mesh::Caller;
 use commy_mesh::policy::{CallPolicy, RequestHead, ServePolicy};
 use commy_mesh::service::ServiceName;
-use commy_mesh::{
-    Mesh, MeshBuilder, NetConfig, Request, Responder, Response, Status, TransportPreference,
-};
+use commy_mesh::{Mesh, MeshBuilder, Request, Responder, Response, Status};
 use commy_shm::testing::CountingAllocator;
+
+mod support;
+use support::{builder, runtime};
 
 /// Counts this process's allocations (`alloc`, `alloc_zeroed`,
 /// `realloc`) and the bytes they ask for.
@@ -393,23 +394,6 @@ impl ServePolicy for AdmitAll {
 
 fn empty_serve_policy(_: &ServiceName) -> Option<Arc<dyn ServePolicy>> {
     Some(Arc::new(AdmitAll))
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// A mesh in the runtime dir `dir`, shared memory only, listening for
-/// nothing whatever the environment says.
-fn builder(dir: &Path) -> MeshBuilder {
-    let mut net = NetConfig::default();
-    net.no_listen = true;
-    net.transport = Some(TransportPreference::Shm);
-    Mesh::builder().runtime_dir(dir).net(net)
 }
 
 /// A fresh private (0700) runtime dir, removed on drop. Short: sockets live

@@ -308,8 +308,26 @@ def _at_exit() -> None:
 
 
 class _Base:
-    def __init__(self, settings: "dict[str, Any]") -> None:
-        self._raw = _commy.RawMesh(settings)
+    def __init__(
+        self,
+        mesh: Optional[str],
+        runtime_dir: Optional[Union[str, "os.PathLike[str]"]],
+        default_timeout: Optional[float],
+        call_spin: Optional[float],
+        max_concurrency: Optional[int],
+        settings: "dict[str, Any]",
+    ) -> None:
+        # Every setting by its key: the named ones and any other.
+        self._raw = _commy.RawMesh(
+            dict(
+                settings,
+                mesh=mesh,
+                runtime_dir=runtime_dir,
+                default_timeout=default_timeout,
+                call_spin=call_spin,
+                max_concurrency=max_concurrency,
+            )
+        )
         self._services: "list[Service]" = []
         self._subscriptions: "weakref.WeakSet[_SubscriptionBase]" = weakref.WeakSet()
         self._closed = False
@@ -424,14 +442,7 @@ class Mesh(_Base):
         **settings: Any,
     ) -> None:
         super().__init__(
-            dict(
-                settings,
-                mesh=mesh,
-                runtime_dir=runtime_dir,
-                default_timeout=default_timeout,
-                call_spin=call_spin,
-                max_concurrency=max_concurrency,
-            )
+            mesh, runtime_dir, default_timeout, call_spin, max_concurrency, settings
         )
         self._closed_event = threading.Event()
 
@@ -589,16 +600,7 @@ class AsyncMesh(_Base):
         max_concurrency: Optional[int] = None,
         **settings: Any,
     ) -> None:
-        super().__init__(
-            dict(
-                settings,
-                mesh=mesh,
-                runtime_dir=runtime_dir,
-                default_timeout=default_timeout,
-                call_spin=0.0,
-                max_concurrency=max_concurrency,
-            )
-        )
+        super().__init__(mesh, runtime_dir, default_timeout, 0.0, max_concurrency, settings)
         if call_spin is not None and not call_spin >= 0:
             raise InvalidArgument(f"call_spin must be a number of seconds >= 0, not {call_spin}")
         self._call_spin = call_spin
