@@ -5,6 +5,9 @@
 //!   stream of changes boxed once per watch, never per call). The local
 //!   source, [`LocalRegistry`], finds the instances of this host in the
 //!   runtime directory with no daemon and no configuration.
+//! - [`Register`]: where a process announces the instances it serves over
+//!   TLS for other hosts (etcd, a catalog of the user's own); the
+//!   [`Registration`] it returns withdraws the instance when dropped.
 //! - The balancer strategies are sans-IO state, driven by whoever holds the
 //!   candidates and their loads: [`PowerOfTwo`] (the less loaded of two
 //!   random choices) and [`RoundRobin`]. They allocate nothing and take no
@@ -30,7 +33,9 @@
 mod balance;
 mod discover;
 mod local;
+mod register;
 
 pub use balance::{PowerOfTwo, RoundRobin};
 pub use discover::{Discover, InstanceStream};
 pub use local::{DiscoveryError, HOST_ID_ENV, Instance, InstanceWatch, LocalRegistry, host_id};
+pub use register::{Register, Registration};

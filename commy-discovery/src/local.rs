@@ -197,6 +197,15 @@ pub enum DiscoveryError {
     /// Removing a stale socket failed.
     #[error("cannot remove a stale instance socket: {0}")]
     RemoveStale(#[from] RemoveStaleError),
+    /// A registry (a [`Register`](crate::Register), a remote source) refused
+    /// or failed.
+    #[error("{registry}: {reason}")]
+    Registry {
+        /// The registry's name.
+        registry: String,
+        /// What it said.
+        reason: String,
+    },
 }
 
 /// Advice for the errors inotify returns when a per-user limit is hit.

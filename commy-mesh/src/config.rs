@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use commy_config::{Layer, NetConfig, SettingValue, TransportPreference, format_duration};
 use commy_core::{Limits, MeshName, ServiceName};
+use commy_discovery::Register;
 use commy_shm::LinkConfig;
 
 use crate::policy::{CallPolicies, CallPolicy, ServePolicies, ServePolicy};
@@ -46,6 +47,10 @@ pub struct Config {
     pub call_policy: Option<CallPolicies>,
     /// The serve policy of each served service (see [`crate::policy`]).
     pub serve_policy: Option<ServePolicies>,
+    /// Where the instances this handle serves over TLS are announced to
+    /// other hosts (see [`Register`]); this host's runtime dir announces
+    /// them all by itself.
+    pub registrars: Vec<Arc<dyn Register>>,
 }
 
 /// Wraps the work of every thread that serves a link of this mesh's
@@ -88,6 +93,7 @@ impl Default for Config {
             link_thread_hook: None,
             call_policy: None,
             serve_policy: None,
+            registrars: Vec::new(),
         }
     }
 }
@@ -257,6 +263,15 @@ impl MeshBuilder {
         f: impl Fn(&ServiceName) -> Option<Arc<dyn CallPolicy>> + Send + Sync + 'static,
     ) -> MeshBuilder {
         self.config.call_policy = Some(CallPolicies::new(f));
+        self
+    }
+
+    /// Announces each instance this handle serves over TLS to `registrar`
+    /// (with its service, id, `tls://` listen endpoint and host) while it
+    /// serves; a registrar that refuses fails the `serve`. Instances are
+    /// announced only when the handle listens over TLS.
+    pub fn register_with(mut self, registrar: Arc<dyn Register>) -> MeshBuilder {
+        self.config.registrars.push(registrar);
         self
     }
 

@@ -7,5 +7,5 @@
 pub use commy_core::{HostId, InstanceId};
 pub use commy_discovery::{
     Discover, DiscoveryError, HOST_ID_ENV, Instance, InstanceStream, InstanceWatch, LocalRegistry,
-    PowerOfTwo, RoundRobin, host_id,
+    PowerOfTwo, Register, Registration, RoundRobin, host_id,
 };

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use commy_config::{Loaded, NetConfig, Settings, Source, TransportPreference};
 use commy_core::{InstanceId, MeshName, Metadata, ServiceName, Status};
-use commy_discovery::{Discover, Instance, LocalRegistry};
+use commy_discovery::{Discover, Instance, LocalRegistry, Registration};
 use commy_shm::{RuntimeDir, ShmLink, UdsListener};
 use parking_lot::Mutex;
 
@@ -287,9 +287,9 @@ impl Mesh {
         if let Some(net) = &self.inner.net {
             net.add(&service, id, ctx.clone());
         }
-        let withdraw = self.inner.net.clone().map(|net| {
+        let listing = self.inner.net.clone().map(|net| {
             let service = service.clone();
-            Box::new(move || net.remove(&service, id)) as Box<dyn Fn() + Send + Sync>
+            Registration::new(move || net.remove(&service, id))
         });
         let served = Arc::new(Served {
             service,
@@ -297,7 +297,7 @@ impl Mesh {
             path,
             stop: Arc::new(AtomicBool::new(false)),
             ctx: ctx.clone(),
-            withdraw,
+            registrations: Mutex::new(listing.into_iter().collect()),
         });
         start_accepting(
             listener,
@@ -323,8 +323,39 @@ impl Mesh {
                 }
             },
         )?;
+        if let Err(status) = self.register(&served) {
+            served.deregister();
+            return Err(status);
+        }
         self.inner.served.lock().push(served.clone());
         Ok(ServiceHandle { served })
+    }
+
+    /// Announces a service that now accepts to the handle's registrars,
+    /// when it listens over TLS (the other hosts reach it there).
+    fn register(&self, served: &Served) -> Result<(), Status> {
+        let registrars = &self.inner.config.registrars;
+        let Some(addr) = self.tls_endpoint().filter(|_| !registrars.is_empty()) else {
+            return Ok(());
+        };
+        let instance = Instance::new(
+            served.service.clone(),
+            served.id,
+            std::process::id(),
+            commy_core::Endpoint::Tls(addr),
+            self.inner.registry.host().clone(),
+        );
+        for registrar in registrars {
+            let registration = registrar.register(&instance).map_err(|e| {
+                Status::unavailable(format!(
+                    "cannot register {} with {}: {e}",
+                    served.service,
+                    registrar.name()
+                ))
+            })?;
+            served.registrations.lock().push(registration);
+        }
+        Ok(())
     }
 
     /// Calls `name` with `payload` and the mesh's default timeout.

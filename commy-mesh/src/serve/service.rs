@@ -1,6 +1,7 @@
-//! A running service: its registration (the instance socket that
-//! announces it), the drain that waits for its requests in progress, and
-//! the [`ServiceHandle`] its caller keeps.
+//! A running service: its registrations (the instance socket that
+//! announces it on this host, the TLS listing and the registrars' for other
+//! hosts), the drain that waits for its requests in progress, and the
+//! [`ServiceHandle`] its caller keeps.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -8,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use commy_core::{InstanceId, ServiceName};
+use commy_discovery::Registration;
 
 use crate::serve::dispatch::ServeCtx;
 
@@ -18,9 +20,9 @@ pub(crate) struct Served {
     pub(crate) path: PathBuf,
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) ctx: Arc<ServeCtx>,
-    /// Withdraws the instance from the other places it is announced in
-    /// (the TLS listener's listing), once.
-    pub(crate) withdraw: Option<Box<dyn Fn() + Send + Sync>>,
+    /// The instance's announcements beyond its socket (the TLS listener's
+    /// listing, the registrars'): withdrawn when dropped, at deregistration.
+    pub(crate) registrations: parking_lot::Mutex<Vec<Registration>>,
 }
 
 impl Served {
@@ -29,9 +31,7 @@ impl Served {
     pub(crate) fn deregister(&self) {
         if !self.stop.swap(true, Ordering::AcqRel) {
             let _ = std::fs::remove_file(&self.path);
-            if let Some(withdraw) = &self.withdraw {
-                withdraw();
-            }
+            drop(std::mem::take(&mut *self.registrations.lock()));
         }
     }
 
