@@ -16,8 +16,10 @@
 //! closed, or idle, can exit.
 
 use std::cell::RefCell;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+
+use parking_lot::Mutex;
 
 use bytes::Bytes;
 use commy_ffi::FfiCaller;
@@ -138,7 +140,7 @@ impl Bridge {
             _ => Some(event),
         });
         if let Some(event) = queued {
-            lock(&self.queue).push(event);
+            self.queue.lock().push(event);
             self.wake();
         }
     }
@@ -162,7 +164,7 @@ impl Bridge {
                 *self.into = ours.map(|(_, events)| events).unwrap_or_default();
             }
         }
-        into.append(&mut lock(&self.queue));
+        into.append(&mut self.queue.lock());
         let me = std::ptr::from_ref(self) as usize;
         let outer = DRAINING.with(|d| d.replace(Some((me, std::mem::take(into)))));
         let _restore = Restore { outer, into };
@@ -179,7 +181,7 @@ impl Bridge {
             if let Ok(Some((who, events))) = d.try_borrow_mut().as_deref_mut()
                 && *who == me
             {
-                events.append(&mut lock(&self.queue));
+                events.append(&mut self.queue.lock());
             }
         });
     }
@@ -188,10 +190,10 @@ impl Bridge {
     /// wake-up is pending. `false` once the handle is shut (nobody will
     /// poll the link).
     pub(crate) fn push_link(&self, link: Arc<Driven>) -> bool {
-        if lock(&self.wake).is_none() {
+        if self.wake.lock().is_none() {
             return false;
         }
-        lock(&self.links).push(link);
+        self.links.lock().push(link);
         self.wake();
         true
     }
@@ -201,7 +203,7 @@ impl Bridge {
         // `false` (and wakes), or `take` runs after it and its lock
         // acquisitions see what was pushed above.
         if !self.scheduled.swap(true, Ordering::SeqCst)
-            && let Some(wake) = lock(&self.wake).as_ref()
+            && let Some(wake) = self.wake.lock().as_ref()
         {
             let _ = wake.call((), ThreadsafeFunctionCallMode::NonBlocking);
         }
@@ -215,7 +217,7 @@ impl Bridge {
 
     /// Moves the links handed to the JS thread into `into`.
     pub(crate) fn take_links(&self, into: &mut Vec<Arc<Driven>>) {
-        into.append(&mut lock(&self.links));
+        into.append(&mut self.links.lock());
     }
 
     /// Appends every queued event to `into` (on the JS thread, when woken).
@@ -224,27 +226,21 @@ impl Bridge {
     pub(crate) fn take(&self, into: &mut Vec<Event>) -> bool {
         // SYNC: see `wake`.
         self.scheduled.store(false, Ordering::SeqCst);
-        let mut queue = lock(&self.queue);
+        let mut queue = self.queue.lock();
         if into.is_empty() {
             std::mem::swap(&mut *queue, into);
         } else {
             into.append(&mut queue);
         }
         drop(queue);
-        !lock(&self.links).is_empty()
+        !self.links.lock().is_empty()
     }
 
     /// Releases the wake-up function: nothing reaches JS after this.
     pub(crate) fn shut(&self) {
-        lock(&self.wake).take();
-        for link in lock(&self.links).drain(..) {
+        self.wake.lock().take();
+        for link in self.links.lock().drain(..) {
             link.finish();
         }
     }
-}
-
-/// Locks `m`, recovering the data if a panicking thread poisoned it (every
-/// critical section here leaves the data consistent).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

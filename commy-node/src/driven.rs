@@ -36,12 +36,14 @@
 //! [`Bridge::push_link`]: crate::bridge::Bridge::push_link
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use commy_ffi::{Drive, DrivenLink, FfiCaller, PolledRequest, WaitInterrupter};
 
-use crate::bridge::{Bridge, lock};
+use crate::bridge::Bridge;
 
 /// Frames one drain handles per link at most: a busy link does not hold
 /// the JS thread from its other work.
@@ -118,7 +120,7 @@ pub(crate) fn watch(
         watcher: std::thread::current(),
     });
     {
-        let mut all = lock(all);
+        let mut all = all.lock();
         all.retain(|d| d.strong_count() > 0);
         all.push(Arc::downgrade(&driven));
     }
@@ -127,7 +129,7 @@ pub(crate) fn watch(
             return;
         }
         // The JS thread does not poll the link now: only this thread locks it.
-        if !lock(&driven.link).wait(None) {
+        if !driven.link.lock().wait(None) {
             continue;
         }
         driven.js.store(true, Ordering::Release);
@@ -161,7 +163,7 @@ fn stand_by(driven: &Driven) {
             continue;
         }
         // Not polled for a while: receive until the JS thread polls again.
-        let Some(mut link) = try_lock(&driven.link) else {
+        let Some(mut link) = driven.link.try_lock() else {
             continue;
         };
         while !driven.polled.load(Ordering::Acquire)
@@ -235,7 +237,7 @@ impl Polled {
             };
             self.resting.retain(|(d, since, found)| {
                 // Busy: the watcher receives for us; we poll again next time.
-                let has_data = try_lock(&d.link).is_none_or(|l| l.has_data());
+                let has_data = d.link.try_lock().is_none_or(|l| l.has_data());
                 if has_data {
                     busy.push((d.clone(), *found));
                     false
@@ -265,7 +267,7 @@ impl Polled {
                 return false;
             }
             d.polled.store(true, Ordering::Release);
-            let Some(mut link) = try_lock(&d.link) else {
+            let Some(mut link) = d.link.try_lock() else {
                 // The watcher receives for us (we were away too long).
                 return true;
             };
@@ -309,20 +311,10 @@ impl Polled {
         for d in self.busy.drain(..).map(|(d, _)| d).chain(resting) {
             d.finish();
         }
-        for d in lock(all).drain(..) {
+        for d in all.lock().drain(..) {
             if let Some(d) = d.upgrade() {
                 d.finish();
             }
         }
-    }
-}
-
-/// Locks `m` unless another thread holds it (a poisoned lock is taken: every
-/// critical section here leaves the link consistent).
-fn try_lock<T>(m: &Mutex<T>) -> Option<std::sync::MutexGuard<'_, T>> {
-    match m.try_lock() {
-        Ok(g) => Some(g),
-        Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
-        Err(std::sync::TryLockError::WouldBlock) => None,
     }
 }

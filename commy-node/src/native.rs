@@ -8,7 +8,9 @@
 //! mesh.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -22,7 +24,7 @@ use napi::{Env, Result};
 use napi_derive::napi;
 use tokio::sync::Semaphore;
 
-use crate::bridge::{Bridge, Event, lock};
+use crate::bridge::{Bridge, Event};
 use crate::driven::{self, Driven, POLL_MAX, Polled};
 use crate::slab::Slab;
 
@@ -353,7 +355,7 @@ impl NativeMesh {
     }
 
     fn mesh(&self) -> std::result::Result<FfiMesh, FfiError> {
-        lock(&self.mesh).clone().ok_or_else(|| {
+        self.mesh.lock().clone().ok_or_else(|| {
             FfiError::from_code_name("FAILED_PRECONDITION", "the mesh handle is closed")
         })
     }
@@ -405,7 +407,7 @@ impl NativeMesh {
         payload: BufferSlice,
         timeout_ms: Option<f64>,
     ) -> Result<bool> {
-        let names = lock(&self.names);
+        let names = self.names.lock();
         let name = names
             .get(service as usize)
             .ok_or_else(|| invalid(format!("no service name number {service}")))?;
@@ -456,7 +458,7 @@ impl NativeMesh {
         for i in 0..n as usize {
             at = entry(i, at)?.2.end;
         }
-        let names = lock(&self.names);
+        let names = self.names.lock();
         let mesh = self.mesh();
         // One clock read for the batch: its calls' timeouts count from it.
         let now = Instant::now();
@@ -547,14 +549,14 @@ impl NativeMesh {
     /// Whether the JS thread receives answers itself now (it drains again
     /// soon, see [`drain`](NativeMesh::drain)).
     fn answers_polled_here(&self) -> bool {
-        lock(&self.answers).as_ref().is_some_and(|a| !a.is_idle())
+        self.answers.lock().as_ref().is_some_and(|a| !a.is_idle())
     }
 
     /// The number [`call`](NativeMesh::call) takes for service `name`
     /// (the JS layer asks once per name).
     #[napi]
     pub fn name(&self, name: String) -> u32 {
-        let mut names = lock(&self.names);
+        let mut names = self.names.lock();
         match names.iter().position(|n| *n == name) {
             Some(i) => u32::try_from(i).unwrap_or(u32::MAX),
             None => {
@@ -606,7 +608,7 @@ impl NativeMesh {
                 &name,
                 move |payload, caller, reply| {
                     let cancel = cancellable.then(|| {
-                        let mut n = lock(&next_cancel);
+                        let mut n = next_cancel.lock();
                         // Never 0: the drained event says 0 for "none".
                         *n = n.wrapping_add(1).max(1);
                         let cancel = *n;
@@ -629,7 +631,7 @@ impl NativeMesh {
                 move |link| driven::watch(link, &b, &all, service, !cancellable),
             )
             .map_err(|e| ffi_error(&e))?;
-        lock(&self.services).insert(service, served);
+        self.services.lock().insert(service, served);
         Ok(())
     }
 
@@ -637,7 +639,7 @@ impl NativeMesh {
     /// requests in progress are answered.
     #[napi]
     pub fn unserve(&self, id: u32, service: u32) {
-        let served = lock(&self.services).remove(&service);
+        let served = self.services.lock().remove(&service);
         let bridge = self.bridge.clone();
         spawn_with(
             async move {
@@ -674,7 +676,7 @@ impl NativeMesh {
             at = end;
         }
         let answers: Vec<_> = {
-            let mut replies = lock(&self.replies);
+            let mut replies = self.replies.lock();
             answers
                 .into_iter()
                 .map(|(token, range)| (replies.remove(token), range))
@@ -698,7 +700,7 @@ impl NativeMesh {
     /// name such as `"INTERNAL"`; unknown names become `INTERNAL`).
     #[napi]
     pub fn reply_error(&self, token: u32, code: String, message: String) {
-        let reply = lock(&self.replies).remove(token);
+        let reply = self.replies.lock().remove(token);
         if let Some(reply) = reply {
             reply.fail(FfiError::from_code_name(&code, message));
         }
@@ -729,7 +731,7 @@ impl NativeMesh {
             }
             b.push(Event::Ended { sub });
         });
-        lock(&self.subs).insert(
+        self.subs.lock().insert(
             sub,
             Sub {
                 subscription,
@@ -742,7 +744,7 @@ impl NativeMesh {
     /// Lets subscription `sub` deliver `n` more messages.
     #[napi]
     pub fn sub_credit(&self, sub: u32, n: u32) {
-        if let Some(s) = lock(&self.subs).get(&sub) {
+        if let Some(s) = self.subs.lock().get(&sub) {
             s.credit.add_permits(n as usize);
         }
     }
@@ -750,7 +752,7 @@ impl NativeMesh {
     /// Ends subscription `sub`; an `Ended` event follows.
     #[napi]
     pub fn unsubscribe(&self, sub: u32) {
-        if let Some(s) = lock(&self.subs).remove(&sub) {
+        if let Some(s) = self.subs.lock().remove(&sub) {
             s.subscription.close();
             s.credit.close();
         }
@@ -787,20 +789,20 @@ impl NativeMesh {
     /// nothing reaches JS after it.
     #[napi]
     pub fn close(&self, id: u32) {
-        let Some(mesh) = lock(&self.mesh).take() else {
+        let Some(mesh) = self.mesh.lock().take() else {
             self.bridge.push(Event::Done { id, value: None });
             return;
         };
-        let served: Vec<_> = lock(&self.services).drain().map(|(_, s)| s).collect();
-        for (_, s) in lock(&self.subs).drain() {
+        let served: Vec<_> = self.services.lock().drain().map(|(_, s)| s).collect();
+        for (_, s) in self.subs.lock().drain() {
             s.subscription.close();
             s.credit.close();
         }
         // Requests JS has not answered get INTERNAL when their replies drop.
-        drop(lock(&self.replies).drain());
-        lock(&self.polled).close(&self.driven);
+        drop(self.replies.lock().drain());
+        self.polled.lock().close(&self.driven);
         // The links' readers deliver what is still to come.
-        drop(lock(&self.answers).take());
+        drop(self.answers.lock().take());
         let bridge = self.bridge.clone();
         spawn_with(
             async move {
@@ -838,7 +840,7 @@ impl NativeMesh {
         if room == 0 {
             return Err(invalid("the event buffer is too small"));
         }
-        let mut events = std::mem::take(&mut *lock(&self.scratch));
+        let mut events = std::mem::take(&mut *self.scratch.lock());
         let mut data = Vec::new();
         // The requests waiting in the links the JS thread owns join the
         // events, after those queued before (their payloads go straight
@@ -846,7 +848,7 @@ impl NativeMesh {
         // wake-up.
         self.bridge.hold();
         let owns_links = self.bridge.draining(&mut events, || {
-            lock(&self.polled).poll(
+            self.polled.lock().poll(
                 &self.bridge,
                 room,
                 &mut |service, caller, request, payload| {
@@ -864,7 +866,7 @@ impl NativeMesh {
         // The answers waiting in the links this thread calls on go
         // straight into `meta` and `data`.
         let mut n = 0usize;
-        let owns_calls = lock(&self.answers).as_mut().is_some_and(|a| {
+        let owns_calls = self.answers.lock().as_mut().is_some_and(|a| {
             a.poll_with(room.min(POLL_MAX), |id, answer| {
                 let id = id as u32;
                 let ev = match answer {
@@ -880,8 +882,8 @@ impl NativeMesh {
             })
         });
         let handed_over = self.bridge.take(&mut events);
-        let mut replies = lock(&self.replies);
-        let mut callers = lock(&self.callers);
+        let mut replies = self.replies.lock();
+        let mut callers = self.callers.lock();
         // Those with no room in this drain, kept for the next.
         let mut left = Vec::new();
         for ev in events.drain(..) {
@@ -954,7 +956,7 @@ impl NativeMesh {
             u32::from(!events.is_empty() || handed_over || n == room)
                 | (u32::from(owns_links || owns_calls) << 1),
         );
-        *lock(&self.scratch) = events;
+        *self.scratch.lock() = events;
         if data.is_empty() {
             Ok(None)
         } else {
@@ -1020,13 +1022,13 @@ impl NativeRegion {
     /// The size of the data area in bytes (0 once closed).
     #[napi(getter)]
     pub fn size(&self) -> f64 {
-        lock(&self.region).as_ref().map_or(0.0, |r| r.len() as f64)
+        self.region.lock().as_ref().map_or(0.0, |r| r.len() as f64)
     }
 
     /// A consistent copy of `len` bytes at `offset`.
     #[napi]
     pub fn read<'e>(&self, env: &'e Env, offset: f64, len: f64) -> Result<BufferSlice<'e>> {
-        let guard = lock(&self.region);
+        let guard = self.region.lock();
         let region = guard.as_ref().ok_or_else(closed_region)?;
         let data = region
             .read_at(index(offset, "offset")?, index(len, "length")?)
@@ -1037,7 +1039,7 @@ impl NativeRegion {
     /// Writes `data` at `offset` (readers never see half of it).
     #[napi]
     pub fn write(&self, data: BufferSlice, offset: f64) -> Result<()> {
-        let guard = lock(&self.region);
+        let guard = self.region.lock();
         let region = guard.as_ref().ok_or_else(closed_region)?;
         region
             .write_at(index(offset, "offset")?, &data)
@@ -1047,7 +1049,7 @@ impl NativeRegion {
     /// Lets go of the region.
     #[napi]
     pub fn close(&self) {
-        lock(&self.region).take();
+        self.region.lock().take();
     }
 }
 
