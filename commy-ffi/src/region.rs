@@ -15,7 +15,7 @@
 //! # std::fs::create_dir_all(&dir)?;
 //! # std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
 //! # let mut options = MeshOptions::default();
-//! # options.runtime_dir = Some(dir.clone());
+//! # options.settings.set("runtime_dir", dir.to_str().unwrap());
 //! let mesh = FfiMesh::open(options)?;
 //! let mut create = RegionOptions::default();
 //! create.size = Some(4096);
