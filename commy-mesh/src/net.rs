@@ -141,7 +141,13 @@ impl NetState {
                         "listening over TLS needs a certificate: set tls_cert and tls_key (or no tls_ca, for the dev CA)".into(),
                     ));
                 }
-                let tls = creds.server_config(config.require_client_cert.unwrap_or(false))?;
+                // With mTLS, a client's certificate must also name a
+                // service of this mesh (its SPIFFE trust domain).
+                let tls = if config.require_client_cert.unwrap_or(false) {
+                    creds.mtls_server_config(mesh.as_str())?
+                } else {
+                    creds.server_config(false)?
+                };
                 let r = router.clone();
                 let handler: commy_net::Handler = Arc::new(move |inbound: Inbound| {
                     let r = r.clone();

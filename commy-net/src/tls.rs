@@ -36,6 +36,7 @@ use std::sync::Arc;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 /// File name of the dev CA's certificate inside its directory.
@@ -514,6 +515,23 @@ impl Credentials {
     /// client certificates are verified against our roots when presented,
     /// and required when `require_client_cert`.
     pub fn server_config(&self, require_client_cert: bool) -> Result<Arc<ServerConfig>, TlsError> {
+        self.server_config_with(require_client_cert, None)
+    }
+
+    /// [`server_config`](Credentials::server_config) for mTLS in the
+    /// trust domain `mesh`: client certificates are required, and one must
+    /// also carry a SPIFFE ID `spiffe://<mesh>/<service>`. A certificate of
+    /// the CA without one, or for another mesh, fails the handshake with
+    /// an `access_denied` alert.
+    pub fn mtls_server_config(&self, mesh: &str) -> Result<Arc<ServerConfig>, TlsError> {
+        self.server_config_with(true, Some(mesh))
+    }
+
+    fn server_config_with(
+        &self,
+        require_client_cert: bool,
+        trust_domain: Option<&str>,
+    ) -> Result<Arc<ServerConfig>, TlsError> {
         let Some(key) = &self.key else {
             return Err(TlsError::Pem {
                 path: PathBuf::from("<certificate>"),
@@ -527,6 +545,13 @@ impl Credentials {
             verifier.build()?
         } else {
             verifier.allow_unauthenticated().build()?
+        };
+        let verifier: Arc<dyn ClientCertVerifier> = match trust_domain {
+            Some(mesh) => Arc::new(InTrustDomain {
+                inner: verifier,
+                mesh: mesh.to_owned(),
+            }),
+            None => verifier,
         };
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -549,5 +574,116 @@ impl Credentials {
         };
         config.alpn_protocols = vec![commy_core::ALPN.to_vec()];
         Ok(Arc::new(config))
+    }
+}
+
+/// Verifies a client certificate as the CA's verifier does, then requires a
+/// SPIFFE ID in the trust domain `mesh`.
+#[derive(Debug)]
+struct InTrustDomain {
+    inner: Arc<dyn ClientCertVerifier>,
+    mesh: String,
+}
+
+/// Why `cert` (already verified against the roots) is refused in the trust
+/// domain `mesh`, if it is.
+fn outside_trust_domain(cert: &CertificateDer<'_>, mesh: &str) -> Option<String> {
+    match Identity::of_certificate(cert) {
+        None => Some(format!(
+            "the client certificate carries no SPIFFE ID (spiffe://{mesh}/<service>)"
+        )),
+        Some(id) if id.mesh() != mesh => Some(format!(
+            "the client certificate's SPIFFE ID {id} is not in trust domain {mesh}"
+        )),
+        Some(_) => None,
+    }
+}
+
+impl ClientCertVerifier for InTrustDomain {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        match outside_trust_domain(end_entity, &self.mesh) {
+            None => Ok(verified),
+            Some(why) => {
+                tracing::debug!("{why}");
+                Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::ApplicationVerificationFailure,
+                ))
+            }
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A self-signed certificate with the SPIFFE ID `uri`, if any.
+    fn cert(uri: Option<&str>) -> CertificateDer<'static> {
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        if let Some(uri) = uri {
+            let uri = rcgen::string::Ia5String::try_from(uri.to_owned()).unwrap();
+            params.subject_alt_names.push(rcgen::SanType::URI(uri));
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    #[test]
+    fn the_trust_domain_takes_only_its_own_spiffe_ids() {
+        assert_eq!(
+            outside_trust_domain(&cert(Some("spiffe://shop/cart")), "shop"),
+            None
+        );
+        let other = outside_trust_domain(&cert(Some("spiffe://bank/vault")), "shop").unwrap();
+        assert!(
+            other.contains("spiffe://bank/vault") && other.contains("shop"),
+            "{other}"
+        );
+        let none = outside_trust_domain(&cert(None), "shop").unwrap();
+        assert!(none.contains("no SPIFFE ID"), "{none}");
+        let not_spiffe = outside_trust_domain(&cert(Some("https://shop/cart")), "shop").unwrap();
+        assert!(not_spiffe.contains("no SPIFFE ID"), "{not_spiffe}");
     }
 }

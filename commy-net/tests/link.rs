@@ -133,13 +133,23 @@ struct Fixture {
 
 impl Fixture {
     async fn start(tag: &str, settings: Settings, require_client_cert: bool) -> Fixture {
+        Fixture::start_with(tag, settings, |creds| {
+            creds.server_config(require_client_cert).unwrap()
+        })
+        .await
+    }
+
+    /// A server whose TLS configuration `config` makes from its credentials.
+    async fn start_with(
+        tag: &str,
+        settings: Settings,
+        config: impl FnOnce(&Credentials) -> Arc<rustls::ServerConfig>,
+    ) -> Fixture {
         let pki = Pki::new(tag);
         let (in_flight, max_seen, dropped) = (Arc::default(), Arc::default(), Arc::default());
         let server = Server::bind(
             "127.0.0.1:0".parse().unwrap(),
-            pki.creds("server")
-                .server_config(require_client_cert)
-                .unwrap(),
+            config(&pki.creds("server")),
             settings,
             service(
                 Arc::clone(&in_flight),
@@ -501,6 +511,38 @@ async fn mtls_required_refuses_missing_and_foreign_certificates() {
     assert_eq!(e.code(), Code::Unavailable, "{e}");
     f.wait_for(Reason::BadClientCert, 1).await;
     // The right certificate: served, and its identity is known.
+    let r = f
+        .client()
+        .call(Bytes::new(), Bytes::from_static(b"who"), in_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(&r.payload[..], b"spiffe://test/client");
+}
+
+/// mTLS in a trust domain: a certificate of the right CA for another
+/// mesh fails the handshake; one of the mesh is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_in_a_trust_domain_refuses_other_meshes() {
+    let f = Fixture::start_with("mtls-domain", quick(), |c| {
+        c.mtls_server_config("test").unwrap()
+    })
+    .await;
+    let outsider = f
+        .pki
+        .ca
+        .credentials(&LeafSpec::for_this_host(
+            Identity::new("other", "client").unwrap(),
+            &[],
+        ))
+        .unwrap();
+    let e = f
+        .client_with(&outsider, quick())
+        .call(Bytes::new(), Bytes::from_static(b"x"), in_secs(5))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e}");
+    assert!(e.message().contains("AccessDenied"), "{e}");
+    f.wait_for(Reason::BadClientCert, 1).await;
     let r = f
         .client()
         .call(Bytes::new(), Bytes::from_static(b"who"), in_secs(5))
