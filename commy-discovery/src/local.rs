@@ -197,6 +197,14 @@ pub enum DiscoveryError {
     /// Removing a stale socket failed.
     #[error("cannot remove a stale instance socket: {0}")]
     RemoveStale(#[from] RemoveStaleError),
+    /// `$COMMY_HOST_ID` is set to something that is not a host id.
+    #[error("${HOST_ID_ENV} is {value:?}, not a valid host id: {reason}")]
+    HostId {
+        /// Its value.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A registry (a [`Register`](crate::Register), a remote source) refused
     /// or failed.
     #[error("{registry}: {reason}")]
@@ -225,26 +233,28 @@ fn limit_hint(source: &io::Error) -> &'static str {
 // Host id
 // ---------------------------------------------------------------------------
 
-/// This host's id: `$COMMY_HOST_ID` if it is set to a valid
-/// [`HostId`], else `<machine id>-<boot id>` from `/etc/machine-id` (or
-/// `/var/lib/dbus/machine-id`) and `/proc/sys/kernel/random/boot_id` (dashes
-/// dropped), so it changes with every boot. Falls back to the kernel's host
-/// name, then `localhost`, if those files are missing. An invalid
-/// `$COMMY_HOST_ID` is reported with a `tracing` warning and ignored.
+/// This host's id: `$COMMY_HOST_ID` if it is set, else `<machine
+/// id>-<boot id>` from `/etc/machine-id` (or `/var/lib/dbus/machine-id`)
+/// and `/proc/sys/kernel/random/boot_id` (dashes dropped), so it changes
+/// with every boot. Falls back to the kernel's host name, then
+/// `localhost`, if those files are missing. A `$COMMY_HOST_ID` that is set
+/// but empty or not a valid [`HostId`] is an error naming it: a typo must
+/// not quietly make two "hosts" one.
 ///
 /// Processes with the same host id may talk through shared memory; setting
 /// [`HOST_ID_ENV`] lets tests pretend to be several hosts on one machine.
-pub fn host_id() -> HostId {
-    if let Some(value) = std::env::var_os(HOST_ID_ENV) {
-        match value.to_str().map(HostId::new) {
-            Some(Ok(id)) => return id,
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "ignoring ${HOST_ID_ENV}: not a valid host id");
-            }
-            None => tracing::warn!("ignoring ${HOST_ID_ENV}: not valid UTF-8"),
-        }
-    }
-    machine_host_id()
+pub fn host_id() -> Result<HostId, DiscoveryError> {
+    let Some(value) = std::env::var_os(HOST_ID_ENV) else {
+        return Ok(machine_host_id());
+    };
+    let bad = |reason: String| DiscoveryError::HostId {
+        value: value.to_string_lossy().into_owned(),
+        reason,
+    };
+    let text = value
+        .to_str()
+        .ok_or_else(|| bad("not valid UTF-8".into()))?;
+    HostId::new(text).map_err(|e| bad(e.to_string()))
 }
 
 fn machine_host_id() -> HostId {
@@ -378,7 +388,7 @@ impl LocalRegistry {
         Ok(Self {
             mesh: mesh.clone(),
             mesh_dir,
-            host: host_id(),
+            host: host_id()?,
         })
     }
 

@@ -51,7 +51,15 @@ fn child_role() {
     match role.as_str() {
         "serve" => serve(),
         "host-id" => {
-            println!("HOST {}", host_id());
+            let host = match host_id() {
+                Ok(h) => h.to_string(),
+                Err(e) => {
+                    println!("HOST error: {e}");
+                    println!("REGISTRY -");
+                    return;
+                }
+            };
+            println!("HOST {host}");
             let dir = std::env::var_os(DIR).expect("host-id role needs a runtime dir");
             let registry =
                 LocalRegistry::new(RuntimeDir::at(dir).unwrap(), &MeshName::default()).unwrap();
@@ -749,7 +757,12 @@ fn host_id_can_be_overridden() {
         "{machine}"
     );
 
-    // An invalid override is ignored.
-    assert_eq!(child_host_id(&rt, Some("bad host!")).0, machine);
-    assert_eq!(child_host_id(&rt, Some("")).0, machine);
+    // An invalid or empty override is an error naming the variable.
+    for bad in ["bad host!", ""] {
+        let (host, _) = child_host_id(&rt, Some(bad));
+        assert!(
+            host.starts_with("error: $COMMY_HOST_ID is") && host.contains(&format!("{bad:?}")),
+            "{host}"
+        );
+    }
 }
