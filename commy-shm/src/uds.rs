@@ -141,6 +141,10 @@ pub struct RuntimeDir {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RuntimeDirError {
+    /// `$COMMY_RUNTIME_DIR` is set but empty (a mistake more often than a
+    /// way to unset it).
+    #[error("${RUNTIME_DIR_ENV} is set but empty (unset it, or set it to an absolute path)")]
+    EmptyOverride,
     /// The path is relative (from `$COMMY_RUNTIME_DIR` or [`RuntimeDir::at`]).
     #[error(
         "runtime dir {} is not an absolute path (set ${RUNTIME_DIR_ENV} to an absolute path)",
@@ -295,7 +299,10 @@ fn resolve_path(
     xdg: Option<OsString>,
     euid: u32,
 ) -> Result<PathBuf, RuntimeDirError> {
-    if let Some(dir) = commy.filter(|d| !d.is_empty()) {
+    if let Some(dir) = commy {
+        if dir.is_empty() {
+            return Err(RuntimeDirError::EmptyOverride);
+        }
         let path = PathBuf::from(dir);
         if !path.is_absolute() {
             return Err(RuntimeDirError::NotAbsolute { path });
@@ -1619,7 +1626,10 @@ mod tests {
             p(None, os("/run/user/1000")),
             PathBuf::from("/run/user/1000/commy")
         );
-        assert_eq!(p(os(""), os("/x")), PathBuf::from("/x/commy"));
+        assert!(matches!(
+            resolve_path(os(""), os("/x"), 1000),
+            Err(RuntimeDirError::EmptyOverride)
+        ));
         assert_eq!(p(None, None), PathBuf::from("/tmp/commy-1000"));
         // Relative XDG values are ignored, per the spec.
         assert_eq!(p(None, os("rel/dir")), PathBuf::from("/tmp/commy-1000"));
