@@ -743,12 +743,15 @@ fn flag<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
 fn list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     match Loose::deserialize(d)? {
         Loose::List(v) => Ok(v),
-        Loose::Text(t) => Ok(t
-            .split(',')
-            .map(str::trim)
-            .filter(|p| !p.is_empty())
-            .map(str::to_owned)
-            .collect()),
+        Loose::Text(t) => {
+            let items: Vec<String> = t.split(',').map(|p| p.trim().to_owned()).collect();
+            if items.iter().any(String::is_empty) {
+                return Err(serde::de::Error::custom(format!(
+                    "{t:?} has an empty entry (a list is entries separated by commas)"
+                )));
+            }
+            Ok(items)
+        }
         _ => Err(serde::de::Error::custom("expected a list of texts")),
     }
 }
@@ -877,6 +880,11 @@ mod tests {
         code.set("max_concurrency", 0);
         let e = refuse(&[], &code);
         assert_eq!(e, "max_concurrency (builder): must be at least 1");
+        let e = refuse(&[("COMMY_PEERS", ",,")], &Layer::new("builder"));
+        assert!(
+            e.contains("$COMMY_PEERS") && e.contains("empty entry"),
+            "{e}"
+        );
         let e = refuse(&[("COMMY_DEFAULT_TIMEOUT", "soon")], &Layer::new("builder"));
         assert!(
             e.contains("$COMMY_DEFAULT_TIMEOUT") && e.contains("soon"),
