@@ -280,6 +280,34 @@ fn config_file_errors_name_the_file_and_settings_are_used() {
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("COMMY_PEERS"));
+    // Misconfigured values are refused at open, each named.
+    for (var, value, named) in [
+        ("COMMY_PEERS", ",,", "$COMMY_PEERS"),
+        ("COMMY_HOST_ID", "bad host!", "$COMMY_HOST_ID"),
+        ("COMMY_HOST_ID", "", "$COMMY_HOST_ID"),
+        ("COMMY_MAX_CONCURRENCY", "0", "max_concurrency"),
+        ("COMMY_DEFAULT_TIMEOUT", "soon", "$COMMY_DEFAULT_TIMEOUT"),
+    ] {
+        let o = d
+            .commy("client-rt")
+            .args(["call", "echo", "x"])
+            .env(var, value)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{var}={value:?}: {err}");
+        assert!(err.contains(named), "{var}={value:?}: {err}");
+    }
+    // An empty runtime dir override (no --runtime-dir) is named too.
+    let o = Command::new(env!("CARGO_BIN_EXE_commy"))
+        .args(["call", "echo", "x"])
+        .env("XDG_CONFIG_HOME", &home)
+        .env("COMMY_RUNTIME_DIR", "")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("$COMMY_RUNTIME_DIR is set but empty"), "{err}");
     // A config file with a listen address and no CA configured: the dev CA
     // is created in the user's config dir, and the server listens.
     std::fs::write(
