@@ -444,6 +444,17 @@ impl Conn {
         let id = h.stream_id.0;
         match h.kind {
             FrameKind::Request | FrameKind::OneWay => {
+                if id % 2 == 0 {
+                    // Stream 0 is the connection's; even ids are the
+                    // server's to open (docs/PROTOCOL.md).
+                    let e = format!(
+                        "protocol violation: a {} on stream {id}; a client opens odd stream ids",
+                        h.kind
+                    );
+                    tracing::warn!("closing {}: {e}", self.peer.addr);
+                    let _ = self.ctrl.send(Out::error(0, &Status::invalid_argument(e)));
+                    return Err(Reason::BadFrame);
+                }
                 ctx.stats.request();
                 {
                     let mut st = self.state.lock();

@@ -658,6 +658,32 @@ async fn an_oversize_frame_header_gets_an_error_and_a_close() {
     f.still_serves().await;
 }
 
+/// A request on an even stream id (the server's to open) is a protocol
+/// violation: an Error on stream 0 and a close, no answer. (Stream 0 is
+/// refused by the frame codec already.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_on_a_server_stream_id_is_refused() {
+    let f = Fixture::start("even-stream", quick(), false).await;
+    for id in [2u64, 4] {
+        let mut s = f.raw_tls().await;
+        s.write_all(&request(id, b"hello")).await.unwrap();
+        s.flush().await.unwrap();
+        let frames = read_frames(&mut s).await;
+        assert!(
+            !frames.iter().any(|f| f.kind() == FrameKind::Response),
+            "stream {id} was answered"
+        );
+        let err = frames
+            .iter()
+            .find(|f| f.kind() == FrameKind::Error && f.stream_id().0 == 0)
+            .expect("an Error frame on stream 0");
+        let status = err.status().unwrap().unwrap();
+        assert!(status.message().contains("odd stream ids"), "{status}");
+    }
+    f.wait_for(Reason::BadFrame, 2).await;
+    f.still_serves().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_clients_are_closed() {
     let f = Fixture::start("slowloris", quick(), false).await;
