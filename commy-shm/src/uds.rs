@@ -220,6 +220,38 @@ pub enum RuntimeDirError {
         /// Its permission bits.
         mode: u32,
     },
+    /// A directory above the runtime dir lets anyone rename what is in it
+    /// (world-writable without the sticky bit): another user could move
+    /// the runtime dir away and put their own in its place.
+    #[error(
+        "{} (above the runtime dir) has mode {mode:04o}: anyone may rename what is in it;          use a runtime dir under a directory that is not world-writable, or has the sticky          bit (like /tmp)",
+        .path.display()
+    )]
+    UnsafeAncestor {
+        /// The directory.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+}
+
+/// Checks the directories above `path`: none may be world-writable without
+/// the sticky bit. Those that do not exist yet are skipped (they will be
+/// created private).
+fn check_ancestors(path: &Path) -> Result<(), RuntimeDirError> {
+    for dir in path.ancestors().skip(1) {
+        let Ok(meta) = fs::metadata(dir) else {
+            continue;
+        };
+        let mode = meta.mode() & 0o7777;
+        if mode & 0o002 != 0 && mode & 0o1000 == 0 {
+            return Err(RuntimeDirError::UnsafeAncestor {
+                path: dir.to_path_buf(),
+                mode,
+            });
+        }
+    }
+    Ok(())
 }
 
 impl RuntimeDir {
@@ -246,6 +278,7 @@ impl RuntimeDir {
         if !path.is_absolute() {
             return Err(RuntimeDirError::NotAbsolute { path });
         }
+        check_ancestors(&path)?;
         let created = create_private_dir(&path)?;
         let euid = rustix::process::geteuid().as_raw();
         let meta = fs::symlink_metadata(&path).map_err(|source| RuntimeDirError::Inspect {
@@ -1634,6 +1667,24 @@ mod tests {
         // Relative XDG values are ignored, per the spec.
         assert_eq!(p(None, os("rel/dir")), PathBuf::from("/tmp/commy-1000"));
         assert_eq!(p(None, os("")), PathBuf::from("/tmp/commy-1000"));
+    }
+
+    #[test]
+    fn a_world_writable_ancestor_without_the_sticky_bit_is_refused() {
+        let base = std::env::temp_dir().join(format!("commy-ancestor-{}", std::process::id()));
+        let open = base.join("open");
+        fs::create_dir_all(&open).unwrap();
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
+        let err = RuntimeDir::at(open.join("rt")).unwrap_err();
+        assert!(
+            matches!(&err, RuntimeDirError::UnsafeAncestor { path, mode: 0o777 } if *path == open),
+            "{err}"
+        );
+        assert!(!open.join("rt").exists(), "nothing was created");
+        // With the sticky bit (like /tmp) it is fine.
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o1777)).unwrap();
+        RuntimeDir::at(open.join("rt")).unwrap();
+        let _ = fs::remove_dir_all(&base);
     }
 
     #[test]
