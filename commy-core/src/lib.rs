@@ -50,6 +50,7 @@ pub mod deadline;
 pub mod endpoint;
 pub mod frame;
 pub mod id;
+pub mod log_limit;
 pub mod metadata;
 pub mod name;
 pub mod status;
