@@ -6,11 +6,16 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use commy_core::Status;
 use commy_core::backoff::AcceptBackoff;
+use commy_core::log_limit::{LogLimit, left_out};
 use commy_shm::{LinkConfig, ShmLink, UdsListener};
+
+/// Refusal lines written per [`REFUSALS_WINDOW`] at most, per listener.
+const REFUSALS_BURST: u32 = 10;
+const REFUSALS_WINDOW: Duration = Duration::from_secs(10);
 
 /// Starts a thread accepting links on `listener` until `stop` is set; each
 /// link is handed to `on_link` on a thread of its own, the handshake
@@ -23,6 +28,12 @@ pub(crate) fn start_accepting(
     on_link: impl Fn(ShmLink) + Send + Sync + 'static,
 ) -> Result<(), Status> {
     let on_link = Arc::new(on_link);
+    // Refused handshakes are logged a few at a time (they run on the
+    // links' threads).
+    let refusals = Arc::new(parking_lot::Mutex::new(LogLimit::new(
+        REFUSALS_BURST,
+        REFUSALS_WINDOW,
+    )));
     std::thread::Builder::new()
         .name(format!("commy-accept-{name}"))
         .spawn(move || {
@@ -37,11 +48,19 @@ pub(crate) fn start_accepting(
                             tracing::info!("{name}: accepting again after {n} failed accepts");
                         }
                         let (on_link, link, name2) = (on_link.clone(), link.clone(), name.clone());
+                        let refusals = refusals.clone();
                         let spawned = std::thread::Builder::new()
                             .name(format!("commy-link-{name}"))
                             .spawn(move || match ShmLink::accept_stream(sock, &link) {
                                 Ok(l) => on_link(l),
-                                Err(e) => tracing::warn!("{name2}: refused a connection: {e}"),
+                                Err(e) => {
+                                    if let Some(n) = refusals.lock().admit(Instant::now()) {
+                                        tracing::warn!(
+                                            "{name2}: refused a connection: {e}{}",
+                                            left_out(n)
+                                        );
+                                    }
+                                }
                             });
                         if let Err(e) = spawned {
                             tracing::error!("cannot start a link thread: {e}");
@@ -53,7 +72,7 @@ pub(crate) fn start_accepting(
                         tracing::warn!("{name}: refused a connection: {source}");
                     }
                     Err(e) => {
-                        let after = backoff.failed(std::time::Instant::now());
+                        let after = backoff.failed(Instant::now());
                         if let Some(n) = after.report {
                             tracing::warn!(
                                 "{name}: {e} ({n} failed accepts since the last report; \

@@ -38,6 +38,7 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use commy_core::backoff::AcceptBackoff;
+use commy_core::log_limit::{LogLimit, left_out};
 use commy_core::{Deadline, Frame, FrameKind, Status};
 use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
@@ -152,6 +153,7 @@ impl Server {
             settings,
             handler,
             stats: stats.clone(),
+            refusals: parking_lot::Mutex::new(LogLimit::new(REFUSALS_BURST, REFUSALS_WINDOW)),
         });
         let task = tokio::spawn(accept_loop(listener, ctx, stop_rx));
         Ok(Server {
@@ -195,6 +197,23 @@ struct ServerCtx {
     settings: Settings,
     handler: Handler,
     stats: Arc<ServerStats>,
+    /// Limits the lines refused connections write.
+    refusals: parking_lot::Mutex<LogLimit>,
+}
+
+/// Refusal lines written per [`REFUSALS_WINDOW`] at most: a flood of bad
+/// connections is counted in the stats, and told in a handful of lines.
+const REFUSALS_BURST: u32 = 10;
+const REFUSALS_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl ServerCtx {
+    /// Logs a refused connection (`line`), unless too many were logged
+    /// lately; the next line written says how many were left out.
+    fn refused(&self, line: impl FnOnce() -> String) {
+        if let Some(n) = self.refusals.lock().admit(std::time::Instant::now()) {
+            tracing::warn!("{}{}", line(), left_out(n));
+        }
+    }
 }
 
 async fn accept_loop(listener: TcpListener, ctx: Arc<ServerCtx>, mut stop: watch::Receiver<bool>) {
@@ -212,7 +231,8 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ServerCtx>, mut stop: watch
                     }
                     if conns.len() >= ctx.settings.max_connections {
                         ctx.stats.record(Reason::TooManyConnections);
-                        tracing::warn!("refused a connection from {addr}: {} connections open already", conns.len());
+                        let open = conns.len();
+                        ctx.refused(|| format!("refused a connection from {addr}: {open} connections open already"));
                         continue;
                     }
                     conns.spawn(serve_conn(sock, addr, ctx.clone(), stop.clone()));
@@ -276,19 +296,23 @@ async fn serve_conn(
     let tls = match tokio::time::timeout(s.handshake_timeout, ctx.acceptor.accept(sock)).await {
         Err(_) => {
             ctx.stats.record(Reason::HandshakeTimeout);
-            tracing::warn!(
-                "refused {addr}: no TLS handshake within {:?}",
-                s.handshake_timeout
-            );
+            ctx.refused(|| {
+                format!(
+                    "refused {addr}: no TLS handshake within {:?}",
+                    s.handshake_timeout
+                )
+            });
             return;
         }
         Ok(Err(e)) => {
             let reason = classify(&e);
             ctx.stats.record(reason);
-            tracing::warn!(
-                "refused {addr}: TLS handshake failed ({}): {e}",
-                reason.as_str()
-            );
+            ctx.refused(|| {
+                format!(
+                    "refused {addr}: TLS handshake failed ({}): {e}",
+                    reason.as_str()
+                )
+            });
             return;
         }
         Ok(Ok(tls)) => tls,
@@ -296,10 +320,12 @@ async fn serve_conn(
     let (_, session) = tls.get_ref();
     if session.alpn_protocol() != Some(commy_core::ALPN) {
         ctx.stats.record(Reason::Alpn);
-        tracing::warn!(
-            "refused {addr}: the client did not negotiate ALPN {:?}",
-            String::from_utf8_lossy(commy_core::ALPN)
-        );
+        ctx.refused(|| {
+            format!(
+                "refused {addr}: the client did not negotiate ALPN {:?}",
+                String::from_utf8_lossy(commy_core::ALPN)
+            )
+        });
         return;
     }
     let identity = session
