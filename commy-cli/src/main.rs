@@ -19,14 +19,17 @@
 //!                                    issue an instance certificate (OUT.pem, OUT.key)
 //! ```
 //!
-//! Network settings (`listen`, `peers`, `tls_ca`, ...) come from the
-//! environment (`COMMY_LISTEN`, `COMMY_PEERS`, `COMMY_TLS_CA`, ...) or the
-//! config file (`$COMMY_CONFIG`, else `~/.config/commy/config.toml`); see
-//! the library's `NetConfig`. Only `echo-server` listens; the other
+//! Settings (`listen`, `peers`, `tls_ca`, `default_timeout`, ...) come from
+//! the environment (`COMMY_<KEY>`: `COMMY_LISTEN`, `COMMY_PEERS`, ...) or
+//! the config file (`$COMMY_CONFIG`, else `~/.config/commy/config.toml`);
+//! see the library's `Settings`. Only `echo-server` listens; the other
 //! commands never take the listen address.
 //!
 //! Global options (accepted before or after the command):
 //!
+//! - `--log-format text|json`: how the library's log lines go to stderr.
+//!   Which lines: `$COMMY_LOG`, else `$RUST_LOG` (an `env_logger`-style
+//!   filter, e.g. `commy_net=debug`), else warnings and errors only.
 //! - `--mesh NAME`: the mesh to join (default `default`); processes only see
 //!   services of their own mesh.
 //! - `--runtime-dir PATH`: where instance sockets live. Without it the
@@ -132,8 +135,51 @@ struct Cli {
     #[arg(long, global = true, value_name = "PATH")]
     runtime_dir: Option<PathBuf>,
 
+    /// How log lines are written to stderr: `text` or `json` (one object a
+    /// line). Which lines: `$COMMY_LOG`, else `$RUST_LOG`, else `warn`.
+    #[arg(long, global = true, value_name = "FORMAT", default_value = "text")]
+    log_format: LogFormat,
+
     #[command(subcommand)]
     command: Command,
+}
+
+/// The format of log lines.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object a line.
+    Json,
+}
+
+/// The environment variable that selects log lines (before `RUST_LOG`).
+const LOG_ENV: &str = "COMMY_LOG";
+
+/// Installs the subscriber that writes the library's log lines to stderr,
+/// filtered by `$COMMY_LOG`, else `$RUST_LOG`, else `warn`. A filter that
+/// does not parse is reported and `warn` used.
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let (var, spec) = match std::env::var(LOG_ENV) {
+        Ok(v) if !v.trim().is_empty() => (LOG_ENV, v),
+        _ => ("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_default()),
+    };
+    let filter = if spec.trim().is_empty() {
+        EnvFilter::new("warn")
+    } else {
+        EnvFilter::try_new(&spec).unwrap_or_else(|e| {
+            eprintln!("warning: ignoring ${var}={spec:?}: {e}");
+            EnvFilter::new("warn")
+        })
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
 }
 
 #[derive(Debug, Subcommand)]
@@ -307,6 +353,7 @@ fn service_arg(s: &str) -> Result<ServiceName, commy_core::NameError> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     let global = match global(&cli) {
         Ok(g) => g,
         Err(e) => return report(e),

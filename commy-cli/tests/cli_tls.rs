@@ -379,3 +379,73 @@ fn an_echo_server_with_connected_peers_stops_promptly_on_sigterm() {
     );
     rt.block_on(mesh.close());
 }
+
+/// A refused connection writes one log line on the server's stderr naming
+/// its reason, as text by default and as JSON with `--log-format json`;
+/// a flood of them writes a burst of 10 lines; `COMMY_LOG=off` silences
+/// them.
+#[test]
+fn a_refused_connection_is_logged_with_its_reason() {
+    use std::io::Write;
+    let d = Dir::new("log");
+    for (format, log) in [("text", None), ("json", None), ("text", Some("off"))] {
+        let mut c = d.commy("server-rt");
+        c.args(["--log-format", format])
+            .env("COMMY_LISTEN", "tls://127.0.0.1:0")
+            .env_remove("RUST_LOG");
+        match log {
+            Some(spec) => c.env("COMMY_LOG", spec),
+            None => c.env_remove("COMMY_LOG"),
+        };
+        c.stderr(Stdio::piped());
+        let (mut server, _) = echo_server(c, "echo");
+        let mut err = BufReader::new(server.0.stderr.take().unwrap());
+        let mut line = String::new();
+        let port: u16 = loop {
+            line.clear();
+            assert!(err.read_line(&mut line).unwrap() > 0, "stderr ended");
+            if let Some(addr) = line.trim_end().strip_prefix("tls endpoint: tls://") {
+                break addr.rsplit_once(':').unwrap().1.parse().unwrap();
+            }
+        };
+        // Not TLS at all: refused. The text run floods: 30 of them.
+        let n = if format == "text" && log.is_none() {
+            30
+        } else {
+            1
+        };
+        for _ in 0..n {
+            let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            tcp.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+            let mut sink = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut tcp, &mut sink);
+        }
+        // A graceful stop waits for the connections the server took, the
+        // refused one included: what it logged is all on its stderr then.
+        let pid = rustix::process::Pid::from_raw(server.0.id() as i32).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+        assert!(server.0.wait().unwrap().success());
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut err, &mut rest);
+        let refused: Vec<&str> = rest.lines().filter(|l| l.contains("refused")).collect();
+        match (format, log) {
+            (_, Some(_)) => assert!(refused.is_empty(), "{rest}"),
+            ("json", _) => {
+                assert_eq!(refused.len(), 1, "{rest}");
+                assert!(
+                    refused[0].starts_with('{') && refused[0].contains("\"level\":\"WARN\""),
+                    "{rest}"
+                );
+                assert!(refused[0].contains("not_tls"), "{rest}");
+            }
+            _ => {
+                // A flood writes a burst of lines, not one a connection.
+                assert_eq!(refused.len(), 10, "{rest}");
+                assert!(
+                    refused[0].contains("WARN") && refused[0].contains("not_tls"),
+                    "{rest}"
+                );
+            }
+        }
+    }
+}
