@@ -236,6 +236,18 @@ async fn wait_until(mut f: impl FnMut() -> bool, what: &str) {
 }
 
 /// Reads frames until EOF/error; returns those read.
+/// The status of the Error frame on stream 0 among `frames` (a connection
+/// error); fails if there is none.
+fn connection_error(frames: &[Frame]) -> Status {
+    frames
+        .iter()
+        .find(|f| f.kind() == FrameKind::Error && f.stream_id().0 == 0)
+        .expect("an Error frame on stream 0")
+        .status()
+        .unwrap()
+        .unwrap()
+}
+
 async fn read_frames<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> Vec<Frame> {
     let mut buf = bytes::BytesMut::new();
     let mut frames = Vec::new();
@@ -647,12 +659,7 @@ async fn an_oversize_frame_header_gets_an_error_and_a_close() {
     h.payload_len = u32::MAX; // 4 GiB declared; nothing follows
     s.write_all(&h.encode()).await.unwrap();
     s.flush().await.unwrap();
-    let frames = read_frames(&mut s).await;
-    let err = frames
-        .iter()
-        .find(|f| f.kind() == FrameKind::Error && f.stream_id().0 == 0)
-        .expect("an Error frame on stream 0");
-    let status = err.status().unwrap().unwrap();
+    let status = connection_error(&read_frames(&mut s).await);
     assert!(status.message().contains("max_frame"), "{status}");
     f.wait_for(Reason::BadFrame, 1).await;
     f.still_serves().await;
@@ -673,11 +680,7 @@ async fn a_request_on_a_server_stream_id_is_refused() {
             !frames.iter().any(|f| f.kind() == FrameKind::Response),
             "stream {id} was answered"
         );
-        let err = frames
-            .iter()
-            .find(|f| f.kind() == FrameKind::Error && f.stream_id().0 == 0)
-            .expect("an Error frame on stream 0");
-        let status = err.status().unwrap().unwrap();
+        let status = connection_error(&frames);
         assert!(status.message().contains("odd stream ids"), "{status}");
     }
     f.wait_for(Reason::BadFrame, 2).await;
@@ -749,14 +752,7 @@ async fn a_client_exceeding_its_credit_is_closed() {
         .find(|f| f.kind() == FrameKind::Credit)
         .expect("the initial credit");
     assert_eq!(credit.credit_increment(), Some(8));
-    let err = frames
-        .iter()
-        .find(|f| f.kind() == FrameKind::Error && f.stream_id().0 == 0)
-        .expect("an Error frame on stream 0");
-    assert_eq!(
-        err.status().unwrap().unwrap().code(),
-        Code::ResourceExhausted
-    );
+    assert_eq!(connection_error(&frames).code(), Code::ResourceExhausted);
     f.wait_for(Reason::CreditExceeded, 1).await;
     f.still_serves().await;
 }
