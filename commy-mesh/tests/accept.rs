@@ -50,7 +50,9 @@ fn main() -> ExitCode {
             println!("ok: out of descriptors, the accept loop backs off and recovers");
             a_frozen_instance_costs_a_call_no_more_than_its_timeout();
             println!("ok: a frozen instance costs a call no more than its timeout");
-            println!("accept: 2 passed");
+            a_refused_handshake_reaches_the_caller_with_its_reason();
+            println!("ok: a refused handshake reaches the caller with its reason");
+            println!("accept: 3 passed");
             ExitCode::SUCCESS
         }
     }
@@ -72,6 +74,42 @@ fn client() -> ExitCode {
     }
     rt.block_on(mesh.close());
     ExitCode::SUCCESS
+}
+
+/// An "instance" whose socket closes every connection at once: the
+/// caller's error names the instance and why it could not be reached, not
+/// just that none could.
+fn a_refused_handshake_reaches_the_caller_with_its_reason() {
+    use commy_mesh::MeshName;
+    use commy_mesh::discovery::{InstanceId, LocalRegistry};
+    use commy_mesh::service::ServiceName;
+    let dir = private_dir("refusing");
+    let registry = LocalRegistry::new(
+        commy_shm::RuntimeDir::at(&dir).unwrap(),
+        &MeshName::default(),
+    )
+    .unwrap();
+    let id = InstanceId::random();
+    let path = registry
+        .socket_path(&ServiceName::new("echo").unwrap(), id)
+        .unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            drop(conn);
+        }
+    });
+    let rt = runtime();
+    let mesh = rt.block_on(builder(&dir).open()).unwrap();
+    let e = rt.block_on(mesh.call("echo", &b"x"[..])).unwrap_err();
+    assert_eq!(e.code(), commy_mesh::Code::Unavailable, "{e}");
+    assert!(
+        e.message().contains("1 tried; the last: cannot connect to")
+            && e.message().contains(&id.to_string()),
+        "{e}"
+    );
+    rt.block_on(mesh.close());
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A mesh in `dir` serving `echo`, and the service's handle.

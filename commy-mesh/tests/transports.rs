@@ -1020,6 +1020,41 @@ async fn a_deadline_passing_while_a_peer_is_reached_is_deadline_exceeded() {
     drop(held);
 }
 
+/// A peer that cannot be reached (nothing listens there) is not "nobody
+/// serves it": the caller is told UNAVAILABLE, with the peer and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_peer_is_named_with_its_reason() {
+    if role().is_some() {
+        return;
+    }
+    // A port nobody listens on (bound, then closed).
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let dir = private_dir("unreachable-peer");
+    // The CA the client trusts (no server uses it: none is reached).
+    commy_net::DevCa::create(&dir.join("commy").join("dev-ca")).unwrap();
+    let own = own_runtime_dir(&dir, "client");
+    let mesh = tls_peer_mesh(&dir, &own, port).await;
+    let e = mesh
+        .call_with(
+            "echo",
+            b"hi".to_vec(),
+            CallOptions::default().timeout(Duration::from_secs(10)),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e}");
+    assert!(
+        e.message().contains(&format!("tls://127.0.0.1:{port}"))
+            && e.message().contains("unreachable"),
+        "{e}"
+    );
+    mesh.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A call policy that records every outcome, refuses the instances that
 /// failed (with `refuse_failed`; all of them with `refuse_all`) and
 /// retries failures up to `attempts` in all (those with `retry_code` only,

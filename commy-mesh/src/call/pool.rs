@@ -183,7 +183,7 @@ impl Pools {
                 ));
             }
             _ if refused && failed.is_none() => return Err(refused_all(pool)),
-            _ => return Err(self.none_reached(pool, tried)),
+            _ => return Err(self.none_reached(pool, tried, failed)),
         };
         let inst = match pool.choose_from(Tier::Remote) {
             Chosen::Linked(ep, id) => return Ok((fell_back(pool, peers, &failed, ep), id)),
@@ -236,24 +236,40 @@ impl Pools {
                 pool.service
             ));
         }
+        // Peers that could not be asked may serve it: their reasons are
+        // the answer, not "nobody serves it".
+        let failures = peers.failures();
+        if !failures.is_empty() {
+            return Status::unavailable(format!(
+                "no instance of service '{}' locally or at a peer that answered; \
+                 unreachable: {}",
+                pool.service,
+                failures.join("; ")
+            ));
+        }
         Status::not_found(format!(
             "no instance of service '{}' (locally or at any peer)",
             pool.service
         ))
     }
 
-    /// The failure of a pick that reached no instance.
-    fn none_reached(&self, pool: &Pool, tried: usize) -> Status {
-        if tried == 0 {
-            Status::not_found(format!(
+    /// The failure of a pick that reached no instance; `last`: why the
+    /// last one tried could not be reached.
+    fn none_reached(&self, pool: &Pool, tried: usize, last: Option<Status>) -> Status {
+        match last {
+            None if tried == 0 => Status::not_found(format!(
                 "no instance of service '{}' in mesh '{}'",
                 pool.service, self.mesh
-            ))
-        } else {
-            Status::unavailable(format!(
+            )),
+            None => Status::unavailable(format!(
                 "no reachable instance of service '{}' ({tried} tried)",
                 pool.service
-            ))
+            )),
+            Some(last) => Status::unavailable(format!(
+                "no reachable instance of service '{}' ({tried} tried; the last: {})",
+                pool.service,
+                last.message()
+            )),
         }
     }
 

@@ -34,6 +34,9 @@ pub(crate) struct PeerState {
     pub(crate) listing: Mutex<Option<Listing>>,
     /// Becomes true once the first listing attempt finished (either way).
     pub(crate) tried: watch::Sender<bool>,
+    /// Why the last listing attempt failed, while it did (cleared by a
+    /// listing): what a caller that finds no instance is told.
+    pub(crate) failure: Mutex<Option<String>>,
     /// Calls in flight and, for services with a call policy, outcomes
     /// (for every instance this peer serves).
     pub(crate) stats: EndpointStats,
@@ -115,6 +118,7 @@ impl Peers {
                 client,
                 listing: Mutex::new(None),
                 tried: watch::channel(false).0,
+                failure: Mutex::new(None),
                 stats: EndpointStats::default(),
                 limits,
                 plain: Mutex::new(FxHashMap::default()),
@@ -273,6 +277,15 @@ impl Peers {
         self.peers.iter().any(|p| !*p.tried.borrow())
     }
 
+    /// The peers whose last listing failed, each with why
+    /// (`tls://ADDR: reason`).
+    pub(crate) fn failures(&self) -> Vec<String> {
+        self.peers
+            .iter()
+            .filter_map(|p| Some(format!("tls://{}: {}", p.addr, p.failure.lock().as_ref()?)))
+            .collect()
+    }
+
     /// Drops the connections to every peer.
     pub(crate) fn disconnect(&self) {
         for p in &self.peers {
@@ -318,24 +331,26 @@ async fn watch_peer(
             )
             .await;
         let Some(p) = peer.upgrade() else { return };
-        let failed = match answer {
+        let failure = match answer {
             Ok(reply) => match postcard::from_bytes::<Listing>(&reply.payload) {
                 Ok(listing) => {
                     *p.listing.lock() = Some(listing);
                     changes.send_modify(|v| *v += 1);
                     backoff.reset();
-                    false
+                    None
                 }
                 Err(e) => {
                     tracing::warn!("peer {} sent an unreadable listing: {e}", p.addr);
-                    true
+                    Some(format!("its listing is unreadable: {e}"))
                 }
             },
             Err(e) => {
                 tracing::debug!("cannot list the instances of peer {}: {e}", p.addr);
-                true
+                Some(e.to_string())
             }
         };
+        let failed = failure.is_some();
+        *p.failure.lock() = failure;
         p.tried.send_replace(true);
         drop(p);
         if failed {
