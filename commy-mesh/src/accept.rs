@@ -69,7 +69,9 @@ pub(crate) fn start_accepting(
                     Ok(None) => {}
                     Err(commy_shm::uds::AcceptError::PeerCred { source, .. }) => {
                         // That connection is closed; the listener is fine.
-                        tracing::warn!("{name}: refused a connection: {source}");
+                        if let Some(n) = refusals.lock().admit(Instant::now()) {
+                            tracing::warn!("{name}: refused a connection: {source}{}", left_out(n));
+                        }
                     }
                     Err(e) => {
                         let after = backoff.failed(Instant::now());

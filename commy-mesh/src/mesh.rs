@@ -47,7 +47,7 @@ use crate::embed::driven::DrivenLink;
 use crate::net::NetState;
 use crate::pubsub::{PubSub, SubscribeOptions, Subscription};
 use crate::response::Response;
-use crate::serve::dispatch::ServeCtx;
+use crate::serve::dispatch::{ServeCtx, link_warnings};
 use crate::serve::handler::{Handler, erase, erase_deferred};
 use crate::serve::load::Load;
 use crate::serve::request::{Request, interned};
@@ -283,6 +283,7 @@ impl Mesh {
                 .serve_policy
                 .as_ref()
                 .and_then(|p| p.get(&service)),
+            link_warnings: link_warnings(),
         });
         if let Some(net) = &self.inner.net {
             net.add(&service, id, ctx.clone());

@@ -8,6 +8,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use commy_core::log_limit::{LogLimit, left_out};
 use commy_core::{Deadline, Limits, Metadata, Status};
 
 use crate::response::Response;
@@ -29,9 +30,30 @@ pub(crate) struct ServeCtx {
     pub(crate) load: Arc<Load>,
     /// Its serve policy, if it has one.
     pub(crate) policy: Option<Arc<dyn ServePolicy>>,
+    /// Limits the lines its clients' broken links and frames write.
+    pub(crate) link_warnings: parking_lot::Mutex<LogLimit>,
+}
+
+/// Warnings about one service's links written per window at most: a client
+/// that breaks links in a loop costs a handful of lines.
+const LINK_WARNINGS_BURST: u32 = 10;
+const LINK_WARNINGS_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A fresh limit for [`ServeCtx::link_warnings`].
+pub(crate) fn link_warnings() -> parking_lot::Mutex<LogLimit> {
+    parking_lot::Mutex::new(LogLimit::new(LINK_WARNINGS_BURST, LINK_WARNINGS_WINDOW))
 }
 
 impl ServeCtx {
+    /// Logs a warning about one of the service's links (`line`), unless
+    /// too many were logged lately; the next line written says how many
+    /// were left out.
+    pub(crate) fn warn_link(&self, line: impl FnOnce() -> String) {
+        if let Some(n) = self.link_warnings.lock().admit(std::time::Instant::now()) {
+            tracing::warn!("{}{}", line(), left_out(n));
+        }
+    }
+
     /// Whether a request from `caller` with `metadata` may reach the
     /// handler, by the service's serve policy (`Ok` without one): the one
     /// admission of every transport and every way of taking requests.

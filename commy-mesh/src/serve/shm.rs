@@ -82,7 +82,8 @@ impl LinkServer {
     /// Logs why the link ends (a client that left is no news).
     pub(crate) fn closing(&self, e: &RecvError) {
         if !matches!(e, RecvError::Ring(RingError::Closed | RingError::PeerGone)) {
-            tracing::warn!("closing a link of service {}: {e}", self.ctx.service);
+            self.ctx
+                .warn_link(|| format!("closing a link of service {}: {e}", self.ctx.service));
         }
     }
 
@@ -99,10 +100,12 @@ impl LinkServer {
         let frame = match FrameRef::decode(&msg, &ctx.limits) {
             Ok(f) => f,
             Err(e) => {
-                tracing::warn!(
-                    "closing a link of service {}: malformed frame from the client: {e}",
-                    ctx.service
-                );
+                ctx.warn_link(|| {
+                    format!(
+                        "closing a link of service {}: malformed frame from the client: {e}",
+                        ctx.service
+                    )
+                });
                 return false;
             }
         };
@@ -229,11 +232,12 @@ impl LinkServer {
         if !one_way && !self.link.polled.lock().insert(h.stream_id.0) {
             // The request in progress keeps the stream (and gets the one
             // answer it may get).
-            tracing::warn!(
-                "service {}: ignoring a request that reused stream {} of one in progress",
-                self.ctx.service,
-                h.stream_id.0
-            );
+            self.ctx.warn_link(|| {
+                format!(
+                    "service {}: ignoring a request that reused stream {} of one in progress",
+                    self.ctx.service, h.stream_id.0
+                )
+            });
             return true;
         }
         *held -= 1;
