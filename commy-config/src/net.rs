@@ -22,6 +22,17 @@ pub enum TransportPreference {
     Tls,
 }
 
+impl TransportPreference {
+    /// Its name: `auto`, `shm` or `tls` (what [`FromStr`] parses).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            TransportPreference::Auto => "auto",
+            TransportPreference::Shm => "shm",
+            TransportPreference::Tls => "tls",
+        }
+    }
+}
+
 impl FromStr for TransportPreference {
     type Err = String;
 

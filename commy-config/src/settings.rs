@@ -763,11 +763,7 @@ mod transport {
         t: &TransportPreference,
         s: S,
     ) -> Result<S::Ok, S::Error> {
-        s.serialize_str(match t {
-            TransportPreference::Auto => "auto",
-            TransportPreference::Shm => "shm",
-            TransportPreference::Tls => "tls",
-        })
+        s.serialize_str(t.as_str())
     }
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(

@@ -211,12 +211,7 @@ impl MeshBuilder {
 
     /// Sets which transport calls use (see [`TransportPreference`]).
     pub fn transport(self, t: TransportPreference) -> MeshBuilder {
-        let name = match t {
-            TransportPreference::Auto => "auto",
-            TransportPreference::Shm => "shm",
-            TransportPreference::Tls => "tls",
-        };
-        self.setting("transport", name)
+        self.setting("transport", t.as_str())
     }
 
     /// Sets the network settings that `net` holds (its unset ones keep
