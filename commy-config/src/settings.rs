@@ -42,7 +42,7 @@
 //!
 //! let mut code = Layer::new("builder");
 //! code.set("max_concurrency", 8);
-//! let loaded = Settings::load_from(Some(&file), &[], &code).unwrap();
+//! let loaded = Settings::load_from(Some(&file), Some(&[]), &code).unwrap();
 //! assert_eq!(loaded.settings().mesh, "shop");
 //! assert_eq!(loaded.settings().max_concurrency, 8);
 //!
@@ -53,7 +53,7 @@
 //! assert_eq!(loaded.explain("call_spin").unwrap().value, "\"50us\"");
 //!
 //! std::fs::write(&file, "lisen = \"tls://127.0.0.1:7443\"\n").unwrap();
-//! let err = Settings::load_from(Some(&file), &[], &Layer::new("builder")).unwrap_err();
+//! let err = Settings::load_from(Some(&file), Some(&[]), &Layer::new("builder")).unwrap_err();
 //! assert!(err.contains("config.toml") && err.contains("lisen"), "{err}");
 //! # std::fs::remove_dir_all(&dir).unwrap();
 //! ```
@@ -429,16 +429,32 @@ impl<P: Provider> Provider for Named<P> {
     }
 }
 
+/// The config file's text, parsed as TOML, with the file as its source.
+struct ConfigFile<'a> {
+    path: &'a Path,
+    toml: figment::providers::Data<Toml>,
+}
+
+impl Provider for ConfigFile<'_> {
+    fn metadata(&self) -> Metadata {
+        Metadata::named("config file").source(self.path)
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        self.toml.data()
+    }
+}
+
 /// The `COMMY_<KEY>` variables of the keys, each value as text.
 struct Environment(Vec<(&'static str, String)>);
 
 impl Environment {
-    fn read(vars: &[(String, String)]) -> Environment {
+    /// The variables of `vars`, or of the process if `None`.
+    fn read(vars: Option<&[(String, String)]>) -> Environment {
         let lookup = |name: &str| -> Option<String> {
-            if vars.is_empty() {
-                std::env::var(name).ok()
-            } else {
-                vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+            match vars {
+                None => std::env::var(name).ok(),
+                Some(vars) => vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()),
             }
         };
         Environment(
@@ -490,15 +506,14 @@ impl Settings {
     /// Loads the settings: the defaults, the config file, this process's
     /// environment, then `code`.
     pub fn load(code: &Layer) -> Result<Loaded, String> {
-        Settings::load_from(Settings::config_file()?.as_deref(), &[], code)
+        Settings::load_from(Settings::config_file()?.as_deref(), None, code)
     }
 
-    /// [`load`](Settings::load) with the config file `file` and, unless
-    /// `env` is empty, the environment variables in `env` instead of the
-    /// process's.
+    /// [`load`](Settings::load) with the config file `file`, and the
+    /// environment variables `env` instead of the process's if given.
     pub fn load_from(
         file: Option<&Path>,
-        env: &[(String, String)],
+        env: Option<&[(String, String)]>,
         code: &Layer,
     ) -> Result<Loaded, String> {
         let defaults = Named {
@@ -510,7 +525,11 @@ impl Settings {
         if let Some(path) = file {
             let body = std::fs::read_to_string(path)
                 .map_err(|e| format!("cannot read the config file {}: {e}", path.display()))?;
-            figment = figment.merge(Toml::file(path));
+            // Read once: the lines that explain a value are those parsed.
+            figment = figment.merge(ConfigFile {
+                path,
+                toml: Toml::string(&body),
+            });
             text = Some((path.to_owned(), body));
         }
         figment = figment.merge(Environment::read(env));
@@ -802,10 +821,10 @@ mod tests {
         code.set("call_spin", 0.0);
         let loaded = Settings::load_from(
             Some(&file),
-            &env(&[
+            Some(&env(&[
                 ("COMMY_PEERS", "tls://a:1, tls://b:2"),
                 ("COMMY_DEFAULT_TIMEOUT", "250ms"),
-            ]),
+            ])),
             &code,
         )
         .unwrap();
@@ -846,7 +865,7 @@ mod tests {
     fn bad_values_are_refused_naming_the_key_and_the_source() {
         let no_file = None;
         let refuse = |env_pairs: &[(&str, &str)], code: &Layer| {
-            Settings::load_from(no_file, &env(env_pairs), code).unwrap_err()
+            Settings::load_from(no_file, Some(&env(env_pairs)), code).unwrap_err()
         };
         let e = refuse(&[("COMMY_MAX_CONCURRENCY", "lots")], &Layer::new("builder"));
         assert!(
@@ -905,10 +924,10 @@ mod tests {
         }
         let mut code = Layer::new("builder");
         code.set("default_timeout", "none");
-        let s = Settings::load_from(None, &env(&[]), &code).unwrap();
+        let s = Settings::load_from(None, Some(&[]), &code).unwrap();
         assert_eq!(s.settings().default_timeout, None);
         code.set("default_timeout", 0);
-        let s = Settings::load_from(None, &env(&[]), &code).unwrap();
+        let s = Settings::load_from(None, Some(&[]), &code).unwrap();
         assert_eq!(s.settings().default_timeout, None);
         assert_eq!(s.explain("default_timeout").unwrap().value, "\"none\"");
     }
