@@ -19,6 +19,7 @@ pub mod link;
 mod monitor;
 mod region;
 pub mod ring;
+mod runtime_dir;
 mod segment;
 mod sync;
 #[cfg(all(feature = "testing", not(loom)))]
@@ -42,7 +43,8 @@ pub use segment::{
 };
 pub use wait::WaitStrategy;
 // The socket layer's error types stay under `uds::` (the link has its own).
+pub use runtime_dir::{RUNTIME_DIR_ENV, RuntimeDir, RuntimeDirError};
 pub use uds::{
-    MAX_FDS_PER_MESSAGE, MAX_SOCKET_PATH_LEN, PeerCred, PeerPolicy, PeerRejected, RUNTIME_DIR_ENV,
-    RemoveStaleError, RuntimeDir, RuntimeDirError, UdsListener, UdsStream, remove_stale_socket,
+    MAX_FDS_PER_MESSAGE, MAX_SOCKET_PATH_LEN, PeerCred, PeerPolicy, PeerRejected, RemoveStaleError,
+    UdsListener, UdsStream, remove_stale_socket,
 };

@@ -53,9 +53,9 @@ use memmap2::{MmapOptions, MmapRaw};
 use rustix::fs::{AtFlags, FileType, FlockOperation, Mode, OFlags, Stat};
 use rustix::io::Errno;
 
+use crate::runtime_dir::{RuntimeDir, RuntimeDirError};
 use crate::sync::shm::{AtomicU32, AtomicU64};
 use crate::sync::{Ordering, fence, spin_hint, yield_now};
-use crate::uds::{RuntimeDir, RuntimeDirError};
 
 /// The magic number at offset 0 of every region file: `b"COMMYRGN"` little-endian.
 pub const REGION_MAGIC: u64 = u64::from_le_bytes(*b"COMMYRGN");
