@@ -1,9 +1,11 @@
-//! What the harness-less tests (alloc, accept) share: their runtime and a
-//! mesh that uses shared memory only.
+//! What several test binaries share: a runtime, meshes in a private
+//! runtime dir, the usual test services. Each binary uses a part of it.
+#![allow(dead_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use commy_mesh::{Mesh, MeshBuilder, NetConfig, TransportPreference};
+use commy_mesh::{Mesh, MeshBuilder, NetConfig, Request, Response, Status, TransportPreference};
 
 /// A runtime of two workers, as the tests' meshes run on.
 pub(crate) fn runtime() -> tokio::runtime::Runtime {
@@ -21,4 +23,65 @@ pub(crate) fn builder(dir: &Path) -> MeshBuilder {
     net.no_listen = true;
     net.transport = Some(TransportPreference::Shm);
     Mesh::builder().runtime_dir(dir).net(net)
+}
+
+/// A fresh private (0700) runtime dir for the test `name`.
+pub(crate) fn private_dir(name: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let d = std::env::temp_dir().join(format!("commy-mesh-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
+    d
+}
+
+pub(crate) async fn open(dir: &Path) -> Mesh {
+    Mesh::builder().runtime_dir(dir).open().await.unwrap()
+}
+
+/// [`open`], with a concurrency bound of `bound` per service.
+pub(crate) async fn open_bounded(dir: &Path, bound: usize) -> Mesh {
+    Mesh::builder()
+        .runtime_dir(dir)
+        .max_concurrency(bound)
+        .open()
+        .await
+        .unwrap()
+}
+
+/// The services most tests call: `echo`, `pid` (the serving process's
+/// id), `slow` (sleeps the u64 ms of its payload), `fail` (panics, or
+/// answers PERMISSION_DENIED, as its payload says).
+pub(crate) async fn serve_test_services(mesh: &Mesh) -> Vec<commy_mesh::ServiceHandle> {
+    let echo = mesh
+        .serve("echo", |req: Request| async move {
+            Ok::<_, Status>(Response::new(req.into_payload()))
+        })
+        .await
+        .unwrap();
+    let pid = mesh
+        .serve("pid", |_req: Request| async move {
+            Ok::<_, Status>(Response::new(std::process::id().to_le_bytes().to_vec()))
+        })
+        .await
+        .unwrap();
+    let slow = mesh
+        .serve("slow", |req: Request| async move {
+            let ms = u64::from_le_bytes(req.payload()[..8].try_into().unwrap_or([0; 8]));
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok::<_, Status>(Response::new(req.into_payload()))
+        })
+        .await
+        .unwrap();
+    let fail = mesh
+        .serve("fail", |req: Request| async move {
+            match &req.payload()[..] {
+                b"panic" => panic!("handler panics on purpose"),
+                b"denied" => Err(Status::permission_denied("not for you")),
+                _ => Ok(Response::new(&b"fine"[..])),
+            }
+        })
+        .await
+        .unwrap();
+    vec![echo, pid, slow, fail]
 }
