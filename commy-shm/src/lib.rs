@@ -41,7 +41,7 @@ pub use segment::{
     SEGMENT_HEADER_LEN, SEGMENT_LAYOUT_VERSION, SEGMENT_MAGIC, SEGMENT_MAX_DATA_LEN, Segment,
     SegmentError,
 };
-pub use wait::WaitStrategy;
+pub use wait::{RECHECK_INTERVAL, WaitStrategy};
 // The socket layer's error types stay under `uds::` (the link has its own).
 pub use runtime_dir::{RUNTIME_DIR_ENV, RuntimeDir, RuntimeDirError};
 pub use uds::{

@@ -1506,6 +1506,34 @@ mod tests {
         assert_eq!(&*rx.recv(None).unwrap(), b"after");
     }
 
+    /// A peer that clears the `waiting` word of a sleeping consumer (so the
+    /// producer's publish wakes nobody) costs latency, not liveness: the
+    /// sleeper re-checks the ring on its own.
+    #[test]
+    fn a_sleeper_whose_waiting_word_was_cleared_still_sees_data() {
+        let (mut tx, mut rx) = pair(1024).unwrap();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            let got = rx.recv(None).map(|m| m.to_vec());
+            let _ = done_tx.send(got);
+        });
+        // Wait until the consumer is asleep on the futex, then clear its
+        // announcement as a hostile peer would.
+        fn waiting(tx: &Producer) -> &AtomicU32 {
+            &tx.mem.ctl().wake.0.consumer_waiting
+        }
+        while waiting(&tx).load(Ordering::Relaxed) == 0 {
+            std::thread::yield_now();
+        }
+        waiting(&tx).store(0, Ordering::Relaxed);
+        tx.try_send(b"unannounced").unwrap();
+        let got = done_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the consumer slept through a record");
+        assert_eq!(got.unwrap(), b"unannounced");
+        waiter.join().unwrap();
+    }
+
     #[test]
     fn an_interrupt_while_not_waiting_ends_the_next_wait_only() {
         let (mut tx, mut rx) = pair(1024).unwrap();

@@ -11,7 +11,9 @@
 //! only then sleeps on the sequence word; the other side publishes its
 //! progress, and if it sees a waiter it bumps the sequence and wakes it. A
 //! `SeqCst` fence on each side makes it impossible for both to miss each
-//! other.
+//! other. The words live in memory the peer can write, so no sleep lasts
+//! longer than [`RECHECK_INTERVAL`]: a peer that clears them costs latency,
+//! never liveness.
 //!
 //! ```
 //! use commy_shm::WaitStrategy;
@@ -35,7 +37,8 @@ pub enum WaitStrategy {
     /// Spin without ever sleeping: lowest latency, burns a core while waiting.
     BusyPoll,
     /// Spin for `spin`, then yield the CPU for `yield_for`, then sleep on a
-    /// futex until woken (no CPU used while asleep).
+    /// futex until woken (no CPU used while asleep; the sleeper re-checks
+    /// on its own every [`RECHECK_INTERVAL`]).
     Adaptive {
         /// How long to spin before yielding.
         spin: Duration,
@@ -52,6 +55,12 @@ impl Default for WaitStrategy {
         }
     }
 }
+
+/// The longest one futex sleep lasts before the sleeper re-checks its
+/// condition, deadline or not. The wake-up words live in memory the peer
+/// can write: a peer that clears the `waiting` word (or never bumps the
+/// sequence) costs a sleeper at most this much latency, never its liveness.
+pub const RECHECK_INTERVAL: Duration = Duration::from_millis(200);
 
 /// The outcome of one wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,9 +169,9 @@ pub(crate) fn wait_until(
                     words.waiting.store(0, Ordering::Relaxed);
                     return Waited::TimedOut;
                 }
-                Some(d - now)
+                (d - now).min(RECHECK_INTERVAL)
             }
-            None => None,
+            None => RECHECK_INTERVAL,
         };
         futex_wait(words.seq, seq, timeout);
     }
@@ -186,16 +195,16 @@ pub(crate) fn wait_until(
 }
 
 #[cfg(not(loom))]
-fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
+fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
     use rustix::thread::futex;
-    let ts = timeout.map(|d| rustix::time::Timespec {
-        tv_sec: d.as_secs().min(i64::MAX as u64) as i64,
-        tv_nsec: d.subsec_nanos().into(),
-    });
+    let ts = rustix::time::Timespec {
+        tv_sec: timeout.as_secs().min(i64::MAX as u64) as i64,
+        tv_nsec: timeout.subsec_nanos().into(),
+    };
     // Shared (not PRIVATE) futex: the word lives in memory mapped by two
     // processes. EAGAIN (value changed), EINTR and ETIMEDOUT all just mean
     // "re-check"; the caller loops.
-    let _ = futex::wait(word, futex::Flags::empty(), expected, ts.as_ref());
+    let _ = futex::wait(word, futex::Flags::empty(), expected, Some(&ts));
 }
 
 #[cfg(not(loom))]
@@ -205,7 +214,7 @@ fn futex_wake(word: &AtomicU32) {
 }
 
 #[cfg(loom)]
-fn futex_wait(_word: &AtomicU32, _expected: u32, _timeout: Option<Duration>) {
+fn futex_wait(_word: &AtomicU32, _expected: u32, _timeout: Duration) {
     sync::yield_now();
 }
 
