@@ -634,15 +634,21 @@ impl Producer {
             let mem = &self.mem;
             let ctl = mem.ctl();
             let tail = self.tail;
-            let waited = wait::wait_until(strategy, &ctl.space_words(), deadline, || {
-                // SYNC: Acquire pairs with the consumer's Release of `head`.
-                let head = ctl.head.0.load(Ordering::Acquire);
-                let used = tail.wrapping_sub(head) as usize;
-                used > mem.cap // corrupt: let `prepare` report it
+            let waited = wait::wait_until(
+                strategy,
+                &ctl.space_words(),
+                deadline,
+                || {
+                    // SYNC: Acquire pairs with the consumer's Release of `head`.
+                    let head = ctl.head.0.load(Ordering::Acquire);
+                    let used = tail.wrapping_sub(head) as usize;
+                    used > mem.cap // corrupt: let `prepare` report it
                     || mem.cap - used >= need
                     || ctl.wake.0.closed.load(Ordering::Acquire) & CONSUMER_CLOSED != 0
                     || mem.local.peer_gone.load(Ordering::Acquire)
-            });
+                },
+                || false,
+            );
             if waited == Waited::TimedOut {
                 return Err(ReserveError::TimedOut);
             }
@@ -1067,14 +1073,25 @@ impl Consumer {
         let off = (self.head & self.mem.mask()) as usize;
         let mem = &self.mem;
         let ctl = mem.ctl();
-        let waited = wait::wait_until(strategy, &ctl.data_words(), deadline, || {
+        let released = self.published;
+        let ready = || {
             // SYNC: Acquire pairs with the producer's Release of the header
             // in `Producer::publish`.
             mem.read_header(off, Ordering::Acquire) != 0
                 || ctl.wake.0.closed.load(Ordering::Acquire) & PRODUCER_CLOSED != 0
                 || mem.local.peer_gone.load(Ordering::Acquire)
                 || mem.local.interrupted.load(Ordering::Relaxed)
-        });
+        };
+        // Before sleeping, the head is stored again: a peer that wrote an
+        // older value over it would otherwise wait for space that this side
+        // freed long ago, while this side waits for its records. Storing
+        // the value last published changes nothing for a correct producer.
+        let reassert = || {
+            // SYNC: as in `release_published`.
+            ctl.head.0.store(released, Ordering::Release);
+            false
+        };
+        let waited = wait::wait_until(strategy, &ctl.data_words(), deadline, ready, reassert);
         // An interrupt ends this wait only: a record that is there is still
         // handed out (the caller re-checks whatever it was woken for).
         if mem.local.interrupted.load(Ordering::Relaxed) {
@@ -1532,6 +1549,45 @@ mod tests {
             .expect("the consumer slept through a record");
         assert_eq!(got.unwrap(), b"unannounced");
         waiter.join().unwrap();
+    }
+
+    /// A peer that writes an older value over the consumer's head makes
+    /// the producer wait for space the consumer freed long ago, while the
+    /// consumer waits for records: the consumer stores its head again
+    /// whenever it goes to sleep, and the producer gets its space.
+    #[test]
+    fn a_head_moved_back_by_the_peer_is_stored_again() {
+        let (mut tx, mut rx) = pair(1024).unwrap();
+        // Fill the ring and take everything: the producer's idea of the
+        // head is still where it started.
+        let mut sent = 0;
+        while tx.try_send(&[7; 100]).is_ok() {
+            sent += 1;
+        }
+        for _ in 0..sent {
+            rx.try_recv().unwrap().unwrap();
+        }
+        rx.release();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let consumer = std::thread::spawn(move || {
+            let got = rx.recv(None).map(|m| m.to_vec());
+            let _ = done_tx.send(got);
+        });
+        fn head(tx: &Producer) -> &AtomicU64 {
+            &tx.mem.ctl().head.0
+        }
+        while tx.mem.ctl().wake.0.consumer_waiting.load(Ordering::Relaxed) == 0 {
+            std::thread::yield_now();
+        }
+        // Back to where the producer last saw it: the ring looks full.
+        head(&tx).store(0, Ordering::Relaxed);
+        tx.reserve_wait(100, 0, Some(Instant::now() + Duration::from_secs(30)))
+            .expect("the producer never got the space back")
+            .fill(&[8; 100])
+            .commit();
+        let got = done_rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        assert_eq!(got.unwrap(), vec![8; 100]);
+        consumer.join().unwrap();
     }
 
     #[test]

@@ -103,12 +103,17 @@ impl WakeWords<'_> {
 ///
 /// `ready` must re-check everything that may end the wait (data available,
 /// peer closed, peer gone), because wake-ups carry no payload.
+/// `before_sleep` runs before each futex sleep (not while spinning): the
+/// place to re-assert what this side owns in shared memory, which the peer
+/// may have overwritten. If it returns true the wait ends as if ready (the
+/// caller re-checks).
 #[cfg(not(loom))]
 pub(crate) fn wait_until(
     strategy: WaitStrategy,
     words: &WakeWords<'_>,
     deadline: Option<Instant>,
     mut ready: impl FnMut() -> bool,
+    mut before_sleep: impl FnMut() -> bool,
 ) -> Waited {
     if ready() {
         return Waited::Ready;
@@ -158,7 +163,7 @@ pub(crate) fn wait_until(
         words.waiting.store(1, Ordering::Relaxed);
         // SYNC: pairs with the SeqCst fence in `WakeWords::notify`.
         sync::fence(Ordering::SeqCst);
-        if ready() {
+        if ready() || before_sleep() {
             words.waiting.store(0, Ordering::Relaxed);
             return Waited::Ready;
         }
@@ -185,6 +190,7 @@ pub(crate) fn wait_until(
     _words: &WakeWords<'_>,
     _deadline: Option<Instant>,
     mut ready: impl FnMut() -> bool,
+    _before_sleep: impl FnMut() -> bool,
 ) -> Waited {
     loop {
         if ready() {
