@@ -28,7 +28,7 @@ pub mod uds;
 mod wait;
 
 #[cfg(not(loom))]
-pub use link::{LinkConfig, LinkReceiver, LinkSender, Message, ShmLink, ShmListener};
+pub use link::{LinkAborter, LinkConfig, LinkReceiver, LinkSender, Message, ShmLink, ShmListener};
 #[cfg(not(loom))]
 pub use region::{
     REGION_LAYOUT_VERSION, REGION_MAGIC, REGION_MAX_SIZE, REGION_NAME_MAX, Region,

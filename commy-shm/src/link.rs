@@ -800,6 +800,49 @@ impl LinkSender {
     pub fn close(&mut self) {
         self.ring.close();
     }
+
+    /// A handle that ends the whole link from any thread (see
+    /// [`LinkAborter`]).
+    pub fn aborter(&self) -> LinkAborter {
+        LinkAborter {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Ends the whole link now, for both sides, whatever the shared memory
+    /// says (see [`LinkAborter::abort`]).
+    pub fn abort(&self) {
+        abort(&self.shared);
+    }
+}
+
+/// Ends a link for both sides from any thread, for a side that found the
+/// link broken (a corrupt ring, a send that can never succeed): it shuts
+/// the link's socket down, so both ends' waits end with
+/// [`RingError::PeerGone`] at once. Unlike the closed flags in the
+/// segment, which the peer can overwrite, the socket is the kernel's.
+#[derive(Clone)]
+pub struct LinkAborter {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for LinkAborter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkAborter").finish_non_exhaustive()
+    }
+}
+
+impl LinkAborter {
+    /// Ends the link now: its socket is shut down in both directions.
+    pub fn abort(&self) {
+        abort(&self.shared);
+    }
+}
+
+fn abort(shared: &Shared) {
+    // It fails only on a socket that is no longer connected: then the
+    // link has ended already.
+    let _ = shared.sock.shutdown();
 }
 
 impl LinkReceiver {

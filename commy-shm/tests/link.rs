@@ -597,3 +597,36 @@ fn wait_watches_without_taking_and_sees_a_vanished_peer() {
         "{err}"
     );
 }
+
+#[test]
+fn an_abort_ends_the_link_for_both_sides_whatever_the_memory_says() {
+    if role().is_some() {
+        return;
+    }
+    let dir = temp_dir("abort");
+    let sock = dir.join("l.sock");
+    let listener = ShmListener::bind(&sock, LinkConfig::default()).unwrap();
+    let server = std::thread::spawn(move || {
+        let mut link = listener.accept().unwrap();
+        // Asleep on an empty ring with no deadline when the client aborts.
+        let err = link.recv().map(|_| ()).unwrap_err();
+        let sent = link.send(b"late").unwrap_err();
+        (err, sent)
+    });
+    let link = ShmLink::connect(&sock, LinkConfig::default()).unwrap();
+    let (tx, mut rx) = link.split();
+    let aborter = tx.aborter();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        aborter.abort();
+    });
+    // Our own wait, with no deadline, ends too: gone, or closed if the
+    // server's side ended first and closed its rings.
+    let ended =
+        |e: &RecvError| matches!(e, RecvError::Ring(RingError::PeerGone | RingError::Closed));
+    let mine = rx.recv(None).map(|_| ()).unwrap_err();
+    assert!(ended(&mine), "{mine}");
+    let (theirs, sent) = server.join().unwrap();
+    assert!(ended(&theirs), "{theirs}");
+    assert!(matches!(sent, SendError::Ring(_)), "{sent}");
+}
