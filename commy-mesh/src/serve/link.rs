@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use commy_core::{Code, FrameHeader, FrameKind, Limits, Status, StreamId};
-use commy_shm::link::LinkSender;
+use commy_shm::link::{LinkSender, SendError};
 use parking_lot::Mutex;
 use rustc_hash::{FxHashMap, FxHashSet};
 
@@ -163,7 +163,15 @@ pub(crate) fn send_answer_locked(
             )
         }
     };
-    if let Err(e) = sent {
-        tracing::debug!("could not send a response: {e}");
+    match sent {
+        Ok(()) => {}
+        // A broken link (closed, corrupt): the client would wait for this
+        // answer in vain. Ending the link tells it, whatever its memory
+        // says, and it connects anew.
+        Err(e @ SendError::Ring(_)) => {
+            tracing::debug!("a response could not be sent, ending the link: {e}");
+            tx.abort();
+        }
+        Err(e) => tracing::debug!("could not send a response: {e}"),
     }
 }

@@ -46,6 +46,10 @@ pub(crate) fn serve_link(link: ShmLink, ctx: Arc<ServeCtx>) {
             break;
         }
     }
+    // Tasks still running may hold the link: end it for the client now
+    // (a client that left is gone already; one that sent a malformed frame
+    // or broke the ring learns at once that the link is over).
+    server.link.tx.lock().abort();
 }
 
 /// One accepted link's serving state, apart from its receive ring (whoever
