@@ -393,6 +393,11 @@ impl Mesh {
                     ) {
                         Started::Done(result) => result,
                         Started::Waiting(waiting) => conn.finish_call(waiting).await,
+                        // The link broke before the request was in it: the
+                        // routed way connects anew.
+                        Started::Unsent(payload, _) => {
+                            Box::pin(self.call_routed(name, payload, options, preference, 1)).await
+                        }
                     };
                 };
                 // The same with the service's call policy: the outcome is
@@ -405,6 +410,10 @@ impl Mesh {
                 let result = match conn.start_call(payload, md, due, true, options.spin) {
                     Started::Done(result) => result,
                     Started::Waiting(waiting) => conn.finish_call(waiting).await,
+                    Started::Unsent(payload, _) => {
+                        return Box::pin(self.call_routed(name, payload, options, preference, 1))
+                            .await;
+                    }
                 };
                 let again = settle(&**policy, conn.instance, &conn.stats, now, 1, &result);
                 return match kept {

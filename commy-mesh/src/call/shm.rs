@@ -18,7 +18,7 @@ use bytes::Bytes;
 use commy_core::{
     Deadline, FrameHeader, FrameKind, FrameRef, InstanceId, Limits, Metadata, Status, StreamId,
 };
-use commy_shm::link::{LinkSender, RecvError};
+use commy_shm::link::{LinkSender, RecvError, SendError};
 use commy_shm::{LinkReceiver, RingError, ShmLink};
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
@@ -106,6 +106,8 @@ pub(crate) struct ClientConn {
     /// Ends the reader's wait on the ring, which may be set for a later
     /// deadline than a call registered since.
     interrupt: commy_shm::WaitInterrupter,
+    /// Ends the link for the server too when this side finds it broken.
+    aborter: commy_shm::LinkAborter,
     /// What the answer driver, the reader and the callback and token calls
     /// of the link share (see [`Driving`]).
     pub(crate) driving: Driving,
@@ -147,6 +149,7 @@ impl ClientConn {
     ) -> Arc<ClientConn> {
         let (tx, rx) = link.split();
         let interrupt = rx.interrupter();
+        let aborter = tx.aborter();
         Arc::new(ClientConn {
             tx: Mutex::new(TxState {
                 sender: tx,
@@ -165,6 +168,7 @@ impl ClientConn {
             spin,
             reader: OnceLock::new(),
             interrupt,
+            aborter,
             sooner: AtomicBool::new(false),
             driving: Driving::default(),
         })
@@ -189,6 +193,7 @@ impl ClientConn {
     ) -> CallResult {
         match self.start_call(payload, metadata, due, balanced, spin) {
             Started::Done(result) => result,
+            Started::Unsent(_, status) => Err(status),
             Started::Waiting(waiting) => self.finish_call(waiting).await,
         }
     }
@@ -216,15 +221,20 @@ impl ClientConn {
         }
         let deadline_us = due.wire();
         let patience = due.patience();
+        // The payload comes back if it could not be written.
         let send = |tx: &mut TxState, id: u64, payload: Bytes| {
             let header = FrameHeader {
                 deadline_us,
                 ..FrameHeader::new(FrameKind::Request, StreamId(id))
             };
-            let sent = send_frame(&mut tx.sender, header, &md, &payload, patience);
-            // Freed after the send, not on the answer's path.
-            drop(payload);
-            sent.map_err(send_status)
+            match send_frame(&mut tx.sender, header, &md, &payload, patience) {
+                Ok(()) => {
+                    // Freed after the send, not on the answer's path.
+                    drop(payload);
+                    Ok(())
+                }
+                Err(e) => Err((payload, e)),
+            }
         };
         let (id, done) = match self.rx.try_lock() {
             Some(mut rx) => {
@@ -234,8 +244,9 @@ impl ClientConn {
                 let id = {
                     let mut tx = self.tx.lock();
                     let id = tx.open_stream();
-                    if let Err(status) = send(&mut tx, id, payload) {
-                        return Started::Done(Err(status));
+                    if let Err((payload, e)) = send(&mut tx, id, payload) {
+                        drop(tx);
+                        return self.unsent(payload, e);
                     }
                     id
                 };
@@ -261,10 +272,10 @@ impl ClientConn {
                     let mut tx = self.tx.lock();
                     let id = tx.open_stream();
                     self.register(id, Waiter::Task(done_tx));
-                    if let Err(e) = send(&mut tx, id, payload) {
+                    if let Err((payload, e)) = send(&mut tx, id, payload) {
                         drop(tx);
                         self.take(id);
-                        return Started::Done(Err(e));
+                        return self.unsent(payload, e);
                     }
                     id
                 };
@@ -476,7 +487,6 @@ impl ClientConn {
     /// Marks the link dead and fails every pending call with the reason,
     /// which it returns.
     pub(crate) fn fail(&self, reason: RecvError) -> Status {
-        self.alive.store(false, Ordering::Release);
         let status = match reason {
             RecvError::Ring(RingError::Closed) => {
                 Status::unavailable("the instance closed the link")
@@ -484,6 +494,40 @@ impl ClientConn {
             RecvError::Ring(RingError::PeerGone) => Status::unavailable("the instance died"),
             other => Status::unavailable(format!("link to the instance failed: {other}")),
         };
+        self.fail_with(&status);
+        status
+    }
+
+    /// The status of a send that failed. A broken link (closed, peer gone,
+    /// corrupt: anything but backpressure or a message too large) is marked
+    /// dead at once, its pending calls failed and its reader woken, so the
+    /// next call connects anew instead of failing on it for good.
+    fn send_failed(&self, e: SendError) -> Status {
+        let broken = matches!(e, SendError::Ring(_));
+        let status = send_status(e);
+        if broken {
+            self.fail_with(&status);
+            self.wake_reader();
+        }
+        status
+    }
+
+    /// A request that could not be written at all: on a link that broke,
+    /// its payload is handed back for another link.
+    fn unsent(&self, payload: Bytes, e: SendError) -> Started<'_> {
+        let status = self.send_failed(e);
+        if self.is_alive() {
+            Started::Done(Err(status))
+        } else {
+            Started::Unsent(payload, status)
+        }
+    }
+
+    /// Marks the link dead, ends it for the server, and fails every
+    /// pending call with `status`.
+    fn fail_with(&self, status: &Status) {
+        self.alive.store(false, Ordering::Release);
+        self.aborter.abort();
         let waiters: Vec<_> = {
             let mut pending = self.pending.lock();
             self.pending_len.store(0, Ordering::Release);
@@ -493,7 +537,6 @@ impl ClientConn {
         for w in waiters {
             w.complete(self, Err(status.clone()));
         }
-        status
     }
 
     /// Sends a one-way message.
@@ -517,16 +560,18 @@ impl ClientConn {
             return Err(Status::unavailable("the instance is gone"));
         }
         check_frame(&self.limits, metadata, payload)?;
-        let mut tx = self.tx.lock();
-        let id = tx.open_stream();
-        send_frame(
-            &mut tx.sender,
-            FrameHeader::new(kind, StreamId(id)),
-            metadata,
-            payload,
-            Patience::DEFAULT,
-        )
-        .map_err(send_status)
+        let sent = {
+            let mut tx = self.tx.lock();
+            let id = tx.open_stream();
+            send_frame(
+                &mut tx.sender,
+                FrameHeader::new(kind, StreamId(id)),
+                metadata,
+                payload,
+                Patience::DEFAULT,
+            )
+        };
+        sent.map_err(|e| self.send_failed(e))
     }
 
     /// Adds a call to the pending table.
@@ -631,7 +676,7 @@ impl ClientConn {
         // Finished once the locks are given back: those refused at once,
         // and those whose request could not be sent.
         let mut refused: Vec<(u64, Status)> = Vec::new();
-        let mut unsent: Vec<(u64, Status)> = Vec::new();
+        let mut unsent: Vec<(u64, SendError)> = Vec::new();
         let mut sent = 0usize;
         {
             let mut tx = self.tx.lock();
@@ -662,14 +707,15 @@ impl ClientConn {
                 };
                 match send_frame(&mut tx.sender, header, &md, payload, patience) {
                     Ok(()) => sent += 1,
-                    Err(e) => unsent.push((id, send_status(e))),
+                    Err(e) => unsent.push((id, e)),
                 }
             }
         }
         for (token, status) in refused {
             Done::Token(token).finish(self, Err(status));
         }
-        for (id, status) in unsent {
+        for (id, e) in unsent {
+            let status = self.send_failed(e);
             if let Some(w) = self.take(id) {
                 w.complete(self, Err(status));
             }
@@ -718,8 +764,7 @@ impl ClientConn {
                 stream_id: StreamId(id),
                 ..header
             };
-            send_frame(&mut tx.sender, header, &md, payload, patience)
-                .map_err(|e| (id, send_status(e)))
+            send_frame(&mut tx.sender, header, &md, payload, patience).map_err(|e| (id, e))
         };
         match sent {
             Ok(()) => {
@@ -731,7 +776,8 @@ impl ClientConn {
                     self.wake_reader();
                 }
             }
-            Err((id, status)) => {
+            Err((id, e)) => {
+                let status = self.send_failed(e);
                 if let Some(w) = self.take(id) {
                     w.complete(self, Err(status));
                 }
@@ -939,6 +985,10 @@ pub(crate) enum Started<'a> {
     Done(CallResult),
     /// Sent, the answer still to come: see [`ClientConn::finish_call`].
     Waiting(Waiting<'a>),
+    /// Not written: the link broke (and is now marked dead) before the
+    /// request was in it. The payload is handed back; the call may go to
+    /// a fresh link within its deadline.
+    Unsent(Bytes, Status),
 }
 
 /// A call sent whose answer is still to come.
