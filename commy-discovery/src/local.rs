@@ -276,6 +276,22 @@ fn machine_host_id() -> HostId {
     localhost()
 }
 
+/// The subdirectory of the runtime dir that holds the meshes of `host`
+/// when it is not this machine's own id (`machine`): `h-<8 hex digits>`, a
+/// stable hash of the id (ids are too long for socket paths, which have
+/// 107 bytes in all).
+/// Processes that share a runtime dir but not a host id so never find each
+/// other's sockets, and never share memory.
+fn host_dir(host: &HostId, machine: &HostId) -> Option<String> {
+    (host != machine).then(|| {
+        // FNV-1a, 32 bits: stable across builds and platforms.
+        let hash = host.as_str().bytes().fold(0x811c_9dc5u32, |h, b| {
+            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+        });
+        format!("h-{hash:08x}")
+    })
+}
+
 fn localhost() -> HostId {
     // A constant that satisfies the name rules (ASCII letters only).
     HostId::new("localhost").expect("\"localhost\" is a valid host id")
@@ -362,6 +378,16 @@ impl Instance {
 /// [`LocalRegistry::remove_stale`], which deletes the socket (watches then
 /// report the instance gone).
 ///
+/// # Host ids
+///
+/// Processes with the same host id share memory; with different ones,
+/// never. A process whose [`host_id`] is not the machine's own (one set by
+/// `$COMMY_HOST_ID`, as tests do to play several hosts on one machine)
+/// keeps its meshes in a subdirectory of the runtime dir named after that
+/// id, `<runtime dir>/h-<hash>/<mesh>`; so processes that share a
+/// runtime dir but not a host id neither list nor reach each other's
+/// instances there (another host is reached over the network).
+///
 /// Limits: processes that share a runtime dir must share a pid namespace
 /// (the pid in the name is interpreted in ours). Each [`InstanceWatch`] uses
 /// one inotify instance (the kernel's per-user default limit is 128,
@@ -377,6 +403,11 @@ impl LocalRegistry {
     /// The registry of `mesh` in `runtime`; creates the mesh directory
     /// (mode 0700) if needed. Reads [`host_id`] once.
     pub fn new(runtime: RuntimeDir, mesh: &MeshName) -> Result<Self, DiscoveryError> {
+        let host = host_id()?;
+        let runtime = match host_dir(&host, &machine_host_id()) {
+            Some(name) => runtime.subdir(name)?,
+            None => runtime,
+        };
         let mesh_dir = runtime.subdir(mesh.as_str())?;
         // Every endpoint we produce is under this directory: reject paths
         // that cannot be written as `shm://` locators once, here.
@@ -388,7 +419,7 @@ impl LocalRegistry {
         Ok(Self {
             mesh: mesh.clone(),
             mesh_dir,
-            host: host_id()?,
+            host,
         })
     }
 
