@@ -122,11 +122,13 @@ fn tls_echo_server(mut c: Command, name: &str) -> (Killed, String, String, u16) 
     let (mut server, first) = echo_server(c, name);
     let mut err = BufReader::new(server.0.stderr.take().unwrap());
     let mut line = String::new();
+    let mut before = String::new();
     let (addr, port) = loop {
+        before.push_str(&line);
         line.clear();
         assert!(
             err.read_line(&mut line).unwrap() > 0,
-            "the server's stderr ended before it named its TLS endpoint"
+            "the server's stderr ended before it named its TLS endpoint:\n{before}"
         );
         if let Some(addr) = line.trim_end().strip_prefix("tls endpoint: tls://") {
             let port = addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok());
@@ -214,6 +216,30 @@ fn certificates_echo_server_services_and_call_over_tls() {
     let missing = client(&["call", "nobody", "x"]);
     assert_eq!(missing.status.code(), Some(1));
     let why = String::from_utf8_lossy(&missing.stderr);
+    assert!(why.starts_with("NOT_FOUND"), "{why}");
+    // Another host id in the server's own runtime dir is another host all
+    // the same: the server's socket is not listed or reached there, only
+    // its TLS endpoint; with no peer, nothing at all.
+    let beside = |args: &[&str], peer: bool| {
+        let mut c = d.commy("server-rt");
+        c.env("COMMY_HOST_ID", "client-host");
+        if peer {
+            c = tls_client(c, port, &ca.join("ca.pem"));
+        }
+        c.args(args).output().unwrap()
+    };
+    let table = ok(beside(&["services"], true));
+    let rows: Vec<&str> = table.lines().filter(|l| l.starts_with("echo ")).collect();
+    assert_eq!(rows.len(), 1, "{table}");
+    assert!(
+        rows[0].contains(&format!(" tls://127.0.0.1:{port} ")),
+        "{table}"
+    );
+    assert!(rows[0].ends_with(" server-host"), "{table}");
+    assert_eq!(ok(beside(&["call", "echo", "beside"], true)), "beside\n");
+    assert_eq!(ok(beside(&["services", "--json"], false)), "[]\n");
+    let alone = beside(&["call", "echo", "x"], false);
+    let why = String::from_utf8_lossy(&alone.stderr);
     assert!(why.starts_with("NOT_FOUND"), "{why}");
     // A client trusting another CA refuses the server.
     let other = d.0.join("other-ca");
