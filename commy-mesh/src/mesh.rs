@@ -832,7 +832,9 @@ impl Mesh {
 
     /// A named shared-memory region of this mesh: finish with `.size(n)`,
     /// `.ttl(..)`, then `.create()`, `.open()` or `.open_or_create()`.
-    /// Regions live in `<runtime dir>/regions/<mesh>`; see
+    /// Regions live in `<runtime dir>/regions/<mesh>` (under the host id's
+    /// subdirectory for a host id of its own, see
+    /// [`LocalRegistry`](crate::discovery::LocalRegistry)); see
     /// [`commy_shm::RegionOptions`] for consistency, TTL and permissions.
     pub fn region(&self, name: &str) -> commy_shm::RegionOptions {
         let dir = self
