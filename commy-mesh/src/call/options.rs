@@ -19,7 +19,7 @@ pub struct CallOptions {
     /// The transport this call may use (default: the mesh's).
     pub transport: Option<TransportPreference>,
     /// How long this caller polls for its answer before it sleeps, instead
-    /// of [`Config::call_spin`](crate::Config::call_spin).
+    /// of [`MeshBuilder::call_spin`](crate::MeshBuilder::call_spin).
     pub spin: Option<Duration>,
     /// When the call's timeout starts counting on the calling side
     /// (default: when it is made, read from the clock once needed): a
@@ -48,7 +48,7 @@ impl CallOptions {
         self
     }
 
-    /// Sets this call's polling budget (see [`Config::call_spin`](crate::Config::call_spin)).
+    /// Sets this call's polling budget (see [`MeshBuilder::call_spin`](crate::MeshBuilder::call_spin)).
     pub fn spin(mut self, spin: Duration) -> CallOptions {
         self.spin = Some(spin);
         self

@@ -2,7 +2,7 @@
 //!
 //! The calling task writes its request straight into the ring and then
 //! polls the link's receive ring itself for a short while
-//! ([`Config::call_spin`](crate::Config::call_spin)), completing whatever
+//! ([`MeshBuilder::call_spin`](crate::MeshBuilder::call_spin)), completing whatever
 //! answers it finds (its own, or other callers' through the call table).
 //! A quick call therefore never crosses a thread. Only when no caller polls
 //! and calls are still pending does the link's reader thread
