@@ -42,10 +42,12 @@ use commy_core::log_limit::{LogLimit, left_out};
 use commy_core::{Deadline, Frame, FrameKind, Status};
 use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinSet;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::StartHandshake;
+use tokio_rustls::server::TlsStream;
 
 use crate::link::{FrameReader, Out, Quiet, ReadError, Settings, WriterEnd, write_frames};
 use crate::mux::CreditWindow;
@@ -149,7 +151,7 @@ impl Server {
         let stats = Arc::new(ServerStats::default());
         let (stop, stop_rx) = watch::channel(false);
         let ctx = Arc::new(ServerCtx {
-            acceptor: TlsAcceptor::from(tls),
+            tls,
             settings,
             handler,
             stats: stats.clone(),
@@ -193,7 +195,7 @@ impl Drop for Server {
 }
 
 struct ServerCtx {
-    acceptor: TlsAcceptor,
+    tls: Arc<rustls::ServerConfig>,
     settings: Settings,
     handler: Handler,
     stats: Arc<ServerStats>,
@@ -285,6 +287,127 @@ fn classify(e: &std::io::Error) -> Reason {
     }
 }
 
+/// A connection refused during the handshake: why, in a word and in words.
+struct Refused(Reason, String);
+
+/// The TLS handshake of an accepted connection. The client's hello is read
+/// first: one that does not offer ALPN `commy/1` (offering none at all
+/// included, which TLS itself would let through) is refused with the
+/// `no_application_protocol` alert, as docs/PROTOCOL.md says, before any
+/// key exchange. A hello that is not TLS, or is malformed or oversized,
+/// gets the alert rustls picks for it.
+async fn handshake(
+    sock: TcpStream,
+    config: &Arc<rustls::ServerConfig>,
+) -> Result<TlsStream<TcpStream>, Refused> {
+    let failed = |e: std::io::Error| {
+        let reason = classify(&e);
+        let why = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            "the connection closed before a TLS hello".to_string()
+        } else {
+            format!("TLS handshake failed: {e}")
+        };
+        Refused(reason, why)
+    };
+    let start = match read_hello(sock).await {
+        Ok(start) => start,
+        Err(e) => return Err(failed(e)),
+    };
+    let offered = start
+        .client_hello()
+        .alpn()
+        .is_some_and(|mut protocols| protocols.any(|p| p == commy_core::ALPN));
+    if !offered {
+        let mut sock = start.io;
+        let alert = alert_record(rustls::AlertDescription::NoApplicationProtocol);
+        let _ = sock.write_all(&alert).await;
+        linger(sock).await;
+        return Err(Refused(
+            Reason::Alpn,
+            format!(
+                "the client did not offer ALPN {:?}",
+                String::from_utf8_lossy(commy_core::ALPN)
+            ),
+        ));
+    }
+    start.into_stream(config.clone()).await.map_err(failed)
+}
+
+/// Reads the client's hello. A connection that closes first, or whose
+/// hello is not TLS, malformed or oversized, is refused with the fitting
+/// alert (rustls's, or `decode_error` where rustls has none, as for a
+/// hello over 64 KiB) and closed.
+async fn read_hello(mut sock: TcpStream) -> std::io::Result<StartHandshake<TcpStream>> {
+    use tokio::io::AsyncReadExt;
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = sock.read(&mut buf).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let mut rest = &buf[..n];
+        while !rest.is_empty() {
+            let (error, mut alert) = match acceptor.read_tls(&mut rest) {
+                // More than rustls buffers before the hello is whole.
+                Err(_) => (
+                    rustls::Error::InvalidMessage(rustls::InvalidMessage::MessageTooLarge),
+                    Vec::new(),
+                ),
+                Ok(_) => match acceptor.accept() {
+                    Ok(Some(accepted)) => {
+                        return Ok(StartHandshake::from_parts(accepted, sock));
+                    }
+                    Ok(None) => continue,
+                    Err((error, mut alert)) => {
+                        let mut out = Vec::new();
+                        let _ = alert.write(&mut out);
+                        (error, out)
+                    }
+                },
+            };
+            if alert.is_empty() {
+                alert = alert_record(rustls::AlertDescription::DecodeError).to_vec();
+            }
+            let _ = sock.write_all(&alert).await;
+            linger(sock).await;
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, error));
+        }
+    }
+}
+
+/// Closes a refused connection so that the client reads what it was sent
+/// (an alert): shuts the sending side down, then reads and drops what the
+/// client still sends, for a while. Closing a socket with unread bytes
+/// makes the kernel reset the connection, and the client's kernel then
+/// drops the alert unread.
+async fn linger(mut sock: TcpStream) {
+    use tokio::io::AsyncReadExt;
+    let _ = sock.shutdown().await;
+    let mut buf = [0u8; 4096];
+    let mut left = LINGER_BYTES;
+    let _ = tokio::time::timeout(LINGER, async {
+        while left > 0 {
+            match sock.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
+}
+
+/// How long, and for how many bytes, [`linger`] reads.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+const LINGER_BYTES: usize = 1 << 20;
+
+/// The TLS record of a fatal alert sent before the handshake (no keys
+/// exist yet, so in plaintext): content type alert (21), version 3.3,
+/// length 2, level fatal (2), the description.
+fn alert_record(description: rustls::AlertDescription) -> [u8; 7] {
+    [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, u8::from(description)]
+}
+
 async fn serve_conn(
     sock: TcpStream,
     addr: SocketAddr,
@@ -293,7 +416,7 @@ async fn serve_conn(
 ) {
     let _ = sock.set_nodelay(true);
     let s = &ctx.settings;
-    let tls = match tokio::time::timeout(s.handshake_timeout, ctx.acceptor.accept(sock)).await {
+    let tls = match tokio::time::timeout(s.handshake_timeout, handshake(sock, &ctx.tls)).await {
         Err(_) => {
             ctx.stats.record(Reason::HandshakeTimeout);
             ctx.refused(|| {
@@ -304,30 +427,14 @@ async fn serve_conn(
             });
             return;
         }
-        Ok(Err(e)) => {
-            let reason = classify(&e);
+        Ok(Err(Refused(reason, why))) => {
             ctx.stats.record(reason);
-            ctx.refused(|| {
-                format!(
-                    "refused {addr}: TLS handshake failed ({}): {e}",
-                    reason.as_str()
-                )
-            });
+            ctx.refused(|| format!("refused {addr}: {why} ({})", reason.as_str()));
             return;
         }
         Ok(Ok(tls)) => tls,
     };
     let (_, session) = tls.get_ref();
-    if session.alpn_protocol() != Some(commy_core::ALPN) {
-        ctx.stats.record(Reason::Alpn);
-        ctx.refused(|| {
-            format!(
-                "refused {addr}: the client did not negotiate ALPN {:?}",
-                String::from_utf8_lossy(commy_core::ALPN)
-            )
-        });
-        return;
-    }
     let identity = session
         .peer_certificates()
         .and_then(|c| c.first())

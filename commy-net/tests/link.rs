@@ -642,12 +642,50 @@ async fn a_wrong_or_missing_alpn_is_refused() {
                 tcp,
             )
             .await;
-        if let Ok(mut s) = connected {
-            let mut sink = Vec::new();
-            let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut sink)).await;
-        }
+        // The handshake fails with the alert docs/PROTOCOL.md names, an
+        // offer of no protocol at all included.
+        let e = connected.map(|_| ()).expect_err("the handshake completed");
+        let alert = e
+            .get_ref()
+            .and_then(|i| i.downcast_ref::<rustls::Error>())
+            .cloned();
+        assert_eq!(
+            alert,
+            Some(rustls::Error::AlertReceived(
+                rustls::AlertDescription::NoApplicationProtocol
+            )),
+            "{e}"
+        );
         f.wait_for(reason, n).await;
     }
+    f.still_serves().await;
+}
+
+/// A connection closed before any hello, and a hello of 64 KiB, are
+/// refused and counted, each with its reason; the oversized one gets the
+/// `decode_error` alert, read by the client before the close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_or_oversized_hello_is_refused_with_a_reason() {
+    let f = Fixture::start("hello", quick(), false).await;
+    drop(TcpStream::connect(f.addr()).await.unwrap());
+    f.wait_for(Reason::Handshake, 1).await;
+    // A 64 KiB ClientHello message (type 1, length 0x010000), in
+    // handshake records of 16 KiB.
+    let mut raw = TcpStream::connect(f.addr()).await.unwrap();
+    let mut message = vec![0x01, 0x01, 0x00, 0x00];
+    message.resize(4 + 64 * 1024, 0x42);
+    let mut hello = Vec::new();
+    for chunk in message.chunks(16 * 1024) {
+        hello.extend_from_slice(&[0x16, 0x03, 0x01]);
+        hello.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
+        hello.extend_from_slice(chunk);
+    }
+    let _ = raw.write_all(&hello).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), raw.read_to_end(&mut answer)).await;
+    // A plaintext fatal decode_error alert.
+    assert_eq!(answer, [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 50]);
+    f.wait_for(Reason::NotTls, 1).await;
     f.still_serves().await;
 }
 
