@@ -23,7 +23,13 @@ fn role() -> Option<String> {
 
 fn spawn(role: &str, entry: &str, dir: &Path, arg: &str) -> Child {
     Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", entry, "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "--ignored",
+            entry,
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(ROLE, role)
         .env(DIR, dir)
         .env(ARG, arg)
@@ -35,6 +41,7 @@ fn spawn(role: &str, entry: &str, dir: &Path, arg: &str) -> Child {
 
 /// Child role: serve the test services until killed.
 #[test]
+#[ignore = "child role, run by the tests of this file"]
 fn child_server() {
     if role().as_deref() != Some("server") {
         return;
@@ -54,6 +61,7 @@ fn child_server() {
 /// Child role: make ARG calls to echo, each with a unique payload, and
 /// check every response is exactly its own request.
 #[test]
+#[ignore = "child role, run by the tests of this file"]
 fn child_client() {
     if role().as_deref() != Some("client") {
         return;

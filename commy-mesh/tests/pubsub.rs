@@ -33,6 +33,7 @@ async fn open(dir: &Path) -> Mesh {
 /// Child role: subscribe to "ticks" (in GROUP if set), print READY, then
 /// print every sequence number received until 1.5 s pass without a message.
 #[test]
+#[ignore = "child role, run by the tests of this file"]
 fn child_subscriber() {
     if role().as_deref() != Some("sub") {
         return;
@@ -61,6 +62,7 @@ fn spawn_sub(dir: &Path, group: Option<&str>) -> Child {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.args([
         "--exact",
+        "--ignored",
         "child_subscriber",
         "--nocapture",
         "--test-threads=1",

@@ -94,7 +94,13 @@ impl ServerProcess {
     /// Starts the service process on `port` (a restart) or [`ANY_PORT`].
     fn start(dir: &Path, port: u16) -> ServerProcess {
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "child_server", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "--ignored",
+                "child_server",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(ROLE, "server")
             .env(DIR, dir)
             .env(PORT, port.to_string())
@@ -145,6 +151,7 @@ impl Drop for ServerProcess {
 
 /// Child role: serve the test services until killed.
 #[test]
+#[ignore = "child role, run by the tests of this file"]
 fn child_server() {
     if role().as_deref() != Some("server") {
         return;

@@ -797,6 +797,7 @@ async fn a_client_exceeding_its_credit_is_closed() {
 
 /// Child role for the race test: load or create the CA in `$COMMY_NET_TEST_CA`.
 #[test]
+#[ignore = "child role, run by the tests of this file"]
 fn child_load_or_create_ca() {
     let Some(dir) = std::env::var_os("COMMY_NET_TEST_CA") else {
         return;
@@ -817,6 +818,7 @@ fn the_dev_ca_is_created_once_by_racing_processes() {
             std::process::Command::new(std::env::current_exe().unwrap())
                 .args([
                     "--exact",
+                    "--ignored",
                     "child_load_or_create_ca",
                     "--nocapture",
                     "--test-threads=1",

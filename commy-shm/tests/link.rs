@@ -27,11 +27,17 @@ fn temp_dir(name: &str) -> PathBuf {
 
 fn spawn(role: &str, entry: &str, sock: &Path, extra: &[(&str, String)]) -> Child {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args(["--exact", entry, "--nocapture", "--test-threads=1"])
-        .env(ROLE, role)
-        .env(SOCK, sock)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+    cmd.args([
+        "--exact",
+        "--ignored",
+        entry,
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env(ROLE, role)
+    .env(SOCK, sock)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
     for (k, v) in extra {
         cmd.env(k, v);
     }
@@ -101,6 +107,7 @@ fn check_message(expected_seq: u64, m: &[u8]) {
 
 /// Child role: connect and send COUNT messages, then close.
 #[test]
+#[ignore = "child role, run by the tests of this file"]
 fn child_sender() {
     if role().as_deref() != Some("sender") {
         return;
@@ -158,6 +165,7 @@ fn millions_of_random_messages_between_processes() {
 
 /// Child role: send numbered messages as fast as possible until killed.
 #[test]
+#[ignore = "child role, run by the tests of this file"]
 fn child_endless_sender() {
     if role().as_deref() != Some("endless") {
         return;
@@ -224,6 +232,7 @@ fn kill_9_of_the_producer_delivers_every_committed_message_then_peer_gone() {
 /// random bytes over the whole shared segment (both rings, control blocks
 /// and data), as a malicious peer could.
 #[test]
+#[ignore = "child role, run by the tests of this file"]
 fn child_scribbler() {
     if role().as_deref() != Some("scribbler") {
         return;
@@ -414,6 +423,7 @@ fn a_non_commy_client_is_refused_and_the_listener_keeps_serving() {
 
 /// Child role: connect (as another uid) and report the error.
 #[test]
+#[ignore = "child role, run by the tests of this file"]
 fn child_other_user() {
     if role().as_deref() != Some("other-user") {
         return;
@@ -450,7 +460,7 @@ fn a_peer_of_another_user_is_rejected_by_default() {
     std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
     std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
     let child = Command::new(&exe)
-        .args(["--exact", "child_other_user", "--nocapture"])
+        .args(["--exact", "--ignored", "child_other_user", "--nocapture"])
         .env(ROLE, "other-user")
         .env(SOCK, &sock)
         .uid(65534)
