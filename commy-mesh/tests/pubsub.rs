@@ -31,10 +31,13 @@ async fn open(dir: &Path) -> Mesh {
 }
 
 /// Child role: subscribe to "ticks" (in GROUP if set), print READY, then
-/// print every sequence number received until 1.5 s pass without a message.
+/// print a line per message as it arrives (`S <seq>` for an 8-byte
+/// sequence number, `P` for anything else, a probe) until its stdin
+/// closes; then `DONE` after whatever was queued by then.
 #[test]
 #[ignore = "child role, run by the tests of this file"]
 fn child_subscriber() {
+    use std::io::Write;
     if role().as_deref() != Some("sub") {
         return;
     }
@@ -45,20 +48,42 @@ fn child_subscriber() {
             Ok(g) => mesh.subscribe_group("ticks", &g).await.unwrap(),
             Err(_) => mesh.subscribe("ticks").await.unwrap(),
         };
+        let print = |m: &commy_mesh::Message| {
+            let mut out = std::io::stdout().lock();
+            match <[u8; 8]>::try_from(&m.payload()[..]) {
+                Ok(seq) => writeln!(out, "S {}", u64::from_le_bytes(seq)).unwrap(),
+                Err(_) => writeln!(out, "P").unwrap(),
+            }
+            out.flush().unwrap();
+        };
         println!("\nREADY");
-        let mut got = Vec::new();
-        while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(1500), sub.next()).await
-        {
-            if m.payload().len() == 8 {
-                got.push(u64::from_le_bytes(m.payload()[..].try_into().unwrap()));
+        // The test closes our stdin once it has every message it expects.
+        let mut stdin_closed = tokio::task::spawn_blocking(|| std::io::stdin().lines().count());
+        loop {
+            tokio::select! {
+                m = sub.next() => match m {
+                    Some(m) => print(&m),
+                    None => break,
+                },
+                _ = &mut stdin_closed => break,
             }
         }
-        let list: Vec<String> = got.iter().map(|s| s.to_string()).collect();
-        println!("\nGOT {}", list.join(","));
+        // What is queued already (a zero timeout still polls once).
+        while let Ok(Some(m)) = tokio::time::timeout(Duration::ZERO, sub.next()).await {
+            print(&m);
+        }
+        println!("DONE");
     });
 }
 
-fn spawn_sub(dir: &Path, group: Option<&str>) -> Child {
+/// A subscriber process: its stdin (closing it ends the process) and the
+/// lines it printed, read on a thread of their own.
+struct Sub {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+fn spawn_sub(dir: &Path, group: Option<&str>) -> Sub {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.args([
         "--exact",
@@ -69,47 +94,68 @@ fn spawn_sub(dir: &Path, group: Option<&str>) -> Child {
     ])
     .env(ROLE, "sub")
     .env(DIR, dir)
+    .stdin(Stdio::piped())
     .stdout(Stdio::piped())
     .stderr(Stdio::inherit());
     if let Some(g) = group {
         cmd.env(GROUP, g);
     }
-    cmd.spawn().unwrap()
+    let mut child = cmd.spawn().unwrap();
+    let out = BufReader::new(child.stdout.take().unwrap());
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in out.lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let sub = Sub { child, lines };
+    sub.until(|line| line == "READY");
+    sub
 }
 
-/// Waits for READY; returns the reader for the rest of the output.
-fn ready(child: &mut Child) -> BufReader<std::process::ChildStdout> {
-    let mut reader = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        assert!(
-            reader.read_line(&mut line).unwrap() > 0,
-            "child exited before READY"
-        );
-        if line.trim() == "READY" {
-            return reader;
+/// How long a subscriber may stay silent while the test waits for a line.
+const SILENCE: Duration = Duration::from_secs(60);
+
+impl Sub {
+    /// Reads lines until `done` says so; each line read is returned.
+    fn until(&self, mut done: impl FnMut(&str) -> bool) -> Vec<String> {
+        let mut read = Vec::new();
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(SILENCE)
+                .expect("the subscriber went silent or exited");
+            let stop = done(&line);
+            read.push(line);
+            if stop {
+                return read;
+            }
         }
+    }
+
+    /// Lines read so far without waiting.
+    fn ready_lines(&self) -> Vec<String> {
+        self.lines.try_iter().collect()
+    }
+
+    /// Closes its stdin and returns the sequence numbers of the lines left
+    /// up to `DONE`.
+    fn finish(mut self) -> Vec<u64> {
+        drop(self.child.stdin.take());
+        let rest = self.until(|line| line == "DONE");
+        assert!(self.child.wait().unwrap().success());
+        seqs(&rest)
     }
 }
 
-fn got(reader: BufReader<std::process::ChildStdout>, mut child: Child) -> Vec<u64> {
-    let mut seqs = None;
-    for line in reader.lines() {
-        let line = line.unwrap();
-        if let Some(rest) = line.strip_prefix("GOT ") {
-            seqs = Some(
-                rest.split(',')
-                    .filter(|s| !s.is_empty())
-                    .map(|s| s.parse().unwrap())
-                    .collect(),
-            );
-        } else if line == "GOT" {
-            seqs = Some(Vec::new());
-        }
-    }
-    assert!(child.wait().unwrap().success());
-    seqs.expect("the child printed no GOT line")
+/// The sequence numbers among `lines`.
+fn seqs(lines: &[String]) -> Vec<u64> {
+    lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("S ").map(|s| s.parse().unwrap()))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -118,8 +164,7 @@ async fn four_subscribers_each_get_every_message_in_order() {
         return;
     }
     let dir = private_dir("fanout");
-    let mut children: Vec<Child> = (0..4).map(|_| spawn_sub(&dir, None)).collect();
-    let readers: Vec<_> = children.iter_mut().map(ready).collect();
+    let subs: Vec<Sub> = (0..4).map(|_| spawn_sub(&dir, None)).collect();
     let mesh = open(&dir).await;
     // Probes (not 8 bytes long) until all four subscribers are visible.
     let mut tries = 0;
@@ -138,12 +183,11 @@ async fn four_subscribers_each_get_every_message_in_order() {
         );
     }
     let expected: Vec<u64> = (0..N).collect();
-    for (reader, child) in readers.into_iter().zip(children) {
-        assert_eq!(
-            got(reader, child),
-            expected,
-            "a subscriber missed or reordered messages"
-        );
+    let last = format!("S {}", N - 1);
+    for sub in subs {
+        let mut got = seqs(&sub.until(|line| line == last));
+        got.extend(sub.finish());
+        assert_eq!(got, expected, "a subscriber missed or reordered messages");
     }
 }
 
@@ -153,17 +197,20 @@ async fn a_queue_group_of_three_handles_each_message_exactly_once() {
         return;
     }
     let dir = private_dir("group");
-    let mut children: Vec<Child> = (0..3).map(|_| spawn_sub(&dir, Some("workers"))).collect();
-    let readers: Vec<_> = children.iter_mut().map(ready).collect();
+    let subs: Vec<Sub> = (0..3).map(|_| spawn_sub(&dir, Some("workers"))).collect();
     let mesh = open(&dir).await;
-    // Let the publisher's watches see all three members.
+    // Probes until every member has had one: the publisher sees all three.
+    let mut probed = [false; 3];
     let mut tries = 0;
-    while mesh.publish("ticks", &b"probe"[..]).await.unwrap() < 1 {
+    while !probed.iter().all(|&p| p) {
         tries += 1;
-        assert!(tries < 5000, "the group never became visible");
+        assert!(tries < 5000, "the group's members never all became visible");
+        mesh.publish("ticks", &b"probe"[..]).await.unwrap();
         tokio::time::sleep(Duration::from_millis(1)).await;
+        for (sub, probed) in subs.iter().zip(&mut probed) {
+            *probed |= sub.ready_lines().iter().any(|l| l == "P");
+        }
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
     const N: u64 = 6_000;
     for seq in 0..N {
         assert_eq!(
@@ -173,10 +220,25 @@ async fn a_queue_group_of_three_handles_each_message_exactly_once() {
             1
         );
     }
+    // Read until the members have N messages between them, then stop them
+    // (what they still had queued comes with DONE).
+    let mut got: Vec<Vec<u64>> = vec![Vec::new(); 3];
+    let t = std::time::Instant::now();
+    while got.iter().map(Vec::len).sum::<usize>() < N as usize {
+        assert!(
+            t.elapsed() < SILENCE,
+            "the group handled {} of {N}",
+            got.iter().map(Vec::len).sum::<usize>()
+        );
+        for (sub, got) in subs.iter().zip(&mut got) {
+            got.extend(seqs(&sub.ready_lines()));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let mut all = Vec::new();
     let mut members_used = 0;
-    for (reader, child) in readers.into_iter().zip(children) {
-        let seqs = got(reader, child);
+    for (sub, mut seqs) in subs.into_iter().zip(got) {
+        seqs.extend(sub.finish());
         // Each member sees its share in publication order.
         assert!(
             seqs.windows(2).all(|w| w[0] < w[1]),
@@ -250,8 +312,18 @@ async fn slow_subscriber_policies_are_applied_and_counted() {
     // Block: nothing lost (1 probe + 100; more probes may have been sent
     // before all three were visible, so count at least 101).
     assert_eq!(reader.await.unwrap(), 101);
-    // Give the link threads time to hand everything to the queues.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The link threads hand what is left to the queues: wait for the
+    // counts the policies must reach.
+    let t = std::time::Instant::now();
+    while drop_oldest.dropped() < 91 || disconnect.dropped() < 1 {
+        assert!(
+            t.elapsed() < SILENCE,
+            "dropped {} and {}",
+            drop_oldest.dropped(),
+            disconnect.dropped()
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     // DropOldest: the queue holds the newest 10; the rest were dropped.
     assert!(
         drop_oldest.dropped() >= 91,
