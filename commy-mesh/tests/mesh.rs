@@ -51,6 +51,17 @@ fn child_server() {
         let dir = PathBuf::from(std::env::var(DIR).unwrap());
         let mesh = open(&dir).await;
         let _handles = serve_test_services(&mesh).await;
+        // Says on stdout that a request reached it, then takes 10 s.
+        let _entered = mesh
+            .serve("entered", |_req: Request| async move {
+                println!("ENTERED");
+                use std::io::Write;
+                std::io::stdout().flush().unwrap();
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                Ok::<_, Status>(Response::default())
+            })
+            .await
+            .unwrap();
         println!("READY");
         use std::io::Write;
         std::io::stdout().flush().unwrap();
@@ -91,19 +102,29 @@ fn child_client() {
 }
 
 fn wait_ready(child: &mut Child) {
-    use std::io::BufRead;
+    wait_line(child, "READY");
+}
+
+/// Reads the child's stdout until a line ends with `what`. Byte by byte:
+/// nothing after that line is taken from the pipe.
+fn wait_line(child: &mut Child, what: &str) {
+    use std::io::Read;
     let out = child.stdout.as_mut().unwrap();
-    let mut line = String::new();
-    let mut reader = std::io::BufReader::new(out);
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
     loop {
-        line.clear();
         assert!(
-            reader.read_line(&mut line).unwrap() > 0,
-            "child exited before READY"
+            out.read(&mut byte).unwrap() > 0,
+            "child exited before {what}"
         );
-        if line.trim_end().ends_with("READY") {
+        if byte[0] != b'\n' {
+            line.push(byte[0]);
+            continue;
+        }
+        if String::from_utf8_lossy(&line).trim_end().ends_with(what) {
             return;
         }
+        line.clear();
     }
 }
 
@@ -317,21 +338,27 @@ async fn killed_server_gives_unavailable_then_recovers_when_restarted() {
         b"before"
     );
 
-    // A call in flight when the server dies.
+    // A call in flight (in its handler) when the server dies.
     let in_flight = {
         let mesh = mesh.clone();
         tokio::spawn(async move {
             let t = Instant::now();
-            let r = mesh.call("slow", 10_000u64.to_le_bytes().to_vec()).await;
+            let r = mesh.call("entered", &b""[..]).await;
             (r, t.elapsed())
         })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut server = tokio::task::spawn_blocking(move || {
+        wait_line(&mut server, "ENTERED");
+        server
+    })
+    .await
+    .unwrap();
     server.kill().unwrap();
     server.wait().unwrap();
+    // Noticed: not the handler's answer after 10 s, nor the deadline's
+    // DEADLINE_EXCEEDED after 30 s.
     let (r, took) = in_flight.await.unwrap();
-    assert_eq!(r.unwrap_err().code(), Code::Unavailable);
-    assert!(took < Duration::from_secs(5), "noticed only after {took:?}");
+    assert_eq!(r.unwrap_err().code(), Code::Unavailable, "after {took:?}");
 
     // Nobody serves now.
     let e = mesh.call("echo", &b"x"[..]).await.unwrap_err();
@@ -487,11 +514,15 @@ async fn shutdown_waits_for_inline_and_waiting_handlers() {
     let server = open(&dir).await;
     let blocked = Arc::new(AtomicBool::new(false));
     let waited = Arc::new(AtomicBool::new(false));
+    // How many handlers have started.
+    let entered = Arc::new(AtomicUsize::new(0));
     // Blocks its link thread (runs inline, never waits)...
     let blocking = {
         let blocked = blocked.clone();
+        let entered = entered.clone();
         server
             .serve("blocking", move |_req: Request| {
+                entered.fetch_add(1, Ordering::SeqCst);
                 std::thread::sleep(Duration::from_millis(300));
                 blocked.store(true, Ordering::SeqCst);
                 async { Ok::<_, Status>(Response::default()) }
@@ -502,9 +533,11 @@ async fn shutdown_waits_for_inline_and_waiting_handlers() {
     // ...and waits (continues as a task).
     let waiting = {
         let waited = waited.clone();
+        let entered = entered.clone();
         server
             .serve("waiting", move |_req: Request| {
                 let waited = waited.clone();
+                entered.fetch_add(1, Ordering::SeqCst);
                 async move {
                     tokio::time::sleep(Duration::from_millis(300)).await;
                     waited.store(true, Ordering::SeqCst);
@@ -515,16 +548,21 @@ async fn shutdown_waits_for_inline_and_waiting_handlers() {
             .unwrap()
     };
     let client = open(&dir).await;
-    for (name, handle, done) in [
+    for (n, (name, handle, done)) in [
         ("blocking", blocking, &blocked),
         ("waiting", waiting, &waited),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let call = {
             let client = client.clone();
             tokio::spawn(async move { client.call(name, &b""[..]).await })
         };
-        // The request is being handled well inside the handler's 300 ms.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Shut down once the handler runs (it takes 300 ms).
+        while entered.load(Ordering::SeqCst) <= n {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         handle.shutdown().await;
         assert!(
             done.load(Ordering::SeqCst),
@@ -746,5 +784,94 @@ async fn a_deferred_handler_answers_with_a_copied_payload() {
     let reply = client.call("later", big.clone()).await.unwrap();
     assert_eq!(&reply[..], &big[..]);
     client.close().await;
+    server.close().await;
+}
+
+/// `Mesh::close` with calls in flight: the serving handle's close waits
+/// for its handler and the caller gets the answer; the calling handle's
+/// close lets its own call in flight finish; after a close, calls on the
+/// handle are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_with_calls_in_flight_lets_them_finish() {
+    if role().is_some() {
+        return;
+    }
+    /// A service whose handler counts itself in `entered`, then answers
+    /// the payload once `release` is notified.
+    async fn serve_held(
+        mesh: &Mesh,
+        name: &str,
+        entered: &Arc<AtomicUsize>,
+        release: &Arc<tokio::sync::Notify>,
+    ) -> commy_mesh::ServiceHandle {
+        let (entered, release) = (entered.clone(), release.clone());
+        mesh.serve(name, move |req: Request| {
+            let (entered, release) = (entered.clone(), release.clone());
+            async move {
+                let waiting = release.notified();
+                entered.fetch_add(1, Ordering::SeqCst);
+                waiting.await;
+                Ok::<_, Status>(Response::new(req.into_payload()))
+            }
+        })
+        .await
+        .unwrap()
+    }
+    let dir = private_dir("close-in-flight");
+    let entered = Arc::new(AtomicUsize::new(0));
+    let release = Arc::new(tokio::sync::Notify::new());
+    let client = open(&dir).await;
+    let call = |name: &'static str, body: &'static [u8]| {
+        let client = client.clone();
+        tokio::spawn(async move { client.call(name, body).await })
+    };
+    let until_entered = |n: usize, call: &tokio::task::JoinHandle<_>| {
+        assert!(!call.is_finished(), "the call ended before its handler ran");
+        entered.load(Ordering::SeqCst) >= n
+    };
+
+    // The serving handle closes while its handler holds a call.
+    let server = open(&dir).await;
+    let _h = serve_held(&server, "held", &entered, &release).await;
+    let first = call("held", b"one");
+    while !until_entered(1, &first) {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let closing = {
+        let server = server.clone();
+        tokio::spawn(async move { server.close().await })
+    };
+    // Closing has to wait for the handler, which waits for us.
+    tokio::task::yield_now().await;
+    assert!(
+        !closing.is_finished(),
+        "close returned with a call in flight"
+    );
+    release.notify_one();
+    closing.await.unwrap();
+    assert_eq!(&first.await.unwrap().unwrap()[..], b"one");
+    assert_eq!(
+        server.call("held", &b"x"[..]).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+
+    // The calling handle closes while its call waits for an answer.
+    let server = open(&dir).await;
+    let _h = serve_held(&server, "held-again", &entered, &release).await;
+    let second = call("held-again", b"two");
+    while !until_entered(2, &second) {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    client.close().await;
+    assert_eq!(
+        client
+            .call("held-again", &b"x"[..])
+            .await
+            .unwrap_err()
+            .code(),
+        Code::FailedPrecondition
+    );
+    release.notify_one();
+    assert_eq!(&second.await.unwrap().unwrap()[..], b"two");
     server.close().await;
 }
