@@ -54,6 +54,8 @@ async function main([role, ...args]) {
     }
     case 'idle':
       await mesh.close()
+      // Then nothing: the process must end by itself.
+      console.log('closed')
       return
   }
   throw new Error(`unknown role ${role}`)
