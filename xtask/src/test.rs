@@ -56,6 +56,17 @@ pub(crate) fn steps() -> Vec<Step> {
             commands: vec![Cmd::cargo().args(["test", "--workspace"])],
         },
         Step {
+            name: "fuzz",
+            about: "the fuzz crate: its target built and its corpus replayed (no libFuzzer run)",
+            needs: Needs::default(),
+            // `cargo test` builds the crate's binaries (the target, linked
+            // with libFuzzer) for its integration tests, then replays.
+            commands: vec![
+                Cmd::cargo().args(["fmt", "--manifest-path", "fuzz/Cargo.toml", "--check"]),
+                Cmd::cargo().args(["test", "--manifest-path", "fuzz/Cargo.toml"]),
+            ],
+        },
+        Step {
             name: "loom",
             about: "loom model checks of commy-shm's lock-free code (tests named *loom*)",
             needs: Needs::default(),
@@ -258,7 +269,7 @@ mod tests {
     fn step_names_are_unique_and_ordered() {
         let all = steps();
         let mut n = names(&all);
-        assert_eq!(n, ["fmt", "clippy", "test", "loom", "python", "node"]);
+        assert_eq!(n, ["fmt", "clippy", "test", "fuzz", "loom", "python", "node"]);
         n.sort_unstable();
         n.dedup();
         assert_eq!(n.len(), all.len());
@@ -277,7 +288,7 @@ mod tests {
         };
         assert_eq!(
             names(&select(steps(), &args).unwrap()),
-            ["fmt", "clippy", "test", "python", "node"]
+            ["fmt", "clippy", "test", "fuzz", "python", "node"]
         );
     }
 
@@ -289,7 +300,7 @@ mod tests {
         };
         let msg = select(steps(), &args).unwrap_err().to_string();
         assert!(
-            msg.contains("`lint`") && msg.contains("fmt, clippy, test, loom, python, node"),
+            msg.contains("`lint`") && msg.contains("fmt, clippy, test, fuzz, loom, python, node"),
             "{msg}"
         );
     }
