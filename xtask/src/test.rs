@@ -58,7 +58,11 @@ pub(crate) fn steps() -> Vec<Step> {
         Step {
             name: "fuzz",
             about: "the fuzz crate: its target built and its corpus replayed (no libFuzzer run)",
-            needs: Needs::default(),
+            // libfuzzer-sys compiles libFuzzer, which is C++.
+            needs: Needs {
+                apt_packages: vec!["g++"],
+                ..Needs::default()
+            },
             // `cargo test` builds the crate's binaries (the target, linked
             // with libFuzzer) for its integration tests, then replays.
             commands: vec![
@@ -269,7 +273,10 @@ mod tests {
     fn step_names_are_unique_and_ordered() {
         let all = steps();
         let mut n = names(&all);
-        assert_eq!(n, ["fmt", "clippy", "test", "fuzz", "loom", "python", "node"]);
+        assert_eq!(
+            n,
+            ["fmt", "clippy", "test", "fuzz", "loom", "python", "node"]
+        );
         n.sort_unstable();
         n.dedup();
         assert_eq!(n.len(), all.len());
