@@ -138,15 +138,23 @@ fn cmd_run(args: &[String]) -> ExitCode {
 }
 
 fn cmd_demo(args: &[String]) -> ExitCode {
-    if let Some(a) = args.first() {
-        if a == "-h" || a == "--help" {
-            println!(
-                "usage: commy-bench demo\n\nMesh calls and a pub/sub stream between processes, beside the bare link."
-            );
-            return ExitCode::SUCCESS;
+    let mut quick = false;
+    for a in args {
+        match a.as_str() {
+            "-h" | "--help" => {
+                println!(
+                    "usage: commy-bench demo [--quick]\n\nMesh calls and a pub/sub stream between \
+                     processes, beside the bare link.\n\n  --quick  one short run of each: the \
+                     demo works, its numbers are not to quote"
+                );
+                return ExitCode::SUCCESS;
+            }
+            "--quick" => quick = true,
+            other => {
+                eprintln!("commy-bench demo: unexpected argument `{other}`");
+                return ExitCode::from(2);
+            }
         }
-        eprintln!("commy-bench demo: unexpected argument `{a}`");
-        return ExitCode::from(2);
     }
     let chosen: Vec<Scenario> = scenarios::scenarios()
         .into_iter()
@@ -159,9 +167,10 @@ fn cmd_demo(args: &[String]) -> ExitCode {
          `mesh.call`, a pub/sub stream to 1 and 4 subscribers, and the same \
          over the bare shared-memory link and a Unix socket for comparison.\n"
     );
+    let profile = if quick { Profile::Quick } else { Profile::Demo };
     let plan = Plan {
-        profile: Profile::Demo,
-        runs: Profile::Demo.default_runs(),
+        profile,
+        runs: if quick { 1 } else { profile.default_runs() },
         iterations: None,
         filters: Vec::new(),
     };

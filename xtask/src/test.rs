@@ -93,6 +93,12 @@ pub(crate) fn steps() -> Vec<Step> {
         },
         crate::python::step(),
         node_step(),
+        Step {
+            name: "demo",
+            about: "the README's demo, short: cargo xtask demo --quick",
+            needs: Needs::default(),
+            commands: vec![Cmd::cargo().args(["xtask", "demo", "--quick"])],
+        },
     ]
 }
 
@@ -275,7 +281,9 @@ mod tests {
         let mut n = names(&all);
         assert_eq!(
             n,
-            ["fmt", "clippy", "test", "fuzz", "loom", "python", "node"]
+            [
+                "fmt", "clippy", "test", "fuzz", "loom", "python", "node", "demo"
+            ]
         );
         n.sort_unstable();
         n.dedup();
@@ -295,7 +303,7 @@ mod tests {
         };
         assert_eq!(
             names(&select(steps(), &args).unwrap()),
-            ["fmt", "clippy", "test", "fuzz", "python", "node"]
+            ["fmt", "clippy", "test", "fuzz", "python", "node", "demo"]
         );
     }
 
@@ -307,7 +315,8 @@ mod tests {
         };
         let msg = select(steps(), &args).unwrap_err().to_string();
         assert!(
-            msg.contains("`lint`") && msg.contains("fmt, clippy, test, fuzz, loom, python, node"),
+            msg.contains("`lint`")
+                && msg.contains("fmt, clippy, test, fuzz, loom, python, node, demo"),
             "{msg}"
         );
     }
