@@ -70,6 +70,7 @@ impl Plan {
         let iterations = self
             .iterations
             .unwrap_or_else(|| self.profile.iterations(s.kind, s.size))
+            .min(s.max_iterations.unwrap_or(u64::MAX))
             .max(1);
         Params {
             size: s.size,

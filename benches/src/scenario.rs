@@ -242,6 +242,9 @@ pub(crate) struct Scenario {
     /// Whether it warms up with as many iterations as it times, instead of
     /// a tenth of them (see [`Scenario::long_warmup`]).
     pub(crate) long_warmup: bool,
+    /// The most iterations it times, whatever the profile says (see
+    /// [`Scenario::iterations_at_most`]).
+    pub(crate) max_iterations: Option<u64>,
     /// The transport's functions.
     pub(crate) fns: Fns,
 }
@@ -268,6 +271,7 @@ impl Scenario {
             batch: 1,
             demo: false,
             long_warmup: false,
+            max_iterations: None,
             fns,
         };
         s.rename();
@@ -312,6 +316,13 @@ impl Scenario {
     /// is done.
     pub(crate) fn long_warmup(mut self) -> Self {
         self.long_warmup = true;
+        self
+    }
+
+    /// Times at most `n` iterations: for scenarios whose iteration takes
+    /// milliseconds by design (a deadline passing), not microseconds.
+    pub(crate) fn iterations_at_most(mut self, n: u64) -> Self {
+        self.max_iterations = Some(n);
         self
     }
 
