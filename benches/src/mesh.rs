@@ -35,6 +35,17 @@ pub(crate) const ROUND_TRIP: Fns = Fns {
     child: rt_child,
 };
 
+/// A callback call's short deadline kept while the link's reader waits
+/// for a longer one (see [`deadline_parent`]).
+pub(crate) const CALLBACK_DEADLINE: Fns = Fns {
+    setup,
+    parent: deadline_parent,
+    child: rt_child,
+};
+
+/// The short timeout of [`CALLBACK_DEADLINE`]'s timed calls.
+pub(crate) const SHORT_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(3);
+
 /// Publish throughput to one subscriber.
 pub(crate) const PUBSUB_1: Fns = Fns {
     setup,
@@ -113,13 +124,62 @@ fn rt_parent(ctx: &mut ParentCtx<'_>) -> Result<Measurement, BenchError> {
     })
 }
 
+/// One call to `hold` (which answers after 60 s) keeps the link's reader
+/// waiting on the ring; each timed iteration is a callback call to `hold`
+/// with a [`SHORT_TIMEOUT`], made at a varying point of that wait, timed
+/// until its callback reports `DEADLINE_EXCEEDED`. A link whose reader
+/// only noticed the short deadline at the end of its own wait would show
+/// that wait here instead of the timeout.
+fn deadline_parent(ctx: &mut ParentCtx<'_>) -> Result<Measurement, BenchError> {
+    let p = ctx.params;
+    runtime()?.block_on(async {
+        let mesh = open(std::process::id()).await?;
+        mesh.call("echo", Bytes::new())
+            .await
+            .map_err(mesh_err("call"))?;
+        let long = 60_000u64.to_le_bytes();
+        mesh.call_then("hold", long, commy_mesh::CallOptions::default(), |_| {});
+        let mut samples = Vec::with_capacity(p.iterations as usize);
+        for i in 0..p.warmup + p.iterations {
+            tokio::time::sleep(std::time::Duration::from_micros(500 + (i * 1_700) % 5_000)).await;
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let options = commy_mesh::CallOptions::default().timeout(SHORT_TIMEOUT);
+            let t = Instant::now();
+            mesh.call_then("hold", long, options, move |r| {
+                let _ = tx.send((r, t.elapsed()));
+            });
+            let (result, took) = rx
+                .await
+                .map_err(|_| BenchError::Protocol("a callback call was never answered".into()))?;
+            match result {
+                Err(e) if e.code() == commy_mesh::Code::DeadlineExceeded => {}
+                other => {
+                    return Err(BenchError::Protocol(format!(
+                        "a call to `hold` with a {SHORT_TIMEOUT:?} timeout ended with {:?}",
+                        other.map(|_| "an answer")
+                    )));
+                }
+            }
+            if i >= p.warmup {
+                samples.push(took.as_nanos() as u64);
+            }
+        }
+        mesh.call("stop", Bytes::new())
+            .await
+            .map_err(mesh_err("stop"))?;
+        mesh.close().await;
+        Ok(Measurement::RoundTrip(samples))
+    })
+}
+
 fn rt_child(ctx: &mut ChildCtx<'_>) -> Result<(), BenchError> {
     let parent = std::os::unix::process::parent_id();
     runtime()?.block_on(async { serve_echo_until_stopped(open(parent).await?, ctx).await })
 }
 
 /// The round-trip peer on its open `mesh`: serves `echo` (the request's
-/// payload back) and `stop`, says ready, and closes the mesh once `stop`
+/// payload back), `hold` (answers after the u64 milliseconds of its
+/// payload) and `stop`, says ready, and closes the mesh once `stop`
 /// is called.
 pub(crate) async fn serve_echo_until_stopped(
     mesh: Mesh,
@@ -128,6 +188,15 @@ pub(crate) async fn serve_echo_until_stopped(
     let _echo = mesh
         .serve("echo", |req: Request| async move {
             Ok::<_, Status>(Response::new(req.into_payload()))
+        })
+        .await
+        .map_err(mesh_err("serve"))?;
+    // Answers after the u64 milliseconds of its payload.
+    let _hold = mesh
+        .serve("hold", |req: Request| async move {
+            let ms = <[u8; 8]>::try_from(&req.payload()[..]).map_or(0, u64::from_le_bytes);
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            Ok::<_, Status>(Response::default())
         })
         .await
         .map_err(mesh_err("serve"))?;

@@ -14,6 +14,9 @@ pub(crate) const FLOOR: &str = "spin-floor";
 pub(crate) const SHM: &str = "shm";
 /// Transport name of the mesh API's calls (`mesh.call`).
 pub(crate) const MESH: &str = "mesh";
+/// Transport name of a callback call's 3 ms deadline, kept while the
+/// link's reader waits for a longer one.
+pub(crate) const MESH_DEADLINE: &str = "mesh-deadline-3ms";
 /// Transport names of the mesh's pub/sub with 1 and 4 subscribers.
 pub(crate) const PUBSUB_1: &str = "pubsub-1sub";
 /// See [`PUBSUB_1`].
@@ -112,6 +115,13 @@ pub(crate) fn scenarios() -> Vec<Scenario> {
                 .in_demo(),
         );
     }
+    // A short deadline kept while the link's reader waits: each iteration
+    // takes the 3 ms timeout, so a few hundred suffice.
+    all.push(
+        Scenario::new(MESH_DEADLINE, Kind::RoundTrip, 8, mesh::CALLBACK_DEADLINE)
+            .wait(Wait::Default)
+            .iterations_at_most(300),
+    );
     all.push(
         Scenario::new(PUBSUB_1, Kind::Throughput, 64, mesh::PUBSUB_1)
             .wait(Wait::Default)

@@ -984,12 +984,12 @@ async fn a_short_callback_deadline_is_kept_while_the_reader_waits(t: Transport) 
         assert_eq!(e.code(), Code::DeadlineExceeded, "{e}");
         took.push(started.elapsed());
     }
-    took.sort();
-    // The median, so that a busy machine's odd late wake-up does not count.
-    let median = took[took.len() / 2];
+    // Never before its time. How soon after it is a performance goal of
+    // `cargo xtask bench` (scenario mesh-deadline-3ms), not a bound for a
+    // test that runs beside others.
     assert!(
-        median >= timeout && median < timeout + Duration::from_millis(6),
-        "a {timeout:?} timeout took {median:?} (median; all: {took:?})"
+        took.iter().all(|&t| t >= timeout),
+        "a {timeout:?} timeout ended early: {took:?}"
     );
 }
 
