@@ -6,17 +6,13 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin};
 use std::time::Duration;
 
 use commy_mesh::CallOptions;
 
 mod support;
-use support::{builder, private_dir, serve_test_services};
-
-const ROLE: &str = "COMMY_MESH_TEST_ROLE";
-const DIR: &str = "COMMY_MESH_TEST_DIR";
-const ARG: &str = "COMMY_MESH_TEST_ARG";
+use support::{ARG, DIR, builder, private_dir, role, serve_test_services, spawn_role};
 
 /// Where the control blocks of a link's two rings lie in its segment: the
 /// data area starts after the 128-byte segment header; the client-to-server
@@ -31,29 +27,6 @@ const CLOSED: u64 = 272;
 const CONSUMER_CLOSED: u32 = 2;
 /// How many random scribbles the test tries, one seed each.
 const SEEDS: u64 = 100;
-
-fn role() -> Option<String> {
-    std::env::var(ROLE).ok()
-}
-
-fn spawn(role: &str, entry: &str, dir: &Path, arg: &str) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            entry,
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(ROLE, role)
-        .env(DIR, dir)
-        .env(ARG, arg)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
-}
 
 /// Child role: serve the test services until its stdin closes.
 #[test]
@@ -209,7 +182,7 @@ struct Peer {
 
 impl Peer {
     fn start(role: &str, dir: &Path) -> Peer {
-        let mut child = spawn(role, &format!("child_{role}"), dir, "");
+        let mut child = spawn_role(role, &format!("child_{role}"), dir, "");
         let stdin = child.stdin.take().unwrap();
         let stdout = BufReader::new(child.stdout.take().unwrap());
         let mut peer = Peer {
@@ -269,7 +242,7 @@ impl Peer {
     fn scribble(&mut self, how: &str) {
         let seg = self.ask("segment");
         assert!(seg.starts_with("/proc/"), "one link, one segment: {seg}");
-        let mut child = spawn("scribbler", "child_scribbler", Path::new(&seg), how);
+        let mut child = spawn_role("scribbler", "child_scribbler", Path::new(&seg), how);
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut all = String::new();
         std::io::Read::read_to_string(&mut out, &mut all).unwrap();

@@ -3,7 +3,7 @@
 #![allow(clippy::disallowed_types)] // plain counters in tests, nothing for loom
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -11,35 +11,10 @@ use std::time::{Duration, Instant};
 use commy_mesh::{CallOptions, Code, Mesh, Request, Response, Status};
 
 mod support;
-use support::{open, open_bounded, private_dir, serve_test_services};
+use support::{ARG, DIR, open, open_bounded, private_dir, role, serve_test_services, spawn_role};
 
-const ROLE: &str = "COMMY_MESH_TEST_ROLE";
-const DIR: &str = "COMMY_MESH_TEST_DIR";
-const ARG: &str = "COMMY_MESH_TEST_ARG";
-
-fn role() -> Option<String> {
-    std::env::var(ROLE).ok()
-}
-
-fn spawn(role: &str, entry: &str, dir: &Path, arg: &str) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "--ignored",
-            entry,
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(ROLE, role)
-        .env(DIR, dir)
-        .env(ARG, arg)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
-}
-
-/// Child role: serve the test services until killed.
+/// Child role: serve the test services (and `entered`) until killed or
+/// its stdin closes.
 #[test]
 #[ignore = "child role, run by the tests of this file"]
 fn child_server() {
@@ -65,7 +40,10 @@ fn child_server() {
         println!("READY");
         use std::io::Write;
         std::io::stdout().flush().unwrap();
-        tokio::time::sleep(Duration::from_secs(600)).await;
+        // Serve until killed, or until the test's end closes our stdin.
+        tokio::task::spawn_blocking(|| std::io::stdin().lines().count())
+            .await
+            .unwrap();
     });
 }
 
@@ -330,7 +308,7 @@ async fn killed_server_gives_unavailable_then_recovers_when_restarted() {
         return;
     }
     let dir = private_dir("kill");
-    let mut server = spawn("server", "child_server", &dir, "");
+    let mut server = spawn_role("server", "child_server", &dir, "");
     wait_ready(&mut server);
     let mesh = open(&dir).await;
     assert_eq!(
@@ -368,7 +346,7 @@ async fn killed_server_gives_unavailable_then_recovers_when_restarted() {
     );
 
     // Restart: the same handle's calls succeed again.
-    let mut server = spawn("server", "child_server", &dir, "");
+    let mut server = spawn_role("server", "child_server", &dir, "");
     wait_ready(&mut server);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -395,13 +373,13 @@ async fn sixteen_client_processes_two_instances_every_response_is_its_own() {
     }
     let dir = private_dir("hammer");
     let mut servers: Vec<Child> = (0..2)
-        .map(|_| spawn("server", "child_server", &dir, ""))
+        .map(|_| spawn_role("server", "child_server", &dir, ""))
         .collect();
     for s in &mut servers {
         wait_ready(s);
     }
     let clients: Vec<Child> = (0..16)
-        .map(|_| spawn("client", "child_client", &dir, "400"))
+        .map(|_| spawn_role("client", "child_client", &dir, "400"))
         .collect();
     for c in clients {
         let out = c.wait_with_output().unwrap();

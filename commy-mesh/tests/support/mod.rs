@@ -85,3 +85,37 @@ pub(crate) async fn serve_test_services(mesh: &Mesh) -> Vec<commy_mesh::ServiceH
         .unwrap();
     vec![echo, pid, slow, fail]
 }
+
+/// Environment variables that make a test binary's re-run a child role:
+/// which role, its runtime dir (or other path), and an argument.
+pub(crate) const ROLE: &str = "COMMY_MESH_TEST_ROLE";
+pub(crate) const DIR: &str = "COMMY_MESH_TEST_DIR";
+pub(crate) const ARG: &str = "COMMY_MESH_TEST_ARG";
+
+/// The child role this process plays, if it is one.
+pub(crate) fn role() -> Option<String> {
+    std::env::var(ROLE).ok()
+}
+
+/// Re-runs this test binary as the child role `role`, running only the
+/// (ignored) test `entry`, with `dir` and `arg`; its stdin and stdout are
+/// piped.
+pub(crate) fn spawn_role(role: &str, entry: &str, dir: &Path, arg: &str) -> std::process::Child {
+    use std::process::{Command, Stdio};
+    Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "--ignored",
+            entry,
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(ROLE, role)
+        .env(DIR, dir)
+        .env(ARG, arg)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
