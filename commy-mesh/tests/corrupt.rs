@@ -12,7 +12,9 @@ use std::time::Duration;
 use commy_mesh::CallOptions;
 
 mod support;
-use support::{ARG, DIR, builder, private_dir, role, serve_test_services, spawn_role};
+use support::{
+    ARG, DIR, builder, private_dir, ready_until_stdin_closes, role, serve_test_services, spawn_role,
+};
 
 /// Where the control blocks of a link's two rings lie in its segment: the
 /// data area starts after the 128-byte segment header; the client-to-server
@@ -40,12 +42,7 @@ fn child_server() {
         let dir = PathBuf::from(std::env::var(DIR).unwrap());
         let mesh = builder(&dir).open().await.unwrap();
         let _handles = serve_test_services(&mesh).await;
-        println!("READY");
-        std::io::stdout().flush().unwrap();
-        // Serve until the test closes our stdin (or dies).
-        tokio::task::spawn_blocking(|| std::io::stdin().lines().count())
-            .await
-            .unwrap();
+        ready_until_stdin_closes().await;
     });
 }
 

@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 use commy_mesh::{CallOptions, Code, Mesh, Request, Response, Status};
 
 mod support;
-use support::{ARG, DIR, open, open_bounded, private_dir, role, serve_test_services, spawn_role};
+use support::{
+    ARG, DIR, open, open_bounded, private_dir, ready_until_stdin_closes, role, serve_test_services,
+    spawn_role,
+};
 
 /// Child role: serve the test services (and `entered`) until killed or
 /// its stdin closes.
@@ -37,13 +40,7 @@ fn child_server() {
             })
             .await
             .unwrap();
-        println!("READY");
-        use std::io::Write;
-        std::io::stdout().flush().unwrap();
-        // Serve until killed, or until the test's end closes our stdin.
-        tokio::task::spawn_blocking(|| std::io::stdin().lines().count())
-            .await
-            .unwrap();
+        ready_until_stdin_closes().await;
     });
 }
 

@@ -119,3 +119,14 @@ pub(crate) fn spawn_role(role: &str, entry: &str, dir: &Path, arg: &str) -> std:
         .spawn()
         .unwrap()
 }
+
+/// The end of a serving child role: says READY on stdout, then waits
+/// until the test closes the child's stdin (or dies).
+pub(crate) async fn ready_until_stdin_closes() {
+    use std::io::Write;
+    println!("READY");
+    std::io::stdout().flush().unwrap();
+    tokio::task::spawn_blocking(|| std::io::stdin().lines().count())
+        .await
+        .unwrap();
+}
