@@ -50,9 +50,11 @@ fn main() -> ExitCode {
             println!("ok: out of descriptors, the accept loop backs off and recovers");
             a_frozen_instance_costs_a_call_no_more_than_its_timeout();
             println!("ok: a frozen instance costs a call no more than its timeout");
+            a_frozen_instance_is_given_up_for_a_live_one();
+            println!("ok: a frozen instance is given up for a live one");
             a_refused_handshake_reaches_the_caller_with_its_reason();
             println!("ok: a refused handshake reaches the caller with its reason");
-            println!("accept: 3 passed");
+            println!("accept: 4 passed");
             ExitCode::SUCCESS
         }
     }
@@ -207,6 +209,57 @@ fn a_frozen_instance_costs_a_call_no_more_than_its_timeout() {
     assert_eq!(&answer.unwrap().payload()[..], b"awake");
     rt.block_on(mesh.close());
     drop(to_child);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Two instances, one frozen: a new client's first call, with a timeout
+/// shorter than the handshake's own 5 s, gives the frozen one up after a
+/// second and is answered by the other, whichever it tried first.
+fn a_frozen_instance_is_given_up_for_a_live_one() {
+    use rustix::process::{Pid, Signal, kill_process};
+    let dir = private_dir("frozen-beside");
+    /// The children, woken and ended however the check ends.
+    struct Reap(Vec<(std::process::Child, Pid)>);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            for (child, pid) in &mut self.0 {
+                let _ = kill_process(*pid, Signal::CONT);
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+    let mut children = Reap(Vec::new());
+    for _ in 0..2 {
+        let mut child = spawn("server", &dir);
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "READY");
+        let pid = Pid::from_raw(child.id() as i32).unwrap();
+        children.0.push((child, pid));
+    }
+    let rt = runtime();
+    // Each instance frozen in turn: a new client's first pick is the same
+    // one every time, so one of the two rounds starts with the frozen one.
+    for frozen in 0..2 {
+        let pid = children.0[frozen].1;
+        kill_process(pid, Signal::STOP).unwrap();
+        for i in 0..2 {
+            let mesh = rt.block_on(builder(&dir).open()).unwrap();
+            let options = CallOptions::default().timeout(Duration::from_secs(3));
+            let body = format!("first call {i}");
+            let answer = rt.block_on(mesh.call_with("echo", body.clone().into_bytes(), options));
+            match answer {
+                Ok(r) => assert_eq!(r.payload(), body.as_bytes()),
+                Err(e) => panic!("instance {frozen} frozen, client {i}: {e}"),
+            }
+            rt.block_on(mesh.close());
+        }
+        kill_process(pid, Signal::CONT).unwrap();
+    }
+    drop(children);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -160,7 +160,10 @@ impl Pools {
                     Chosen::Unlinked(inst) => inst,
                 };
                 tried += 1;
-                match self.connect(pool, &inst, deadline).await {
+                // With another instance left to try, a handshake that does
+                // not finish soon is given up for it.
+                let hedge = (tried < local).then_some(HANDSHAKE_HEDGE);
+                match self.connect_hedged(pool, &inst, deadline, hedge).await {
                     Ok(ep) => return Ok((ep, inst.id)),
                     Err(e) => {
                         if e.code() == commy_core::Code::DeadlineExceeded {
@@ -285,6 +288,21 @@ impl Pools {
         inst: &Instance,
         deadline: Option<Deadline>,
     ) -> Result<Endpoint, Status> {
+        self.connect_hedged(pool, inst, deadline, None).await
+    }
+
+    /// [`connect`](Pools::connect), giving a shared-memory handshake at
+    /// most `hedge` when another instance could be tried instead: an
+    /// instance that does not finish it by then fails with `Unavailable`
+    /// (and the pick forgets it until its source's next set, as any
+    /// instance it could not reach).
+    async fn connect_hedged(
+        &self,
+        pool: &Arc<Pool>,
+        inst: &Instance,
+        deadline: Option<Deadline>,
+        hedge: Option<Duration>,
+    ) -> Result<Endpoint, Status> {
         if let Some(ep) = pool.state.lock().conns.get(&inst.id)
             && ep.is_alive()
         {
@@ -306,6 +324,10 @@ impl Pools {
                     // Zero would mean no wait at all, not an expired one.
                     link_config.handshake_timeout = d.remaining().max(Duration::from_micros(1));
                 }
+                let hedged = hedge.filter(|&h| h < link_config.handshake_timeout);
+                if let Some(h) = hedged {
+                    link_config.handshake_timeout = h;
+                }
                 let link = tokio::task::spawn_blocking(move || ShmLink::connect(path, link_config))
                     .await
                     .map_err(|e| Status::internal(format!("connect task failed: {e}")))?
@@ -313,6 +335,11 @@ impl Pools {
                         if cut_short && deadline.is_some_and(Deadline::is_expired) {
                             Status::deadline_exceeded(format!(
                                 "the deadline passed while connecting to instance {}: {e}",
+                                inst.id
+                            ))
+                        } else if let Some(h) = hedged.filter(|_| is_timeout(&e)) {
+                            Status::unavailable(format!(
+                                "instance {} did not finish its handshake within {h:?}: {e}",
                                 inst.id
                             ))
                         } else {
@@ -585,6 +612,25 @@ impl Pool {
         // Both draws were refused: the first admitted one, if any.
         (0..instances.len()).find(|&j| admitted(j))
     }
+}
+
+/// How long a shared-memory handshake may take while another instance of
+/// the service could be tried instead (a live instance answers in well
+/// under a millisecond; a frozen one would keep a first call waiting for
+/// the handshake's own 5 s).
+const HANDSHAKE_HEDGE: Duration = Duration::from_secs(1);
+
+/// Whether connecting failed because the instance did not answer in time.
+fn is_timeout(e: &commy_shm::link::ConnectError) -> bool {
+    use commy_shm::link::{ConnectError, HandshakeError};
+    matches!(
+        e,
+        ConnectError::Connect(commy_shm::uds::ConnectError::TimedOut { .. })
+            | ConnectError::Handshake {
+                source: HandshakeError::Recv(commy_shm::uds::RecvError::TimedOut { .. }),
+                ..
+            }
+    )
 }
 
 /// The failure of a call whose every instance the call policy refused.
