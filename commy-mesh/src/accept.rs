@@ -10,12 +10,9 @@ use std::time::{Duration, Instant};
 
 use commy_core::Status;
 use commy_core::backoff::AcceptBackoff;
-use commy_core::log_limit::{LogLimit, left_out};
 use commy_shm::{LinkConfig, ShmLink, UdsListener};
 
-/// Refusal lines written per [`REFUSALS_WINDOW`] at most, per listener.
-const REFUSALS_BURST: u32 = 10;
-const REFUSALS_WINDOW: Duration = Duration::from_secs(10);
+use crate::warn::Warnings;
 
 /// Starts a thread accepting links on `listener` until `stop` is set; each
 /// link is handed to `on_link` on a thread of its own, the handshake
@@ -30,10 +27,7 @@ pub(crate) fn start_accepting(
     let on_link = Arc::new(on_link);
     // Refused handshakes are logged a few at a time (they run on the
     // links' threads).
-    let refusals = Arc::new(parking_lot::Mutex::new(LogLimit::new(
-        REFUSALS_BURST,
-        REFUSALS_WINDOW,
-    )));
+    let refusals = Arc::new(Warnings::new());
     std::thread::Builder::new()
         .name(format!("commy-accept-{name}"))
         .spawn(move || {
@@ -54,12 +48,7 @@ pub(crate) fn start_accepting(
                             .spawn(move || match ShmLink::accept_stream(sock, &link) {
                                 Ok(l) => on_link(l),
                                 Err(e) => {
-                                    if let Some(n) = refusals.lock().admit(Instant::now()) {
-                                        tracing::warn!(
-                                            "{name2}: refused a connection: {e}{}",
-                                            left_out(n)
-                                        );
-                                    }
+                                    refusals.warn(|| format!("{name2}: refused a connection: {e}"))
                                 }
                             });
                         if let Err(e) = spawned {
@@ -69,9 +58,7 @@ pub(crate) fn start_accepting(
                     Ok(None) => {}
                     Err(commy_shm::uds::AcceptError::PeerCred { source, .. }) => {
                         // That connection is closed; the listener is fine.
-                        if let Some(n) = refusals.lock().admit(Instant::now()) {
-                            tracing::warn!("{name}: refused a connection: {source}{}", left_out(n));
-                        }
+                        refusals.warn(|| format!("{name}: refused a connection: {source}"));
                     }
                     Err(e) => {
                         let after = backoff.failed(Instant::now());

@@ -44,6 +44,7 @@ mod response;
 mod serve;
 pub mod service;
 mod sync;
+mod warn;
 mod wire;
 
 pub use call::CallOptions;

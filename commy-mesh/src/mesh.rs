@@ -47,13 +47,14 @@ use crate::embed::driven::DrivenLink;
 use crate::net::NetState;
 use crate::pubsub::{PubSub, SubscribeOptions, Subscription};
 use crate::response::Response;
-use crate::serve::dispatch::{ServeCtx, link_warnings};
+use crate::serve::dispatch::ServeCtx;
 use crate::serve::handler::{Handler, erase, erase_deferred};
 use crate::serve::load::Load;
 use crate::serve::request::{Request, interned};
 use crate::serve::responder::Responder;
 use crate::serve::service::{Served, ServiceHandle};
 use crate::serve::shm::serve_link;
+use crate::warn::Warnings;
 
 /// Errors from [`Mesh::open`].
 #[derive(Debug, thiserror::Error)]
@@ -283,7 +284,7 @@ impl Mesh {
                 .serve_policy
                 .as_ref()
                 .and_then(|p| p.get(&service)),
-            link_warnings: link_warnings(),
+            link_warnings: Warnings::new(),
         });
         if let Some(net) = &self.inner.net {
             net.add(&service, id, ctx.clone());

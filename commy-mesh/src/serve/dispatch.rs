@@ -8,7 +8,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use commy_core::log_limit::{LogLimit, left_out};
 use commy_core::{Deadline, Limits, Metadata, Status};
 
 use crate::response::Response;
@@ -17,6 +16,7 @@ use crate::serve::load::Load;
 use crate::serve::permits::Permit;
 use crate::serve::policy::{RequestHead, ServePolicy};
 use crate::serve::request::Caller;
+use crate::warn::Warnings;
 
 /// Per-service state a server connection needs.
 pub(crate) struct ServeCtx {
@@ -30,18 +30,9 @@ pub(crate) struct ServeCtx {
     pub(crate) load: Arc<Load>,
     /// Its serve policy, if it has one.
     pub(crate) policy: Option<Arc<dyn ServePolicy>>,
-    /// Limits the lines its clients' broken links and frames write.
-    pub(crate) link_warnings: parking_lot::Mutex<LogLimit>,
-}
-
-/// Warnings about one service's links written per window at most: a client
-/// that breaks links in a loop costs a handful of lines.
-const LINK_WARNINGS_BURST: u32 = 10;
-const LINK_WARNINGS_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// A fresh limit for [`ServeCtx::link_warnings`].
-pub(crate) fn link_warnings() -> parking_lot::Mutex<LogLimit> {
-    parking_lot::Mutex::new(LogLimit::new(LINK_WARNINGS_BURST, LINK_WARNINGS_WINDOW))
+    /// Warnings about its clients' broken links and frames, limited: a
+    /// client that breaks links in a loop costs a handful of lines.
+    pub(crate) link_warnings: Warnings,
 }
 
 impl ServeCtx {
@@ -49,9 +40,7 @@ impl ServeCtx {
     /// too many were logged lately; the next line written says how many
     /// were left out.
     pub(crate) fn warn_link(&self, line: impl FnOnce() -> String) {
-        if let Some(n) = self.link_warnings.lock().admit(std::time::Instant::now()) {
-            tracing::warn!("{}{}", line(), left_out(n));
-        }
+        self.link_warnings.warn(line);
     }
 
     /// Whether a request from `caller` with `metadata` may reach the
