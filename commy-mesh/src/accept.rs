@@ -48,7 +48,7 @@ pub(crate) fn start_accepting(
                             .spawn(move || match ShmLink::accept_stream(sock, &link) {
                                 Ok(l) => on_link(l),
                                 Err(e) => {
-                                    refusals.warn(|| format!("{name2}: refused a connection: {e}"))
+                                    refusals.warn(|| format!("{name2}: refused a connection: {e}"));
                                 }
                             });
                         if let Err(e) = spawned {

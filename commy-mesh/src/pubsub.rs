@@ -48,6 +48,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::accept::start_accepting;
 use crate::call::pool::Pools;
+use crate::warn::CLIENT_LINKS;
 use crate::wire::TOPIC_HEADER;
 
 /// What happens when a subscriber's queue is full.
@@ -335,14 +336,16 @@ fn serve_topic_link(link: ShmLink, queue: Arc<Queue>, limits: Limits) {
             Ok(m) => m,
             Err(RecvError::Ring(RingError::Closed | RingError::PeerGone)) => return,
             Err(e) => {
-                tracing::warn!("subscription to {}: closing a link: {e}", queue.topic);
+                CLIENT_LINKS
+                    .warn(|| format!("subscription to {}: closing a link: {e}", queue.topic));
                 return;
             }
         };
         let frame = match FrameRef::decode(&msg, &limits) {
             Ok(f) => f,
             Err(e) => {
-                tracing::warn!("subscription to {}: malformed frame: {e}", queue.topic);
+                CLIENT_LINKS
+                    .warn(|| format!("subscription to {}: malformed frame: {e}", queue.topic));
                 return;
             }
         };
@@ -350,7 +353,7 @@ fn serve_topic_link(link: ShmLink, queue: Arc<Queue>, limits: Limits) {
             continue;
         }
         let Ok(mut metadata) = crate::wire::decode_metadata(frame.metadata(), &limits) else {
-            tracing::warn!("subscription to {}: malformed metadata", queue.topic);
+            CLIENT_LINKS.warn(|| format!("subscription to {}: malformed metadata", queue.topic));
             return;
         };
         let topic = metadata.header(TOPIC_HEADER).map(|v| v.to_vec());

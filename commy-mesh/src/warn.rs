@@ -22,10 +22,31 @@ impl Warnings {
     }
 
     /// Writes `line()` as a warning, unless too many were written lately
-    /// (then `line` is not even called).
-    pub(crate) fn warn(&self, line: impl FnOnce() -> String) {
-        if let Some(n) = self.0.lock().admit(Instant::now()) {
-            tracing::warn!("{}{}", line(), left_out(n));
-        }
+    /// (then `line` is not even called); says whether it was written.
+    pub(crate) fn warn(&self, line: impl FnOnce() -> String) -> bool {
+        let Some(n) = self.0.lock().admit(Instant::now()) else {
+            return false;
+        };
+        tracing::warn!("{}{}", line(), left_out(n));
+        true
+    }
+}
+
+/// Warnings about links the other side broke, on the client side: links
+/// to services, and publishers' links into this process's subscriptions.
+pub(crate) static CLIENT_LINKS: Warnings = Warnings::new();
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A burst of warnings writes BURST lines.
+    #[test]
+    fn a_burst_writes_a_handful_of_lines() {
+        let warnings = Warnings::new();
+        let written = (0..30)
+            .filter(|i| warnings.warn(|| format!("warning {i}")))
+            .count();
+        assert_eq!(written, BURST as usize);
     }
 }

@@ -29,6 +29,7 @@ use crate::call::stats::EndpointStats;
 use crate::call::table::{AnswerSink, CallResult, CallTable, Callback, Done, PendingCalls, Waiter};
 use crate::response::Response;
 use crate::sync::Counted;
+use crate::warn::CLIENT_LINKS;
 use crate::wire::{
     Patience, check_frame, decode_metadata, encode_metadata, far_future, send_frame, send_status,
 };
@@ -456,7 +457,12 @@ impl ClientConn {
         let frame = match FrameRef::decode(msg, &self.limits) {
             Ok(f) => f,
             Err(e) => {
-                tracing::warn!("dropping a link: the server sent a malformed frame: {e}");
+                CLIENT_LINKS.warn(|| {
+                    format!(
+                        "dropping the link to instance {}: it sent a malformed frame: {e}",
+                        self.instance
+                    )
+                });
                 return None;
             }
         };
