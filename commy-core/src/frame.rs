@@ -145,6 +145,18 @@ impl FrameKind {
         }
     }
 
+    /// Whether a frame of this kind is, as Commy sends it today, a whole
+    /// message that is also the last its sender sends on its stream: a
+    /// unary Request, its one Response, a OneWay (PROTOCOL.md sections 4.2
+    /// and 4.3). Such frames carry `END_STREAM`
+    /// ([`FrameHeader::with_sections`]).
+    pub const fn ends_its_stream(self) -> bool {
+        matches!(
+            self,
+            FrameKind::Request | FrameKind::Response | FrameKind::OneWay
+        )
+    }
+
     /// Whether frames of this kind belong to one stream and so must carry a
     /// nonzero stream id (Request, Response, OneWay, Publish, Cancel).
     pub const fn requires_stream(self) -> bool {
@@ -366,6 +378,20 @@ pub struct FrameHeader {
 }
 
 impl FrameHeader {
+    /// The header as a sender writes it before sections of `metadata_len`
+    /// and `payload_len` bytes: those lengths, and `END_STREAM` on a frame
+    /// whose kind [ends its stream](FrameKind::ends_its_stream) (other
+    /// flags are kept). Both transports' writers finish every header here.
+    #[must_use]
+    pub fn with_sections(mut self, metadata_len: u32, payload_len: u32) -> FrameHeader {
+        self.metadata_len = metadata_len;
+        self.payload_len = payload_len;
+        if self.kind.ends_its_stream() {
+            self.flags |= FrameFlags::END_STREAM;
+        }
+        self
+    }
+
     /// A header with no flags, no deadline and empty sections.
     pub const fn new(kind: FrameKind, stream_id: StreamId) -> FrameHeader {
         FrameHeader {
@@ -964,6 +990,27 @@ impl Iterator for Frames<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_whole_message_ends_its_stream_when_written() {
+        for kind in FrameKind::ALL {
+            let h = FrameHeader::new(kind, StreamId(1)).with_sections(3, 4);
+            assert_eq!((h.metadata_len, h.payload_len), (3, 4));
+            let ends = matches!(
+                kind,
+                FrameKind::Request | FrameKind::Response | FrameKind::OneWay
+            );
+            assert_eq!(h.flags.contains(FrameFlags::END_STREAM), ends, "{kind}");
+            assert_eq!(kind.ends_its_stream(), ends, "{kind}");
+        }
+        // Other flags are kept.
+        let h = FrameHeader {
+            flags: FrameFlags::FRAGMENT,
+            ..FrameHeader::new(FrameKind::Publish, StreamId(2))
+        }
+        .with_sections(0, 0);
+        assert_eq!(h.flags, FrameFlags::FRAGMENT);
+    }
 
     fn header_bytes(mutate: impl FnOnce(&mut [u8; HEADER_LEN])) -> [u8; HEADER_LEN] {
         let mut raw = FrameHeader::new(FrameKind::Request, StreamId(1)).encode();
