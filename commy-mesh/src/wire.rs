@@ -20,13 +20,12 @@ const SMALL_FRAME: usize = 256;
 /// fragmenting copy path.
 pub(crate) fn send_frame(
     tx: &mut LinkSender,
-    mut header: FrameHeader,
+    header: FrameHeader,
     metadata: &[u8],
     payload: &[u8],
     patience: Patience,
 ) -> Result<(), SendError> {
-    header.metadata_len = metadata.len() as u32;
-    header.payload_len = payload.len() as u32;
+    let header = header.with_sections(metadata.len() as u32, payload.len() as u32);
     let total = commy_core::HEADER_LEN + metadata.len() + payload.len();
     if total <= tx.max_record() {
         let loan = match patience {

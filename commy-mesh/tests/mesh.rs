@@ -850,3 +850,66 @@ async fn close_with_calls_in_flight_lets_them_finish() {
     assert_eq!(&second.await.unwrap().unwrap()[..], b"two");
     server.close().await;
 }
+
+/// A client written from docs/PROTOCOL.md, over shared memory: a Request
+/// with END_STREAM in a raw link to the service's socket is answered by a
+/// Response with END_STREAM (and a failing one by an Error), and a OneWay
+/// with END_STREAM is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_shared_memory_client_sees_end_stream() {
+    use commy_core::{Frame, FrameFlags, FrameKind, FrameRef, Limits, StreamId};
+    use commy_mesh::MeshName;
+    use commy_mesh::discovery::LocalRegistry;
+    if role().is_some() {
+        return;
+    }
+    let dir = private_dir("raw-end-stream");
+    let server = open(&dir).await;
+    let _h = serve_test_services(&server).await;
+    let registry = LocalRegistry::new(
+        commy_shm::RuntimeDir::at(&dir).unwrap(),
+        &MeshName::default(),
+    )
+    .unwrap();
+    let echo = registry
+        .instances(&commy_mesh::service::ServiceName::new("echo").unwrap())
+        .unwrap();
+    let commy_core::Endpoint::Shm(addr) = &echo[0].endpoint else {
+        panic!("not a shared-memory endpoint: {}", echo[0].endpoint);
+    };
+    let path = addr.to_path_buf();
+    let frames = tokio::task::spawn_blocking(move || {
+        let mut link =
+            commy_shm::ShmLink::connect(&path, commy_shm::LinkConfig::default()).unwrap();
+        let ended = |kind, id: u64, metadata: &[u8], body: &[u8]| {
+            Frame::new(kind, StreamId(id), metadata.to_vec(), body.to_vec())
+                .unwrap()
+                .with_flags(FrameFlags::END_STREAM)
+                .to_vec()
+        };
+        link.send(&ended(FrameKind::OneWay, 1, b"", b"note"))
+            .unwrap();
+        let mut answer = |id: u64, metadata: &[u8], body: &[u8]| {
+            link.send(&ended(FrameKind::Request, id, metadata, body))
+                .unwrap();
+            let far = Instant::now() + Duration::from_secs(20);
+            let msg = link.recv_deadline(far).unwrap();
+            FrameRef::decode(&msg, &Limits::DEFAULT).unwrap().to_frame()
+        };
+        // A call, and one whose metadata section is not postcard.
+        (answer(3, b"", b"hello"), answer(5, &[0xff], b"x"))
+    })
+    .await
+    .unwrap();
+    let (answer, failed) = frames;
+    assert_eq!(answer.kind(), FrameKind::Response);
+    assert_eq!(answer.header().stream_id, StreamId(3));
+    assert!(answer.header().flags.contains(FrameFlags::END_STREAM));
+    assert_eq!(&answer.payload()[..], b"hello");
+    // An Error ends its stream by itself (section 4.9).
+    assert_eq!(failed.kind(), FrameKind::Error);
+    assert_eq!(failed.header().stream_id, StreamId(5));
+    let status = failed.status().unwrap().unwrap();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status}");
+    server.close().await;
+}

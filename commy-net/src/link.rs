@@ -220,9 +220,8 @@ pub(crate) async fn write_frames<W: AsyncWrite + Unpin>(
 /// Appends `out` to `buf`; true if it asks to close.
 fn encode(buf: &mut Vec<u8>, out: Out) -> bool {
     match out {
-        Out::Frame(mut h, md, payload) => {
-            h.metadata_len = md.len() as u32;
-            h.payload_len = payload.len() as u32;
+        Out::Frame(h, md, payload) => {
+            let h = h.with_sections(md.len() as u32, payload.len() as u32);
             buf.extend_from_slice(&h.encode());
             buf.extend_from_slice(&md);
             buf.extend_from_slice(&payload);

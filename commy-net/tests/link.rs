@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use commy_core::{Code, Deadline, Frame, FrameHeader, FrameKind, Limits, Status, StreamId};
+use commy_core::{
+    Code, Deadline, Frame, FrameFlags, FrameHeader, FrameKind, Limits, Status, StreamId,
+};
 use commy_net::{
     Client, Credentials, DevCa, Handler, Identity, Inbound, LeafSpec, Reason, Reply, Server,
     Settings,
@@ -870,4 +872,66 @@ fn the_dev_ca_is_created_once_under_races() {
     let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
     assert_eq!(leftovers.len(), 1, "no temporary dirs left behind");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A client that follows docs/PROTOCOL.md literally: its requests and
+/// one-way messages carry END_STREAM, and it waits on each stream for a
+/// Response with END_STREAM (or an Error), never for the connection to
+/// close. Calls, errors and one-ways all complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_waits_for_end_stream_completes() {
+    let f = Fixture::start("end-stream", quick(), false).await;
+    let mut s = f.raw_tls().await;
+    let ended = |kind, id: u64, body: &[u8]| {
+        Frame::new(kind, StreamId(id), Vec::new(), body.to_vec())
+            .unwrap()
+            .with_flags(FrameFlags::END_STREAM)
+            .to_vec()
+    };
+    let mut buf = bytes::BytesMut::new();
+    // Frames until the one that ends stream `id` (others are skipped:
+    // credit on stream 0).
+    async fn until_end(
+        s: &mut (impl tokio::io::AsyncRead + Unpin),
+        buf: &mut bytes::BytesMut,
+        id: u64,
+    ) -> Frame {
+        loop {
+            while let Some(f) = Frame::decode_from(buf, &Limits::DEFAULT).unwrap() {
+                let h = f.header();
+                let last = h.flags.contains(FrameFlags::END_STREAM) || h.kind == FrameKind::Error;
+                if h.stream_id == StreamId(id) && last {
+                    return f;
+                }
+            }
+            let n = tokio::time::timeout(Duration::from_secs(20), s.read_buf(buf))
+                .await
+                .expect("no frame ended the stream")
+                .unwrap();
+            assert!(n > 0, "the server closed the connection");
+        }
+    }
+    // A call.
+    s.write_all(&ended(FrameKind::Request, 1, b"hello"))
+        .await
+        .unwrap();
+    let answer = until_end(&mut s, &mut buf, 1).await;
+    assert_eq!(answer.kind(), FrameKind::Response);
+    assert_eq!(&answer.payload()[..], b"hello");
+    // A one-way message (never answered), then a failing call.
+    s.write_all(&ended(FrameKind::OneWay, 3, b"note"))
+        .await
+        .unwrap();
+    s.write_all(&ended(FrameKind::Request, 5, b"fail"))
+        .await
+        .unwrap();
+    let failed = until_end(&mut s, &mut buf, 5).await;
+    assert_eq!(failed.kind(), FrameKind::Error);
+    assert_eq!(failed.status().unwrap().unwrap().code(), Code::NotFound);
+    // And the connection still serves.
+    s.write_all(&ended(FrameKind::Request, 7, b"again"))
+        .await
+        .unwrap();
+    let answer = until_end(&mut s, &mut buf, 7).await;
+    assert_eq!(&answer.payload()[..], b"again");
 }
