@@ -615,3 +615,17 @@ impl PubSub {
         self.pools.clear();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The keys docs/PROTOCOL.md derives in its example (section 10.2,
+    /// "Subscriber-set keys").
+    #[test]
+    fn keys_are_those_of_the_protocol_doc() {
+        let topic = TopicName::new("sensors/room-1/temp").unwrap();
+        assert_eq!(topic_key(&topic), "8e57a3cfcdcc");
+        assert_eq!(group_key(&topic, "workers"), "8e57a3cfcdcc-383cb9cc");
+    }
+}
