@@ -1214,3 +1214,77 @@ async fn a_call_policy_records_refuses_and_retries(t: Transport) {
     assert!(refused.message().contains("admits none"), "{refused}");
     assert!(policy.outcomes.lock().unwrap().is_empty());
 }
+
+/// A client written from docs/PROTOCOL.md publishes over TLS with a
+/// Request to `commy.publish`: the subscriber-set key it derives as the
+/// spec says reaches the peer's two subscribers of the topic, and the
+/// Request is answered once queued; a key nobody holds is answered too
+/// and reaches nobody; a missing key is INVALID_ARGUMENT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_sent_as_a_request_over_tls_is_acknowledged() {
+    use bytes::Bytes;
+    use commy_mesh::Deadline;
+    if role().is_some() {
+        return;
+    }
+    /// The spec's FNV-1a 64.
+    fn fnv(b: &[u8]) -> u64 {
+        b.iter().fold(0xcbf2_9ce4_8422_2325, |h, &x| {
+            (h ^ u64::from(x)).wrapping_mul(0x100_0000_01b3)
+        })
+    }
+    let dir = private_dir("publish-request");
+    let server = ServerProcess::start(&dir, ANY_PORT);
+    let ca = dir.join("commy").join("dev-ca").join("ca.pem");
+    let creds = commy_net::Credentials::from_pem_files(&ca, None).unwrap();
+    let client = commy_net::Client::new(
+        "127.0.0.1",
+        server.port,
+        creds.client_config().unwrap(),
+        commy_net::Settings::default(),
+    )
+    .unwrap();
+    let publish = |topic: &str, key: Option<String>, text: &'static str| {
+        let mut md = Metadata::default();
+        md.headers
+            .push(("commy-service".into(), b"commy.publish".to_vec()));
+        md.headers.push(("commy-topic".into(), topic.into()));
+        if let Some(key) = key {
+            md.headers
+                .push(("commy-topic-key".into(), key.into_bytes()));
+        }
+        let deadline = Some(Deadline::after(Duration::from_secs(10)));
+        client.call(
+            Bytes::from(md.encode()),
+            Bytes::from_static(text.as_bytes()),
+            deadline,
+        )
+    };
+    let news_key = format!("{:012x}", fnv(b"news") >> 16);
+    let answer = publish("news", Some(news_key), "spec").await.unwrap();
+    assert!(answer.payload.is_empty());
+    let nobody = format!("{:012x}", fnv(b"nobody") >> 16);
+    publish("news", Some(nobody), "lost").await.unwrap();
+    let e = publish("news", None, "no key").await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    // Both subscribers of "news" got the first message, none the second.
+    let mesh = tls_peer_builder(&dir, &dir.join("client-rt"), server.port)
+        .open()
+        .await
+        .unwrap();
+    let t = Instant::now();
+    loop {
+        let log = mesh.call("sub-log", Bytes::new()).await.unwrap();
+        let log = String::from_utf8_lossy(&log).into_owned();
+        assert!(!log.contains("lost"), "{log}");
+        if log.contains("news-a:spec") && log.contains("news-b:spec") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "not delivered: {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    mesh.close().await;
+}
