@@ -169,3 +169,34 @@ pub(crate) struct Listing {
 
 /// The metadata header that carries the topic of a published message.
 pub(crate) const TOPIC_HEADER: &str = "commy-topic";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use commy_core::{HostId, InstanceId, ServiceName};
+
+    /// A listing encodes as docs/PROTOCOL.md section 10.2 says: varint
+    /// integers, strings with a varint length, ids as 16 raw bytes (most
+    /// significant first).
+    #[test]
+    fn a_listing_is_encoded_as_the_protocol_doc_says() {
+        let id = InstanceId::from_u128(0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10);
+        let listing = Listing {
+            version: 300,
+            host: HostId::new("h").unwrap(),
+            pid: 7,
+            instances: vec![(ServiceName::new("echo").unwrap(), id)],
+            subscriptions: Vec::new(),
+        };
+        let mut expected = vec![0xac, 0x02, 0x01, b'h', 0x07, 0x01, 0x04];
+        expected.extend_from_slice(b"echo");
+        expected.extend(1..=16u8);
+        expected.push(0x00);
+        assert_eq!(postcard::to_allocvec(&listing).unwrap(), expected);
+        // The request's payload: a u64 varint; "none known" is u64::MAX.
+        assert_eq!(
+            postcard::to_allocvec(&u64::MAX).unwrap(),
+            [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]
+        );
+    }
+}
