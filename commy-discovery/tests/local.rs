@@ -38,15 +38,35 @@ const WAIT: Duration = Duration::from_secs(10);
 // Child roles
 // ---------------------------------------------------------------------------
 
-/// The entry point of child processes; in a normal test run (no role in
-/// the environment) it returns at once.
-#[test]
-#[ignore = "child role, run by the tests of this file"]
-fn child_role() {
+/// The name of the test running on this thread (libtest names each test's
+/// thread after it).
+fn this_test() -> String {
+    std::thread::current()
+        .name()
+        .expect("a test runs on a thread named after it")
+        .to_owned()
+}
+
+/// Plays this process's child role, if it is one, and says so: a test that
+/// needs a child process re-runs itself under its own name with the role
+/// set ([`child_command`]), and every test hands a child over here first.
+/// The role runs on a thread of its own, outside any test runtime.
+fn as_child() -> bool {
     let Ok(role) = std::env::var(ROLE) else {
-        return;
+        return false;
     };
-    match role.as_str() {
+    if std::thread::spawn(move || child_role(&role))
+        .join()
+        .is_err()
+    {
+        panic!("the child role failed");
+    }
+    true
+}
+
+/// What a child process does, by its role.
+fn child_role(role: &str) {
+    match role {
         "serve" => serve(),
         "host-id" => {
             let host = match host_id() {
@@ -144,16 +164,14 @@ impl Drop for TempRuntime {
 }
 
 fn child_command(role: &str) -> Command {
+    assert!(
+        std::env::var_os(ROLE).is_none(),
+        "a child spawns no children"
+    );
     let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args([
-        "child_role",
-        "--exact",
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .env(ROLE, role)
-    .stderr(Stdio::inherit());
+    cmd.args([&this_test(), "--exact", "--nocapture", "--test-threads=1"])
+        .env(ROLE, role)
+        .stderr(Stdio::inherit());
     cmd
 }
 
@@ -267,7 +285,11 @@ fn spawn_server_in_background(
     service: &str,
 ) -> std::thread::JoinHandle<Server> {
     let (dir, mesh, service) = (dir.to_path_buf(), mesh.to_owned(), service.to_owned());
-    std::thread::spawn(move || Server::spawn(&dir, &mesh, &service))
+    // Named after the test, as the child re-runs it.
+    std::thread::Builder::new()
+        .name(this_test())
+        .spawn(move || Server::spawn(&dir, &mesh, &service))
+        .unwrap()
 }
 
 /// The watch's next set, failing the test after [`WAIT`].
@@ -345,6 +367,9 @@ fn service(name: &str) -> ServiceName {
 
 #[tokio::test]
 async fn watch_sees_an_instance_appear_and_leave_cleanly() {
+    if as_child() {
+        return;
+    }
     let rt = TempRuntime::new("clean");
     let registry = rt.registry("default");
     let echo = service("echo");
@@ -392,6 +417,9 @@ async fn watch_sees_an_instance_appear_and_leave_cleanly() {
 // Multi-threaded, so the watch is also exercised on that scheduler.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_sees_a_killed_instance_vanish_and_removes_its_socket() {
+    if as_child() {
+        return;
+    }
     let rt = TempRuntime::new("kill");
     let registry = rt.registry("default");
     let echo = service("echo");
@@ -429,6 +457,9 @@ async fn watch_sees_a_killed_instance_vanish_and_removes_its_socket() {
 
 #[tokio::test]
 async fn watch_ignores_files_that_are_not_instances() {
+    if as_child() {
+        return;
+    }
     let rt = TempRuntime::new("junk");
     let registry = rt.registry("default");
     let echo = service("echo");
@@ -496,6 +527,9 @@ fn make_junk(dir: &Path) -> Vec<PathBuf> {
 
 #[tokio::test]
 async fn watch_survives_its_directory_being_deleted() {
+    if as_child() {
+        return;
+    }
     let rt = TempRuntime::new("rmdir");
     let registry = rt.registry("default");
     let echo = service("echo");
@@ -521,6 +555,9 @@ const _: () = {
 
 #[test]
 fn watch_outside_a_runtime_is_an_error() {
+    if as_child() {
+        return;
+    }
     let rt = TempRuntime::new("nort");
     let registry = rt.registry("default");
     let err = registry.watch(&service("echo")).unwrap_err();
@@ -538,6 +575,9 @@ fn watch_outside_a_runtime_is_an_error() {
 
 #[test]
 fn instances_removes_the_sockets_of_dead_processes() {
+    if as_child() {
+        return;
+    }
     let rt = TempRuntime::new("stale");
     let registry = rt.registry("default");
     let echo = service("echo");
@@ -564,6 +604,9 @@ fn instances_removes_the_sockets_of_dead_processes() {
 
 #[test]
 fn a_socket_older_than_the_process_holding_its_pid_is_stale() {
+    if as_child() {
+        return;
+    }
     let rt = TempRuntime::new("reuse");
     let registry = rt.registry("default");
     let echo = service("echo");
@@ -589,6 +632,9 @@ fn a_socket_older_than_the_process_holding_its_pid_is_stale() {
 
 #[test]
 fn remove_stale_deletes_a_socket_nobody_listens_on() {
+    if as_child() {
+        return;
+    }
     let rt = TempRuntime::new("rmstale");
     let registry = rt.registry("default");
     let echo = service("echo");
@@ -623,6 +669,9 @@ fn remove_stale_deletes_a_socket_nobody_listens_on() {
 
 #[test]
 fn instances_ignores_files_that_are_not_instances() {
+    if as_child() {
+        return;
+    }
     let rt = TempRuntime::new("scanjunk");
     let registry = rt.registry("default");
     let echo = service("echo");
@@ -645,6 +694,9 @@ fn instances_ignores_files_that_are_not_instances() {
 
 #[test]
 fn services_lists_the_services_with_instances() {
+    if as_child() {
+        return;
+    }
     let rt = TempRuntime::new("svcs");
     let registry = rt.registry("default");
     let beta = Server::spawn(&rt.path, "default", "beta");
@@ -678,6 +730,9 @@ fn services_lists_the_services_with_instances() {
 
 #[test]
 fn socket_paths_carry_the_id_and_our_pid() {
+    if as_child() {
+        return;
+    }
     let rt = TempRuntime::new("path");
     let registry = rt.registry("m1");
     assert_eq!(registry.mesh(), "m1");
@@ -707,6 +762,9 @@ fn socket_paths_carry_the_id_and_our_pid() {
 
 #[test]
 fn a_runtime_dir_that_others_can_enter_is_refused() {
+    if as_child() {
+        return;
+    }
     let rt = TempRuntime::new("perm");
     let mesh_dir = rt.path.join("default");
     fs::create_dir(&mesh_dir).unwrap();
@@ -741,6 +799,9 @@ fn child_host_id(rt: &TempRuntime, value: Option<&str>) -> (String, String) {
 
 #[test]
 fn host_id_can_be_overridden() {
+    if as_child() {
+        return;
+    }
     let rt = TempRuntime::new("host");
     let (host, registry) = child_host_id(&rt, Some("test-host.b_2"));
     assert_eq!(

@@ -16,6 +16,16 @@ use support::{
     ARG, DIR, builder, private_dir, ready_until_stdin_closes, role, serve_test_services, spawn_role,
 };
 
+/// Plays this process's child role, if it is one (see
+/// [`support::run_child`]).
+fn as_child() -> bool {
+    support::run_child(|| {
+        child_server();
+        child_scribbler();
+        child_client();
+    })
+}
+
 /// Where the control blocks of a link's two rings lie in its segment: the
 /// data area starts after the 128-byte segment header; the client-to-server
 /// ring's control block comes first, then the server-to-client one, each
@@ -31,8 +41,6 @@ const CONSUMER_CLOSED: u32 = 2;
 const SEEDS: u64 = 100;
 
 /// Child role: serve the test services until its stdin closes.
-#[test]
-#[ignore = "child role, run by the tests of this file"]
 fn child_server() {
     if role().as_deref() != Some("server") {
         return;
@@ -51,8 +59,6 @@ fn child_server() {
 /// `waiting` waits until the server sleeps on that ring and clears its
 /// waiting word, and the client's too; `random:<seed>` writes random bytes
 /// over the whole segment, mostly over the control blocks.
-#[test]
-#[ignore = "child role, run by the tests of this file"]
 fn child_scribbler() {
     use std::os::unix::fs::FileExt;
     if role().as_deref() != Some("scribbler") {
@@ -137,8 +143,6 @@ fn segments() -> Vec<PathBuf> {
 /// stdin: `call <body>` calls with a 5 s timeout and prints `OK <body>`
 /// or `ERR <code> <message>`; `segment` prints the path of its one link's
 /// segment (`SEGMENTS <n>` if it does not have exactly one).
-#[test]
-#[ignore = "child role, run by the tests of this file"]
 fn child_client() {
     if role().as_deref() != Some("client") {
         return;
@@ -179,7 +183,7 @@ struct Peer {
 
 impl Peer {
     fn start(role: &str, dir: &Path) -> Peer {
-        let mut child = spawn_role(role, &format!("child_{role}"), dir, "");
+        let mut child = spawn_role(role, dir, "");
         let stdin = child.stdin.take().unwrap();
         let stdout = BufReader::new(child.stdout.take().unwrap());
         let mut peer = Peer {
@@ -239,7 +243,7 @@ impl Peer {
     fn scribble(&mut self, how: &str) {
         let seg = self.ask("segment");
         assert!(seg.starts_with("/proc/"), "one link, one segment: {seg}");
-        let mut child = spawn_role("scribbler", "child_scribbler", Path::new(&seg), how);
+        let mut child = spawn_role("scribbler", Path::new(&seg), how);
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut all = String::new();
         std::io::Read::read_to_string(&mut out, &mut all).unwrap();
@@ -257,7 +261,7 @@ impl Drop for Peer {
 
 #[test]
 fn a_closed_flag_written_by_another_process_costs_no_call() {
-    if role().is_some() {
+    if as_child() {
         return;
     }
     let dir = private_dir("corrupt-closed");
@@ -277,7 +281,7 @@ fn a_closed_flag_written_by_another_process_costs_no_call() {
 
 #[test]
 fn cleared_waiting_words_cost_latency_not_liveness() {
-    if role().is_some() {
+    if as_child() {
         return;
     }
     let dir = private_dir("corrupt-waiting");
@@ -300,7 +304,7 @@ fn cleared_waiting_words_cost_latency_not_liveness() {
 
 #[test]
 fn random_bytes_over_a_live_segment_break_only_that_link() {
-    if role().is_some() {
+    if as_child() {
         return;
     }
     let dir = private_dir("corrupt-random");

@@ -16,10 +16,17 @@ use support::{
     spawn_role,
 };
 
+/// Plays this process's child role, if it is one (see
+/// [`support::run_child`]).
+fn as_child() -> bool {
+    support::run_child(|| {
+        child_server();
+        child_client();
+    })
+}
+
 /// Child role: serve the test services (and `entered`) until killed or
 /// its stdin closes.
-#[test]
-#[ignore = "child role, run by the tests of this file"]
 fn child_server() {
     if role().as_deref() != Some("server") {
         return;
@@ -46,8 +53,6 @@ fn child_server() {
 
 /// Child role: make ARG calls to echo, each with a unique payload, and
 /// check every response is exactly its own request.
-#[test]
-#[ignore = "child role, run by the tests of this file"]
 fn child_client() {
     if role().as_deref() != Some("client") {
         return;
@@ -105,7 +110,7 @@ fn wait_line(child: &mut Child, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_process_calls_and_statuses() {
-    if role().is_some() {
+    if as_child() {
         return;
     }
     let dir = private_dir("inproc");
@@ -156,7 +161,7 @@ async fn in_process_calls_and_statuses() {
 /// answer. Run with and without caller polling.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_callers_each_get_their_own_answer() {
-    if role().is_some() {
+    if as_child() {
         return;
     }
     let dir = private_dir("concurrent");
@@ -199,7 +204,7 @@ async fn concurrent_callers_each_get_their_own_answer() {
 /// its future is dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_past_the_deadline_is_cancelled() {
-    if role().is_some() {
+    if as_child() {
         return;
     }
     struct SetOnDrop(Arc<AtomicBool>);
@@ -246,7 +251,7 @@ async fn a_handler_past_the_deadline_is_cancelled() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversize_payload_is_refused_with_resource_exhausted() {
-    if role().is_some() {
+    if as_child() {
         return;
     }
     let dir = private_dir("oversize");
@@ -267,7 +272,7 @@ async fn oversize_payload_is_refused_with_resource_exhausted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_over_the_frame_limit_is_refused_and_the_link_stays_up() {
-    if role().is_some() {
+    if as_child() {
         return;
     }
     // The link carries up to 64 MiB (fragmented), but a frame may not exceed
@@ -301,11 +306,11 @@ async fn a_message_over_the_frame_limit_is_refused_and_the_link_stays_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_server_gives_unavailable_then_recovers_when_restarted() {
-    if role().is_some() {
+    if as_child() {
         return;
     }
     let dir = private_dir("kill");
-    let mut server = spawn_role("server", "child_server", &dir, "");
+    let mut server = spawn_role("server", &dir, "");
     wait_ready(&mut server);
     let mesh = open(&dir).await;
     assert_eq!(
@@ -343,7 +348,7 @@ async fn killed_server_gives_unavailable_then_recovers_when_restarted() {
     );
 
     // Restart: the same handle's calls succeed again.
-    let mut server = spawn_role("server", "child_server", &dir, "");
+    let mut server = spawn_role("server", &dir, "");
     wait_ready(&mut server);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -365,19 +370,15 @@ async fn killed_server_gives_unavailable_then_recovers_when_restarted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_client_processes_two_instances_every_response_is_its_own() {
-    if role().is_some() {
+    if as_child() {
         return;
     }
     let dir = private_dir("hammer");
-    let mut servers: Vec<Child> = (0..2)
-        .map(|_| spawn_role("server", "child_server", &dir, ""))
-        .collect();
+    let mut servers: Vec<Child> = (0..2).map(|_| spawn_role("server", &dir, "")).collect();
     for s in &mut servers {
         wait_ready(s);
     }
-    let clients: Vec<Child> = (0..16)
-        .map(|_| spawn_role("client", "child_client", &dir, "400"))
-        .collect();
+    let clients: Vec<Child> = (0..16).map(|_| spawn_role("client", &dir, "400")).collect();
     for c in clients {
         let out = c.wait_with_output().unwrap();
         assert!(out.status.success(), "a client failed");
@@ -402,7 +403,7 @@ async fn sixteen_client_processes_two_instances_every_response_is_its_own() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_non_commy_process_on_the_socket_does_not_disturb_the_service() {
-    if role().is_some() {
+    if as_child() {
         return;
     }
     let dir = private_dir("garbage");
@@ -420,7 +421,7 @@ async fn a_non_commy_process_on_the_socket_does_not_disturb_the_service() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn regions_are_shared_between_mesh_handles() {
-    if role().is_some() {
+    if as_child() {
         return;
     }
     let dir = private_dir("region");
@@ -441,7 +442,7 @@ async fn regions_are_shared_between_mesh_handles() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_handler_sees_the_callers_deadline() {
-    if role().is_some() {
+    if as_child() {
         return;
     }
     let dir = private_dir("deadline-seen");
@@ -482,7 +483,7 @@ async fn the_handler_sees_the_callers_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_waits_for_inline_and_waiting_handlers() {
-    if role().is_some() {
+    if as_child() {
         return;
     }
     let dir = private_dir("drain");
@@ -554,7 +555,7 @@ async fn shutdown_waits_for_inline_and_waiting_handlers() {
 /// noticed by those calls.
 #[tokio::test(flavor = "current_thread")]
 async fn repeated_calls_follow_instances_that_come_and_go() {
-    if role().is_some() {
+    if as_child() {
         return;
     }
     let dir = private_dir("last-called");
@@ -655,7 +656,7 @@ impl Holders {
 /// reply.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_concurrency_bounds_waiting_and_deferred_handlers() {
-    if role().is_some() {
+    if as_child() {
         return;
     }
     const BOUND: usize = 3;
@@ -733,7 +734,7 @@ async fn max_concurrency_bounds_waiting_and_deferred_handlers() {
 /// from the link's thread or another one, and only once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deferred_handler_answers_with_a_copied_payload() {
-    if role().is_some() {
+    if as_child() {
         return;
     }
     let dir = private_dir("copied");
@@ -768,7 +769,7 @@ async fn a_deferred_handler_answers_with_a_copied_payload() {
 /// handle are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_with_calls_in_flight_lets_them_finish() {
-    if role().is_some() {
+    if as_child() {
         return;
     }
     /// A service whose handler counts itself in `entered`, then answers
@@ -860,7 +861,7 @@ async fn a_raw_shared_memory_client_sees_end_stream() {
     use commy_core::{Frame, FrameFlags, FrameKind, FrameRef, Limits, StreamId};
     use commy_mesh::MeshName;
     use commy_mesh::discovery::LocalRegistry;
-    if role().is_some() {
+    if as_child() {
         return;
     }
     let dir = private_dir("raw-end-stream");

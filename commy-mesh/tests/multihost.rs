@@ -15,10 +15,22 @@ use std::time::{Duration, Instant};
 
 use commy_mesh::{Code, Mesh, Request, Response, Status};
 
+mod support;
+
 const ROLE: &str = "COMMY_MULTIHOST_TEST_ROLE";
 
 fn role() -> Option<String> {
     std::env::var(ROLE).ok()
+}
+
+/// Plays this process's child role, if it is one: a test that needs a
+/// child re-runs itself under its own name with the role set, and hands
+/// the child over here first.
+fn as_child() -> bool {
+    support::play_role(role().is_some(), || {
+        child_server();
+        child_client();
+    })
 }
 
 fn run(args: &[&str]) -> Result<(), String> {
@@ -138,7 +150,7 @@ fn reader(out: ChildStdout) -> std::sync::mpsc::Receiver<String> {
 
 fn spawn(place: &Place, role: &str, envs: &[(&str, String)]) -> Proc {
     let exe = std::env::current_exe().unwrap();
-    let entry = format!("child_{role}");
+    let entry = support::this_test();
     let mut cmd = match &place.netns {
         Some(ns) => {
             let mut c = Command::new("ip");
@@ -147,19 +159,13 @@ fn spawn(place: &Place, role: &str, envs: &[(&str, String)]) -> Proc {
         }
         None => Command::new(&exe),
     };
-    cmd.args([
-        "--exact",
-        "--ignored",
-        &entry,
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .env(ROLE, role)
-    .env_remove("COMMY_CONFIG")
-    .env_remove("COMMY_TRANSPORT")
-    .stdin(Stdio::piped())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::inherit());
+    cmd.args(["--exact", &entry, "--nocapture", "--test-threads=1"])
+        .env(ROLE, role)
+        .env_remove("COMMY_CONFIG")
+        .env_remove("COMMY_TRANSPORT")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
     for (k, v) in envs {
         cmd.env(k, v);
     }
@@ -174,8 +180,6 @@ fn spawn(place: &Place, role: &str, envs: &[(&str, String)]) -> Proc {
 }
 
 /// Child role: serve `echo` and `slow` with the settings from the environment.
-#[test]
-#[ignore = "child role, run by the tests of this file"]
 fn child_server() {
     if role().as_deref() != Some("server") {
         return;
@@ -196,8 +200,6 @@ fn child_server() {
 }
 
 /// Child role: the client, driven by the parent through stdin.
-#[test]
-#[ignore = "child role, run by the tests of this file"]
 fn child_client() {
     if role().as_deref() != Some("client") {
         return;
@@ -254,7 +256,7 @@ fn private_dir(dir: &Path, name: &str) -> PathBuf {
 
 #[test]
 fn two_hosts_over_tls_unavailable_then_recovery() {
-    if role().is_some() {
+    if as_child() {
         return;
     }
     let dir = std::env::temp_dir().join(format!("commy-multihost-{}", std::process::id()));

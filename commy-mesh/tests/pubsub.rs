@@ -9,12 +9,23 @@ use std::time::Duration;
 
 use commy_mesh::{Mesh, SlowSubscriber, SubscribeOptions};
 
+mod support;
+
 const ROLE: &str = "COMMY_PUBSUB_TEST_ROLE";
 const DIR: &str = "COMMY_PUBSUB_TEST_DIR";
 const GROUP: &str = "COMMY_PUBSUB_TEST_GROUP";
 
 fn role() -> Option<String> {
     std::env::var(ROLE).ok()
+}
+
+/// Plays this process's child role, if it is one: a test that needs a
+/// child re-runs itself under its own name with the role set, and hands
+/// the child over here first.
+fn as_child() -> bool {
+    support::play_role(role().is_some(), || {
+        child_subscriber();
+    })
 }
 
 fn private_dir(name: &str) -> PathBuf {
@@ -34,8 +45,6 @@ async fn open(dir: &Path) -> Mesh {
 /// print a line per message as it arrives (`S <seq>` for an 8-byte
 /// sequence number, `P` for anything else, a probe) until its stdin
 /// closes; then `DONE` after whatever was queued by then.
-#[test]
-#[ignore = "child role, run by the tests of this file"]
 fn child_subscriber() {
     use std::io::Write;
     if role().as_deref() != Some("sub") {
@@ -87,8 +96,7 @@ fn spawn_sub(dir: &Path, group: Option<&str>) -> Sub {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.args([
         "--exact",
-        "--ignored",
-        "child_subscriber",
+        &support::this_test(),
         "--nocapture",
         "--test-threads=1",
     ])
@@ -160,7 +168,7 @@ fn seqs(lines: &[String]) -> Vec<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_subscribers_each_get_every_message_in_order() {
-    if role().is_some() {
+    if as_child() {
         return;
     }
     let dir = private_dir("fanout");
@@ -193,7 +201,7 @@ async fn four_subscribers_each_get_every_message_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_group_of_three_handles_each_message_exactly_once() {
-    if role().is_some() {
+    if as_child() {
         return;
     }
     let dir = private_dir("group");
@@ -257,7 +265,7 @@ async fn a_queue_group_of_three_handles_each_message_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_subscriber_policies_are_applied_and_counted() {
-    if role().is_some() {
+    if as_child() {
         return;
     }
     let dir = private_dir("slow");
@@ -344,7 +352,7 @@ async fn slow_subscriber_policies_are_applied_and_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_with_no_subscriber_reaches_nobody_and_bad_topics_are_refused() {
-    if role().is_some() {
+    if as_child() {
         return;
     }
     let dir = private_dir("none");

@@ -22,12 +22,23 @@ use commy_mesh::{
     TransportPreference,
 };
 
+mod support;
+
 const ROLE: &str = "COMMY_TRANSPORTS_TEST_ROLE";
 const DIR: &str = "COMMY_TRANSPORTS_TEST_DIR";
 const PORT: &str = "COMMY_TRANSPORTS_TEST_PORT";
 
 fn role() -> Option<String> {
     std::env::var(ROLE).ok()
+}
+
+/// Plays this process's child role, if it is one: a test that needs a
+/// child re-runs itself under its own name with the role set, and hands
+/// the child over here first.
+fn as_child() -> bool {
+    support::play_role(role().is_some(), || {
+        child_server();
+    })
 }
 
 fn private_dir(name: &str) -> PathBuf {
@@ -96,8 +107,7 @@ impl ServerProcess {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
-                "--ignored",
-                "child_server",
+                &support::this_test(),
                 "--nocapture",
                 "--test-threads=1",
             ])
@@ -150,8 +160,6 @@ impl Drop for ServerProcess {
 }
 
 /// Child role: serve the test services until killed.
-#[test]
-#[ignore = "child role, run by the tests of this file"]
 fn child_server() {
     if role().as_deref() != Some("server") {
         return;
@@ -485,7 +493,7 @@ macro_rules! conformance {
         mod $name {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn over_shared_memory() {
-                if super::role().is_some() {
+                if super::as_child() {
                     return;
                 }
                 super::$name(super::Transport::Shm).await;
@@ -493,7 +501,7 @@ macro_rules! conformance {
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn over_tls() {
-                if super::role().is_some() {
+                if super::as_child() {
                     return;
                 }
                 super::$name(super::Transport::Tls).await;
@@ -808,7 +816,7 @@ async fn a_caller_that_gives_up_cancels_the_handler(t: Transport) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transport_can_be_forced_per_call() {
-    if role().is_some() {
+    if as_child() {
         return;
     }
     let dir = private_dir("forced");
@@ -857,7 +865,7 @@ async fn a_transport_can_be_forced_per_call() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_memory_failing_at_connect_falls_back_to_tls_and_is_counted() {
-    if role().is_some() {
+    if as_child() {
         return;
     }
     let dir = private_dir("fallback");
@@ -995,7 +1003,7 @@ async fn a_short_callback_deadline_is_kept_while_the_reader_waits(t: Transport) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deadline_passing_while_a_peer_is_reached_is_deadline_exceeded() {
-    if role().is_some() {
+    if as_child() {
         return;
     }
     // A peer that accepts TCP connections and never says a word: the
@@ -1031,7 +1039,7 @@ async fn a_deadline_passing_while_a_peer_is_reached_is_deadline_exceeded() {
 /// serves it": the caller is told UNAVAILABLE, with the peer and why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_peer_is_named_with_its_reason() {
-    if role().is_some() {
+    if as_child() {
         return;
     }
     // A port nobody listens on (bound, then closed).
@@ -1224,7 +1232,7 @@ async fn a_call_policy_records_refuses_and_retries(t: Transport) {
 async fn a_publish_sent_as_a_request_over_tls_is_acknowledged() {
     use bytes::Bytes;
     use commy_mesh::Deadline;
-    if role().is_some() {
+    if as_child() {
         return;
     }
     /// The spec's FNV-1a 64.

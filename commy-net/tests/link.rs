@@ -797,20 +797,14 @@ async fn a_client_exceeding_its_credit_is_closed() {
     f.still_serves().await;
 }
 
-/// Child role for the race test: load or create the CA in `$COMMY_NET_TEST_CA`.
-#[test]
-#[ignore = "child role, run by the tests of this file"]
-fn child_load_or_create_ca() {
-    let Some(dir) = std::env::var_os("COMMY_NET_TEST_CA") else {
-        return;
-    };
-    let ca = DevCa::load_or_create(std::path::Path::new(&dir)).unwrap();
-    println!("CA {}", ca.cert_pem().replace('\n', ""));
-}
-
+/// Four processes (this test re-run with `$COMMY_NET_TEST_CA` set) load or
+/// create the CA in one directory at once: they all end up with the same.
 #[test]
 fn the_dev_ca_is_created_once_by_racing_processes() {
-    if std::env::var_os("COMMY_NET_TEST_CA").is_some() {
+    if let Some(dir) = std::env::var_os("COMMY_NET_TEST_CA") {
+        // A racing child: load or create the CA, and print it.
+        let ca = DevCa::load_or_create(std::path::Path::new(&dir)).unwrap();
+        println!("CA {}", ca.cert_pem().replace('\n', ""));
         return;
     }
     let dir = temp_dir("race-proc");
@@ -820,8 +814,7 @@ fn the_dev_ca_is_created_once_by_racing_processes() {
             std::process::Command::new(std::env::current_exe().unwrap())
                 .args([
                     "--exact",
-                    "--ignored",
-                    "child_load_or_create_ca",
+                    "the_dev_ca_is_created_once_by_racing_processes",
                     "--nocapture",
                     "--test-threads=1",
                 ])

@@ -25,19 +25,17 @@ fn temp_dir(name: &str) -> PathBuf {
     d
 }
 
-fn spawn(role: &str, entry: &str, sock: &Path, extra: &[(&str, String)]) -> Child {
+/// Re-runs this test binary as the child role `role`, filtered to the
+/// calling test, whose first line hands the process to its role
+/// ([`as_child`]).
+fn spawn(role: &str, sock: &Path, extra: &[(&str, String)]) -> Child {
+    assert!(self::role().is_none(), "a child role spawns no children");
     let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args([
-        "--exact",
-        "--ignored",
-        entry,
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .env(ROLE, role)
-    .env(SOCK, sock)
-    .stdout(Stdio::piped())
-    .stderr(Stdio::inherit());
+    cmd.args(["--exact", &this_test(), "--nocapture", "--test-threads=1"])
+        .env(ROLE, role)
+        .env(SOCK, sock)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
     for (k, v) in extra {
         cmd.env(k, v);
     }
@@ -46,6 +44,30 @@ fn spawn(role: &str, entry: &str, sock: &Path, extra: &[(&str, String)]) -> Chil
 
 fn role() -> Option<String> {
     std::env::var(ROLE).ok()
+}
+
+/// The name of the test running on this thread (libtest names each test's
+/// thread after it).
+fn this_test() -> String {
+    std::thread::current()
+        .name()
+        .expect("a test runs on a thread named after it")
+        .to_owned()
+}
+
+/// Plays this process's child role, if it is one, and says so: a test that
+/// needs a child process re-runs itself under its own name with the role
+/// set, and hands the child over here first. Each role function returns
+/// at once unless it is this process's.
+fn as_child() -> bool {
+    if role().is_none() {
+        return false;
+    }
+    child_sender();
+    child_endless_sender();
+    child_scribbler();
+    child_other_user();
+    true
 }
 
 fn env_u64(k: &str) -> u64 {
@@ -106,8 +128,6 @@ fn check_message(expected_seq: u64, m: &[u8]) {
 }
 
 /// Child role: connect and send COUNT messages, then close.
-#[test]
-#[ignore = "child role, run by the tests of this file"]
 fn child_sender() {
     if role().as_deref() != Some("sender") {
         return;
@@ -126,14 +146,14 @@ fn child_sender() {
 
 #[test]
 fn millions_of_random_messages_between_processes() {
-    if role().is_some() {
+    if as_child() {
         return;
     }
     let dir = temp_dir("million");
     let sock = dir.join("l.sock");
     let listener = ShmListener::bind(&sock, LinkConfig::default().ring_capacity(1 << 16)).unwrap();
     const N: u64 = 2_000_000;
-    let mut child = spawn("sender", "child_sender", &sock, &[(COUNT, N.to_string())]);
+    let mut child = spawn("sender", &sock, &[(COUNT, N.to_string())]);
     let mut link = listener.accept().unwrap();
     let mut next = 0u64;
     let mut bytes = 0usize;
@@ -164,8 +184,6 @@ fn millions_of_random_messages_between_processes() {
 }
 
 /// Child role: send numbered messages as fast as possible until killed.
-#[test]
-#[ignore = "child role, run by the tests of this file"]
 fn child_endless_sender() {
     if role().as_deref() != Some("endless") {
         return;
@@ -184,13 +202,13 @@ fn child_endless_sender() {
 
 #[test]
 fn kill_9_of_the_producer_delivers_every_committed_message_then_peer_gone() {
-    if role().is_some() {
+    if as_child() {
         return;
     }
     let dir = temp_dir("kill");
     let sock = dir.join("l.sock");
     let listener = ShmListener::bind(&sock, LinkConfig::default().ring_capacity(1 << 16)).unwrap();
-    let mut child = spawn("endless", "child_endless_sender", &sock, &[]);
+    let mut child = spawn("endless", &sock, &[]);
     let mut link = listener.accept().unwrap();
     let mut next = 0u64;
     // Read a while, then leave the ring full of committed messages and kill.
@@ -231,8 +249,6 @@ fn kill_9_of_the_producer_delivers_every_committed_message_then_peer_gone() {
 /// Child role: a client that keeps sending while a second thread writes
 /// random bytes over the whole shared segment (both rings, control blocks
 /// and data), as a malicious peer could.
-#[test]
-#[ignore = "child role, run by the tests of this file"]
 fn child_scribbler() {
     if role().as_deref() != Some("scribbler") {
         return;
@@ -292,7 +308,7 @@ fn child_scribbler() {
 
 #[test]
 fn a_peer_scribbling_over_live_shared_memory_yields_errors_only() {
-    if role().is_some() {
+    if as_child() {
         return;
     }
     let dir = temp_dir("scribble");
@@ -300,12 +316,7 @@ fn a_peer_scribbling_over_live_shared_memory_yields_errors_only() {
     let listener = ShmListener::bind(&sock, LinkConfig::default().ring_capacity(1 << 14)).unwrap();
     let mut corrupt_seen = 0;
     for seed in 1..=8u64 {
-        let mut child = spawn(
-            "scribbler",
-            "child_scribbler",
-            &sock,
-            &[(SEED, seed.to_string())],
-        );
+        let mut child = spawn("scribbler", &sock, &[(SEED, seed.to_string())]);
         let mut link = listener.accept().unwrap();
         let start = Instant::now();
         let mut received = 0u64;
@@ -357,7 +368,7 @@ fn a_peer_scribbling_over_live_shared_memory_yields_errors_only() {
 
 #[test]
 fn a_non_commy_client_is_refused_and_the_listener_keeps_serving() {
-    if role().is_some() {
+    if as_child() {
         return;
     }
     let dir = temp_dir("garbage");
@@ -422,8 +433,6 @@ fn a_non_commy_client_is_refused_and_the_listener_keeps_serving() {
 }
 
 /// Child role: connect (as another uid) and report the error.
-#[test]
-#[ignore = "child role, run by the tests of this file"]
 fn child_other_user() {
     if role().as_deref() != Some("other-user") {
         return;
@@ -439,7 +448,7 @@ fn child_other_user() {
 
 #[test]
 fn a_peer_of_another_user_is_rejected_by_default() {
-    if role().is_some() {
+    if as_child() {
         return;
     }
     if !rustix::process::geteuid().is_root() {
@@ -460,7 +469,7 @@ fn a_peer_of_another_user_is_rejected_by_default() {
     std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
     std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
     let child = Command::new(&exe)
-        .args(["--exact", "--ignored", "child_other_user", "--nocapture"])
+        .args(["--exact", &this_test(), "--nocapture"])
         .env(ROLE, "other-user")
         .env(SOCK, &sock)
         .uid(65534)
@@ -479,7 +488,7 @@ fn a_peer_of_another_user_is_rejected_by_default() {
 
 #[test]
 fn large_messages_fragment_and_oversize_ones_are_refused() {
-    if role().is_some() {
+    if as_child() {
         return;
     }
     let dir = temp_dir("large");
@@ -514,7 +523,7 @@ fn large_messages_fragment_and_oversize_ones_are_refused() {
 
 #[test]
 fn connect_errors_name_the_problem() {
-    if role().is_some() {
+    if as_child() {
         return;
     }
     let dir = temp_dir("connect");
@@ -531,7 +540,7 @@ fn connect_errors_name_the_problem() {
 
 #[test]
 fn backpressure_bounds_the_sender() {
-    if role().is_some() {
+    if as_child() {
         return;
     }
     let dir = temp_dir("backpressure");
@@ -557,7 +566,7 @@ fn backpressure_bounds_the_sender() {
 
 #[test]
 fn wait_watches_without_taking_and_sees_a_vanished_peer() {
-    if role().is_some() {
+    if as_child() {
         return;
     }
     let dir = temp_dir("wait");
@@ -610,7 +619,7 @@ fn wait_watches_without_taking_and_sees_a_vanished_peer() {
 
 #[test]
 fn an_abort_ends_the_link_for_both_sides_whatever_the_memory_says() {
-    if role().is_some() {
+    if as_child() {
         return;
     }
     let dir = temp_dir("abort");

@@ -97,19 +97,23 @@ pub(crate) fn role() -> Option<String> {
     std::env::var(ROLE).ok()
 }
 
-/// Re-runs this test binary as the child role `role`, running only the
-/// (ignored) test `entry`, with `dir` and `arg`; its stdin and stdout are
-/// piped.
-pub(crate) fn spawn_role(role: &str, entry: &str, dir: &Path, arg: &str) -> std::process::Child {
+/// The name of the test running on this thread (libtest names each test's
+/// thread after it).
+pub(crate) fn this_test() -> String {
+    std::thread::current()
+        .name()
+        .expect("a test runs on a thread named after it")
+        .to_owned()
+}
+
+/// Re-runs this test binary as the child role `role`, with `dir` and
+/// `arg`: filtered to the calling test, whose first line hands the process
+/// to its role ([`run_child`]). Its stdin and stdout are piped.
+pub(crate) fn spawn_role(role: &str, dir: &Path, arg: &str) -> std::process::Child {
     use std::process::{Command, Stdio};
+    assert!(self::role().is_none(), "a child role spawns no children");
     Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "--ignored",
-            entry,
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args(["--exact", &this_test(), "--nocapture", "--test-threads=1"])
         .env(ROLE, role)
         .env(DIR, dir)
         .env(ARG, arg)
@@ -118,6 +122,27 @@ pub(crate) fn spawn_role(role: &str, entry: &str, dir: &Path, arg: &str) -> std:
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap()
+}
+
+/// Plays this process's child role, if it is one, and says so: the first
+/// line of every test that spawns children (the child re-runs that test).
+/// `roles` runs each role function, which returns at once unless it is
+/// this process's; it runs on a thread of its own, outside the test's
+/// runtime, and its panic fails the child.
+pub(crate) fn run_child(roles: impl FnOnce() + Send + 'static) -> bool {
+    play_role(role().is_some(), roles)
+}
+
+/// [`run_child`] for test files with role variables of their own: plays
+/// `roles` if `is_child`, and says whether it did.
+pub(crate) fn play_role(is_child: bool, roles: impl FnOnce() + Send + 'static) -> bool {
+    if !is_child {
+        return false;
+    }
+    if std::thread::spawn(roles).join().is_err() {
+        panic!("the child role failed");
+    }
+    true
 }
 
 /// The end of a serving child role: says READY on stdout, then waits
