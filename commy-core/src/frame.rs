@@ -54,13 +54,17 @@ pub const HEADER_LEN: usize = 32;
 /// Size limits a receiver enforces before allocating.
 ///
 /// `max_frame` bounds the whole frame (header + metadata + payload);
-/// `max_metadata` bounds the metadata section alone.
+/// `max_metadata` bounds the metadata section alone; `max_message` bounds
+/// a message's payload, which may span several frames
+/// ([fragmentation](crate::fragment)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Limits {
     /// Largest accepted frame, header included, in bytes.
     pub max_frame: u32,
     /// Largest accepted metadata section, in bytes.
     pub max_metadata: u32,
+    /// Largest accepted message payload, all its fragments together, in bytes.
+    pub max_message: u32,
 }
 
 impl Limits {
@@ -68,11 +72,33 @@ impl Limits {
     pub const DEFAULT_MAX_FRAME: u32 = 16 * 1024 * 1024;
     /// Default `max_metadata`: 16 KiB.
     pub const DEFAULT_MAX_METADATA: u32 = 16 * 1024;
+    /// Default `max_message`: 64 MiB.
+    pub const DEFAULT_MAX_MESSAGE: u32 = 64 * 1024 * 1024;
     /// The default limits.
     pub const DEFAULT: Limits = Limits {
         max_frame: Limits::DEFAULT_MAX_FRAME,
         max_metadata: Limits::DEFAULT_MAX_METADATA,
+        max_message: Limits::DEFAULT_MAX_MESSAGE,
     };
+
+    /// The limits of a transport that carries every message as one frame
+    /// (shared memory, whose rings fragment records themselves): a frame
+    /// may be as large as the largest message with the largest metadata.
+    #[must_use]
+    pub const fn unfragmented(self) -> Limits {
+        Limits {
+            max_frame: self.largest_message_frame(),
+            ..self
+        }
+    }
+
+    /// The length of a frame holding the largest message and the largest
+    /// metadata section at once (saturating at `u32::MAX`).
+    pub const fn largest_message_frame(&self) -> u32 {
+        (HEADER_LEN as u32)
+            .saturating_add(self.max_metadata)
+            .saturating_add(self.max_message)
+    }
 }
 
 impl Default for Limits {
@@ -157,6 +183,15 @@ impl FrameKind {
         )
     }
 
+    /// Whether frames of this kind carry a message, which may be
+    /// [fragmented](crate::fragment) (Request, Response, OneWay, Publish).
+    pub const fn carries_message(self) -> bool {
+        matches!(
+            self,
+            FrameKind::Request | FrameKind::Response | FrameKind::OneWay | FrameKind::Publish
+        )
+    }
+
     /// Whether frames of this kind belong to one stream and so must carry a
     /// nonzero stream id (Request, Response, OneWay, Publish, Cancel).
     pub const fn requires_stream(self) -> bool {
@@ -220,6 +255,12 @@ impl FrameFlags {
     /// The raw bits.
     pub const fn bits(self) -> u16 {
         self.0
+    }
+
+    /// These flags without those in `other`.
+    #[must_use]
+    pub const fn without(self, other: FrameFlags) -> FrameFlags {
+        FrameFlags(self.0 & !other.0)
     }
 
     /// Whether every flag in `other` is set.
@@ -346,6 +387,15 @@ pub enum FrameError {
         section: &'static str,
         /// Its length.
         len: usize,
+    },
+    /// A fragment broke the rules of fragmentation (see
+    /// [`Reassembly::push`](crate::fragment::Reassembly::push)).
+    #[error("bad fragment on stream {stream}: {problem}")]
+    BadFragment {
+        /// The stream of the fragment.
+        stream: u64,
+        /// What is wrong.
+        problem: String,
     },
     /// The byte stream ended in the middle of a frame.
     #[error("stream ended inside a frame: {buffered} of {expected} bytes received")]
@@ -560,6 +610,41 @@ impl Frame {
             metadata,
             payload,
         })
+    }
+
+    /// A frame with `header` as it is (flags, deadline, lengths), whose
+    /// lengths must match the sections. Fails on a length mismatch or a
+    /// broken kind rule; limits are not checked ([`Frame::validate`]).
+    pub fn from_header(
+        header: FrameHeader,
+        metadata: Bytes,
+        payload: Bytes,
+    ) -> Result<Frame, FrameError> {
+        let frame = Frame::new(header.kind, header.stream_id, metadata, payload)?;
+        if frame.header.metadata_len != header.metadata_len
+            || frame.header.payload_len != header.payload_len
+        {
+            return Err(FrameError::Truncated {
+                needed: header.body_len(),
+                available: frame.header.body_len(),
+            });
+        }
+        Ok(Frame { header, ..frame })
+    }
+
+    /// A frame from parts whose lengths the caller made match.
+    pub(crate) fn from_parts_unchecked(
+        header: FrameHeader,
+        metadata: Bytes,
+        payload: Bytes,
+    ) -> Frame {
+        debug_assert_eq!(header.metadata_len as usize, metadata.len());
+        debug_assert_eq!(header.payload_len as usize, payload.len());
+        Frame {
+            header,
+            metadata,
+            payload,
+        }
     }
 
     /// A Credit frame granting `increment` (stream id 0 = link-wide).
@@ -1040,6 +1125,7 @@ mod tests {
         let limits = Limits {
             max_frame: u32::MAX,
             max_metadata: u32::MAX,
+            ..Limits::DEFAULT
         };
         assert_eq!(FrameHeader::decode(&raw, &limits).unwrap(), header);
     }
@@ -1246,6 +1332,7 @@ mod tests {
         let small = Limits {
             max_frame: 141,
             max_metadata: 10,
+            ..Limits::DEFAULT
         };
         assert!(matches!(
             frame.validate(&small),
@@ -1254,6 +1341,7 @@ mod tests {
         let small = Limits {
             max_frame: 1000,
             max_metadata: 9,
+            ..Limits::DEFAULT
         };
         assert_eq!(
             frame.validate(&small),
@@ -1376,6 +1464,7 @@ mod tests {
         let limits = Limits {
             max_frame: 1024,
             max_metadata: 64,
+            ..Limits::DEFAULT
         };
         let mut dec = FrameDecoder::new(limits);
         // A header claiming a 4 GiB payload: rejected before any allocation.

@@ -48,6 +48,7 @@
 pub mod backoff;
 pub mod deadline;
 pub mod endpoint;
+pub mod fragment;
 pub mod frame;
 pub mod id;
 pub mod log_limit;

@@ -13,6 +13,7 @@ use proptest::prelude::*;
 const NO_LIMITS: Limits = Limits {
     max_frame: u32::MAX,
     max_metadata: u32::MAX,
+    max_message: u32::MAX,
 };
 
 fn kind() -> impl Strategy<Value = FrameKind> {
@@ -146,7 +147,7 @@ proptest! {
     #[test]
     fn header_decode_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..64),
                                   max_frame in any::<u32>(), max_metadata in any::<u32>()) {
-        let limits = Limits { max_frame, max_metadata };
+        let limits = Limits { max_frame, max_metadata, ..Limits::DEFAULT };
         if let Ok(header) = FrameHeader::decode(&bytes, &limits) {
             prop_assert!(header.frame_len() <= u64::from(max_frame));
             prop_assert!(header.metadata_len <= max_metadata);
@@ -223,7 +224,7 @@ proptest! {
         max_frame in 0u32..512,
         max_metadata in 0u32..128,
     ) {
-        let limits = Limits { max_frame, max_metadata };
+        let limits = Limits { max_frame, max_metadata, ..Limits::DEFAULT };
         let mut decoder = FrameDecoder::new(limits);
         let mut offset = 0;
         let mut failed: Option<FrameError> = None;

@@ -22,6 +22,7 @@ use commy_core::{
 const LIMITS: Limits = Limits {
     max_frame: 4096,
     max_metadata: 1024,
+    max_message: 4096,
 };
 
 /// Chunk sizes: cycles through 1..=n where n comes from the selector byte,
