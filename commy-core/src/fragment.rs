@@ -355,6 +355,12 @@ impl Reassembly {
         Assembled::Pending
     }
 
+    /// Whether a message on `stream` has begun and not ended: its next
+    /// frame continues it.
+    pub fn is_unfinished(&self, stream: u64) -> bool {
+        !self.partial.is_empty() && self.partial.contains_key(&stream)
+    }
+
     /// Drops what is held for `stream` (it was cancelled); its later
     /// fragments, if any arrive, start a message of their own.
     pub fn forget(&mut self, stream: u64) {

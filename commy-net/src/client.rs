@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
-use commy_core::{Deadline, FrameHeader, FrameKind, Status, StreamId};
+use commy_core::{Deadline, FrameHeader, FrameKind, Limits, Status, StreamId};
 use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
 use rustls::pki_types::ServerName;
@@ -26,7 +26,9 @@ use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_rustls::TlsConnector;
 
-use crate::link::{FrameReader, Out, Quiet, ReadError, Settings, WriterEnd, write_frames};
+use crate::link::{
+    FrameReader, Out, Quiet, ReadError, Received, Settings, WriterEnd, check_message, write_frames,
+};
 use crate::mux::Backoff;
 use crate::server::Reply;
 use crate::tls::Identity;
@@ -281,19 +283,36 @@ struct Session {
     /// Streams the server lets us open (its Credit frames add to it).
     credit: Semaphore,
     pending: Mutex<PendingTable>,
-    next_id: AtomicU64,
     /// Set once the connection is lost (under the pending lock).
     closed: AtomicBool,
     /// Set once the server sent GOAWAY: no new streams here.
     going_away: AtomicBool,
     identity: Option<Identity>,
     target: String,
-    max_frame: u32,
+    limits: Limits,
 }
 
 struct PendingTable {
     calls: Pending,
     closed_reason: Option<String>,
+    /// The next stream id to open (odd: this side connected).
+    next_id: u64,
+}
+
+impl PendingTable {
+    fn take_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 2;
+        id
+    }
+}
+
+/// The header of a Request or OneWay opening stream `id`.
+fn stream_header(kind: FrameKind, id: u64, deadline: Option<Deadline>) -> FrameHeader {
+    FrameHeader {
+        deadline_us: Deadline::to_wire_option(deadline),
+        ..FrameHeader::new(kind, StreamId(id))
+    }
 }
 
 impl Session {
@@ -313,15 +332,21 @@ impl Session {
             pending: Mutex::new(PendingTable {
                 calls: FxHashMap::default(),
                 closed_reason: None,
+                next_id: 1,
             }),
-            next_id: AtomicU64::new(1),
             closed: AtomicBool::new(false),
             going_away: AtomicBool::new(false),
             identity,
             target,
-            max_frame: settings.limits.max_frame,
+            limits: settings.limits,
         });
-        let writer = tokio::spawn(write_frames(w, rx, ctrl_rx, settings.write_timeout));
+        let writer = tokio::spawn(write_frames(
+            w,
+            rx,
+            ctrl_rx,
+            settings.write_timeout,
+            settings.limits.max_frame,
+        ));
         tokio::spawn(read_loop(
             Arc::downgrade(&session),
             FrameReader::new(r, settings.limits),
@@ -342,13 +367,7 @@ impl Session {
         metadata: &Bytes,
         payload: &Bytes,
     ) -> Result<(), Status> {
-        let len = commy_core::HEADER_LEN as u64 + metadata.len() as u64 + payload.len() as u64;
-        if len > u64::from(self.max_frame) {
-            return Err(Status::resource_exhausted(format!(
-                "message of {len} bytes exceeds the frame limit of {} bytes",
-                self.max_frame
-            )));
-        }
+        check_message(&self.limits, metadata, payload)?;
         let permit = match deadline {
             Some(d) => tokio::time::timeout_at(d.instant().into(), self.credit.acquire())
                 .await
@@ -385,37 +404,26 @@ impl Session {
         deadline: Option<Deadline>,
     ) -> Result<Reply, Status> {
         self.open_stream(deadline, &metadata, &payload).await?;
-        let id = self.next_id.fetch_add(2, Ordering::Relaxed);
+        let permit = self.room(deadline).await?;
         let (done_tx, done_rx) = oneshot::channel();
-        {
+        let id = {
             let mut p = self.pending.lock();
             if p.closed_reason.is_some() {
                 drop(p);
                 return Err(self.lost());
             }
+            // Ids are taken and queued under one lock, so they reach the
+            // server in increasing order, as it requires.
+            let id = p.take_id();
             p.calls.insert(id, done_tx);
-        }
+            permit.send(Out::Frame(
+                stream_header(FrameKind::Request, id, deadline),
+                metadata,
+                payload,
+            ));
+            id
+        };
         let guard = CallGuard { session: &self, id };
-        let header = FrameHeader {
-            deadline_us: Deadline::to_wire_option(deadline),
-            ..FrameHeader::new(FrameKind::Request, StreamId(id))
-        };
-        let queued = match deadline {
-            Some(d) => tokio::time::timeout_at(
-                d.instant().into(),
-                self.out.send(Out::Frame(header, metadata, payload)),
-            )
-            .await
-            .map_err(|_| {
-                // Never sent: the stream's credit is ours again.
-                self.credit.add_permits(1);
-                Status::deadline_exceeded("the request could not be queued before the deadline")
-            })?,
-            None => self.out.send(Out::Frame(header, metadata, payload)).await,
-        };
-        if queued.is_err() {
-            return Err(self.lost());
-        }
         let answer = match deadline {
             Some(d) => tokio::time::timeout_at(d.instant().into(), done_rx)
                 .await
@@ -433,15 +441,35 @@ impl Session {
         deadline: Option<Deadline>,
     ) -> Result<(), Status> {
         self.open_stream(deadline, &metadata, &payload).await?;
-        let id = self.next_id.fetch_add(2, Ordering::Relaxed);
-        let header = FrameHeader {
-            deadline_us: Deadline::to_wire_option(deadline),
-            ..FrameHeader::new(FrameKind::OneWay, StreamId(id))
+        let permit = self.room(deadline).await?;
+        let mut p = self.pending.lock();
+        if p.closed_reason.is_some() {
+            drop(p);
+            return Err(self.lost());
+        }
+        let id = p.take_id();
+        permit.send(Out::Frame(
+            stream_header(FrameKind::OneWay, id, deadline),
+            metadata,
+            payload,
+        ));
+        Ok(())
+    }
+
+    /// Room in the writer's queue for one frame, once a stream's credit is
+    /// taken (given back if the deadline passes first).
+    async fn room(&self, deadline: Option<Deadline>) -> Result<mpsc::Permit<'_, Out>, Status> {
+        let reserved = match deadline {
+            Some(d) => tokio::time::timeout_at(d.instant().into(), self.out.reserve())
+                .await
+                .map_err(|_| {
+                    // Never sent: the stream's credit is ours again.
+                    self.credit.add_permits(1);
+                    Status::deadline_exceeded("the request could not be queued before the deadline")
+                })?,
+            None => self.out.reserve().await,
         };
-        self.out
-            .send(Out::Frame(header, metadata, payload))
-            .await
-            .map_err(|_| self.lost())
+        reserved.map_err(|_| self.lost())
     }
 
     /// Refuses new calls (they fail with `reason`) but leaves the ones in
@@ -547,9 +575,18 @@ async fn read_loop(
             }
             frame = reader.next() => {
                 let frame = match frame {
-                    Ok(f) => f,
+                    Ok(Received::Frame(f)) => f,
+                    Ok(Received::TooLarge(h, status)) => {
+                        quiet.frame();
+                        let Some(s) = session.upgrade() else { break "client dropped".to_string() };
+                        let waiter = s.pending.lock().calls.remove(&h.stream_id.0);
+                        if let Some(w) = waiter.filter(|_| h.kind == FrameKind::Response) {
+                            let _ = w.send(Err(status));
+                        }
+                        continue;
+                    }
                     Err(ReadError::Eof) => break write_failure.unwrap_or_else(|| "the server closed the connection".to_string()),
-                    Err(ReadError::Frame(e)) => {
+                    Err(ReadError::Violation(e)) => {
                         let _ = ctrl.send(Out::error(0, &Status::invalid_argument(format!("protocol violation: {e}"))));
                         let _ = ctrl.send(Out::Close);
                         break format!("bad frame from the server: {e}");

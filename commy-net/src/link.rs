@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use commy_core::fragment::{Assembled, Reassembly, split};
 use commy_core::{Frame, FrameError, FrameHeader, FrameKind, Limits, Status, StreamId};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -131,6 +132,32 @@ impl Out {
     }
 }
 
+/// Refuses a message the peer would refuse (with the default limits, or
+/// the ones configured alike on both sides): metadata over
+/// `max_metadata`, a payload over `max_message`. Larger than a frame is
+/// fine: the writer fragments it.
+pub(crate) fn check_message(
+    limits: &Limits,
+    metadata: &[u8],
+    payload: &[u8],
+) -> Result<(), Status> {
+    if metadata.len() as u64 > u64::from(limits.max_metadata) {
+        return Err(Status::resource_exhausted(format!(
+            "metadata of {} bytes exceeds the limit of {} bytes (max_metadata)",
+            metadata.len(),
+            limits.max_metadata
+        )));
+    }
+    if payload.len() as u64 > u64::from(limits.max_message) {
+        return Err(Status::resource_exhausted(format!(
+            "message of {} bytes exceeds the limit of {} bytes (max_message)",
+            payload.len(),
+            limits.max_message
+        )));
+    }
+    Ok(())
+}
+
 /// Why the writer stopped.
 #[derive(Debug)]
 pub(crate) enum WriterEnd {
@@ -144,13 +171,15 @@ pub(crate) enum WriterEnd {
 
 /// Writes queued frames, many per write, until closed: control frames
 /// (`ctrl`: credit, pings, cancels, errors; few and never waiting for room)
-/// first, then the bounded data queue. A write that does not finish within
+/// first, then the bounded data queue. A message over `max_frame` is
+/// written as consecutive fragments. A write that does not finish within
 /// `timeout` ends the connection (the peer stopped reading).
 pub(crate) async fn write_frames<W: AsyncWrite + Unpin>(
     mut w: W,
     mut rx: mpsc::Receiver<Out>,
     mut ctrl: mpsc::UnboundedReceiver<Out>,
     timeout: Duration,
+    max_frame: u32,
 ) -> WriterEnd {
     const BATCH: usize = 256 * 1024;
     let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
@@ -171,21 +200,21 @@ pub(crate) async fn write_frames<W: AsyncWrite + Unpin>(
             break WriterEnd::Closed;
         };
         buf.clear();
-        let mut close = encode(&mut buf, first);
+        let mut close = encode(&mut buf, max_frame, first);
         while !close && buf.len() < BATCH {
             if let Ok(o) = ctrl.try_recv() {
-                close = encode(&mut buf, o);
+                close = encode(&mut buf, max_frame, o);
                 continue;
             }
             match rx.try_recv() {
-                Ok(o) => close = encode(&mut buf, o),
+                Ok(o) => close = encode(&mut buf, max_frame, o),
                 Err(_) => break,
             }
         }
         if close {
             // Whatever data was queued before the close goes out too.
             while let Ok(o) = rx.try_recv() {
-                if encode(&mut buf, o) {
+                if encode(&mut buf, max_frame, o) {
                     break;
                 }
             }
@@ -217,25 +246,48 @@ pub(crate) async fn write_frames<W: AsyncWrite + Unpin>(
     end
 }
 
-/// Appends `out` to `buf`; true if it asks to close.
-fn encode(buf: &mut Vec<u8>, out: Out) -> bool {
+/// Appends `out` to `buf`, fragmented to `max_frame`; true if it asks to
+/// close. The fragments of a message are written back to back.
+fn encode(buf: &mut Vec<u8>, max_frame: u32, out: Out) -> bool {
     match out {
         Out::Frame(h, md, payload) => {
             let h = h.with_sections(md.len() as u32, payload.len() as u32);
-            buf.extend_from_slice(&h.encode());
-            buf.extend_from_slice(&md);
-            buf.extend_from_slice(&payload);
+            for piece in split(h, md.len(), payload.len(), max_frame) {
+                buf.extend_from_slice(&piece.header.encode());
+                if piece.metadata {
+                    buf.extend_from_slice(&md);
+                }
+                buf.extend_from_slice(&payload[piece.payload]);
+            }
             false
         }
         Out::Close => true,
     }
 }
 
-/// Reads frames off a byte stream.
+fn violation(e: FrameError) -> ReadError {
+    ReadError::Violation(e.to_string())
+}
+
+/// Reads frames off a byte stream and joins fragmented messages; checks
+/// that the streams the peer opens have increasing ids.
 pub(crate) struct FrameReader<R> {
     r: R,
     buf: BytesMut,
     limits: Limits,
+    fragments: Reassembly,
+    /// The highest stream id a Request or OneWay opened so far.
+    last_opened: u64,
+}
+
+/// What the reader read.
+#[derive(Debug)]
+pub(crate) enum Received {
+    /// A frame, or a whole message joined from its fragments.
+    Frame(Frame),
+    /// A message over `max_message`: its stream fails with `status`. The
+    /// header is its first frame's.
+    TooLarge(FrameHeader, Status),
 }
 
 /// Why reading stopped.
@@ -245,8 +297,8 @@ pub(crate) enum ReadError {
     Eof,
     /// The peer closed the stream in the middle of a frame.
     Truncated,
-    /// A frame broke the protocol or a limit.
-    Frame(FrameError),
+    /// A frame broke the protocol or a limit (the text says how).
+    Violation(String),
     /// The socket failed (TLS alerts land here).
     Io(std::io::Error),
 }
@@ -256,7 +308,7 @@ impl std::fmt::Display for ReadError {
         match self {
             ReadError::Eof => f.write_str("the peer closed the connection"),
             ReadError::Truncated => f.write_str("the peer closed the connection inside a frame"),
-            ReadError::Frame(e) => write!(f, "bad frame: {e}"),
+            ReadError::Violation(e) => f.write_str(e),
             ReadError::Io(e) => write!(f, "{e}"),
         }
     }
@@ -268,16 +320,44 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             r,
             buf: BytesMut::with_capacity(64 * 1024),
             limits,
+            fragments: Reassembly::new(limits),
+            last_opened: 0,
         }
     }
 
-    /// The next complete frame. Cancel safe: bytes read stay buffered.
-    pub(crate) async fn next(&mut self) -> Result<Frame, ReadError> {
+    /// The next complete frame or message. Cancel safe: bytes read stay
+    /// buffered, fragments stay held.
+    pub(crate) async fn next(&mut self) -> Result<Received, ReadError> {
         loop {
-            if let Some(f) =
-                Frame::decode_from(&mut self.buf, &self.limits).map_err(ReadError::Frame)?
+            while let Some(f) =
+                Frame::decode_from(&mut self.buf, &self.limits).map_err(violation)?
             {
-                return Ok(f);
+                let id = f.stream_id().0;
+                match f.kind() {
+                    FrameKind::Cancel => self.fragments.forget(id),
+                    // A stream opens with its first frame, so ids are checked
+                    // in the order streams open, whenever their messages
+                    // are whole.
+                    FrameKind::Request | FrameKind::OneWay if !self.fragments.is_unfinished(id) => {
+                        if id <= self.last_opened {
+                            return Err(ReadError::Violation(format!(
+                                "a {} on stream {id}, which is not above stream {} opened \
+                                 before it (stream ids increase and are never reused)",
+                                f.kind(),
+                                self.last_opened
+                            )));
+                        }
+                        self.last_opened = id;
+                    }
+                    _ => {}
+                }
+                match self.fragments.push(f).map_err(violation)? {
+                    Assembled::Whole(f) => return Ok(Received::Frame(f)),
+                    Assembled::Pending => {}
+                    Assembled::TooLarge { header, status } => {
+                        return Ok(Received::TooLarge(header, status));
+                    }
+                }
             }
             if self.buf.capacity() - self.buf.len() < 8 * 1024 {
                 self.buf.reserve(64 * 1024);

@@ -39,7 +39,7 @@ use std::task::{Context, Poll, Waker};
 use bytes::Bytes;
 use commy_core::backoff::AcceptBackoff;
 use commy_core::log_limit::{LogLimit, left_out};
-use commy_core::{Deadline, Frame, FrameKind, Status};
+use commy_core::{Deadline, FrameHeader, FrameKind, Limits, Status};
 use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
 use tokio::io::AsyncWriteExt;
@@ -49,7 +49,9 @@ use tokio::task::JoinSet;
 use tokio_rustls::StartHandshake;
 use tokio_rustls::server::TlsStream;
 
-use crate::link::{FrameReader, Out, Quiet, ReadError, Settings, WriterEnd, write_frames};
+use crate::link::{
+    FrameReader, Out, Quiet, ReadError, Received, Settings, WriterEnd, check_message, write_frames,
+};
 use crate::mux::CreditWindow;
 use crate::stats::{Reason, ServerStats};
 use crate::tls::Identity;
@@ -449,7 +451,13 @@ async fn serve_conn(
     let (r, w) = tokio::io::split(tls);
     let (tx, rx) = mpsc::channel(s.writer_queue);
     let (ctrl, ctrl_rx) = mpsc::unbounded_channel();
-    let mut writer = tokio::spawn(write_frames(w, rx, ctrl_rx, s.write_timeout));
+    let mut writer = tokio::spawn(write_frames(
+        w,
+        rx,
+        ctrl_rx,
+        s.write_timeout,
+        s.limits.max_frame,
+    ));
     let window = CreditWindow::new(s.stream_credit, (s.stream_credit / 4).max(1));
     let _ = ctrl.send(Out::credit(window.initial_grant()));
     let conn = Arc::new(Conn {
@@ -463,7 +471,7 @@ async fn serve_conn(
         drained: Notify::new(),
         handler: ctx.handler.clone(),
         peer: Arc::new(Peer { addr, identity }),
-        max_frame: s.limits.max_frame,
+        limits: s.limits,
     });
     let mut reader = FrameReader::new(r, s.limits);
     let mut tick = tokio::time::interval(Quiet::tick(s.keepalive_interval, s.idle_timeout));
@@ -487,7 +495,7 @@ async fn serve_conn(
                     }
                 }
                 Err(ReadError::Eof) => break,
-                Err(ReadError::Frame(e)) => {
+                Err(ReadError::Violation(e)) => {
                     ctx.stats.record(Reason::BadFrame);
                     tracing::warn!("closing {addr}: {e}");
                     let _ = conn.ctrl.send(Out::error(0, &Status::invalid_argument(format!("protocol violation: {e}"))));
@@ -568,46 +576,38 @@ struct Conn {
     drained: Notify,
     handler: Handler,
     peer: Arc<Peer>,
-    max_frame: u32,
+    limits: Limits,
 }
 
 impl Conn {
-    async fn on_frame(self: &Arc<Conn>, frame: Frame, ctx: &ServerCtx) -> Result<(), Reason> {
+    async fn on_frame(self: &Arc<Conn>, received: Received, ctx: &ServerCtx) -> Result<(), Reason> {
+        let frame = match received {
+            Received::Frame(frame) => frame,
+            Received::TooLarge(h, status) => {
+                if matches!(h.kind, FrameKind::Request | FrameKind::OneWay) {
+                    let stream = self.open(&h, ctx)?;
+                    if h.kind == FrameKind::Request {
+                        self.reply(stream.id, Err(status)).await;
+                    }
+                }
+                return Ok(());
+            }
+        };
         let (h, metadata, payload) = frame.into_parts();
         let id = h.stream_id.0;
         match h.kind {
             FrameKind::Request | FrameKind::OneWay => {
-                if id % 2 == 0 {
-                    // Stream 0 is the connection's; even ids are the
-                    // server's to open (docs/PROTOCOL.md).
-                    let e = format!(
-                        "protocol violation: a {} on stream {id}; a client opens odd stream ids",
-                        h.kind
-                    );
-                    tracing::warn!("closing {}: {e}", self.peer.addr);
-                    let _ = self.ctrl.send(Out::error(0, &Status::invalid_argument(e)));
-                    return Err(Reason::BadFrame);
-                }
-                ctx.stats.request();
-                {
-                    let mut st = self.state.lock();
-                    if let Err(e) = st.window.open() {
-                        drop(st);
-                        tracing::warn!("closing {}: {e}", self.peer.addr);
-                        let _ = self
-                            .ctrl
-                            .send(Out::error(0, &Status::resource_exhausted(e.to_string())));
-                        return Err(Reason::CreditExceeded);
-                    }
-                    st.last_stream = st.last_stream.max(id);
-                }
-                let stream = Stream {
-                    conn: self.clone(),
-                    id,
-                };
+                let stream = self.open(&h, ctx)?;
                 let deadline = Deadline::from_wire(h.deadline_us);
                 if deadline.is_some_and(|d| d.is_expired()) {
-                    // The caller has given up already.
+                    // The caller has given up already: the handler is not
+                    // run, and a call ends as docs/PROTOCOL.md says.
+                    if h.kind == FrameKind::Request {
+                        let status = Status::deadline_exceeded(
+                            "the deadline passed before the request arrived",
+                        );
+                        self.reply(stream.id, Err(status)).await;
+                    }
                     return Ok(());
                 }
                 let inbound = Inbound {
@@ -643,6 +643,46 @@ impl Conn {
             }
         }
         Ok(())
+    }
+
+    /// Opens the stream of a Request or OneWay, after the receiver rules of
+    /// docs/PROTOCOL.md: an odd id (the client's) within the client's
+    /// credit (the reader checked that ids increase). A broken rule fails
+    /// the connection (an Error on stream 0, then the close).
+    fn open(self: &Arc<Conn>, h: &FrameHeader, ctx: &ServerCtx) -> Result<Stream, Reason> {
+        let id = h.stream_id.0;
+        let violation = |e: String, reason: Reason, status: fn(String) -> Status| {
+            tracing::warn!("closing {}: {e}", self.peer.addr);
+            let _ = self.ctrl.send(Out::error(0, &status(e)));
+            Err(reason)
+        };
+        if id.is_multiple_of(2) {
+            // Stream 0 is the connection's; even ids are the server's to
+            // open.
+            return violation(
+                format!(
+                    "protocol violation: a {} on stream {id}; a client opens odd stream ids",
+                    h.kind
+                ),
+                Reason::BadFrame,
+                Status::invalid_argument,
+            );
+        }
+        ctx.stats.request();
+        let mut st = self.state.lock();
+        if let Err(e) = st.window.open() {
+            drop(st);
+            return violation(
+                e.to_string(),
+                Reason::CreditExceeded,
+                Status::resource_exhausted,
+            );
+        }
+        st.last_stream = st.last_stream.max(id);
+        Ok(Stream {
+            conn: self.clone(),
+            id,
+        })
     }
 
     async fn dispatch(self: &Arc<Conn>, stream: Stream, oneway: bool, inbound: Inbound) {
@@ -697,20 +737,10 @@ impl Conn {
 
     async fn reply(&self, id: u64, result: Result<Reply, Status>) {
         let out = match result {
-            Ok(r)
-                if (commy_core::HEADER_LEN + r.metadata.len() + r.payload.len()) as u64
-                    > u64::from(self.max_frame) =>
-            {
-                Out::error(
-                    id,
-                    &Status::resource_exhausted(format!(
-                        "response of {} bytes exceeds the frame limit of {} bytes",
-                        r.payload.len(),
-                        self.max_frame
-                    )),
-                )
-            }
-            Ok(r) => Out::frame(FrameKind::Response, id, r.metadata, r.payload),
+            Ok(r) => match check_message(&self.limits, &r.metadata, &r.payload) {
+                Ok(()) => Out::frame(FrameKind::Response, id, r.metadata, r.payload),
+                Err(status) => Out::error(id, &status),
+            },
             Err(status) => {
                 let status = if status.code() == commy_core::Code::Ok {
                     Status::internal("handler returned an error with code OK")

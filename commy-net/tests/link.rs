@@ -328,10 +328,40 @@ async fn large_messages_errors_and_panics() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Internal);
-    // A request over the frame limit is refused before it is sent.
-    let too_big = Bytes::from(vec![1u8; Limits::DEFAULT_MAX_FRAME as usize]);
+    // 40 MiB, over the 16 MiB frame limit, crosses in fragments both ways.
+    let huge: Bytes = (0..40u32 << 20)
+        .map(|i| (i % 251) as u8)
+        .collect::<Vec<_>>()
+        .into();
+    let r = c
+        .call(Bytes::new(), huge.clone(), in_secs(60))
+        .await
+        .unwrap();
+    assert!(r.payload == huge, "40 MiB came back changed");
+    let r = c
+        .call(
+            Bytes::new(),
+            Bytes::from(format!("big:{}", 40 << 20)),
+            in_secs(60),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.payload.len(), 40 << 20);
+    // A request over max_message is refused before it is sent.
+    let too_big = Bytes::from(vec![1u8; Limits::DEFAULT_MAX_MESSAGE as usize + 1]);
     let e = c
         .call(Bytes::new(), too_big, in_secs(10))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    assert!(e.message().contains("max_message"), "{e}");
+    // So is an answer over it (the handler's reply does not leave).
+    let e = c
+        .call(
+            Bytes::new(),
+            Bytes::from(format!("big:{}", Limits::DEFAULT_MAX_MESSAGE as usize + 1)),
+            in_secs(60),
+        )
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
@@ -927,4 +957,190 @@ async fn a_client_that_waits_for_end_stream_completes() {
         .unwrap();
     let answer = until_end(&mut s, &mut buf, 7).await;
     assert_eq!(&answer.payload()[..], b"again");
+}
+
+/// Frames read off `s` until the one that ends stream `id` (a Response
+/// without FRAGMENT, or an Error); the fragments of a fragmented answer
+/// are all returned, in order. Frames of other streams are skipped.
+async fn answer_frames(
+    s: &mut (impl tokio::io::AsyncRead + Unpin),
+    buf: &mut bytes::BytesMut,
+    id: u64,
+) -> Vec<Frame> {
+    let mut got = Vec::new();
+    loop {
+        while let Some(f) = Frame::decode_from(buf, &Limits::DEFAULT).unwrap() {
+            if f.stream_id() != StreamId(id) {
+                continue;
+            }
+            let h = *f.header();
+            got.push(f);
+            if h.kind == FrameKind::Error || !h.flags.contains(FrameFlags::FRAGMENT) {
+                return got;
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(20), s.read_buf(buf))
+            .await
+            .expect("no frame ended the stream")
+            .unwrap();
+        assert!(n > 0, "the server closed the connection");
+    }
+}
+
+/// A message's frames as docs/PROTOCOL.md section 3 builds them, by hand:
+/// `sizes` are the payload bytes of each fragment.
+fn fragmented(kind: FrameKind, id: u64, payload: &[u8], sizes: &[usize]) -> Vec<Vec<u8>> {
+    assert_eq!(sizes.iter().sum::<usize>(), payload.len());
+    let mut at = 0;
+    sizes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let last = i == sizes.len() - 1;
+            let flags = if last {
+                FrameFlags::END_STREAM
+            } else {
+                FrameFlags::FRAGMENT
+            };
+            let f = Frame::new(kind, StreamId(id), Vec::new(), payload[at..at + n].to_vec())
+                .unwrap()
+                .with_flags(flags);
+            at += n;
+            f.to_vec()
+        })
+        .collect()
+}
+
+fn small_frames() -> Settings {
+    let mut s = quick();
+    s.limits = Limits {
+        max_frame: 4096,
+        max_message: 20_000,
+        ..Limits::DEFAULT
+    };
+    s
+}
+
+/// A fragmented request, built by hand and interleaved with another
+/// stream's request, is joined by the server; an answer over the server's
+/// frame limit comes back fragmented as section 3 says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fragmented_messages_are_joined_and_sent_in_fragments() {
+    let f = Fixture::start("fragments", small_frames(), false).await;
+    let mut s = f.raw_tls().await;
+    let body: Vec<u8> = (0..10_000u32).map(|i| (i % 253) as u8).collect();
+    let pieces = fragmented(FrameKind::Request, 1, &body, &[4000, 0, 4000, 2000]);
+    for (i, p) in pieces.iter().enumerate() {
+        s.write_all(p).await.unwrap();
+        if i == 1 {
+            s.write_all(&request(3, b"between")).await.unwrap();
+        }
+    }
+    s.flush().await.unwrap();
+    // Stream 3 was whole first, and is answered first.
+    let mut buf = bytes::BytesMut::new();
+    let between = answer_frames(&mut s, &mut buf, 3).await;
+    assert_eq!(&between[0].payload()[..], b"between");
+    let answer = answer_frames(&mut s, &mut buf, 1).await;
+    assert_eq!(answer.len(), 3, "10,000 bytes in frames of at most 4096");
+    let mut joined = Vec::new();
+    for (i, frame) in answer.iter().enumerate() {
+        let h = frame.header();
+        let last = i == answer.len() - 1;
+        assert_eq!(h.kind, FrameKind::Response);
+        assert!(frame.encoded_len() <= 4096);
+        assert_eq!(h.flags.contains(FrameFlags::FRAGMENT), !last);
+        assert_eq!(h.flags.contains(FrameFlags::END_STREAM), last);
+        joined.extend_from_slice(frame.payload());
+    }
+    assert_eq!(joined, body);
+}
+
+/// A fragmented request over the server's max_message fails its stream
+/// with RESOURCE_EXHAUSTED, and the connection goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_max_message_fails_only_its_stream() {
+    let f = Fixture::start("max-message", small_frames(), false).await;
+    let mut s = f.raw_tls().await;
+    let body = vec![1u8; 24_000];
+    for p in fragmented(FrameKind::Request, 1, &body, &[4000; 6]) {
+        s.write_all(&p).await.unwrap();
+    }
+    s.write_all(&request(3, b"next")).await.unwrap();
+    s.flush().await.unwrap();
+    let mut buf = bytes::BytesMut::new();
+    let failed = answer_frames(&mut s, &mut buf, 1).await;
+    let status = failed[0].status().unwrap().unwrap();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status}");
+    assert!(status.message().contains("max_message"), "{status}");
+    let next = answer_frames(&mut s, &mut buf, 3).await;
+    assert_eq!(&next[0].payload()[..], b"next");
+    assert_eq!(f.in_flight.load(Ordering::SeqCst), 0);
+}
+
+/// Receiver rules of docs/PROTOCOL.md, each broken by hand: the server
+/// answers as the spec says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receiver_rules_are_enforced() {
+    let f = Fixture::start("rules", quick(), false).await;
+    // A stream id that does not increase (reused, or lower): a connection
+    // error, and the request is not run.
+    for (first, second) in [(5u64, 5u64), (5, 3)] {
+        let mut s = f.raw_tls().await;
+        s.write_all(&request(first, b"one")).await.unwrap();
+        s.write_all(&request(second, b"two")).await.unwrap();
+        s.flush().await.unwrap();
+        let frames = read_frames(&mut s).await;
+        let answered: Vec<_> = frames
+            .iter()
+            .filter(|f| f.kind() == FrameKind::Response)
+            .map(|f| f.payload().clone())
+            .collect();
+        assert_eq!(
+            answered,
+            [Bytes::from_static(b"one")],
+            "{first} then {second}"
+        );
+        let status = connection_error(&frames);
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().contains("never reused"), "{status}");
+    }
+    // A request whose deadline passed on the way: DEADLINE_EXCEEDED, the
+    // handler not run.
+    let mut s = f.raw_tls().await;
+    let expired = Frame::new(
+        FrameKind::Request,
+        StreamId(1),
+        Vec::new(),
+        b"sleep:1".to_vec(),
+    )
+    .unwrap()
+    .with_flags(FrameFlags::END_STREAM)
+    .with_deadline_us(1);
+    s.write_all(&expired.to_vec()).await.unwrap();
+    s.flush().await.unwrap();
+    let mut buf = bytes::BytesMut::new();
+    let answer = answer_frames(&mut s, &mut buf, 1).await;
+    let status = answer[0].status().unwrap().unwrap();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status}");
+    // A broken fragment (metadata in a later fragment): a connection error
+    // naming it.
+    let mut s = f.raw_tls().await;
+    let first = Frame::new(FrameKind::Request, StreamId(1), Vec::new(), vec![0u8; 10])
+        .unwrap()
+        .with_flags(FrameFlags::FRAGMENT);
+    let later = Frame::new(FrameKind::Request, StreamId(1), vec![0u8; 4], vec![0u8; 10])
+        .unwrap()
+        .with_flags(FrameFlags::END_STREAM);
+    s.write_all(&first.to_vec()).await.unwrap();
+    s.write_all(&later.to_vec()).await.unwrap();
+    s.flush().await.unwrap();
+    let status = connection_error(&read_frames(&mut s).await);
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("bad fragment on stream 1"),
+        "{status}"
+    );
+    f.wait_for(Reason::BadFrame, 3).await;
+    f.still_serves().await;
 }
