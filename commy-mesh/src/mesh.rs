@@ -162,7 +162,7 @@ impl Mesh {
                     topics.clone(),
                     pools(&config, &mesh, call_spin, &topics, None, None, &runtime),
                     config.link.clone(),
-                    config.limits,
+                    config.limits.unfragmented(),
                 ),
                 config,
                 settings,
@@ -274,7 +274,7 @@ impl Mesh {
             .map_err(|e| Status::unavailable(format!("cannot listen for {service}: {e}")))?;
         let ctx = Arc::new(ServeCtx {
             handler,
-            limits: self.inner.config.limits,
+            limits: self.inner.config.limits.unfragmented(),
             runtime: self.inner.runtime.clone(),
             service: interned(&service),
             load: Arc::new(Load::new(self.inner.max_concurrency)),
@@ -895,7 +895,7 @@ fn pools(
         sources,
         peers.cloned(),
         config.link.clone(),
-        config.limits,
+        config.limits.unfragmented(),
         call_spin,
         policies,
         runtime.clone(),

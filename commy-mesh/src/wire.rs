@@ -77,22 +77,26 @@ impl Patience {
     pub(crate) const DEFAULT: Patience = Patience::For(SEND_PATIENCE);
 }
 
-/// Refuses a frame the peer would reject as too large (it would close the
-/// link): the caller gets `ResourceExhausted` and the link stays up.
-pub(crate) fn check_frame(limits: &Limits, metadata: &[u8], payload: &[u8]) -> Result<(), Status> {
-    let len = commy_core::HEADER_LEN as u64 + metadata.len() as u64 + payload.len() as u64;
+/// Refuses a message the peer would refuse (it would fail the stream, or
+/// the link): metadata over `max_metadata`, a payload over `max_message`.
+/// The caller gets `ResourceExhausted` and the link stays up.
+pub(crate) fn check_message(
+    limits: &Limits,
+    metadata: &[u8],
+    payload: &[u8],
+) -> Result<(), Status> {
     if metadata.len() as u64 > u64::from(limits.max_metadata) {
         return Err(Status::resource_exhausted(format!(
-            "metadata of {} bytes exceeds the limit of {} bytes",
+            "metadata of {} bytes exceeds the limit of {} bytes (max_metadata)",
             metadata.len(),
             limits.max_metadata
         )));
     }
-    if len > u64::from(limits.max_frame) {
+    if payload.len() as u64 > u64::from(limits.max_message) {
         return Err(Status::resource_exhausted(format!(
-            "message of {} bytes exceeds the frame limit of {} bytes",
+            "message of {} bytes exceeds the limit of {} bytes (max_message)",
             payload.len(),
-            limits.max_frame
+            limits.max_message
         )));
     }
     Ok(())

@@ -271,29 +271,28 @@ async fn oversize_payload_is_refused_with_resource_exhausted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_over_the_frame_limit_is_refused_and_the_link_stays_up() {
+async fn a_message_over_max_message_is_refused_and_the_link_stays_up() {
     if as_child() {
         return;
     }
-    // The link carries up to 64 MiB (fragmented), but a frame may not exceed
-    // 16 MiB: the caller is refused before anything is sent.
-    let dir = private_dir("frame-limit");
+    // A message may be up to max_message (64 MiB): the caller is refused
+    // one byte more before anything is sent.
+    let dir = private_dir("message-limit");
     let mesh = open(&dir).await;
     let _h = serve_test_services(&mesh).await;
-    let limit = commy_core::Limits::DEFAULT_MAX_FRAME as usize;
-    let e = mesh.call("echo", vec![0u8; limit]).await.unwrap_err();
+    let limit = commy_core::Limits::DEFAULT_MAX_MESSAGE as usize;
+    let e = mesh.call("echo", vec![0u8; limit + 1]).await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
-    assert!(e.message().contains("frame limit"), "{e}");
-    let e = mesh.send("echo", vec![0u8; limit]).await.unwrap_err();
+    assert!(e.message().contains("max_message"), "{e}");
+    let e = mesh.send("echo", vec![0u8; limit + 1]).await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
-    let just_fits = limit - commy_core::HEADER_LEN;
-    let reply = mesh.call("echo", vec![7u8; just_fits]).await.unwrap();
-    assert_eq!(reply.len(), just_fits);
+    let reply = mesh.call("echo", vec![7u8; limit]).await.unwrap();
+    assert_eq!(reply.len(), limit);
     // A handler's response over the limit: the caller is told, the link
     // stays up.
     let _big = mesh
         .serve("too-big", move |_req: Request| async move {
-            Ok::<_, Status>(Response::new(vec![0u8; limit]))
+            Ok::<_, Status>(Response::new(vec![0u8; limit + 1]))
         })
         .await
         .unwrap();
@@ -301,6 +300,10 @@ async fn a_message_over_the_frame_limit_is_refused_and_the_link_stays_up() {
         let e = mesh.call("too-big", &b""[..]).await.unwrap_err();
         assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
     }
+    assert_eq!(
+        &mesh.call("echo", &b"after"[..]).await.unwrap()[..],
+        b"after"
+    );
     mesh.close().await;
 }
 

@@ -600,10 +600,13 @@ async fn one_way_messages_arrive_in_order(t: Transport) {
 conformance!(large_messages_and_metadata_round_trip);
 async fn large_messages_and_metadata_round_trip(t: Transport) {
     let s = Setup::new("large", t).await;
-    let big: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
+    // 40 MiB: over the 16 MiB frame limit, so fragments over TLS; both
+    // ways through the echo.
+    let big: Vec<u8> = (0..40 << 20).map(|i: u32| (i % 251) as u8).collect();
     let r = s.mesh.call("echo", big.clone()).await.unwrap();
     assert_eq!(r.len(), big.len());
-    assert!(r[..] == big[..], "4 MiB came back changed");
+    assert!(r[..] == big[..], "40 MiB came back changed");
+    drop((r, big));
     let mut md = Metadata::default();
     md.add_header("x-tenant", b"acme".to_vec());
     md.traceparent = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
@@ -617,11 +620,12 @@ async fn large_messages_and_metadata_round_trip(t: Transport) {
         .await
         .unwrap();
     assert_eq!(r.metadata(), &md, "metadata (and nothing else) comes back");
-    // Over the 16 MiB frame limit, which both transports enforce before
-    // sending (the shared-memory link itself would carry up to 64 MiB).
-    let too_big = vec![0u8; 17 << 20];
+    // Over the 64 MiB message limit, which both transports enforce before
+    // sending.
+    let too_big = vec![0u8; commy_core::Limits::DEFAULT_MAX_MESSAGE as usize + 1];
     let e = s.mesh.call("echo", too_big).await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    assert!(e.message().contains("max_message"), "{e}");
     assert_eq!(
         &s.mesh.call("echo", b"after".to_vec()).await.unwrap()[..],
         b"after"

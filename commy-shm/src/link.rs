@@ -74,7 +74,9 @@ pub struct LinkConfig {
     pub ring_capacity: usize,
     /// The largest ring a server will create on a client's request.
     pub max_ring_capacity: usize,
-    /// The largest message accepted, fragmented or not.
+    /// The largest message accepted, fragmented or not. The default holds
+    /// a frame with the largest message and metadata of
+    /// [`Limits::DEFAULT`](commy_core::Limits::DEFAULT).
     pub max_message: usize,
     /// How to wait for data or space.
     pub wait: WaitStrategy,
@@ -89,7 +91,7 @@ impl Default for LinkConfig {
         LinkConfig {
             ring_capacity: 1 << 20,
             max_ring_capacity: 64 << 20,
-            max_message: 64 << 20,
+            max_message: commy_core::Limits::DEFAULT.largest_message_frame() as usize,
             wait: WaitStrategy::default(),
             peer_policy: PeerPolicy::default(),
             handshake_timeout: Duration::from_secs(5),

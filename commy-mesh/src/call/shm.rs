@@ -31,7 +31,7 @@ use crate::response::Response;
 use crate::sync::Counted;
 use crate::warn::CLIENT_LINKS;
 use crate::wire::{
-    Patience, check_frame, decode_metadata, encode_metadata, far_future, send_frame, send_status,
+    Patience, check_message, decode_metadata, encode_metadata, far_future, send_frame, send_status,
 };
 
 /// What one poll of a link by an [`AnswerDriver`] found.
@@ -217,7 +217,7 @@ impl ClientConn {
         }
         let in_flight = balanced.then(|| Counted::enter(&self.stats.in_flight));
         let md = encode_metadata(metadata);
-        if let Err(status) = check_frame(&self.limits, &md, &payload) {
+        if let Err(status) = check_message(&self.limits, &md, &payload) {
             return Started::Done(Err(status));
         }
         let deadline_us = due.wire();
@@ -565,7 +565,7 @@ impl ClientConn {
         if !self.is_alive() {
             return Err(Status::unavailable("the instance is gone"));
         }
-        check_frame(&self.limits, metadata, payload)?;
+        check_message(&self.limits, metadata, payload)?;
         let sent = {
             let mut tx = self.tx.lock();
             let id = tx.open_stream();
@@ -688,7 +688,7 @@ impl ClientConn {
             let mut tx = self.tx.lock();
             let mut streams = Vec::with_capacity(calls.size_hint().0);
             for (payload, token) in calls {
-                match check_frame(&self.limits, &md, payload) {
+                match check_message(&self.limits, &md, payload) {
                     Ok(()) => streams.push((tx.open_stream(), payload, token)),
                     Err(status) => refused.push((token, status)),
                 }
@@ -750,7 +750,7 @@ impl ClientConn {
             return done.finish(self, Err(Status::unavailable("the instance is gone")));
         }
         let md = encode_metadata(metadata);
-        if let Err(status) = check_frame(&self.limits, &md, payload) {
+        if let Err(status) = check_message(&self.limits, &md, payload) {
             return done.finish(self, Err(status));
         }
         let (header, patience, deadline) = self.callback_request(&mut due);
