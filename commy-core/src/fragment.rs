@@ -1,5 +1,5 @@
-//! Fragmentation (`docs/PROTOCOL.md`, section 3): a message larger than a
-//! frame may be travels as consecutive frames of its kind and stream, every
+//! Fragmentation (`docs/PROTOCOL.md`, section 3.1): a message larger than
+//! one frame travels as consecutive frames of its kind and stream, every
 //! one but the last flagged `FRAGMENT`.
 //!
 //! - [`split`]: the frames a sender writes for one message, each within

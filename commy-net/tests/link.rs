@@ -987,7 +987,7 @@ async fn answer_frames(
     }
 }
 
-/// A message's frames as docs/PROTOCOL.md section 3 builds them, by hand:
+/// A message's frames as docs/PROTOCOL.md section 3.1 builds them, by hand:
 /// `sizes` are the payload bytes of each fragment.
 fn fragmented(kind: FrameKind, id: u64, payload: &[u8], sizes: &[usize]) -> Vec<Vec<u8>> {
     assert_eq!(sizes.iter().sum::<usize>(), payload.len());
@@ -1023,7 +1023,7 @@ fn small_frames() -> Settings {
 
 /// A fragmented request, built by hand and interleaved with another
 /// stream's request, is joined by the server; an answer over the server's
-/// frame limit comes back fragmented as section 3 says.
+/// frame limit comes back fragmented as section 3.1 says.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fragmented_messages_are_joined_and_sent_in_fragments() {
     let f = Fixture::start("fragments", small_frames(), false).await;
