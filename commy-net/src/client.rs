@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
-use commy_core::{Deadline, FrameHeader, FrameKind, Limits, Status, StreamId};
+use commy_core::{Deadline, FrameFlags, FrameHeader, FrameKind, Limits, Status, StreamId};
 use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
 use rustls::pki_types::ServerName;
@@ -27,7 +27,8 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_rustls::TlsConnector;
 
 use crate::link::{
-    FrameReader, Out, Quiet, ReadError, Received, Settings, WriterEnd, check_message, write_frames,
+    FrameReader, Out, PUSH_CREDIT, Quiet, ReadError, Received, Settings, WriterEnd, check_message,
+    write_frames,
 };
 use crate::mux::Backoff;
 use crate::server::Reply;
@@ -173,6 +174,21 @@ impl Client {
         session.send_oneway(metadata, payload, deadline).await
     }
 
+    /// Opens a stream the server pushes messages on: sends a request and
+    /// waits (until `deadline` if given) for the Response that accepts it,
+    /// whose stream stays open. The server then sends Publish frames on the
+    /// stream as far as the stream's credit allows ([`PUSH_CREDIT`] at
+    /// first; [`Pushes::grant`] gives more). An Error answer refuses it.
+    pub async fn subscribe(
+        &self,
+        metadata: Bytes,
+        payload: Bytes,
+        deadline: Option<Deadline>,
+    ) -> Result<Pushes, Status> {
+        let session = self.session(deadline).await?;
+        session.subscribe(metadata, payload, deadline).await
+    }
+
     /// Connects now if not connected (calls do this themselves).
     pub async fn connect(&self) -> Result<(), Status> {
         self.session(None).await.map(|_| ())
@@ -276,6 +292,81 @@ impl Client {
 
 type Pending = FxHashMap<u64, oneshot::Sender<Result<Reply, Status>>>;
 
+/// Streams the server pushes messages on, by stream id: the accepting
+/// Response, then each message; an Error ends them.
+type Streams = FxHashMap<u64, mpsc::Sender<Result<Reply, Status>>>;
+
+/// Messages a server pushes on a stream opened by [`Client::subscribe`].
+/// Dropping it cancels the stream (a Cancel frame tells the server).
+pub struct Pushes {
+    session: Arc<Session>,
+    id: u64,
+    rx: mpsc::Receiver<Result<Reply, Status>>,
+    accept: Option<Reply>,
+}
+
+impl std::fmt::Debug for Pushes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pushes")
+            .field("server", &self.session.target)
+            .field("stream", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pushes {
+    /// The next message (encoded metadata and payload); an `Err` when the
+    /// server failed the stream or the connection was lost; `None` once
+    /// the stream has ended.
+    pub async fn next(&mut self) -> Option<Result<Reply, Status>> {
+        self.rx.recv().await
+    }
+
+    /// The Response that accepted the stream.
+    pub fn accepted(&self) -> Option<&Reply> {
+        self.accept.as_ref()
+    }
+
+    /// Lets the server push `n` more messages (a Credit frame on the
+    /// stream). Grant as messages are consumed, so that at most
+    /// [`PUSH_CREDIT`] wait unconsumed.
+    pub fn grant(&self, n: u32) {
+        if n > 0 {
+            let _ = self.session.ctrl.send(Out::frame(
+                FrameKind::Credit,
+                self.id,
+                Bytes::new(),
+                Bytes::copy_from_slice(&n.to_le_bytes()),
+            ));
+        }
+    }
+
+    /// The stream's id on its connection.
+    pub fn stream_id(&self) -> u64 {
+        self.id
+    }
+}
+
+impl Drop for Pushes {
+    fn drop(&mut self) {
+        let open = self
+            .session
+            .pending
+            .lock()
+            .streams
+            .remove(&self.id)
+            .is_some();
+        if open {
+            let _ = self.session.ctrl.send(Out::frame(
+                FrameKind::Cancel,
+                self.id,
+                Bytes::new(),
+                Bytes::new(),
+            ));
+        }
+    }
+}
+
 /// One established connection.
 struct Session {
     out: mpsc::Sender<Out>,
@@ -294,12 +385,18 @@ struct Session {
 
 struct PendingTable {
     calls: Pending,
+    streams: Streams,
     closed_reason: Option<String>,
     /// The next stream id to open (odd: this side connected).
     next_id: u64,
 }
 
 impl PendingTable {
+    /// Nothing in flight: no call waits, no stream is open.
+    fn idle(&self) -> bool {
+        self.calls.is_empty() && self.streams.is_empty()
+    }
+
     fn take_id(&mut self) -> u64 {
         let id = self.next_id;
         self.next_id += 2;
@@ -331,6 +428,7 @@ impl Session {
             credit: Semaphore::new(0),
             pending: Mutex::new(PendingTable {
                 calls: FxHashMap::default(),
+                streams: FxHashMap::default(),
                 closed_reason: None,
                 next_id: 1,
             }),
@@ -434,6 +532,56 @@ impl Session {
         answer.unwrap_or_else(|_| Err(self.lost()))
     }
 
+    async fn subscribe(
+        self: Arc<Session>,
+        metadata: Bytes,
+        payload: Bytes,
+        deadline: Option<Deadline>,
+    ) -> Result<Pushes, Status> {
+        self.open_stream(deadline, &metadata, &payload).await?;
+        let permit = self.room(deadline).await?;
+        // Room for every message the credit allows, the accepting
+        // Response and an Error.
+        let (tx, rx) = mpsc::channel(PUSH_CREDIT as usize + 2);
+        let id = {
+            let mut p = self.pending.lock();
+            if p.closed_reason.is_some() {
+                drop(p);
+                return Err(self.lost());
+            }
+            let id = p.take_id();
+            p.streams.insert(id, tx);
+            permit.send(Out::Frame(
+                stream_header(FrameKind::Request, id, deadline),
+                metadata,
+                payload,
+            ));
+            id
+        };
+        let mut pushes = Pushes {
+            session: self.clone(),
+            id,
+            rx,
+            accept: None,
+        };
+        let first = match deadline {
+            Some(d) => tokio::time::timeout_at(d.instant().into(), pushes.rx.recv())
+                .await
+                .map_err(|_| {
+                    Status::deadline_exceeded("the stream was not accepted before the deadline")
+                })?,
+            None => pushes.rx.recv().await,
+        };
+        match first {
+            Some(Ok(reply)) => {
+                pushes.accept = Some(reply);
+                Ok(pushes)
+            }
+            Some(Err(status)) => Err(status),
+            None => Err(self.lost()),
+        }
+    }
+
     async fn send_oneway(
         &self,
         metadata: Bytes,
@@ -480,25 +628,31 @@ impl Session {
         if p.closed_reason.is_none() {
             p.closed_reason = Some(reason.to_string());
         }
-        !p.calls.is_empty()
+        !p.idle()
     }
 
     /// Fails every pending call and refuses new ones.
     fn fail_all(&self, reason: String) {
-        let calls = {
+        let (calls, streams) = {
             let mut p = self.pending.lock();
             self.closed.store(true, Ordering::Release);
             if p.closed_reason.is_none() {
                 p.closed_reason = Some(reason.clone());
             }
-            std::mem::take(&mut p.calls)
+            (std::mem::take(&mut p.calls), std::mem::take(&mut p.streams))
         };
         self.credit.close();
-        for (_, waiter) in calls {
-            let _ = waiter.send(Err(Status::unavailable(format!(
+        let lost = || {
+            Status::unavailable(format!(
                 "connection to {} lost during the call: {reason}",
                 self.target
-            ))));
+            ))
+        };
+        for (_, waiter) in calls {
+            let _ = waiter.send(Err(lost()));
+        }
+        for (_, stream) in streams {
+            let _ = stream.try_send(Err(lost()));
         }
     }
 
@@ -579,9 +733,15 @@ async fn read_loop(
                     Ok(Received::TooLarge(h, status)) => {
                         quiet.frame();
                         let Some(s) = session.upgrade() else { break "client dropped".to_string() };
-                        let waiter = s.pending.lock().calls.remove(&h.stream_id.0);
-                        if let Some(w) = waiter.filter(|_| h.kind == FrameKind::Response) {
+                        let id = h.stream_id.0;
+                        let mut p = s.pending.lock();
+                        if h.kind == FrameKind::Response && let Some(w) = p.calls.remove(&id) {
                             let _ = w.send(Err(status));
+                        } else if matches!(h.kind, FrameKind::Response | FrameKind::Publish)
+                            && let Some(stream) = p.streams.remove(&id)
+                        {
+                            let _ = stream.try_send(Err(status));
+                            let _ = ctrl.send(Out::frame(FrameKind::Cancel, id, Bytes::new(), Bytes::new()));
                         }
                         continue;
                     }
@@ -598,17 +758,32 @@ async fn read_loop(
                 let (h, metadata, payload) = frame.into_parts();
                 let id = h.stream_id.0;
                 match h.kind {
-                    FrameKind::Response | FrameKind::Error if id != 0 => {
-                        let waiter = s.pending.lock().calls.remove(&id);
-                        if let Some(w) = waiter {
-                            let result = if h.kind == FrameKind::Response {
-                                Ok(Reply { metadata, payload })
-                            } else {
-                                Err(Status::decode(&payload).unwrap_or_else(|e| {
-                                    Status::internal(format!("undecodable error status from the server: {e}"))
-                                }))
-                            };
+                    FrameKind::Response | FrameKind::Error | FrameKind::Publish if id != 0 => {
+                        let result = if h.kind == FrameKind::Error {
+                            Err(Status::decode(&payload).unwrap_or_else(|e| {
+                                Status::internal(format!("undecodable error status from the server: {e}"))
+                            }))
+                        } else {
+                            Ok(Reply::with_metadata(metadata, payload))
+                        };
+                        let mut p = s.pending.lock();
+                        if h.kind != FrameKind::Publish && let Some(w) = p.calls.remove(&id) {
+                            drop(p);
                             let _ = w.send(result);
+                        } else if let Some(stream) = p.streams.get(&id) {
+                            // A Publish with END_STREAM ends the stream and
+                            // carries no message.
+                            let end = h.kind == FrameKind::Error
+                                || (h.kind == FrameKind::Publish && h.flags.contains(FrameFlags::END_STREAM));
+                            let delivered = (end && h.kind == FrameKind::Publish) || stream.try_send(result).is_ok();
+                            if end || !delivered {
+                                p.streams.remove(&id);
+                            }
+                            if !delivered {
+                                drop(p);
+                                tracing::warn!("{} pushed more than its credit on stream {id}: cancelling it", s.target);
+                                let _ = ctrl.send(Out::frame(FrameKind::Cancel, id, Bytes::new(), Bytes::new()));
+                            }
                         }
                     }
                     FrameKind::Credit => {
@@ -625,15 +800,21 @@ async fn read_loop(
                         s.going_away.store(true, Ordering::Release);
                         // Streams the server will not handle fail now; the
                         // rest finish here.
-                        let refused: Vec<_> = {
+                        let refused = || Status::unavailable("the server is shutting down and did not take the call");
+                        let (calls, streams): (Vec<_>, Vec<_>) = {
                             let mut p = s.pending.lock();
                             let ids: Vec<u64> = p.calls.keys().copied().filter(|k| *k > id).collect();
-                            ids.into_iter().filter_map(|k| p.calls.remove(&k)).collect()
+                            let calls = ids.into_iter().filter_map(|k| p.calls.remove(&k)).collect();
+                            let ids: Vec<u64> = p.streams.keys().copied().filter(|k| *k > id).collect();
+                            (calls, ids.into_iter().filter_map(|k| p.streams.remove(&k)).collect())
                         };
-                        for w in refused {
-                            let _ = w.send(Err(Status::unavailable("the server is shutting down and did not take the call")));
+                        for w in calls {
+                            let _ = w.send(Err(refused()));
                         }
-                        if s.pending.lock().calls.is_empty() {
+                        for stream in streams {
+                            let _ = stream.try_send(Err(refused()));
+                        }
+                        if s.pending.lock().idle() {
                             let _ = ctrl.send(Out::Close);
                             break "the server went away (GOAWAY)".to_string();
                         }
@@ -645,18 +826,18 @@ async fn read_loop(
                     other => tracing::debug!("{}: ignoring an unexpected {other} frame", s.target),
                 }
                 if let Some(why) = &write_failure
-                    && s.pending.lock().calls.is_empty()
+                    && s.pending.lock().idle()
                 {
                     break why.clone();
                 }
-                if s.going_away.load(Ordering::Acquire) && s.pending.lock().calls.is_empty() {
+                if s.going_away.load(Ordering::Acquire) && s.pending.lock().idle() {
                     let _ = ctrl.send(Out::Close);
                     break "the server went away (GOAWAY)".to_string();
                 }
             }
             _ = tick.tick() => {
                 if let Some(why) = &write_failure
-                    && session.upgrade().is_none_or(|s| s.pending.lock().calls.is_empty())
+                    && session.upgrade().is_none_or(|s| s.pending.lock().idle())
                 {
                     break why.clone();
                 }

@@ -55,8 +55,8 @@ mod server;
 mod stats;
 pub mod tls;
 
-pub use client::{Client, ClientError};
-pub use link::Settings;
-pub use server::{BindError, Handler, HandlerFuture, Inbound, Peer, Reply, Server};
+pub use client::{Client, ClientError, Pushes};
+pub use link::{PUSH_CREDIT, Settings};
+pub use server::{BindError, Handler, HandlerFuture, Inbound, Peer, Pusher, Reply, Server};
 pub use stats::{Reason, ServerStats};
 pub use tls::{Credentials, DevCa, Identity, LeafSpec, TlsError};

@@ -100,10 +100,19 @@ impl Quiet {
     }
 }
 
+/// Messages a server may push on a stream before the client grants more
+/// (Credit frames on that stream): the initial stream credit of a push
+/// stream ([`Reply::streaming`](crate::Reply::streaming)).
+pub const PUSH_CREDIT: u32 = 256;
+
 /// One item for the writer.
 pub(crate) enum Out {
-    /// A frame: header (lengths filled in by the writer), metadata, payload.
+    /// A frame: header (lengths and, for kinds that end their stream,
+    /// END_STREAM filled in by the writer), metadata, payload.
     Frame(FrameHeader, Bytes, Bytes),
+    /// A frame whose flags stay as given: a Response that keeps its stream
+    /// open for pushed messages.
+    Keep(FrameHeader, Bytes, Bytes),
     /// Flush what is queued, then close the connection.
     Close,
 }
@@ -252,16 +261,30 @@ fn encode(buf: &mut Vec<u8>, max_frame: u32, out: Out) -> bool {
     match out {
         Out::Frame(h, md, payload) => {
             let h = h.with_sections(md.len() as u32, payload.len() as u32);
-            for piece in split(h, md.len(), payload.len(), max_frame) {
-                buf.extend_from_slice(&piece.header.encode());
-                if piece.metadata {
-                    buf.extend_from_slice(&md);
-                }
-                buf.extend_from_slice(&payload[piece.payload]);
-            }
+            encode_frame(buf, max_frame, h, &md, &payload);
+            false
+        }
+        Out::Keep(h, md, payload) => {
+            let h = FrameHeader {
+                metadata_len: md.len() as u32,
+                payload_len: payload.len() as u32,
+                ..h
+            };
+            encode_frame(buf, max_frame, h, &md, &payload);
             false
         }
         Out::Close => true,
+    }
+}
+
+/// Appends a finished header's frame, fragmented to `max_frame`.
+fn encode_frame(buf: &mut Vec<u8>, max_frame: u32, h: FrameHeader, md: &[u8], payload: &[u8]) {
+    for piece in split(h, md.len(), payload.len(), max_frame) {
+        buf.extend_from_slice(&piece.header.encode());
+        if piece.metadata {
+            buf.extend_from_slice(md);
+        }
+        buf.extend_from_slice(&payload[piece.payload]);
     }
 }
 

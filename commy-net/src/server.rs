@@ -39,18 +39,19 @@ use std::task::{Context, Poll, Waker};
 use bytes::Bytes;
 use commy_core::backoff::AcceptBackoff;
 use commy_core::log_limit::{LogLimit, left_out};
-use commy_core::{Deadline, FrameHeader, FrameKind, Limits, Status};
+use commy_core::{Deadline, FrameFlags, FrameHeader, FrameKind, Limits, Status, StreamId};
 use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_rustls::StartHandshake;
 use tokio_rustls::server::TlsStream;
 
 use crate::link::{
-    FrameReader, Out, Quiet, ReadError, Received, Settings, WriterEnd, check_message, write_frames,
+    FrameReader, Out, PUSH_CREDIT, Quiet, ReadError, Received, Settings, WriterEnd, check_message,
+    write_frames,
 };
 use crate::mux::CreditWindow;
 use crate::stats::{Reason, ServerStats};
@@ -63,6 +64,8 @@ pub struct Reply {
     pub metadata: Bytes,
     /// The payload.
     pub payload: Bytes,
+    /// Set by [`Reply::streaming`]: messages to push on the stream.
+    pushed: Option<PushedRx>,
 }
 
 impl Reply {
@@ -71,7 +74,79 @@ impl Reply {
         Reply {
             metadata: Bytes::new(),
             payload: payload.into(),
+            pushed: None,
         }
+    }
+
+    /// A reply with `metadata` and `payload`.
+    pub fn with_metadata(metadata: Bytes, payload: impl Into<Bytes>) -> Reply {
+        Reply {
+            metadata,
+            ..Reply::new(payload)
+        }
+    }
+
+    /// This reply, sent as a Response that keeps the stream open (no
+    /// END_STREAM), and the [`Pusher`] whose messages follow it as Publish
+    /// frames on the stream, as far as the client's stream credit allows
+    /// ([`PUSH_CREDIT`](crate::PUSH_CREDIT) at first, then what its Credit
+    /// frames on the stream grant). The stream ends when the pusher is
+    /// dropped (a Publish with END_STREAM), fails ([`Pusher::fail`]),
+    /// the client cancels it, the connection closes, or the server drains.
+    /// A reply to a one-way message pushes nothing.
+    pub fn streaming(self) -> (Reply, Pusher) {
+        let (tx, rx) = mpsc::channel(1);
+        let reply = Reply {
+            pushed: Some(PushedRx(Arc::new(Mutex::new(Some(rx))))),
+            ..self
+        };
+        (reply, Pusher { tx })
+    }
+}
+
+/// What a [`Pusher`] sends.
+enum Pushed {
+    Message(Bytes, Bytes),
+    Fail(Status),
+}
+
+/// The receiving end of a [`Pusher`], inside a [`Reply`] (which stays
+/// cheap to clone; the receiver is taken once).
+#[derive(Clone)]
+struct PushedRx(Arc<Mutex<Option<mpsc::Receiver<Pushed>>>>);
+
+impl std::fmt::Debug for PushedRx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PushedRx")
+    }
+}
+
+/// Pushes messages on a stream opened by [`Reply::streaming`].
+#[derive(Debug)]
+pub struct Pusher {
+    tx: mpsc::Sender<Pushed>,
+}
+
+impl Pusher {
+    /// Sends a message (encoded metadata, payload) as a Publish frame on
+    /// the stream. Waits while the client has no credit for it. Fails with
+    /// UNAVAILABLE once the stream has ended.
+    pub async fn push(&self, metadata: Bytes, payload: Bytes) -> Result<(), Status> {
+        self.tx
+            .send(Pushed::Message(metadata, payload))
+            .await
+            .map_err(|_| Status::unavailable("the stream has ended"))
+    }
+
+    /// Ends the stream with an Error frame carrying `status`.
+    pub async fn fail(self, status: Status) {
+        let _ = self.tx.send(Pushed::Fail(status)).await;
+    }
+
+    /// Resolves once the stream has ended: the client cancelled it, the
+    /// connection closed or the server drains.
+    pub async fn closed(&self) {
+        self.tx.closed().await;
     }
 }
 
@@ -466,9 +541,11 @@ async fn serve_conn(
         state: Mutex::new(ConnState {
             window,
             running: FxHashMap::default(),
+            push_credit: FxHashMap::default(),
             last_stream: 0,
         }),
         drained: Notify::new(),
+        draining: watch::channel(false).0,
         handler: ctx.handler.clone(),
         peer: Arc::new(Peer { addr, identity }),
         limits: s.limits,
@@ -519,6 +596,7 @@ async fn serve_conn(
             }
             _ = stop.changed(), if !draining => {
                 draining = true;
+                conn.draining.send_replace(true);
                 let last = conn.state.lock().last_stream;
                 let _ = conn.ctrl.send(Out::frame(FrameKind::GoAway, last, Bytes::new(), Bytes::new()));
                 if conn.state.lock().window.in_flight() == 0 {
@@ -565,6 +643,8 @@ struct ConnState {
     window: CreditWindow,
     /// Streams handled by tasks: `None` until the abort handle is stored.
     running: FxHashMap<u64, Option<tokio::task::AbortHandle>>,
+    /// The client's credit for each push stream.
+    push_credit: FxHashMap<u64, Arc<Semaphore>>,
     last_stream: u64,
 }
 
@@ -574,6 +654,8 @@ struct Conn {
     ctrl: mpsc::UnboundedSender<Out>,
     state: Mutex<ConnState>,
     drained: Notify,
+    /// Set when the server drains: push streams end.
+    draining: watch::Sender<bool>,
     handler: Handler,
     peer: Arc<Peer>,
     limits: Limits,
@@ -621,7 +703,10 @@ impl Conn {
                     .await;
             }
             FrameKind::Cancel => {
-                let task = self.state.lock().running.remove(&id);
+                let mut st = self.state.lock();
+                st.push_credit.remove(&id);
+                let task = st.running.remove(&id);
+                drop(st);
                 if let Some(Some(task)) = task {
                     task.abort();
                 }
@@ -630,6 +715,16 @@ impl Conn {
                 let _ = self
                     .ctrl
                     .send(Out::frame(FrameKind::Pong, id, Bytes::new(), payload));
+            }
+            FrameKind::Credit if id != 0 => {
+                let credit = self.state.lock().push_credit.get(&id).cloned();
+                if let Some(credit) = credit {
+                    let n = payload
+                        .first_chunk::<4>()
+                        .map_or(0, |b| u32::from_le_bytes(*b)) as usize;
+                    let room = Semaphore::MAX_PERMITS.saturating_sub(credit.available_permits());
+                    credit.add_permits(n.min(room));
+                }
             }
             FrameKind::Pong | FrameKind::Credit | FrameKind::GoAway => {}
             FrameKind::Error if id == 0 => {
@@ -704,9 +799,8 @@ impl Conn {
         };
         if let Poll::Ready(result) = polled {
             if !oneway {
-                self.reply(stream.id, result).await;
+                self.answer(stream, result).await;
             }
-            drop(stream);
             return;
         }
         let id = stream.id;
@@ -715,7 +809,6 @@ impl Conn {
         }
         let conn = self.clone();
         let task = tokio::spawn(async move {
-            let _stream = stream;
             let result = match deadline {
                 Some(d) => tokio::time::timeout_at(d.instant().into(), fut)
                     .await
@@ -727,10 +820,54 @@ impl Conn {
                 None => fut.await,
             };
             if !oneway && conn.state.lock().running.remove(&id).is_some() {
-                conn.reply(id, result).await;
+                conn.answer(stream, result).await;
             }
         });
         if !oneway && let Some(slot) = self.state.lock().running.get_mut(&id) {
+            *slot = Some(task.abort_handle());
+        }
+    }
+
+    /// Answers the request of `stream`: with a Response or an Error, or
+    /// with a Response that keeps the stream open and the messages the
+    /// handler pushes on it ([`Reply::streaming`]).
+    async fn answer(self: &Arc<Conn>, stream: Stream, result: Result<Reply, Status>) {
+        let pushed = match &result {
+            Ok(r) => r.pushed.as_ref().and_then(|p| p.0.lock().take()),
+            Err(_) => None,
+        };
+        let Some(rx) = pushed else {
+            self.reply(stream.id, result).await;
+            return;
+        };
+        let Ok(r) = result else { return };
+        if let Err(status) = check_message(&self.limits, &r.metadata, &r.payload) {
+            self.reply(stream.id, Err(status)).await;
+            return;
+        }
+        let id = stream.id;
+        let header = FrameHeader::new(FrameKind::Response, StreamId(id));
+        if self
+            .out
+            .send(Out::Keep(header, r.metadata, r.payload))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let credit = Arc::new(Semaphore::new(PUSH_CREDIT as usize));
+        let mut st = self.state.lock();
+        st.push_credit.insert(id, credit.clone());
+        st.running.insert(id, None);
+        drop(st);
+        let task = tokio::spawn(push_stream(
+            self.clone(),
+            stream,
+            rx,
+            credit,
+            self.draining.subscribe(),
+        ));
+        if let Some(slot) = self.state.lock().running.get_mut(&id) {
             *slot = Some(task.abort_handle());
         }
     }
@@ -752,6 +889,60 @@ impl Conn {
         };
         let _ = self.out.send(out).await;
     }
+}
+
+/// Sends what a handler pushes on `stream`, one Publish frame per message
+/// and per credit the client granted, until the pusher is dropped (a
+/// Publish with END_STREAM), fails (an Error), or the server drains (a
+/// Publish with END_STREAM). A Cancel aborts it.
+async fn push_stream(
+    conn: Arc<Conn>,
+    stream: Stream,
+    mut rx: mpsc::Receiver<Pushed>,
+    credit: Arc<Semaphore>,
+    mut draining: watch::Receiver<bool>,
+) {
+    let id = stream.id;
+    let last = loop {
+        // Credit first: without it nothing is taken from the handler,
+        // whose pushes then wait.
+        tokio::select! {
+            biased;
+            _ = draining.wait_for(|d| *d) => break None,
+            permit = credit.acquire() => match permit {
+                Ok(p) => p.forget(),
+                Err(_) => break None,
+            },
+        }
+        let item = tokio::select! {
+            biased;
+            _ = draining.wait_for(|d| *d) => break None,
+            item = rx.recv() => item,
+        };
+        match item {
+            Some(Pushed::Message(md, payload)) => {
+                let frame = Out::frame(FrameKind::Publish, id, md, payload);
+                if conn.out.send(frame).await.is_err() {
+                    break None;
+                }
+            }
+            Some(Pushed::Fail(status)) => break Some(Out::error(id, &status)),
+            None => break None,
+        }
+    };
+    let last = last.unwrap_or_else(|| {
+        let end = FrameHeader {
+            flags: FrameFlags::END_STREAM,
+            ..FrameHeader::new(FrameKind::Publish, StreamId(id))
+        };
+        Out::Frame(end, Bytes::new(), Bytes::new())
+    });
+    let _ = conn.out.send(last).await;
+    let mut st = conn.state.lock();
+    st.push_credit.remove(&id);
+    st.running.remove(&id);
+    drop(st);
+    drop(stream);
 }
 
 /// One open stream: its credit comes back when it is dropped (finished,

@@ -105,6 +105,34 @@ fn service(
                 Ok(Reply::new(req.payload.clone()))
             } else if let Some(n) = text.strip_prefix("big:") {
                 Ok(Reply::new(vec![7u8; n.parse().unwrap()]))
+            } else if let Some(n) = text.strip_prefix("sub:") {
+                // A push stream of n messages, then its end; "sub:fail"
+                // fails it after one message; "sub:wait" pushes nothing
+                // and counts its end in `dropped`.
+                let (reply, pusher) = Reply::new("accepted").streaming();
+                let ended = track.1.clone();
+                let n = n.to_owned();
+                tokio::spawn(async move {
+                    match n.as_str() {
+                        "fail" => {
+                            let _ = pusher.push(Bytes::new(), Bytes::from_static(b"one")).await;
+                            pusher.fail(Status::not_found("gone")).await;
+                        }
+                        "wait" => {
+                            pusher.closed().await;
+                            ended.fetch_add(1, Ordering::SeqCst);
+                        }
+                        n => {
+                            for i in 0..n.parse::<usize>().unwrap() {
+                                let md = Bytes::from(vec![1u8; i % 3]);
+                                if pusher.push(md, Bytes::from(format!("m{i}"))).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+                Ok(reply)
             } else if text == "panic" {
                 panic!("the test handler panics on purpose");
             } else if text == "fail" {
@@ -1143,4 +1171,98 @@ async fn receiver_rules_are_enforced() {
     );
     f.wait_for(Reason::BadFrame, 3).await;
     f.still_serves().await;
+}
+
+/// A push stream (Reply::streaming / Client::subscribe): accepted by a
+/// Response that keeps the stream open, then messages in order within the
+/// stream credit, more as the client grants it, and its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_streams_follow_their_credit_and_end() {
+    let f = Fixture::start("push", quick(), false).await;
+    let c = f.client();
+    let mut s = c
+        .subscribe(Bytes::new(), Bytes::from_static(b"sub:1000"), in_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(&s.accepted().unwrap().payload[..], b"accepted");
+    let credit = commy_net::PUSH_CREDIT as usize;
+    let mut got = 0;
+    while got < credit {
+        let m = s.next().await.unwrap().unwrap();
+        assert_eq!(m.payload, format!("m{got}"));
+        assert_eq!(m.metadata.len(), got % 3);
+        got += 1;
+    }
+    // Without more credit nothing more comes.
+    let more = tokio::time::timeout(Duration::from_millis(300), s.next()).await;
+    assert!(more.is_err(), "a message beyond the credit: {more:?}");
+    // The other calls of the connection are not held up meanwhile.
+    f.still_serves().await;
+    let r = c
+        .call(
+            Bytes::new(),
+            Bytes::from_static(b"same connection"),
+            in_secs(5),
+        )
+        .await
+        .unwrap();
+    assert_eq!(&r.payload[..], b"same connection");
+    while got < 1000 {
+        s.grant(64);
+        for _ in 0..64.min(1000 - got) {
+            let m = s.next().await.unwrap().unwrap();
+            assert_eq!(m.payload, format!("m{got}"));
+            got += 1;
+        }
+    }
+    assert!(s.next().await.is_none(), "the stream ends with END_STREAM");
+
+    // A failed stream: its message, then the error, then the end.
+    let mut s = c
+        .subscribe(Bytes::new(), Bytes::from_static(b"sub:fail"), in_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(&s.next().await.unwrap().unwrap().payload[..], b"one");
+    let e = s.next().await.unwrap().unwrap_err();
+    assert_eq!((e.code(), e.message()), (Code::NotFound, "gone"));
+    assert!(s.next().await.is_none());
+
+    // A refused one: an Error instead of the accepting Response.
+    let e = c
+        .subscribe(Bytes::new(), Bytes::from_static(b"fail"), in_secs(5))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+
+    // Dropping the stream cancels it at the server.
+    let s = c
+        .subscribe(Bytes::new(), Bytes::from_static(b"sub:wait"), in_secs(5))
+        .await
+        .unwrap();
+    drop(s);
+    wait_until(|| f.dropped.load(Ordering::SeqCst) == 1, "the push to end").await;
+}
+
+/// A server that drains ends its push streams at once (a Publish with
+/// END_STREAM), instead of waiting for them until its drain timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_server_ends_its_push_streams() {
+    let mut settings = quick();
+    settings.drain_timeout = Duration::from_secs(30);
+    let f = Fixture::start("push-drain", settings, false).await;
+    let c = f.client();
+    let mut s = c
+        .subscribe(Bytes::new(), Bytes::from_static(b"sub:wait"), in_secs(5))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let Fixture { server, .. } = f;
+    let shutdown = tokio::spawn(server.shutdown());
+    assert!(s.next().await.is_none(), "the stream ends");
+    shutdown.await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
 }

@@ -138,10 +138,10 @@ impl Router {
             caller,
         };
         let response = serve_request(&ctx, ctx.handler.future(request), deadline).await?;
-        Ok(Reply {
-            metadata: Bytes::from(encode_metadata(&response.metadata)),
-            payload: response.payload,
-        })
+        Ok(Reply::with_metadata(
+            Bytes::from(encode_metadata(&response.metadata)),
+            response.payload,
+        ))
     }
 
     /// Queues a message published over TLS for this process's subscribers
