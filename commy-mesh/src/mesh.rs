@@ -147,7 +147,7 @@ impl Mesh {
         };
         let (call_spin, default_timeout) = (s.call_spin, s.default_timeout);
         let max_concurrency = s.max_concurrency.max(1);
-        Ok(Mesh {
+        let mesh = Mesh {
             inner: Arc::new(Inner {
                 services: pools(
                     &config,
@@ -176,7 +176,20 @@ impl Mesh {
                 net,
                 answers: OnceLock::new(),
             }),
-        })
+        };
+        if let Some(net) = &mesh.inner.net {
+            // Clients that only connect subscribe through this handle.
+            let handle = Arc::downgrade(&mesh.inner);
+            net.take_subscriptions(Box::new(move |topic, group, options, id| {
+                let inner = handle
+                    .upgrade()
+                    .ok_or_else(|| Status::unavailable("the mesh handle is closed"))?;
+                let mesh = Mesh { inner };
+                mesh.check_open()?;
+                mesh.subscribe_as(topic, group, options, id)
+            }));
+        }
+        Ok(mesh)
     }
 
     /// Options for [`Mesh::open`].
@@ -767,6 +780,13 @@ impl Mesh {
     }
 
     /// Subscribes with options, optionally as a member of a queue group.
+    ///
+    /// Subscribers on this host and publishers on it always meet over
+    /// shared memory. Across hosts, a handle that listens over TLS
+    /// announces the subscription to its peers, whose publishers send to
+    /// it; one that does not listen subscribes at one peer of each other
+    /// host on its own connection, and that peer pushes the messages its
+    /// host publishes (docs/PROTOCOL.md 10.2).
     pub async fn subscribe_with(
         &self,
         topic: &str,
@@ -774,13 +794,45 @@ impl Mesh {
         options: SubscribeOptions,
     ) -> Result<Subscription, Status> {
         self.check_open()?;
-        let new = self.inner.pubsub.subscribe(topic, group, options)?;
+        self.subscribe_as(topic, group, options, None)
+    }
+
+    /// [`Mesh::subscribe_with`] under the subscription id `id` (a new one
+    /// if `None`).
+    fn subscribe_as(
+        &self,
+        topic: &str,
+        group: Option<&str>,
+        options: SubscribeOptions,
+        id: Option<commy_core::InstanceId>,
+    ) -> Result<Subscription, Status> {
+        let new = self
+            .inner
+            .pubsub
+            .subscribe(topic, group, options.clone(), id)?;
         let mut subscription = new.subscription;
-        // Announced to TLS peers too when this handle listens.
-        if let Some(net) = self.inner.net.as_ref().filter(|n| n.endpoint().is_some()) {
+        let Some(net) = self.inner.net.as_ref() else {
+            return Ok(subscription);
+        };
+        if net.endpoint().is_some() {
             net.add_subscription(&new.key, new.id, new.queue);
             let (net, key, id) = (net.clone(), new.key, new.id);
             subscription.on_drop(Box::new(move || net.remove_subscription(&key, id)));
+        } else if net.peers.any() {
+            let wanted = crate::pubsub::remote::Wanted {
+                topic: subscription.topic().clone(),
+                group: group.map(str::to_owned),
+                options,
+                id: new.id,
+            };
+            let following = crate::pubsub::remote::follow(
+                net.peers.clone(),
+                self.inner.registry.host().clone(),
+                wanted,
+                new.queue,
+                self.inner.config.limits,
+            );
+            subscription.on_drop(Box::new(move || drop(following)));
         }
         Ok(subscription)
     }

@@ -133,6 +133,7 @@ impl NetState {
             plain: Mutex::new(FxHashMap::default()),
             topics: Mutex::new(FxHashMap::default()),
             closing: watch::channel(false).0,
+            subscriber: std::sync::OnceLock::new(),
         });
         let (server, endpoint) = match listen_addr {
             Some(addr) => {
@@ -192,6 +193,12 @@ impl NetState {
             preference: config.transport.unwrap_or_default(),
             closed,
         }))
+    }
+
+    /// Lets clients subscribe over TLS: `hook` makes their subscriptions
+    /// in this process (set once, when the mesh handle exists).
+    pub(crate) fn take_subscriptions(&self, hook: crate::serve::tls::SubscribeHook) {
+        let _ = self.router.subscriber.set(hook);
     }
 
     /// The TLS endpoint this process serves on.

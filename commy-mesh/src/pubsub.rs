@@ -46,6 +46,8 @@ use commy_shm::link::RecvError;
 use commy_shm::{LinkConfig, RingError, ShmLink, UdsListener};
 use parking_lot::{Condvar, Mutex};
 
+pub(crate) mod remote;
+
 use crate::accept::start_accepting;
 use crate::call::pool::Pools;
 use crate::warn::CLIENT_LINKS;
@@ -62,6 +64,28 @@ pub enum SlowSubscriber {
     DropOldest,
     /// The subscription ends (the drop is counted); `next` returns `None`.
     Disconnect,
+}
+
+impl SlowSubscriber {
+    /// The policy's name on the wire (docs/PROTOCOL.md 10.2).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SlowSubscriber::Block => "block",
+            SlowSubscriber::DropOldest => "drop-oldest",
+            SlowSubscriber::Disconnect => "disconnect",
+        }
+    }
+
+    /// The policy named `name` ([`SlowSubscriber::as_str`]).
+    pub fn from_name(name: &str) -> Option<SlowSubscriber> {
+        [
+            SlowSubscriber::Block,
+            SlowSubscriber::DropOldest,
+            SlowSubscriber::Disconnect,
+        ]
+        .into_iter()
+        .find(|p| p.as_str() == name)
+    }
 }
 
 /// Options of a subscription.
@@ -199,7 +223,32 @@ impl Queue {
         true
     }
 
-    fn close(&self) {
+    /// Queues a message from async code: as [`Queue::push`], on a
+    /// multi-threaded runtime without holding up the worker's other tasks
+    /// while a full queue (policy `Block`) waits.
+    pub(crate) fn push_from_async(&self, msg: Message) -> bool {
+        if tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+        {
+            tokio::task::block_in_place(|| self.push(msg))
+        } else {
+            self.push(msg)
+        }
+    }
+
+    /// Counts a message dropped elsewhere for this subscriber.
+    pub(crate) fn note_dropped(&self) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether the subscription is over.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.state.lock().closed
+    }
+
+    /// Ends the subscription for its consumer (`next` returns `None` once
+    /// the queue is empty), as `Disconnect` does.
+    pub(crate) fn close(&self) {
         let waker = {
             let mut st = self.state.lock();
             st.closed = true;
@@ -502,12 +551,13 @@ impl PubSub {
     }
 
     /// Subscribes to `topic`, optionally as a member of queue group
-    /// `group`.
+    /// `group`, under the id `id` (a new one if `None`).
     pub(crate) fn subscribe(
         &self,
         topic: &str,
         group: Option<&str>,
         options: SubscribeOptions,
+        id: Option<InstanceId>,
     ) -> Result<NewSubscription, Status> {
         let topic = topic_name(topic)?;
         if let Some(g) = group {
@@ -519,7 +569,7 @@ impl PubSub {
             None => topic_key(&topic),
         };
         let key = key_name(&key)?;
-        let id = InstanceId::random();
+        let id = id.unwrap_or_else(InstanceId::random);
         let path = self
             .registry
             .socket_path(&key, id)

@@ -153,6 +153,18 @@ pub const INSTANCES_SERVICE: &str = "commy.instances";
 /// the headers `commy-topic` and `commy-topic-key`).
 pub const PUBLISH_SERVICE: &str = "commy.publish";
 
+/// The reserved service a client subscribes through on its own
+/// connection: the server accepts with a Response that keeps the stream
+/// open, then pushes the topic's messages on it (docs/PROTOCOL.md 10.2).
+pub(crate) const SUBSCRIBE_SERVICE: &str = "commy.subscribe";
+
+/// Subscribe headers: the queue group to join, the subscription's id
+/// (32 hex digits), its queue length and its slow-subscriber policy.
+pub(crate) const GROUP_HEADER: &str = "commy-group";
+pub(crate) const SUBSCRIBER_HEADER: &str = "commy-subscriber";
+pub(crate) const QUEUE_HEADER: &str = "commy-queue";
+pub(crate) const POLICY_HEADER: &str = "commy-policy";
+
 /// The header naming the subscriber set (topic key or queue-group key) a
 /// message published over TLS is for.
 pub(crate) const TOPIC_KEY_HEADER: &str = "commy-topic-key";

@@ -138,6 +138,31 @@ impl Peers {
         }
     }
 
+    /// Changes of the peers' listings (a new value at each).
+    pub(crate) fn watch_changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Whether there is any peer.
+    pub(crate) fn any(&self) -> bool {
+        !self.peers.is_empty()
+    }
+
+    /// The first peer (in configuration order) of each host the listings
+    /// name.
+    pub(crate) fn one_per_host(&self) -> Vec<(commy_core::HostId, Arc<PeerState>)> {
+        let mut out: Vec<(commy_core::HostId, Arc<PeerState>)> = Vec::new();
+        for p in &self.peers {
+            let Some(host) = p.listing.lock().as_ref().map(|l| l.host.clone()) else {
+                continue;
+            };
+            if !out.iter().any(|(h, _)| *h == host) {
+                out.push((host, p.clone()));
+            }
+        }
+        out
+    }
+
     /// The peer at `addr`, if it is one of ours.
     pub(crate) fn peer(&self, addr: &TlsAddr) -> Option<&Arc<PeerState>> {
         self.peers.iter().find(|p| &p.addr == addr)

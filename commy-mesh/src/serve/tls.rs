@@ -3,9 +3,11 @@
 //! `commy-service`. The router also answers the control service
 //! `commy.instances` (this process's listing, long-polled by peers) and
 //! takes messages published to this process's subscriptions
-//! (`commy.publish`).
+//! (`commy.publish`), and subscriptions of clients that only connect
+//! (`commy.subscribe`): each becomes a subscription of this process whose
+//! messages are pushed on the client's stream.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use commy_core::{HostId, InstanceId, Limits, Metadata, ServiceName, Status, TopicName};
@@ -15,12 +17,13 @@ use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
 use tokio::sync::watch;
 
-use crate::pubsub::{Message, Queue};
+use crate::pubsub::{Message, Queue, SlowSubscriber, SubscribeOptions, Subscription};
 use crate::serve::dispatch::{ServeCtx, serve_request};
 use crate::serve::load::OwnedHandling;
 use crate::serve::request::{ArrivedDeadline, Caller, RemoteCaller, Request};
 use crate::wire::{
-    INSTANCES_SERVICE, LONG_POLL, Listing, PUBLISH_SERVICE, SERVICE_HEADER, TOPIC_HEADER,
+    GROUP_HEADER, INSTANCES_SERVICE, LONG_POLL, Listing, POLICY_HEADER, PUBLISH_SERVICE,
+    QUEUE_HEADER, SERVICE_HEADER, SUBSCRIBE_SERVICE, SUBSCRIBER_HEADER, TOPIC_HEADER,
     TOPIC_KEY_HEADER, decode_metadata, encode_metadata,
 };
 
@@ -29,6 +32,17 @@ pub(crate) type Subscribers = Vec<(InstanceId, Arc<Queue>)>;
 
 /// The instances of one service served in this process.
 pub(crate) type Instances = Vec<(InstanceId, Arc<ServeCtx>)>;
+
+/// Subscribes this process to a topic (optionally in a queue group) for a
+/// client that subscribed over TLS, under the client subscription's id.
+pub(crate) type SubscribeHook = Box<
+    dyn Fn(&str, Option<&str>, SubscribeOptions, Option<InstanceId>) -> Result<Subscription, Status>
+        + Send
+        + Sync,
+>;
+
+/// The largest queue a client may ask for its subscription.
+const MAX_QUEUE: usize = 1 << 20;
 
 /// The services this process serves over TLS.
 pub(crate) struct Router {
@@ -46,6 +60,8 @@ pub(crate) struct Router {
     pub(crate) topics: Mutex<FxHashMap<ServiceName, Subscribers>>,
     /// Set when the handle closes: listing requests answer at once.
     pub(crate) closing: watch::Sender<bool>,
+    /// Set once the mesh handle exists: makes subscriptions for clients.
+    pub(crate) subscriber: OnceLock<SubscribeHook>,
 }
 
 /// At most this many entries in [`Router::plain`].
@@ -110,6 +126,9 @@ impl Router {
         }
         if name.as_str() == PUBLISH_SERVICE {
             return self.deliver(metadata, inbound.payload);
+        }
+        if name.as_str() == SUBSCRIBE_SERVICE {
+            return self.subscribe(&metadata);
         }
         let ctx = {
             let services = self.services.lock();
@@ -186,15 +205,73 @@ impl Router {
             let m = Message::new(topic.clone(), payload.clone(), metadata.clone());
             // A full queue with the Block policy waits here, which holds
             // back this connection's reader: backpressure, order kept.
-            if tokio::runtime::Handle::current().runtime_flavor()
-                == tokio::runtime::RuntimeFlavor::MultiThread
-            {
-                tokio::task::block_in_place(|| q.push(m));
-            } else {
-                q.push(m);
-            }
+            q.push_from_async(m);
         }
         Ok(Reply::default())
+    }
+
+    /// Subscribes this process for a client that asked over TLS, and
+    /// pushes what the subscription receives on the client's stream until
+    /// either side ends it (docs/PROTOCOL.md 10.2, "Subscribe").
+    pub(crate) fn subscribe(&self, metadata: &Metadata) -> Result<Reply, Status> {
+        let text = |name: &str| -> Result<Option<&str>, Status> {
+            metadata
+                .header(name)
+                .map(|v| {
+                    std::str::from_utf8(v).map_err(|_| {
+                        Status::invalid_argument(format!("the {name} header is not UTF-8"))
+                    })
+                })
+                .transpose()
+        };
+        let topic = text(TOPIC_HEADER)?.ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "a subscription names no topic (no {TOPIC_HEADER} header)"
+            ))
+        })?;
+        let group = text(GROUP_HEADER)?;
+        let id = text(SUBSCRIBER_HEADER)?
+            .map(|t| {
+                t.parse::<InstanceId>().map_err(|e| {
+                    Status::invalid_argument(format!("the {SUBSCRIBER_HEADER} header: {e}"))
+                })
+            })
+            .transpose()?;
+        let mut options = SubscribeOptions::default();
+        if let Some(q) = text(QUEUE_HEADER)? {
+            let n = q
+                .parse::<usize>()
+                .ok()
+                .filter(|n| (1..=MAX_QUEUE).contains(n));
+            options = options.queue(n.ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "the {QUEUE_HEADER} header is {q:?}, not a queue length from 1 to {MAX_QUEUE}"
+                ))
+            })?);
+        }
+        if let Some(p) = text(POLICY_HEADER)? {
+            options = options.policy(SlowSubscriber::from_name(p).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "the {POLICY_HEADER} header is {p:?}, not block, drop-oldest or disconnect"
+                ))
+            })?);
+        }
+        if let Some(id) = id
+            && self.topics.lock().values().flatten().any(|(i, _)| *i == id)
+        {
+            // Still held for an earlier stream (its end not yet seen).
+            return Err(Status::already_exists(format!(
+                "subscription {id} is held here already"
+            )));
+        }
+        let hook = self
+            .subscriber
+            .get()
+            .ok_or_else(|| Status::unavailable("this process takes no subscriptions yet"))?;
+        let subscription = hook(topic, group, options, id)?;
+        let (reply, pusher) = Reply::new(Bytes::new()).streaming();
+        tokio::spawn(push_subscription(subscription, pusher));
+        Ok(reply)
     }
 
     /// Answers a listing request: at once if the caller's version is old,
@@ -215,5 +292,31 @@ impl Router {
         let body = postcard::to_allocvec(&self.listing())
             .map_err(|e| Status::internal(format!("cannot encode the listing: {e}")))?;
         Ok(Reply::new(body))
+    }
+}
+
+/// Pushes what `subscription` receives on a client's stream, until the
+/// client ends the stream (the subscription is dropped, and withdrawn) or
+/// the subscription ends (`Disconnect`: too slow), which fails the stream.
+async fn push_subscription(mut subscription: Subscription, pusher: commy_net::Pusher) {
+    loop {
+        let message = tokio::select! {
+            m = subscription.next() => m,
+            _ = pusher.closed() => return,
+        };
+        let Some(m) = message else {
+            let status = Status::resource_exhausted(format!(
+                "the subscription to {} ended: the subscriber was too slow \
+                 ({} messages dropped)",
+                subscription.topic(),
+                subscription.dropped()
+            ));
+            pusher.fail(status).await;
+            return;
+        };
+        let metadata = Bytes::from(encode_metadata(m.metadata()));
+        if pusher.push(metadata, m.into_payload()).await.is_err() {
+            return;
+        }
     }
 }
