@@ -132,21 +132,21 @@ impl Drop for Server {
 }
 
 /// Reads frames until `done` says so (true) or the server closes the
-/// connection (false).
+/// connection (false). Bytes read past the last frame taken stay in `buf`.
 async fn read_until(
     s: &mut TlsStream<TcpStream>,
+    buf: &mut BytesMut,
     got: &mut Vec<Frame>,
     mut done: impl FnMut(&[Frame]) -> bool,
 ) -> bool {
-    let mut buf = BytesMut::new();
     loop {
-        while let Some(f) = Frame::decode_from(&mut buf, &Limits::DEFAULT).unwrap() {
+        while let Some(f) = Frame::decode_from(buf, &Limits::DEFAULT).unwrap() {
             got.push(f);
             if done(got) {
                 return true;
             }
         }
-        let n = tokio::time::timeout(Duration::from_secs(20), s.read_buf(&mut buf))
+        let n = tokio::time::timeout(Duration::from_secs(20), s.read_buf(buf))
             .await
             .expect("the server neither answered nor closed")
             .unwrap_or(0);
@@ -193,12 +193,12 @@ async fn every_invalid_vector_gets_the_specified_error() {
         for f in frames_of(vector) {
             s.write_all(&f).await.unwrap();
         }
-        let mut got = Vec::new();
+        let (mut got, mut buf) = (Vec::new(), BytesMut::new());
         match vector["scope"].as_str().unwrap() {
             "link" => {
                 // An Error on stream 0, then the close.
                 s.flush().await.unwrap();
-                let open = read_until(&mut s, &mut got, |_| false).await;
+                let open = read_until(&mut s, &mut buf, &mut got, |_| false).await;
                 assert!(!open);
                 let status =
                     error_on(&got, 0).unwrap_or_else(|| panic!("{name}: no link error in {got:?}"));
@@ -211,7 +211,7 @@ async fn every_invalid_vector_gets_the_specified_error() {
                 let stream = vector["stream_id"].as_u64().unwrap();
                 s.write_all(&ping(b"alive")).await.unwrap();
                 s.flush().await.unwrap();
-                let open = read_until(&mut s, &mut got, |fs| {
+                let open = read_until(&mut s, &mut buf, &mut got, |fs| {
                     ponged(fs, b"alive") && error_on(fs, stream).is_some()
                 })
                 .await;
@@ -265,8 +265,8 @@ async fn valid_requests_of_the_vectors_are_answered() {
             f.stream_id() == StreamId(id) && f.header().flags.contains(FrameFlags::END_STREAM)
         })
     };
-    let mut got = Vec::new();
-    let open = read_until(&mut s, &mut got, |fs| {
+    let (mut got, mut buf) = (Vec::new(), BytesMut::new());
+    let open = read_until(&mut s, &mut buf, &mut got, |fs| {
         ended(fs, 7) && ended(fs, 15) && ponged(fs, b"end")
     })
     .await;
@@ -283,4 +283,102 @@ async fn valid_requests_of_the_vectors_are_answered() {
     let message = &fragmented["message"];
     assert_eq!(answer(15), hex(message["payload_hex"].as_str().unwrap()));
     assert!(answer(9).is_empty(), "a one-way is never answered");
+}
+
+/// The subscribe exchange of docs/PROTOCOL.md 10.2, by hand: the
+/// vectors' subscribe request is accepted by a Response that keeps the
+/// stream open; a message published through `commy.publish` on the same
+/// connection follows on the stream as a Publish; after a Cancel nothing
+/// more comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_subscribes_on_its_own_connection() {
+    if run_child(child_server) {
+        return;
+    }
+    /// The spec's FNV-1a 64.
+    fn fnv(b: &[u8]) -> u64 {
+        b.iter().fold(0xcbf2_9ce4_8422_2325, |h, &x| {
+            (h ^ u64::from(x)).wrapping_mul(0x100_0000_01b3)
+        })
+    }
+    // Short: the subscription's socket path under it is long.
+    let dir = private_dir("csub");
+    let server = Server::start(&dir);
+    let v = vectors();
+    let subscribe = v["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == "subscribe")
+        .unwrap()
+        .clone();
+    let publish = |id: u64, text: &[u8]| {
+        let mut md = commy_core::Metadata::default();
+        md.add_header("commy-service", b"commy.publish".to_vec());
+        md.add_header("commy-topic", b"news".to_vec());
+        md.add_header(
+            "commy-topic-key",
+            format!("{:012x}", fnv(b"news") >> 16).into_bytes(),
+        );
+        Frame::new(FrameKind::Request, StreamId(id), md.encode(), text.to_vec())
+            .unwrap()
+            .with_flags(FrameFlags::END_STREAM)
+            .to_vec()
+    };
+    let mut s = server.connect(&dir).await;
+    s.write_all(&hex(subscribe["hex"].as_str().unwrap()))
+        .await
+        .unwrap();
+    s.flush().await.unwrap();
+    let on = |fs: &[Frame], id: u64, kind: FrameKind| {
+        fs.iter()
+            .filter(|f| f.stream_id() == StreamId(id) && f.kind() == kind)
+            .count()
+    };
+    let (mut got, mut buf) = (Vec::new(), BytesMut::new());
+    let open = read_until(&mut s, &mut buf, &mut got, |fs| {
+        on(fs, 17, FrameKind::Response) == 1
+    })
+    .await;
+    assert!(open, "{got:?}");
+    let accepted = got.iter().find(|f| f.stream_id() == StreamId(17)).unwrap();
+    assert!(
+        !accepted.header().flags.contains(FrameFlags::END_STREAM),
+        "the accepting Response keeps the stream open"
+    );
+    s.write_all(&publish(19, b"first")).await.unwrap();
+    s.flush().await.unwrap();
+    assert!(
+        read_until(&mut s, &mut buf, &mut got, |fs| on(
+            fs,
+            17,
+            FrameKind::Publish
+        ) == 1)
+        .await
+    );
+    let message = got
+        .iter()
+        .find(|f| f.stream_id() == StreamId(17) && f.kind() == FrameKind::Publish)
+        .unwrap();
+    assert_eq!(&message.payload()[..], b"first");
+    // Cancelled: a later message is acknowledged but not pushed.
+    let cancel = Frame::new(FrameKind::Cancel, StreamId(17), Vec::new(), Vec::new()).unwrap();
+    s.write_all(&cancel.to_vec()).await.unwrap();
+    s.write_all(&publish(21, b"second")).await.unwrap();
+    s.write_all(&ping(b"after")).await.unwrap();
+    s.flush().await.unwrap();
+    assert!(
+        read_until(&mut s, &mut buf, &mut got, |fs| on(
+            fs,
+            21,
+            FrameKind::Response
+        ) == 1
+            && ponged(fs, b"after"))
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.write_all(&ping(b"later")).await.unwrap();
+    s.flush().await.unwrap();
+    assert!(read_until(&mut s, &mut buf, &mut got, |fs| ponged(fs, b"later")).await);
+    assert_eq!(on(&got, 17, FrameKind::Publish), 1, "{got:?}");
 }
