@@ -21,6 +21,7 @@ use commy_core::{Code, Deadline, HostId, InstanceId, Limits, Metadata, TopicName
 
 use crate::call::tls::{PeerState, Peers};
 use crate::pubsub::{Message, Queue, SlowSubscriber, SubscribeOptions};
+use crate::warn::CLIENT_LINKS;
 use crate::wire::{
     GROUP_HEADER, POLICY_HEADER, QUEUE_HEADER, SERVICE_HEADER, SUBSCRIBE_SERVICE,
     SUBSCRIBER_HEADER, TOPIC_HEADER, decode_metadata,
@@ -173,7 +174,16 @@ async fn stream(peer: Arc<PeerState>, wanted: Arc<Wanted>, queue: Arc<Queue>, li
                     }
                 }
             }
-            Err(e) => tracing::debug!("cannot subscribe to {} at {}: {e}", wanted.topic, peer.addr),
+            // Rate-limited: a peer that refuses (or cannot be reached)
+            // is retried for as long as the subscription lasts.
+            Err(e) => {
+                CLIENT_LINKS.warn(|| {
+                    format!(
+                        "cannot subscribe to {} at {} (retrying): {e}",
+                        wanted.topic, peer.addr
+                    )
+                });
+            }
         }
         tokio::time::sleep(backoff.next_delay().max(Duration::from_millis(10))).await;
     }
