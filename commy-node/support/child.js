@@ -10,6 +10,10 @@
 //   region-write NAME TEXT   write TEXT at offset 0 of region NAME (64 B),
 //                       print `ready`, keep it open until stdin closes
 //   idle                open a mesh, close it, and do nothing else
+//   publish-remote      (with COMMY_LISTEN set) print `ready`; once `news`
+//                       and the group topic `jobs` have subscribers, publish
+//                       `0`..`199` on news and `0`..`49` on jobs, print
+//                       `published`, and close when stdin closes
 
 const { Mesh } = require('..')
 
@@ -50,6 +54,20 @@ async function main([role, ...args]) {
         region.close()
         await mesh.close()
       })
+      return
+    }
+    case 'publish-remote': {
+      console.log('ready')
+      for (const topic of ['news', 'jobs']) {
+        while ((await mesh.publish(topic, 'probe')) === 0) {
+          await new Promise((r) => setTimeout(r, 10))
+        }
+      }
+      for (let i = 0; i < 200; i++) await mesh.publish('news', String(i))
+      for (let i = 0; i < 50; i++) await mesh.publish('jobs', String(i))
+      console.log('published')
+      process.stdin.resume()
+      process.stdin.on('end', () => mesh.close())
       return
     }
     case 'idle':

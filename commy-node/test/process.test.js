@@ -2,8 +2,11 @@
 // Node services and Node clients in separate processes.
 
 const test = require('node:test')
+const { after } = require('node:test')
 const assert = require('node:assert/strict')
 const { spawn } = require('node:child_process')
+const fs = require('node:fs')
+const net = require('node:net')
 
 const { Mesh } = require('..')
 const { CHILD, runtimeDir, start, run } = require('../support/helpers')
@@ -60,4 +63,61 @@ test('a region written by one process is read by another', async () => {
   await mesh.close()
   writer.stdin.end()
   assert.equal(await new Promise((r) => writer.on('exit', r)), 0)
+})
+
+test('a subscriber with no listener gets the messages of another host', async () => {
+  // Short runtime dirs: the socket path of a queue group member under
+  // another host id is long.
+  const short = (prefix) => {
+    const dir = fs.mkdtempSync(`/tmp/${prefix}`)
+    fs.chmodSync(dir, 0o700)
+    after(() => fs.rmSync(dir, { recursive: true, force: true }))
+    return dir
+  }
+  // host-a: a publisher that listens over TLS, with a runtime dir and a
+  // dev CA of its own.
+  const a = short('cna-')
+  const port = await new Promise((resolve) => {
+    const s = net.createServer().listen(0, '127.0.0.1', () => {
+      const { port } = s.address()
+      s.close(() => resolve(port))
+    })
+  })
+  const publisher = start(process.execPath, [CHILD, 'publish-remote'], {
+    dir: a,
+    env: { COMMY_HOST_ID: 'host-a', XDG_CONFIG_HOME: a, COMMY_LISTEN: `tls://127.0.0.1:${port}` },
+  })
+  await publisher.started
+  // host-b: this process, which only connects.
+  const b = short('cnb-')
+  const saved = process.env.COMMY_HOST_ID
+  process.env.COMMY_HOST_ID = 'host-b'
+  let mesh
+  try {
+    mesh = await Mesh.open({
+      runtimeDir: b,
+      peers: [`tls://127.0.0.1:${port}`],
+      tlsCa: `${a}/commy/dev-ca/ca.pem`,
+    })
+  } finally {
+    if (saved === undefined) delete process.env.COMMY_HOST_ID
+    else process.env.COMMY_HOST_ID = saved
+  }
+  const news = await mesh.subscribe('news')
+  const jobs = await mesh.subscribe('jobs', { group: 'workers' })
+  for (const [sub, count] of [
+    [news, 200],
+    [jobs, 50],
+  ]) {
+    const got = []
+    while (got.length < count) {
+      const { value, done } = await sub.next()
+      assert.equal(done, false, publisher.output())
+      if (value.toString() !== 'probe') got.push(Number(value.toString()))
+    }
+    assert.deepEqual(got, [...Array(count).keys()])
+  }
+  await mesh.close()
+  publisher.stdin.end()
+  assert.equal(await publisher.exited, 0, publisher.output())
 })

@@ -51,13 +51,13 @@ def commy_cli() -> str:
 class Child:
     """A child process whose stdout lines can be awaited."""
 
-    def __init__(self, argv: List[str]) -> None:
+    def __init__(self, argv: List[str], env: Optional["dict[str, str]"] = None) -> None:
         self.proc = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=dict(os.environ),
+            env=dict(os.environ) if env is None else env,
         )
 
     def expect(self, prefix: str, timeout: float = LONG) -> str:
@@ -85,8 +85,9 @@ class Child:
                 self.proc.wait()
 
 
-def python_child(code: str, *args: str) -> Child:
-    return Child([sys.executable, "-c", code, *args])
+def python_child(code: str, *args: str, env: Optional["dict[str, str]"] = None) -> Child:
+    """Runs `code` in a new interpreter (with `env`, else this environment)."""
+    return Child([sys.executable, "-c", code, *args], env=env)
 
 
 @pytest.fixture

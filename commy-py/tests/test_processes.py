@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import subprocess
+import tempfile
 from typing import List
+
+import pytest
 
 import commy
 
@@ -135,3 +140,67 @@ def test_a_forked_child_opens_its_own_mesh(mesh: commy.Mesh) -> None:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+PUBLISHER = """
+import time, commy
+with commy.Mesh() as m:
+    print("ready", flush=True)
+    # Until both subscriptions of the other host are in place here.
+    for topic in ("news", "jobs"):
+        while m.publish(topic, b"probe") == 0:
+            time.sleep(0.01)
+    for i in range(200):
+        m.publish("news", b"%d" % i)
+    for i in range(50):
+        m.publish("jobs", b"%d" % i)
+    print("published", flush=True)
+    m.wait()
+"""
+
+
+def test_a_subscriber_with_no_listener_gets_messages_from_another_host(
+    monkeypatch: pytest.MonkeyPatch, children: List[Child]
+) -> None:
+    # host-a: a publisher that listens over TLS, in a runtime dir of its own.
+    a = tempfile.mkdtemp(prefix="cpa-", dir="/tmp")
+    os.chmod(a, 0o700)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(
+        os.environ,
+        COMMY_HOST_ID="host-a",
+        COMMY_RUNTIME_DIR=a,
+        XDG_CONFIG_HOME=a,
+        COMMY_LISTEN=f"tls://127.0.0.1:{port}",
+    )
+    env.pop("COMMY_PEERS", None)
+    b = tempfile.mkdtemp(prefix="cpb-", dir="/tmp")
+    os.chmod(b, 0o700)
+    try:
+        publisher = python_child(PUBLISHER, env=env)
+        children.append(publisher)
+        publisher.expect("ready")
+        # host-b: this process, which only connects.
+        monkeypatch.setenv("COMMY_HOST_ID", "host-b")
+        monkeypatch.setenv("COMMY_RUNTIME_DIR", b)
+        monkeypatch.delenv("COMMY_LISTEN", raising=False)
+        with commy.Mesh(
+            peers=[f"tls://127.0.0.1:{port}"], tls_ca=f"{a}/commy/dev-ca/ca.pem"
+        ) as m:
+            news = m.subscribe("news")
+            jobs = m.subscribe("jobs", group="workers")
+            publisher.expect("published")
+            for sub, count in ((news, 200), (jobs, 50)):
+                got: List[int] = []
+                while len(got) < count:
+                    msg = sub.next(timeout=LONG)
+                    assert msg is not None
+                    if msg.data != b"probe":
+                        got.append(int(msg.data))
+                assert got == list(range(count)), sub.topic
+        assert publisher.stop() in (0, -15)
+    finally:
+        shutil.rmtree(a, ignore_errors=True)
+        shutil.rmtree(b, ignore_errors=True)
