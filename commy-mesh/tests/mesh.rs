@@ -862,26 +862,13 @@ async fn close_with_calls_in_flight_lets_them_finish() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_raw_shared_memory_client_sees_end_stream() {
     use commy_core::{Frame, FrameFlags, FrameKind, FrameRef, Limits, StreamId};
-    use commy_mesh::MeshName;
-    use commy_mesh::discovery::LocalRegistry;
     if as_child() {
         return;
     }
     let dir = private_dir("raw-end-stream");
     let server = open(&dir).await;
     let _h = serve_test_services(&server).await;
-    let registry = LocalRegistry::new(
-        commy_shm::RuntimeDir::at(&dir).unwrap(),
-        &MeshName::default(),
-    )
-    .unwrap();
-    let echo = registry
-        .instances(&commy_mesh::service::ServiceName::new("echo").unwrap())
-        .unwrap();
-    let commy_core::Endpoint::Shm(addr) = &echo[0].endpoint else {
-        panic!("not a shared-memory endpoint: {}", echo[0].endpoint);
-    };
-    let path = addr.to_path_buf();
+    let path = echo_socket(&dir);
     let frames = tokio::task::spawn_blocking(move || {
         let mut link =
             commy_shm::ShmLink::connect(&path, commy_shm::LinkConfig::default()).unwrap();
@@ -915,5 +902,75 @@ async fn a_raw_shared_memory_client_sees_end_stream() {
     assert_eq!(failed.header().stream_id, StreamId(5));
     let status = failed.status().unwrap().unwrap();
     assert_eq!(status.code(), Code::InvalidArgument, "{status}");
+    server.close().await;
+}
+
+/// The socket of the first `echo` instance in the runtime dir `dir`.
+fn echo_socket(dir: &std::path::Path) -> std::path::PathBuf {
+    use commy_mesh::MeshName;
+    use commy_mesh::discovery::LocalRegistry;
+    let registry = LocalRegistry::new(
+        commy_shm::RuntimeDir::at(dir).unwrap(),
+        &MeshName::default(),
+    )
+    .unwrap();
+    let echo = registry
+        .instances(&commy_mesh::service::ServiceName::new("echo").unwrap())
+        .unwrap();
+    let commy_core::Endpoint::Shm(addr) = &echo[0].endpoint else {
+        panic!("not a shared-memory endpoint: {}", echo[0].endpoint);
+    };
+    addr.to_path_buf()
+}
+
+/// docs/PROTOCOL.md 4.1 over shared memory: a request on a reused, lower
+/// or even stream id fails the link (an Error on stream 0, then the end),
+/// and is not answered; other links are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_memory_link_that_breaks_stream_order_is_closed() {
+    use commy_core::{Frame, FrameKind, FrameRef, Limits, StreamId};
+    if as_child() {
+        return;
+    }
+    let dir = private_dir("raw-stream-order");
+    let server = open(&dir).await;
+    let _h = serve_test_services(&server).await;
+    let path = echo_socket(&dir);
+    for ids in [[3u64, 3], [5, 1], [1, 2]] {
+        let path = path.clone();
+        let got = tokio::task::spawn_blocking(move || {
+            let mut link =
+                commy_shm::ShmLink::connect(&path, commy_shm::LinkConfig::default()).unwrap();
+            for id in ids {
+                let f = Frame::new(FrameKind::Request, StreamId(id), Vec::new(), b"x".to_vec());
+                link.send(&f.unwrap().to_vec()).unwrap();
+            }
+            let far = Instant::now() + Duration::from_secs(20);
+            let mut got = Vec::new();
+            while let Ok(msg) = link.recv_deadline(far) {
+                got.push(FrameRef::decode(&msg, &Limits::DEFAULT).unwrap().to_frame());
+            }
+            got
+        })
+        .await
+        .unwrap();
+        let answered: Vec<u64> = got
+            .iter()
+            .filter(|f| f.kind() == FrameKind::Response)
+            .map(|f| f.stream_id().0)
+            .collect();
+        assert_eq!(answered, [ids[0]], "{ids:?}: only the first is answered");
+        let error = got
+            .iter()
+            .find(|f| f.kind() == FrameKind::Error && f.stream_id() == StreamId(0))
+            .unwrap_or_else(|| panic!("{ids:?}: no link error in {got:?}"));
+        let status = error.status().unwrap().unwrap();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status}");
+        assert!(status.message().contains("never reused"), "{status}");
+    }
+    assert_eq!(
+        &server.call("echo", &b"still"[..]).await.unwrap()[..],
+        b"still"
+    );
     server.close().await;
 }

@@ -62,6 +62,8 @@ pub(crate) struct LinkServer {
     /// This link's flag in `ctx.links` (see [`Load::idle`](crate::serve::load::Load::idle)).
     pub(crate) busy: Arc<AtomicBool>,
     pub(crate) handler: LinkHandler,
+    /// The highest stream id the client opened on this link.
+    pub(crate) last_opened: u64,
 }
 
 impl LinkServer {
@@ -69,6 +71,7 @@ impl LinkServer {
         let busy = Arc::new(AtomicBool::new(false));
         ctx.load.links.lock().push(busy.clone());
         LinkServer {
+            last_opened: 0,
             handler: LinkHandler::new(&ctx.handler),
             link: Arc::new(LinkShared {
                 tx: Mutex::new(tx),
@@ -92,13 +95,14 @@ impl LinkServer {
     }
 
     /// Handles one frame from the client. `false` when the frame is
-    /// malformed: the link must close.
+    /// malformed or breaks a rule of the protocol: the link must close.
     pub(crate) fn on_frame(&mut self, msg: commy_shm::link::Message<'_>) -> bool {
         let LinkServer {
             ctx,
             link: shared,
             busy,
             handler,
+            last_opened,
         } = self;
         let (tx, running) = (&shared.tx, &shared.running);
         let frame = match FrameRef::decode(&msg, &ctx.limits) {
@@ -116,6 +120,25 @@ impl LinkServer {
         let h = *frame.header();
         match h.kind {
             FrameKind::Request | FrameKind::OneWay => {
+                let id = h.stream_id.0;
+                if !opens_in_order(*last_opened, id) {
+                    drop(msg);
+                    let e = format!(
+                        "protocol violation: a {} on stream {id}; streams open with odd ids, each \
+                         above the last ({}; stream ids increase and are never reused)",
+                        h.kind, *last_opened
+                    );
+                    ctx.warn_link(|| format!("closing a link of service {}: {e}", ctx.service));
+                    let _ = send_frame(
+                        &mut tx.lock(),
+                        FrameHeader::new(FrameKind::Error, commy_core::StreamId(0)),
+                        &[],
+                        &Status::invalid_argument(e).encode(),
+                        Patience::DEFAULT,
+                    );
+                    return false;
+                }
+                *last_opened = id;
                 let metadata = match decode_metadata(frame.metadata(), &ctx.limits) {
                     Ok(m) => m,
                     Err(e) => {
@@ -194,7 +217,7 @@ impl LinkServer {
     /// for it and not handed out yet). `false`: `msg` is for
     /// [`on_frame`](LinkServer::on_frame).
     pub(crate) fn take_request(
-        &self,
+        &mut self,
         msg: &[u8],
         held: &mut usize,
         on_request: &mut impl FnMut(PolledRequest, &[u8]),
@@ -209,6 +232,10 @@ impl LinkServer {
             FrameKind::OneWay => true,
             _ => return false,
         };
+        if !opens_in_order(self.last_opened, h.stream_id.0) {
+            // For `on_frame`, which fails the link.
+            return false;
+        }
         if *held == 0 {
             if self.ctx.load.permits.has_waiters() {
                 // Requests wait for permits already: this one goes behind
@@ -223,6 +250,8 @@ impl LinkServer {
             }
             handling_n(&self.ctx.load, *held);
         }
+        // Taken from here on: the stream is open.
+        self.last_opened = h.stream_id.0;
         let refused = match decode_metadata(frame.metadata(), limits) {
             Ok(metadata) => self.ctx.admit(&self.link.caller, &metadata, one_way).err(),
             Err(e) => Some(Status::invalid_argument(format!("malformed metadata: {e}"))),
@@ -263,6 +292,13 @@ impl LinkServer {
         let polled = std::mem::take(&mut *self.link.polled.lock());
         self.link.release_polled(polled.len());
     }
+}
+
+/// Whether a request on stream `id` may open it (docs/PROTOCOL.md 4.1): an
+/// odd id (the client's) above `last`, every id the client opened before
+/// on the link.
+fn opens_in_order(last: u64, id: u64) -> bool {
+    !id.is_multiple_of(2) && id > last
 }
 
 impl Drop for LinkServer {
