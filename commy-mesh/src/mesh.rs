@@ -77,6 +77,9 @@ pub enum OpenError {
     Net(#[from] crate::net::NetError),
 }
 
+/// How often [`Mesh::wait_for_subscribers`] counts again.
+const SUBSCRIBERS_POLL: Duration = Duration::from_millis(5);
+
 /// A handle on the mesh. Cheap to clone; all clones share connections.
 #[derive(Clone)]
 pub struct Mesh {
@@ -859,6 +862,49 @@ impl Mesh {
                 .await;
         }
         Ok(delivered)
+    }
+
+    /// How many deliveries a publish on `topic` would make now: this
+    /// host's plain subscribers, one per queue group with a member, and
+    /// those the TLS peers list that are not reached here.
+    pub async fn subscribers(&self, topic: &str) -> Result<usize, Status> {
+        self.check_open()?;
+        let local = self.inner.pubsub.subscribers(topic).await?;
+        let mut n = local.plain.len() + local.groups.len();
+        if let Some(net) = &self.inner.net {
+            n += net
+                .peers
+                .count_subscribers(&local.key, &local.plain, &local.groups);
+        }
+        Ok(n)
+    }
+
+    /// Waits until a publish on `topic` would reach at least `n`
+    /// subscribers ([`Mesh::subscribers`]), at most `timeout`; returns how
+    /// many it would reach, or `DEADLINE_EXCEEDED` naming how many it
+    /// would at the end. Subscribers appear asynchronously (a new one is
+    /// seen within milliseconds on this host, after the peer's next
+    /// listing across hosts): wait for them before publishing what they
+    /// must not miss.
+    pub async fn wait_for_subscribers(
+        &self,
+        topic: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<usize, Status> {
+        let started = std::time::Instant::now();
+        loop {
+            let have = self.subscribers(topic).await?;
+            if have >= n {
+                return Ok(have);
+            }
+            if started.elapsed() >= timeout {
+                return Err(Status::deadline_exceeded(format!(
+                    "{have} of {n} subscribers of {topic} after {timeout:?}"
+                )));
+            }
+            tokio::time::sleep(SUBSCRIBERS_POLL).await;
+        }
     }
 
     /// Calls that went over TLS because shared memory failed at connect.

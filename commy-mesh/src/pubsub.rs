@@ -35,6 +35,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use commy_config::TransportPreference;
@@ -260,6 +261,21 @@ impl Queue {
         }
     }
 
+    /// A queued message, without waiting.
+    fn try_pop(&self) -> Option<Message> {
+        let m = self.state.lock().messages.pop_front();
+        if m.is_some() {
+            self.space.notify_one();
+        }
+        m
+    }
+
+    /// Whether the subscription is over and nothing is left to take.
+    fn is_drained(&self) -> bool {
+        let st = self.state.lock();
+        st.closed && st.messages.is_empty()
+    }
+
     fn poll_message(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Message>> {
         let mut st = self.state.lock();
         if let Some(m) = st.messages.pop_front() {
@@ -300,6 +316,31 @@ impl Subscription {
     /// after a `Disconnect` for being too slow).
     pub async fn next(&mut self) -> Option<Message> {
         std::future::poll_fn(|cx| self.queue.poll_message(cx)).await
+    }
+
+    /// The next message if one is queued, without waiting; `None` if none
+    /// is ([`Subscription::is_ended`] tells whether more can come).
+    pub fn try_next(&mut self) -> Option<Message> {
+        self.queue.try_pop()
+    }
+
+    /// The next message, waiting at most `timeout`: `Ok(None)` once the
+    /// subscription has ended, `DEADLINE_EXCEEDED` if nothing came in time.
+    pub async fn next_timeout(&mut self, timeout: Duration) -> Result<Option<Message>, Status> {
+        tokio::time::timeout(timeout, self.next())
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "no message on {} within {timeout:?}",
+                    self.queue.topic
+                ))
+            })
+    }
+
+    /// Whether the subscription has ended (only after a `Disconnect` for
+    /// being too slow) and every message it received was taken.
+    pub fn is_ended(&self) -> bool {
+        self.queue.is_drained()
     }
 
     /// Messages discarded (`DropOldest`) or refused (`Disconnect`) because
@@ -519,6 +560,13 @@ pub(crate) struct NewSubscription {
     pub(crate) queue: Arc<Queue>,
 }
 
+/// The subscribers of a topic on this host ([`PubSub::subscribers`]).
+pub(crate) struct Local {
+    pub(crate) key: String,
+    pub(crate) plain: Vec<InstanceId>,
+    pub(crate) groups: Vec<String>,
+}
+
 /// What a publish delivered on this host.
 pub(crate) struct Published {
     pub(crate) topic: TopicName,
@@ -610,6 +658,30 @@ impl PubSub {
             id,
             queue,
         })
+    }
+
+    /// The subscribers a publish on `topic` reaches on this host now: its
+    /// subscriber-set key, the plain subscribers, and the queue groups with
+    /// a member.
+    pub(crate) async fn subscribers(&self, topic: &str) -> Result<Local, Status> {
+        let topic = topic_name(topic)?;
+        let key = topic_key(&topic);
+        let pool = self.pools.get(&key_name(&key)?);
+        let plain = self
+            .pools
+            .instances_of(&pool)
+            .iter()
+            .map(|i| i.id)
+            .collect();
+        self.groups.ensure_started(self.registry.dir().to_owned());
+        let mut groups = Vec::new();
+        for group in self.groups.groups_of(&key) {
+            let pool = self.pools.get(&key_name(&group)?);
+            if !self.pools.instances_of(&pool).is_empty() {
+                groups.push(group);
+            }
+        }
+        Ok(Local { key, plain, groups })
     }
 
     /// Publishes `payload` on `topic` to the subscribers of this host:

@@ -363,3 +363,66 @@ async fn publish_with_no_subscriber_reaches_nobody_and_bad_topics_are_refused() 
     let e = mesh.subscribe_group("t", "bad group").await.unwrap_err();
     assert_eq!(e.code(), commy_mesh::Code::InvalidArgument);
 }
+
+/// `wait_for_subscribers` counts what a publish would reach (plain
+/// subscribers, one per queue group), `try_next` takes without waiting,
+/// `next_timeout` waits at most its time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_subscribers_and_taking_without_waiting() {
+    use commy_mesh::Code;
+    if as_child() {
+        return;
+    }
+    let dir = private_dir("wait-subs");
+    let mesh = open(&dir).await;
+    let e = mesh
+        .wait_for_subscribers("counted", 1, Duration::from_millis(50))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e}");
+    assert!(e.message().contains("0 of 1 subscribers"), "{e}");
+    let mut plain = mesh.subscribe("counted").await.unwrap();
+    let _a = mesh.subscribe_group("counted", "workers").await.unwrap();
+    let _b = mesh.subscribe_group("counted", "workers").await.unwrap();
+    let _other = mesh.subscribe("not-counted").await.unwrap();
+    let n = mesh
+        .wait_for_subscribers("counted", 2, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(n, 2, "one plain subscriber and one queue group");
+    assert_eq!(mesh.subscribers("counted").await.unwrap(), 2);
+    assert_eq!(mesh.publish("counted", &b"m"[..]).await.unwrap(), 2);
+
+    let e = mesh.subscribers("bad topic").await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+
+    // The message is there, or arrives within the timeout.
+    let m = mesh_message(&mut plain).await;
+    assert_eq!(&m.payload()[..], b"m");
+    assert!(plain.try_next().is_none(), "nothing else is queued");
+    assert!(!plain.is_ended());
+    let e = plain
+        .next_timeout(Duration::from_millis(20))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e}");
+    mesh.publish("counted", &b"n"[..]).await.unwrap();
+    let m = plain.next_timeout(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(&m.unwrap().payload()[..], b"n");
+    drop(plain);
+    let n = mesh.subscribers("counted").await.unwrap();
+    assert!(n <= 2, "{n}");
+}
+
+/// The first message of `sub`, taken with `try_next` as soon as it is
+/// there.
+async fn mesh_message(sub: &mut commy_mesh::Subscription) -> commy_mesh::Message {
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(m) = sub.try_next() {
+            return m;
+        }
+        assert!(std::time::Instant::now() < end, "no message");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}

@@ -1284,6 +1284,14 @@ async fn a_publish_sent_as_a_request_over_tls_is_acknowledged() {
         .open()
         .await
         .unwrap();
+    // Counted from the peer's listing: two plain subscribers of news, one
+    // queue group of jobs.
+    let news = mesh
+        .wait_for_subscribers("news", 2, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(news, 2);
+    assert_eq!(mesh.subscribers("jobs").await.unwrap(), 1);
     let t = Instant::now();
     loop {
         let log = mesh.call("sub-log", Bytes::new()).await.unwrap();

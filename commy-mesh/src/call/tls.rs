@@ -194,6 +194,50 @@ impl Peers {
         groups_done: &[String],
         payload: Bytes,
     ) -> usize {
+        let (plain, groups) = self.subscribers(key, local, groups_done);
+        let mut delivered = 0;
+        for (p, n) in plain {
+            if self.send_publish(&p, topic, key, payload.clone()).await {
+                delivered += n;
+            }
+        }
+        for (g, peers) in groups {
+            let i = self.groups.pick(peers.len()).unwrap_or(0);
+            if self
+                .send_publish(&peers[i], topic, &g, payload.clone())
+                .await
+            {
+                delivered += 1;
+            }
+        }
+        delivered
+    }
+
+    /// How many deliveries [`Peers::publish`] would make now.
+    pub(crate) fn count_subscribers(
+        &self,
+        key: &str,
+        local: &[InstanceId],
+        groups_done: &[String],
+    ) -> usize {
+        let (plain, groups) = self.subscribers(key, local, groups_done);
+        plain.iter().map(|(_, n)| n).sum::<usize>() + groups.len()
+    }
+
+    /// The subscribers the peers listed for topic key `key`: per peer, how
+    /// many plain subscribers it holds (except the `local` ones, reached
+    /// over shared memory), and per queue group not in `groups_done`, the
+    /// peers holding members.
+    #[allow(clippy::type_complexity)]
+    fn subscribers(
+        &self,
+        key: &str,
+        local: &[InstanceId],
+        groups_done: &[String],
+    ) -> (
+        Vec<(Arc<PeerState>, usize)>,
+        Vec<(String, Vec<Arc<PeerState>>)>,
+    ) {
         let group_prefix = format!("{key}-");
         let mut plain: Vec<(Arc<PeerState>, usize)> = Vec::new();
         let mut groups: Vec<(String, Vec<Arc<PeerState>>)> = Vec::new();
@@ -220,22 +264,7 @@ impl Peers {
                 }
             }
         }
-        let mut delivered = 0;
-        for (p, n) in plain {
-            if self.send_publish(&p, topic, key, payload.clone()).await {
-                delivered += n;
-            }
-        }
-        for (g, peers) in groups {
-            let i = self.groups.pick(peers.len()).unwrap_or(0);
-            if self
-                .send_publish(&peers[i], topic, &g, payload.clone())
-                .await
-            {
-                delivered += 1;
-            }
-        }
-        delivered
+        (plain, groups)
     }
 
     pub(crate) async fn send_publish(
