@@ -135,6 +135,14 @@ export declare class Mesh {
   send(name: string, payload: Payload): Promise<void>
   /** Publishes on `topic`; resolves to the number of deliveries. */
   publish(topic: string, payload: Payload): Promise<number>
+  /** How many subscribers a publish on `topic` would reach now (one per queue group). */
+  subscribers(topic: string): Promise<number>
+  /**
+   * Waits until a publish on `topic` would reach `n` (default 1)
+   * subscribers; resolves to how many it would. Rejects with
+   * DEADLINE_EXCEEDED after `options.timeoutMs` (30,000 by default).
+   */
+  waitForSubscribers(topic: string, n?: number, options?: { timeoutMs?: number }): Promise<number>
   /**
    * Serves `name` with `handler`. A handler that throws answers `INTERNAL`
    * (or the status named by the thrown error's `code`); the service keeps serving.
@@ -172,6 +180,8 @@ export declare class Subscription implements AsyncIterableIterator<Buffer> {
   /** The queue group, if any. */
   readonly group: string | undefined
   next(): Promise<IteratorResult<Buffer, undefined>>
+  /** A queued message, without waiting; `undefined` when none is queued (or it ended). */
+  tryNext(): Buffer | undefined
   return(): Promise<IteratorResult<Buffer, undefined>>
   /** Ends the subscription; a waiting `next()` resolves with `done: true`. */
   close(): void

@@ -365,6 +365,48 @@ class Mesh {
   }
 
   /**
+   * How many subscribers a publish on `topic` would reach now (one per
+   * queue group).
+   * @returns {Promise<number>}
+   */
+  subscribers(topic) {
+    try {
+      checkName(topic, 'the topic')
+      this._checkOpen()
+      return new Promise((resolve, reject) => {
+        this._native.subscribers(this._begin(resolve, reject), topic)
+      })
+    } catch (e) {
+      return Promise.reject(e)
+    }
+  }
+
+  /**
+   * Waits until a publish on `topic` would reach `n` subscribers; resolves
+   * to how many it would. Rejects with DEADLINE_EXCEEDED after
+   * `options.timeoutMs` (30,000 by default).
+   * @returns {Promise<number>}
+   */
+  waitForSubscribers(topic, n = 1, options = {}) {
+    try {
+      checkName(topic, 'the topic')
+      if (!Number.isInteger(n) || n < 0 || n > 0xffffffff) {
+        throw new CommyError('INVALID_ARGUMENT', `n must be a whole number from 0, not ${n}`)
+      }
+      const timeoutMs = options.timeoutMs ?? 30_000
+      if (typeof timeoutMs !== 'number' || !(timeoutMs >= 0) || !Number.isFinite(timeoutMs)) {
+        throw new CommyError('INVALID_ARGUMENT', `options.timeoutMs must be a finite number >= 0, not ${timeoutMs}`)
+      }
+      this._checkOpen()
+      return new Promise((resolve, reject) => {
+        this._native.waitForSubscribers(this._begin(resolve, reject), topic, n, timeoutMs)
+      })
+    } catch (e) {
+      return Promise.reject(e)
+    }
+  }
+
+  /**
    * Serves `name`: `handler(request: Buffer, { signal, caller })` returns
    * (or resolves to) the reply. `caller` says who sent the request. A
    * handler that declares the second parameter gets an AbortSignal that
@@ -806,18 +848,23 @@ class Subscription {
     }
   }
 
+  /** A queued message, without waiting; `undefined` when none is queued (or it ended). */
+  tryNext() {
+    if (this._head >= this._queue.length) return undefined
+    const value = this._queue[this._head]
+    this._queue[this._head++] = undefined
+    if (this._head === this._queue.length) {
+      this._queue = []
+      this._head = 0
+    }
+    this._credit()
+    return value
+  }
+
   /** The next message: `{ value: Buffer, done: false }`, or `{ done: true }` once ended. */
   next() {
-    if (this._head < this._queue.length) {
-      const value = this._queue[this._head]
-      this._queue[this._head++] = undefined
-      if (this._head === this._queue.length) {
-        this._queue = []
-        this._head = 0
-      }
-      this._credit()
-      return Promise.resolve({ value, done: false })
-    }
+    const queued = this.tryNext()
+    if (queued !== undefined) return Promise.resolve({ value: queued, done: false })
     if (this._ended) return Promise.resolve({ value: undefined, done: true })
     if (this._waiting !== null) {
       return Promise.reject(new CommyError('FAILED_PRECONDITION', 'next() called while another next() is waiting'))

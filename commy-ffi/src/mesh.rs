@@ -300,6 +300,33 @@ impl FfiMesh {
         async move { mesh.publish(&topic, payload).await.map_err(FfiError::from) }
     }
 
+    /// How many deliveries a publish on `topic` would make now.
+    pub fn subscribers(
+        &self,
+        topic: &str,
+    ) -> impl Future<Output = Result<usize, FfiError>> + Send + 'static {
+        let mesh = self.mesh.clone();
+        let topic = topic.to_owned();
+        async move { mesh.subscribers(&topic).await.map_err(FfiError::from) }
+    }
+
+    /// Waits until a publish on `topic` would reach `n` subscribers, at most
+    /// `timeout`; resolves to how many it would reach.
+    pub fn wait_for_subscribers(
+        &self,
+        topic: &str,
+        n: usize,
+        timeout: std::time::Duration,
+    ) -> impl Future<Output = Result<usize, FfiError>> + Send + 'static {
+        let mesh = self.mesh.clone();
+        let topic = topic.to_owned();
+        async move {
+            mesh.wait_for_subscribers(&topic, n, timeout)
+                .await
+                .map_err(FfiError::from)
+        }
+    }
+
     /// Serves `service`: `handler` is called for each request (on the link's
     /// thread, with the runtime's context entered) and answers through the
     /// [`Reply`], at once or later from any thread. A handler that answers

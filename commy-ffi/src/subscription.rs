@@ -140,6 +140,21 @@ impl FfiSubscription {
         }
     }
 
+    /// A queued message, without waiting: `None` when none is queued, the
+    /// subscription is closed, or a `next` is waiting for one (it gets
+    /// the message).
+    pub fn try_next(&self) -> Option<FfiMessage> {
+        if self.is_closed() {
+            return None;
+        }
+        let mut guard = self.inner.sub.try_lock().ok()?;
+        let m = guard.as_mut()?.try_next()?;
+        Some(FfiMessage {
+            topic: self.inner.topic.clone(),
+            payload: m.into_payload(),
+        })
+    }
+
     /// Ends the subscription: publishers stop seeing it, and every `next`,
     /// waiting or future, returns `None`.
     pub fn close(&self) {

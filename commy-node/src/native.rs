@@ -592,6 +592,35 @@ impl NativeMesh {
         );
     }
 
+    /// Counts the subscribers a publish on `topic` would reach now;
+    /// operation `id` finishes with the count.
+    #[napi]
+    pub fn subscribers(&self, id: u32, topic: String) {
+        self.start(
+            id,
+            |m| async move { m.subscribers(&topic).await },
+            move |n| Event::Done {
+                id,
+                value: Some(u32::try_from(n).unwrap_or(u32::MAX)),
+            },
+        );
+    }
+
+    /// Waits until a publish on `topic` would reach `n` subscribers, at
+    /// most `timeout_ms`; operation `id` finishes with the count.
+    #[napi]
+    pub fn wait_for_subscribers(&self, id: u32, topic: String, n: u32, timeout_ms: f64) {
+        let timeout = std::time::Duration::from_secs_f64(timeout_ms.max(0.0) / 1000.0);
+        self.start(
+            id,
+            move |m| async move { m.wait_for_subscribers(&topic, n as usize, timeout).await },
+            move |n| Event::Done {
+                id,
+                value: Some(u32::try_from(n).unwrap_or(u32::MAX)),
+            },
+        );
+    }
+
     /// Serves `name` as service number `service` (chosen by the JS layer;
     /// its requests carry it). With `cancellable`, each request also gets a
     /// number that a `Cancelled` event names if its caller gives up first.

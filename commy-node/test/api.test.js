@@ -401,6 +401,24 @@ test('a queue group gives each message to one member', () =>
     assert.deepEqual(seen.sort((x, y) => x - y), Array.from({ length: n }, (_, i) => i))
   }))
 
+test('waitForSubscribers counts what a publish would reach; tryNext does not wait', () =>
+  withMesh(async (mesh) => {
+    await rejectsWith(mesh.waitForSubscribers('counted', 1, { timeoutMs: 50 }), 'DEADLINE_EXCEEDED', /0 of 1 subscribers/)
+    await rejectsWith(mesh.waitForSubscribers('counted', -1), 'INVALID_ARGUMENT', /n must be/)
+    const sub = await mesh.subscribe('counted')
+    const members = [await mesh.subscribe('counted', { group: 'workers' }), await mesh.subscribe('counted', { group: 'workers' })]
+    assert.equal(await mesh.waitForSubscribers('counted', 2), 2)
+    assert.equal(await mesh.subscribers('counted'), 2)
+    assert.equal(sub.tryNext(), undefined)
+    assert.equal(await mesh.publish('counted', 'm'), 2)
+    let got
+    while ((got = sub.tryNext()) === undefined) await new Promise((r) => setTimeout(r, 1))
+    assert.equal(got.toString(), 'm')
+    assert.equal(sub.tryNext(), undefined)
+    for (const s of [sub, ...members]) s.close()
+    assert.equal(sub.tryNext(), undefined)
+  }))
+
 test('regions are shared memory with copying read and write', () =>
   withMesh(async (mesh) => {
     const r = mesh.region('scratch', { size: 64 })

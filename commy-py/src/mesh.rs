@@ -79,6 +79,39 @@ impl RawMesh {
         wait(py, self.mesh.publish(topic, data))
     }
 
+    /// How many deliveries a publish on `topic` would make now.
+    fn subscribers(&self, py: Python<'_>, topic: &str) -> PyResult<usize> {
+        wait(py, self.mesh.subscribers(topic))
+    }
+
+    /// Waits until a publish on `topic` would reach `n` subscribers, at
+    /// most `timeout` seconds; returns how many it would reach.
+    fn wait_for_subscribers(
+        &self,
+        py: Python<'_>,
+        topic: &str,
+        n: usize,
+        timeout: f64,
+    ) -> PyResult<usize> {
+        let timeout = seconds(py, Some(timeout), "timeout")?.unwrap_or_default();
+        wait(py, self.mesh.wait_for_subscribers(topic, n, timeout))
+    }
+
+    /// `wait_for_subscribers` for an event loop (see `call_async`).
+    fn wait_for_subscribers_async(
+        &self,
+        py: Python<'_>,
+        topic: &str,
+        n: usize,
+        timeout: f64,
+        queue: &RawQueue,
+        fut: Py<PyAny>,
+    ) -> PyResult<RawTask> {
+        let timeout = seconds(py, Some(timeout), "timeout")?.unwrap_or_default();
+        let waiting = self.mesh.wait_for_subscribers(topic, n, timeout);
+        aio::start(py, queue, fut, waiting, Outcome::Count).map(RawTask::new)
+    }
+
     /// `call` for an event loop: started here, on the loop's thread, and
     /// polled there again when woken through `queue`; its outcome settles the asyncio future
     /// `fut` through `queue`.

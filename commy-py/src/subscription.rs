@@ -61,6 +61,14 @@ impl RawSubscription {
         Ok(got.map(|m| PyBytes::new(py, m.payload()).unbind()))
     }
 
+    /// A queued message's data, without waiting; None when none is queued
+    /// (or the subscription is closed).
+    fn try_next(&self, py: Python<'_>) -> Option<Py<PyBytes>> {
+        self.sub
+            .try_next()
+            .map(|m| PyBytes::new(py, m.payload()).unbind())
+    }
+
     /// `next` for an event loop (see `RawMesh.call_async`): settles `fut`
     /// with the data, or None once closed.
     fn next_async(&self, py: Python<'_>, queue: &RawQueue, fut: Py<PyAny>) -> PyResult<RawTask> {

@@ -242,3 +242,18 @@ def test_async_and_plain_handlers_with_a_context_see_their_caller(runtime_dir: s
             assert await mesh.call("whoami-plain", b"", timeout=LONG) == me
 
     run(main)
+
+
+def test_async_wait_for_subscribers(runtime_dir: str) -> None:
+    async def main() -> None:
+        async with commy.AsyncMesh() as mesh:
+            with pytest.raises(commy.DeadlineExceeded, match="0 of 1 subscribers"):
+                await mesh.wait_for_subscribers("counted", timeout=0.05)
+            sub = mesh.subscribe("counted")
+            assert await mesh.wait_for_subscribers("counted", 1, timeout=LONG) == 1
+            assert mesh.subscribers("counted") == 1
+            assert sub.try_next() is None
+            assert await mesh.publish("counted", b"m") == 1
+            assert await sub.next() == commy.Message("counted", b"m")
+
+    run(main)

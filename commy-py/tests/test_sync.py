@@ -369,3 +369,24 @@ def test_a_handler_with_a_context_sees_its_caller(mesh: commy.Mesh) -> None:
     )
     with pytest.raises(AttributeError):
         caller.uid = 0  # type: ignore[misc]
+
+
+def test_waiting_for_subscribers_and_taking_without_waiting(mesh: commy.Mesh) -> None:
+    with pytest.raises(commy.DeadlineExceeded, match="0 of 1 subscribers"):
+        mesh.wait_for_subscribers("counted", 1, timeout=0.05)
+    sub = mesh.subscribe("counted")
+    members = [mesh.subscribe("counted", group="workers") for _ in range(2)]
+    assert mesh.wait_for_subscribers("counted", 2, timeout=LONG) == 2
+    assert mesh.subscribers("counted") == 2
+    assert sub.try_next() is None
+    assert mesh.publish("counted", b"m") == 2
+    deadline = time.monotonic() + LONG
+    msg = sub.try_next()
+    while msg is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+        msg = sub.try_next()
+    assert msg == commy.Message("counted", b"m")
+    assert sub.try_next() is None
+    sub.close()
+    assert sub.try_next() is None
+    assert all(not m.closed for m in members)

@@ -190,6 +190,12 @@ class _SubscriptionBase:
         """Ends the subscription; a waiting :meth:`next` returns ``None``."""
         self._raw.close()
 
+    def try_next(self) -> Optional[Message]:
+        """A queued message, without waiting; ``None`` when none is queued
+        (or the subscription is closed)."""
+        data = self._raw.try_next()
+        return None if data is None else Message(self._raw.topic, data)
+
 
 class Subscription(_SubscriptionBase):
     """Messages of one topic: iterate it, or call :meth:`next`.
@@ -464,6 +470,17 @@ class Mesh(_Base):
         """Publishes ``data`` on ``topic``; returns how many subscribers got it."""
         return self._raw.publish(topic, data)
 
+    def subscribers(self, topic: str) -> int:
+        """How many subscribers a publish on ``topic`` would reach now (one
+        per queue group)."""
+        return self._raw.subscribers(topic)
+
+    def wait_for_subscribers(self, topic: str, n: int = 1, timeout: float = 30.0) -> int:
+        """Waits until a publish on ``topic`` would reach ``n`` subscribers;
+        returns how many it would. Raises :class:`DeadlineExceeded` after
+        ``timeout`` seconds."""
+        return self._raw.wait_for_subscribers(topic, n, timeout)
+
     def serve(self, service: str, handler: SyncHandler) -> Service:
         """Serves ``service``: ``handler(data) -> bytes`` answers each request.
 
@@ -640,6 +657,19 @@ class AsyncMesh(_Base):
         """Publishes ``data`` on ``topic``; returns how many subscribers got it."""
         delivered: int = await self._bridge.run(self._raw.publish_async, topic, data)
         return delivered
+
+    def subscribers(self, topic: str) -> int:
+        """How many subscribers a publish on ``topic`` would reach now (see
+        :meth:`Mesh.subscribers`)."""
+        return self._raw.subscribers(topic)
+
+    async def wait_for_subscribers(self, topic: str, n: int = 1, timeout: float = 30.0) -> int:
+        """Waits until a publish on ``topic`` would reach ``n`` subscribers
+        (see :meth:`Mesh.wait_for_subscribers`)."""
+        count: int = await self._bridge.run(
+            self._raw.wait_for_subscribers_async, topic, n, timeout
+        )
+        return count
 
     def serve(self, service: str, handler: Union[AsyncHandler, SyncHandler]) -> Service:
         """Serves ``service`` with ``handler(data)``, a coroutine function or a
