@@ -49,6 +49,8 @@ export interface MeshOptions {
   callSpinMs?: number
   /** Requests one service instance handles at once (1024 unless set). */
   maxConcurrency?: number
+  /** How long a publisher waits for a subscriber that takes nothing before it disconnects it as too slow, in milliseconds (1000 unless set). */
+  subscriberStallMs?: number
   /** Serve over TLS at `tls://ADDR:PORT` (port 0: one the system picks). */
   listen?: string
   /** Processes (`tls://HOST:PORT`) whose instances may be called. */

@@ -21,6 +21,7 @@
 //! | `default_timeout` | `"30s"` | timeout of calls that set none; `"none"` or `0`: wait forever |
 //! | `call_spin` | `"50us"` | how long a caller polls for its answer before it sleeps |
 //! | `max_concurrency` | `1024` | handlers of one service instance waiting at once |
+//! | `subscriber_stall` | `"1s"` | a subscriber whose queue takes nothing for this long is disconnected (publishers wait no longer) |
 //! | `listen` | none | `tls://ADDR:PORT`: serve over TLS there (port 0: any) |
 //! | `peers` | `[]` | `tls://HOST:PORT` processes whose instances may be called (a list, or one comma-separated string) |
 //! | `tls_ca` | none | the CA (PEM) certificates must chain to; none: the per-user dev CA |
@@ -92,6 +93,10 @@ pub struct Settings {
     /// Handlers of one service instance that may be waiting at once.
     #[serde(deserialize_with = "count")]
     pub max_concurrency: usize,
+    /// How long a publisher waits for a subscriber that takes nothing
+    /// before it disconnects it as too slow.
+    #[serde(with = "duration")]
+    pub subscriber_stall: Duration,
     /// Serve over TLS at this `tls://ADDR:PORT`.
     pub listen: Option<String>,
     /// Static peers, `tls://HOST:PORT` each.
@@ -112,12 +117,13 @@ pub struct Settings {
 }
 
 /// Every key of [`Settings`], in the order of its fields.
-pub const KEYS: [&str; 12] = [
+pub const KEYS: [&str; 13] = [
     "mesh",
     "runtime_dir",
     "default_timeout",
     "call_spin",
     "max_concurrency",
+    "subscriber_stall",
     "listen",
     "peers",
     "tls_ca",
@@ -152,7 +158,7 @@ pub fn key_kind(key: &str) -> Option<KeyKind> {
     Some(match key {
         "mesh" | "listen" | "transport" => KeyKind::Text,
         "runtime_dir" | "tls_ca" | "tls_cert" | "tls_key" => KeyKind::Path,
-        "default_timeout" | "call_spin" => KeyKind::Duration,
+        "default_timeout" | "call_spin" | "subscriber_stall" => KeyKind::Duration,
         "max_concurrency" => KeyKind::Count,
         "require_client_cert" => KeyKind::Flag,
         "peers" => KeyKind::List,
@@ -176,6 +182,7 @@ impl Default for Settings {
             default_timeout: Some(Duration::from_secs(30)),
             call_spin: Duration::from_micros(50),
             max_concurrency: 1024,
+            subscriber_stall: Duration::from_secs(1),
             listen: None,
             peers: Vec::new(),
             tls_ca: None,

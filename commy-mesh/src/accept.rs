@@ -14,15 +14,17 @@ use commy_shm::{LinkConfig, ShmLink, UdsListener};
 
 use crate::warn::Warnings;
 
-/// Starts a thread accepting links on `listener` until `stop` is set; each
-/// link is handed to `on_link` on a thread of its own, the handshake
-/// included, so a silent client cannot hold up others.
+/// Starts a thread accepting links on `listener` until `stop` is set or
+/// `go_on`, asked at each tick (a tenth of a second), says no; each link is
+/// handed to `on_link` on a thread of its own, the handshake included, so
+/// a silent client cannot hold up others.
 pub(crate) fn start_accepting(
     listener: UdsListener,
     link: LinkConfig,
     name: String,
     stop: Arc<AtomicBool>,
     on_link: impl Fn(ShmLink) + Send + Sync + 'static,
+    go_on: impl Fn() -> bool + Send + 'static,
 ) -> Result<(), Status> {
     let on_link = Arc::new(on_link);
     // Refused handshakes are logged a few at a time (they run on the
@@ -55,7 +57,11 @@ pub(crate) fn start_accepting(
                             tracing::error!("cannot start a link thread: {e}");
                         }
                     }
-                    Ok(None) => {}
+                    Ok(None) => {
+                        if !go_on() {
+                            break;
+                        }
+                    }
                     Err(commy_shm::uds::AcceptError::PeerCred { source, .. }) => {
                         // That connection is closed; the listener is fine.
                         refusals.warn(|| format!("{name}: refused a connection: {source}"));

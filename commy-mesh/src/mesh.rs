@@ -166,6 +166,7 @@ impl Mesh {
                     pools(&config, &mesh, call_spin, &topics, None, None, &runtime),
                     config.link.clone(),
                     config.limits.unfragmented(),
+                    s.subscriber_stall,
                 ),
                 config,
                 settings,
@@ -340,6 +341,7 @@ impl Mesh {
                     }
                 }
             },
+            || true,
         )?;
         if let Err(status) = self.register(&served) {
             served.deregister();

@@ -12,6 +12,15 @@
 //! discards the oldest queued message, `Disconnect` ends the subscription;
 //! what was dropped is counted in [`Subscription::dropped`].
 //!
+//! Backpressure lasts while the subscriber makes progress. One that takes
+//! nothing for the stall time (the setting `subscriber_stall`, 1 s by
+//! default) is disconnected by the publisher that waited for it: its
+//! announcement is removed, so no publisher waits for it again, and the
+//! topic goes on at full speed for the others. The subscriber, when it
+//! runs again, takes what reached it, then its subscription ends
+//! ([`Subscription::end_reason`]) with the loss counted: nothing is lost
+//! silently.
+//!
 //! ```
 //! use commy_mesh::Mesh;
 //!
@@ -34,13 +43,14 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use commy_config::TransportPreference;
 use commy_core::{
-    FrameKind, FrameRef, InstanceId, Limits, Metadata, ServiceName, Status, TopicName,
+    Code, Deadline, FrameKind, FrameRef, InstanceId, Limits, Metadata, ServiceName, Status,
+    TopicName,
 };
 use commy_discovery::LocalRegistry;
 use commy_shm::link::RecvError;
@@ -51,6 +61,8 @@ pub(crate) mod remote;
 
 use crate::accept::start_accepting;
 use crate::call::pool::Pools;
+use crate::call::shm::Unsent;
+use crate::sync::Counted;
 use crate::warn::CLIENT_LINKS;
 use crate::wire::TOPIC_HEADER;
 
@@ -174,6 +186,8 @@ pub(crate) struct Queue {
 struct QueueState {
     messages: VecDeque<Message>,
     closed: bool,
+    /// Why the subscription ended, if the mesh ended it.
+    reason: Option<Status>,
     /// The consumer's task, when it waits for a message.
     waker: Option<std::task::Waker>,
 }
@@ -206,6 +220,11 @@ impl Queue {
                 SlowSubscriber::Disconnect => {
                     self.dropped.fetch_add(1, Ordering::Relaxed);
                     st.closed = true;
+                    st.reason = Some(Status::resource_exhausted(format!(
+                        "the subscription to {} ended: its queue of {} was full \
+                         (policy Disconnect)",
+                        self.topic, self.cap
+                    )));
                     let waker = st.waker.take();
                     drop(st);
                     if let Some(w) = waker {
@@ -237,9 +256,28 @@ impl Queue {
         }
     }
 
-    /// Counts a message dropped elsewhere for this subscriber.
-    pub(crate) fn note_dropped(&self) {
-        self.dropped.fetch_add(1, Ordering::Relaxed);
+    /// Ends the subscription because messages were lost on the way
+    /// (`lost`, at least one), with `reason`; only the first end counts.
+    pub(crate) fn end_lossy(&self, lost: u64, reason: Status) {
+        let waker = {
+            let mut st = self.state.lock();
+            if st.closed {
+                return;
+            }
+            st.closed = true;
+            st.reason = Some(reason);
+            self.dropped.fetch_add(lost, Ordering::Relaxed);
+            st.waker.take()
+        };
+        self.space.notify_all();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Why the mesh ended the subscription, if it did.
+    fn reason(&self) -> Option<Status> {
+        self.state.lock().reason.clone()
     }
 
     /// Whether the subscription is over.
@@ -343,8 +381,16 @@ impl Subscription {
         self.queue.is_drained()
     }
 
+    /// Why the mesh ended this subscription (`RESOURCE_EXHAUSTED`): its
+    /// queue was full under `Disconnect`, or it took nothing for the stall
+    /// time and a publisher disconnected it. `None` while it lasts.
+    pub fn end_reason(&self) -> Option<Status> {
+        self.queue.reason()
+    }
+
     /// Messages discarded (`DropOldest`) or refused (`Disconnect`) because
-    /// this subscriber was too slow.
+    /// this subscriber was too slow, or lost when a publisher disconnected
+    /// it (counted as one: the publisher that gave up knows only its own).
     pub fn dropped(&self) -> u64 {
         self.queue.dropped.load(Ordering::Relaxed)
     }
@@ -418,13 +464,44 @@ fn key_name(key: &str) -> Result<ServiceName, Status> {
     ServiceName::new(key).map_err(|e| Status::internal(format!("bad topic key {key}: {e}")))
 }
 
-/// Serves one publisher's link into a subscription's queue, in order.
-fn serve_topic_link(link: ShmLink, queue: Arc<Queue>, limits: Limits) {
+/// Ends the subscription of `queue` if a publisher cut it: its
+/// announcement (`path`) is gone though the subscription was not dropped
+/// (`stop`). Returns whether it still lasts.
+fn end_if_cut(queue: &Queue, path: &std::path::Path, stop: &AtomicBool) -> bool {
+    if stop.load(Ordering::Acquire) || path.exists() {
+        return true;
+    }
+    let reason = Status::resource_exhausted(format!(
+        "the subscription to {} ended: it took nothing for the stall time and a publisher \
+         disconnected it (messages were lost)",
+        queue.topic
+    ));
+    CLIENT_LINKS.warn(|| reason.message().to_owned());
+    queue.end_lossy(1, reason);
+    false
+}
+
+/// Serves one publisher's link into a subscription's queue, in order. A
+/// link that ends while the subscription's announcement (`path`) is gone,
+/// though the subscription was not dropped (`stop`), was cut by a
+/// publisher that found it stalled: the subscription ends.
+fn serve_topic_link(
+    link: ShmLink,
+    queue: Arc<Queue>,
+    limits: Limits,
+    path: &std::path::Path,
+    stop: &AtomicBool,
+    links: &AtomicUsize,
+) {
+    let _serving = Counted::enter(links);
     let (_tx, mut rx) = link.split();
     loop {
         let msg = match rx.recv(None) {
             Ok(m) => m,
-            Err(RecvError::Ring(RingError::Closed | RingError::PeerGone)) => return,
+            Err(RecvError::Ring(RingError::Closed | RingError::PeerGone)) => {
+                end_if_cut(&queue, path, stop);
+                return;
+            }
             Err(e) => {
                 CLIENT_LINKS
                     .warn(|| format!("subscription to {}: closing a link: {e}", queue.topic));
@@ -463,6 +540,10 @@ fn serve_topic_link(link: ShmLink, queue: Arc<Queue>, limits: Limits) {
         }
     }
 }
+
+/// Members of a queue group a publish tries at most, when those it picks
+/// are found stalled.
+const GROUP_TRIES: usize = 3;
 
 /// Which queue groups exist per topic key, kept current from the topic
 /// registry's directory (inotify), so a publish does not scan it.
@@ -548,6 +629,8 @@ pub(crate) struct PubSub {
     /// How publishers' links are accepted.
     link: LinkConfig,
     limits: Limits,
+    /// How long a publish waits for a subscriber that takes nothing.
+    stall: Duration,
 }
 
 /// A subscription made by [`PubSub::subscribe`], with what the network
@@ -588,6 +671,7 @@ impl PubSub {
         pools: Pools,
         link: LinkConfig,
         limits: Limits,
+        stall: Duration,
     ) -> PubSub {
         PubSub {
             registry,
@@ -595,7 +679,23 @@ impl PubSub {
             groups: Arc::default(),
             link,
             limits,
+            stall,
         }
+    }
+
+    /// Disconnects a subscriber that took nothing for the stall time (its
+    /// link was ended): its announcement is removed, so no publisher waits
+    /// for it again, and it ends its subscription when it runs again.
+    fn cut(&self, inst: &commy_discovery::Instance, topic: &TopicName) {
+        if let commy_core::Endpoint::Shm(addr) = &inst.endpoint {
+            let _ = std::fs::remove_file(addr.to_path_buf());
+        }
+        CLIENT_LINKS.warn(|| {
+            format!(
+                "disconnected a subscriber of {topic} (instance {}): it took nothing for {:?}",
+                inst.id, self.stall
+            )
+        });
     }
 
     /// Subscribes to `topic`, optionally as a member of queue group
@@ -629,6 +729,7 @@ impl PubSub {
             state: Mutex::new(QueueState {
                 messages: VecDeque::new(),
                 closed: false,
+                reason: None,
                 waker: None,
             }),
             space: Condvar::new(),
@@ -638,13 +739,21 @@ impl PubSub {
         });
         let stop = Arc::new(AtomicBool::new(false));
         let limits = self.limits;
-        let q = queue.clone();
+        // Links being served: while one is, it ends the subscription if it
+        // was cut, once it has delivered what reached it.
+        let links = Arc::new(AtomicUsize::new(0));
+        let (q, announced, stopped, served) =
+            (queue.clone(), path.clone(), stop.clone(), links.clone());
+        // A publisher that found the subscriber stalled before it ever had
+        // a link to it removes the announcement too: the accept loop sees.
+        let (q2, announced2, stopped2) = (queue.clone(), path.clone(), stop.clone());
         start_accepting(
             listener,
             self.link.clone(),
             format!("sub-{topic}"),
             stop.clone(),
-            move |link| serve_topic_link(link, q.clone(), limits),
+            move |link| serve_topic_link(link, q.clone(), limits, &announced, &stopped, &served),
+            move || links.load(Ordering::Acquire) > 0 || end_if_cut(&q2, &announced2, &stopped2),
         )?;
         Ok(NewSubscription {
             subscription: Subscription {
@@ -698,11 +807,19 @@ impl PubSub {
         let pool = self.pools.get(&key_name(&key)?);
         let local = self.pools.instances_of(&pool);
         for inst in &local {
-            match self.pools.connect(&pool, inst, None).await {
-                Ok(conn) => match conn.send_publish(&md, payload) {
+            // A subscriber that does not even take its link within the
+            // stall time (stopped before this publisher first reached it)
+            // made no progress either.
+            let within = Some(Deadline::after(self.stall));
+            match self.pools.connect(&pool, inst, within).await {
+                Ok(conn) => match conn.send_publish(&md, payload, self.stall) {
                     Ok(()) => delivered += 1,
-                    Err(e) => tracing::debug!("publish to a subscriber of {topic} failed: {e}"),
+                    Err(Unsent::Stalled) => self.cut(inst, &topic),
+                    Err(Unsent::Failed(e)) => {
+                        tracing::debug!("publish to a subscriber of {topic} failed: {e}")
+                    }
                 },
+                Err(e) if e.code() == Code::DeadlineExceeded => self.cut(inst, &topic),
                 Err(e) => tracing::debug!("subscriber of {topic} unreachable: {e}"),
             }
         }
@@ -712,14 +829,37 @@ impl PubSub {
         let mut groups_done = Vec::new();
         for group in self.groups.groups_of(&key) {
             let pool = self.pools.get(&key_name(&group)?);
-            // An empty group (all members left) is not an error.
-            if let Ok((conn, _)) = self.pools.pick(&pool, TransportPreference::Shm, None).await {
-                match conn.send_publish(&md, payload) {
+            // An empty group (all members left) is not an error. A member
+            // found stalled is cut, and another one takes the message.
+            for _ in 0..GROUP_TRIES {
+                let within = Some(Deadline::after(self.stall));
+                let Ok((conn, id)) = self
+                    .pools
+                    .pick(&pool, TransportPreference::Shm, within)
+                    .await
+                else {
+                    break;
+                };
+                match conn.send_publish(&md, payload, self.stall) {
                     Ok(()) => {
                         delivered += 1;
                         groups_done.push(group);
+                        break;
                     }
-                    Err(e) => tracing::debug!("publish to group {group} failed: {e}"),
+                    Err(Unsent::Stalled) => {
+                        let member = self
+                            .pools
+                            .instances_of(&pool)
+                            .into_iter()
+                            .find(|i| i.id == id);
+                        if let Some(member) = member {
+                            self.cut(&member, &topic);
+                        }
+                    }
+                    Err(Unsent::Failed(e)) => {
+                        tracing::debug!("publish to group {group} failed: {e}");
+                        break;
+                    }
                 }
             }
         }

@@ -44,7 +44,8 @@ async fn open(dir: &Path) -> Mesh {
 /// Child role: subscribe to "ticks" (in GROUP if set), print READY, then
 /// print a line per message as it arrives (`S <seq>` for an 8-byte
 /// sequence number, `P` for anything else, a probe) until its stdin
-/// closes; then `DONE` after whatever was queued by then.
+/// closes, or the subscription ends (then `ENDED <dropped> <reason>`);
+/// then `DONE` after whatever was queued by then.
 fn child_subscriber() {
     use std::io::Write;
     if role().as_deref() != Some("sub") {
@@ -72,7 +73,11 @@ fn child_subscriber() {
             tokio::select! {
                 m = sub.next() => match m {
                     Some(m) => print(&m),
-                    None => break,
+                    None => {
+                        let reason = sub.end_reason().map(|r| r.to_string()).unwrap_or_default();
+                        println!("ENDED {} {reason}", sub.dropped());
+                        break;
+                    }
                 },
                 _ = &mut stdin_closed => break,
             }
@@ -425,4 +430,116 @@ async fn mesh_message(sub: &mut commy_mesh::Subscription) -> commy_mesh::Message
         assert!(std::time::Instant::now() < end, "no message");
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
+}
+
+/// Block is backpressure while a subscriber makes progress: one stopped
+/// (SIGSTOP) before the publisher first reached it is disconnected by the
+/// publisher after the stall time, no publish waits much longer than that,
+/// the other subscribers get every message in order, publishes stop
+/// counting it, and the stopped one, once resumed, sees its subscription
+/// end with the loss counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_stopped_before_it_was_reached_is_disconnected() {
+    if as_child() {
+        return;
+    }
+    stalled_subscriber("stall-early", 0).await;
+}
+
+/// The same, stopped mid-stream: once resumed it gets what reached it
+/// before, in order with no gap, then the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_stopped_mid_stream_is_disconnected() {
+    if as_child() {
+        return;
+    }
+    stalled_subscriber("stall-mid", 100).await;
+}
+
+/// A subscriber process stopped after `before` messages, while 40,000
+/// are published to it and two subscribers that keep up.
+async fn stalled_subscriber(name: &str, before: u64) {
+    use rustix::process::{Pid, Signal, kill_process};
+    const N: u64 = 40_000;
+    let dir = private_dir(name);
+    let mesh = Mesh::builder()
+        .runtime_dir(&dir)
+        .setting("subscriber_stall", "200ms")
+        .open()
+        .await
+        .unwrap();
+    let stopped = spawn_sub(&dir, None);
+    let pid = Pid::from_raw(stopped.child.id() as i32).unwrap();
+    let mut readers = Vec::new();
+    for _ in 0..2 {
+        let mut sub = mesh.subscribe("ticks").await.unwrap();
+        readers.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            while (got.len() as u64) < N {
+                let m = sub.next().await.expect("the subscription lasts");
+                got.push(u64::from_le_bytes(m.payload()[..8].try_into().unwrap()));
+            }
+            got
+        }));
+    }
+    mesh.wait_for_subscribers("ticks", 3, Duration::from_secs(20))
+        .await
+        .unwrap();
+    for i in 0..before {
+        assert_eq!(
+            mesh.publish("ticks", i.to_le_bytes().to_vec())
+                .await
+                .unwrap(),
+            3
+        );
+    }
+    if before > 0 {
+        stopped.until(|l| l == format!("S {}", before - 1));
+    }
+    kill_process(pid, Signal::STOP).unwrap();
+    let mut longest = Duration::ZERO;
+    let mut counts = Vec::new();
+    for i in before..N {
+        let t = std::time::Instant::now();
+        counts.push(
+            mesh.publish("ticks", i.to_le_bytes().to_vec())
+                .await
+                .unwrap(),
+        );
+        longest = longest.max(t.elapsed());
+    }
+    kill_process(pid, Signal::CONT).unwrap();
+    eprintln!("longest publish: {longest:?}");
+    // The old behaviour: 5 s per publish that met the stopped subscriber.
+    assert!(
+        longest < Duration::from_secs(2),
+        "a publish waited {longest:?}"
+    );
+    let cut = counts
+        .iter()
+        .position(|n| *n == 2)
+        .expect("it was disconnected");
+    assert!(
+        counts[..cut].iter().all(|n| *n == 3),
+        "{:?}",
+        &counts[..cut]
+    );
+    assert!(
+        counts[cut..].iter().all(|n| *n == 2),
+        "counted after its disconnect"
+    );
+    for r in readers {
+        assert_eq!(r.await.unwrap(), (0..N).collect::<Vec<_>>());
+    }
+    // Resumed: what reached it, in order with no gap, then the end.
+    let lines = stopped.until(|l| l.starts_with("ENDED"));
+    let got = seqs(&lines);
+    assert_eq!(got, (before..before + got.len() as u64).collect::<Vec<_>>());
+    assert!(before + (got.len() as u64) < N);
+    let ended = lines.last().unwrap();
+    let dropped: u64 = ended.split(' ').nth(1).unwrap().parse().unwrap();
+    assert!(dropped >= 1, "{ended}");
+    assert!(ended.contains("stall time"), "{ended}");
+    eprintln!("stopped subscriber: {} messages, then {ended}", got.len());
+    stopped.finish();
 }

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use commy_core::{Metadata, ServiceName, Status};
 
 use crate::call::deadline::Due;
-use crate::call::shm::ClientConn;
+use crate::call::shm::{ClientConn, Unsent};
 use crate::call::stats::EndpointStats;
 use crate::call::tls::PeerState;
 use crate::response::Response;
@@ -68,16 +68,22 @@ impl Endpoint {
     }
 
     /// Sends a published message (its topic in `metadata`) to one
-    /// subscriber. Subscribers at TLS peers are reached through their
+    /// subscriber, waiting at most `stall` for it to take anything.
+    /// Subscribers at TLS peers are reached through their
     /// process's publish service instead (see
     /// [`Peers::publish`](crate::call::tls::Peers::publish)).
-    pub(crate) fn send_publish(&self, metadata: &[u8], payload: &[u8]) -> Result<(), Status> {
+    pub(crate) fn send_publish(
+        &self,
+        metadata: &[u8],
+        payload: &[u8],
+        stall: Duration,
+    ) -> Result<(), Unsent> {
         match self {
-            Endpoint::Shm(conn) => conn.send_publish(metadata, payload),
-            Endpoint::Tls(peer) => Err(Status::failed_precondition(format!(
+            Endpoint::Shm(conn) => conn.send_publish(metadata, payload, stall),
+            Endpoint::Tls(peer) => Err(Unsent::Failed(Status::failed_precondition(format!(
                 "a subscriber at peer {} is published to through its process's publish service",
                 peer.addr
-            ))),
+            )))),
         }
     }
 

@@ -551,8 +551,40 @@ impl ClientConn {
     }
 
     /// Sends a Publish frame (its metadata carries the topic).
-    pub(crate) fn send_publish(&self, metadata: &[u8], payload: &[u8]) -> Result<(), Status> {
-        self.send_unanswered(FrameKind::Publish, metadata, payload)
+    /// Sends a published message, waiting at most `stall` for ring space.
+    /// A subscriber whose ring stays full that long made no progress: its
+    /// link is ended ([`Unsent::Stalled`]), and the publisher goes on.
+    pub(crate) fn send_publish(
+        &self,
+        metadata: &[u8],
+        payload: &[u8],
+        stall: Duration,
+    ) -> Result<(), Unsent> {
+        if !self.is_alive() {
+            return Err(Unsent::Failed(Status::unavailable("the instance is gone")));
+        }
+        check_message(&self.limits, metadata, payload).map_err(Unsent::Failed)?;
+        let sent = {
+            let mut tx = self.tx.lock();
+            let id = tx.open_stream();
+            send_frame(
+                &mut tx.sender,
+                FrameHeader::new(FrameKind::Publish, StreamId(id)),
+                metadata,
+                payload,
+                Patience::For(stall),
+            )
+        };
+        match sent {
+            Ok(()) => Ok(()),
+            Err(SendError::TimedOut) => {
+                self.fail_with(&Status::resource_exhausted(
+                    "the subscriber took nothing for the stall time: disconnected",
+                ));
+                Err(Unsent::Stalled)
+            }
+            Err(e) => Err(Unsent::Failed(self.send_failed(e))),
+        }
     }
 
     /// Sends a frame on a fresh stream that gets no answer.
@@ -1157,4 +1189,13 @@ impl Waiter {
             }
         }
     }
+}
+
+/// Why a published message did not reach a subscriber.
+#[derive(Debug)]
+pub(crate) enum Unsent {
+    /// Its ring stayed full for the stall time: the link was ended.
+    Stalled,
+    /// Anything else (the link is gone, the message too large).
+    Failed(Status),
 }

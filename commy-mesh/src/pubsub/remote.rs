@@ -139,17 +139,19 @@ async fn stream(peer: Arc<PeerState>, wanted: Arc<Wanted>, queue: Arc<Queue>, li
                     let reply = match item {
                         Ok(reply) => reply,
                         Err(e) => {
-                            let slow = e.code() == Code::ResourceExhausted
-                                && wanted.options.policy == SlowSubscriber::Disconnect;
+                            // The peer's copy was too slow (its queue full
+                            // under Disconnect, or stalled under Block):
+                            // messages were lost, so this subscription ends
+                            // as it would have on the peer's host.
+                            let lossy = e.code() == Code::ResourceExhausted
+                                && wanted.options.policy != SlowSubscriber::DropOldest;
                             tracing::debug!(
                                 "subscription to {} at {} ended: {e}",
                                 wanted.topic,
                                 peer.addr
                             );
-                            if slow {
-                                // Disconnect: too slow there means over here.
-                                queue.note_dropped();
-                                queue.close();
+                            if lossy {
+                                queue.end_lossy(1, e);
                                 return;
                             }
                             break;

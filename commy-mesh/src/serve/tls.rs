@@ -305,12 +305,12 @@ async fn push_subscription(mut subscription: Subscription, pusher: commy_net::Pu
             _ = pusher.closed() => return,
         };
         let Some(m) = message else {
-            let status = Status::resource_exhausted(format!(
-                "the subscription to {} ended: the subscriber was too slow \
-                 ({} messages dropped)",
-                subscription.topic(),
-                subscription.dropped()
-            ));
+            let status = subscription.end_reason().unwrap_or_else(|| {
+                Status::resource_exhausted(format!(
+                    "the subscription to {} ended: the subscriber was too slow",
+                    subscription.topic()
+                ))
+            });
             pusher.fail(status).await;
             return;
         };
