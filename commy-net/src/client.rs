@@ -27,8 +27,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_rustls::TlsConnector;
 
 use crate::link::{
-    FrameReader, Out, PUSH_CREDIT, Quiet, ReadError, Received, Settings, WriterEnd, check_message,
-    write_frames,
+    FrameReader, Out, PUSH_CREDIT, Quiet, ReadError, Received, Settings, WriterEnd, write_frames,
 };
 use crate::mux::Backoff;
 use crate::server::Reply;
@@ -465,7 +464,7 @@ impl Session {
         metadata: &Bytes,
         payload: &Bytes,
     ) -> Result<(), Status> {
-        check_message(&self.limits, metadata, payload)?;
+        self.limits.check_message(metadata.len(), payload.len())?;
         let permit = match deadline {
             Some(d) => tokio::time::timeout_at(d.instant().into(), self.credit.acquire())
                 .await
@@ -501,26 +500,12 @@ impl Session {
         payload: Bytes,
         deadline: Option<Deadline>,
     ) -> Result<Reply, Status> {
-        self.open_stream(deadline, &metadata, &payload).await?;
-        let permit = self.room(deadline).await?;
         let (done_tx, done_rx) = oneshot::channel();
-        let id = {
-            let mut p = self.pending.lock();
-            if p.closed_reason.is_some() {
-                drop(p);
-                return Err(self.lost());
-            }
-            // Ids are taken and queued under one lock, so they reach the
-            // server in increasing order, as it requires.
-            let id = p.take_id();
-            p.calls.insert(id, done_tx);
-            permit.send(Out::Frame(
-                stream_header(FrameKind::Request, id, deadline),
-                metadata,
-                payload,
-            ));
-            id
-        };
+        let id = self
+            .open(FrameKind::Request, metadata, payload, deadline, |p, id| {
+                p.calls.insert(id, done_tx);
+            })
+            .await?;
         let guard = CallGuard { session: &self, id };
         let answer = match deadline {
             Some(d) => tokio::time::timeout_at(d.instant().into(), done_rx)
@@ -538,26 +523,14 @@ impl Session {
         payload: Bytes,
         deadline: Option<Deadline>,
     ) -> Result<Pushes, Status> {
-        self.open_stream(deadline, &metadata, &payload).await?;
-        let permit = self.room(deadline).await?;
         // Room for every message the credit allows, the accepting
         // Response and an Error.
         let (tx, rx) = mpsc::channel(PUSH_CREDIT as usize + 2);
-        let id = {
-            let mut p = self.pending.lock();
-            if p.closed_reason.is_some() {
-                drop(p);
-                return Err(self.lost());
-            }
-            let id = p.take_id();
-            p.streams.insert(id, tx);
-            permit.send(Out::Frame(
-                stream_header(FrameKind::Request, id, deadline),
-                metadata,
-                payload,
-            ));
-            id
-        };
+        let id = self
+            .open(FrameKind::Request, metadata, payload, deadline, |p, id| {
+                p.streams.insert(id, tx);
+            })
+            .await?;
         let mut pushes = Pushes {
             session: self.clone(),
             id,
@@ -588,6 +561,24 @@ impl Session {
         payload: Bytes,
         deadline: Option<Deadline>,
     ) -> Result<(), Status> {
+        self.open(FrameKind::OneWay, metadata, payload, deadline, |_, _| {})
+            .await
+            .map(drop)
+    }
+
+    /// Opens a stream with a Request or OneWay: waits for the server's
+    /// credit and room in the writer's queue, then takes the stream's id,
+    /// `register`s what waits for its answer, and queues the frame, all
+    /// under one lock, so ids reach the server in increasing order, as it
+    /// requires. Returns the id.
+    async fn open(
+        &self,
+        kind: FrameKind,
+        metadata: Bytes,
+        payload: Bytes,
+        deadline: Option<Deadline>,
+        register: impl FnOnce(&mut PendingTable, u64),
+    ) -> Result<u64, Status> {
         self.open_stream(deadline, &metadata, &payload).await?;
         let permit = self.room(deadline).await?;
         let mut p = self.pending.lock();
@@ -596,12 +587,13 @@ impl Session {
             return Err(self.lost());
         }
         let id = p.take_id();
+        register(&mut p, id);
         permit.send(Out::Frame(
-            stream_header(FrameKind::OneWay, id, deadline),
+            stream_header(kind, id, deadline),
             metadata,
             payload,
         ));
-        Ok(())
+        Ok(id)
     }
 
     /// Room in the writer's queue for one frame, once a stream's credit is
