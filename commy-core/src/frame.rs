@@ -92,6 +92,29 @@ impl Limits {
         }
     }
 
+    /// Refuses what a receiver with these limits would refuse of a message:
+    /// metadata over `max_metadata`, a payload over `max_message`
+    /// (RESOURCE_EXHAUSTED, naming the limit). A sender checks before it
+    /// sends anything, so the caller is told and the link stays up. A
+    /// payload larger than a frame is fine: it is fragmented, or carried
+    /// whole by a transport that does not fragment.
+    #[inline]
+    pub fn check_message(&self, metadata_len: usize, payload_len: usize) -> Result<(), Status> {
+        if metadata_len as u64 > u64::from(self.max_metadata) {
+            return Err(Status::resource_exhausted(format!(
+                "metadata of {metadata_len} bytes exceeds the limit of {} bytes (max_metadata)",
+                self.max_metadata
+            )));
+        }
+        if payload_len as u64 > u64::from(self.max_message) {
+            return Err(Status::resource_exhausted(format!(
+                "message of {payload_len} bytes exceeds the limit of {} bytes (max_message)",
+                self.max_message
+            )));
+        }
+        Ok(())
+    }
+
     /// The length of a frame holding the largest message and the largest
     /// metadata section at once (saturating at `u32::MAX`).
     pub const fn largest_message_frame(&self) -> u32 {

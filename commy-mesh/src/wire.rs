@@ -77,31 +77,6 @@ impl Patience {
     pub(crate) const DEFAULT: Patience = Patience::For(SEND_PATIENCE);
 }
 
-/// Refuses a message the peer would refuse (it would fail the stream, or
-/// the link): metadata over `max_metadata`, a payload over `max_message`.
-/// The caller gets `ResourceExhausted` and the link stays up.
-pub(crate) fn check_message(
-    limits: &Limits,
-    metadata: &[u8],
-    payload: &[u8],
-) -> Result<(), Status> {
-    if metadata.len() as u64 > u64::from(limits.max_metadata) {
-        return Err(Status::resource_exhausted(format!(
-            "metadata of {} bytes exceeds the limit of {} bytes (max_metadata)",
-            metadata.len(),
-            limits.max_metadata
-        )));
-    }
-    if payload.len() as u64 > u64::from(limits.max_message) {
-        return Err(Status::resource_exhausted(format!(
-            "message of {} bytes exceeds the limit of {} bytes (max_message)",
-            payload.len(),
-            limits.max_message
-        )));
-    }
-    Ok(())
-}
-
 /// Maps a link send failure to the caller's status.
 pub(crate) fn send_status(e: SendError) -> Status {
     match e {

@@ -141,32 +141,6 @@ impl Out {
     }
 }
 
-/// Refuses a message the peer would refuse (with the default limits, or
-/// the ones configured alike on both sides): metadata over
-/// `max_metadata`, a payload over `max_message`. Larger than a frame is
-/// fine: the writer fragments it.
-pub(crate) fn check_message(
-    limits: &Limits,
-    metadata: &[u8],
-    payload: &[u8],
-) -> Result<(), Status> {
-    if metadata.len() as u64 > u64::from(limits.max_metadata) {
-        return Err(Status::resource_exhausted(format!(
-            "metadata of {} bytes exceeds the limit of {} bytes (max_metadata)",
-            metadata.len(),
-            limits.max_metadata
-        )));
-    }
-    if payload.len() as u64 > u64::from(limits.max_message) {
-        return Err(Status::resource_exhausted(format!(
-            "message of {} bytes exceeds the limit of {} bytes (max_message)",
-            payload.len(),
-            limits.max_message
-        )));
-    }
-    Ok(())
-}
-
 /// Why the writer stopped.
 #[derive(Debug)]
 pub(crate) enum WriterEnd {

@@ -50,8 +50,7 @@ use tokio_rustls::StartHandshake;
 use tokio_rustls::server::TlsStream;
 
 use crate::link::{
-    FrameReader, Out, PUSH_CREDIT, Quiet, ReadError, Received, Settings, WriterEnd, check_message,
-    write_frames,
+    FrameReader, Out, PUSH_CREDIT, Quiet, ReadError, Received, Settings, WriterEnd, write_frames,
 };
 use crate::mux::CreditWindow;
 use crate::stats::{Reason, ServerStats};
@@ -841,7 +840,7 @@ impl Conn {
             return;
         };
         let Ok(r) = result else { return };
-        if let Err(status) = check_message(&self.limits, &r.metadata, &r.payload) {
+        if let Err(status) = self.limits.check_message(r.metadata.len(), r.payload.len()) {
             self.reply(stream.id, Err(status)).await;
             return;
         }
@@ -874,7 +873,7 @@ impl Conn {
 
     async fn reply(&self, id: u64, result: Result<Reply, Status>) {
         let out = match result {
-            Ok(r) => match check_message(&self.limits, &r.metadata, &r.payload) {
+            Ok(r) => match self.limits.check_message(r.metadata.len(), r.payload.len()) {
                 Ok(()) => Out::frame(FrameKind::Response, id, r.metadata, r.payload),
                 Err(status) => Out::error(id, &status),
             },

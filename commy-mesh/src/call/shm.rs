@@ -31,7 +31,7 @@ use crate::response::Response;
 use crate::sync::Counted;
 use crate::warn::CLIENT_LINKS;
 use crate::wire::{
-    Patience, check_message, decode_metadata, encode_metadata, far_future, send_frame, send_status,
+    Patience, decode_metadata, encode_metadata, far_future, send_frame, send_status,
 };
 
 /// What one poll of a link by an [`AnswerDriver`] found.
@@ -217,7 +217,7 @@ impl ClientConn {
         }
         let in_flight = balanced.then(|| Counted::enter(&self.stats.in_flight));
         let md = encode_metadata(metadata);
-        if let Err(status) = check_message(&self.limits, &md, &payload) {
+        if let Err(status) = self.limits.check_message(md.len(), payload.len()) {
             return Started::Done(Err(status));
         }
         let deadline_us = due.wire();
@@ -563,7 +563,9 @@ impl ClientConn {
         if !self.is_alive() {
             return Err(Unsent::Failed(Status::unavailable("the instance is gone")));
         }
-        check_message(&self.limits, metadata, payload).map_err(Unsent::Failed)?;
+        self.limits
+            .check_message(metadata.len(), payload.len())
+            .map_err(Unsent::Failed)?;
         let sent = {
             let mut tx = self.tx.lock();
             let id = tx.open_stream();
@@ -597,7 +599,7 @@ impl ClientConn {
         if !self.is_alive() {
             return Err(Status::unavailable("the instance is gone"));
         }
-        check_message(&self.limits, metadata, payload)?;
+        self.limits.check_message(metadata.len(), payload.len())?;
         let sent = {
             let mut tx = self.tx.lock();
             let id = tx.open_stream();
@@ -720,7 +722,7 @@ impl ClientConn {
             let mut tx = self.tx.lock();
             let mut streams = Vec::with_capacity(calls.size_hint().0);
             for (payload, token) in calls {
-                match check_message(&self.limits, &md, payload) {
+                match self.limits.check_message(md.len(), payload.len()) {
                     Ok(()) => streams.push((tx.open_stream(), payload, token)),
                     Err(status) => refused.push((token, status)),
                 }
@@ -782,7 +784,7 @@ impl ClientConn {
             return done.finish(self, Err(Status::unavailable("the instance is gone")));
         }
         let md = encode_metadata(metadata);
-        if let Err(status) = check_message(&self.limits, &md, payload) {
+        if let Err(status) = self.limits.check_message(md.len(), payload.len()) {
             return done.finish(self, Err(status));
         }
         let (header, patience, deadline) = self.callback_request(&mut due);

@@ -13,7 +13,7 @@ use crate::response::Response;
 use crate::serve::cancel::Shared;
 use crate::serve::load::{Load, handled_n};
 use crate::serve::request::Caller;
-use crate::wire::{Patience, check_message, encode_metadata, send_frame};
+use crate::wire::{Patience, encode_metadata, send_frame};
 
 /// What one served link's requests share with it, in one allocation (a
 /// request answered later holds the link with one reference): the link's
@@ -133,13 +133,16 @@ pub(crate) fn send_answer_locked(
     id: StreamId,
     answer: Result<(&[u8], &[u8]), Status>,
 ) {
-    let answer = answer.and_then(|(md, payload)| match check_message(limits, md, payload) {
-        Ok(()) => Ok((md, payload)),
-        Err(status) => {
-            tracing::warn!("refusing a handler's response: {}", status.message());
-            Err(status)
-        }
-    });
+    let answer =
+        answer.and_then(
+            |(md, payload)| match limits.check_message(md.len(), payload.len()) {
+                Ok(()) => Ok((md, payload)),
+                Err(status) => {
+                    tracing::warn!("refusing a handler's response: {}", status.message());
+                    Err(status)
+                }
+            },
+        );
     let sent = match answer {
         Ok((md, payload)) => send_frame(
             tx,
