@@ -809,9 +809,15 @@ impl PubSub {
         for inst in &local {
             // A subscriber that does not even take its link within the
             // stall time (stopped before this publisher first reached it)
-            // made no progress either.
-            let within = Some(Deadline::after(self.stall));
-            match self.pools.connect(&pool, inst, within).await {
+            // made no progress either. (The clock is read only to connect.)
+            let conn = match self.pools.linked(&pool, inst) {
+                Some(conn) => Ok(conn),
+                None => {
+                    let within = Some(Deadline::after(self.stall));
+                    self.pools.connect(&pool, inst, within).await
+                }
+            };
+            match conn {
                 Ok(conn) => match conn.send_publish(&md, payload, self.stall) {
                     Ok(()) => delivered += 1,
                     Err(Unsent::Stalled) => self.cut(inst, &topic),

@@ -291,6 +291,16 @@ impl Pools {
         self.connect_hedged(pool, inst, deadline, None).await
     }
 
+    /// The live link to `inst` of `pool`, if it has one (no connecting).
+    pub(crate) fn linked(&self, pool: &Arc<Pool>, inst: &Instance) -> Option<Endpoint> {
+        pool.state
+            .lock()
+            .conns
+            .get(&inst.id)
+            .filter(|ep| ep.is_alive())
+            .cloned()
+    }
+
     /// [`connect`](Pools::connect), giving a shared-memory handshake at
     /// most `hedge` when another instance could be tried instead: an
     /// instance that does not finish it by then fails with `Unavailable`
