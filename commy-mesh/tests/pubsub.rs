@@ -464,7 +464,7 @@ async fn stalled_subscriber(name: &str, before: u64) {
     let dir = private_dir(name);
     let mesh = Mesh::builder()
         .runtime_dir(&dir)
-        .setting("subscriber_stall", "200ms")
+        .setting("subscriber_stall", "500ms")
         .open()
         .await
         .unwrap();
