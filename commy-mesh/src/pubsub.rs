@@ -683,6 +683,24 @@ impl PubSub {
         }
     }
 
+    /// Links this publisher to every member of a queue group's `pool` it
+    /// has no link to yet, each within the stall time: a member that does
+    /// not take its link by then (stopped before any publisher reached it)
+    /// is cut.
+    async fn cut_unlinked(&self, pool: &Arc<crate::call::pool::Pool>, topic: &TopicName) {
+        for member in self.pools.instances_of(pool) {
+            if self.pools.linked(pool, &member).is_some() {
+                continue;
+            }
+            let within = Some(Deadline::after(self.stall));
+            if let Err(e) = self.pools.connect(pool, &member, within).await
+                && e.code() == Code::DeadlineExceeded
+            {
+                self.cut(&member, topic);
+            }
+        }
+    }
+
     /// Disconnects a subscriber that took nothing for the stall time (its
     /// link was ended): its announcement is removed, so no publisher waits
     /// for it again, and it ends its subscription when it runs again.
@@ -837,14 +855,22 @@ impl PubSub {
             let pool = self.pools.get(&key_name(&group)?);
             // An empty group (all members left) is not an error. A member
             // found stalled is cut, and another one takes the message.
+            // Members not linked yet get their link first, each within the
+            // stall time, so that the pick does not wait for one.
+            self.cut_unlinked(&pool, &topic).await;
             for _ in 0..GROUP_TRIES {
                 let within = Some(Deadline::after(self.stall));
-                let Ok((conn, id)) = self
+                let picked = self
                     .pools
                     .pick(&pool, TransportPreference::Shm, within)
-                    .await
-                else {
-                    break;
+                    .await;
+                let (conn, id) = match picked {
+                    Ok(chosen) => chosen,
+                    Err(e) if e.code() == Code::DeadlineExceeded => {
+                        self.cut_unlinked(&pool, &topic).await;
+                        continue;
+                    }
+                    Err(_) => break,
                 };
                 match conn.send_publish(&md, payload, self.stall) {
                     Ok(()) => {

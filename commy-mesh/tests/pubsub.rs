@@ -543,3 +543,63 @@ async fn stalled_subscriber(name: &str, before: u64) {
     eprintln!("stopped subscriber: {} messages, then {ended}", got.len());
     stopped.finish();
 }
+
+/// A queue group member stopped before any publisher linked to it: a
+/// pick that meets it is given the stall time, the member is cut, and the
+/// message goes to another member; later messages never wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_group_member_stopped_before_it_was_reached_is_disconnected() {
+    use rustix::process::{Pid, Signal, kill_process};
+    if as_child() {
+        return;
+    }
+    const N: u64 = 2_000;
+    let dir = private_dir("stall-group");
+    let mesh = Mesh::builder()
+        .runtime_dir(&dir)
+        .setting("subscriber_stall", "500ms")
+        .open()
+        .await
+        .unwrap();
+    let stopped = spawn_sub(&dir, Some("workers"));
+    kill_process(
+        Pid::from_raw(stopped.child.id() as i32).unwrap(),
+        Signal::STOP,
+    )
+    .unwrap();
+    let mut live = mesh.subscribe_group("ticks", "workers").await.unwrap();
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        while (got.len() as u64) < N {
+            let m = live.next().await.expect("the subscription lasts");
+            if let Ok(seq) = <[u8; 8]>::try_from(&m.payload()[..]) {
+                got.push(u64::from_le_bytes(seq));
+            }
+        }
+        got
+    });
+    let mut longest = Duration::ZERO;
+    for i in 0..N {
+        let t = std::time::Instant::now();
+        let n = mesh
+            .publish("ticks", i.to_le_bytes().to_vec())
+            .await
+            .unwrap();
+        longest = longest.max(t.elapsed());
+        assert_eq!(n, 1, "message {i} reached the group");
+    }
+    kill_process(
+        Pid::from_raw(stopped.child.id() as i32).unwrap(),
+        Signal::CONT,
+    )
+    .unwrap();
+    eprintln!("longest publish: {longest:?}");
+    assert!(
+        longest < Duration::from_secs(3),
+        "a publish waited {longest:?}"
+    );
+    assert_eq!(reader.await.unwrap(), (0..N).collect::<Vec<_>>());
+    let lines = stopped.until(|l| l.starts_with("ENDED"));
+    assert!(seqs(&lines).is_empty(), "{lines:?}");
+    stopped.finish();
+}
