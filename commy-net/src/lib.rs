@@ -9,11 +9,15 @@
 //! - [`Server`]: one listener, many connections, many streams per
 //!   connection, each handed to a [`Handler`]; stream credit, keepalive,
 //!   idle and handshake timeouts, GOAWAY drain; bad peers are refused or
-//!   closed with a log line and a counter ([`ServerStats`]).
+//!   closed with a log line and a counter ([`ServerStats`]); a handler may
+//!   keep its stream open and push messages on it ([`Reply::streaming`]).
 //! - [`Client`]: one connection per server, shared by all callers and
 //!   multiplexed by stream id; waits for credit instead of buffering;
 //!   deadlines, cancellation by drop, reconnect with full-jitter
-//!   exponential backoff.
+//!   exponential backoff; streams the server pushes on
+//!   ([`Client::subscribe`], [`Pushes`]).
+//! - Both ends send a message larger than a frame in fragments and join
+//!   what they receive (`commy_core::fragment`), up to `max_message`.
 //! - [`mux`]: the protocol state machines (credit window, stream ids,
 //!   backoff) as plain structs with no I/O.
 //!
