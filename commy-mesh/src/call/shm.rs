@@ -547,18 +547,42 @@ impl ClientConn {
 
     /// Sends a one-way message.
     pub(crate) fn send_oneway(&self, payload: &[u8], metadata: &Metadata) -> Result<(), Status> {
-        self.send_unanswered(FrameKind::OneWay, &encode_metadata(metadata), payload)
+        let md = encode_metadata(metadata);
+        match self.send_unanswered(FrameKind::OneWay, &md, payload, Patience::DEFAULT) {
+            Ok(()) => Ok(()),
+            Err(Unsent::Stalled) => Err(self.send_failed(SendError::TimedOut)),
+            Err(Unsent::Failed(status)) => Err(status),
+        }
     }
 
-    /// Sends a Publish frame (its metadata carries the topic).
-    /// Sends a published message, waiting at most `stall` for ring space.
-    /// A subscriber whose ring stays full that long made no progress: its
-    /// link is ended ([`Unsent::Stalled`]), and the publisher goes on.
+    /// Sends a published message (its metadata carries the topic), waiting
+    /// at most `stall` for ring space. A subscriber whose ring stays full
+    /// that long made no progress: its link is ended ([`Unsent::Stalled`]),
+    /// and the publisher goes on.
     pub(crate) fn send_publish(
         &self,
         metadata: &[u8],
         payload: &[u8],
         stall: Duration,
+    ) -> Result<(), Unsent> {
+        let sent =
+            self.send_unanswered(FrameKind::Publish, metadata, payload, Patience::For(stall));
+        if let Err(Unsent::Stalled) = sent {
+            self.fail_with(&Status::resource_exhausted(
+                "the subscriber took nothing for the stall time: disconnected",
+            ));
+        }
+        sent
+    }
+
+    /// Sends a frame on a fresh stream that gets no answer, waiting for
+    /// ring space as `patience` says (`Unsent::Stalled` if it ran out).
+    fn send_unanswered(
+        &self,
+        kind: FrameKind,
+        metadata: &[u8],
+        payload: &[u8],
+        patience: Patience,
     ) -> Result<(), Unsent> {
         if !self.is_alive() {
             return Err(Unsent::Failed(Status::unavailable("the instance is gone")));
@@ -571,47 +595,17 @@ impl ClientConn {
             let id = tx.open_stream();
             send_frame(
                 &mut tx.sender,
-                FrameHeader::new(FrameKind::Publish, StreamId(id)),
+                FrameHeader::new(kind, StreamId(id)),
                 metadata,
                 payload,
-                Patience::For(stall),
+                patience,
             )
         };
         match sent {
             Ok(()) => Ok(()),
-            Err(SendError::TimedOut) => {
-                self.fail_with(&Status::resource_exhausted(
-                    "the subscriber took nothing for the stall time: disconnected",
-                ));
-                Err(Unsent::Stalled)
-            }
+            Err(SendError::TimedOut) => Err(Unsent::Stalled),
             Err(e) => Err(Unsent::Failed(self.send_failed(e))),
         }
-    }
-
-    /// Sends a frame on a fresh stream that gets no answer.
-    fn send_unanswered(
-        &self,
-        kind: FrameKind,
-        metadata: &[u8],
-        payload: &[u8],
-    ) -> Result<(), Status> {
-        if !self.is_alive() {
-            return Err(Status::unavailable("the instance is gone"));
-        }
-        self.limits.check_message(metadata.len(), payload.len())?;
-        let sent = {
-            let mut tx = self.tx.lock();
-            let id = tx.open_stream();
-            send_frame(
-                &mut tx.sender,
-                FrameHeader::new(kind, StreamId(id)),
-                metadata,
-                payload,
-                Patience::DEFAULT,
-            )
-        };
-        sent.map_err(|e| self.send_failed(e))
     }
 
     /// Adds a call to the pending table.
@@ -1193,10 +1187,12 @@ impl Waiter {
     }
 }
 
-/// Why a published message did not reach a subscriber.
+/// Why a frame with no answer (a published message, a one-way) was not
+/// sent.
 #[derive(Debug)]
 pub(crate) enum Unsent {
-    /// Its ring stayed full for the stall time: the link was ended.
+    /// The peer's ring stayed full for the sender's patience (for a
+    /// published message, the stall time: the link was ended).
     Stalled,
     /// Anything else (the link is gone, the message too large).
     Failed(Status),
