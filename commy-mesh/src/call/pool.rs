@@ -313,16 +313,12 @@ impl Pools {
         deadline: Option<Deadline>,
         hedge: Option<Duration>,
     ) -> Result<Endpoint, Status> {
-        if let Some(ep) = pool.state.lock().conns.get(&inst.id)
-            && ep.is_alive()
-        {
-            return Ok(ep.clone());
+        if let Some(ep) = self.linked(pool, inst) {
+            return Ok(ep);
         }
         let _one_at_a_time = pool.connecting.lock().await;
-        if let Some(ep) = pool.state.lock().conns.get(&inst.id)
-            && ep.is_alive()
-        {
-            return Ok(ep.clone());
+        if let Some(ep) = self.linked(pool, inst) {
+            return Ok(ep);
         }
         let ep = match &inst.endpoint {
             commy_core::Endpoint::Shm(addr) => {
