@@ -55,7 +55,7 @@ use commy_core::{
 use commy_discovery::LocalRegistry;
 use commy_shm::link::RecvError;
 use commy_shm::{LinkConfig, RingError, ShmLink, UdsListener};
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, MutexGuard};
 
 pub(crate) mod remote;
 
@@ -218,18 +218,12 @@ impl Queue {
                     break;
                 }
                 SlowSubscriber::Disconnect => {
-                    self.dropped.fetch_add(1, Ordering::Relaxed);
-                    st.closed = true;
-                    st.reason = Some(Status::resource_exhausted(format!(
+                    let reason = Status::resource_exhausted(format!(
                         "the subscription to {} ended: its queue of {} was full \
                          (policy Disconnect)",
                         self.topic, self.cap
-                    )));
-                    let waker = st.waker.take();
-                    drop(st);
-                    if let Some(w) = waker {
-                        w.wake();
-                    }
+                    ));
+                    self.end(st, 1, Some(reason));
                     return false;
                 }
             }
@@ -259,16 +253,20 @@ impl Queue {
     /// Ends the subscription because messages were lost on the way
     /// (`lost`, at least one), with `reason`; only the first end counts.
     pub(crate) fn end_lossy(&self, lost: u64, reason: Status) {
-        let waker = {
-            let mut st = self.state.lock();
-            if st.closed {
-                return;
-            }
+        self.end(self.state.lock(), lost, Some(reason));
+    }
+
+    /// Ends the subscription (the first end sets the count of `lost`
+    /// messages and the `reason`) and wakes whoever waits: the consumer,
+    /// and link threads blocked on a full queue.
+    fn end(&self, mut st: MutexGuard<'_, QueueState>, lost: u64, reason: Option<Status>) {
+        if !st.closed {
             st.closed = true;
-            st.reason = Some(reason);
+            st.reason = reason;
             self.dropped.fetch_add(lost, Ordering::Relaxed);
-            st.waker.take()
-        };
+        }
+        let waker = st.waker.take();
+        drop(st);
         self.space.notify_all();
         if let Some(w) = waker {
             w.wake();
@@ -288,15 +286,7 @@ impl Queue {
     /// Ends the subscription for its consumer (`next` returns `None` once
     /// the queue is empty), as `Disconnect` does.
     pub(crate) fn close(&self) {
-        let waker = {
-            let mut st = self.state.lock();
-            st.closed = true;
-            st.waker.take()
-        };
-        self.space.notify_all();
-        if let Some(w) = waker {
-            w.wake();
-        }
+        self.end(self.state.lock(), 0, None);
     }
 
     /// A queued message, without waiting.
