@@ -282,11 +282,7 @@ impl Reassembly {
             let status = if len > u64::from(max) {
                 too_large(&first, len, max)
             } else {
-                Status::resource_exhausted(format!(
-                    "unfinished messages on this link exceed {} bytes; the {} on stream {id} \
-                     is dropped",
-                    max_held, first.kind
-                ))
+                crowded_out(&first, max_held)
             };
             return Ok(Assembled::TooLarge {
                 header: first,
@@ -344,12 +340,7 @@ impl Reassembly {
         if crowded {
             return Assembled::TooLarge {
                 header: h,
-                status: Status::resource_exhausted(format!(
-                    "unfinished messages on this link exceed {} bytes; the {} on stream {id} \
-                     is dropped",
-                    self.max_held(),
-                    h.kind
-                )),
+                status: crowded_out(&h, self.max_held()),
             };
         }
         Assembled::Pending
@@ -368,6 +359,16 @@ impl Reassembly {
             self.held -= p.payload.len() as u64;
         }
     }
+}
+
+/// The status of a message dropped because the link's unfinished
+/// messages would pass `max_held` bytes with it.
+fn crowded_out(first: &FrameHeader, max_held: u64) -> Status {
+    Status::resource_exhausted(format!(
+        "unfinished messages on this link exceed {max_held} bytes; the {} on stream {} is \
+         dropped",
+        first.kind, first.stream_id.0
+    ))
 }
 
 fn too_large(first: &FrameHeader, len: u64, max: u32) -> Status {
