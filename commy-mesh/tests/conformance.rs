@@ -9,14 +9,14 @@ mod support;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use commy_core::{Frame, FrameFlags, FrameKind, Limits, Status, StreamId};
 use commy_mesh::Mesh;
 use serde_json::Value;
-use support::{DIR, ROLE, private_dir, ready_until_stdin_closes, role, run_child};
+use support::{DIR, private_dir, ready_until_stdin_closes, role, run_child};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -72,21 +72,9 @@ struct Server {
 
 impl Server {
     fn start(dir: &Path) -> Server {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                &support::this_test(),
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(ROLE, "server")
-            .env(DIR, dir)
-            .env("XDG_CONFIG_HOME", dir)
-            .env_remove("COMMY_CONFIG")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
+        // The dev CA goes under the test's dir.
+        let mut child =
+            support::spawn_role_with("server", dir, "", &[("XDG_CONFIG_HOME", dir.as_os_str())]);
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut port = None;
         for line in (&mut out).lines() {

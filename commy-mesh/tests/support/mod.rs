@@ -110,6 +110,17 @@ pub(crate) fn this_test() -> String {
 /// `arg`: filtered to the calling test, whose first line hands the process
 /// to its role ([`run_child`]). Its stdin and stdout are piped.
 pub(crate) fn spawn_role(role: &str, dir: &Path, arg: &str) -> std::process::Child {
+    spawn_role_with(role, dir, arg, &[])
+}
+
+/// [`spawn_role`] with more environment variables (`env`). A config file
+/// named by the test's own environment is not passed on.
+pub(crate) fn spawn_role_with(
+    role: &str,
+    dir: &Path,
+    arg: &str,
+    env: &[(&str, &std::ffi::OsStr)],
+) -> std::process::Child {
     use std::process::{Command, Stdio};
     assert!(self::role().is_none(), "a child role spawns no children");
     Command::new(std::env::current_exe().unwrap())
@@ -117,6 +128,8 @@ pub(crate) fn spawn_role(role: &str, dir: &Path, arg: &str) -> std::process::Chi
         .env(ROLE, role)
         .env(DIR, dir)
         .env(ARG, arg)
+        .envs(env.iter().copied())
+        .env_remove("COMMY_CONFIG")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
