@@ -411,8 +411,14 @@ test('waitForSubscribers counts what a publish would reach; tryNext does not wai
     assert.equal(await mesh.subscribers('counted'), 2)
     assert.equal(sub.tryNext(), undefined)
     assert.equal(await mesh.publish('counted', 'm'), 2)
+    // Polled without waiting until it is there (bounded, so a message
+    // that never comes fails the test instead of holding it).
     let got
-    while ((got = sub.tryNext()) === undefined) await new Promise((r) => setTimeout(r, 1))
+    const until = Date.now() + 20_000
+    while ((got = sub.tryNext()) === undefined) {
+      assert.ok(Date.now() < until, 'the published message never reached tryNext')
+      await new Promise((r) => setTimeout(r, 1))
+    }
     assert.equal(got.toString(), 'm')
     assert.equal(sub.tryNext(), undefined)
     for (const s of [sub, ...members]) s.close()
