@@ -945,6 +945,32 @@ impl LinkReceiver {
         &mut self,
         max: usize,
         deadline: Option<Instant>,
+        f: impl FnMut(&[u8]),
+    ) -> Result<usize, RecvError> {
+        self.batch(max, Some(deadline), f)
+    }
+
+    /// Hands every message already there (at most `max`) to `f` without
+    /// waiting, releasing their ring space with one store. Returns how many
+    /// were delivered (0 if none is complete). The messages handed out come
+    /// before an error: a closed link or a dead peer is reported by the
+    /// next call.
+    pub fn try_recv_batch(&mut self, max: usize, f: impl FnMut(&[u8])) -> Result<usize, RecvError> {
+        self.batch(max, None, f)
+    }
+
+    /// Sets how [`wait`](LinkReceiver::wait) and the receives that wait
+    /// spin, yield and sleep on this direction.
+    pub fn set_wait_strategy(&mut self, strategy: WaitStrategy) {
+        self.ring.set_wait_strategy(strategy);
+    }
+
+    /// `wait`: `Some(deadline)` to wait for the first message, `None` to
+    /// return at once when the ring is empty.
+    fn batch(
+        &mut self,
+        max: usize,
+        wait: Option<Option<Instant>>,
         mut f: impl FnMut(&[u8]),
     ) -> Result<usize, RecvError> {
         let mut err = None;
@@ -955,7 +981,7 @@ impl LinkReceiver {
             max_message,
             ..
         } = self;
-        ring.recv_batch_wait(max, deadline, |tag, bytes| {
+        let mut each = |tag, bytes: &[u8]| {
             if err.is_some() {
                 return;
             }
@@ -972,7 +998,11 @@ impl LinkReceiver {
                 Ok(None) => {}
                 Err(e) => err = Some(e),
             }
-        })?;
+        };
+        match wait {
+            Some(deadline) => ring.recv_batch_wait(max, deadline, &mut each)?,
+            None => ring.recv_batch(max, &mut each)?,
+        };
         match err {
             Some(e) => Err(e),
             None => Ok(delivered),
