@@ -855,8 +855,8 @@ impl Mesh {
             delivered += net
                 .peers
                 .publish(
-                    &local.topic,
-                    &local.key,
+                    &local.route.topic,
+                    &local.route.key,
                     &local.reached,
                     &local.groups_done,
                     payload,

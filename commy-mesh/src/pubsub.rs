@@ -56,11 +56,13 @@ use commy_discovery::LocalRegistry;
 use commy_shm::link::RecvError;
 use commy_shm::{LinkConfig, RingError, ShmLink, UdsListener};
 use parking_lot::{Condvar, Mutex, MutexGuard};
+use rustc_hash::FxHashMap;
+use smallvec::SmallVec;
 
 pub(crate) mod remote;
 
 use crate::accept::start_accepting;
-use crate::call::pool::Pools;
+use crate::call::pool::{LOCAL_INLINE, LocalLink, Pools};
 use crate::call::shm::Unsent;
 use crate::sync::Counted;
 use crate::warn::CLIENT_LINKS;
@@ -445,6 +447,46 @@ fn fnv1a(b: &[u8]) -> u64 {
     })
 }
 
+/// The metadata of a message on `topic` as a publish sends it: the topic
+/// header alone.
+fn topic_metadata(topic: &TopicName) -> Vec<u8> {
+    let mut metadata = Metadata::default();
+    metadata.add_header(TOPIC_HEADER, topic.as_str().as_bytes().to_vec());
+    metadata.encode()
+}
+
+/// The message a subscriber of `topic` takes from `frame`: `None` for a
+/// frame that is not a Publish or a message on another topic with the same
+/// key (a hash collision). `plain` is [`topic_metadata`] of `topic`: a
+/// message that carries nothing else is taken without decoding it.
+fn decode_publish(
+    frame: &[u8],
+    topic: &TopicName,
+    plain: &[u8],
+    limits: &Limits,
+) -> Result<Option<Message>, String> {
+    let frame = FrameRef::decode(frame, limits).map_err(|e| format!("malformed frame: {e}"))?;
+    if frame.header().kind != FrameKind::Publish {
+        return Ok(None);
+    }
+    let metadata = if frame.metadata() == plain {
+        Metadata::default()
+    } else {
+        let mut metadata = crate::wire::decode_metadata(frame.metadata(), limits)
+            .map_err(|_| "malformed metadata".to_owned())?;
+        if metadata.header(TOPIC_HEADER) != Some(topic.as_str().as_bytes()) {
+            return Ok(None);
+        }
+        metadata.headers.retain(|(k, _)| k != TOPIC_HEADER);
+        metadata
+    };
+    Ok(Some(Message {
+        topic: topic.clone(),
+        payload: Bytes::copy_from_slice(frame.payload()),
+        metadata,
+    }))
+}
+
 fn topic_name(topic: &str) -> Result<TopicName, Status> {
     TopicName::new(topic)
         .map_err(|e| Status::invalid_argument(format!("invalid topic {topic:?}: {e}")))
@@ -484,6 +526,7 @@ fn serve_topic_link(
     links: &AtomicUsize,
 ) {
     let _serving = Counted::enter(links);
+    let plain = topic_metadata(&queue.topic);
     let (_tx, mut rx) = link.split();
     loop {
         let msg = match rx.recv(None) {
@@ -498,31 +541,13 @@ fn serve_topic_link(
                 return;
             }
         };
-        let frame = match FrameRef::decode(&msg, &limits) {
-            Ok(f) => f,
+        let m = match decode_publish(&msg, &queue.topic, &plain, &limits) {
+            Ok(Some(m)) => m,
+            Ok(None) => continue,
             Err(e) => {
-                CLIENT_LINKS
-                    .warn(|| format!("subscription to {}: malformed frame: {e}", queue.topic));
+                CLIENT_LINKS.warn(|| format!("subscription to {}: {e}", queue.topic));
                 return;
             }
-        };
-        if frame.header().kind != FrameKind::Publish {
-            continue;
-        }
-        let Ok(mut metadata) = crate::wire::decode_metadata(frame.metadata(), &limits) else {
-            CLIENT_LINKS.warn(|| format!("subscription to {}: malformed metadata", queue.topic));
-            return;
-        };
-        let topic = metadata.header(TOPIC_HEADER).map(|v| v.to_vec());
-        if topic.as_deref() != Some(queue.topic.as_str().as_bytes()) {
-            // Another topic with the same key (hash collision): not ours.
-            continue;
-        }
-        metadata.headers.retain(|(k, _)| k != TOPIC_HEADER);
-        let m = Message {
-            topic: queue.topic.clone(),
-            payload: Bytes::copy_from_slice(frame.payload()),
-            metadata,
         };
         drop(msg);
         if !queue.push(m) {
@@ -539,7 +564,9 @@ const GROUP_TRIES: usize = 3;
 /// registry's directory (inotify), so a publish does not scan it.
 #[derive(Default)]
 struct GroupIndex {
-    groups: Mutex<HashMap<String, HashSet<String>>>,
+    groups: Mutex<HashMap<String, Arc<[String]>>>,
+    /// Whether `groups` has any.
+    some: AtomicBool,
     started: AtomicBool,
 }
 
@@ -556,22 +583,38 @@ impl GroupIndex {
                 }
             }
         }
-        *self.groups.lock() = map;
+        let mut groups = self.groups.lock();
+        *groups = map
+            .into_iter()
+            .map(|(topic, groups)| (topic, groups.into_iter().collect()))
+            .collect();
+        self.some.store(!groups.is_empty(), Ordering::Release);
     }
 
-    fn groups_of(&self, key: &str) -> Vec<String> {
+    /// Whether any topic may have a queue group (always, until the
+    /// registry's directory is watched).
+    fn any(&self) -> bool {
+        !self.started.load(Ordering::Acquire) || self.some.load(Ordering::Acquire)
+    }
+
+    /// The queue groups of a topic key (none: an empty list, without
+    /// allocating).
+    fn groups_of(&self, key: &str) -> Arc<[String]> {
+        static NONE: std::sync::LazyLock<Arc<[String]>> =
+            std::sync::LazyLock::new(|| Arc::from(Vec::new()));
         self.groups
             .lock()
             .get(key)
-            .map(|s| s.iter().cloned().collect())
-            .unwrap_or_default()
+            .cloned()
+            .unwrap_or_else(|| NONE.clone())
     }
 
     /// Starts watching the topic registry's directory (once).
-    fn ensure_started(self: &Arc<Self>, dir: std::path::PathBuf) {
-        if self.started.swap(true, Ordering::AcqRel) {
+    fn ensure_started(self: &Arc<Self>, dir: &std::path::Path) {
+        if self.started.load(Ordering::Acquire) || self.started.swap(true, Ordering::AcqRel) {
             return;
         }
+        let dir = dir.to_owned();
         use inotify::{Inotify, WatchMask};
         let inotify = Inotify::init().and_then(|i| {
             i.watches().add(
@@ -621,6 +664,8 @@ pub(crate) struct PubSub {
     limits: Limits,
     /// How long a publish waits for a subscriber that takes nothing.
     stall: Duration,
+    /// What publishing on each topic needs, by topic.
+    routes: Mutex<FxHashMap<Box<str>, Arc<Route>>>,
 }
 
 /// A subscription made by [`PubSub::subscribe`], with what the network
@@ -640,15 +685,29 @@ pub(crate) struct Local {
     pub(crate) groups: Vec<String>,
 }
 
-/// What a publish delivered on this host.
-pub(crate) struct Published {
+/// What a publish on a topic needs each time ([`PubSub::route`]).
+pub(crate) struct Route {
     pub(crate) topic: TopicName,
     /// The topic's subscriber-set key.
     pub(crate) key: String,
+    /// The encoded metadata of its messages: the topic header.
+    metadata: Vec<u8>,
+    /// The pool of its plain subscribers.
+    pool: Arc<crate::call::pool::Pool>,
+}
+
+/// Topics whose [`Route`] a pub/sub side keeps; past that many it forgets
+/// them all (a publisher of ever new topics stays bounded).
+const MAX_ROUTES: usize = 4096;
+
+/// What a publish delivered on this host.
+pub(crate) struct Published {
+    /// The topic's route (its name and subscriber-set key).
+    pub(crate) route: Arc<Route>,
     /// Deliveries made.
     pub(crate) delivered: usize,
     /// The plain subscribers reached (not to be reached again remotely).
-    pub(crate) reached: Vec<InstanceId>,
+    pub(crate) reached: SmallVec<[InstanceId; LOCAL_INLINE]>,
     /// The queue groups that took the message.
     pub(crate) groups_done: Vec<String>,
 }
@@ -670,6 +729,7 @@ impl PubSub {
             link,
             limits,
             stall,
+            routes: Mutex::default(),
         }
     }
 
@@ -747,14 +807,14 @@ impl PubSub {
         });
         let stop = Arc::new(AtomicBool::new(false));
         let limits = self.limits;
-        // Links being served: while one is, it ends the subscription if it
-        // was cut, once it has delivered what reached it.
-        let links = Arc::new(AtomicUsize::new(0));
-        let (q, announced, stopped, served) =
-            (queue.clone(), path.clone(), stop.clone(), links.clone());
         // A publisher that found the subscriber stalled before it ever had
         // a link to it removes the announcement too: the accept loop sees.
         let (q2, announced2, stopped2) = (queue.clone(), path.clone(), stop.clone());
+        // Links being served: while one is, it ends the subscription if
+        // it was cut, once it has delivered what reached it.
+        let links = Arc::new(AtomicUsize::new(0));
+        let (q, announced, stopped, served) =
+            (queue.clone(), path.clone(), stop.clone(), links.clone());
         start_accepting(
             listener,
             self.link.clone(),
@@ -790,64 +850,150 @@ impl PubSub {
             .iter()
             .map(|i| i.id)
             .collect();
-        self.groups.ensure_started(self.registry.dir().to_owned());
+        self.groups.ensure_started(self.registry.dir());
         let mut groups = Vec::new();
-        for group in self.groups.groups_of(&key) {
-            let pool = self.pools.get(&key_name(&group)?);
+        for group in self.groups.groups_of(&key).iter() {
+            let pool = self.pools.get(&key_name(group)?);
             if !self.pools.instances_of(&pool).is_empty() {
-                groups.push(group);
+                groups.push(group.clone());
             }
         }
         Ok(Local { key, plain, groups })
     }
 
-    /// Publishes `payload` on `topic` to the subscribers of this host:
-    /// every plain subscriber, and one member of each queue group.
-    pub(crate) async fn publish(&self, topic: &str, payload: &Bytes) -> Result<Published, Status> {
-        let topic = topic_name(topic)?;
-        let mut metadata = Metadata::default();
-        metadata.add_header(TOPIC_HEADER, topic.as_str().as_bytes().to_vec());
-        let md = metadata.encode();
-        let key = topic_key(&topic);
-        let mut delivered = 0;
+    /// What a publish on `topic` needs each time: the checked name, the
+    /// encoded topic header, the subscriber-set key and its pool, made
+    /// once per topic and kept.
+    fn route(&self, topic: &str) -> Result<Arc<Route>, Status> {
+        if let Some(route) = self.routes.lock().get(topic) {
+            return Ok(route.clone());
+        }
+        let name = topic_name(topic)?;
+        let key = topic_key(&name);
+        let route = Arc::new(Route {
+            metadata: topic_metadata(&name),
+            pool: self.pools.get(&key_name(&key)?),
+            key,
+            topic: name,
+        });
+        let mut routes = self.routes.lock();
+        if routes.len() >= MAX_ROUTES {
+            routes.clear();
+        }
+        routes.insert(topic.into(), route.clone());
+        Ok(route)
+    }
 
-        // Plain subscribers: all of them.
-        let pool = self.pools.get(&key_name(&key)?);
-        let local = self.pools.instances_of(&pool);
-        for inst in &local {
-            // A subscriber that does not even take its link within the
-            // stall time (stopped before this publisher first reached it)
-            // made no progress either. (The clock is read only to connect.)
-            let conn = match self.pools.linked(&pool, inst) {
-                Some(conn) => Ok(conn),
-                None => {
-                    let within = Some(Deadline::after(self.stall));
-                    self.pools.connect(&pool, inst, within).await
+    /// Publishes `payload` on `topic` to the subscribers of this host:
+    /// every plain subscriber, and one member of each queue group. Sending
+    /// to subscribers already linked takes no allocation; linking new ones
+    /// and queue groups take the slower way.
+    pub(crate) async fn publish(&self, topic: &str, payload: &Bytes) -> Result<Published, Status> {
+        let route = self.route(topic)?;
+        let mut out = Published {
+            route,
+            delivered: 0,
+            reached: SmallVec::new(),
+            groups_done: Vec::new(),
+        };
+        let unlinked = self.send_linked(&out.route.clone(), payload, &mut out);
+        if !unlinked.is_empty() {
+            Box::pin(self.send_unlinked(unlinked, payload, &mut out)).await;
+        }
+        if self.groups.any() {
+            Box::pin(self.send_groups(payload, &mut out)).await?;
+        }
+        Ok(out)
+    }
+
+    /// Sends to the plain subscribers of `route` this publisher has a link
+    /// to; returns those it has none to.
+    fn send_linked(
+        &self,
+        route: &Route,
+        payload: &Bytes,
+        out: &mut Published,
+    ) -> SmallVec<[InstanceId; LOCAL_INLINE]> {
+        let mut unlinked = SmallVec::new();
+        for link in self.pools.local_links(&route.pool) {
+            match link {
+                LocalLink::Linked(conn, id) => {
+                    out.reached.push(id);
+                    self.send_to(route, &route.pool, &conn, id, payload, out);
                 }
-            };
-            match conn {
-                Ok(conn) => match conn.send_publish(&md, payload, self.stall) {
-                    Ok(()) => delivered += 1,
-                    Err(Unsent::Stalled) => self.cut(inst, &topic),
-                    Err(Unsent::Failed(e)) => {
-                        tracing::debug!("publish to a subscriber of {topic} failed: {e}")
-                    }
-                },
-                Err(e) if e.code() == Code::DeadlineExceeded => self.cut(inst, &topic),
-                Err(e) => tracing::debug!("subscriber of {topic} unreachable: {e}"),
+                LocalLink::Unlinked(id) => unlinked.push(id),
             }
         }
+        unlinked
+    }
 
-        // Queue groups: one member each.
-        self.groups.ensure_started(self.registry.dir().to_owned());
-        let mut groups_done = Vec::new();
-        for group in self.groups.groups_of(&key) {
-            let pool = self.pools.get(&key_name(&group)?);
+    /// Sends to one subscriber over `conn`, cutting it if it stalled.
+    fn send_to(
+        &self,
+        route: &Route,
+        pool: &Arc<crate::call::pool::Pool>,
+        conn: &crate::call::endpoint::Endpoint,
+        id: InstanceId,
+        payload: &Bytes,
+        out: &mut Published,
+    ) -> bool {
+        match conn.send_publish(&route.metadata, payload, self.stall) {
+            Ok(()) => {
+                out.delivered += 1;
+                true
+            }
+            Err(Unsent::Stalled) => {
+                self.cut_id(pool, id, &route.topic);
+                false
+            }
+            Err(Unsent::Failed(e)) => {
+                tracing::debug!("publish to a subscriber of {} failed: {e}", route.topic);
+                false
+            }
+        }
+    }
+
+    /// Links this publisher to the plain subscribers `ids` and sends to
+    /// them. A subscriber that does not even take its link within the
+    /// stall time (stopped before this publisher first reached it) made no
+    /// progress either: it is cut. (The clock is read only to connect.)
+    async fn send_unlinked(
+        &self,
+        ids: SmallVec<[InstanceId; LOCAL_INLINE]>,
+        payload: &Bytes,
+        out: &mut Published,
+    ) {
+        let route = out.route.clone();
+        let pool = &route.pool;
+        let known = self.pools.instances_of(pool);
+        for id in ids {
+            let Some(inst) = known.iter().find(|i| i.id == id) else {
+                continue;
+            };
+            out.reached.push(id);
+            let within = Some(Deadline::after(self.stall));
+            match self.pools.connect(pool, inst, within).await {
+                Ok(conn) => {
+                    self.send_to(&route, pool, &conn, id, payload, out);
+                }
+                Err(e) if e.code() == Code::DeadlineExceeded => self.cut(inst, &route.topic),
+                Err(e) => tracing::debug!("subscriber of {} unreachable: {e}", route.topic),
+            }
+        }
+    }
+
+    /// Sends to one member of each queue group of the route's topic.
+    async fn send_groups(&self, payload: &Bytes, out: &mut Published) -> Result<(), Status> {
+        let route = out.route.clone();
+        let topic = &route.topic;
+        self.groups.ensure_started(self.registry.dir());
+        for group in self.groups.groups_of(&route.key).iter() {
+            let pool = self.pools.get(&key_name(group)?);
             // An empty group (all members left) is not an error. A member
             // found stalled is cut, and another one takes the message.
             // Members not linked yet get their link first, each within the
             // stall time, so that the pick does not wait for one.
-            self.cut_unlinked(&pool, &topic).await;
+            self.cut_unlinked(&pool, topic).await;
             for _ in 0..GROUP_TRIES {
                 let within = Some(Deadline::after(self.stall));
                 let picked = self
@@ -857,27 +1003,18 @@ impl PubSub {
                 let (conn, id) = match picked {
                     Ok(chosen) => chosen,
                     Err(e) if e.code() == Code::DeadlineExceeded => {
-                        self.cut_unlinked(&pool, &topic).await;
+                        self.cut_unlinked(&pool, topic).await;
                         continue;
                     }
                     Err(_) => break,
                 };
-                match conn.send_publish(&md, payload, self.stall) {
+                match conn.send_publish(&route.metadata, payload, self.stall) {
                     Ok(()) => {
-                        delivered += 1;
-                        groups_done.push(group);
+                        out.delivered += 1;
+                        out.groups_done.push(group.clone());
                         break;
                     }
-                    Err(Unsent::Stalled) => {
-                        let member = self
-                            .pools
-                            .instances_of(&pool)
-                            .into_iter()
-                            .find(|i| i.id == id);
-                        if let Some(member) = member {
-                            self.cut(&member, &topic);
-                        }
-                    }
+                    Err(Unsent::Stalled) => self.cut_id(&pool, id, topic),
                     Err(Unsent::Failed(e)) => {
                         tracing::debug!("publish to group {group} failed: {e}");
                         break;
@@ -885,17 +1022,24 @@ impl PubSub {
                 }
             }
         }
-        Ok(Published {
-            topic,
-            key,
-            delivered,
-            reached: local.iter().map(|i| i.id).collect(),
-            groups_done,
-        })
+        Ok(())
+    }
+
+    /// [`PubSub::cut`]s the subscriber `id` of `pool`, if it is still known.
+    fn cut_id(&self, pool: &Arc<crate::call::pool::Pool>, id: InstanceId, topic: &TopicName) {
+        let member = self
+            .pools
+            .instances_of(pool)
+            .into_iter()
+            .find(|i| i.id == id);
+        if let Some(member) = member {
+            self.cut(&member, topic);
+        }
     }
 
     /// Drops the links to subscribers.
     pub(crate) fn clear(&self) {
+        self.routes.lock().clear();
         self.pools.clear();
     }
 }

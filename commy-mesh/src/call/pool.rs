@@ -27,6 +27,7 @@ use commy_discovery::{Discover, Instance, PowerOfTwo};
 use commy_shm::{LinkConfig, ShmLink};
 use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
+use smallvec::SmallVec;
 
 use crate::call::endpoint::Endpoint;
 use crate::call::policy::{CallPolicies, CallPolicy};
@@ -126,6 +127,27 @@ impl Pools {
         }
         let _ = pool.scan_local();
         pool.state.lock().local.clone()
+    }
+
+    /// Every shared-memory instance of `pool` with its live link if it
+    /// has one, under one lock and without allocating for up to
+    /// [`LOCAL_INLINE`] of them (scanning this host once if its watch has
+    /// not said yet): the per-publish path.
+    pub(crate) fn local_links(&self, pool: &Arc<Pool>) -> LocalLinks {
+        let mut state = pool.state.lock();
+        if state.local.is_empty() && state.sets[0].is_none() {
+            drop(state);
+            let _ = pool.scan_local();
+            state = pool.state.lock();
+        }
+        state
+            .local
+            .iter()
+            .map(|inst| match state.conns.get(&inst.id) {
+                Some(ep) if ep.is_alive() => LocalLink::Linked(ep.clone(), inst.id),
+                _ => LocalLink::Unlinked(inst.id),
+            })
+            .collect()
     }
 
     /// Picks an instance for a call with the transport `preference` and
@@ -421,6 +443,20 @@ impl Pools {
     pub(crate) fn clear(&self) {
         self.map.lock().clear();
     }
+}
+
+/// How many instances [`Pools::local_links`] lists without allocating.
+pub(crate) const LOCAL_INLINE: usize = 8;
+
+/// A pool's shared-memory instances as [`Pools::local_links`] finds them.
+pub(crate) type LocalLinks = SmallVec<[LocalLink; LOCAL_INLINE]>;
+
+/// One shared-memory instance of a pool, as a publish finds it.
+pub(crate) enum LocalLink {
+    /// Its live link, and its id.
+    Linked(Endpoint, InstanceId),
+    /// No live link yet: the id of the instance to connect to.
+    Unlinked(InstanceId),
 }
 
 /// A pool's instances and our links to them, under one lock.
