@@ -12,6 +12,12 @@
 //! discards the oldest queued message, `Disconnect` ends the subscription;
 //! what was dropped is counted in [`Subscription::dropped`].
 //!
+//! Under `Block` a subscription reads the rings of its publishers on this
+//! host itself, in batches, with no thread or queue in between: the rings
+//! are its queue. Under the other policies a thread per publisher moves
+//! messages from its ring into the subscription's queue, where the policy
+//! applies.
+//!
 //! Backpressure lasts while the subscriber makes progress. One that takes
 //! nothing for the stall time (the setting `subscriber_stall`, 1 s by
 //! default) is disconnected by the publisher that waited for it: its
@@ -59,7 +65,10 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
 
+mod inbox;
 pub(crate) mod remote;
+
+use inbox::{Inbox, Reader};
 
 use crate::accept::start_accepting;
 use crate::call::pool::{LOCAL_INLINE, LocalLink, Pools};
@@ -107,7 +116,9 @@ impl SlowSubscriber {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct SubscribeOptions {
-    /// Messages queued before the slow-subscriber policy applies.
+    /// Messages queued before the slow-subscriber policy applies. Under
+    /// `Block` this bounds only what comes from TLS peers: the rings of
+    /// publishers on this host hold what waits from them.
     pub queue: usize,
     /// The slow-subscriber policy.
     pub policy: SlowSubscriber,
@@ -174,7 +185,8 @@ impl Message {
     }
 }
 
-/// The queue between a subscription's link threads and its consumer.
+/// The queue between a subscription's link threads and its consumer (for
+/// what comes from TLS peers, and under the policies other than `Block`).
 pub(crate) struct Queue {
     topic: TopicName,
     state: Mutex<QueueState>,
@@ -291,6 +303,28 @@ impl Queue {
         self.end(self.state.lock(), 0, None);
     }
 
+    /// Wakes the consumer if it waits.
+    pub(crate) fn wake(&self) {
+        let waker = self.state.lock().waker.take();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Registers the consumer's `waker`, unless a message is queued or the
+    /// subscription ended (false: look again instead of waiting).
+    fn park(&self, waker: &std::task::Waker) -> bool {
+        let mut st = self.state.lock();
+        if !st.messages.is_empty() || st.closed {
+            return false;
+        }
+        match &mut st.waker {
+            Some(w) => w.clone_from(waker),
+            slot => *slot = Some(waker.clone()),
+        }
+        true
+    }
+
     /// A queued message, without waiting.
     fn try_pop(&self) -> Option<Message> {
         let m = self.state.lock().messages.pop_front();
@@ -324,6 +358,8 @@ impl Queue {
 /// A subscription: a stream of messages, ended by dropping it.
 pub struct Subscription {
     queue: Arc<Queue>,
+    /// Under `Block`: the publishers' rings, read directly.
+    reader: Option<Reader>,
     path: std::path::PathBuf,
     stop: Arc<AtomicBool>,
     group: Option<String>,
@@ -345,13 +381,32 @@ impl Subscription {
     /// The next message, or `None` once the subscription has ended (only
     /// after a `Disconnect` for being too slow).
     pub async fn next(&mut self) -> Option<Message> {
-        std::future::poll_fn(|cx| self.queue.poll_message(cx)).await
+        std::future::poll_fn(|cx| self.poll_message(Some(cx))).await
     }
 
     /// The next message if one is queued, without waiting; `None` if none
     /// is ([`Subscription::is_ended`] tells whether more can come).
     pub fn try_next(&mut self) -> Option<Message> {
-        self.queue.try_pop()
+        match self.poll_message(None) {
+            std::task::Poll::Ready(m) => m,
+            std::task::Poll::Pending => None,
+        }
+    }
+
+    /// The next message; `cx`: wait for one, `None`: only look.
+    fn poll_message(
+        &mut self,
+        cx: Option<&mut std::task::Context<'_>>,
+    ) -> std::task::Poll<Option<Message>> {
+        match (&mut self.reader, cx) {
+            (Some(reader), cx) => reader.poll(&self.queue, &self.path, &self.stop, cx),
+            (None, Some(cx)) => self.queue.poll_message(cx),
+            (None, None) => match self.queue.try_pop() {
+                Some(m) => std::task::Poll::Ready(Some(m)),
+                None if self.queue.is_closed() => std::task::Poll::Ready(None),
+                None => std::task::Poll::Pending,
+            },
+        }
     }
 
     /// The next message, waiting at most `timeout`: `Ok(None)` once the
@@ -370,7 +425,7 @@ impl Subscription {
     /// Whether the subscription has ended (only after a `Disconnect` for
     /// being too slow) and every message it received was taken.
     pub fn is_ended(&self) -> bool {
-        self.queue.is_drained()
+        self.queue.is_drained() && self.reader.as_ref().is_none_or(Reader::is_empty)
     }
 
     /// Why the mesh ended this subscription (`RESOURCE_EXHAUSTED`): its
@@ -413,6 +468,9 @@ impl Drop for Subscription {
             withdraw();
         }
         self.queue.close();
+        if let Some(reader) = &self.reader {
+            reader.close();
+        }
     }
 }
 
@@ -422,7 +480,7 @@ impl tokio_stream::Stream for Subscription {
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Message>> {
-        self.queue.poll_message(cx)
+        self.get_mut().poll_message(Some(cx))
     }
 }
 
@@ -810,22 +868,47 @@ impl PubSub {
         // A publisher that found the subscriber stalled before it ever had
         // a link to it removes the announcement too: the accept loop sees.
         let (q2, announced2, stopped2) = (queue.clone(), path.clone(), stop.clone());
-        // Links being served: while one is, it ends the subscription if
-        // it was cut, once it has delivered what reached it.
-        let links = Arc::new(AtomicUsize::new(0));
-        let (q, announced, stopped, served) =
-            (queue.clone(), path.clone(), stop.clone(), links.clone());
-        start_accepting(
-            listener,
-            self.link.clone(),
-            format!("sub-{topic}"),
-            stop.clone(),
-            move |link| serve_topic_link(link, q.clone(), limits, &announced, &stopped, &served),
-            move || links.load(Ordering::Acquire) > 0 || end_if_cut(&q2, &announced2, &stopped2),
-        )?;
+        let reader = if options.policy == SlowSubscriber::Block {
+            // The consumer reads the publishers' rings itself; while a
+            // link is open, its end says whether the subscription was cut.
+            let inbox = Arc::new(Inbox::new());
+            let (q, served) = (queue.clone(), inbox.clone());
+            start_accepting(
+                listener,
+                self.link.clone(),
+                format!("sub-{topic}"),
+                stop.clone(),
+                move |link| served.serve(link, &q),
+                {
+                    let inbox = inbox.clone();
+                    move || inbox.has_links() || end_if_cut(&q2, &announced2, &stopped2)
+                },
+            )?;
+            Some(Reader::new(inbox, topic.clone(), limits))
+        } else {
+            // Links being served: while one is, it ends the subscription if
+            // it was cut, once it has delivered what reached it.
+            let links = Arc::new(AtomicUsize::new(0));
+            let (q, announced, stopped, served) =
+                (queue.clone(), path.clone(), stop.clone(), links.clone());
+            start_accepting(
+                listener,
+                self.link.clone(),
+                format!("sub-{topic}"),
+                stop.clone(),
+                move |link| {
+                    serve_topic_link(link, q.clone(), limits, &announced, &stopped, &served)
+                },
+                move || {
+                    links.load(Ordering::Acquire) > 0 || end_if_cut(&q2, &announced2, &stopped2)
+                },
+            )?;
+            None
+        };
         Ok(NewSubscription {
             subscription: Subscription {
                 queue: queue.clone(),
+                reader,
                 path,
                 stop,
                 group: group.map(str::to_owned),
