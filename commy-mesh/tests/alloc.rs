@@ -26,6 +26,8 @@
 //! | client, default `call_spin` (50 µs) | 1.001 to 2.000 from run to run |
 //! | served by `serve`, answering at once | 1: the request's payload |
 //! | served by `serve_deferred`, answering at once | 2: the payload, the responder's state (64 B) |
+//! | `publish` to a subscriber linked already | 0 |
+//! | a subscriber's `next`, policy `Block` | 1: the message's payload |
 //!
 //! The same checks run with empty policies installed (a call policy and a
 //! serve policy that admit everything and keep no state, see
@@ -120,6 +122,15 @@ const SERVED: u64 = 1;
 /// (`Responder::new`).
 const SERVED_DEFERRED: u64 = 2;
 
+/// A publish to one subscriber linked already: nothing.
+const PUBLISHED: u64 = 0;
+/// A message a subscriber takes from its publisher's ring (policy
+/// `Block`): its payload.
+const RECEIVED: u64 = 1;
+
+/// The topic of the pub/sub checks.
+const TOPIC: &str = "alloc/topic";
+
 /// Payload sizes measured.
 const SIZES: [usize; 2] = [64, 4096];
 
@@ -188,6 +199,7 @@ fn main() -> ExitCode {
     match std::env::var(ROLE).as_deref() {
         Ok("server") => child_server(),
         Ok("client") => child_client(),
+        Ok("subscriber") => child_subscriber(),
         Ok(other) => {
             eprintln!("unknown {ROLE}: {other}");
             ExitCode::FAILURE
@@ -248,6 +260,8 @@ fn run_checks() -> ExitCode {
     let mut report = Report::default();
     report.run("client side", client_side);
     report.run("serving side", serving_side);
+    report.run("publisher", publisher_side);
+    report.run("subscriber", subscriber_side);
     println!("{} passed, {} failed", report.passed, report.failed);
     if report.failed == 0 {
         ExitCode::SUCCESS
@@ -371,6 +385,75 @@ fn serving_side(report: &mut Report) {
     }
     rt.block_on(policed.close());
     rt.block_on(mesh.close());
+}
+
+/// The publisher: this process publishes to a subscriber in a child.
+fn publisher_side(report: &mut Report) {
+    let dir = PrivateDir::new();
+    let mut child = Peer::spawn("subscriber", &dir.0);
+    child.expect("READY");
+    let rt = runtime();
+    rt.block_on(async {
+        let mesh = builder(&dir.0).open().await.unwrap();
+        mesh.wait_for_subscribers(TOPIC, 1, Duration::from_secs(10))
+            .await
+            .unwrap();
+        for size in SIZES {
+            let payload = payload(size);
+            let mut publish = async |n: u64| {
+                child.send(&format!("TAKE {size} {n}\n"));
+                for _ in 0..n {
+                    assert_eq!(mesh.publish(TOPIC, payload.clone()).await.unwrap(), 1);
+                }
+                child.expect("DONE");
+            };
+            publish(WARM_UP).await;
+            let before = Counted::now();
+            publish(CALLS).await;
+            let counted = Counted::since(before);
+            report.check(
+                &format!("publisher: publish to a linked subscriber, {size} B"),
+                PUBLISHED,
+                true,
+                counted,
+            );
+        }
+        mesh.close().await;
+    });
+}
+
+/// The subscriber: this process takes what a child publishes.
+fn subscriber_side(report: &mut Report) {
+    let dir = PrivateDir::new();
+    let rt = runtime();
+    rt.block_on(async {
+        let mesh = builder(&dir.0).open().await.unwrap();
+        let mut sub = mesh.subscribe(TOPIC).await.unwrap();
+        let mut child = Peer::spawn("client", &dir.0);
+        child.expect("READY");
+        for size in SIZES {
+            let mut take = async |n: u64| {
+                child.send(&format!("PUBLISH {TOPIC} {size} {n}\n"));
+                for _ in 0..n {
+                    let m = sub.next().await.unwrap();
+                    assert_eq!(m.payload().len(), size);
+                }
+                child.expect("DONE");
+            };
+            take(WARM_UP).await;
+            let before = Counted::now();
+            take(CALLS).await;
+            let counted = Counted::since(before);
+            report.check(
+                &format!("subscriber: next, policy Block, {size} B"),
+                RECEIVED,
+                true,
+                counted,
+            );
+        }
+        drop(sub);
+        mesh.close().await;
+    });
 }
 
 /// A call policy with every default: admits every instance, records
@@ -530,9 +613,44 @@ fn child_server() -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Child role: subscribes to [`TOPIC`], says `READY`, and on each line
+/// `TAKE <size> <n>` of stdin takes `n` messages of `size` bytes, then
+/// says `DONE`; exits when stdin closes.
+fn child_subscriber() -> ExitCode {
+    let dir = PathBuf::from(std::env::var(DIR).unwrap());
+    let rt = runtime();
+    let mesh = rt.block_on(builder(&dir).open()).unwrap();
+    let mut sub = rt.block_on(mesh.subscribe(TOPIC)).unwrap();
+    say("READY");
+    for line in BufReader::new(std::io::stdin()).lines() {
+        let Ok(line) = line else { break };
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let ["TAKE", size, n] = words[..] else {
+            eprintln!("alloc subscriber: unknown command {line:?}");
+            return ExitCode::FAILURE;
+        };
+        let (size, n): (usize, u64) = (size.parse().unwrap(), n.parse().unwrap());
+        let took = rt.block_on(async {
+            for _ in 0..n {
+                match sub.next().await {
+                    Some(m) if m.payload().len() == size => {}
+                    _ => return false,
+                }
+            }
+            true
+        });
+        say(if took { "DONE" } else { "FAILED" });
+    }
+    drop(sub);
+    rt.block_on(mesh.close());
+    ExitCode::SUCCESS
+}
+
 /// Child role: on each line `CALL <service> <size> <n>` of stdin, makes
 /// `n` calls of `service` with a payload of `size` bytes, checks each
-/// answer, then says `DONE`; exits when stdin closes.
+/// answer, then says `DONE`; on `PUBLISH <topic> <size> <n>`, waits for a
+/// subscriber of `topic` and publishes `n` messages of `size` bytes to it;
+/// exits when stdin closes.
 fn child_client() -> ExitCode {
     let dir = PathBuf::from(std::env::var(DIR).unwrap());
     let rt = runtime();
@@ -541,13 +659,26 @@ fn child_client() -> ExitCode {
     for line in BufReader::new(std::io::stdin()).lines() {
         let Ok(line) = line else { break };
         let words: Vec<&str> = line.split_whitespace().collect();
-        let ["CALL", service, size, n] = words[..] else {
-            eprintln!("alloc client: unknown command {line:?}");
-            return ExitCode::FAILURE;
+        let (verb, service, size, n) = match words[..] {
+            [verb @ ("CALL" | "PUBLISH"), service, size, n] => (verb, service, size, n),
+            _ => {
+                eprintln!("alloc client: unknown command {line:?}");
+                return ExitCode::FAILURE;
+            }
         };
         let (size, n): (usize, u64) = (size.parse().unwrap(), n.parse().unwrap());
         let payload = payload(size);
         let result = rt.block_on(async {
+            if verb == "PUBLISH" {
+                mesh.wait_for_subscribers(service, 1, Duration::from_secs(10))
+                    .await?;
+                for _ in 0..n {
+                    if mesh.publish(service, payload.clone()).await? != 1 {
+                        return Err(Status::internal("the publish reached nobody"));
+                    }
+                }
+                return Ok(());
+            }
             for _ in 0..n {
                 let reply = mesh.call(service, payload.clone()).await?;
                 if reply != payload {
