@@ -762,12 +762,10 @@ const MAX_ROUTES: usize = 4096;
 pub(crate) struct Published {
     /// The topic's route (its name and subscriber-set key).
     pub(crate) route: Arc<Route>,
-    /// Deliveries made.
+    /// Deliveries made (each message to each plain subscriber is one).
     pub(crate) delivered: usize,
     /// The plain subscribers reached (not to be reached again remotely).
     pub(crate) reached: SmallVec<[InstanceId; LOCAL_INLINE]>,
-    /// The queue groups that took the message.
-    pub(crate) groups_done: Vec<String>,
 }
 
 impl PubSub {
@@ -967,26 +965,33 @@ impl PubSub {
         Ok(route)
     }
 
-    /// Publishes `payload` on `topic` to the subscribers of this host:
-    /// every plain subscriber, and one member of each queue group. Sending
-    /// to subscribers already linked takes no allocation; linking new ones
-    /// and queue groups take the slower way.
-    pub(crate) async fn publish(&self, topic: &str, payload: &Bytes) -> Result<Published, Status> {
+    /// Publishes each of `payloads` in order on `topic` to the plain
+    /// subscribers of this host: each gets them all, written back to back
+    /// into its ring and made visible at once. Sending to subscribers
+    /// already linked takes no allocation; linking new ones takes the
+    /// slower way. (Queue groups are [`PubSub::publish_groups`].)
+    pub(crate) async fn publish(
+        &self,
+        topic: &str,
+        payloads: &[Bytes],
+    ) -> Result<Published, Status> {
         let route = self.route(topic)?;
         let mut out = Published {
             route,
             delivered: 0,
             reached: SmallVec::new(),
-            groups_done: Vec::new(),
         };
-        let unlinked = self.send_linked(&out.route.clone(), payload, &mut out);
+        let unlinked = self.send_linked(&out.route.clone(), payloads, &mut out);
         if !unlinked.is_empty() {
-            Box::pin(self.send_unlinked(unlinked, payload, &mut out)).await;
-        }
-        if self.groups.any() {
-            Box::pin(self.send_groups(payload, &mut out)).await?;
+            Box::pin(self.send_unlinked(unlinked, payloads, &mut out)).await;
         }
         Ok(out)
+    }
+
+    /// Whether a topic may have queue groups on this host (if not,
+    /// [`PubSub::publish_groups`] has nothing to do).
+    pub(crate) fn has_groups(&self) -> bool {
+        self.groups.any()
     }
 
     /// Sends to the plain subscribers of `route` this publisher has a link
@@ -994,7 +999,7 @@ impl PubSub {
     fn send_linked(
         &self,
         route: &Route,
-        payload: &Bytes,
+        payloads: &[Bytes],
         out: &mut Published,
     ) -> SmallVec<[InstanceId; LOCAL_INLINE]> {
         let mut unlinked = SmallVec::new();
@@ -1002,7 +1007,7 @@ impl PubSub {
             match link {
                 LocalLink::Linked(conn, id) => {
                     out.reached.push(id);
-                    self.send_to(route, &route.pool, &conn, id, payload, out);
+                    self.send_to(route, &conn, id, payloads, out);
                 }
                 LocalLink::Unlinked(id) => unlinked.push(id),
             }
@@ -1010,28 +1015,23 @@ impl PubSub {
         unlinked
     }
 
-    /// Sends to one subscriber over `conn`, cutting it if it stalled.
+    /// Sends to one plain subscriber over `conn`, cutting it if it
+    /// stalled.
     fn send_to(
         &self,
         route: &Route,
-        pool: &Arc<crate::call::pool::Pool>,
         conn: &crate::call::endpoint::Endpoint,
         id: InstanceId,
-        payload: &Bytes,
+        payloads: &[Bytes],
         out: &mut Published,
-    ) -> bool {
-        match conn.send_publish(&route.metadata, payload, self.stall) {
-            Ok(()) => {
-                out.delivered += 1;
-                true
-            }
-            Err(Unsent::Stalled) => {
-                self.cut_id(pool, id, &route.topic);
-                false
-            }
+    ) {
+        let (sent, result) = conn.send_publish_many(&route.metadata, payloads, self.stall);
+        out.delivered += sent;
+        match result {
+            Ok(()) => {}
+            Err(Unsent::Stalled) => self.cut_id(&route.pool, id, &route.topic),
             Err(Unsent::Failed(e)) => {
-                tracing::debug!("publish to a subscriber of {} failed: {e}", route.topic);
-                false
+                tracing::debug!("publish to a subscriber of {} failed: {e}", route.topic)
             }
         }
     }
@@ -1043,7 +1043,7 @@ impl PubSub {
     async fn send_unlinked(
         &self,
         ids: SmallVec<[InstanceId; LOCAL_INLINE]>,
-        payload: &Bytes,
+        payloads: &[Bytes],
         out: &mut Published,
     ) {
         let route = out.route.clone();
@@ -1056,19 +1056,23 @@ impl PubSub {
             out.reached.push(id);
             let within = Some(Deadline::after(self.stall));
             match self.pools.connect(pool, inst, within).await {
-                Ok(conn) => {
-                    self.send_to(&route, pool, &conn, id, payload, out);
-                }
+                Ok(conn) => self.send_to(&route, &conn, id, payloads, out),
                 Err(e) if e.code() == Code::DeadlineExceeded => self.cut(inst, &route.topic),
                 Err(e) => tracing::debug!("subscriber of {} unreachable: {e}", route.topic),
             }
         }
     }
 
-    /// Sends to one member of each queue group of the route's topic.
-    async fn send_groups(&self, payload: &Bytes, out: &mut Published) -> Result<(), Status> {
-        let route = out.route.clone();
+    /// Publishes `payload` on the topic of `route` to one member of each
+    /// of its queue groups on this host; returns the deliveries made and
+    /// the groups that took it.
+    pub(crate) async fn publish_groups(
+        &self,
+        route: &Route,
+        payload: &Bytes,
+    ) -> Result<(usize, Vec<String>), Status> {
         let topic = &route.topic;
+        let (mut delivered, mut groups_done) = (0, Vec::new());
         self.groups.ensure_started(self.registry.dir());
         for group in self.groups.groups_of(&route.key).iter() {
             let pool = self.pools.get(&key_name(group)?);
@@ -1091,10 +1095,13 @@ impl PubSub {
                     }
                     Err(_) => break,
                 };
-                match conn.send_publish(&route.metadata, payload, self.stall) {
+                match conn
+                    .send_publish_many(&route.metadata, &[payload], self.stall)
+                    .1
+                {
                     Ok(()) => {
-                        out.delivered += 1;
-                        out.groups_done.push(group.clone());
+                        delivered += 1;
+                        groups_done.push(group.clone());
                         break;
                     }
                     Err(Unsent::Stalled) => self.cut_id(&pool, id, topic),
@@ -1105,7 +1112,7 @@ impl PubSub {
                 }
             }
         }
-        Ok(())
+        Ok((delivered, groups_done))
     }
 
     /// [`PubSub::cut`]s the subscriber `id` of `pool`, if it is still known.

@@ -25,6 +25,31 @@ pub(crate) fn send_frame(
     payload: &[u8],
     patience: Patience,
 ) -> Result<(), SendError> {
+    write_frame(tx, header, metadata, payload, patience, true)
+}
+
+/// As [`send_frame`], but a frame that fits one record is only staged:
+/// the receiver sees it with the sender's next flush, commit, or full
+/// ring (so that a batch of frames costs one publication).
+pub(crate) fn stage_frame(
+    tx: &mut LinkSender,
+    header: FrameHeader,
+    metadata: &[u8],
+    payload: &[u8],
+    patience: Patience,
+) -> Result<(), SendError> {
+    write_frame(tx, header, metadata, payload, patience, false)
+}
+
+/// Writes a frame in place, committed or (`commit` false) staged.
+fn write_frame(
+    tx: &mut LinkSender,
+    header: FrameHeader,
+    metadata: &[u8],
+    payload: &[u8],
+    patience: Patience,
+    commit: bool,
+) -> Result<(), SendError> {
     let header = header.with_sections(metadata.len() as u32, payload.len() as u32);
     let total = commy_core::HEADER_LEN + metadata.len() + payload.len();
     if total <= tx.max_record() {
@@ -39,10 +64,19 @@ pub(crate) fn send_frame(
             let md_end = commy_core::HEADER_LEN + metadata.len();
             buf[commy_core::HEADER_LEN..md_end].copy_from_slice(metadata);
             buf[md_end..total].copy_from_slice(payload);
-            loan.fill(&buf[..total]).commit();
+            let filled = loan.fill(&buf[..total]);
+            if commit {
+                filled.commit()
+            } else {
+                filled.stage()
+            }
         } else {
-            loan.fill_parts(&[&header.encode(), metadata, payload])
-                .commit();
+            let filled = loan.fill_parts(&[&header.encode(), metadata, payload]);
+            if commit {
+                filled.commit()
+            } else {
+                filled.stage()
+            }
         }
         Ok(())
     } else {

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use bytes::Bytes;
 use commy_mesh::{Mesh, SlowSubscriber, SubscribeOptions};
 
 mod support;
@@ -266,6 +267,71 @@ async fn a_queue_group_of_three_handles_each_message_exactly_once() {
     assert_eq!(all.len(), N as usize, "a message was handled twice or lost");
     assert_eq!(unique.len(), N as usize);
     assert!(members_used >= 2, "the group did not spread the work");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_many_reaches_each_subscriber_in_order_and_each_group_once() {
+    if as_child() {
+        return;
+    }
+    let dir = private_dir("many");
+    let plain: Vec<Sub> = (0..2).map(|_| spawn_sub(&dir, None)).collect();
+    let group: Vec<Sub> = (0..2).map(|_| spawn_sub(&dir, Some("workers"))).collect();
+    let mesh = open(&dir).await;
+    // Two plain subscribers and one group.
+    mesh.wait_for_subscribers("ticks", 3, SILENCE)
+        .await
+        .unwrap();
+    const N: u64 = 20_000;
+    let mut seq = 0;
+    let mut batch = 0;
+    while seq < N {
+        // Batches of 1 to 97 messages, and single publishes between them.
+        batch = (batch * 7 + 13) % 97 + 1;
+        let end = (seq + batch).min(N);
+        let payloads: Vec<Bytes> = (seq..end)
+            .map(|s| Bytes::copy_from_slice(&s.to_le_bytes()))
+            .collect();
+        let delivered = if payloads.len().is_multiple_of(5) {
+            let mut n = 0;
+            for p in &payloads {
+                n += mesh.publish("ticks", p.clone()).await.unwrap();
+            }
+            n
+        } else {
+            mesh.publish_many("ticks", &payloads).await.unwrap()
+        };
+        assert_eq!(delivered, payloads.len() * 3, "messages {seq}..{end}");
+        seq = end;
+    }
+    assert_eq!(mesh.publish_many("ticks", &[]).await.unwrap(), 0);
+    let expected: Vec<u64> = (0..N).collect();
+    let last = format!("S {}", N - 1);
+    for sub in plain {
+        let mut got = seqs(&sub.until(|line| line == last));
+        got.extend(sub.finish());
+        assert_eq!(got, expected, "a subscriber missed or reordered messages");
+    }
+    let mut got: Vec<Vec<u64>> = vec![Vec::new(); 2];
+    let t = std::time::Instant::now();
+    while got.iter().map(Vec::len).sum::<usize>() < N as usize {
+        assert!(t.elapsed() < SILENCE, "the group did not handle them all");
+        for (sub, got) in group.iter().zip(&mut got) {
+            got.extend(seqs(&sub.ready_lines()));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut all = Vec::new();
+    for (sub, mut seqs) in group.into_iter().zip(got) {
+        seqs.extend(sub.finish());
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "out of order within a member"
+        );
+        all.extend(seqs);
+    }
+    all.sort_unstable();
+    assert_eq!(all, expected, "the group lost or repeated a message");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -67,23 +67,28 @@ impl Endpoint {
         }
     }
 
-    /// Sends a published message (its topic in `metadata`) to one
-    /// subscriber, waiting at most `stall` for it to take anything.
-    /// Subscribers at TLS peers are reached through their
-    /// process's publish service instead (see
+    /// Sends published messages (their topic in `metadata`) to one
+    /// subscriber, in order, waiting at most `stall` for it to take
+    /// anything; returns how many were sent, and why the others were not.
+    /// Subscribers at TLS peers are reached through their process's
+    /// publish service instead (see
     /// [`Peers::publish`](crate::call::tls::Peers::publish)).
-    pub(crate) fn send_publish(
+    pub(crate) fn send_publish_many<P: AsRef<[u8]>>(
         &self,
         metadata: &[u8],
-        payload: &[u8],
+        payloads: &[P],
         stall: Duration,
-    ) -> Result<(), Unsent> {
+    ) -> (usize, Result<(), Unsent>) {
         match self {
-            Endpoint::Shm(conn) => conn.send_publish(metadata, payload, stall),
-            Endpoint::Tls(peer) => Err(Unsent::Failed(Status::failed_precondition(format!(
-                "a subscriber at peer {} is published to through its process's publish service",
-                peer.addr
-            )))),
+            Endpoint::Shm(conn) => conn.send_publish_many(metadata, payloads, stall),
+            Endpoint::Tls(peer) => (
+                0,
+                Err(Unsent::Failed(Status::failed_precondition(format!(
+                    "a subscriber at peer {} is published to through its process's \
+                     publish service",
+                    peer.addr
+                )))),
+            ),
         }
     }
 

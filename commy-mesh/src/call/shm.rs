@@ -31,7 +31,7 @@ use crate::response::Response;
 use crate::sync::Counted;
 use crate::warn::CLIENT_LINKS;
 use crate::wire::{
-    Patience, decode_metadata, encode_metadata, far_future, send_frame, send_status,
+    Patience, decode_metadata, encode_metadata, far_future, send_frame, send_status, stage_frame,
 };
 
 /// What one poll of a link by an [`AnswerDriver`] found.
@@ -548,26 +548,31 @@ impl ClientConn {
     /// Sends a one-way message.
     pub(crate) fn send_oneway(&self, payload: &[u8], metadata: &Metadata) -> Result<(), Status> {
         let md = encode_metadata(metadata);
-        match self.send_unanswered(FrameKind::OneWay, &md, payload, Patience::DEFAULT) {
+        match self
+            .send_unanswered(FrameKind::OneWay, &md, &[payload], Patience::DEFAULT)
+            .1
+        {
             Ok(()) => Ok(()),
             Err(Unsent::Stalled) => Err(self.send_failed(SendError::TimedOut)),
             Err(Unsent::Failed(status)) => Err(status),
         }
     }
 
-    /// Sends a published message (its metadata carries the topic), waiting
-    /// at most `stall` for ring space. A subscriber whose ring stays full
-    /// that long made no progress: its link is ended ([`Unsent::Stalled`]),
-    /// and the publisher goes on.
-    pub(crate) fn send_publish(
+    /// Publishes each of `payloads` in order (their topic in `metadata`),
+    /// written back to back and made visible to the subscriber at once,
+    /// waiting at most `stall` for ring space. A subscriber whose ring
+    /// stays full that long made no progress: its link is ended
+    /// ([`Unsent::Stalled`]), and the publisher goes on. Returns how many
+    /// were sent, and why the others were not.
+    pub(crate) fn send_publish_many<P: AsRef<[u8]>>(
         &self,
         metadata: &[u8],
-        payload: &[u8],
+        payloads: &[P],
         stall: Duration,
-    ) -> Result<(), Unsent> {
+    ) -> (usize, Result<(), Unsent>) {
         let sent =
-            self.send_unanswered(FrameKind::Publish, metadata, payload, Patience::For(stall));
-        if let Err(Unsent::Stalled) = sent {
+            self.send_unanswered(FrameKind::Publish, metadata, payloads, Patience::For(stall));
+        if let (_, Err(Unsent::Stalled)) = sent {
             self.fail_with(&Status::resource_exhausted(
                 "the subscriber took nothing for the stall time: disconnected",
             ));
@@ -575,36 +580,55 @@ impl ClientConn {
         sent
     }
 
-    /// Sends a frame on a fresh stream that gets no answer, waiting for
-    /// ring space as `patience` says (`Unsent::Stalled` if it ran out).
-    fn send_unanswered(
+    /// Sends frames on fresh streams that get no answer, one per payload,
+    /// waiting for ring space as `patience` says (`Unsent::Stalled` if it
+    /// ran out). Several are staged and published together. Returns how
+    /// many were sent, and why the others were not.
+    fn send_unanswered<P: AsRef<[u8]>>(
         &self,
         kind: FrameKind,
         metadata: &[u8],
-        payload: &[u8],
+        payloads: &[P],
         patience: Patience,
-    ) -> Result<(), Unsent> {
+    ) -> (usize, Result<(), Unsent>) {
         if !self.is_alive() {
-            return Err(Unsent::Failed(Status::unavailable("the instance is gone")));
+            let gone = Status::unavailable("the instance is gone");
+            return (0, Err(Unsent::Failed(gone)));
         }
-        self.limits
-            .check_message(metadata.len(), payload.len())
-            .map_err(Unsent::Failed)?;
+        for payload in payloads {
+            if let Err(e) = self
+                .limits
+                .check_message(metadata.len(), payload.as_ref().len())
+            {
+                return (0, Err(Unsent::Failed(e)));
+            }
+        }
+        let mut done = 0;
         let sent = {
             let mut tx = self.tx.lock();
-            let id = tx.open_stream();
-            send_frame(
-                &mut tx.sender,
-                FrameHeader::new(kind, StreamId(id)),
-                metadata,
-                payload,
-                patience,
-            )
+            let mut sent = Ok(());
+            let last = payloads.len().saturating_sub(1);
+            for (i, payload) in payloads.iter().enumerate() {
+                let id = tx.open_stream();
+                let header = FrameHeader::new(kind, StreamId(id));
+                let (payload, tx) = (payload.as_ref(), &mut tx.sender);
+                sent = if i == last {
+                    send_frame(tx, header, metadata, payload, patience)
+                } else {
+                    stage_frame(tx, header, metadata, payload, patience)
+                };
+                if sent.is_err() {
+                    tx.flush();
+                    break;
+                }
+                done += 1;
+            }
+            sent
         };
         match sent {
-            Ok(()) => Ok(()),
-            Err(SendError::TimedOut) => Err(Unsent::Stalled),
-            Err(e) => Err(Unsent::Failed(self.send_failed(e))),
+            Ok(()) => (done, Ok(())),
+            Err(SendError::TimedOut) => (done, Err(Unsent::Stalled)),
+            Err(e) => (done, Err(Unsent::Failed(self.send_failed(e)))),
         }
     }
 
