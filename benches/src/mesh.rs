@@ -226,18 +226,32 @@ async fn ack(acks: &mut commy_mesh::Subscription) -> Result<(), BenchError> {
     }
 }
 
-/// Publishes `count` messages, each to every subscriber.
-async fn publish(mesh: &Mesh, msg: &Bytes, count: u64, subs: usize) -> Result<(), BenchError> {
-    for _ in 0..count {
-        let delivered = mesh
-            .publish(STREAM, msg.clone())
-            .await
-            .map_err(mesh_err("publish"))?;
-        if delivered != subs {
+/// Publishes `count` messages, each to every subscriber: one `publish`
+/// per message, or `batch` messages per `publish_many` when above 1.
+async fn publish(
+    mesh: &Mesh,
+    msg: &Bytes,
+    count: u64,
+    subs: usize,
+    batch: u64,
+) -> Result<(), BenchError> {
+    let burst: Vec<Bytes> = (0..batch.max(1)).map(|_| msg.clone()).collect();
+    let mut left = count;
+    while left > 0 {
+        let n = left.min(burst.len() as u64) as usize;
+        let delivered = if batch > 1 {
+            mesh.publish_many(STREAM, &burst[..n]).await
+        } else {
+            mesh.publish(STREAM, msg.clone()).await
+        }
+        .map_err(mesh_err("publish"))?;
+        if delivered != subs * n {
             return Err(BenchError::Protocol(format!(
-                "a publish reached {delivered} subscriber(s), not {subs}"
+                "{n} message(s) made {delivered} deliveries, not {} ({subs} subscribers)",
+                subs * n
             )));
         }
+        left -= n as u64;
     }
     Ok(())
 }
@@ -248,10 +262,10 @@ fn tp_parent(ctx: &mut ParentCtx<'_>, subs: usize) -> Result<Measurement, BenchE
         let mesh = open(std::process::id()).await?;
         let mut acks = mesh.subscribe(ACK).await.map_err(mesh_err("subscribe"))?;
         let msg = Bytes::from(vec![0xA5u8; p.size]);
-        publish(&mesh, &msg, p.warmup, subs).await?;
+        publish(&mesh, &msg, p.warmup, subs, p.batch).await?;
         ack(&mut acks).await?;
         let t = Instant::now();
-        publish(&mesh, &msg, p.iterations, subs).await?;
+        publish(&mesh, &msg, p.iterations, subs, p.batch).await?;
         ack(&mut acks).await?;
         let elapsed = t.elapsed();
         mesh.close().await;

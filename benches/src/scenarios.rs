@@ -132,6 +132,14 @@ pub(crate) fn scenarios() -> Vec<Scenario> {
             .wait(Wait::Default)
             .in_demo(),
     );
+    // The same with `publish_many`, 32 messages at a time.
+    for (transport, fns) in [(PUBSUB_1, mesh::PUBSUB_1), (PUBSUB_4, mesh::PUBSUB_4)] {
+        all.push(
+            Scenario::new(transport, Kind::Throughput, 64, fns)
+                .wait(Wait::Default)
+                .batch(SHM_BATCH),
+        );
+    }
 
     // The network: raw TCP and tokio-rustls echoes beside commy-net and
     // mesh.call over TLS, round trips and 64 B pipelined on one connection.
