@@ -152,15 +152,24 @@ impl SubscribeOptions {
 pub struct Message {
     topic: TopicName,
     payload: Bytes,
-    metadata: Metadata,
+    /// `None` when empty (most messages): a message stays small to move.
+    metadata: Option<Box<Metadata>>,
 }
+
+/// The metadata of a message that carries none.
+static NO_METADATA: Metadata = Metadata {
+    auth_token: None,
+    traceparent: None,
+    content_type: None,
+    headers: Vec::new(),
+};
 
 impl Message {
     pub(crate) fn new(topic: TopicName, payload: Bytes, metadata: Metadata) -> Message {
         Message {
             topic,
             payload,
-            metadata,
+            metadata: (!metadata.is_empty()).then(|| Box::new(metadata)),
         }
     }
 
@@ -176,7 +185,7 @@ impl Message {
 
     /// The publisher's metadata (without the topic header).
     pub fn metadata(&self) -> &Metadata {
-        &self.metadata
+        self.metadata.as_deref().unwrap_or(&NO_METADATA)
     }
 
     /// Takes the body.
@@ -528,7 +537,7 @@ fn decode_publish(
         return Ok(None);
     }
     let metadata = if frame.metadata() == plain {
-        Metadata::default()
+        None
     } else {
         let mut metadata = crate::wire::decode_metadata(frame.metadata(), limits)
             .map_err(|_| "malformed metadata".to_owned())?;
@@ -536,7 +545,7 @@ fn decode_publish(
             return Ok(None);
         }
         metadata.headers.retain(|(k, _)| k != TOPIC_HEADER);
-        metadata
+        (!metadata.is_empty()).then(|| Box::new(metadata))
     };
     Ok(Some(Message {
         topic: topic.clone(),
