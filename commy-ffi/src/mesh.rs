@@ -300,6 +300,22 @@ impl FfiMesh {
         async move { mesh.publish(&topic, payload).await.map_err(FfiError::from) }
     }
 
+    /// Publishes each of `payloads` on `topic`, in order, written back to
+    /// back; resolves to the number of deliveries, summed over them.
+    pub fn publish_many(
+        &self,
+        topic: &str,
+        payloads: Vec<Bytes>,
+    ) -> impl Future<Output = Result<usize, FfiError>> + Send + 'static {
+        let mesh = self.mesh.clone();
+        let topic = topic.to_owned();
+        async move {
+            mesh.publish_many(&topic, &payloads)
+                .await
+                .map_err(FfiError::from)
+        }
+    }
+
     /// How many deliveries a publish on `topic` would make now.
     pub fn subscribers(
         &self,

@@ -134,6 +134,24 @@ pub(crate) fn payload(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Bytes> {
     Ok(Bytes::copy_from_slice(bytes.as_bytes()))
 }
 
+/// The bytes of each item of an iterable of bytes-like objects (`what`
+/// and the item's index name a bad one).
+pub(crate) fn payloads(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<Bytes>> {
+    if obj.is_instance_of::<PyBytes>() || obj.is_instance_of::<PyString>() {
+        return Err(PyTypeError::new_err(format!(
+            "{what} must be an iterable of bytes-like objects, not a single one"
+        )));
+    }
+    let items = obj.try_iter().map_err(|_| {
+        PyTypeError::new_err(format!("{what} must be an iterable of bytes-like objects"))
+    })?;
+    let mut out = Vec::with_capacity(obj.len().unwrap_or(0));
+    for (i, item) in items.enumerate() {
+        out.push(payload(&item?, &format!("{what}[{i}]"))?);
+    }
+    Ok(out)
+}
+
 /// A duration in seconds from Python (`None` passes through).
 pub(crate) fn seconds(py: Python<'_>, t: Option<f64>, what: &str) -> PyResult<Option<Duration>> {
     match t {

@@ -11,7 +11,7 @@ use pyo3::types::{PyBytes, PyDict};
 
 use crate::aio::{self, Outcome, RawQueue};
 use crate::caller::HandlerContext;
-use crate::convert::{payload, seconds, settings_layer, wait, with_python};
+use crate::convert::{payload, payloads, seconds, settings_layer, wait, with_python};
 use crate::errors;
 use crate::region::RawRegion;
 use crate::subscription::RawSubscription;
@@ -77,6 +77,18 @@ impl RawMesh {
     fn publish(&self, py: Python<'_>, topic: &str, data: &Bound<'_, PyAny>) -> PyResult<usize> {
         let data = payload(data, "data")?;
         wait(py, self.mesh.publish(topic, data))
+    }
+
+    /// Publishes each of `data` (an iterable of bytes-like objects) in
+    /// order, blocking; returns the number of deliveries.
+    fn publish_many(
+        &self,
+        py: Python<'_>,
+        topic: &str,
+        data: &Bound<'_, PyAny>,
+    ) -> PyResult<usize> {
+        let data = payloads(data, "data")?;
+        wait(py, self.mesh.publish_many(topic, data))
     }
 
     /// How many deliveries a publish on `topic` would make now.
@@ -170,6 +182,20 @@ impl RawMesh {
     ) -> PyResult<RawTask> {
         let data = payload(data, "data")?;
         let publish = self.mesh.publish(topic, data);
+        aio::start(py, queue, fut, publish, Outcome::Count).map(RawTask::new)
+    }
+
+    /// `publish_many` for an event loop (see `call_async`).
+    fn publish_many_async(
+        &self,
+        py: Python<'_>,
+        topic: &str,
+        data: &Bound<'_, PyAny>,
+        queue: &RawQueue,
+        fut: Py<PyAny>,
+    ) -> PyResult<RawTask> {
+        let data = payloads(data, "data")?;
+        let publish = self.mesh.publish_many(topic, data);
         aio::start(py, queue, fut, publish, Outcome::Count).map(RawTask::new)
     }
 

@@ -257,3 +257,19 @@ def test_async_wait_for_subscribers(runtime_dir: str) -> None:
             assert await sub.next() == commy.Message("counted", b"m")
 
     run(main)
+
+
+def test_async_publish_many(runtime_dir: str) -> None:
+    async def main() -> None:
+        async with commy.AsyncMesh() as mesh:
+            sub = mesh.subscribe("burst")
+            assert await mesh.wait_for_subscribers("burst", 1, timeout=LONG) == 1
+            assert await mesh.publish_many("burst", [b"b%d" % i for i in range(50)]) == 50
+            got = []
+            for _ in range(50):
+                msg = await sub.next()
+                assert msg is not None
+                got.append(msg.data)
+            assert got == [b"b%d" % i for i in range(50)]
+
+    run(main)

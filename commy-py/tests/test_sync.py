@@ -390,3 +390,24 @@ def test_waiting_for_subscribers_and_taking_without_waiting(mesh: commy.Mesh) ->
     sub.close()
     assert sub.try_next() is None
     assert all(not m.closed for m in members)
+
+
+def test_publish_many_keeps_order_and_names_a_bad_item(mesh: commy.Mesh) -> None:
+    sub = mesh.subscribe("burst")
+    assert mesh.wait_for_subscribers("burst", 1, timeout=LONG) == 1
+    assert mesh.publish_many("burst", [b"a", bytearray(b"b"), memoryview(b"c")]) == 3
+    assert mesh.publish_many("burst", (b"%d" % i for i in range(100))) == 100
+    assert mesh.publish_many("burst", []) == 0
+    with pytest.raises(TypeError, match=r"data\[1\] must be bytes-like, not str"):
+        mesh.publish_many("burst", [b"x", "y"])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="not a single one"):
+        mesh.publish_many("burst", b"abc")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="must be an iterable"):
+        mesh.publish_many("burst", 42)  # type: ignore[arg-type]
+    got = []
+    for _ in range(103):
+        msg = sub.next(timeout=LONG)
+        assert msg is not None
+        got.append(msg.data)
+    assert got == [b"a", b"b", b"c"] + [b"%d" % i for i in range(100)]
+    assert sub.try_next() is None
