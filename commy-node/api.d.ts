@@ -137,6 +137,12 @@ export declare class Mesh {
   send(name: string, payload: Payload): Promise<void>
   /** Publishes on `topic`; resolves to the number of deliveries. */
   publish(topic: string, payload: Payload): Promise<number>
+  /**
+   * Publishes each of `payloads` on `topic`, in order, as one burst (each
+   * subscriber gets them all in this order); resolves to the deliveries
+   * made, summed over the messages.
+   */
+  publishMany(topic: string, payloads: Iterable<Payload>): Promise<number>
   /** How many subscribers a publish on `topic` would reach now (one per queue group). */
   subscribers(topic: string): Promise<number>
   /**

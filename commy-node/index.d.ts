@@ -137,6 +137,12 @@ export declare class Mesh {
   send(name: string, payload: Payload): Promise<void>
   /** Publishes on `topic`; resolves to the number of deliveries. */
   publish(topic: string, payload: Payload): Promise<number>
+  /**
+   * Publishes each of `payloads` on `topic`, in order, as one burst (each
+   * subscriber gets them all in this order); resolves to the deliveries
+   * made, summed over the messages.
+   */
+  publishMany(topic: string, payloads: Iterable<Payload>): Promise<number>
   /** How many subscribers a publish on `topic` would reach now (one per queue group). */
   subscribers(topic: string): Promise<number>
   /**
@@ -269,6 +275,14 @@ export declare class NativeMesh {
    * number of deliveries.
    */
   publish(id: number, topic: string, payload: Buffer): void
+  /**
+   * Publishes messages on `topic` in order, as one burst: `lengths` is
+   * a byte view of a uint32 array of their lengths and `data` the
+   * messages one after another. Lengths that do not add up to `data`
+   * are refused before anything is published. Operation `id` finishes
+   * with the number of deliveries.
+   */
+  publishMany(id: number, topic: string, lengths: Buffer, data: Buffer): void
   /**
    * Counts the subscribers a publish on `topic` would reach now;
    * operation `id` finishes with the count.

@@ -592,6 +592,45 @@ impl NativeMesh {
         );
     }
 
+    /// Publishes messages on `topic` in order, as one burst: `lengths` is
+    /// a byte view of a uint32 array of their lengths and `data` the
+    /// messages one after another. Lengths that do not add up to `data`
+    /// are refused before anything is published. Operation `id` finishes
+    /// with the number of deliveries.
+    #[napi]
+    pub fn publish_many(
+        &self,
+        id: u32,
+        topic: String,
+        lengths: BufferSlice,
+        data: BufferSlice,
+    ) -> Result<()> {
+        let mut payloads = Vec::with_capacity(lengths.len() / 4);
+        let mut at = 0usize;
+        for len in lengths.chunks(4) {
+            let len = <[u8; 4]>::try_from(len)
+                .map_err(|_| invalid("the message lengths are not a uint32 array"))?;
+            let end = at
+                .checked_add(u32::from_ne_bytes(len) as usize)
+                .filter(|end| *end <= data.len())
+                .ok_or_else(|| invalid("the message lengths exceed their data"))?;
+            payloads.push(Bytes::copy_from_slice(&data[at..end]));
+            at = end;
+        }
+        if at != data.len() {
+            return Err(invalid("the message lengths do not cover their data"));
+        }
+        self.start(
+            id,
+            |m| async move { m.publish_many(&topic, payloads).await },
+            move |n| Event::Done {
+                id,
+                value: Some(u32::try_from(n).unwrap_or(u32::MAX)),
+            },
+        );
+        Ok(())
+    }
+
     /// Counts the subscribers a publish on `topic` would reach now;
     /// operation `id` finishes with the count.
     #[napi]

@@ -425,6 +425,25 @@ test('waitForSubscribers counts what a publish would reach; tryNext does not wai
     assert.equal(sub.tryNext(), undefined)
   }))
 
+test('publishMany publishes a burst in order and names a bad payload', () =>
+  withMesh(async (mesh) => {
+    const sub = await mesh.subscribe('burst')
+    assert.equal(await mesh.waitForSubscribers('burst', 1), 1)
+    assert.equal(await mesh.publishMany('burst', ['a', Buffer.from('b'), new Uint8Array([99])]), 3)
+    const more = Array.from({ length: 100 }, (_, i) => `m${i}`)
+    assert.equal(await mesh.publishMany('burst', new Set(more)), 100)
+    assert.equal(await mesh.publishMany('burst', []), 0)
+    await assert.rejects(mesh.publishMany('burst', ['x', 42]), /payload 1 must be a Buffer/)
+    await assert.rejects(mesh.publishMany('burst', 'abc'), /payloads must be an array/)
+    await assert.rejects(mesh.publishMany('burst', Buffer.from('abc')), /payloads must be an array/)
+    const got = []
+    for await (const msg of sub) {
+      got.push(msg.toString())
+      if (got.length === 103) break
+    }
+    assert.deepEqual(got, ['a', 'b', 'c', ...more])
+  }))
+
 test('regions are shared memory with copying read and write', () =>
   withMesh(async (mesh) => {
     const r = mesh.region('scratch', { size: 64 })

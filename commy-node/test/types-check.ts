@@ -14,6 +14,7 @@ async function main(): Promise<void> {
   })
   const reply: Buffer = await mesh.call('echo', Buffer.from('hi'), { timeoutMs: 1000 })
   const n: number = await mesh.publish('t', 'x')
+  const burst: number = await mesh.publishMany('t', ['x', Buffer.from('y'), new Uint8Array(1)])
   await mesh.send('echo', new Uint8Array([1]))
   const sub = await mesh.subscribe('t', { group: 'g' })
   for await (const msg of sub) {
