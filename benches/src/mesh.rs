@@ -13,11 +13,15 @@
 //! scenario writes its message before timing), and compares every reply
 //! with the request in the timed span (as the bare link's scenario does).
 //!
+//! Pub/sub echo: the measuring process times each publish on `bench/ping`
+//! until the peer's copy of it comes back on `bench/pong` (the peer
+//! publishes what it receives), and compares the two.
+//!
 //! Throughput: the measuring process publishes messages on `bench/stream`;
 //! the peer has 1 or 4 subscriptions on it, each receiving every message, and
 //! publishes on `bench/ack` once all of them have seen the warm-up, then the
 //! timed messages. The timed span runs from the first timed publish to that
-//! acknowledgement.
+//! acknowledgement. The `-b32` rows publish 32 messages per `publish_many`.
 
 use std::time::Instant;
 
@@ -46,6 +50,14 @@ pub(crate) const CALLBACK_DEADLINE: Fns = Fns {
 /// The short timeout of [`CALLBACK_DEADLINE`]'s timed calls.
 pub(crate) const SHORT_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(3);
 
+/// Pub/sub echo round trip: a message published on `bench/ping` comes back
+/// on `bench/pong`.
+pub(crate) const PUBSUB_ECHO: Fns = Fns {
+    setup,
+    parent: echo_parent,
+    child: echo_child,
+};
+
 /// Publish throughput to one subscriber.
 pub(crate) const PUBSUB_1: Fns = Fns {
     setup,
@@ -61,6 +73,8 @@ pub(crate) const PUBSUB_4: Fns = Fns {
 };
 
 const STREAM: &str = "bench/stream";
+const PING: &str = "bench/ping";
+const PONG: &str = "bench/pong";
 const ACK: &str = "bench/ack";
 
 fn setup(_: &Params) -> Result<Endpoints, BenchError> {
@@ -214,6 +228,82 @@ pub(crate) async fn serve_echo_until_stopped(
     stop.notified().await;
     mesh.close().await;
     Ok(())
+}
+
+/// Times each message published on [`PING`] until the peer's copy of it
+/// comes back on [`PONG`]; an empty message on [`PING`] ends the peer.
+fn echo_parent(ctx: &mut ParentCtx<'_>) -> Result<Measurement, BenchError> {
+    let p = ctx.params;
+    runtime()?.block_on(async {
+        let mesh = open(std::process::id()).await?;
+        let mut pongs = mesh.subscribe(PONG).await.map_err(mesh_err("subscribe"))?;
+        let wait = std::time::Duration::from_secs(30);
+        mesh.wait_for_subscribers(PING, 1, wait)
+            .await
+            .map_err(mesh_err("wait for the peer"))?;
+        let mut msg = vec![0xA5u8; p.size.max(8)];
+        let mut samples = Vec::with_capacity(p.iterations as usize);
+        for i in 0..p.warmup + p.iterations {
+            msg[..8].copy_from_slice(&i.to_le_bytes());
+            let payload = Bytes::copy_from_slice(&msg);
+            let t = Instant::now();
+            let delivered = mesh
+                .publish(PING, payload)
+                .await
+                .map_err(mesh_err("publish"))?;
+            let back = pongs.next().await;
+            let ns = t.elapsed().as_nanos() as u64;
+            if delivered != 1 {
+                return Err(BenchError::Protocol(format!(
+                    "ping {i} reached {delivered} subscribers"
+                )));
+            }
+            if back.is_none_or(|m| m.payload()[..] != msg[..]) {
+                return Err(BenchError::Protocol(format!(
+                    "the pong of ping {i} does not match it"
+                )));
+            }
+            if i >= p.warmup {
+                samples.push(ns);
+            }
+        }
+        mesh.publish(PING, Bytes::new())
+            .await
+            .map_err(mesh_err("publish"))?;
+        mesh.close().await;
+        Ok(Measurement::RoundTrip(samples))
+    })
+}
+
+/// Publishes on [`PONG`] each message that comes on [`PING`], until an
+/// empty one.
+fn echo_child(ctx: &mut ChildCtx<'_>) -> Result<(), BenchError> {
+    let parent = std::os::unix::process::parent_id();
+    runtime()?.block_on(async {
+        let mesh = open(parent).await?;
+        let mut pings = mesh.subscribe(PING).await.map_err(mesh_err("subscribe"))?;
+        ctx.ready()?;
+        while let Some(m) = pings.next().await {
+            if m.payload().is_empty() {
+                break;
+            }
+            let payload = m.into_payload();
+            // The measuring process subscribed before its first ping; the
+            // first pong may have to wait until this process sees it.
+            while mesh
+                .publish(PONG, payload.clone())
+                .await
+                .map_err(mesh_err("publish"))?
+                == 0
+            {
+                mesh.wait_for_subscribers(PONG, 1, std::time::Duration::from_secs(30))
+                    .await
+                    .map_err(mesh_err("wait for the peer"))?;
+            }
+        }
+        mesh.close().await;
+        Ok(())
+    })
 }
 
 /// Waits for the peer's acknowledgement.

@@ -21,6 +21,9 @@ pub(crate) const MESH_DEADLINE: &str = "mesh-deadline-3ms";
 pub(crate) const PUBSUB_1: &str = "pubsub-1sub";
 /// See [`PUBSUB_1`].
 pub(crate) const PUBSUB_4: &str = "pubsub-4sub";
+/// Transport name of the pub/sub echo round trip (publish, and the peer
+/// publishes the message back).
+pub(crate) const PUBSUB_ECHO: &str = "pubsub-echo";
 /// Transport names of the network scenarios: raw TCP and tokio-rustls
 /// echoes (baselines), commy-net's link, and `mesh.call` over TLS.
 pub(crate) const TCP: &str = "tcp";
@@ -121,6 +124,11 @@ pub(crate) fn scenarios() -> Vec<Scenario> {
         Scenario::new(MESH_DEADLINE, Kind::RoundTrip, 8, mesh::CALLBACK_DEADLINE)
             .wait(Wait::Default)
             .iterations_at_most(300),
+    );
+    all.push(
+        Scenario::new(PUBSUB_ECHO, Kind::RoundTrip, 64, mesh::PUBSUB_ECHO)
+            .wait(Wait::Default)
+            .in_demo(),
     );
     all.push(
         Scenario::new(PUBSUB_1, Kind::Throughput, 64, mesh::PUBSUB_1)

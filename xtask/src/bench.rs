@@ -564,6 +564,16 @@ enum Goal {
         b: &'static str,
         min: f64,
     },
+    /// `a`'s deliveries per second (messages times `fan_out`, its
+    /// subscribers) at least `min` times `b`'s messages per second.
+    DeliveriesRatio {
+        a: &'static str,
+        fan_out: f64,
+        b: &'static str,
+        min: f64,
+    },
+    /// The p99 round trip at most `max` times the p50 of the same run.
+    TailRatio { scenario: &'static str, max: f64 },
 }
 
 /// The goals of the issues; rows whose scenarios did not run are skipped.
@@ -678,6 +688,44 @@ const GOALS: &[(&str, Goal)] = &[
         },
     ),
     (
+        "pub/sub echo round trip vs mesh.call (64 B)",
+        Goal::RoundTripRatio {
+            a: "pubsub-echo/rt-default/64B",
+            b: "mesh/rt-default/64B",
+            max: 1.5,
+        },
+    ),
+    (
+        "pub/sub echo round trip, p99 vs p50 (64 B)",
+        Goal::TailRatio {
+            scenario: "pubsub-echo/rt-default/64B",
+            max: 3.0,
+        },
+    ),
+    (
+        "pub/sub 1 -> 1, one publish per message (64 B)",
+        Goal::MinMsgs {
+            scenario: "pubsub-1sub/tp-default/64B",
+            min: 5e6,
+        },
+    ),
+    (
+        "pub/sub 1 -> 1, publish_many of 32 (64 B)",
+        Goal::MinMsgs {
+            scenario: "pubsub-1sub/tp-default/64B-b32",
+            min: 20e6,
+        },
+    ),
+    (
+        "pub/sub 1 -> 4 deliveries/s vs 1 -> 1 msgs/s, one publish per message",
+        Goal::DeliveriesRatio {
+            a: "pubsub-4sub/tp-default/64B",
+            fan_out: 4.0,
+            b: "pubsub-1sub/tp-default/64B",
+            min: 1.0,
+        },
+    ),
+    (
         "shm one-way throughput, 64 KiB",
         Goal::MinGbps {
             scenario: "shm/tp-busy/64KiB-b32",
@@ -698,6 +746,10 @@ fn check_targets(report: &Report) -> Vec<Checked> {
     let row = |name: &str| report.results.iter().find(|r| r.name == name);
     let p50 = |name: &str| match row(name)?.stats {
         Stats::RoundTrip { p50_ns, .. } => Some(p50_ns),
+        Stats::Throughput { .. } => None,
+    };
+    let p99 = |name: &str| match row(name)?.stats {
+        Stats::RoundTrip { p99_ns, .. } => Some(p99_ns),
         Stats::Throughput { .. } => None,
     };
     let tp = |name: &str| match row(name)?.stats {
@@ -739,6 +791,14 @@ fn check_targets(report: &Report) -> Vec<Checked> {
                 Goal::ThroughputRatio { a, b, min } => {
                     let r = tp(a)?.0 / tp(b)?.0;
                     (format!("{r:.2}×"), format!("≥ {min:.1}×"), r >= min)
+                }
+                Goal::DeliveriesRatio { a, fan_out, b, min } => {
+                    let r = tp(a)?.0 * fan_out / tp(b)?.0;
+                    (format!("{r:.2}×"), format!("≥ {min:.1}×"), r >= min)
+                }
+                Goal::TailRatio { scenario, max } => {
+                    let r = p99(scenario)? / p50(scenario)?;
+                    (format!("{r:.2}×"), format!("≤ {max:.1}×"), r <= max)
                 }
             };
             Some(Checked {
@@ -826,6 +886,39 @@ mod tests {
         let machine = test_machine();
         let md = render(&report, &machine, "today");
         assert!(md.contains("Node rows (`node-*`)"), "{md}");
+    }
+
+    #[test]
+    fn pubsub_goals_count_deliveries_and_the_tail() {
+        let row = |name: &str, stats: &str| {
+            format!(
+                r#"{{"name": "{name}", "transport": "t", "size": 64, "wait": "default",
+                "iterations": 10, "warmup": 1, "batch": 1, {stats},
+                "vs_uds": null, "vs_floor": null}}"#
+            )
+        };
+        let tp = |m: f64| format!(r#""kind": "throughput", "msgs_per_s": {m}, "gb_per_s": 0.01"#);
+        let rows = [
+            row(
+                "pubsub-echo/rt-default/64B",
+                r#""kind": "round_trip", "p50_ns": 1000.0, "p99_ns": 3500.0, "p999_ns": 9.0"#,
+            ),
+            row("pubsub-1sub/tp-default/64B", &tp(2e6)),
+            row("pubsub-4sub/tp-default/64B", &tp(0.6e6)),
+        ];
+        let json = format!(
+            r#"{{"schema": 1, "quick": false, "runs": 5, "filters": [], "pinning": null,
+            "timer_overhead_ns": 20.0, "results": [{}]}}"#,
+            rows.join(",")
+        );
+        let report: Report = serde_json::from_str(&json).unwrap();
+        let checked = check_targets(&report);
+        let goal = |name: &str| checked.iter().find(|c| c.goal.starts_with(name)).unwrap();
+        let tail = goal("pub/sub echo round trip, p99");
+        assert_eq!((tail.measured.as_str(), tail.met), ("3.50×", false));
+        let fan = goal("pub/sub 1 -> 4");
+        assert_eq!((fan.measured.as_str(), fan.met), ("1.20×", true));
+        assert!(!goal("pub/sub 1 -> 1, one publish").met, "2 M misses 5 M");
     }
 
     /// The machine the rendering tests describe.
