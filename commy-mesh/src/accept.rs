@@ -1,86 +1,299 @@
-//! The accept loop of a Unix socket that announces an instance (a service,
-//! or a topic subscription): each link's handshake and work run on a
-//! thread of their own. A failing accept (out of descriptors) backs off
-//! ([`AcceptBackoff`]) instead of spinning, and is logged a few times, not
-//! per attempt.
+//! The accept loop of the Unix sockets that announce instances (services
+//! and topic subscriptions): one thread per process waits on all of them
+//! with epoll, so idle services cost nothing (no thread and no timer each).
+//! Each accepted link's handshake and work run on a thread of their own,
+//! so a silent client cannot hold up others. A failing accept (out of
+//! descriptors) backs off ([`AcceptBackoff`]) instead of spinning, and is
+//! logged a few times, not per attempt.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use commy_core::Status;
 use commy_core::backoff::AcceptBackoff;
 use commy_shm::{LinkConfig, ShmLink, UdsListener};
+use parking_lot::Mutex;
+use rustc_hash::FxHashMap;
+use rustix::event::{EventfdFlags, epoll, eventfd};
 
 use crate::warn::Warnings;
 
-/// Starts a thread accepting links on `listener` until `stop` is set or
-/// `go_on`, asked at each tick (a tenth of a second), says no; each link is
-/// handed to `on_link` on a thread of its own, the handshake included, so
-/// a silent client cannot hold up others.
+/// How often listeners with a check ([`start_accepting`]'s `go_on`) are
+/// asked whether they go on.
+const TICK: Duration = Duration::from_millis(100);
+
+/// How often the loop looks for stopped listeners when nothing wakes it.
+const SWEEP: Duration = Duration::from_secs(1);
+
+/// The epoll data of the wake-up eventfd (listeners count from 1).
+const WAKE: u64 = 0;
+
+/// One listener of the loop.
+struct Entry {
+    listener: UdsListener,
+    link: LinkConfig,
+    name: String,
+    stop: Arc<AtomicBool>,
+    on_link: Arc<dyn Fn(ShmLink) + Send + Sync>,
+    /// Asked every [`TICK`] whether the listener goes on.
+    go_on: Option<Box<dyn Fn() -> bool + Send + Sync>>,
+    /// Refused handshakes are logged a few at a time (they run on the
+    /// links' threads).
+    refusals: Arc<Warnings>,
+    backoff: AcceptBackoff,
+    /// Set while accepting failed: the listener is not watched until then.
+    retry_at: Option<Instant>,
+}
+
+/// The process's accept loop.
+struct Acceptor {
+    epoll: OwnedFd,
+    /// Written to wake the loop (a listener was added or stopped).
+    wake: OwnedFd,
+    entries: Mutex<FxHashMap<u64, Entry>>,
+    next: AtomicU64,
+}
+
+static ACCEPTOR: OnceLock<Result<Acceptor, String>> = OnceLock::new();
+
+fn acceptor() -> Result<&'static Acceptor, Status> {
+    let made = ACCEPTOR.get_or_init(|| {
+        let epoll =
+            epoll::create(epoll::CreateFlags::CLOEXEC).map_err(|e| format!("epoll_create: {e}"))?;
+        let wake = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+            .map_err(|e| format!("eventfd: {e}"))?;
+        epoll::add(
+            &epoll,
+            &wake,
+            epoll::EventData::new_u64(WAKE),
+            epoll::EventFlags::IN,
+        )
+        .map_err(|e| format!("epoll_ctl: {e}"))?;
+        std::thread::Builder::new()
+            .name("commy-accept".into())
+            .spawn(run)
+            .map_err(|e| format!("cannot start the accept thread: {e}"))?;
+        Ok(Acceptor {
+            epoll,
+            wake,
+            entries: Mutex::new(FxHashMap::default()),
+            next: AtomicU64::new(WAKE + 1),
+        })
+    });
+    made.as_ref()
+        .map_err(|e| Status::internal(format!("cannot accept links: {e}")))
+}
+
+/// Accepts links on `listener` until `stop` is set or `go_on`, asked
+/// every tenth of a second, says no; each link is handed to `on_link` on a
+/// thread of its own (named after `name`), the handshake included. The
+/// listener is closed once it stops ([`wake_acceptor`] after setting
+/// `stop` closes it at once, else within a second).
 pub(crate) fn start_accepting(
     listener: UdsListener,
     link: LinkConfig,
     name: String,
     stop: Arc<AtomicBool>,
     on_link: impl Fn(ShmLink) + Send + Sync + 'static,
-    go_on: impl Fn() -> bool + Send + 'static,
+    go_on: Option<Box<dyn Fn() -> bool + Send + Sync>>,
 ) -> Result<(), Status> {
-    let on_link = Arc::new(on_link);
-    // Refused handshakes are logged a few at a time (they run on the
-    // links' threads).
-    let refusals = Arc::new(Warnings::new());
-    std::thread::Builder::new()
-        .name(format!("commy-accept-{name}"))
-        .spawn(move || {
-            // The tick only bounds how long a stopped listener keeps its
-            // thread; its socket is unlinked at once on deregistration.
-            let tick = Duration::from_millis(100);
-            let mut backoff = AcceptBackoff::new();
-            while !stop.load(Ordering::Acquire) {
-                match listener.accept_timeout(tick) {
-                    Ok(Some((sock, _peer))) => {
-                        if let Some(n) = backoff.succeeded() {
-                            tracing::info!("{name}: accepting again after {n} failed accepts");
-                        }
-                        let (on_link, link, name2) = (on_link.clone(), link.clone(), name.clone());
-                        let refusals = refusals.clone();
-                        let spawned = std::thread::Builder::new()
-                            .name(format!("commy-link-{name}"))
-                            .spawn(move || match ShmLink::accept_stream(sock, &link) {
-                                Ok(l) => on_link(l),
-                                Err(e) => {
-                                    refusals.warn(|| format!("{name2}: refused a connection: {e}"));
-                                }
-                            });
-                        if let Err(e) = spawned {
-                            tracing::error!("cannot start a link thread: {e}");
-                        }
+    let a = acceptor()?;
+    let id = a.next.fetch_add(1, Ordering::Relaxed);
+    let ticks = go_on.is_some();
+    // Under the lock: the loop looks the listener up when it is ready.
+    let mut entries = a.entries.lock();
+    let watched = epoll::add(
+        &a.epoll,
+        &listener,
+        epoll::EventData::new_u64(id),
+        epoll::EventFlags::IN | epoll::EventFlags::ONESHOT,
+    );
+    if let Err(e) = watched {
+        return Err(Status::internal(format!(
+            "{name}: cannot watch the listener: {e}"
+        )));
+    }
+    entries.insert(
+        id,
+        Entry {
+            listener,
+            link,
+            name,
+            stop,
+            on_link: Arc::new(on_link),
+            go_on,
+            refusals: Arc::new(Warnings::new()),
+            backoff: AcceptBackoff::new(),
+            retry_at: None,
+        },
+    );
+    drop(entries);
+    if ticks {
+        // The loop may sleep for a whole sweep: it ticks from now on.
+        wake_acceptor();
+    }
+    Ok(())
+}
+
+/// Wakes the accept loop, so that a listener whose `stop` was just set is
+/// closed now.
+pub(crate) fn wake_acceptor() {
+    if let Some(Ok(a)) = ACCEPTOR.get() {
+        let _ = rustix::io::write(&a.wake, &1u64.to_ne_bytes());
+    }
+}
+
+fn run() {
+    // The thread may start before `ACCEPTOR` is set; `get()` waits for it.
+    let a = loop {
+        match ACCEPTOR.get() {
+            Some(Ok(a)) => break a,
+            Some(Err(_)) => return,
+            None => std::thread::yield_now(),
+        }
+    };
+    let mut events: Vec<epoll::Event> = Vec::with_capacity(64);
+    let mut next_tick = Instant::now();
+    loop {
+        let timeout = a.timeout(next_tick);
+        events.clear();
+        let ts = rustix::time::Timespec::try_from(timeout).unwrap_or(rustix::time::Timespec {
+            tv_sec: 1,
+            tv_nsec: 0,
+        });
+        match epoll::wait(
+            &a.epoll,
+            rustix::buffer::spare_capacity(&mut events),
+            Some(&ts),
+        ) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => {
+                // An epoll fd that stops working is unrecoverable.
+                tracing::error!("the accept loop stopped: epoll_wait: {e}");
+                return;
+            }
+        }
+        for ev in &events {
+            match ev.data.u64() {
+                WAKE => {
+                    let mut buf = [0u8; 8];
+                    let _ = rustix::io::read(&a.wake, &mut buf);
+                }
+                id => a.ready(id),
+            }
+        }
+        let now = Instant::now();
+        if now >= next_tick {
+            a.sweep(now);
+            next_tick = now + TICK;
+        }
+    }
+}
+
+impl Acceptor {
+    /// How long the loop may sleep: until the next tick while a listener
+    /// has a check or waits to retry, else a sweep.
+    fn timeout(&self, next_tick: Instant) -> Duration {
+        let entries = self.entries.lock();
+        let busy = entries
+            .values()
+            .any(|e| e.go_on.is_some() || e.retry_at.is_some());
+        if busy {
+            next_tick.saturating_duration_since(Instant::now())
+        } else {
+            SWEEP
+        }
+    }
+
+    /// Closes stopped listeners, asks the others with a check whether they
+    /// go on, and retries those whose accept failed once their wait is over.
+    fn sweep(&self, now: Instant) {
+        let mut retry = Vec::new();
+        let mut entries = self.entries.lock();
+        entries.retain(|id, e| {
+            let go_on = !e.stop.load(Ordering::Acquire) && e.go_on.as_ref().is_none_or(|f| f());
+            if go_on && e.retry_at.is_some_and(|t| t <= now) {
+                retry.push(*id);
+            }
+            if !go_on {
+                let _ = epoll::delete(&self.epoll, e.listener.as_fd());
+            }
+            go_on
+        });
+        drop(entries);
+        for id in retry {
+            self.ready(id);
+        }
+    }
+
+    /// Accepts what waits on listener `id`, then watches it again (or, if
+    /// accepting failed, waits before trying again).
+    fn ready(&self, id: u64) {
+        let mut entries = self.entries.lock();
+        let Some(e) = entries.get_mut(&id) else {
+            return;
+        };
+        if e.stop.load(Ordering::Acquire) {
+            let _ = epoll::delete(&self.epoll, e.listener.as_fd());
+            entries.remove(&id);
+            return;
+        }
+        e.retry_at = None;
+        loop {
+            match e.listener.try_accept() {
+                Ok(Some((sock, _peer))) => {
+                    if let Some(n) = e.backoff.succeeded() {
+                        tracing::info!("{}: accepting again after {n} failed accepts", e.name);
                     }
-                    Ok(None) => {
-                        if !go_on() {
-                            break;
-                        }
-                    }
-                    Err(commy_shm::uds::AcceptError::PeerCred { source, .. }) => {
-                        // That connection is closed; the listener is fine.
-                        refusals.warn(|| format!("{name}: refused a connection: {source}"));
-                    }
-                    Err(e) => {
-                        let after = backoff.failed(Instant::now());
-                        if let Some(n) = after.report {
-                            tracing::warn!(
-                                "{name}: {e} ({n} failed accepts since the last report; \
-                                 retrying every {:?} at most)",
-                                AcceptBackoff::MAX
-                            );
-                        }
-                        std::thread::sleep(after.wait);
+                    let (on_link, link, name) = (e.on_link.clone(), e.link.clone(), e.name.clone());
+                    let refusals = e.refusals.clone();
+                    let spawned = std::thread::Builder::new()
+                        .name(format!("commy-link-{}", e.name))
+                        .spawn(move || match ShmLink::accept_stream(sock, &link) {
+                            Ok(l) => on_link(l),
+                            Err(err) => {
+                                refusals.warn(|| format!("{name}: refused a connection: {err}"));
+                            }
+                        });
+                    if let Err(err) = spawned {
+                        tracing::error!("cannot start a link thread: {err}");
                     }
                 }
+                Ok(None) => {
+                    let rearmed = epoll::modify(
+                        &self.epoll,
+                        &e.listener,
+                        epoll::EventData::new_u64(id),
+                        epoll::EventFlags::IN | epoll::EventFlags::ONESHOT,
+                    );
+                    if let Err(err) = rearmed {
+                        tracing::error!("{}: cannot watch the listener again: {err}", e.name);
+                        entries.remove(&id);
+                    }
+                    return;
+                }
+                Err(commy_shm::uds::AcceptError::PeerCred { source, .. }) => {
+                    // That connection is closed; the listener is fine.
+                    e.refusals
+                        .warn(|| format!("{}: refused a connection: {source}", e.name));
+                }
+                Err(err) => {
+                    let now = Instant::now();
+                    let after = e.backoff.failed(now);
+                    if let Some(n) = after.report {
+                        tracing::warn!(
+                            "{}: {err} ({n} failed accepts since the last report; \
+                             retrying every {:?} at most)",
+                            e.name,
+                            AcceptBackoff::MAX
+                        );
+                    }
+                    e.retry_at = Some(now + after.wait);
+                    return;
+                }
             }
-            drop(listener);
-        })
-        .map(|_| ())
-        .map_err(|e| Status::internal(format!("cannot start the accept thread: {e}")))
+        }
+    }
 }

@@ -341,7 +341,7 @@ impl Mesh {
                     }
                 }
             },
-            || true,
+            None,
         )?;
         if let Err(status) = self.register(&served) {
             served.deregister();

@@ -70,7 +70,7 @@ pub(crate) mod remote;
 
 use inbox::{Inbox, Reader};
 
-use crate::accept::start_accepting;
+use crate::accept::{start_accepting, wake_acceptor};
 use crate::call::pool::{LOCAL_INLINE, LocalLink, Pools};
 use crate::call::shm::Unsent;
 use crate::sync::Counted;
@@ -472,6 +472,7 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         if !self.stop.swap(true, Ordering::AcqRel) {
             let _ = std::fs::remove_file(&self.path);
+            wake_acceptor();
         }
         if let Some(withdraw) = self.withdraw.take() {
             withdraw();
@@ -886,10 +887,10 @@ impl PubSub {
                 format!("sub-{topic}"),
                 stop.clone(),
                 move |link| served.serve(link, &q),
-                {
+                Some({
                     let inbox = inbox.clone();
-                    move || inbox.has_links() || end_if_cut(&q2, &announced2, &stopped2)
-                },
+                    Box::new(move || inbox.has_links() || end_if_cut(&q2, &announced2, &stopped2))
+                }),
             )?;
             Some(Reader::new(inbox, topic.clone(), limits))
         } else {
@@ -906,9 +907,9 @@ impl PubSub {
                 move |link| {
                     serve_topic_link(link, q.clone(), limits, &announced, &stopped, &served)
                 },
-                move || {
+                Some(Box::new(move || {
                     links.load(Ordering::Acquire) > 0 || end_if_cut(&q2, &announced2, &stopped2)
-                },
+                })),
             )?;
             None
         };

@@ -54,7 +54,9 @@ fn main() -> ExitCode {
             println!("ok: a frozen instance is given up for a live one");
             a_refused_handshake_reaches_the_caller_with_its_reason();
             println!("ok: a refused handshake reaches the caller with its reason");
-            println!("accept: 4 passed");
+            idle_services_share_one_accept_thread_that_sleeps();
+            println!("ok: idle services share one accept thread that sleeps");
+            println!("accept: 5 passed");
             ExitCode::SUCCESS
         }
     }
@@ -112,6 +114,96 @@ fn a_refused_handshake_reaches_the_caller_with_its_reason() {
     );
     rt.block_on(mesh.close());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// 200 services in one process: one accept thread waits on all their
+/// sockets, and while nobody connects it wakes about once a second (to
+/// close stopped listeners), not ten times a second per service as a
+/// thread per service did. The whole process's threads are counted, by
+/// name and by their context switches (a thread wakes once per switch)
+/// over two seconds; a call still reaches the last service.
+fn idle_services_share_one_accept_thread_that_sleeps() {
+    const SERVICES: usize = 200;
+    let dir = private_dir("idle");
+    let rt = runtime();
+    let mesh = rt.block_on(builder(&dir).open()).unwrap();
+    let mut handles = Vec::new();
+    for i in 0..SERVICES {
+        let handle = rt
+            .block_on(mesh.serve(&format!("idle-{i}"), |req: Request| async move {
+                Ok::<_, Status>(Response::new(req.into_payload()))
+            }))
+            .unwrap();
+        handles.push(handle);
+    }
+    let accept_threads = threads()
+        .iter()
+        .filter(|t| t.name.starts_with("commy-accept"))
+        .count();
+    assert_eq!(
+        accept_threads, 1,
+        "one accept thread for {SERVICES} services"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let before = threads();
+    std::thread::sleep(Duration::from_secs(2));
+    let after = threads();
+    // Wake-ups of the process's threads over the window (threads that
+    // exist at both ends; the main thread sleeps once).
+    let woke: Vec<(String, u64)> = after
+        .iter()
+        .filter_map(|t| {
+            let b = before.iter().find(|b| b.tid == t.tid)?;
+            Some((t.name.clone(), t.switches - b.switches))
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    let total: u64 = woke.iter().map(|(_, n)| n).sum();
+    // A sweep a second is 2, the main thread's sleep 1; a thread per
+    // service polling ten times a second made 4000.
+    assert!(
+        total <= 20,
+        "the idle process woke {total} times in 2 s: {woke:?}"
+    );
+    let echo = rt.block_on(mesh.call(&format!("idle-{}", SERVICES - 1), &b"hi"[..]));
+    assert_eq!(&echo.unwrap()[..], b"hi");
+    drop(handles);
+    rt.block_on(mesh.close());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One thread of this process: its id, name and context switches so far.
+struct ThreadStat {
+    tid: u32,
+    name: String,
+    switches: u64,
+}
+
+/// This process's threads, from /proc.
+fn threads() -> Vec<ThreadStat> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let Ok(tid) = task.file_name().to_string_lossy().parse() else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        let field = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(|v| v.trim().to_owned())
+                .unwrap_or_default()
+        };
+        let count = |key: &str| field(key).parse::<u64>().unwrap_or(0);
+        out.push(ThreadStat {
+            tid,
+            name: field("Name:"),
+            switches: count("voluntary_ctxt_switches:") + count("nonvoluntary_ctxt_switches:"),
+        });
+    }
+    out
 }
 
 /// A mesh in `dir` serving `echo`, and the service's handle.

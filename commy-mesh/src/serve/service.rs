@@ -27,10 +27,11 @@ pub(crate) struct Served {
 
 impl Served {
     /// Stops accepting: the socket is unlinked now (so discovery sees the
-    /// instance vanish at once) and the accept thread ends.
+    /// instance vanish at once) and its listener is closed.
     pub(crate) fn deregister(&self) {
         if !self.stop.swap(true, Ordering::AcqRel) {
             let _ = std::fs::remove_file(&self.path);
+            crate::accept::wake_acceptor();
             drop(std::mem::take(&mut *self.registrations.lock()));
         }
     }
