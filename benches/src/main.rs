@@ -12,6 +12,7 @@ mod floor;
 mod mesh;
 mod node;
 mod peer;
+mod pipeline;
 mod report;
 mod run;
 mod scenario;

@@ -28,6 +28,7 @@ use commy_net::{Credentials, DevCa, Identity, LeafSpec};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::mesh::{runtime, serve_echo_until_stopped};
+use crate::pipeline::pipelined_echo;
 use crate::scenario::{
     BenchError, ChildCtx, Endpoints, Fns, Measurement, Params, ParentCtx, io_err,
 };
@@ -262,57 +263,6 @@ fn net_child(ctx: &mut ChildCtx<'_>) -> Result<(), BenchError> {
     })
 }
 
-/// Runs `count` calls of `one` with [`PIPELINE`] in flight.
-async fn pipelined<F, Fut>(count: u64, one: F) -> Result<(), BenchError>
-where
-    F: Fn() -> Fut + Clone + Send + 'static,
-    Fut: std::future::Future<Output = Result<(), BenchError>> + Send + 'static,
-{
-    let mut tasks = tokio::task::JoinSet::new();
-    for w in 0..PIPELINE {
-        let n = count / PIPELINE + u64::from(w < count % PIPELINE);
-        let one = one.clone();
-        tasks.spawn(async move {
-            for _ in 0..n {
-                one().await?;
-            }
-            Ok::<_, BenchError>(())
-        });
-    }
-    while let Some(r) = tasks.join_next().await {
-        r.map_err(|e| BenchError::Protocol(format!("a caller task failed: {e}")))??;
-    }
-    Ok(())
-}
-
-/// The pipelined throughput of `echo`, which sends its payload and returns
-/// the length of the reply: `p.warmup` calls, then `p.iterations` timed
-/// ones, [`PIPELINE`] in flight; every reply must be as long as the request.
-async fn pipelined_echo<F, Fut>(p: Params, echo: F) -> Result<Measurement, BenchError>
-where
-    F: Fn(Bytes) -> Fut + Clone + Send + 'static,
-    Fut: std::future::Future<Output = Result<usize, BenchError>> + Send + 'static,
-{
-    let msg = Bytes::from(vec![0xA5u8; p.size]);
-    let call = move || {
-        let (echo, msg) = (echo.clone(), msg.clone());
-        async move {
-            if echo(msg.clone()).await? != msg.len() {
-                return Err(BenchError::Protocol("short echo".into()));
-            }
-            Ok(())
-        }
-    };
-    pipelined(p.warmup, call.clone()).await?;
-    let t = Instant::now();
-    pipelined(p.iterations, call).await?;
-    Ok(Measurement::Throughput {
-        messages: p.iterations,
-        bytes: p.iterations * p.size as u64,
-        elapsed: t.elapsed(),
-    })
-}
-
 fn net_parent(ctx: &mut ParentCtx<'_>, pipeline: bool) -> Result<Measurement, BenchError> {
     let port = chosen_port(std::process::id())?;
     let p = ctx.params;
@@ -324,7 +274,7 @@ fn net_parent(ctx: &mut ParentCtx<'_>, pipeline: bool) -> Result<Measurement, Be
     let m = runtime()?.block_on(async {
         let result = if pipeline {
             let client = client.clone();
-            pipelined_echo(p, move |msg| {
+            pipelined_echo(p, PIPELINE, move |msg| {
                 let client = client.clone();
                 async move {
                     let r = client
@@ -420,7 +370,7 @@ fn mesh_parent(ctx: &mut ParentCtx<'_>, pipeline: bool) -> Result<Measurement, B
             .map_err(|e| BenchError::Protocol(format!("opening the mesh: {e}")))?;
         let result = if pipeline {
             let mesh = mesh.clone();
-            pipelined_echo(p, move |msg| {
+            pipelined_echo(p, PIPELINE, move |msg| {
                 let mesh = mesh.clone();
                 async move { Ok(mesh.call("echo", msg).await.map_err(net_err("call"))?.len()) }
             })
