@@ -17,6 +17,10 @@
 //! until the peer's copy of it comes back on `bench/pong` (the peer
 //! publishes what it receives), and compares the two.
 //!
+//! Calls per second: the measuring process keeps the scenario's batch of
+//! `mesh.call("echo")` in flight (that many tasks on its one runtime
+//! thread, each calling one after another; 1: sequential calls).
+//!
 //! Throughput: the measuring process publishes messages on `bench/stream`;
 //! the peer has 1 or 4 subscriptions on it, each receiving every message, and
 //! publishes on `bench/ack` once all of them have seen the warm-up, then the
@@ -36,6 +40,14 @@ use crate::scenario::{
 pub(crate) const ROUND_TRIP: Fns = Fns {
     setup,
     parent: rt_parent,
+    child: rt_child,
+};
+
+/// Calls per second of `mesh.call("echo")`, with the scenario's batch of
+/// calls in flight (1: one after another).
+pub(crate) const CALLS: Fns = Fns {
+    setup,
+    parent: calls_parent,
     child: rt_child,
 };
 
@@ -135,6 +147,30 @@ fn rt_parent(ctx: &mut ParentCtx<'_>) -> Result<Measurement, BenchError> {
             .map_err(mesh_err("stop"))?;
         mesh.close().await;
         Ok(Measurement::RoundTrip(samples))
+    })
+}
+
+/// `p.batch` tasks call `echo` one call after another each.
+fn calls_parent(ctx: &mut ParentCtx<'_>) -> Result<Measurement, BenchError> {
+    let p = ctx.params;
+    runtime()?.block_on(async {
+        let mesh = open(std::process::id()).await?;
+        let echo = {
+            let mesh = mesh.clone();
+            move |msg: Bytes| {
+                let mesh = mesh.clone();
+                async move {
+                    let reply = mesh.call("echo", msg).await.map_err(mesh_err("call"))?;
+                    Ok(reply.len())
+                }
+            }
+        };
+        let m = crate::pipeline::pipelined_echo(p, p.batch, echo).await?;
+        mesh.call("stop", Bytes::new())
+            .await
+            .map_err(mesh_err("stop"))?;
+        mesh.close().await;
+        Ok(m)
     })
 }
 

@@ -41,6 +41,9 @@ pub(crate) const NODE_NET: &str = "node-net";
 /// The mesh call sizes: the common small message and a page.
 pub(crate) const MESH_SIZES: [usize; 2] = [64, 4096];
 
+/// Calls in flight in the pipelined `mesh.call` scenario.
+const MESH_IN_FLIGHT: u64 = 256;
+
 /// Messages per publish in the shm throughput scenarios.
 const SHM_BATCH: u64 = 32;
 
@@ -116,6 +119,15 @@ pub(crate) fn scenarios() -> Vec<Scenario> {
             Scenario::new(MESH, Kind::RoundTrip, size, mesh::ROUND_TRIP)
                 .wait(Wait::Default)
                 .in_demo(),
+        );
+    }
+    // Calls per second, one after another and 256 in flight from one
+    // runtime thread.
+    for in_flight in [1, MESH_IN_FLIGHT] {
+        all.push(
+            Scenario::new(MESH, Kind::Throughput, 64, mesh::CALLS)
+                .wait(Wait::Default)
+                .batch(in_flight),
         );
     }
     // A short deadline kept while the link's reader waits: each iteration

@@ -688,6 +688,14 @@ const GOALS: &[(&str, Goal)] = &[
         },
     ),
     (
+        "mesh.call, 64 B, 256 in flight from one runtime thread vs one at a time",
+        Goal::ThroughputRatio {
+            a: "mesh/tp-default/64B-b256",
+            b: "mesh/tp-default/64B",
+            min: 3.0,
+        },
+    ),
+    (
         "pub/sub echo round trip vs mesh.call (64 B)",
         Goal::RoundTripRatio {
             a: "pubsub-echo/rt-default/64B",
