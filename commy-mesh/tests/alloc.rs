@@ -22,8 +22,8 @@
 //! | check | allocations per call |
 //! |---|---|
 //! | client, answered while the caller polls | 1: the answer |
-//! | client, the caller sleeps until woken | 2: the answer, a tokio oneshot (104 B) |
-//! | client, default `call_spin` (50 µs) | 1.001 to 2.000 from run to run |
+//! | client, the caller sleeps until woken | 1: the answer (its call's place in the pending table holds it until the caller takes it; it was 2, with a tokio oneshot of 104 B) |
+//! | client, default `call_spin` (50 µs) | 1 |
 //! | served by `serve`, answering at once | 1: the request's payload |
 //! | served by `serve_deferred`, answering at once | 2: the payload, the responder's state (64 B) |
 //! | `publish` to a subscriber linked already | 0 |
@@ -111,9 +111,9 @@ const SLACK: u64 = 16;
 /// answer's payload.
 const CLIENT_CALL_POLLED: u64 = 1;
 /// Client side, a `mesh.call` whose caller sleeps until the link's reader
-/// thread wakes it: the answer's payload, and the tokio oneshot channel the
-/// answer is handed over in (`ClientConn::start_call`).
-const CLIENT_CALL_WOKEN: u64 = 2;
+/// thread wakes it: the answer's payload (the answer waits in the call's
+/// place in the pending table, `PendingCalls::settle`).
+const CLIENT_CALL_WOKEN: u64 = 1;
 /// Serving side, a `serve` handler that answers at once: the request's
 /// payload (which the echo hands back as its answer).
 const SERVED: u64 = 1;

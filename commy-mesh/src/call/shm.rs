@@ -12,6 +12,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -21,12 +22,11 @@ use commy_core::{
 use commy_shm::link::{LinkSender, RecvError, SendError};
 use commy_shm::{LinkReceiver, RingError, ShmLink};
 use parking_lot::Mutex;
-use tokio::sync::oneshot;
 
 use crate::call::deadline::Due;
 use crate::call::policy::CallPolicy;
 use crate::call::stats::EndpointStats;
-use crate::call::table::{AnswerSink, CallResult, CallTable, Callback, Done, PendingCalls, Waiter};
+use crate::call::table::{AnswerSink, CallResult, Callback, Done, PendingCalls, Settled, Waiter};
 use crate::response::Response;
 use crate::sync::Counted;
 use crate::warn::CLIENT_LINKS;
@@ -237,7 +237,7 @@ impl ClientConn {
                 Err(e) => Err((payload, e)),
             }
         };
-        let (id, done) = match self.rx.try_lock() {
+        let id = match self.rx.try_lock() {
             Some(mut rx) => {
                 // We own the receive ring: our answer cannot be taken by
                 // anyone else, so it needs no registration unless we stop
@@ -256,26 +256,24 @@ impl ClientConn {
                 if let Some(result) = self.poll_own(&mut rx, id, &mut due, spin) {
                     return Started::Done(result);
                 }
-                let (done_tx, done_rx) = oneshot::channel();
-                self.register(id, Waiter::Task(done_tx));
+                self.register(id, Waiter::Task(None));
                 drop(rx);
                 // Not answered within the spin: the reader thread takes over.
                 self.wake_reader();
-                (id, done_rx)
+                id
             }
             None => {
                 // Another caller (or the reader) owns the ring: it completes
                 // our call through the pending table. Polling callers make
                 // the reader stand back; the last one out wakes it.
                 let polling = Poller::enter(self);
-                let (done_tx, mut done_rx) = oneshot::channel();
                 let id = {
                     let mut tx = self.tx.lock();
                     let id = tx.open_stream();
-                    self.register(id, Waiter::Task(done_tx));
+                    self.register(id, Waiter::Task(None));
                     if let Err((payload, e)) = send(&mut tx, id, payload) {
                         drop(tx);
-                        self.take(id);
+                        self.forget(id);
                         return self.unsent(payload, e);
                     }
                     id
@@ -284,12 +282,12 @@ impl ClientConn {
                 // flight, spinners would take the threads their answers are
                 // delivered on (and the other callers' work) away.
                 if polling.may_spin()
-                    && let Some(result) = self.poll_shared(&mut done_rx, &mut due, spin)
+                    && let Some(result) = self.poll_shared(id, &mut due, spin)
                 {
                     return Started::Done(result);
                 }
                 drop(polling);
-                (id, done_rx)
+                id
             }
         };
         Started::Waiting(Waiting {
@@ -298,7 +296,6 @@ impl ClientConn {
                 id,
                 armed: true,
             },
-            done,
             due,
             _in_flight: in_flight,
         })
@@ -312,22 +309,28 @@ impl ClientConn {
         // the server is told to stop working on it.
         let Waiting {
             mut abandon,
-            mut done,
             mut due,
             _in_flight,
         } = waiting;
+        let id = abandon.id;
+        // The answer is put in the call's place in the table, where this
+        // takes it (the waker left there is woken then).
+        let answer = std::future::poll_fn(|cx| match self.take_answer(id, cx.waker()) {
+            Some(result) => Poll::Ready(result),
+            None => Poll::Pending,
+        });
         let outcome = match due.absolute() {
-            Some(d) => match tokio::time::timeout_at(d.instant().into(), &mut done).await {
+            Some(d) => match tokio::time::timeout_at(d.instant().into(), answer).await {
                 Ok(r) => r,
                 Err(_) => {
                     drop(abandon);
                     return Err(Status::deadline_exceeded("no response before the deadline"));
                 }
             },
-            None => done.await,
+            None => answer.await,
         };
         abandon.armed = false;
-        outcome.unwrap_or_else(|_| Err(gone_status()))
+        outcome
     }
 
     /// Polls the ring we own until the answer to `id` comes (completing
@@ -377,23 +380,16 @@ impl ClientConn {
         }
     }
 
-    /// Waits for our pending answer while another thread owns the ring,
-    /// taking the ring over if it is released.
-    fn poll_shared(
-        &self,
-        done: &mut oneshot::Receiver<CallResult>,
-        due: &mut Due,
-        spin: Duration,
-    ) -> Option<CallResult> {
+    /// Waits for the answer to our pending call `id` while another thread
+    /// owns the ring, taking the ring over if it is released.
+    fn poll_shared(&self, id: u64, due: &mut Due, spin: Duration) -> Option<CallResult> {
         let mut spin = SpinBudget::new(spin, 64);
         loop {
             if let Some(mut rx) = self.rx.try_lock() {
                 self.drain(&mut rx);
             }
-            match done.try_recv() {
-                Ok(r) => return Some(r),
-                Err(oneshot::error::TryRecvError::Empty) => {}
-                Err(oneshot::error::TryRecvError::Closed) => return Some(Err(gone_status())),
+            if let Some(result) = self.take_answer(id, Waker::noop()) {
+                return Some(result);
             }
             if spin.spent(due) {
                 return None;
@@ -437,9 +433,7 @@ impl ClientConn {
         if own == Some(id) {
             return Ok(Some(result));
         }
-        if let Some(waiter) = self.take(id) {
-            waiter.complete(self, result);
-        }
+        self.settle(id, result);
         Ok(None)
     }
 
@@ -534,14 +528,19 @@ impl ClientConn {
     fn fail_with(&self, status: &Status) {
         self.alive.store(false, Ordering::Release);
         self.aborter.abort();
-        let waiters: Vec<_> = {
+        let settled: Vec<Settled> = {
             let mut pending = self.pending.lock();
-            self.pending_len.store(0, Ordering::Release);
             pending.earliest = None;
-            pending.calls.drain()
+            let ids: Vec<u64> = pending.calls.iter().map(|(id, _)| id).collect();
+            let settled = ids
+                .into_iter()
+                .filter_map(|id| pending.settle(id, Err(status.clone())))
+                .collect();
+            self.pending_len.store(0, Ordering::Release);
+            settled
         };
-        for w in waiters {
-            w.complete(self, Err(status.clone()));
+        for s in settled {
+            s.finish(self);
         }
     }
 
@@ -656,7 +655,7 @@ impl ClientConn {
             self.sooner.store(true, Ordering::Release);
         }
         self.pending_len
-            .store(pending.calls.len(), Ordering::Release);
+            .store(pending.unanswered(), Ordering::Release);
         drop(pending);
         if sooner {
             // The reader may sleep until a later deadline (or for its whole
@@ -669,19 +668,40 @@ impl ClientConn {
         }
     }
 
-    /// Takes a call out of the pending table.
+    /// Takes a callback call out of the pending table.
     pub(crate) fn take(&self, id: u64) -> Option<Waiter> {
-        self.take_calls(|calls| calls.remove(id))
+        self.with_pending(|pending| pending.calls.remove(id))
     }
 
-    /// Runs `take` on the pending table under its lock (once for any
-    /// number of calls taken out), keeping `pending_len` in step.
-    fn take_calls<R>(&self, take: impl FnOnce(&mut CallTable) -> R) -> R {
+    /// Hands `result` to call `id`, if it still waits: a task's answer goes
+    /// in its place in the table and the task is woken, a callback is
+    /// called.
+    fn settle(&self, id: u64, result: CallResult) {
+        if let Some(s) = self.with_pending(|pending| pending.settle(id, result)) {
+            s.finish(self);
+        }
+    }
+
+    /// Takes call `id` out of the pending table (its task gave up);
+    /// whether it was still waiting for its answer.
+    fn forget(&self, id: u64) -> bool {
+        self.with_pending(|pending| pending.forget(id))
+    }
+
+    /// The answer of task call `id` if it came (leaving `waker` to be woken
+    /// when it does, if not).
+    fn take_answer(&self, id: u64, waker: &Waker) -> Option<CallResult> {
+        self.with_pending(|pending| pending.take_answer(id, waker))
+    }
+
+    /// Runs `f` on the pending table under its lock, keeping
+    /// `pending_len` in step.
+    fn with_pending<R>(&self, f: impl FnOnce(&mut PendingCalls) -> R) -> R {
         let mut pending = self.pending.lock();
-        let taken = take(&mut pending.calls);
+        let r = f(&mut pending);
         self.pending_len
-            .store(pending.calls.len(), Ordering::Release);
-        taken
+            .store(pending.unanswered(), Ordering::Release);
+        r
     }
 
     /// Makes `sink` the receiver of this link's token calls' answers (it
@@ -873,11 +893,11 @@ impl ClientConn {
                 .iter()
                 .filter_map(|(_, w)| match w {
                     Waiter::Callback(c) => c.deadline,
-                    Waiter::Task(_) => None,
+                    Waiter::Task(_) | Waiter::Answered(_) => None,
                 })
                 .min();
             self.pending_len
-                .store(pending.calls.len(), Ordering::Release);
+                .store(pending.unanswered(), Ordering::Release);
             expired
         };
         for (id, w) in expired {
@@ -977,17 +997,17 @@ impl ClientConn {
                     break;
                 };
                 taken += 1;
-                match (pending.calls.remove(id), local.as_deref_mut()) {
-                    // Given up on (timed out) before the answer came.
-                    (None, _) => {}
-                    (
-                        Some(Waiter::Callback(Callback {
-                            done: Done::Token(token),
-                            balanced,
-                            ..
-                        })),
-                        Some(local),
-                    ) => {
+                let token = match pending.calls.get_mut(id) {
+                    Some(Waiter::Callback(Callback {
+                        done: Done::Token(token),
+                        balanced,
+                        ..
+                    })) if local.is_some() => Some((*token, *balanced)),
+                    _ => None,
+                };
+                match (token, local.as_deref_mut()) {
+                    (Some((token, balanced)), Some(local)) => {
+                        pending.calls.remove(id);
                         if balanced {
                             self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
                         }
@@ -999,14 +1019,16 @@ impl ClientConn {
                             },
                         );
                     }
-                    (Some(waiter), _) => others.push((waiter, answer.into_result())),
+                    // Not found: given up on (timed out) before the answer
+                    // came.
+                    _ => others.extend(pending.settle(id, answer.into_result())),
                 }
             }
             self.pending_len
-                .store(pending.calls.len(), Ordering::Release);
+                .store(pending.unanswered(), Ordering::Release);
         }
-        for (waiter, result) in others {
-            waiter.complete(self, result);
+        for s in others {
+            s.finish(self);
         }
         match failed {
             Some(reason) => {
@@ -1023,10 +1045,6 @@ impl ClientConn {
     pub(crate) fn has_answers(&self) -> bool {
         self.rx.try_lock().is_none_or(|rx| rx.has_data())
     }
-}
-
-fn gone_status() -> Status {
-    Status::unavailable("the instance went away during the call")
 }
 
 impl Drop for ClientConn {
@@ -1052,7 +1070,6 @@ pub(crate) enum Started<'a> {
 /// A call sent whose answer is still to come.
 pub(crate) struct Waiting<'a> {
     abandon: Abandon<'a>,
-    pub(crate) done: oneshot::Receiver<CallResult>,
     pub(crate) due: Due,
     _in_flight: Option<Counted<'a>>,
 }
@@ -1068,7 +1085,7 @@ struct Abandon<'a> {
 
 impl Drop for Abandon<'_> {
     fn drop(&mut self) {
-        if self.armed && self.conn.take(self.id).is_some() {
+        if self.armed && self.conn.forget(self.id) {
             self.conn.cancel(self.id);
         }
     }
@@ -1195,18 +1212,36 @@ impl Done {
 }
 
 impl Waiter {
-    /// Hands `result` to whoever waits.
+    /// Hands `result` to a callback call taken out of the table (a task's
+    /// answer goes in its place instead: [`ClientConn::settle`]).
     fn complete(self, conn: &ClientConn, result: CallResult) {
+        if let Waiter::Callback(c) = self {
+            c.complete(conn, result);
+        }
+    }
+}
+
+impl Callback {
+    /// Hands `result` to the callback.
+    fn complete(self, conn: &ClientConn, result: CallResult) {
+        if self.balanced {
+            conn.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.done.finish(conn, result);
+    }
+}
+
+impl Settled {
+    /// Wakes the task whose answer was put in its place, or calls the
+    /// callback (with the table unlocked).
+    fn finish(self, conn: &ClientConn) {
         match self {
-            Waiter::Task(tx) => {
-                let _ = tx.send(result);
-            }
-            Waiter::Callback(c) => {
-                if c.balanced {
-                    conn.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+            Settled::Task(waker) => {
+                if let Some(w) = waker {
+                    w.wake();
                 }
-                c.done.finish(conn, result);
             }
+            Settled::Callback(c, result) => c.complete(conn, result),
         }
     }
 }

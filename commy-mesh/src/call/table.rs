@@ -1,11 +1,13 @@
 //! The calls in flight on one client link, by stream id, and who waits for
-//! each answer: a task, a callback or an answer sink.
+//! each answer: a task, a callback or an answer sink. A task's answer is
+//! put in its call's place in the table, where the task takes it: waiting
+//! for an answer allocates nothing.
 
+use std::task::Waker;
 use std::time::Instant;
 
 use commy_core::Status;
 use rustc_hash::FxHashMap;
-use tokio::sync::oneshot;
 
 use crate::response::Response;
 
@@ -28,9 +30,87 @@ pub trait AnswerSink: Send + Sync + 'static {
 #[derive(Default)]
 pub(crate) struct PendingCalls {
     pub(crate) calls: CallTable,
+    /// Entries of `calls` that hold an answer its task has not taken yet
+    /// ([`Waiter::Answered`]).
+    pub(crate) answered: usize,
     /// No callback call's deadline is earlier (it may be earlier than all
     /// of them: answered calls do not move it).
     pub(crate) earliest: Option<Instant>,
+}
+
+impl PendingCalls {
+    /// Calls still waiting for their answer to come from the ring.
+    pub(crate) fn unanswered(&self) -> usize {
+        self.calls.len() - self.answered
+    }
+
+    /// Hands `result` to call `id`: a task's answer is put in its place
+    /// and its waker returned (to wake once the table is unlocked); a
+    /// callback's is taken out and returned with it, to be completed then.
+    /// `None` if the call is not (or no longer) waiting.
+    pub(crate) fn settle(&mut self, id: u64, result: CallResult) -> Option<Settled> {
+        match self.calls.get_mut(id)? {
+            Waiter::Task(waker) => {
+                let waker = waker.take();
+                *self.calls.get_mut(id)? = Waiter::Answered(result);
+                self.answered += 1;
+                Some(Settled::Task(waker))
+            }
+            // A second answer to the same stream: the first one counts.
+            Waiter::Answered(_) => None,
+            Waiter::Callback(_) => match self.calls.remove(id)? {
+                Waiter::Callback(c) => Some(Settled::Callback(c, result)),
+                _ => None,
+            },
+        }
+    }
+
+    /// Takes the answer of task call `id` if it came, else leaves `waker`
+    /// to be woken when it does. `Some(Err)` if the call is not in the
+    /// table (it cannot be answered any more).
+    pub(crate) fn take_answer(&mut self, id: u64, waker: &Waker) -> Option<CallResult> {
+        match self.calls.get_mut(id) {
+            None => Some(Err(Status::unavailable(
+                "the instance went away during the call",
+            ))),
+            Some(Waiter::Task(slot)) => {
+                match slot {
+                    Some(w) if w.will_wake(waker) => {}
+                    _ => *slot = Some(waker.clone()),
+                }
+                None
+            }
+            Some(Waiter::Answered(_)) => match self.calls.remove(id) {
+                Some(Waiter::Answered(result)) => {
+                    self.answered -= 1;
+                    Some(result)
+                }
+                _ => None,
+            },
+            Some(Waiter::Callback(_)) => None,
+        }
+    }
+
+    /// Takes call `id` out (its task gave up). Returns whether it was
+    /// still waiting for its answer (the server may be told to stop).
+    pub(crate) fn forget(&mut self, id: u64) -> bool {
+        match self.calls.remove(id) {
+            Some(Waiter::Answered(_)) => {
+                self.answered -= 1;
+                false
+            }
+            Some(_) => true,
+            None => false,
+        }
+    }
+}
+
+/// What [`PendingCalls::settle`] found waiting.
+pub(crate) enum Settled {
+    /// A task, whose answer is in the table now: wake it.
+    Task(Option<Waker>),
+    /// A callback call: complete it with the result.
+    Callback(Callback, CallResult),
 }
 
 /// Pending calls by stream id: a table indexed by the id itself. Ids are
@@ -92,6 +172,18 @@ impl CallTable {
         }
     }
 
+    /// The call `id`, to change in place.
+    pub(crate) fn get_mut(&mut self, id: u64) -> Option<&mut Waiter> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let i = self.slot(id);
+        match &self.slots[i] {
+            Some((held, _)) if *held == id => self.slots[i].as_mut().map(|(_, w)| w),
+            _ => self.overflow.get_mut(&id),
+        }
+    }
+
     pub(crate) fn remove(&mut self, id: u64) -> Option<Waiter> {
         if self.slots.is_empty() {
             return None;
@@ -113,25 +205,14 @@ impl CallTable {
         let slots = self.slots.iter().flatten().map(|(id, w)| (*id, w));
         slots.chain(self.overflow.iter().map(|(id, w)| (*id, w)))
     }
-
-    /// Takes every pending call out.
-    pub(crate) fn drain(&mut self) -> Vec<Waiter> {
-        self.len = 0;
-        let slots = self
-            .slots
-            .iter_mut()
-            .filter_map(Option::take)
-            .map(|(_, w)| w);
-        let mut all: Vec<Waiter> = slots.collect();
-        all.extend(self.overflow.drain().map(|(_, w)| w));
-        all
-    }
 }
 
 /// Who gets a pending call's answer.
 pub(crate) enum Waiter {
-    /// A calling task.
-    Task(oneshot::Sender<CallResult>),
+    /// A calling task, and its waker once it waits.
+    Task(Option<Waker>),
+    /// A calling task's answer, until the task takes it.
+    Answered(CallResult),
     /// A callback (`ClientConn::call_then`).
     Callback(Callback),
 }
@@ -158,7 +239,7 @@ mod tests {
     use super::*;
 
     fn task_waiter() -> Waiter {
-        Waiter::Task(oneshot::channel().0)
+        Waiter::Task(None)
     }
 
     /// The call table finds every call it holds, whether in its slot or
@@ -198,9 +279,44 @@ mod tests {
         listed.sort_unstable();
         assert_eq!(listed, live.iter().copied().collect::<Vec<_>>());
         assert!(table.remove(1).is_some());
-        assert_eq!(table.drain().len(), live.len() - 1);
+        for id in live.iter().filter(|i| **i != 1) {
+            assert!(table.remove(*id).is_some(), "call {id} lost");
+        }
         assert_eq!(table.len(), 0);
         assert_eq!(table.iter().count(), 0);
+    }
+
+    /// A task's answer waits in its place until the task takes it; the
+    /// task's waker is handed back to be woken; a second answer, or one
+    /// for a call given up, finds nothing; a task that gives up learns
+    /// whether its answer had come.
+    #[test]
+    fn a_task_answer_waits_in_its_place() {
+        let mut pending = PendingCalls::default();
+        pending.calls.insert(1, Waiter::Task(None));
+        pending.calls.insert(3, Waiter::Task(None));
+        assert_eq!(pending.unanswered(), 2);
+        // Not answered yet: the waker stays.
+        assert!(pending.take_answer(1, Waker::noop()).is_none());
+        match pending.settle(1, Err(Status::internal("x"))) {
+            Some(Settled::Task(Some(_))) => {}
+            _ => panic!("the waiting task was not handed back"),
+        }
+        assert_eq!(pending.unanswered(), 1);
+        assert!(pending.settle(1, Err(Status::internal("again"))).is_none());
+        let taken = pending.take_answer(1, Waker::noop()).unwrap();
+        assert_eq!(taken.unwrap_err().message(), "x");
+        // Taken out: a later look finds the call gone.
+        assert!(pending.take_answer(1, Waker::noop()).unwrap().is_err());
+        assert_eq!(pending.calls.len(), 1);
+        // Giving up before the answer: the server may be told to stop.
+        assert!(pending.forget(3));
+        assert!(pending.settle(3, Err(Status::internal("late"))).is_none());
+        pending.calls.insert(5, Waiter::Task(None));
+        assert!(pending.settle(5, Err(Status::internal("y"))).is_some());
+        // After it: nothing to stop, and nothing left.
+        assert!(!pending.forget(5));
+        assert_eq!((pending.calls.len(), pending.answered), (0, 0));
     }
 
     /// Ids that wrap around the whole table (more calls than slots, none
