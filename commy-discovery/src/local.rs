@@ -440,6 +440,23 @@ impl LocalRegistry {
         self.mesh_dir.path()
     }
 
+    /// Removes the mesh's empty directories: those of services without
+    /// instances, then the mesh's own if nothing is left in it. For a
+    /// process that is done with the mesh: what another process still
+    /// uses is not empty and stays. A process about to bind a socket in a
+    /// directory removed meanwhile makes it again
+    /// ([`LocalRegistry::socket_path`]) and binds again.
+    pub fn tidy(&self) {
+        if let Ok(entries) = fs::read_dir(self.mesh_dir.path()) {
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    let _ = fs::remove_dir(entry.path());
+                }
+            }
+        }
+        let _ = fs::remove_dir(self.mesh_dir.path());
+    }
+
     /// This host's id, as put in every [`Instance`] found.
     pub fn host(&self) -> &HostId {
         &self.host
