@@ -11,8 +11,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use commy_core::Status;
+use std::path::{Path, PathBuf};
+
 use commy_core::backoff::AcceptBackoff;
+use commy_core::{InstanceId, ServiceName, Status};
+use commy_discovery::LocalRegistry;
+use commy_shm::uds::BindError;
 use commy_shm::{LinkConfig, ShmLink, UdsListener};
 use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
@@ -135,6 +139,52 @@ pub(crate) fn start_accepting(
         wake_acceptor();
     }
     Ok(())
+}
+
+/// Binds the socket that announces instance `id` of `name` (a service, or
+/// a topic's subscriber set) in `registry`; `what` names it in errors.
+/// Another process tidying up may remove the (empty) directory between its
+/// creation and the bind ([`LocalRegistry::tidy`]): the directory is made
+/// and the bind tried again then.
+pub(crate) fn bind_announcement(
+    registry: &LocalRegistry,
+    name: &ServiceName,
+    id: InstanceId,
+    what: &str,
+) -> Result<(PathBuf, UdsListener), Status> {
+    let mut tries = 0;
+    loop {
+        let path = registry
+            .socket_path(name, id)
+            .map_err(|e| Status::unavailable(format!("cannot announce {what}: {e}")))?;
+        match UdsListener::bind(&path) {
+            Ok(listener) => return Ok((path, listener)),
+            Err(BindError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound && tries < BIND_TRIES =>
+            {
+                tries += 1;
+            }
+            Err(e) => {
+                return Err(Status::unavailable(format!(
+                    "cannot listen for {what}: {e}"
+                )));
+            }
+        }
+    }
+}
+
+/// Binds tried again when the announcement's directory vanished.
+const BIND_TRIES: u32 = 3;
+
+/// Removes the directory of a socket just removed if it is empty (the
+/// last instance of its service, or subscription of its set, on this
+/// host), then the mesh's directory above it if that is empty too (see
+/// [`LocalRegistry::tidy`]).
+pub(crate) fn remove_dir_of(socket: &Path) {
+    let mut dirs = socket.ancestors().skip(1).take(2);
+    while let Some(dir) = dirs.next()
+        && std::fs::remove_dir(dir).is_ok()
+    {}
 }
 
 /// Wakes the accept loop, so that a listener whose `stop` was just set is

@@ -30,10 +30,10 @@ use bytes::Bytes;
 use commy_config::{Loaded, NetConfig, Settings, Source, TransportPreference};
 use commy_core::{InstanceId, MeshName, Metadata, ServiceName, Status};
 use commy_discovery::{Discover, Instance, LocalRegistry, Registration};
-use commy_shm::{RuntimeDir, ShmLink, UdsListener};
+use commy_shm::{RuntimeDir, ShmLink};
 use parking_lot::Mutex;
 
-use crate::accept::start_accepting;
+use crate::accept::{bind_announcement, start_accepting};
 use crate::call::deadline::Due;
 use crate::call::options::CallOptions;
 use crate::call::policy::{CallPolicies, settle};
@@ -117,6 +117,15 @@ struct Inner {
     net: Option<Arc<NetState>>,
     /// Set once [`Mesh::drive_answers`] made this handle's driver.
     answers: OnceLock<Arc<Claims>>,
+}
+
+impl Drop for Inner {
+    /// The last handle gone, closed or not: the mesh's directories this
+    /// process left empty go too (as [`Mesh::close`] does).
+    fn drop(&mut self) {
+        self.registry.tidy();
+        self.pubsub.tidy();
+    }
 }
 
 impl Mesh {
@@ -282,13 +291,8 @@ impl Mesh {
         self.check_open()?;
         let service = service_name(name)?;
         let id = InstanceId::random();
-        let path = self
-            .inner
-            .registry
-            .socket_path(&service, id)
-            .map_err(|e| Status::unavailable(format!("cannot announce {service}: {e}")))?;
-        let listener = UdsListener::bind(&path)
-            .map_err(|e| Status::unavailable(format!("cannot listen for {service}: {e}")))?;
+        let (path, listener) =
+            bind_announcement(&self.inner.registry, &service, id, service.as_str())?;
         let ctx = Arc::new(ServeCtx {
             handler,
             limits: self.inner.config.limits.unfragmented(),
@@ -982,6 +986,7 @@ impl Mesh {
         }
         self.inner.services.clear();
         self.inner.pubsub.clear();
+        self.inner.registry.tidy();
         if let Some(net) = &self.inner.net {
             net.close().await;
         }

@@ -60,7 +60,7 @@ use commy_core::{
 };
 use commy_discovery::LocalRegistry;
 use commy_shm::link::RecvError;
-use commy_shm::{LinkConfig, RingError, ShmLink, UdsListener};
+use commy_shm::{LinkConfig, RingError, ShmLink};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
@@ -70,7 +70,7 @@ pub(crate) mod remote;
 
 use inbox::{Inbox, Reader};
 
-use crate::accept::{start_accepting, wake_acceptor};
+use crate::accept::{bind_announcement, remove_dir_of, start_accepting, wake_acceptor};
 use crate::call::pool::{LOCAL_INLINE, LocalLink, Pools};
 use crate::call::shm::Unsent;
 use crate::sync::Counted;
@@ -472,6 +472,7 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         if !self.stop.swap(true, Ordering::AcqRel) {
             let _ = std::fs::remove_file(&self.path);
+            remove_dir_of(&self.path);
             wake_acceptor();
         }
         if let Some(withdraw) = self.withdraw.take() {
@@ -683,12 +684,25 @@ impl GroupIndex {
             return;
         }
         let dir = dir.to_owned();
-        use inotify::{Inotify, WatchMask};
+        use inotify::{EventMask, Inotify, WatchMask};
+        let mask = WatchMask::CREATE
+            | WatchMask::MOVED_TO
+            | WatchMask::DELETE
+            | WatchMask::DELETE_SELF
+            | WatchMask::ONLYDIR;
+        // The directory may have been tidied away by a process that closed
+        // its mesh handle: it is made again, here and whenever that happens
+        // while it is watched.
+        let make = |dir: &std::path::Path| {
+            use std::os::unix::fs::DirBuilderExt;
+            let _ = std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir);
+        };
+        make(&dir);
         let inotify = Inotify::init().and_then(|i| {
-            i.watches().add(
-                &dir,
-                WatchMask::CREATE | WatchMask::MOVED_TO | WatchMask::DELETE | WatchMask::ONLYDIR,
-            )?;
+            i.watches().add(&dir, mask)?;
             Ok(i)
         });
         self.rescan(&dir);
@@ -699,8 +713,17 @@ impl GroupIndex {
                     use tokio_stream::StreamExt;
                     while let Some(ev) = events.next().await {
                         let Some(index) = index.upgrade() else { return };
-                        if ev.is_err() {
-                            return;
+                        let Ok(ev) = ev else { return };
+                        if ev.mask.contains(EventMask::IGNORED) {
+                            make(&dir);
+                            if let Err(e) = events.watches().add(&dir, mask) {
+                                tracing::warn!(
+                                    "cannot watch {} for queue groups again ({e}); groups \
+                                     created later are not seen",
+                                    dir.display()
+                                );
+                                return;
+                            }
                         }
                         index.rescan(&dir);
                     }
@@ -852,12 +875,12 @@ impl PubSub {
         };
         let key = key_name(&key)?;
         let id = id.unwrap_or_else(InstanceId::random);
-        let path = self
-            .registry
-            .socket_path(&key, id)
-            .map_err(|e| Status::unavailable(format!("cannot announce the subscription: {e}")))?;
-        let listener = UdsListener::bind(&path)
-            .map_err(|e| Status::unavailable(format!("cannot listen for publishers: {e}")))?;
+        let (path, listener) = bind_announcement(
+            &self.registry,
+            &key,
+            id,
+            &format!("a subscription to {topic}"),
+        )?;
         let queue = Arc::new(Queue {
             topic: topic.clone(),
             state: Mutex::new(QueueState {
@@ -1137,10 +1160,17 @@ impl PubSub {
         }
     }
 
-    /// Drops the links to subscribers.
+    /// Removes the topic registry's empty directories.
+    pub(crate) fn tidy(&self) {
+        self.registry.tidy();
+    }
+
+    /// Drops the links to subscribers, and the topic registry's empty
+    /// directories.
     pub(crate) fn clear(&self) {
         self.routes.lock().clear();
         self.pools.clear();
+        self.tidy();
     }
 }
 

@@ -974,3 +974,82 @@ async fn a_shared_memory_link_that_breaks_stream_order_is_closed() {
     );
     server.close().await;
 }
+
+/// A handle that closes removes the mesh's directories it leaves empty
+/// (its services', its subscriptions', the ones a call looked in, and the
+/// mesh's own), and only those: what another handle still uses stays, and
+/// that handle goes on serving, subscribing and forming queue groups in
+/// directories made again after they were removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_handle_leaves_no_empty_directory() {
+    if as_child() {
+        return;
+    }
+    let dir = private_dir("tidy");
+    let entries = |dir: &Path| -> Vec<String> {
+        let mut all = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                let p = e.path();
+                all.push(p.strip_prefix(dir).unwrap().display().to_string());
+                if e.file_type().unwrap().is_dir() {
+                    stack.push(p);
+                }
+            }
+        }
+        all.sort();
+        all
+    };
+    let echo = |req: Request| async move { Ok::<_, Status>(Response::new(req.into_payload())) };
+
+    // Alone: nothing is left.
+    let mesh = open(&dir).await;
+    let _svc = mesh.serve("tidy-echo", echo).await.unwrap();
+    let _sub = mesh.subscribe("tidy/topic").await.unwrap();
+    let _member = mesh.subscribe_group("tidy/topic", "workers").await.unwrap();
+    assert_eq!(
+        mesh.call("nobody-here", &b"x"[..])
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    mesh.close().await;
+    drop((_svc, _sub, _member));
+    assert_eq!(entries(&dir), Vec::<String>::new());
+
+    // Beside another handle: its directories stay, and it goes on.
+    let stays = open(&dir).await;
+    let _kept = stays.serve("kept", echo).await.unwrap();
+    let _kept_sub = stays.subscribe("kept/topic").await.unwrap();
+    // Its publisher watches the topic registry for queue groups.
+    assert_eq!(stays.publish("kept/topic", &b"1"[..]).await.unwrap(), 1);
+    let leaves = open(&dir).await;
+    let _gone = leaves.serve("gone", echo).await.unwrap();
+    leaves.close().await;
+    let left = entries(&dir);
+    assert!(
+        left.iter().any(|e| e.starts_with("default/kept/")),
+        "{left:?}"
+    );
+    assert!(!left.iter().any(|e| e.contains("gone")), "{left:?}");
+    // Directories removed meanwhile are made again.
+    let again = open(&dir).await;
+    again.close().await;
+    let _later = stays.serve("later", echo).await.unwrap();
+    assert_eq!(&stays.call("later", &b"hi"[..]).await.unwrap()[..], b"hi");
+    let mut member = stays.subscribe_group("kept/topic", "late").await.unwrap();
+    stays
+        .wait_for_subscribers("kept/topic", 2, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(stays.publish("kept/topic", &b"2"[..]).await.unwrap(), 2);
+    let got = member.next_timeout(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(&got.unwrap().payload()[..], b"2");
+    drop(member);
+    stays.close().await;
+    drop((_kept, _kept_sub, _later));
+    assert_eq!(entries(&dir), Vec::<String>::new());
+    let _ = std::fs::remove_dir_all(&dir);
+}

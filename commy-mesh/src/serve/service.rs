@@ -31,6 +31,7 @@ impl Served {
     pub(crate) fn deregister(&self) {
         if !self.stop.swap(true, Ordering::AcqRel) {
             let _ = std::fs::remove_file(&self.path);
+            crate::accept::remove_dir_of(&self.path);
             crate::accept::wake_acceptor();
             drop(std::mem::take(&mut *self.registrations.lock()));
         }
