@@ -879,12 +879,7 @@ mod tests {
                 &tp(600_000.0),
             ),
         ];
-        let json = format!(
-            r#"{{"schema": 1, "quick": false, "runs": 5, "filters": [], "pinning": null,
-            "timer_overhead_ns": 20.0, "results": [{}]}}"#,
-            rows.join(",")
-        );
-        let report: Report = serde_json::from_str(&json).unwrap();
+        let report = report_of(&rows);
         let checked = check_targets(&report);
         assert_eq!(checked.len(), 2);
         assert!(checked[0].met, "0.75x the echo meets the 1x goal");
@@ -914,12 +909,7 @@ mod tests {
             row("pubsub-1sub/tp-default/64B", &tp(2e6)),
             row("pubsub-4sub/tp-default/64B", &tp(0.6e6)),
         ];
-        let json = format!(
-            r#"{{"schema": 1, "quick": false, "runs": 5, "filters": [], "pinning": null,
-            "timer_overhead_ns": 20.0, "results": [{}]}}"#,
-            rows.join(",")
-        );
-        let report: Report = serde_json::from_str(&json).unwrap();
+        let report = report_of(&rows);
         let checked = check_targets(&report);
         let goal = |name: &str| checked.iter().find(|c| c.goal.starts_with(name)).unwrap();
         let tail = goal("pub/sub echo round trip, p99");
@@ -927,6 +917,16 @@ mod tests {
         let fan = goal("pub/sub 1 -> 4");
         assert_eq!((fan.measured.as_str(), fan.met), ("1.20×", true));
         assert!(!goal("pub/sub 1 -> 1, one publish").met, "2 M misses 5 M");
+    }
+
+    /// A report of a run whose results are `rows` (JSON objects).
+    fn report_of(rows: &[String]) -> Report {
+        let json = format!(
+            r#"{{"schema": 1, "quick": false, "runs": 5, "filters": [], "pinning": null,
+            "timer_overhead_ns": 20.0, "results": [{}]}}"#,
+            rows.join(",")
+        );
+        serde_json::from_str(&json).unwrap()
     }
 
     /// The machine the rendering tests describe.
