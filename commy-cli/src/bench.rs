@@ -15,8 +15,9 @@ pub(crate) enum Command {
     /// Round-trip latency of sequential calls: p50, p99, p99.9.
     #[command(
         long_about = "Round-trip latency of sequential calls through the mesh API: --warmup \
-                      unmeasured calls, then --count measured ones, one at a time. Prints min, \
-                      p50, p99, p99.9, max and mean."
+                      unmeasured calls, then --count measured ones, one at a time (or started \
+                      --rate times a second, a call that is late starting at once). Prints \
+                      min, p50, p99, p99.9, max and mean."
     )]
     Rtt {
         #[command(flatten)]
@@ -24,6 +25,10 @@ pub(crate) enum Command {
         /// Unmeasured calls made first.
         #[arg(long, value_name = "N", default_value_t = 1000)]
         warmup: u64,
+        /// Start the calls at this many per second instead of back to back
+        /// (for what a served process costs at a given rate).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+        rate: Option<u64>,
     },
     /// Calls per second with many calls in flight.
     #[command(
@@ -111,9 +116,11 @@ pub(crate) async fn run(global: &Global, cmd: Command) -> Result<(), CliError> {
     let target = Target::new(&mesh, common.service.clone()).await?;
     let payload = Bytes::from(vec![0x5a; common.size]);
     let result = match &cmd {
-        Command::Rtt { common, warmup } => {
-            rtt(&mesh, &target, &payload, common.count, *warmup).await
-        }
+        Command::Rtt {
+            common,
+            warmup,
+            rate,
+        } => rtt(&mesh, &target, &payload, common.count, *warmup, *rate).await,
         Command::Throughput {
             common,
             concurrency,
@@ -130,12 +137,24 @@ async fn rtt(
     payload: &Bytes,
     count: u64,
     warmup: u64,
+    rate: Option<u64>,
 ) -> Result<String, CliError> {
+    let every = rate.map(|r| Duration::from_secs(1) / u32::try_from(r).unwrap_or(u32::MAX));
+    let mut next = Instant::now();
     for _ in 0..warmup {
+        if let Some(every) = every {
+            tokio::time::sleep_until(next.into()).await;
+            next += every;
+        }
         mesh.call(&target.name, payload.clone()).await?;
     }
     let mut samples = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
+    let started = Instant::now();
     for _ in 0..count {
+        if let Some(every) = every {
+            tokio::time::sleep_until(next.into()).await;
+            next += every;
+        }
         let t = Instant::now();
         mesh.call(&target.name, payload.clone()).await?;
         samples.push(t.elapsed());
@@ -144,8 +163,15 @@ async fn rtt(
     let mean =
         samples.iter().sum::<Duration>() / u32::try_from(samples.len()).unwrap_or(u32::MAX).max(1);
     let line = |label: &str, d: Duration| format!("  {label:<6} {:>12}\n", human(d));
+    let paced = match rate {
+        Some(r) => format!(
+            " at {r}/s ({:.0}/s achieved)",
+            samples.len() as f64 / started.elapsed().as_secs_f64().max(f64::MIN_POSITIVE)
+        ),
+        None => String::new(),
+    };
     let mut out = format!(
-        "rtt: {}, {}-byte payload, {} sequential calls after {} warm-up calls\n",
+        "rtt: {}, {}-byte payload, {} sequential calls{paced} after {} warm-up calls\n",
         target.describe(),
         payload.len(),
         samples.len(),
