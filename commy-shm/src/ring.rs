@@ -412,6 +412,8 @@ pub struct Producer {
     /// when the batch is published: it is what makes the batch visible.
     deferred: Option<(usize, u64)>,
     strategy: WaitStrategy,
+    /// Whether waiting for space spins first (see [`WaitStrategy`]).
+    pacing: wait::Pacing,
     error: Option<RingError>,
 }
 
@@ -444,6 +446,7 @@ impl Producer {
             head_cache: 0,
             deferred: None,
             strategy,
+            pacing: wait::Pacing::default(),
             error: None,
         }
     }
@@ -638,6 +641,7 @@ impl Producer {
                 strategy,
                 &ctl.space_words(),
                 deadline,
+                &mut self.pacing,
                 || {
                     // SYNC: Acquire pairs with the consumer's Release of `head`.
                     let head = ctl.head.0.load(Ordering::Acquire);
@@ -852,6 +856,8 @@ pub struct Consumer {
     /// Last value stored to the shared head.
     published: u64,
     strategy: WaitStrategy,
+    /// Whether waiting for records spins first (see [`WaitStrategy`]).
+    pacing: wait::Pacing,
     error: Option<RingError>,
 }
 
@@ -889,6 +895,7 @@ impl Consumer {
             head: 0,
             published: 0,
             strategy,
+            pacing: wait::Pacing::default(),
             error: None,
         }
     }
@@ -1091,7 +1098,14 @@ impl Consumer {
             ctl.head.0.store(released, Ordering::Release);
             false
         };
-        let waited = wait::wait_until(strategy, &ctl.data_words(), deadline, ready, reassert);
+        let waited = wait::wait_until(
+            strategy,
+            &ctl.data_words(),
+            deadline,
+            &mut self.pacing,
+            ready,
+            reassert,
+        );
         // An interrupt ends this wait only: a record that is there is still
         // handed out (the caller re-checks whatever it was woken for).
         if mem.local.interrupted.load(Ordering::Relaxed) {

@@ -38,7 +38,10 @@ pub enum WaitStrategy {
     BusyPoll,
     /// Spin for `spin`, then yield the CPU for `yield_for`, then sleep on a
     /// futex until woken (no CPU used while asleep; the sleeper re-checks
-    /// on its own every [`RECHECK_INTERVAL`]).
+    /// on its own every [`RECHECK_INTERVAL`]). Spinning pays only when
+    /// what is waited for comes soon: a waiter whose last wait had to sleep
+    /// sleeps at once the next time, until a wait ends within `spin` again
+    /// (so slow traffic costs a wake-up per message, not a spin).
     Adaptive {
         /// How long to spin before yielding.
         spin: Duration,
@@ -99,6 +102,14 @@ impl WakeWords<'_> {
     }
 }
 
+/// What one side's recent waits showed: whether spinning before sleeping
+/// pays (see [`WaitStrategy::Adaptive`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Pacing {
+    /// Set after a wait that had to sleep: the next one sleeps at once.
+    sleep_at_once: bool,
+}
+
 /// Waits until `ready()` returns true or `deadline` passes.
 ///
 /// `ready` must re-check everything that may end the wait (data available,
@@ -112,6 +123,7 @@ pub(crate) fn wait_until(
     strategy: WaitStrategy,
     words: &WakeWords<'_>,
     deadline: Option<Instant>,
+    pacing: &mut Pacing,
     mut ready: impl FnMut() -> bool,
     mut before_sleep: impl FnMut() -> bool,
 ) -> Waited {
@@ -123,6 +135,12 @@ pub(crate) fn wait_until(
         WaitStrategy::BusyPoll => (Duration::MAX, Duration::ZERO),
         WaitStrategy::Adaptive { spin, yield_for } => (spin, yield_for),
     };
+    if pacing.sleep_at_once && spin != Duration::MAX {
+        let waited = sleep_until(words, deadline, &mut ready, &mut before_sleep);
+        // What came within the spin would have been caught spinning.
+        pacing.sleep_at_once = start.elapsed() >= spin;
+        return waited;
+    }
     // Phase 1: spin. Check the clock only every 64 iterations.
     let mut i: u32 = 0;
     loop {
@@ -156,7 +174,19 @@ pub(crate) fn wait_until(
             break;
         }
     }
-    // Phase 3: sleep on the futex.
+    // Phase 3: sleep on the futex (and at once next time).
+    pacing.sleep_at_once = true;
+    sleep_until(words, deadline, &mut ready, &mut before_sleep)
+}
+
+/// Sleeps on the futex until `ready()` or `deadline` (see [`wait_until`]).
+#[cfg(not(loom))]
+fn sleep_until(
+    words: &WakeWords<'_>,
+    deadline: Option<Instant>,
+    ready: &mut impl FnMut() -> bool,
+    before_sleep: &mut impl FnMut() -> bool,
+) -> Waited {
     loop {
         // SYNC: Acquire pairs with the Release bump in `WakeWords::wake`.
         let seq = words.seq.load(Ordering::Acquire);
@@ -189,6 +219,7 @@ pub(crate) fn wait_until(
     _strategy: WaitStrategy,
     _words: &WakeWords<'_>,
     _deadline: Option<Instant>,
+    _pacing: &mut Pacing,
     mut ready: impl FnMut() -> bool,
     _before_sleep: impl FnMut() -> bool,
 ) -> Waited {
@@ -226,3 +257,85 @@ fn futex_wait(_word: &AtomicU32, _expected: u32, _timeout: Duration) {
 
 #[cfg(loom)]
 fn futex_wake(_word: &AtomicU32) {}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+
+    /// Two words and a flag another thread sets (waking the sleeper).
+    struct Waitable {
+        seq: AtomicU32,
+        waiting: AtomicU32,
+        ready: AtomicBool,
+    }
+
+    impl Waitable {
+        fn words(&self) -> WakeWords<'_> {
+            WakeWords {
+                seq: &self.seq,
+                waiting: &self.waiting,
+            }
+        }
+
+        /// Sets the flag after `after`, from another thread.
+        fn set_later(self: &Arc<Self>, after: Duration) -> std::thread::JoinHandle<()> {
+            let w = self.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(after);
+                w.ready.store(true, Ordering::SeqCst);
+                w.words().notify();
+            })
+        }
+
+        fn wait(&self, strategy: WaitStrategy, pacing: &mut Pacing) -> Waited {
+            let deadline = Some(Instant::now() + Duration::from_secs(10));
+            let ready = || self.ready.load(Ordering::SeqCst);
+            wait_until(strategy, &self.words(), deadline, pacing, ready, || false)
+        }
+    }
+
+    /// A wait that had to sleep makes the next one sleep at once; a wait
+    /// that ends within the spin time makes the next one spin again.
+    #[test]
+    fn spinning_is_skipped_while_it_does_not_pay() {
+        let w = Arc::new(Waitable {
+            seq: AtomicU32::new(0),
+            waiting: AtomicU32::new(0),
+            ready: AtomicBool::new(false),
+        });
+        let mut pacing = Pacing::default();
+        // Slow: the flag comes long after a 20 µs spin and yield.
+        let short = WaitStrategy::Adaptive {
+            spin: Duration::from_micros(10),
+            yield_for: Duration::from_micros(10),
+        };
+        let setter = w.set_later(Duration::from_millis(20));
+        assert_eq!(w.wait(short, &mut pacing), Waited::Ready);
+        setter.join().unwrap();
+        assert!(pacing.sleep_at_once, "a wait that slept did not say so");
+        // Fast, against a long spin time: the flag comes within it, so the
+        // sleep at once was a mistake and the next wait spins.
+        w.ready.store(false, Ordering::SeqCst);
+        let long = WaitStrategy::Adaptive {
+            spin: Duration::from_secs(5),
+            yield_for: Duration::ZERO,
+        };
+        let setter = w.set_later(Duration::from_millis(1));
+        assert_eq!(w.wait(long, &mut pacing), Waited::Ready);
+        setter.join().unwrap();
+        assert!(
+            !pacing.sleep_at_once,
+            "traffic within the spin time still sleeps"
+        );
+        // Busy polling never sleeps, whatever came before.
+        w.ready.store(false, Ordering::SeqCst);
+        pacing.sleep_at_once = true;
+        let setter = w.set_later(Duration::from_millis(1));
+        assert_eq!(w.wait(WaitStrategy::BusyPoll, &mut pacing), Waited::Ready);
+        setter.join().unwrap();
+        assert_eq!(w.waiting.load(Ordering::SeqCst), 0);
+    }
+}
