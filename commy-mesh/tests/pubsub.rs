@@ -522,6 +522,67 @@ async fn a_subscriber_stopped_mid_stream_is_disconnected() {
     stalled_subscriber("stall-mid", 100).await;
 }
 
+/// A subscriber process killed with SIGKILL mid-stream, beside two that
+/// keep up (reading their publishers' rings directly, policy `Block`):
+/// the publisher goes on without an error, counting the dead one no more
+/// once it noticed, and the others get every message in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_killed_mid_stream_costs_the_others_nothing() {
+    if as_child() {
+        return;
+    }
+    use rustix::process::{Pid, Signal, kill_process};
+    const N: u64 = 20_000;
+    const KILLED_AT: u64 = 1_000;
+    let dir = private_dir("killed");
+    let mesh = open(&dir).await;
+    let mut victim = spawn_sub(&dir, None);
+    let pid = Pid::from_raw(victim.child.id() as i32).unwrap();
+    let mut readers = Vec::new();
+    for _ in 0..2 {
+        let mut sub = mesh.subscribe("ticks").await.unwrap();
+        readers.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            while (got.len() as u64) < N {
+                let m = sub.next().await.expect("the subscription lasts");
+                got.push(u64::from_le_bytes(m.payload()[..8].try_into().unwrap()));
+            }
+            got
+        }));
+    }
+    mesh.wait_for_subscribers("ticks", 3, SILENCE)
+        .await
+        .unwrap();
+    let mut counts = Vec::new();
+    for i in 0..N {
+        if i == KILLED_AT {
+            victim.until(|l| l == format!("S {}", KILLED_AT - 1));
+            kill_process(pid, Signal::KILL).unwrap();
+            victim.child.wait().unwrap();
+        }
+        counts.push(
+            mesh.publish("ticks", i.to_le_bytes().to_vec())
+                .await
+                .unwrap(),
+        );
+    }
+    assert!(counts[..KILLED_AT as usize].iter().all(|n| *n == 3));
+    assert!(
+        counts[KILLED_AT as usize..]
+            .iter()
+            .all(|n| *n == 2 || *n == 3)
+    );
+    assert_eq!(
+        *counts.last().unwrap(),
+        2,
+        "the dead subscriber is still counted"
+    );
+    for r in readers {
+        assert_eq!(r.await.unwrap(), (0..N).collect::<Vec<_>>());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A subscriber process stopped after `before` messages, while 40,000
 /// are published to it and two subscribers that keep up.
 async fn stalled_subscriber(name: &str, before: u64) {
