@@ -39,9 +39,10 @@ pub enum WaitStrategy {
     /// Spin for `spin`, then yield the CPU for `yield_for`, then sleep on a
     /// futex until woken (no CPU used while asleep; the sleeper re-checks
     /// on its own every [`RECHECK_INTERVAL`]). Spinning pays only when
-    /// what is waited for comes soon: a waiter whose last wait had to sleep
-    /// sleeps at once the next time, until a wait ends within `spin` again
-    /// (so slow traffic costs a wake-up per message, not a spin).
+    /// what is waited for comes soon: a waiter whose last wait lasted
+    /// longer than `spin` sleeps at once the next time, until a wait ends
+    /// within `spin` again (so traffic slower than that costs a wake-up per
+    /// message, not a spin and a yield).
     Adaptive {
         /// How long to spin before yielding.
         spin: Duration,
@@ -106,7 +107,8 @@ impl WakeWords<'_> {
 /// pays (see [`WaitStrategy::Adaptive`]).
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Pacing {
-    /// Set after a wait that had to sleep: the next one sleeps at once.
+    /// Set after a wait that lasted longer than the spin time: the next one
+    /// sleeps at once.
     sleep_at_once: bool,
 }
 
@@ -159,7 +161,9 @@ pub(crate) fn wait_until(
             }
         }
     }
-    // Phase 2: yield.
+    // Phase 2: yield. What comes later than the spin time does not pay for
+    // spinning: the next wait sleeps at once.
+    pacing.sleep_at_once = true;
     let yield_end = start.checked_add(spin.saturating_add(yield_for));
     loop {
         sync::yield_now();
@@ -174,8 +178,7 @@ pub(crate) fn wait_until(
             break;
         }
     }
-    // Phase 3: sleep on the futex (and at once next time).
-    pacing.sleep_at_once = true;
+    // Phase 3: sleep on the futex.
     sleep_until(words, deadline, &mut ready, &mut before_sleep)
 }
 
@@ -297,8 +300,9 @@ mod tests {
         }
     }
 
-    /// A wait that had to sleep makes the next one sleep at once; a wait
-    /// that ends within the spin time makes the next one spin again.
+    /// A wait that lasted longer than the spin time makes the next one
+    /// sleep at once; a wait that ends within the spin time makes the next
+    /// one spin again.
     #[test]
     fn spinning_is_skipped_while_it_does_not_pay() {
         let w = Arc::new(Waitable {
