@@ -8,6 +8,7 @@
 //! `cargo xtask bench` runs it and writes docs/BENCHMARKS.md.
 #![forbid(unsafe_code)]
 
+mod cpu;
 mod floor;
 mod mesh;
 mod node;

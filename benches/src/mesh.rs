@@ -51,6 +51,24 @@ pub(crate) const CALLS: Fns = Fns {
     child: rt_child,
 };
 
+/// The serving process's CPU time at a rate of `mesh.call("echo")`.
+pub(crate) const CPU: Fns = Fns {
+    setup,
+    parent: cpu_parent,
+    child: rt_child,
+};
+
+/// A process serving [`IDLE_SERVICES`] services that nobody calls: its
+/// CPU time over the window.
+pub(crate) const IDLE: Fns = Fns {
+    setup,
+    parent: cpu_parent,
+    child: idle_child,
+};
+
+/// Services of the idle scenario.
+pub(crate) const IDLE_SERVICES: usize = 200;
+
 /// A callback call's short deadline kept while the link's reader waits
 /// for a longer one (see [`deadline_parent`]).
 pub(crate) const CALLBACK_DEADLINE: Fns = Fns {
@@ -174,6 +192,61 @@ fn calls_parent(ctx: &mut ParentCtx<'_>) -> Result<Measurement, BenchError> {
     })
 }
 
+/// Calls `echo` at the scenario's rate (or none), reading the peer's CPU
+/// clock through its `cpu` service before and after the window.
+fn cpu_parent(ctx: &mut ParentCtx<'_>) -> Result<Measurement, BenchError> {
+    let p = ctx.params;
+    runtime()?.block_on(async {
+        let mesh = open(std::process::id()).await?;
+        let msg = Bytes::from(vec![0xA5u8; p.size]);
+        let m = crate::cpu::measure(
+            p,
+            || {
+                let (mesh, msg) = (&mesh, msg.clone());
+                async move {
+                    mesh.call("echo", msg).await.map_err(mesh_err("call"))?;
+                    Ok(())
+                }
+            },
+            || async {
+                let reply = mesh
+                    .call("cpu", Bytes::new())
+                    .await
+                    .map_err(mesh_err("cpu"))?;
+                let ns = <[u8; 8]>::try_from(&reply[..])
+                    .map_err(|_| BenchError::Protocol("a malformed cpu reply".into()))?;
+                Ok(std::time::Duration::from_nanos(u64::from_le_bytes(ns)))
+            },
+        )
+        .await?;
+        mesh.call("stop", Bytes::new())
+            .await
+            .map_err(mesh_err("stop"))?;
+        mesh.close().await;
+        Ok(m)
+    })
+}
+
+/// Serves [`IDLE_SERVICES`] services nobody calls, beside the round-trip
+/// peer's services.
+fn idle_child(ctx: &mut ChildCtx<'_>) -> Result<(), BenchError> {
+    let parent = std::os::unix::process::parent_id();
+    runtime()?.block_on(async {
+        let mesh = open(parent).await?;
+        let mut idle = Vec::with_capacity(IDLE_SERVICES);
+        for i in 0..IDLE_SERVICES {
+            idle.push(
+                mesh.serve(&format!("idle-{i}"), |req: Request| async move {
+                    Ok::<_, Status>(Response::new(req.into_payload()))
+                })
+                .await
+                .map_err(mesh_err("serve"))?,
+            );
+        }
+        serve_echo_until_stopped(mesh, ctx).await
+    })
+}
+
 /// One call to `hold` (which answers after 60 s) keeps the link's reader
 /// waiting on the ring; each timed iteration is a callback call to `hold`
 /// with a [`SHORT_TIMEOUT`], made at a varying point of that wait, timed
@@ -228,9 +301,9 @@ fn rt_child(ctx: &mut ChildCtx<'_>) -> Result<(), BenchError> {
 }
 
 /// The round-trip peer on its open `mesh`: serves `echo` (the request's
-/// payload back), `hold` (answers after the u64 milliseconds of its
-/// payload) and `stop`, says ready, and closes the mesh once `stop`
-/// is called.
+/// payload back), `cpu` (this process's CPU time), `hold` (answers after
+/// the u64 milliseconds of its payload) and `stop`, says ready, and closes
+/// the mesh once `stop` is called.
 pub(crate) async fn serve_echo_until_stopped(
     mesh: Mesh,
     ctx: &mut ChildCtx<'_>,
@@ -242,6 +315,16 @@ pub(crate) async fn serve_echo_until_stopped(
         .await
         .map_err(mesh_err("serve"))?;
     // Answers after the u64 milliseconds of its payload.
+    // This process's CPU time so far, in nanoseconds.
+    let _cpu = mesh
+        .serve("cpu", |_req: Request| async move {
+            let cpu = crate::cpu::process_cpu()
+                .map_err(|e| Status::internal(format!("reading the CPU clock: {e}")))?;
+            let ns = u64::try_from(cpu.as_nanos()).unwrap_or(u64::MAX);
+            Ok::<_, Status>(Response::new(Bytes::copy_from_slice(&ns.to_le_bytes())))
+        })
+        .await
+        .map_err(mesh_err("serve"))?;
     let _hold = mesh
         .serve("hold", |req: Request| async move {
             let ms = <[u8; 8]>::try_from(&req.payload()[..]).map_or(0, u64::from_le_bytes);

@@ -76,6 +76,19 @@ pub(crate) enum Stats {
         /// Median of the runs' payload gigabytes (10^9 B) per second.
         gb_per_s: f64,
     },
+    /// The serving process's CPU time at a rate of calls.
+    Cpu {
+        /// Calls per second asked for (0: idle).
+        rate: u64,
+        /// Median of the runs' calls per second made (below `rate` when
+        /// the transport's round trip is longer than the spacing).
+        achieved: f64,
+        /// Median of the runs' CPU microseconds per call (none when idle).
+        us_per_msg: Option<f64>,
+        /// Median of the runs' CPU time over their window: the share of
+        /// one core.
+        core_share: f64,
+    },
 }
 
 impl Stats {
@@ -83,6 +96,7 @@ impl Stats {
         match self {
             Stats::RoundTrip { .. } => Kind::RoundTrip,
             Stats::Throughput { .. } => Kind::Throughput,
+            Stats::Cpu { .. } => Kind::Cpu,
         }
     }
 }
@@ -128,6 +142,23 @@ pub(crate) fn compute_ratios(rows: &mut [Row]) {
                     },
                     None,
                 ),
+                // CPU: the Unix-socket baseline at the same rate, per call.
+                Stats::Cpu {
+                    rate,
+                    us_per_msg: Some(us),
+                    ..
+                } => (
+                    rows.iter().find_map(|b| match b.stats {
+                        Stats::Cpu {
+                            rate: r,
+                            us_per_msg: Some(u),
+                            ..
+                        } if b.transport == baseline && r == rate => Some(u / us),
+                        _ => None,
+                    }),
+                    None,
+                ),
+                Stats::Cpu { .. } => (None, None),
             }
         })
         .collect();
@@ -214,7 +245,7 @@ pub(crate) fn render_text(report: &Report) -> String {
                 fmt_ratio(r.vs_uds),
                 fmt_ratio(r.vs_floor),
             ]),
-            Stats::Throughput { .. } => None,
+            Stats::Throughput { .. } | Stats::Cpu { .. } => None,
         })
         .collect();
     if !rt.is_empty() {
@@ -241,7 +272,7 @@ pub(crate) fn render_text(report: &Report) -> String {
                 format!("{gb_per_s:.2}"),
                 fmt_ratio(r.vs_uds),
             ]),
-            Stats::RoundTrip { .. } => None,
+            Stats::RoundTrip { .. } | Stats::Cpu { .. } => None,
         })
         .collect();
     if !tp.is_empty() {
@@ -249,6 +280,33 @@ pub(crate) fn render_text(report: &Report) -> String {
         out.push_str(&table(
             &["scenario", "size", "msgs/s", "GB/s", "vs UDS"],
             &tp,
+        ));
+        out.push('\n');
+    }
+    let cpu: Vec<Vec<String>> = report
+        .results
+        .iter()
+        .filter_map(|r| match r.stats {
+            Stats::Cpu {
+                achieved,
+                us_per_msg,
+                core_share,
+                ..
+            } => Some(vec![
+                r.name.clone(),
+                format!("{achieved:.0}"),
+                us_per_msg.map_or_else(|| "-".to_owned(), |us| format!("{us:.2} µs")),
+                format!("{:.2} %", core_share * 100.0),
+                fmt_ratio(r.vs_uds),
+            ]),
+            Stats::RoundTrip { .. } | Stats::Throughput { .. } => None,
+        })
+        .collect();
+    if !cpu.is_empty() {
+        out.push_str("CPU of the serving process\n");
+        out.push_str(&table(
+            &["scenario", "calls/s", "CPU/call", "of a core", "vs UDS"],
+            &cpu,
         ));
         out.push('\n');
     }

@@ -25,8 +25,10 @@ impl Profile {
         }
     }
 
-    /// Timed iterations (round trip) or messages (throughput) per run.
-    pub(crate) fn iterations(self, kind: Kind, size: usize) -> u64 {
+    /// Timed iterations (round trip), messages (throughput) or calls in
+    /// the window (CPU at `rate` calls per second; idle, the window's
+    /// milliseconds) per run.
+    pub(crate) fn iterations(self, kind: Kind, size: usize, rate: u64) -> u64 {
         match kind {
             Kind::RoundTrip => {
                 let small = size <= 4096;
@@ -37,6 +39,17 @@ impl Profile {
                     (Profile::Demo, false) => 5_000,
                     (Profile::Quick, true) => 2_000,
                     (Profile::Quick, false) => 500,
+                }
+            }
+            Kind::Cpu => {
+                let window_ms = match self {
+                    Profile::Full => 2_000,
+                    Profile::Demo => 1_000,
+                    Profile::Quick => 250,
+                };
+                match rate {
+                    0 => window_ms,
+                    r => window_ms * r / 1_000,
                 }
             }
             Kind::Throughput => {
@@ -69,7 +82,7 @@ impl Plan {
     fn params(&self, s: &Scenario) -> Params {
         let iterations = self
             .iterations
-            .unwrap_or_else(|| self.profile.iterations(s.kind, s.size))
+            .unwrap_or_else(|| self.profile.iterations(s.kind, s.size, s.batch))
             .min(s.max_iterations.unwrap_or(u64::MAX))
             .max(1);
         Params {
@@ -159,6 +172,18 @@ fn summary(stats: &Stats) -> String {
             msgs_per_s,
             gb_per_s,
         } => format!("{msgs_per_s:.0} msgs/s, {gb_per_s:.2} GB/s"),
+        Stats::Cpu {
+            achieved,
+            us_per_msg,
+            core_share,
+            ..
+        } => match us_per_msg {
+            Some(us) => format!(
+                "{us:.2} µs CPU per call at {achieved:.0}/s, {:.2} % of a core",
+                core_share * 100.0
+            ),
+            None => format!("idle: {:.3} % of a core", core_share * 100.0),
+        },
     }
 }
 
@@ -170,6 +195,10 @@ struct Samples {
     p999: Vec<f64>,
     msgs: Vec<f64>,
     gbs: Vec<f64>,
+    /// CPU: microseconds per call, and the share of a core.
+    cpu_us: Vec<f64>,
+    cores: Vec<f64>,
+    achieved: Vec<f64>,
 }
 
 impl Samples {
@@ -207,9 +236,27 @@ impl Samples {
                 self.msgs.push(messages as f64 / secs);
                 self.gbs.push(bytes as f64 / secs / 1e9);
             }
+            (
+                Kind::Cpu,
+                Measurement::Cpu {
+                    messages,
+                    cpu,
+                    window,
+                },
+            ) => {
+                let secs = window.as_secs_f64();
+                if secs <= 0.0 {
+                    return Err(BenchError::Protocol("a CPU run had no window".into()));
+                }
+                if messages > 0 {
+                    self.cpu_us.push(cpu.as_secs_f64() * 1e6 / messages as f64);
+                }
+                self.cores.push(cpu.as_secs_f64() / secs);
+                self.achieved.push(messages as f64 / secs);
+            }
             (kind, _) => {
                 return Err(BenchError::Protocol(format!(
-                    "a {kind:?} scenario returned a measurement of the other kind"
+                    "a {kind:?} scenario returned a measurement of another kind"
                 )));
             }
         }
@@ -227,6 +274,12 @@ impl Samples {
             Kind::Throughput => Stats::Throughput {
                 msgs_per_s: median(&self.msgs),
                 gb_per_s: median(&self.gbs),
+            },
+            Kind::Cpu => Stats::Cpu {
+                rate: s.batch,
+                achieved: median(&self.achieved),
+                us_per_msg: (!self.cpu_us.is_empty()).then(|| median(&self.cpu_us)),
+                core_share: median(&self.cores),
             },
         };
         Row {

@@ -24,6 +24,10 @@ pub(crate) enum Kind {
     RoundTrip,
     /// One-way stream of messages from parent to child, timed as a whole.
     Throughput,
+    /// The serving (child) process's CPU time while the parent makes calls
+    /// at a fixed rate, evenly spaced (or none: the rate 0 measures it
+    /// idle), over a window.
+    Cpu,
 }
 
 /// How the receiving side waits for data.
@@ -58,7 +62,8 @@ pub(crate) struct Params {
     pub(crate) iterations: u64,
     /// Untimed iterations / messages before the timed ones.
     pub(crate) warmup: u64,
-    /// Throughput: messages per batch commit (1 = every message on its own).
+    /// Throughput: messages per batch commit (1 = every message on its
+    /// own). CPU: messages per second (0: idle).
     pub(crate) batch: u64,
 }
 
@@ -87,6 +92,15 @@ pub(crate) enum Measurement {
         bytes: u64,
         /// From the first timed send to the peer's acknowledgement of the last.
         elapsed: Duration,
+    },
+    /// CPU: the serving process's CPU time over a window of calls.
+    Cpu {
+        /// Calls made in the window (0 when idle).
+        messages: u64,
+        /// The serving process's CPU time (all its threads) in the window.
+        cpu: Duration,
+        /// The window.
+        window: Duration,
     },
 }
 
@@ -223,8 +237,9 @@ pub(crate) struct Fns {
 /// One benchmark: a transport, a message size, a kind, and its functions.
 #[derive(Debug, Clone)]
 pub(crate) struct Scenario {
-    /// Unique name, `<transport>/<rt|tp>[-<wait>]/<size>[-b<batch>]`,
-    /// e.g. `uds/rt/64B`, `spin-floor/rt-busy/8B`.
+    /// Unique name, `<transport>/<rt|tp|cpu>[-<wait>]/<size>[-b<batch>]`
+    /// (`-r<rate>` for CPU), e.g. `uds/rt/64B`, `spin-floor/rt-busy/8B`,
+    /// `mesh/cpu-default/64B-r1000`.
     pub(crate) name: String,
     /// Transport name; [`crate::scenarios::UDS`] and [`crate::scenarios::FLOOR`]
     /// are the baselines others are compared against.
@@ -282,12 +297,15 @@ impl Scenario {
         let k = match self.kind {
             Kind::RoundTrip => "rt",
             Kind::Throughput => "tp",
+            Kind::Cpu => "cpu",
         };
         let w = match self.wait {
             Wait::Blocking => String::new(),
             w => format!("-{}", w.as_str()),
         };
-        let b = if self.batch > 1 {
+        let b = if self.kind == Kind::Cpu {
+            format!("-r{}", self.batch)
+        } else if self.batch > 1 {
             format!("-b{}", self.batch)
         } else {
             String::new()
@@ -306,6 +324,14 @@ impl Scenario {
     #[allow(dead_code, reason = "for the shm link's batched throughput scenarios")]
     pub(crate) fn batch(mut self, batch: u64) -> Self {
         self.batch = batch.max(1);
+        self.rename();
+        self
+    }
+
+    /// Sets a CPU scenario's rate, calls per second (0: idle; named as
+    /// `-r<N>`).
+    pub(crate) fn rate(mut self, rate: u64) -> Self {
+        self.batch = rate;
         self.rename();
         self
     }

@@ -41,6 +41,12 @@ pub(crate) const NODE_NET: &str = "node-net";
 /// The mesh call sizes: the common small message and a page.
 pub(crate) const MESH_SIZES: [usize; 2] = [64, 4096];
 
+/// Calls per second of the CPU scenarios.
+const CPU_RATES: [u64; 3] = [1_000, 10_000, 100_000];
+
+/// Transport name of a process serving 200 services that nobody calls.
+pub(crate) const MESH_IDLE: &str = "mesh-idle-200svc";
+
 /// Calls in flight in the pipelined `mesh.call` scenario.
 const MESH_IN_FLIGHT: u64 = 256;
 
@@ -130,6 +136,22 @@ pub(crate) fn scenarios() -> Vec<Scenario> {
                 .batch(in_flight),
         );
     }
+    // What a serving process costs at 1k, 10k and 100k calls a second,
+    // beside a Unix-socket echo at the same rates, and idle with 200
+    // services.
+    for rate in CPU_RATES {
+        all.push(Scenario::new(UDS, Kind::Cpu, 64, uds::CPU).rate(rate));
+        all.push(
+            Scenario::new(MESH, Kind::Cpu, 64, mesh::CPU)
+                .wait(Wait::Default)
+                .rate(rate),
+        );
+    }
+    all.push(
+        Scenario::new(MESH_IDLE, Kind::Cpu, 64, mesh::IDLE)
+            .wait(Wait::Default)
+            .rate(0),
+    );
     // A short deadline kept while the link's reader waits: each iteration
     // takes the 3 ms timeout, so a few hundred suffice.
     all.push(

@@ -31,6 +31,13 @@ pub(crate) const THROUGHPUT: Fns = Fns {
     child: tp_child,
 };
 
+/// CPU functions: an echo whose CPU time is read at a rate of calls.
+pub(crate) const CPU: Fns = Fns {
+    setup,
+    parent: cpu_parent,
+    child: cpu_child,
+};
+
 /// Receive buffer of the throughput reader.
 const READ_BUF: usize = 256 * 1024;
 
@@ -85,6 +92,67 @@ fn rt_child(ctx: &mut ChildCtx<'_>) -> Result<(), BenchError> {
             .map_err(io_err("uds write of the echo"))?;
     }
     Ok(())
+}
+
+/// Echoes at the scenario's rate; a message that starts with [`CPU_ASK`]
+/// asks the peer for its CPU time (8 bytes back).
+fn cpu_parent(ctx: &mut ParentCtx<'_>) -> Result<Measurement, BenchError> {
+    let [fd] = ctx.take_fds()?;
+    let sock = std::cell::RefCell::new(UnixStream::from(fd));
+    let p = ctx.params;
+    let msg = vec![0xA5u8; p.size.max(8)];
+    let mut ask = msg.clone();
+    ask[0] = CPU_ASK;
+    let runtime = crate::mesh::runtime()?;
+    runtime.block_on(crate::cpu::measure(
+        p,
+        || {
+            let mut s = sock.borrow_mut();
+            let mut echo = vec![0u8; msg.len()];
+            let r = s
+                .write_all(&msg)
+                .and_then(|()| s.read_exact(&mut echo))
+                .map_err(io_err("uds echo"));
+            std::future::ready(r)
+        },
+        || {
+            let mut s = sock.borrow_mut();
+            let mut ns = [0u8; 8];
+            let r = s
+                .write_all(&ask)
+                .and_then(|()| s.read_exact(&mut ns))
+                .map(|()| std::time::Duration::from_nanos(u64::from_le_bytes(ns)))
+                .map_err(io_err("uds cpu request"));
+            std::future::ready(r)
+        },
+    ))
+}
+
+/// The first byte of a request for the peer's CPU time.
+const CPU_ASK: u8 = b'c';
+
+/// Echoes each message; one that starts with [`CPU_ASK`] gets this
+/// process's CPU time instead. Ends when the parent closes its end.
+fn cpu_child(ctx: &mut ChildCtx<'_>) -> Result<(), BenchError> {
+    let [fd] = ctx.take_fds()?;
+    let mut sock = UnixStream::from(fd);
+    let mut buf = vec![0u8; ctx.params.size.max(8)];
+    ctx.ready()?;
+    loop {
+        match sock.read_exact(&mut buf) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(io_err("uds read")(e)),
+        }
+        if buf[0] == CPU_ASK {
+            let ns = u64::try_from(crate::cpu::process_cpu()?.as_nanos()).unwrap_or(u64::MAX);
+            sock.write_all(&ns.to_le_bytes())
+                .map_err(io_err("uds write of the cpu time"))?;
+        } else {
+            sock.write_all(&buf)
+                .map_err(io_err("uds write of the echo"))?;
+        }
+    }
 }
 
 /// Sends `count` messages, then waits for the one-byte acknowledgement.

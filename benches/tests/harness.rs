@@ -42,11 +42,12 @@ fn list_names_the_baselines() {
 /// The scenarios of the Rust transports; the Node ones (`node-*`) need
 /// Node.js and the built addon, and run in the `node` step of `cargo xtask
 /// test` instead.
-const RUST_TRANSPORTS: [&str; 10] = [
+const RUST_TRANSPORTS: [&str; 11] = [
     "spin-floor/",
     "uds/",
     "shm/",
     "mesh/",
+    "mesh-idle-200svc/",
     "mesh-deadline-3ms/",
     "pubsub-",
     "tcp/",
@@ -110,6 +111,17 @@ fn run_json_reports_every_scenario_with_sane_numbers() {
                 assert!(msgs > 0.0, "{r}");
                 let implied = msgs * size / 1e9;
                 assert!((gbs - implied).abs() <= implied * 0.05, "{r}");
+            }
+            "cpu" => {
+                let share = r["core_share"].as_f64().unwrap();
+                assert!(share >= 0.0, "{r}");
+                if r["rate"] == 0 {
+                    assert!(r["us_per_msg"].is_null(), "{r}");
+                } else {
+                    assert!(r["us_per_msg"].as_f64().unwrap() > 0.0, "{r}");
+                    assert!(r["achieved"].as_f64().unwrap() > 0.0, "{r}");
+                }
+                continue;
             }
             other => panic!("unknown kind {other}"),
         }

@@ -176,6 +176,12 @@ enum Stats {
         msgs_per_s: f64,
         gb_per_s: f64,
     },
+    Cpu {
+        rate: u64,
+        achieved: f64,
+        us_per_msg: Option<f64>,
+        core_share: f64,
+    },
 }
 
 /// The Node scenarios' names (benches/src/scenarios.rs): the addon is built
@@ -462,7 +468,7 @@ pub(crate) fn render(report: &Report, machine: &Machine, date: &str) -> String {
                 p99_ns,
                 p999_ns,
             } => Some((r, p50_ns, p99_ns, p999_ns)),
-            Stats::Throughput { .. } => None,
+            Stats::Throughput { .. } | Stats::Cpu { .. } => None,
         })
         .collect();
     if !rt.is_empty() {
@@ -496,7 +502,7 @@ pub(crate) fn render(report: &Report, machine: &Machine, date: &str) -> String {
                 msgs_per_s,
                 gb_per_s,
             } => Some((r, msgs_per_s, gb_per_s)),
-            Stats::RoundTrip { .. } => None,
+            Stats::RoundTrip { .. } | Stats::Cpu { .. } => None,
         })
         .collect();
     if !tp.is_empty() {
@@ -513,6 +519,54 @@ pub(crate) fn render(report: &Report, machine: &Machine, date: &str) -> String {
                 r.batch,
                 fmt_rate(msgs),
                 gbs,
+                fmt_ratio(r.vs_uds),
+                r.iterations,
+                r.warmup,
+            ));
+        }
+        w("\n".into());
+    }
+    let cpu: Vec<_> = report
+        .results
+        .iter()
+        .filter_map(|r| match r.stats {
+            Stats::Cpu {
+                rate,
+                achieved,
+                us_per_msg,
+                core_share,
+            } => Some((r, rate, achieved, us_per_msg, core_share)),
+            Stats::RoundTrip { .. } | Stats::Throughput { .. } => None,
+        })
+        .collect();
+    if !cpu.is_empty() {
+        w("## CPU of the serving process\n\n".into());
+        w(
+            "The serving process's CPU time (all its threads) over a window of calls made at a \
+           rate, evenly spaced, by the measuring process (which spins between them on its own \
+           core), read from the serving process's own CPU clock before and after the window; \
+           the idle row serves 200 services that nobody calls. A transport whose round trip is \
+           longer than the spacing makes its calls back to back: *calls/s* is the rate achieved. \
+           *vs UDS* is the Unix-socket echo's CPU per call at the same rate over this row's \
+           (higher is better).\n\n"
+                .into(),
+        );
+        w("| scenario | transport | wait | calls/s asked | calls/s | CPU per call | share of a core | vs UDS | calls (+warm-up) |\n".into());
+        w("|---|---|---|---:|---:|---:|---:|---:|---:|\n".into());
+        for (r, rate, achieved, us, share) in cpu {
+            w(format!(
+                "| `{}` | {} | {} | {} | {} | {} | {:.3} % | {} | {} (+{}) |\n",
+                r.name,
+                r.transport,
+                r.wait,
+                if rate == 0 {
+                    "idle".to_owned()
+                } else {
+                    fmt_rate(rate as f64)
+                },
+                fmt_rate(achieved),
+                us.map_or_else(|| "—".to_owned(), |us| format!("{us:.2} µs")),
+                share * 100.0,
                 fmt_ratio(r.vs_uds),
                 r.iterations,
                 r.warmup,
@@ -574,6 +628,14 @@ enum Goal {
     },
     /// The p99 round trip at most `max` times the p50 of the same run.
     TailRatio { scenario: &'static str, max: f64 },
+    /// `a`'s CPU time per call at most `max` times `b`'s.
+    CpuPerCallRatio {
+        a: &'static str,
+        b: &'static str,
+        max: f64,
+    },
+    /// A CPU scenario's share of one core at most `max` (a fraction).
+    MaxCoreShare { scenario: &'static str, max: f64 },
 }
 
 /// The goals of the issues; rows whose scenarios did not run are skipped.
@@ -734,6 +796,37 @@ const GOALS: &[(&str, Goal)] = &[
         },
     ),
     (
+        "served mesh.call CPU per call vs a Unix-socket echo, 1,000 calls/s",
+        Goal::CpuPerCallRatio {
+            a: "mesh/cpu-default/64B-r1000",
+            b: "uds/cpu/64B-r1000",
+            max: 1.0,
+        },
+    ),
+    (
+        "served mesh.call CPU per call vs a Unix-socket echo, 10,000 calls/s",
+        Goal::CpuPerCallRatio {
+            a: "mesh/cpu-default/64B-r10000",
+            b: "uds/cpu/64B-r10000",
+            max: 1.0,
+        },
+    ),
+    (
+        "served mesh.call CPU per call vs a Unix-socket echo, 100,000 calls/s",
+        Goal::CpuPerCallRatio {
+            a: "mesh/cpu-default/64B-r100000",
+            b: "uds/cpu/64B-r100000",
+            max: 1.0,
+        },
+    ),
+    (
+        "200 idle services in one process, share of a core",
+        Goal::MaxCoreShare {
+            scenario: "mesh-idle-200svc/cpu-default/64B-r0",
+            max: 0.005,
+        },
+    ),
+    (
         "shm one-way throughput, 64 KiB",
         Goal::MinGbps {
             scenario: "shm/tp-busy/64KiB-b32",
@@ -754,18 +847,26 @@ fn check_targets(report: &Report) -> Vec<Checked> {
     let row = |name: &str| report.results.iter().find(|r| r.name == name);
     let p50 = |name: &str| match row(name)?.stats {
         Stats::RoundTrip { p50_ns, .. } => Some(p50_ns),
-        Stats::Throughput { .. } => None,
+        Stats::Throughput { .. } | Stats::Cpu { .. } => None,
     };
     let p99 = |name: &str| match row(name)?.stats {
         Stats::RoundTrip { p99_ns, .. } => Some(p99_ns),
-        Stats::Throughput { .. } => None,
+        Stats::Throughput { .. } | Stats::Cpu { .. } => None,
     };
     let tp = |name: &str| match row(name)?.stats {
         Stats::Throughput {
             msgs_per_s,
             gb_per_s,
         } => Some((msgs_per_s, gb_per_s)),
-        Stats::RoundTrip { .. } => None,
+        Stats::RoundTrip { .. } | Stats::Cpu { .. } => None,
+    };
+    let cpu = |name: &str| match row(name)?.stats {
+        Stats::Cpu {
+            us_per_msg,
+            core_share,
+            ..
+        } => Some((us_per_msg, core_share)),
+        Stats::RoundTrip { .. } | Stats::Throughput { .. } => None,
     };
     GOALS
         .iter()
@@ -807,6 +908,18 @@ fn check_targets(report: &Report) -> Vec<Checked> {
                 Goal::TailRatio { scenario, max } => {
                     let r = p99(scenario)? / p50(scenario)?;
                     (format!("{r:.2}×"), format!("≤ {max:.1}×"), r <= max)
+                }
+                Goal::CpuPerCallRatio { a, b, max } => {
+                    let r = cpu(a)?.0? / cpu(b)?.0?;
+                    (format!("{r:.2}×"), format!("≤ {max:.1}×"), r <= max)
+                }
+                Goal::MaxCoreShare { scenario, max } => {
+                    let share = cpu(scenario)?.1;
+                    (
+                        format!("{:.3} %", share * 100.0),
+                        format!("≤ {:.1} %", max * 100.0),
+                        share <= max,
+                    )
                 }
             };
             Some(Checked {
@@ -917,6 +1030,36 @@ mod tests {
         let fan = goal("pub/sub 1 -> 4");
         assert_eq!((fan.measured.as_str(), fan.met), ("1.20×", true));
         assert!(!goal("pub/sub 1 -> 1, one publish").met, "2 M misses 5 M");
+    }
+
+    #[test]
+    fn cpu_goals_compare_with_the_socket_at_the_same_rate() {
+        let row = |name: &str, rate: u64, us: &str, share: f64| {
+            format!(
+                r#"{{"name": "{name}", "transport": "t", "size": 64, "wait": "default",
+                "iterations": 10, "warmup": 1, "batch": {rate}, "kind": "cpu", "rate": {rate},
+                "achieved": {rate}, "us_per_msg": {us}, "core_share": {share},
+                "vs_uds": null, "vs_floor": null}}"#
+            )
+        };
+        let rows = [
+            row("uds/cpu/64B-r1000", 1000, "40.0", 0.04),
+            row("mesh/cpu-default/64B-r1000", 1000, "20.0", 0.02),
+            row("mesh-idle-200svc/cpu-default/64B-r0", 0, "null", 0.01),
+        ];
+        let report = report_of(&rows);
+        let checked = check_targets(&report);
+        let goal = |name: &str| checked.iter().find(|c| c.goal.starts_with(name)).unwrap();
+        let per_call = goal("served mesh.call CPU per call vs a Unix-socket echo, 1,000");
+        assert_eq!((per_call.measured.as_str(), per_call.met), ("0.50×", true));
+        let idle = goal("200 idle services");
+        assert_eq!((idle.measured.as_str(), idle.met), ("1.000 %", false));
+        let md = render(&report, &test_machine(), "today");
+        assert!(md.contains("## CPU of the serving process"), "{md}");
+        assert!(
+            md.contains("| `mesh-idle-200svc/cpu-default/64B-r0` | t | default | idle |"),
+            "{md}"
+        );
     }
 
     /// A report of a run whose results are `rows` (JSON objects).

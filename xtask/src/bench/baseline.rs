@@ -353,6 +353,11 @@ enum Measure {
     P50,
     /// Throughput, messages per second (higher is better).
     MsgsPerS,
+    /// CPU time of the serving process per call, in microseconds (lower
+    /// is better).
+    CpuPerCall,
+    /// An idle process's share of a core (lower is better).
+    CoreShare,
 }
 
 /// A row's measure and value.
@@ -360,6 +365,14 @@ fn measure(stats: &Stats) -> (Measure, f64) {
     match *stats {
         Stats::RoundTrip { p50_ns, .. } => (Measure::P50, p50_ns),
         Stats::Throughput { msgs_per_s, .. } => (Measure::MsgsPerS, msgs_per_s),
+        Stats::Cpu {
+            us_per_msg,
+            core_share,
+            ..
+        } => match us_per_msg {
+            Some(us) => (Measure::CpuPerCall, us),
+            None => (Measure::CoreShare, core_share),
+        },
     }
 }
 
@@ -453,6 +466,8 @@ fn fmt_value(m: Measure, v: f64) -> String {
     match m {
         Measure::P50 => fmt_ns(v),
         Measure::MsgsPerS => format!("{} msgs/s", fmt_rate(v)),
+        Measure::CpuPerCall => format!("{v:.2} µs CPU/call"),
+        Measure::CoreShare => format!("{:.3} % of a core", v * 100.0),
     }
 }
 
@@ -464,6 +479,8 @@ fn fmt_runs(m: Measure, values: &[f64]) -> String {
     let one = |v: f64| match m {
         Measure::P50 => fmt_ns(v),
         Measure::MsgsPerS => fmt_rate(v),
+        Measure::CpuPerCall => format!("{v:.2}"),
+        Measure::CoreShare => format!("{:.3} %", v * 100.0),
     };
     values
         .iter()
@@ -519,7 +536,8 @@ fn render(h: &Header, rows: &[Compared]) -> String {
     }
     md.push_str(
         "\nRound trips compare the p50 (lower is better: a ratio below 1 is faster), \
-         throughput the messages per second (higher is better: a ratio above 1 is faster). \
+         throughput the messages per second (higher is better: a ratio above 1 is faster), \
+         CPU rows the serving process's CPU per call or share of a core (lower is better). \
          Baseline and current are the medians across runs of each run's value.\n",
     );
     md
