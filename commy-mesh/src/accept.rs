@@ -7,8 +7,8 @@
 //! logged a few times, not per attempt.
 
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use std::path::{Path, PathBuf};
@@ -53,6 +53,8 @@ struct Entry {
 
 /// The process's accept loop.
 struct Acceptor {
+    /// The process it runs in (a forked child makes its own).
+    pid: u32,
     epoll: OwnedFd,
     /// Written to wake the loop (a listener was added or stopped).
     wake: OwnedFd,
@@ -60,34 +62,34 @@ struct Acceptor {
     next: AtomicU64,
 }
 
-static ACCEPTOR: OnceLock<Result<Acceptor, String>> = OnceLock::new();
+/// The process's accept loop, made by the first listener.
+static ACCEPTOR: Mutex<Option<Arc<Acceptor>>> = Mutex::new(None);
 
-fn acceptor() -> Result<&'static Acceptor, Status> {
-    let made = ACCEPTOR.get_or_init(|| {
-        let epoll =
-            epoll::create(epoll::CreateFlags::CLOEXEC).map_err(|e| format!("epoll_create: {e}"))?;
-        let wake = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
-            .map_err(|e| format!("eventfd: {e}"))?;
-        epoll::add(
-            &epoll,
-            &wake,
-            epoll::EventData::new_u64(WAKE),
-            epoll::EventFlags::IN,
-        )
-        .map_err(|e| format!("epoll_ctl: {e}"))?;
-        std::thread::Builder::new()
-            .name("commy-accept".into())
-            .spawn(run)
-            .map_err(|e| format!("cannot start the accept thread: {e}"))?;
-        Ok(Acceptor {
-            epoll,
-            wake,
-            entries: Mutex::new(FxHashMap::default()),
-            next: AtomicU64::new(WAKE + 1),
-        })
-    });
-    made.as_ref()
-        .map_err(|e| Status::internal(format!("cannot accept links: {e}")))
+fn acceptor() -> Result<Arc<Acceptor>, Status> {
+    let mut slot = ACCEPTOR.lock();
+    let pid = std::process::id();
+    if let Some(a) = slot.as_ref()
+        && a.pid == pid
+    {
+        return Ok(a.clone());
+    }
+    // None yet, or one inherited through fork from a parent whose accept
+    // thread did not come along: this process makes its own. The inherited
+    // listeners are the parent's (dropping them here would remove its
+    // sockets), so the inherited loop is left as it is.
+    if let Some(inherited) = slot.take() {
+        std::mem::forget(inherited);
+    }
+    let made =
+        Acceptor::new(pid).map_err(|e| Status::internal(format!("cannot accept links: {e}")))?;
+    let a = Arc::new(made);
+    let looped = a.clone();
+    std::thread::Builder::new()
+        .name("commy-accept".into())
+        .spawn(move || looped.run())
+        .map_err(|e| Status::internal(format!("cannot start the accept thread: {e}")))?;
+    *slot = Some(a.clone());
+    Ok(a)
 }
 
 /// Accepts links on `listener` until `stop` is set or `go_on`, asked
@@ -190,59 +192,77 @@ pub(crate) fn remove_dir_of(socket: &Path) {
 /// Wakes the accept loop, so that a listener whose `stop` was just set is
 /// closed now.
 pub(crate) fn wake_acceptor() {
-    if let Some(Ok(a)) = ACCEPTOR.get() {
+    if let Some(a) = ACCEPTOR.lock().as_ref()
+        && a.pid == std::process::id()
+    {
         let _ = rustix::io::write(&a.wake, &1u64.to_ne_bytes());
     }
 }
 
-fn run() {
-    // The thread may start before `ACCEPTOR` is set; `get()` waits for it.
-    let a = loop {
-        match ACCEPTOR.get() {
-            Some(Ok(a)) => break a,
-            Some(Err(_)) => return,
-            None => std::thread::yield_now(),
-        }
-    };
-    let mut events: Vec<epoll::Event> = Vec::with_capacity(64);
-    let mut next_tick = Instant::now();
-    loop {
-        let timeout = a.timeout(next_tick);
-        events.clear();
-        let ts = rustix::time::Timespec::try_from(timeout).unwrap_or(rustix::time::Timespec {
-            tv_sec: 1,
-            tv_nsec: 0,
-        });
-        match epoll::wait(
-            &a.epoll,
-            rustix::buffer::spare_capacity(&mut events),
-            Some(&ts),
-        ) {
-            Ok(_) | Err(rustix::io::Errno::INTR) => {}
-            Err(e) => {
-                // An epoll fd that stops working is unrecoverable.
-                tracing::error!("the accept loop stopped: epoll_wait: {e}");
-                return;
-            }
-        }
-        for ev in &events {
-            match ev.data.u64() {
-                WAKE => {
-                    let mut buf = [0u8; 8];
-                    let _ = rustix::io::read(&a.wake, &mut buf);
+impl Acceptor {
+    /// An accept loop for process `pid`, not running yet.
+    fn new(pid: u32) -> Result<Acceptor, String> {
+        let epoll =
+            epoll::create(epoll::CreateFlags::CLOEXEC).map_err(|e| format!("epoll_create: {e}"))?;
+        let wake = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+            .map_err(|e| format!("eventfd: {e}"))?;
+        epoll::add(
+            &epoll,
+            &wake,
+            epoll::EventData::new_u64(WAKE),
+            epoll::EventFlags::IN,
+        )
+        .map_err(|e| format!("epoll_ctl: {e}"))?;
+        Ok(Acceptor {
+            pid,
+            epoll,
+            wake,
+            entries: Mutex::new(FxHashMap::default()),
+            next: AtomicU64::new(WAKE + 1),
+        })
+    }
+
+    /// The loop, on its own thread.
+    fn run(&self) {
+        let a = self;
+        let mut events: Vec<epoll::Event> = Vec::with_capacity(64);
+        let mut next_tick = Instant::now();
+        loop {
+            let timeout = a.timeout(next_tick);
+            events.clear();
+            let ts = rustix::time::Timespec::try_from(timeout).unwrap_or(rustix::time::Timespec {
+                tv_sec: 1,
+                tv_nsec: 0,
+            });
+            match epoll::wait(
+                &a.epoll,
+                rustix::buffer::spare_capacity(&mut events),
+                Some(&ts),
+            ) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => {
+                    // An epoll fd that stops working is unrecoverable.
+                    tracing::error!("the accept loop stopped: epoll_wait: {e}");
+                    return;
                 }
-                id => a.ready(id),
             }
-        }
-        let now = Instant::now();
-        if now >= next_tick {
-            a.sweep(now);
-            next_tick = now + TICK;
+            for ev in &events {
+                match ev.data.u64() {
+                    WAKE => {
+                        let mut buf = [0u8; 8];
+                        let _ = rustix::io::read(&a.wake, &mut buf);
+                    }
+                    id => a.ready(id),
+                }
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                a.sweep(now);
+                next_tick = now + TICK;
+            }
         }
     }
-}
 
-impl Acceptor {
     /// How long the loop may sleep: until the next tick while a listener
     /// has a check or waits to retry, else a sweep.
     fn timeout(&self, next_tick: Instant) -> Duration {
