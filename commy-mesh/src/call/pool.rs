@@ -107,6 +107,7 @@ impl Pools {
                     connecting: tokio::sync::Mutex::new(()),
                     balancer: PowerOfTwo::new(),
                     policy: self.policies.as_ref().and_then(|p| p.get(service)),
+                    watches: Mutex::new(Vec::new()),
                 });
                 for i in 0..self.sources.len() {
                     spawn_watch(&self.runtime, &pool, i);
@@ -439,9 +440,15 @@ impl Pools {
         Some((conn.clone(), several))
     }
 
-    /// Drops every pool (and with them our links).
+    /// Drops every pool (and with them our links), stopping their watches.
     pub(crate) fn clear(&self) {
-        self.map.lock().clear();
+        // The watches stop first: a watch whose directory a tidy-up then
+        // removes would make it again.
+        for pool in std::mem::take(&mut *self.map.lock()).into_values() {
+            for watch in pool.watches.lock().drain(..) {
+                watch.abort();
+            }
+        }
     }
 }
 
@@ -576,6 +583,8 @@ pub(crate) struct Pool {
     balancer: PowerOfTwo,
     /// The service's call policy, if it has one.
     pub(crate) policy: Option<Arc<dyn CallPolicy>>,
+    /// The tasks watching its sources.
+    watches: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 impl Pool {
@@ -720,7 +729,7 @@ fn spawn_watch(runtime: &tokio::runtime::Handle, pool: &Arc<Pool>, i: usize) {
     let source = &pool.sources[i];
     let watch = source.watch(&pool.service);
     let (service, name) = (pool.service.clone(), source.name());
-    runtime.spawn(async move {
+    let task = runtime.spawn(async move {
         let mut watch = match watch {
             Ok(w) => w,
             Err(e) => {
@@ -733,4 +742,5 @@ fn spawn_watch(runtime: &tokio::runtime::Handle, pool: &Arc<Pool>, i: usize) {
             pool.state.lock().set_source(i, set);
         }
     });
+    pool.watches.lock().push(task.abort_handle());
 }
