@@ -522,6 +522,24 @@ async fn a_subscriber_stopped_mid_stream_is_disconnected() {
     stalled_subscriber("stall-mid", 100).await;
 }
 
+/// `count` subscriptions to "ticks" in this process, each read by a task
+/// until it has `n` messages: the sequence numbers each got, in order.
+async fn keeping_up(mesh: &Mesh, count: usize, n: u64) -> Vec<tokio::task::JoinHandle<Vec<u64>>> {
+    let mut readers = Vec::new();
+    for _ in 0..count {
+        let mut sub = mesh.subscribe("ticks").await.unwrap();
+        readers.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            while (got.len() as u64) < n {
+                let m = sub.next().await.expect("the subscription lasts");
+                got.push(u64::from_le_bytes(m.payload()[..8].try_into().unwrap()));
+            }
+            got
+        }));
+    }
+    readers
+}
+
 /// A subscriber process killed with SIGKILL mid-stream, beside two that
 /// keep up (reading their publishers' rings directly, policy `Block`):
 /// the publisher goes on without an error, counting the dead one no more
@@ -538,18 +556,7 @@ async fn a_subscriber_killed_mid_stream_costs_the_others_nothing() {
     let mesh = open(&dir).await;
     let mut victim = spawn_sub(&dir, None);
     let pid = Pid::from_raw(victim.child.id() as i32).unwrap();
-    let mut readers = Vec::new();
-    for _ in 0..2 {
-        let mut sub = mesh.subscribe("ticks").await.unwrap();
-        readers.push(tokio::spawn(async move {
-            let mut got = Vec::new();
-            while (got.len() as u64) < N {
-                let m = sub.next().await.expect("the subscription lasts");
-                got.push(u64::from_le_bytes(m.payload()[..8].try_into().unwrap()));
-            }
-            got
-        }));
-    }
+    let readers = keeping_up(&mesh, 2, N).await;
     mesh.wait_for_subscribers("ticks", 3, SILENCE)
         .await
         .unwrap();
@@ -597,18 +604,7 @@ async fn stalled_subscriber(name: &str, before: u64) {
         .unwrap();
     let stopped = spawn_sub(&dir, None);
     let pid = Pid::from_raw(stopped.child.id() as i32).unwrap();
-    let mut readers = Vec::new();
-    for _ in 0..2 {
-        let mut sub = mesh.subscribe("ticks").await.unwrap();
-        readers.push(tokio::spawn(async move {
-            let mut got = Vec::new();
-            while (got.len() as u64) < N {
-                let m = sub.next().await.expect("the subscription lasts");
-                got.push(u64::from_le_bytes(m.payload()[..8].try_into().unwrap()));
-            }
-            got
-        }));
-    }
+    let readers = keeping_up(&mesh, 2, N).await;
     mesh.wait_for_subscribers("ticks", 3, Duration::from_secs(20))
         .await
         .unwrap();
