@@ -896,46 +896,40 @@ impl PubSub {
         });
         let stop = Arc::new(AtomicBool::new(false));
         let limits = self.limits;
-        // A publisher that found the subscriber stalled before it ever had
-        // a link to it removes the announcement too: the accept loop sees.
-        let (q2, announced2, stopped2) = (queue.clone(), path.clone(), stop.clone());
-        let reader = if options.policy == SlowSubscriber::Block {
-            // The consumer reads the publishers' rings itself; while a
-            // link is open, its end says whether the subscription was cut.
-            let inbox = Arc::new(Inbox::new());
-            let (q, served) = (queue.clone(), inbox.clone());
-            start_accepting(
-                listener,
-                self.link.clone(),
-                format!("sub-{topic}"),
+        // Under Block the consumer reads the publishers' rings itself;
+        // under the other policies a thread per link fills the queue.
+        let inbox = (options.policy == SlowSubscriber::Block).then(|| Arc::new(Inbox::new()));
+        // Links being served: while one is, its end says whether a
+        // publisher cut the subscription. With none, the accept loop's
+        // check does: a publisher that found the subscriber stalled before
+        // it ever had a link removes the announcement too.
+        let links = Arc::new(AtomicUsize::new(0));
+        let on_link = {
+            let (inbox, q, announced, stopped, served) = (
+                inbox.clone(),
+                queue.clone(),
+                path.clone(),
                 stop.clone(),
-                move |link| served.serve(link, &q),
-                Some({
-                    let inbox = inbox.clone();
-                    Box::new(move || inbox.has_links() || end_if_cut(&q2, &announced2, &stopped2))
-                }),
-            )?;
-            Some(Reader::new(inbox, topic.clone(), limits))
-        } else {
-            // Links being served: while one is, it ends the subscription if
-            // it was cut, once it has delivered what reached it.
-            let links = Arc::new(AtomicUsize::new(0));
-            let (q, announced, stopped, served) =
-                (queue.clone(), path.clone(), stop.clone(), links.clone());
-            start_accepting(
-                listener,
-                self.link.clone(),
-                format!("sub-{topic}"),
-                stop.clone(),
-                move |link| {
-                    serve_topic_link(link, q.clone(), limits, &announced, &stopped, &served)
-                },
-                Some(Box::new(move || {
-                    links.load(Ordering::Acquire) > 0 || end_if_cut(&q2, &announced2, &stopped2)
-                })),
-            )?;
-            None
+                links.clone(),
+            );
+            move |link| match &inbox {
+                Some(inbox) => inbox.serve(link, &q, &served),
+                None => serve_topic_link(link, q.clone(), limits, &announced, &stopped, &served),
+            }
         };
+        let go_on = {
+            let (q, announced, stopped) = (queue.clone(), path.clone(), stop.clone());
+            move || links.load(Ordering::Acquire) > 0 || end_if_cut(&q, &announced, &stopped)
+        };
+        start_accepting(
+            listener,
+            self.link.clone(),
+            format!("sub-{topic}"),
+            stop.clone(),
+            on_link,
+            Some(Box::new(go_on)),
+        )?;
+        let reader = inbox.map(|inbox| Reader::new(inbox, topic.clone(), limits));
         Ok(NewSubscription {
             subscription: Subscription {
                 queue: queue.clone(),

@@ -23,6 +23,7 @@ use commy_shm::{RingError, ShmLink, WaitStrategy};
 use parking_lot::Mutex;
 
 use super::{Message, Queue, decode_publish, end_if_cut};
+use crate::sync::Counted;
 use crate::warn::CLIENT_LINKS;
 
 /// Messages taken from one ring at a time.
@@ -53,8 +54,6 @@ pub(crate) struct Inbox {
     added: AtomicU64,
     /// Set while the consumer waits, having found every ring empty.
     waiting: AtomicBool,
-    /// Links not ended yet.
-    live: AtomicUsize,
     /// Set once the subscription is dropped.
     closed: AtomicBool,
 }
@@ -94,20 +93,14 @@ impl Inbox {
             links: Mutex::new(Vec::new()),
             added: AtomicU64::new(0),
             waiting: AtomicBool::new(false),
-            live: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
         }
     }
 
-    /// Whether a link is still open (while one is, its end says whether a
-    /// publisher cut the subscription).
-    pub(crate) fn has_links(&self) -> bool {
-        self.live.load(Ordering::Acquire) > 0
-    }
-
     /// Takes a publisher's `link` in and watches it on the calling thread
-    /// (the link's own) until it ends.
-    pub(crate) fn serve(self: &Arc<Self>, link: ShmLink, queue: &Queue) {
+    /// (the link's own) until it ends, counted in `links` meanwhile.
+    pub(crate) fn serve(self: &Arc<Self>, link: ShmLink, queue: &Queue, links: &AtomicUsize) {
+        let _serving = Counted::enter(links);
         let (tx, mut rx) = link.split();
         rx.set_wait_strategy(WATCH_WAIT);
         let link = Arc::new(InLink {
@@ -123,7 +116,6 @@ impl Inbox {
                 return;
             }
             links.push(link.clone());
-            self.live.fetch_add(1, Ordering::AcqRel);
             self.added.fetch_add(1, Ordering::Release);
         }
         self.watch(&link, queue);
@@ -153,7 +145,6 @@ impl Inbox {
         link.receiver().close();
         link.tx.lock().close();
         self.links.lock().retain(|l| !Arc::ptr_eq(l, link));
-        self.live.fetch_sub(1, Ordering::AcqRel);
         link.watcher.unpark();
     }
 
@@ -161,9 +152,9 @@ impl Inbox {
     /// dropped).
     pub(crate) fn close(&self) {
         let links = {
-            let _links = self.links.lock();
+            let links = self.links.lock();
             self.closed.store(true, Ordering::Release);
-            _links.clone()
+            links.clone()
         };
         for link in &links {
             self.end(link);
