@@ -95,8 +95,8 @@ fn acceptor() -> Result<Arc<Acceptor>, Status> {
 /// Accepts links on `listener` until `stop` is set or `go_on`, asked
 /// every tenth of a second, says no; each link is handed to `on_link` on a
 /// thread of its own (named after `name`), the handshake included. The
-/// listener is closed once it stops ([`wake_acceptor`] after setting
-/// `stop` closes it at once, else within a second).
+/// listener is closed once it stops ([`withdraw`] after setting `stop`
+/// closes it at once, else within a second).
 pub(crate) fn start_accepting(
     listener: UdsListener,
     link: LinkConfig,
@@ -178,20 +178,24 @@ pub(crate) fn bind_announcement(
 /// Binds tried again when the announcement's directory vanished.
 const BIND_TRIES: u32 = 3;
 
-/// Removes the directory of a socket just removed if it is empty (the
-/// last instance of its service, or subscription of its set, on this
-/// host), then the mesh's directory above it if that is empty too (see
-/// [`LocalRegistry::tidy`]).
-pub(crate) fn remove_dir_of(socket: &Path) {
+/// Takes back the announcement at `socket` (its `stop` just set): the
+/// socket is removed, so discovery sees the instance vanish at once; its
+/// directory too if that is now empty (the last instance of its service,
+/// or subscription of its set, on this host), then the mesh's directory
+/// above it if that is empty too (see [`LocalRegistry::tidy`]); and the
+/// accept loop closes the listener now.
+pub(crate) fn withdraw(socket: &Path) {
+    let _ = std::fs::remove_file(socket);
     let mut dirs = socket.ancestors().skip(1).take(2);
     while let Some(dir) = dirs.next()
         && std::fs::remove_dir(dir).is_ok()
     {}
+    wake_acceptor();
 }
 
 /// Wakes the accept loop, so that a listener whose `stop` was just set is
 /// closed now.
-pub(crate) fn wake_acceptor() {
+fn wake_acceptor() {
     if let Some(a) = ACCEPTOR.lock().as_ref()
         && a.pid == std::process::id()
     {
@@ -224,18 +228,17 @@ impl Acceptor {
 
     /// The loop, on its own thread.
     fn run(&self) {
-        let a = self;
         let mut events: Vec<epoll::Event> = Vec::with_capacity(64);
         let mut next_tick = Instant::now();
         loop {
-            let timeout = a.timeout(next_tick);
+            let timeout = self.timeout(next_tick);
             events.clear();
             let ts = rustix::time::Timespec::try_from(timeout).unwrap_or(rustix::time::Timespec {
                 tv_sec: 1,
                 tv_nsec: 0,
             });
             match epoll::wait(
-                &a.epoll,
+                &self.epoll,
                 rustix::buffer::spare_capacity(&mut events),
                 Some(&ts),
             ) {
@@ -250,14 +253,14 @@ impl Acceptor {
                 match ev.data.u64() {
                     WAKE => {
                         let mut buf = [0u8; 8];
-                        let _ = rustix::io::read(&a.wake, &mut buf);
+                        let _ = rustix::io::read(&self.wake, &mut buf);
                     }
-                    id => a.ready(id),
+                    id => self.ready(id),
                 }
             }
             let now = Instant::now();
             if now >= next_tick {
-                a.sweep(now);
+                self.sweep(now);
                 next_tick = now + TICK;
             }
         }

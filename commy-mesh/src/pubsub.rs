@@ -70,7 +70,7 @@ pub(crate) mod remote;
 
 use inbox::{Inbox, Reader};
 
-use crate::accept::{bind_announcement, remove_dir_of, start_accepting, wake_acceptor};
+use crate::accept::{bind_announcement, start_accepting, withdraw};
 use crate::call::pool::{LOCAL_INLINE, LocalLink, Pools};
 use crate::call::shm::Unsent;
 use crate::sync::Counted;
@@ -471,9 +471,7 @@ impl Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         if !self.stop.swap(true, Ordering::AcqRel) {
-            let _ = std::fs::remove_file(&self.path);
-            remove_dir_of(&self.path);
-            wake_acceptor();
+            withdraw(&self.path);
         }
         if let Some(withdraw) = self.withdraw.take() {
             withdraw();

@@ -30,9 +30,7 @@ impl Served {
     /// instance vanish at once) and its listener is closed.
     pub(crate) fn deregister(&self) {
         if !self.stop.swap(true, Ordering::AcqRel) {
-            let _ = std::fs::remove_file(&self.path);
-            crate::accept::remove_dir_of(&self.path);
-            crate::accept::wake_acceptor();
+            crate::accept::withdraw(&self.path);
             drop(std::mem::take(&mut *self.registrations.lock()));
         }
     }
