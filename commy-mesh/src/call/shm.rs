@@ -668,11 +668,6 @@ impl ClientConn {
         }
     }
 
-    /// Takes a callback call out of the pending table.
-    pub(crate) fn take(&self, id: u64) -> Option<Waiter> {
-        self.with_pending(|pending| pending.calls.remove(id))
-    }
-
     /// Hands `result` to call `id`, if it still waits: a task's answer goes
     /// in its place in the table and the task is woken, a callback is
     /// called.
@@ -794,9 +789,7 @@ impl ClientConn {
         }
         for (id, e) in unsent {
             let status = self.send_failed(e);
-            if let Some(w) = self.take(id) {
-                w.complete(self, Err(status));
-            }
+            self.settle(id, Err(status));
         }
         if sent > 0
             && self.pollers.load(Ordering::Acquire) == 0
@@ -856,9 +849,7 @@ impl ClientConn {
             }
             Err((id, e)) => {
                 let status = self.send_failed(e);
-                if let Some(w) = self.take(id) {
-                    w.complete(self, Err(status));
-                }
+                self.settle(id, Err(status));
             }
         }
     }
@@ -868,7 +859,7 @@ impl ClientConn {
     /// Returns the earliest deadline still pending.
     pub(crate) fn expire(&self) -> Option<Instant> {
         let now = Instant::now();
-        let expired: Vec<(u64, Waiter)> = {
+        let expired: Vec<(u64, Settled)> = {
             let mut pending = self.pending.lock();
             match pending.earliest {
                 Some(e) if e <= now => {}
@@ -886,7 +877,10 @@ impl ClientConn {
                 .collect();
             let expired = ids
                 .into_iter()
-                .filter_map(|id| pending.calls.remove(id).map(|w| (id, w)))
+                .filter_map(|id| {
+                    let late = Err(Status::deadline_exceeded("no response before the deadline"));
+                    pending.settle(id, late).map(|s| (id, s))
+                })
                 .collect();
             pending.earliest = pending
                 .calls
@@ -900,12 +894,9 @@ impl ClientConn {
                 .store(pending.unanswered(), Ordering::Release);
             expired
         };
-        for (id, w) in expired {
+        for (id, s) in expired {
             self.cancel(id);
-            w.complete(
-                self,
-                Err(Status::deadline_exceeded("no response before the deadline")),
-            );
+            s.finish(self);
         }
         self.pending.lock().earliest
     }
@@ -1207,16 +1198,6 @@ impl Done {
                     sink.answer(token, result);
                 }
             }
-        }
-    }
-}
-
-impl Waiter {
-    /// Hands `result` to a callback call taken out of the table (a task's
-    /// answer goes in its place instead: [`ClientConn::settle`]).
-    fn complete(self, conn: &ClientConn, result: CallResult) {
-        if let Waiter::Callback(c) = self {
-            c.complete(conn, result);
         }
     }
 }
