@@ -606,22 +606,17 @@ impl ClientConn {
         let sent = {
             let mut tx = self.tx.lock();
             let mut sent = Ok(());
-            let last = payloads.len().saturating_sub(1);
-            for (i, payload) in payloads.iter().enumerate() {
+            for payload in payloads {
                 let id = tx.open_stream();
                 let header = FrameHeader::new(kind, StreamId(id));
-                let (payload, tx) = (payload.as_ref(), &mut tx.sender);
-                sent = if i == last {
-                    send_frame(tx, header, metadata, payload, patience)
-                } else {
-                    stage_frame(tx, header, metadata, payload, patience)
-                };
+                sent = stage_frame(&mut tx.sender, header, metadata, payload.as_ref(), patience);
                 if sent.is_err() {
-                    tx.flush();
                     break;
                 }
                 done += 1;
             }
+            // What was staged becomes visible with one publication.
+            tx.sender.flush();
             sent
         };
         match sent {
