@@ -726,3 +726,108 @@ async fn a_queue_group_member_stopped_before_it_was_reached_is_disconnected() {
     assert!(seqs(&lines).is_empty(), "{lines:?}");
     stopped.finish();
 }
+
+/// A queue group member stopped mid-stream (SIGSTOP), beside one that
+/// keeps up: the pick that finds its ring full waits the stall time at
+/// most, cuts it, and hands the message to the other member; every message
+/// is handled exactly once, by one member or the other, and the stopped
+/// one, resumed, takes what reached it and sees its subscription end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_group_member_stopped_mid_stream_is_disconnected() {
+    use rustix::process::{Pid, Signal, kill_process};
+    if as_child() {
+        return;
+    }
+    const N: u64 = 40_000;
+    const STOPPED_AT: u64 = 2_000;
+    let dir = private_dir("stall-group-mid");
+    let mesh = Mesh::builder()
+        .runtime_dir(&dir)
+        .setting("subscriber_stall", "500ms")
+        .open()
+        .await
+        .unwrap();
+    let stopped = spawn_sub(&dir, Some("workers"));
+    let pid = Pid::from_raw(stopped.child.id() as i32).unwrap();
+    let mut live = mesh.subscribe_group("ticks", "workers").await.unwrap();
+    mesh.wait_for_subscribers("ticks", 1, SILENCE)
+        .await
+        .unwrap();
+    // The live member reads until it has what the stopped one did not get
+    // (known once that one is done).
+    let (set_target, target) = tokio::sync::watch::channel(u64::MAX);
+    let reader = tokio::spawn({
+        async move {
+            let mut got = Vec::new();
+            let mut quiet = Duration::ZERO;
+            while (got.len() as u64) < *target.borrow() {
+                match live.next_timeout(Duration::from_millis(100)).await {
+                    Ok(Some(m)) => {
+                        got.push(u64::from_le_bytes(m.payload()[..8].try_into().unwrap()));
+                        quiet = Duration::ZERO;
+                    }
+                    // Once the target is known, a long silence means that
+                    // the rest is not coming: the check below names it.
+                    _ if *target.borrow() != u64::MAX && quiet > SILENCE / 6 => {
+                        break;
+                    }
+                    _ => quiet += Duration::from_millis(100),
+                }
+            }
+            got
+        }
+    });
+    let mut longest = Duration::ZERO;
+    let mut theirs = Vec::new();
+    for i in 0..N {
+        if i == STOPPED_AT {
+            // Both members have taken messages by now.
+            theirs = seqs(&stopped.until(|l| l.starts_with("S ")));
+            kill_process(pid, Signal::STOP).unwrap();
+        }
+        let t = std::time::Instant::now();
+        let n = mesh
+            .publish("ticks", i.to_le_bytes().to_vec())
+            .await
+            .unwrap();
+        longest = longest.max(t.elapsed());
+        assert_eq!(n, 1, "message {i} reached the group once");
+    }
+    kill_process(pid, Signal::CONT).unwrap();
+    eprintln!("longest publish: {longest:?}");
+    assert!(
+        longest < Duration::from_secs(2),
+        "a publish waited {longest:?}"
+    );
+    let lines = stopped.until(|l| l.starts_with("ENDED"));
+    let ended = lines.last().unwrap().clone();
+    assert!(ended.contains("stall time"), "{ended}");
+    theirs.extend(seqs(&lines));
+    theirs.extend(stopped.finish());
+    assert!(
+        theirs.windows(2).all(|w| w[0] < w[1]),
+        "out of order within the stopped member"
+    );
+    set_target.send_replace(N - theirs.len() as u64);
+    let ours = reader.await.unwrap();
+    assert!(ours.windows(2).all(|w| w[0] < w[1]), "out of order");
+    let mut all: Vec<u64> = theirs.iter().chain(&ours).copied().collect();
+    all.sort_unstable();
+    let twice: Vec<u64> = all
+        .windows(2)
+        .filter(|w| w[0] == w[1])
+        .map(|w| w[0])
+        .collect();
+    all.dedup();
+    let lost: Vec<u64> = (0..N).filter(|i| all.binary_search(i).is_err()).collect();
+    assert!(
+        lost.is_empty() && twice.is_empty(),
+        "lost {lost:?}, handled twice {twice:?}"
+    );
+    eprintln!(
+        "stopped member: {} messages, then {ended}; live member: {}",
+        theirs.len(),
+        ours.len()
+    );
+}
+
