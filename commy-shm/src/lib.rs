@@ -36,7 +36,7 @@ pub use region::{
     RegionOptions, RegionRemoveError, SweepError, SweepReport, default_region_dir, sweep_regions,
     validate_region_name,
 };
-pub use ring::{Consumer, Producer, RingError, WaitInterrupter};
+pub use ring::{Consumer, DiscardCounter, Producer, RingError, WaitInterrupter};
 pub use segment::{
     SEGMENT_HEADER_LEN, SEGMENT_LAYOUT_VERSION, SEGMENT_MAGIC, SEGMENT_MAX_DATA_LEN, Segment,
     SegmentError,

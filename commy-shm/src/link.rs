@@ -803,6 +803,14 @@ impl LinkSender {
         self.ring.close();
     }
 
+    /// Messages the peer says it received and then discarded unread (a
+    /// subscriber's drop-oldest queue, see
+    /// [`LinkReceiver::discard_counter`]): a count written by the untrusted
+    /// peer.
+    pub fn peer_discarded(&self) -> u64 {
+        self.ring.peer_discarded()
+    }
+
     /// A handle that ends the whole link from any thread (see
     /// [`LinkAborter`]).
     pub fn aborter(&self) -> LinkAborter {
@@ -882,6 +890,13 @@ impl LinkReceiver {
     /// unless a message is there.
     pub fn interrupter(&self) -> crate::ring::WaitInterrupter {
         self.ring.interrupter()
+    }
+
+    /// A handle that counts messages received here and then discarded
+    /// unread, from any thread, for the sender to see
+    /// ([`LinkSender::peer_discarded`]).
+    pub fn discard_counter(&self) -> crate::ring::DiscardCounter {
+        self.ring.discard_counter()
     }
 
     /// Hands back the ring space of messages consumed with

@@ -96,6 +96,10 @@ struct CtlWake {
     producer_waiting: AtomicU32,
     /// `PRODUCER_CLOSED` | `CONSUMER_CLOSED`.
     closed: AtomicU32,
+    /// Written by the consumer only: messages it took and then
+    /// discarded unread (a subscriber's drop-oldest queue), for the producer to see.
+    /// Zero from peers that never discard.
+    discarded: AtomicU64,
 }
 
 /// Size of a control block in shared memory.
@@ -113,6 +117,7 @@ impl RingCtl {
                 space_seq: AtomicU32::new(0),
                 producer_waiting: AtomicU32::new(0),
                 closed: AtomicU32::new(0),
+                discarded: AtomicU64::new(0),
             }),
         }
     }
@@ -181,6 +186,39 @@ impl WaitInterrupter {
         let ctl = unsafe { &*self.ctl };
         // Wakes the consumer if it sleeps (it re-checks, and sees the flag).
         ctl.data_words().notify();
+    }
+}
+
+/// Counts, in a ring's control block, messages its consumer took and then
+/// discarded unread, so that the producer sees them
+/// ([`Producer::peer_discarded`]). Usable from any thread of the
+/// consumer's process.
+pub struct DiscardCounter {
+    ctl: *const RingCtl,
+    _owner: Arc<dyn Send + Sync>,
+}
+
+// SAFETY: `ctl` points into memory kept alive by `_owner` (as in `RingMem`),
+// and only its atomic `discarded` word is used, so the handle may move to
+// and be shared between threads.
+unsafe impl Send for DiscardCounter {}
+// SAFETY: as for `Send`: every access through the handle is atomic.
+unsafe impl Sync for DiscardCounter {}
+
+impl std::fmt::Debug for DiscardCounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiscardCounter").finish_non_exhaustive()
+    }
+}
+
+impl DiscardCounter {
+    /// Counts `n` more messages discarded.
+    pub fn add(&self, n: u64) {
+        // SAFETY: valid and aligned while `_owner` lives (the contract of
+        // `RingMem::new`, from which this handle was made); the control
+        // block is all atomics.
+        let ctl = unsafe { &*self.ctl };
+        ctl.wake.0.discarded.fetch_add(n, Ordering::Relaxed);
     }
 }
 
@@ -460,6 +498,13 @@ impl Producer {
     /// record's header and the zeroed header slot that must follow it.
     pub fn max_payload(&self) -> usize {
         self.mem.cap - 2 * RECORD_HEADER_LEN
+    }
+
+    /// Messages the consumer says it took and then discarded unread (see
+    /// [`DiscardCounter`]): a count the untrusted peer writes, never
+    /// decreasing from an honest one.
+    pub fn peer_discarded(&self) -> u64 {
+        self.mem.ctl().wake.0.discarded.load(Ordering::Relaxed)
     }
 
     /// Writes a record header, deferring it if it is the first record of
@@ -1013,6 +1058,15 @@ impl Consumer {
         WaitInterrupter {
             ctl: self.mem.ctl,
             local: self.mem.local.clone(),
+            _owner: self.mem._owner.clone(),
+        }
+    }
+
+    /// A handle that counts messages this consumer discarded unread, for
+    /// the producer to see ([`Producer::peer_discarded`]).
+    pub fn discard_counter(&self) -> DiscardCounter {
+        DiscardCounter {
+            ctl: self.mem.ctl,
             _owner: self.mem._owner.clone(),
         }
     }

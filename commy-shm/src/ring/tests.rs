@@ -116,6 +116,22 @@ fn space_released_later_comes_back_on_release() {
 }
 
 #[test]
+fn the_producer_sees_what_the_consumer_discarded() {
+    let (mut tx, rx) = pair(256).unwrap();
+    assert_eq!(tx.peer_discarded(), 0);
+    let counter = rx.discard_counter();
+    let from_elsewhere = std::thread::spawn(move || counter.add(3));
+    from_elsewhere.join().unwrap();
+    rx.discard_counter().add(1);
+    assert_eq!(tx.peer_discarded(), 4);
+    // The count lives in the control block, beside nothing the ring
+    // itself reads: records still flow.
+    tx.try_send(b"x").unwrap();
+    drop(rx);
+    assert_eq!(tx.peer_discarded(), 4);
+}
+
+#[test]
 fn an_interrupt_ends_a_sleeping_wait() {
     let (mut tx, mut rx) = pair(1024).unwrap();
     let interrupter = rx.interrupter();
