@@ -893,6 +893,22 @@ impl Mesh {
         Ok(delivered)
     }
 
+    /// Messages this handle published on `topic` that subscribers on this
+    /// host discarded unread because they fell behind under
+    /// [`SlowSubscriber::DropOldest`](crate::SlowSubscriber::DropOldest):
+    /// the publisher's side of what their [`Subscription::dropped`]
+    /// counts. Each discarded copy counts once (a message two subscribers
+    /// dropped counts twice). Subscribers write their counts into the
+    /// shared memory of each publisher's link, so the answer is current
+    /// for the subscribers still linked; subscribers at TLS peers are not
+    /// counted.
+    ///
+    /// [`Subscription::dropped`]: crate::Subscription::dropped
+    pub fn dropped_by_subscribers(&self, topic: &str) -> Result<u64, Status> {
+        self.check_open()?;
+        self.inner.pubsub.dropped_by_subscribers(topic)
+    }
+
     /// How many deliveries a publish on `topic` would make now: this
     /// host's plain subscribers, one per queue group with a member, and
     /// those the TLS peers list that are not reached here.

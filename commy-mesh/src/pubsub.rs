@@ -10,7 +10,10 @@
 //! A subscriber that cannot keep up meets its [`SlowSubscriber`] policy:
 //! `Block` (the default) applies backpressure to publishers, `DropOldest`
 //! discards the oldest queued message, `Disconnect` ends the subscription;
-//! what was dropped is counted in [`Subscription::dropped`].
+//! what was dropped is counted in [`Subscription::dropped`]. A message
+//! `DropOldest` discards is also counted in the shared memory of the link
+//! it came on, so its publisher sees it too
+//! ([`Mesh::dropped_by_subscribers`](crate::Mesh::dropped_by_subscribers)).
 //!
 //! Under `Block` a subscription reads the rings of its publishers on this
 //! host itself, in batches, with no thread or queue in between: the rings
@@ -60,7 +63,7 @@ use commy_core::{
 };
 use commy_discovery::LocalRegistry;
 use commy_shm::link::RecvError;
-use commy_shm::{LinkConfig, RingError, ShmLink};
+use commy_shm::{DiscardCounter, LinkConfig, RingError, ShmLink};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
@@ -207,12 +210,20 @@ pub(crate) struct Queue {
 }
 
 struct QueueState {
-    messages: VecDeque<Message>,
+    messages: VecDeque<Queued>,
     closed: bool,
     /// Why the subscription ended, if the mesh ended it.
     reason: Option<Status>,
     /// The consumer's task, when it waits for a message.
     waker: Option<std::task::Waker>,
+}
+
+/// A message in a subscription's queue, and where to count it if it is
+/// discarded unread: the shared-memory link it came on, whose publisher
+/// then sees the loss ([`PubSub::dropped_by_subscribers`]).
+struct Queued {
+    msg: Message,
+    from: Option<Arc<DiscardCounter>>,
 }
 
 impl Queue {
@@ -223,6 +234,13 @@ impl Queue {
 
     /// Queues a message per the policy; false once the subscription is over.
     pub(crate) fn push(&self, msg: Message) -> bool {
+        self.push_from(msg, None)
+    }
+
+    /// Queues a message that came on the shared-memory link counted by
+    /// `from`, per the policy: a message `DropOldest` discards is counted
+    /// there too, for its publisher. False once the subscription is over.
+    fn push_from(&self, msg: Message, from: Option<&Arc<DiscardCounter>>) -> bool {
         let mut st = self.state.lock();
         loop {
             if st.closed {
@@ -236,7 +254,12 @@ impl Queue {
                     self.space.wait(&mut st);
                 }
                 SlowSubscriber::DropOldest => {
-                    st.messages.pop_front();
+                    if let Some(Queued {
+                        from: Some(from), ..
+                    }) = st.messages.pop_front()
+                    {
+                        from.add(1);
+                    }
                     self.dropped.fetch_add(1, Ordering::Relaxed);
                     break;
                 }
@@ -251,7 +274,10 @@ impl Queue {
                 }
             }
         }
-        st.messages.push_back(msg);
+        st.messages.push_back(Queued {
+            msg,
+            from: from.cloned(),
+        });
         let waker = st.waker.take();
         drop(st);
         if let Some(w) = waker {
@@ -340,7 +366,7 @@ impl Queue {
         if m.is_some() {
             self.space.notify_one();
         }
-        m
+        m.map(|q| q.msg)
     }
 
     /// Whether the subscription is over and nothing is left to take.
@@ -351,10 +377,10 @@ impl Queue {
 
     fn poll_message(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Message>> {
         let mut st = self.state.lock();
-        if let Some(m) = st.messages.pop_front() {
+        if let Some(q) = st.messages.pop_front() {
             drop(st);
             self.space.notify_one();
-            return std::task::Poll::Ready(Some(m));
+            return std::task::Poll::Ready(Some(q.msg));
         }
         if st.closed {
             return std::task::Poll::Ready(None);
@@ -595,6 +621,9 @@ fn serve_topic_link(
     let _serving = Counted::enter(links);
     let plain = topic_metadata(&queue.topic);
     let (_tx, mut rx) = link.split();
+    // What the queue discards of this link's messages is counted in its
+    // ring, where the publisher reads it.
+    let discarded = Arc::new(rx.discard_counter());
     loop {
         let msg = match rx.recv(None) {
             Ok(m) => m,
@@ -617,7 +646,7 @@ fn serve_topic_link(
             }
         };
         drop(msg);
-        if !queue.push(m) {
+        if !queue.push_from(m, Some(&discarded)) {
             return;
         }
     }
@@ -755,6 +784,9 @@ pub(crate) struct PubSub {
     stall: Duration,
     /// What publishing on each topic needs, by topic.
     routes: Mutex<FxHashMap<Box<str>, Arc<Route>>>,
+    /// Messages this handle published that subscribers on this host
+    /// discarded unread (`DropOldest`), by topic, as found so far.
+    discarded: Mutex<FxHashMap<TopicName, u64>>,
 }
 
 /// A subscription made by [`PubSub::subscribe`], with what the network
@@ -817,7 +849,38 @@ impl PubSub {
             limits,
             stall,
             routes: Mutex::default(),
+            discarded: Mutex::default(),
         }
+    }
+
+    /// Counts `n` messages on `topic` that a subscriber discarded unread.
+    fn count_discarded(&self, topic: &TopicName, n: u64) {
+        if n > 0 {
+            *self.discarded.lock().entry(topic.clone()).or_default() += n;
+        }
+    }
+
+    /// Messages this handle published on `topic` that subscribers on this
+    /// host discarded unread under `DropOldest`: each discarded copy counts
+    /// once, whichever subscriber (plain or in a queue group) dropped it.
+    /// Reads the subscribers' counts on every link it has to them first,
+    /// so the answer is as of now for those still linked.
+    pub(crate) fn dropped_by_subscribers(&self, topic: &str) -> Result<u64, Status> {
+        let topic = topic_name(topic)?;
+        let key = topic_key(&topic);
+        let mut keys = vec![key.clone()];
+        keys.extend(self.groups.groups_of(&key).iter().cloned());
+        for key in keys {
+            let pool = self.pools.get(&key_name(&key)?);
+            for link in self.pools.local_links(&pool) {
+                if let LocalLink::Linked(conn, _) = link
+                    && let Some(conn) = conn.shm()
+                {
+                    self.count_discarded(&topic, conn.take_discarded());
+                }
+            }
+        }
+        Ok(self.discarded.lock().get(&topic).copied().unwrap_or(0))
     }
 
     /// Links this publisher to every member of a queue group's `pool` it
@@ -1050,9 +1113,10 @@ impl PubSub {
         payloads: &[Bytes],
         out: &mut Published,
     ) {
-        let (sent, result) = conn.send_publish_many(&route.metadata, payloads, self.stall);
-        out.delivered += sent;
-        match result {
+        let sent = conn.send_publish_many(&route.metadata, payloads, self.stall);
+        out.delivered += sent.sent;
+        self.count_discarded(&route.topic, sent.discarded);
+        match sent.result {
             Ok(()) => {}
             Err(Unsent::Stalled) => self.cut_id(&route.pool, id, &route.topic),
             Err(Unsent::Failed(e)) => {
@@ -1120,10 +1184,9 @@ impl PubSub {
                     }
                     Err(_) => break,
                 };
-                match conn
-                    .send_publish_many(&route.metadata, &[payload], self.stall)
-                    .1
-                {
+                let sent = conn.send_publish_many(&route.metadata, &[payload], self.stall);
+                self.count_discarded(topic, sent.discarded);
+                match sent.result {
                     Ok(()) => {
                         delivered += 1;
                         groups_done.push(group.clone());

@@ -831,3 +831,82 @@ async fn a_queue_group_member_stopped_mid_stream_is_disconnected() {
     );
 }
 
+/// Under `DropOldest` both sides see the loss: two publishers overrun a
+/// subscriber's queue of 16; what it received and what it dropped add up
+/// to what was published, and what each publisher is told its subscribers
+/// dropped adds up to the subscriber's count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_oldest_counts_agree_on_both_sides() {
+    if as_child() {
+        return;
+    }
+    const N: u64 = 500;
+    let dir = private_dir("drop-counts");
+    let (a, b, subscriber) = (open(&dir).await, open(&dir).await, open(&dir).await);
+    let mut sub = subscriber
+        .subscribe_with(
+            "counted/drops",
+            None,
+            SubscribeOptions::default()
+                .queue(16)
+                .policy(SlowSubscriber::DropOldest),
+        )
+        .await
+        .unwrap();
+    for publisher in [&a, &b] {
+        publisher
+            .wait_for_subscribers("counted/drops", 1, SILENCE)
+            .await
+            .unwrap();
+        assert_eq!(
+            publisher.dropped_by_subscribers("counted/drops").unwrap(),
+            0
+        );
+    }
+    for i in 0..N {
+        assert_eq!(
+            a.publish("counted/drops", i.to_le_bytes().to_vec())
+                .await
+                .unwrap(),
+            1
+        );
+    }
+    for i in N..2 * N {
+        assert_eq!(
+            b.publish("counted/drops", i.to_le_bytes().to_vec())
+                .await
+                .unwrap(),
+            1
+        );
+    }
+    // The link threads move what is in the rings into the queue: with
+    // nobody reading, all but the last 16 are dropped.
+    let t = std::time::Instant::now();
+    while sub.dropped() < 2 * N - 16 {
+        assert!(t.elapsed() < SILENCE, "{} dropped", sub.dropped());
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let mut received = 0;
+    while received + sub.dropped() < 2 * N {
+        assert!(
+            t.elapsed() < SILENCE,
+            "{received} received, {} dropped",
+            sub.dropped()
+        );
+        match sub.try_next() {
+            Some(_) => received += 1,
+            None => tokio::time::sleep(Duration::from_millis(1)).await,
+        }
+    }
+    assert_eq!((received, sub.dropped()), (16, 2 * N - 16));
+    let (by_a, by_b) = (
+        a.dropped_by_subscribers("counted/drops").unwrap(),
+        b.dropped_by_subscribers("counted/drops").unwrap(),
+    );
+    assert_eq!(by_a + by_b, sub.dropped(), "a: {by_a}, b: {by_b}");
+    assert!(by_a > 0 && by_b > 0, "a: {by_a}, b: {by_b}");
+    assert_eq!(a.dropped_by_subscribers("other/topic").unwrap(), 0);
+    let e = a.dropped_by_subscribers("bad topic").unwrap_err();
+    assert_eq!(e.code(), commy_mesh::Code::InvalidArgument);
+}
+

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use commy_core::{Metadata, ServiceName, Status};
 
 use crate::call::deadline::Due;
-use crate::call::shm::{ClientConn, Unsent};
+use crate::call::shm::{ClientConn, SentPublish, Unsent};
 use crate::call::stats::EndpointStats;
 use crate::call::tls::PeerState;
 use crate::response::Response;
@@ -69,7 +69,8 @@ impl Endpoint {
 
     /// Sends published messages (their topic in `metadata`) to one
     /// subscriber, in order, waiting at most `stall` for it to take
-    /// anything; returns how many were sent, and why the others were not.
+    /// anything; says how many were sent, why the others were not, and
+    /// what the subscriber discarded.
     /// Subscribers at TLS peers are reached through their process's
     /// publish service instead (see
     /// [`Peers::publish`](crate::call::tls::Peers::publish)).
@@ -78,17 +79,18 @@ impl Endpoint {
         metadata: &[u8],
         payloads: &[P],
         stall: Duration,
-    ) -> (usize, Result<(), Unsent>) {
+    ) -> SentPublish {
         match self {
             Endpoint::Shm(conn) => conn.send_publish_many(metadata, payloads, stall),
-            Endpoint::Tls(peer) => (
-                0,
-                Err(Unsent::Failed(Status::failed_precondition(format!(
+            Endpoint::Tls(peer) => SentPublish {
+                sent: 0,
+                discarded: 0,
+                result: Err(Unsent::Failed(Status::failed_precondition(format!(
                     "a subscriber at peer {} is published to through its process's \
                      publish service",
                     peer.addr
                 )))),
-            ),
+            },
         }
     }
 

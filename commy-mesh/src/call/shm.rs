@@ -155,6 +155,7 @@ impl ClientConn {
             tx: Mutex::new(TxState {
                 sender: tx,
                 next_stream: 1,
+                discarded_seen: 0,
             }),
             rx: Mutex::new(rx),
             pending: Mutex::new(PendingCalls::default()),
@@ -568,42 +569,53 @@ impl ClientConn {
         metadata: &[u8],
         payloads: &[P],
         stall: Duration,
-    ) -> (usize, Result<(), Unsent>) {
-        let sent =
+    ) -> SentPublish {
+        let (sent, result, discarded) =
             self.send_unanswered(FrameKind::Publish, metadata, payloads, Patience::For(stall));
-        if let (_, Err(Unsent::Stalled)) = sent {
+        if let Err(Unsent::Stalled) = result {
             self.fail_with(&Status::resource_exhausted(
                 "the subscriber took nothing for the stall time: disconnected",
             ));
         }
-        sent
+        SentPublish {
+            sent,
+            discarded,
+            result,
+        }
+    }
+
+    /// Messages sent on this link that the subscriber discarded unread
+    /// since the last look (see [`SentPublish::discarded`]).
+    pub(crate) fn take_discarded(&self) -> u64 {
+        self.tx.lock().take_discarded()
     }
 
     /// Sends frames on fresh streams that get no answer, one per payload,
     /// waiting for ring space as `patience` says (`Unsent::Stalled` if it
     /// ran out). Several are staged and published together. Returns how
-    /// many were sent, and why the others were not.
+    /// many were sent, why the others were not, and what the peer
+    /// discarded since the last look ([`TxState::take_discarded`]).
     fn send_unanswered<P: AsRef<[u8]>>(
         &self,
         kind: FrameKind,
         metadata: &[u8],
         payloads: &[P],
         patience: Patience,
-    ) -> (usize, Result<(), Unsent>) {
+    ) -> (usize, Result<(), Unsent>, u64) {
         if !self.is_alive() {
             let gone = Status::unavailable("the instance is gone");
-            return (0, Err(Unsent::Failed(gone)));
+            return (0, Err(Unsent::Failed(gone)), 0);
         }
         for payload in payloads {
             if let Err(e) = self
                 .limits
                 .check_message(metadata.len(), payload.as_ref().len())
             {
-                return (0, Err(Unsent::Failed(e)));
+                return (0, Err(Unsent::Failed(e)), 0);
             }
         }
         let mut done = 0;
-        let sent = {
+        let (sent, discarded) = {
             let mut tx = self.tx.lock();
             let mut sent = Ok(());
             for payload in payloads {
@@ -617,12 +629,12 @@ impl ClientConn {
             }
             // What was staged becomes visible with one publication.
             tx.sender.flush();
-            sent
+            (sent, tx.take_discarded())
         };
         match sent {
-            Ok(()) => (done, Ok(())),
-            Err(SendError::TimedOut) => (done, Err(Unsent::Stalled)),
-            Err(e) => (done, Err(Unsent::Failed(self.send_failed(e)))),
+            Ok(()) => (done, Ok(()), discarded),
+            Err(SendError::TimedOut) => (done, Err(Unsent::Stalled), discarded),
+            Err(e) => (done, Err(Unsent::Failed(self.send_failed(e))), discarded),
         }
     }
 
@@ -1171,6 +1183,8 @@ pub(crate) struct TxState {
     sender: LinkSender,
     /// The next stream id: client-opened streams use odd ids.
     next_stream: u64,
+    /// The peer's count of messages it discarded unread, as last read.
+    discarded_seen: u64,
 }
 
 impl TxState {
@@ -1180,6 +1194,29 @@ impl TxState {
         self.next_stream = self.next_stream.wrapping_add(2);
         id
     }
+
+    /// Messages the peer discarded unread since the last look (a
+    /// subscriber's `DropOldest` queue). The count is the untrusted peer's:
+    /// it is believed only as far as it rises and stays within the frames
+    /// this side sent.
+    fn take_discarded(&mut self) -> u64 {
+        let now = self.sender.peer_discarded().min(self.next_stream / 2);
+        let new = now.saturating_sub(self.discarded_seen);
+        self.discarded_seen += new;
+        new
+    }
+}
+
+/// What sending published messages to one subscriber did
+/// ([`ClientConn::send_publish_many`]).
+pub(crate) struct SentPublish {
+    /// Messages written into its ring.
+    pub(crate) sent: usize,
+    /// Messages this side sent earlier that the subscriber discarded unread
+    /// since the last send looked (policy `DropOldest`).
+    pub(crate) discarded: u64,
+    /// Why the rest were not sent.
+    pub(crate) result: Result<(), Unsent>,
 }
 
 impl Done {
