@@ -487,10 +487,48 @@ impl Subscription {
         self.group.as_deref()
     }
 
+    /// A handle on this subscription's losses and end, readable from
+    /// anywhere while a task waits in [`Subscription::next`] (the SDKs'
+    /// subscriptions use it).
+    pub fn health(&self) -> SubscriptionHealth {
+        SubscriptionHealth {
+            queue: self.queue.clone(),
+        }
+    }
+
     /// Runs `withdraw` when the subscription ends (its announcement to
     /// peers is taken back).
     pub(crate) fn on_drop(&mut self, withdraw: Box<dyn FnOnce() + Send + Sync>) {
         self.withdraw = Some(withdraw);
+    }
+}
+
+/// What [`Subscription::dropped`] and [`Subscription::end_reason`] say,
+/// from a handle that does not need the subscription itself
+/// ([`Subscription::health`]); it outlives the subscription.
+#[derive(Clone)]
+pub struct SubscriptionHealth {
+    queue: Arc<Queue>,
+}
+
+impl std::fmt::Debug for SubscriptionHealth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubscriptionHealth")
+            .field("topic", &self.queue.topic)
+            .field("dropped", &self.dropped())
+            .finish()
+    }
+}
+
+impl SubscriptionHealth {
+    /// As [`Subscription::dropped`].
+    pub fn dropped(&self) -> u64 {
+        self.queue.dropped.load(Ordering::Relaxed)
+    }
+
+    /// As [`Subscription::end_reason`].
+    pub fn end_reason(&self) -> Option<Status> {
+        self.queue.reason()
     }
 }
 
