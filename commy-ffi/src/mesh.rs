@@ -118,6 +118,48 @@ fn quick<T>(fut: impl Future<Output = T>) -> T {
     }
 }
 
+/// The options of [`FfiMesh::subscribe_with`], as bindings get them.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct SubscribeParams {
+    /// Join this queue group.
+    pub group: Option<String>,
+    /// Messages queued before the policy applies (1 to 1,048,576; 1024
+    /// unless set).
+    pub queue: Option<u64>,
+    /// The slow-subscriber policy: `"block"` (the default),
+    /// `"drop-oldest"` or `"disconnect"`.
+    pub policy: Option<String>,
+}
+
+/// The longest queue a subscription may ask for (as on the wire,
+/// docs/PROTOCOL.md 10.2).
+const MAX_QUEUE: u64 = 1 << 20;
+
+impl SubscribeParams {
+    fn options(&self) -> Result<commy_mesh::SubscribeOptions, FfiError> {
+        let mut options = commy_mesh::SubscribeOptions::default();
+        if let Some(queue) = self.queue {
+            if !(1..=MAX_QUEUE).contains(&queue) {
+                return Err(FfiError::invalid_argument(format!(
+                    "the queue must hold 1 to {MAX_QUEUE} messages, not {queue}"
+                )));
+            }
+            options = options.queue(queue as usize);
+        }
+        if let Some(name) = &self.policy {
+            let policy = commy_mesh::SlowSubscriber::from_name(name).ok_or_else(|| {
+                FfiError::invalid_argument(format!(
+                    "unknown slow-subscriber policy {name:?} (expected \"block\", \
+                     \"drop-oldest\" or \"disconnect\")"
+                ))
+            })?;
+            options = options.policy(policy);
+        }
+        Ok(options)
+    }
+}
+
 impl FfiMesh {
     /// Opens the mesh (from any thread; the runtime starts on first use).
     pub fn open(options: MeshOptions) -> Result<FfiMesh, FfiError> {
@@ -316,6 +358,15 @@ impl FfiMesh {
         }
     }
 
+    /// Messages this handle published on `topic` that subscribers on this
+    /// host discarded unread under the drop-oldest policy (see
+    /// [`Mesh::dropped_by_subscribers`]).
+    pub fn dropped_by_subscribers(&self, topic: &str) -> Result<u64, FfiError> {
+        self.mesh
+            .dropped_by_subscribers(topic)
+            .map_err(FfiError::from)
+    }
+
     /// How many deliveries a publish on `topic` would make now.
     pub fn subscribers(
         &self,
@@ -405,11 +456,28 @@ impl FfiMesh {
     /// Subscribes to `topic`, as a member of queue `group` if given (each
     /// message then goes to one member of the group).
     pub fn subscribe(&self, topic: &str, group: Option<&str>) -> Result<FfiSubscription, FfiError> {
-        let sub = quick(self.mesh.subscribe_with(
+        self.subscribe_with(
             topic,
-            group,
-            commy_mesh::SubscribeOptions::default(),
-        ))?;
+            &SubscribeParams {
+                group: group.map(str::to_owned),
+                ..SubscribeParams::default()
+            },
+        )
+    }
+
+    /// Subscribes to `topic` with `params` (queue group, queue length,
+    /// slow-subscriber policy by name); a queue length or policy out of
+    /// range is refused with `INVALID_ARGUMENT` naming it.
+    pub fn subscribe_with(
+        &self,
+        topic: &str,
+        params: &SubscribeParams,
+    ) -> Result<FfiSubscription, FfiError> {
+        let options = params.options()?;
+        let sub = quick(
+            self.mesh
+                .subscribe_with(topic, params.group.as_deref(), options),
+        )?;
         Ok(FfiSubscription::new(sub))
     }
 

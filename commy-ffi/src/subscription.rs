@@ -30,7 +30,9 @@ use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use commy_mesh::Subscription;
+use commy_mesh::{Subscription, SubscriptionHealth};
+
+use crate::FfiError;
 use tokio::sync::watch;
 
 /// A message received on a subscription.
@@ -60,6 +62,7 @@ impl FfiMessage {
 struct Inner {
     topic: String,
     group: Option<String>,
+    health: SubscriptionHealth,
     sub: tokio::sync::Mutex<Option<Subscription>>,
     closed: watch::Sender<bool>,
 }
@@ -87,6 +90,7 @@ impl FfiSubscription {
             inner: Arc::new(Inner {
                 topic: sub.topic().to_string(),
                 group: sub.group().map(str::to_owned),
+                health: sub.health(),
                 sub: tokio::sync::Mutex::new(Some(sub)),
                 closed: watch::Sender::new(false),
             }),
@@ -101,6 +105,18 @@ impl FfiSubscription {
     /// The queue group, if any.
     pub fn group(&self) -> Option<&str> {
         self.inner.group.as_deref()
+    }
+
+    /// Messages this subscriber dropped because it fell behind (see
+    /// [`Subscription::dropped`]).
+    pub fn dropped(&self) -> u64 {
+        self.inner.health.dropped()
+    }
+
+    /// Why the mesh ended the subscription, if it did (see
+    /// [`Subscription::end_reason`]).
+    pub fn end_reason(&self) -> Option<FfiError> {
+        self.inner.health.end_reason().map(FfiError::from)
     }
 
     /// Whether [`close`](FfiSubscription::close) was called.
