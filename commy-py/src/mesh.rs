@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use commy_ffi::{
     FfiCaller, FfiError, FfiMesh, FfiService, LocalTask, MeshOptions, OpenPolicy, Reply,
+    SubscribeParams,
 };
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
@@ -89,6 +90,14 @@ impl RawMesh {
     ) -> PyResult<usize> {
         let data = payloads(data, "data")?;
         wait(py, self.mesh.publish_many(topic, data))
+    }
+
+    /// Messages published here on `topic` that subscribers on this host
+    /// discarded unread (drop-oldest).
+    fn dropped_by_subscribers(&self, py: Python<'_>, topic: &str) -> PyResult<u64> {
+        self.mesh
+            .dropped_by_subscribers(topic)
+            .map_err(|e| errors::to_py(py, &e))
     }
 
     /// How many deliveries a publish on `topic` would make now.
@@ -262,15 +271,22 @@ impl RawMesh {
             .map_err(|e| errors::to_py(py, &e))
     }
 
-    /// Subscribes to `topic` (as a member of queue `group` if given).
-    #[pyo3(signature = (topic, group=None))]
+    /// Subscribes to `topic` (as a member of queue `group` if given), with
+    /// a queue of `queue` messages and the slow-subscriber `policy` by name.
+    #[pyo3(signature = (topic, group=None, queue=None, policy=None))]
     fn subscribe(
         &self,
         py: Python<'_>,
         topic: &str,
         group: Option<&str>,
+        queue: Option<u64>,
+        policy: Option<&str>,
     ) -> PyResult<RawSubscription> {
-        py.detach(|| self.mesh.subscribe(topic, group))
+        let mut params = SubscribeParams::default();
+        params.group = group.map(str::to_owned);
+        params.queue = queue;
+        params.policy = policy.map(str::to_owned);
+        py.detach(|| self.mesh.subscribe_with(topic, &params))
             .map(RawSubscription::new)
             .map_err(|e| errors::to_py(py, &e))
     }

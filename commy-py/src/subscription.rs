@@ -40,6 +40,19 @@ impl RawSubscription {
         self.sub.is_closed()
     }
 
+    /// Messages dropped because this subscriber fell behind.
+    #[getter]
+    fn dropped(&self) -> u64 {
+        self.sub.dropped()
+    }
+
+    /// Why the mesh ended the subscription (a `commy.CommyError`), or None.
+    #[getter]
+    fn end_reason(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        let reason = self.sub.end_reason()?;
+        Some(crate::errors::to_py(py, &reason).into_value(py).into_any())
+    }
+
     /// The next message's data, blocking (GIL released, Ctrl-C
     /// interrupts); None once closed. Raises `commy.DeadlineExceeded` if
     /// `timeout` seconds pass first.

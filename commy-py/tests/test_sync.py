@@ -411,3 +411,43 @@ def test_publish_many_keeps_order_and_names_a_bad_item(mesh: commy.Mesh) -> None
         got.append(msg.data)
     assert got == [b"a", b"b", b"c"] + [b"%d" % i for i in range(100)]
     assert sub.try_next() is None
+
+
+def test_slow_subscriber_policies_count_on_both_sides(mesh: commy.Mesh) -> None:
+    dropping = mesh.subscribe("slow", queue=8, policy="drop-oldest")
+    ending = mesh.subscribe("slow", queue=4, policy="disconnect")
+    assert mesh.wait_for_subscribers("slow", 2, timeout=LONG) == 2
+    assert dropping.dropped == 0 and dropping.end_reason is None
+    for i in range(100):
+        mesh.publish("slow", b"%d" % i)
+    # Messages reach the queues on the subscriptions' own threads: with
+    # nobody reading, all but the last 8 are dropped.
+    received, deadline = 0, time.monotonic() + LONG
+    while dropping.dropped < 100 - 8:
+        assert time.monotonic() < deadline, dropping.dropped
+        time.sleep(0.001)
+    while received + dropping.dropped < 100:
+        assert time.monotonic() < deadline, (received, dropping.dropped)
+        if dropping.try_next() is None:
+            time.sleep(0.001)
+        else:
+            received += 1
+    assert (received, dropping.dropped) == (8, 100 - 8)
+    assert mesh.dropped_by_subscribers("slow") == dropping.dropped
+    assert dropping.end_reason is None
+    # Disconnect: the subscription ends once its queue was full, keeping
+    # what it held, and says why.
+    while ending.end_reason is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    assert len(list(ending)) == 4
+    reason = ending.end_reason
+    assert isinstance(reason, commy.ResourceExhausted), reason
+    assert "queue of 4 was full" in str(reason)
+    assert ending.dropped >= 1
+    with pytest.raises(commy.InvalidArgument, match='unknown slow-subscriber policy "fast"'):
+        mesh.subscribe("slow", policy="fast")  # type: ignore[arg-type]
+    with pytest.raises(commy.InvalidArgument, match="1 to 1048576 messages, not 0"):
+        mesh.subscribe("slow", queue=0)
+    with pytest.raises(commy.InvalidArgument, match="invalid topic"):
+        mesh.dropped_by_subscribers("bad topic")

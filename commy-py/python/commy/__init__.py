@@ -50,6 +50,7 @@ from typing import (
     Callable,
     Iterable,
     Iterator,
+    Literal,
     NamedTuple,
     Optional,
     Tuple,
@@ -186,6 +187,20 @@ class _SubscriptionBase:
     def closed(self) -> bool:
         """Whether it was closed."""
         return self._raw.closed
+
+    @property
+    def dropped(self) -> int:
+        """Messages dropped because this subscriber fell behind: discarded
+        under ``"drop-oldest"``, refused under ``"disconnect"``, or lost when
+        a publisher disconnected it for taking nothing for the stall time."""
+        return self._raw.dropped
+
+    @property
+    def end_reason(self) -> Optional[CommyError]:
+        """Why the mesh ended this subscription (a :class:`ResourceExhausted`:
+        its queue was full under ``"disconnect"``, or it took nothing for the
+        stall time), or ``None`` while it lasts or when it was closed."""
+        return self._raw.end_reason
 
     def close(self) -> None:
         """Ends the subscription; a waiting :meth:`next` returns ``None``."""
@@ -479,6 +494,14 @@ class Mesh(_Base):
         deliveries made, summed over the messages."""
         return self._raw.publish_many(topic, data)
 
+    def dropped_by_subscribers(self, topic: str) -> int:
+        """Messages this handle published on ``topic`` that subscribers on
+        this host discarded unread because they fell behind under the
+        ``"drop-oldest"`` policy: the publisher's side of their
+        :attr:`Subscription.dropped`. Each discarded copy counts once;
+        subscribers at TLS peers are not counted."""
+        return self._raw.dropped_by_subscribers(topic)
+
     def subscribers(self, topic: str) -> int:
         """How many subscribers a publish on ``topic`` would reach now (one
         per queue group)."""
@@ -504,10 +527,25 @@ class Mesh(_Base):
             raise InvalidArgument("Mesh.serve takes a plain function; use AsyncMesh for async handlers")
         return self._keep(self._raw.serve(service, handler, _takes_context(handler)))
 
-    def subscribe(self, topic: str, group: Optional[str] = None) -> Subscription:
+    def subscribe(
+        self,
+        topic: str,
+        group: Optional[str] = None,
+        *,
+        queue: Optional[int] = None,
+        policy: Optional[Literal["block", "drop-oldest", "disconnect"]] = None,
+    ) -> Subscription:
         """Subscribes to ``topic``; with ``group``, as a member of that queue
-        group (each message goes to one member)."""
-        return self._track(Subscription(self._raw.subscribe(topic, group)))
+        group (each message goes to one member).
+
+        ``policy`` says what happens when this subscriber falls behind:
+        ``"block"`` (the default) makes publishers wait, and disconnects
+        it if it takes nothing for the stall time; ``"drop-oldest"``
+        discards the oldest of the ``queue`` messages held (1024 unless
+        set); ``"disconnect"`` ends the subscription once they are full.
+        Losses show in :attr:`Subscription.dropped`."""
+        raw = self._raw.subscribe(topic, group, queue, policy)
+        return self._track(Subscription(raw))
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Blocks until the mesh is closed (or ``timeout`` passes); returns
@@ -673,6 +711,11 @@ class AsyncMesh(_Base):
         delivered: int = await self._bridge.run(self._raw.publish_many_async, topic, data)
         return delivered
 
+    def dropped_by_subscribers(self, topic: str) -> int:
+        """Messages this handle published on ``topic`` that subscribers on
+        this host discarded unread (see :meth:`Mesh.dropped_by_subscribers`)."""
+        return self._raw.dropped_by_subscribers(topic)
+
     def subscribers(self, topic: str) -> int:
         """How many subscribers a publish on ``topic`` would reach now (see
         :meth:`Mesh.subscribers`)."""
@@ -727,9 +770,17 @@ class AsyncMesh(_Base):
         self._own.add(service)
         return served
 
-    def subscribe(self, topic: str, group: Optional[str] = None) -> AsyncSubscription:
+    def subscribe(
+        self,
+        topic: str,
+        group: Optional[str] = None,
+        *,
+        queue: Optional[int] = None,
+        policy: Optional[Literal["block", "drop-oldest", "disconnect"]] = None,
+    ) -> AsyncSubscription:
         """Subscribes to ``topic`` (see :meth:`Mesh.subscribe`)."""
-        return self._track(AsyncSubscription(self._raw.subscribe(topic, group), self._bridge))
+        raw = self._raw.subscribe(topic, group, queue, policy)
+        return self._track(AsyncSubscription(raw, self._bridge))
 
     async def close(self) -> None:
         """Stops serving (waits for handlers in progress), ends subscriptions
