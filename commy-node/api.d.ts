@@ -73,10 +73,22 @@ export interface CallOptions {
   timeoutMs?: number
 }
 
+/** What a subscriber that falls behind meets (see `SubscribeOptions.policy`). */
+export type SlowPolicy = 'block' | 'drop-oldest' | 'disconnect'
+
 /** Options of `mesh.subscribe`. */
 export interface SubscribeOptions {
   /** Join this queue group: each message goes to one member of the group. */
   group?: string
+  /** Messages held before the policy applies (1 to 1,048,576; 1024 unless set). */
+  queue?: number
+  /**
+   * What happens when this subscriber falls behind: `'block'` (the default)
+   * makes publishers wait, and disconnects it if it takes nothing for the
+   * stall time; `'drop-oldest'` discards the oldest message held;
+   * `'disconnect'` ends the subscription once `queue` messages wait.
+   */
+  policy?: SlowPolicy
 }
 
 /** Options of `mesh.region`. */
@@ -143,6 +155,12 @@ export declare class Mesh {
    * made, summed over the messages.
    */
   publishMany(topic: string, payloads: Iterable<Payload>): Promise<number>
+  /**
+   * Messages this handle published on `topic` that subscribers on this
+   * host discarded unread under `'drop-oldest'` (each discarded copy counts
+   * once; subscribers at TLS peers are not counted).
+   */
+  droppedBySubscribers(topic: string): number
   /** How many subscribers a publish on `topic` would reach now (one per queue group). */
   subscribers(topic: string): Promise<number>
   /**
@@ -187,6 +205,14 @@ export declare class Subscription implements AsyncIterableIterator<Buffer> {
   readonly topic: string
   /** The queue group, if any. */
   readonly group: string | undefined
+  /**
+   * Messages dropped because this subscriber fell behind: discarded under
+   * `'drop-oldest'`, refused under `'disconnect'`, or lost when a publisher
+   * disconnected it for taking nothing for the stall time.
+   */
+  readonly dropped: number
+  /** Why the mesh ended this subscription (a `RESOURCE_EXHAUSTED` CommyError), or null. */
+  readonly endReason: CommyError | null
   next(): Promise<IteratorResult<Buffer, undefined>>
   /** A queued message, without waiting; `undefined` when none is queued (or it ended). */
   tryNext(): Buffer | undefined

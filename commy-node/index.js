@@ -398,6 +398,23 @@ class Mesh {
   }
 
   /**
+   * Messages this handle published on `topic` that subscribers on this
+   * host discarded unread because they fell behind under the
+   * `'drop-oldest'` policy: the publisher's side of their `dropped`. Each
+   * discarded copy counts once; subscribers at TLS peers are not counted.
+   * @returns {number}
+   */
+  droppedBySubscribers(topic) {
+    checkName(topic, 'the topic')
+    this._checkOpen()
+    try {
+      return this._native.droppedBySubscribers(topic)
+    } catch (e) {
+      throw nativeError(e)
+    }
+  }
+
+  /**
    * How many subscribers a publish on `topic` would reach now (one per
    * queue group).
    * @returns {Promise<number>}
@@ -482,14 +499,20 @@ class Mesh {
   subscribe(topic, options) {
     try {
       checkName(topic, 'the topic')
-      const o = checkOptions(options, ['group'], 'subscribe options')
+      const o = checkOptions(options, ['group', 'queue', 'policy'], 'subscribe options')
       if (o.group !== undefined) checkName(o.group, 'options.group')
+      if (o.queue !== undefined && (!Number.isSafeInteger(o.queue) || o.queue < 1)) {
+        throw new TypeError(`options.queue must be a positive integer, not ${String(o.queue)}`)
+      }
+      if (o.policy !== undefined && typeof o.policy !== 'string') {
+        throw new TypeError(`options.policy must be a string, not ${typeof o.policy}`)
+      }
       this._checkOpen()
       const number = this._nextHandle++
       const sub = new Subscription(this, number, topic, o.group)
       this._subs.set(number, sub)
       try {
-        this._native.subscribe(number, topic, o.group)
+        this._native.subscribe(number, topic, o.group, o.queue, o.policy)
       } catch (e) {
         this._subs.delete(number)
         throw nativeError(e)
@@ -845,6 +868,8 @@ class Subscription {
     this._waiting = null
     this._ended = false
     this._taken = 0
+    // The counts as of the end, once the addon has let go of it.
+    this._final = null
     /** The topic. */
     this.topic = topic
     /** The queue group, if any. */
@@ -863,7 +888,37 @@ class Subscription {
     }
   }
 
+  /** Keeps the addon's counts of this subscription before it lets go. */
+  _keepCounts() {
+    const native = this._mesh._native
+    if (this._final !== null || native === null) return
+    this._final = { dropped: this.dropped, endReason: this.endReason }
+  }
+
+  /**
+   * Messages dropped because this subscriber fell behind: discarded under
+   * `'drop-oldest'`, refused under `'disconnect'`, or lost when a
+   * publisher disconnected it for taking nothing for the stall time.
+   * @returns {number}
+   */
+  get dropped() {
+    if (this._final !== null) return this._final.dropped
+    return this._mesh._native?.subDropped(this._number) ?? 0
+  }
+
+  /**
+   * Why the mesh ended this subscription (a `RESOURCE_EXHAUSTED`
+   * CommyError), or null while it lasts or when it was closed.
+   * @returns {CommyError | null}
+   */
+  get endReason() {
+    if (this._final !== null) return this._final.endReason
+    const reason = this._mesh._native?.subEndReason(this._number) ?? null
+    return reason === null ? null : nativeError(new Error(reason))
+  }
+
   _end() {
+    this._keepCounts()
     this._ended = true
     this._mesh._subs.delete(this._number)
     if (this._waiting !== null) {
@@ -918,6 +973,7 @@ class Subscription {
   close() {
     if (this._ended) return
     const mesh = this._mesh
+    this._keepCounts()
     if (mesh._native !== null) mesh._native.unsubscribe(this._number)
     this._queue = []
     this._head = 0

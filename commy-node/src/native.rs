@@ -17,7 +17,7 @@ use bytes::Bytes;
 use commy_ffi::{
     AnswerDriver, FfiCaller, FfiError, FfiMesh, FfiRegion, FfiService, FfiSubscription, KEYS,
     KeyKind, Layer, MeshOptions, OpenPolicy, PolledRequest, RegionOptions, Reply, SettingValue,
-    key_kind, run_inline, runtime, spawn_with,
+    SubscribeParams, key_kind, run_inline, runtime, spawn_with,
 };
 use napi::bindgen_prelude::{BufferSlice, Function};
 use napi::{Env, Result};
@@ -774,14 +774,29 @@ impl NativeMesh {
         }
     }
 
-    /// Subscribes to `topic` (as a member of queue group `group` if given)
-    /// as subscription number `sub` (chosen by the JS layer; its messages
-    /// carry it). Returns once the subscription is announced.
+    /// Subscribes to `topic` (as a member of queue group `group` if given,
+    /// with a queue of `queue` messages and the slow-subscriber `policy` by
+    /// name) as subscription number `sub` (chosen by the JS layer; its
+    /// messages carry it). Returns once the subscription is announced.
     #[napi]
-    pub fn subscribe(&self, sub: u32, topic: String, group: Option<String>) -> Result<()> {
+    pub fn subscribe(
+        &self,
+        sub: u32,
+        topic: String,
+        group: Option<String>,
+        queue: Option<f64>,
+        policy: Option<String>,
+    ) -> Result<()> {
         let mesh = self.mesh().map_err(|e| ffi_error(&e))?;
+        let mut params = SubscribeParams::default();
+        params.group = group;
+        params.queue = queue
+            .map(|q| index(q, "options.queue"))
+            .transpose()?
+            .map(|q| q as u64);
+        params.policy = policy;
         let subscription = mesh
-            .subscribe(&topic, group.as_deref())
+            .subscribe_with(&topic, &params)
             .map_err(|e| ffi_error(&e))?;
         let credit = Arc::new(Semaphore::new(SUB_WINDOW));
         let (c, s, b) = (credit.clone(), subscription.clone(), self.bridge.clone());
@@ -807,6 +822,33 @@ impl NativeMesh {
             },
         );
         Ok(())
+    }
+
+    /// Messages subscription `sub` dropped because it fell behind; null
+    /// once it was closed.
+    #[napi]
+    pub fn sub_dropped(&self, sub: u32) -> Option<f64> {
+        self.subs
+            .lock()
+            .get(&sub)
+            .map(|s| s.subscription.dropped() as f64)
+    }
+
+    /// Why the mesh ended subscription `sub` (`"CODE: message"`), or null.
+    #[napi]
+    pub fn sub_end_reason(&self, sub: u32) -> Option<String> {
+        let reason = self.subs.lock().get(&sub)?.subscription.end_reason()?;
+        Some(reason.to_string())
+    }
+
+    /// Messages published here on `topic` that subscribers on this host
+    /// discarded unread (drop-oldest).
+    #[napi]
+    pub fn dropped_by_subscribers(&self, topic: String) -> Result<f64> {
+        let mesh = self.mesh().map_err(|e| ffi_error(&e))?;
+        mesh.dropped_by_subscribers(&topic)
+            .map(|n| n as f64)
+            .map_err(|e| ffi_error(&e))
     }
 
     /// Lets subscription `sub` deliver `n` more messages.

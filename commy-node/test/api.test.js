@@ -444,6 +444,48 @@ test('publishMany publishes a burst in order and names a bad payload', () =>
     assert.deepEqual(got, ['a', 'b', 'c', ...more])
   }))
 
+test('slow-subscriber policies count their losses on both sides', () =>
+  withMesh(async (mesh) => {
+    const N = 3000
+    const dropping = await mesh.subscribe('slow', { queue: 8, policy: 'drop-oldest' })
+    const ending = await mesh.subscribe('slow', { queue: 4, policy: 'disconnect' })
+    assert.equal(await mesh.waitForSubscribers('slow', 2), 2)
+    assert.equal(dropping.dropped, 0)
+    assert.equal(dropping.endReason, null)
+    for (let i = 0; i < N; i++) await mesh.publish('slow', `${i}`)
+    // Messages reach the queue on the subscription's own thread.
+    let received = 0
+    const deadline = Date.now() + 30_000
+    while (received + dropping.dropped < N) {
+      assert.ok(Date.now() < deadline, `${received} received, ${dropping.dropped} dropped`)
+      if (dropping.tryNext() === undefined) await new Promise((r) => setTimeout(r, 1))
+      else received++
+    }
+    assert.ok(dropping.dropped > 0)
+    assert.equal(mesh.droppedBySubscribers('slow'), dropping.dropped)
+    assert.equal(dropping.endReason, null)
+    // Disconnect: the subscription ends once its queue was full, and says why.
+    while (ending.endReason === null) {
+      assert.ok(Date.now() < deadline)
+      await new Promise((r) => setTimeout(r, 1))
+    }
+    assert.ok(ending.endReason instanceof CommyError)
+    assert.equal(ending.endReason.code, 'RESOURCE_EXHAUSTED')
+    assert.match(ending.endReason.message, /queue of 4 was full/)
+    assert.ok(ending.dropped >= 1)
+    ending.close()
+    assert.equal(ending.endReason.code, 'RESOURCE_EXHAUSTED', 'kept after close')
+    await assert.rejects(mesh.subscribe('slow', { policy: 'fast' }), (e) => {
+      assert.ok(e instanceof CommyError)
+      assert.equal(e.code, 'INVALID_ARGUMENT')
+      assert.match(e.message, /unknown slow-subscriber policy "fast"/)
+      return true
+    })
+    await assert.rejects(mesh.subscribe('slow', { queue: 0 }), /options.queue must be a positive integer/)
+    await assert.rejects(mesh.subscribe('slow', { queue: 2 ** 21 }), /1 to 1048576 messages/)
+    assert.throws(() => mesh.droppedBySubscribers('bad topic'), (e) => e instanceof CommyError && e.code === 'INVALID_ARGUMENT')
+  }))
+
 test('regions are shared memory with copying read and write', () =>
   withMesh(async (mesh) => {
     const r = mesh.region('scratch', { size: 64 })

@@ -22,6 +22,11 @@ async function main(): Promise<void> {
     void b
     break
   }
+  const slow = await mesh.subscribe('t', { queue: 16, policy: 'drop-oldest' })
+  const lost: number = slow.dropped + mesh.droppedBySubscribers('t')
+  const why: CommyError | null = slow.endReason
+  void lost
+  void why
   const region = mesh.region('r', { size: 64, create: 'openOrCreate' })
   region.write('abc', 1)
   const data: Buffer = region.read(0, 4)
