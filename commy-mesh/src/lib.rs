@@ -63,7 +63,9 @@ pub use commy_shm::{LinkConfig, WaitStrategy};
 pub use config::{Config, MeshBuilder};
 pub use mesh::{Mesh, OpenError};
 pub use net::NetError;
-pub use pubsub::{Message, SlowSubscriber, SubscribeOptions, Subscription, SubscriptionHealth};
+pub use pubsub::{
+    Message, MessageRef, SlowSubscriber, SubscribeOptions, Subscription, SubscriptionHealth,
+};
 pub use response::Response;
 pub use service::{Caller, RemoteCaller, Request, Responder, ServiceHandle};
 

@@ -71,7 +71,7 @@ use smallvec::SmallVec;
 mod inbox;
 pub(crate) mod remote;
 
-use inbox::{Inbox, Reader};
+use inbox::{Ends, Inbox, Reader};
 
 use crate::accept::{bind_announcement, start_accepting, withdraw};
 use crate::call::pool::{LOCAL_INLINE, LocalLink, Pools};
@@ -194,6 +194,52 @@ impl Message {
     /// Takes the body.
     pub fn into_payload(self) -> Bytes {
         self.payload
+    }
+
+    /// The message lent out, as [`Subscription::next_batch`] hands them.
+    pub fn as_ref(&self) -> MessageRef<'_> {
+        MessageRef {
+            topic: &self.topic,
+            payload: &self.payload,
+            metadata: self.metadata.as_deref(),
+        }
+    }
+}
+
+/// A message lent out by [`Subscription::next_batch`]: its bytes are still
+/// where they arrived (the publisher's ring, on this host), and their
+/// space is handed back once the batch is done. Copy what you keep
+/// ([`MessageRef::to_message`]).
+#[derive(Debug, Clone, Copy)]
+pub struct MessageRef<'a> {
+    topic: &'a TopicName,
+    payload: &'a [u8],
+    metadata: Option<&'a Metadata>,
+}
+
+impl<'a> MessageRef<'a> {
+    /// The topic it was published on.
+    pub fn topic(&self) -> &'a TopicName {
+        self.topic
+    }
+
+    /// The message body, in place.
+    pub fn payload(&self) -> &'a [u8] {
+        self.payload
+    }
+
+    /// The publisher's metadata (without the topic header).
+    pub fn metadata(&self) -> &'a Metadata {
+        self.metadata.unwrap_or(&NO_METADATA)
+    }
+
+    /// An owned copy.
+    pub fn to_message(&self) -> Message {
+        Message {
+            topic: self.topic.clone(),
+            payload: Bytes::copy_from_slice(self.payload),
+            metadata: self.metadata.map(|m| Box::new(m.clone())),
+        }
     }
 }
 
@@ -433,8 +479,13 @@ impl Subscription {
         &mut self,
         cx: Option<&mut std::task::Context<'_>>,
     ) -> std::task::Poll<Option<Message>> {
+        let ends = Ends {
+            queue: &self.queue,
+            path: &self.path,
+            stop: &self.stop,
+        };
         match (&mut self.reader, cx) {
-            (Some(reader), cx) => reader.poll(&self.queue, &self.path, &self.stop, cx),
+            (Some(reader), cx) => reader.poll(&ends, cx),
             (None, Some(cx)) => self.queue.poll_message(cx),
             (None, None) => match self.queue.try_pop() {
                 Some(m) => std::task::Poll::Ready(Some(m)),
@@ -442,6 +493,56 @@ impl Subscription {
                 None => std::task::Poll::Pending,
             },
         }
+    }
+
+    /// Waits for the next message, then hands it and up to `max - 1` more
+    /// that are already there to `each`, lent out in place: under `Block`,
+    /// straight from the publishers' rings, with no copy and no allocation
+    /// per message, their space handed back once the batch is done.
+    /// Returns how many `each` got; 0 once the subscription has ended.
+    /// The cheapest way to take a fast stream.
+    pub async fn next_batch(&mut self, max: usize, mut each: impl FnMut(MessageRef<'_>)) -> usize {
+        std::future::poll_fn(|cx| self.poll_batch(Some(cx), max, &mut each)).await
+    }
+
+    /// As [`Subscription::next_batch`], without waiting: 0 when nothing is
+    /// there ([`Subscription::is_ended`] tells whether more can come).
+    pub fn try_next_batch(&mut self, max: usize, mut each: impl FnMut(MessageRef<'_>)) -> usize {
+        match self.poll_batch(None, max, &mut each) {
+            std::task::Poll::Ready(n) => n,
+            std::task::Poll::Pending => 0,
+        }
+    }
+
+    fn poll_batch(
+        &mut self,
+        cx: Option<&mut std::task::Context<'_>>,
+        max: usize,
+        each: &mut dyn FnMut(MessageRef<'_>),
+    ) -> std::task::Poll<usize> {
+        if let Some(reader) = &mut self.reader {
+            let ends = Ends {
+                queue: &self.queue,
+                path: &self.path,
+                stop: &self.stop,
+            };
+            return reader.poll_batch(&ends, cx, max, each);
+        }
+        // The queue: the first message as `next` takes it, then what else
+        // is there.
+        let first = match self.poll_message(cx) {
+            std::task::Poll::Ready(Some(m)) => m,
+            std::task::Poll::Ready(None) => return std::task::Poll::Ready(0),
+            std::task::Poll::Pending => return std::task::Poll::Pending,
+        };
+        each(first.as_ref());
+        let mut n = 1;
+        while n < max {
+            let Some(m) = self.queue.try_pop() else { break };
+            each(m.as_ref());
+            n += 1;
+        }
+        std::task::Poll::Ready(n)
     }
 
     /// The next message, waiting at most `timeout`: `Ok(None)` once the
@@ -596,9 +697,25 @@ fn decode_publish(
     plain: &[u8],
     limits: &Limits,
 ) -> Result<Option<Message>, String> {
+    let mut message = None;
+    decode_publish_ref(frame, topic, plain, limits, &mut |m| {
+        message = Some(m.to_message())
+    })?;
+    Ok(message)
+}
+
+/// As [`decode_publish`], lending the message to `each` in place (not
+/// called for a frame that is not a message on `topic`).
+fn decode_publish_ref(
+    frame: &[u8],
+    topic: &TopicName,
+    plain: &[u8],
+    limits: &Limits,
+    each: &mut dyn FnMut(MessageRef<'_>),
+) -> Result<(), String> {
     let frame = FrameRef::decode(frame, limits).map_err(|e| format!("malformed frame: {e}"))?;
     if frame.header().kind != FrameKind::Publish {
-        return Ok(None);
+        return Ok(());
     }
     let metadata = if frame.metadata() == plain {
         None
@@ -606,16 +723,17 @@ fn decode_publish(
         let mut metadata = crate::wire::decode_metadata(frame.metadata(), limits)
             .map_err(|_| "malformed metadata".to_owned())?;
         if metadata.header(TOPIC_HEADER) != Some(topic.as_str().as_bytes()) {
-            return Ok(None);
+            return Ok(());
         }
         metadata.headers.retain(|(k, _)| k != TOPIC_HEADER);
-        (!metadata.is_empty()).then(|| Box::new(metadata))
+        Some(metadata).filter(|m| !m.is_empty())
     };
-    Ok(Some(Message {
-        topic: topic.clone(),
-        payload: Bytes::copy_from_slice(frame.payload()),
-        metadata,
-    }))
+    each(MessageRef {
+        topic,
+        payload: frame.payload(),
+        metadata: metadata.as_ref(),
+    });
+    Ok(())
 }
 
 fn topic_name(topic: &str) -> Result<TopicName, Status> {

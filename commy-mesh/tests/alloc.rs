@@ -127,6 +127,8 @@ const PUBLISHED: u64 = 0;
 /// A message a subscriber takes from its publisher's ring (policy
 /// `Block`): its payload.
 const RECEIVED: u64 = 1;
+/// A message a subscriber is lent by `next_batch`: nothing.
+const LENT: u64 = 0;
 
 /// The topic of the pub/sub checks.
 const TOPIC: &str = "alloc/topic";
@@ -448,6 +450,27 @@ fn subscriber_side(report: &mut Report) {
                 &format!("subscriber: next, policy Block, {size} B"),
                 RECEIVED,
                 true,
+                counted,
+            );
+            // Lent out in place: nothing per message.
+            let mut lend = async |n: u64| {
+                child.send(&format!("PUBLISH {TOPIC} {size} {n}\n"));
+                let mut got = 0;
+                while got < n {
+                    got += sub
+                        .next_batch(64, |m| assert_eq!(m.payload().len(), size))
+                        .await as u64;
+                }
+                child.expect("DONE");
+            };
+            lend(WARM_UP).await;
+            let before = Counted::now();
+            lend(CALLS).await;
+            let counted = Counted::since(before);
+            report.check(
+                &format!("subscriber: next_batch, policy Block, {size} B"),
+                LENT,
+                false,
                 counted,
             );
         }

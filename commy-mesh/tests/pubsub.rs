@@ -910,3 +910,67 @@ async fn drop_oldest_counts_agree_on_both_sides() {
     assert_eq!(e.code(), commy_mesh::Code::InvalidArgument);
 }
 
+/// `next_batch` lends messages out in place, in order, up to its maximum
+/// at a time, under every policy; `try_next_batch` does not wait; an ended
+/// subscription's batch is 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn next_batch_lends_messages_in_order_under_every_policy() {
+    if as_child() {
+        return;
+    }
+    const N: u64 = 5_000;
+    let dir = private_dir("batch");
+    let mesh = open(&dir).await;
+    let mut subs = Vec::new();
+    for policy in [
+        SlowSubscriber::Block,
+        SlowSubscriber::DropOldest,
+        SlowSubscriber::Disconnect,
+    ] {
+        let options = SubscribeOptions::default().queue(N as usize).policy(policy);
+        subs.push(mesh.subscribe_with("batched", None, options).await.unwrap());
+    }
+    mesh.wait_for_subscribers("batched", 3, SILENCE)
+        .await
+        .unwrap();
+    for sub in &mut subs {
+        assert_eq!(
+            sub.try_next_batch(16, |_| panic!("nothing was published")),
+            0
+        );
+    }
+    let all: Vec<Bytes> = (0..N)
+        .map(|i| Bytes::from(i.to_le_bytes().to_vec()))
+        .collect();
+    for chunk in all.chunks(97) {
+        assert_eq!(
+            mesh.publish_many("batched", chunk).await.unwrap(),
+            3 * chunk.len()
+        );
+    }
+    for sub in &mut subs {
+        let mut got = Vec::new();
+        let mut most = 0;
+        while (got.len() as u64) < N {
+            let n = sub
+                .next_batch(16, |m| {
+                    assert_eq!(m.topic().as_str(), "batched");
+                    assert!(m.metadata().is_empty());
+                    got.push(u64::from_le_bytes(m.payload().try_into().unwrap()));
+                })
+                .await;
+            assert!((1..=16).contains(&n), "a batch of {n}");
+            most = most.max(n);
+        }
+        assert_eq!(got, (0..N).collect::<Vec<_>>());
+        assert_eq!(most, 16, "batches stay small when messages wait");
+        assert_eq!(sub.try_next_batch(16, |_| panic!("all were taken")), 0);
+    }
+    // An owned copy outlives the batch.
+    mesh.publish("batched", Bytes::from_static(b"kept"))
+        .await
+        .unwrap();
+    let mut kept = None;
+    subs[0].next_batch(1, |m| kept = Some(m.to_message())).await;
+    assert_eq!(&kept.unwrap().payload()[..], b"kept");
+}

@@ -22,7 +22,7 @@ use commy_shm::ring::WaitInterrupter;
 use commy_shm::{RingError, ShmLink, WaitStrategy};
 use parking_lot::Mutex;
 
-use super::{Message, Queue, decode_publish, end_if_cut};
+use super::{Message, MessageRef, Queue, decode_publish_ref, end_if_cut};
 use crate::sync::Counted;
 use crate::warn::CLIENT_LINKS;
 
@@ -164,12 +164,17 @@ impl Inbox {
 
 /// The consumer's side of an [`Inbox`], owned by the subscription.
 pub(crate) struct Reader {
+    rings: Rings,
+    /// Messages taken from the rings, not handed out yet.
+    batch: VecDeque<Message>,
+}
+
+/// The publishers' rings as the consumer reads them.
+struct Rings {
     inbox: Arc<Inbox>,
     /// The inbox's links as of `seen`.
     links: Vec<Arc<InLink>>,
     seen: u64,
-    /// Messages taken from the rings, not handed out yet.
-    batch: VecDeque<Message>,
     /// The link read first next time (each gets its turn to be first).
     next: usize,
     topic: TopicName,
@@ -180,66 +185,120 @@ pub(crate) struct Reader {
     last_found: Option<Instant>,
 }
 
+/// Where a subscription's end is told apart from a publisher's cut: its
+/// queue, its announcement and whether it was dropped.
+pub(crate) struct Ends<'a> {
+    pub(crate) queue: &'a Queue,
+    pub(crate) path: &'a std::path::Path,
+    pub(crate) stop: &'a AtomicBool,
+}
+
 impl Reader {
     pub(crate) fn new(inbox: Arc<Inbox>, topic: TopicName, limits: Limits) -> Reader {
         Reader {
-            inbox,
-            links: Vec::new(),
-            seen: u64::MAX,
+            rings: Rings {
+                inbox,
+                links: Vec::new(),
+                seen: u64::MAX,
+                next: 0,
+                plain: super::topic_metadata(&topic),
+                topic,
+                limits,
+                last_found: None,
+            },
             batch: VecDeque::new(),
-            next: 0,
-            plain: super::topic_metadata(&topic),
-            topic,
-            limits,
-            last_found: None,
         }
     }
 
     /// The next message: from the batch taken already, the queue (what
     /// came over TLS), or the rings. `cx`: wait for one (spinning first if
-    /// messages came recently); `None`: only look. `path` and `stop` say
-    /// whether a link that ended was cut by a publisher.
+    /// messages came recently); `None`: only look.
     pub(crate) fn poll(
         &mut self,
-        queue: &Queue,
-        path: &std::path::Path,
-        stop: &AtomicBool,
-        mut cx: Option<&mut Context<'_>>,
+        ends: &Ends<'_>,
+        cx: Option<&mut Context<'_>>,
     ) -> Poll<Option<Message>> {
-        self.inbox.waiting.store(false, Ordering::Release);
+        self.poll_with(ends, cx, None, |reader| {
+            if let Some(m) = reader.batch.pop_front() {
+                return Some(Some(m));
+            }
+            if let Some(m) = ends.queue.try_pop() {
+                return Some(Some(m));
+            }
+            let Reader { rings, batch } = reader;
+            rings.read(ends, BATCH, &mut |m| batch.push_back(m.to_message()));
+            batch.pop_front().map(Some)
+        })
+    }
+
+    /// Up to `max` (at least 1) messages handed to `each` in place: those
+    /// taken already, then the queue's, then straight from the rings, with
+    /// no copy. `cx`: wait for the first (as [`Reader::poll`]); `None`:
+    /// only look. Ready with how many; 0 once the subscription has ended.
+    pub(crate) fn poll_batch(
+        &mut self,
+        ends: &Ends<'_>,
+        cx: Option<&mut Context<'_>>,
+        max: usize,
+        each: &mut dyn FnMut(MessageRef<'_>),
+    ) -> Poll<usize> {
+        let max = max.max(1);
+        self.poll_with(ends, cx, 0, |reader| {
+            let mut n = 0;
+            while n < max {
+                let Some(m) = reader.batch.pop_front().or_else(|| ends.queue.try_pop()) else {
+                    break;
+                };
+                each(m.as_ref());
+                n += 1;
+            }
+            if n < max {
+                n += reader.rings.read(ends, max - n, each);
+            }
+            (n > 0).then_some(n)
+        })
+    }
+
+    /// What both receives share: `take` what is there; if nothing is,
+    /// `ended` once the subscription is over, else wait (spinning first if
+    /// messages came recently) and look again.
+    fn poll_with<R>(
+        &mut self,
+        ends: &Ends<'_>,
+        mut cx: Option<&mut Context<'_>>,
+        ended: R,
+        mut take: impl FnMut(&mut Self) -> Option<R>,
+    ) -> Poll<R> {
+        let rings = &self.rings;
+        rings.inbox.waiting.store(false, Ordering::Release);
         loop {
-            if let Some(m) = self.batch.pop_front() {
-                return Poll::Ready(Some(m));
+            if let Some(r) = take(self) {
+                return Poll::Ready(r);
             }
-            if let Some(m) = queue.try_pop() {
-                return Poll::Ready(Some(m));
-            }
-            if self.fill(queue, path, stop) > 0 {
-                continue;
-            }
-            if queue.is_closed() {
-                return Poll::Ready(None);
+            if ends.queue.is_closed() {
+                return Poll::Ready(ended);
             }
             let Some(cx) = cx.as_deref_mut() else {
                 return Poll::Pending;
             };
-            if self.spin() {
+            if self.rings.spin() {
                 continue;
             }
-            if !queue.park(cx.waker()) {
+            if !ends.queue.park(cx.waker()) {
                 continue;
             }
+            let rings = &self.rings;
             // SYNC: SeqCst pairs with the watchers' swap: either a watcher
             // sees `waiting` and wakes us, or the check below sees what it
             // would have woken us for.
-            self.inbox.waiting.store(true, Ordering::SeqCst);
-            for link in &self.links {
+            rings.inbox.waiting.store(true, Ordering::SeqCst);
+            for link in &rings.links {
                 link.watcher.unpark();
             }
-            if self.links.iter().any(|l| l.has_data())
-                || self.inbox.added.load(Ordering::Acquire) != self.seen
+            if rings.links.iter().any(|l| l.has_data())
+                || rings.inbox.added.load(Ordering::Acquire) != rings.seen
             {
-                self.inbox.waiting.store(false, Ordering::Release);
+                rings.inbox.waiting.store(false, Ordering::Release);
                 continue;
             }
             return Poll::Pending;
@@ -248,15 +307,17 @@ impl Reader {
 
     /// Ends the publishers' links (the subscription was dropped).
     pub(crate) fn close(&self) {
-        self.inbox.close();
+        self.rings.inbox.close();
     }
 
     /// Whether nothing is left to take: no message in the batch or the
     /// rings.
     pub(crate) fn is_empty(&self) -> bool {
-        self.batch.is_empty() && !self.links.iter().any(|l| l.has_data())
+        self.batch.is_empty() && !self.rings.links.iter().any(|l| l.has_data())
     }
+}
 
+impl Rings {
     /// Spins for more while messages came within [`SPIN`]; true once one
     /// is there.
     fn spin(&mut self) -> bool {
@@ -276,9 +337,10 @@ impl Reader {
         false
     }
 
-    /// Takes what the rings hold (a batch from each, each link first in
-    /// turn) into the batch; returns how many messages came.
-    fn fill(&mut self, queue: &Queue, path: &std::path::Path, stop: &AtomicBool) -> usize {
+    /// Hands up to `max` messages the rings hold to `each`, in place (at
+    /// most a [`BATCH`] from each ring, each ring first in turn); returns
+    /// how many it handed.
+    fn read(&mut self, ends: &Ends<'_>, max: usize, each: &mut dyn FnMut(MessageRef<'_>)) -> usize {
         let added = self.inbox.added.load(Ordering::Acquire);
         if added != self.seen {
             self.links = self.inbox.links.lock().clone();
@@ -290,35 +352,41 @@ impl Reader {
         }
         let first = self.next % n;
         self.next = self.next.wrapping_add(1);
-        let mut found = 0;
+        // Frames taken, and messages of this topic among them.
+        let (mut found, mut handed) = (0, 0);
         let mut ended = Vec::new();
         for i in 0..n {
+            if handed >= max {
+                break;
+            }
             let link = &self.links[(first + i) % n];
             let mut bad = None;
             let got = {
                 let Self {
-                    batch,
                     topic,
                     plain,
                     limits,
                     ..
                 } = self;
-                link.receiver().try_recv_batch(BATCH, |bytes| {
-                    if bad.is_some() {
-                        return;
-                    }
-                    match decode_publish(bytes, topic, plain, limits) {
-                        Ok(Some(m)) => batch.push_back(m),
-                        Ok(None) => {}
-                        Err(e) => bad = Some(e),
-                    }
-                })
+                link.receiver()
+                    .try_recv_batch(BATCH.min(max - handed), |bytes| {
+                        if bad.is_some() {
+                            return;
+                        }
+                        let mut lend = |m: MessageRef<'_>| {
+                            each(m);
+                            handed += 1;
+                        };
+                        if let Err(e) = decode_publish_ref(bytes, topic, plain, limits, &mut lend) {
+                            bad = Some(e);
+                        }
+                    })
             };
             match got {
                 Ok(k) => found += k,
                 Err(RecvError::Ring(RingError::Closed | RingError::PeerGone)) => {
                     ended.push(link.clone());
-                    end_if_cut(queue, path, stop);
+                    end_if_cut(ends.queue, ends.path, ends.stop);
                 }
                 Err(e) => {
                     CLIENT_LINKS
@@ -338,6 +406,6 @@ impl Reader {
         if found > 0 {
             self.last_found = Some(Instant::now());
         }
-        found
+        handed
     }
 }
