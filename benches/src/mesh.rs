@@ -26,6 +26,8 @@
 //! publishes on `bench/ack` once all of them have seen the warm-up, then the
 //! timed messages. The timed span runs from the first timed publish to that
 //! acknowledgement. The `-b32` rows publish 32 messages per `publish_many`.
+//! Subscribers take what has come with `next_batch` (lent in place, up to
+//! 256 at a time), checking each message's size.
 
 use std::time::Instant;
 
@@ -486,6 +488,9 @@ fn tp_parent(ctx: &mut ParentCtx<'_>, subs: usize) -> Result<Measurement, BenchE
     })
 }
 
+/// Messages a stream subscriber takes at most per `next_batch`.
+const RECV_BATCH: u64 = 256;
+
 fn tp_child(ctx: &mut ChildCtx<'_>, subs: usize) -> Result<(), BenchError> {
     let parent = std::os::unix::process::parent_id();
     let p = ctx.params;
@@ -506,14 +511,20 @@ fn tp_child(ctx: &mut ChildCtx<'_>, subs: usize) -> Result<(), BenchError> {
             let mut tasks = tokio::task::JoinSet::new();
             for mut sub in subscriptions.drain(..) {
                 tasks.spawn(async move {
-                    let mut bad = 0u64;
-                    for _ in 0..count {
-                        let Some(m) = sub.next().await else {
+                    let (mut bad, mut got) = (0u64, 0u64);
+                    while got < count {
+                        let max = (count - got).min(RECV_BATCH) as usize;
+                        let n = sub
+                            .next_batch(max, |m| {
+                                if m.payload().len() != p.size {
+                                    bad += 1;
+                                }
+                            })
+                            .await;
+                        if n == 0 {
                             return Err(BenchError::Protocol("a stream subscription ended".into()));
-                        };
-                        if m.payload().len() != p.size {
-                            bad += 1;
                         }
+                        got += n as u64;
                     }
                     if bad > 0 {
                         return Err(BenchError::Protocol(format!(
