@@ -156,6 +156,40 @@ impl FfiSubscription {
         }
     }
 
+    /// The next message and up to `max - 1` more that have come (see
+    /// [`Subscription::next_batch`]), each copied once; empty once the
+    /// subscription is closed or ended. Calls from several threads at once
+    /// take turns.
+    pub fn next_batch(&self, max: usize) -> impl Future<Output = Vec<FfiMessage>> + Send + 'static {
+        let inner = self.inner.clone();
+        async move {
+            let mut closed = inner.closed.subscribe();
+            let mut guard = tokio::select! {
+                biased;
+                _ = closed.wait_for(|c| *c) => return Vec::new(),
+                g = inner.sub.lock() => g,
+            };
+            let Some(sub) = guard.as_mut() else {
+                return Vec::new();
+            };
+            let mut out = Vec::new();
+            let topic = &inner.topic;
+            let got = tokio::select! {
+                biased;
+                _ = closed.wait_for(|c| *c) => 0,
+                n = sub.next_batch(max, |m| out.push(FfiMessage {
+                    topic: topic.clone(),
+                    payload: Bytes::copy_from_slice(m.payload()),
+                })) => n,
+            };
+            if got == 0 {
+                // Closed, or ended by the mesh: let go of it now.
+                guard.take();
+            }
+            out
+        }
+    }
+
     /// A queued message, without waiting: `None` when none is queued, the
     /// subscription is closed, or a `next` is waiting for one (it gets
     /// the message).
