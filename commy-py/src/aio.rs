@@ -31,6 +31,8 @@ use crate::mesh::RawReply;
 pub(crate) enum Outcome {
     Bytes(Bytes),
     MaybeBytes(Option<Bytes>),
+    /// Several messages' data (a batch; empty once the subscription ended).
+    Batch(Vec<Bytes>),
     Count(usize),
     Unit,
 }
@@ -221,6 +223,10 @@ fn outcome_to_py(py: Python<'_>, outcome: Outcome) -> PyResult<Py<PyAny>> {
             PyBytes::new(py, &b).into_any().unbind()
         }
         Outcome::MaybeBytes(None) | Outcome::Unit => py.None(),
+        Outcome::Batch(batch) => {
+            let items = batch.iter().map(|b| PyBytes::new(py, b));
+            pyo3::types::PyList::new(py, items)?.into_any().unbind()
+        }
         Outcome::Count(n) => n.into_pyobject(py)?.into_any().unbind(),
     })
 }

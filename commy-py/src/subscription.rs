@@ -74,6 +74,50 @@ impl RawSubscription {
         Ok(got.map(|m| PyBytes::new(py, m.payload()).unbind()))
     }
 
+    /// The data of the next message and of up to `max - 1` more that have
+    /// come, blocking for the first (GIL released, Ctrl-C interrupts); an
+    /// empty list once closed. Raises `commy.DeadlineExceeded` if
+    /// `timeout` seconds pass first.
+    #[pyo3(signature = (max, timeout=None))]
+    fn next_batch(
+        &self,
+        py: Python<'_>,
+        max: usize,
+        timeout: Option<f64>,
+    ) -> PyResult<Vec<Py<PyBytes>>> {
+        let timeout = seconds(py, timeout, "timeout")?;
+        let next = self.sub.next_batch(max);
+        let got = wait(py, async move {
+            match timeout {
+                None => Ok(next.await),
+                Some(t) => tokio::time::timeout(t, next).await.map_err(|_| {
+                    FfiError::from_code_name(
+                        "DEADLINE_EXCEEDED",
+                        format!("no message within {t:?}"),
+                    )
+                }),
+            }
+        })?;
+        Ok(got
+            .iter()
+            .map(|m| PyBytes::new(py, m.payload()).unbind())
+            .collect())
+    }
+
+    /// `next_batch` for an event loop: settles `fut` with a list of data
+    /// (empty once closed).
+    fn next_batch_async(
+        &self,
+        py: Python<'_>,
+        max: usize,
+        queue: &RawQueue,
+        fut: Py<PyAny>,
+    ) -> PyResult<RawTask> {
+        let next = self.sub.next_batch(max);
+        let next = async move { Ok(next.await.into_iter().map(|m| m.into_payload()).collect()) };
+        aio::start(py, queue, fut, next, Outcome::Batch).map(RawTask::new)
+    }
+
     /// A queued message's data, without waiting; None when none is queued
     /// (or the subscription is closed).
     fn try_next(&self, py: Python<'_>) -> Option<Py<PyBytes>> {

@@ -273,3 +273,28 @@ def test_async_publish_many(runtime_dir: str) -> None:
             assert got == [b"b%d" % i for i in range(50)]
 
     run(main)
+
+
+def test_async_next_batch_and_slow_policies(runtime_dir: str) -> None:
+    async def main() -> None:
+        async with commy.AsyncMesh() as mesh:
+            sub = mesh.subscribe("batched")
+            dropping = mesh.subscribe("batched", queue=4, policy="drop-oldest")
+            assert await mesh.wait_for_subscribers("batched", 2, timeout=LONG) == 2
+            assert await mesh.publish_many("batched", [b"%d" % i for i in range(300)]) == 600
+            got: List[bytes] = []
+            while len(got) < 300:
+                batch = await sub.next_batch(32)
+                assert 1 <= len(batch) <= 32
+                got.extend(m.data for m in batch)
+            assert got == [b"%d" % i for i in range(300)]
+            while dropping.dropped < 300 - 4:
+                await asyncio.sleep(0.001)
+            kept = await dropping.next_batch(10)
+            assert [m.data for m in kept] == [b"%d" % i for i in range(296, 300)]
+            assert mesh.dropped_by_subscribers("batched") == 296
+            assert dropping.end_reason is None
+            sub.close()
+            assert await sub.next_batch() == []
+
+    run(main)

@@ -451,3 +451,22 @@ def test_slow_subscriber_policies_count_on_both_sides(mesh: commy.Mesh) -> None:
         mesh.subscribe("slow", queue=0)
     with pytest.raises(commy.InvalidArgument, match="invalid topic"):
         mesh.dropped_by_subscribers("bad topic")
+
+
+def test_next_batch_takes_what_has_come_in_order(mesh: commy.Mesh) -> None:
+    sub = mesh.subscribe("batched")
+    assert mesh.wait_for_subscribers("batched", 1, timeout=LONG) == 1
+    assert mesh.publish_many("batched", (b"%d" % i for i in range(500))) == 500
+    got: List[bytes] = []
+    while len(got) < 500:
+        batch = sub.next_batch(64, timeout=LONG)
+        assert 1 <= len(batch) <= 64
+        assert all(m.topic == "batched" for m in batch)
+        got.extend(m.data for m in batch)
+    assert got == [b"%d" % i for i in range(500)]
+    with pytest.raises(commy.DeadlineExceeded):
+        sub.next_batch(8, timeout=0.01)
+    with pytest.raises(ValueError, match="max must be a positive int, not 0"):
+        sub.next_batch(0)
+    sub.close()
+    assert sub.next_batch() == []

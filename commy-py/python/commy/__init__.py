@@ -50,6 +50,7 @@ from typing import (
     Callable,
     Iterable,
     Iterator,
+    List,
     Literal,
     NamedTuple,
     Optional,
@@ -167,6 +168,13 @@ class Service:
         return f"<commy.Service {self.name!r} instance={self.instance_id} serving={self.serving}>"
 
 
+def _batch_max(n: int) -> int:
+    """A batch's largest size, checked."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"max must be a positive int, not {n!r}")
+    return n
+
+
 class _SubscriptionBase:
     """What the blocking and the asyncio subscriptions share."""
 
@@ -226,6 +234,17 @@ class Subscription(_SubscriptionBase):
         """
         data = self._raw.next(timeout)
         return None if data is None else Message(self._raw.topic, data)
+
+    def next_batch(self, max: int = 64, timeout: Optional[float] = None) -> List[Message]:
+        """The next message and up to ``max - 1`` more that have come
+        already, in order: one crossing into the mesh for the lot, the
+        cheapest way to take a fast stream. An empty list once closed.
+
+        Raises :class:`DeadlineExceeded` if ``timeout`` seconds pass before
+        the first.
+        """
+        topic = self._raw.topic
+        return [Message(topic, data) for data in self._raw.next_batch(_batch_max(max), timeout)]
 
     def __iter__(self) -> Iterator[Message]:
         while True:
@@ -620,6 +639,13 @@ class AsyncSubscription(_SubscriptionBase):
         """The next message, or ``None`` once closed."""
         data = await self._bridge.run(self._raw.next_async)
         return None if data is None else Message(self._raw.topic, data)
+
+    async def next_batch(self, max: int = 64) -> List[Message]:
+        """The next message and up to ``max - 1`` more that have come (see
+        :meth:`Subscription.next_batch`); an empty list once closed."""
+        batch: List[bytes] = await self._bridge.run(self._raw.next_batch_async, _batch_max(max))
+        topic = self._raw.topic
+        return [Message(topic, data) for data in batch]
 
     def __aiter__(self) -> AsyncIterator[Message]:
         return self._iterate()
