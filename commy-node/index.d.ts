@@ -216,6 +216,11 @@ export declare class Subscription implements AsyncIterableIterator<Buffer> {
   next(): Promise<IteratorResult<Buffer, undefined>>
   /** A queued message, without waiting; `undefined` when none is queued (or it ended). */
   tryNext(): Buffer | undefined
+  /**
+   * The messages that have come, up to `max` (default 64), in order; if none
+   * has, waits for the next and takes what came with it. `[]` once ended.
+   */
+  nextBatch(max?: number): Promise<Buffer[]>
   return(): Promise<IteratorResult<Buffer, undefined>>
   /** Ends the subscription; a waiting `next()` resolves with `done: true`. */
   close(): void

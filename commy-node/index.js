@@ -963,6 +963,30 @@ class Subscription {
     })
   }
 
+  /**
+   * The messages that have come, up to `max` (default 64), in order; if none
+   * has, waits for the next and takes what came with it. Resolves to `[]`
+   * once the subscription ended. The cheapest way to take a fast stream.
+   * @returns {Promise<Buffer[]>}
+   */
+  nextBatch(max = 64) {
+    if (!Number.isSafeInteger(max) || max < 1) {
+      return Promise.reject(new TypeError(`max must be a positive integer, not ${String(max)}`))
+    }
+    const out = []
+    const more = () => {
+      let m
+      while (out.length < max && (m = this.tryNext()) !== undefined) out.push(m)
+      return out
+    }
+    if (more().length > 0) return Promise.resolve(out)
+    return this.next().then((first) => {
+      if (first.done) return out
+      out.push(first.value)
+      return more()
+    })
+  }
+
   /** Ends the subscription (called by `for await` when the loop is left). */
   return() {
     this.close()

@@ -486,6 +486,24 @@ test('slow-subscriber policies count their losses on both sides', () =>
     assert.throws(() => mesh.droppedBySubscribers('bad topic'), (e) => e instanceof CommyError && e.code === 'INVALID_ARGUMENT')
   }))
 
+test('nextBatch takes what has come, in order', () =>
+  withMesh(async (mesh) => {
+    const sub = await mesh.subscribe('batched')
+    assert.equal(await mesh.waitForSubscribers('batched', 1), 1)
+    const all = Array.from({ length: 500 }, (_, i) => `${i}`)
+    assert.equal(await mesh.publishMany('batched', all), 500)
+    const got = []
+    while (got.length < 500) {
+      const batch = await sub.nextBatch(64)
+      assert.ok(batch.length >= 1 && batch.length <= 64, `a batch of ${batch.length}`)
+      got.push(...batch.map((b) => b.toString()))
+    }
+    assert.deepEqual(got, all)
+    await assert.rejects(sub.nextBatch(0), /max must be a positive integer/)
+    sub.close()
+    assert.deepEqual(await sub.nextBatch(), [])
+  }))
+
 test('regions are shared memory with copying read and write', () =>
   withMesh(async (mesh) => {
     const r = mesh.region('scratch', { size: 64 })

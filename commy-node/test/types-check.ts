@@ -25,6 +25,8 @@ async function main(): Promise<void> {
   const slow = await mesh.subscribe('t', { queue: 16, policy: 'drop-oldest' })
   const lost: number = slow.dropped + mesh.droppedBySubscribers('t')
   const why: CommyError | null = slow.endReason
+  const batch: Buffer[] = await slow.nextBatch(32)
+  void batch
   void lost
   void why
   const region = mesh.region('r', { size: 64, create: 'openOrCreate' })
