@@ -853,6 +853,47 @@ impl Mesh {
         self.publish_many(topic, &[payload.into()]).await
     }
 
+    /// Publishes one message on `topic` written in place, as
+    /// [`Mesh::publish`] publishes one: `write` gets a zeroed buffer of
+    /// `max_len` bytes, fills the payload from its start and returns its
+    /// length (at most `max_len`). On this host the buffer is the first
+    /// subscriber's ring itself, so the message is built in shared memory
+    /// and never copied for that subscriber (other subscribers get a copy
+    /// from there, queue groups and TLS peers one more). When no
+    /// subscriber is linked yet, or the message does not fit one ring
+    /// record, the buffer is an ordinary one. `write` runs while the first
+    /// subscriber's ring is held: keep it short, and do not publish from
+    /// it. Returns how many deliveries were made.
+    ///
+    /// ```
+    /// # use commy_mesh::Mesh;
+    /// # async fn f(mesh: &Mesh) -> Result<(), commy_mesh::Status> {
+    /// let reading = 21.5f64;
+    /// mesh.publish_in_place("sensors/temp", 8, |buf| {
+    ///     buf.copy_from_slice(&reading.to_le_bytes());
+    ///     8
+    /// })
+    /// .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn publish_in_place(
+        &self,
+        topic: &str,
+        max_len: usize,
+        write: impl FnOnce(&mut [u8]) -> usize,
+    ) -> Result<usize, Status> {
+        self.check_open()?;
+        let pubsub = &self.inner.pubsub;
+        let groups = pubsub.has_groups();
+        let copy = groups || self.inner.net.is_some();
+        let (local, payload) = pubsub.publish_in_place(topic, max_len, write, copy).await?;
+        let mut delivered = local.delivered;
+        if let Some(payload) = payload {
+            delivered += Box::pin(self.publish_beyond(&local, groups, &[payload])).await?;
+        }
+        Ok(delivered)
+    }
+
     /// Publishes each of `payloads` on `topic`, in order, as
     /// [`Mesh::publish`] does one: each subscriber gets them all in this
     /// order, and each message goes to one member of each queue group.
@@ -869,7 +910,22 @@ impl Mesh {
         if !groups && self.inner.net.is_none() {
             return Ok(delivered);
         }
-        // Queue groups and subscribers at TLS peers, message by message.
+        delivered += self.publish_beyond(&local, groups, payloads).await?;
+        Ok(delivered)
+    }
+
+    /// Publishes `payloads` (published to this host's plain subscribers as
+    /// `local` says) to the queue groups (`groups`: if there may be any)
+    /// and the subscribers at TLS peers, message by message; returns the
+    /// deliveries made.
+    async fn publish_beyond(
+        &self,
+        local: &crate::pubsub::Published,
+        groups: bool,
+        payloads: &[Bytes],
+    ) -> Result<usize, Status> {
+        let pubsub = &self.inner.pubsub;
+        let mut delivered = 0;
         for payload in payloads {
             let mut groups_done = Vec::new();
             if groups {

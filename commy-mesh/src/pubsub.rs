@@ -75,7 +75,7 @@ use inbox::{Ends, Inbox, Reader};
 
 use crate::accept::{bind_announcement, start_accepting, withdraw};
 use crate::call::pool::{LOCAL_INLINE, LocalLink, Pools};
-use crate::call::shm::Unsent;
+use crate::call::shm::{SentPublish, Unsent};
 use crate::sync::Counted;
 use crate::warn::CLIENT_LINKS;
 use crate::wire::TOPIC_HEADER;
@@ -1232,6 +1232,71 @@ impl PubSub {
         Ok(out)
     }
 
+    /// Publishes one message on `topic` to the plain subscribers of this
+    /// host, written in place: `write` fills a payload of at most `max`
+    /// bytes and returns its length. When every subscriber is linked, it
+    /// writes straight into the first one's ring (zero copy), and the
+    /// others get a copy from there; otherwise (no subscriber linked yet,
+    /// or a message too large for one record) it writes into a buffer and
+    /// publishes that. `copy`: also return the payload as `Bytes` (for
+    /// queue groups and TLS peers).
+    pub(crate) async fn publish_in_place(
+        &self,
+        topic: &str,
+        max: usize,
+        write: impl FnOnce(&mut [u8]) -> usize,
+        copy: bool,
+    ) -> Result<(Published, Option<Bytes>), Status> {
+        let route = self.route(topic)?;
+        let mut out = Published {
+            route: route.clone(),
+            delivered: 0,
+            reached: SmallVec::new(),
+        };
+        let mut write = Some(write);
+        let links = self.pools.local_links(&route.pool);
+        let all_linked = links.iter().all(|l| matches!(l, LocalLink::Linked(..)));
+        let lender = match links.first() {
+            Some(LocalLink::Linked(conn, id)) if all_linked => conn.shm().map(|c| (c, *id)),
+            _ => None,
+        };
+        if let Some((conn, id)) = lender {
+            let mut copied = None;
+            let mut call = |buf: &mut [u8]| write.take().map_or(0, |w| w(buf));
+            let mut others = |payload: &[u8]| {
+                for link in &links[1..] {
+                    if let LocalLink::Linked(other, other_id) = link {
+                        out.reached.push(*other_id);
+                        self.send_to(&route, other, *other_id, &[payload], &mut out);
+                    }
+                }
+                if copy {
+                    copied = Some(Bytes::copy_from_slice(payload));
+                }
+            };
+            let sent =
+                conn.publish_in_place(&route.metadata, max, self.stall, &mut call, &mut others);
+            if let Some(sent) = sent {
+                let written = write.is_none();
+                out.reached.push(id);
+                self.settle_sent(&route, id, sent, &mut out);
+                if written {
+                    return Ok((out, copied));
+                }
+                // The lender failed (stalled, gone) before the message was
+                // written: it is cut or dropped, and the others get it the
+                // usual way below.
+            }
+        }
+        // No ring to lend from: a buffer, published as usual.
+        let mut buf = vec![0u8; max];
+        let n = write.take().map_or(0, |w| w(&mut buf)).min(max);
+        buf.truncate(n);
+        let payload = Bytes::from(buf);
+        let published = self.publish(topic, std::slice::from_ref(&payload)).await?;
+        Ok((published, copy.then_some(payload)))
+    }
+
     /// Whether a topic may have queue groups on this host (if not,
     /// [`PubSub::publish_groups`] has nothing to do).
     pub(crate) fn has_groups(&self) -> bool {
@@ -1261,15 +1326,21 @@ impl PubSub {
 
     /// Sends to one plain subscriber over `conn`, cutting it if it
     /// stalled.
-    fn send_to(
+    fn send_to<P: AsRef<[u8]>>(
         &self,
         route: &Route,
         conn: &crate::call::endpoint::Endpoint,
         id: InstanceId,
-        payloads: &[Bytes],
+        payloads: &[P],
         out: &mut Published,
     ) {
         let sent = conn.send_publish_many(&route.metadata, payloads, self.stall);
+        self.settle_sent(route, id, sent, out);
+    }
+
+    /// Counts what a send to the plain subscriber `id` did, cutting it if
+    /// it stalled.
+    fn settle_sent(&self, route: &Route, id: InstanceId, sent: SentPublish, out: &mut Published) {
         out.delivered += sent.sent;
         self.count_discarded(&route.topic, sent.discarded);
         match sent.result {

@@ -419,6 +419,28 @@ fn publisher_side(report: &mut Report) {
                 true,
                 counted,
             );
+            // Written in place in the subscriber's ring.
+            let mut build = async |n: u64| {
+                child.send(&format!("TAKE {size} {n}\n"));
+                for _ in 0..n {
+                    let written = mesh.publish_in_place(TOPIC, size, |buf| {
+                        buf.copy_from_slice(&payload);
+                        size
+                    });
+                    assert_eq!(written.await.unwrap(), 1);
+                }
+                child.expect("DONE");
+            };
+            build(WARM_UP).await;
+            let before = Counted::now();
+            build(CALLS).await;
+            let counted = Counted::since(before);
+            report.check(
+                &format!("publisher: publish_in_place to a linked subscriber, {size} B"),
+                PUBLISHED,
+                true,
+                counted,
+            );
         }
         mesh.close().await;
     });

@@ -974,3 +974,86 @@ async fn next_batch_lends_messages_in_order_under_every_policy() {
     subs[0].next_batch(1, |m| kept = Some(m.to_message())).await;
     assert_eq!(&kept.unwrap().payload()[..], b"kept");
 }
+
+/// `publish_in_place` builds each message in the first subscriber's ring:
+/// every plain subscriber gets every message, in order, with the length
+/// the writer returned, and a queue group one copy of each; a message
+/// larger than a ring record, or one to a subscriber not linked yet, goes
+/// through an ordinary buffer with the same result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_in_place_reaches_every_subscriber_in_order() {
+    if as_child() {
+        return;
+    }
+    const N: usize = 2_000;
+    const BIG: usize = N / 2;
+    fn size(i: usize) -> usize {
+        if i == BIG { 3 << 20 } else { i % 300 }
+    }
+    fn body(i: usize) -> Vec<u8> {
+        (0..size(i)).map(|k| (i + k) as u8).collect()
+    }
+    let dir = private_dir("in-place");
+    let mesh = open(&dir).await;
+    let mut readers = Vec::new();
+    for group in [None, None, Some("workers")] {
+        let mut sub = match group {
+            Some(g) => mesh.subscribe_group("built", g).await.unwrap(),
+            None => mesh.subscribe("built").await.unwrap(),
+        };
+        readers.push(tokio::spawn(async move {
+            for i in 0..N {
+                let m = sub.next().await.unwrap();
+                assert_eq!(m.payload().len(), size(i), "message {i}");
+                assert!(m.payload()[..] == body(i)[..], "message {i}");
+            }
+            sub
+        }));
+    }
+    mesh.wait_for_subscribers("built", 3, SILENCE)
+        .await
+        .unwrap();
+    for i in 0..N {
+        let delivered = mesh
+            .publish_in_place("built", size(i) + 16, |buf| {
+                assert!(buf.iter().all(|b| *b == 0), "the buffer comes zeroed");
+                buf[..size(i)].copy_from_slice(&body(i));
+                size(i)
+            })
+            .await
+            .unwrap();
+        assert_eq!(delivered, 3, "message {i}");
+    }
+    let mut subs = Vec::new();
+    for r in readers {
+        subs.push(r.await.unwrap());
+    }
+    // A length past the buffer is cut to it.
+    mesh.publish_in_place("built", 4, |buf| {
+        buf.fill(1);
+        100
+    })
+    .await
+    .unwrap();
+    assert_eq!(&subs[0].next().await.unwrap().payload()[..], &[1, 1, 1, 1]);
+    // A subscriber this publisher has not linked to yet: the buffer's way.
+    let mut late = mesh.subscribe("built").await.unwrap();
+    mesh.wait_for_subscribers("built", 4, SILENCE)
+        .await
+        .unwrap();
+    let n = mesh
+        .publish_in_place("built", 3, |buf| {
+            buf.copy_from_slice(b"new");
+            3
+        })
+        .await
+        .unwrap();
+    assert_eq!(n, 4);
+    assert_eq!(&late.next().await.unwrap().payload()[..], b"new");
+    assert_eq!(
+        mesh.publish_in_place("nobody/here", 8, |_| 8)
+            .await
+            .unwrap(),
+        0
+    );
+}

@@ -584,6 +584,74 @@ impl ClientConn {
         }
     }
 
+    /// Publishes one message written in place in this subscriber's ring:
+    /// a record for a frame with `max` bytes of payload is lent out,
+    /// zeroed, and `write` fills the payload, returning its length (at
+    /// most `max`). `written` sees the payload before it is published (to
+    /// copy it elsewhere). Waits at most `stall` for ring space, as
+    /// [`ClientConn::send_publish_many`] does. `None` when the frame
+    /// cannot be lent out in one record (too large): `write` was not
+    /// called.
+    pub(crate) fn publish_in_place(
+        &self,
+        metadata: &[u8],
+        max: usize,
+        stall: Duration,
+        write: &mut dyn FnMut(&mut [u8]) -> usize,
+        written: &mut dyn FnMut(&[u8]),
+    ) -> Option<SentPublish> {
+        let sent = |sent, result| SentPublish {
+            sent,
+            discarded: 0,
+            result,
+        };
+        if !self.is_alive() {
+            let gone = Status::unavailable("the instance is gone");
+            return Some(sent(0, Err(Unsent::Failed(gone))));
+        }
+        if let Err(e) = self.limits.check_message(metadata.len(), max) {
+            return Some(sent(0, Err(Unsent::Failed(e))));
+        }
+        let start = commy_core::HEADER_LEN + metadata.len();
+        let total = start + max;
+        let mut tx = self.tx.lock();
+        if total > tx.sender.max_record() {
+            return None;
+        }
+        let id = tx.open_stream();
+        let mut loan = match tx.sender.loan_for(total, stall) {
+            Ok(loan) => loan.zeroed(),
+            Err(e) => {
+                drop(tx);
+                let unsent = match e {
+                    SendError::TimedOut => {
+                        self.fail_with(&Status::resource_exhausted(
+                            "the subscriber took nothing for the stall time: disconnected",
+                        ));
+                        Unsent::Stalled
+                    }
+                    e => Unsent::Failed(self.send_failed(e)),
+                };
+                return Some(sent(0, Err(unsent)));
+            }
+        };
+        let bytes = loan.bytes_mut();
+        let n = write(&mut bytes[start..]).min(max);
+        let header = FrameHeader::new(FrameKind::Publish, StreamId(id))
+            .with_sections(metadata.len() as u32, n as u32);
+        bytes[..commy_core::HEADER_LEN].copy_from_slice(&header.encode());
+        bytes[commy_core::HEADER_LEN..start].copy_from_slice(metadata);
+        written(&bytes[start..start + n]);
+        loan.truncate(start + n);
+        loan.commit();
+        let discarded = tx.take_discarded();
+        Some(SentPublish {
+            sent: 1,
+            discarded,
+            result: Ok(()),
+        })
+    }
+
     /// Messages sent on this link that the subscriber discarded unread
     /// since the last look (see [`SentPublish::discarded`]).
     pub(crate) fn take_discarded(&self) -> u64 {
