@@ -110,7 +110,16 @@ pub(crate) struct Pacing {
     /// Set after a wait that lasted longer than the spin time: the next one
     /// sleeps at once.
     sleep_at_once: bool,
+    /// Waits that slept at once in a row (see [`PROBE_EVERY`]).
+    slept: u32,
 }
+
+/// While waits sleep at once, every this many spins first instead: a
+/// sleeping wait also lasts as long as its wake-up takes, so traffic that
+/// comes within the spin time can look slower than it is, and would keep
+/// paying a wake-up per message. A probe that finds it within the spin
+/// time brings spinning back; one that does not costs one spin.
+const PROBE_EVERY: u32 = 16;
 
 /// Waits until `ready()` returns true or `deadline` passes.
 ///
@@ -138,11 +147,17 @@ pub(crate) fn wait_until(
         WaitStrategy::Adaptive { spin, yield_for } => (spin, yield_for),
     };
     if pacing.sleep_at_once && spin != Duration::MAX {
-        let waited = sleep_until(words, deadline, &mut ready, &mut before_sleep);
-        // What came within the spin would have been caught spinning.
-        pacing.sleep_at_once = start.elapsed() >= spin;
-        return waited;
+        pacing.slept += 1;
+        if pacing.slept < PROBE_EVERY {
+            let waited = sleep_until(words, deadline, &mut ready, &mut before_sleep);
+            // What came within the spin would have been caught spinning.
+            pacing.sleep_at_once = start.elapsed() >= spin;
+            return waited;
+        }
+        // A probe: this wait spins first, as if spinning paid.
+        pacing.slept = 0;
     }
+    pacing.sleep_at_once = false;
     // Phase 1: spin. Check the clock only every 64 iterations.
     let mut i: u32 = 0;
     loop {
@@ -333,6 +348,39 @@ mod tests {
         assert!(
             !pacing.sleep_at_once,
             "traffic within the spin time still sleeps"
+        );
+        // Sleeping at once, every PROBE_EVERY-th wait spins first: one
+        // whose flag comes within the spin never sleeps, and spinning is
+        // back.
+        pacing.sleep_at_once = true;
+        let mut sleeps = 0;
+        for k in 1..=PROBE_EVERY {
+            w.ready.store(false, Ordering::SeqCst);
+            let setter = w.set_later(Duration::from_millis(1));
+            let deadline = Some(Instant::now() + Duration::from_secs(10));
+            let ready = || w.ready.load(Ordering::SeqCst);
+            let mut slept = false;
+            let before_sleep = || {
+                slept = true;
+                false
+            };
+            let waited = wait_until(long, &w.words(), deadline, &mut pacing, ready, before_sleep);
+            assert_eq!(waited, Waited::Ready);
+            sleeps += u32::from(slept);
+            setter.join().unwrap();
+            if k < PROBE_EVERY {
+                // Keep it sleeping at once, as slow wake-ups would.
+                pacing.sleep_at_once = true;
+            }
+        }
+        assert_eq!(
+            sleeps,
+            PROBE_EVERY - 1,
+            "the probe slept, or the others did not"
+        );
+        assert!(
+            !pacing.sleep_at_once,
+            "a probe that caught it did not bring spinning back"
         );
         // Busy polling never sleeps, whatever came before.
         w.ready.store(false, Ordering::SeqCst);
