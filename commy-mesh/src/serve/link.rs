@@ -3,6 +3,7 @@
 //! and the requests not answered inline (a Cancel frame stops them).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use commy_core::{Code, FrameHeader, FrameKind, Limits, Status, StreamId};
 use commy_shm::link::{LinkSender, SendError};
@@ -13,7 +14,7 @@ use crate::response::Response;
 use crate::serve::cancel::Shared;
 use crate::serve::load::{Load, handled_n};
 use crate::serve::request::Caller;
-use crate::wire::{Patience, encode_metadata, send_frame};
+use crate::wire::{Patience, encode_metadata, send_frame, stage_frame};
 
 /// What one served link's requests share with it, in one allocation (a
 /// request answered later holds the link with one reference): the link's
@@ -32,9 +33,32 @@ pub(crate) struct LinkShared {
     pub(crate) limits: Limits,
     /// Who is at the other end (every request of the link comes from it).
     pub(crate) caller: Caller,
+    /// Set by the link's thread while more requests wait behind the one it
+    /// handles: the answers it gives inline are staged, and made visible
+    /// together when the burst ends ([`LinkShared::flush`]).
+    pub(crate) staging: AtomicBool,
 }
 
 impl LinkShared {
+    /// Makes the staged answers visible to the client.
+    pub(crate) fn flush(&self) {
+        self.tx.lock().flush();
+    }
+
+    /// Sends an answer given inline by the link's thread: staged while a
+    /// burst of requests lasts (see `staging`), else at once.
+    pub(crate) fn reply_inline(&self, id: StreamId, result: Result<Response, Status>) {
+        let staged = self.staging.load(Ordering::Relaxed);
+        let mut tx = self.tx.lock();
+        match result {
+            Ok(resp) => {
+                let md = encode_metadata(&resp.metadata);
+                send_answer_locked(&mut tx, &self.limits, id, Ok((&md, &resp.payload)), staged);
+            }
+            Err(status) => send_answer_locked(&mut tx, &self.limits, id, Err(status), staged),
+        }
+    }
+
     /// Gives back `n` permits taken for [`PolledRequest`]s of this link
     /// (answered, given up, or never handed out) and their counts as
     /// requests in progress.
@@ -123,16 +147,20 @@ pub(crate) fn send_answer(
     answer: Result<(&[u8], &[u8]), Status>,
 ) {
     let mut tx = tx.lock();
-    send_answer_locked(&mut tx, limits, id, answer);
+    send_answer_locked(&mut tx, limits, id, answer, false);
 }
 
-/// [`send_answer`] on a link whose sending half is locked already.
+/// [`send_answer`] on a link whose sending half is locked already;
+/// `staged`: written but left for a later publication (a flush, or the next
+/// answer sent at once).
 pub(crate) fn send_answer_locked(
     tx: &mut LinkSender,
     limits: &Limits,
     id: StreamId,
     answer: Result<(&[u8], &[u8]), Status>,
+    staged: bool,
 ) {
+    let write = if staged { stage_frame } else { send_frame };
     let answer =
         answer.and_then(
             |(md, payload)| match limits.check_message(md.len(), payload.len()) {
@@ -144,7 +172,7 @@ pub(crate) fn send_answer_locked(
             },
         );
     let sent = match answer {
-        Ok((md, payload)) => send_frame(
+        Ok((md, payload)) => write(
             tx,
             FrameHeader::new(FrameKind::Response, id),
             md,
@@ -157,7 +185,7 @@ pub(crate) fn send_answer_locked(
             } else {
                 status
             };
-            send_frame(
+            write(
                 tx,
                 FrameHeader::new(FrameKind::Error, id),
                 &[],

@@ -86,7 +86,7 @@ impl PolledRequest {
                 for (id, answer, send) in group.drain(..) {
                     if send {
                         let answer = answer.map(|p| (&[][..], p));
-                        send_answer_locked(&mut tx, &link.limits, id, answer);
+                        send_answer_locked(&mut tx, &link.limits, id, answer, false);
                     }
                 }
             }

@@ -6,7 +6,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Waker};
 
 use bytes::Bytes;
@@ -24,6 +24,9 @@ use crate::serve::request::{ArrivedDeadline, Caller, Request};
 use crate::serve::responder::{Responder, Sink};
 use crate::wire::{Patience, decode_metadata, send_frame};
 
+/// Answers a link's thread stages at most before it publishes them.
+const BURST: u32 = 64;
+
 /// Serves one accepted link until it closes (runs on its own thread).
 ///
 /// Each request's handler is polled once right here, so a handler that
@@ -34,6 +37,10 @@ pub(crate) fn serve_link(link: ShmLink, ctx: Arc<ServeCtx>) {
     let caller = Caller::local(link.peer());
     let (tx, mut rx) = link.split();
     let mut server = LinkServer::new(tx, ctx, caller);
+    // Answers given while more requests wait are staged, and published
+    // with the burst's last (or every `BURST` answers): a client that
+    // pipelines its calls gets one wake-up check per burst, not per call.
+    let mut staged = 0;
     loop {
         let msg = match rx.recv(None) {
             Ok(m) => m,
@@ -44,6 +51,18 @@ pub(crate) fn serve_link(link: ShmLink, ctx: Arc<ServeCtx>) {
         };
         if !server.on_frame(msg) {
             break;
+        }
+        let more = rx.has_data();
+        let shared = &server.link;
+        if shared.staging.load(Ordering::Relaxed) {
+            staged += 1;
+            if !more || staged >= BURST {
+                shared.flush();
+                staged = 0;
+            }
+        }
+        if more != shared.staging.load(Ordering::Relaxed) {
+            shared.staging.store(more, Ordering::Relaxed);
         }
     }
     // Tasks still running may hold the link: end it for the client now
@@ -80,6 +99,7 @@ impl LinkServer {
                 load: ctx.load.clone(),
                 limits: ctx.limits,
                 caller,
+                staging: AtomicBool::new(false),
             }),
             ctx,
             busy,
@@ -350,7 +370,7 @@ pub(crate) fn handle(
         link: shared,
         busy,
     } = *link;
-    let (tx, running) = (&shared.tx, &shared.running);
+    let running = &shared.running;
     let slot = match handler {
         LinkHandler::Async(slot) => slot,
         LinkHandler::Deferred(f) => return handle_deferred(link, h, request, f),
@@ -365,14 +385,14 @@ pub(crate) fn handle(
     let fut = match std::panic::catch_unwind(AssertUnwindSafe(|| slot.run(request, &mut cx))) {
         Ok(Ok(result)) => {
             if !oneway {
-                reply(tx, &ctx.limits, id, result);
+                shared.reply_inline(id, result);
             }
             return;
         }
         Ok(Err(fut)) => CatchPanic(fut),
         Err(_) => {
             if !oneway {
-                reply(tx, &ctx.limits, id, Err(panicked(ctx.service)));
+                shared.reply_inline(id, Err(panicked(ctx.service)));
             }
             return;
         }
