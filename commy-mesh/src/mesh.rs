@@ -557,6 +557,66 @@ impl Mesh {
         });
     }
 
+    /// Calls `name` once with each of `payloads`, all in flight at once:
+    /// one caller's pipelined calls. Over an open shared-memory link (to
+    /// one instance, picked as [`Mesh::call_with`] picks one) the requests
+    /// are written back to back and made visible together, and the answers
+    /// are taken as they come, many per look, so a batch costs far less
+    /// than as many calls one after another. Otherwise (no link open yet,
+    /// a call policy, TLS) each call goes its own way, concurrently.
+    /// Returns each call's result in the order of `payloads`; `options`
+    /// (deadline, metadata) apply to each.
+    ///
+    /// ```
+    /// # use bytes::Bytes;
+    /// # async fn f(mesh: &commy_mesh::Mesh) {
+    /// let requests: Vec<Bytes> = (0..100u32).map(|i| Bytes::from(i.to_le_bytes().to_vec())).collect();
+    /// for answer in mesh.call_many("echo", &requests, Default::default()).await {
+    ///     match answer {
+    ///         Ok(response) => { let _ = response.payload(); }
+    ///         Err(status) => eprintln!("a call failed: {status}"),
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    pub async fn call_many(
+        &self,
+        name: &str,
+        payloads: &[Bytes],
+        options: CallOptions,
+    ) -> Vec<Result<Response, Status>> {
+        if let Err(status) = self.check_open() {
+            return payloads.iter().map(|_| Err(status.clone())).collect();
+        }
+        if self.preference(&options) != TransportPreference::Tls
+            && let Some((conn, balanced)) = self.inner.services.connected(name)
+            && conn.policy.is_none()
+        {
+            let due = self.due(&options);
+            let md = &options.metadata;
+            return conn
+                .call_batch(payloads, md, due, balanced, options.spin)
+                .await;
+        }
+        let calls: Vec<_> = payloads
+            .iter()
+            .map(|payload| {
+                let (mesh, name) = (self.clone(), name.to_owned());
+                let (payload, options) = (payload.clone(), options.clone());
+                self.inner
+                    .runtime
+                    .spawn(async move { mesh.call_with(&name, payload, options).await })
+            })
+            .collect();
+        let mut results = Vec::with_capacity(calls.len());
+        for call in calls {
+            results.push(call.await.unwrap_or_else(|e| {
+                Err(Status::internal(format!("a call of the batch failed: {e}")))
+            }));
+        }
+        results
+    }
+
     /// Starts a call whose result goes to this handle's
     /// [`AnswerSink`](crate::embed::AnswerSink) under `token`, a number of the
     /// caller's: [`call_then`](Mesh::call_then) without a function to

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use commy_mesh::{CallOptions, Code, Mesh, Request, Response, Status};
 
 mod support;
@@ -1052,4 +1053,127 @@ async fn a_closed_handle_leaves_no_empty_directory() {
     drop((_kept, _kept_sub, _later));
     assert_eq!(entries(&dir), Vec::<String>::new());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `call_many` puts each call's own result in its place: the first batch
+/// before any link is open, batches over the open link (answered within
+/// the spin, or by handlers that wait), per-call failures and refusals
+/// beside successes, a deadline for the whole batch, and two batches and
+/// single calls at once on the same link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_many_gives_each_call_its_own_result_in_order() {
+    if as_child() {
+        return;
+    }
+    let dir = private_dir("call-many");
+    let mut server = spawn_role("server", &dir, "");
+    wait_ready(&mut server);
+    let mesh = open(&dir).await;
+    let batch = |tag: u64, n: u64| -> Vec<Bytes> {
+        (0..n)
+            .map(|i| Bytes::from([0u64.to_le_bytes(), (tag << 32 | i).to_le_bytes()].concat()))
+            .collect()
+    };
+    let check = |requests: &[Bytes], answers: Vec<Result<Response, Status>>| {
+        assert_eq!(answers.len(), requests.len());
+        for (request, answer) in requests.iter().zip(answers) {
+            assert_eq!(answer.unwrap().payload(), request, "an answer out of place");
+        }
+    };
+    // No link yet: each call goes its own way.
+    let first = batch(0, 50);
+    check(
+        &first,
+        mesh.call_many("echo", &first, Default::default()).await,
+    );
+    // Over the open link, small and large batches.
+    for (tag, n) in [(1, 1), (2, 256), (3, 3000)] {
+        let requests = batch(tag, n);
+        check(
+            &requests,
+            mesh.call_many("echo", &requests, Default::default()).await,
+        );
+    }
+    assert!(
+        mesh.call_many("echo", &[], Default::default())
+            .await
+            .is_empty()
+    );
+    // Handlers that wait 0-3 ms: the link's reader delivers what comes
+    // after the spin.
+    let waiting: Vec<Bytes> = (0..200u64)
+        .map(|i| Bytes::from([(i % 4).to_le_bytes(), i.to_le_bytes()].concat()))
+        .collect();
+    check(
+        &waiting,
+        mesh.call_many("slow", &waiting, Default::default()).await,
+    );
+    // Failures stay with their calls.
+    let mixed = vec![
+        Bytes::from_static(b"ok"),
+        Bytes::from_static(b"denied"),
+        Bytes::from_static(b"ok"),
+    ];
+    let answers = mesh.call_many("fail", &mixed, Default::default()).await;
+    assert_eq!(&answers[0].as_ref().unwrap().payload()[..], b"fine");
+    assert_eq!(
+        answers[1].as_ref().unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    assert_eq!(&answers[2].as_ref().unwrap().payload()[..], b"fine");
+    let e = &mesh.call_many("nobody", &mixed, Default::default()).await[1];
+    assert_eq!(e.as_ref().unwrap_err().code(), Code::NotFound);
+    // The deadline holds for the batch: calls not answered by then fail.
+    let late: Vec<Bytes> = (0..8u64)
+        .map(|i| {
+            Bytes::from(
+                [
+                    (if i % 2 == 0 { 0u64 } else { 2_000 }).to_le_bytes(),
+                    i.to_le_bytes(),
+                ]
+                .concat(),
+            )
+        })
+        .collect();
+    let t = Instant::now();
+    let answers = mesh
+        .call_many(
+            "slow",
+            &late,
+            CallOptions::default().timeout(Duration::from_millis(100)),
+        )
+        .await;
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "the batch outlived its deadline"
+    );
+    for (i, answer) in answers.iter().enumerate() {
+        match answer {
+            Ok(r) if i % 2 == 0 => assert_eq!(r.payload(), &late[i]),
+            Err(e) if i % 2 == 1 => assert_eq!(e.code(), Code::DeadlineExceeded, "{e}"),
+            other => panic!("call {i}: {other:?}"),
+        }
+    }
+    // Two batches and single calls on one link at once.
+    let mut tasks = tokio::task::JoinSet::new();
+    for tag in 10..14u64 {
+        let mesh = mesh.clone();
+        tasks.spawn(async move {
+            for round in 0..20u64 {
+                let requests = batch(tag << 8 | round, 64);
+                check(
+                    &requests,
+                    mesh.call_many("echo", &requests, Default::default()).await,
+                );
+                let single = Bytes::from(format!("{tag}-{round}"));
+                assert_eq!(mesh.call("echo", single.clone()).await.unwrap(), single);
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    mesh.close().await;
+    drop(server.stdin.take());
+    server.wait().unwrap();
 }
