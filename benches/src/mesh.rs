@@ -53,6 +53,14 @@ pub(crate) const CALLS: Fns = Fns {
     child: rt_child,
 };
 
+/// Calls per second of `mesh.call_many("echo")`, the scenario's batch of
+/// calls at a time from one task.
+pub(crate) const CALLS_MANY: Fns = Fns {
+    setup,
+    parent: calls_many_parent,
+    child: rt_child,
+};
+
 /// The serving process's CPU time at a rate of `mesh.call("echo")`.
 pub(crate) const CPU: Fns = Fns {
     setup,
@@ -191,6 +199,49 @@ fn calls_parent(ctx: &mut ParentCtx<'_>) -> Result<Measurement, BenchError> {
             .map_err(mesh_err("stop"))?;
         mesh.close().await;
         Ok(m)
+    })
+}
+
+/// `p.warmup`, then `p.iterations` timed calls of `echo` through
+/// `call_many`, `p.batch` per batch; every reply must be as long as its
+/// request.
+fn calls_many_parent(ctx: &mut ParentCtx<'_>) -> Result<Measurement, BenchError> {
+    let p = ctx.params;
+    runtime()?.block_on(async {
+        let mesh = open(std::process::id()).await?;
+        let batch: Vec<Bytes> = (0..p.batch.max(1))
+            .map(|_| Bytes::from(vec![0xA5u8; p.size]))
+            .collect();
+        let calls = async |count: u64| {
+            let mut left = count;
+            while left > 0 {
+                let n = left.min(batch.len() as u64) as usize;
+                for answer in mesh
+                    .call_many("echo", &batch[..n], Default::default())
+                    .await
+                {
+                    let answer = answer.map_err(mesh_err("call_many"))?;
+                    if answer.payload().len() != p.size {
+                        return Err(BenchError::Protocol("short echo".into()));
+                    }
+                }
+                left -= n as u64;
+            }
+            Ok::<_, BenchError>(())
+        };
+        calls(p.warmup).await?;
+        let t = Instant::now();
+        calls(p.iterations).await?;
+        let elapsed = t.elapsed();
+        mesh.call("stop", Bytes::new())
+            .await
+            .map_err(mesh_err("stop"))?;
+        mesh.close().await;
+        Ok(Measurement::Throughput {
+            messages: p.iterations,
+            bytes: p.iterations * p.size as u64,
+            elapsed,
+        })
     })
 }
 

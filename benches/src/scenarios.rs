@@ -14,6 +14,8 @@ pub(crate) const FLOOR: &str = "spin-floor";
 pub(crate) const SHM: &str = "shm";
 /// Transport name of the mesh API's calls (`mesh.call`).
 pub(crate) const MESH: &str = "mesh";
+/// `mesh.call_many`: a batch of calls from one task.
+pub(crate) const MESH_MANY: &str = "mesh-many";
 /// Transport name of a callback call's 3 ms deadline, kept while the
 /// link's reader waits for a longer one.
 pub(crate) const MESH_DEADLINE: &str = "mesh-deadline-3ms";
@@ -136,6 +138,12 @@ pub(crate) fn scenarios() -> Vec<Scenario> {
                 .batch(in_flight),
         );
     }
+    // The same 256 from one task, through `call_many`.
+    all.push(
+        Scenario::new(MESH_MANY, Kind::Throughput, 64, mesh::CALLS_MANY)
+            .wait(Wait::Default)
+            .batch(MESH_IN_FLIGHT),
+    );
     // What a serving process costs at 1k, 10k and 100k calls a second,
     // beside a Unix-socket echo at the same rates, and idle with 200
     // services.
