@@ -758,6 +758,14 @@ const GOALS: &[(&str, Goal)] = &[
         },
     ),
     (
+        "mesh.call_many, 64 B, 256 per batch from one task vs one call at a time",
+        Goal::ThroughputRatio {
+            a: "mesh-many/tp-default/64B-b256",
+            b: "mesh/tp-default/64B",
+            min: 3.0,
+        },
+    ),
+    (
         "pub/sub echo round trip vs mesh.call (64 B)",
         Goal::RoundTripRatio {
             a: "pubsub-echo/rt-default/64B",
