@@ -118,8 +118,9 @@ pub(crate) struct Pacing {
 /// sleeping wait also lasts as long as its wake-up takes, so traffic that
 /// comes within the spin time can look slower than it is, and would keep
 /// paying a wake-up per message. A probe that finds it within the spin
-/// time brings spinning back; one that does not costs one spin.
-const PROBE_EVERY: u32 = 16;
+/// time brings spinning back; one that does not costs one spin (no
+/// yield), a 64th of a spin per wait at low rates.
+const PROBE_EVERY: u32 = 64;
 
 /// Waits until `ready()` returns true or `deadline` passes.
 ///
@@ -154,9 +155,11 @@ pub(crate) fn wait_until(
             pacing.sleep_at_once = start.elapsed() >= spin;
             return waited;
         }
-        // A probe: this wait spins first, as if spinning paid.
+        // A probe: this wait spins first, as if spinning paid (but does
+        // not yield after).
         pacing.slept = 0;
     }
+    let probe = pacing.sleep_at_once;
     pacing.sleep_at_once = false;
     // Phase 1: spin. Check the clock only every 64 iterations.
     let mut i: u32 = 0;
@@ -179,6 +182,7 @@ pub(crate) fn wait_until(
     // Phase 2: yield. What comes later than the spin time does not pay for
     // spinning: the next wait sleeps at once.
     pacing.sleep_at_once = true;
+    let yield_for = if probe { Duration::ZERO } else { yield_for };
     let yield_end = start.checked_add(spin.saturating_add(yield_for));
     loop {
         sync::yield_now();
