@@ -216,6 +216,32 @@ impl FfiMesh {
         }
     }
 
+    /// Calls `service` once with each of `payloads`, all in flight at once
+    /// (see [`Mesh::call_many`]); each call's result in the order of
+    /// `payloads`. `timeout` holds for the batch; `spin`: how long the
+    /// first poll waits for answers on the calling thread (the mesh's
+    /// `call_spin` if `None`).
+    pub fn call_many(
+        &self,
+        service: &str,
+        payloads: Vec<Bytes>,
+        timeout: Option<Duration>,
+        spin: Option<Duration>,
+    ) -> impl Future<Output = Vec<Result<Bytes, FfiError>>> + Send + 'static {
+        let mesh = self.mesh.clone();
+        let service = service.to_owned();
+        async move {
+            let mut options = CallOptions::default();
+            options.timeout = timeout;
+            options.spin = spin;
+            mesh.call_many(&service, &payloads, options)
+                .await
+                .into_iter()
+                .map(|r| r.map(Response::into_payload).map_err(FfiError::from))
+                .collect()
+        }
+    }
+
     /// Starts a call whose result goes to `done`, which must not block: on
     /// shared memory with a link already open, the request is written from
     /// this thread and `done` runs on the thread that reads the answer, with
