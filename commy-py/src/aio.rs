@@ -33,6 +33,8 @@ pub(crate) enum Outcome {
     MaybeBytes(Option<Bytes>),
     /// Several messages' data (a batch; empty once the subscription ended).
     Batch(Vec<Bytes>),
+    /// Each call's answer, or its error (as an exception object).
+    Answers(Vec<Result<Bytes, FfiError>>),
     Count(usize),
     Unit,
 }
@@ -223,6 +225,7 @@ fn outcome_to_py(py: Python<'_>, outcome: Outcome) -> PyResult<Py<PyAny>> {
             PyBytes::new(py, &b).into_any().unbind()
         }
         Outcome::MaybeBytes(None) | Outcome::Unit => py.None(),
+        Outcome::Answers(answers) => crate::mesh::answers_to_py(py, answers)?,
         Outcome::Batch(batch) => {
             let items = batch.iter().map(|b| PyBytes::new(py, b));
             pyo3::types::PyList::new(py, items)?.into_any().unbind()

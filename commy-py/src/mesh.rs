@@ -17,6 +17,18 @@ use crate::errors;
 use crate::region::RawRegion;
 use crate::subscription::RawSubscription;
 
+/// A list of each call's answer (bytes) or error (an exception object).
+pub(crate) fn answers_to_py(
+    py: Python<'_>,
+    answers: Vec<Result<bytes::Bytes, FfiError>>,
+) -> PyResult<Py<PyAny>> {
+    let items = answers.into_iter().map(|a| match a {
+        Ok(b) => PyBytes::new(py, &b).into_any().unbind(),
+        Err(e) => errors::to_py(py, &e).into_value(py).into_any(),
+    });
+    Ok(pyo3::types::PyList::new(py, items)?.into_any().unbind())
+}
+
 fn exiting() -> FfiError {
     FfiError::from_code_name("UNAVAILABLE", "the service's process is exiting")
 }
@@ -164,6 +176,51 @@ impl RawMesh {
             }
         };
         aio::start(py, queue, fut, call, Outcome::Bytes).map(RawTask::new)
+    }
+
+    /// Calls `service` once with each item of `data` (an iterable of
+    /// bytes-like objects), all in flight at once, blocking (GIL released);
+    /// returns a list with each call's answer (bytes) or error (a
+    /// `commy.CommyError`, not raised), in order.
+    #[pyo3(signature = (service, data, timeout=None))]
+    fn call_many(
+        &self,
+        py: Python<'_>,
+        service: &str,
+        data: &Bound<'_, PyAny>,
+        timeout: Option<f64>,
+    ) -> PyResult<Py<PyAny>> {
+        let data = payloads(data, "data")?;
+        let timeout = seconds(py, timeout, "timeout")?;
+        let answers = wait(py, {
+            let calls = self.mesh.call_many(service, data, timeout, None);
+            async move { Ok(calls.await) }
+        })?;
+        answers_to_py(py, answers)
+    }
+
+    /// `call_many` for an event loop (see `call_async`; `spin` as there).
+    #[pyo3(signature = (service, data, timeout, queue, fut, spin=None))]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the Python method's parameters, one by one"
+    )]
+    fn call_many_async(
+        &self,
+        py: Python<'_>,
+        service: &str,
+        data: &Bound<'_, PyAny>,
+        timeout: Option<f64>,
+        queue: &RawQueue,
+        fut: Py<PyAny>,
+        spin: Option<f64>,
+    ) -> PyResult<RawTask> {
+        let data = payloads(data, "data")?;
+        let timeout = seconds(py, timeout, "timeout")?;
+        let spin = seconds(py, spin, "spin")?;
+        let calls = self.mesh.call_many(service, data, timeout, spin);
+        let calls = async move { Ok(calls.await) };
+        aio::start(py, queue, fut, calls, Outcome::Answers).map(RawTask::new)
     }
 
     /// `send` for an event loop (see `call_async`).

@@ -298,3 +298,17 @@ def test_async_next_batch_and_slow_policies(runtime_dir: str) -> None:
             assert await sub.next_batch() == []
 
     run(main)
+
+
+def test_async_call_many(runtime_dir: str) -> None:
+    async def main() -> None:
+        async with commy.AsyncMesh() as server, commy.AsyncMesh() as client:
+            server.serve("echo", lambda d: d)
+            requests = [b"%d" % i for i in range(500)]
+            assert await client.call_many("echo", requests) == requests
+            # A service of the same loop: its handler runs while the batch waits.
+            assert await server.call_many("echo", requests[:10]) == requests[:10]
+            answers = await client.call_many("nobody", [b"a"], timeout=1.0)
+            assert isinstance(answers[0], commy.NotFound), answers
+
+    run(main)

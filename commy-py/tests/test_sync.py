@@ -470,3 +470,24 @@ def test_next_batch_takes_what_has_come_in_order(mesh: commy.Mesh) -> None:
         sub.next_batch(0)
     sub.close()
     assert sub.next_batch() == []
+
+
+def test_call_many_returns_each_reply_or_error_in_order(mesh: commy.Mesh) -> None:
+    mesh.serve("echo", lambda d: d)
+
+    def picky(data: bytes) -> bytes:
+        if data == b"no":
+            raise commy.PermissionDenied("not this one")
+        return data.upper()
+
+    mesh.serve("picky", picky)
+    requests = [b"%d" % i for i in range(1000)]
+    assert mesh.call_many("echo", requests) == requests
+    assert mesh.call_many("echo", (bytearray(b"x"), memoryview(b"yz"))) == [b"x", b"yz"]
+    assert mesh.call_many("echo", []) == []
+    answers = mesh.call_many("picky", [b"a", b"no", b"b"], timeout=LONG)
+    assert answers[0] == b"A" and answers[2] == b"B"
+    assert isinstance(answers[1], commy.PermissionDenied), answers[1]
+    assert "not this one" in str(answers[1])
+    with pytest.raises(TypeError, match="not a single one"):
+        mesh.call_many("echo", b"abc")  # type: ignore[arg-type]

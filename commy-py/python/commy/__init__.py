@@ -497,6 +497,20 @@ class Mesh(_Base):
         """
         return self._raw.call(service, data, timeout)
 
+    def call_many(
+        self, service: str, data: Iterable[Buffer], timeout: Optional[float] = None
+    ) -> List[Union[bytes, CommyError]]:
+        """Calls ``service`` once with each item of ``data``, all in flight
+        at once, and returns each call's reply, or its error (a
+        :class:`CommyError`, returned in its place, not raised), in order.
+
+        Over shared memory the requests are written back to back and the
+        replies taken in batches, in one crossing into the mesh: many
+        times cheaper than as many :meth:`call`\ s. ``timeout`` holds for
+        the whole batch.
+        """
+        return self._raw.call_many(service, data, timeout)
+
     def send(self, service: str, data: Buffer) -> None:
         """Sends a one-way message to one instance of ``service``."""
         self._raw.send(service, data)
@@ -721,6 +735,24 @@ class AsyncMesh(_Base):
         finally:
             self._in_flight -= 1
         return result
+
+    async def call_many(
+        self, service: str, data: Iterable[Buffer], timeout: Optional[float] = None
+    ) -> List[Union[bytes, CommyError]]:
+        """Calls ``service`` once with each item of ``data``, all in flight
+        at once (see :meth:`Mesh.call_many`): each call's reply or error, in
+        order. Cancelling the awaiting task cancels the calls."""
+        spin = self._call_spin
+        if spin is None:
+            spin = _LONE_SPIN if self._in_flight == 0 and service not in self._own else 0.0
+        self._in_flight += 1
+        try:
+            answers: List[Union[bytes, CommyError]] = await self._bridge.run(
+                self._raw.call_many_async, service, data, timeout, spin=spin
+            )
+        finally:
+            self._in_flight -= 1
+        return answers
 
     async def send(self, service: str, data: Buffer) -> None:
         """Sends a one-way message to one instance of ``service``."""

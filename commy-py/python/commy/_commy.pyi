@@ -1,6 +1,6 @@
 """Type stubs of commy's native module (private: use the ``commy`` package)."""
 
-from typing import Any, Callable, Dict, List, Optional, Tuple, final
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union, final
 
 from ._errors import CommyError
 
@@ -91,6 +91,18 @@ class RawMesh:
         self, topic: str, n: int, timeout: float, queue: RawQueue, fut: Any
     ) -> RawTask: ...
     def call_async(
+        self,
+        service: str,
+        data: Any,
+        timeout: Optional[float],
+        queue: RawQueue,
+        fut: Any,
+        spin: Optional[float] = None,
+    ) -> RawTask: ...
+    def call_many(
+        self, service: str, data: Any, timeout: Optional[float] = None
+    ) -> List[Union[bytes, CommyError]]: ...
+    def call_many_async(
         self,
         service: str,
         data: Any,
