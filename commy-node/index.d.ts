@@ -150,6 +150,12 @@ export declare class Mesh {
   /** Publishes on `topic`; resolves to the number of deliveries. */
   publish(topic: string, payload: Payload): Promise<number>
   /**
+   * Calls service `name` once with each of `payloads`, all in flight at
+   * once; resolves to each call's reply or error (in its place, not
+   * thrown), in order.
+   */
+  callMany(name: string, payloads: Iterable<Payload>, options?: CallOptions): Promise<Array<Buffer | CommyError>>
+  /**
    * Publishes each of `payloads` on `topic`, in order, as one burst (each
    * subscriber gets them all in this order); resolves to the deliveries
    * made, summed over the messages.

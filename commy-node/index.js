@@ -232,6 +232,31 @@ class Mesh {
   }
 
   /**
+   * Calls service `name` once with each of `payloads`, all in flight at
+   * once; resolves to each call's reply (a Buffer) or error (a CommyError,
+   * in its place, not thrown), in order. Calls made in one turn of the
+   * event loop are written back to back already: this is their batch.
+   * @returns {Promise<Array<Buffer | CommyError>>}
+   */
+  callMany(name, payloads, options) {
+    try {
+      checkName(name, 'the service name')
+      if (
+        payloads === null ||
+        typeof payloads !== 'object' ||
+        ArrayBuffer.isView(payloads) ||
+        typeof payloads[Symbol.iterator] !== 'function'
+      ) {
+        throw new TypeError(`the payloads must be an array of Buffers, Uint8Arrays or strings, not ${describe(payloads)}`)
+      }
+      const bufs = Array.from(payloads, (p, i) => toBuffer(p, `payload ${i}`))
+      return Promise.all(bufs.map((buf) => this.call(name, buf, options).then((r) => r, (e) => e)))
+    } catch (e) {
+      return Promise.reject(e)
+    }
+  }
+
+  /**
    * Calls service `name` with `payload`; resolves to the reply.
    * @returns {Promise<Buffer>}
    */

@@ -486,6 +486,25 @@ test('slow-subscriber policies count their losses on both sides', () =>
     assert.throws(() => mesh.droppedBySubscribers('bad topic'), (e) => e instanceof CommyError && e.code === 'INVALID_ARGUMENT')
   }))
 
+test('callMany gives each call its reply or error, in order', () =>
+  withMesh(async (mesh) => {
+    await mesh.serve('echo', (req) => req)
+    await mesh.serve('picky', (req) => {
+      if (req.toString() === 'no') throw new CommyError('PERMISSION_DENIED', 'not this one')
+      return req
+    })
+    const requests = Array.from({ length: 1000 }, (_, i) => `${i}`)
+    const answers = await mesh.callMany('echo', requests)
+    assert.deepEqual(answers.map((b) => b.toString()), requests)
+    assert.deepEqual(await mesh.callMany('echo', []), [])
+    const mixed = await mesh.callMany('picky', ['a', 'no', 'b'])
+    assert.equal(mixed[0].toString(), 'a')
+    assert.ok(mixed[1] instanceof CommyError)
+    assert.equal(mixed[1].code, 'PERMISSION_DENIED')
+    assert.equal(mixed[2].toString(), 'b')
+    await assert.rejects(mesh.callMany('echo', 'abc'), TypeError)
+  }))
+
 test('nextBatch takes what has come, in order', () =>
   withMesh(async (mesh) => {
     const sub = await mesh.subscribe('batched')

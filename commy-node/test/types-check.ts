@@ -26,6 +26,8 @@ async function main(): Promise<void> {
   const lost: number = slow.dropped + mesh.droppedBySubscribers('t')
   const why: CommyError | null = slow.endReason
   const batch: Buffer[] = await slow.nextBatch(32)
+  const answers: Array<Buffer | CommyError> = await mesh.callMany('echo', ['a', Buffer.from('b')])
+  void answers
   void batch
   void lost
   void why
