@@ -1,6 +1,10 @@
 //! The accept loop of the Unix sockets that announce instances (services
 //! and topic subscriptions): one thread per process waits on all of them
 //! with epoll, so idle services cost nothing (no thread and no timer each).
+//! A listener with a check (a subscription asking whether a publisher cut
+//! it) is asked when its announcement's directory changes, which the loop
+//! learns through inotify; only where no watch could be added is it asked
+//! every [`TICK`].
 //! Each accepted link's handshake and work run on a thread of their own,
 //! so a silent client cannot hold up others. A failing accept (out of
 //! descriptors) backs off ([`AcceptBackoff`]) instead of spinning, and is
@@ -34,6 +38,10 @@ const SWEEP: Duration = Duration::from_secs(1);
 /// The epoll data of the wake-up eventfd (listeners count from 1).
 const WAKE: u64 = 0;
 
+/// The epoll data of the inotify instance that watches the directories of
+/// listeners with a check.
+const NOTIFY: u64 = u64::MAX;
+
 /// One listener of the loop.
 struct Entry {
     listener: UdsListener,
@@ -41,8 +49,11 @@ struct Entry {
     name: String,
     stop: Arc<AtomicBool>,
     on_link: Arc<dyn Fn(ShmLink) + Send + Sync>,
-    /// Asked every [`TICK`] whether the listener goes on.
+    /// Asked whether the listener goes on: when its directory changes
+    /// (`watched`), else every [`TICK`].
     go_on: Option<Box<dyn Fn() -> bool + Send + Sync>>,
+    /// The directory of its socket, while watched for changes.
+    watched: Option<PathBuf>,
     /// Refused handshakes are logged a few at a time (they run on the
     /// links' threads).
     refusals: Arc<Warnings>,
@@ -60,6 +71,76 @@ struct Acceptor {
     wake: OwnedFd,
     entries: Mutex<FxHashMap<u64, Entry>>,
     next: AtomicU64,
+    /// Watches the directories of listeners with a check, if inotify works
+    /// here; each directory's watch and how many listeners use it.
+    notify: Option<Mutex<Watched>>,
+}
+
+/// The directories an [`Acceptor`]'s inotify instance watches.
+struct Watched {
+    inotify: inotify::Inotify,
+    dirs: FxHashMap<PathBuf, (inotify::WatchDescriptor, usize)>,
+}
+
+impl Watched {
+    /// Watches `dir` (once for all its listeners); false if it cannot.
+    fn add(&mut self, dir: &Path) -> bool {
+        if let Some((_, n)) = self.dirs.get_mut(dir) {
+            *n += 1;
+            return true;
+        }
+        use inotify::WatchMask;
+        let mask =
+            WatchMask::DELETE | WatchMask::MOVED_FROM | WatchMask::DELETE_SELF | WatchMask::ONLYDIR;
+        match self.inotify.watches().add(dir, mask) {
+            Ok(wd) => {
+                self.dirs.insert(dir.to_owned(), (wd, 1));
+                true
+            }
+            Err(e) => {
+                tracing::debug!(
+                    "cannot watch {} ({e}); checking it on a timer",
+                    dir.display()
+                );
+                false
+            }
+        }
+    }
+
+    /// One listener of `dir` no longer needs its watch.
+    fn release(&mut self, dir: &Path) {
+        if let Some((wd, n)) = self.dirs.get_mut(dir) {
+            *n -= 1;
+            if *n == 0 {
+                let wd = wd.clone();
+                self.dirs.remove(dir);
+                // Gone already if the directory was removed.
+                let _ = self.inotify.watches().remove(wd);
+            }
+        }
+    }
+
+    /// Takes what the instance has to say: look again, and which watches
+    /// ended with their directory (a directory made again later is
+    /// watched anew; meanwhile its listeners are asked at each sweep).
+    fn drain(&mut self) {
+        let mut buf = [0u8; 4096];
+        let mut ended = Vec::new();
+        while let Ok(events) = self.inotify.read_events(&mut buf) {
+            let before = ended.len();
+            let mut any = false;
+            for ev in events {
+                any = true;
+                if ev.mask.contains(inotify::EventMask::IGNORED) {
+                    ended.push(ev.wd.clone());
+                }
+            }
+            if !any && ended.len() == before {
+                break;
+            }
+        }
+        self.dirs.retain(|_, (wd, _)| !ended.contains(wd));
+    }
 }
 
 /// The process's accept loop, made by the first listener.
@@ -107,16 +188,25 @@ pub(crate) fn start_accepting(
 ) -> Result<(), Status> {
     let a = acceptor()?;
     let id = a.next.fetch_add(1, Ordering::Relaxed);
-    let ticks = go_on.is_some();
+    // A check is asked when the socket's directory changes, if that can be
+    // watched; else on every tick.
+    let watched = match (&go_on, &a.notify, listener.path().parent()) {
+        (Some(_), Some(notify), Some(dir)) if notify.lock().add(dir) => Some(dir.to_owned()),
+        _ => None,
+    };
+    let ticks = go_on.is_some() && watched.is_none();
     // Under the lock: the loop looks the listener up when it is ready.
     let mut entries = a.entries.lock();
-    let watched = epoll::add(
+    let added = epoll::add(
         &a.epoll,
         &listener,
         epoll::EventData::new_u64(id),
         epoll::EventFlags::IN | epoll::EventFlags::ONESHOT,
     );
-    if let Err(e) = watched {
+    if let Err(e) = added {
+        if let (Some(dir), Some(notify)) = (&watched, &a.notify) {
+            notify.lock().release(dir);
+        }
         return Err(Status::internal(format!(
             "{name}: cannot watch the listener: {e}"
         )));
@@ -130,6 +220,7 @@ pub(crate) fn start_accepting(
             stop,
             on_link: Arc::new(on_link),
             go_on,
+            watched,
             refusals: Arc::new(Warnings::new()),
             backoff: AcceptBackoff::new(),
             retry_at: None,
@@ -217,12 +308,32 @@ impl Acceptor {
             epoll::EventFlags::IN,
         )
         .map_err(|e| format!("epoll_ctl: {e}"))?;
+        // Without inotify (or with too few instances left), checks tick.
+        let notify = inotify::Inotify::init()
+            .and_then(|inotify| {
+                epoll::add(
+                    &epoll,
+                    inotify.as_fd(),
+                    epoll::EventData::new_u64(NOTIFY),
+                    epoll::EventFlags::IN,
+                )?;
+                Ok(inotify)
+            })
+            .map_err(|e| tracing::debug!("no inotify for the accept loop ({e}); checks tick"))
+            .ok()
+            .map(|inotify| {
+                Mutex::new(Watched {
+                    inotify,
+                    dirs: FxHashMap::default(),
+                })
+            });
         Ok(Acceptor {
             pid,
             epoll,
             wake,
             entries: Mutex::new(FxHashMap::default()),
             next: AtomicU64::new(WAKE + 1),
+            notify,
         })
     }
 
@@ -249,17 +360,24 @@ impl Acceptor {
                     return;
                 }
             }
+            let mut changed = false;
             for ev in &events {
                 match ev.data.u64() {
                     WAKE => {
                         let mut buf = [0u8; 8];
                         let _ = rustix::io::read(&self.wake, &mut buf);
                     }
+                    NOTIFY => {
+                        if let Some(notify) = &self.notify {
+                            notify.lock().drain();
+                        }
+                        changed = true;
+                    }
                     id => self.ready(id),
                 }
             }
             let now = Instant::now();
-            if now >= next_tick {
+            if changed || now >= next_tick {
                 self.sweep(now);
                 next_tick = now + TICK;
             }
@@ -267,16 +385,25 @@ impl Acceptor {
     }
 
     /// How long the loop may sleep: until the next tick while a listener
-    /// has a check or waits to retry, else a sweep.
+    /// has a check nothing watches or waits to retry, else a sweep.
     fn timeout(&self, next_tick: Instant) -> Duration {
         let entries = self.entries.lock();
         let busy = entries
             .values()
-            .any(|e| e.go_on.is_some() || e.retry_at.is_some());
+            .any(|e| (e.go_on.is_some() && e.watched.is_none()) || e.retry_at.is_some());
         if busy {
             next_tick.saturating_duration_since(Instant::now())
         } else {
             SWEEP
+        }
+    }
+
+    /// Stops watching listener `e` (it is being removed): its socket and
+    /// its directory.
+    fn forget(&self, e: &Entry) {
+        let _ = epoll::delete(&self.epoll, e.listener.as_fd());
+        if let (Some(dir), Some(notify)) = (&e.watched, &self.notify) {
+            notify.lock().release(dir);
         }
     }
 
@@ -291,7 +418,7 @@ impl Acceptor {
                 retry.push(*id);
             }
             if !go_on {
-                let _ = epoll::delete(&self.epoll, e.listener.as_fd());
+                self.forget(e);
             }
             go_on
         });
@@ -309,7 +436,7 @@ impl Acceptor {
             return;
         };
         if e.stop.load(Ordering::Acquire) {
-            let _ = epoll::delete(&self.epoll, e.listener.as_fd());
+            self.forget(e);
             entries.remove(&id);
             return;
         }
@@ -343,6 +470,7 @@ impl Acceptor {
                     );
                     if let Err(err) = rearmed {
                         tracing::error!("{}: cannot watch the listener again: {err}", e.name);
+                        self.forget(e);
                         entries.remove(&id);
                     }
                     return;

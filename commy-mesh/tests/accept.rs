@@ -119,7 +119,8 @@ fn a_refused_handshake_reaches_the_caller_with_its_reason() {
 /// 200 services in one process: one accept thread waits on all their
 /// sockets, and while nobody connects it wakes about once a second (to
 /// close stopped listeners), not ten times a second per service as a
-/// thread per service did. The whole process's threads are counted, by
+/// thread per service did; subscriptions, which ask whether a publisher
+/// cut them, make it wake no more often. The whole process's threads are counted, by
 /// name and by their context switches (a thread wakes once per switch)
 /// over two seconds; a call still reaches the last service.
 fn idle_services_share_one_accept_thread_that_sleeps() {
@@ -136,13 +137,19 @@ fn idle_services_share_one_accept_thread_that_sleeps() {
             .unwrap();
         handles.push(handle);
     }
+    // Subscriptions nobody publishes to: each asks whether a publisher cut
+    // it only when its directory changes.
+    let mut subscriptions = Vec::new();
+    for i in 0..SERVICES {
+        subscriptions.push(rt.block_on(mesh.subscribe(&format!("idle/{i}"))).unwrap());
+    }
     let accept_threads = threads()
         .iter()
         .filter(|t| t.name.starts_with("commy-accept"))
         .count();
     assert_eq!(
         accept_threads, 1,
-        "one accept thread for {SERVICES} services"
+        "one accept thread for {SERVICES} services and {SERVICES} subscriptions"
     );
     std::thread::sleep(Duration::from_millis(300));
     let before = threads();
@@ -160,13 +167,19 @@ fn idle_services_share_one_accept_thread_that_sleeps() {
         .collect();
     let total: u64 = woke.iter().map(|(_, n)| n).sum();
     // A sweep a second is 2, the main thread's sleep 1; a thread per
-    // service polling ten times a second made 4000.
+    // service polling ten times a second made 4000, and checking the
+    // subscriptions every tenth of a second 20.
     assert!(
-        total <= 20,
+        total <= 10,
         "the idle process woke {total} times in 2 s: {woke:?}"
     );
     let echo = rt.block_on(mesh.call(&format!("idle-{}", SERVICES - 1), &b"hi"[..]));
     assert_eq!(&echo.unwrap()[..], b"hi");
+    let last = format!("idle/{}", SERVICES - 1);
+    assert_eq!(rt.block_on(mesh.publish(&last, &b"hi"[..])).unwrap(), 1);
+    let got = rt.block_on(subscriptions[SERVICES - 1].next()).unwrap();
+    assert_eq!(&got.payload()[..], b"hi");
+    drop(subscriptions);
     drop(handles);
     rt.block_on(mesh.close());
     let _ = std::fs::remove_dir_all(&dir);
