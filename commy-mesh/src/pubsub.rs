@@ -698,7 +698,7 @@ fn decode_publish(
     limits: &Limits,
 ) -> Result<Option<Message>, String> {
     let mut message = None;
-    decode_publish_ref(frame, topic, plain, limits, &mut |m| {
+    decode_publish_ref(frame, topic, plain, limits, |m| {
         message = Some(m.to_message())
     })?;
     Ok(message)
@@ -711,7 +711,7 @@ fn decode_publish_ref(
     topic: &TopicName,
     plain: &[u8],
     limits: &Limits,
-    each: &mut dyn FnMut(MessageRef<'_>),
+    each: impl FnOnce(MessageRef<'_>),
 ) -> Result<(), String> {
     let frame = FrameRef::decode(frame, limits).map_err(|e| format!("malformed frame: {e}"))?;
     if frame.header().kind != FrameKind::Publish {

@@ -226,7 +226,7 @@ impl Reader {
                 return Some(Some(m));
             }
             let Reader { rings, batch } = reader;
-            rings.read(ends, BATCH, &mut |m| batch.push_back(m.to_message()));
+            rings.read(ends, BATCH, |m| batch.push_back(m.to_message()));
             batch.pop_front().map(Some)
         })
     }
@@ -253,7 +253,7 @@ impl Reader {
                 n += 1;
             }
             if n < max {
-                n += reader.rings.read(ends, max - n, each);
+                n += reader.rings.read(ends, max - n, &mut *each);
             }
             (n > 0).then_some(n)
         })
@@ -340,7 +340,7 @@ impl Rings {
     /// Hands up to `max` messages the rings hold to `each`, in place (at
     /// most a [`BATCH`] from each ring, each ring first in turn); returns
     /// how many it handed.
-    fn read(&mut self, ends: &Ends<'_>, max: usize, each: &mut dyn FnMut(MessageRef<'_>)) -> usize {
+    fn read(&mut self, ends: &Ends<'_>, max: usize, mut each: impl FnMut(MessageRef<'_>)) -> usize {
         let added = self.inbox.added.load(Ordering::Acquire);
         if added != self.seen {
             self.links = self.inbox.links.lock().clone();
@@ -373,11 +373,11 @@ impl Rings {
                         if bad.is_some() {
                             return;
                         }
-                        let mut lend = |m: MessageRef<'_>| {
+                        let lend = |m: MessageRef<'_>| {
                             each(m);
                             handed += 1;
                         };
-                        if let Err(e) = decode_publish_ref(bytes, topic, plain, limits, &mut lend) {
+                        if let Err(e) = decode_publish_ref(bytes, topic, plain, limits, lend) {
                             bad = Some(e);
                         }
                     })
