@@ -421,8 +421,12 @@ impl ClientConn {
                     failed = Some((sent, e));
                     break;
                 }
+                // Published every so many, so that the server starts on
+                // a large batch while the rest is written.
+                if (sent + 1) % SEND_BURST == 0 {
+                    tx.sender.flush();
+                }
             }
-            // What was staged becomes visible with one publication.
             tx.sender.flush();
             drop(tx);
             if let Some((sent, e)) = failed {
@@ -1357,6 +1361,9 @@ pub(crate) struct Waiting<'a> {
     pub(crate) due: Due,
     _in_flight: Option<Counted<'a>>,
 }
+
+/// Requests of a [`ClientConn::call_batch`] made visible together.
+const SEND_BURST: usize = 64;
 
 /// The calls of a [`ClientConn::call_batch`] still open, by their index in
 /// the batch and stream id: dropped, it cancels them, and it counts them
