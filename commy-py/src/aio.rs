@@ -225,13 +225,25 @@ fn outcome_to_py(py: Python<'_>, outcome: Outcome) -> PyResult<Py<PyAny>> {
             PyBytes::new(py, &b).into_any().unbind()
         }
         Outcome::MaybeBytes(None) | Outcome::Unit => py.None(),
-        Outcome::Answers(answers) => crate::mesh::answers_to_py(py, answers)?,
+        Outcome::Answers(answers) => answers_to_py(py, answers)?,
         Outcome::Batch(batch) => {
             let items = batch.iter().map(|b| PyBytes::new(py, b));
             pyo3::types::PyList::new(py, items)?.into_any().unbind()
         }
         Outcome::Count(n) => n.into_pyobject(py)?.into_any().unbind(),
     })
+}
+
+/// A list of each call's answer (bytes) or error (an exception object).
+pub(crate) fn answers_to_py(
+    py: Python<'_>,
+    answers: Vec<Result<Bytes, FfiError>>,
+) -> PyResult<Py<PyAny>> {
+    let items = answers.into_iter().map(|a| match a {
+        Ok(b) => PyBytes::new(py, &b).into_any().unbind(),
+        Err(e) => errors::to_py(py, &e).into_value(py).into_any(),
+    });
+    Ok(pyo3::types::PyList::new(py, items)?.into_any().unbind())
 }
 
 /// Settles the asyncio future `fut` with `result` (unless it is done

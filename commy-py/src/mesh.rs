@@ -17,18 +17,6 @@ use crate::errors;
 use crate::region::RawRegion;
 use crate::subscription::RawSubscription;
 
-/// A list of each call's answer (bytes) or error (an exception object).
-pub(crate) fn answers_to_py(
-    py: Python<'_>,
-    answers: Vec<Result<bytes::Bytes, FfiError>>,
-) -> PyResult<Py<PyAny>> {
-    let items = answers.into_iter().map(|a| match a {
-        Ok(b) => PyBytes::new(py, &b).into_any().unbind(),
-        Err(e) => errors::to_py(py, &e).into_value(py).into_any(),
-    });
-    Ok(pyo3::types::PyList::new(py, items)?.into_any().unbind())
-}
-
 fn exiting() -> FfiError {
     FfiError::from_code_name("UNAVAILABLE", "the service's process is exiting")
 }
@@ -196,7 +184,7 @@ impl RawMesh {
             let calls = self.mesh.call_many(service, data, timeout, None);
             async move { Ok(calls.await) }
         })?;
-        answers_to_py(py, answers)
+        aio::answers_to_py(py, answers)
     }
 
     /// `call_many` for an event loop (see `call_async`; `spin` as there).

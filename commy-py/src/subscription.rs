@@ -8,6 +8,20 @@ use crate::aio::{self, Outcome, RawQueue};
 use crate::convert::{seconds, wait};
 use crate::mesh::RawTask;
 
+/// `receive`, failing with `DEADLINE_EXCEEDED` if nothing came within
+/// `timeout` (if any).
+async fn within<T>(
+    timeout: Option<std::time::Duration>,
+    receive: impl std::future::Future<Output = T>,
+) -> Result<T, FfiError> {
+    match timeout {
+        None => Ok(receive.await),
+        Some(t) => tokio::time::timeout(t, receive).await.map_err(|_| {
+            FfiError::from_code_name("DEADLINE_EXCEEDED", format!("no message within {t:?}"))
+        }),
+    }
+}
+
 /// A subscription (see `commy.Subscription`).
 #[pyclass(frozen, module = "commy._commy")]
 pub(crate) struct RawSubscription {
@@ -59,18 +73,7 @@ impl RawSubscription {
     #[pyo3(signature = (timeout=None))]
     fn next(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Py<PyBytes>>> {
         let timeout = seconds(py, timeout, "timeout")?;
-        let next = self.sub.next();
-        let got = wait(py, async move {
-            match timeout {
-                None => Ok(next.await),
-                Some(t) => tokio::time::timeout(t, next).await.map_err(|_| {
-                    FfiError::from_code_name(
-                        "DEADLINE_EXCEEDED",
-                        format!("no message within {t:?}"),
-                    )
-                }),
-            }
-        })?;
+        let got = wait(py, within(timeout, self.sub.next()))?;
         Ok(got.map(|m| PyBytes::new(py, m.payload()).unbind()))
     }
 
@@ -86,18 +89,7 @@ impl RawSubscription {
         timeout: Option<f64>,
     ) -> PyResult<Vec<Py<PyBytes>>> {
         let timeout = seconds(py, timeout, "timeout")?;
-        let next = self.sub.next_batch(max);
-        let got = wait(py, async move {
-            match timeout {
-                None => Ok(next.await),
-                Some(t) => tokio::time::timeout(t, next).await.map_err(|_| {
-                    FfiError::from_code_name(
-                        "DEADLINE_EXCEEDED",
-                        format!("no message within {t:?}"),
-                    )
-                }),
-            }
-        })?;
+        let got = wait(py, within(timeout, self.sub.next_batch(max)))?;
         Ok(got
             .iter()
             .map(|m| PyBytes::new(py, m.payload()).unbind())
