@@ -72,6 +72,19 @@ class CommyError extends Error {
 
 const EMPTY = Buffer.alloc(0)
 
+/** Each payload of an iterable as a Buffer (a single one is refused). */
+function toBuffers(payloads) {
+  if (
+    payloads === null ||
+    typeof payloads !== 'object' ||
+    ArrayBuffer.isView(payloads) ||
+    typeof payloads[Symbol.iterator] !== 'function'
+  ) {
+    throw new TypeError(`the payloads must be an array of Buffers, Uint8Arrays or strings, not ${describe(payloads)}`)
+  }
+  return Array.from(payloads, (p, i) => toBuffer(p, `payload ${i}`))
+}
+
 function toBuffer(value, what) {
   if (Buffer.isBuffer(value)) return value
   if (typeof value === 'string') return Buffer.from(value)
@@ -241,15 +254,7 @@ class Mesh {
   callMany(name, payloads, options) {
     try {
       checkName(name, 'the service name')
-      if (
-        payloads === null ||
-        typeof payloads !== 'object' ||
-        ArrayBuffer.isView(payloads) ||
-        typeof payloads[Symbol.iterator] !== 'function'
-      ) {
-        throw new TypeError(`the payloads must be an array of Buffers, Uint8Arrays or strings, not ${describe(payloads)}`)
-      }
-      const bufs = Array.from(payloads, (p, i) => toBuffer(p, `payload ${i}`))
+      const bufs = toBuffers(payloads)
       return Promise.all(bufs.map((buf) => this.call(name, buf, options).then((r) => r, (e) => e)))
     } catch (e) {
       return Promise.reject(e)
@@ -400,15 +405,7 @@ class Mesh {
   publishMany(topic, payloads) {
     try {
       checkName(topic, 'the topic')
-      if (
-        payloads === null ||
-        typeof payloads !== 'object' ||
-        ArrayBuffer.isView(payloads) ||
-        typeof payloads[Symbol.iterator] !== 'function'
-      ) {
-        throw new TypeError(`the payloads must be an array of Buffers, Uint8Arrays or strings, not ${describe(payloads)}`)
-      }
-      const bufs = Array.from(payloads, (p, i) => toBuffer(p, `payload ${i}`))
+      const bufs = toBuffers(payloads)
       const lengths = new Uint32Array(bufs.length)
       for (let i = 0; i < bufs.length; i++) lengths[i] = bufs[i].length
       const data = Buffer.concat(bufs)
