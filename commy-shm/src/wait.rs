@@ -357,35 +357,25 @@ mod tests {
         // whose flag comes within the spin never sleeps, and spinning is
         // back.
         pacing.sleep_at_once = true;
-        let mut sleeps = 0;
-        for k in 1..=PROBE_EVERY {
-            w.ready.store(false, Ordering::SeqCst);
-            let setter = w.set_later(Duration::from_millis(1));
-            let deadline = Some(Instant::now() + Duration::from_secs(10));
-            let ready = || w.ready.load(Ordering::SeqCst);
-            let mut slept = false;
-            let before_sleep = || {
-                slept = true;
-                false
-            };
-            let waited = wait_until(long, &w.words(), deadline, &mut pacing, ready, before_sleep);
-            assert_eq!(waited, Waited::Ready);
-            sleeps += u32::from(slept);
-            setter.join().unwrap();
-            if k < PROBE_EVERY {
-                // Keep it sleeping at once, as slow wake-ups would.
-                pacing.sleep_at_once = true;
-            }
-        }
-        assert_eq!(
-            sleeps,
-            PROBE_EVERY - 1,
-            "the probe slept, or the others did not"
-        );
+        pacing.slept = PROBE_EVERY - 1;
+        w.ready.store(false, Ordering::SeqCst);
+        let setter = w.set_later(Duration::from_millis(1));
+        let deadline = Some(Instant::now() + Duration::from_secs(10));
+        let ready = || w.ready.load(Ordering::SeqCst);
+        let mut slept = false;
+        let before_sleep = || {
+            slept = true;
+            false
+        };
+        let waited = wait_until(long, &w.words(), deadline, &mut pacing, ready, before_sleep);
+        assert_eq!(waited, Waited::Ready);
+        setter.join().unwrap();
+        assert!(!slept, "the probe slept");
         assert!(
             !pacing.sleep_at_once,
             "a probe that caught it did not bring spinning back"
         );
+        assert_eq!(pacing.slept, 0, "the probes start counting again");
         // Busy polling never sleeps, whatever came before.
         w.ready.store(false, Ordering::SeqCst);
         pacing.sleep_at_once = true;
