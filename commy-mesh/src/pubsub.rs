@@ -253,6 +253,8 @@ pub(crate) struct Queue {
     cap: usize,
     policy: SlowSubscriber,
     dropped: AtomicU64,
+    /// The queue group the subscription is a member of, if any.
+    group: Option<String>,
 }
 
 struct QueueState {
@@ -346,7 +348,8 @@ impl Queue {
     }
 
     /// Ends the subscription because messages were lost on the way
-    /// (`lost`, at least one), with `reason`; only the first end counts.
+    /// (`lost`; none for a group member, whose message another member
+    /// took), with `reason`; only the first end counts.
     pub(crate) fn end_lossy(&self, lost: u64, reason: Status) {
         self.end(self.state.lock(), lost, Some(reason));
     }
@@ -566,14 +569,17 @@ impl Subscription {
 
     /// Why the mesh ended this subscription (`RESOURCE_EXHAUSTED`): its
     /// queue was full under `Disconnect`, or it took nothing for the stall
-    /// time and a publisher disconnected it. `None` while it lasts.
+    /// time and a publisher disconnected it (a queue group member loses
+    /// nothing then: the message goes to another member). `None` while it
+    /// lasts.
     pub fn end_reason(&self) -> Option<Status> {
         self.queue.reason()
     }
 
     /// Messages discarded (`DropOldest`) or refused (`Disconnect`) because
     /// this subscriber was too slow, or lost when a publisher disconnected
-    /// it (counted as one: the publisher that gave up knows only its own).
+    /// it (counted as one: the publisher that gave up knows only its own;
+    /// none for a queue group member, whose message another member took).
     pub fn dropped(&self) -> u64 {
         self.queue.dropped.load(Ordering::Relaxed)
     }
@@ -752,13 +758,22 @@ fn end_if_cut(queue: &Queue, path: &std::path::Path, stop: &AtomicBool) -> bool 
     if stop.load(Ordering::Acquire) || path.exists() {
         return true;
     }
+    let (lost, what) = match &queue.group {
+        // The message the publisher could not hand over went to another
+        // member: the group lost nothing.
+        Some(group) => (
+            0,
+            format!("the message it could not take went to another member of group {group}"),
+        ),
+        None => (1, "messages were lost".to_owned()),
+    };
     let reason = Status::resource_exhausted(format!(
         "the subscription to {} ended: it took nothing for the stall time and a publisher \
-         disconnected it (messages were lost)",
+         disconnected it ({what})",
         queue.topic
     ));
     CLIENT_LINKS.warn(|| reason.message().to_owned());
-    queue.end_lossy(1, reason);
+    queue.end_lossy(lost, reason);
     false
 }
 
@@ -1110,6 +1125,7 @@ impl PubSub {
             cap: options.queue.max(1),
             policy: options.policy,
             dropped: AtomicU64::new(0),
+            group: group.map(str::to_owned),
         });
         let stop = Arc::new(AtomicBool::new(false));
         let limits = self.limits;

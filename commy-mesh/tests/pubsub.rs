@@ -802,6 +802,9 @@ async fn a_queue_group_member_stopped_mid_stream_is_disconnected() {
     let lines = stopped.until(|l| l.starts_with("ENDED"));
     let ended = lines.last().unwrap().clone();
     assert!(ended.contains("stall time"), "{ended}");
+    // The group lost nothing: the member's count says so.
+    assert!(ended.starts_with("ENDED 0 "), "{ended}");
+    assert!(ended.contains("another member of group workers"), "{ended}");
     theirs.extend(seqs(&lines));
     theirs.extend(stopped.finish());
     assert!(
