@@ -1133,14 +1133,16 @@ async fn receiver_rules_are_enforced() {
         assert_eq!(status.code(), Code::InvalidArgument);
         assert!(status.message().contains("never reused"), "{status}");
     }
-    // A request whose deadline passed on the way: DEADLINE_EXCEEDED, the
-    // handler not run.
+    // A request whose 1 µs deadline passed on the way (or, if the server
+    // looked within that microsecond, while its handler sleeps 200 ms):
+    // DEADLINE_EXCEEDED. With a handler of 1 ms, the timer's millisecond
+    // granularity let the answer win now and then.
     let mut s = f.raw_tls().await;
     let expired = Frame::new(
         FrameKind::Request,
         StreamId(1),
         Vec::new(),
-        b"sleep:1".to_vec(),
+        b"sleep:200".to_vec(),
     )
     .unwrap()
     .with_flags(FrameFlags::END_STREAM)
