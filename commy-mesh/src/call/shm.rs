@@ -575,9 +575,7 @@ impl ClientConn {
         let (sent, result, discarded) =
             self.send_unanswered(FrameKind::Publish, metadata, payloads, Patience::For(stall));
         if let Err(Unsent::Stalled) = result {
-            self.fail_with(&Status::resource_exhausted(
-                "the subscriber took nothing for the stall time: disconnected",
-            ));
+            self.stalled();
         }
         SentPublish {
             sent,
@@ -627,9 +625,7 @@ impl ClientConn {
                 drop(tx);
                 let unsent = match e {
                     SendError::TimedOut => {
-                        self.fail_with(&Status::resource_exhausted(
-                            "the subscriber took nothing for the stall time: disconnected",
-                        ));
+                        self.stalled();
                         Unsent::Stalled
                     }
                     e => Unsent::Failed(self.send_failed(e)),
@@ -652,6 +648,14 @@ impl ClientConn {
             discarded,
             result: Ok(()),
         })
+    }
+
+    /// Ends the link of a subscriber whose ring stayed full for the stall
+    /// time: it made no progress.
+    fn stalled(&self) {
+        self.fail_with(&Status::resource_exhausted(
+            "the subscriber took nothing for the stall time: disconnected",
+        ));
     }
 
     /// Messages sent on this link that the subscriber discarded unread
