@@ -157,6 +157,11 @@ impl ClientConn {
             }
         }
         let Some(mut rx) = rx else {
+            // Whoever owns the ring may be a caller that takes its own
+            // answer and goes, leaving ours to a reader that parked while
+            // nothing was pending: it is woken for them now (a single
+            // call's `Poller` does the same when it leaves).
+            self.wake_reader();
             return open;
         };
         rx.release();
