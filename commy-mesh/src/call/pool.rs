@@ -108,6 +108,7 @@ impl Pools {
                     balancer: PowerOfTwo::new(),
                     policy: self.policies.as_ref().and_then(|p| p.get(service)),
                     watches: Mutex::new(Vec::new()),
+                    version: AtomicU64::new(0),
                 });
                 for i in 0..self.sources.len() {
                     spawn_watch(&self.runtime, &pool, i);
@@ -135,20 +136,30 @@ impl Pools {
     /// [`LOCAL_INLINE`] of them (scanning this host once if its watch has
     /// not said yet): the per-publish path.
     pub(crate) fn local_links(&self, pool: &Arc<Pool>) -> LocalLinks {
+        self.local_links_at(pool).1
+    }
+
+    /// [`local_links`](Pools::local_links), and the pool's
+    /// [`version`](Pool::version) they are of.
+    pub(crate) fn local_links_at(&self, pool: &Arc<Pool>) -> (u64, LocalLinks) {
         let mut state = pool.state.lock();
         if state.local.is_empty() && state.sets[0].is_none() {
             drop(state);
             let _ = pool.scan_local();
             state = pool.state.lock();
         }
-        state
+        // Changes are counted under the lock: this is the count of what
+        // is read here.
+        let version = pool.version.load(Ordering::Relaxed);
+        let links = state
             .local
             .iter()
             .map(|inst| match state.conns.get(&inst.id) {
                 Some(ep) if ep.is_alive() => LocalLink::Linked(ep.clone(), inst.id),
                 _ => LocalLink::Unlinked(inst.id),
             })
-            .collect()
+            .collect();
+        (version, links)
     }
 
     /// Picks an instance for a call with the transport `preference` and
@@ -195,7 +206,7 @@ impl Pools {
                             return Err(e);
                         }
                         tracing::debug!("instance {} of {} unusable: {e}", inst.id, pool.service);
-                        pool.state.lock().forget(inst.id);
+                        pool.change(|state| state.forget(inst.id));
                         failed = Some(e);
                     }
                 }
@@ -399,7 +410,7 @@ impl Pools {
                 )));
             }
         };
-        pool.state.lock().conns.insert(inst.id, ep.clone());
+        pool.change(|state| state.conns.insert(inst.id, ep.clone()));
         Ok(ep)
     }
 
@@ -585,9 +596,31 @@ pub(crate) struct Pool {
     pub(crate) policy: Option<Arc<dyn CallPolicy>>,
     /// The tasks watching its sources.
     watches: Mutex<Vec<tokio::task::AbortHandle>>,
+    /// Counts the changes of its instances and links (see
+    /// [`Pool::change`]): a copy of them taken at one count is current
+    /// while the count stays.
+    version: AtomicU64,
 }
 
 impl Pool {
+    /// Changes the pool's instances or links: every change goes through
+    /// here, which counts it ([`Pool::version`]).
+    fn change<R>(&self, f: impl FnOnce(&mut PoolState) -> R) -> R {
+        let mut state = self.state.lock();
+        let r = f(&mut state);
+        // SYNC: Release, with the lock still held: whoever reads the new
+        // count and then takes the lock sees the change.
+        self.version.fetch_add(1, Ordering::Release);
+        r
+    }
+
+    /// The count of the pool's changes so far: while it stays, the
+    /// instances and links found at it are the pool's (a link may still
+    /// die, which its own state says).
+    pub(crate) fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
     /// How many instances are reached over shared memory. If this host's
     /// source has not delivered its first set yet (its watch runs as a
     /// task), it is scanned now.
@@ -599,11 +632,12 @@ impl Pool {
             }
         }
         let scanned = self.sources[0].instances(&self.service)?;
-        let mut state = self.state.lock();
-        if state.sets[0].is_none() {
-            state.set_source(0, scanned);
-        }
-        Ok(state.local.len())
+        Ok(self.change(|state| {
+            if state.sets[0].is_none() {
+                state.set_source(0, scanned);
+            }
+            state.local.len()
+        }))
     }
 
     /// Chooses an instance of `tier` by its link's load, under the pool's
@@ -739,7 +773,7 @@ fn spawn_watch(runtime: &tokio::runtime::Handle, pool: &Arc<Pool>, i: usize) {
         };
         while let Some(set) = std::future::poll_fn(|cx| watch.as_mut().poll_next(cx)).await {
             let Some(pool) = weak.upgrade() else { return };
-            pool.state.lock().set_source(i, set);
+            pool.change(|state| state.set_source(i, set));
         }
     });
     pool.watches.lock().push(task.abort_handle());
