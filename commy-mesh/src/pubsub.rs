@@ -74,6 +74,7 @@ pub(crate) mod remote;
 use inbox::{Ends, Inbox, Reader};
 
 use crate::accept::{bind_announcement, start_accepting, withdraw};
+use crate::call::endpoint::Endpoint;
 use crate::call::pool::{LOCAL_INLINE, LocalLink, Pools};
 use crate::call::shm::{SentPublish, Unsent};
 use crate::sync::Counted;
@@ -992,6 +993,25 @@ pub(crate) struct Route {
 /// them all (a publisher of ever new topics stays bounded).
 const MAX_ROUTES: usize = 4096;
 
+/// The links to the plain subscribers of a topic on this host that a
+/// publisher keeps from one publish to the next
+/// ([`PubSub::publish_via`]): current while their pool's
+/// [`version`](crate::call::pool::Pool::version) stays and each link
+/// lives.
+#[derive(Default)]
+pub(crate) struct LinkCache {
+    /// The pool's version they were found at; `None`: to be found again.
+    version: Option<u64>,
+    links: SmallVec<[(Endpoint, InstanceId); LOCAL_INLINE]>,
+}
+
+impl LinkCache {
+    /// Whether the links are still all of `pool`'s subscribers, and live.
+    fn is_current(&self, pool: &crate::call::pool::Pool) -> bool {
+        self.version == Some(pool.version()) && self.links.iter().all(|(l, _)| l.is_alive())
+    }
+}
+
 /// What a publish delivered on this host.
 pub(crate) struct Published {
     /// The topic's route (its name and subscriber-set key).
@@ -1205,7 +1225,7 @@ impl PubSub {
     /// What a publish on `topic` needs each time: the checked name, the
     /// encoded topic header, the subscriber-set key and its pool, made
     /// once per topic and kept.
-    fn route(&self, topic: &str) -> Result<Arc<Route>, Status> {
+    pub(crate) fn route(&self, topic: &str) -> Result<Arc<Route>, Status> {
         if let Some(route) = self.routes.lock().get(topic) {
             return Ok(route.clone());
         }
@@ -1236,16 +1256,56 @@ impl PubSub {
         payloads: &[Bytes],
     ) -> Result<Published, Status> {
         let route = self.route(topic)?;
+        Ok(self
+            .publish_via(route, &mut LinkCache::default(), payloads)
+            .await)
+    }
+
+    /// Publishes each of `payloads` in order on the topic of `route` to
+    /// its plain subscribers on this host, as [`PubSub::publish`] does,
+    /// through the links `cache` kept from the last publish: while they
+    /// are current, that takes no lock and no lookup. Otherwise they are
+    /// found again (and subscribers not linked yet linked to).
+    pub(crate) async fn publish_via<P: AsRef<[u8]>>(
+        &self,
+        route: Arc<Route>,
+        cache: &mut LinkCache,
+        payloads: &[P],
+    ) -> Published {
         let mut out = Published {
             route,
             delivered: 0,
             reached: SmallVec::new(),
         };
-        let unlinked = self.send_linked(&out.route.clone(), payloads, &mut out);
-        if !unlinked.is_empty() {
-            Box::pin(self.send_unlinked(unlinked, payloads, &mut out)).await;
+        let route = &*out.route;
+        if !cache.is_current(&route.pool) {
+            let (version, links) = self.pools.local_links_at(&route.pool);
+            cache.links.clear();
+            let mut unlinked: SmallVec<[InstanceId; LOCAL_INLINE]> = SmallVec::new();
+            for link in links {
+                match link {
+                    LocalLink::Linked(conn, id) => cache.links.push((conn, id)),
+                    LocalLink::Unlinked(id) => unlinked.push(id),
+                }
+            }
+            cache.version = Some(version);
+            if !unlinked.is_empty() {
+                // Linking them changes the pool: the next publish looks
+                // again.
+                cache.version = None;
+                let route = out.route.clone();
+                Box::pin(self.send_unlinked(&route, unlinked, payloads, &mut out)).await;
+            }
         }
-        Ok(out)
+        for (conn, id) in &cache.links {
+            out.reached.push(*id);
+            let sent = conn.send_publish_many(&out.route.metadata, payloads, self.stall);
+            if sent.result.is_err() {
+                cache.version = None;
+            }
+            out.delivered += self.settle_sent(&out.route, *id, sent);
+        }
+        out
     }
 
     /// Publishes one message on `topic` to the plain subscribers of this
@@ -1283,7 +1343,7 @@ impl PubSub {
                 for link in &links[1..] {
                     if let LocalLink::Linked(other, other_id) = link {
                         out.reached.push(*other_id);
-                        self.send_to(&route, other, *other_id, &[payload], &mut out);
+                        out.delivered += self.send_to(&route, other, *other_id, &[payload]);
                     }
                 }
                 if copy {
@@ -1295,7 +1355,7 @@ impl PubSub {
             if let Some(sent) = sent {
                 let written = write.is_none();
                 out.reached.push(id);
-                self.settle_sent(&route, id, sent, &mut out);
+                out.delivered += self.settle_sent(&route, id, sent);
                 if written {
                     return Ok((out, copied));
                 }
@@ -1319,45 +1379,22 @@ impl PubSub {
         self.groups.any()
     }
 
-    /// Sends to the plain subscribers of `route` this publisher has a link
-    /// to; returns those it has none to.
-    fn send_linked(
-        &self,
-        route: &Route,
-        payloads: &[Bytes],
-        out: &mut Published,
-    ) -> SmallVec<[InstanceId; LOCAL_INLINE]> {
-        let mut unlinked = SmallVec::new();
-        for link in self.pools.local_links(&route.pool) {
-            match link {
-                LocalLink::Linked(conn, id) => {
-                    out.reached.push(id);
-                    self.send_to(route, &conn, id, payloads, out);
-                }
-                LocalLink::Unlinked(id) => unlinked.push(id),
-            }
-        }
-        unlinked
-    }
-
     /// Sends to one plain subscriber over `conn`, cutting it if it
-    /// stalled.
+    /// stalled; returns the deliveries made.
     fn send_to<P: AsRef<[u8]>>(
         &self,
         route: &Route,
-        conn: &crate::call::endpoint::Endpoint,
+        conn: &Endpoint,
         id: InstanceId,
         payloads: &[P],
-        out: &mut Published,
-    ) {
+    ) -> usize {
         let sent = conn.send_publish_many(&route.metadata, payloads, self.stall);
-        self.settle_sent(route, id, sent, out);
+        self.settle_sent(route, id, sent)
     }
 
     /// Counts what a send to the plain subscriber `id` did, cutting it if
-    /// it stalled.
-    fn settle_sent(&self, route: &Route, id: InstanceId, sent: SentPublish, out: &mut Published) {
-        out.delivered += sent.sent;
+    /// it stalled; returns the deliveries made.
+    fn settle_sent(&self, route: &Route, id: InstanceId, sent: SentPublish) -> usize {
         self.count_discarded(&route.topic, sent.discarded);
         match sent.result {
             Ok(()) => {}
@@ -1366,19 +1403,20 @@ impl PubSub {
                 tracing::debug!("publish to a subscriber of {} failed: {e}", route.topic)
             }
         }
+        sent.sent
     }
 
     /// Links this publisher to the plain subscribers `ids` and sends to
     /// them. A subscriber that does not even take its link within the
     /// stall time (stopped before this publisher first reached it) made no
     /// progress either: it is cut. (The clock is read only to connect.)
-    async fn send_unlinked(
+    async fn send_unlinked<P: AsRef<[u8]>>(
         &self,
+        route: &Route,
         ids: SmallVec<[InstanceId; LOCAL_INLINE]>,
-        payloads: &[Bytes],
+        payloads: &[P],
         out: &mut Published,
     ) {
-        let route = out.route.clone();
         let pool = &route.pool;
         let known = self.pools.instances_of(pool);
         for id in ids {
@@ -1388,7 +1426,7 @@ impl PubSub {
             out.reached.push(id);
             let within = Some(Deadline::after(self.stall));
             match self.pools.connect(pool, inst, within).await {
-                Ok(conn) => self.send_to(&route, &conn, id, payloads, out),
+                Ok(conn) => out.delivered += self.send_to(route, &conn, id, payloads),
                 Err(e) if e.code() == Code::DeadlineExceeded => self.cut(inst, &route.topic),
                 Err(e) => tracing::debug!("subscriber of {} unreachable: {e}", route.topic),
             }
