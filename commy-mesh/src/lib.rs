@@ -61,7 +61,7 @@ pub mod settings {
 pub use commy_core::{Code, Deadline, MeshName, Metadata, NameError, Status};
 pub use commy_shm::{LinkConfig, WaitStrategy};
 pub use config::{Config, MeshBuilder};
-pub use mesh::{Mesh, OpenError};
+pub use mesh::{Mesh, OpenError, Publisher};
 pub use net::NetError;
 pub use pubsub::{
     Message, MessageRef, SlowSubscriber, SubscribeOptions, Subscription, SubscriptionHealth,

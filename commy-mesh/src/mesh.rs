@@ -56,6 +56,9 @@ use crate::serve::service::{Served, ServiceHandle};
 use crate::serve::shm::serve_link;
 use crate::warn::Warnings;
 
+mod publisher;
+pub use publisher::Publisher;
+
 /// Errors from [`Mesh::open`].
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -911,6 +914,16 @@ impl Mesh {
     /// (0 when nobody listens; a message nobody hears is dropped).
     pub async fn publish(&self, topic: &str, payload: impl Into<Bytes>) -> Result<usize, Status> {
         self.publish_many(topic, &[payload.into()]).await
+    }
+
+    /// A publisher of `topic`: publishing through it goes where
+    /// [`Mesh::publish`] goes, with the topic checked and its subscribers'
+    /// links found once rather than for every message (see
+    /// [`Publisher`]). Fails with `INVALID_ARGUMENT` for a bad topic name.
+    pub fn publisher(&self, topic: &str) -> Result<Publisher, Status> {
+        self.check_open()?;
+        let route = self.inner.pubsub.route(topic)?;
+        Ok(Publisher::new(self.clone(), route))
     }
 
     /// Publishes one message on `topic` written in place, as

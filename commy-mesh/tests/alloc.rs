@@ -419,6 +419,25 @@ fn publisher_side(report: &mut Report) {
                 true,
                 counted,
             );
+            // Through a publisher of the topic, from borrowed bytes.
+            let mut publisher = mesh.publisher(TOPIC).unwrap();
+            let mut publish = async |n: u64| {
+                child.send(&format!("TAKE {size} {n}\n"));
+                for _ in 0..n {
+                    assert_eq!(publisher.publish(&payload[..]).await.unwrap(), 1);
+                }
+                child.expect("DONE");
+            };
+            publish(WARM_UP).await;
+            let before = Counted::now();
+            publish(CALLS).await;
+            let counted = Counted::since(before);
+            report.check(
+                &format!("publisher: Publisher::publish to a linked subscriber, {size} B"),
+                PUBLISHED,
+                true,
+                counted,
+            );
             // Written in place in the subscriber's ring.
             let mut build = async |n: u64| {
                 child.send(&format!("TAKE {size} {n}\n"));

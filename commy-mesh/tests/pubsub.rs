@@ -1060,3 +1060,69 @@ async fn publish_in_place_reaches_every_subscriber_in_order() {
         0
     );
 }
+
+/// A `Publisher` goes where `mesh.publish` goes while subscribers come and
+/// go: the links it keeps are found again when the topic's subscribers
+/// change, queue groups take one copy, and a closed mesh or a bad topic
+/// is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_follows_subscribers_as_they_come_and_go() {
+    use commy_mesh::Code;
+    if as_child() {
+        return;
+    }
+    let dir = private_dir("publisher");
+    let mesh = open(&dir).await;
+    let mut feed = mesh.publisher("feed").unwrap();
+    assert_eq!(feed.topic().as_str(), "feed");
+    assert_eq!(feed.publish(b"nobody").await.unwrap(), 0);
+    let payload = |m: commy_mesh::Message| m.into_payload();
+    let mut a = mesh.subscribe("feed").await.unwrap();
+    mesh.wait_for_subscribers("feed", 1, SILENCE).await.unwrap();
+    assert_eq!(feed.publish(b"1").await.unwrap(), 1);
+    assert_eq!(payload(a.next().await.unwrap()), &b"1"[..]);
+    // A queue group member: one copy per message for the group.
+    let mut worker = mesh.subscribe_group("feed", "workers").await.unwrap();
+    mesh.wait_for_subscribers("feed", 2, SILENCE).await.unwrap();
+    assert_eq!(feed.publish_many(&[b"2", b"3"]).await.unwrap(), 4);
+    for want in [b"2", b"3"] {
+        assert_eq!(payload(a.next().await.unwrap()), &want[..]);
+        assert_eq!(payload(worker.next().await.unwrap()), &want[..]);
+    }
+    // A subscriber that comes after the publisher found its links.
+    let mut b = mesh.subscribe("feed").await.unwrap();
+    mesh.wait_for_subscribers("feed", 3, SILENCE).await.unwrap();
+    assert_eq!(feed.publish(vec![4u8]).await.unwrap(), 3);
+    assert_eq!(payload(a.next().await.unwrap()), &[4u8][..]);
+    assert_eq!(payload(b.next().await.unwrap()), &[4u8][..]);
+    assert_eq!(payload(worker.next().await.unwrap()), &[4u8][..]);
+    // One that leaves is no longer counted.
+    drop(a);
+    let gone = tokio::time::timeout(SILENCE, async {
+        loop {
+            if feed.publish(b"probe").await.unwrap() == 2 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    gone.await
+        .expect("the publisher still counts a subscriber that left");
+    // A clone publishes on the same topic with links of its own.
+    let mut other = feed.clone();
+    assert_eq!(other.publish(b"5").await.unwrap(), 2);
+    for sub in [&mut b, &mut worker] {
+        loop {
+            let m = payload(sub.next().await.unwrap());
+            if m != b"probe"[..] {
+                assert_eq!(m, &b"5"[..]);
+                break;
+            }
+        }
+    }
+    let e = mesh.publisher("bad topic").unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    mesh.close().await;
+    let e = feed.publish(b"late").await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+}
