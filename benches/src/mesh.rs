@@ -98,19 +98,36 @@ pub(crate) const PUBSUB_ECHO: Fns = Fns {
     child: echo_child,
 };
 
-/// Publish throughput to one subscriber.
+/// Publish throughput to one subscriber, through a [`Publisher`](commy_mesh::Publisher).
 pub(crate) const PUBSUB_1: Fns = Fns {
     setup,
-    parent: |c| tp_parent(c, 1),
+    parent: |c| tp_parent(c, 1, Via::Publisher),
     child: |c| tp_child(c, 1),
 };
 
-/// Publish throughput to four subscribers.
+/// Publish throughput to four subscribers, through a [`Publisher`](commy_mesh::Publisher).
 pub(crate) const PUBSUB_4: Fns = Fns {
     setup,
-    parent: |c| tp_parent(c, 4),
+    parent: |c| tp_parent(c, 4, Via::Publisher),
     child: |c| tp_child(c, 4),
 };
+
+/// Publish throughput to one subscriber, naming the topic on each
+/// `mesh.publish`.
+pub(crate) const PUBSUB_1_BY_NAME: Fns = Fns {
+    setup,
+    parent: |c| tp_parent(c, 1, Via::Name),
+    child: |c| tp_child(c, 1),
+};
+
+/// How the throughput scenarios publish.
+#[derive(Clone, Copy)]
+enum Via {
+    /// A [`Publisher`](commy_mesh::Publisher) of the topic, made once.
+    Publisher,
+    /// `mesh.publish` / `mesh.publish_many` with the topic's name.
+    Name,
+}
 
 const STREAM: &str = "bench/stream";
 const PING: &str = "bench/ping";
@@ -492,19 +509,22 @@ async fn ack(acks: &mut commy_mesh::Subscription) -> Result<(), BenchError> {
 /// per message, or `batch` messages per `publish_many` when above 1.
 async fn publish(
     mesh: &Mesh,
+    via: Via,
     msg: &Bytes,
     count: u64,
     subs: usize,
     batch: u64,
 ) -> Result<(), BenchError> {
     let burst: Vec<Bytes> = (0..batch.max(1)).map(|_| msg.clone()).collect();
+    let mut publisher = mesh.publisher(STREAM).map_err(mesh_err("publisher"))?;
     let mut left = count;
     while left > 0 {
         let n = left.min(burst.len() as u64) as usize;
-        let delivered = if batch > 1 {
-            mesh.publish_many(STREAM, &burst[..n]).await
-        } else {
-            mesh.publish(STREAM, msg.clone()).await
+        let delivered = match (via, batch > 1) {
+            (Via::Publisher, true) => publisher.publish_many(&burst[..n]).await,
+            (Via::Publisher, false) => publisher.publish(&msg[..]).await,
+            (Via::Name, true) => mesh.publish_many(STREAM, &burst[..n]).await,
+            (Via::Name, false) => mesh.publish(STREAM, msg.clone()).await,
         }
         .map_err(mesh_err("publish"))?;
         if delivered != subs * n {
@@ -518,16 +538,16 @@ async fn publish(
     Ok(())
 }
 
-fn tp_parent(ctx: &mut ParentCtx<'_>, subs: usize) -> Result<Measurement, BenchError> {
+fn tp_parent(ctx: &mut ParentCtx<'_>, subs: usize, via: Via) -> Result<Measurement, BenchError> {
     let p = ctx.params;
     runtime()?.block_on(async {
         let mesh = open(std::process::id()).await?;
         let mut acks = mesh.subscribe(ACK).await.map_err(mesh_err("subscribe"))?;
         let msg = Bytes::from(vec![0xA5u8; p.size]);
-        publish(&mesh, &msg, p.warmup, subs, p.batch).await?;
+        publish(&mesh, via, &msg, p.warmup, subs, p.batch).await?;
         ack(&mut acks).await?;
         let t = Instant::now();
-        publish(&mesh, &msg, p.iterations, subs, p.batch).await?;
+        publish(&mesh, via, &msg, p.iterations, subs, p.batch).await?;
         ack(&mut acks).await?;
         let elapsed = t.elapsed();
         mesh.close().await;

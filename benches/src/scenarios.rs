@@ -23,6 +23,9 @@ pub(crate) const MESH_DEADLINE: &str = "mesh-deadline-3ms";
 pub(crate) const PUBSUB_1: &str = "pubsub-1sub";
 /// See [`PUBSUB_1`].
 pub(crate) const PUBSUB_4: &str = "pubsub-4sub";
+/// Transport name of the mesh's pub/sub with 1 subscriber, the topic named
+/// on each `mesh.publish` (the others publish through a `Publisher`).
+pub(crate) const PUBSUB_1_BY_NAME: &str = "pubsub-1sub-byname";
 /// Transport name of the pub/sub echo round trip (publish, and the peer
 /// publishes the message back).
 pub(crate) const PUBSUB_ECHO: &str = "pubsub-echo";
@@ -181,6 +184,15 @@ pub(crate) fn scenarios() -> Vec<Scenario> {
         Scenario::new(PUBSUB_4, Kind::Throughput, 64, mesh::PUBSUB_4)
             .wait(Wait::Default)
             .in_demo(),
+    );
+    all.push(
+        Scenario::new(
+            PUBSUB_1_BY_NAME,
+            Kind::Throughput,
+            64,
+            mesh::PUBSUB_1_BY_NAME,
+        )
+        .wait(Wait::Default),
     );
     // The same with `publish_many`, 32 messages at a time.
     for (transport, fns) in [(PUBSUB_1, mesh::PUBSUB_1), (PUBSUB_4, mesh::PUBSUB_4)] {
