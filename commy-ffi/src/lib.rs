@@ -15,6 +15,7 @@
 //!   [`Reply`] is answered now or later, from any thread, and tells the
 //!   handler when the caller gives up ([`Reply::on_cancel`]).
 //!   [`FfiRequest::caller`] says who sent the request ([`FfiCaller`]).
+//! - [`FfiPublisher`]: `publish` / `publish_many` on one topic.
 //! - [`FfiSubscription`]: `next` / `close` (which ends a waiting `next`).
 //! - [`FfiRegion`]: a shared region, with a descriptor and data offset for
 //!   zero-copy mappings on the binding's side.
@@ -54,7 +55,9 @@ mod subscription;
 
 pub use caller::FfiCaller;
 pub use error::{FfiError, error_code_names};
-pub use mesh::{FfiMesh, FfiRequest, FfiService, MeshOptions, Reply, SubscribeParams};
+pub use mesh::{
+    FfiMesh, FfiPublisher, FfiRequest, FfiService, MeshOptions, Reply, SubscribeParams,
+};
 pub use region::{FfiRegion, OpenPolicy, RegionOptions};
 pub use runtime::{CHECK_INTERVAL, FfiTask, LocalTask, block_on, run_inline, runtime, spawn_with};
 pub use subscription::{FfiMessage, FfiSubscription};

@@ -52,8 +52,8 @@ use commy_mesh::embed::{AnswerDriver, AnswerSink, DrivenLink, ThreadHook};
 use commy_mesh::service::ServiceName;
 use commy_mesh::settings::Layer;
 use commy_mesh::{
-    CallOptions, Deadline, LinkConfig, Mesh, Request, Responder, Response, ServiceHandle, Status,
-    WaitStrategy,
+    CallOptions, Deadline, LinkConfig, Mesh, Publisher, Request, Responder, Response,
+    ServiceHandle, Status, WaitStrategy,
 };
 
 use crate::caller::FfiCaller;
@@ -382,6 +382,16 @@ impl FfiMesh {
                 .await
                 .map_err(FfiError::from)
         }
+    }
+
+    /// A publisher of `topic` (see [`Mesh::publisher`]): its subscribers'
+    /// links are found once, not on every publish.
+    pub fn publisher(&self, topic: &str) -> Result<FfiPublisher, FfiError> {
+        let publisher = self.mesh.publisher(topic).map_err(FfiError::from)?;
+        Ok(FfiPublisher {
+            topic: publisher.topic().as_str().to_owned(),
+            publisher: Arc::new(tokio::sync::Mutex::new(publisher)),
+        })
     }
 
     /// Messages this handle published on `topic` that subscribers on this
@@ -729,6 +739,55 @@ impl FfiService {
             if let Some(h) = handle {
                 h.shutdown().await;
             }
+        }
+    }
+}
+
+/// A publisher of one topic ([`FfiMesh::publisher`]), shareable between
+/// the binding's threads and tasks: their publishes take turns, each in
+/// order.
+#[derive(Clone)]
+pub struct FfiPublisher {
+    topic: String,
+    publisher: Arc<tokio::sync::Mutex<Publisher>>,
+}
+
+impl FfiPublisher {
+    /// The topic it publishes on.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Publishes `payload`; resolves to the number of deliveries.
+    pub fn publish(
+        &self,
+        payload: Bytes,
+    ) -> impl Future<Output = Result<usize, FfiError>> + Send + 'static {
+        let publisher = self.publisher.clone();
+        async move {
+            publisher
+                .lock()
+                .await
+                .publish(&payload)
+                .await
+                .map_err(FfiError::from)
+        }
+    }
+
+    /// Publishes each of `payloads` in order, written back to back;
+    /// resolves to the number of deliveries, summed over them.
+    pub fn publish_many(
+        &self,
+        payloads: Vec<Bytes>,
+    ) -> impl Future<Output = Result<usize, FfiError>> + Send + 'static {
+        let publisher = self.publisher.clone();
+        async move {
+            publisher
+                .lock()
+                .await
+                .publish_many(&payloads)
+                .await
+                .map_err(FfiError::from)
         }
     }
 }

@@ -212,6 +212,52 @@ fn closing_a_subscription_ends_a_waiting_next() {
 }
 
 #[test]
+fn a_publisher_is_shared_by_threads_each_in_order() {
+    let mesh = open("publisher");
+    let sub = mesh.subscribe("ticks", None).unwrap();
+    let publisher = mesh.publisher("ticks").unwrap();
+    assert_eq!(publisher.topic(), "ticks");
+    let deadline = Instant::now() + LONG;
+    while wait(publisher.publish(Bytes::from_static(b"probe"))).unwrap() != 1 {
+        assert!(Instant::now() < deadline, "the subscriber is not seen");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Two threads publish through clones of one publisher: every message
+    // arrives once, each thread's in its order.
+    let threads: Vec<_> = (0..2u8)
+        .map(|t| {
+            let publisher = publisher.clone();
+            std::thread::spawn(move || {
+                for i in 0..100u8 {
+                    let burst = vec![Bytes::from(vec![t, i]), Bytes::from(vec![t, i])];
+                    assert_eq!(wait(publisher.publish_many(burst)).unwrap(), 2);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let mut next = [0u8; 2];
+    let mut got = 0;
+    while got < 400 {
+        let m = wait(sub.next()).unwrap();
+        if m.payload() == &b"probe"[..] {
+            continue;
+        }
+        let (t, i) = (m.payload()[0] as usize, m.payload()[1]);
+        assert_eq!(i, next[t] / 2, "thread {t}'s messages out of order");
+        next[t] += 1;
+        got += 1;
+    }
+    let e = match mesh.publisher("bad topic") {
+        Err(e) => e,
+        Ok(_) => panic!("a bad topic was taken"),
+    };
+    assert_eq!(e.code(), commy_mesh::Code::InvalidArgument);
+}
+
+#[test]
 fn queue_groups_deliver_each_message_once() {
     let mesh = open("groups");
     let a = mesh.subscribe("jobs", Some("workers")).unwrap();
