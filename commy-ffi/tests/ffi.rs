@@ -214,9 +214,15 @@ fn closing_a_subscription_ends_a_waiting_next() {
 #[test]
 fn a_publisher_is_shared_by_threads_each_in_order() {
     let mesh = open("publisher");
-    let sub = mesh.subscribe("ticks", None).unwrap();
+    // Made on a thread outside the runtime, before anyone subscribes: it
+    // still sees subscribers come.
     let publisher = mesh.publisher("ticks").unwrap();
     assert_eq!(publisher.topic(), "ticks");
+    assert_eq!(
+        wait(publisher.publish(Bytes::from_static(b"x"))).unwrap(),
+        0
+    );
+    let sub = mesh.subscribe("ticks", None).unwrap();
     let deadline = Instant::now() + LONG;
     while wait(publisher.publish(Bytes::from_static(b"probe"))).unwrap() != 1 {
         assert!(Instant::now() < deadline, "the subscriber is not seen");

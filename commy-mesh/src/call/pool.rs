@@ -761,7 +761,13 @@ enum Chosen {
 fn spawn_watch(runtime: &tokio::runtime::Handle, pool: &Arc<Pool>, i: usize) {
     let weak = Arc::downgrade(pool);
     let source = &pool.sources[i];
-    let watch = source.watch(&pool.service);
+    // A pool may be made outside the runtime (`Mesh::publisher` is not
+    // async): a watch registers with the runtime's reactor, so it is made
+    // inside.
+    let watch = {
+        let _inside = runtime.enter();
+        source.watch(&pool.service)
+    };
     let (service, name) = (pool.service.clone(), source.name());
     let task = runtime.spawn(async move {
         let mut watch = match watch {
