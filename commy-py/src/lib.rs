@@ -13,6 +13,7 @@ mod caller;
 mod convert;
 mod errors;
 mod mesh;
+mod publisher;
 mod region;
 mod subscription;
 
@@ -27,6 +28,8 @@ mod _commy {
     use crate::caller::{Caller, HandlerContext};
     #[pymodule_export]
     use crate::mesh::{RawMesh, RawReply, RawService, RawTask};
+    #[pymodule_export]
+    use crate::publisher::RawPublisher;
     #[pymodule_export]
     use crate::region::RawRegion;
     #[pymodule_export]

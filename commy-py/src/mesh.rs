@@ -14,6 +14,7 @@ use crate::aio::{self, Outcome, RawQueue};
 use crate::caller::HandlerContext;
 use crate::convert::{payload, payloads, seconds, settings_layer, wait, with_python};
 use crate::errors;
+use crate::publisher::RawPublisher;
 use crate::region::RawRegion;
 use crate::subscription::RawSubscription;
 
@@ -90,6 +91,14 @@ impl RawMesh {
     ) -> PyResult<usize> {
         let data = payloads(data, "data")?;
         wait(py, self.mesh.publish_many(topic, data))
+    }
+
+    /// A publisher of `topic`.
+    fn publisher(&self, py: Python<'_>, topic: &str) -> PyResult<RawPublisher> {
+        self.mesh
+            .publisher(topic)
+            .map(RawPublisher::new)
+            .map_err(|e| errors::to_py(py, &e))
     }
 
     /// Messages published here on `topic` that subscribers on this host

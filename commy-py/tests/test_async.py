@@ -275,6 +275,27 @@ def test_async_publish_many(runtime_dir: str) -> None:
     run(main)
 
 
+def test_async_publisher(runtime_dir: str) -> None:
+    async def main() -> None:
+        async with commy.AsyncMesh() as mesh:
+            feed = mesh.publisher("feed")
+            assert feed.topic == "feed"
+            sub = mesh.subscribe("feed")
+            assert await mesh.wait_for_subscribers("feed", 1, timeout=LONG) == 1
+            assert await feed.publish(b"first") == 1
+            assert await feed.publish_many([b"f%d" % i for i in range(20)]) == 20
+            got = []
+            for _ in range(21):
+                msg = await sub.next()
+                assert msg is not None
+                got.append(msg.data)
+            assert got == [b"first"] + [b"f%d" % i for i in range(20)]
+            with pytest.raises(commy.InvalidArgument):
+                mesh.publisher("bad topic")
+
+    run(main)
+
+
 def test_async_next_batch_and_slow_policies(runtime_dir: str) -> None:
     async def main() -> None:
         async with commy.AsyncMesh() as mesh:

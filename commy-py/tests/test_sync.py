@@ -413,6 +413,36 @@ def test_publish_many_keeps_order_and_names_a_bad_item(mesh: commy.Mesh) -> None
     assert sub.try_next() is None
 
 
+def test_a_publisher_publishes_on_its_topic_from_several_threads(mesh: commy.Mesh) -> None:
+    ticks = mesh.publisher("ticks")
+    assert ticks.topic == "ticks" and "ticks" in repr(ticks)
+    assert ticks.publish(b"nobody") == 0
+    sub = mesh.subscribe("ticks")
+    assert mesh.wait_for_subscribers("ticks", 1, timeout=LONG) == 1
+    assert ticks.publish(bytearray(b"1")) == 1
+    assert ticks.publish_many([b"2", memoryview(b"3")]) == 2
+
+    def stream(tag: bytes) -> None:
+        for i in range(200):
+            assert ticks.publish(tag + b"%d" % i) == 1
+
+    threads = [threading.Thread(target=stream, args=(tag,)) for tag in (b"a", b"b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    got = [m.data for m in sub.next_batch(3, timeout=LONG)]
+    while len(got) < 403:
+        got.extend(m.data for m in sub.next_batch(64, timeout=LONG))
+    assert got[:3] == [b"1", b"2", b"3"]
+    for tag in (b"a", b"b"):
+        assert [d for d in got[3:] if d[:1] == tag] == [tag + b"%d" % i for i in range(200)]
+    with pytest.raises(TypeError, match="must be bytes-like"):
+        ticks.publish("text")  # type: ignore[arg-type]
+    with pytest.raises(commy.InvalidArgument):
+        mesh.publisher("bad topic")
+
+
 def test_slow_subscriber_policies_count_on_both_sides(mesh: commy.Mesh) -> None:
     dropping = mesh.subscribe("slow", queue=8, policy="drop-oldest")
     ending = mesh.subscribe("slow", queue=4, policy="disconnect")
