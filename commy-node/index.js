@@ -85,6 +85,15 @@ function toBuffers(payloads) {
   return Array.from(payloads, (p, i) => toBuffer(p, `payload ${i}`))
 }
 
+// A burst as the native side takes it: the byte view of a uint32 array of
+// the messages' lengths, and the messages one after another.
+function packPayloads(payloads) {
+  const bufs = toBuffers(payloads)
+  const lengths = new Uint32Array(bufs.length)
+  for (let i = 0; i < bufs.length; i++) lengths[i] = bufs[i].length
+  return [Buffer.from(lengths.buffer), Buffer.concat(bufs)]
+}
+
 function toBuffer(value, what) {
   if (Buffer.isBuffer(value)) return value
   if (typeof value === 'string') return Buffer.from(value)
@@ -405,14 +414,11 @@ class Mesh {
   publishMany(topic, payloads) {
     try {
       checkName(topic, 'the topic')
-      const bufs = toBuffers(payloads)
-      const lengths = new Uint32Array(bufs.length)
-      for (let i = 0; i < bufs.length; i++) lengths[i] = bufs[i].length
-      const data = Buffer.concat(bufs)
+      const [lengths, data] = packPayloads(payloads)
       this._checkOpen()
       this._flushCalls()
       return new Promise((resolve, reject) => {
-        this._native.publishMany(this._begin(resolve, reject), topic, Buffer.from(lengths.buffer), data)
+        this._native.publishMany(this._begin(resolve, reject), topic, lengths, data)
       })
     } catch (e) {
       return Promise.reject(e)

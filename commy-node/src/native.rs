@@ -373,18 +373,9 @@ impl NativeMesh {
         F: std::future::Future<Output = std::result::Result<T, FfiError>> + Send + 'static,
         T: Send + 'static,
     {
-        let bridge = self.bridge.clone();
         match self.mesh() {
-            Ok(m) => {
-                let done = move |r: std::result::Result<T, FfiError>| {
-                    bridge.push(match r {
-                        Ok(v) => to_event(v),
-                        Err(e) => failed(id, &e),
-                    });
-                };
-                run_inline(op(m), done);
-            }
-            Err(e) => bridge.push(failed(id, &e)),
+            Ok(m) => finish_on(self.bridge.clone(), id, op(m), to_event),
+            Err(e) => self.bridge.push(failed(id, &e)),
         }
     }
 
@@ -585,10 +576,7 @@ impl NativeMesh {
         self.start(
             id,
             |m| async move { m.publish(&topic, payload).await },
-            move |n| Event::Done {
-                id,
-                value: Some(u32::try_from(n).unwrap_or(u32::MAX)),
-            },
+            deliveries(id),
         );
     }
 
@@ -605,28 +593,11 @@ impl NativeMesh {
         lengths: BufferSlice,
         data: BufferSlice,
     ) -> Result<()> {
-        let mut payloads = Vec::with_capacity(lengths.len() / 4);
-        let mut at = 0usize;
-        for len in lengths.chunks(4) {
-            let len = <[u8; 4]>::try_from(len)
-                .map_err(|_| invalid("the message lengths are not a uint32 array"))?;
-            let end = at
-                .checked_add(u32::from_ne_bytes(len) as usize)
-                .filter(|end| *end <= data.len())
-                .ok_or_else(|| invalid("the message lengths exceed their data"))?;
-            payloads.push(Bytes::copy_from_slice(&data[at..end]));
-            at = end;
-        }
-        if at != data.len() {
-            return Err(invalid("the message lengths do not cover their data"));
-        }
+        let payloads = split_payloads(&lengths, &data)?;
         self.start(
             id,
             |m| async move { m.publish_many(&topic, payloads).await },
-            move |n| Event::Done {
-                id,
-                value: Some(u32::try_from(n).unwrap_or(u32::MAX)),
-            },
+            deliveries(id),
         );
         Ok(())
     }
@@ -1112,6 +1083,56 @@ fn append(data: &mut Vec<u8>, b: &[u8]) -> (u32, u32) {
     let at = u32::try_from(data.len()).unwrap_or(u32::MAX);
     data.extend_from_slice(b);
     (at, u32::try_from(b.len()).unwrap_or(u32::MAX))
+}
+
+/// Runs `op` (from this thread, see `run_inline`) and pushes what it
+/// comes to onto `bridge` as operation `id`'s outcome.
+fn finish_on<F, T>(
+    bridge: Arc<Bridge>,
+    id: u32,
+    op: F,
+    to_event: impl FnOnce(T) -> Event + Send + 'static,
+) where
+    F: std::future::Future<Output = std::result::Result<T, FfiError>> + Send + 'static,
+    T: Send + 'static,
+{
+    let done = move |r: std::result::Result<T, FfiError>| {
+        bridge.push(match r {
+            Ok(v) => to_event(v),
+            Err(e) => failed(id, &e),
+        });
+    };
+    run_inline(op, done);
+}
+
+/// The outcome of publishing operation `id`: its number of deliveries.
+fn deliveries(id: u32) -> impl FnOnce(usize) -> Event + Send + 'static {
+    move |n| Event::Done {
+        id,
+        value: Some(u32::try_from(n).unwrap_or(u32::MAX)),
+    }
+}
+
+/// The messages of a burst as JS packs them: `lengths` is a byte view of
+/// a uint32 array of their lengths and `data` the messages one after
+/// another. Lengths that do not add up to `data` are refused.
+fn split_payloads(lengths: &[u8], data: &[u8]) -> Result<Vec<Bytes>> {
+    let mut payloads = Vec::with_capacity(lengths.len() / 4);
+    let mut at = 0usize;
+    for len in lengths.chunks(4) {
+        let len = <[u8; 4]>::try_from(len)
+            .map_err(|_| invalid("the message lengths are not a uint32 array"))?;
+        let end = at
+            .checked_add(u32::from_ne_bytes(len) as usize)
+            .filter(|end| *end <= data.len())
+            .ok_or_else(|| invalid("the message lengths exceed their data"))?;
+        payloads.push(Bytes::copy_from_slice(&data[at..end]));
+        at = end;
+    }
+    if at != data.len() {
+        return Err(invalid("the message lengths do not cover their data"));
+    }
+    Ok(payloads)
 }
 
 /// A shared region opened through [`NativeMesh::region`].
