@@ -836,5 +836,6 @@ function __napiStampBindingTarget(exportsObject, target) {
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
 module.exports.NativeMesh = nativeBinding.NativeMesh
+module.exports.NativePublisher = nativeBinding.NativePublisher
 module.exports.NativeRegion = nativeBinding.NativeRegion
 module.exports.meshOptionNames = nativeBinding.meshOptionNames

@@ -1,5 +1,16 @@
 // ESM entry point of @commy/node: the same API as the CommonJS one.
 import commy from './index.js'
 
-export const { Mesh, Service, Subscription, Region, CommyError, codes, NativeMesh, NativeRegion } = commy
+export const {
+  Mesh,
+  Service,
+  Subscription,
+  Publisher,
+  Region,
+  CommyError,
+  codes,
+  NativeMesh,
+  NativePublisher,
+  NativeRegion,
+} = commy
 export default commy

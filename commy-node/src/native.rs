@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use commy_ffi::{
-    AnswerDriver, FfiCaller, FfiError, FfiMesh, FfiRegion, FfiService, FfiSubscription, KEYS,
-    KeyKind, Layer, MeshOptions, OpenPolicy, PolledRequest, RegionOptions, Reply, SettingValue,
-    SubscribeParams, key_kind, run_inline, runtime, spawn_with,
+    AnswerDriver, FfiCaller, FfiError, FfiMesh, FfiPublisher, FfiRegion, FfiService,
+    FfiSubscription, KEYS, KeyKind, Layer, MeshOptions, OpenPolicy, PolledRequest, RegionOptions,
+    Reply, SettingValue, SubscribeParams, key_kind, run_inline, runtime, spawn_with,
 };
 use napi::bindgen_prelude::{BufferSlice, Function};
 use napi::{Env, Result};
@@ -812,6 +812,18 @@ impl NativeMesh {
         Some(reason.to_string())
     }
 
+    /// A publisher of `topic`: its operations finish through this mesh
+    /// handle's events.
+    #[napi]
+    pub fn publisher(&self, topic: String) -> Result<NativePublisher> {
+        let mesh = self.mesh().map_err(|e| ffi_error(&e))?;
+        let publisher = mesh.publisher(&topic).map_err(|e| ffi_error(&e))?;
+        Ok(NativePublisher {
+            publisher,
+            bridge: self.bridge.clone(),
+        })
+    }
+
     /// Messages published here on `topic` that subscribers on this host
     /// discarded unread (drop-oldest).
     #[napi]
@@ -1133,6 +1145,41 @@ fn split_payloads(lengths: &[u8], data: &[u8]) -> Result<Vec<Bytes>> {
         return Err(invalid("the message lengths do not cover their data"));
     }
     Ok(payloads)
+}
+
+/// A publisher of one topic, made by [`NativeMesh::publisher`].
+#[napi]
+pub struct NativePublisher {
+    publisher: FfiPublisher,
+    bridge: Arc<Bridge>,
+}
+
+#[napi]
+impl NativePublisher {
+    /// The topic it publishes on.
+    #[napi(getter)]
+    pub fn topic(&self) -> String {
+        self.publisher.topic().to_owned()
+    }
+
+    /// Publishes `payload`; operation `id` (of the mesh handle that made
+    /// this publisher) finishes with the number of deliveries.
+    #[napi]
+    pub fn publish(&self, id: u32, payload: BufferSlice) {
+        let payload = Bytes::copy_from_slice(&payload);
+        let publish = self.publisher.publish(payload);
+        finish_on(self.bridge.clone(), id, publish, deliveries(id));
+    }
+
+    /// Publishes a burst packed as [`NativeMesh::publish_many`] takes it;
+    /// operation `id` finishes with the number of deliveries.
+    #[napi]
+    pub fn publish_many(&self, id: u32, lengths: BufferSlice, data: BufferSlice) -> Result<()> {
+        let payloads = split_payloads(&lengths, &data)?;
+        let publish = self.publisher.publish_many(payloads);
+        finish_on(self.bridge.clone(), id, publish, deliveries(id));
+        Ok(())
+    }
 }
 
 /// A shared region opened through [`NativeMesh::region`].

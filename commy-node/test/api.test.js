@@ -4,7 +4,7 @@
 const test = require('node:test')
 const assert = require('node:assert/strict')
 
-const { Mesh, CommyError, codes } = require('..')
+const { Mesh, Publisher, CommyError, codes } = require('..')
 const { runtimeDir } = require('../support/helpers')
 
 async function withMesh(fn) {
@@ -442,6 +442,32 @@ test('publishMany publishes a burst in order and names a bad payload', () =>
       if (got.length === 103) break
     }
     assert.deepEqual(got, ['a', 'b', 'c', ...more])
+  }))
+
+test('a publisher publishes on its topic, in order, and refuses bad input', () =>
+  withMesh(async (mesh) => {
+    const ticks = mesh.publisher('ticks')
+    assert.ok(ticks instanceof Publisher)
+    assert.equal(ticks.topic, 'ticks')
+    assert.equal(await ticks.publish('nobody'), 0)
+    const sub = await mesh.subscribe('ticks')
+    assert.equal(await mesh.waitForSubscribers('ticks', 1), 1)
+    // Publishes started in one turn keep their order.
+    const sent = Array.from({ length: 200 }, (_, i) => `t${i}`)
+    const counts = await Promise.all(sent.map((m) => ticks.publish(m)))
+    assert.deepEqual(counts, sent.map(() => 1))
+    assert.equal(await ticks.publishMany(['x', Buffer.from('y'), new Uint8Array([122])]), 3)
+    await assert.rejects(ticks.publish(42), /the payload must be a Buffer/)
+    await assert.rejects(ticks.publishMany(['x', 42]), /payload 1 must be a Buffer/)
+    assert.throws(() => mesh.publisher('bad topic'), (e) => e instanceof CommyError && e.code === 'INVALID_ARGUMENT')
+    const got = []
+    for await (const msg of sub) {
+      got.push(msg.toString())
+      if (got.length === 203) break
+    }
+    assert.deepEqual(got, [...sent, 'x', 'y', 'z'])
+    await mesh.close()
+    await rejectsWith(ticks.publish('late'), 'FAILED_PRECONDITION', /closed/)
   }))
 
 test('slow-subscriber policies count their losses on both sides', () =>

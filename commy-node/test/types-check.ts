@@ -1,6 +1,6 @@
 // Compiled with `tsc --noEmit --strict` by the test step: the committed
 // index.d.ts must type the documented API.
-import { CommyError, Mesh, type Code, codes } from '@commy/node'
+import { CommyError, Mesh, Publisher, type Code, codes } from '@commy/node'
 
 async function main(): Promise<void> {
   const mesh: Mesh = await Mesh.open({ mesh: 'types', defaultTimeoutMs: 1000 })
@@ -15,6 +15,10 @@ async function main(): Promise<void> {
   const reply: Buffer = await mesh.call('echo', Buffer.from('hi'), { timeoutMs: 1000 })
   const n: number = await mesh.publish('t', 'x')
   const burst: number = await mesh.publishMany('t', ['x', Buffer.from('y'), new Uint8Array(1)])
+  const ticks: Publisher = mesh.publisher('t')
+  const topic: string = ticks.topic
+  const one: number = await ticks.publish(Buffer.from(topic))
+  const some: number = await ticks.publishMany(['x', new Uint8Array(1)])
   await mesh.send('echo', new Uint8Array([1]))
   const sub = await mesh.subscribe('t', { group: 'g' })
   for await (const msg of sub) {
