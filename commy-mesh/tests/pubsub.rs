@@ -1126,3 +1126,44 @@ async fn a_publisher_follows_subscribers_as_they_come_and_go() {
     let e = feed.publish(b"late").await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
 }
+
+/// A dense stream reaches a subscriber that lingers (the default) and one
+/// that never does, every message in order: the wait only gathers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dense_stream_arrives_whole_with_and_without_lingering() {
+    if as_child() {
+        return;
+    }
+    const N: u64 = 200_000;
+    let dir = private_dir("linger");
+    let mesh = open(&dir).await;
+    let mut readers = Vec::new();
+    for linger in [None, Some(Duration::ZERO), Some(Duration::from_micros(20))] {
+        let options = match linger {
+            Some(l) => SubscribeOptions::default().linger(l),
+            None => SubscribeOptions::default(),
+        };
+        let mut sub = mesh.subscribe_with("dense", None, options).await.unwrap();
+        readers.push(tokio::spawn(async move {
+            let mut next = 0u64;
+            while next < N {
+                sub.next_batch(256, |m| {
+                    let seq = u64::from_le_bytes(m.payload().try_into().unwrap());
+                    assert_eq!(seq, next, "linger {linger:?}: out of order");
+                    next += 1;
+                })
+                .await;
+            }
+        }));
+    }
+    mesh.wait_for_subscribers("dense", 3, SILENCE)
+        .await
+        .unwrap();
+    let mut publisher = mesh.publisher("dense").unwrap();
+    for i in 0..N {
+        assert_eq!(publisher.publish(i.to_le_bytes()).await.unwrap(), 3);
+    }
+    for r in readers {
+        r.await.unwrap();
+    }
+}

@@ -183,6 +183,72 @@ struct Rings {
     limits: Limits,
     /// When a read last found messages.
     last_found: Option<Instant>,
+    /// Whether waiting a moment after the first message pays.
+    coalesce: Coalesce,
+}
+
+/// Adaptive coalescing of a dense stream, as a network card moderates its
+/// interrupts: a subscriber that keeps up with a fast publisher reads each
+/// message right behind it, and the two cores then pass the ring's cache
+/// lines back and forth on every message, which costs the publisher more
+/// than the message itself. Once messages keep coming less than [`DENSE`]
+/// apart, the reader waits `linger` after it sees one before it takes it,
+/// and takes what came meanwhile with it. A wait that brought nothing
+/// more means the stream is not dense (a round trip, say): the reader
+/// then asks for twice as many dense reads before it waits again, so a
+/// request-reply exchange almost never waits.
+#[derive(Debug)]
+struct Coalesce {
+    /// How long to wait (zero: never).
+    linger: Duration,
+    /// Reads in a row that found messages less than [`DENSE`] apart.
+    dense: u32,
+    /// Dense reads in a row needed before waiting.
+    needed: u32,
+    /// Set when the reader waited before the next read.
+    lingered: bool,
+}
+
+/// Messages closer than this are a dense stream (see [`Coalesce`]).
+const DENSE: Duration = Duration::from_nanos(500);
+/// Dense reads in a row before the first wait, and the most ever asked.
+const DENSE_READS: (u32, u32) = (16, 1 << 14);
+
+impl Coalesce {
+    fn new(linger: Duration) -> Coalesce {
+        Coalesce {
+            linger,
+            dense: 0,
+            needed: DENSE_READS.0,
+            lingered: false,
+        }
+    }
+
+    /// Whether to wait before taking the message just seen.
+    fn should_linger(&mut self) -> bool {
+        self.lingered = !self.linger.is_zero() && self.dense >= self.needed;
+        self.lingered
+    }
+
+    /// Notes a read that found `found` messages `since` the last one that
+    /// found any.
+    fn read(&mut self, found: usize, since: Option<Duration>) {
+        if std::mem::take(&mut self.lingered) {
+            if found > 1 {
+                self.needed = DENSE_READS.0;
+            } else {
+                self.needed = (self.needed * 2).min(DENSE_READS.1);
+                self.dense = 0;
+                return;
+            }
+        }
+        let dense = since.is_some_and(|gap| gap < DENSE * found as u32);
+        self.dense = if dense {
+            self.dense.saturating_add(1)
+        } else {
+            0
+        };
+    }
 }
 
 /// Where a subscription's end is told apart from a publisher's cut: its
@@ -194,7 +260,12 @@ pub(crate) struct Ends<'a> {
 }
 
 impl Reader {
-    pub(crate) fn new(inbox: Arc<Inbox>, topic: TopicName, limits: Limits) -> Reader {
+    pub(crate) fn new(
+        inbox: Arc<Inbox>,
+        topic: TopicName,
+        limits: Limits,
+        linger: Duration,
+    ) -> Reader {
         Reader {
             rings: Rings {
                 inbox,
@@ -205,6 +276,7 @@ impl Reader {
                 topic,
                 limits,
                 last_found: None,
+                coalesce: Coalesce::new(linger),
             },
             batch: VecDeque::new(),
         }
@@ -328,6 +400,12 @@ impl Rings {
         while Instant::now() < until {
             for _ in 0..64 {
                 if self.links.iter().any(|l| l.has_data()) {
+                    if self.coalesce.should_linger() {
+                        let seen = Instant::now();
+                        while seen.elapsed() < self.coalesce.linger {
+                            std::hint::spin_loop();
+                        }
+                    }
                     return true;
                 }
                 std::hint::spin_loop();
@@ -404,8 +482,74 @@ impl Rings {
             self.links.retain(|l| !Arc::ptr_eq(l, link));
         }
         if found > 0 {
-            self.last_found = Some(Instant::now());
+            let now = Instant::now();
+            let since = self
+                .last_found
+                .map(|last| now.saturating_duration_since(last));
+            self.coalesce.read(found, since);
+            self.last_found = Some(now);
         }
         handed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const QUICK: Option<Duration> = Some(Duration::from_nanos(200));
+    const SLOW: Option<Duration> = Some(Duration::from_micros(2));
+
+    /// Reads `n` times, each finding `found` messages `since` the last.
+    fn reads(c: &mut Coalesce, n: u32, found: usize, since: Option<Duration>) {
+        for _ in 0..n {
+            c.read(found, since);
+        }
+    }
+
+    #[test]
+    fn a_dense_stream_lingers_and_keeps_lingering_while_it_pays() {
+        let mut c = Coalesce::new(Duration::from_micros(1));
+        reads(&mut c, DENSE_READS.0 - 1, 1, QUICK);
+        assert!(!c.should_linger(), "too early");
+        c.read(1, QUICK);
+        for _ in 0..100 {
+            assert!(c.should_linger());
+            // The wait gathered several messages, closer than DENSE each.
+            c.read(4, Some(Duration::from_nanos(1200)));
+        }
+    }
+
+    #[test]
+    fn a_wait_that_gathers_nothing_doubles_the_reads_asked_for() {
+        let mut c = Coalesce::new(Duration::from_micros(1));
+        let mut needed = DENSE_READS.0;
+        for _ in 0..20 {
+            reads(&mut c, needed, 1, QUICK);
+            assert!(c.should_linger());
+            c.read(1, SLOW);
+            assert!(!c.should_linger());
+            needed = (needed * 2).min(DENSE_READS.1);
+            assert_eq!(c.needed, needed);
+        }
+        assert_eq!(c.needed, DENSE_READS.1);
+        // A wait that pays brings the first count back.
+        reads(&mut c, needed, 1, QUICK);
+        assert!(c.should_linger());
+        c.read(3, QUICK);
+        assert_eq!(c.needed, DENSE_READS.0);
+    }
+
+    #[test]
+    fn sparse_messages_and_a_zero_linger_never_wait() {
+        let mut c = Coalesce::new(Duration::from_micros(1));
+        reads(&mut c, 1000, 1, SLOW);
+        assert!(!c.should_linger());
+        // A first read has no gap to judge by.
+        reads(&mut c, 1000, 1, None);
+        assert!(!c.should_linger());
+        let mut off = Coalesce::new(Duration::ZERO);
+        reads(&mut off, 1000, 1, QUICK);
+        assert!(!off.should_linger());
     }
 }
