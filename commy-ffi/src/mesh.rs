@@ -130,6 +130,10 @@ pub struct SubscribeParams {
     /// The slow-subscriber policy: `"block"` (the default),
     /// `"drop-oldest"` or `"disconnect"`.
     pub policy: Option<String>,
+    /// How long a subscriber of a dense stream waits to take more at once
+    /// (see `commy_mesh::SubscribeOptions::linger`; 1 µs unless set, at
+    /// most 100 µs, zero: never).
+    pub linger: Option<Duration>,
 }
 
 /// The longest queue a subscription may ask for (as on the wire,
@@ -155,6 +159,15 @@ impl SubscribeParams {
                 ))
             })?;
             options = options.policy(policy);
+        }
+        if let Some(linger) = self.linger {
+            let max = commy_mesh::SubscribeOptions::MAX_LINGER;
+            if linger > max {
+                return Err(FfiError::invalid_argument(format!(
+                    "the linger must be at most {max:?}, not {linger:?}"
+                )));
+            }
+            options = options.linger(linger);
         }
         Ok(options)
     }
