@@ -326,8 +326,9 @@ impl RawMesh {
     }
 
     /// Subscribes to `topic` (as a member of queue `group` if given), with
-    /// a queue of `queue` messages and the slow-subscriber `policy` by name.
-    #[pyo3(signature = (topic, group=None, queue=None, policy=None))]
+    /// a queue of `queue` messages, the slow-subscriber `policy` by name,
+    /// and a dense stream's `linger` in seconds.
+    #[pyo3(signature = (topic, group=None, queue=None, policy=None, linger=None))]
     fn subscribe(
         &self,
         py: Python<'_>,
@@ -335,11 +336,13 @@ impl RawMesh {
         group: Option<&str>,
         queue: Option<u64>,
         policy: Option<&str>,
+        linger: Option<f64>,
     ) -> PyResult<RawSubscription> {
         let mut params = SubscribeParams::default();
         params.group = group.map(str::to_owned);
         params.queue = queue;
         params.policy = policy.map(str::to_owned);
+        params.linger = seconds(py, linger, "linger")?;
         py.detach(|| self.mesh.subscribe_with(topic, &params))
             .map(RawSubscription::new)
             .map_err(|e| errors::to_py(py, &e))

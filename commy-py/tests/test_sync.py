@@ -417,7 +417,7 @@ def test_a_publisher_publishes_on_its_topic_from_several_threads(mesh: commy.Mes
     ticks = mesh.publisher("ticks")
     assert ticks.topic == "ticks" and "ticks" in repr(ticks)
     assert ticks.publish(b"nobody") == 0
-    sub = mesh.subscribe("ticks")
+    sub = mesh.subscribe("ticks", linger=0.0)
     assert mesh.wait_for_subscribers("ticks", 1, timeout=LONG) == 1
     assert ticks.publish(bytearray(b"1")) == 1
     assert ticks.publish_many([b"2", memoryview(b"3")]) == 2
@@ -479,6 +479,10 @@ def test_slow_subscriber_policies_count_on_both_sides(mesh: commy.Mesh) -> None:
         mesh.subscribe("slow", policy="fast")  # type: ignore[arg-type]
     with pytest.raises(commy.InvalidArgument, match="1 to 1048576 messages, not 0"):
         mesh.subscribe("slow", queue=0)
+    with pytest.raises(commy.InvalidArgument, match="linger must be at most 100"):
+        mesh.subscribe("slow", linger=0.5)
+    with pytest.raises(commy.InvalidArgument, match="linger must be a finite number"):
+        mesh.subscribe("slow", linger=-1.0)
     with pytest.raises(commy.InvalidArgument, match="invalid topic"):
         mesh.dropped_by_subscribers("bad topic")
 

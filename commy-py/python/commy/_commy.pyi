@@ -128,6 +128,7 @@ class RawMesh:
         group: Optional[str] = None,
         queue: Optional[int] = None,
         policy: Optional[str] = None,
+        linger: Optional[float] = None,
     ) -> RawSubscription: ...
     def region(
         self,
