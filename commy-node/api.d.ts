@@ -89,6 +89,15 @@ export interface SubscribeOptions {
    * `'disconnect'` ends the subscription once `queue` messages wait.
    */
   policy?: SlowPolicy
+  /**
+   * How long a `'block'` subscriber that keeps up with a dense stream
+   * (messages less than half a microsecond apart) waits after it sees a
+   * message, to take what comes meanwhile with it, in microseconds (1
+   * unless set, at most 100, 0: never): reading right behind a fast
+   * publisher slows the publisher more than the wait costs. Request-reply
+   * traffic and sparse streams never wait.
+   */
+  lingerUs?: number
 }
 
 /** Options of `mesh.region`. */

@@ -89,6 +89,15 @@ export interface SubscribeOptions {
    * `'disconnect'` ends the subscription once `queue` messages wait.
    */
   policy?: SlowPolicy
+  /**
+   * How long a `'block'` subscriber that keeps up with a dense stream
+   * (messages less than half a microsecond apart) waits after it sees a
+   * message, to take what comes meanwhile with it, in microseconds (1
+   * unless set, at most 100, 0: never): reading right behind a fast
+   * publisher slows the publisher more than the wait costs. Request-reply
+   * traffic and sparse streams never wait.
+   */
+  lingerUs?: number
 }
 
 /** Options of `mesh.region`. */
@@ -374,11 +383,12 @@ export declare class NativeMesh {
   replyError(token: number, code: string, message: string): void
   /**
    * Subscribes to `topic` (as a member of queue group `group` if given,
-   * with a queue of `queue` messages and the slow-subscriber `policy` by
-   * name) as subscription number `sub` (chosen by the JS layer; its
-   * messages carry it). Returns once the subscription is announced.
+   * with a queue of `queue` messages, the slow-subscriber `policy` by
+   * name and a dense stream's linger in microseconds) as subscription
+   * number `sub` (chosen by the JS layer; its messages carry it).
+   * Returns once the subscription is announced.
    */
-  subscribe(sub: number, topic: string, group?: string | undefined | null, queue?: number | undefined | null, policy?: string | undefined | null): void
+  subscribe(sub: number, topic: string, group?: string | undefined | null, queue?: number | undefined | null, policy?: string | undefined | null, lingerUs?: number | undefined | null): void
   /**
    * Messages subscription `sub` dropped because it fell behind; null
    * once it was closed.

@@ -544,7 +544,7 @@ class Mesh {
   subscribe(topic, options) {
     try {
       checkName(topic, 'the topic')
-      const o = checkOptions(options, ['group', 'queue', 'policy'], 'subscribe options')
+      const o = checkOptions(options, ['group', 'queue', 'policy', 'lingerUs'], 'subscribe options')
       if (o.group !== undefined) checkName(o.group, 'options.group')
       if (o.queue !== undefined && (!Number.isSafeInteger(o.queue) || o.queue < 1)) {
         throw new TypeError(`options.queue must be a positive integer, not ${String(o.queue)}`)
@@ -552,12 +552,15 @@ class Mesh {
       if (o.policy !== undefined && typeof o.policy !== 'string') {
         throw new TypeError(`options.policy must be a string, not ${typeof o.policy}`)
       }
+      if (o.lingerUs !== undefined && (typeof o.lingerUs !== 'number' || !(o.lingerUs >= 0) || !Number.isFinite(o.lingerUs))) {
+        throw new TypeError(`options.lingerUs must be a finite number >= 0, not ${String(o.lingerUs)}`)
+      }
       this._checkOpen()
       const number = this._nextHandle++
       const sub = new Subscription(this, number, topic, o.group)
       this._subs.set(number, sub)
       try {
-        this._native.subscribe(number, topic, o.group, o.queue, o.policy)
+        this._native.subscribe(number, topic, o.group, o.queue, o.policy, o.lingerUs)
       } catch (e) {
         this._subs.delete(number)
         throw nativeError(e)

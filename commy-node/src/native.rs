@@ -746,9 +746,10 @@ impl NativeMesh {
     }
 
     /// Subscribes to `topic` (as a member of queue group `group` if given,
-    /// with a queue of `queue` messages and the slow-subscriber `policy` by
-    /// name) as subscription number `sub` (chosen by the JS layer; its
-    /// messages carry it). Returns once the subscription is announced.
+    /// with a queue of `queue` messages, the slow-subscriber `policy` by
+    /// name and a dense stream's linger in microseconds) as subscription
+    /// number `sub` (chosen by the JS layer; its messages carry it).
+    /// Returns once the subscription is announced.
     #[napi]
     pub fn subscribe(
         &self,
@@ -757,6 +758,7 @@ impl NativeMesh {
         group: Option<String>,
         queue: Option<f64>,
         policy: Option<String>,
+        linger_us: Option<f64>,
     ) -> Result<()> {
         let mesh = self.mesh().map_err(|e| ffi_error(&e))?;
         let mut params = SubscribeParams::default();
@@ -766,6 +768,15 @@ impl NativeMesh {
             .transpose()?
             .map(|q| q as u64);
         params.policy = policy;
+        params.linger = linger_us
+            .map(|us| {
+                Duration::try_from_secs_f64(us / 1e6).map_err(|_| {
+                    invalid(format!(
+                        "options.lingerUs must be a finite number >= 0, not {us}"
+                    ))
+                })
+            })
+            .transpose()?;
         let subscription = mesh
             .subscribe_with(&topic, &params)
             .map_err(|e| ffi_error(&e))?;

@@ -450,7 +450,7 @@ test('a publisher publishes on its topic, in order, and refuses bad input', () =
     assert.ok(ticks instanceof Publisher)
     assert.equal(ticks.topic, 'ticks')
     assert.equal(await ticks.publish('nobody'), 0)
-    const sub = await mesh.subscribe('ticks')
+    const sub = await mesh.subscribe('ticks', { lingerUs: 0 })
     assert.equal(await mesh.waitForSubscribers('ticks', 1), 1)
     // Publishes started in one turn keep their order.
     const sent = Array.from({ length: 200 }, (_, i) => `t${i}`)
@@ -509,6 +509,12 @@ test('slow-subscriber policies count their losses on both sides', () =>
     })
     await assert.rejects(mesh.subscribe('slow', { queue: 0 }), /options.queue must be a positive integer/)
     await assert.rejects(mesh.subscribe('slow', { queue: 2 ** 21 }), /1 to 1048576 messages/)
+    await assert.rejects(mesh.subscribe('slow', { lingerUs: -1 }), /options.lingerUs must be a finite number/)
+    await assert.rejects(mesh.subscribe('slow', { lingerUs: 500 }), (e) => {
+      assert.equal(e.code, 'INVALID_ARGUMENT')
+      assert.match(e.message, /linger must be at most 100/)
+      return true
+    })
     assert.throws(() => mesh.droppedBySubscribers('bad topic'), (e) => e instanceof CommyError && e.code === 'INVALID_ARGUMENT')
   }))
 

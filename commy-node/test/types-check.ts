@@ -20,7 +20,7 @@ async function main(): Promise<void> {
   const one: number = await ticks.publish(Buffer.from(topic))
   const some: number = await ticks.publishMany(['x', new Uint8Array(1)])
   await mesh.send('echo', new Uint8Array([1]))
-  const sub = await mesh.subscribe('t', { group: 'g' })
+  const sub = await mesh.subscribe('t', { group: 'g', lingerUs: 2 })
   for await (const msg of sub) {
     const b: Buffer = msg
     void b
