@@ -402,67 +402,49 @@ fn publisher_side(report: &mut Report) {
             .unwrap();
         for size in SIZES {
             let payload = payload(size);
-            let mut publish = async |n: u64| {
-                child.send(&format!("TAKE {size} {n}\n"));
-                for _ in 0..n {
-                    assert_eq!(mesh.publish(TOPIC, payload.clone()).await.unwrap(), 1);
-                }
-                child.expect("DONE");
-            };
-            publish(WARM_UP).await;
-            let before = Counted::now();
-            publish(CALLS).await;
-            let counted = Counted::since(before);
-            report.check(
-                &format!("publisher: publish to a linked subscriber, {size} B"),
-                PUBLISHED,
-                true,
-                counted,
-            );
+            let what = |how: &str| format!("publisher: {how} to a linked subscriber, {size} B");
+            let counted = publishes(&mut child, size, async || {
+                assert_eq!(mesh.publish(TOPIC, payload.clone()).await.unwrap(), 1);
+            })
+            .await;
+            report.check(&what("publish"), PUBLISHED, true, counted);
             // Through a publisher of the topic, from borrowed bytes.
             let mut publisher = mesh.publisher(TOPIC).unwrap();
-            let mut publish = async |n: u64| {
-                child.send(&format!("TAKE {size} {n}\n"));
-                for _ in 0..n {
-                    assert_eq!(publisher.publish(&payload[..]).await.unwrap(), 1);
-                }
-                child.expect("DONE");
-            };
-            publish(WARM_UP).await;
-            let before = Counted::now();
-            publish(CALLS).await;
-            let counted = Counted::since(before);
-            report.check(
-                &format!("publisher: Publisher::publish to a linked subscriber, {size} B"),
-                PUBLISHED,
-                true,
-                counted,
-            );
+            let counted = publishes(&mut child, size, async || {
+                assert_eq!(publisher.publish(&payload[..]).await.unwrap(), 1);
+            })
+            .await;
+            report.check(&what("Publisher::publish"), PUBLISHED, true, counted);
             // Written in place in the subscriber's ring.
-            let mut build = async |n: u64| {
-                child.send(&format!("TAKE {size} {n}\n"));
-                for _ in 0..n {
-                    let written = mesh.publish_in_place(TOPIC, size, |buf| {
-                        buf.copy_from_slice(&payload);
-                        size
-                    });
-                    assert_eq!(written.await.unwrap(), 1);
-                }
-                child.expect("DONE");
-            };
-            build(WARM_UP).await;
-            let before = Counted::now();
-            build(CALLS).await;
-            let counted = Counted::since(before);
-            report.check(
-                &format!("publisher: publish_in_place to a linked subscriber, {size} B"),
-                PUBLISHED,
-                true,
-                counted,
-            );
+            let counted = publishes(&mut child, size, async || {
+                let written = mesh.publish_in_place(TOPIC, size, |buf| {
+                    buf.copy_from_slice(&payload);
+                    size
+                });
+                assert_eq!(written.await.unwrap(), 1);
+            })
+            .await;
+            report.check(&what("publish_in_place"), PUBLISHED, true, counted);
         }
         mesh.close().await;
     });
+}
+
+/// Publishes [`WARM_UP`] and then [`CALLS`] messages of `size` bytes to
+/// the child subscriber, one per `publish_one`, each lot taken by the
+/// child before the next; counts the allocations of the second lot.
+async fn publishes(child: &mut Peer, size: usize, mut publish_one: impl AsyncFnMut()) -> Counted {
+    let mut lot = async |n: u64| {
+        child.send(&format!("TAKE {size} {n}\n"));
+        for _ in 0..n {
+            publish_one().await;
+        }
+        child.expect("DONE");
+    };
+    lot(WARM_UP).await;
+    let before = Counted::now();
+    lot(CALLS).await;
+    Counted::since(before)
 }
 
 /// The subscriber: this process takes what a child publishes.
