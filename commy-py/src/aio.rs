@@ -24,8 +24,9 @@ use commy_ffi::{FfiCaller, FfiError, LocalTask, Reply};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 
+use crate::caller::HandlerContext;
+use crate::convert::{payload, with_python};
 use crate::errors;
-use crate::mesh::RawReply;
 
 /// The result of an operation, converted to Python on the loop's thread.
 pub(crate) enum Outcome {
@@ -261,14 +262,14 @@ fn settle(py: Python<'_>, fut: &Bound<'_, PyAny>, result: OpResult) -> PyResult<
 
 /// Starts `op` for the asyncio future `fut_py` on the loop's thread: polled
 /// here at once (settling the future if it is already done), then whenever
-/// it is woken, through `queue`.
+/// it is woken, through `queue`. Returns it as the `RawTask` Python holds.
 pub(crate) fn start<T, F>(
     py: Python<'_>,
     queue: &RawQueue,
     fut_py: Py<PyAny>,
     op: F,
     outcome: fn(T) -> Outcome,
-) -> PyResult<LocalTask<OpResult>>
+) -> PyResult<RawTask>
 where
     F: Future<Output = Result<T, FfiError>> + Send + 'static,
     T: Send + 'static,
@@ -284,7 +285,33 @@ where
     if let Some(result) = first {
         settle(py, fut_py.bind(py), result)?;
     }
-    Ok(task)
+    Ok(RawTask::new(task))
+}
+
+/// A `*_async` operation in progress.
+#[pyclass(frozen, module = "commy._commy")]
+pub(crate) struct RawTask {
+    task: LocalTask<OpResult>,
+}
+
+impl RawTask {
+    pub(crate) fn new(task: LocalTask<OpResult>) -> RawTask {
+        RawTask { task }
+    }
+}
+
+#[pymethods]
+impl RawTask {
+    /// Cancels it; its callback is then not called (unless already done).
+    fn cancel(&self) {
+        self.task.cancel();
+    }
+
+    /// Whether it has finished.
+    #[getter]
+    fn done(&self) -> bool {
+        self.task.is_finished()
+    }
 }
 
 /// Queues a request for `handler` from `caller` (from a link thread).
@@ -308,4 +335,84 @@ pub(crate) fn request(
 /// Queues a call of `callback` (from any thread).
 pub(crate) fn call_later(queue: &Arc<Queue>, callback: Arc<Py<PyAny>>) {
     queue.push(Event::Call { callback });
+}
+
+/// How a `serve_queued` handler answers: once, now or later, any thread.
+#[pyclass(frozen, module = "commy._commy")]
+pub(crate) struct RawReply {
+    reply: Reply,
+    service: String,
+    caller: FfiCaller,
+}
+
+impl RawReply {
+    pub(crate) fn new(reply: Reply, service: String, caller: FfiCaller) -> RawReply {
+        RawReply {
+            reply,
+            service,
+            caller,
+        }
+    }
+}
+
+#[pymethods]
+impl RawReply {
+    /// The request's `HandlerContext` (a new one each time).
+    #[getter]
+    fn context(&self) -> HandlerContext {
+        HandlerContext::new(self.caller.clone())
+    }
+
+    /// Answers with `data`; False if already answered or the caller gave up.
+    fn ok(&self, data: &Bound<'_, PyAny>) -> PyResult<bool> {
+        match payload(data, "the handler's return value") {
+            Ok(b) => Ok(self.reply.ok(b)),
+            Err(e) => Ok(self
+                .reply
+                .error(errors::from_py(data.py(), &e, &self.service))),
+        }
+    }
+
+    /// Answers with the status code named `code` and `message`.
+    fn error(&self, code: &str, message: &str) -> bool {
+        self.reply.error(FfiError::from_code_name(code, message))
+    }
+
+    /// Answers with the status of exception `exc` (a `commy.CommyError`
+    /// keeps its code; anything else is INTERNAL, traceback printed).
+    fn fail(&self, py: Python<'_>, exc: &Bound<'_, PyAny>) -> bool {
+        let err = PyErr::from_value(exc.clone());
+        self.reply.error(errors::from_py(py, &err, &self.service))
+    }
+
+    /// Whether it was answered (or cancelled).
+    #[getter]
+    fn answered(&self) -> bool {
+        self.reply.is_answered()
+    }
+
+    /// Whether the caller gave up before an answer.
+    #[getter]
+    fn cancelled(&self) -> bool {
+        self.reply.is_cancelled()
+    }
+
+    /// Calls `callback()` if the caller gives up first: queued on `queue`
+    /// (run by its event loop) if given, else on a commy thread.
+    #[pyo3(signature = (callback, queue=None))]
+    fn on_cancel(&self, callback: Py<PyAny>, queue: Option<&RawQueue>) {
+        match queue {
+            Some(q) => {
+                let (q, callback) = (q.queue.clone(), Arc::new(callback));
+                self.reply.on_cancel(move || call_later(&q, callback));
+            }
+            None => self.reply.on_cancel(move || {
+                with_python(|py| {
+                    if let Err(e) = callback.call1(py, ()) {
+                        e.display(py);
+                    }
+                });
+            }),
+        }
+    }
 }

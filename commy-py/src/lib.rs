@@ -23,11 +23,11 @@ use pyo3::prelude::*;
 #[pymodule]
 mod _commy {
     #[pymodule_export]
-    use crate::aio::RawQueue;
+    use crate::aio::{RawQueue, RawReply, RawTask};
     #[pymodule_export]
     use crate::caller::{Caller, HandlerContext};
     #[pymodule_export]
-    use crate::mesh::{RawMesh, RawReply, RawService, RawTask};
+    use crate::mesh::{RawMesh, RawService};
     #[pymodule_export]
     use crate::publisher::RawPublisher;
     #[pymodule_export]

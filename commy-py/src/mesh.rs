@@ -1,16 +1,12 @@
-//! `RawMesh` and what serving hands out: `RawService`, `RawReply`,
-//! `RawTask`.
+//! `RawMesh` and what serving hands out: `RawService`.
 
 use std::sync::Arc;
 
-use commy_ffi::{
-    FfiCaller, FfiError, FfiMesh, FfiService, LocalTask, MeshOptions, OpenPolicy, Reply,
-    SubscribeParams,
-};
+use commy_ffi::{FfiError, FfiMesh, FfiService, MeshOptions, OpenPolicy, SubscribeParams};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
-use crate::aio::{self, Outcome, RawQueue};
+use crate::aio::{self, Outcome, RawQueue, RawTask};
 use crate::caller::HandlerContext;
 use crate::convert::{payload, payloads, seconds, settings_layer, wait, with_python};
 use crate::errors;
@@ -139,7 +135,7 @@ impl RawMesh {
     ) -> PyResult<RawTask> {
         let timeout = seconds(py, Some(timeout), "timeout")?.unwrap_or_default();
         let waiting = self.mesh.wait_for_subscribers(topic, n, timeout);
-        aio::start(py, queue, fut, waiting, Outcome::Count).map(RawTask::new)
+        aio::start(py, queue, fut, waiting, Outcome::Count)
     }
 
     /// `call` for an event loop: started here, on the loop's thread, and
@@ -172,7 +168,7 @@ impl RawMesh {
                 None => mesh.call(&service, data, timeout).await,
             }
         };
-        aio::start(py, queue, fut, call, Outcome::Bytes).map(RawTask::new)
+        aio::start(py, queue, fut, call, Outcome::Bytes)
     }
 
     /// Calls `service` once with each item of `data` (an iterable of
@@ -217,7 +213,7 @@ impl RawMesh {
         let spin = seconds(py, spin, "spin")?;
         let calls = self.mesh.call_many(service, data, timeout, spin);
         let calls = async move { Ok(calls.await) };
-        aio::start(py, queue, fut, calls, Outcome::Answers).map(RawTask::new)
+        aio::start(py, queue, fut, calls, Outcome::Answers)
     }
 
     /// `send` for an event loop (see `call_async`).
@@ -231,7 +227,7 @@ impl RawMesh {
     ) -> PyResult<RawTask> {
         let data = payload(data, "data")?;
         let send = self.mesh.send(service, data);
-        aio::start(py, queue, fut, send, |()| Outcome::Unit).map(RawTask::new)
+        aio::start(py, queue, fut, send, |()| Outcome::Unit)
     }
 
     /// `publish` for an event loop (see `call_async`).
@@ -245,7 +241,7 @@ impl RawMesh {
     ) -> PyResult<RawTask> {
         let data = payload(data, "data")?;
         let publish = self.mesh.publish(topic, data);
-        aio::start(py, queue, fut, publish, Outcome::Count).map(RawTask::new)
+        aio::start(py, queue, fut, publish, Outcome::Count)
     }
 
     /// `publish_many` for an event loop (see `call_async`).
@@ -259,7 +255,7 @@ impl RawMesh {
     ) -> PyResult<RawTask> {
         let data = payloads(data, "data")?;
         let publish = self.mesh.publish_many(topic, data);
-        aio::start(py, queue, fut, publish, Outcome::Count).map(RawTask::new)
+        aio::start(py, queue, fut, publish, Outcome::Count)
     }
 
     /// Serves `service` with `handler(data: bytes) -> bytes-like`, called on
@@ -397,7 +393,7 @@ impl RawMesh {
             closing.await;
             Ok(())
         };
-        aio::start(py, queue, fut, close, |()| Outcome::Unit).map(RawTask::new)
+        aio::start(py, queue, fut, close, |()| Outcome::Unit)
     }
 }
 
@@ -439,111 +435,5 @@ impl RawService {
             closing.await;
             Ok(())
         })
-    }
-}
-
-/// How a `serve_queued` handler answers: once, now or later, any thread.
-#[pyclass(frozen, module = "commy._commy")]
-pub(crate) struct RawReply {
-    reply: Reply,
-    service: String,
-    caller: FfiCaller,
-}
-
-impl RawReply {
-    pub(crate) fn new(reply: Reply, service: String, caller: FfiCaller) -> RawReply {
-        RawReply {
-            reply,
-            service,
-            caller,
-        }
-    }
-}
-
-#[pymethods]
-impl RawReply {
-    /// The request's `HandlerContext` (a new one each time).
-    #[getter]
-    fn context(&self) -> HandlerContext {
-        HandlerContext::new(self.caller.clone())
-    }
-
-    /// Answers with `data`; False if already answered or the caller gave up.
-    fn ok(&self, data: &Bound<'_, PyAny>) -> PyResult<bool> {
-        match payload(data, "the handler's return value") {
-            Ok(b) => Ok(self.reply.ok(b)),
-            Err(e) => Ok(self
-                .reply
-                .error(errors::from_py(data.py(), &e, &self.service))),
-        }
-    }
-
-    /// Answers with the status code named `code` and `message`.
-    fn error(&self, code: &str, message: &str) -> bool {
-        self.reply.error(FfiError::from_code_name(code, message))
-    }
-
-    /// Answers with the status of exception `exc` (a `commy.CommyError`
-    /// keeps its code; anything else is INTERNAL, traceback printed).
-    fn fail(&self, py: Python<'_>, exc: &Bound<'_, PyAny>) -> bool {
-        let err = PyErr::from_value(exc.clone());
-        self.reply.error(errors::from_py(py, &err, &self.service))
-    }
-
-    /// Whether it was answered (or cancelled).
-    #[getter]
-    fn answered(&self) -> bool {
-        self.reply.is_answered()
-    }
-
-    /// Whether the caller gave up before an answer.
-    #[getter]
-    fn cancelled(&self) -> bool {
-        self.reply.is_cancelled()
-    }
-
-    /// Calls `callback()` if the caller gives up first: queued on `queue`
-    /// (run by its event loop) if given, else on a commy thread.
-    #[pyo3(signature = (callback, queue=None))]
-    fn on_cancel(&self, callback: Py<PyAny>, queue: Option<&RawQueue>) {
-        match queue {
-            Some(q) => {
-                let (q, callback) = (q.queue.clone(), Arc::new(callback));
-                self.reply.on_cancel(move || aio::call_later(&q, callback));
-            }
-            None => self.reply.on_cancel(move || {
-                with_python(|py| {
-                    if let Err(e) = callback.call1(py, ()) {
-                        e.display(py);
-                    }
-                });
-            }),
-        }
-    }
-}
-
-/// A `*_async` operation in progress.
-#[pyclass(frozen, module = "commy._commy")]
-pub(crate) struct RawTask {
-    task: LocalTask<aio::OpResult>,
-}
-
-impl RawTask {
-    pub(crate) fn new(task: LocalTask<aio::OpResult>) -> RawTask {
-        RawTask { task }
-    }
-}
-
-#[pymethods]
-impl RawTask {
-    /// Cancels it; its callback is then not called (unless already done).
-    fn cancel(&self) {
-        self.task.cancel();
-    }
-
-    /// Whether it has finished.
-    #[getter]
-    fn done(&self) -> bool {
-        self.task.is_finished()
     }
 }

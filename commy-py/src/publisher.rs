@@ -3,9 +3,8 @@
 use commy_ffi::FfiPublisher;
 use pyo3::prelude::*;
 
-use crate::aio::{self, Outcome, RawQueue};
+use crate::aio::{self, Outcome, RawQueue, RawTask};
 use crate::convert::{payload, payloads, wait};
-use crate::mesh::RawTask;
 
 /// A publisher of one topic (see `commy.Publisher` for the documented API).
 #[pyclass(frozen, module = "commy._commy")]
@@ -50,7 +49,7 @@ impl RawPublisher {
     ) -> PyResult<RawTask> {
         let data = payload(data, "data")?;
         let publish = self.publisher.publish(data);
-        aio::start(py, queue, fut, publish, Outcome::Count).map(RawTask::new)
+        aio::start(py, queue, fut, publish, Outcome::Count)
     }
 
     /// `publish_many` for an event loop: settles `fut` with the
@@ -64,6 +63,6 @@ impl RawPublisher {
     ) -> PyResult<RawTask> {
         let data = payloads(data, "data")?;
         let publish = self.publisher.publish_many(data);
-        aio::start(py, queue, fut, publish, Outcome::Count).map(RawTask::new)
+        aio::start(py, queue, fut, publish, Outcome::Count)
     }
 }

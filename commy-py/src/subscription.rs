@@ -4,9 +4,8 @@ use commy_ffi::{FfiError, FfiSubscription};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use crate::aio::{self, Outcome, RawQueue};
+use crate::aio::{self, Outcome, RawQueue, RawTask};
 use crate::convert::{seconds, wait};
-use crate::mesh::RawTask;
 
 /// `receive`, failing with `DEADLINE_EXCEEDED` if nothing came within
 /// `timeout` (if any).
@@ -107,7 +106,7 @@ impl RawSubscription {
     ) -> PyResult<RawTask> {
         let next = self.sub.next_batch(max);
         let next = async move { Ok(next.await.into_iter().map(|m| m.into_payload()).collect()) };
-        aio::start(py, queue, fut, next, Outcome::Batch).map(RawTask::new)
+        aio::start(py, queue, fut, next, Outcome::Batch)
     }
 
     /// A queued message's data, without waiting; None when none is queued
@@ -123,7 +122,7 @@ impl RawSubscription {
     fn next_async(&self, py: Python<'_>, queue: &RawQueue, fut: Py<PyAny>) -> PyResult<RawTask> {
         let next = self.sub.next();
         let next = async move { Ok(next.await.map(|m| m.into_payload())) };
-        aio::start(py, queue, fut, next, Outcome::MaybeBytes).map(RawTask::new)
+        aio::start(py, queue, fut, next, Outcome::MaybeBytes)
     }
 
     /// Ends the subscription; a waiting `next` returns None.
