@@ -10,8 +10,10 @@
 //!   [`Registration`] it returns withdraws the instance when dropped.
 //! - The balancer strategies are sans-IO state, driven by whoever holds the
 //!   candidates and their loads: [`PowerOfTwo`] (the less loaded of two
-//!   random choices) and [`RoundRobin`]. They allocate nothing and take no
-//!   lock.
+//!   random choices), [`RoundRobin`] and [`Maglev`] (consistent hashing on
+//!   a key), with [`PeakEwma`] as a load (round-trip time times calls in
+//!   flight), and [`RetryBudget`], which bounds retries. A pick allocates
+//!   nothing and takes no lock.
 //!
 //! ```
 //! use commy_discovery::{PowerOfTwo, RoundRobin};
@@ -33,9 +35,11 @@
 mod balance;
 mod discover;
 mod local;
+mod maglev;
 mod register;
 
 pub use balance::{PowerOfTwo, RoundRobin};
 pub use discover::{Discover, InstanceStream};
 pub use local::{DiscoveryError, HOST_ID_ENV, Instance, InstanceWatch, LocalRegistry, host_id};
+pub use maglev::{MAGLEV_TABLE_SIZE, Maglev};
 pub use register::{Register, Registration};
