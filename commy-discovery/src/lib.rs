@@ -33,12 +33,14 @@
 #![allow(clippy::disallowed_types)]
 
 mod balance;
+mod budget;
 mod discover;
 mod local;
 mod maglev;
 mod register;
 
 pub use balance::{PowerOfTwo, RoundRobin};
+pub use budget::RetryBudget;
 pub use discover::{Discover, InstanceStream};
 pub use local::{DiscoveryError, HOST_ID_ENV, Instance, InstanceWatch, LocalRegistry, host_id};
 pub use maglev::{MAGLEV_TABLE_SIZE, Maglev};
