@@ -35,6 +35,7 @@
 mod balance;
 mod budget;
 mod discover;
+mod ewma;
 mod local;
 mod maglev;
 mod register;
@@ -42,6 +43,7 @@ mod register;
 pub use balance::{PowerOfTwo, RoundRobin};
 pub use budget::RetryBudget;
 pub use discover::{Discover, InstanceStream};
+pub use ewma::PeakEwma;
 pub use local::{DiscoveryError, HOST_ID_ENV, Instance, InstanceWatch, LocalRegistry, host_id};
 pub use maglev::{MAGLEV_TABLE_SIZE, Maglev};
 pub use register::{Register, Registration};
