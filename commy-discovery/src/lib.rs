@@ -12,8 +12,9 @@
 //!   candidates and their loads: [`PowerOfTwo`] (the less loaded of two
 //!   random choices), [`RoundRobin`] and [`Maglev`] (consistent hashing on
 //!   a key), with [`PeakEwma`] as a load (round-trip time times calls in
-//!   flight), and [`RetryBudget`], which bounds retries. A pick allocates
-//!   nothing and takes no lock.
+//!   flight), [`RetryBudget`], which bounds retries, and [`Outlier`],
+//!   which ejects an endpoint that keeps failing. A pick allocates nothing
+//!   and takes no lock.
 //!
 //! ```
 //! use commy_discovery::{PowerOfTwo, RoundRobin};
@@ -38,6 +39,7 @@ mod discover;
 mod ewma;
 mod local;
 mod maglev;
+mod outlier;
 mod register;
 
 pub use balance::{PowerOfTwo, RoundRobin};
@@ -46,4 +48,5 @@ pub use discover::{Discover, InstanceStream};
 pub use ewma::PeakEwma;
 pub use local::{DiscoveryError, HOST_ID_ENV, Instance, InstanceWatch, LocalRegistry, host_id};
 pub use maglev::{MAGLEV_TABLE_SIZE, Maglev};
+pub use outlier::{Admit, Outlier, OutlierConfig, may_eject, panics};
 pub use register::{Register, Registration};

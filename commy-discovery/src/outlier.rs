@@ -1,0 +1,376 @@
+//! Outlier ejection of one endpoint (Envoy's, and linkerd's failure
+//! accrual): after a run of consecutive failures the endpoint is taken out
+//! of its pool for a while, longer each time it is ejected again; when the
+//! time is up it is half-open, and trial calls (a health probe, then a
+//! real call) are let through one at a time until enough succeed in a row
+//! to re-admit it, or one fails and it is ejected again, for longer.
+//!
+//! How many of a pool's endpoints may be out at once, and when a pool has
+//! too few healthy ones to be choosy (panic mode), are the pool's to say:
+//! see [`may_eject`] and [`panics`].
+//!
+//! Sans-IO: the caller says what time it is, in milliseconds from any
+//! fixed start of its own. The whole state is one atomic word: asking and
+//! recording are a load or a compare-and-swap, with no allocation and no
+//! lock.
+//!
+//! ```
+//! use commy_discovery::{Admit, Outlier, OutlierConfig};
+//!
+//! let e = Outlier::new(OutlierConfig::default()); // 5 failures, 30 s
+//! for _ in 0..5 {
+//!     e.failed(0, true);
+//! }
+//! assert_eq!(e.admit(1_000), Admit::No);
+//! // 30 s later one trial call goes through at a time.
+//! assert_eq!(e.admit(30_000), Admit::Trial);
+//! assert_eq!(e.admit(30_000), Admit::No);
+//! e.succeeded(30_001);
+//! assert_eq!(e.admit(30_002), Admit::Trial);
+//! e.succeeded(30_003);
+//! assert_eq!(e.admit(30_004), Admit::Yes);
+//! ```
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// When an endpoint is ejected, for how long, and how it comes back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutlierConfig {
+    /// Consecutive failures that eject it (Envoy: 5).
+    pub consecutive_failures: u16,
+    /// The first ejection's length; the n-th lasts n times as long (Envoy:
+    /// 30 s).
+    pub base_ejection: Duration,
+    /// The longest an ejection lasts (Envoy: 300 s).
+    pub max_ejection: Duration,
+    /// Trial calls that must succeed in a row to re-admit it (a health
+    /// probe and one real call: 2).
+    pub trials: u16,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> OutlierConfig {
+        OutlierConfig {
+            consecutive_failures: 5,
+            base_ejection: Duration::from_secs(30),
+            max_ejection: Duration::from_secs(300),
+            trials: 2,
+        }
+    }
+}
+
+/// Whether a call may go to an endpoint now ([`Outlier::admit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// It is in its pool.
+    Yes,
+    /// It is half-open and this call is its trial: report how it went
+    /// ([`Outlier::succeeded`] or [`Outlier::failed`]).
+    Trial,
+    /// It is ejected, or half-open with a trial under way.
+    No,
+}
+
+/// One endpoint's outlier state: see the [module](self).
+#[derive(Debug)]
+pub struct Outlier {
+    config: OutlierConfig,
+    /// See [`State`].
+    word: AtomicU64,
+}
+
+/// The unpacked state word: the phase (2 bits), times ejected (14 bits),
+/// a count (16 bits: consecutive failures while in, trial successes while
+/// half-open) and, while ejected, the end of the ejection in wrapping
+/// milliseconds (32 bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct State {
+    phase: Phase,
+    ejections: u16,
+    count: u16,
+    until: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    In,
+    Ejected,
+    /// Half-open, no trial under way.
+    Open,
+    /// Half-open, a trial under way.
+    Trying,
+}
+
+impl State {
+    fn pack(self) -> u64 {
+        let phase = match self.phase {
+            Phase::In => 0,
+            Phase::Ejected => 1,
+            Phase::Open => 2,
+            Phase::Trying => 3,
+        };
+        phase << 62
+            | u64::from(self.ejections & 0x3fff) << 48
+            | u64::from(self.count) << 32
+            | u64::from(self.until)
+    }
+
+    fn unpack(word: u64) -> State {
+        State {
+            phase: match word >> 62 {
+                0 => Phase::In,
+                1 => Phase::Ejected,
+                2 => Phase::Open,
+                _ => Phase::Trying,
+            },
+            ejections: ((word >> 48) & 0x3fff) as u16,
+            count: (word >> 32) as u16,
+            until: word as u32,
+        }
+    }
+}
+
+impl Outlier {
+    /// An endpoint in its pool, with no failure counted.
+    pub fn new(config: OutlierConfig) -> Outlier {
+        let state = State {
+            phase: Phase::In,
+            ejections: 0,
+            count: 0,
+            until: 0,
+        };
+        Outlier {
+            config,
+            word: AtomicU64::new(state.pack()),
+        }
+    }
+
+    /// Whether a call may go to the endpoint at `now_ms`. An ejection that
+    /// is over makes it half-open, and then one caller at a time is
+    /// given the trial.
+    pub fn admit(&self, now_ms: u64) -> Admit {
+        let mut admit = Admit::No;
+        let _ = self.update(|s| {
+            admit = Admit::No;
+            match s.phase {
+                Phase::In => {
+                    admit = Admit::Yes;
+                    None
+                }
+                Phase::Ejected if !reached(now_ms, s.until) => None,
+                Phase::Trying => None,
+                Phase::Ejected | Phase::Open => {
+                    admit = Admit::Trial;
+                    Some(State {
+                        phase: Phase::Trying,
+                        ..s
+                    })
+                }
+            }
+        });
+        admit
+    }
+
+    /// Whether the endpoint is ejected or half-open (for a pool counting
+    /// its ejected endpoints): an ejection that is over counts as out
+    /// until its trials re-admit it.
+    pub fn is_out(&self) -> bool {
+        State::unpack(self.word.load(Ordering::Acquire)).phase != Phase::In
+    }
+
+    /// Times it was ejected.
+    pub fn ejections(&self) -> u16 {
+        State::unpack(self.word.load(Ordering::Acquire)).ejections
+    }
+
+    /// Records a call that succeeded: the failure run ends; a trial that
+    /// succeeded counts towards re-admission.
+    pub fn succeeded(&self, _now_ms: u64) {
+        let trials = self.config.trials.max(1);
+        let _ = self.update(|s| match s.phase {
+            Phase::In if s.count == 0 => None,
+            Phase::In => Some(State { count: 0, ..s }),
+            Phase::Trying if s.count + 1 >= trials => Some(State {
+                phase: Phase::In,
+                count: 0,
+                until: 0,
+                ..s
+            }),
+            Phase::Trying => Some(State {
+                phase: Phase::Open,
+                count: s.count + 1,
+                ..s
+            }),
+            // An answer to a call let through before the ejection.
+            Phase::Ejected | Phase::Open => None,
+        });
+    }
+
+    /// Records a call that failed at `now_ms`. `may_eject`: whether the
+    /// pool lets one more endpoint out ([`may_eject`]); a failed trial
+    /// ejects again whatever it says (the endpoint is out already).
+    /// Returns whether this failure ejected it.
+    pub fn failed(&self, now_ms: u64, may_eject: bool) -> bool {
+        let mut ejected = false;
+        let _ = self.update(|s| {
+            ejected = false;
+            match s.phase {
+                Phase::In => {
+                    let count = s.count.saturating_add(1);
+                    if count >= self.config.consecutive_failures.max(1) && may_eject {
+                        ejected = true;
+                        Some(self.eject(s, now_ms))
+                    } else {
+                        Some(State { count, ..s })
+                    }
+                }
+                Phase::Trying => {
+                    ejected = true;
+                    Some(self.eject(s, now_ms))
+                }
+                Phase::Ejected | Phase::Open => None,
+            }
+        });
+        ejected
+    }
+
+    /// `s` ejected at `now_ms`, for the length its count of ejections
+    /// earns.
+    fn eject(&self, s: State, now_ms: u64) -> State {
+        let ejections = (s.ejections + 1).min(0x3fff);
+        let length = self
+            .config
+            .base_ejection
+            .saturating_mul(u32::from(ejections))
+            .min(self.config.max_ejection);
+        let length_ms = u32::try_from(length.as_millis()).unwrap_or(u32::MAX / 2);
+        State {
+            phase: Phase::Ejected,
+            ejections,
+            count: 0,
+            until: (now_ms as u32).wrapping_add(length_ms.min(u32::MAX / 2)),
+        }
+    }
+
+    /// Applies `f` to the state until it sticks (`None`: no change).
+    fn update(&self, mut f: impl FnMut(State) -> Option<State>) -> Result<u64, u64> {
+        self.word
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                f(State::unpack(w)).map(State::pack)
+            })
+    }
+}
+
+/// Whether wrapping millisecond `now` has reached `until` (within half the
+/// wrapping range).
+fn reached(now_ms: u64, until: u32) -> bool {
+    (now_ms as u32).wrapping_sub(until) < u32::MAX / 2
+}
+
+/// Whether a pool of `total` endpoints with `out` of them ejected may
+/// eject one more: at most `max_percent` % of the pool is out, and one
+/// endpoint always may be (as in Envoy).
+pub fn may_eject(out: usize, total: usize, max_percent: u32) -> bool {
+    let cap = (total * max_percent as usize / 100).max(1);
+    out < cap
+}
+
+/// Whether a pool with `healthy` of `total` endpoints in is in panic mode
+/// (fewer than half in): it then routes to all of them, ejected or not.
+pub fn panics(healthy: usize, total: usize) -> bool {
+    healthy * 2 < total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fail(e: &Outlier, n: u32, now: u64) {
+        for _ in 0..n {
+            e.failed(now, true);
+        }
+    }
+
+    #[test]
+    fn five_failures_in_a_row_eject_and_a_success_breaks_the_run() {
+        let e = Outlier::new(OutlierConfig::default());
+        fail(&e, 4, 0);
+        e.succeeded(0);
+        fail(&e, 4, 0);
+        assert_eq!(e.admit(0), Admit::Yes, "no run of five yet");
+        assert!(e.failed(0, true), "the fifth ejects");
+        assert!(e.is_out());
+        assert_eq!(e.admit(29_999), Admit::No);
+    }
+
+    #[test]
+    fn ejections_grow_longer_up_to_the_maximum() {
+        let e = Outlier::new(OutlierConfig::default());
+        let length = |k: u64| (30_000 * k).min(300_000);
+        let (mut now, mut k) = (0, 0);
+        for _ in 0..6 {
+            fail(&e, 5, now);
+            k += 1;
+            assert_eq!(e.ejections() as u64, k);
+            assert_eq!(e.admit(now + length(k) - 1), Admit::No, "ejection {k}");
+            now += length(k);
+            assert_eq!(e.admit(now), Admit::Trial, "ejection {k}");
+            // The trial fails: out again, for longer.
+            assert!(e.failed(now, false));
+            k += 1;
+            assert_eq!(e.ejections() as u64, k);
+            assert_eq!(e.admit(now + length(k) - 1), Admit::No, "ejection {k}");
+            now += length(k);
+            assert_eq!(e.admit(now), Admit::Trial);
+            e.succeeded(now);
+            assert_eq!(e.admit(now), Admit::Trial);
+            e.succeeded(now);
+            assert_eq!(e.admit(now), Admit::Yes, "two trials re-admit it");
+        }
+    }
+
+    #[test]
+    fn one_trial_at_a_time_and_late_answers_change_nothing() {
+        let e = Outlier::new(OutlierConfig::default());
+        fail(&e, 5, 0);
+        // Answers to calls sent before the ejection.
+        e.succeeded(1);
+        e.failed(1, true);
+        assert_eq!(e.admit(29_000), Admit::No);
+        assert_eq!(e.admit(30_000), Admit::Trial);
+        assert_eq!(e.admit(30_000), Admit::No, "a trial is under way");
+        assert!(e.is_out());
+    }
+
+    #[test]
+    fn the_pool_caps_ejections_and_panics_below_half() {
+        // 10 % of 30 is 3; of 5, still one.
+        assert!(may_eject(2, 30, 10));
+        assert!(!may_eject(3, 30, 10));
+        assert!(may_eject(0, 5, 10));
+        assert!(!may_eject(1, 5, 10));
+        let e = Outlier::new(OutlierConfig::default());
+        for _ in 0..20 {
+            assert!(!e.failed(0, false));
+        }
+        assert_eq!(e.admit(0), Admit::Yes, "the pool said no: it stays in");
+        assert!(e.failed(0, true), "the run goes on and ejects once allowed");
+        assert!(panics(1, 3));
+        assert!(!panics(2, 3));
+        assert!(!panics(0, 0));
+    }
+
+    #[test]
+    fn the_clock_wrapping_or_going_back_does_not_strand_an_endpoint() {
+        let e = Outlier::new(OutlierConfig::default());
+        let near_wrap = u64::from(u32::MAX) - 1_000;
+        fail(&e, 5, near_wrap);
+        assert_eq!(e.admit(near_wrap + 29_999), Admit::No);
+        assert_eq!(e.admit(near_wrap + 30_000), Admit::Trial);
+        let back = Outlier::new(OutlierConfig::default());
+        fail(&back, 5, 1_000_000);
+        assert_eq!(back.admit(0), Admit::No, "earlier than the ejection");
+        assert_eq!(back.admit(1_030_000), Admit::Trial);
+    }
+}
