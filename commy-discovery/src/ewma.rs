@@ -38,6 +38,14 @@ pub struct PeakEwma {
     pending: AtomicU64,
 }
 
+impl Default for PeakEwma {
+    /// linkerd's defaults: 30 ms assumed before the first answer, a time
+    /// constant of 10 s.
+    fn default() -> PeakEwma {
+        PeakEwma::new(Duration::from_millis(30), Duration::from_secs(10))
+    }
+}
+
 impl PeakEwma {
     /// An endpoint not measured yet, assumed to answer in `default_rtt`
     /// (linkerd: 30 ms, so that a new endpoint is not flooded before its
