@@ -13,7 +13,7 @@ use commy_core::{Metadata, ServiceName, Status};
 
 use crate::call::deadline::Due;
 use crate::call::shm::{ClientConn, SentPublish, Unsent};
-use crate::call::stats::EndpointStats;
+use crate::call::stats::{EndpointStats, Measured, now_ms};
 use crate::call::tls::PeerState;
 use crate::response::Response;
 
@@ -44,9 +44,20 @@ impl Endpoint {
         match self {
             Endpoint::Shm(conn) => conn.call(payload, metadata, due, balanced, spin).await,
             Endpoint::Tls(peer) => {
+                let _measured = Measured::start(&peer.stats.ewma);
                 peer.call(service, payload, metadata, due.absolute(), false)
                     .await
             }
+        }
+    }
+
+    /// The endpoint's load for the balancer: calls in flight on a
+    /// shared-memory link; the peak-EWMA cost (round trips times calls in
+    /// flight) of a TLS peer, whose round trips vary far more.
+    pub(crate) fn load(&self) -> u64 {
+        match self {
+            Endpoint::Shm(conn) => conn.stats.in_flight(),
+            Endpoint::Tls(peer) => peer.stats.ewma.cost(now_ms()),
         }
     }
 

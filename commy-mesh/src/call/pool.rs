@@ -670,7 +670,8 @@ impl Pool {
     }
 
     /// The instance a call goes to: the less loaded of two random choices
-    /// (by calls in flight on our links) among those the call policy
+    /// (by [`Endpoint::load`]: calls in flight on a shared-memory link,
+    /// peak-EWMA round trips of a TLS peer) among those the call policy
     /// admits; `None` if it admits none. `instances` is not empty.
     fn choose_in(
         &self,
@@ -678,17 +679,13 @@ impl Pool {
         conns: &FxHashMap<InstanceId, Endpoint>,
     ) -> Option<usize> {
         let stats = |i: usize| conns.get(&instances[i].id).map(Endpoint::stats);
+        let link_load = |i: usize| conns.get(&instances[i].id).map_or(0, Endpoint::load);
         let Some(policy) = &self.policy else {
-            let load = |i: usize| stats(i).map_or(0, |s| s.in_flight());
-            return self.balancer.pick(instances.len(), load);
+            return self.balancer.pick(instances.len(), link_load);
         };
         let admitted = |i: usize| policy.admit(instances[i].id, stats(i));
         let load = |i: usize| {
-            if admitted(i) {
-                stats(i).map_or(0, |s| s.in_flight())
-            } else {
-                u64::MAX
-            }
+            if admitted(i) { link_load(i) } else { u64::MAX }
         };
         let i = self.balancer.pick(instances.len(), load)?;
         if admitted(i) {

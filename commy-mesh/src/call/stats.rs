@@ -2,8 +2,11 @@
 //! connect time ([`EndpointStats`]): the balancer reads the calls in
 //! flight, a [call policy](crate::policy::CallPolicy) reads the rest.
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use commy_discovery::PeakEwma;
 
 /// The statistics of one endpoint: a shared-memory link to one instance,
 /// or the TLS connection to one peer process (shared by the instances it
@@ -20,6 +23,9 @@ pub struct EndpointStats {
     failures: AtomicU64,
     latency_ns: AtomicU64,
     last_latency_ns: AtomicU64,
+    /// The peak-EWMA load of a TLS endpoint's calls (the balancer's load
+    /// for remote instances); unused for shared memory.
+    pub(crate) ewma: PeakEwma,
 }
 
 impl EndpointStats {
@@ -61,6 +67,37 @@ impl EndpointStats {
         }
         self.latency_ns.fetch_add(ns, Ordering::Relaxed);
         self.last_latency_ns.store(ns, Ordering::Relaxed);
+    }
+}
+
+/// Milliseconds since the first time this process asked: the clock of the
+/// peak-EWMA loads.
+pub(crate) fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// A call to a TLS endpoint in its peak-EWMA load, from its start to its
+/// end; a call given up on (dropped) ends then, its time so far its
+/// sample.
+pub(crate) struct Measured<'a> {
+    ewma: &'a PeakEwma,
+    started: Instant,
+}
+
+impl<'a> Measured<'a> {
+    pub(crate) fn start(ewma: &'a PeakEwma) -> Measured<'a> {
+        ewma.start();
+        Measured {
+            ewma,
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Drop for Measured<'_> {
+    fn drop(&mut self) {
+        self.ewma.finish(self.started.elapsed(), now_ms());
     }
 }
 

@@ -1,0 +1,112 @@
+//! Balancing between instances over TLS: three servers, each a mesh handle
+//! with a runtime dir of its own (so that they are reached over TLS only,
+//! on real sockets), listening on 127.0.0.1 with certificates of a dev CA
+//! made here; a client that has them as its peers.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use commy_mesh::{Mesh, NetConfig, Request, Response, Status};
+
+mod support;
+
+/// `<dir>/<name>`, a fresh private (0700) directory.
+fn own_dir(dir: &Path, name: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let own = dir.join(name);
+    std::fs::create_dir_all(&own).unwrap();
+    std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o700)).unwrap();
+    own
+}
+
+/// The dev CA's certificate, and a server certificate and key for
+/// 127.0.0.1, written under `dir`.
+fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let ca_dir = dir.join("ca");
+    commy_net::DevCa::create(&ca_dir).unwrap();
+    let ca = commy_net::DevCa::load(&ca_dir).unwrap();
+    let id = commy_net::Identity::new("default", "echo").unwrap();
+    let spec = commy_net::LeafSpec::new(id).ip("127.0.0.1".parse().unwrap());
+    let (cert, key) = ca.issue(&spec).unwrap();
+    let (cert_path, key_path) = (dir.join("server.pem"), dir.join("server.key"));
+    commy_net::tls::write_pem_file(&cert_path, &cert).unwrap();
+    commy_net::tls::write_pem_file(&key_path, &key).unwrap();
+    (ca_dir.join("ca.pem"), cert_path, key_path)
+}
+
+/// Three instances of `echo`, the third 5 ms slower than the others: with
+/// the peak-EWMA load (the default for TLS peers), the power of two
+/// choices sends it under 5 % of 10,000 calls made one after another,
+/// where calls in flight (always 0 between sequential calls) would give
+/// it a third.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slower_tls_instance_gets_few_calls() {
+    let dir = support::private_dir("balance-ewma");
+    let (ca, cert, key) = certificates(&dir);
+    let mut servers = Vec::new();
+    let mut handles = Vec::new();
+    for i in 0..3u8 {
+        let mut net = NetConfig::default();
+        net.tls_ca = Some(ca.clone());
+        net.tls_cert = Some(cert.clone());
+        net.tls_key = Some(key.clone());
+        let mesh = Mesh::builder()
+            .runtime_dir(own_dir(&dir, &format!("server-{i}")))
+            .net(net)
+            .listen("tls://127.0.0.1:0")
+            .open()
+            .await
+            .unwrap();
+        handles.push(
+            mesh.serve("echo", move |_req: Request| async move {
+                if i == 2 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Ok::<_, Status>(Response::new(vec![i]))
+            })
+            .await
+            .unwrap(),
+        );
+        servers.push(mesh);
+    }
+    let mut net = NetConfig::default();
+    net.tls_ca = Some(ca);
+    net.no_listen = true;
+    let mut client = Mesh::builder()
+        .runtime_dir(own_dir(&dir, "client"))
+        .net(net);
+    for s in &servers {
+        let port = s.tls_endpoint().expect("listening").port();
+        client = client.peer(&format!("tls://127.0.0.1:{port}"));
+    }
+    let client = client.open().await.unwrap();
+    // Until every peer has listed its instance, calls go to those known.
+    let mut seen = [false; 3];
+    for _ in 0..2_000 {
+        let reply = client.call("echo", Vec::new()).await.unwrap();
+        seen[reply[0] as usize] = true;
+        if seen.iter().all(|s| *s) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(
+        seen.iter().all(|s| *s),
+        "not every instance was reached: {seen:?}"
+    );
+    let mut took = [0u32; 3];
+    for _ in 0..10_000 {
+        let reply = client.call("echo", Vec::new()).await.unwrap();
+        took[reply[0] as usize] += 1;
+    }
+    assert!(took[2] < 500, "the slow instance took {took:?}");
+    assert!(
+        took[0] > 3_000 && took[1] > 3_000,
+        "the fast ones share: {took:?}"
+    );
+    client.close().await;
+    for s in servers {
+        s.close().await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
