@@ -10,15 +10,6 @@ use commy_mesh::{Mesh, NetConfig, Request, Response, Status};
 
 mod support;
 
-/// `<dir>/<name>`, a fresh private (0700) directory.
-fn own_dir(dir: &Path, name: &str) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let own = dir.join(name);
-    std::fs::create_dir_all(&own).unwrap();
-    std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o700)).unwrap();
-    own
-}
-
 /// The dev CA's certificate, and a server certificate and key for
 /// 127.0.0.1, written under `dir`.
 fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
@@ -51,7 +42,7 @@ async fn a_slower_tls_instance_gets_few_calls() {
         net.tls_cert = Some(cert.clone());
         net.tls_key = Some(key.clone());
         let mesh = Mesh::builder()
-            .runtime_dir(own_dir(&dir, &format!("server-{i}")))
+            .runtime_dir(support::own_runtime_dir(&dir, &format!("server-{i}")))
             .net(net)
             .listen("tls://127.0.0.1:0")
             .open()
@@ -73,7 +64,7 @@ async fn a_slower_tls_instance_gets_few_calls() {
     net.tls_ca = Some(ca);
     net.no_listen = true;
     let mut client = Mesh::builder()
-        .runtime_dir(own_dir(&dir, "client"))
+        .runtime_dir(support::own_runtime_dir(&dir, "client"))
         .net(net);
     for s in &servers {
         let port = s.tls_endpoint().expect("listening").port();

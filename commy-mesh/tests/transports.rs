@@ -55,15 +55,6 @@ fn private_dir(name: &str) -> PathBuf {
     d
 }
 
-/// `<dir>/<name>`, a fresh private (0700) runtime dir of its own.
-fn own_runtime_dir(dir: &Path, name: &str) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let own = dir.join(name);
-    std::fs::create_dir_all(&own).unwrap();
-    std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o700)).unwrap();
-    own
-}
-
 /// A mesh in the runtime dir `rt` that does not listen and has the service
 /// process on `port` as its TLS peer (trusting its dev CA in `dir`).
 async fn tls_peer_mesh(dir: &Path, rt: &Path, port: u16) -> Mesh {
@@ -420,7 +411,7 @@ fn client_builder(transport: Transport, dir: &Path, port: u16) -> MeshBuilder {
             .runtime_dir(dir.join("rt"))
             .transport(TransportPreference::Shm),
         Transport::Tls => {
-            let own = own_runtime_dir(dir, &format!("client-rt-{:x}", rand_u32()));
+            let own = support::own_runtime_dir(dir, &format!("client-rt-{:x}", rand_u32()));
             tls_peer_builder(dir, &own, port)
         }
     }
@@ -537,7 +528,7 @@ async fn the_caller_reaches_the_handler(t: Transport) {
             net.tls_cert = Some(cert_path);
             net.tls_key = Some(key_path);
             net.no_listen = true;
-            let own = own_runtime_dir(&s.dir, "caller-rt");
+            let own = support::own_runtime_dir(&s.dir, "caller-rt");
             let known = Mesh::builder()
                 .runtime_dir(own)
                 .net(net)
@@ -838,7 +829,7 @@ async fn a_transport_can_be_forced_per_call() {
         assert_eq!(r.payload(), &b"x"[..], "{t:?}");
     }
     // Shared memory only cannot reach a server of another runtime dir...
-    let remote = tls_peer_mesh(&dir, &own_runtime_dir(&dir, "own-rt"), port).await;
+    let remote = tls_peer_mesh(&dir, &support::own_runtime_dir(&dir, "own-rt"), port).await;
     let e = echo_over(&remote, TransportPreference::Shm, b"x")
         .await
         .unwrap_err();
@@ -877,7 +868,7 @@ async fn shared_memory_failing_at_connect_falls_back_to_tls_and_is_counted() {
     let port = server.port;
     // The client's runtime dir announces an `echo` instance whose socket
     // accepts and hangs up at once: shared memory fails at connect.
-    let own = own_runtime_dir(&dir, "own-rt");
+    let own = support::own_runtime_dir(&dir, "own-rt");
     let registry = commy_mesh::discovery::LocalRegistry::new(
         commy_shm::RuntimeDir::at(&own).unwrap(),
         &commy_core::MeshName::default(),
@@ -1023,7 +1014,7 @@ async fn a_deadline_passing_while_a_peer_is_reached_is_deadline_exceeded() {
     });
     // The service process's dev CA, for the client's TLS settings.
     let s = Setup::new("silent-peer", Transport::Tls).await;
-    let own = own_runtime_dir(&s.dir, "silent-client");
+    let own = support::own_runtime_dir(&s.dir, "silent-client");
     let mesh = tls_peer_mesh(&s.dir, &own, silent_port).await;
     let e = mesh
         .call_with(
@@ -1054,7 +1045,7 @@ async fn an_unreachable_peer_is_named_with_its_reason() {
     let dir = private_dir("unreachable-peer");
     // The CA the client trusts (no server uses it: none is reached).
     commy_net::DevCa::create(&dir.join("commy").join("dev-ca")).unwrap();
-    let own = own_runtime_dir(&dir, "client");
+    let own = support::own_runtime_dir(&dir, "client");
     let mesh = tls_peer_mesh(&dir, &own, port).await;
     let e = mesh
         .call_with(

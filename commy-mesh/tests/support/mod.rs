@@ -35,6 +35,16 @@ pub(crate) fn private_dir(name: &str) -> PathBuf {
     d
 }
 
+/// `<dir>/<name>`, a fresh private (0700) runtime dir of its own: a mesh
+/// there sees no instance of the others over shared memory.
+pub(crate) fn own_runtime_dir(dir: &Path, name: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let own = dir.join(name);
+    std::fs::create_dir_all(&own).unwrap();
+    std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o700)).unwrap();
+    own
+}
+
 pub(crate) async fn open(dir: &Path) -> Mesh {
     Mesh::builder().runtime_dir(dir).open().await.unwrap()
 }
