@@ -126,11 +126,12 @@ fn decode_publish(
     plain: &[u8],
     limits: &Limits,
 ) -> Result<Option<Message>, String> {
-    let mut message = None;
-    decode_publish_ref(frame, topic, plain, limits, |m| {
-        message = Some(m.to_message())
-    })?;
-    Ok(message)
+    Ok(
+        decode_publish_parts(frame, topic, plain, limits)?.map(|(payload, metadata)| {
+            let metadata = metadata.unwrap_or_default();
+            Message::new(topic.clone(), Bytes::copy_from_slice(payload), metadata)
+        }),
+    )
 }
 
 /// As [`decode_publish`], lending the message to `each` in place (not
@@ -142,9 +143,31 @@ fn decode_publish_ref(
     limits: &Limits,
     each: impl FnOnce(MessageRef<'_>),
 ) -> Result<(), String> {
+    if let Some((payload, metadata)) = decode_publish_parts(frame, topic, plain, limits)? {
+        each(MessageRef {
+            topic,
+            payload,
+            metadata: metadata.as_ref(),
+        });
+    }
+    Ok(())
+}
+
+/// A message's payload in place and its metadata beyond the topic header.
+type PublishParts<'f> = (&'f [u8], Option<Metadata>);
+
+/// What both decodes share: the payload in place and the metadata beyond
+/// the topic header (`None` when there is none) of a message on `topic`;
+/// `None` for another frame.
+fn decode_publish_parts<'f>(
+    frame: &'f [u8],
+    topic: &TopicName,
+    plain: &[u8],
+    limits: &Limits,
+) -> Result<Option<PublishParts<'f>>, String> {
     let frame = FrameRef::decode(frame, limits).map_err(|e| format!("malformed frame: {e}"))?;
     if frame.header().kind != FrameKind::Publish {
-        return Ok(());
+        return Ok(None);
     }
     let metadata = if frame.metadata() == plain {
         None
@@ -152,17 +175,12 @@ fn decode_publish_ref(
         let mut metadata = crate::wire::decode_metadata(frame.metadata(), limits)
             .map_err(|_| "malformed metadata".to_owned())?;
         if metadata.header(TOPIC_HEADER) != Some(topic.as_str().as_bytes()) {
-            return Ok(());
+            return Ok(None);
         }
         metadata.headers.retain(|(k, _)| k != TOPIC_HEADER);
         Some(metadata).filter(|m| !m.is_empty())
     };
-    each(MessageRef {
-        topic,
-        payload: frame.payload(),
-        metadata: metadata.as_ref(),
-    });
-    Ok(())
+    Ok(Some((frame.payload(), metadata)))
 }
 
 fn topic_name(topic: &str) -> Result<TopicName, Status> {
@@ -772,7 +790,13 @@ impl PubSub {
         let n = write.take().map_or(0, |w| w(&mut buf)).min(max);
         buf.truncate(n);
         let payload = Bytes::from(buf);
-        let published = self.publish(topic, std::slice::from_ref(&payload)).await?;
+        let published = self
+            .publish_via(
+                route,
+                &mut LinkCache::default(),
+                std::slice::from_ref(&payload),
+            )
+            .await;
         Ok((published, copy.then_some(payload)))
     }
 
