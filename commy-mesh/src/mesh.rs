@@ -957,8 +957,7 @@ impl Mesh {
     ) -> Result<usize, Status> {
         self.check_open()?;
         let pubsub = &self.inner.pubsub;
-        let groups = pubsub.has_groups();
-        let copy = groups || self.inner.net.is_some();
+        let (groups, copy) = self.beyond_this_host();
         let (local, payload) = pubsub.publish_in_place(topic, max_len, write, copy).await?;
         let mut delivered = local.delivered;
         if let Some(payload) = payload {
@@ -979,12 +978,20 @@ impl Mesh {
         let pubsub = &self.inner.pubsub;
         let local = pubsub.publish(topic, payloads).await?;
         let mut delivered = local.delivered;
-        let groups = pubsub.has_groups();
-        if !groups && self.inner.net.is_none() {
+        let (groups, beyond) = self.beyond_this_host();
+        if !beyond {
             return Ok(delivered);
         }
         delivered += self.publish_beyond(&local, groups, payloads).await?;
         Ok(delivered)
+    }
+
+    /// Whether a message published now may have queue groups to go to,
+    /// and whether it may go anywhere beyond this host's plain subscribers
+    /// at all (queue groups, or subscribers at TLS peers).
+    fn beyond_this_host(&self) -> (bool, bool) {
+        let groups = self.inner.pubsub.has_groups();
+        (groups, groups || self.inner.net.is_some())
     }
 
     /// Publishes `payloads` (published to this host's plain subscribers as

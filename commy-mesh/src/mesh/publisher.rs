@@ -74,8 +74,8 @@ impl Publisher {
             .pubsub
             .publish_via(self.route.clone(), &mut self.links, payloads)
             .await;
-        let groups = inner.pubsub.has_groups();
-        if !groups && inner.net.is_none() {
+        let (groups, beyond) = self.mesh.beyond_this_host();
+        if !beyond {
             return Ok(local.delivered);
         }
         // Queue groups and TLS peers take the messages as buffers of their
