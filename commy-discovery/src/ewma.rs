@@ -6,8 +6,9 @@
 //! recovers.
 //!
 //! Sans-IO: the caller says what time it is, in milliseconds from any
-//! fixed start of its own. Every operation is one or a few atomic
-//! operations on one word, with no allocation and no lock.
+//! fixed start of its own, and how many calls are in flight (it counts
+//! them already). Every operation is one atomic operation on one word,
+//! with no allocation and no lock.
 //!
 //! ```
 //! use std::time::Duration;
@@ -15,11 +16,9 @@
 //!
 //! let fast = PeakEwma::new(Duration::from_millis(30), Duration::from_secs(10));
 //! let slow = PeakEwma::new(Duration::from_millis(30), Duration::from_secs(10));
-//! fast.start();
-//! fast.finish(Duration::from_millis(1), 100);
-//! slow.start();
-//! slow.finish(Duration::from_millis(80), 100);
-//! assert!(slow.cost(100) > fast.cost(100));
+//! fast.observe(Duration::from_millis(1), 100);
+//! slow.observe(Duration::from_millis(80), 100);
+//! assert!(slow.cost(100, 0) > fast.cost(100, 0));
 //! ```
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,8 +33,6 @@ pub struct PeakEwma {
     /// last updated, in milliseconds (low half, wrapping): one word, so
     /// that an update is one compare-and-swap.
     state: AtomicU64,
-    /// Calls in flight.
-    pending: AtomicU64,
 }
 
 impl Default for PeakEwma {
@@ -55,23 +52,13 @@ impl PeakEwma {
         PeakEwma {
             tau_ms: (decay.as_secs_f64() * 1e3).max(1.0),
             state: AtomicU64::new(pack(default_rtt.as_nanos() as f32, 0)),
-            pending: AtomicU64::new(0),
         }
     }
 
-    /// Counts a call sent to the endpoint.
-    pub fn start(&self) {
-        self.pending.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Counts the end of a call [`start`](PeakEwma::start)ed, answered
-    /// after `rtt`, at `now_ms`: a sample above the estimate replaces it,
-    /// one below moves it down by how long the estimate has stood.
-    pub fn finish(&self, rtt: Duration, now_ms: u64) {
-        // Never below zero, whatever the caller counts.
-        let _ = self
-            .pending
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |p| p.checked_sub(1));
+    /// Takes the round trip `rtt` of a call answered at `now_ms`: a sample
+    /// above the estimate replaces it, one below moves it down by how long
+    /// the estimate has stood.
+    pub fn observe(&self, rtt: Duration, now_ms: u64) {
         let sample = rtt.as_nanos() as f32;
         let _ = self
             .state
@@ -87,25 +74,20 @@ impl PeakEwma {
             });
     }
 
-    /// The endpoint's cost at `now_ms`: the estimate, decayed by the time
-    /// since the last answer, times the calls in flight plus one (in
-    /// nanoseconds; for [`PowerOfTwo::pick`](crate::PowerOfTwo::pick)).
-    pub fn cost(&self, now_ms: u64) -> u64 {
+    /// The endpoint's cost at `now_ms` with `in_flight` calls sent to it
+    /// and not answered: the estimate, decayed by the time since the last
+    /// answer, times the calls in flight plus one (in nanoseconds; for
+    /// [`PowerOfTwo::pick`](crate::PowerOfTwo::pick)).
+    pub fn cost(&self, now_ms: u64, in_flight: u64) -> u64 {
         let (estimate, stamp) = unpack(self.state.load(Ordering::Acquire));
         let decayed = f64::from(estimate) * f64::from(self.weight(stamp, now_ms));
-        let pending = self.pending.load(Ordering::Relaxed);
-        (decayed * (pending as f64 + 1.0)) as u64
+        (decayed * (in_flight as f64 + 1.0)) as u64
     }
 
     /// The round-trip estimate at `now_ms`, decayed.
     pub fn rtt(&self, now_ms: u64) -> Duration {
         let (estimate, stamp) = unpack(self.state.load(Ordering::Acquire));
         Duration::from_nanos((estimate * self.weight(stamp, now_ms)) as u64)
-    }
-
-    /// Calls in flight.
-    pub fn pending(&self) -> u64 {
-        self.pending.load(Ordering::Relaxed)
     }
 
     /// How much of an estimate made at `stamp` still counts at `now_ms`.
@@ -142,8 +124,7 @@ mod tests {
     }
 
     fn answered(e: &PeakEwma, rtt: Duration, now_ms: u64) {
-        e.start();
-        e.finish(rtt, now_ms);
+        e.observe(rtt, now_ms);
     }
 
     #[test]
@@ -170,18 +151,10 @@ mod tests {
     fn the_cost_grows_with_calls_in_flight_and_fades_while_idle() {
         let e = endpoint();
         answered(&e, 10 * MS, 0);
-        let idle = e.cost(0);
-        e.start();
-        e.start();
-        assert_eq!(e.cost(0), 3 * idle);
-        assert_eq!(e.pending(), 2);
-        e.finish(10 * MS, 0);
-        e.finish(10 * MS, 0);
-        // An extra finish does not wrap the count.
-        e.finish(10 * MS, 0);
-        assert_eq!(e.pending(), 0);
+        let idle = e.cost(0, 0);
+        assert_eq!(e.cost(0, 2), 3 * idle);
         assert!(
-            e.cost(60_000) < idle / 100,
+            e.cost(60_000, 0) < idle / 100,
             "an idle endpoint looks cheap again"
         );
     }
@@ -196,7 +169,7 @@ mod tests {
         let mut picked = [0u32; 3];
         let mut now = 0;
         for _ in 0..10_000 {
-            let i = p2c.pick(3, |i| endpoints[i].cost(now)).unwrap();
+            let i = p2c.pick(3, |i| endpoints[i].cost(now, 0)).unwrap();
             picked[i] += 1;
             now += rtt(i).as_millis() as u64;
             answered(&endpoints[i], rtt(i), now);
@@ -210,7 +183,7 @@ mod tests {
         answered(&e, Duration::MAX, 5);
         answered(&e, Duration::ZERO, u64::MAX);
         answered(&e, MS, 3);
-        let _ = e.cost(0);
+        let _ = e.cost(0, u64::MAX);
         assert!(e.rtt(u64::MAX / 2) <= Duration::from_secs(u64::MAX));
     }
 }

@@ -13,7 +13,7 @@ use commy_core::{Metadata, ServiceName, Status};
 
 use crate::call::deadline::Due;
 use crate::call::shm::{ClientConn, SentPublish, Unsent};
-use crate::call::stats::{EndpointStats, Measured, now_ms};
+use crate::call::stats::{EndpointStats, now_ms};
 use crate::call::tls::PeerState;
 use crate::response::Response;
 
@@ -44,7 +44,6 @@ impl Endpoint {
         match self {
             Endpoint::Shm(conn) => conn.call(payload, metadata, due, balanced, spin).await,
             Endpoint::Tls(peer) => {
-                let _measured = Measured::start(&peer.stats.ewma);
                 peer.call(service, payload, metadata, due.absolute(), false)
                     .await
             }
@@ -57,7 +56,7 @@ impl Endpoint {
     pub(crate) fn load(&self) -> u64 {
         match self {
             Endpoint::Shm(conn) => conn.stats.in_flight(),
-            Endpoint::Tls(peer) => peer.stats.ewma.cost(now_ms()),
+            Endpoint::Tls(peer) => peer.stats.ewma.cost(now_ms(), peer.stats.in_flight()),
         }
     }
 

@@ -77,9 +77,9 @@ pub(crate) fn now_ms() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
-/// A call to a TLS endpoint in its peak-EWMA load, from its start to its
-/// end; a call given up on (dropped) ends then, its time so far its
-/// sample.
+/// A call to a TLS endpoint, timed for its peak-EWMA load from its start
+/// to its end; a call given up on (dropped) ends then, its time so far
+/// its sample.
 pub(crate) struct Measured<'a> {
     ewma: &'a PeakEwma,
     started: Instant,
@@ -87,7 +87,6 @@ pub(crate) struct Measured<'a> {
 
 impl<'a> Measured<'a> {
     pub(crate) fn start(ewma: &'a PeakEwma) -> Measured<'a> {
-        ewma.start();
         Measured {
             ewma,
             started: Instant::now(),
@@ -97,7 +96,7 @@ impl<'a> Measured<'a> {
 
 impl Drop for Measured<'_> {
     fn drop(&mut self) {
-        self.ewma.finish(self.started.elapsed(), now_ms());
+        self.ewma.observe(self.started.elapsed(), now_ms());
     }
 }
 

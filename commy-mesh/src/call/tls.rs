@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::WatchStream;
 
-use crate::call::stats::EndpointStats;
+use crate::call::stats::{EndpointStats, Measured};
 use crate::response::Response;
 use crate::wire::{
     INSTANCES_SERVICE, LONG_POLL, Listing, PUBLISH_SERVICE, SERVICE_HEADER, TOPIC_HEADER,
@@ -76,7 +76,10 @@ impl PeerState {
             self.client.send(md, payload, deadline).await?;
             return Ok(Response::new(Bytes::new()));
         }
-        let reply = self.client.call(md, payload, deadline).await?;
+        let reply = {
+            let _measured = Measured::start(&self.stats.ewma);
+            self.client.call(md, payload, deadline).await?
+        };
         let metadata = decode_metadata(&reply.metadata, &self.limits)
             .map_err(|e| Status::internal(format!("malformed response metadata: {e}")))?;
         Ok(Response::new(reply.payload).with_metadata(metadata))
