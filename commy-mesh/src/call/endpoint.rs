@@ -24,8 +24,26 @@ use crate::response::Response;
 pub(crate) enum Endpoint {
     /// A shared-memory link to an instance on this host.
     Shm(Arc<ClientConn>),
-    /// The connection to a peer process over TLS.
-    Tls(Arc<PeerState>),
+    /// An instance at a peer process, reached over TLS.
+    Tls(Arc<TlsInstance>),
+}
+
+/// An instance at a peer process as one pool reaches it: the connection
+/// to the peer (shared with every other instance the peer serves) and the
+/// statistics of this instance's calls alone, so that one slow or failing
+/// service of a peer does not weigh on another.
+pub(crate) struct TlsInstance {
+    pub(crate) peer: Arc<PeerState>,
+    pub(crate) stats: EndpointStats,
+}
+
+impl TlsInstance {
+    pub(crate) fn new(peer: Arc<PeerState>) -> TlsInstance {
+        TlsInstance {
+            peer,
+            stats: EndpointStats::default(),
+        }
+    }
 }
 
 impl Endpoint {
@@ -43,8 +61,10 @@ impl Endpoint {
     ) -> Result<Response, Status> {
         match self {
             Endpoint::Shm(conn) => conn.call(payload, metadata, due, balanced, spin).await,
-            Endpoint::Tls(peer) => {
-                peer.call(service, payload, metadata, due.absolute(), false)
+            Endpoint::Tls(tls) => {
+                let deadline = due.absolute();
+                (tls.peer)
+                    .call(&tls.stats, service, payload, metadata, deadline, false)
                     .await
             }
         }
@@ -56,7 +76,7 @@ impl Endpoint {
     pub(crate) fn load(&self) -> u64 {
         match self {
             Endpoint::Shm(conn) => conn.stats.in_flight(),
-            Endpoint::Tls(peer) => peer.stats.ewma.cost(now_ms(), peer.stats.in_flight()),
+            Endpoint::Tls(tls) => tls.stats.ewma.cost(now_ms(), tls.stats.in_flight()),
         }
     }
 
@@ -70,8 +90,8 @@ impl Endpoint {
     ) -> Result<(), Status> {
         match self {
             Endpoint::Shm(conn) => conn.send_oneway(&payload, metadata),
-            Endpoint::Tls(peer) => peer
-                .call(service, payload, metadata, due.absolute(), true)
+            Endpoint::Tls(tls) => (tls.peer)
+                .call(&tls.stats, service, payload, metadata, due.absolute(), true)
                 .await
                 .map(drop),
         }
@@ -92,13 +112,13 @@ impl Endpoint {
     ) -> SentPublish {
         match self {
             Endpoint::Shm(conn) => conn.send_publish_many(metadata, payloads, stall),
-            Endpoint::Tls(peer) => SentPublish {
+            Endpoint::Tls(tls) => SentPublish {
                 sent: 0,
                 discarded: 0,
                 result: Err(Unsent::Failed(Status::failed_precondition(format!(
                     "a subscriber at peer {} is published to through its process's \
                      publish service",
-                    peer.addr
+                    tls.peer.addr
                 )))),
             },
         }
@@ -108,7 +128,7 @@ impl Endpoint {
     pub(crate) fn stats(&self) -> &EndpointStats {
         match self {
             Endpoint::Shm(conn) => &conn.stats,
-            Endpoint::Tls(peer) => &peer.stats,
+            Endpoint::Tls(tls) => &tls.stats,
         }
     }
 

@@ -29,7 +29,7 @@ use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
 
-use crate::call::endpoint::Endpoint;
+use crate::call::endpoint::{Endpoint, TlsInstance};
 use crate::call::policy::{CallPolicies, CallPolicy};
 use crate::call::reader;
 use crate::call::shm::ClientConn;
@@ -401,7 +401,7 @@ impl Pools {
                     .ok_or_else(|| {
                         Status::unavailable(format!("{addr} is not a peer of this mesh handle"))
                     })?;
-                Endpoint::Tls(peer.clone())
+                Endpoint::Tls(Arc::new(TlsInstance::new(peer.clone())))
             }
             other => {
                 return Err(Status::unavailable(format!(
@@ -726,8 +726,8 @@ fn refused_all(pool: &Pool) -> Status {
 /// Counts a call that a TLS endpoint `ep` takes because shared memory failed
 /// at connect (`failed`); returns the endpoint.
 fn fell_back(pool: &Pool, peers: &Peers, failed: &Option<Status>, ep: Endpoint) -> Endpoint {
-    if let (Some(_), Endpoint::Tls(peer)) = (failed, &ep) {
-        peers.count_fallback(&pool.service, &peer.addr);
+    if let (Some(_), Endpoint::Tls(tls)) = (failed, &ep) {
+        peers.count_fallback(&pool.service, &tls.peer.addr);
     }
     ep
 }

@@ -37,9 +37,6 @@ pub(crate) struct PeerState {
     /// Why the last listing attempt failed, while it did (cleared by a
     /// listing): what a caller that finds no instance is told.
     pub(crate) failure: Mutex<Option<String>>,
-    /// Calls in flight and, for services with a call policy, outcomes
-    /// (for every instance this peer serves).
-    pub(crate) stats: EndpointStats,
     /// Limits on what the peer answers.
     limits: Limits,
     /// The metadata section of calls without metadata of their own, per
@@ -48,9 +45,11 @@ pub(crate) struct PeerState {
 }
 
 impl PeerState {
-    /// Calls `service` on this peer (`oneway`: a message with no answer).
+    /// Calls `service` on this peer (`oneway`: a message with no answer),
+    /// counted and timed in `stats`, those of the instance called.
     pub(crate) async fn call(
         &self,
+        stats: &EndpointStats,
         service: &ServiceName,
         payload: Bytes,
         metadata: &Metadata,
@@ -70,14 +69,14 @@ impl PeerState {
         } else {
             service_metadata(service, metadata)
         };
-        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
-        let _done = DecOnDrop(&self.stats.in_flight);
+        stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        let _done = DecOnDrop(&stats.in_flight);
         if oneway {
             self.client.send(md, payload, deadline).await?;
             return Ok(Response::new(Bytes::new()));
         }
         let reply = {
-            let _measured = Measured::start(&self.stats.ewma);
+            let _measured = Measured::start(&stats.ewma);
             self.client.call(md, payload, deadline).await?
         };
         let metadata = decode_metadata(&reply.metadata, &self.limits)
@@ -122,7 +121,6 @@ impl Peers {
                 listing: Mutex::new(None),
                 tried: watch::channel(false).0,
                 failure: Mutex::new(None),
-                stats: EndpointStats::default(),
                 limits,
                 plain: Mutex::new(FxHashMap::default()),
             });
