@@ -48,5 +48,5 @@ pub use discover::{Discover, InstanceStream};
 pub use ewma::PeakEwma;
 pub use local::{DiscoveryError, HOST_ID_ENV, Instance, InstanceWatch, LocalRegistry, host_id};
 pub use maglev::{MAGLEV_TABLE_SIZE, Maglev};
-pub use outlier::{Admit, Outlier, OutlierConfig, may_eject, panics};
+pub use outlier::{Admit, Outlier, OutlierConfig, Standing, may_eject, panics};
 pub use register::{Register, Registration};

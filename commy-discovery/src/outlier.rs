@@ -47,6 +47,9 @@ pub struct OutlierConfig {
     /// Trial calls that must succeed in a row to re-admit it (a health
     /// probe and one real call: 2).
     pub trials: u16,
+    /// How long a trial may go unreported before another caller is given
+    /// one (a trial call that was given up on reports nothing).
+    pub trial_timeout: Duration,
 }
 
 impl Default for OutlierConfig {
@@ -56,8 +59,26 @@ impl Default for OutlierConfig {
             base_ejection: Duration::from_secs(30),
             max_ejection: Duration::from_secs(300),
             trials: 2,
+            trial_timeout: Duration::from_secs(10),
         }
     }
+}
+
+/// Where an endpoint stands ([`Outlier::standing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// In its pool, after this many failures in a row.
+    In {
+        /// Consecutive failures so far.
+        failures: u16,
+    },
+    /// Ejected for this long still.
+    Ejected {
+        /// Until its ejection ends.
+        remaining: Duration,
+    },
+    /// Its ejection is over; trial calls decide whether it is re-admitted.
+    HalfOpen,
 }
 
 /// Whether a call may go to an endpoint now ([`Outlier::admit`]).
@@ -82,8 +103,9 @@ pub struct Outlier {
 
 /// The unpacked state word: the phase (2 bits), times ejected (14 bits),
 /// a count (16 bits: consecutive failures while in, trial successes while
-/// half-open) and, while ejected, the end of the ejection in wrapping
-/// milliseconds (32 bits).
+/// half-open) and a time in wrapping milliseconds (32 bits): while
+/// ejected, the end of the ejection; while a trial is under way, when
+/// another may be given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct State {
     phase: Phase,
@@ -158,18 +180,49 @@ impl Outlier {
                     admit = Admit::Yes;
                     None
                 }
-                Phase::Ejected if !reached(now_ms, s.until) => None,
-                Phase::Trying => None,
-                Phase::Ejected | Phase::Open => {
+                Phase::Ejected | Phase::Trying if !reached(now_ms, s.until) => None,
+                // A trial whose time is up was given up on: another
+                // caller gets one.
+                Phase::Ejected | Phase::Open | Phase::Trying => {
                     admit = Admit::Trial;
                     Some(State {
                         phase: Phase::Trying,
+                        until: self.trial_until(now_ms),
                         ..s
                     })
                 }
             }
         });
         admit
+    }
+
+    /// Whether [`admit`](Outlier::admit) at `now_ms` would let a call
+    /// through, without taking a trial: for a balancer weighing
+    /// candidates it may not choose.
+    pub fn admits(&self, now_ms: u64) -> bool {
+        let s = State::unpack(self.word.load(Ordering::Acquire));
+        match s.phase {
+            Phase::In | Phase::Open => true,
+            Phase::Ejected | Phase::Trying => reached(now_ms, s.until),
+        }
+    }
+
+    /// Where the endpoint stands at `now_ms`.
+    pub fn standing(&self, now_ms: u64) -> Standing {
+        let s = State::unpack(self.word.load(Ordering::Acquire));
+        match s.phase {
+            Phase::In => Standing::In { failures: s.count },
+            Phase::Ejected if !reached(now_ms, s.until) => Standing::Ejected {
+                remaining: Duration::from_millis(u64::from(s.until.wrapping_sub(now_ms as u32))),
+            },
+            Phase::Ejected | Phase::Open | Phase::Trying => Standing::HalfOpen,
+        }
+    }
+
+    /// When a trial given at `now_ms` may be replaced by another.
+    fn trial_until(&self, now_ms: u64) -> u32 {
+        let ms = u32::try_from(self.config.trial_timeout.as_millis()).unwrap_or(u32::MAX);
+        (now_ms as u32).wrapping_add(ms.min(u32::MAX / 2))
     }
 
     /// Whether the endpoint is ejected or half-open (for a pool counting
@@ -185,26 +238,36 @@ impl Outlier {
     }
 
     /// Records a call that succeeded: the failure run ends; a trial that
-    /// succeeded counts towards re-admission.
-    pub fn succeeded(&self, _now_ms: u64) {
+    /// succeeded counts towards re-admission. Returns whether this success
+    /// re-admitted the endpoint. One load when the endpoint is in and had
+    /// no failure.
+    pub fn succeeded(&self, _now_ms: u64) -> bool {
         let trials = self.config.trials.max(1);
-        let _ = self.update(|s| match s.phase {
-            Phase::In if s.count == 0 => None,
-            Phase::In => Some(State { count: 0, ..s }),
-            Phase::Trying if s.count + 1 >= trials => Some(State {
-                phase: Phase::In,
-                count: 0,
-                until: 0,
-                ..s
-            }),
-            Phase::Trying => Some(State {
-                phase: Phase::Open,
-                count: s.count + 1,
-                ..s
-            }),
-            // An answer to a call let through before the ejection.
-            Phase::Ejected | Phase::Open => None,
+        let mut admitted = false;
+        let _ = self.update(|s| {
+            admitted = false;
+            match s.phase {
+                Phase::In if s.count == 0 => None,
+                Phase::In => Some(State { count: 0, ..s }),
+                Phase::Trying if s.count + 1 >= trials => {
+                    admitted = true;
+                    Some(State {
+                        phase: Phase::In,
+                        count: 0,
+                        until: 0,
+                        ..s
+                    })
+                }
+                Phase::Trying => Some(State {
+                    phase: Phase::Open,
+                    count: s.count + 1,
+                    ..s
+                }),
+                // An answer to a call let through before the ejection.
+                Phase::Ejected | Phase::Open => None,
+            }
         });
+        admitted
     }
 
     /// Records a call that failed at `now_ms`. `may_eject`: whether the
@@ -212,13 +275,25 @@ impl Outlier {
     /// ejects again whatever it says (the endpoint is out already).
     /// Returns whether this failure ejected it.
     pub fn failed(&self, now_ms: u64, may_eject: bool) -> bool {
+        self.failed_if(now_ms, || may_eject)
+    }
+
+    /// [`failed`](Outlier::failed), asking `may_eject` only when this
+    /// failure would eject the endpoint (the pool's count of ejected
+    /// endpoints costs more to find than a failure to record).
+    pub fn failed_if(&self, now_ms: u64, may_eject: impl FnOnce() -> bool) -> bool {
+        let mut may_eject = Some(may_eject);
+        let mut allowed: Option<bool> = None;
         let mut ejected = false;
         let _ = self.update(|s| {
             ejected = false;
             match s.phase {
                 Phase::In => {
                     let count = s.count.saturating_add(1);
-                    if count >= self.config.consecutive_failures.max(1) && may_eject {
+                    let reached = count >= self.config.consecutive_failures.max(1);
+                    if reached
+                        && *allowed.get_or_insert_with(|| may_eject.take().is_some_and(|f| f()))
+                    {
                         ejected = true;
                         Some(self.eject(s, now_ms))
                     } else {
@@ -341,6 +416,48 @@ mod tests {
         assert_eq!(e.admit(30_000), Admit::Trial);
         assert_eq!(e.admit(30_000), Admit::No, "a trial is under way");
         assert!(e.is_out());
+    }
+
+    #[test]
+    fn a_trial_never_reported_is_given_again_after_its_timeout() {
+        let e = Outlier::new(OutlierConfig::default());
+        fail(&e, 5, 0);
+        assert_eq!(
+            e.standing(10_000),
+            Standing::Ejected {
+                remaining: Duration::from_secs(20)
+            }
+        );
+        assert!(!e.admits(29_999));
+        assert!(e.admits(30_000), "a look takes no trial");
+        assert_eq!(e.admit(30_000), Admit::Trial);
+        assert_eq!(e.standing(30_000), Standing::HalfOpen);
+        assert!(!e.admits(39_999));
+        assert_eq!(e.admit(39_999), Admit::No, "the trial may still report");
+        assert_eq!(e.admit(40_000), Admit::Trial, "it was given up on");
+        assert!(!e.succeeded(40_001), "one trial of two");
+        assert_eq!(e.admit(40_002), Admit::Trial);
+        assert!(e.succeeded(40_003), "the second re-admits it");
+        assert_eq!(e.standing(40_004), Standing::In { failures: 0 });
+    }
+
+    #[test]
+    fn the_pool_is_asked_only_by_the_failure_that_would_eject() {
+        let e = Outlier::new(OutlierConfig::default());
+        let asked = std::cell::Cell::new(0);
+        for _ in 0..4 {
+            assert!(!e.failed_if(0, || {
+                asked.set(asked.get() + 1);
+                true
+            }));
+        }
+        assert_eq!(asked.get(), 0);
+        assert_eq!(e.standing(0), Standing::In { failures: 4 });
+        assert!(e.failed_if(0, || {
+            asked.set(asked.get() + 1);
+            true
+        }));
+        assert_eq!(asked.get(), 1);
     }
 
     #[test]
