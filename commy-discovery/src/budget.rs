@@ -76,6 +76,19 @@ impl RetryBudget {
         self.add(now_ms, self.per_request);
     }
 
+    /// Counts `n` requests made at about `now_ms` at once: for a caller
+    /// that counts its requests itself and deposits them now and then.
+    pub fn deposit_many(&self, now_ms: u64, n: u32) {
+        self.add(now_ms, self.per_request * i64::from(n));
+    }
+
+    /// Takes back the deposits of `n` requests made at about `now_ms`: a
+    /// caller that counts every request it sends, retries included, takes
+    /// back a retry's, so that retries never earn retries.
+    pub fn take_back(&self, now_ms: u64, n: u32) {
+        self.add(now_ms, -self.per_request * i64::from(n));
+    }
+
     /// Takes one retry from the budget at `now_ms`: false when the budget
     /// is spent (the retry must not be made).
     pub fn try_withdraw(&self, now_ms: u64) -> bool {
