@@ -47,6 +47,24 @@ pub enum ClientError {
     },
 }
 
+/// How a call failed ([`Client::call_attempt`]).
+#[derive(Debug, Clone)]
+pub enum CallFailure {
+    /// No connection could be made: the request was never sent.
+    Unsent(Status),
+    /// The request was sent (or may have been) and failed.
+    Failed(Status),
+}
+
+impl CallFailure {
+    /// The failure's status.
+    pub fn into_status(self) -> Status {
+        match self {
+            CallFailure::Unsent(s) | CallFailure::Failed(s) => s,
+        }
+    }
+}
+
 /// A client of one server. Cheap to clone; clones share the connection.
 #[derive(Clone)]
 pub struct Client {
@@ -158,8 +176,25 @@ impl Client {
         payload: Bytes,
         deadline: Option<Deadline>,
     ) -> Result<Reply, Status> {
-        let session = self.session(deadline).await?;
-        session.call(metadata, payload, deadline).await
+        self.call_attempt(metadata, payload, deadline)
+            .await
+            .map_err(CallFailure::into_status)
+    }
+
+    /// [`call`](Client::call), saying whether a failed request may have
+    /// reached the server: one that could not even connect did not, and a
+    /// caller may send it elsewhere.
+    pub async fn call_attempt(
+        &self,
+        metadata: Bytes,
+        payload: Bytes,
+        deadline: Option<Deadline>,
+    ) -> Result<Reply, CallFailure> {
+        let session = self.session(deadline).await.map_err(CallFailure::Unsent)?;
+        session
+            .call(metadata, payload, deadline)
+            .await
+            .map_err(CallFailure::Failed)
     }
 
     /// Sends a one-way message (no reply). Returns once it is queued.

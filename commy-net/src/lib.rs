@@ -59,7 +59,7 @@ mod server;
 mod stats;
 pub mod tls;
 
-pub use client::{Client, ClientError, Pushes};
+pub use client::{CallFailure, Client, ClientError, Pushes};
 pub use link::{PUSH_CREDIT, Settings};
 pub use server::{BindError, Handler, HandlerFuture, Inbound, Peer, Pusher, Reply, Server};
 pub use stats::{Reason, ServerStats};
