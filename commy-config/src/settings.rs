@@ -28,6 +28,12 @@
 //! | `tls_cert`, `tls_key` | none | this process's certificate chain and key (PEM) |
 //! | `require_client_cert` | `false` | mTLS: refuse clients without a certificate from the CA |
 //! | `transport` | `"auto"` | `auto`, `shm` or `tls` |
+//! | `eject_after` | `5` | failures in a row that eject an instance from its pool for a while (`0`: never) |
+//! | `ejection_time` | `"30s"` | how long a first ejection lasts; the n-th lasts n times as long, at most 10 times |
+//! | `max_ejected_percent` | `10` | the most of a pool ejected at once, in percent (one instance always may be) |
+//! | `retry_attempts` | `3` | attempts in all of a call that may be retried (`1`: never retry) |
+//! | `retry_budget_percent` | `20` | retries may add this share of the requests of the last 10 s, plus 10 a second |
+//! | `idempotent` | `[]` | services whose calls may be retried after any failure of the instance, not only one that never reached it |
 //!
 //! Durations are strings with a unit (`"250ms"`, `"1.5s"`, `"50us"`,
 //! `"2m"`) or numbers of seconds. Environment values are strings of the
@@ -114,10 +120,29 @@ pub struct Settings {
     /// Which transport calls use.
     #[serde(with = "transport")]
     pub transport: TransportPreference,
+    /// Failures in a row that eject an instance from its pool (0: never).
+    #[serde(deserialize_with = "count")]
+    pub eject_after: usize,
+    /// How long a first ejection lasts.
+    #[serde(with = "duration")]
+    pub ejection_time: Duration,
+    /// The most of a pool that may be ejected at once, in percent.
+    #[serde(deserialize_with = "count")]
+    pub max_ejected_percent: usize,
+    /// Attempts in all of a call that may be retried (1: never retry).
+    #[serde(deserialize_with = "count")]
+    pub retry_attempts: usize,
+    /// Retries may add this share of the recent requests, in percent.
+    #[serde(deserialize_with = "count")]
+    pub retry_budget_percent: usize,
+    /// Services whose calls may be retried after any failure of the
+    /// instance.
+    #[serde(deserialize_with = "list")]
+    pub idempotent: Vec<String>,
 }
 
 /// Every key of [`Settings`], in the order of its fields.
-pub const KEYS: [&str; 13] = [
+pub const KEYS: [&str; 19] = [
     "mesh",
     "runtime_dir",
     "default_timeout",
@@ -131,6 +156,12 @@ pub const KEYS: [&str; 13] = [
     "tls_key",
     "require_client_cert",
     "transport",
+    "eject_after",
+    "ejection_time",
+    "max_ejected_percent",
+    "retry_attempts",
+    "retry_budget_percent",
+    "idempotent",
 ];
 
 /// What kind of value a key takes: bindings use it to map their own
@@ -158,10 +189,14 @@ pub fn key_kind(key: &str) -> Option<KeyKind> {
     Some(match key {
         "mesh" | "listen" | "transport" => KeyKind::Text,
         "runtime_dir" | "tls_ca" | "tls_cert" | "tls_key" => KeyKind::Path,
-        "default_timeout" | "call_spin" | "subscriber_stall" => KeyKind::Duration,
-        "max_concurrency" => KeyKind::Count,
+        "default_timeout" | "call_spin" | "subscriber_stall" | "ejection_time" => KeyKind::Duration,
+        "max_concurrency"
+        | "eject_after"
+        | "max_ejected_percent"
+        | "retry_attempts"
+        | "retry_budget_percent" => KeyKind::Count,
         "require_client_cert" => KeyKind::Flag,
-        "peers" => KeyKind::List,
+        "peers" | "idempotent" => KeyKind::List,
         _ => return None,
     })
 }
@@ -190,6 +225,12 @@ impl Default for Settings {
             tls_key: None,
             require_client_cert: false,
             transport: TransportPreference::Auto,
+            eject_after: 5,
+            ejection_time: Duration::from_secs(30),
+            max_ejected_percent: 10,
+            retry_attempts: 3,
+            retry_budget_percent: 20,
+            idempotent: Vec::new(),
         }
     }
 }
@@ -588,6 +629,27 @@ impl Loaded {
         commy_core::MeshName::new(&s.mesh).map_err(|e| bad("mesh", e.to_string()))?;
         if s.max_concurrency == 0 {
             return Err(bad("max_concurrency", "must be at least 1".into()));
+        }
+        if s.ejection_time.is_zero() {
+            return Err(bad("ejection_time", "must be more than zero".into()));
+        }
+        if s.max_ejected_percent > 100 {
+            return Err(bad("max_ejected_percent", "must be at most 100".into()));
+        }
+        if s.retry_attempts == 0 {
+            return Err(bad(
+                "retry_attempts",
+                "must be at least 1 (1: no retries)".into(),
+            ));
+        }
+        if s.retry_attempts > 10 {
+            return Err(bad("retry_attempts", "must be at most 10".into()));
+        }
+        if s.retry_budget_percent > 1000 {
+            return Err(bad("retry_budget_percent", "must be at most 1000".into()));
+        }
+        for name in &s.idempotent {
+            commy_core::ServiceName::new(name).map_err(|e| bad("idempotent", e.to_string()))?;
         }
         if let Some(l) = &s.listen {
             crate::net::parse_listen(l).map_err(|e| bad("listen", e))?;
