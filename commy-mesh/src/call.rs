@@ -28,6 +28,7 @@ pub(crate) mod options;
 pub(crate) mod policy;
 pub(crate) mod pool;
 pub(crate) mod reader;
+pub(crate) mod resilience;
 pub(crate) mod shm;
 pub(crate) mod stats;
 pub(crate) mod table;

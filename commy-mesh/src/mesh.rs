@@ -35,10 +35,13 @@ use parking_lot::Mutex;
 
 use crate::accept::{bind_announcement, start_accepting};
 use crate::call::deadline::Due;
+use crate::call::endpoint::Attempt;
 use crate::call::options::CallOptions;
 use crate::call::policy::{CallPolicies, settle};
 use crate::call::pool::Pools;
+use crate::call::resilience::{Resilience, Retry, backoff};
 use crate::call::shm::{ClientConn, Started};
+use crate::call::stats::now_ms;
 use crate::call::table::{AnswerSink, Done};
 use crate::call::tls::{PeerSource, Peers};
 use crate::config::{Config, MeshBuilder};
@@ -162,6 +165,7 @@ impl Mesh {
         };
         let (call_spin, default_timeout) = (s.call_spin, s.default_timeout);
         let max_concurrency = s.max_concurrency.max(1);
+        let resilience = Arc::new(Resilience::from_settings(s));
         let mesh = Mesh {
             inner: Arc::new(Inner {
                 services: pools(
@@ -171,11 +175,21 @@ impl Mesh {
                     &registry,
                     net.as_ref().map(|n| &n.peers),
                     config.call_policy.clone(),
+                    &resilience,
                     &runtime,
                 ),
                 pubsub: PubSub::new(
                     topics.clone(),
-                    pools(&config, &mesh, call_spin, &topics, None, None, &runtime),
+                    pools(
+                        &config,
+                        &mesh,
+                        call_spin,
+                        &topics,
+                        None,
+                        None,
+                        &resilience,
+                        &runtime,
+                    ),
                     config.link.clone(),
                     config.limits.unfragmented(),
                     s.subscriber_stall,
@@ -408,106 +422,168 @@ impl Mesh {
             // not allocate; a call answered within the spin completes in
             // the first poll.
             if let Some((conn, balanced)) = self.inner.services.connected(name) {
+                let retries = &conn.stats.health().retries;
                 let Some(policy) = &conn.policy else {
+                    // Kept only when the call may be retried after it was
+                    // sent: cloning may allocate.
+                    let kept = (retries.attempts > 1 && (options.idempotent || retries.idempotent))
+                        .then(|| payload.clone());
+                    if kept.is_some() {
+                        // Every attempt is due by the first one's deadline.
+                        options.started.get_or_insert_with(Instant::now);
+                    }
                     let due = self.due(&options);
-                    return match conn.start_call(
-                        payload,
-                        &options.metadata,
-                        due,
-                        balanced,
-                        options.spin,
-                    ) {
-                        Started::Done(result) => result,
-                        Started::Waiting(waiting) => conn.finish_call(waiting).await,
-                        // The link broke before the request was in it: the
-                        // routed way connects anew.
-                        Started::Unsent(payload, _) => {
-                            Box::pin(self.call_routed(name, payload, options, preference, 1)).await
-                        }
+                    let md = &options.metadata;
+                    let failure = match conn.start_call(payload, md, due, balanced, options.spin) {
+                        Started::Done(Ok(answer)) => return Ok(answer),
+                        Started::Waiting(waiting) => match conn.finish_call(waiting).await {
+                            Ok(answer) => return Ok(answer),
+                            Err(status) => Attempt::Failed(status),
+                        },
+                        Started::Done(Err(status)) => Attempt::Failed(status),
+                        Started::Unsent(payload, status) => Attempt::Unsent(Some(payload), status),
                     };
+                    let failed = Failed::new(failure, conn.instance, false);
+                    return Box::pin(self.call_routed(name, kept, options, preference, failed))
+                        .await;
                 };
                 // The same with the service's call policy: the outcome is
                 // recorded, and a retry goes the routed way.
                 let now = Instant::now();
                 options.started.get_or_insert(now);
                 let due = self.due(&options);
-                let kept = (policy.max_attempts() > 1).then(|| payload.clone());
+                let keep = policy.max_attempts() > 1
+                    || retries.attempts > 1 && (options.idempotent || retries.idempotent);
+                let kept = keep.then(|| payload.clone());
                 let md = &options.metadata;
                 let result = match conn.start_call(payload, md, due, true, options.spin) {
-                    Started::Done(result) => result,
-                    Started::Waiting(waiting) => conn.finish_call(waiting).await,
-                    Started::Unsent(payload, _) => {
-                        return Box::pin(self.call_routed(name, payload, options, preference, 1))
-                            .await;
+                    Started::Done(result) => result.map_err(Attempt::Failed),
+                    Started::Waiting(waiting) => {
+                        conn.finish_call(waiting).await.map_err(Attempt::Failed)
                     }
+                    Started::Unsent(payload, status) => Err(Attempt::Unsent(Some(payload), status)),
                 };
-                let again = settle(&**policy, conn.instance, &conn.stats, now, 1, &result);
-                return match kept {
-                    Some(payload) if again && !self.due(&options).expired() => {
-                        Box::pin(self.call_routed(name, payload, options, preference, 2)).await
+                let failure = result.as_ref().err().map(Attempt::status);
+                let again = settle(&**policy, conn.instance, &conn.stats, now, 1, failure);
+                return match result {
+                    Ok(answer) => Ok(answer),
+                    Err(failure) => {
+                        let failed = Failed::new(failure, conn.instance, again);
+                        Box::pin(self.call_routed(name, kept, options, preference, failed)).await
                     }
-                    _ => result,
                 };
             }
         }
         // Boxed: finding and connecting an instance, or TLS, would make
         // every call's future large.
-        Box::pin(self.call_routed(name, payload, options, preference, 1)).await
+        Box::pin(self.call_routed(name, Some(payload), options, preference, None)).await
     }
 
     /// A call that has to find (or connect to) an instance first, or goes
-    /// over TLS; `attempt` is its number (1 for the first). With the
-    /// service's call policy, each attempt's outcome is recorded and a
-    /// failed attempt is tried again on a new pick while the policy says
-    /// so and the deadline has not passed.
+    /// over TLS, or is tried again after `failed` (its last attempt; the
+    /// payload is `None` when it was not kept for a retry). Each attempt's
+    /// outcome is recorded with the service's call policy, if it has one.
+    /// A failed attempt is tried again on a new pick, away from the
+    /// instance that failed it, when it provably never reached an instance,
+    /// or when the call is idempotent (or the policy says so) and the
+    /// instance failed: within `retry_attempts`, the pool's retry budget
+    /// and the call's deadline, after a backoff unless it never reached an
+    /// instance.
     async fn call_routed(
         &self,
         name: &str,
-        mut payload: Bytes,
+        mut payload: Option<Bytes>,
         mut options: CallOptions,
         preference: TransportPreference,
-        mut attempt: u32,
+        mut failed: Option<Failed>,
     ) -> Result<Response, Status> {
         let pool = self.inner.services.get(&service_name(name)?);
-        let Some(policy) = pool.policy.clone() else {
-            let mut due = self.due(&options);
-            let (endpoint, _) = self
-                .inner
-                .services
-                .pick(&pool, preference, due.absolute())
-                .await?;
-            check_due(&mut due, name)?;
-            let md = &options.metadata;
-            return endpoint
-                .call(&pool.service, payload, md, due, true, options.spin)
-                .await;
-        };
-        // Every attempt is due by the first one's deadline.
-        options.started.get_or_insert_with(Instant::now);
-        let keep = policy.max_attempts() > 1;
+        let policy = pool.policy.clone();
+        let retries = &pool.health.retries;
+        let idempotent = options.idempotent || retries.idempotent;
+        let keep = retries.attempts > 1 && idempotent
+            || policy.as_ref().is_some_and(|p| p.max_attempts() > 1);
+        if keep || failed.is_some() || policy.is_some() {
+            // Every attempt is due by the first one's deadline.
+            options.started.get_or_insert_with(Instant::now);
+        }
+        let (mut attempt, mut avoid) = (1, None);
         loop {
+            if let Some(f) = failed.take() {
+                let unsent = matches!(f.failure, Attempt::Unsent(..));
+                let how = if f.policy_again && !unsent {
+                    retries
+                        .budget
+                        .try_withdraw(now_ms())
+                        .then_some(Retry::Idempotent)
+                } else {
+                    retries.retry(f.failure.status(), unsent, idempotent, f.attempt, now_ms())
+                };
+                let status = match f.failure {
+                    Attempt::Unsent(back, status) => {
+                        payload = payload.or(back);
+                        status
+                    }
+                    Attempt::Failed(status) => status,
+                };
+                let (Some(how), false) = (how, payload.is_none()) else {
+                    return Err(status);
+                };
+                if how == Retry::Idempotent {
+                    let wait = backoff(f.attempt);
+                    let mut due = self.due(&options);
+                    if due.absolute().is_some_and(|d| d.remaining() <= wait) {
+                        return Err(status);
+                    }
+                    tokio::time::sleep(wait).await;
+                }
+                attempt = f.attempt + 1;
+                avoid = Some(f.instance);
+            }
             let mut due = self.due(&options);
             let (endpoint, instance) = self
                 .inner
                 .services
-                .pick(&pool, preference, due.absolute())
+                .pick(&pool, preference, due.absolute(), avoid)
                 .await?;
             check_due(&mut due, name)?;
             let body = if keep {
                 payload.clone()
             } else {
-                std::mem::take(&mut payload)
-            };
-            let now = Instant::now();
+                payload.take()
+            }
+            .unwrap_or_default();
+            let started = policy.as_ref().map(|_| Instant::now());
             let md = &options.metadata;
             let result = endpoint
                 .call(&pool.service, body, md, due, true, options.spin)
                 .await;
-            let again = settle(&*policy, instance, endpoint.stats(), now, attempt, &result);
-            if !again || due.expired() {
-                return result;
+            let again = match (&policy, started) {
+                (Some(policy), Some(started)) => {
+                    let failure = result.as_ref().err().map(Attempt::status);
+                    settle(
+                        &**policy,
+                        instance,
+                        endpoint.stats(),
+                        started,
+                        attempt,
+                        failure,
+                    )
+                }
+                _ => false,
+            };
+            match result {
+                Ok(answer) => return Ok(answer),
+                Err(failure) if due.expired() => return Err(failure.into_status()),
+                Err(failure) => {
+                    failed = Some(Failed {
+                        failure,
+                        instance,
+                        attempt,
+                        policy_again: again,
+                    });
+                }
             }
-            attempt += 1;
         }
     }
 
@@ -810,7 +886,7 @@ impl Mesh {
         let (endpoint, _) = self
             .inner
             .services
-            .pick(&pool, self.preference(&options), due.absolute())
+            .pick(&pool, self.preference(&options), due.absolute(), None)
             .await?;
         endpoint
             .send(&service, payload.into(), &Metadata::default(), due)
@@ -1155,7 +1231,6 @@ impl Mesh {
 
 /// The pools of the instances `registry` finds (and `peers` list, if
 /// given), linked with `config`'s settings.
-/// settings.
 #[allow(clippy::too_many_arguments)]
 fn pools(
     config: &Config,
@@ -1164,6 +1239,7 @@ fn pools(
     registry: &LocalRegistry,
     peers: Option<&Arc<Peers>>,
     policies: Option<CallPolicies>,
+    resilience: &Arc<Resilience>,
     runtime: &tokio::runtime::Handle,
 ) -> Pools {
     let mut sources: Vec<Arc<dyn Discover>> = vec![Arc::new(registry.clone())];
@@ -1178,8 +1254,32 @@ fn pools(
         config.limits.unfragmented(),
         call_spin,
         policies,
+        resilience.clone(),
         runtime.clone(),
     )
+}
+
+/// A failed attempt of a call, handed on to be tried again.
+struct Failed {
+    failure: Attempt,
+    /// The instance it failed at.
+    instance: InstanceId,
+    /// Its number (1 for the first).
+    attempt: u32,
+    /// The call policy asked for it to be tried again.
+    policy_again: bool,
+}
+
+impl Failed {
+    /// The first attempt's failure at `instance`.
+    fn new(failure: Attempt, instance: InstanceId, policy_again: bool) -> Option<Failed> {
+        Some(Failed {
+            failure,
+            instance,
+            attempt: 1,
+            policy_again,
+        })
+    }
 }
 
 /// `DeadlineExceeded` if a call's deadline passed while its instance was

@@ -56,5 +56,6 @@
 //! ```
 
 pub use crate::call::policy::{CallPolicies, CallPolicy, Outcome};
-pub use crate::call::stats::EndpointStats;
+pub use crate::call::stats::{EndpointStats, counts_against};
 pub use crate::serve::policy::{RequestHead, ServePolicies, ServePolicy};
+pub use commy_discovery::Standing;

@@ -12,10 +12,11 @@ use bytes::Bytes;
 use commy_core::{Metadata, ServiceName, Status};
 
 use crate::call::deadline::Due;
-use crate::call::shm::{ClientConn, SentPublish, Unsent};
+use crate::call::shm::{ClientConn, SentPublish, Started, Unsent};
 use crate::call::stats::{EndpointStats, now_ms};
 use crate::call::tls::PeerState;
 use crate::response::Response;
+use commy_net::CallFailure;
 
 /// A live link to an instance: a shared-memory link of our own, or the TLS
 /// connection to the peer process that serves it (shared by all the
@@ -28,6 +29,32 @@ pub(crate) enum Endpoint {
     Tls(Arc<TlsInstance>),
 }
 
+/// How one attempt of a call failed.
+pub(crate) enum Attempt {
+    /// The request never reached the instance (the link broke before it
+    /// was written, the peer could not be connected to); over shared
+    /// memory its payload comes back.
+    Unsent(Option<Bytes>, Status),
+    /// The request was sent (or may have been) and failed.
+    Failed(Status),
+}
+
+impl Attempt {
+    /// The failure's status.
+    pub(crate) fn status(&self) -> &Status {
+        match self {
+            Attempt::Unsent(_, s) | Attempt::Failed(s) => s,
+        }
+    }
+
+    /// The failure's status, to keep.
+    pub(crate) fn into_status(self) -> Status {
+        match self {
+            Attempt::Unsent(_, s) | Attempt::Failed(s) => s,
+        }
+    }
+}
+
 /// An instance at a peer process as one pool reaches it: the connection
 /// to the peer (shared with every other instance the peer serves) and the
 /// statistics of this instance's calls alone, so that one slow or failing
@@ -38,11 +65,8 @@ pub(crate) struct TlsInstance {
 }
 
 impl TlsInstance {
-    pub(crate) fn new(peer: Arc<PeerState>) -> TlsInstance {
-        TlsInstance {
-            peer,
-            stats: EndpointStats::default(),
-        }
+    pub(crate) fn new(peer: Arc<PeerState>, stats: EndpointStats) -> TlsInstance {
+        TlsInstance { peer, stats }
     }
 }
 
@@ -58,14 +82,24 @@ impl Endpoint {
         mut due: Due,
         balanced: bool,
         spin: Option<Duration>,
-    ) -> Result<Response, Status> {
+    ) -> Result<Response, Attempt> {
         match self {
-            Endpoint::Shm(conn) => conn.call(payload, metadata, due, balanced, spin).await,
+            Endpoint::Shm(conn) => match conn.start_call(payload, metadata, due, balanced, spin) {
+                Started::Done(result) => result.map_err(Attempt::Failed),
+                Started::Unsent(payload, status) => Err(Attempt::Unsent(Some(payload), status)),
+                Started::Waiting(waiting) => {
+                    conn.finish_call(waiting).await.map_err(Attempt::Failed)
+                }
+            },
             Endpoint::Tls(tls) => {
                 let deadline = due.absolute();
                 (tls.peer)
                     .call(&tls.stats, service, payload, metadata, deadline, false)
                     .await
+                    .map_err(|f| match f {
+                        CallFailure::Unsent(status) => Attempt::Unsent(None, status),
+                        CallFailure::Failed(status) => Attempt::Failed(status),
+                    })
             }
         }
     }
@@ -93,7 +127,8 @@ impl Endpoint {
             Endpoint::Tls(tls) => (tls.peer)
                 .call(&tls.stats, service, payload, metadata, due.absolute(), true)
                 .await
-                .map(drop),
+                .map(drop)
+                .map_err(CallFailure::into_status),
         }
     }
 

@@ -27,6 +27,13 @@ pub struct CallOptions {
     /// them. The service is told the timeout itself, counted from the
     /// request's arrival.
     pub started: Option<Instant>,
+    /// The call may be made more than once: after a failure of the
+    /// instance that may have reached it, it is tried again on another
+    /// (within the retry budget, `retry_attempts` and its deadline), as
+    /// the calls of the services the `idempotent` setting names are. A
+    /// call that provably never reached an instance is tried again
+    /// either way.
+    pub idempotent: bool,
 }
 
 impl CallOptions {
@@ -51,6 +58,12 @@ impl CallOptions {
     /// Sets this call's polling budget (see [`MeshBuilder::call_spin`](crate::MeshBuilder::call_spin)).
     pub fn spin(mut self, spin: Duration) -> CallOptions {
         self.spin = Some(spin);
+        self
+    }
+
+    /// Marks the call idempotent (see [`idempotent`](CallOptions::idempotent)).
+    pub fn idempotent(mut self, yes: bool) -> CallOptions {
+        self.idempotent = yes;
         self
     }
 

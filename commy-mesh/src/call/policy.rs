@@ -58,17 +58,17 @@ pub struct Outcome<'a> {
 
 /// Records the outcome of attempt number `attempt` of a call to
 /// `instance`, sent at `started`, in its endpoint's `stats` and with
-/// `policy`; says whether the policy wants the call tried again.
-pub(crate) fn settle<T>(
+/// `policy`; `status` is its failure, if it failed. Says whether the
+/// policy wants the call tried again.
+pub(crate) fn settle(
     policy: &dyn CallPolicy,
     instance: InstanceId,
     stats: &EndpointStats,
     started: Instant,
     attempt: u32,
-    result: &Result<T, Status>,
+    status: Option<&Status>,
 ) -> bool {
     let latency = started.elapsed();
-    let status = result.as_ref().err();
     stats.record(status.is_none(), latency);
     let outcome = Outcome {
         status,

@@ -32,7 +32,9 @@ use smallvec::SmallVec;
 use crate::call::endpoint::{Endpoint, TlsInstance};
 use crate::call::policy::{CallPolicies, CallPolicy};
 use crate::call::reader;
+use crate::call::resilience::Resilience;
 use crate::call::shm::ClientConn;
+use crate::call::stats::{EndpointStats, PoolHealth};
 use crate::call::tls::Peers;
 
 /// Ids of pool sets, so a thread's [`LastCalled`] never mixes them up.
@@ -59,6 +61,8 @@ pub(crate) struct Pools {
     call_spin: Duration,
     /// Gives each pool its call policy.
     policies: Option<CallPolicies>,
+    /// How pools eject failing instances and retry failed calls.
+    resilience: Arc<Resilience>,
     /// Where pools' watches run.
     runtime: tokio::runtime::Handle,
     map: Mutex<FxHashMap<ServiceName, Arc<Pool>>>,
@@ -78,6 +82,7 @@ impl Pools {
         limits: Limits,
         call_spin: Duration,
         policies: Option<CallPolicies>,
+        resilience: Arc<Resilience>,
         runtime: tokio::runtime::Handle,
     ) -> Pools {
         Pools {
@@ -89,6 +94,7 @@ impl Pools {
             limits,
             call_spin,
             policies,
+            resilience,
             runtime,
             map: Mutex::new(FxHashMap::default()),
         }
@@ -100,10 +106,12 @@ impl Pools {
         pools
             .entry(service.clone())
             .or_insert_with(|| {
+                let health = Arc::new(self.resilience.pool_health(service));
                 let pool = Arc::new(Pool {
                     sources: self.sources.clone(),
                     service: service.clone(),
-                    state: Mutex::new(PoolState::new(self.sources.len())),
+                    state: Mutex::new(PoolState::new(self.sources.len(), health.clone())),
+                    health,
                     connecting: tokio::sync::Mutex::new(()),
                     balancer: PowerOfTwo::new(),
                     policy: self.policies.as_ref().and_then(|p| p.get(service)),
@@ -166,12 +174,14 @@ impl Pools {
     /// returns a live link to it (connecting if needed) and the instance's
     /// id. `deadline` bounds the wait for peers that have not listed their
     /// instances yet. Only instances the pool's call policy admits are
-    /// picked.
+    /// picked; `avoid` (the instance a retried call failed at) only when
+    /// no other may take the call.
     pub(crate) async fn pick(
         &self,
         pool: &Arc<Pool>,
         preference: TransportPreference,
         deadline: Option<Deadline>,
+        avoid: Option<InstanceId>,
     ) -> Result<(Endpoint, InstanceId), Status> {
         let mut tried = 0;
         // Why the last local instance could not be reached.
@@ -184,7 +194,7 @@ impl Pools {
             })?;
             // Each failed instance is forgotten: at most one try each.
             for _ in 0..local {
-                let inst = match pool.choose_from(Tier::Local) {
+                let inst = match pool.choose_from(Tier::Local, avoid) {
                     Chosen::Empty => break,
                     Chosen::Refused => {
                         refused = true;
@@ -222,7 +232,7 @@ impl Pools {
             _ if refused && failed.is_none() => return Err(refused_all(pool)),
             _ => return Err(self.none_reached(pool, tried, failed)),
         };
-        let inst = match pool.choose_from(Tier::Remote) {
+        let inst = match pool.choose_from(Tier::Remote, avoid) {
             Chosen::Linked(ep, id) => return Ok((fell_back(pool, peers, &failed, ep), id)),
             Chosen::Unlinked(inst) => inst,
             Chosen::Refused => return Err(failed.unwrap_or_else(|| refused_all(pool))),
@@ -243,7 +253,7 @@ impl Pools {
                     }
                     return Err(self.none_remote(pool, peers, failed, deadline));
                 }
-                match pool.choose(&remote) {
+                match pool.choose(&remote, avoid) {
                     Some(i) => remote[i].clone(),
                     None => return Err(failed.unwrap_or_else(|| refused_all(pool))),
                 }
@@ -388,7 +398,9 @@ impl Pools {
                     })?;
                 {
                     let policy = pool.policy.clone();
-                    let conn = ClientConn::new(link, inst.id, policy, self.limits, self.call_spin);
+                    let stats = EndpointStats::new(pool.health.clone());
+                    let conn =
+                        ClientConn::new(link, inst.id, policy, stats, self.limits, self.call_spin);
                     reader::spawn(&conn, inst.id);
                     Endpoint::Shm(conn)
                 }
@@ -401,7 +413,8 @@ impl Pools {
                     .ok_or_else(|| {
                         Status::unavailable(format!("{addr} is not a peer of this mesh handle"))
                     })?;
-                Endpoint::Tls(Arc::new(TlsInstance::new(peer.clone())))
+                let stats = EndpointStats::new(pool.health.clone());
+                Endpoint::Tls(Arc::new(TlsInstance::new(peer.clone(), stats)))
             }
             other => {
                 return Err(Status::unavailable(format!(
@@ -436,7 +449,7 @@ impl Pools {
         if state.local.is_empty() {
             return None;
         }
-        let idx = pool.choose_in(&state.local, &state.conns)?;
+        let idx = pool.choose_in(&state.local, &state.conns, None)?;
         let conn = state.conns.get(&state.local[idx].id)?.shm()?;
         if !conn.is_alive() {
             return None;
@@ -486,15 +499,18 @@ struct PoolState {
     /// The instances reached over TLS, from every source.
     remote: Vec<Instance>,
     conns: FxHashMap<InstanceId, Endpoint>,
+    /// The pool's count of ejected instances, set afresh at each change.
+    health: Arc<PoolHealth>,
 }
 
 impl PoolState {
-    fn new(sources: usize) -> PoolState {
+    fn new(sources: usize, health: Arc<PoolHealth>) -> PoolState {
         PoolState {
             sets: vec![None; sources],
             local: Vec::new(),
             remote: Vec::new(),
             conns: FxHashMap::default(),
+            health,
         }
     }
 
@@ -536,6 +552,12 @@ impl PoolState {
         let (local, remote) = (&self.local, &self.remote);
         self.conns
             .retain(|id, ep| ep.is_alive() && local.iter().chain(remote).any(|i| i.id == *id));
+        let out = self
+            .conns
+            .values()
+            .filter(|ep| ep.stats().outlier.is_out())
+            .count();
+        self.health.reset(local.len() + remote.len(), out);
     }
 }
 
@@ -592,6 +614,9 @@ pub(crate) struct Pool {
     /// Serialises connection attempts per instance.
     connecting: tokio::sync::Mutex<()>,
     balancer: PowerOfTwo,
+    /// What its endpoints share: how many are ejected, the retry rules
+    /// and budget.
+    pub(crate) health: Arc<PoolHealth>,
     /// The service's call policy, if it has one.
     pub(crate) policy: Option<Arc<dyn CallPolicy>>,
     /// The tasks watching its sources.
@@ -643,7 +668,7 @@ impl Pool {
     /// Chooses an instance of `tier` by its link's load, under the pool's
     /// lock and without copying the tier: its live link if it has one, else
     /// the instance to connect to.
-    fn choose_from(&self, tier: Tier) -> Chosen {
+    fn choose_from(&self, tier: Tier, avoid: Option<InstanceId>) -> Chosen {
         let state = self.state.lock();
         let list = match tier {
             Tier::Local => &state.local,
@@ -652,7 +677,7 @@ impl Pool {
         if list.is_empty() {
             return Chosen::Empty;
         }
-        let Some(i) = self.choose_in(list, &state.conns) else {
+        let Some(i) = self.choose_in(list, &state.conns, avoid) else {
             return Chosen::Refused;
         };
         let inst = &list[i];
@@ -664,35 +689,45 @@ impl Pool {
 
     /// Chooses among `instances` (not empty) by their links' load; `None`
     /// if the call policy admits none.
-    fn choose(&self, instances: &[Instance]) -> Option<usize> {
+    fn choose(&self, instances: &[Instance], avoid: Option<InstanceId>) -> Option<usize> {
         let state = self.state.lock();
-        self.choose_in(instances, &state.conns)
+        self.choose_in(instances, &state.conns, avoid)
     }
 
     /// The instance a call goes to: the less loaded of two random choices
     /// (by [`Endpoint::load`]: calls in flight on a shared-memory link,
-    /// peak-EWMA round trips of a TLS peer) among those the call policy
-    /// admits; `None` if it admits none. `instances` is not empty.
+    /// peak-EWMA round trips of a TLS peer) among those that may take it:
+    /// not ejected (unless the pool is in panic mode, or the ejection is
+    /// over and this call is the instance's trial) and admitted by the
+    /// call policy; `avoid` only if the other draw may not. `None` if none
+    /// may. `instances` is not empty.
     fn choose_in(
         &self,
         instances: &[Instance],
         conns: &FxHashMap<InstanceId, Endpoint>,
+        avoid: Option<InstanceId>,
     ) -> Option<usize> {
         let stats = |i: usize| conns.get(&instances[i].id).map(Endpoint::stats);
-        let link_load = |i: usize| conns.get(&instances[i].id).map_or(0, Endpoint::load);
-        let Some(policy) = &self.policy else {
-            return self.balancer.pick(instances.len(), link_load);
+        let admitted = |i: usize| {
+            self.policy
+                .as_ref()
+                .is_none_or(|p| p.admit(instances[i].id, stats(i)))
         };
-        let admitted = |i: usize| policy.admit(instances[i].id, stats(i));
-        let load = |i: usize| {
-            if admitted(i) { link_load(i) } else { u64::MAX }
+        let usable = |i: usize| stats(i).is_none_or(EndpointStats::may_take_call) && admitted(i);
+        let load = |i: usize| match conns.get(&instances[i].id) {
+            _ if !usable(i) => u64::MAX,
+            _ if avoid == Some(instances[i].id) => u64::MAX - 1,
+            Some(ep) => ep.load(),
+            None => 0,
         };
+        let taken = |i: usize| usable(i) && stats(i).is_none_or(EndpointStats::take_call);
         let i = self.balancer.pick(instances.len(), load)?;
-        if admitted(i) {
+        if taken(i) {
             return Some(i);
         }
-        // Both draws were refused: the first admitted one, if any.
-        (0..instances.len()).find(|&j| admitted(j))
+        // Both draws were refused (or another caller took the trial
+        // first): the first that may take it, if any.
+        (0..instances.len()).find(|&j| taken(j))
     }
 }
 

@@ -25,7 +25,7 @@ use parking_lot::Mutex;
 
 use crate::call::deadline::Due;
 use crate::call::policy::CallPolicy;
-use crate::call::stats::EndpointStats;
+use crate::call::stats::{EndpointStats, PoolHealth};
 use crate::call::table::{AnswerSink, CallResult, Callback, Done, PendingCalls, Settled, Waiter};
 use crate::response::Response;
 use crate::sync::Counted;
@@ -147,6 +147,7 @@ impl ClientConn {
         link: ShmLink,
         instance: InstanceId,
         policy: Option<Arc<dyn CallPolicy>>,
+        stats: EndpointStats,
         limits: Limits,
         spin: Duration,
     ) -> Arc<ClientConn> {
@@ -158,6 +159,7 @@ impl ClientConn {
                 sender: tx,
                 next_stream: 1,
                 discarded_seen: 0,
+                health: stats.health_arc(),
             }),
             rx: Mutex::new(rx),
             pending: Mutex::new(PendingCalls::default()),
@@ -165,7 +167,7 @@ impl ClientConn {
             alive: AtomicBool::new(true),
             pollers: AtomicUsize::new(0),
             instance,
-            stats: EndpointStats::default(),
+            stats,
             policy,
             sole: AtomicBool::new(false),
             limits,
@@ -181,25 +183,6 @@ impl ClientConn {
     /// Whether the link still works.
     pub(crate) fn is_alive(&self) -> bool {
         self.alive.load(Ordering::Acquire)
-    }
-
-    /// Sends a request and waits for its response (or the deadline).
-    /// `balanced`: count the call in the link's calls in flight
-    /// (only needed when there are instances to choose between); `spin`:
-    /// this call's polling budget instead of the link's.
-    pub(crate) async fn call(
-        &self,
-        payload: Bytes,
-        metadata: &Metadata,
-        due: Due,
-        balanced: bool,
-        spin: Option<Duration>,
-    ) -> CallResult {
-        match self.start_call(payload, metadata, due, balanced, spin) {
-            Started::Done(result) => result,
-            Started::Unsent(_, status) => Err(status),
-            Started::Waiting(waiting) => self.finish_call(waiting).await,
-        }
     }
 
     /// The synchronous part of a call: sends the request and polls for the
@@ -327,7 +310,9 @@ impl ClientConn {
                 Ok(r) => r,
                 Err(_) => {
                     drop(abandon);
-                    return Err(Status::deadline_exceeded("no response before the deadline"));
+                    let late = Status::deadline_exceeded("no response before the deadline");
+                    self.stats.answered(Some(&late));
+                    return Err(late);
                 }
             },
             None => answer.await,
@@ -484,6 +469,11 @@ impl ClientConn {
                 other.as_str()
             ))),
         };
+        // Every answer on the link passes here, whoever waits for it.
+        self.stats.answered(match &answer {
+            AnswerRef::Response { .. } => None,
+            AnswerRef::Failed(status) => Some(status),
+        });
         Some((h.stream_id.0, answer))
     }
 
@@ -497,6 +487,7 @@ impl ClientConn {
             RecvError::Ring(RingError::PeerGone) => Status::unavailable("the instance died"),
             other => Status::unavailable(format!("link to the instance failed: {other}")),
         };
+        self.stats.answered(Some(&status));
         self.fail_with(&status);
         status
     }
@@ -976,6 +967,7 @@ impl ClientConn {
             expired
         };
         for (id, s) in expired {
+            self.stats.answered(Some(&Status::deadline_exceeded("")));
             self.cancel(id);
             s.finish(self);
         }
@@ -1259,13 +1251,20 @@ pub(crate) struct TxState {
     next_stream: u64,
     /// The peer's count of messages it discarded unread, as last read.
     discarded_seen: u64,
+    /// The pool's retry budget, which every request deposits into.
+    health: Arc<PoolHealth>,
 }
 
 impl TxState {
-    /// Takes a fresh stream id.
+    /// Takes a fresh stream id, and counts the request in the pool's
+    /// retry budget (one deposit of many requests every so often: the
+    /// budget reads the clock).
     fn open_stream(&mut self) -> u64 {
         let id = self.next_stream;
         self.next_stream = self.next_stream.wrapping_add(2);
+        if (id >> 1).is_multiple_of(DEPOSIT_EVERY) {
+            self.health.requested(DEPOSIT_EVERY);
+        }
         id
     }
 
@@ -1280,6 +1279,10 @@ impl TxState {
         new
     }
 }
+
+/// Requests a link counts before it deposits them in its pool's retry
+/// budget at once (the first request deposits for the first lot).
+const DEPOSIT_EVERY: u64 = 64;
 
 /// What sending published messages to one subscriber did
 /// ([`ClientConn::send_publish_many`]).

@@ -1,12 +1,18 @@
 //! What one endpoint's calls did, in one struct made with the link at
 //! connect time ([`EndpointStats`]): the balancer reads the calls in
-//! flight, a [call policy](crate::policy::CallPolicy) reads the rest.
+//! flight and whether the endpoint is ejected, a
+//! [call policy](crate::policy::CallPolicy) reads the rest. What a pool's
+//! endpoints share (the count of those ejected, the retry budget) is its
+//! [`PoolHealth`].
 
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use commy_discovery::PeakEwma;
+use commy_core::{Code, Status};
+use commy_discovery::{Admit, Outlier, OutlierConfig, PeakEwma, Standing};
+
+use crate::call::resilience::Retries;
 
 /// The statistics of one endpoint: a shared-memory link to one instance,
 /// or the TLS connection to one peer process (shared by the instances it
@@ -16,7 +22,7 @@ use commy_discovery::PeakEwma;
 /// instances or has a call policy. Outcomes (calls, failures, latency) are
 /// recorded only for services that have a call policy: without one the
 /// call path reads no clock for them.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct EndpointStats {
     pub(crate) in_flight: AtomicUsize,
     calls: AtomicU64,
@@ -26,9 +32,43 @@ pub struct EndpointStats {
     /// The peak-EWMA load of a TLS endpoint's calls (the balancer's load
     /// for remote instances); unused for shared memory.
     pub(crate) ewma: PeakEwma,
+    /// Whether the endpoint is ejected from its pool for failing.
+    pub(crate) outlier: Outlier,
+    /// Answers that count against the endpoint ([`counts_against`]), and
+    /// local failures of the link or the deadline: every call's, with or
+    /// without a call policy.
+    failed: AtomicU64,
+    /// What its pool's endpoints share.
+    health: Arc<PoolHealth>,
 }
 
 impl EndpointStats {
+    /// The statistics of a new endpoint of the pool whose endpoints share
+    /// `health`.
+    pub(crate) fn new(health: Arc<PoolHealth>) -> EndpointStats {
+        EndpointStats {
+            in_flight: AtomicUsize::new(0),
+            calls: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            latency_ns: AtomicU64::new(0),
+            last_latency_ns: AtomicU64::new(0),
+            ewma: PeakEwma::default(),
+            outlier: Outlier::new(health.outlier),
+            failed: AtomicU64::new(0),
+            health,
+        }
+    }
+
+    /// What the endpoint's pool shares.
+    pub(crate) fn health(&self) -> &PoolHealth {
+        &self.health
+    }
+
+    /// The same, to keep.
+    pub(crate) fn health_arc(&self) -> Arc<PoolHealth> {
+        self.health.clone()
+    }
+
     /// Calls sent and not answered yet.
     pub fn in_flight(&self) -> u64 {
         self.in_flight.load(Ordering::Relaxed) as u64
@@ -58,6 +98,71 @@ impl EndpointStats {
         Duration::from_nanos(self.latency_ns.load(Ordering::Relaxed) / n)
     }
 
+    /// Where the endpoint stands in its pool: in (with its failures in a
+    /// row), ejected (for how long still) or half-open.
+    pub fn standing(&self) -> Standing {
+        self.outlier.standing(now_ms())
+    }
+
+    /// Times the endpoint was ejected.
+    pub fn ejections(&self) -> u16 {
+        self.outlier.ejections()
+    }
+
+    /// Calls that failed in a way that counts against the endpoint (see
+    /// [`counts_against`]), whether or not the service has a call policy.
+    pub fn failed_calls(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Records how an answered (or failed) call went for outlier ejection:
+    /// `failure` is its status unless it succeeded. One load when the
+    /// endpoint is in and had no failure, the common case.
+    #[inline]
+    pub(crate) fn answered(&self, failure: Option<&Status>) {
+        match failure {
+            Some(status) if counts_against(status.code()) => self.failed_once(),
+            _ => {
+                if self.outlier.succeeded(0) {
+                    self.health.readmitted();
+                }
+            }
+        }
+    }
+
+    #[cold]
+    fn failed_once(&self) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        let was_in = !self.outlier.is_out();
+        let ejected = self.outlier.failed_if(now_ms(), || self.health.may_eject());
+        if ejected && was_in {
+            self.health.ejected();
+        }
+    }
+
+    /// Whether the balancer may send a call here: the endpoint is in, its
+    /// ejection is over (a trial may be taken), or its pool has too few
+    /// endpoints in to be choosy (panic mode). A load when it is in.
+    #[inline]
+    pub(crate) fn may_take_call(&self) -> bool {
+        !self.outlier.is_out() || self.health.panicking() || self.outlier.admits(now_ms())
+    }
+
+    /// [`may_take_call`](EndpointStats::may_take_call) for the endpoint
+    /// the balancer chose: a half-open one gives this call its trial (or
+    /// refuses it, when another caller took the trial first).
+    #[inline]
+    pub(crate) fn take_call(&self) -> bool {
+        if !self.outlier.is_out() {
+            return true;
+        }
+        if self.health.panicking() {
+            self.health.panics.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        self.outlier.admit(now_ms()) != Admit::No
+    }
+
     /// Records one call's outcome.
     pub(crate) fn record(&self, ok: bool, latency: Duration) {
         let ns = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
@@ -67,6 +172,102 @@ impl EndpointStats {
         }
         self.latency_ns.fetch_add(ns, Ordering::Relaxed);
         self.last_latency_ns.store(ns, Ordering::Relaxed);
+    }
+}
+
+/// Whether a failure with `code` counts against the endpoint that gave it
+/// for outlier ejection: the endpoint (or the link to it) failed or did
+/// not answer in time. Answers an application gives (not found, invalid
+/// argument, permission denied, ...) show a working endpoint.
+pub fn counts_against(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable | Code::Internal | Code::DeadlineExceeded
+    )
+}
+
+/// What the endpoints of one pool share through their [`EndpointStats`]:
+/// the rules they are ejected by and the count of those ejected, and the
+/// pool's retries. The counts follow ejections and re-admissions as they
+/// happen and are set again from the endpoints themselves whenever the
+/// pool's instances change.
+#[derive(Debug)]
+pub(crate) struct PoolHealth {
+    outlier: OutlierConfig,
+    /// Whether endpoints are ejected at all.
+    ejecting: bool,
+    /// The most of the pool that may be out at once, in percent (one
+    /// endpoint always may be).
+    max_percent: u32,
+    /// Endpoints out (ejected or half-open).
+    out: AtomicUsize,
+    /// The pool's instances.
+    total: AtomicUsize,
+    /// Calls sent to an out endpoint because the pool was in panic mode.
+    pub(crate) panics: AtomicU64,
+    /// When the pool's failed calls are tried again.
+    pub(crate) retries: Retries,
+}
+
+impl PoolHealth {
+    /// `outlier`: the ejection rules (`None`: never eject);
+    /// `max_percent`: the most of the pool out at once.
+    pub(crate) fn new(
+        outlier: Option<OutlierConfig>,
+        max_percent: u32,
+        retries: Retries,
+    ) -> PoolHealth {
+        PoolHealth {
+            outlier: outlier.unwrap_or_default(),
+            ejecting: outlier.is_some(),
+            max_percent,
+            out: AtomicUsize::new(0),
+            total: AtomicUsize::new(0),
+            panics: AtomicU64::new(0),
+            retries,
+        }
+    }
+
+    /// Whether one more endpoint may be ejected.
+    fn may_eject(&self) -> bool {
+        self.ejecting
+            && commy_discovery::may_eject(
+                self.out.load(Ordering::Relaxed),
+                self.total.load(Ordering::Relaxed),
+                self.max_percent,
+            )
+    }
+
+    /// Whether fewer than half of the pool's endpoints are in: then calls
+    /// go to all of them.
+    pub(crate) fn panicking(&self) -> bool {
+        let total = self.total.load(Ordering::Relaxed);
+        let out = self.out.load(Ordering::Relaxed).min(total);
+        commy_discovery::panics(total - out, total)
+    }
+
+    fn ejected(&self) {
+        self.out.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn readmitted(&self) {
+        let _ = self
+            .out
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+
+    /// Counts `n` requests made in the retry budget.
+    pub(crate) fn requested(&self, n: u64) {
+        self.retries
+            .budget
+            .deposit_many(now_ms(), u32::try_from(n).unwrap_or(u32::MAX));
+    }
+
+    /// Sets the counts afresh: the pool has `total` instances, `out` of
+    /// them out.
+    pub(crate) fn reset(&self, total: usize, out: usize) {
+        self.total.store(total, Ordering::Relaxed);
+        self.out.store(out, Ordering::Relaxed);
     }
 }
 
@@ -128,12 +329,22 @@ impl Drop for Measured<'_> {
 }
 
 #[cfg(test)]
+pub(crate) fn test_health() -> PoolHealth {
+    let retries = Retries {
+        attempts: 1,
+        idempotent: false,
+        budget: commy_discovery::RetryBudget::default(),
+    };
+    PoolHealth::new(Some(OutlierConfig::default()), 10, retries)
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn outcomes_add_up_to_counts_and_a_mean() {
-        let s = EndpointStats::default();
+        let s = EndpointStats::new(Arc::new(test_health()));
         assert_eq!(s.mean_latency(), Duration::ZERO);
         s.record(true, Duration::from_micros(10));
         s.record(false, Duration::from_micros(30));

@@ -26,6 +26,7 @@ use crate::wire::{
     INSTANCES_SERVICE, LONG_POLL, Listing, PUBLISH_SERVICE, SERVICE_HEADER, TOPIC_HEADER,
     TOPIC_KEY_HEADER, decode_metadata,
 };
+use commy_net::CallFailure;
 
 /// One peer process.
 pub(crate) struct PeerState {
@@ -46,7 +47,8 @@ pub(crate) struct PeerState {
 
 impl PeerState {
     /// Calls `service` on this peer (`oneway`: a message with no answer),
-    /// counted and timed in `stats`, those of the instance called.
+    /// counted and timed in `stats`, those of the instance called. A
+    /// request that never left (no connection could be made) says so.
     pub(crate) async fn call(
         &self,
         stats: &EndpointStats,
@@ -55,7 +57,7 @@ impl PeerState {
         metadata: &Metadata,
         deadline: Option<Deadline>,
         oneway: bool,
-    ) -> Result<Response, Status> {
+    ) -> Result<Response, CallFailure> {
         let md = if metadata.is_empty() {
             let mut plain = self.plain.lock();
             match plain.get(service) {
@@ -71,16 +73,28 @@ impl PeerState {
         };
         stats.in_flight.fetch_add(1, Ordering::Relaxed);
         let _done = DecOnDrop(&stats.in_flight);
+        stats.health().requested(1);
         if oneway {
-            self.client.send(md, payload, deadline).await?;
+            self.client
+                .send(md, payload, deadline)
+                .await
+                .map_err(CallFailure::Failed)?;
             return Ok(Response::new(Bytes::new()));
         }
         let reply = {
             let _measured = Measured::start(&stats.ewma);
-            self.client.call(md, payload, deadline).await?
+            self.client.call_attempt(md, payload, deadline).await
         };
-        let metadata = decode_metadata(&reply.metadata, &self.limits)
-            .map_err(|e| Status::internal(format!("malformed response metadata: {e}")))?;
+        stats.answered(match &reply {
+            Ok(_) => None,
+            Err(CallFailure::Unsent(s) | CallFailure::Failed(s)) => Some(s),
+        });
+        let reply = reply?;
+        let metadata = decode_metadata(&reply.metadata, &self.limits).map_err(|e| {
+            CallFailure::Failed(Status::internal(format!(
+                "malformed response metadata: {e}"
+            )))
+        })?;
         Ok(Response::new(reply.payload).with_metadata(metadata))
     }
 }

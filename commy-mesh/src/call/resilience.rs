@@ -1,0 +1,223 @@
+//! How a mesh handle's pools route around failing instances and retry
+//! failed calls, from its settings (`eject_after`, `ejection_time`,
+//! `max_ejected_percent`,
+//! `retry_attempts`, `retry_budget_percent`, `idempotent`):
+//!
+//! - an instance whose calls fail 5 times in a row is ejected from its
+//!   pool for 30 s (longer each time), at most 10 % of a pool at once; once
+//!   its time is up, trial calls decide whether it comes back (the state
+//!   is an [`Outlier`](commy_discovery::Outlier) in each endpoint's
+//!   statistics, the pool's count a [`PoolHealth`]);
+//! - a call that provably never reached an instance (the link broke before
+//!   the request was in it, the peer could not be connected to) is tried
+//!   again on another instance; a call of an idempotent service (or one
+//!   marked so) also after a failure of the instance that may have
+//!   reached it;
+//! - every retry draws from the pool's [`RetryBudget`] (20 % of the
+//!   requests of the last 10 s plus 10 a second), an idempotent retry
+//!   waits a jittered, growing backoff first, and none is made past the
+//!   call's deadline.
+
+use std::time::Duration;
+
+use commy_config::Settings;
+use commy_core::{Code, ServiceName, Status};
+use commy_discovery::{OutlierConfig, RetryBudget};
+
+use crate::call::stats::PoolHealth;
+
+/// The first backoff of an idempotent retry (before jitter); each retry
+/// doubles it.
+const BACKOFF_BASE: Duration = Duration::from_millis(5);
+
+/// The longest backoff of an idempotent retry (before jitter).
+const BACKOFF_CAP: Duration = Duration::from_millis(250);
+
+/// Retries the budget allows per second whatever the requests (Finagle's
+/// and linkerd's floor).
+const BUDGET_FLOOR_PER_SEC: u32 = 10;
+
+/// How long a request's deposit stays in the budget, in milliseconds.
+const BUDGET_WINDOW_MS: u64 = 10_000;
+
+/// The resilience settings of a mesh handle, read once at open.
+#[derive(Debug, Clone)]
+pub(crate) struct Resilience {
+    /// `None`: instances are never ejected.
+    outlier: Option<OutlierConfig>,
+    max_ejected_percent: u32,
+    attempts: u32,
+    budget_percent: u32,
+    idempotent: Vec<ServiceName>,
+}
+
+impl Resilience {
+    /// From the settings (checked when they were loaded).
+    pub(crate) fn from_settings(s: &Settings) -> Resilience {
+        Resilience {
+            outlier: (s.eject_after > 0).then(|| OutlierConfig {
+                consecutive_failures: u16::try_from(s.eject_after).unwrap_or(u16::MAX),
+                base_ejection: s.ejection_time,
+                max_ejection: s.ejection_time.saturating_mul(10),
+                ..OutlierConfig::default()
+            }),
+            max_ejected_percent: u32::try_from(s.max_ejected_percent).unwrap_or(100),
+            attempts: u32::try_from(s.retry_attempts).unwrap_or(1).max(1),
+            budget_percent: u32::try_from(s.retry_budget_percent).unwrap_or(0),
+            // Checked at load: every name is a service name.
+            idempotent: s
+                .idempotent
+                .iter()
+                .filter_map(|n| ServiceName::new(n).ok())
+                .collect(),
+        }
+    }
+
+    /// What the endpoints of a new pool of `service` share.
+    pub(crate) fn pool_health(&self, service: &ServiceName) -> PoolHealth {
+        let retries = Retries {
+            attempts: self.attempts,
+            idempotent: self.idempotent.contains(service),
+            budget: RetryBudget::new(self.budget_percent, BUDGET_FLOOR_PER_SEC, BUDGET_WINDOW_MS),
+        };
+        PoolHealth::new(self.outlier, self.max_ejected_percent, retries)
+    }
+}
+
+/// When one pool's failed calls are tried again.
+#[derive(Debug)]
+pub(crate) struct Retries {
+    /// Attempts in all of one call.
+    pub(crate) attempts: u32,
+    /// Whether the service's calls may be retried after any failure of
+    /// the instance.
+    pub(crate) idempotent: bool,
+    /// What retries draw from.
+    pub(crate) budget: RetryBudget,
+}
+
+/// Why a failed attempt may be tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Retry {
+    /// The request never reached an instance: at once, elsewhere.
+    Unsent,
+    /// The instance failed a call that is idempotent: after a backoff.
+    Idempotent,
+}
+
+impl Retries {
+    /// Whether attempt number `attempt` of a call (`idempotent`: the
+    /// call's own mark), which failed with `status`, is tried again and
+    /// how; `unsent`: the request provably never reached an instance.
+    /// Draws the retry from the budget at `now_ms`.
+    pub(crate) fn retry(
+        &self,
+        status: &Status,
+        unsent: bool,
+        idempotent: bool,
+        attempt: u32,
+        now_ms: u64,
+    ) -> Option<Retry> {
+        if attempt >= self.attempts {
+            return None;
+        }
+        let how = if unsent {
+            Retry::Unsent
+        } else if (idempotent || self.idempotent) && retryable(status.code()) {
+            Retry::Idempotent
+        } else {
+            return None;
+        };
+        self.spend(now_ms).then_some(how)
+    }
+
+    /// Takes one retry from the budget at `now_ms`; false when it is
+    /// spent. The retry is sent as a request, which counts in the budget
+    /// like any: its count is taken back.
+    pub(crate) fn spend(&self, now_ms: u64) -> bool {
+        let ok = self.budget.try_withdraw(now_ms);
+        if ok {
+            self.budget.take_back(now_ms, 1);
+        }
+        ok
+    }
+}
+
+/// Failures of an instance after which an idempotent call is tried
+/// again: the instance (or the link to it) failed, not the request.
+fn retryable(code: Code) -> bool {
+    matches!(code, Code::Unavailable | Code::Internal | Code::Aborted)
+}
+
+/// How long retry number `retry` (1 for the first) of an idempotent call
+/// waits: full jitter under a ceiling that doubles from 5 ms up to 250 ms.
+pub(crate) fn backoff(retry: u32) -> Duration {
+    let mut b = commy_net::mux::Backoff::new(BACKOFF_BASE, BACKOFF_CAP);
+    for _ in 1..retry {
+        let _ = b.next_delay_with(0.0);
+    }
+    b.next_delay()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn retries(idempotent: bool) -> Retries {
+        Retries {
+            attempts: 3,
+            idempotent,
+            budget: RetryBudget::new(20, 10, 10_000),
+        }
+    }
+
+    #[test]
+    fn only_unsent_requests_are_retried_unless_idempotent() {
+        let r = retries(false);
+        let down = Status::unavailable("the instance died");
+        assert_eq!(r.retry(&down, true, false, 1, 0), Some(Retry::Unsent));
+        assert_eq!(r.retry(&down, false, false, 1, 0), None);
+        assert_eq!(r.retry(&down, false, true, 1, 0), Some(Retry::Idempotent));
+        assert_eq!(
+            r.retry(&down, true, false, 3, 0),
+            None,
+            "three attempts in all"
+        );
+        let bad = Status::invalid_argument("no");
+        assert_eq!(retries(true).retry(&bad, false, false, 1, 0), None);
+        assert_eq!(
+            retries(true).retry(&down, false, false, 2, 0),
+            Some(Retry::Idempotent)
+        );
+    }
+
+    #[test]
+    fn retries_stop_when_the_budget_is_spent() {
+        let r = retries(true);
+        let down = Status::unavailable("down");
+        // No requests deposited: the floor alone, 10 a second over 10 s.
+        // Each retry is sent as a request, which deposits.
+        let made = (0..1000)
+            .filter(|_| {
+                let made = r.retry(&down, false, false, 1, 0).is_some();
+                if made {
+                    r.budget.deposit(0);
+                }
+                made
+            })
+            .count();
+        assert_eq!(made, 100);
+    }
+
+    #[test]
+    fn backoff_grows_and_stays_under_its_cap() {
+        for retry in 1..20 {
+            let ceiling = BACKOFF_BASE
+                .saturating_mul(1 << (retry - 1).min(16))
+                .min(BACKOFF_CAP);
+            for _ in 0..20 {
+                assert!(backoff(retry) <= ceiling, "retry {retry}");
+            }
+        }
+    }
+}

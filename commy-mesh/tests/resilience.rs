@@ -1,0 +1,177 @@
+//! Outlier ejection and retries: three instances of `flaky` over shared
+//! memory, each a mesh handle of its own in one runtime dir, answering
+//! their number; one can be told to fail every call with UNAVAILABLE.
+#![allow(clippy::disallowed_types)] // plain counters in tests, nothing for loom
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use commy_mesh::{CallOptions, Mesh, Request, Response, ServiceHandle, Status};
+
+mod support;
+
+/// One instance of `flaky`: its handle, whether it fails, the calls its
+/// handler saw.
+struct Instance {
+    _mesh: Mesh,
+    _handle: ServiceHandle,
+    failing: Arc<AtomicBool>,
+    calls: Arc<AtomicU64>,
+}
+
+async fn instance(dir: &Path, number: u8) -> Instance {
+    let mesh = support::builder(dir).open().await.unwrap();
+    let failing = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicU64::new(0));
+    let handle = {
+        let (failing, calls) = (failing.clone(), calls.clone());
+        mesh.serve("flaky", move |_req: Request| {
+            calls.fetch_add(1, Ordering::Relaxed);
+            let fail = failing.load(Ordering::Relaxed);
+            async move {
+                if fail {
+                    Err(Status::unavailable(format!(
+                        "instance {number} fails on purpose"
+                    )))
+                } else {
+                    Ok(Response::new(vec![number]))
+                }
+            }
+        })
+        .await
+        .unwrap()
+    };
+    Instance {
+        _mesh: mesh,
+        _handle: handle,
+        failing,
+        calls,
+    }
+}
+
+/// A client of `dir` with an ejection of `ejection` and the settings
+/// `extra` (key, value).
+async fn client(dir: &Path, ejection: &str, extra: &[(&str, &str)]) -> Mesh {
+    let mut b = support::builder(dir).setting("ejection_time", ejection);
+    for (k, v) in extra {
+        b = b.setting(k, *v);
+    }
+    b.open().await.unwrap()
+}
+
+/// Calls `flaky` until every one of `n` instances has answered once.
+async fn reach_all(client: &Mesh, n: usize) {
+    let mut seen = vec![false; n];
+    for _ in 0..10_000 {
+        if let Ok(reply) = client.call("flaky", Vec::new()).await {
+            seen[reply[0] as usize] = true;
+        }
+        if seen.iter().all(|s| *s) {
+            return;
+        }
+    }
+    panic!("not every instance answered: {seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_instance_is_ejected_and_comes_back_after_its_time() {
+    let dir = support::private_dir("resilience-eject");
+    let mut instances = Vec::new();
+    for i in 0..3 {
+        instances.push(instance(&dir, i).await);
+    }
+    let client = client(&dir, "500ms", &[]).await;
+    reach_all(&client, 3).await;
+
+    // It fails: the calls it takes fail, until its fifth failure in a row
+    // ejects it.
+    instances[2].failing.store(true, Ordering::Relaxed);
+    let before = instances[2].calls.load(Ordering::Relaxed);
+    let (mut failed, mut ejected_at) = (0, None);
+    for _ in 0..300 {
+        if client.call("flaky", Vec::new()).await.is_err() {
+            failed += 1;
+            if failed == 5 {
+                ejected_at = Some(Instant::now());
+            }
+        }
+    }
+    let taken = instances[2].calls.load(Ordering::Relaxed) - before;
+    assert_eq!(failed, 5, "ejected at its fifth failure");
+    assert_eq!(taken, 5, "no call while ejected");
+    let ejected_at = ejected_at.unwrap();
+
+    // It recovers: once its ejection is over, trial calls re-admit it.
+    instances[2].failing.store(false, Ordering::Relaxed);
+    let before = instances[2].calls.load(Ordering::Relaxed);
+    let mut back = None;
+    while ejected_at.elapsed() < Duration::from_secs(3) {
+        let reply = client.call("flaky", Vec::new()).await.unwrap();
+        if reply[0] == 2 && back.is_none() {
+            back = Some(ejected_at.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let back = back.expect("the recovered instance took calls again");
+    assert!(
+        back >= Duration::from_millis(490) && back < Duration::from_millis(1_500),
+        "back after {back:?}"
+    );
+    assert!(
+        instances[2].calls.load(Ordering::Relaxed) - before > 100,
+        "re-admitted, it takes its share"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_calls_are_tried_again_on_another_instance() {
+    let dir = support::private_dir("resilience-retry");
+    let mut instances = Vec::new();
+    for i in 0..3 {
+        instances.push(instance(&dir, i).await);
+    }
+    // Ejection off: every failure of the failing instance is retried.
+    let client = client(&dir, "30s", &[("eject_after", "0")]).await;
+    reach_all(&client, 3).await;
+    instances[1].failing.store(true, Ordering::Relaxed);
+    let before = instances[1].calls.load(Ordering::Relaxed);
+    for i in 0..300 {
+        let options = CallOptions::default().idempotent(true);
+        let reply = client.call_with("flaky", Vec::new(), options).await;
+        let reply = reply.unwrap_or_else(|e| panic!("call {i}: {e}"));
+        assert_ne!(reply.payload()[0], 1);
+    }
+    assert!(
+        instances[1].calls.load(Ordering::Relaxed) - before > 10,
+        "the failing instance was tried"
+    );
+    // Not marked idempotent: its failures are the caller's.
+    let mut failed = 0;
+    for _ in 0..300 {
+        failed += usize::from(client.call("flaky", Vec::new()).await.is_err());
+    }
+    assert!(failed > 10, "{failed} failures");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_of_a_service_failing_every_call_stay_within_the_budget() {
+    let dir = support::private_dir("resilience-budget");
+    let down = instance(&dir, 0).await;
+    down.failing.store(true, Ordering::Relaxed);
+    let client = client(&dir, "30s", &[("idempotent", "flaky")]).await;
+    let requests = 2_000u64;
+    for _ in 0..requests {
+        let status = client.call("flaky", Vec::new()).await.unwrap_err();
+        assert_eq!(status.code(), commy_mesh::Code::Unavailable, "{status}");
+    }
+    // 20 % of the requests, and the floor of 10 a second over the 10 s
+    // window (the test takes well under 10 s).
+    let attempts = down.calls.load(Ordering::Relaxed);
+    let most = requests + requests / 5 + 100 + 64;
+    assert!(
+        attempts > requests && attempts <= most,
+        "{attempts} attempts for {requests} requests (at most {most})"
+    );
+}
