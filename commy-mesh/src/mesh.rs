@@ -811,8 +811,11 @@ impl Mesh {
             return None;
         }
         let (conn, balanced) = self.inner.services.connected(name)?;
-        if conn.policy.is_some() {
-            // The task records the outcome and retries as the policy says.
+        let retries = &conn.stats.health().retries;
+        let idempotent = retries.attempts > 1 && (options.idempotent || retries.idempotent);
+        if conn.policy.is_some() || idempotent {
+            // The task records the outcome and retries as the policy (or
+            // an idempotent call's retries) say.
             return None;
         }
         let due = self.due(options);
