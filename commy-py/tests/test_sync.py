@@ -134,6 +134,39 @@ def test_settings_are_taken_by_key_and_say_where_they_came_from(
         commy.Mesh(peers={"a": 1})
 
 
+def test_idempotent_calls_go_around_a_failing_instance(runtime_dir: str) -> None:
+    failing, working = commy.Mesh(), commy.Mesh()
+
+    def fail(data: bytes) -> bytes:
+        raise commy.Unavailable("this instance fails on purpose")
+
+    failing.serve("flaky", fail)
+    working.serve("flaky", lambda d: b"ok")
+    try:
+        with commy.Mesh(idempotent=["flaky"], eject_after=0, ejection_time=0.5) as client:
+            assert client.explain("idempotent") == ('["flaky"]', "Python options")
+            assert client.explain("ejection_time") == ('"500ms"', "Python options")
+            # Each call that reaches the failing instance is tried again on
+            # the other.
+            assert all(client.call("flaky", b"", timeout=LONG) == b"ok" for _ in range(50))
+        with commy.Mesh() as plain:
+            failures = 0
+            for _ in range(50):
+                try:
+                    plain.call("flaky", b"")
+                except commy.Unavailable:
+                    failures += 1
+            # Not idempotent: at most the five failures that eject it.
+            assert 1 <= failures <= 5
+    finally:
+        failing.close()
+        working.close()
+    with pytest.raises(commy.InvalidArgument, match="max_ejected_percent"):
+        commy.Mesh(max_ejected_percent=101)
+    with pytest.raises(commy.InvalidArgument, match="idempotent"):
+        commy.Mesh(idempotent=["no spaces"])
+
+
 def test_a_closed_mesh_refuses(runtime_dir: str) -> None:
     m = commy.Mesh()
     m.serve("svc", lambda d: d)
