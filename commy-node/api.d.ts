@@ -65,6 +65,18 @@ export interface MeshOptions {
   requireClientCert?: boolean
   /** Which transport calls use: `'auto'` (the default), `'shm'` or `'tls'`. */
   transport?: 'auto' | 'shm' | 'tls'
+  /** Failures in a row that eject an instance from its pool for a while (5 unless set; 0: never). */
+  ejectAfter?: number
+  /** How long a first ejection lasts, in milliseconds (30 000 unless set; the n-th lasts n times as long, at most 10 times). */
+  ejectionTimeMs?: number
+  /** The most of a pool ejected at once, in percent (10 unless set; one instance always may be). */
+  maxEjectedPercent?: number
+  /** Attempts in all of a call that may be retried (3 unless set; 1: never retry). */
+  retryAttempts?: number
+  /** Retries may add this share of the requests of the last 10 s, in percent, plus 10 a second (20 unless set). */
+  retryBudgetPercent?: number
+  /** Services whose calls may be retried after any failure of the instance, not only one that never reached it. */
+  idempotent?: string[]
 }
 
 /** Options of `mesh.call`. */

@@ -274,6 +274,48 @@ test('every setting is an option by its key, and each value says where it came f
   await assert.rejects(Mesh.open({ peers: [1, 2] }), /options.peers must be/)
 })
 
+test('idempotent calls go around a failing instance; ejection and retries are options', async () => {
+  const dir = runtimeDir()
+  const failing = await Mesh.open({ runtimeDir: dir })
+  const working = await Mesh.open({ runtimeDir: dir })
+  await failing.serve('flaky', () => {
+    throw new CommyError('UNAVAILABLE', 'this instance fails on purpose')
+  })
+  await working.serve('flaky', () => 'ok')
+  try {
+    const client = await Mesh.open({ runtimeDir: dir, idempotent: ['flaky'], ejectAfter: 0, ejectionTimeMs: 500 })
+    try {
+      assert.deepEqual(client.explain('idempotent'), ['["flaky"]', 'Node options'])
+      assert.deepEqual(client.explain('ejectionTimeMs'), ['"500ms"', 'Node options'])
+      // Each call that reaches the failing instance is tried again on the other.
+      for (let i = 0; i < 50; i++) {
+        assert.equal((await client.call('flaky', '')).toString(), 'ok')
+      }
+    } finally {
+      await client.close()
+    }
+    const plain = await Mesh.open({ runtimeDir: dir })
+    try {
+      let failures = 0
+      for (let i = 0; i < 50; i++) {
+        await plain.call('flaky', '').catch((e) => {
+          assert.equal(e.code, 'UNAVAILABLE')
+          failures++
+        })
+      }
+      // Not idempotent: at most the five failures that eject it.
+      assert.ok(failures >= 1 && failures <= 5, `${failures} failures`)
+    } finally {
+      await plain.close()
+    }
+  } finally {
+    await failing.close()
+    await working.close()
+  }
+  await rejectsWith(Mesh.open({ runtimeDir: dir, maxEjectedPercent: 101 }), 'INVALID_ARGUMENT', /max_ejected_percent/)
+  await rejectsWith(Mesh.open({ runtimeDir: dir, idempotent: ['no spaces'] }), 'INVALID_ARGUMENT', /idempotent/)
+})
+
 test('a closed mesh refuses work and close is idempotent', async () => {
   const mesh = await Mesh.open({ runtimeDir: runtimeDir() })
   await mesh.close()
