@@ -38,3 +38,4 @@ pub use crate::response::Response;
 pub use commy_config::TransportPreference;
 pub use commy_core::{Deadline, Metadata};
 pub use options::CallOptions;
+pub use pool::EndpointInfo;

@@ -38,6 +38,7 @@ use crate::call::deadline::Due;
 use crate::call::endpoint::Attempt;
 use crate::call::options::CallOptions;
 use crate::call::policy::{CallPolicies, settle};
+use crate::call::pool::EndpointInfo;
 use crate::call::pool::Pools;
 use crate::call::resilience::{Resilience, Retry, backoff};
 use crate::call::shm::{ClientConn, Started};
@@ -1106,6 +1107,15 @@ impl Mesh {
             }
         }
         Ok(delivered)
+    }
+
+    /// Every instance of service `name` this handle knows, as its pool
+    /// sees it: where it is, whether it is in, ejected or half-open, its
+    /// calls in flight, failures and round-trip estimate. Instances at TLS
+    /// peers appear once the peers have listed them.
+    pub fn endpoints(&self, name: &str) -> Result<Vec<EndpointInfo>, Status> {
+        self.check_open()?;
+        Ok(self.inner.services.endpoints(&service_name(name)?))
     }
 
     /// Messages this handle published on `topic` that subscribers on this

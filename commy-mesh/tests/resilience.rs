@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use commy_mesh::call::EndpointInfo;
+use commy_mesh::policy::Standing;
 use commy_mesh::{CallOptions, Mesh, Request, Response, ServiceHandle, Status};
 
 mod support;
@@ -102,6 +104,18 @@ async fn a_failing_instance_is_ejected_and_comes_back_after_its_time() {
     assert_eq!(failed, 5, "ejected at its fifth failure");
     assert_eq!(taken, 5, "no call while ejected");
     let ejected_at = ejected_at.unwrap();
+    // What the pool says of it.
+    let endpoints = client.endpoints("flaky").unwrap();
+    assert_eq!(endpoints.len(), 3);
+    let out: Vec<_> = endpoints
+        .iter()
+        .filter(|e| matches!(e.standing, Standing::Ejected { .. }))
+        .collect();
+    assert_eq!(out.len(), 1, "{endpoints:?}");
+    assert_eq!((out[0].failed_calls, out[0].ejections), (5, 1));
+    assert!(out[0].linked && out[0].in_flight == 0);
+    let in_pool = |e: &&EndpointInfo| e.standing == Standing::In { failures: 0 };
+    assert_eq!(endpoints.iter().filter(in_pool).count(), 2);
 
     // It recovers: once its ejection is over, trial calls re-admit it.
     instances[2].failing.store(false, Ordering::Relaxed);
@@ -123,6 +137,13 @@ async fn a_failing_instance_is_ejected_and_comes_back_after_its_time() {
         instances[2].calls.load(Ordering::Relaxed) - before > 100,
         "re-admitted, it takes its share"
     );
+    let endpoints = client.endpoints("flaky").unwrap();
+    assert!(
+        endpoints
+            .iter()
+            .all(|e| e.standing == Standing::In { failures: 0 })
+    );
+    assert!(client.endpoints("no spaces").is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use commy_config::TransportPreference;
 use commy_core::{Deadline, InstanceId, Limits, MeshName, ServiceName, Status};
-use commy_discovery::{Discover, Instance, PowerOfTwo};
+use commy_discovery::{Discover, Instance, PowerOfTwo, Standing};
 use commy_shm::{LinkConfig, ShmLink};
 use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
@@ -34,7 +34,7 @@ use crate::call::policy::{CallPolicies, CallPolicy};
 use crate::call::reader;
 use crate::call::resilience::Resilience;
 use crate::call::shm::ClientConn;
-use crate::call::stats::{EndpointStats, PoolHealth};
+use crate::call::stats::{EndpointStats, PoolHealth, now_ms};
 use crate::call::tls::Peers;
 
 /// Ids of pool sets, so a thread's [`LastCalled`] never mixes them up.
@@ -464,6 +464,38 @@ impl Pools {
         Some((conn.clone(), several))
     }
 
+    /// Every instance the pool of `service` knows, as its pick sees it
+    /// (scanning this host once if its watch has not said yet).
+    pub(crate) fn endpoints(&self, service: &ServiceName) -> Vec<EndpointInfo> {
+        let pool = self.get(service);
+        let _ = pool.scan_local();
+        let state = pool.state.lock();
+        let now = now_ms();
+        state
+            .local
+            .iter()
+            .chain(&state.remote)
+            .map(|inst| {
+                let ep = state.conns.get(&inst.id).filter(|ep| ep.is_alive());
+                let stats = ep.map(Endpoint::stats);
+                EndpointInfo {
+                    instance: inst.id,
+                    endpoint: inst.endpoint.clone(),
+                    linked: ep.is_some(),
+                    standing: stats
+                        .map_or(Standing::In { failures: 0 }, |s| s.outlier.standing(now)),
+                    ejections: stats.map_or(0, EndpointStats::ejections),
+                    in_flight: stats.map_or(0, EndpointStats::in_flight),
+                    failed_calls: stats.map_or(0, EndpointStats::failed_calls),
+                    round_trip: match ep {
+                        Some(Endpoint::Tls(tls)) => Some(tls.stats.ewma.rtt(now)),
+                        _ => None,
+                    },
+                }
+            })
+            .collect()
+    }
+
     /// Drops every pool (and with them our links), stopping their watches.
     pub(crate) fn clear(&self) {
         // The watches stop first: a watch whose directory a tidy-up then
@@ -474,6 +506,34 @@ impl Pools {
             }
         }
     }
+}
+
+/// One instance of a service as this handle's pool sees it
+/// ([`Mesh::endpoints`](crate::Mesh::endpoints)).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct EndpointInfo {
+    /// The instance.
+    pub instance: InstanceId,
+    /// Where it is reached: a socket on this host (shared memory) or a TLS
+    /// peer.
+    pub endpoint: commy_core::Endpoint,
+    /// Whether this handle has a live link to it (it has been called).
+    pub linked: bool,
+    /// In (with its failures in a row), ejected (for how long still), or
+    /// half-open (trial calls decide).
+    pub standing: Standing,
+    /// Times it was ejected.
+    pub ejections: u16,
+    /// Calls sent to it and not answered yet (counted while its pool
+    /// balances between instances).
+    pub in_flight: u64,
+    /// Its failed calls that count against it (see
+    /// [`counts_against`](crate::policy::counts_against)).
+    pub failed_calls: u64,
+    /// Over TLS: the peak-EWMA estimate of its round trip, the balancer's
+    /// load.
+    pub round_trip: Option<Duration>,
 }
 
 /// How many instances [`Pools::local_links`] lists without allocating.
