@@ -289,6 +289,9 @@ async fn requests_polled_from_a_driven_link_are_answered_by_the_poller() {
     let (first, _) = held.lock().unwrap().remove(0);
     first.answer(Ok(b"held 0"));
     assert_eq!(&past.await.unwrap().unwrap()[..], b"handler:past");
+    // The server gives `past`'s permit back just after it answered: a
+    // request sent before that would wait for it and go to the handler.
+    tokio::time::sleep(Duration::from_millis(20)).await;
     // A held request whose caller gives up gives its permit back.
     let e = client
         .call_with(
