@@ -56,7 +56,8 @@ mod subscription;
 pub use caller::FfiCaller;
 pub use error::{FfiError, error_code_names};
 pub use mesh::{
-    FfiMesh, FfiPublisher, FfiRequest, FfiService, MeshOptions, Reply, SubscribeParams,
+    FfiCallOptions, FfiEndpoint, FfiMesh, FfiPublisher, FfiRequest, FfiService, MeshOptions, Reply,
+    SubscribeParams,
 };
 pub use region::{FfiRegion, OpenPolicy, RegionOptions};
 pub use runtime::{CHECK_INTERVAL, FfiTask, LocalTask, block_on, run_inline, runtime, spawn_with};

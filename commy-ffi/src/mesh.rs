@@ -53,7 +53,7 @@ use commy_mesh::service::ServiceName;
 use commy_mesh::settings::Layer;
 use commy_mesh::{
     CallOptions, Deadline, LinkConfig, Mesh, Publisher, Request, Responder, Response,
-    ServiceHandle, Status, WaitStrategy,
+    ServiceHandle, Status, WaitStrategy, call::EndpointInfo, policy::Standing,
 };
 
 use crate::caller::FfiCaller;
@@ -217,16 +217,38 @@ impl FfiMesh {
         payload: Bytes,
         timeout: Option<Duration>,
     ) -> impl Future<Output = Result<Bytes, FfiError>> + Send + 'static {
+        let options = FfiCallOptions {
+            timeout,
+            ..FfiCallOptions::default()
+        };
+        self.call_with(service, payload, options)
+    }
+
+    /// Calls `service` with `payload` and `options`.
+    pub fn call_with(
+        &self,
+        service: &str,
+        payload: Bytes,
+        options: FfiCallOptions,
+    ) -> impl Future<Output = Result<Bytes, FfiError>> + Send + 'static {
         let mesh = self.mesh.clone();
         let service = service.to_owned();
         async move {
-            let mut options = CallOptions::default();
-            options.timeout = timeout;
-            mesh.call_with(&service, payload, options)
+            let mut call = CallOptions::default().idempotent(options.idempotent);
+            call.timeout = options.timeout;
+            call.spin = options.spin;
+            mesh.call_with(&service, payload, call)
                 .await
                 .map(Response::into_payload)
                 .map_err(FfiError::from)
         }
+    }
+
+    /// Every instance of service `name` this handle knows, as its pool
+    /// sees it (see [`Mesh::endpoints`]).
+    pub fn endpoints(&self, name: &str) -> Result<Vec<FfiEndpoint>, FfiError> {
+        let endpoints = self.mesh.endpoints(name).map_err(FfiError::from)?;
+        Ok(endpoints.into_iter().map(FfiEndpoint::from).collect())
     }
 
     /// Calls `service` once with each of `payloads`, all in flight at once
@@ -344,19 +366,12 @@ impl FfiMesh {
         timeout: Option<Duration>,
         spin: Duration,
     ) -> impl Future<Output = Result<Bytes, FfiError>> + Send + 'static {
-        let mesh = self.mesh.clone();
-        let service = service.to_owned();
-        async move {
-            let options = CallOptions::default().spin(spin);
-            let options = match timeout {
-                Some(t) => options.timeout(t),
-                None => options,
-            };
-            mesh.call_with(&service, payload, options)
-                .await
-                .map(Response::into_payload)
-                .map_err(FfiError::from)
-        }
+        let options = FfiCallOptions {
+            timeout,
+            spin: Some(spin),
+            ..FfiCallOptions::default()
+        };
+        self.call_with(service, payload, options)
     }
 
     /// Sends a one-way message to one instance of `service`.
@@ -540,6 +555,81 @@ impl FfiMesh {
     pub fn close(&self) -> impl Future<Output = ()> + Send + 'static {
         let mesh = self.mesh.clone();
         async move { mesh.close().await }
+    }
+}
+
+/// The options of one call from a binding.
+#[derive(Debug, Clone, Copy, Default)]
+#[non_exhaustive]
+pub struct FfiCallOptions {
+    /// Overrides the mesh's default timeout.
+    pub timeout: Option<Duration>,
+    /// How long the caller polls for its answer before it sleeps, instead
+    /// of the mesh's `call_spin`.
+    pub spin: Option<Duration>,
+    /// The call may be made more than once (see
+    /// [`CallOptions::idempotent`]).
+    pub idempotent: bool,
+}
+
+impl FfiCallOptions {
+    /// Options with `timeout` (overriding the mesh's default) and the
+    /// idempotent mark.
+    pub fn new(timeout: Option<Duration>, idempotent: bool) -> FfiCallOptions {
+        FfiCallOptions {
+            timeout,
+            spin: None,
+            idempotent,
+        }
+    }
+}
+
+/// One instance of a service as a handle's pool sees it, in plain values
+/// (see [`EndpointInfo`]).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct FfiEndpoint {
+    /// The instance's id.
+    pub instance: String,
+    /// Where it is reached: a socket path on this host, or `tls://...`.
+    pub endpoint: String,
+    /// Whether this handle has a live link to it.
+    pub linked: bool,
+    /// `in`, `ejected` or `half-open`.
+    pub state: &'static str,
+    /// While in: its failures in a row.
+    pub failures_in_a_row: u16,
+    /// While ejected: for how long still.
+    pub ejected_for: Option<Duration>,
+    /// Times it was ejected.
+    pub ejections: u16,
+    /// Calls in flight to it.
+    pub in_flight: u64,
+    /// Its failed calls that count against it.
+    pub failed_calls: u64,
+    /// Over TLS: the peak-EWMA estimate of its round trip.
+    pub round_trip: Option<Duration>,
+}
+
+impl From<EndpointInfo> for FfiEndpoint {
+    fn from(e: EndpointInfo) -> FfiEndpoint {
+        let (state, failures_in_a_row, ejected_for) = match e.standing {
+            Standing::In { failures } => ("in", failures, None),
+            Standing::Ejected { remaining } => ("ejected", 0, Some(remaining)),
+            Standing::HalfOpen => ("half-open", 0, None),
+        };
+        FfiEndpoint {
+            instance: e.instance.to_string(),
+            endpoint: e.endpoint.to_string(),
+            linked: e.linked,
+            state,
+            failures_in_a_row,
+            ejected_for,
+            ejections: e.ejections,
+            in_flight: e.in_flight,
+            failed_calls: e.failed_calls,
+            round_trip: e.round_trip,
+        }
     }
 }
 
