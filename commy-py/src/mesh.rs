@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use commy_ffi::{FfiError, FfiMesh, FfiService, MeshOptions, OpenPolicy, SubscribeParams};
+use commy_ffi::{
+    FfiCallOptions, FfiError, FfiMesh, FfiService, MeshOptions, OpenPolicy, SubscribeParams,
+};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
@@ -50,19 +52,47 @@ impl RawMesh {
         self.mesh.explain(key)
     }
 
-    /// Calls `service`, blocking (GIL released, Ctrl-C interrupts).
-    #[pyo3(signature = (service, data, timeout=None))]
+    /// Calls `service`, blocking (GIL released, Ctrl-C interrupts);
+    /// `idempotent`: the call may be made more than once.
+    #[pyo3(signature = (service, data, timeout=None, idempotent=false))]
     fn call(
         &self,
         py: Python<'_>,
         service: &str,
         data: &Bound<'_, PyAny>,
         timeout: Option<f64>,
+        idempotent: bool,
     ) -> PyResult<Py<PyBytes>> {
         let data = payload(data, "data")?;
-        let timeout = seconds(py, timeout, "timeout")?;
-        let reply = wait(py, self.mesh.call(service, data, timeout))?;
+        let options = FfiCallOptions::new(seconds(py, timeout, "timeout")?, idempotent);
+        let reply = wait(py, self.mesh.call_with(service, data, options))?;
         Ok(PyBytes::new(py, &reply).unbind())
+    }
+
+    /// Every instance of service `name` this handle knows, as its pool
+    /// sees it: a dict each.
+    fn endpoints<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let endpoints = self
+            .mesh
+            .endpoints(name)
+            .map_err(|e| errors::to_py(py, &e))?;
+        endpoints
+            .into_iter()
+            .map(|e| {
+                let d = PyDict::new(py);
+                d.set_item("instance", e.instance)?;
+                d.set_item("endpoint", e.endpoint)?;
+                d.set_item("linked", e.linked)?;
+                d.set_item("state", e.state)?;
+                d.set_item("failures_in_a_row", e.failures_in_a_row)?;
+                d.set_item("ejected_for", e.ejected_for.map(|d| d.as_secs_f64()))?;
+                d.set_item("ejections", e.ejections)?;
+                d.set_item("in_flight", e.in_flight)?;
+                d.set_item("failed_calls", e.failed_calls)?;
+                d.set_item("round_trip", e.round_trip.map(|d| d.as_secs_f64()))?;
+                Ok(d)
+            })
+            .collect()
     }
 
     /// Sends a one-way message, blocking.
@@ -143,7 +173,7 @@ impl RawMesh {
     /// `fut` through `queue`.
     /// `spin`: seconds this call polls for its answer on the loop's thread
     /// before it waits (the mesh's `call_spin` if None).
-    #[pyo3(signature = (service, data, timeout, queue, fut, spin=None))]
+    #[pyo3(signature = (service, data, timeout, queue, fut, spin=None, idempotent=false))]
     #[allow(
         clippy::too_many_arguments,
         reason = "the Python method's parameters, one by one"
@@ -157,17 +187,12 @@ impl RawMesh {
         queue: &RawQueue,
         fut: Py<PyAny>,
         spin: Option<f64>,
+        idempotent: bool,
     ) -> PyResult<RawTask> {
         let data = payload(data, "data")?;
-        let timeout = seconds(py, timeout, "timeout")?;
-        let spin = seconds(py, spin, "spin")?;
-        let (mesh, service) = (self.mesh.clone(), service.to_owned());
-        let call = async move {
-            match spin {
-                Some(spin) => mesh.call_with_spin(&service, data, timeout, spin).await,
-                None => mesh.call(&service, data, timeout).await,
-            }
-        };
+        let mut options = FfiCallOptions::new(seconds(py, timeout, "timeout")?, idempotent);
+        options.spin = seconds(py, spin, "spin")?;
+        let call = self.mesh.call_with(service, data, options);
         aio::start(py, queue, fut, call, Outcome::Bytes)
     }
 

@@ -41,6 +41,26 @@ def test_async_handlers_and_calls(runtime_dir: str) -> None:
     run(main)
 
 
+def test_an_idempotent_call_goes_around_a_failing_instance(runtime_dir: str) -> None:
+    async def main() -> None:
+        async with commy.AsyncMesh() as failing, commy.AsyncMesh() as working:
+
+            @failing.service("flaky")
+            async def fail(data: bytes) -> bytes:
+                raise commy.Unavailable("this instance fails on purpose")
+
+            @working.service("flaky")
+            async def ok(data: bytes) -> bytes:
+                return b"ok"
+
+            async with commy.AsyncMesh(eject_after=0) as client:
+                replies = [await client.call("flaky", b"", idempotent=True) for _ in range(30)]
+                assert replies == [b"ok"] * 30
+                assert {e["state"] for e in client.endpoints("flaky")} == {"in"}
+
+    run(main)
+
+
 def test_gather_of_thousands_of_calls(runtime_dir: str) -> None:
     async def main() -> None:
         async with commy.AsyncMesh() as mesh:

@@ -158,6 +158,15 @@ def test_idempotent_calls_go_around_a_failing_instance(runtime_dir: str) -> None
                     failures += 1
             # Not idempotent: at most the five failures that eject it.
             assert 1 <= failures <= 5
+            # Marked idempotent per call: retried on the working one.
+            assert all(plain.call("flaky", b"", idempotent=True) == b"ok" for _ in range(20))
+            states = sorted(e["state"] for e in plain.endpoints("flaky"))
+            assert states == (["ejected", "in"] if failures == 5 else ["in", "in"])
+            for e in plain.endpoints("flaky"):
+                assert e["linked"] and e["in_flight"] == 0 and e["round_trip"] is None
+                if e["state"] == "ejected":
+                    assert e["failed_calls"] == 5 and e["ejections"] == 1
+                    assert 0 < e["ejected_for"] <= 30
     finally:
         failing.close()
         working.close()

@@ -48,6 +48,7 @@ from typing import (
     AsyncIterator,
     Awaitable,
     Callable,
+    Dict,
     Iterable,
     Iterator,
     List,
@@ -419,6 +420,15 @@ class _Base:
         for an unknown key."""
         return self._raw.explain(key)
 
+    def endpoints(self, service: str) -> List[Dict[str, Any]]:
+        """Every instance of ``service`` this handle knows, as its pool sees
+        it: a dict each, with ``instance``, ``endpoint``, ``linked``,
+        ``state`` (``"in"``, ``"ejected"`` or ``"half-open"``),
+        ``failures_in_a_row``, ``ejected_for`` (seconds, while ejected),
+        ``ejections``, ``in_flight``, ``failed_calls`` and ``round_trip``
+        (seconds, over TLS)."""
+        return self._raw.endpoints(service)
+
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
@@ -519,15 +529,26 @@ class Mesh(_Base):
         )
         self._closed_event = threading.Event()
 
-    def call(self, service: str, data: Buffer, timeout: Optional[float] = None) -> bytes:
+    def call(
+        self,
+        service: str,
+        data: Buffer,
+        timeout: Optional[float] = None,
+        *,
+        idempotent: bool = False,
+    ) -> bytes:
         """Calls ``service`` with ``data`` and returns its reply.
 
         ``timeout`` in seconds (the mesh's default if ``None``). Raises a
         :class:`CommyError` subclass: :class:`NotFound` if nobody serves it,
         :class:`DeadlineExceeded` after the timeout, the handler's status
-        if it failed.
+        if it failed. ``idempotent``: the call may be made more than once,
+        so a failure of the instance that took it is tried again on
+        another (within the retry budget and the timeout), as the calls of
+        the services the ``idempotent`` setting names are; a call that
+        never reached an instance is tried again either way.
         """
-        return self._raw.call(service, data, timeout)
+        return self._raw.call(service, data, timeout, idempotent)
 
     def call_many(
         self, service: str, data: Iterable[Buffer], timeout: Optional[float] = None
@@ -794,7 +815,14 @@ class AsyncMesh(_Base):
             self._bridge_ = _LoopBridge(asyncio.get_running_loop())
         return self._bridge_
 
-    async def call(self, service: str, data: Buffer, timeout: Optional[float] = None) -> bytes:
+    async def call(
+        self,
+        service: str,
+        data: Buffer,
+        timeout: Optional[float] = None,
+        *,
+        idempotent: bool = False,
+    ) -> bytes:
         """Calls ``service`` (see :meth:`Mesh.call`). Cancelling the awaiting
         task cancels the call."""
         spin = self._call_spin
@@ -803,7 +831,7 @@ class AsyncMesh(_Base):
         self._in_flight += 1
         try:
             result: bytes = await self._bridge.run(
-                self._raw.call_async, service, data, timeout, spin=spin
+                self._raw.call_async, service, data, timeout, spin=spin, idempotent=idempotent
             )
         finally:
             self._in_flight -= 1
