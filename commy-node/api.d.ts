@@ -83,6 +83,38 @@ export interface MeshOptions {
 export interface CallOptions {
   /** Give up after this many milliseconds (`DEADLINE_EXCEEDED`); 0 waits forever. */
   timeoutMs?: number
+  /**
+   * The call may be made more than once: after a failure of the instance
+   * that took it, it is tried again on another (within the retry budget and
+   * the timeout), as the calls of the services the `idempotent` option
+   * names are. A call that never reached an instance is tried again either
+   * way.
+   */
+  idempotent?: boolean
+}
+
+/** One instance of a service as a handle's pool sees it (`mesh.endpoints`). */
+export interface Endpoint {
+  /** The instance's id. */
+  instance: string
+  /** Where it is reached: a socket path on this host, or `tls://HOST:PORT`. */
+  endpoint: string
+  /** Whether this handle has a live link to it (it has been called). */
+  linked: boolean
+  /** In its pool, ejected for failing, or half-open (trial calls decide). */
+  state: 'in' | 'ejected' | 'half-open'
+  /** While in: its failures in a row. */
+  failuresInARow: number
+  /** While ejected: for how many milliseconds still. */
+  ejectedForMs?: number | null
+  /** Times it was ejected. */
+  ejections: number
+  /** Calls sent to it and not answered yet. */
+  inFlight: number
+  /** Its failed calls that count against it (unavailable, internal, deadline exceeded, a broken link). */
+  failedCalls: number
+  /** Over TLS: the peak-EWMA estimate of its round trip, in milliseconds. */
+  roundTripMs?: number | null
 }
 
 /** What a subscriber that falls behind meets (see `SubscribeOptions.policy`). */
@@ -218,6 +250,12 @@ export declare class Mesh {
    * for an unknown one.
    */
   explain(name: string): [string, string] | null
+  /**
+   * Every instance of service `name` this handle knows, as its pool sees
+   * it: where it is, whether it is in, ejected or half-open, its calls in
+   * flight, failures and round-trip estimate.
+   */
+  endpoints(name: string): Endpoint[]
   /** Stops serving (after requests in progress are answered), ends subscriptions, drops links. */
   close(): Promise<void>
 }

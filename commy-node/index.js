@@ -278,8 +278,26 @@ class Mesh {
     try {
       checkName(name, 'the service name')
       const buf = toBuffer(payload, 'the payload')
-      const timeoutMs = options === undefined ? undefined : checkMs(checkOptions(options, ['timeoutMs'], 'call options').timeoutMs, 'options.timeoutMs')
+      const checked = options === undefined ? undefined : checkOptions(options, ['timeoutMs', 'idempotent'], 'call options')
+      const timeoutMs = checked === undefined ? undefined : checkMs(checked.timeoutMs, 'options.timeoutMs')
+      const idempotent = checked?.idempotent
+      if (idempotent !== undefined && typeof idempotent !== 'boolean') {
+        throw new TypeError(`options.idempotent must be a boolean, not ${typeof idempotent}`)
+      }
       this._checkOpen()
+      if (idempotent) {
+        // A call that may be made again runs as a task of the mesh, which
+        // retries it; the others are written from this thread.
+        return new Promise((resolve, reject) => {
+          const id = this._begin(resolve, reject)
+          this._flushCalls()
+          try {
+            this._native.callRetried(id, name, buf, timeoutMs, true)
+          } catch (e) {
+            this._fail(id, nativeError(e))
+          }
+        })
+      }
       return new Promise((resolve, reject) => {
         let service
         if (name === this._lastName) {
@@ -608,6 +626,22 @@ class Mesh {
     this._checkOpen()
     try {
       return this._native.explain(name)
+    } catch (e) {
+      throw nativeError(e)
+    }
+  }
+
+  /**
+   * Every instance of service `name` this handle knows, as its pool sees it:
+   * where it is, whether it is in, ejected or half-open, its calls in
+   * flight, failures and round-trip estimate.
+   * @returns {object[]}
+   */
+  endpoints(name) {
+    checkName(name, 'the service name')
+    this._checkOpen()
+    try {
+      return this._native.endpoints(name)
     } catch (e) {
       throw nativeError(e)
     }

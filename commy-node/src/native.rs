@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use commy_ffi::{
-    AnswerDriver, FfiCaller, FfiError, FfiMesh, FfiPublisher, FfiRegion, FfiService,
-    FfiSubscription, KEYS, KeyKind, Layer, MeshOptions, OpenPolicy, PolledRequest, RegionOptions,
-    Reply, SettingValue, SubscribeParams, key_kind, run_inline, runtime, spawn_with,
+    AnswerDriver, FfiCallOptions, FfiCaller, FfiError, FfiMesh, FfiPublisher, FfiRegion,
+    FfiService, FfiSubscription, KEYS, KeyKind, Layer, MeshOptions, OpenPolicy, PolledRequest,
+    RegionOptions, Reply, SettingValue, SubscribeParams, key_kind, run_inline, runtime, spawn_with,
 };
 use napi::bindgen_prelude::{BufferSlice, Function};
 use napi::{Env, Result};
@@ -89,6 +89,32 @@ fn ffi_error(e: &FfiError) -> napi::Error {
 
 fn invalid(message: impl Into<String>) -> napi::Error {
     napi::Error::new(napi::Status::InvalidArg, message.into())
+}
+
+/// One instance of a service as a handle's pool sees it (see
+/// `Mesh.endpoints` in api.d.ts).
+#[napi(object, js_name = "NativeEndpoint")]
+pub struct EndpointView {
+    /// The instance's id.
+    pub instance: String,
+    /// Where it is reached: a socket path on this host, or `tls://...`.
+    pub endpoint: String,
+    /// Whether this handle has a live link to it.
+    pub linked: bool,
+    /// `in`, `ejected` or `half-open`.
+    pub state: String,
+    /// While in: its failures in a row.
+    pub failures_in_a_row: u32,
+    /// While ejected: for how many milliseconds still.
+    pub ejected_for_ms: Option<f64>,
+    /// Times it was ejected.
+    pub ejections: u32,
+    /// Calls in flight to it.
+    pub in_flight: f64,
+    /// Its failed calls that count against it.
+    pub failed_calls: f64,
+    /// Over TLS: the peak-EWMA estimate of its round trip, in milliseconds.
+    pub round_trip_ms: Option<f64>,
 }
 
 /// One option of `NativeMesh.open`: a setting by its JS name (the key
@@ -629,6 +655,57 @@ impl NativeMesh {
                 value: Some(u32::try_from(n).unwrap_or(u32::MAX)),
             },
         );
+    }
+
+    /// Calls service `name` with `payload` as a task that may make the
+    /// call more than once (`idempotent`: after a failure of the instance
+    /// that took it too); operation `id` answers with the reply.
+    /// `timeout_ms` overrides the mesh's default timeout (0: none).
+    #[napi]
+    pub fn call_retried(
+        &self,
+        id: u32,
+        name: String,
+        payload: BufferSlice,
+        timeout_ms: Option<f64>,
+        idempotent: bool,
+    ) -> Result<()> {
+        let timeout = match timeout_ms {
+            Some(t) => Some(timeout_or_none(t, "timeoutMs")?),
+            None => None,
+        };
+        let options = FfiCallOptions::new(timeout, idempotent);
+        let payload = Bytes::copy_from_slice(&payload);
+        self.start(
+            id,
+            move |m| async move { m.call_with(&name, payload, options).await },
+            move |payload| Event::Answer { id, payload },
+        );
+        Ok(())
+    }
+
+    /// Every instance of service `name` this handle knows, as its pool
+    /// sees it.
+    #[napi]
+    pub fn endpoints(&self, name: String) -> Result<Vec<EndpointView>> {
+        let mesh = self.mesh().map_err(|e| ffi_error(&e))?;
+        let endpoints = mesh.endpoints(&name).map_err(|e| ffi_error(&e))?;
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        Ok(endpoints
+            .into_iter()
+            .map(|e| EndpointView {
+                instance: e.instance,
+                endpoint: e.endpoint,
+                linked: e.linked,
+                state: e.state.to_owned(),
+                failures_in_a_row: u32::from(e.failures_in_a_row),
+                ejected_for_ms: e.ejected_for.map(ms),
+                ejections: u32::from(e.ejections),
+                in_flight: e.in_flight as f64,
+                failed_calls: e.failed_calls as f64,
+                round_trip_ms: e.round_trip.map(ms),
+            })
+            .collect())
     }
 
     /// Serves `name` as service number `service` (chosen by the JS layer;

@@ -305,6 +305,23 @@ test('idempotent calls go around a failing instance; ejection and retries are op
       }
       // Not idempotent: at most the five failures that eject it.
       assert.ok(failures >= 1 && failures <= 5, `${failures} failures`)
+      // Marked idempotent per call: retried on the working one.
+      for (let i = 0; i < 20; i++) {
+        assert.equal((await plain.call('flaky', '', { idempotent: true })).toString(), 'ok')
+      }
+      await assert.rejects(plain.call('flaky', '', { idempotent: 'yes' }), /idempotent must be a boolean/)
+      const endpoints = plain.endpoints('flaky')
+      const states = endpoints.map((e) => e.state).sort()
+      assert.deepEqual(states, failures === 5 ? ['ejected', 'in'] : ['in', 'in'])
+      for (const e of endpoints) {
+        assert.ok(e.linked && e.inFlight === 0 && e.roundTripMs == null, JSON.stringify(e))
+        if (e.state === 'ejected') {
+          assert.equal(e.failedCalls, 5)
+          assert.equal(e.ejections, 1)
+          assert.ok(e.ejectedForMs > 0 && e.ejectedForMs <= 30_000)
+        }
+      }
+      assert.throws(() => plain.endpoints('no spaces'), (e) => e.code === 'INVALID_ARGUMENT')
     } finally {
       await plain.close()
     }

@@ -13,6 +13,10 @@ async function main(): Promise<void> {
     return `${kind} ${uid ?? caller.addr} ${identity}`
   })
   const reply: Buffer = await mesh.call('echo', Buffer.from('hi'), { timeoutMs: 1000 })
+  const again: Buffer = await mesh.call('echo', 'hi', { idempotent: true })
+  const states: Array<'in' | 'ejected' | 'half-open'> = mesh.endpoints('echo').map((e) => e.state)
+  void again
+  void states
   const n: number = await mesh.publish('t', 'x')
   const burst: number = await mesh.publishMany('t', ['x', Buffer.from('y'), new Uint8Array(1)])
   const ticks: Publisher = mesh.publisher('t')
