@@ -86,6 +86,13 @@ impl RoundRobin {
     pub fn pick(&self, n: usize) -> Option<usize> {
         (n > 0).then(|| self.next.fetch_add(1, Ordering::Relaxed) % n)
     }
+
+    /// Gives the last turn back, for a caller that could not use the
+    /// candidate it was given and asks again (with others picking at the
+    /// same time, a turn is given back, not necessarily its own).
+    pub fn back(&self) {
+        self.next.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 #[cfg(test)]
