@@ -28,6 +28,7 @@
 //! | `tls_cert`, `tls_key` | none | this process's certificate chain and key (PEM) |
 //! | `require_client_cert` | `false` | mTLS: refuse clients without a certificate from the CA |
 //! | `transport` | `"auto"` | `auto`, `shm` or `tls` |
+//! | `balance` | `[]` | how pools pick an instance: `STRATEGY` for all, `SERVICE=STRATEGY` for one; `p2c` (the default: the less loaded of two), `round_robin`, `maglev` (consistent hashing on the call's hash key) |
 //! | `eject_after` | `5` | failures in a row that eject an instance from its pool for a while (`0`: never) |
 //! | `ejection_time` | `"30s"` | how long a first ejection lasts; the n-th lasts n times as long, at most 10 times |
 //! | `max_ejected_percent` | `10` | the most of a pool ejected at once, in percent (one instance always may be) |
@@ -120,6 +121,10 @@ pub struct Settings {
     /// Which transport calls use.
     #[serde(with = "transport")]
     pub transport: TransportPreference,
+    /// How pools pick an instance: `STRATEGY` entries for all services,
+    /// `SERVICE=STRATEGY` for one.
+    #[serde(deserialize_with = "list")]
+    pub balance: Vec<String>,
     /// Failures in a row that eject an instance from its pool (0: never).
     #[serde(deserialize_with = "count")]
     pub eject_after: usize,
@@ -142,7 +147,7 @@ pub struct Settings {
 }
 
 /// Every key of [`Settings`], in the order of its fields.
-pub const KEYS: [&str; 19] = [
+pub const KEYS: [&str; 20] = [
     "mesh",
     "runtime_dir",
     "default_timeout",
@@ -156,6 +161,7 @@ pub const KEYS: [&str; 19] = [
     "tls_key",
     "require_client_cert",
     "transport",
+    "balance",
     "eject_after",
     "ejection_time",
     "max_ejected_percent",
@@ -196,10 +202,13 @@ pub fn key_kind(key: &str) -> Option<KeyKind> {
         | "retry_attempts"
         | "retry_budget_percent" => KeyKind::Count,
         "require_client_cert" => KeyKind::Flag,
-        "peers" | "idempotent" => KeyKind::List,
+        "peers" | "idempotent" | "balance" => KeyKind::List,
         _ => return None,
     })
 }
+
+/// The strategies the `balance` setting names.
+pub(crate) const BALANCE_STRATEGIES: [&str; 3] = ["p2c", "round_robin", "maglev"];
 
 /// Keys that hold paths: relative ones in a config file are relative to
 /// the file's directory.
@@ -225,6 +234,7 @@ impl Default for Settings {
             tls_key: None,
             require_client_cert: false,
             transport: TransportPreference::Auto,
+            balance: Vec::new(),
             eject_after: 5,
             ejection_time: Duration::from_secs(30),
             max_ejected_percent: 10,
@@ -647,6 +657,25 @@ impl Loaded {
         }
         if s.retry_budget_percent > 1000 {
             return Err(bad("retry_budget_percent", "must be at most 1000".into()));
+        }
+        for entry in &s.balance {
+            let (service, strategy) = match entry.split_once('=') {
+                Some((service, strategy)) => (Some(service.trim()), strategy.trim()),
+                None => (None, entry.trim()),
+            };
+            if let Some(service) = service {
+                commy_core::ServiceName::new(service)
+                    .map_err(|e| bad("balance", format!("{entry:?}: {e}")))?;
+            }
+            if !BALANCE_STRATEGIES.contains(&strategy) {
+                return Err(bad(
+                    "balance",
+                    format!(
+                        "{entry:?}: unknown strategy {strategy:?} (one of {})",
+                        BALANCE_STRATEGIES.join(", ")
+                    ),
+                ));
+            }
         }
         for name in &s.idempotent {
             commy_core::ServiceName::new(name).map_err(|e| bad("idempotent", e.to_string()))?;
