@@ -39,3 +39,4 @@ pub use commy_config::TransportPreference;
 pub use commy_core::{Deadline, Metadata};
 pub use options::CallOptions;
 pub use pool::EndpointInfo;
+pub use resilience::Strategy;

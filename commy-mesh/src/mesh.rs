@@ -422,7 +422,11 @@ impl Mesh {
             // The fast path: a link already open. It stays small and does
             // not allocate; a call answered within the spin completes in
             // the first poll.
-            if let Some((conn, balanced)) = self.inner.services.connected(name) {
+            if let Some((conn, balanced)) = self
+                .inner
+                .services
+                .connected(name, options.hash_key.as_deref())
+            {
                 let retries = &conn.stats.health().retries;
                 let Some(policy) = &conn.policy else {
                     // Kept only when the call may be retried after it was
@@ -545,7 +549,13 @@ impl Mesh {
             let (endpoint, instance) = self
                 .inner
                 .services
-                .pick(&pool, preference, due.absolute(), avoid)
+                .pick(
+                    &pool,
+                    preference,
+                    due.absolute(),
+                    avoid,
+                    options.hash_key.as_deref(),
+                )
                 .await?;
             check_due(&mut due, name)?;
             let body = if keep {
@@ -669,7 +679,10 @@ impl Mesh {
             return payloads.iter().map(|_| Err(status.clone())).collect();
         }
         if self.preference(&options) != TransportPreference::Tls
-            && let Some((conn, balanced)) = self.inner.services.connected(name)
+            && let Some((conn, balanced)) = self
+                .inner
+                .services
+                .connected(name, options.hash_key.as_deref())
             && conn.policy.is_none()
         {
             let due = self.due(&options);
@@ -811,7 +824,10 @@ impl Mesh {
         if self.preference(options) == TransportPreference::Tls {
             return None;
         }
-        let (conn, balanced) = self.inner.services.connected(name)?;
+        let (conn, balanced) = self
+            .inner
+            .services
+            .connected(name, options.hash_key.as_deref())?;
         let retries = &conn.stats.health().retries;
         let idempotent = retries.attempts > 1 && (options.idempotent || retries.idempotent);
         if conn.policy.is_some() || idempotent {
@@ -890,7 +906,7 @@ impl Mesh {
         let (endpoint, _) = self
             .inner
             .services
-            .pick(&pool, self.preference(&options), due.absolute(), None)
+            .pick(&pool, self.preference(&options), due.absolute(), None, None)
             .await?;
         endpoint
             .send(&service, payload.into(), &Metadata::default(), due)

@@ -882,7 +882,7 @@ impl PubSub {
                 let within = Some(Deadline::after(self.stall));
                 let picked = self
                     .pools
-                    .pick(&pool, TransportPreference::Shm, within, None)
+                    .pick(&pool, TransportPreference::Shm, within, None, None)
                     .await;
                 let (conn, id) = match picked {
                     Ok(chosen) => chosen,

@@ -196,3 +196,60 @@ async fn retries_of_a_service_failing_every_call_stay_within_the_budget() {
         "{attempts} attempts for {requests} requests (at most {most})"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maglev_sends_a_key_to_one_instance_and_round_robin_takes_turns() {
+    let dir = support::private_dir("resilience-strategies");
+    let mut instances = Vec::new();
+    for i in 0..3 {
+        instances.push(instance(&dir, i).await);
+    }
+    let hashing = client(&dir, "30s", &[("balance", "flaky=maglev")]).await;
+    let other = client(&dir, "30s", &[("balance", "maglev")]).await;
+    reach_all(&hashing, 3).await;
+    let mut owners = [0usize; 3];
+    for key in 0..60u32 {
+        let key = format!("user-{key}");
+        let options = || CallOptions::default().hash_key(key.clone());
+        let first = hashing
+            .call_with("flaky", Vec::new(), options())
+            .await
+            .unwrap();
+        for _ in 0..4 {
+            let again = hashing
+                .call_with("flaky", Vec::new(), options())
+                .await
+                .unwrap();
+            assert_eq!(again.payload(), first.payload(), "key {key}");
+        }
+        // Another handle (another process, another SDK) agrees.
+        let there = other
+            .call_with("flaky", Vec::new(), options())
+            .await
+            .unwrap();
+        assert_eq!(
+            there.payload(),
+            first.payload(),
+            "key {key} from another handle"
+        );
+        owners[first.payload()[0] as usize] += 1;
+    }
+    assert!(
+        owners.iter().all(|&n| n >= 8),
+        "keys spread over all: {owners:?}"
+    );
+
+    let turns = client(&dir, "30s", &[("balance", "round_robin")]).await;
+    reach_all(&turns, 3).await;
+    let mut taken = [0usize; 3];
+    for _ in 0..300 {
+        taken[turns.call("flaky", Vec::new()).await.unwrap()[0] as usize] += 1;
+    }
+    assert!(taken.iter().all(|&n| (90..=110).contains(&n)), "{taken:?}");
+    let bad = support::builder(&dir)
+        .setting("balance", "flaky=random")
+        .open()
+        .await
+        .unwrap_err();
+    assert!(bad.to_string().contains("unknown strategy"), "{bad}");
+}

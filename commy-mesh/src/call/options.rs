@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use commy_config::TransportPreference;
 use commy_core::{Deadline, Metadata};
 
@@ -34,6 +35,11 @@ pub struct CallOptions {
     /// call that provably never reached an instance is tried again
     /// either way.
     pub idempotent: bool,
+    /// The key a service balanced by consistent hashing (the `balance`
+    /// setting's `maglev`) routes on: calls with the same key go to the
+    /// same instance while it is in the pool, from every process and SDK.
+    /// Other strategies ignore it.
+    pub hash_key: Option<Bytes>,
 }
 
 impl CallOptions {
@@ -64,6 +70,12 @@ impl CallOptions {
     /// Marks the call idempotent (see [`idempotent`](CallOptions::idempotent)).
     pub fn idempotent(mut self, yes: bool) -> CallOptions {
         self.idempotent = yes;
+        self
+    }
+
+    /// Sets the call's hash key (see [`hash_key`](CallOptions::hash_key)).
+    pub fn hash_key(mut self, key: impl Into<Bytes>) -> CallOptions {
+        self.hash_key = Some(key.into());
         self
     }
 

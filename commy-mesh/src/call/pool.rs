@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use commy_config::TransportPreference;
 use commy_core::{Deadline, InstanceId, Limits, MeshName, ServiceName, Status};
-use commy_discovery::{Discover, Instance, PowerOfTwo, Standing};
+use commy_discovery::{Discover, Instance, Maglev, PowerOfTwo, RoundRobin, Standing};
 use commy_shm::{LinkConfig, ShmLink};
 use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
@@ -32,7 +32,7 @@ use smallvec::SmallVec;
 use crate::call::endpoint::{Endpoint, TlsInstance};
 use crate::call::policy::{CallPolicies, CallPolicy};
 use crate::call::reader;
-use crate::call::resilience::Resilience;
+use crate::call::resilience::{Resilience, Strategy};
 use crate::call::shm::ClientConn;
 use crate::call::stats::{EndpointStats, PoolHealth, now_ms};
 use crate::call::tls::Peers;
@@ -107,11 +107,18 @@ impl Pools {
             .entry(service.clone())
             .or_insert_with(|| {
                 let health = Arc::new(self.resilience.pool_health(service));
+                let strategy = self.resilience.strategy(service);
                 let pool = Arc::new(Pool {
                     sources: self.sources.clone(),
                     service: service.clone(),
-                    state: Mutex::new(PoolState::new(self.sources.len(), health.clone())),
+                    state: Mutex::new(PoolState::new(
+                        self.sources.len(),
+                        health.clone(),
+                        strategy == Strategy::Maglev,
+                    )),
                     health,
+                    strategy,
+                    turns: RoundRobin::new(),
                     connecting: tokio::sync::Mutex::new(()),
                     balancer: PowerOfTwo::new(),
                     policy: self.policies.as_ref().and_then(|p| p.get(service)),
@@ -175,13 +182,15 @@ impl Pools {
     /// id. `deadline` bounds the wait for peers that have not listed their
     /// instances yet. Only instances the pool's call policy admits are
     /// picked; `avoid` (the instance a retried call failed at) only when
-    /// no other may take the call.
+    /// no other may take the call. `key`: the call's hash key, for a pool
+    /// that hashes.
     pub(crate) async fn pick(
         &self,
         pool: &Arc<Pool>,
         preference: TransportPreference,
         deadline: Option<Deadline>,
         avoid: Option<InstanceId>,
+        key: Option<&[u8]>,
     ) -> Result<(Endpoint, InstanceId), Status> {
         let mut tried = 0;
         // Why the last local instance could not be reached.
@@ -194,7 +203,7 @@ impl Pools {
             })?;
             // Each failed instance is forgotten: at most one try each.
             for _ in 0..local {
-                let inst = match pool.choose_from(Tier::Local, avoid) {
+                let inst = match pool.choose_from(Tier::Local, avoid, key) {
                     Chosen::Empty => break,
                     Chosen::Refused => {
                         refused = true;
@@ -232,7 +241,7 @@ impl Pools {
             _ if refused && failed.is_none() => return Err(refused_all(pool)),
             _ => return Err(self.none_reached(pool, tried, failed)),
         };
-        let inst = match pool.choose_from(Tier::Remote, avoid) {
+        let inst = match pool.choose_from(Tier::Remote, avoid, key) {
             Chosen::Linked(ep, id) => return Ok((fell_back(pool, peers, &failed, ep), id)),
             Chosen::Unlinked(inst) => inst,
             Chosen::Refused => return Err(failed.unwrap_or_else(|| refused_all(pool))),
@@ -434,7 +443,11 @@ impl Pools {
     ///
     /// A service with one instance is remembered per thread (see
     /// [`LastCalled`]): calling it again skips the pool's two locks.
-    pub(crate) fn connected(&self, name: &str) -> Option<(Arc<ClientConn>, bool)> {
+    pub(crate) fn connected(
+        &self,
+        name: &str,
+        key: Option<&[u8]>,
+    ) -> Option<(Arc<ClientConn>, bool)> {
         if let Some(conn) = LastCalled::get(self.id, name) {
             match &conn.policy {
                 None => return Some((conn, false)),
@@ -449,11 +462,19 @@ impl Pools {
         if state.local.is_empty() {
             return None;
         }
-        let idx = pool.choose_in(&state.local, &state.conns, None)?;
-        let conn = state.conns.get(&state.local[idx].id)?.shm()?;
-        if !conn.is_alive() {
+        let hashed = key.zip(state.tables.as_ref().map(|t| &t[0]));
+        let idx = pool.choose_in(&state.local, &state.conns, None, hashed)?;
+        let linked = state
+            .conns
+            .get(&state.local[idx].id)
+            .and_then(Endpoint::shm);
+        let Some(conn) = linked.filter(|conn| conn.is_alive()) else {
+            // The pick connects it, and takes the same turn again.
+            if pool.strategy == Strategy::RoundRobin {
+                pool.turns.back();
+            }
             return None;
-        }
+        };
         let several = state.local.len() > 1;
         if !several {
             // Under the pool's lock, like every change of its instances,
@@ -561,16 +582,20 @@ struct PoolState {
     conns: FxHashMap<InstanceId, Endpoint>,
     /// The pool's count of ejected instances, set afresh at each change.
     health: Arc<PoolHealth>,
+    /// For a pool that hashes: the Maglev tables of the local and the
+    /// remote tier, made afresh at each change.
+    tables: Option<[TierTable; 2]>,
 }
 
 impl PoolState {
-    fn new(sources: usize, health: Arc<PoolHealth>) -> PoolState {
+    fn new(sources: usize, health: Arc<PoolHealth>, hashes: bool) -> PoolState {
         PoolState {
             sets: vec![None; sources],
             local: Vec::new(),
             remote: Vec::new(),
             conns: FxHashMap::default(),
             health,
+            tables: hashes.then(|| [TierTable::build(&[]), TierTable::build(&[])]),
         }
     }
 
@@ -618,6 +643,35 @@ impl PoolState {
             .filter(|ep| ep.stats().outlier.is_out())
             .count();
         self.health.reset(local.len() + remote.len(), out);
+        if let Some(tables) = &mut self.tables {
+            *tables = [TierTable::build(local), TierTable::build(remote)];
+        }
+    }
+}
+
+/// A tier's Maglev table: made over its instances in the order of their
+/// ids, so that every process (and SDK) that knows the same instances
+/// sends a key to the same one, whatever order discovery gave them in.
+struct TierTable {
+    table: Maglev,
+    /// For each entry of the table, the instance's place in the tier.
+    places: Vec<usize>,
+}
+
+impl TierTable {
+    fn build(tier: &[Instance]) -> TierTable {
+        let mut places: Vec<usize> = (0..tier.len()).collect();
+        places.sort_by_key(|&i| tier[i].id.to_string());
+        let names: Vec<String> = places.iter().map(|&i| tier[i].id.to_string()).collect();
+        TierTable {
+            table: Maglev::new(&names),
+            places,
+        }
+    }
+
+    /// The place in the tier of the instance `key` goes to.
+    fn pick(&self, key: &[u8]) -> Option<usize> {
+        self.table.pick(key).map(|i| self.places[i])
     }
 }
 
@@ -677,6 +731,10 @@ pub(crate) struct Pool {
     /// What its endpoints share: how many are ejected, the retry rules
     /// and budget.
     pub(crate) health: Arc<PoolHealth>,
+    /// How it picks within a tier.
+    strategy: Strategy,
+    /// The turns of a round-robin pool.
+    turns: RoundRobin,
     /// The service's call policy, if it has one.
     pub(crate) policy: Option<Arc<dyn CallPolicy>>,
     /// The tasks watching its sources.
@@ -728,16 +786,17 @@ impl Pool {
     /// Chooses an instance of `tier` by its link's load, under the pool's
     /// lock and without copying the tier: its live link if it has one, else
     /// the instance to connect to.
-    fn choose_from(&self, tier: Tier, avoid: Option<InstanceId>) -> Chosen {
+    fn choose_from(&self, tier: Tier, avoid: Option<InstanceId>, key: Option<&[u8]>) -> Chosen {
         let state = self.state.lock();
-        let list = match tier {
-            Tier::Local => &state.local,
-            Tier::Remote => &state.remote,
+        let (list, t) = match tier {
+            Tier::Local => (&state.local, 0),
+            Tier::Remote => (&state.remote, 1),
         };
         if list.is_empty() {
             return Chosen::Empty;
         }
-        let Some(i) = self.choose_in(list, &state.conns, avoid) else {
+        let hashed = key.zip(state.tables.as_ref().map(|tables| &tables[t]));
+        let Some(i) = self.choose_in(list, &state.conns, avoid, hashed) else {
             return Chosen::Refused;
         };
         let inst = &list[i];
@@ -751,21 +810,25 @@ impl Pool {
     /// if the call policy admits none.
     fn choose(&self, instances: &[Instance], avoid: Option<InstanceId>) -> Option<usize> {
         let state = self.state.lock();
-        self.choose_in(instances, &state.conns, avoid)
+        self.choose_in(instances, &state.conns, avoid, None)
     }
 
-    /// The instance a call goes to: the less loaded of two random choices
-    /// (by [`Endpoint::load`]: calls in flight on a shared-memory link,
-    /// peak-EWMA round trips of a TLS peer) among those that may take it:
-    /// not ejected (unless the pool is in panic mode, or the ejection is
-    /// over and this call is the instance's trial) and admitted by the
-    /// call policy; `avoid` only if the other draw may not. `None` if none
+    /// The instance a call goes to, by the pool's strategy: the less
+    /// loaded of two random choices (by [`Endpoint::load`]: calls in
+    /// flight on a shared-memory link, peak-EWMA round trips of a TLS
+    /// peer), the next in turn, or the one the call's key hashes to
+    /// (`hashed`: the key and the tier's table), among those that may take
+    /// it: not ejected (unless the pool is in panic mode, or the ejection
+    /// is over and this call is the instance's trial) and admitted by the
+    /// call policy; `avoid` only if no other may. When the strategy's
+    /// choice may not take it, the less loaded of two does. `None` if none
     /// may. `instances` is not empty.
     fn choose_in(
         &self,
         instances: &[Instance],
         conns: &FxHashMap<InstanceId, Endpoint>,
         avoid: Option<InstanceId>,
+        hashed: Option<(&[u8], &TierTable)>,
     ) -> Option<usize> {
         let stats = |i: usize| conns.get(&instances[i].id).map(Endpoint::stats);
         let admitted = |i: usize| {
@@ -781,6 +844,17 @@ impl Pool {
             None => 0,
         };
         let taken = |i: usize| usable(i) && stats(i).is_none_or(EndpointStats::take_call);
+        let first = match (self.strategy, hashed) {
+            (Strategy::Maglev, Some((key, table))) => table.pick(key),
+            (Strategy::RoundRobin, _) => self.turns.pick(instances.len()),
+            _ => None,
+        };
+        if let Some(i) = first.filter(|&i| i < instances.len())
+            && avoid != Some(instances[i].id)
+            && taken(i)
+        {
+            return Some(i);
+        }
         let i = self.balancer.pick(instances.len(), load)?;
         if taken(i) {
             return Some(i);

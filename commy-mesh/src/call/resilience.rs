@@ -1,5 +1,5 @@
 //! How a mesh handle's pools route around failing instances and retry
-//! failed calls, from its settings (`eject_after`, `ejection_time`,
+//! failed calls and how they pick, from its settings (`balance`, `eject_after`, `ejection_time`,
 //! `max_ejected_percent`,
 //! `retry_attempts`, `retry_budget_percent`, `idempotent`):
 //!
@@ -13,6 +13,8 @@
 //!   again on another instance; a call of an idempotent service (or one
 //!   marked so) also after a failure of the instance that may have
 //!   reached it;
+//! - a pool picks by its service's strategy (the `balance` setting:
+//!   [`Strategy`]);
 //! - every retry draws from the pool's [`RetryBudget`] (20 % of the
 //!   requests of the last 10 s plus 10 a second), an idempotent retry
 //!   waits a jittered, growing backoff first, and none is made past the
@@ -40,6 +42,38 @@ const BUDGET_FLOOR_PER_SEC: u32 = 10;
 /// How long a request's deposit stays in the budget, in milliseconds.
 const BUDGET_WINDOW_MS: u64 = 10_000;
 
+/// How a pool picks among the instances of a tier (the `balance`
+/// setting, per service).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Strategy {
+    /// The less loaded of two random instances: calls in flight over
+    /// shared memory, peak-EWMA round trips times calls in flight over TLS
+    /// (`p2c`, the default).
+    #[default]
+    PowerOfTwo,
+    /// Each instance in turn (`round_robin`).
+    RoundRobin,
+    /// Consistent hashing (Maglev) on the call's
+    /// [`hash_key`](crate::CallOptions::hash_key): the same key goes to
+    /// the same instance while it is in the pool, from every process and
+    /// SDK; calls without a key, or whose instance is ejected, are
+    /// balanced as with `p2c` (`maglev`).
+    Maglev,
+}
+
+impl Strategy {
+    /// The strategy named `name` (`p2c`, `round_robin`, `maglev`).
+    pub fn parse(name: &str) -> Option<Strategy> {
+        Some(match name {
+            "p2c" => Strategy::PowerOfTwo,
+            "round_robin" => Strategy::RoundRobin,
+            "maglev" => Strategy::Maglev,
+            _ => return None,
+        })
+    }
+}
+
 /// The resilience settings of a mesh handle, read once at open.
 #[derive(Debug, Clone)]
 pub(crate) struct Resilience {
@@ -49,6 +83,10 @@ pub(crate) struct Resilience {
     attempts: u32,
     budget_percent: u32,
     idempotent: Vec<ServiceName>,
+    /// The strategy of every service not named in `balance`.
+    strategy: Strategy,
+    /// Services' own strategies.
+    balance: Vec<(ServiceName, Strategy)>,
 }
 
 impl Resilience {
@@ -70,7 +108,38 @@ impl Resilience {
                 .iter()
                 .filter_map(|n| ServiceName::new(n).ok())
                 .collect(),
+            strategy: Strategy::default(),
+            balance: Vec::new(),
         }
+        .with_balance(&s.balance)
+    }
+
+    /// Reads the `balance` entries (checked at load): `STRATEGY` for every
+    /// service, `SERVICE=STRATEGY` for one.
+    fn with_balance(mut self, entries: &[String]) -> Resilience {
+        for entry in entries {
+            match entry.split_once('=') {
+                None => self.strategy = Strategy::parse(entry.trim()).unwrap_or_default(),
+                Some((service, strategy)) => {
+                    if let (Ok(service), Some(strategy)) = (
+                        ServiceName::new(service.trim()),
+                        Strategy::parse(strategy.trim()),
+                    ) {
+                        self.balance.retain(|(s, _)| *s != service);
+                        self.balance.push((service, strategy));
+                    }
+                }
+            }
+        }
+        self
+    }
+
+    /// The strategy of `service`'s pool.
+    pub(crate) fn strategy(&self, service: &ServiceName) -> Strategy {
+        self.balance
+            .iter()
+            .find(|(s, _)| s == service)
+            .map_or(self.strategy, |(_, strategy)| *strategy)
     }
 
     /// What the endpoints of a new pool of `service` share.
