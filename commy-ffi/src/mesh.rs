@@ -237,6 +237,7 @@ impl FfiMesh {
             let mut call = CallOptions::default().idempotent(options.idempotent);
             call.timeout = options.timeout;
             call.spin = options.spin;
+            call.hash_key = options.hash_key;
             mesh.call_with(&service, payload, call)
                 .await
                 .map(Response::into_payload)
@@ -559,7 +560,7 @@ impl FfiMesh {
 }
 
 /// The options of one call from a binding.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 #[non_exhaustive]
 pub struct FfiCallOptions {
     /// Overrides the mesh's default timeout.
@@ -570,6 +571,9 @@ pub struct FfiCallOptions {
     /// The call may be made more than once (see
     /// [`CallOptions::idempotent`]).
     pub idempotent: bool,
+    /// The key a service balanced by consistent hashing routes on (see
+    /// [`CallOptions::hash_key`]).
+    pub hash_key: Option<Bytes>,
 }
 
 impl FfiCallOptions {
@@ -580,6 +584,7 @@ impl FfiCallOptions {
             timeout,
             spin: None,
             idempotent,
+            hash_key: None,
         }
     }
 }
