@@ -134,6 +134,15 @@ pub(crate) fn payload(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Bytes> {
     Ok(Bytes::copy_from_slice(bytes.as_bytes()))
 }
 
+/// A hash key: a str (as UTF-8) or a bytes-like object.
+pub(crate) fn key(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Bytes> {
+    if let Ok(s) = obj.cast::<PyString>() {
+        let text: String = s.extract()?;
+        return Ok(Bytes::from(text));
+    }
+    payload(obj, what)
+}
+
 /// The bytes of each item of an iterable of bytes-like objects (`what`
 /// and the item's index name a bad one).
 pub(crate) fn payloads(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<Bytes>> {

@@ -10,7 +10,7 @@ use pyo3::types::{PyBytes, PyDict};
 
 use crate::aio::{self, Outcome, RawQueue, RawTask};
 use crate::caller::HandlerContext;
-use crate::convert::{payload, payloads, seconds, settings_layer, wait, with_python};
+use crate::convert::{key, payload, payloads, seconds, settings_layer, wait, with_python};
 use crate::errors;
 use crate::publisher::RawPublisher;
 use crate::region::RawRegion;
@@ -53,8 +53,9 @@ impl RawMesh {
     }
 
     /// Calls `service`, blocking (GIL released, Ctrl-C interrupts);
-    /// `idempotent`: the call may be made more than once.
-    #[pyo3(signature = (service, data, timeout=None, idempotent=false))]
+    /// `idempotent`: the call may be made more than once; `hash_key`: the
+    /// key a hashing service routes on.
+    #[pyo3(signature = (service, data, timeout=None, idempotent=false, hash_key=None))]
     fn call(
         &self,
         py: Python<'_>,
@@ -62,9 +63,11 @@ impl RawMesh {
         data: &Bound<'_, PyAny>,
         timeout: Option<f64>,
         idempotent: bool,
+        hash_key: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Py<PyBytes>> {
         let data = payload(data, "data")?;
-        let options = FfiCallOptions::new(seconds(py, timeout, "timeout")?, idempotent);
+        let mut options = FfiCallOptions::new(seconds(py, timeout, "timeout")?, idempotent);
+        options.hash_key = hash_key.map(|k| key(k, "hash_key")).transpose()?;
         let reply = wait(py, self.mesh.call_with(service, data, options))?;
         Ok(PyBytes::new(py, &reply).unbind())
     }
@@ -173,7 +176,7 @@ impl RawMesh {
     /// `fut` through `queue`.
     /// `spin`: seconds this call polls for its answer on the loop's thread
     /// before it waits (the mesh's `call_spin` if None).
-    #[pyo3(signature = (service, data, timeout, queue, fut, spin=None, idempotent=false))]
+    #[pyo3(signature = (service, data, timeout, queue, fut, spin=None, idempotent=false, hash_key=None))]
     #[allow(
         clippy::too_many_arguments,
         reason = "the Python method's parameters, one by one"
@@ -188,10 +191,12 @@ impl RawMesh {
         fut: Py<PyAny>,
         spin: Option<f64>,
         idempotent: bool,
+        hash_key: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<RawTask> {
         let data = payload(data, "data")?;
         let mut options = FfiCallOptions::new(seconds(py, timeout, "timeout")?, idempotent);
         options.spin = seconds(py, spin, "spin")?;
+        options.hash_key = hash_key.map(|k| key(k, "hash_key")).transpose()?;
         let call = self.mesh.call_with(service, data, options);
         aio::start(py, queue, fut, call, Outcome::Bytes)
     }

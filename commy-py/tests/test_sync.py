@@ -176,6 +176,31 @@ def test_idempotent_calls_go_around_a_failing_instance(runtime_dir: str) -> None
         commy.Mesh(idempotent=["no spaces"])
 
 
+def test_a_hash_key_keeps_calls_on_one_instance(runtime_dir: str) -> None:
+    servers = [commy.Mesh() for _ in range(3)]
+    for i, server in enumerate(servers):
+        server.serve("shard", lambda d, i=i: bytes([i]))
+    try:
+        with commy.Mesh(balance=["shard=maglev"]) as a, commy.Mesh(balance="maglev") as b:
+            owners = set()
+            for n in range(30):
+                key = f"user-{n}"
+                first = a.call("shard", b"", hash_key=key)
+                assert all(a.call("shard", b"", hash_key=key) == first for _ in range(3))
+                # Another handle (another process, another SDK) agrees; a
+                # key may be bytes too.
+                assert b.call("shard", b"", hash_key=key.encode()) == first
+                owners.add(first)
+            assert len(owners) == 3
+            with pytest.raises(TypeError, match="hash_key"):
+                a.call("shard", b"", hash_key=42)  # type: ignore[arg-type]
+        with pytest.raises(commy.InvalidArgument, match="unknown strategy"):
+            commy.Mesh(balance=["shard=random"])
+    finally:
+        for server in servers:
+            server.close()
+
+
 def test_a_closed_mesh_refuses(runtime_dir: str) -> None:
     m = commy.Mesh()
     m.serve("svc", lambda d: d)

@@ -536,6 +536,7 @@ class Mesh(_Base):
         timeout: Optional[float] = None,
         *,
         idempotent: bool = False,
+        hash_key: Optional[Union[str, Buffer]] = None,
     ) -> bytes:
         """Calls ``service`` with ``data`` and returns its reply.
 
@@ -546,9 +547,12 @@ class Mesh(_Base):
         so a failure of the instance that took it is tried again on
         another (within the retry budget and the timeout), as the calls of
         the services the ``idempotent`` setting names are; a call that
-        never reached an instance is tried again either way.
+        never reached an instance is tried again either way. ``hash_key``:
+        for a service balanced by consistent hashing (``balance=
+        ["SERVICE=maglev"]``), calls with the same key go to the same
+        instance, from every process and SDK.
         """
-        return self._raw.call(service, data, timeout, idempotent)
+        return self._raw.call(service, data, timeout, idempotent, hash_key)
 
     def call_many(
         self, service: str, data: Iterable[Buffer], timeout: Optional[float] = None
@@ -822,6 +826,7 @@ class AsyncMesh(_Base):
         timeout: Optional[float] = None,
         *,
         idempotent: bool = False,
+        hash_key: Optional[Union[str, Buffer]] = None,
     ) -> bytes:
         """Calls ``service`` (see :meth:`Mesh.call`). Cancelling the awaiting
         task cancels the call."""
@@ -831,7 +836,13 @@ class AsyncMesh(_Base):
         self._in_flight += 1
         try:
             result: bytes = await self._bridge.run(
-                self._raw.call_async, service, data, timeout, spin=spin, idempotent=idempotent
+                self._raw.call_async,
+                service,
+                data,
+                timeout,
+                spin=spin,
+                idempotent=idempotent,
+                hash_key=hash_key,
             )
         finally:
             self._in_flight -= 1

@@ -82,7 +82,12 @@ class RawMesh:
     def name(self) -> str: ...
     def explain(self, key: str) -> Optional[Tuple[str, str]]: ...
     def call(
-        self, service: str, data: Any, timeout: Optional[float] = None, idempotent: bool = False
+        self,
+        service: str,
+        data: Any,
+        timeout: Optional[float] = None,
+        idempotent: bool = False,
+        hash_key: Any = None,
     ) -> bytes: ...
     def endpoints(self, name: str) -> List[Dict[str, Any]]: ...
     def send(self, service: str, data: Any) -> None: ...
@@ -104,6 +109,7 @@ class RawMesh:
         fut: Any,
         spin: Optional[float] = None,
         idempotent: bool = False,
+        hash_key: Any = None,
     ) -> RawTask: ...
     def call_many(
         self, service: str, data: Any, timeout: Optional[float] = None
