@@ -65,6 +65,12 @@ export interface MeshOptions {
   requireClientCert?: boolean
   /** Which transport calls use: `'auto'` (the default), `'shm'` or `'tls'`. */
   transport?: 'auto' | 'shm' | 'tls'
+  /**
+   * How pools pick an instance: `'STRATEGY'` entries for every service,
+   * `'SERVICE=STRATEGY'` for one: `p2c` (the default: the less loaded of
+   * two), `round_robin`, `maglev` (consistent hashing on `hashKey`).
+   */
+  balance?: string[]
   /** Failures in a row that eject an instance from its pool for a while (5 unless set; 0: never). */
   ejectAfter?: number
   /** How long a first ejection lasts, in milliseconds (30 000 unless set; the n-th lasts n times as long, at most 10 times). */
@@ -91,6 +97,11 @@ export interface CallOptions {
    * way.
    */
   idempotent?: boolean
+  /**
+   * For a service balanced by consistent hashing (`balance: ['SERVICE=maglev']`):
+   * calls with the same key go to the same instance, from every process and SDK.
+   */
+  hashKey?: Payload
 }
 
 /** One instance of a service as a handle's pool sees it (`mesh.endpoints`). */

@@ -278,21 +278,22 @@ class Mesh {
     try {
       checkName(name, 'the service name')
       const buf = toBuffer(payload, 'the payload')
-      const checked = options === undefined ? undefined : checkOptions(options, ['timeoutMs', 'idempotent'], 'call options')
+      const checked = options === undefined ? undefined : checkOptions(options, ['timeoutMs', 'idempotent', 'hashKey'], 'call options')
       const timeoutMs = checked === undefined ? undefined : checkMs(checked.timeoutMs, 'options.timeoutMs')
       const idempotent = checked?.idempotent
       if (idempotent !== undefined && typeof idempotent !== 'boolean') {
         throw new TypeError(`options.idempotent must be a boolean, not ${typeof idempotent}`)
       }
+      const hashKey = checked?.hashKey === undefined ? undefined : toBuffer(checked.hashKey, 'options.hashKey')
       this._checkOpen()
-      if (idempotent) {
-        // A call that may be made again runs as a task of the mesh, which
-        // retries it; the others are written from this thread.
+      if (idempotent || hashKey !== undefined) {
+        // A call that may be made again, or that routes on a key, runs as
+        // a task of the mesh; the others are written from this thread.
         return new Promise((resolve, reject) => {
           const id = this._begin(resolve, reject)
           this._flushCalls()
           try {
-            this._native.callRetried(id, name, buf, timeoutMs, true)
+            this._native.callTask(id, name, buf, timeoutMs, idempotent === true, hashKey)
           } catch (e) {
             this._fail(id, nativeError(e))
           }

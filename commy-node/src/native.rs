@@ -657,24 +657,27 @@ impl NativeMesh {
         );
     }
 
-    /// Calls service `name` with `payload` as a task that may make the
-    /// call more than once (`idempotent`: after a failure of the instance
-    /// that took it too); operation `id` answers with the reply.
-    /// `timeout_ms` overrides the mesh's default timeout (0: none).
+    /// Calls service `name` with `payload` as a task of the mesh, for a
+    /// call that may be made more than once (`idempotent`: after a
+    /// failure of the instance that took it too) or that routes on
+    /// `hash_key`; operation `id` answers with the reply. `timeout_ms`
+    /// overrides the mesh's default timeout (0: none).
     #[napi]
-    pub fn call_retried(
+    pub fn call_task(
         &self,
         id: u32,
         name: String,
         payload: BufferSlice,
         timeout_ms: Option<f64>,
         idempotent: bool,
+        hash_key: Option<BufferSlice>,
     ) -> Result<()> {
         let timeout = match timeout_ms {
             Some(t) => Some(timeout_or_none(t, "timeoutMs")?),
             None => None,
         };
-        let options = FfiCallOptions::new(timeout, idempotent);
+        let mut options = FfiCallOptions::new(timeout, idempotent);
+        options.hash_key = hash_key.map(|k| Bytes::copy_from_slice(&k));
         let payload = Bytes::copy_from_slice(&payload);
         self.start(
             id,

@@ -333,6 +333,38 @@ test('idempotent calls go around a failing instance; ejection and retries are op
   await rejectsWith(Mesh.open({ runtimeDir: dir, idempotent: ['no spaces'] }), 'INVALID_ARGUMENT', /idempotent/)
 })
 
+test('a hash key keeps calls on one instance, from every handle', async () => {
+  const dir = runtimeDir()
+  const servers = []
+  for (let i = 0; i < 3; i++) {
+    const server = await Mesh.open({ runtimeDir: dir })
+    await server.serve('shard', () => Buffer.from([i]))
+    servers.push(server)
+  }
+  const a = await Mesh.open({ runtimeDir: dir, balance: ['shard=maglev'] })
+  const b = await Mesh.open({ runtimeDir: dir, balance: ['maglev'] })
+  try {
+    const owners = new Set()
+    for (let n = 0; n < 30; n++) {
+      const key = `user-${n}`
+      const first = (await a.call('shard', '', { hashKey: key }))[0]
+      for (let k = 0; k < 3; k++) {
+        assert.equal((await a.call('shard', '', { hashKey: key }))[0], first)
+      }
+      // Another handle (another process, another SDK) agrees.
+      assert.equal((await b.call('shard', '', { hashKey: Buffer.from(key) }))[0], first)
+      owners.add(first)
+    }
+    assert.equal(owners.size, 3)
+    await assert.rejects(a.call('shard', '', { hashKey: 42 }), /hashKey/)
+  } finally {
+    await a.close()
+    await b.close()
+    for (const s of servers) await s.close()
+  }
+  await rejectsWith(Mesh.open({ runtimeDir: dir, balance: ['shard=random'] }), 'INVALID_ARGUMENT', /unknown strategy/)
+})
+
 test('a closed mesh refuses work and close is idempotent', async () => {
   const mesh = await Mesh.open({ runtimeDir: runtimeDir() })
   await mesh.close()

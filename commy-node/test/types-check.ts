@@ -13,7 +13,7 @@ async function main(): Promise<void> {
     return `${kind} ${uid ?? caller.addr} ${identity}`
   })
   const reply: Buffer = await mesh.call('echo', Buffer.from('hi'), { timeoutMs: 1000 })
-  const again: Buffer = await mesh.call('echo', 'hi', { idempotent: true })
+  const again: Buffer = await mesh.call('echo', 'hi', { idempotent: true, hashKey: 'user-1' })
   const states: Array<'in' | 'ejected' | 'half-open'> = mesh.endpoints('echo').map((e) => e.state)
   void again
   void states
