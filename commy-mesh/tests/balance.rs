@@ -3,27 +3,11 @@
 //! on real sockets), listening on 127.0.0.1 with certificates of a dev CA
 //! made here; a client that has them as its peers.
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use commy_mesh::{Mesh, NetConfig, Request, Response, Status};
 
 mod support;
-
-/// The dev CA's certificate, and a server certificate and key for
-/// 127.0.0.1, written under `dir`.
-fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let ca_dir = dir.join("ca");
-    commy_net::DevCa::create(&ca_dir).unwrap();
-    let ca = commy_net::DevCa::load(&ca_dir).unwrap();
-    let id = commy_net::Identity::new("default", "echo").unwrap();
-    let spec = commy_net::LeafSpec::new(id).ip("127.0.0.1".parse().unwrap());
-    let (cert, key) = ca.issue(&spec).unwrap();
-    let (cert_path, key_path) = (dir.join("server.pem"), dir.join("server.key"));
-    commy_net::tls::write_pem_file(&cert_path, &cert).unwrap();
-    commy_net::tls::write_pem_file(&key_path, &key).unwrap();
-    (ca_dir.join("ca.pem"), cert_path, key_path)
-}
 
 /// Three instances of `echo`, the third 5 ms slower than the others: with
 /// the peak-EWMA load (the default for TLS peers), the power of two
@@ -33,7 +17,7 @@ fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slower_tls_instance_gets_few_calls() {
     let dir = support::private_dir("balance-ewma");
-    let (ca, cert, key) = certificates(&dir);
+    let (ca, cert, key) = support::certificates(&dir);
     let mut servers = Vec::new();
     let mut handles = Vec::new();
     for i in 0..3u8 {

@@ -178,3 +178,18 @@ pub(crate) async fn ready_until_stdin_closes() {
         .await
         .unwrap();
 }
+
+/// The dev CA's certificate, and a server certificate and key for
+/// 127.0.0.1, written under `dir`.
+pub(crate) fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let ca_dir = dir.join("ca");
+    commy_net::DevCa::create(&ca_dir).unwrap();
+    let ca = commy_net::DevCa::load(&ca_dir).unwrap();
+    let id = commy_net::Identity::new("default", "echo").unwrap();
+    let spec = commy_net::LeafSpec::new(id).ip("127.0.0.1".parse().unwrap());
+    let (cert, key) = ca.issue(&spec).unwrap();
+    let (cert_path, key_path) = (dir.join("server.pem"), dir.join("server.key"));
+    commy_net::tls::write_pem_file(&cert_path, &cert).unwrap();
+    commy_net::tls::write_pem_file(&key_path, &key).unwrap();
+    (ca_dir.join("ca.pem"), cert_path, key_path)
+}
