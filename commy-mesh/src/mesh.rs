@@ -53,6 +53,7 @@ use crate::pubsub::{PubSub, SubscribeOptions, Subscription};
 use crate::response::Response;
 use crate::serve::dispatch::ServeCtx;
 use crate::serve::handler::{Handler, erase, erase_deferred};
+use crate::serve::inherit::inherited_deadline;
 use crate::serve::load::Load;
 use crate::serve::request::{Request, interned};
 use crate::serve::responder::Responder;
@@ -925,10 +926,18 @@ impl Mesh {
 
     /// When a call with `options` is due: the one place a call's timeout,
     /// deadline and start are put together, whatever its transport.
+    /// When a call with `options` is due: by its timeout (the mesh's
+    /// default if it sets none) and its deadline, and at the latest by the
+    /// deadline of the request whose handler makes it (see
+    /// [`inherited_deadline`](crate::service::inherited_deadline)).
     fn due(&self, options: &CallOptions) -> Due {
+        let deadline = match (options.deadline, inherited_deadline()) {
+            (Some(own), Some(inherited)) => Some(own.min(inherited)),
+            (own, inherited) => own.or(inherited),
+        };
         Due::new(
             options.timeout.or(self.inner.default_timeout),
-            options.deadline,
+            deadline,
             options.started,
         )
     }

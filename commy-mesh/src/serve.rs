@@ -11,6 +11,7 @@
 pub(crate) mod cancel;
 pub(crate) mod dispatch;
 pub(crate) mod handler;
+pub(crate) mod inherit;
 pub(crate) mod link;
 pub(crate) mod load;
 pub(crate) mod permits;

@@ -20,6 +20,7 @@
 //! the transport's reserved services (docs/PROTOCOL.md).
 
 pub use crate::response::Response;
+pub use crate::serve::inherit::inherited_deadline;
 pub use crate::serve::request::{Caller, RemoteCaller, Request};
 pub use crate::serve::responder::Responder;
 pub use crate::serve::service::ServiceHandle;

@@ -12,6 +12,7 @@ use commy_core::Status;
 use tokio::sync::oneshot;
 
 use crate::response::Response;
+use crate::serve::inherit::{Inherit, Inherited, scope};
 use crate::serve::request::Request;
 use crate::serve::responder::{CancelOnDrop, Responder, Sink, unanswered};
 
@@ -37,7 +38,8 @@ impl Handler {
                 let (tx, rx) = oneshot::channel();
                 let responder = Responder::new(Sink::Channel(tx), None, false);
                 let cancel = CancelOnDrop(responder.shared.clone());
-                f(request, responder);
+                let mut inherited = Inherited::of(&request.deadline);
+                scope(&mut inherited, || f(request, responder));
                 Box::pin(async move {
                     let result = rx.await.unwrap_or_else(|_| Err(unanswered()));
                     // Answered: cancelling now does nothing.
@@ -86,7 +88,9 @@ where
     Fut: Future<Output = HandlerResult> + Send + 'static,
 {
     fn future(&self, request: Request) -> HandlerFuture {
-        Box::pin((self.0)(request))
+        let mut inherited = Inherited::of(&request.deadline);
+        let fut = scope(&mut inherited, || (self.0)(request));
+        Box::pin(Inherit::new(inherited, fut))
     }
 
     fn inline_slot(self: Arc<Self>) -> Box<dyn InlineSlot> {
@@ -102,7 +106,7 @@ struct AsyncFnSlot<F, Fut> {
     pub(crate) handler: Arc<AsyncFn<F>>,
     /// The allocation of the last future that finished at once (holding
     /// that finished future, which owns nothing any more).
-    spare: Option<Pin<Box<Fut>>>,
+    spare: Option<Pin<Box<Inherit<Fut>>>>,
 }
 
 impl<F, Fut> InlineSlot for AsyncFnSlot<F, Fut>
@@ -115,7 +119,9 @@ where
         request: Request,
         cx: &mut Context<'_>,
     ) -> Result<HandlerResult, HandlerFuture> {
-        let fut = (self.handler.0)(request);
+        let mut inherited = Inherited::of(&request.deadline);
+        let fut = scope(&mut inherited, || (self.handler.0)(request));
+        let fut = Inherit::new(inherited, fut);
         let mut boxed = match self.spare.take() {
             Some(mut spare) => {
                 spare.set(fut);

@@ -154,6 +154,22 @@ impl ArrivedDeadline {
         deadline.map_or(ArrivedDeadline::None, ArrivedDeadline::At)
     }
 
+    /// The absolute deadline if there is none or it is anchored
+    /// (`Ok`), else the time left when it arrived (`Err`).
+    pub(crate) fn anchored(&self) -> Result<Option<Deadline>, Duration> {
+        match self {
+            ArrivedDeadline::None => Ok(None),
+            ArrivedDeadline::Wire { micros, anchor } => match anchor.get() {
+                Some(&now) => Ok(Some(Deadline::after_at(
+                    Duration::from_micros(*micros),
+                    now,
+                ))),
+                None => Err(Duration::from_micros(*micros)),
+            },
+            ArrivedDeadline::At(d) => Ok(Some(*d)),
+        }
+    }
+
     /// The absolute deadline, anchoring it now if nobody did yet.
     pub(crate) fn get(&self) -> Option<Deadline> {
         match self {

@@ -17,6 +17,7 @@ use parking_lot::Mutex;
 
 use crate::serve::dispatch::{CatchPanic, ServeCtx, finish_waiting, panicked};
 use crate::serve::handler::{Handler, InlineSlot};
+use crate::serve::inherit::{Inherited, scope};
 use crate::serve::link::{LinkAnswer, LinkShared, Pending, reply, send_answer};
 use crate::serve::load::{InlineBusy, OwnedHandling, handling, handling_n};
 use crate::serve::polled::{POLLED_PERMITS, PolledRequest};
@@ -487,7 +488,9 @@ fn call_deferred(
     responder: Responder,
     service: &commy_core::ServiceName,
 ) {
-    if std::panic::catch_unwind(AssertUnwindSafe(|| handler(request, responder))).is_err() {
+    let mut inherited = Inherited::of(&request.deadline);
+    let run = || scope(&mut inherited, || handler(request, responder));
+    if std::panic::catch_unwind(AssertUnwindSafe(run)).is_err() {
         // The responder, dropped while unwinding, answered `Internal`.
         let _ = panicked(service);
     }
