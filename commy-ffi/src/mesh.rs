@@ -224,7 +224,8 @@ impl FfiMesh {
         self.call_with(service, payload, options)
     }
 
-    /// Calls `service` with `payload` and `options`.
+    /// Calls `service` with `payload` and `options`; made from a handler,
+    /// the call is due by the handler's request's deadline at the latest.
     pub fn call_with(
         &self,
         service: &str,
@@ -233,8 +234,13 @@ impl FfiMesh {
     ) -> impl Future<Output = Result<Bytes, FfiError>> + Send + 'static {
         let mesh = self.mesh.clone();
         let service = service.to_owned();
+        // Called from a handler (a Python one runs on its link's thread),
+        // the call inherits the request's deadline here: the future may be
+        // polled elsewhere.
+        let inherited = commy_mesh::service::inherited_deadline();
         async move {
             let mut call = CallOptions::default().idempotent(options.idempotent);
+            call.deadline = inherited;
             call.timeout = options.timeout;
             call.spin = options.spin;
             call.hash_key = options.hash_key;
