@@ -176,6 +176,35 @@ def test_idempotent_calls_go_around_a_failing_instance(runtime_dir: str) -> None
         commy.Mesh(idempotent=["no spaces"])
 
 
+def test_a_handlers_calls_inherit_its_requests_deadline(runtime_dir: str) -> None:
+    with commy.Mesh() as far, commy.Mesh() as near, commy.Mesh() as client:
+        def slow(data: bytes) -> bytes:
+            time.sleep(2.0)
+            return b"late"
+
+        far.serve("slow", slow)
+        outcome: List[Any] = []
+
+        def relay(data: bytes) -> bytes:
+            started = time.monotonic()
+            try:
+                # No timeout of its own: the caller's deadline applies.
+                near.call("slow", data)
+                outcome.append(("answered", time.monotonic() - started))
+            except commy.DeadlineExceeded:
+                outcome.append(("deadline", time.monotonic() - started))
+            return b"relayed"
+
+        near.serve("relay", relay)
+        with pytest.raises(commy.DeadlineExceeded):
+            client.call("relay", b"", timeout=0.4)
+        deadline = time.monotonic() + 5
+        while not outcome and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert outcome and outcome[0][0] == "deadline", outcome
+        assert outcome[0][1] < 1.5, outcome
+
+
 def test_a_hash_key_keeps_calls_on_one_instance(runtime_dir: str) -> None:
     servers = [commy.Mesh() for _ in range(3)]
     for i, server in enumerate(servers):
