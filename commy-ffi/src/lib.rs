@@ -67,4 +67,4 @@ pub use commy_mesh::embed::{
     AnswerDriver, Drive, DrivenLink, PolledRequest, ThreadHook, WaitInterrupter,
 };
 pub use commy_mesh::settings::{KEYS, KeyKind, Layer, SettingValue, key_kind};
-pub use commy_mesh::{Caller, WaitStrategy};
+pub use commy_mesh::{Caller, Deadline, WaitStrategy};

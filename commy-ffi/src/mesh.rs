@@ -692,6 +692,11 @@ impl FfiRequest {
         self.payload
     }
 
+    /// When the caller stops waiting, if it set a deadline.
+    pub fn deadline(&self) -> Option<Deadline> {
+        self.deadline
+    }
+
     /// How long the caller still waits, if it set a deadline.
     pub fn time_remaining(&self) -> Option<Duration> {
         self.deadline.map(Deadline::remaining)
