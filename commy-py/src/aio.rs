@@ -20,7 +20,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use commy_ffi::{FfiCaller, FfiError, LocalTask, Reply};
+use commy_ffi::{Deadline, FfiCaller, FfiError, FfiRequest, LocalTask, Reply};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 
@@ -56,6 +56,7 @@ enum Event {
         reply: Reply,
         caller: FfiCaller,
         service: Arc<str>,
+        deadline: Option<Deadline>,
     },
     /// Call `callback()` (a handler's caller gave up).
     Call { callback: Arc<Py<PyAny>> },
@@ -194,8 +195,10 @@ impl RawQueue {
                     reply,
                     caller,
                     service,
+                    deadline,
                 } => {
-                    let raw = Py::new(py, RawReply::new(reply, service.to_string(), caller))?;
+                    let raw = RawReply::new(reply, service.to_string(), caller, deadline);
+                    let raw = Py::new(py, raw)?;
                     PyTuple::new(
                         py,
                         [
@@ -314,21 +317,16 @@ impl RawTask {
     }
 }
 
-/// Queues a request for `handler` from `caller` (from a link thread).
-pub(crate) fn request(
-    queue: &Queue,
-    handler: &Arc<Py<PyAny>>,
-    payload: Bytes,
-    reply: Reply,
-    caller: FfiCaller,
-    service: &Arc<str>,
-) {
+/// Queues request `req` for `handler` (from a link thread).
+pub(crate) fn request(queue: &Queue, handler: &Arc<Py<PyAny>>, req: FfiRequest, reply: Reply) {
+    let (caller, service, deadline) = (req.caller().clone(), req.service().into(), req.deadline());
     queue.push(Event::Request {
         handler: handler.clone(),
-        payload,
+        payload: req.into_payload(),
         reply,
         caller,
-        service: service.clone(),
+        service,
+        deadline,
     });
 }
 
@@ -343,24 +341,38 @@ pub(crate) struct RawReply {
     reply: Reply,
     service: String,
     caller: FfiCaller,
+    deadline: Option<Deadline>,
 }
 
 impl RawReply {
-    pub(crate) fn new(reply: Reply, service: String, caller: FfiCaller) -> RawReply {
+    pub(crate) fn new(
+        reply: Reply,
+        service: String,
+        caller: FfiCaller,
+        deadline: Option<Deadline>,
+    ) -> RawReply {
         RawReply {
             reply,
             service,
             caller,
+            deadline,
         }
     }
 }
 
 #[pymethods]
 impl RawReply {
+    /// Seconds until the caller's deadline (None: it set none): what the
+    /// handler's own calls inherit.
+    #[getter]
+    fn time_left(&self) -> Option<f64> {
+        self.deadline.map(|d| d.remaining().as_secs_f64())
+    }
+
     /// The request's `HandlerContext` (a new one each time).
     #[getter]
     fn context(&self) -> HandlerContext {
-        HandlerContext::new(self.caller.clone())
+        HandlerContext::new(self.caller.clone(), self.deadline)
     }
 
     /// Answers with `data`; False if already answered or the caller gave up.

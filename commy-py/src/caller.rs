@@ -2,7 +2,7 @@
 //! that take a second parameter see it (`commy.Caller`,
 //! `commy.HandlerContext`).
 
-use commy_ffi::FfiCaller;
+use commy_ffi::{Deadline, FfiCaller};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 
@@ -80,13 +80,16 @@ pub(crate) struct HandlerContext {
     from: FfiCaller,
     /// Made from `from` on first use.
     caller: PyOnceLock<Py<Caller>>,
+    /// When the caller stops waiting, if it set a deadline.
+    deadline: Option<Deadline>,
 }
 
 impl HandlerContext {
-    pub(crate) fn new(caller: FfiCaller) -> HandlerContext {
+    pub(crate) fn new(caller: FfiCaller, deadline: Option<Deadline>) -> HandlerContext {
         HandlerContext {
             from: caller,
             caller: PyOnceLock::new(),
+            deadline,
         }
     }
 }
@@ -99,6 +102,13 @@ impl HandlerContext {
         self.caller
             .get_or_try_init(py, || Py::new(py, Caller::from(&self.from)))
             .map(|c| c.clone_ref(py))
+    }
+
+    /// Seconds until the caller stops waiting (None: it set no deadline).
+    /// The handler's own calls are due by then at the latest.
+    #[getter]
+    fn time_left(&self) -> Option<f64> {
+        self.deadline.map(|d| d.remaining().as_secs_f64())
     }
 
     fn __repr__(&self) -> String {

@@ -306,8 +306,11 @@ impl RawMesh {
                 let answered = with_python(|py| {
                     let arg = PyBytes::new(py, req.payload());
                     let called = if context {
-                        Py::new(py, HandlerContext::new(req.caller().clone()))
-                            .and_then(|ctx| handler.call1(py, (arg, ctx)))
+                        Py::new(
+                            py,
+                            HandlerContext::new(req.caller().clone(), req.deadline()),
+                        )
+                        .and_then(|ctx| handler.call1(py, (arg, ctx)))
                     } else {
                         handler.call1(py, (arg,))
                     };
@@ -337,13 +340,11 @@ impl RawMesh {
         handler: Py<PyAny>,
         queue: &RawQueue,
     ) -> PyResult<RawService> {
-        let name: Arc<str> = Arc::from(service);
         let handler = Arc::new(handler);
         let queue = queue.queue.clone();
         let served = py.detach(|| {
             self.mesh.serve(service, move |req, reply| {
-                let caller = req.caller().clone();
-                aio::request(&queue, &handler, req.into_payload(), reply, caller, &name);
+                aio::request(&queue, &handler, req, reply)
             })
         });
         served

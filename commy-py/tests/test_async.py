@@ -61,6 +61,32 @@ def test_an_idempotent_call_goes_around_a_failing_instance(runtime_dir: str) -> 
     run(main)
 
 
+def test_an_async_handlers_calls_inherit_its_requests_deadline(runtime_dir: str) -> None:
+    async def main() -> None:
+        async with commy.AsyncMesh() as far, commy.AsyncMesh() as near:
+            seen: List[Any] = []
+
+            @far.service("slow")
+            async def slow(data: bytes, ctx: commy.HandlerContext) -> bytes:
+                seen.append(ctx.time_left)
+                await asyncio.sleep(2.0)
+                return b"late"
+
+            @near.service("relay")
+            async def relay(data: bytes) -> bytes:
+                # No timeout of its own: the caller's deadline applies.
+                return await near.call("slow", data)
+
+            async with commy.AsyncMesh() as client:
+                with pytest.raises(commy.DeadlineExceeded):
+                    await client.call("relay", b"", timeout=0.4)
+            # `slow` was given what was left of the first caller's 0.4 s,
+            # not the 30 s default of a call that sets none.
+            assert len(seen) == 1 and seen[0] is not None and 0 < seen[0] <= 0.4, seen
+
+    run(main)
+
+
 def test_gather_of_thousands_of_calls(runtime_dir: str) -> None:
     async def main() -> None:
         async with commy.AsyncMesh() as mesh:

@@ -178,7 +178,10 @@ def test_idempotent_calls_go_around_a_failing_instance(runtime_dir: str) -> None
 
 def test_a_handlers_calls_inherit_its_requests_deadline(runtime_dir: str) -> None:
     with commy.Mesh() as far, commy.Mesh() as near, commy.Mesh() as client:
-        def slow(data: bytes) -> bytes:
+        given: List[Any] = []
+
+        def slow(data: bytes, ctx: commy.HandlerContext) -> bytes:
+            given.append(ctx.time_left)
             time.sleep(2.0)
             return b"late"
 
@@ -203,6 +206,8 @@ def test_a_handlers_calls_inherit_its_requests_deadline(runtime_dir: str) -> Non
             time.sleep(0.01)
         assert outcome and outcome[0][0] == "deadline", outcome
         assert outcome[0][1] < 1.5, outcome
+        # `slow` was given what was left of the first caller's 0.4 s.
+        assert len(given) == 1 and given[0] is not None and 0 < given[0] <= 0.4, given
 
 
 def test_a_hash_key_keeps_calls_on_one_instance(runtime_dir: str) -> None:

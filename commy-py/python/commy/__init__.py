@@ -36,11 +36,13 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextvars
 import functools
 import inspect
 import mmap
 import os
 import threading
+import time
 import weakref
 from abc import abstractmethod
 from typing import (
@@ -752,6 +754,24 @@ class AsyncSubscription(_SubscriptionBase):
 #: when it is the only call in flight (then the loop has nothing else to do).
 _LONE_SPIN = 50e-6
 
+#: The deadline (``time.monotonic()``) of the request an AsyncMesh handler's
+#: task handles: its calls are due by it at the latest.
+_INHERITED: "contextvars.ContextVar[Optional[float]]" = contextvars.ContextVar(
+    "commy_inherited_deadline", default=None
+)
+
+
+def _inherit(timeout: Optional[float]) -> Optional[float]:
+    """``timeout``, shortened to what is left of the deadline of the request
+    whose handler makes the call, if any."""
+    at = _INHERITED.get()
+    if at is None:
+        return timeout
+    left = max(at - time.monotonic(), 1e-6)
+    if timeout is None or timeout <= 0 or timeout > left:
+        return left
+    return timeout
+
 
 class AsyncPublisher:
     """A publisher of one topic for asyncio, made by
@@ -839,7 +859,7 @@ class AsyncMesh(_Base):
                 self._raw.call_async,
                 service,
                 data,
-                timeout,
+                _inherit(timeout),
                 spin=spin,
                 idempotent=idempotent,
                 hash_key=hash_key,
@@ -928,6 +948,16 @@ class AsyncMesh(_Base):
                 reply.ok(task.result())
 
         def dispatch(data: bytes, reply: _commy.RawReply) -> None:
+            left = reply.time_left
+            # The handler's task copies this context: its calls inherit
+            # the request's deadline.
+            inherited = _INHERITED.set(None if left is None else time.monotonic() + left)
+            try:
+                start(data, reply)
+            finally:
+                _INHERITED.reset(inherited)
+
+        def start(data: bytes, reply: _commy.RawReply) -> None:
             try:
                 result = call(data, reply.context) if with_context else call(data)
             except Exception as exc:  # becomes the caller's error

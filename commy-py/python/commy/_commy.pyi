@@ -68,6 +68,11 @@ class HandlerContext:
     def caller(self) -> Caller:
         """Who sent the request."""
 
+    @property
+    def time_left(self) -> Optional[float]:
+        """Seconds until the caller stops waiting (None: it set no deadline).
+        The handler's own calls are due by then at the latest."""
+
 @final
 class RawQueue:
     def __new__(cls) -> "RawQueue": ...
@@ -163,6 +168,8 @@ class RawService:
 
 @final
 class RawReply:
+    @property
+    def time_left(self) -> Optional[float]: ...
     @property
     def context(self) -> HandlerContext: ...
     def ok(self, data: Any) -> bool: ...
