@@ -45,6 +45,14 @@ pub(crate) const ROUND_TRIP: Fns = Fns {
     child: rt_child,
 };
 
+/// Round trip through `mesh.call` to a service of three instances (the
+/// peer serves `echo` from three mesh handles).
+pub(crate) const ROUND_TRIP_POOL3: Fns = Fns {
+    setup,
+    parent: rt_parent,
+    child: rt3_child,
+};
+
 /// Calls per second of `mesh.call("echo")`, with the scenario's batch of
 /// calls in flight (1: one after another).
 pub(crate) const CALLS: Fns = Fns {
@@ -368,6 +376,31 @@ fn deadline_parent(ctx: &mut ParentCtx<'_>) -> Result<Measurement, BenchError> {
 fn rt_child(ctx: &mut ChildCtx<'_>) -> Result<(), BenchError> {
     let parent = std::os::unix::process::parent_id();
     runtime()?.block_on(async { serve_echo_until_stopped(open(parent).await?, ctx).await })
+}
+
+/// The round-trip peer with three instances of `echo`: two more mesh
+/// handles serve it beside the one that serves the rest.
+fn rt3_child(ctx: &mut ChildCtx<'_>) -> Result<(), BenchError> {
+    let parent = std::os::unix::process::parent_id();
+    runtime()?.block_on(async {
+        let mut more = Vec::new();
+        for _ in 0..2 {
+            let mesh = open(parent).await?;
+            let echo = mesh
+                .serve("echo", |req: Request| async move {
+                    Ok::<_, Status>(Response::new(req.into_payload()))
+                })
+                .await
+                .map_err(mesh_err("serve"))?;
+            more.push((mesh, echo));
+        }
+        serve_echo_until_stopped(open(parent).await?, ctx).await?;
+        for (mesh, echo) in more {
+            drop(echo);
+            mesh.close().await;
+        }
+        Ok(())
+    })
 }
 
 /// The round-trip peer on its open `mesh`: serves `echo` (the request's

@@ -14,6 +14,9 @@ pub(crate) const FLOOR: &str = "spin-floor";
 pub(crate) const SHM: &str = "shm";
 /// Transport name of the mesh API's calls (`mesh.call`).
 pub(crate) const MESH: &str = "mesh";
+/// `mesh.call` to a service with three instances (the pool's pick, with
+/// ejection and the retry budget's deposits, on every call).
+pub(crate) const MESH_POOL3: &str = "mesh-3inst";
 /// `mesh.call_many`: a batch of calls from one task.
 pub(crate) const MESH_MANY: &str = "mesh-many";
 /// Transport name of a callback call's 3 ms deadline, kept while the
@@ -132,6 +135,10 @@ pub(crate) fn scenarios() -> Vec<Scenario> {
                 .in_demo(),
         );
     }
+    // The same round trip through a pool of three instances.
+    all.push(
+        Scenario::new(MESH_POOL3, Kind::RoundTrip, 64, mesh::ROUND_TRIP_POOL3).wait(Wait::Default),
+    );
     // Calls per second, one after another and 256 in flight from one
     // runtime thread.
     for in_flight in [1, MESH_IN_FLIGHT] {
