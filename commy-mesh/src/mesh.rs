@@ -325,6 +325,7 @@ impl Mesh {
                 .as_ref()
                 .and_then(|p| p.get(&service)),
             link_warnings: Warnings::new(),
+            links: parking_lot::Mutex::new(Vec::new()),
         });
         if let Some(net) = &self.inner.net {
             net.add(&service, id, ctx.clone());

@@ -23,7 +23,7 @@ pub use crate::response::Response;
 pub use crate::serve::inherit::inherited_deadline;
 pub use crate::serve::request::{Caller, RemoteCaller, Request};
 pub use crate::serve::responder::Responder;
-pub use crate::serve::service::ServiceHandle;
+pub use crate::serve::service::{DRAIN_GRACE, ServiceHandle};
 pub use crate::wire::{INSTANCES_SERVICE, PUBLISH_SERVICE, SERVICE_HEADER};
 pub use commy_core::ServiceName;
 pub use commy_net::Identity;

@@ -168,11 +168,12 @@ impl Endpoint {
     }
 
     /// Whether the endpoint can still carry calls: a shared-memory link
-    /// whose peer is gone cannot (the next call makes a new one); a TLS
-    /// peer reconnects by itself.
+    /// whose peer is gone, or that its instance told to go away, cannot
+    /// (the next call makes a new one, or goes elsewhere); a TLS peer
+    /// reconnects by itself.
     pub(crate) fn is_alive(&self) -> bool {
         match self {
-            Endpoint::Shm(conn) => conn.is_alive(),
+            Endpoint::Shm(conn) => conn.takes_calls(),
             Endpoint::Tls(_) => true,
         }
     }

@@ -468,7 +468,7 @@ impl Pools {
             .conns
             .get(&state.local[idx].id)
             .and_then(Endpoint::shm);
-        let Some(conn) = linked.filter(|conn| conn.is_alive()) else {
+        let Some(conn) = linked.filter(|conn| conn.takes_calls()) else {
             // The pick connects it, and takes the same turn again.
             if pool.strategy == Strategy::RoundRobin {
                 pool.turns.back();
@@ -635,8 +635,16 @@ impl PoolState {
             }
         }
         let (local, remote) = (&self.local, &self.remote);
-        self.conns
-            .retain(|id, ep| ep.is_alive() && local.iter().chain(remote).any(|i| i.id == *id));
+        self.conns.retain(|id, ep| {
+            let listed = local.iter().chain(remote).any(|i| i.id == *id);
+            if !listed && let Some(conn) = ep.shm() {
+                // The instance left (drains or stopped): tell it we send no
+                // more on this link, so that it may close it once it
+                // answered what we sent.
+                conn.go_away();
+            }
+            listed && ep.is_alive()
+        });
         let out = self
             .conns
             .values()
@@ -699,7 +707,7 @@ impl LastCalled {
                 return None;
             }
             let conn = last.conn.upgrade()?;
-            (conn.is_alive() && conn.sole.load(Ordering::Relaxed)).then_some(conn)
+            (conn.takes_calls() && conn.sole.load(Ordering::Relaxed)).then_some(conn)
         })
     }
 

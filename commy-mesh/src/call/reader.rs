@@ -67,6 +67,7 @@ fn client_reader(conn: Weak<ClientConn>) {
                 if !c.is_alive() {
                     return;
                 }
+                c.answer_go_away();
                 if c.driving.driven.load(Ordering::Acquire) {
                     naps = 0;
                     if !stand_by(&c, &mut earliest) {
@@ -151,6 +152,7 @@ pub(crate) fn stand_by(c: &ClientConn, earliest: &mut Option<Instant>) -> bool {
         if !c.is_alive() {
             return false;
         }
+        c.answer_go_away();
         let now = Instant::now();
         if earliest.is_some_and(|e| e <= now) || c.sooner.swap(false, Ordering::AcqRel) {
             *earliest = c.expire();

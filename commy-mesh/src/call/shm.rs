@@ -87,6 +87,13 @@ pub(crate) struct ClientConn {
     /// `pending.len()`, readable without the lock (stored under it).
     pub(crate) pending_len: AtomicUsize,
     pub(crate) alive: AtomicBool,
+    /// Set once the instance told us to go away (its drain), or left its
+    /// pool: no new request is sent on the link (checked under the send
+    /// lock), the ones sent before are answered.
+    going_away: AtomicBool,
+    /// Set until the reader has answered the instance with a GoAway of our
+    /// own (sent under the send lock, after every request sent before).
+    ack_due: AtomicBool,
     /// Callers currently polling the receive ring (the reader stands back).
     pub(crate) pollers: AtomicUsize,
     /// The instance at the other end.
@@ -165,6 +172,8 @@ impl ClientConn {
             pending: Mutex::new(PendingCalls::default()),
             pending_len: AtomicUsize::new(0),
             alive: AtomicBool::new(true),
+            going_away: AtomicBool::new(false),
+            ack_due: AtomicBool::new(false),
             pollers: AtomicUsize::new(0),
             instance,
             stats,
@@ -185,6 +194,53 @@ impl ClientConn {
         self.alive.load(Ordering::Acquire)
     }
 
+    /// Whether new calls may go on the link: it works and the instance
+    /// did not tell us to go away.
+    pub(crate) fn takes_calls(&self) -> bool {
+        self.is_alive() && !self.told_to_go_away()
+    }
+
+    /// Whether the instance told us to go away (or left its pool).
+    pub(crate) fn told_to_go_away(&self) -> bool {
+        self.going_away.load(Ordering::Acquire)
+    }
+
+    /// The failure of a call not sent on a link that takes no new calls.
+    fn no_new_calls(&self) -> Status {
+        if self.is_alive() {
+            Status::unavailable("the instance is draining and takes no new call")
+        } else {
+            Status::unavailable("the instance is gone")
+        }
+    }
+
+    /// The instance drains (its GoAway came) or left its pool: no new
+    /// request goes on the link from now on, and the link's reader answers
+    /// the instance with a GoAway of its own, after which the instance may
+    /// close the link once it answered the rest. Takes no lock: it is
+    /// called where answers are received.
+    pub(crate) fn go_away(&self) {
+        if !self.going_away.swap(true, Ordering::AcqRel) {
+            self.ack_due.store(true, Ordering::Release);
+            self.wake_reader();
+        }
+    }
+
+    /// Answers the instance's GoAway, if that is still to do (the link's
+    /// reader, holding no other lock). Every request sent on the link was
+    /// sent before it: the send lock orders them.
+    pub(crate) fn answer_go_away(&self) {
+        if self.ack_due.swap(false, Ordering::AcqRel) {
+            let _ = send_frame(
+                &mut self.tx.lock().sender,
+                FrameHeader::new(FrameKind::GoAway, StreamId(0)),
+                &[],
+                &[],
+                Patience::For(Duration::ZERO),
+            );
+        }
+    }
+
     /// The synchronous part of a call: sends the request and polls for the
     /// answer for a while. A quick call is done here, without a future.
     /// The payload is dropped once sent, while the answer is still on its
@@ -198,8 +254,9 @@ impl ClientConn {
         spin: Option<Duration>,
     ) -> Started<'_> {
         let spin = spin.unwrap_or(self.spin);
-        if !self.is_alive() {
-            return Started::Done(Err(Status::unavailable("the instance is gone")));
+        if !self.takes_calls() {
+            // Nothing was sent: the call may go to another instance.
+            return Started::Unsent(payload, self.no_new_calls());
         }
         let in_flight = balanced.then(|| Counted::enter(&self.stats.in_flight));
         let md = encode_metadata(metadata);
@@ -230,6 +287,9 @@ impl ClientConn {
                 // polling before it comes.
                 let id = {
                     let mut tx = self.tx.lock();
+                    if self.told_to_go_away() {
+                        return Started::Unsent(payload, self.no_new_calls());
+                    }
                     let id = tx.open_stream();
                     if let Err((payload, e)) = send(&mut tx, id, payload) {
                         drop(tx);
@@ -255,6 +315,9 @@ impl ClientConn {
                 let polling = Poller::enter(self);
                 let id = {
                     let mut tx = self.tx.lock();
+                    if self.told_to_go_away() {
+                        return Started::Unsent(payload, self.no_new_calls());
+                    }
                     let id = tx.open_stream();
                     self.register(id, Waiter::Task(None));
                     if let Err((payload, e)) = send(&mut tx, id, payload) {
@@ -449,6 +512,12 @@ impl ClientConn {
             }
         };
         let h = *frame.header();
+        if h.kind == FrameKind::GoAway {
+            // Not an answer: no call has stream 0, so whoever receives it
+            // settles nothing.
+            self.go_away();
+            return Some((0, AnswerRef::Failed(Status::unavailable(""))));
+        }
         let answer = match h.kind {
             FrameKind::Response => match decode_metadata(frame.metadata(), &self.limits) {
                 Ok(metadata) => AnswerRef::Response {
@@ -510,7 +579,7 @@ impl ClientConn {
     /// its payload is handed back for another link.
     fn unsent(&self, payload: Bytes, e: SendError) -> Started<'_> {
         let status = self.send_failed(e);
-        if self.is_alive() {
+        if self.takes_calls() {
             Started::Done(Err(status))
         } else {
             Started::Unsent(payload, status)
@@ -826,8 +895,10 @@ impl ClientConn {
         {
             let mut tx = self.tx.lock();
             let mut streams = Vec::with_capacity(calls.size_hint().0);
+            let going_away = self.told_to_go_away();
             for (payload, token) in calls {
                 match self.limits.check_message(md.len(), payload.len()) {
+                    Ok(()) if going_away => refused.push((token, self.no_new_calls())),
                     Ok(()) => streams.push((tx.open_stream(), payload, token)),
                     Err(status) => refused.push((token, status)),
                 }
@@ -883,8 +954,8 @@ impl ClientConn {
         balanced: bool,
         done: Done,
     ) {
-        if !self.is_alive() {
-            return done.finish(self, Err(Status::unavailable("the instance is gone")));
+        if !self.takes_calls() {
+            return done.finish(self, Err(self.no_new_calls()));
         }
         let md = encode_metadata(metadata);
         if let Err(status) = self.limits.check_message(md.len(), payload.len()) {
@@ -903,6 +974,10 @@ impl ClientConn {
             let mut tx = self.tx.lock();
             let id = tx.open_stream();
             self.register(id, waiter);
+            if self.told_to_go_away() {
+                drop(tx);
+                return self.settle(id, Err(self.no_new_calls()));
+            }
             let header = FrameHeader {
                 stream_id: StreamId(id),
                 ..header

@@ -5,13 +5,16 @@
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
+
+use parking_lot::Mutex;
 
 use commy_core::{Deadline, Limits, Metadata, Status};
 
 use crate::response::Response;
 use crate::serve::handler::{Handler, HandlerFuture};
+use crate::serve::link::LinkShared;
 use crate::serve::load::Load;
 use crate::serve::permits::Permit;
 use crate::serve::policy::{RequestHead, ServePolicy};
@@ -33,6 +36,8 @@ pub(crate) struct ServeCtx {
     /// Warnings about its clients' broken links and frames, limited: a
     /// client that breaks links in a loop costs a handful of lines.
     pub(crate) link_warnings: Warnings,
+    /// Its shared-memory links, for a drain to tell each client to go away.
+    pub(crate) links: Mutex<Vec<Weak<LinkShared>>>,
 }
 
 impl ServeCtx {

@@ -37,9 +37,39 @@ pub(crate) struct LinkShared {
     /// handles: the answers it gives inline are staged, and made visible
     /// together when the burst ends ([`LinkShared::flush`]).
     pub(crate) staging: AtomicBool,
+    /// Set once the service told the client to go away (its drain).
+    pub(crate) going_away: AtomicBool,
+    /// Set once the client answered with a GoAway of its own: it sends no
+    /// new request on the link.
+    pub(crate) client_done: AtomicBool,
 }
 
 impl LinkShared {
+    /// Tells the client to open no new stream on this link (a GoAway
+    /// frame, docs/PROTOCOL.md 10.1); the link's thread closes it once the
+    /// client answered and nothing is in progress. Once per link.
+    pub(crate) fn go_away(&self) {
+        if self.going_away.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let mut tx = self.tx.lock();
+        let _ = send_frame(
+            &mut tx,
+            FrameHeader::new(FrameKind::GoAway, StreamId(0)),
+            &[],
+            b"the service is draining",
+            Patience::DEFAULT,
+        );
+    }
+
+    /// Whether the link may close: the client said it sends no more, and
+    /// no request of it is in progress.
+    pub(crate) fn drained(&self) -> bool {
+        self.client_done.load(Ordering::Acquire)
+            && self.running.lock().is_empty()
+            && self.polled.lock().is_empty()
+    }
+
     /// Makes the staged answers visible to the client.
     pub(crate) fn flush(&self) {
         self.tx.lock().flush();

@@ -8,6 +8,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Waker};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use commy_core::{FrameHeader, FrameKind, FrameRef, Status};
@@ -28,6 +29,10 @@ use crate::wire::{Patience, decode_metadata, send_frame};
 /// Answers a link's thread stages at most before it publishes them.
 const BURST: u32 = 64;
 
+/// How often a draining link whose client sends no more looks whether its
+/// last requests are done.
+const DRAINED_CHECK: Duration = Duration::from_millis(1);
+
 /// Serves one accepted link until it closes (runs on its own thread).
 ///
 /// Each request's handler is polled once right here, so a handler that
@@ -43,8 +48,16 @@ pub(crate) fn serve_link(link: ShmLink, ctx: Arc<ServeCtx>) {
     // pipelines its calls gets one wake-up check per burst, not per call.
     let mut staged = 0;
     loop {
-        let msg = match rx.recv(None) {
+        // Once the client said it sends no more (a drain), the link closes
+        // as soon as nothing of it is in progress: look every millisecond.
+        let done = server.link.client_done.load(Ordering::Acquire);
+        if done && server.link.drained() {
+            break;
+        }
+        let until = done.then(|| Instant::now() + DRAINED_CHECK);
+        let msg = match rx.recv(until) {
             Ok(m) => m,
+            Err(RecvError::TimedOut) => continue,
             Err(e) => {
                 server.closing(&e);
                 break;
@@ -90,18 +103,31 @@ impl LinkServer {
     pub(crate) fn new(tx: LinkSender, ctx: Arc<ServeCtx>, caller: Caller) -> LinkServer {
         let busy = Arc::new(AtomicBool::new(false));
         ctx.load.links.lock().push(busy.clone());
+        let link = Arc::new(LinkShared {
+            tx: Mutex::new(tx),
+            running: Mutex::default(),
+            polled: Mutex::default(),
+            load: ctx.load.clone(),
+            limits: ctx.limits,
+            caller,
+            staging: AtomicBool::new(false),
+            going_away: AtomicBool::new(false),
+            client_done: AtomicBool::new(false),
+        });
+        {
+            let mut links = ctx.links.lock();
+            links.retain(|l| l.strong_count() > 0);
+            links.push(Arc::downgrade(&link));
+        }
+        // SYNC: SeqCst pairs with the drain's: a link accepted while the
+        // service drains is told so by one side or the other.
+        if ctx.load.draining.load(Ordering::SeqCst) {
+            link.go_away();
+        }
         LinkServer {
             last_opened: 0,
             handler: LinkHandler::new(&ctx.handler),
-            link: Arc::new(LinkShared {
-                tx: Mutex::new(tx),
-                running: Mutex::default(),
-                polled: Mutex::default(),
-                load: ctx.load.clone(),
-                limits: ctx.limits,
-                caller,
-                staging: AtomicBool::new(false),
-            }),
+            link,
             ctx,
             busy,
         }
@@ -211,6 +237,11 @@ impl LinkServer {
                 } else if shared.polled.lock().remove(&h.stream_id.0) {
                     shared.release_polled(1);
                 }
+            }
+            FrameKind::GoAway => {
+                // The client's answer to ours: it opens no new stream.
+                drop(msg);
+                shared.client_done.store(true, Ordering::Release);
             }
             FrameKind::Ping => {
                 drop(msg);

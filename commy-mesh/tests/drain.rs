@@ -1,0 +1,106 @@
+//! Graceful drain: an instance that shuts down tells its clients to go
+//! away, answers what they sent before, and closes; calls made meanwhile
+//! go to the other instances. A rolling restart under continuous load
+//! fails no call.
+#![allow(clippy::disallowed_types)] // plain counters in tests, nothing for loom
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use commy_mesh::{Mesh, Request, Response, ServiceHandle, Status};
+
+mod support;
+
+/// An instance of `echo` on a mesh handle of its own, answering after
+/// `delay` (so that calls are in progress when it drains).
+async fn instance(dir: &Path, delay: Duration) -> (Mesh, ServiceHandle) {
+    let mesh = support::builder(dir).open().await.unwrap();
+    let handle = mesh
+        .serve("echo", move |req: Request| async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            Ok::<_, Status>(Response::new(req.into_payload()))
+        })
+        .await
+        .unwrap();
+    (mesh, handle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_under_load_fails_no_call() {
+    let dir = support::private_dir("drain-rolling");
+    let mut instances = Vec::new();
+    for i in 0..3 {
+        // One answers at once, the others after a moment.
+        instances.push(instance(&dir, Duration::from_millis(i)).await);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut clients = Vec::new();
+    for c in 0..4u8 {
+        let client = support::builder(&dir).open().await.unwrap();
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        clients.push(tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let msg = [c, (n % 251) as u8];
+                match client.call("echo", msg.to_vec()).await {
+                    Ok(reply) if reply[..] == msg[..] => ok.fetch_add(1, Ordering::Relaxed),
+                    Ok(reply) => panic!("client {c}: a wrong answer {reply:?}"),
+                    Err(e) => {
+                        eprintln!("client {c}: call {n} failed: {e}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+            client.close().await;
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for round in 0..3 {
+        let (mesh, handle) = instances.remove(0);
+        let before = ok.load(Ordering::Relaxed);
+        assert!(
+            handle.shutdown_within(Duration::from_secs(5)).await,
+            "round {round}: a client did not answer the GoAway"
+        );
+        mesh.close().await;
+        instances.push(instance(&dir, Duration::from_millis(1)).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            ok.load(Ordering::Relaxed) > before + 100,
+            "round {round}: calls went on"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "{} calls answered",
+        ok.load(Ordering::Relaxed)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_client_answers_the_drain_at_once() {
+    let dir = support::private_dir("drain-idle");
+    let (mesh, handle) = instance(&dir, Duration::ZERO).await;
+    let client = support::builder(&dir).open().await.unwrap();
+    assert_eq!(&client.call("echo", &b"x"[..]).await.unwrap()[..], b"x");
+    // The client has a link and makes no call: it learns of the drain
+    // from discovery and answers, so the instance stops well before its
+    // grace.
+    let t = std::time::Instant::now();
+    assert!(handle.shutdown_within(Duration::from_secs(10)).await);
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    mesh.close().await;
+    let e = client.call("echo", &b"x"[..]).await.unwrap_err();
+    assert_eq!(e.code(), commy_mesh::Code::NotFound, "{e}");
+}
