@@ -20,7 +20,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use commy_core::{Deadline, FrameFlags, FrameHeader, FrameKind, Limits, Status, StreamId};
 use parking_lot::Mutex;
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -50,7 +50,9 @@ pub enum ClientError {
 /// How a call failed ([`Client::call_attempt`]).
 #[derive(Debug, Clone)]
 pub enum CallFailure {
-    /// No connection could be made: the request was never sent.
+    /// The server provably did not process the request: no connection
+    /// could be made, the connection closed before the request was
+    /// queued, or the server's GoAway refused it.
     Unsent(Status),
     /// The request was sent (or may have been) and failed.
     Failed(Status),
@@ -191,10 +193,7 @@ impl Client {
         deadline: Option<Deadline>,
     ) -> Result<Reply, CallFailure> {
         let session = self.session(deadline).await.map_err(CallFailure::Unsent)?;
-        session
-            .call(metadata, payload, deadline)
-            .await
-            .map_err(CallFailure::Failed)
+        session.call(metadata, payload, deadline).await
     }
 
     /// Sends a one-way message (no reply). Returns once it is queued.
@@ -420,6 +419,9 @@ struct Session {
 struct PendingTable {
     calls: Pending,
     streams: Streams,
+    /// Calls the server's GoAway refused (it did not process them), until
+    /// their callers see it.
+    refused: FxHashSet<u64>,
     closed_reason: Option<String>,
     /// The next stream id to open (odd: this side connected).
     next_id: u64,
@@ -462,6 +464,7 @@ impl Session {
             credit: Semaphore::new(0),
             pending: Mutex::new(PendingTable {
                 calls: FxHashMap::default(),
+                refused: FxHashSet::default(),
                 streams: FxHashMap::default(),
                 closed_reason: None,
                 next_id: 1,
@@ -529,27 +532,50 @@ impl Session {
         Status::unavailable(format!("connection to {} lost: {reason}", self.target))
     }
 
+    /// A call on this connection; a failure says whether the server
+    /// provably did not process it (the connection closed before the
+    /// request was queued, or the server's GoAway refused it).
     async fn call(
         self: Arc<Session>,
         metadata: Bytes,
         payload: Bytes,
         deadline: Option<Deadline>,
-    ) -> Result<Reply, Status> {
+    ) -> Result<Reply, CallFailure> {
         let (done_tx, done_rx) = oneshot::channel();
-        let id = self
+        let opened = self
             .open(FrameKind::Request, metadata, payload, deadline, |p, id| {
                 p.calls.insert(id, done_tx);
             })
-            .await?;
+            .await;
+        let id = match opened {
+            Ok(id) => id,
+            // Closed before the request was queued.
+            Err(status) if status.code() == commy_core::Code::Unavailable => {
+                return Err(CallFailure::Unsent(status));
+            }
+            Err(status) => return Err(CallFailure::Failed(status)),
+        };
         let guard = CallGuard { session: &self, id };
         let answer = match deadline {
             Some(d) => tokio::time::timeout_at(d.instant().into(), done_rx)
                 .await
-                .map_err(|_| Status::deadline_exceeded("no response before the deadline"))?,
+                .map_err(|_| {
+                    CallFailure::Failed(Status::deadline_exceeded(
+                        "no response before the deadline",
+                    ))
+                })?,
             None => done_rx.await,
         };
         std::mem::forget(guard);
-        answer.unwrap_or_else(|_| Err(self.lost()))
+        answer
+            .unwrap_or_else(|_| Err(self.lost()))
+            .map_err(|status| {
+                if self.pending.lock().refused.remove(&id) {
+                    CallFailure::Unsent(status)
+                } else {
+                    CallFailure::Failed(status)
+                }
+            })
     }
 
     async fn subscribe(
@@ -831,6 +857,7 @@ async fn read_loop(
                         let (calls, streams): (Vec<_>, Vec<_>) = {
                             let mut p = s.pending.lock();
                             let ids: Vec<u64> = p.calls.keys().copied().filter(|k| *k > id).collect();
+                            p.refused.extend(ids.iter().copied());
                             let calls = ids.into_iter().filter_map(|k| p.calls.remove(&k)).collect();
                             let ids: Vec<u64> = p.streams.keys().copied().filter(|k| *k > id).collect();
                             (calls, ids.into_iter().filter_map(|k| p.streams.remove(&k)).collect())
