@@ -330,17 +330,24 @@ impl Mesh {
         if let Some(net) = &self.inner.net {
             net.add(&service, id, ctx.clone());
         }
-        let listing = self.inner.net.clone().map(|net| {
+        let routed = self.inner.net.clone().map(|net| {
             let service = service.clone();
             Registration::new(move || net.remove(&service, id))
         });
+        let relist = self
+            .inner
+            .net
+            .clone()
+            .map(|net| Box::new(move || net.relist()) as Box<dyn Fn() + Send + Sync>);
         let served = Arc::new(Served {
             service,
             id,
             path,
             stop: Arc::new(AtomicBool::new(false)),
             ctx: ctx.clone(),
-            registrations: Mutex::new(listing.into_iter().collect()),
+            registrations: Mutex::new(Vec::new()),
+            routed: Mutex::new(routed),
+            relist,
         });
         start_accepting(
             listener,

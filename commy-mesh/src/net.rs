@@ -219,6 +219,12 @@ impl NetState {
         self.router.version.send_modify(|v| *v += 1);
     }
 
+    /// Tells the peers watching this process's listing that it changed
+    /// (an instance began to drain: it is listed no more).
+    pub(crate) fn relist(&self) {
+        self.router.version.send_modify(|v| *v += 1);
+    }
+
     pub(crate) fn remove(&self, service: &ServiceName, id: InstanceId) {
         let mut services = self.router.services.lock();
         if let Some(v) = services.get_mut(service) {

@@ -37,29 +37,12 @@ async fn a_rolling_restart_under_load_fails_no_call() {
         // One answers at once, the others after a moment.
         instances.push(instance(&dir, Duration::from_millis(i)).await);
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let mut clients = Vec::new();
-    for c in 0..4u8 {
-        let client = support::builder(&dir).open().await.unwrap();
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        clients.push(tokio::spawn(async move {
-            let mut n = 0u32;
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                let msg = [c, (n % 251) as u8];
-                match client.call("echo", msg.to_vec()).await {
-                    Ok(reply) if reply[..] == msg[..] => ok.fetch_add(1, Ordering::Relaxed),
-                    Ok(reply) => panic!("client {c}: a wrong answer {reply:?}"),
-                    Err(e) => {
-                        eprintln!("client {c}: call {n} failed: {e}");
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-            }
-            client.close().await;
-        }));
+    for _ in 0..4 {
+        clients.push(support::builder(&dir).open().await.unwrap());
     }
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tasks, ok, failed) = load(clients, &stop);
     tokio::time::sleep(Duration::from_millis(200)).await;
     for round in 0..3 {
         let (mesh, handle) = instances.remove(0);
@@ -77,8 +60,8 @@ async fn a_rolling_restart_under_load_fails_no_call() {
         );
     }
     stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        c.await.unwrap();
+    for t in tasks {
+        t.await.unwrap();
     }
     assert_eq!(
         failed.load(Ordering::Relaxed),
@@ -86,6 +69,116 @@ async fn a_rolling_restart_under_load_fails_no_call() {
         "{} calls answered",
         ok.load(Ordering::Relaxed)
     );
+}
+
+/// Calls `echo` from `n` client tasks until `stop`; counts the answers
+/// and the failures.
+fn load(
+    clients: Vec<Mesh>,
+    stop: &Arc<AtomicBool>,
+) -> (
+    Vec<tokio::task::JoinHandle<()>>,
+    Arc<AtomicU64>,
+    Arc<AtomicU64>,
+) {
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let tasks = clients
+        .into_iter()
+        .enumerate()
+        .map(|(c, client)| {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            tokio::spawn(async move {
+                let mut n = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let msg = [c as u8, (n % 251) as u8];
+                    match client.call("echo", msg.to_vec()).await {
+                        Ok(reply) if reply[..] == msg[..] => ok.fetch_add(1, Ordering::Relaxed),
+                        Ok(reply) => panic!("client {c}: a wrong answer {reply:?}"),
+                        Err(e) => {
+                            eprintln!("client {c}: call {n} failed: {e}");
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                }
+                client.close().await;
+            })
+        })
+        .collect();
+    (tasks, ok, failed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_over_tls_fails_no_call() {
+    let dir = support::private_dir("drain-tls");
+    let (ca, cert, key) = support::certificates(&dir);
+    let mut servers = Vec::new();
+    for i in 0..3 {
+        let mut net = commy_mesh::NetConfig::default();
+        net.tls_ca = Some(ca.clone());
+        net.tls_cert = Some(cert.clone());
+        net.tls_key = Some(key.clone());
+        let mesh = Mesh::builder()
+            .runtime_dir(support::own_runtime_dir(&dir, &format!("server-{i}")))
+            .net(net)
+            .listen("tls://127.0.0.1:0")
+            .open()
+            .await
+            .unwrap();
+        let handle = serve_echo(&mesh).await;
+        servers.push((mesh, Some(handle)));
+    }
+    let mut clients = Vec::new();
+    for c in 0..4 {
+        let mut net = commy_mesh::NetConfig::default();
+        net.tls_ca = Some(ca.clone());
+        net.no_listen = true;
+        let mut b = Mesh::builder()
+            .runtime_dir(support::own_runtime_dir(&dir, &format!("client-{c}")))
+            .net(net);
+        for (s, _) in &servers {
+            b = b.peer(&format!(
+                "tls://127.0.0.1:{}",
+                s.tls_endpoint().unwrap().port()
+            ));
+        }
+        clients.push(b.open().await.unwrap());
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tasks, ok, failed) = load(clients, &stop);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (round, (mesh, handle)) in servers.iter_mut().enumerate() {
+        let before = ok.load(Ordering::Relaxed);
+        handle
+            .take()
+            .unwrap()
+            .shutdown_within(Duration::from_secs(5))
+            .await;
+        *handle = Some(serve_echo(mesh).await);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            ok.load(Ordering::Relaxed) > before + 50,
+            "round {round}: calls went on"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "{} calls answered",
+        ok.load(Ordering::Relaxed)
+    );
+}
+
+async fn serve_echo(mesh: &Mesh) -> ServiceHandle {
+    mesh.serve("echo", |req: Request| async move {
+        Ok::<_, Status>(Response::new(req.into_payload()))
+    })
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

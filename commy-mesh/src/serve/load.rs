@@ -4,7 +4,7 @@
 //! not the service's handler.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 
@@ -22,6 +22,9 @@ pub(crate) struct Load {
     /// inline (those are not counted in `in_flight`, which costs two locked
     /// instructions per request; see [`Load::idle`]).
     pub(crate) links: Mutex<Vec<Arc<AtomicBool>>>,
+    /// Requests that came from TLS peers (a draining instance watches it go
+    /// quiet).
+    pub(crate) remote_requests: AtomicU64,
 }
 
 impl Load {
@@ -34,6 +37,7 @@ impl Load {
             drained: tokio::sync::Notify::new(),
             draining: AtomicBool::new(false),
             links: Mutex::new(Vec::new()),
+            remote_requests: AtomicU64::new(0),
         }
     }
 

@@ -20,15 +20,29 @@ pub(crate) struct Served {
     pub(crate) path: PathBuf,
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) ctx: Arc<ServeCtx>,
-    /// The instance's announcements beyond its socket (the TLS listener's
-    /// listing, the registrars'): withdrawn when dropped, at deregistration.
+    /// The instance's announcements beyond its socket (the registrars'):
+    /// withdrawn when dropped, at deregistration.
     pub(crate) registrations: parking_lot::Mutex<Vec<Registration>>,
+    /// Its place among the TLS listener's services (calls from peers reach
+    /// it there, and its listing names it): withdrawn at deregistration,
+    /// or at the end of a drain, which only unlists it first.
+    pub(crate) routed: parking_lot::Mutex<Option<Registration>>,
+    /// Tells the TLS listener's watchers that its listing changed.
+    pub(crate) relist: Option<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl Served {
     /// Stops accepting: the socket is unlinked now (so discovery sees the
     /// instance vanish at once) and its listener is closed.
     pub(crate) fn deregister(&self) {
+        self.withdraw();
+        drop(self.routed.lock().take());
+    }
+
+    /// Stops announcing the instance: its socket and the registrars'
+    /// entries are withdrawn; TLS peers still reach it (see
+    /// [`deregister`](Served::deregister)).
+    fn withdraw(&self) {
         if !self.stop.swap(true, Ordering::AcqRel) {
             crate::accept::withdraw(&self.path);
             drop(std::mem::take(&mut *self.registrations.lock()));
@@ -40,6 +54,10 @@ impl Served {
     pub(crate) fn go_away(&self) {
         // SYNC: SeqCst pairs with `LinkServer::new`'s check.
         self.ctx.load.draining.store(true, Ordering::SeqCst);
+        // Unlisted for TLS peers (which still reach it until then).
+        if let Some(relist) = &self.relist {
+            relist();
+        }
         let links: Vec<_> = self
             .ctx
             .links
@@ -82,6 +100,26 @@ impl Served {
         answered
     }
 
+    /// Over TLS, peers learn that the instance left from its listing
+    /// (they long-poll it, and it changed at [`go_away`](Served::go_away)):
+    /// until they do, their calls still reach it. Waits until none came
+    /// for [`TLS_QUIET`], at most `grace`.
+    pub(crate) async fn tls_quiet(&self, grace: Duration) {
+        if self.routed.lock().is_none() {
+            return;
+        }
+        let until = tokio::time::Instant::now() + grace;
+        let mut seen = self.ctx.load.remote_requests.load(Ordering::Acquire);
+        loop {
+            tokio::time::sleep(TLS_QUIET).await;
+            let now = self.ctx.load.remote_requests.load(Ordering::Acquire);
+            if now == seen || tokio::time::Instant::now() >= until {
+                return;
+            }
+            seen = now;
+        }
+    }
+
     /// Waits until no request is being handled.
     pub(crate) async fn drain(&self) {
         // SYNC: SeqCst pairs with `handled` (see there).
@@ -98,6 +136,10 @@ impl Served {
         }
     }
 }
+
+/// How long a draining instance reached over TLS must see no call from a
+/// peer before it stops taking them (its peers have seen it unlisted).
+const TLS_QUIET: Duration = Duration::from_millis(100);
 
 /// How long [`ServiceHandle::shutdown`] waits for the clients of its
 /// links to stop sending before it ends their links.
@@ -156,9 +198,11 @@ impl ServiceHandle {
     /// ended, and requests still in progress are waited for. Returns
     /// whether every client answered in time.
     pub async fn shutdown_within(self, grace: Duration) -> bool {
-        self.served.deregister();
+        self.served.withdraw();
         self.served.go_away();
         let answered = self.served.links_drained(grace).await;
+        self.served.tls_quiet(grace).await;
+        self.served.deregister();
         self.served.drain().await;
         answered
     }

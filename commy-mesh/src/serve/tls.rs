@@ -7,6 +7,7 @@
 //! (`commy.subscribe`): each becomes a subscription of this process whose
 //! messages are pushed on the client's stream.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
@@ -74,9 +75,15 @@ impl Router {
             version: *self.version.borrow(),
             host: self.host.clone(),
             pid: std::process::id(),
+            // A draining instance still takes the calls of clients that
+            // have not seen it leave, but is listed no more.
             instances: services
                 .iter()
-                .flat_map(|(s, v)| v.iter().map(move |(id, _)| (s.clone(), *id)))
+                .flat_map(|(s, v)| {
+                    v.iter()
+                        .filter(|(_, ctx)| !ctx.load.draining.load(Ordering::Acquire))
+                        .map(move |(id, _)| (s.clone(), *id))
+                })
                 .collect(),
             subscriptions: self
                 .topics
@@ -138,9 +145,16 @@ impl Router {
                 .ok_or_else(|| {
                     Status::not_found(format!("no instance of service '{name}' in this process"))
                 })?;
-            let i = self.rr.pick(instances.len()).unwrap_or(0);
+            // An instance that drains takes calls only while no other
+            // instance of the service in this process may.
+            let draining = |i: usize| instances[i].1.load.draining.load(Ordering::Acquire);
+            let mut i = self.rr.pick(instances.len()).unwrap_or(0);
+            if draining(i) {
+                i = (0..instances.len()).find(|&j| !draining(j)).unwrap_or(i);
+            }
             instances[i].1.clone()
         };
+        ctx.load.remote_requests.fetch_add(1, Ordering::Relaxed);
         let caller = Caller::Remote(RemoteCaller(inbound.peer));
         ctx.admit(
             &caller,
