@@ -53,8 +53,9 @@
 //!   payload. Once the instance is announced it prints exactly one line,
 //!   `serving NAME as <instance id>`, and flushes stdout (when it listens
 //!   over TLS, `tls endpoint: tls://ADDR:PORT` goes to stderr). On SIGINT (Ctrl-C)
-//!   or SIGTERM it deregisters (new calls go elsewhere), waits for the
-//!   requests in flight and exits 0.
+//!   or SIGTERM it drains (`ServiceHandle::shutdown`): it deregisters, tells
+//!   its clients to send no new call (their calls go to other instances),
+//!   answers what they sent and exits 0, so a rolling restart fails no call.
 //! - `call NAME DATA`: calls `NAME` with the bytes of `DATA` (the argument as
 //!   given, not necessarily UTF-8). A reply that is UTF-8 text is printed
 //!   followed by a newline; any other reply is written as raw bytes without
@@ -196,8 +197,9 @@ enum Command {
     #[command(
         long_about = "Serve NAME with an echo handler (the reply is the request's payload) until \
                       SIGINT (Ctrl-C) or SIGTERM. Prints `serving NAME as <instance id>` once the \
-                      instance is announced; on a signal it deregisters, lets requests in flight \
-                      finish and exits 0."
+                      instance is announced; on a signal it drains: it deregisters, tells its \
+                      clients to send no new call (they go to other instances), answers what they \
+                      sent, and exits 0."
     )]
     EchoServer(serve::Args),
 

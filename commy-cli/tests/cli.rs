@@ -188,6 +188,63 @@ impl EchoServer {
     }
 }
 
+/// Three `echo-server` processes restarted in turn (SIGTERM, then a new
+/// one) while four client processes call them without pause: every call
+/// of every client succeeds (a client exits non-zero at its first failed
+/// call).
+#[test]
+fn a_rolling_restart_of_echo_servers_fails_no_call() {
+    let dir = PrivateDir::new("rolling");
+    let mut servers: Vec<EchoServer> = (0..3)
+        .map(|_| EchoServer::start(dir.path(), "echo"))
+        .collect();
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            commy(
+                dir.path(),
+                &[
+                    "bench",
+                    "rtt",
+                    "--service",
+                    "echo",
+                    "--warmup",
+                    "10",
+                    "--count",
+                    "6000",
+                    "--rate",
+                    "2000",
+                ],
+            )
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..3 {
+        let old = servers.remove(0);
+        assert!(
+            old.process.terminate().success(),
+            "a server drained and exited 0"
+        );
+        servers.push(EchoServer::start(dir.path(), "echo"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for client in clients {
+        let o = client.wait_with_output().unwrap();
+        assert!(o.status.success(), "a client's call failed: {}", stderr(&o));
+        assert!(
+            stdout(&o).contains("6000 sequential calls"),
+            "{}",
+            stdout(&o)
+        );
+    }
+    for server in servers {
+        assert!(server.process.terminate().success());
+    }
+}
+
 #[test]
 fn echo_server_is_listed_called_and_stops_on_sigterm() {
     let dir = PrivateDir::new("echo");
