@@ -32,6 +32,7 @@
 //! | `eject_after` | `5` | failures in a row that eject an instance from its pool for a while (`0`: never) |
 //! | `ejection_time` | `"30s"` | how long a first ejection lasts; the n-th lasts n times as long, at most 10 times |
 //! | `max_ejected_percent` | `10` | the most of a pool ejected at once, in percent (one instance always may be) |
+//! | `max_pending` | `0` | calls to one service this handle may have waiting at once; one more fails at once with RESOURCE_EXHAUSTED (`0`: no limit) |
 //! | `retry_attempts` | `3` | attempts in all of a call that may be retried (`1`: never retry) |
 //! | `retry_budget_percent` | `20` | retries may add this share of the requests of the last 10 s, plus 10 a second |
 //! | `idempotent` | `[]` | services whose calls may be retried after any failure of the instance, not only one that never reached it |
@@ -134,6 +135,10 @@ pub struct Settings {
     /// The most of a pool that may be ejected at once, in percent.
     #[serde(deserialize_with = "count")]
     pub max_ejected_percent: usize,
+    /// Calls to one service that may wait for their answers at once (0:
+    /// no limit).
+    #[serde(deserialize_with = "count")]
+    pub max_pending: usize,
     /// Attempts in all of a call that may be retried (1: never retry).
     #[serde(deserialize_with = "count")]
     pub retry_attempts: usize,
@@ -147,7 +152,7 @@ pub struct Settings {
 }
 
 /// Every key of [`Settings`], in the order of its fields.
-pub const KEYS: [&str; 20] = [
+pub const KEYS: [&str; 21] = [
     "mesh",
     "runtime_dir",
     "default_timeout",
@@ -165,6 +170,7 @@ pub const KEYS: [&str; 20] = [
     "eject_after",
     "ejection_time",
     "max_ejected_percent",
+    "max_pending",
     "retry_attempts",
     "retry_budget_percent",
     "idempotent",
@@ -199,6 +205,7 @@ pub fn key_kind(key: &str) -> Option<KeyKind> {
         "max_concurrency"
         | "eject_after"
         | "max_ejected_percent"
+        | "max_pending"
         | "retry_attempts"
         | "retry_budget_percent" => KeyKind::Count,
         "require_client_cert" => KeyKind::Flag,
@@ -238,6 +245,7 @@ impl Default for Settings {
             eject_after: 5,
             ejection_time: Duration::from_secs(30),
             max_ejected_percent: 10,
+            max_pending: 0,
             retry_attempts: 3,
             retry_budget_percent: 20,
             idempotent: Vec::new(),
