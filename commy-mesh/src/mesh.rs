@@ -437,6 +437,7 @@ impl Mesh {
                 .connected(name, options.hash_key.as_deref())
             {
                 let retries = &conn.stats.health().retries;
+                let _pending = conn.stats.health().enter_pending(name)?;
                 let Some(policy) = &conn.policy else {
                     // Kept only when the call may be retried after it was
                     // sent: cloning may allocate.
@@ -512,6 +513,11 @@ impl Mesh {
         mut failed: Option<Failed>,
     ) -> Result<Response, Status> {
         let pool = self.inner.services.get(&service_name(name)?);
+        // A call handed on after its first attempt holds its place already.
+        let _pending = match failed {
+            None => Some(pool.health.enter_pending(name)?),
+            Some(_) => None,
+        };
         let policy = pool.policy.clone();
         let retries = &pool.health.retries;
         let idempotent = options.idempotent || retries.idempotent;
@@ -693,6 +699,7 @@ impl Mesh {
                 .services
                 .connected(name, options.hash_key.as_deref())
             && conn.policy.is_none()
+            && conn.stats.health().max_pending == 0
         {
             let due = self.due(&options);
             let md = &options.metadata;
@@ -839,9 +846,11 @@ impl Mesh {
             .connected(name, options.hash_key.as_deref())?;
         let retries = &conn.stats.health().retries;
         let idempotent = retries.attempts > 1 && (options.idempotent || retries.idempotent);
-        if conn.policy.is_some() || idempotent {
+        let limited = conn.stats.health().max_pending > 0;
+        if conn.policy.is_some() || idempotent || limited {
             // The task records the outcome and retries as the policy (or
-            // an idempotent call's retries) say.
+            // an idempotent call's retries) say, and counts the call
+            // against the service's limit of pending calls.
             return None;
         }
         let due = self.due(options);

@@ -253,3 +253,38 @@ async fn maglev_sends_a_key_to_one_instance_and_round_robin_takes_turns() {
         .unwrap_err();
     assert!(bad.to_string().contains("unknown strategy"), "{bad}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_past_max_pending_fail_at_once() {
+    let dir = support::private_dir("resilience-pending");
+    let server = support::builder(&dir).open().await.unwrap();
+    let _slow = server
+        .serve("slow", |_req: Request| async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Ok::<_, Status>(Response::new(&b"done"[..]))
+        })
+        .await
+        .unwrap();
+    let client = support::builder(&dir)
+        .setting("max_pending", 2)
+        .open()
+        .await
+        .unwrap();
+    let waiting: Vec<_> = (0..2)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { client.call("slow", Vec::new()).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t = Instant::now();
+    let e = client.call("slow", Vec::new()).await.unwrap_err();
+    assert_eq!(e.code(), commy_mesh::Code::ResourceExhausted, "{e}");
+    assert!(e.message().contains("max_pending"), "{e}");
+    assert!(t.elapsed() < Duration::from_millis(100), "failed at once");
+    for w in waiting {
+        assert_eq!(&w.await.unwrap().unwrap()[..], b"done");
+    }
+    // Their places are free again.
+    assert_eq!(&client.call("slow", Vec::new()).await.unwrap()[..], b"done");
+}

@@ -83,6 +83,8 @@ pub(crate) struct Resilience {
     attempts: u32,
     budget_percent: u32,
     idempotent: Vec<ServiceName>,
+    /// Calls to one service waiting at once (0: no limit).
+    max_pending: usize,
     /// The strategy of every service not named in `balance`.
     strategy: Strategy,
     /// Services' own strategies.
@@ -108,6 +110,7 @@ impl Resilience {
                 .iter()
                 .filter_map(|n| ServiceName::new(n).ok())
                 .collect(),
+            max_pending: s.max_pending,
             strategy: Strategy::default(),
             balance: Vec::new(),
         }
@@ -149,7 +152,7 @@ impl Resilience {
             idempotent: self.idempotent.contains(service),
             budget: RetryBudget::new(self.budget_percent, BUDGET_FLOOR_PER_SEC, BUDGET_WINDOW_MS),
         };
-        PoolHealth::new(self.outlier, self.max_ejected_percent, retries)
+        PoolHealth::new(self.outlier, self.max_ejected_percent, retries, self.max_pending)
     }
 }
 

@@ -207,6 +207,10 @@ pub(crate) struct PoolHealth {
     pub(crate) panics: AtomicU64,
     /// When the pool's failed calls are tried again.
     pub(crate) retries: Retries,
+    /// Calls to the service waiting at once, counted only with a limit.
+    pending: AtomicUsize,
+    /// Their limit (0: none).
+    pub(crate) max_pending: usize,
 }
 
 impl PoolHealth {
@@ -216,6 +220,7 @@ impl PoolHealth {
         outlier: Option<OutlierConfig>,
         max_percent: u32,
         retries: Retries,
+        max_pending: usize,
     ) -> PoolHealth {
         PoolHealth {
             outlier: outlier.unwrap_or_default(),
@@ -225,6 +230,30 @@ impl PoolHealth {
             total: AtomicUsize::new(0),
             panics: AtomicU64::new(0),
             retries,
+            pending: AtomicUsize::new(0),
+            max_pending,
+        }
+    }
+
+    /// Counts one more call to the pool's service waiting for its answer,
+    /// until the slot is dropped; with `max_pending` of them waiting
+    /// already, fails at once with `RESOURCE_EXHAUSTED` (a limit of 0:
+    /// none, nothing counted).
+    pub(crate) fn enter_pending(&self, service: &str) -> Result<PendingSlot<'_>, Status> {
+        if self.max_pending == 0 {
+            return Ok(PendingSlot(None));
+        }
+        let taken = self
+            .pending
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_pending).then_some(n + 1)
+            });
+        match taken {
+            Ok(_) => Ok(PendingSlot(Some(&self.pending))),
+            Err(n) => Err(Status::resource_exhausted(format!(
+                "{n} calls to service '{service}' wait for their answers already \
+                 (max_pending)"
+            ))),
         }
     }
 
@@ -268,6 +297,17 @@ impl PoolHealth {
     pub(crate) fn reset(&self, total: usize, out: usize) {
         self.total.store(total, Ordering::Relaxed);
         self.out.store(out, Ordering::Relaxed);
+    }
+}
+
+/// One call counted against its pool's `max_pending` while it lives.
+pub(crate) struct PendingSlot<'a>(Option<&'a AtomicUsize>);
+
+impl Drop for PendingSlot<'_> {
+    fn drop(&mut self) {
+        if let Some(pending) = self.0 {
+            pending.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -335,7 +375,7 @@ pub(crate) fn test_health() -> PoolHealth {
         idempotent: false,
         budget: commy_discovery::RetryBudget::default(),
     };
-    PoolHealth::new(Some(OutlierConfig::default()), 10, retries)
+    PoolHealth::new(Some(OutlierConfig::default()), 10, retries, 0)
 }
 
 #[cfg(test)]
