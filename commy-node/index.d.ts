@@ -77,6 +77,8 @@ export interface MeshOptions {
   ejectionTimeMs?: number
   /** The most of a pool ejected at once, in percent (10 unless set; one instance always may be). */
   maxEjectedPercent?: number
+  /** Calls to one service this handle may have waiting at once; one more fails at once with `RESOURCE_EXHAUSTED` (0 unless set: no limit). */
+  maxPending?: number
   /** Attempts in all of a call that may be retried (3 unless set; 1: never retry). */
   retryAttempts?: number
   /** Retries may add this share of the requests of the last 10 s, in percent, plus 10 a second (20 unless set). */
