@@ -12,6 +12,7 @@ use commy_core::{InstanceId, ServiceName};
 use commy_discovery::Registration;
 
 use crate::serve::dispatch::ServeCtx;
+use crate::serve::link::LinkShared;
 
 /// A service served by this process.
 pub(crate) struct Served {
@@ -58,16 +59,15 @@ impl Served {
         if let Some(relist) = &self.relist {
             relist();
         }
-        let links: Vec<_> = self
-            .ctx
-            .links
-            .lock()
-            .iter()
-            .filter_map(Weak::upgrade)
-            .collect();
-        for link in links {
+        for link in self.live_links() {
             link.go_away();
         }
+    }
+
+    /// The service's shared-memory links still open.
+    fn live_links(&self) -> Vec<Arc<LinkShared>> {
+        let links = self.ctx.links.lock();
+        links.iter().filter_map(Weak::upgrade).collect()
     }
 
     /// Waits until every shared-memory link is closed, or its client
@@ -78,23 +78,15 @@ impl Served {
     pub(crate) async fn links_drained(&self, grace: Duration) -> bool {
         let until = tokio::time::Instant::now() + grace;
         let answered = loop {
-            let open: Vec<_> = self
-                .ctx
-                .links
-                .lock()
-                .iter()
-                .filter_map(Weak::upgrade)
-                .collect();
-            if open.iter().all(|l| l.drained()) {
+            if self.live_links().iter().all(|l| l.drained()) {
                 break true;
             }
             if tokio::time::Instant::now() >= until {
                 break false;
             }
-            drop(open);
             tokio::time::sleep(Duration::from_millis(1)).await;
         };
-        for link in self.ctx.links.lock().iter().filter_map(Weak::upgrade) {
+        for link in self.live_links() {
             link.tx.lock().abort();
         }
         answered
