@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use commy_mesh::{Mesh, NetConfig, Request, Response, Status};
+use commy_mesh::{Mesh, Request, Response, Status};
 
 mod support;
 
@@ -17,21 +17,11 @@ mod support;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slower_tls_instance_gets_few_calls() {
     let dir = support::private_dir("balance-ewma");
-    let (ca, cert, key) = support::certificates(&dir);
+    let certs = support::certificates(&dir);
     let mut servers = Vec::new();
     let mut handles = Vec::new();
     for i in 0..3u8 {
-        let mut net = NetConfig::default();
-        net.tls_ca = Some(ca.clone());
-        net.tls_cert = Some(cert.clone());
-        net.tls_key = Some(key.clone());
-        let mesh = Mesh::builder()
-            .runtime_dir(support::own_runtime_dir(&dir, &format!("server-{i}")))
-            .net(net)
-            .listen("tls://127.0.0.1:0")
-            .open()
-            .await
-            .unwrap();
+        let mesh = support::tls_server(&dir, &format!("server-{i}"), &certs).await;
         handles.push(
             mesh.serve("echo", move |_req: Request| async move {
                 if i == 2 {
@@ -44,17 +34,8 @@ async fn a_slower_tls_instance_gets_few_calls() {
         );
         servers.push(mesh);
     }
-    let mut net = NetConfig::default();
-    net.tls_ca = Some(ca);
-    net.no_listen = true;
-    let mut client = Mesh::builder()
-        .runtime_dir(support::own_runtime_dir(&dir, "client"))
-        .net(net);
-    for s in &servers {
-        let port = s.tls_endpoint().expect("listening").port();
-        client = client.peer(&format!("tls://127.0.0.1:{port}"));
-    }
-    let client = client.open().await.unwrap();
+    let servers: Vec<&Mesh> = servers.iter().collect();
+    let client = support::tls_client(&dir, "client", &certs, &servers).await;
     // Until every peer has listed its instance, calls go to those known.
     let mut seen = [false; 3];
     for _ in 0..2_000 {

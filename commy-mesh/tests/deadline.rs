@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use commy_mesh::service::inherited_deadline;
-use commy_mesh::{Code, Mesh, NetConfig, Request, Response, Status};
+use commy_mesh::{Code, Request, Response, Status};
 
 mod support;
 
@@ -26,23 +26,11 @@ impl Drop for Dropped {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deadline_set_at_the_first_hop_reaches_the_third_and_cancels_it() {
     let dir = support::private_dir("deadline-chain");
-    let (ca, cert, key) = support::certificates(&dir);
-    let here = support::own_runtime_dir(&dir, "here");
-    let there = support::own_runtime_dir(&dir, "there");
+    let certs = support::certificates(&dir);
 
     // At the peer: `b` calls `c`, which waits far longer than the
     // deadline and says what deadline it was given.
-    let mut net = NetConfig::default();
-    net.tls_ca = Some(ca.clone());
-    net.tls_cert = Some(cert);
-    net.tls_key = Some(key);
-    let peer = Mesh::builder()
-        .runtime_dir(&there)
-        .net(net)
-        .listen("tls://127.0.0.1:0")
-        .open()
-        .await
-        .unwrap();
+    let peer = support::tls_server(&dir, "there", &certs).await;
     let c_cancelled = Arc::new(AtomicBool::new(false));
     let c_left = Arc::new(parking_lot::Mutex::new(None::<Duration>));
     let _c = {
@@ -74,17 +62,7 @@ async fn a_deadline_set_at_the_first_hop_reaches_the_third_and_cancels_it() {
     };
 
     // Here: `a` calls `b` at the peer over TLS.
-    let port = peer.tls_endpoint().unwrap().port();
-    let mut net = NetConfig::default();
-    net.tls_ca = Some(ca);
-    net.no_listen = true;
-    let mesh = Mesh::builder()
-        .runtime_dir(&here)
-        .net(net)
-        .peer(&format!("tls://127.0.0.1:{port}"))
-        .open()
-        .await
-        .unwrap();
+    let mesh = support::tls_client(&dir, "here", &certs, &[&peer]).await;
     let _a = {
         let mesh2 = mesh.clone();
         mesh.serve("a", move |_req: Request| {
@@ -94,6 +72,7 @@ async fn a_deadline_set_at_the_first_hop_reaches_the_third_and_cancels_it() {
         .await
         .unwrap()
     };
+    let here = dir.join("here");
     let client = support::builder(&here).open().await.unwrap();
     let deadline = Duration::from_millis(400);
     let started = Instant::now();

@@ -41,12 +41,11 @@ async fn a_rolling_restart_under_load_fails_no_call() {
     for _ in 0..4 {
         clients.push(support::builder(&dir).open().await.unwrap());
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let (tasks, ok, failed) = load(clients, &stop);
+    let load = load(clients);
     tokio::time::sleep(Duration::from_millis(200)).await;
     for round in 0..3 {
         let (mesh, handle) = instances.remove(0);
-        let before = ok.load(Ordering::Relaxed);
+        let before = load.answered();
         assert!(
             handle.shutdown_within(Duration::from_secs(5)).await,
             "round {round}: a client did not answer the GoAway"
@@ -55,32 +54,45 @@ async fn a_rolling_restart_under_load_fails_no_call() {
         instances.push(instance(&dir, Duration::from_millis(1)).await);
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(
-            ok.load(Ordering::Relaxed) > before + 100,
+            load.answered() > before + 100,
             "round {round}: calls went on"
         );
     }
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "{} calls answered",
-        ok.load(Ordering::Relaxed)
-    );
+    load.no_call_failed().await;
 }
 
-/// Calls `echo` from `n` client tasks until `stop`; counts the answers
-/// and the failures.
-fn load(
-    clients: Vec<Mesh>,
-    stop: &Arc<AtomicBool>,
-) -> (
-    Vec<tokio::task::JoinHandle<()>>,
-    Arc<AtomicU64>,
-    Arc<AtomicU64>,
-) {
+/// Calls of `echo` made without pause by client tasks, counted.
+struct Load {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+}
+
+impl Load {
+    /// Answers so far.
+    fn answered(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// Stops the clients and checks that no call failed.
+    async fn no_call_failed(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let answered = self.ok.load(Ordering::Relaxed);
+        assert_eq!(
+            self.failed.load(Ordering::Relaxed),
+            0,
+            "{answered} calls answered"
+        );
+    }
+}
+
+/// Calls `echo` from each of `clients` in a task of its own until stopped.
+fn load(clients: Vec<Mesh>) -> Load {
+    let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let tasks = clients
         .into_iter()
@@ -105,50 +117,33 @@ fn load(
             })
         })
         .collect();
-    (tasks, ok, failed)
+    Load {
+        stop,
+        tasks,
+        ok,
+        failed,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_over_tls_fails_no_call() {
     let dir = support::private_dir("drain-tls");
-    let (ca, cert, key) = support::certificates(&dir);
+    let certs = support::certificates(&dir);
     let mut servers = Vec::new();
     for i in 0..3 {
-        let mut net = commy_mesh::NetConfig::default();
-        net.tls_ca = Some(ca.clone());
-        net.tls_cert = Some(cert.clone());
-        net.tls_key = Some(key.clone());
-        let mesh = Mesh::builder()
-            .runtime_dir(support::own_runtime_dir(&dir, &format!("server-{i}")))
-            .net(net)
-            .listen("tls://127.0.0.1:0")
-            .open()
-            .await
-            .unwrap();
+        let mesh = support::tls_server(&dir, &format!("server-{i}"), &certs).await;
         let handle = serve_echo(&mesh).await;
         servers.push((mesh, Some(handle)));
     }
+    let meshes: Vec<&Mesh> = servers.iter().map(|(m, _)| m).collect();
     let mut clients = Vec::new();
     for c in 0..4 {
-        let mut net = commy_mesh::NetConfig::default();
-        net.tls_ca = Some(ca.clone());
-        net.no_listen = true;
-        let mut b = Mesh::builder()
-            .runtime_dir(support::own_runtime_dir(&dir, &format!("client-{c}")))
-            .net(net);
-        for (s, _) in &servers {
-            b = b.peer(&format!(
-                "tls://127.0.0.1:{}",
-                s.tls_endpoint().unwrap().port()
-            ));
-        }
-        clients.push(b.open().await.unwrap());
+        clients.push(support::tls_client(&dir, &format!("client-{c}"), &certs, &meshes).await);
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let (tasks, ok, failed) = load(clients, &stop);
+    let load = load(clients);
     tokio::time::sleep(Duration::from_millis(300)).await;
     for (round, (mesh, handle)) in servers.iter_mut().enumerate() {
-        let before = ok.load(Ordering::Relaxed);
+        let before = load.answered();
         handle
             .take()
             .unwrap()
@@ -157,20 +152,11 @@ async fn a_rolling_restart_over_tls_fails_no_call() {
         *handle = Some(serve_echo(mesh).await);
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(
-            ok.load(Ordering::Relaxed) > before + 50,
+            load.answered() > before + 50,
             "round {round}: calls went on"
         );
     }
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "{} calls answered",
-        ok.load(Ordering::Relaxed)
-    );
+    load.no_call_failed().await;
 }
 
 async fn serve_echo(mesh: &Mesh) -> ServiceHandle {

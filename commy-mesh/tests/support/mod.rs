@@ -193,3 +193,46 @@ pub(crate) fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     commy_net::tls::write_pem_file(&key_path, &key).unwrap();
     (ca_dir.join("ca.pem"), cert_path, key_path)
 }
+
+/// The dev CA's certificate and a server's certificate and key
+/// ([`certificates`]).
+pub(crate) type Certificates = (PathBuf, PathBuf, PathBuf);
+
+/// A mesh handle listening over TLS on 127.0.0.1 (any port) with the
+/// server certificate of `certs`, in a runtime dir of its own, `<dir>/<name>`
+/// (so it is reached over TLS only).
+pub(crate) async fn tls_server(dir: &Path, name: &str, certs: &Certificates) -> Mesh {
+    let (ca, cert, key) = certs;
+    let mut net = NetConfig::default();
+    net.tls_ca = Some(ca.clone());
+    net.tls_cert = Some(cert.clone());
+    net.tls_key = Some(key.clone());
+    Mesh::builder()
+        .runtime_dir(own_runtime_dir(dir, name))
+        .net(net)
+        .listen("tls://127.0.0.1:0")
+        .open()
+        .await
+        .unwrap()
+}
+
+/// A mesh handle that listens for nothing and has `servers` as its TLS
+/// peers, in a runtime dir of its own, `<dir>/<name>`.
+pub(crate) async fn tls_client(
+    dir: &Path,
+    name: &str,
+    certs: &Certificates,
+    servers: &[&Mesh],
+) -> Mesh {
+    let mut net = NetConfig::default();
+    net.tls_ca = Some(certs.0.clone());
+    net.no_listen = true;
+    let mut client = Mesh::builder()
+        .runtime_dir(own_runtime_dir(dir, name))
+        .net(net);
+    for s in servers {
+        let port = s.tls_endpoint().expect("listening").port();
+        client = client.peer(&format!("tls://127.0.0.1:{port}"));
+    }
+    client.open().await.unwrap()
+}
