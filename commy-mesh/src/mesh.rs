@@ -34,6 +34,7 @@ use commy_shm::{RuntimeDir, ShmLink};
 use parking_lot::Mutex;
 
 use crate::accept::{bind_announcement, start_accepting};
+use crate::call::clock::now_ms;
 use crate::call::deadline::Due;
 use crate::call::endpoint::Attempt;
 use crate::call::options::CallOptions;
@@ -42,7 +43,6 @@ use crate::call::pool::EndpointInfo;
 use crate::call::pool::Pools;
 use crate::call::resilience::{Resilience, Retry, backoff};
 use crate::call::shm::{ClientConn, Started};
-use crate::call::stats::now_ms;
 use crate::call::table::{AnswerSink, Done};
 use crate::call::tls::{PeerSource, Peers};
 use crate::config::{Config, MeshBuilder};

@@ -11,9 +11,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use commy_core::{Metadata, ServiceName, Status};
 
+use crate::call::clock::now_ms;
 use crate::call::deadline::Due;
 use crate::call::shm::{ClientConn, SentPublish, Started, Unsent};
-use crate::call::stats::{EndpointStats, now_ms};
+use crate::call::stats::EndpointStats;
 use crate::call::tls::PeerState;
 use crate::response::Response;
 use commy_net::CallFailure;

@@ -29,12 +29,14 @@ use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
 
+use crate::call::clock::now_ms;
 use crate::call::endpoint::{Endpoint, TlsInstance};
 use crate::call::policy::{CallPolicies, CallPolicy};
 use crate::call::reader;
+use crate::call::resilience::PoolHealth;
 use crate::call::resilience::{Resilience, Strategy};
 use crate::call::shm::ClientConn;
-use crate::call::stats::{EndpointStats, PoolHealth, now_ms};
+use crate::call::stats::EndpointStats;
 use crate::call::tls::Peers;
 
 /// Ids of pool sets, so a thread's [`LastCalled`] never mixes them up.

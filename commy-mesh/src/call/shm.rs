@@ -25,7 +25,8 @@ use parking_lot::Mutex;
 
 use crate::call::deadline::Due;
 use crate::call::policy::CallPolicy;
-use crate::call::stats::{EndpointStats, PoolHealth};
+use crate::call::resilience::PoolHealth;
+use crate::call::stats::EndpointStats;
 use crate::call::table::{AnswerSink, CallResult, Callback, Done, PendingCalls, Settled, Waiter};
 use crate::response::Response;
 use crate::sync::Counted;

@@ -5,14 +5,15 @@
 //! endpoints share (the count of those ejected, the retry budget) is its
 //! [`PoolHealth`].
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use commy_core::{Code, Status};
-use commy_discovery::{Admit, Outlier, OutlierConfig, PeakEwma, Standing};
+use commy_discovery::{Admit, Outlier, PeakEwma, Standing};
 
-use crate::call::resilience::Retries;
+use crate::call::clock::{ms_at, now_ms};
+use crate::call::resilience::PoolHealth;
 
 /// The statistics of one endpoint: a shared-memory link to one instance,
 /// or the TLS connection to one peer process (shared by the instances it
@@ -186,146 +187,6 @@ pub fn counts_against(code: Code) -> bool {
     )
 }
 
-/// What the endpoints of one pool share through their [`EndpointStats`]:
-/// the rules they are ejected by and the count of those ejected, and the
-/// pool's retries. The counts follow ejections and re-admissions as they
-/// happen and are set again from the endpoints themselves whenever the
-/// pool's instances change.
-#[derive(Debug)]
-pub(crate) struct PoolHealth {
-    outlier: OutlierConfig,
-    /// Whether endpoints are ejected at all.
-    ejecting: bool,
-    /// The most of the pool that may be out at once, in percent (one
-    /// endpoint always may be).
-    max_percent: u32,
-    /// Endpoints out (ejected or half-open).
-    out: AtomicUsize,
-    /// The pool's instances.
-    total: AtomicUsize,
-    /// Calls sent to an out endpoint because the pool was in panic mode.
-    pub(crate) panics: AtomicU64,
-    /// When the pool's failed calls are tried again.
-    pub(crate) retries: Retries,
-    /// Calls to the service waiting at once, counted only with a limit.
-    pending: AtomicUsize,
-    /// Their limit (0: none).
-    pub(crate) max_pending: usize,
-}
-
-impl PoolHealth {
-    /// `outlier`: the ejection rules (`None`: never eject);
-    /// `max_percent`: the most of the pool out at once.
-    pub(crate) fn new(
-        outlier: Option<OutlierConfig>,
-        max_percent: u32,
-        retries: Retries,
-        max_pending: usize,
-    ) -> PoolHealth {
-        PoolHealth {
-            outlier: outlier.unwrap_or_default(),
-            ejecting: outlier.is_some(),
-            max_percent,
-            out: AtomicUsize::new(0),
-            total: AtomicUsize::new(0),
-            panics: AtomicU64::new(0),
-            retries,
-            pending: AtomicUsize::new(0),
-            max_pending,
-        }
-    }
-
-    /// Counts one more call to the pool's service waiting for its answer,
-    /// until the slot is dropped; with `max_pending` of them waiting
-    /// already, fails at once with `RESOURCE_EXHAUSTED` (a limit of 0:
-    /// none, nothing counted).
-    pub(crate) fn enter_pending(&self, service: &str) -> Result<PendingSlot<'_>, Status> {
-        if self.max_pending == 0 {
-            return Ok(PendingSlot(None));
-        }
-        let taken = self
-            .pending
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max_pending).then_some(n + 1)
-            });
-        match taken {
-            Ok(_) => Ok(PendingSlot(Some(&self.pending))),
-            Err(n) => Err(Status::resource_exhausted(format!(
-                "{n} calls to service '{service}' wait for their answers already \
-                 (max_pending)"
-            ))),
-        }
-    }
-
-    /// Whether one more endpoint may be ejected.
-    fn may_eject(&self) -> bool {
-        self.ejecting
-            && commy_discovery::may_eject(
-                self.out.load(Ordering::Relaxed),
-                self.total.load(Ordering::Relaxed),
-                self.max_percent,
-            )
-    }
-
-    /// Whether fewer than half of the pool's endpoints are in: then calls
-    /// go to all of them.
-    pub(crate) fn panicking(&self) -> bool {
-        let total = self.total.load(Ordering::Relaxed);
-        let out = self.out.load(Ordering::Relaxed).min(total);
-        commy_discovery::panics(total - out, total)
-    }
-
-    fn ejected(&self) {
-        self.out.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn readmitted(&self) {
-        let _ = self
-            .out
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
-    }
-
-    /// Counts `n` requests made in the retry budget.
-    pub(crate) fn requested(&self, n: u64) {
-        self.retries
-            .budget
-            .deposit_many(now_ms(), u32::try_from(n).unwrap_or(u32::MAX));
-    }
-
-    /// Sets the counts afresh: the pool has `total` instances, `out` of
-    /// them out.
-    pub(crate) fn reset(&self, total: usize, out: usize) {
-        self.total.store(total, Ordering::Relaxed);
-        self.out.store(out, Ordering::Relaxed);
-    }
-}
-
-/// One call counted against its pool's `max_pending` while it lives.
-pub(crate) struct PendingSlot<'a>(Option<&'a AtomicUsize>);
-
-impl Drop for PendingSlot<'_> {
-    fn drop(&mut self) {
-        if let Some(pending) = self.0 {
-            pending.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-}
-
-/// When the peak-EWMA loads' clock started: the first time it was read.
-fn clock_start() -> Instant {
-    static START: OnceLock<Instant> = OnceLock::new();
-    *START.get_or_init(Instant::now)
-}
-
-/// Milliseconds since [`clock_start`]: the clock of the peak-EWMA loads.
-pub(crate) fn now_ms() -> u64 {
-    ms_at(Instant::now())
-}
-
-fn ms_at(t: Instant) -> u64 {
-    t.saturating_duration_since(clock_start()).as_millis() as u64
-}
-
 /// One call in this many to a TLS endpoint is timed for its peak-EWMA
 /// load (per thread): timing costs two clock reads and a compare-and-swap
 /// on a word every caller of the endpoint shares, which with many calls
@@ -369,22 +230,12 @@ impl Drop for Measured<'_> {
 }
 
 #[cfg(test)]
-pub(crate) fn test_health() -> PoolHealth {
-    let retries = Retries {
-        attempts: 1,
-        idempotent: false,
-        budget: commy_discovery::RetryBudget::default(),
-    };
-    PoolHealth::new(Some(OutlierConfig::default()), 10, retries, 0)
-}
-
-#[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn outcomes_add_up_to_counts_and_a_mean() {
-        let s = EndpointStats::new(Arc::new(test_health()));
+        let s = EndpointStats::new(Arc::new(crate::call::resilience::test_health()));
         assert_eq!(s.mean_latency(), Duration::ZERO);
         s.record(true, Duration::from_micros(10));
         s.record(false, Duration::from_micros(30));
