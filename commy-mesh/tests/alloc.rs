@@ -56,7 +56,7 @@ use bytes::Bytes;
 use commy_mesh::Caller;
 use commy_mesh::policy::{CallPolicy, RequestHead, ServePolicy};
 use commy_mesh::service::ServiceName;
-use commy_mesh::{Mesh, MeshBuilder, Request, Responder, Response, Status};
+use commy_mesh::{CallOptions, Mesh, MeshBuilder, Request, Responder, Response, Status};
 use commy_shm::testing::CountingAllocator;
 
 mod support;
@@ -261,6 +261,7 @@ impl Report {
 fn run_checks() -> ExitCode {
     let mut report = Report::default();
     report.run("client side", client_side);
+    report.run("pool of three", pool_side);
     report.run("serving side", serving_side);
     report.run("publisher", publisher_side);
     report.run("subscriber", subscriber_side);
@@ -320,6 +321,59 @@ fn client_side(report: &mut Report) {
                     counted,
                 );
             }
+            mesh.close().await;
+        });
+    }
+}
+
+/// Calls to a service of three instances: every call goes through the
+/// pool's pick (by the default strategy, and by Maglev on a key), its
+/// ejection check and the retry budget's count, none of which allocates.
+fn pool_side(report: &mut Report) {
+    let dir = PrivateDir::new();
+    let mut server = Peer::spawn("server", &dir.0);
+    server.expect("READY");
+    let rt = runtime();
+    for strategy in ["p2c", "round_robin", "maglev"] {
+        rt.block_on(async {
+            let mesh = builder(&dir.0)
+                .setting("balance", strategy)
+                .open()
+                .await
+                .unwrap();
+            let payload = payload(64);
+            let options = || {
+                let options = CallOptions::default();
+                match strategy {
+                    "maglev" => options.hash_key(Bytes::from_static(b"user-42")),
+                    _ => options,
+                }
+            };
+            let call = async || {
+                let reply = mesh
+                    .call_with("echo-pool", payload.clone(), options())
+                    .await
+                    .unwrap();
+                assert!(
+                    *reply.payload() == payload,
+                    "echo-pool answered something else"
+                );
+            };
+            for _ in 0..WARM_UP {
+                call().await;
+            }
+            let before = Counted::now();
+            for _ in 0..CALLS {
+                call().await;
+            }
+            let counted = Counted::since(before);
+            let (per_call, _) = ClientCase::Default.allowed();
+            report.check(
+                &format!("client: mesh.call of a pool of three, {strategy}, 64 B"),
+                per_call,
+                false,
+                counted,
+            );
             mesh.close().await;
         });
     }
@@ -653,8 +707,27 @@ fn child_server() -> ExitCode {
             Ok::<_, Status>(Response::new(req.into_payload()))
         }))
         .unwrap();
+    // Three instances of `echo-pool`, in handles of their own.
+    let pool: Vec<_> = (0..3)
+        .map(|_| {
+            rt.block_on(async {
+                let mesh = builder(&dir).open().await.unwrap();
+                let echo = mesh
+                    .serve("echo-pool", |req: Request| async move {
+                        Ok::<_, Status>(Response::new(req.into_payload()))
+                    })
+                    .await
+                    .unwrap();
+                (mesh, echo)
+            })
+        })
+        .collect();
     say("READY");
     wait_for_eof();
+    for (mesh, echo) in pool {
+        drop(echo);
+        rt.block_on(mesh.close());
+    }
     rt.block_on(mesh.close());
     ExitCode::SUCCESS
 }
