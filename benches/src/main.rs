@@ -13,6 +13,7 @@ mod floor;
 mod mesh;
 mod node;
 mod peer;
+mod pick;
 mod pipeline;
 mod report;
 mod run;

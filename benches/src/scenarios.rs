@@ -3,7 +3,7 @@
 //! see [`crate::scenario`]) and a few lines here; see benches/README.md.
 
 use crate::scenario::{Kind, Scenario, Wait};
-use crate::{floor, mesh, node, shm_link, tls, uds};
+use crate::{floor, mesh, node, pick, shm_link, tls, uds};
 
 /// Transport name of the Unix-socket baseline (ratios "vs UDS").
 pub(crate) const UDS: &str = "uds";
@@ -17,6 +17,13 @@ pub(crate) const MESH: &str = "mesh";
 /// `mesh.call` to a service with three instances (the pool's pick, with
 /// ejection and the retry budget's deposits, on every call).
 pub(crate) const MESH_POOL3: &str = "mesh-3inst";
+/// Transport names of picking one of three instances, by each strategy,
+/// in one process (no transport: what a pool adds to each call).
+pub(crate) const PICK_P2C: &str = "pick-p2c";
+/// See [`PICK_P2C`].
+pub(crate) const PICK_ROUND_ROBIN: &str = "pick-round-robin";
+/// See [`PICK_P2C`].
+pub(crate) const PICK_MAGLEV: &str = "pick-maglev";
 /// `mesh.call_many`: a batch of calls from one task.
 pub(crate) const MESH_MANY: &str = "mesh-many";
 /// Transport name of a callback call's 3 ms deadline, kept while the
@@ -139,6 +146,14 @@ pub(crate) fn scenarios() -> Vec<Scenario> {
     all.push(
         Scenario::new(MESH_POOL3, Kind::RoundTrip, 64, mesh::ROUND_TRIP_POOL3).wait(Wait::Default),
     );
+    // What picking one of three instances costs, by each strategy.
+    for (transport, fns) in [
+        (PICK_P2C, pick::P2C),
+        (PICK_ROUND_ROBIN, pick::ROUND_ROBIN),
+        (PICK_MAGLEV, pick::MAGLEV),
+    ] {
+        all.push(Scenario::new(transport, Kind::RoundTrip, 16, fns));
+    }
     // Calls per second, one after another and 256 in flight from one
     // runtime thread.
     for in_flight in [1, MESH_IN_FLIGHT] {

@@ -42,12 +42,13 @@ fn list_names_the_baselines() {
 /// The scenarios of the Rust transports; the Node ones (`node-*`) need
 /// Node.js and the built addon, and run in the `node` step of `cargo xtask
 /// test` instead.
-const RUST_TRANSPORTS: [&str; 13] = [
+const RUST_TRANSPORTS: [&str; 14] = [
     "spin-floor/",
     "uds/",
     "shm/",
     "mesh/",
     "mesh-3inst/",
+    "pick-",
     "mesh-many/",
     "mesh-idle-200svc/",
     "mesh-deadline-3ms/",

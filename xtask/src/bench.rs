@@ -841,6 +841,27 @@ const GOALS: &[(&str, Goal)] = &[
             min: 5.0,
         },
     ),
+    (
+        "picking one of three instances, p2c",
+        Goal::MaxP50 {
+            scenario: "pick-p2c/rt/16B",
+            max_ns: 50.0,
+        },
+    ),
+    (
+        "picking one of three instances, round robin",
+        Goal::MaxP50 {
+            scenario: "pick-round-robin/rt/16B",
+            max_ns: 50.0,
+        },
+    ),
+    (
+        "picking one of three instances, Maglev on a 16 B key",
+        Goal::MaxP50 {
+            scenario: "pick-maglev/rt/16B",
+            max_ns: 50.0,
+        },
+    ),
 ];
 
 /// One goal checked against a run.
