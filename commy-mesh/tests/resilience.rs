@@ -288,3 +288,59 @@ async fn calls_past_max_pending_fail_at_once() {
     // Their places are free again.
     assert_eq!(&client.call("slow", Vec::new()).await.unwrap()[..], b"done");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_tls_instance_is_ejected_too() {
+    let dir = support::private_dir("resilience-tls");
+    let certs = support::certificates(&dir);
+    let mut servers = Vec::new();
+    let mut failing = Vec::new();
+    let mut handles = Vec::new();
+    for i in 0..3u8 {
+        let mesh = support::tls_server(&dir, &format!("server-{i}"), &certs).await;
+        let fails = Arc::new(AtomicBool::new(false));
+        let f = fails.clone();
+        handles.push(
+            mesh.serve("flaky", move |_req: Request| {
+                let fail = f.load(Ordering::Relaxed);
+                async move {
+                    if fail {
+                        Err(Status::unavailable(format!(
+                            "instance {i} fails on purpose"
+                        )))
+                    } else {
+                        Ok(Response::new(vec![i]))
+                    }
+                }
+            })
+            .await
+            .unwrap(),
+        );
+        failing.push(fails);
+        servers.push(mesh);
+    }
+    let meshes: Vec<&Mesh> = servers.iter().collect();
+    let client = support::tls_client(&dir, "client", &certs, &meshes).await;
+    reach_all(&client, 3).await;
+    failing[1].store(true, Ordering::Relaxed);
+    let mut failed = 0;
+    for _ in 0..300 {
+        failed += usize::from(client.call("flaky", Vec::new()).await.is_err());
+    }
+    assert_eq!(failed, 5, "ejected at its fifth failure");
+    let endpoints = client.endpoints("flaky").unwrap();
+    let out: Vec<_> = endpoints
+        .iter()
+        .filter(|e| matches!(e.standing, Standing::Ejected { .. }))
+        .collect();
+    assert_eq!(out.len(), 1, "{endpoints:?}");
+    assert!(
+        out[0].endpoint.to_string().starts_with("tls://"),
+        "{:?}",
+        out[0]
+    );
+    assert!(
+        endpoints.iter().all(|e| e.round_trip.is_some()),
+        "{endpoints:?}"
+    );
+}
