@@ -210,6 +210,44 @@ def test_a_handlers_calls_inherit_its_requests_deadline(runtime_dir: str) -> Non
         assert len(given) == 1 and given[0] is not None and 0 < given[0] <= 0.4, given
 
 
+def test_a_rolling_restart_fails_no_call(runtime_dir: str) -> None:
+    servers = [commy.Mesh() for _ in range(3)]
+    services = [server.serve("echo", lambda d: d) for server in servers]
+    stop = threading.Event()
+    answered: List[int] = []
+    failures: List[str] = []
+
+    def caller(n: int) -> None:
+        with commy.Mesh() as client:
+            count = 0
+            while not stop.is_set():
+                msg = bytes([n, count % 251])
+                try:
+                    assert client.call("echo", msg) == msg
+                    count += 1
+                except commy.CommyError as e:
+                    failures.append(str(e))
+            answered.append(count)
+
+    threads = [threading.Thread(target=caller, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.3)
+        for i in range(3):
+            services[i].close()  # drains: no call of a client fails
+            services[i] = servers[i].serve("echo", lambda d: d)
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        for server in servers:
+            server.close()
+    assert failures == []
+    assert len(answered) == 4 and all(n > 50 for n in answered), answered
+
+
 def test_a_hash_key_keeps_calls_on_one_instance(runtime_dir: str) -> None:
     servers = [commy.Mesh() for _ in range(3)]
     for i, server in enumerate(servers):

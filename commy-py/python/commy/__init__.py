@@ -166,7 +166,9 @@ class Service:
         self._raw.stop()
 
     def close(self) -> None:
-        """Stops serving and waits for handlers in progress."""
+        """Drains the instance and stops it: it leaves discovery, its
+        clients send their new calls to other instances, and what they sent
+        before is answered (see ``ServiceHandle::shutdown`` in Rust)."""
         self._raw.close()
 
     def __repr__(self) -> str:
