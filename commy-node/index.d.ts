@@ -278,7 +278,11 @@ export declare class Service {
   private constructor()
   /** The service name. */
   readonly name: string
-  /** Stops serving; resolves once requests in progress are answered. */
+  /**
+   * Drains the instance and stops it: it leaves discovery, its clients send
+   * their new calls to other instances, and what they sent before is
+   * answered; resolves then.
+   */
   close(): Promise<void>
 }
 

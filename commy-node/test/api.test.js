@@ -365,6 +365,49 @@ test('a hash key keeps calls on one instance, from every handle', async () => {
   await rejectsWith(Mesh.open({ runtimeDir: dir, balance: ['shard=random'] }), 'INVALID_ARGUMENT', /unknown strategy/)
 })
 
+test('a rolling restart fails no call: a closed service drains', async () => {
+  const dir = runtimeDir()
+  const servers = []
+  const services = []
+  for (let i = 0; i < 3; i++) {
+    const server = await Mesh.open({ runtimeDir: dir })
+    servers.push(server)
+    services.push(await server.serve('echo', (r) => r))
+  }
+  const clients = []
+  for (let i = 0; i < 4; i++) clients.push(await Mesh.open({ runtimeDir: dir }))
+  let stop = false
+  const failures = []
+  const answered = clients.map(async (client, n) => {
+    let count = 0
+    while (!stop) {
+      const msg = Buffer.from([n, count % 251])
+      try {
+        assert.deepEqual(await client.call('echo', msg), msg)
+        count++
+      } catch (e) {
+        failures.push(String(e))
+      }
+    }
+    return count
+  })
+  try {
+    await new Promise((r) => setTimeout(r, 300))
+    for (let i = 0; i < 3; i++) {
+      await services[i].close() // drains: no call of a client fails
+      services[i] = await servers[i].serve('echo', (r) => r)
+      await new Promise((r) => setTimeout(r, 200))
+    }
+  } finally {
+    stop = true
+  }
+  const counts = await Promise.all(answered)
+  for (const c of clients) await c.close()
+  for (const s of servers) await s.close()
+  assert.deepEqual(failures, [])
+  assert.ok(counts.every((n) => n > 50), String(counts))
+})
+
 test('a closed mesh refuses work and close is idempotent', async () => {
   const mesh = await Mesh.open({ runtimeDir: runtimeDir() })
   await mesh.close()
