@@ -3,7 +3,7 @@
 //! and the requests not answered inline (a Cancel frame stops them).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use commy_core::{Code, FrameHeader, FrameKind, Limits, Status, StreamId};
 use commy_shm::link::{LinkSender, SendError};
@@ -42,6 +42,30 @@ pub(crate) struct LinkShared {
     /// Set once the client answered with a GoAway of its own: it sends no
     /// new request on the link.
     pub(crate) client_done: AtomicBool,
+    /// Answers taken out of `running` or `polled` and not written yet (a
+    /// drained link closes only once they are out: see [`Answering`]).
+    pub(crate) answering: AtomicUsize,
+}
+
+/// An answer on its way out of a link's `running` or `polled` requests
+/// into the ring: counted from before its request leaves them until it is
+/// written (dropped), so that a link looking drained is not closed under
+/// it.
+pub(crate) struct Answering<'a>(&'a AtomicUsize);
+
+impl<'a> Answering<'a> {
+    pub(crate) fn start(link: &'a LinkShared) -> Answering<'a> {
+        // SYNC: SeqCst, and before the request leaves its table (under
+        // that table's lock): whoever finds the table empty sees it.
+        link.answering.fetch_add(1, Ordering::SeqCst);
+        Answering(&link.answering)
+    }
+}
+
+impl Drop for Answering<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl LinkShared {
@@ -68,6 +92,7 @@ impl LinkShared {
         self.client_done.load(Ordering::Acquire)
             && self.running.lock().is_empty()
             && self.polled.lock().is_empty()
+            && self.answering.load(Ordering::SeqCst) == 0
     }
 
     /// Makes the staged answers visible to the client.
@@ -127,20 +152,24 @@ pub(crate) struct LinkAnswer {
 impl LinkAnswer {
     /// Writes the answer into the link, unless the caller gave up.
     pub(crate) fn answer(self, result: Result<Response, Status>) -> bool {
+        let answering = Answering::start(&self.link);
         let wanted = self.wanted();
         if wanted {
             reply(&self.link.tx, &self.limits, self.id, result);
         }
+        drop(answering);
         wanted
     }
 
     /// Writes an answer of `payload` (and no metadata) into the link,
     /// unless the caller gave up.
     pub(crate) fn answer_payload(self, payload: &[u8]) -> bool {
+        let answering = Answering::start(&self.link);
         let wanted = self.wanted();
         if wanted {
             send_answer(&self.link.tx, &self.limits, self.id, Ok((&[], payload)));
         }
+        drop(answering);
         wanted
     }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use commy_core::{Status, StreamId};
 
-use crate::serve::link::{LinkShared, send_answer_locked};
+use crate::serve::link::{Answering, LinkShared, send_answer_locked};
 
 /// A request taken out of a driven link by
 /// [`DrivenLink::poll_requests`](crate::embed::DrivenLink::poll_requests), for its poller to answer once, now or
@@ -71,6 +71,7 @@ impl PolledRequest {
             // each request its caller did not give up (released here, so
             // the registrations are not held while the answers are sent).
             let mut n = 0;
+            let answering = Answering::start(&link);
             {
                 let mut polled = link.polled.lock();
                 for (id, _, flag) in &mut group {
@@ -90,6 +91,7 @@ impl PolledRequest {
                     }
                 }
             }
+            drop(answering);
             // After the answers are out: a drain waiting for the count sees
             // them written.
             link.release_polled(n);

@@ -86,6 +86,14 @@ impl Served {
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         };
+        // A drained link's own thread closes it (between two frames, never
+        // while it answers one): those it does not close soon, links an
+        // embedder drives and those of clients that never answered, are
+        // ended here.
+        let settle = tokio::time::Instant::now() + LINK_CLOSE_WAIT;
+        while answered && !self.live_links().is_empty() && tokio::time::Instant::now() < settle {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         for link in self.live_links() {
             link.tx.lock().abort();
         }
@@ -128,6 +136,10 @@ impl Served {
         }
     }
 }
+
+/// How long a drain waits for the threads of drained links to close them
+/// before it ends them itself.
+const LINK_CLOSE_WAIT: Duration = Duration::from_millis(100);
 
 /// How long a draining instance reached over TLS must see no call from a
 /// peer before it stops taking them (its peers have seen it unlisted).

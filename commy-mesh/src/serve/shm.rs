@@ -6,7 +6,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 
@@ -19,7 +19,7 @@ use parking_lot::Mutex;
 use crate::serve::dispatch::{CatchPanic, ServeCtx, finish_waiting, panicked};
 use crate::serve::handler::{Handler, InlineSlot};
 use crate::serve::inherit::{Inherited, scope};
-use crate::serve::link::{LinkAnswer, LinkShared, Pending, reply, send_answer};
+use crate::serve::link::{Answering, LinkAnswer, LinkShared, Pending, reply, send_answer};
 use crate::serve::load::{InlineBusy, OwnedHandling, handling, handling_n};
 use crate::serve::polled::{POLLED_PERMITS, PolledRequest};
 use crate::serve::request::{ArrivedDeadline, Caller, Request};
@@ -113,6 +113,7 @@ impl LinkServer {
             staging: AtomicBool::new(false),
             going_away: AtomicBool::new(false),
             client_done: AtomicBool::new(false),
+            answering: AtomicUsize::new(0),
         });
         {
             let mut links = ctx.links.lock();
@@ -446,9 +447,11 @@ pub(crate) fn handle(
             let _handling = handling;
             let result = finish_waiting(&ctx, fut, deadline, permit).await;
             // Removed already if the caller cancelled: nobody waits then.
+            let answering = Answering::start(&shared);
             if !oneway && shared.running.lock().remove(&id.0).is_some() {
                 reply(&shared.tx, &ctx.limits, id, result);
             }
+            drop(answering);
         }
     };
     let task = ctx.runtime.spawn(work);
