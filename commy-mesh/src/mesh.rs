@@ -531,14 +531,6 @@ impl Mesh {
         loop {
             if let Some(f) = failed.take() {
                 let unsent = matches!(f.failure, Attempt::Unsent(..));
-                let how = if f.policy_again && !unsent {
-                    retries
-                        .budget
-                        .try_withdraw(now_ms())
-                        .then_some(Retry::Idempotent)
-                } else {
-                    retries.retry(f.failure.status(), unsent, idempotent, f.attempt, now_ms())
-                };
                 let status = match f.failure {
                     Attempt::Unsent(back, status) => {
                         payload = payload.or(back);
@@ -546,7 +538,16 @@ impl Mesh {
                     }
                     Attempt::Failed(status) => status,
                 };
-                let (Some(how), false) = (how, payload.is_none()) else {
+                if payload.is_none() {
+                    // Not kept for a retry: nothing to send again.
+                    return Err(status);
+                }
+                let how = if f.policy_again && !unsent {
+                    retries.spend(now_ms()).then_some(Retry::Idempotent)
+                } else {
+                    retries.retry(&status, unsent, idempotent, f.attempt, now_ms())
+                };
+                let Some(how) = how else {
                     return Err(status);
                 };
                 if how == Retry::Idempotent {
@@ -573,7 +574,10 @@ impl Mesh {
                 )
                 .await?;
             check_due(&mut due, name)?;
-            let body = if keep {
+            // Over TLS the payload is kept too: a request that never left
+            // (no connection, refused by the peer's GoAway) comes back
+            // without it. Over shared memory such a request gives it back.
+            let body = if keep || endpoint.shm().is_none() {
                 payload.clone()
             } else {
                 payload.take()
@@ -652,8 +656,29 @@ impl Mesh {
                 claims.claim(&conn);
             }
             let done = Done::Call(Box::new(done));
-            return conn.call_then(payload, &options.metadata, due, balanced, done);
+            match conn.call_then(payload, &options.metadata, due, balanced, done) {
+                Err(Done::Call(done)) => return self.call_as_task(name, payload, options, done),
+                _ => return,
+            }
         }
+        self.call_as_task(name, payload, options, done);
+    }
+
+    /// A callback or token call made as a task of the mesh (over TLS,
+    /// before a link is open, with a policy, or when its link took no new
+    /// call): it inherits the calling handler's deadline here, where the
+    /// handler runs.
+    fn call_as_task(
+        &self,
+        name: &str,
+        payload: &[u8],
+        mut options: CallOptions,
+        done: impl FnOnce(Result<Response, Status>) + Send + 'static,
+    ) {
+        options.deadline = match (options.deadline, inherited_deadline()) {
+            (Some(own), Some(inherited)) => Some(own.min(inherited)),
+            (own, inherited) => own.or(inherited),
+        };
         let mesh = self.clone();
         let name = name.to_owned();
         let payload = Bytes::copy_from_slice(payload);
@@ -774,15 +799,15 @@ impl Mesh {
             conn.set_sink(sink);
             claims.claim(&conn);
             let done = Done::Token(token);
-            conn.call_then(payload, &options.metadata, due, balanced, done);
-            return Ok(());
+            if conn
+                .call_then(payload, &options.metadata, due, balanced, done)
+                .is_ok()
+            {
+                return Ok(());
+            }
         }
-        let (mesh, sink) = (self.clone(), sink.clone());
-        let name = name.to_owned();
-        let payload = Bytes::copy_from_slice(payload);
-        self.inner.runtime.spawn(async move {
-            sink.answer(token, mesh.call_with(&name, payload, options).await);
-        });
+        let sink = sink.clone();
+        self.call_as_task(name, payload, options, move |r| sink.answer(token, r));
         Ok(())
     }
 
@@ -921,14 +946,30 @@ impl Mesh {
         let options = CallOptions::default();
         let mut due = self.due(&options);
         let pool = self.inner.services.get(&service);
-        let (endpoint, _) = self
-            .inner
-            .services
-            .pick(&pool, self.preference(&options), due.absolute(), None, None)
-            .await?;
-        endpoint
-            .send(&service, payload.into(), &Metadata::default(), due)
-            .await
+        let payload = payload.into();
+        let mut avoid = None;
+        loop {
+            let (endpoint, instance) = self
+                .inner
+                .services
+                .pick(
+                    &pool,
+                    self.preference(&options),
+                    due.absolute(),
+                    avoid,
+                    None,
+                )
+                .await?;
+            let sent = endpoint
+                .send(&service, payload.clone(), &Metadata::default(), due)
+                .await;
+            match sent {
+                // Its instance drains (or its link broke) and it was not
+                // sent: once more, elsewhere.
+                Err(_) if avoid.is_none() && !endpoint.is_alive() => avoid = Some(instance),
+                other => return other,
+            }
+        }
     }
 
     /// The transport a call may use.

@@ -434,7 +434,7 @@ impl Pools {
                 )));
             }
         };
-        pool.change(|state| state.conns.insert(inst.id, ep.clone()));
+        pool.change(|state| state.link(inst.id, ep.clone()));
         Ok(ep)
     }
 
@@ -609,6 +609,24 @@ impl PoolState {
         self.rebuild();
     }
 
+    /// Keeps `ep`, a new link to instance `id` (a new link starts in its
+    /// pool: the count of ejected instances is made again).
+    fn link(&mut self, id: InstanceId, ep: Endpoint) {
+        self.conns.insert(id, ep);
+        self.recount();
+    }
+
+    /// Sets the pool's count of instances and of those ejected afresh from
+    /// its links.
+    fn recount(&self) {
+        let out = self
+            .conns
+            .values()
+            .filter(|ep| ep.stats().outlier.is_out())
+            .count();
+        self.health.reset(self.local.len() + self.remote.len(), out);
+    }
+
     /// Forgets an instance that could not be reached (its source's next
     /// set may bring it back).
     fn forget(&mut self, id: InstanceId) {
@@ -647,12 +665,7 @@ impl PoolState {
             }
             listed && ep.is_alive()
         });
-        let out = self
-            .conns
-            .values()
-            .filter(|ep| ep.stats().outlier.is_out())
-            .count();
-        self.health.reset(local.len() + remote.len(), out);
+        self.recount();
         if let Some(tables) = &mut self.tables {
             *tables = [TierTable::build(local), TierTable::build(remote)];
         }
@@ -859,19 +872,24 @@ impl Pool {
             (Strategy::RoundRobin, _) => self.turns.pick(instances.len()),
             _ => None,
         };
+        let avoided = |i: usize| avoid == Some(instances[i].id);
         if let Some(i) = first.filter(|&i| i < instances.len())
-            && avoid != Some(instances[i].id)
+            && !avoided(i)
             && taken(i)
         {
             return Some(i);
         }
         let i = self.balancer.pick(instances.len(), load)?;
-        if taken(i) {
+        if !avoided(i) && taken(i) {
             return Some(i);
         }
         // Both draws were refused (or another caller took the trial
-        // first): the first that may take it, if any.
-        (0..instances.len()).find(|&j| taken(j))
+        // first, or the draw was the instance to avoid): the first other
+        // that may take it, else the one to avoid.
+        let n = instances.len();
+        (0..n)
+            .find(|&j| !avoided(j) && taken(j))
+            .or_else(|| (0..n).find(|&j| avoided(j) && taken(j)))
     }
 }
 

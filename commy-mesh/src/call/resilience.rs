@@ -310,9 +310,11 @@ impl PoolHealth {
         }
     }
 
-    /// Whether one more endpoint may be ejected.
+    /// Whether one more endpoint may be ejected: never the only one.
     pub(crate) fn may_eject(&self) -> bool {
+        // A pool of one has nowhere else to send its calls.
         self.ejecting
+            && self.total.load(Ordering::Relaxed) > 1
             && commy_discovery::may_eject(
                 self.out.load(Ordering::Relaxed),
                 self.total.load(Ordering::Relaxed),

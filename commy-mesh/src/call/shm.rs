@@ -539,11 +539,14 @@ impl ClientConn {
                 other.as_str()
             ))),
         };
-        // Every answer on the link passes here, whoever waits for it.
-        self.stats.answered(match &answer {
-            AnswerRef::Response { .. } => None,
-            AnswerRef::Failed(status) => Some(status),
-        });
+        // Every answer on the link passes here, whoever waits for it. A
+        // deadline the instance says passed is counted where the caller
+        // gives up (or not at all, if it still waits), not twice.
+        match &answer {
+            AnswerRef::Response { .. } => self.stats.answered(None),
+            AnswerRef::Failed(status) if status.code() == commy_core::Code::DeadlineExceeded => {}
+            AnswerRef::Failed(status) => self.stats.answered(Some(status)),
+        }
         Some((h.stream_id.0, answer))
     }
 
@@ -752,6 +755,10 @@ impl ClientConn {
         let mut done = 0;
         let (sent, discarded) = {
             let mut tx = self.tx.lock();
+            if kind == FrameKind::OneWay && self.told_to_go_away() {
+                // The instance drains: a one-way message goes elsewhere.
+                return (0, Err(Unsent::Failed(self.no_new_calls())), 0);
+            }
             let mut sent = Ok(());
             for payload in payloads {
                 let id = tx.open_stream();
@@ -945,6 +952,9 @@ impl ClientConn {
 
     /// Sends a request whose answer goes to `done`, called on the thread
     /// that reads the answer (or on this one if the call fails at once).
+    /// `Err(done)` when nothing was sent because the link takes no new
+    /// calls (its instance drains, or it broke): the caller sends the call
+    /// elsewhere.
     /// The link's reader thread enforces the deadline. `balanced`: as in
     /// [`call`](ClientConn::call).
     pub(crate) fn call_then(
@@ -954,31 +964,32 @@ impl ClientConn {
         mut due: Due,
         balanced: bool,
         done: Done,
-    ) {
+    ) -> Result<(), Done> {
         if !self.takes_calls() {
-            return done.finish(self, Err(self.no_new_calls()));
+            // Nothing sent: the caller sends it elsewhere.
+            return Err(done);
         }
         let md = encode_metadata(metadata);
         if let Err(status) = self.limits.check_message(md.len(), payload.len()) {
-            return done.finish(self, Err(status));
+            done.finish(self, Err(status));
+            return Ok(());
         }
         let (header, patience, deadline) = self.callback_request(&mut due);
-        if balanced {
-            self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
-        }
-        let waiter = Waiter::Callback(Callback {
-            done,
-            deadline,
-            balanced,
-        });
         let sent = {
             let mut tx = self.tx.lock();
+            if self.told_to_go_away() {
+                return Err(done);
+            }
+            if balanced {
+                self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+            }
+            let waiter = Waiter::Callback(Callback {
+                done,
+                deadline,
+                balanced,
+            });
             let id = tx.open_stream();
             self.register(id, waiter);
-            if self.told_to_go_away() {
-                drop(tx);
-                return self.settle(id, Err(self.no_new_calls()));
-            }
             let header = FrameHeader {
                 stream_id: StreamId(id),
                 ..header
@@ -1000,6 +1011,7 @@ impl ClientConn {
                 self.settle(id, Err(status));
             }
         }
+        Ok(())
     }
 
     /// When the earliest deadline of a callback call has passed, fails the

@@ -157,11 +157,14 @@ impl EndpointStats {
         if !self.outlier.is_out() {
             return true;
         }
-        if self.health.panicking() {
+        let admit = self.outlier.admit(now_ms());
+        if admit == Admit::No && self.health.panicking() {
+            // Too few in to be choosy: it takes the call all the same (a
+            // trial, when its time is up, still decides its return).
             self.health.panics.fetch_add(1, Ordering::Relaxed);
             return true;
         }
-        self.outlier.admit(now_ms()) != Admit::No
+        admit != Admit::No
     }
 
     /// Records one call's outcome.
