@@ -6,9 +6,9 @@
 //! not inherit it (as with a task-local).
 //!
 //! A deadline that came off the wire as time left is anchored to the
-//! clock only when a call first needs it, as the request's own is
-//! ([`Request::deadline`](crate::Request::deadline)): a handler that makes
-//! no call reads no clock for it.
+//! clock only when a call first needs it or the handler first has to
+//! wait, as the request's own is ([`Request::deadline`](crate::Request::deadline)):
+//! a handler that answers at once and makes no call reads no clock for it.
 
 use std::cell::Cell;
 use std::future::Future;
@@ -103,7 +103,16 @@ impl<F: Future> Future for Inherit<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        scope(this.inherited, || this.fut.poll(cx))
+        let polled = scope(this.inherited, || this.fut.poll(cx));
+        if polled.is_pending()
+            && let Inherited::Left(left) = *this.inherited
+        {
+            // The handler has to wait: the request's own deadline is
+            // anchored now (see `Request::deadline`), and so is this one,
+            // not later at the handler's first call.
+            *this.inherited = Inherited::At(Deadline::after_at(left, Instant::now()));
+        }
+        polled
     }
 }
 
