@@ -574,10 +574,10 @@ impl Mesh {
                 )
                 .await?;
             check_due(&mut due, name)?;
-            // Over TLS the payload is kept too: a request that never left
-            // (no connection, refused by the peer's GoAway) comes back
-            // without it. Over shared memory such a request gives it back.
-            let body = if keep || endpoint.shm().is_none() {
+            // A request that never left comes back with its payload (over
+            // TLS: when no connection could be made); one the peer's
+            // GoAway refused does not, and is retried only if kept.
+            let body = if keep {
                 payload.clone()
             } else {
                 payload.take()

@@ -51,9 +51,10 @@ pub enum ClientError {
 #[derive(Debug, Clone)]
 pub enum CallFailure {
     /// The server provably did not process the request: no connection
-    /// could be made, the connection closed before the request was
-    /// queued, or the server's GoAway refused it.
-    Unsent(Status),
+    /// could be made (the payload comes back then, for another server),
+    /// the connection closed before the request was queued, or the
+    /// server's GoAway refused it.
+    Unsent(Status, Option<Bytes>),
     /// The request was sent (or may have been) and failed.
     Failed(Status),
 }
@@ -62,7 +63,7 @@ impl CallFailure {
     /// The failure's status.
     pub fn into_status(self) -> Status {
         match self {
-            CallFailure::Unsent(s) | CallFailure::Failed(s) => s,
+            CallFailure::Unsent(s, _) | CallFailure::Failed(s) => s,
         }
     }
 }
@@ -192,7 +193,10 @@ impl Client {
         payload: Bytes,
         deadline: Option<Deadline>,
     ) -> Result<Reply, CallFailure> {
-        let session = self.session(deadline).await.map_err(CallFailure::Unsent)?;
+        let session = match self.session(deadline).await {
+            Ok(session) => session,
+            Err(status) => return Err(CallFailure::Unsent(status, Some(payload))),
+        };
         session.call(metadata, payload, deadline).await
     }
 
@@ -551,7 +555,7 @@ impl Session {
             Ok(id) => id,
             // Closed before the request was queued.
             Err(status) if status.code() == commy_core::Code::Unavailable => {
-                return Err(CallFailure::Unsent(status));
+                return Err(CallFailure::Unsent(status, None));
             }
             Err(status) => return Err(CallFailure::Failed(status)),
         };
@@ -571,7 +575,7 @@ impl Session {
             .unwrap_or_else(|_| Err(self.lost()))
             .map_err(|status| {
                 if self.pending.lock().refused.remove(&id) {
-                    CallFailure::Unsent(status)
+                    CallFailure::Unsent(status, None)
                 } else {
                     CallFailure::Failed(status)
                 }

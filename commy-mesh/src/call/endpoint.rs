@@ -33,8 +33,8 @@ pub(crate) enum Endpoint {
 /// How one attempt of a call failed.
 pub(crate) enum Attempt {
     /// The request never reached the instance (the link broke before it
-    /// was written, the peer could not be connected to); over shared
-    /// memory its payload comes back.
+    /// was written, the peer could not be connected to, the peer's GoAway
+    /// refused it); its payload comes back where it was not sent at all.
     Unsent(Option<Bytes>, Status),
     /// The request was sent (or may have been) and failed.
     Failed(Status),
@@ -98,7 +98,7 @@ impl Endpoint {
                     .call(&tls.stats, service, payload, metadata, deadline, false)
                     .await
                     .map_err(|f| match f {
-                        CallFailure::Unsent(status) => Attempt::Unsent(None, status),
+                        CallFailure::Unsent(status, payload) => Attempt::Unsent(payload, status),
                         CallFailure::Failed(status) => Attempt::Failed(status),
                     })
             }

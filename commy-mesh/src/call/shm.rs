@@ -26,7 +26,7 @@ use parking_lot::Mutex;
 use crate::call::deadline::Due;
 use crate::call::policy::CallPolicy;
 use crate::call::resilience::PoolHealth;
-use crate::call::stats::EndpointStats;
+use crate::call::stats::{DEPOSIT_LOT, EndpointStats};
 use crate::call::table::{AnswerSink, CallResult, Callback, Done, PendingCalls, Settled, Waiter};
 use crate::response::Response;
 use crate::sync::Counted;
@@ -1350,8 +1350,8 @@ impl TxState {
     fn open_stream(&mut self) -> u64 {
         let id = self.next_stream;
         self.next_stream = self.next_stream.wrapping_add(2);
-        if (id >> 1).is_multiple_of(DEPOSIT_EVERY) {
-            self.health.requested(DEPOSIT_EVERY);
+        if (id >> 1).is_multiple_of(DEPOSIT_LOT) {
+            self.health.requested(DEPOSIT_LOT);
         }
         id
     }
@@ -1367,10 +1367,6 @@ impl TxState {
         new
     }
 }
-
-/// Requests a link counts before it deposits them in its pool's retry
-/// budget at once (the first request deposits for the first lot).
-const DEPOSIT_EVERY: u64 = 64;
 
 /// What sending published messages to one subscriber did
 /// ([`ClientConn::send_publish_many`]).

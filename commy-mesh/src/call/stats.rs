@@ -41,6 +41,9 @@ pub struct EndpointStats {
     failed: AtomicU64,
     /// What its pool's endpoints share.
     health: Arc<PoolHealth>,
+    /// Requests sent over TLS, deposited in the pool's retry budget in
+    /// lots (a shared-memory link counts its stream ids instead).
+    sent: AtomicU64,
 }
 
 impl EndpointStats {
@@ -57,6 +60,7 @@ impl EndpointStats {
             outlier: Outlier::new(health.outlier),
             failed: AtomicU64::new(0),
             health,
+            sent: AtomicU64::new(0),
         }
     }
 
@@ -114,6 +118,18 @@ impl EndpointStats {
     /// [`counts_against`]), whether or not the service has a call policy.
     pub fn failed_calls(&self) -> u64 {
         self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request sent over TLS in the pool's retry budget: one
+    /// deposit (with its clock read) per [`DEPOSIT_LOT`] requests.
+    pub(crate) fn sent(&self) {
+        if self
+            .sent
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(DEPOSIT_LOT)
+        {
+            self.health.requested(DEPOSIT_LOT);
+        }
     }
 
     /// Records how an answered (or failed) call went for outlier ejection:
@@ -189,6 +205,10 @@ pub fn counts_against(code: Code) -> bool {
         Code::Unavailable | Code::Internal | Code::DeadlineExceeded
     )
 }
+
+/// Requests counted before one deposit in the retry budget, for all
+/// of them at once.
+pub(crate) const DEPOSIT_LOT: u64 = 64;
 
 /// One call in this many to a TLS endpoint is timed for its peak-EWMA
 /// load (per thread): timing costs two clock reads and a compare-and-swap

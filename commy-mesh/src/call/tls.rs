@@ -73,7 +73,7 @@ impl PeerState {
         };
         stats.in_flight.fetch_add(1, Ordering::Relaxed);
         let _done = DecOnDrop(&stats.in_flight);
-        stats.health().requested(1);
+        stats.sent();
         if oneway {
             self.client
                 .send(md, payload, deadline)
@@ -87,7 +87,7 @@ impl PeerState {
         };
         stats.answered(match &reply {
             Ok(_) => None,
-            Err(CallFailure::Unsent(s) | CallFailure::Failed(s)) => Some(s),
+            Err(CallFailure::Unsent(s, _) | CallFailure::Failed(s)) => Some(s),
         });
         let reply = reply?;
         let metadata = decode_metadata(&reply.metadata, &self.limits).map_err(|e| {
