@@ -42,7 +42,7 @@ use crate::call::policy::{CallPolicies, settle};
 use crate::call::pool::EndpointInfo;
 use crate::call::pool::Pools;
 use crate::call::resilience::{Resilience, Retry, backoff};
-use crate::call::shm::{ClientConn, Started};
+use crate::call::shm::ClientConn;
 use crate::call::table::{AnswerSink, Done};
 use crate::call::tls::{PeerSource, Peers};
 use crate::config::{Config, MeshBuilder};
@@ -53,7 +53,7 @@ use crate::pubsub::{PubSub, SubscribeOptions, Subscription};
 use crate::response::Response;
 use crate::serve::dispatch::ServeCtx;
 use crate::serve::handler::{Handler, erase, erase_deferred};
-use crate::serve::inherit::inherited_deadline;
+use crate::serve::inherit::due_by_inherited;
 use crate::serve::load::Load;
 use crate::serve::request::{Request, interned};
 use crate::serve::responder::Responder;
@@ -449,14 +449,10 @@ impl Mesh {
                     }
                     let due = self.due(&options);
                     let md = &options.metadata;
-                    let failure = match conn.start_call(payload, md, due, balanced, options.spin) {
-                        Started::Done(Ok(answer)) => return Ok(answer),
-                        Started::Waiting(waiting) => match conn.finish_call(waiting).await {
-                            Ok(answer) => return Ok(answer),
-                            Err(status) => Attempt::Failed(status),
-                        },
-                        Started::Done(Err(status)) => Attempt::Failed(status),
-                        Started::Unsent(payload, status) => Attempt::Unsent(Some(payload), status),
+                    let failure = match conn.attempt(payload, md, due, balanced, options.spin).await
+                    {
+                        Ok(answer) => return Ok(answer),
+                        Err(failure) => failure,
                     };
                     let failed = Failed::new(failure, conn.instance, false);
                     return Box::pin(self.call_routed(name, kept, options, preference, failed))
@@ -471,13 +467,7 @@ impl Mesh {
                     || retries.attempts > 1 && (options.idempotent || retries.idempotent);
                 let kept = keep.then(|| payload.clone());
                 let md = &options.metadata;
-                let result = match conn.start_call(payload, md, due, true, options.spin) {
-                    Started::Done(result) => result.map_err(Attempt::Failed),
-                    Started::Waiting(waiting) => {
-                        conn.finish_call(waiting).await.map_err(Attempt::Failed)
-                    }
-                    Started::Unsent(payload, status) => Err(Attempt::Unsent(Some(payload), status)),
-                };
+                let result = conn.attempt(payload, md, due, true, options.spin).await;
                 let failure = result.as_ref().err().map(Attempt::status);
                 let again = settle(&**policy, conn.instance, &conn.stats, now, 1, failure);
                 return match result {
@@ -675,10 +665,7 @@ impl Mesh {
         mut options: CallOptions,
         done: impl FnOnce(Result<Response, Status>) + Send + 'static,
     ) {
-        options.deadline = match (options.deadline, inherited_deadline()) {
-            (Some(own), Some(inherited)) => Some(own.min(inherited)),
-            (own, inherited) => own.or(inherited),
-        };
+        options.deadline = due_by_inherited(options.deadline);
         let mesh = self.clone();
         let name = name.to_owned();
         let payload = Bytes::copy_from_slice(payload);
@@ -989,13 +976,9 @@ impl Mesh {
     /// deadline of the request whose handler makes it (see
     /// [`inherited_deadline`](crate::service::inherited_deadline)).
     fn due(&self, options: &CallOptions) -> Due {
-        let deadline = match (options.deadline, inherited_deadline()) {
-            (Some(own), Some(inherited)) => Some(own.min(inherited)),
-            (own, inherited) => own.or(inherited),
-        };
         Due::new(
             options.timeout.or(self.inner.default_timeout),
-            deadline,
+            due_by_inherited(options.deadline),
             options.started,
         )
     }

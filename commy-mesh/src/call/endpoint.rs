@@ -13,7 +13,7 @@ use commy_core::{Metadata, ServiceName, Status};
 
 use crate::call::clock::now_ms;
 use crate::call::deadline::Due;
-use crate::call::shm::{ClientConn, SentPublish, Started, Unsent};
+use crate::call::shm::{ClientConn, SentPublish, Unsent};
 use crate::call::stats::EndpointStats;
 use crate::call::tls::PeerState;
 use crate::response::Response;
@@ -85,13 +85,7 @@ impl Endpoint {
         spin: Option<Duration>,
     ) -> Result<Response, Attempt> {
         match self {
-            Endpoint::Shm(conn) => match conn.start_call(payload, metadata, due, balanced, spin) {
-                Started::Done(result) => result.map_err(Attempt::Failed),
-                Started::Unsent(payload, status) => Err(Attempt::Unsent(Some(payload), status)),
-                Started::Waiting(waiting) => {
-                    conn.finish_call(waiting).await.map_err(Attempt::Failed)
-                }
-            },
+            Endpoint::Shm(conn) => conn.attempt(payload, metadata, due, balanced, spin).await,
             Endpoint::Tls(tls) => {
                 let deadline = due.absolute();
                 (tls.peer)

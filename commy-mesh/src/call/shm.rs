@@ -24,6 +24,7 @@ use commy_shm::{LinkReceiver, RingError, ShmLink};
 use parking_lot::Mutex;
 
 use crate::call::deadline::Due;
+use crate::call::endpoint::Attempt;
 use crate::call::policy::CallPolicy;
 use crate::call::resilience::PoolHealth;
 use crate::call::stats::{DEPOSIT_LOT, EndpointStats};
@@ -239,6 +240,23 @@ impl ClientConn {
                 &[],
                 Patience::For(Duration::ZERO),
             );
+        }
+    }
+
+    /// One attempt of a call on this link: its answer, or how it failed
+    /// (unsent, with its payload back, when nothing was written).
+    pub(crate) async fn attempt(
+        &self,
+        payload: Bytes,
+        metadata: &Metadata,
+        due: Due,
+        balanced: bool,
+        spin: Option<Duration>,
+    ) -> Result<Response, Attempt> {
+        match self.start_call(payload, metadata, due, balanced, spin) {
+            Started::Done(result) => result.map_err(Attempt::Failed),
+            Started::Waiting(waiting) => self.finish_call(waiting).await.map_err(Attempt::Failed),
+            Started::Unsent(payload, status) => Err(Attempt::Unsent(Some(payload), status)),
         }
     }
 

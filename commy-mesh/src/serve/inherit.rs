@@ -62,6 +62,15 @@ pub fn inherited_deadline() -> Option<Deadline> {
     })
 }
 
+/// The earlier of `own` (a call's own deadline) and the inherited one:
+/// when a call made on this thread is due.
+pub(crate) fn due_by_inherited(own: Option<Deadline>) -> Option<Deadline> {
+    match (own, inherited_deadline()) {
+        (Some(own), Some(inherited)) => Some(own.min(inherited)),
+        (own, inherited) => own.or(inherited),
+    }
+}
+
 /// Runs `f` with `inherited` as this thread's inherited deadline, and
 /// keeps in it the anchor a call took meanwhile; the one before comes back
 /// after, also if `f` panics.
