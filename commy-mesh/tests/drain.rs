@@ -31,7 +31,20 @@ async fn instance(dir: &Path, delay: Duration) -> (Mesh, ServiceHandle) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_under_load_fails_no_call() {
-    let dir = support::private_dir("drain-rolling");
+    rolling_restart("drain-rolling", Calls::Async).await;
+}
+
+/// Callback calls hold no task: a link the pool lets go while one is in
+/// flight (its instance drains) is kept until it is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_loses_no_callback_call() {
+    rolling_restart("drain-callbacks", Calls::Callback).await;
+}
+
+/// Restarts each of three instances of `echo` in turn while four clients
+/// make calls of kind `calls` without pause; no call may fail.
+async fn rolling_restart(name: &str, calls: Calls) {
+    let dir = support::private_dir(name);
     let mut instances = Vec::new();
     for i in 0..3 {
         // One answers at once, the others after a moment.
@@ -41,7 +54,7 @@ async fn a_rolling_restart_under_load_fails_no_call() {
     for _ in 0..4 {
         clients.push(support::builder(&dir).open().await.unwrap());
     }
-    let load = load(clients);
+    let load = load(clients, calls);
     tokio::time::sleep(Duration::from_millis(200)).await;
     for round in 0..3 {
         let (mesh, handle) = instances.remove(0);
@@ -90,8 +103,37 @@ impl Load {
     }
 }
 
+/// How the load's clients call.
+#[derive(Clone, Copy)]
+enum Calls {
+    /// `Mesh::call`, awaited.
+    Async,
+    /// `Mesh::call_then`, its callback's answer awaited (an answer that
+    /// never comes fails the call after 10 s).
+    Callback,
+}
+
+impl Calls {
+    async fn call(self, client: &Mesh, msg: &[u8]) -> Result<bytes::Bytes, Status> {
+        match self {
+            Calls::Async => client.call("echo", msg.to_vec()).await,
+            Calls::Callback => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                client.call_then("echo", msg, Default::default(), move |r| {
+                    let _ = tx.send(r.map(Response::into_payload));
+                });
+                match tokio::time::timeout(Duration::from_secs(10), rx).await {
+                    Ok(Ok(answer)) => answer,
+                    Ok(Err(_)) => Err(Status::internal("the callback was dropped, never called")),
+                    Err(_) => Err(Status::internal("no answer within 10 s")),
+                }
+            }
+        }
+    }
+}
+
 /// Calls `echo` from each of `clients` in a task of its own until stopped.
-fn load(clients: Vec<Mesh>) -> Load {
+fn load(clients: Vec<Mesh>, calls: Calls) -> Load {
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let tasks = clients
@@ -104,7 +146,7 @@ fn load(clients: Vec<Mesh>) -> Load {
                 while !stop.load(Ordering::Relaxed) {
                     n += 1;
                     let msg = [c as u8, (n % 251) as u8];
-                    match client.call("echo", msg.to_vec()).await {
+                    match calls.call(&client, &msg).await {
                         Ok(reply) if reply[..] == msg[..] => ok.fetch_add(1, Ordering::Relaxed),
                         Ok(reply) => panic!("client {c}: a wrong answer {reply:?}"),
                         Err(e) => {
@@ -140,7 +182,7 @@ async fn a_rolling_restart_over_tls_fails_no_call() {
     for c in 0..4 {
         clients.push(support::tls_client(&dir, &format!("client-{c}"), &certs, &meshes).await);
     }
-    let load = load(clients);
+    let load = load(clients, Calls::Async);
     tokio::time::sleep(Duration::from_millis(300)).await;
     for (round, (mesh, handle)) in servers.iter_mut().enumerate() {
         let before = load.answered();

@@ -898,7 +898,7 @@ impl ClientConn {
     /// and due: their streams are opened, registered and sent under one
     /// lock of each table, and the reader is woken once.
     pub(crate) fn call_tokens_then<'a>(
-        &self,
+        self: &Arc<Self>,
         calls: impl IntoIterator<Item = (&'a [u8], u64)>,
         metadata: &Metadata,
         mut due: Due,
@@ -937,6 +937,7 @@ impl ClientConn {
             self.register_all(streams.iter().map(|&(id, _, token)| {
                 let waiter = Waiter::Callback(Callback {
                     done: Done::Token(token),
+                    _link: self.clone(),
                     deadline,
                     balanced,
                 });
@@ -976,7 +977,7 @@ impl ClientConn {
     /// The link's reader thread enforces the deadline. `balanced`: as in
     /// [`call`](ClientConn::call).
     pub(crate) fn call_then(
-        &self,
+        self: &Arc<Self>,
         payload: &[u8],
         metadata: &Metadata,
         mut due: Due,
@@ -1003,6 +1004,7 @@ impl ClientConn {
             }
             let waiter = Waiter::Callback(Callback {
                 done,
+                _link: self.clone(),
                 deadline,
                 balanced,
             });

@@ -3,6 +3,8 @@
 //! put in its call's place in the table, where the task takes it: waiting
 //! for an answer allocates nothing.
 
+use std::any::Any;
+use std::sync::Arc;
 use std::task::Waker;
 use std::time::Instant;
 
@@ -220,6 +222,10 @@ pub(crate) enum Waiter {
 /// A call answered through a callback.
 pub(crate) struct Callback {
     pub(crate) done: Done,
+    /// The link (its `ClientConn`), kept until the call is answered: no
+    /// task holds it meanwhile, and its pool may let it go (the instance
+    /// drains or left discovery) while the answer is still to come.
+    pub(crate) _link: Arc<dyn Any + Send + Sync>,
     pub(crate) deadline: Option<Instant>,
     /// Counted in the link's calls in flight (`ClientConn::in_flight`).
     pub(crate) balanced: bool,
