@@ -817,7 +817,15 @@ impl Mesh {
         {
             conn.set_sink(sink);
             claims.claim_for(&conn, calls.len());
-            conn.call_tokens_then(calls, &options.metadata, due, balanced);
+            // Those the link took no more (its instance drains) go
+            // elsewhere, each on its own.
+            let elsewhere = conn.call_tokens_then(calls, &options.metadata, due, balanced);
+            for (payload, token) in elsewhere {
+                let sink = sink.clone();
+                self.call_as_task(name, payload, options.clone(), move |r| {
+                    sink.answer(token, r)
+                });
+            }
             return Ok(());
         }
         for (payload, token) in calls {

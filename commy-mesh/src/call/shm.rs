@@ -896,21 +896,20 @@ impl ClientConn {
     /// [`call_then`](ClientConn::call_then) for many token calls at once
     /// (`calls`: each payload with its token), all with the same metadata
     /// and due: their streams are opened, registered and sent under one
-    /// lock of each table, and the reader is woken once.
+    /// lock of each table, and the reader is woken once. Returns the calls
+    /// not sent because the link takes no new calls (its instance drains,
+    /// or it broke): the caller sends them elsewhere.
     pub(crate) fn call_tokens_then<'a>(
         self: &Arc<Self>,
         calls: impl IntoIterator<Item = (&'a [u8], u64)>,
         metadata: &Metadata,
         mut due: Due,
         balanced: bool,
-    ) {
-        let calls = calls.into_iter();
-        if !self.is_alive() {
-            for (_, token) in calls {
-                Done::Token(token).finish(self, Err(Status::unavailable("the instance is gone")));
-            }
-            return;
+    ) -> Vec<(&'a [u8], u64)> {
+        if !self.takes_calls() {
+            return calls.into_iter().collect();
         }
+        let calls = calls.into_iter();
         let md = encode_metadata(metadata);
         let (header, patience, deadline) = self.callback_request(&mut due);
         // Finished once the locks are given back: those refused at once,
@@ -920,11 +919,12 @@ impl ClientConn {
         let mut sent = 0usize;
         {
             let mut tx = self.tx.lock();
+            if self.told_to_go_away() {
+                return calls.collect();
+            }
             let mut streams = Vec::with_capacity(calls.size_hint().0);
-            let going_away = self.told_to_go_away();
             for (payload, token) in calls {
                 match self.limits.check_message(md.len(), payload.len()) {
-                    Ok(()) if going_away => refused.push((token, self.no_new_calls())),
                     Ok(()) => streams.push((tx.open_stream(), payload, token)),
                     Err(status) => refused.push((token, status)),
                 }
@@ -967,6 +967,7 @@ impl ClientConn {
         {
             self.wake_reader();
         }
+        Vec::new()
     }
 
     /// Sends a request whose answer goes to `done`, called on the thread
