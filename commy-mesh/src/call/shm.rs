@@ -1222,6 +1222,14 @@ impl ClientConn {
 
 impl Drop for ClientConn {
     fn drop(&mut self) {
+        // Nothing more goes on the link: the instance learns it now, by a
+        // GoAway of ours (unless sent already), not at the end of its
+        // drain's grace (a server whose link no thread reads, an
+        // embedder's, would not see the link close).
+        if self.is_alive() {
+            self.go_away();
+            self.answer_go_away();
+        }
         // Lets the reader thread notice that the connection is gone.
         self.alive.store(false, Ordering::Release);
         self.wake_reader();
