@@ -13,8 +13,17 @@ pub(crate) const MATURIN_TARGET: &str = "target/maturin";
 /// The venv that gets nothing but the wheel, made anew by each test run.
 const FRESH_VENV: &str = "target/venv-wheel";
 
-/// What building and testing the Python SDK installs into `target/venv`.
-pub(crate) const PYTHON_NEEDS: &[&str] = &["maturin>=1.9.4,<2", "pytest>=8", "mypy>=1.10"];
+/// What building and testing the Python SDK installs into `target/venv`
+/// (pytest-timeout: a test that hangs fails by its name, not the run).
+pub(crate) const PYTHON_NEEDS: &[&str] = &[
+    "maturin>=1.9.4,<2",
+    "pytest>=8",
+    "pytest-timeout>=2.3",
+    "mypy>=1.10",
+];
+
+/// How long one Python or Node test may take before it fails as hung.
+pub(crate) const TEST_TIMEOUT_SECS: u32 = 300;
 
 fn venv_tool(root: &Path, venv: &str, tool: &str) -> Cmd {
     Cmd::new(root.join(venv).join("bin").join(tool))
@@ -104,6 +113,7 @@ pub(crate) fn step() -> Step {
             ])
             .env("CARGO_TARGET_DIR", root.join(MATURIN_TARGET)),
             py().args(["-m", "pytest", "-q", "commy-py/tests"])
+                .arg(format!("--timeout={TEST_TIMEOUT_SECS}"))
                 .env("COMMY_CLI", root.join("target/debug/commy")),
             py().args(["-m", "mypy.stubtest", "commy"]),
             py().args([

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use crate::cmd::Cmd;
 use crate::npm;
+use crate::python::TEST_TIMEOUT_SECS;
 use crate::tools::{Needs, ensure_tools};
 
 /// One named check.
@@ -122,7 +123,12 @@ fn node_step() -> Step {
                 .args(npm::GENERATED),
             node(&["node_modules/typescript/bin/tsc", "-p", "tsconfig.json"]),
             node(&["support/pack-check.js"]),
-            node(&["--test", "test/"]).env("COMMY_CLI", "../target/debug/commy"),
+            node(&[
+                "--test",
+                &format!("--test-timeout={}", TEST_TIMEOUT_SECS * 1000),
+                "test/",
+            ])
+            .env("COMMY_CLI", "../target/debug/commy"),
             // The Node benchmark scenarios, briefly: the pipeline works.
             Cmd::cargo().args([
                 "run",
