@@ -1,6 +1,7 @@
 //! Outlier ejection of one endpoint (Envoy's, and linkerd's failure
-//! accrual): after a run of consecutive failures the endpoint is taken out
-//! of its pool for a while, longer each time it is ejected again; when the
+//! accrual): after a run of consecutive failures, or when too few of its
+//! calls succeed over a window, the endpoint is taken out of its pool for
+//! a while, longer each time it is ejected again; when the
 //! time is up it is half-open, and trial calls (a health probe, then a
 //! real call) are let through one at a time until enough succeed in a row
 //! to re-admit it, or one fails and it is ejected again, for longer.
@@ -9,10 +10,17 @@
 //! too few healthy ones to be choosy (panic mode), are the pool's to say:
 //! see [`may_eject`] and [`panics`].
 //!
+//! The success rate is counted over a window that a failure opens: while
+//! no call failed lately, a success costs one load and counts nothing.
+//! Once one fails, the calls of the next [`OutlierConfig::window`] are
+//! counted, and a failure that leaves the window with at least
+//! [`OutlierConfig::min_calls`] calls of which fewer than
+//! [`OutlierConfig::min_success_percent`] % succeeded ejects the endpoint.
+//!
 //! Sans-IO: the caller says what time it is, in milliseconds from any
-//! fixed start of its own. The whole state is one atomic word: asking and
-//! recording are a load or a compare-and-swap, with no allocation and no
-//! lock.
+//! fixed start of its own. The state is two atomic words (where it stands,
+//! and the window's counts): asking and recording are a load or a
+//! compare-and-swap, with no allocation and no lock.
 //!
 //! ```
 //! use commy_discovery::{Admit, Outlier, OutlierConfig};
@@ -50,6 +58,14 @@ pub struct OutlierConfig {
     /// How long a trial may go unreported before another caller is given
     /// one (a trial call that was given up on reports nothing).
     pub trial_timeout: Duration,
+    /// The share of calls, in percent, that must succeed over a
+    /// [`window`](OutlierConfig::window) (0: no success-rate ejection).
+    pub min_success_percent: u16,
+    /// Calls a window must have seen before its success rate can eject.
+    pub min_calls: u16,
+    /// How long a window of counted calls lasts, from the failure that
+    /// opened it (Envoy's interval: 10 s).
+    pub window: Duration,
 }
 
 impl Default for OutlierConfig {
@@ -60,6 +76,9 @@ impl Default for OutlierConfig {
             max_ejection: Duration::from_secs(300),
             trials: 2,
             trial_timeout: Duration::from_secs(10),
+            min_success_percent: 50,
+            min_calls: 20,
+            window: Duration::from_secs(10),
         }
     }
 }
@@ -99,6 +118,33 @@ pub struct Outlier {
     config: OutlierConfig,
     /// See [`State`].
     word: AtomicU64,
+    /// The success-rate window: see [`Window`] (0: none open).
+    window: AtomicU64,
+}
+
+/// The unpacked window word: when the failure that opened it came
+/// (wrapping milliseconds, 32 bits), and the calls that succeeded and
+/// failed since (16 bits each). The word is 0 while no window is open (a
+/// window holds at least its opening failure).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Window {
+    start: u32,
+    ok: u16,
+    failed: u16,
+}
+
+impl Window {
+    fn pack(self) -> u64 {
+        u64::from(self.start) << 32 | u64::from(self.ok) << 16 | u64::from(self.failed)
+    }
+
+    fn unpack(word: u64) -> Window {
+        Window {
+            start: (word >> 32) as u32,
+            ok: (word >> 16) as u16,
+            failed: word as u16,
+        }
+    }
 }
 
 /// The unpacked state word: the phase (2 bits), times ejected (14 bits),
@@ -165,6 +211,7 @@ impl Outlier {
         Outlier {
             config,
             word: AtomicU64::new(state.pack()),
+            window: AtomicU64::new(0),
         }
     }
 
@@ -239,9 +286,19 @@ impl Outlier {
 
     /// Records a call that succeeded: the failure run ends; a trial that
     /// succeeded counts towards re-admission. Returns whether this success
-    /// re-admitted the endpoint. One load when the endpoint is in and had
-    /// no failure.
-    pub fn succeeded(&self, _now_ms: u64) -> bool {
+    /// re-admitted the endpoint. One load of each word when the endpoint
+    /// is in and no call failed lately, the common case.
+    pub fn succeeded(&self, now_ms: u64) -> bool {
+        self.succeeded_with(|| now_ms)
+    }
+
+    /// [`succeeded`](Outlier::succeeded), asking the time only when a
+    /// success-rate window is open (most successes need no clock).
+    pub fn succeeded_with(&self, now_ms: impl FnOnce() -> u64) -> bool {
+        if self.window.load(Ordering::Relaxed) != 0 {
+            let now = now_ms();
+            let _ = self.count_in_window(now, true);
+        }
         let trials = self.config.trials.max(1);
         let mut admitted = false;
         let _ = self.update(|s| {
@@ -270,6 +327,56 @@ impl Outlier {
         admitted
     }
 
+    /// Counts a call that `ok` or failed at `now_ms` in the success-rate
+    /// window (a failure opens one; a success with none open counts
+    /// nothing). Returns the window as it stands after it, if one is open.
+    fn count_in_window(&self, now_ms: u64, ok: bool) -> Option<Window> {
+        if self.config.min_success_percent == 0 {
+            return None;
+        }
+        let window_ms = u32::try_from(self.config.window.as_millis())
+            .unwrap_or(u32::MAX)
+            .min(u32::MAX / 2);
+        let now = now_ms as u32;
+        let mut after = None;
+        let _ = self
+            .window
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                let open = w != 0 && now.wrapping_sub(Window::unpack(w).start) < window_ms;
+                let next = match (open, ok) {
+                    // Nothing failed lately: nothing to count.
+                    (false, true) if w == 0 => return None,
+                    // The window is over: a success closes it.
+                    (false, true) => None,
+                    (false, false) => Some(Window {
+                        // 0 would read as no window.
+                        start: now.max(1),
+                        ok: 0,
+                        failed: 1,
+                    }),
+                    (true, _) => {
+                        let mut win = Window::unpack(w);
+                        if ok {
+                            win.ok = win.ok.saturating_add(1);
+                        } else {
+                            win.failed = win.failed.saturating_add(1);
+                        }
+                        Some(win)
+                    }
+                };
+                after = next;
+                Some(next.map_or(0, Window::pack))
+            });
+        after
+    }
+
+    /// Whether `w` has seen enough calls, too few of them successes.
+    fn rate_too_low(&self, w: Window) -> bool {
+        let calls = u32::from(w.ok) + u32::from(w.failed);
+        calls >= u32::from(self.config.min_calls.max(1))
+            && u32::from(w.ok) * 100 < u32::from(self.config.min_success_percent) * calls
+    }
+
     /// Records a call that failed at `now_ms`. `may_eject`: whether the
     /// pool lets one more endpoint out ([`may_eject`]); a failed trial
     /// ejects again whatever it says (the endpoint is out already).
@@ -282,6 +389,9 @@ impl Outlier {
     /// failure would eject the endpoint (the pool's count of ejected
     /// endpoints costs more to find than a failure to record).
     pub fn failed_if(&self, now_ms: u64, may_eject: impl FnOnce() -> bool) -> bool {
+        let rate_low = self
+            .count_in_window(now_ms, false)
+            .is_some_and(|w| self.rate_too_low(w));
         let mut may_eject = Some(may_eject);
         let mut allowed: Option<bool> = None;
         let mut ejected = false;
@@ -290,7 +400,7 @@ impl Outlier {
             match s.phase {
                 Phase::In => {
                     let count = s.count.saturating_add(1);
-                    let reached = count >= self.config.consecutive_failures.max(1);
+                    let reached = rate_low || count >= self.config.consecutive_failures.max(1);
                     if reached
                         && *allowed.get_or_insert_with(|| may_eject.take().is_some_and(|f| f()))
                     {
@@ -307,6 +417,10 @@ impl Outlier {
                 Phase::Ejected | Phase::Open => None,
             }
         });
+        if ejected {
+            // Back in its pool, it starts with a clean slate.
+            self.window.store(0, Ordering::Release);
+        }
         ejected
     }
 
@@ -476,6 +590,104 @@ mod tests {
         assert!(panics(1, 3));
         assert!(!panics(2, 3));
         assert!(!panics(0, 0));
+    }
+
+    #[test]
+    fn too_few_successes_over_a_window_eject() {
+        let e = Outlier::new(OutlierConfig::default());
+        // Two failures in every three calls, never five in a row: 20
+        // calls into the window, 7 succeeded (35 %, under 50 %).
+        let mut now = 0;
+        let mut ejected_at = None;
+        for call in 0..30u32 {
+            now += 10;
+            if call % 3 == 2 {
+                assert!(!e.succeeded(now));
+            } else if e.failed(now, true) {
+                ejected_at = Some(call);
+                break;
+            }
+        }
+        // Calls 0..=19 are 20 calls; the first failure at or after the
+        // 20th ejects (call 19 is a failure: 19 % 3 == 1).
+        assert_eq!(ejected_at, Some(19));
+        assert!(e.is_out());
+        assert_eq!(e.ejections(), 1);
+    }
+
+    #[test]
+    fn a_success_rate_above_the_threshold_or_too_few_calls_do_not_eject() {
+        let e = Outlier::new(OutlierConfig::default());
+        // Two failures in every five calls (60 % succeed: not under 50 %
+        // even right after a failure), over 500 calls.
+        for i in 0..500u64 {
+            if i % 5 == 0 || i % 5 == 3 {
+                assert!(!e.failed(i, true), "call {i}");
+            } else {
+                e.succeeded(i);
+            }
+        }
+        assert!(!e.is_out());
+        // Four failures in a row then one success, in windows of their
+        // own: each window has too few calls.
+        let few = Outlier::new(OutlierConfig::default());
+        let mut now = 0;
+        for _ in 0..10 {
+            for _ in 0..4 {
+                assert!(!few.failed(now, true));
+            }
+            few.succeeded(now);
+            now += 10_000;
+        }
+        assert!(!few.is_out());
+    }
+
+    #[test]
+    fn a_window_ends_and_successes_alone_open_none() {
+        let e = Outlier::new(OutlierConfig::default());
+        let asked = std::cell::Cell::new(0);
+        // No window open: a success does not read the clock.
+        e.succeeded_with(|| {
+            asked.set(asked.get() + 1);
+            0
+        });
+        assert_eq!(asked.get(), 0);
+        e.failed(1_000, true);
+        e.succeeded_with(|| {
+            asked.set(asked.get() + 1);
+            1_001
+        });
+        assert_eq!(asked.get(), 1, "a window is open");
+        // A window of 14 calls, 4 of them successes (runs of two
+        // failures), then 10 s on, 7 calls with 3 successes: counted
+        // together they would eject (7 of 21 succeeded); the first window
+        // is over, and the second has too few calls.
+        let e = Outlier::new(OutlierConfig::default());
+        for i in 0..14u64 {
+            if i % 3 == 2 {
+                e.succeeded(i);
+            } else {
+                assert!(!e.failed(i, true));
+            }
+        }
+        for i in 0..7u64 {
+            if i % 2 == 1 {
+                e.succeeded(10_010 + i);
+            } else {
+                assert!(!e.failed(10_010 + i, true), "call {i}");
+            }
+        }
+        assert!(!e.is_out());
+        // Off: no rate ejection whatever the rate.
+        let off = Outlier::new(OutlierConfig {
+            min_success_percent: 0,
+            consecutive_failures: u16::MAX,
+            ..OutlierConfig::default()
+        });
+        for i in 0..1_000 {
+            assert!(!off.failed(i, true));
+        }
+        assert_eq!(off.window.load(Ordering::Relaxed), 0);
     }
 
     #[test]
