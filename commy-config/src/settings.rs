@@ -31,6 +31,8 @@
 //! | `balance` | `[]` | how pools pick an instance: `STRATEGY` for all, `SERVICE=STRATEGY` for one; `p2c` (the default: the less loaded of two), `round_robin`, `maglev` (consistent hashing on the call's hash key) |
 //! | `eject_after` | `5` | failures in a row that eject an instance from its pool for a while (`0`: never) |
 //! | `ejection_time` | `"30s"` | how long a first ejection lasts; the n-th lasts n times as long, at most 10 times |
+//! | `eject_success_percent` | `50` | an instance of which fewer than this share of calls (in percent) succeeded over 10 s from a failure is ejected (`0`: never) |
+//! | `eject_min_calls` | `20` | calls those 10 s must have seen before their success rate ejects |
 //! | `max_ejected_percent` | `10` | the most of a pool ejected at once, in percent (one instance always may be) |
 //! | `max_pending` | `0` | calls to one service this handle may have waiting at once; one more fails at once with RESOURCE_EXHAUSTED (`0`: no limit) |
 //! | `retry_attempts` | `3` | attempts in all of a call that may be retried (`1`: never retry) |
@@ -132,6 +134,13 @@ pub struct Settings {
     /// How long a first ejection lasts.
     #[serde(with = "duration")]
     pub ejection_time: Duration,
+    /// The share of calls, in percent, that must succeed over a window of
+    /// 10 s opened by a failure, lest the instance be ejected (0: never).
+    #[serde(deserialize_with = "count")]
+    pub eject_success_percent: usize,
+    /// Calls a window must have seen before its success rate ejects.
+    #[serde(deserialize_with = "count")]
+    pub eject_min_calls: usize,
     /// The most of a pool that may be ejected at once, in percent.
     #[serde(deserialize_with = "count")]
     pub max_ejected_percent: usize,
@@ -152,7 +161,7 @@ pub struct Settings {
 }
 
 /// Every key of [`Settings`], in the order of its fields.
-pub const KEYS: [&str; 21] = [
+pub const KEYS: [&str; 23] = [
     "mesh",
     "runtime_dir",
     "default_timeout",
@@ -169,6 +178,8 @@ pub const KEYS: [&str; 21] = [
     "balance",
     "eject_after",
     "ejection_time",
+    "eject_success_percent",
+    "eject_min_calls",
     "max_ejected_percent",
     "max_pending",
     "retry_attempts",
@@ -204,6 +215,8 @@ pub fn key_kind(key: &str) -> Option<KeyKind> {
         "default_timeout" | "call_spin" | "subscriber_stall" | "ejection_time" => KeyKind::Duration,
         "max_concurrency"
         | "eject_after"
+        | "eject_success_percent"
+        | "eject_min_calls"
         | "max_ejected_percent"
         | "max_pending"
         | "retry_attempts"
@@ -244,6 +257,8 @@ impl Default for Settings {
             balance: Vec::new(),
             eject_after: 5,
             ejection_time: Duration::from_secs(30),
+            eject_success_percent: 50,
+            eject_min_calls: 20,
             max_ejected_percent: 10,
             max_pending: 0,
             retry_attempts: 3,
@@ -650,6 +665,15 @@ impl Loaded {
         }
         if s.ejection_time.is_zero() {
             return Err(bad("ejection_time", "must be more than zero".into()));
+        }
+        if s.eject_success_percent > 100 {
+            return Err(bad("eject_success_percent", "must be at most 100".into()));
+        }
+        if s.eject_min_calls == 0 || s.eject_min_calls > usize::from(u16::MAX) {
+            return Err(bad(
+                "eject_min_calls",
+                format!("must be from 1 to {}", u16::MAX),
+            ));
         }
         if s.max_ejected_percent > 100 {
             return Err(bad("max_ejected_percent", "must be at most 100".into()));
