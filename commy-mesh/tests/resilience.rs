@@ -1,6 +1,7 @@
 //! Outlier ejection and retries: three instances of `flaky` over shared
 //! memory, each a mesh handle of its own in one runtime dir, answering
-//! their number; one can be told to fail every call with UNAVAILABLE.
+//! their number; one can be told to fail every call with UNAVAILABLE, or
+//! two calls of every three.
 #![allow(clippy::disallowed_types)] // plain counters in tests, nothing for loom
 
 use std::path::Path;
@@ -14,24 +15,27 @@ use commy_mesh::{CallOptions, Mesh, Request, Response, ServiceHandle, Status};
 
 mod support;
 
-/// One instance of `flaky`: its handle, whether it fails, the calls its
-/// handler saw.
+/// One instance of `flaky`: its handle, whether it fails (every call, or
+/// two of every three), the calls its handler saw.
 struct Instance {
     _mesh: Mesh,
     _handle: ServiceHandle,
     failing: Arc<AtomicBool>,
+    failing_some: Arc<AtomicBool>,
     calls: Arc<AtomicU64>,
 }
 
 async fn instance(dir: &Path, number: u8) -> Instance {
     let mesh = support::builder(dir).open().await.unwrap();
     let failing = Arc::new(AtomicBool::new(false));
+    let failing_some = Arc::new(AtomicBool::new(false));
     let calls = Arc::new(AtomicU64::new(0));
     let handle = {
-        let (failing, calls) = (failing.clone(), calls.clone());
+        let (failing, some, calls) = (failing.clone(), failing_some.clone(), calls.clone());
         mesh.serve("flaky", move |_req: Request| {
-            calls.fetch_add(1, Ordering::Relaxed);
-            let fail = failing.load(Ordering::Relaxed);
+            let n = calls.fetch_add(1, Ordering::Relaxed);
+            let fail =
+                failing.load(Ordering::Relaxed) || (some.load(Ordering::Relaxed) && n % 3 != 2);
             async move {
                 if fail {
                     Err(Status::unavailable(format!(
@@ -49,6 +53,7 @@ async fn instance(dir: &Path, number: u8) -> Instance {
         _mesh: mesh,
         _handle: handle,
         failing,
+        failing_some,
         calls,
     }
 }
@@ -147,6 +152,52 @@ async fn a_failing_instance_is_ejected_and_comes_back_after_its_time() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_failing_too_many_calls_is_ejected_without_a_run_of_five() {
+    let dir = support::private_dir("resilience-rate");
+    let mut instances = Vec::new();
+    for i in 0..3 {
+        instances.push(instance(&dir, i).await);
+    }
+    let client = client(&dir, "30s", &[]).await;
+    reach_all(&client, 3).await;
+    // Two of every three of its calls fail: never five in a row, but a
+    // third of them succeed (under the default 50 %).
+    instances[1].failing_some.store(true, Ordering::Relaxed);
+    let before = instances[1].calls.load(Ordering::Relaxed);
+    let mut failed = 0;
+    for _ in 0..600 {
+        failed += usize::from(client.call("flaky", Vec::new()).await.is_err());
+    }
+    let taken = instances[1].calls.load(Ordering::Relaxed) - before;
+    // Ejected by its failure once 20 of its calls were counted (the
+    // window opened at its first one, a failure).
+    assert!((20..=22).contains(&taken), "it took {taken} calls");
+    assert!((13..=15).contains(&failed), "{failed} calls failed");
+    let endpoints = client.endpoints("flaky").unwrap();
+    let out: Vec<_> = endpoints
+        .iter()
+        .filter(|e| matches!(e.standing, Standing::Ejected { .. }))
+        .collect();
+    assert_eq!(out.len(), 1, "{endpoints:?}");
+    assert_eq!(out[0].ejections, 1);
+
+    // Off: the same instance keeps its share, failing two calls in three.
+    let off = client_off(&dir).await;
+    reach_all(&off, 3).await;
+    let before = instances[1].calls.load(Ordering::Relaxed);
+    for _ in 0..300 {
+        let _ = off.call("flaky", Vec::new()).await;
+    }
+    assert!(instances[1].calls.load(Ordering::Relaxed) - before > 50);
+}
+
+/// A client of `dir` whose pools eject by neither rule.
+async fn client_off(dir: &Path) -> Mesh {
+    let off = [("eject_after", "0"), ("eject_success_percent", "0")];
+    client(dir, "30s", &off).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotent_calls_are_tried_again_on_another_instance() {
     let dir = support::private_dir("resilience-retry");
     let mut instances = Vec::new();
@@ -154,7 +205,7 @@ async fn idempotent_calls_are_tried_again_on_another_instance() {
         instances.push(instance(&dir, i).await);
     }
     // Ejection off: every failure of the failing instance is retried.
-    let client = client(&dir, "30s", &[("eject_after", "0")]).await;
+    let client = client_off(&dir).await;
     reach_all(&client, 3).await;
     instances[1].failing.store(true, Ordering::Relaxed);
     let before = instances[1].calls.load(Ordering::Relaxed);

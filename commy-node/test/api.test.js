@@ -283,7 +283,7 @@ test('idempotent calls go around a failing instance; ejection and retries are op
   })
   await working.serve('flaky', () => 'ok')
   try {
-    const client = await Mesh.open({ runtimeDir: dir, idempotent: ['flaky'], ejectAfter: 0, ejectionTimeMs: 500 })
+    const client = await Mesh.open({ runtimeDir: dir, idempotent: ['flaky'], ejectAfter: 0, ejectSuccessPercent: 0, ejectionTimeMs: 500 })
     try {
       assert.deepEqual(client.explain('idempotent'), ['["flaky"]', 'Node options'])
       assert.deepEqual(client.explain('ejectionTimeMs'), ['"500ms"', 'Node options'])

@@ -53,7 +53,7 @@ def test_an_idempotent_call_goes_around_a_failing_instance(runtime_dir: str) -> 
             async def ok(data: bytes) -> bytes:
                 return b"ok"
 
-            async with commy.AsyncMesh(eject_after=0) as client:
+            async with commy.AsyncMesh(eject_after=0, eject_success_percent=0) as client:
                 replies = [await client.call("flaky", b"", idempotent=True) for _ in range(30)]
                 assert replies == [b"ok"] * 30
                 assert {e["state"] for e in client.endpoints("flaky")} == {"in"}

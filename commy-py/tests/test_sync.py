@@ -143,7 +143,9 @@ def test_idempotent_calls_go_around_a_failing_instance(runtime_dir: str) -> None
     failing.serve("flaky", fail)
     working.serve("flaky", lambda d: b"ok")
     try:
-        with commy.Mesh(idempotent=["flaky"], eject_after=0, ejection_time=0.5) as client:
+        with commy.Mesh(
+            idempotent=["flaky"], eject_after=0, eject_success_percent=0, ejection_time=0.5
+        ) as client:
             assert client.explain("idempotent") == ('["flaky"]', "Python options")
             assert client.explain("ejection_time") == ('"500ms"', "Python options")
             # Each call that reaches the failing instance is tried again on

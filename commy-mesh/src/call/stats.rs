@@ -140,7 +140,7 @@ impl EndpointStats {
         match failure {
             Some(status) if counts_against(status.code()) => self.failed_once(),
             _ => {
-                if self.outlier.succeeded(0) {
+                if self.outlier.succeeded_with(now_ms) {
                     self.health.readmitted();
                 }
             }
