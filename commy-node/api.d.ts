@@ -73,6 +73,10 @@ export interface MeshOptions {
   balance?: string[]
   /** Failures in a row that eject an instance from its pool for a while (5 unless set; 0: never). */
   ejectAfter?: number
+  /** An instance of which fewer than this share of calls (in percent) succeeded over 10 s from a failure is ejected (50 unless set; 0: never). */
+  ejectSuccessPercent?: number
+  /** Calls those 10 s must have seen before their success rate ejects (20 unless set). */
+  ejectMinCalls?: number
   /** How long a first ejection lasts, in milliseconds (30 000 unless set; the n-th lasts n times as long, at most 10 times). */
   ejectionTimeMs?: number
   /** The most of a pool ejected at once, in percent (10 unless set; one instance always may be). */
