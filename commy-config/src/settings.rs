@@ -38,6 +38,7 @@
 //! | `retry_attempts` | `3` | attempts in all of a call that may be retried (`1`: never retry) |
 //! | `retry_budget_percent` | `20` | retries may add this share of the requests of the last 10 s, plus 10 a second |
 //! | `idempotent` | `[]` | services whose calls may be retried after any failure of the instance, not only one that never reached it |
+//! | `hedge` | `[]` | hedged calls: `DELAY` for every service, `SERVICE=DELAY` for one; an idempotent call still unanswered after `DELAY` is sent to a second instance too, and the first answer wins |
 //!
 //! Durations are strings with a unit (`"250ms"`, `"1.5s"`, `"50us"`,
 //! `"2m"`) or numbers of seconds. Environment values are strings of the
@@ -158,10 +159,13 @@ pub struct Settings {
     /// instance.
     #[serde(deserialize_with = "list")]
     pub idempotent: Vec<String>,
+    /// Hedged calls: `DELAY` for every service, `SERVICE=DELAY` for one.
+    #[serde(deserialize_with = "list")]
+    pub hedge: Vec<String>,
 }
 
 /// Every key of [`Settings`], in the order of its fields.
-pub const KEYS: [&str; 23] = [
+pub const KEYS: [&str; 24] = [
     "mesh",
     "runtime_dir",
     "default_timeout",
@@ -185,6 +189,7 @@ pub const KEYS: [&str; 23] = [
     "retry_attempts",
     "retry_budget_percent",
     "idempotent",
+    "hedge",
 ];
 
 /// What kind of value a key takes: bindings use it to map their own
@@ -222,7 +227,7 @@ pub fn key_kind(key: &str) -> Option<KeyKind> {
         | "retry_attempts"
         | "retry_budget_percent" => KeyKind::Count,
         "require_client_cert" => KeyKind::Flag,
-        "peers" | "idempotent" | "balance" => KeyKind::List,
+        "peers" | "idempotent" | "balance" | "hedge" => KeyKind::List,
         _ => return None,
     })
 }
@@ -264,6 +269,7 @@ impl Default for Settings {
             retry_attempts: 3,
             retry_budget_percent: 20,
             idempotent: Vec::new(),
+            hedge: Vec::new(),
         }
     }
 }
@@ -709,6 +715,24 @@ impl Loaded {
                 ));
             }
         }
+        for entry in &s.hedge {
+            let (service, delay) = match entry.split_once('=') {
+                Some((service, delay)) => (Some(service.trim()), delay.trim()),
+                None => (None, entry.trim()),
+            };
+            if let Some(service) = service {
+                commy_core::ServiceName::new(service)
+                    .map_err(|e| bad("hedge", format!("{entry:?}: {e}")))?;
+            }
+            let delay =
+                parse_duration(delay).map_err(|e| bad("hedge", format!("{entry:?}: {e}")))?;
+            if delay.is_zero() || delay > Duration::from_secs(3600) {
+                return Err(bad(
+                    "hedge",
+                    format!("{entry:?}: the delay must be more than zero and at most 1h"),
+                ));
+            }
+        }
         for name in &s.idempotent {
             commy_core::ServiceName::new(name).map_err(|e| bad("idempotent", e.to_string()))?;
         }
@@ -1035,6 +1059,32 @@ mod tests {
             e.contains("$COMMY_DEFAULT_TIMEOUT") && e.contains("soon"),
             "{e}"
         );
+        for (hedge, why) in [
+            ("echo=soon", "not a duration"),
+            ("no spaces=5ms", "\"no spaces=5ms\""),
+            ("0ms", "more than zero"),
+            ("2h", "at most 1h"),
+        ] {
+            let e = refuse(&[("COMMY_HEDGE", hedge)], &Layer::new("builder"));
+            assert!(
+                e.starts_with("hedge ($COMMY_HEDGE): ") && e.contains(why),
+                "{e}"
+            );
+        }
+        let e = refuse(&[("COMMY_EJECT_SUCCESS_PERCENT", "101")], &Layer::new("b"));
+        assert!(
+            e.contains("eject_success_percent") && e.contains("at most 100"),
+            "{e}"
+        );
+        let e = refuse(&[("COMMY_EJECT_MIN_CALLS", "0")], &Layer::new("b"));
+        assert!(e.contains("eject_min_calls") && e.contains("from 1"), "{e}");
+        let s = Settings::load_from(
+            None,
+            Some(&env(&[("COMMY_HEDGE", "5ms, echo=20ms")])),
+            &Layer::new("builder"),
+        )
+        .unwrap();
+        assert_eq!(s.settings().hedge, ["5ms", "echo=20ms"]);
     }
 
     #[test]
