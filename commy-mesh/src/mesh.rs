@@ -436,13 +436,24 @@ impl Mesh {
                 .services
                 .connected(name, options.hash_key.as_deref())
             {
-                let retries = &conn.stats.health().retries;
-                let _pending = conn.stats.health().enter_pending(name)?;
+                let health = conn.stats.health();
+                let retries = &health.retries;
+                let _pending = health.enter_pending(name)?;
+                let idempotent = options.idempotent || retries.idempotent;
+                if idempotent && let Some(delay) = health.hedge {
+                    let start = Start {
+                        counted: true,
+                        ..Start::default()
+                    };
+                    return Box::pin(
+                        self.call_hedged(name, payload, options, preference, delay, start),
+                    )
+                    .await;
+                }
                 let Some(policy) = &conn.policy else {
                     // Kept only when the call may be retried after it was
                     // sent: cloning may allocate.
-                    let kept = (retries.attempts > 1 && (options.idempotent || retries.idempotent))
-                        .then(|| payload.clone());
+                    let kept = (retries.attempts > 1 && idempotent).then(|| payload.clone());
                     if kept.is_some() {
                         // Every attempt is due by the first one's deadline.
                         options.started.get_or_insert_with(Instant::now);
@@ -454,8 +465,8 @@ impl Mesh {
                         Ok(answer) => return Ok(answer),
                         Err(failure) => failure,
                     };
-                    let failed = Failed::new(failure, conn.instance, false);
-                    return Box::pin(self.call_routed(name, kept, options, preference, failed))
+                    let start = Start::after(failure, conn.instance, false);
+                    return Box::pin(self.call_routed(name, kept, options, preference, start))
                         .await;
                 };
                 // The same with the service's call policy: the outcome is
@@ -473,15 +484,104 @@ impl Mesh {
                 return match result {
                     Ok(answer) => Ok(answer),
                     Err(failure) => {
-                        let failed = Failed::new(failure, conn.instance, again);
-                        Box::pin(self.call_routed(name, kept, options, preference, failed)).await
+                        let start = Start::after(failure, conn.instance, again);
+                        Box::pin(self.call_routed(name, kept, options, preference, start)).await
                     }
                 };
             }
         }
         // Boxed: finding and connecting an instance, or TLS, would make
         // every call's future large.
-        Box::pin(self.call_routed(name, Some(payload), options, preference, None)).await
+        Box::pin(self.call_first_routed(name, payload, options, preference)).await
+    }
+
+    /// [`call_routed`](Mesh::call_routed) from the start, hedged if its
+    /// service hedges idempotent calls and this one is.
+    async fn call_first_routed(
+        &self,
+        name: &str,
+        payload: Bytes,
+        options: CallOptions,
+        preference: TransportPreference,
+    ) -> Result<Response, Status> {
+        let pool = self.inner.services.get(&service_name(name)?);
+        let health = &pool.health;
+        if (options.idempotent || health.retries.idempotent)
+            && let Some(delay) = health.hedge
+        {
+            drop(pool);
+            let start = Start::default();
+            return self
+                .call_hedged(name, payload, options, preference, delay, start)
+                .await;
+        }
+        drop(pool);
+        self.call_routed(name, Some(payload), options, preference, Start::default())
+            .await
+    }
+
+    /// A hedged call: sent as [`call_routed`](Mesh::call_routed) sends it,
+    /// and once `delay` passed with no answer, sent again to another
+    /// instance (a retry of the pool's budget; none when the budget is
+    /// spent or the deadline would pass first). The first answer wins and
+    /// the other attempt is dropped, which cancels it; a failure waits for
+    /// the other attempt's outcome.
+    async fn call_hedged(
+        &self,
+        name: &str,
+        payload: Bytes,
+        mut options: CallOptions,
+        preference: TransportPreference,
+        delay: Duration,
+        start: Start<'_>,
+    ) -> Result<Response, Status> {
+        // Both attempts are due by the first one's deadline.
+        options.started.get_or_insert_with(Instant::now);
+        let picked = parking_lot::Mutex::new(None);
+        let first_start = Start {
+            picked: Some(&picked),
+            ..start
+        };
+        let first = self.call_routed(
+            name,
+            Some(payload.clone()),
+            options.clone(),
+            preference,
+            first_start,
+        );
+        let mut first = std::pin::pin!(first);
+        tokio::select! {
+            biased;
+            result = &mut first => return result,
+            () = tokio::time::sleep(delay) => {}
+        }
+        let pool = self.inner.services.get(&service_name(name)?);
+        let mut due = self.due(&options);
+        let in_time = due
+            .absolute()
+            .is_none_or(|d| d.remaining() > Duration::ZERO);
+        if !in_time || !pool.health.retries.spend(now_ms()) {
+            return first.await;
+        }
+        drop(pool);
+        let avoid = *picked.lock();
+        let second_start = Start {
+            avoid,
+            counted: true,
+            ..Start::default()
+        };
+        let second = self.call_routed(name, Some(payload), options, preference, second_start);
+        let mut second = std::pin::pin!(second);
+        tokio::select! {
+            result = &mut first => match result {
+                Ok(answer) => Ok(answer),
+                Err(_) => second.await,
+            },
+            result = &mut second => match result {
+                Ok(answer) => Ok(answer),
+                Err(_) => first.await,
+            },
+        }
     }
 
     /// A call that has to find (or connect to) an instance first, or goes
@@ -500,13 +600,20 @@ impl Mesh {
         mut payload: Option<Bytes>,
         mut options: CallOptions,
         preference: TransportPreference,
-        mut failed: Option<Failed>,
+        start: Start<'_>,
     ) -> Result<Response, Status> {
+        let Start {
+            mut failed,
+            avoid: first_avoid,
+            picked,
+            counted,
+        } = start;
         let pool = self.inner.services.get(&service_name(name)?);
-        // A call handed on after its first attempt holds its place already.
+        // A call handed on after its first attempt (or a hedged call's
+        // second) holds its place already.
         let _pending = match failed {
-            None => Some(pool.health.enter_pending(name)?),
-            Some(_) => None,
+            None if !counted => Some(pool.health.enter_pending(name)?),
+            _ => None,
         };
         let policy = pool.policy.clone();
         let retries = &pool.health.retries;
@@ -517,7 +624,7 @@ impl Mesh {
             // Every attempt is due by the first one's deadline.
             options.started.get_or_insert_with(Instant::now);
         }
-        let (mut attempt, mut avoid) = (1, None);
+        let (mut attempt, mut avoid) = (1, first_avoid);
         loop {
             if let Some(f) = failed.take() {
                 let unsent = matches!(f.failure, Attempt::Unsent(..));
@@ -563,6 +670,11 @@ impl Mesh {
                     options.hash_key.as_deref(),
                 )
                 .await?;
+            if let Some(picked) = picked
+                && attempt == 1
+            {
+                *picked.lock() = Some(instance);
+            }
             check_due(&mut due, name)?;
             // A request that never left comes back with its payload (over
             // TLS: when no connection could be made); one the peer's
@@ -1347,6 +1459,35 @@ fn pools(
 }
 
 /// A failed attempt of a call, handed on to be tried again.
+/// How [`Mesh::call_routed`] starts.
+#[derive(Default)]
+struct Start<'a> {
+    /// The attempt before, which failed (`None`: this is the first).
+    failed: Option<Failed>,
+    /// An instance not to pick at the first attempt: where a hedged call's
+    /// first attempt went.
+    avoid: Option<InstanceId>,
+    /// Where the first attempt's pick is told (a hedged call's first).
+    picked: Option<&'a parking_lot::Mutex<Option<InstanceId>>>,
+    /// The call counts against the service's `max_pending` already.
+    counted: bool,
+}
+
+impl Start<'_> {
+    /// After the first attempt's `failure` at `instance`.
+    fn after(failure: Attempt, instance: InstanceId, policy_again: bool) -> Start<'static> {
+        Start {
+            failed: Some(Failed {
+                failure,
+                instance,
+                attempt: 1,
+                policy_again,
+            }),
+            ..Start::default()
+        }
+    }
+}
+
 struct Failed {
     failure: Attempt,
     /// The instance it failed at.
@@ -1355,18 +1496,6 @@ struct Failed {
     attempt: u32,
     /// The call policy asked for it to be tried again.
     policy_again: bool,
-}
-
-impl Failed {
-    /// The first attempt's failure at `instance`.
-    fn new(failure: Attempt, instance: InstanceId, policy_again: bool) -> Option<Failed> {
-        Some(Failed {
-            failure,
-            instance,
-            attempt: 1,
-            policy_again,
-        })
-    }
 }
 
 /// `DeadlineExceeded` if a call's deadline passed while its instance was

@@ -1,7 +1,7 @@
 //! Outlier ejection and retries: three instances of `flaky` over shared
 //! memory, each a mesh handle of its own in one runtime dir, answering
 //! their number; one can be told to fail every call with UNAVAILABLE, or
-//! two calls of every three.
+//! two calls of every three, or to stall (answer after a minute).
 #![allow(clippy::disallowed_types)] // plain counters in tests, nothing for loom
 
 use std::path::Path;
@@ -22,21 +22,43 @@ struct Instance {
     _handle: ServiceHandle,
     failing: Arc<AtomicBool>,
     failing_some: Arc<AtomicBool>,
+    stalling: Arc<AtomicBool>,
     calls: Arc<AtomicU64>,
+    /// Stalled handlers dropped before they answered (their caller gave up).
+    stalls_cancelled: Arc<AtomicU64>,
+}
+
+/// Counts a stalled handler dropped before it answered.
+struct CountDrop(Arc<AtomicU64>);
+
+impl Drop for CountDrop {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 async fn instance(dir: &Path, number: u8) -> Instance {
     let mesh = support::builder(dir).open().await.unwrap();
     let failing = Arc::new(AtomicBool::new(false));
     let failing_some = Arc::new(AtomicBool::new(false));
+    let stalling = Arc::new(AtomicBool::new(false));
     let calls = Arc::new(AtomicU64::new(0));
+    let stalls_cancelled = Arc::new(AtomicU64::new(0));
     let handle = {
         let (failing, some, calls) = (failing.clone(), failing_some.clone(), calls.clone());
+        let (stalling, cancelled) = (stalling.clone(), stalls_cancelled.clone());
         mesh.serve("flaky", move |_req: Request| {
             let n = calls.fetch_add(1, Ordering::Relaxed);
             let fail =
                 failing.load(Ordering::Relaxed) || (some.load(Ordering::Relaxed) && n % 3 != 2);
+            let stall = stalling
+                .load(Ordering::Relaxed)
+                .then(|| CountDrop(cancelled.clone()));
             async move {
+                if let Some(stall) = stall {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    std::mem::forget(stall);
+                }
                 if fail {
                     Err(Status::unavailable(format!(
                         "instance {number} fails on purpose"
@@ -54,7 +76,9 @@ async fn instance(dir: &Path, number: u8) -> Instance {
         _handle: handle,
         failing,
         failing_some,
+        stalling,
         calls,
+        stalls_cancelled,
     }
 }
 
@@ -189,6 +213,56 @@ async fn an_instance_failing_too_many_calls_is_ejected_without_a_run_of_five() {
         let _ = off.call("flaky", Vec::new()).await;
     }
     assert!(instances[1].calls.load(Ordering::Relaxed) - before > 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hedged_call_goes_around_a_stalling_instance() {
+    let dir = support::private_dir("resilience-hedge");
+    let mut instances = Vec::new();
+    for i in 0..3 {
+        instances.push(instance(&dir, i).await);
+    }
+    let hedged = [
+        ("idempotent", "flaky"),
+        ("hedge", "flaky=5ms"),
+        ("retry_budget_percent", "100"),
+    ];
+    let hedging = client(&dir, "30s", &hedged).await;
+    reach_all(&hedging, 3).await;
+    instances[0].stalling.store(true, Ordering::Relaxed);
+    let before = instances[0].calls.load(Ordering::Relaxed);
+    // Each call that went to the stalling instance went to another after
+    // 5 ms, which answered; the stalled attempt was cancelled.
+    for i in 0..100 {
+        let reply = hedging.call("flaky", Vec::new()).await;
+        let reply = reply.unwrap_or_else(|e| panic!("call {i}: {e}"));
+        assert_ne!(reply[0], 0, "call {i}");
+    }
+    let stalled = instances[0].calls.load(Ordering::Relaxed) - before;
+    assert!(stalled > 0, "no call went to the stalling instance");
+    let mut cancelled = 0;
+    for _ in 0..500 {
+        cancelled = instances[0].stalls_cancelled.load(Ordering::Relaxed);
+        if cancelled == stalled {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(cancelled, stalled, "every stalled attempt was cancelled");
+
+    // Not hedged (not idempotent): a call that goes there waits until
+    // its deadline.
+    let plain = client(&dir, "30s", &[("hedge", "flaky=5ms")]).await;
+    let mut late = 0;
+    for _ in 0..30 {
+        let options = CallOptions::default().timeout(Duration::from_millis(100));
+        match plain.call_with("flaky", Vec::new(), options).await {
+            Ok(_) => {}
+            Err(e) if e.code() == commy_mesh::Code::DeadlineExceeded => late += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(late > 0, "no unhedged call went to the stalling instance");
 }
 
 /// A client of `dir` whose pools eject by neither rule.

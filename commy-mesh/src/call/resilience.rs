@@ -22,7 +22,7 @@
 
 use std::time::Duration;
 
-use commy_config::Settings;
+use commy_config::{Settings, parse_duration};
 use commy_core::{Code, ServiceName, Status};
 use commy_discovery::{OutlierConfig, RetryBudget};
 
@@ -91,6 +91,11 @@ pub(crate) struct Resilience {
     strategy: Strategy,
     /// Services' own strategies.
     balance: Vec<(ServiceName, Strategy)>,
+    /// The hedge delay of every service not named in `hedges` (`None`:
+    /// not hedged).
+    hedge: Option<Duration>,
+    /// Services' own hedge delays.
+    hedges: Vec<(ServiceName, Duration)>,
 }
 
 impl Resilience {
@@ -121,8 +126,30 @@ impl Resilience {
             max_pending: s.max_pending,
             strategy: Strategy::default(),
             balance: Vec::new(),
+            hedge: None,
+            hedges: Vec::new(),
         }
         .with_balance(&s.balance)
+        .with_hedge(&s.hedge)
+    }
+
+    /// Reads the `hedge` entries (checked at load): `DELAY` for every
+    /// service, `SERVICE=DELAY` for one.
+    fn with_hedge(mut self, entries: &[String]) -> Resilience {
+        for entry in entries {
+            match entry.split_once('=') {
+                None => self.hedge = parse_duration(entry).ok(),
+                Some((service, delay)) => {
+                    if let (Ok(service), Ok(delay)) =
+                        (ServiceName::new(service.trim()), parse_duration(delay))
+                    {
+                        self.hedges.retain(|(s, _)| *s != service);
+                        self.hedges.push((service, delay));
+                    }
+                }
+            }
+        }
+        self
     }
 
     /// Reads the `balance` entries (checked at load): `STRATEGY` for every
@@ -160,12 +187,19 @@ impl Resilience {
             idempotent: self.idempotent.contains(service),
             budget: RetryBudget::new(self.budget_percent, BUDGET_FLOOR_PER_SEC, BUDGET_WINDOW_MS),
         };
-        PoolHealth::new(
+        let hedge = self
+            .hedges
+            .iter()
+            .find(|(s, _)| s == service)
+            .map_or(self.hedge, |(_, delay)| Some(*delay));
+        let mut health = PoolHealth::new(
             self.outlier,
             self.max_ejected_percent,
             retries,
             self.max_pending,
-        )
+        );
+        health.hedge = hedge;
+        health
     }
 }
 
@@ -270,6 +304,9 @@ pub(crate) struct PoolHealth {
     pending: AtomicUsize,
     /// Their limit (0: none).
     pub(crate) max_pending: usize,
+    /// How long an idempotent call waits for its answer before a second
+    /// attempt goes to another instance (`None`: never).
+    pub(crate) hedge: Option<Duration>,
 }
 
 impl PoolHealth {
@@ -291,6 +328,7 @@ impl PoolHealth {
             retries,
             pending: AtomicUsize::new(0),
             max_pending,
+            hedge: None,
         }
     }
 
