@@ -89,6 +89,12 @@ export interface MeshOptions {
   retryBudgetPercent?: number
   /** Services whose calls may be retried after any failure of the instance, not only one that never reached it. */
   idempotent?: string[]
+  /**
+   * Hedged calls: `'DELAY'` for every service, `'SERVICE=DELAY'` for one
+   * (like `'5ms'`): an idempotent call still unanswered after `DELAY` is
+   * sent to a second instance too, and the first answer wins.
+   */
+  hedge?: string[]
 }
 
 /** Options of `mesh.call`. */

@@ -333,6 +333,31 @@ test('idempotent calls go around a failing instance; ejection and retries are op
   await rejectsWith(Mesh.open({ runtimeDir: dir, idempotent: ['no spaces'] }), 'INVALID_ARGUMENT', /idempotent/)
 })
 
+test('hedged calls go around a stalling instance', async () => {
+  const dir = runtimeDir()
+  const stalling = await Mesh.open({ runtimeDir: dir })
+  const working = await Mesh.open({ runtimeDir: dir })
+  await stalling.serve('slow', () => new Promise((resolve) => setTimeout(() => resolve('late'), 1000)))
+  await working.serve('slow', () => 'ok')
+  try {
+    const client = await Mesh.open({ runtimeDir: dir, idempotent: ['slow'], hedge: ['slow=5ms'], retryBudgetPercent: 100 })
+    try {
+      assert.deepEqual(client.explain('hedge'), ['["slow=5ms"]', 'Node options'])
+      // A call that went to the stalling instance went to the other 5 ms
+      // later, whose answer came first.
+      for (let i = 0; i < 10; i++) {
+        assert.equal((await client.call('slow', '')).toString(), 'ok')
+      }
+    } finally {
+      await client.close()
+    }
+  } finally {
+    await stalling.close()
+    await working.close()
+  }
+  await rejectsWith(Mesh.open({ runtimeDir: dir, hedge: ['slow=soon'] }), 'INVALID_ARGUMENT', /hedge/)
+})
+
 test('a hash key keeps calls on one instance, from every handle', async () => {
   const dir = runtimeDir()
   const servers = []
