@@ -697,14 +697,7 @@ impl Loaded {
             return Err(bad("retry_budget_percent", "must be at most 1000".into()));
         }
         for entry in &s.balance {
-            let (service, strategy) = match entry.split_once('=') {
-                Some((service, strategy)) => (Some(service.trim()), strategy.trim()),
-                None => (None, entry.trim()),
-            };
-            if let Some(service) = service {
-                commy_core::ServiceName::new(service)
-                    .map_err(|e| bad("balance", format!("{entry:?}: {e}")))?;
-            }
+            let strategy = per_service_value(entry).map_err(|e| bad("balance", e))?;
             if !BALANCE_STRATEGIES.contains(&strategy) {
                 return Err(bad(
                     "balance",
@@ -716,14 +709,7 @@ impl Loaded {
             }
         }
         for entry in &s.hedge {
-            let (service, delay) = match entry.split_once('=') {
-                Some((service, delay)) => (Some(service.trim()), delay.trim()),
-                None => (None, entry.trim()),
-            };
-            if let Some(service) = service {
-                commy_core::ServiceName::new(service)
-                    .map_err(|e| bad("hedge", format!("{entry:?}: {e}")))?;
-            }
+            let delay = per_service_value(entry).map_err(|e| bad("hedge", e))?;
             let delay =
                 parse_duration(delay).map_err(|e| bad("hedge", format!("{entry:?}: {e}")))?;
             if delay.is_zero() || delay > Duration::from_secs(3600) {
@@ -779,6 +765,19 @@ fn describe(e: &figment::Error) -> String {
         });
     }
     parts.join("; ")
+}
+
+/// An entry of a list setting of `VALUE` for every service or
+/// `SERVICE=VALUE` for one: its value, once the service name is checked
+/// (the error names the entry).
+fn per_service_value(entry: &str) -> Result<&str, String> {
+    match entry.split_once('=') {
+        Some((service, value)) => {
+            commy_core::ServiceName::new(service.trim()).map_err(|e| format!("{entry:?}: {e}"))?;
+            Ok(value.trim())
+        }
+        None => Ok(entry.trim()),
+    }
 }
 
 /// Parses a duration: a number of seconds, or a number with a unit (`ns`,
