@@ -101,6 +101,8 @@ pub(crate) struct Resilience {
 impl Resilience {
     /// From the settings (checked when they were loaded).
     pub(crate) fn from_settings(s: &Settings) -> Resilience {
+        let (default_strategy, balance) = per_service(&s.balance, Strategy::parse);
+        let (hedge, hedges) = per_service(&s.hedge, |d| parse_duration(d).ok());
         Resilience {
             // Either rule may be off (0); with both off, nothing ejects.
             outlier: (s.eject_after > 0 || s.eject_success_percent > 0).then(|| OutlierConfig {
@@ -124,52 +126,11 @@ impl Resilience {
                 .filter_map(|n| ServiceName::new(n).ok())
                 .collect(),
             max_pending: s.max_pending,
-            strategy: Strategy::default(),
-            balance: Vec::new(),
-            hedge: None,
-            hedges: Vec::new(),
+            strategy: default_strategy.unwrap_or_default(),
+            balance,
+            hedge,
+            hedges,
         }
-        .with_balance(&s.balance)
-        .with_hedge(&s.hedge)
-    }
-
-    /// Reads the `hedge` entries (checked at load): `DELAY` for every
-    /// service, `SERVICE=DELAY` for one.
-    fn with_hedge(mut self, entries: &[String]) -> Resilience {
-        for entry in entries {
-            match entry.split_once('=') {
-                None => self.hedge = parse_duration(entry).ok(),
-                Some((service, delay)) => {
-                    if let (Ok(service), Ok(delay)) =
-                        (ServiceName::new(service.trim()), parse_duration(delay))
-                    {
-                        self.hedges.retain(|(s, _)| *s != service);
-                        self.hedges.push((service, delay));
-                    }
-                }
-            }
-        }
-        self
-    }
-
-    /// Reads the `balance` entries (checked at load): `STRATEGY` for every
-    /// service, `SERVICE=STRATEGY` for one.
-    fn with_balance(mut self, entries: &[String]) -> Resilience {
-        for entry in entries {
-            match entry.split_once('=') {
-                None => self.strategy = Strategy::parse(entry.trim()).unwrap_or_default(),
-                Some((service, strategy)) => {
-                    if let (Ok(service), Some(strategy)) = (
-                        ServiceName::new(service.trim()),
-                        Strategy::parse(strategy.trim()),
-                    ) {
-                        self.balance.retain(|(s, _)| *s != service);
-                        self.balance.push((service, strategy));
-                    }
-                }
-            }
-        }
-        self
     }
 
     /// The strategy of `service`'s pool.
@@ -201,6 +162,30 @@ impl Resilience {
         health.hedge = hedge;
         health
     }
+}
+
+/// Reads a list setting of `VALUE` for every service and `SERVICE=VALUE`
+/// for one (checked at load; a later entry wins): the value for every
+/// service, and the services' own.
+fn per_service<T>(
+    entries: &[String],
+    parse: impl Fn(&str) -> Option<T>,
+) -> (Option<T>, Vec<(ServiceName, T)>) {
+    let (mut all, mut own) = (None, Vec::<(ServiceName, T)>::new());
+    for entry in entries {
+        match entry.split_once('=') {
+            None => all = parse(entry.trim()).or(all),
+            Some((service, value)) => {
+                if let (Ok(service), Some(value)) =
+                    (ServiceName::new(service.trim()), parse(value.trim()))
+                {
+                    own.retain(|(s, _)| *s != service);
+                    own.push((service, value));
+                }
+            }
+        }
+    }
+    (all, own)
 }
 
 /// When one pool's failed calls are tried again.
