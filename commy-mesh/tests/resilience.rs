@@ -82,6 +82,31 @@ async fn instance(dir: &Path, number: u8) -> Instance {
     }
 }
 
+/// `client`'s endpoints of `flaky`, and the one of them ejected (there
+/// must be one).
+fn the_one_ejected(client: &Mesh) -> (Vec<EndpointInfo>, EndpointInfo) {
+    let endpoints = client.endpoints("flaky").unwrap();
+    let out: Vec<_> = endpoints
+        .iter()
+        .filter(|e| matches!(e.standing, Standing::Ejected { .. }))
+        .cloned()
+        .collect();
+    assert_eq!(out.len(), 1, "{endpoints:?}");
+    let one = out.into_iter().next().unwrap();
+    (endpoints, one)
+}
+
+/// Three instances of `flaky` (numbered 0 to 2) in a new runtime dir
+/// named after `name`.
+async fn three_instances(name: &str) -> (std::path::PathBuf, Vec<Instance>) {
+    let dir = support::private_dir(name);
+    let mut instances = Vec::new();
+    for i in 0..3 {
+        instances.push(instance(&dir, i).await);
+    }
+    (dir, instances)
+}
+
 /// A client of `dir` with an ejection of `ejection` and the settings
 /// `extra` (key, value).
 async fn client(dir: &Path, ejection: &str, extra: &[(&str, &str)]) -> Mesh {
@@ -108,11 +133,7 @@ async fn reach_all(client: &Mesh, n: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_instance_is_ejected_and_comes_back_after_its_time() {
-    let dir = support::private_dir("resilience-eject");
-    let mut instances = Vec::new();
-    for i in 0..3 {
-        instances.push(instance(&dir, i).await);
-    }
+    let (dir, instances) = three_instances("resilience-eject").await;
     let client = client(&dir, "500ms", &[]).await;
     reach_all(&client, 3).await;
 
@@ -134,15 +155,10 @@ async fn a_failing_instance_is_ejected_and_comes_back_after_its_time() {
     assert_eq!(taken, 5, "no call while ejected");
     let ejected_at = ejected_at.unwrap();
     // What the pool says of it.
-    let endpoints = client.endpoints("flaky").unwrap();
+    let (endpoints, out) = the_one_ejected(&client);
     assert_eq!(endpoints.len(), 3);
-    let out: Vec<_> = endpoints
-        .iter()
-        .filter(|e| matches!(e.standing, Standing::Ejected { .. }))
-        .collect();
-    assert_eq!(out.len(), 1, "{endpoints:?}");
-    assert_eq!((out[0].failed_calls, out[0].ejections), (5, 1));
-    assert!(out[0].linked && out[0].in_flight == 0);
+    assert_eq!((out.failed_calls, out.ejections), (5, 1));
+    assert!(out.linked && out.in_flight == 0);
     let in_pool = |e: &&EndpointInfo| e.standing == Standing::In { failures: 0 };
     assert_eq!(endpoints.iter().filter(in_pool).count(), 2);
 
@@ -177,11 +193,7 @@ async fn a_failing_instance_is_ejected_and_comes_back_after_its_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_failing_too_many_calls_is_ejected_without_a_run_of_five() {
-    let dir = support::private_dir("resilience-rate");
-    let mut instances = Vec::new();
-    for i in 0..3 {
-        instances.push(instance(&dir, i).await);
-    }
+    let (dir, instances) = three_instances("resilience-rate").await;
     let client = client(&dir, "30s", &[]).await;
     reach_all(&client, 3).await;
     // Two of every three of its calls fail: never five in a row, but a
@@ -197,13 +209,8 @@ async fn an_instance_failing_too_many_calls_is_ejected_without_a_run_of_five() {
     // window opened at its first one, a failure).
     assert!((20..=22).contains(&taken), "it took {taken} calls");
     assert!((13..=15).contains(&failed), "{failed} calls failed");
-    let endpoints = client.endpoints("flaky").unwrap();
-    let out: Vec<_> = endpoints
-        .iter()
-        .filter(|e| matches!(e.standing, Standing::Ejected { .. }))
-        .collect();
-    assert_eq!(out.len(), 1, "{endpoints:?}");
-    assert_eq!(out[0].ejections, 1);
+    let (_, out) = the_one_ejected(&client);
+    assert_eq!(out.ejections, 1);
 
     // Off: the same instance keeps its share, failing two calls in three.
     let off = client_off(&dir).await;
@@ -217,11 +224,7 @@ async fn an_instance_failing_too_many_calls_is_ejected_without_a_run_of_five() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hedged_call_goes_around_a_stalling_instance() {
-    let dir = support::private_dir("resilience-hedge");
-    let mut instances = Vec::new();
-    for i in 0..3 {
-        instances.push(instance(&dir, i).await);
-    }
+    let (dir, instances) = three_instances("resilience-hedge").await;
     let hedged = [
         ("idempotent", "flaky"),
         ("hedge", "flaky=5ms"),
@@ -273,11 +276,7 @@ async fn client_off(dir: &Path) -> Mesh {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotent_calls_are_tried_again_on_another_instance() {
-    let dir = support::private_dir("resilience-retry");
-    let mut instances = Vec::new();
-    for i in 0..3 {
-        instances.push(instance(&dir, i).await);
-    }
+    let (dir, instances) = three_instances("resilience-retry").await;
     // Ejection off: every failure of the failing instance is retried.
     let client = client_off(&dir).await;
     reach_all(&client, 3).await;
@@ -324,11 +323,7 @@ async fn retries_of_a_service_failing_every_call_stay_within_the_budget() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn maglev_sends_a_key_to_one_instance_and_round_robin_takes_turns() {
-    let dir = support::private_dir("resilience-strategies");
-    let mut instances = Vec::new();
-    for i in 0..3 {
-        instances.push(instance(&dir, i).await);
-    }
+    let (dir, _instances) = three_instances("resilience-strategies").await;
     let hashing = client(&dir, "30s", &[("balance", "flaky=maglev")]).await;
     let other = client(&dir, "30s", &[("balance", "maglev")]).await;
     reach_all(&hashing, 3).await;
@@ -453,17 +448,8 @@ async fn a_failing_tls_instance_is_ejected_too() {
         failed += usize::from(client.call("flaky", Vec::new()).await.is_err());
     }
     assert_eq!(failed, 5, "ejected at its fifth failure");
-    let endpoints = client.endpoints("flaky").unwrap();
-    let out: Vec<_> = endpoints
-        .iter()
-        .filter(|e| matches!(e.standing, Standing::Ejected { .. }))
-        .collect();
-    assert_eq!(out.len(), 1, "{endpoints:?}");
-    assert!(
-        out[0].endpoint.to_string().starts_with("tls://"),
-        "{:?}",
-        out[0]
-    );
+    let (endpoints, out) = the_one_ejected(&client);
+    assert!(out.endpoint.to_string().starts_with("tls://"), "{:?}", out);
     assert!(
         endpoints.iter().all(|e| e.round_trip.is_some()),
         "{endpoints:?}"
