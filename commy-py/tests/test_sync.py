@@ -178,6 +178,28 @@ def test_idempotent_calls_go_around_a_failing_instance(runtime_dir: str) -> None
         commy.Mesh(idempotent=["no spaces"])
 
 
+def test_hedged_calls_go_around_a_stalling_instance(runtime_dir: str) -> None:
+    stalling, working = commy.Mesh(), commy.Mesh()
+
+    def stall(data: bytes) -> bytes:
+        time.sleep(1.0)
+        return b"late"
+
+    stalling.serve("slow", stall)
+    working.serve("slow", lambda d: b"ok")
+    try:
+        with commy.Mesh(idempotent=["slow"], hedge=["slow=5ms"], retry_budget_percent=100) as client:
+            assert client.explain("hedge") == ('["slow=5ms"]', "Python options")
+            # A call that went to the stalling instance went to the other
+            # 5 ms later, whose answer came first.
+            assert [client.call("slow", b"", timeout=LONG) for _ in range(10)] == [b"ok"] * 10
+    finally:
+        stalling.close()
+        working.close()
+    with pytest.raises(commy.InvalidArgument, match="hedge"):
+        commy.Mesh(hedge=["slow=soon"])
+
+
 def test_a_handlers_calls_inherit_its_requests_deadline(runtime_dir: str) -> None:
     with commy.Mesh() as far, commy.Mesh() as near, commy.Mesh() as client:
         given: List[Any] = []
