@@ -917,7 +917,7 @@ impl ClientConn {
         let mut refused: Vec<(u64, Status)> = Vec::new();
         let mut unsent: Vec<(u64, SendError)> = Vec::new();
         let mut sent = 0usize;
-        {
+        let streams = {
             let mut tx = self.tx.lock();
             if self.told_to_go_away() {
                 return calls.collect();
@@ -943,7 +943,7 @@ impl ClientConn {
                 });
                 (id, waiter)
             }));
-            for (id, payload, _) in streams {
+            for &(id, payload, _) in &streams {
                 let header = FrameHeader {
                     stream_id: StreamId(id),
                     ..header
@@ -953,7 +953,9 @@ impl ClientConn {
                     Err(e) => unsent.push((id, e)),
                 }
             }
-        }
+            streams
+        };
+        self.settle_if_gone(streams.iter().map(|&(id, ..)| id));
         for (token, status) in refused {
             Done::Token(token).finish(self, Err(status));
         }
@@ -1015,10 +1017,12 @@ impl ClientConn {
                 stream_id: StreamId(id),
                 ..header
             };
-            send_frame(&mut tx.sender, header, &md, payload, patience).map_err(|e| (id, e))
+            let sent = send_frame(&mut tx.sender, header, &md, payload, patience);
+            sent.map(|()| id).map_err(|e| (id, e))
         };
         match sent {
-            Ok(()) => {
+            Ok(id) => {
+                self.settle_if_gone([id]);
                 // The reader delivers the answer unless a caller polls or
                 // an answer driver receives for this link.
                 if self.pollers.load(Ordering::Acquire) == 0
@@ -1033,6 +1037,20 @@ impl ClientConn {
             }
         }
         Ok(())
+    }
+
+    /// Fails callback calls `ids` just registered if the link died
+    /// meanwhile: [`fail_with`](ClientConn::fail_with) marks it dead before
+    /// it empties the table, so a call it did not find is failed here (and
+    /// one it failed is not found here). Without this, a call registered
+    /// just after would wait for a reader that is gone, holding the link.
+    fn settle_if_gone(&self, ids: impl IntoIterator<Item = u64>) {
+        if self.is_alive() {
+            return;
+        }
+        for id in ids {
+            self.settle(id, Err(Status::unavailable("the instance is gone")));
+        }
     }
 
     /// When the earliest deadline of a callback call has passed, fails the
