@@ -45,7 +45,7 @@ use std::time::Duration;
 /// When an endpoint is ejected, for how long, and how it comes back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OutlierConfig {
-    /// Consecutive failures that eject it (Envoy: 5).
+    /// Consecutive failures that eject it (Envoy: 5; 0: no run ejects).
     pub consecutive_failures: u16,
     /// The first ejection's length; the n-th lasts n times as long (Envoy:
     /// 30 s).
@@ -295,7 +295,7 @@ impl Outlier {
     /// [`succeeded`](Outlier::succeeded), asking the time only when a
     /// success-rate window is open (most successes need no clock).
     pub fn succeeded_with(&self, now_ms: impl FnOnce() -> u64) -> bool {
-        if self.window.load(Ordering::Relaxed) != 0 {
+        if self.window.load(Ordering::Relaxed) != 0 && !self.is_out() {
             let now = now_ms();
             let _ = self.count_in_window(now, true);
         }
@@ -324,6 +324,11 @@ impl Outlier {
                 Phase::Ejected | Phase::Open => None,
             }
         });
+        if admitted {
+            // Back in its pool with a clean slate (a call counted as it
+            // went out would otherwise stay).
+            self.window.store(0, Ordering::Release);
+        }
         admitted
     }
 
@@ -334,32 +339,39 @@ impl Outlier {
         if self.config.min_success_percent == 0 {
             return None;
         }
-        let window_ms = u32::try_from(self.config.window.as_millis())
-            .unwrap_or(u32::MAX)
-            .min(u32::MAX / 2);
+        let window_ms = i64::try_from(self.config.window.as_millis()).unwrap_or(i64::MAX);
         let now = now_ms as u32;
         let mut after = None;
         let _ = self
             .window
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
-                let open = w != 0 && now.wrapping_sub(Window::unpack(w).start) < window_ms;
+                // A time read just before the window opened (another
+                // thread's clock read, late) counts as inside it.
+                let age = i64::from(now.wrapping_sub(Window::unpack(w).start) as i32);
+                let open = w != 0 && age < window_ms;
                 let next = match (open, ok) {
                     // Nothing failed lately: nothing to count.
                     (false, true) if w == 0 => return None,
                     // The window is over: a success closes it.
                     (false, true) => None,
+                    // Never 0: it holds a failure.
                     (false, false) => Some(Window {
-                        // 0 would read as no window.
-                        start: now.max(1),
+                        start: now,
                         ok: 0,
                         failed: 1,
                     }),
                     (true, _) => {
                         let mut win = Window::unpack(w);
+                        if win.ok == u16::MAX || win.failed == u16::MAX {
+                            // Full: halved, the rate stays (a count that
+                            // stopped would bend it); failures stay above 0.
+                            win.ok /= 2;
+                            win.failed = win.failed.div_ceil(2);
+                        }
                         if ok {
-                            win.ok = win.ok.saturating_add(1);
+                            win.ok += 1;
                         } else {
-                            win.failed = win.failed.saturating_add(1);
+                            win.failed += 1;
                         }
                         Some(win)
                     }
@@ -389,9 +401,12 @@ impl Outlier {
     /// failure would eject the endpoint (the pool's count of ejected
     /// endpoints costs more to find than a failure to record).
     pub fn failed_if(&self, now_ms: u64, may_eject: impl FnOnce() -> bool) -> bool {
-        let rate_low = self
-            .count_in_window(now_ms, false)
-            .is_some_and(|w| self.rate_too_low(w));
+        // Counted while it is in its pool only: calls to it while it is
+        // out (trials, panic mode, late answers) judge nothing.
+        let rate_low = !self.is_out()
+            && self
+                .count_in_window(now_ms, false)
+                .is_some_and(|w| self.rate_too_low(w));
         let mut may_eject = Some(may_eject);
         let mut allowed: Option<bool> = None;
         let mut ejected = false;
@@ -400,7 +415,8 @@ impl Outlier {
             match s.phase {
                 Phase::In => {
                     let count = s.count.saturating_add(1);
-                    let reached = rate_low || count >= self.config.consecutive_failures.max(1);
+                    let run = self.config.consecutive_failures;
+                    let reached = rate_low || (run > 0 && count >= run);
                     if reached
                         && *allowed.get_or_insert_with(|| may_eject.take().is_some_and(|f| f()))
                     {
@@ -688,6 +704,77 @@ mod tests {
             assert!(!off.failed(i, true));
         }
         assert_eq!(off.window.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_full_window_keeps_its_rate() {
+        let e = Outlier::new(OutlierConfig {
+            min_success_percent: 90,
+            ..OutlierConfig::default()
+        });
+        // 99.9 % succeed, over far more calls than the counts hold.
+        for i in 0..300_000u32 {
+            if i % 1000 == 0 {
+                assert!(!e.failed(1, true), "call {i}");
+            } else {
+                e.succeeded(1);
+            }
+        }
+        assert!(!e.is_out());
+        let w = Window::unpack(e.window.load(Ordering::Relaxed));
+        let rate = f64::from(w.ok) / (f64::from(w.ok) + f64::from(w.failed));
+        assert!(rate > 0.99, "{w:?}");
+    }
+
+    #[test]
+    fn a_late_clock_read_counts_inside_the_window() {
+        let e = Outlier::new(OutlierConfig::default());
+        e.failed(5_000, true);
+        // A success whose time was read a little before the failure's.
+        e.succeeded(4_990);
+        let w = Window::unpack(e.window.load(Ordering::Relaxed));
+        assert_eq!((w.ok, w.failed), (1, 1));
+        // A window opened at millisecond 0 is a window.
+        let zero = Outlier::new(OutlierConfig::default());
+        zero.failed(0, true);
+        zero.succeeded(1);
+        assert_eq!(Window::unpack(zero.window.load(Ordering::Relaxed)).ok, 1);
+    }
+
+    #[test]
+    fn no_run_ejects_when_consecutive_failures_is_zero() {
+        let e = Outlier::new(OutlierConfig {
+            consecutive_failures: 0,
+            min_success_percent: 0,
+            ..OutlierConfig::default()
+        });
+        for i in 0..100_000 {
+            assert!(!e.failed(i, true));
+        }
+        assert!(!e.is_out());
+    }
+
+    #[test]
+    fn calls_while_out_do_not_count_and_readmission_starts_afresh() {
+        let e = Outlier::new(OutlierConfig {
+            consecutive_failures: 0,
+            ..OutlierConfig::default()
+        });
+        for i in 0..20 {
+            e.failed(i, true);
+        }
+        assert!(e.is_out(), "20 calls, none succeeded");
+        assert_eq!(e.window.load(Ordering::Relaxed), 0);
+        // Late failures while it is out open no window.
+        e.failed(100, true);
+        assert_eq!(e.window.load(Ordering::Relaxed), 0);
+        assert_eq!(e.admit(31_000), Admit::Trial);
+        e.succeeded(31_001);
+        assert_eq!(e.admit(31_002), Admit::Trial);
+        assert!(e.succeeded(31_003));
+        // Back in: one failure does not eject it.
+        assert!(!e.failed(31_004, true));
+        assert!(!e.is_out());
     }
 
     #[test]
