@@ -71,7 +71,7 @@ export interface MeshOptions {
    * two), `round_robin`, `maglev` (consistent hashing on `hashKey`).
    */
   balance?: string[]
-  /** Failures in a row that eject an instance from its pool for a while (5 unless set; 0: never). */
+  /** Failures in a row that eject an instance from its pool for a while (5 unless set; 0: no run ejects, and with `ejectSuccessPercent` at 0 too, nothing does). */
   ejectAfter?: number
   /** An instance of which fewer than this share of calls (in percent) succeeded over 10 s from a failure is ejected (50 unless set; 0: never). */
   ejectSuccessPercent?: number

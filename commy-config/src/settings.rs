@@ -29,7 +29,7 @@
 //! | `require_client_cert` | `false` | mTLS: refuse clients without a certificate from the CA |
 //! | `transport` | `"auto"` | `auto`, `shm` or `tls` |
 //! | `balance` | `[]` | how pools pick an instance: `STRATEGY` for all, `SERVICE=STRATEGY` for one; `p2c` (the default: the less loaded of two), `round_robin`, `maglev` (consistent hashing on the call's hash key) |
-//! | `eject_after` | `5` | failures in a row that eject an instance from its pool for a while (`0`: never) |
+//! | `eject_after` | `5` | failures in a row that eject an instance from its pool for a while (`0`: no run ejects; with `eject_success_percent` at `0` too, nothing does) |
 //! | `ejection_time` | `"30s"` | how long a first ejection lasts; the n-th lasts n times as long, at most 10 times |
 //! | `eject_success_percent` | `50` | an instance of which fewer than this share of calls (in percent) succeeded over 10 s from a failure is ejected (`0`: never) |
 //! | `eject_min_calls` | `20` | calls those 10 s must have seen before their success rate ejects |
@@ -129,7 +129,8 @@ pub struct Settings {
     /// `SERVICE=STRATEGY` for one.
     #[serde(deserialize_with = "list")]
     pub balance: Vec<String>,
-    /// Failures in a row that eject an instance from its pool (0: never).
+    /// Failures in a row that eject an instance from its pool (0: no run
+    /// ejects).
     #[serde(deserialize_with = "count")]
     pub eject_after: usize,
     /// How long a first ejection lasts.

@@ -106,10 +106,7 @@ impl Resilience {
         Resilience {
             // Either rule may be off (0); with both off, nothing ejects.
             outlier: (s.eject_after > 0 || s.eject_success_percent > 0).then(|| OutlierConfig {
-                consecutive_failures: match s.eject_after {
-                    0 => u16::MAX,
-                    n => u16::try_from(n).unwrap_or(u16::MAX),
-                },
+                consecutive_failures: u16::try_from(s.eject_after).unwrap_or(u16::MAX),
                 base_ejection: s.ejection_time,
                 max_ejection: s.ejection_time.saturating_mul(10),
                 min_success_percent: u16::try_from(s.eject_success_percent).unwrap_or(0),
