@@ -38,7 +38,7 @@
 //! | `retry_attempts` | `3` | attempts in all of a call that may be retried (`1`: never retry) |
 //! | `retry_budget_percent` | `20` | retries may add this share of the requests of the last 10 s, plus 10 a second |
 //! | `idempotent` | `[]` | services whose calls may be retried after any failure of the instance, not only one that never reached it |
-//! | `hedge` | `[]` | hedged calls: `DELAY` for every service, `SERVICE=DELAY` for one; an idempotent call still unanswered after `DELAY` is sent to a second instance too, and the first answer wins |
+//! | `hedge` | `[]` | hedged calls: `DELAY` for every service, `SERVICE=DELAY` for one (`0`: not hedged); an idempotent call still unanswered after `DELAY` is sent to a second instance too, and the first answer wins |
 //!
 //! Durations are strings with a unit (`"250ms"`, `"1.5s"`, `"50us"`,
 //! `"2m"`) or numbers of seconds. Environment values are strings of the
@@ -713,10 +713,10 @@ impl Loaded {
             let delay = per_service_value(entry).map_err(|e| bad("hedge", e))?;
             let delay =
                 parse_duration(delay).map_err(|e| bad("hedge", format!("{entry:?}: {e}")))?;
-            if delay.is_zero() || delay > Duration::from_secs(3600) {
+            if delay > Duration::from_secs(3600) {
                 return Err(bad(
                     "hedge",
-                    format!("{entry:?}: the delay must be more than zero and at most 1h"),
+                    format!("{entry:?}: the delay must be at most 1h (0: not hedged)"),
                 ));
             }
         }
@@ -1062,7 +1062,6 @@ mod tests {
         for (hedge, why) in [
             ("echo=soon", "not a duration"),
             ("no spaces=5ms", "\"no spaces=5ms\""),
-            ("0ms", "more than zero"),
             ("2h", "at most 1h"),
         ] {
             let e = refuse(&[("COMMY_HEDGE", hedge)], &Layer::new("builder"));
@@ -1085,6 +1084,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.settings().hedge, ["5ms", "echo=20ms"]);
+        let mut code = Layer::new("builder");
+        code.set("hedge", vec!["5ms".to_owned(), "echo=0".to_owned()]);
+        let s = Settings::load_from(None, Some(&[]), &code).unwrap();
+        assert_eq!(s.settings().hedge, ["5ms", "echo=0"]);
     }
 
     #[test]
