@@ -522,10 +522,12 @@ impl Mesh {
 
     /// A hedged call: sent as [`call_routed`](Mesh::call_routed) sends it,
     /// and once `delay` passed with no answer, sent again to another
-    /// instance (a retry of the pool's budget; none when the budget is
-    /// spent or the deadline would pass first). The first answer wins and
-    /// the other attempt is dropped, which cancels it; a failure waits for
-    /// the other attempt's outcome.
+    /// instance: a retry of the pool's budget, made only while the budget
+    /// allows, the deadline has not passed, the first attempt has its
+    /// instance and the pool has another. The first answer wins and the
+    /// other attempt is dropped, which cancels it; a failure waits for the
+    /// other attempt's outcome. The call counts once against
+    /// `max_pending`.
     async fn call_hedged(
         &self,
         name: &str,
@@ -537,9 +539,15 @@ impl Mesh {
     ) -> Result<Response, Status> {
         // Both attempts are due by the first one's deadline.
         options.started.get_or_insert_with(Instant::now);
+        let pool = self.inner.services.get(&service_name(name)?);
+        let _pending = match start.counted {
+            false => Some(pool.health.enter_pending(name)?),
+            true => None,
+        };
         let picked = parking_lot::Mutex::new(None);
         let first_start = Start {
             picked: Some(&picked),
+            counted: true,
             ..start
         };
         let first = self.call_routed(
@@ -555,18 +563,21 @@ impl Mesh {
             result = &mut first => return result,
             () = tokio::time::sleep(delay) => {}
         }
-        let pool = self.inner.services.get(&service_name(name)?);
+        // Still finding or connecting its instance: a second attempt would
+        // wait for the same (connecting takes turns), or pick it too.
+        let Some(avoid) = *picked.lock() else {
+            return first.await;
+        };
         let mut due = self.due(&options);
         let in_time = due
             .absolute()
             .is_none_or(|d| d.remaining() > Duration::ZERO);
-        if !in_time || !pool.health.retries.spend(now_ms()) {
+        let health = &pool.health;
+        if !in_time || health.instances() < 2 || !health.retries.spend(now_ms()) {
             return first.await;
         }
-        drop(pool);
-        let avoid = *picked.lock();
         let second_start = Start {
-            avoid,
+            avoid: Some(avoid),
             counted: true,
             ..Start::default()
         };
@@ -585,8 +596,9 @@ impl Mesh {
     }
 
     /// A call that has to find (or connect to) an instance first, or goes
-    /// over TLS, or is tried again after `failed` (its last attempt; the
-    /// payload is `None` when it was not kept for a retry). Each attempt's
+    /// over TLS, or is tried again after `start.failed` (its last attempt;
+    /// the payload is `None` when it was not kept for a retry), or is a
+    /// hedged call's attempt (`start.avoid`, `start.picked`). Each attempt's
     /// outcome is recorded with the service's call policy, if it has one.
     /// A failed attempt is tried again on a new pick, away from the
     /// instance that failed it, when it provably never reached an instance,
@@ -976,13 +988,16 @@ impl Mesh {
             .inner
             .services
             .connected(name, options.hash_key.as_deref())?;
-        let retries = &conn.stats.health().retries;
-        let idempotent = retries.attempts > 1 && (options.idempotent || retries.idempotent);
-        let limited = conn.stats.health().max_pending > 0;
-        if conn.policy.is_some() || idempotent || limited {
-            // The task records the outcome and retries as the policy (or
-            // an idempotent call's retries) say, and counts the call
-            // against the service's limit of pending calls.
+        let health = conn.stats.health();
+        let retries = &health.retries;
+        let idempotent = options.idempotent || retries.idempotent;
+        let retried = idempotent && (retries.attempts > 1 || health.hedge.is_some());
+        let limited = health.max_pending > 0;
+        if conn.policy.is_some() || retried || limited {
+            // The task records the outcome, retries or hedges as the
+            // policy (or an idempotent call's retries and hedge) say, and
+            // counts the call against the service's limit of pending
+            // calls.
             return None;
         }
         let due = self.due(options);
@@ -1458,7 +1473,6 @@ fn pools(
     )
 }
 
-/// A failed attempt of a call, handed on to be tried again.
 /// How [`Mesh::call_routed`] starts.
 #[derive(Default)]
 struct Start<'a> {
@@ -1488,6 +1502,7 @@ impl Start<'_> {
     }
 }
 
+/// A failed attempt of a call, handed on to be tried again.
 struct Failed {
     failure: Attempt,
     /// The instance it failed at.

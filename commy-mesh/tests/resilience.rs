@@ -256,16 +256,32 @@ async fn a_hedged_call_goes_around_a_stalling_instance() {
     // Not hedged (not idempotent): a call that goes there waits until
     // its deadline.
     let plain = client(&dir, "30s", &[("hedge", "flaky=5ms")]).await;
+    assert!(
+        late_calls(&plain).await > 0,
+        "no unhedged call went to the stalling instance"
+    );
+    // Hedged in general, but not this service (a delay of 0).
+    let off = [("idempotent", "flaky"), ("hedge", "5ms,flaky=0")];
+    let not_this = client(&dir, "30s", &off).await;
+    assert!(
+        late_calls(&not_this).await > 0,
+        "a call of an unhedged service was hedged"
+    );
+}
+
+/// Of 30 calls of `flaky` with a timeout of 100 ms, those that ran into
+/// it (any other failure fails the test).
+async fn late_calls(client: &Mesh) -> usize {
     let mut late = 0;
     for _ in 0..30 {
         let options = CallOptions::default().timeout(Duration::from_millis(100));
-        match plain.call_with("flaky", Vec::new(), options).await {
+        match client.call_with("flaky", Vec::new(), options).await {
             Ok(_) => {}
             Err(e) if e.code() == commy_mesh::Code::DeadlineExceeded => late += 1,
             Err(e) => panic!("{e}"),
         }
     }
-    assert!(late > 0, "no unhedged call went to the stalling instance");
+    late
 }
 
 /// A client of `dir` whose pools eject by neither rule.

@@ -94,15 +94,17 @@ pub(crate) struct Resilience {
     /// The hedge delay of every service not named in `hedges` (`None`:
     /// not hedged).
     hedge: Option<Duration>,
-    /// Services' own hedge delays.
-    hedges: Vec<(ServiceName, Duration)>,
+    /// Services' own hedge delays (`None`: not hedged).
+    hedges: Vec<(ServiceName, Option<Duration>)>,
 }
 
 impl Resilience {
     /// From the settings (checked when they were loaded).
     pub(crate) fn from_settings(s: &Settings) -> Resilience {
         let (default_strategy, balance) = per_service(&s.balance, Strategy::parse);
-        let (hedge, hedges) = per_service(&s.hedge, |d| parse_duration(d).ok());
+        // A delay of 0: not hedged.
+        let hedged = |d: &str| parse_duration(d).ok().map(|d| (!d.is_zero()).then_some(d));
+        let (hedge, hedges) = per_service(&s.hedge, hedged);
         Resilience {
             // Either rule may be off (0); with both off, nothing ejects.
             outlier: (s.eject_after > 0 || s.eject_success_percent > 0).then(|| OutlierConfig {
@@ -125,7 +127,7 @@ impl Resilience {
             max_pending: s.max_pending,
             strategy: default_strategy.unwrap_or_default(),
             balance,
-            hedge,
+            hedge: hedge.flatten(),
             hedges,
         }
     }
@@ -149,7 +151,7 @@ impl Resilience {
             .hedges
             .iter()
             .find(|(s, _)| s == service)
-            .map_or(self.hedge, |(_, delay)| Some(*delay));
+            .map_or(self.hedge, |(_, delay)| *delay);
         let mut health = PoolHealth::new(
             self.outlier,
             self.max_ejected_percent,
@@ -312,6 +314,11 @@ impl PoolHealth {
             max_pending,
             hedge: None,
         }
+    }
+
+    /// The pool's instances (as last counted when they changed).
+    pub(crate) fn instances(&self) -> usize {
+        self.total.load(Ordering::Relaxed)
     }
 
     /// Counts one more call to the pool's service waiting for its answer,
