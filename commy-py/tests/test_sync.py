@@ -6,7 +6,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, List, Type
+from typing import Any, List, Set, Type
 
 import pytest
 
@@ -180,16 +180,24 @@ def test_idempotent_calls_go_around_a_failing_instance(runtime_dir: str) -> None
 
 def test_hedged_calls_go_around_a_stalling_instance(runtime_dir: str) -> None:
     stalling, working = commy.Mesh(), commy.Mesh()
+    stall = threading.Event()
 
-    def stall(data: bytes) -> bytes:
-        time.sleep(1.0)
+    def maybe_stall(data: bytes) -> bytes:
+        if stall.is_set():
+            time.sleep(1.0)
         return b"late"
 
-    stalling.serve("slow", stall)
+    stalling.serve("slow", maybe_stall)
     working.serve("slow", lambda d: b"ok")
     try:
         with commy.Mesh(idempotent=["slow"], hedge=["slow=5ms"], retry_budget_percent=100) as client:
             assert client.explain("hedge") == ('["slow=5ms"]', "Python options")
+            # Linked to both first: a hedge goes to an instance other than
+            # the first attempt's once that one is linked.
+            seen: Set[bytes] = set()
+            while len(seen) < 2:
+                seen.add(client.call("slow", b"", timeout=LONG))
+            stall.set()
             # A call that went to the stalling instance went to the other
             # 5 ms later, whose answer came first.
             assert [client.call("slow", b"", timeout=LONG) for _ in range(10)] == [b"ok"] * 10
