@@ -337,12 +337,18 @@ test('hedged calls go around a stalling instance', async () => {
   const dir = runtimeDir()
   const stalling = await Mesh.open({ runtimeDir: dir })
   const working = await Mesh.open({ runtimeDir: dir })
-  await stalling.serve('slow', () => new Promise((resolve) => setTimeout(() => resolve('late'), 1000)))
+  let stall = false
+  await stalling.serve('slow', () => (stall ? new Promise((resolve) => setTimeout(() => resolve('late'), 1000)) : 'late'))
   await working.serve('slow', () => 'ok')
   try {
     const client = await Mesh.open({ runtimeDir: dir, idempotent: ['slow'], hedge: ['slow=5ms'], retryBudgetPercent: 100 })
     try {
       assert.deepEqual(client.explain('hedge'), ['["slow=5ms"]', 'Node options'])
+      // Linked to both first: a hedge goes to an instance other than the
+      // first attempt's once that one is linked.
+      const seen = new Set()
+      while (seen.size < 2) seen.add((await client.call('slow', '')).toString())
+      stall = true
       // A call that went to the stalling instance went to the other 5 ms
       // later, whose answer came first.
       for (let i = 0; i < 10; i++) {
