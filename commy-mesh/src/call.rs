@@ -22,6 +22,7 @@
 //! (`reader.rs`); over TLS a peer process takes the call (`tls.rs`).
 //! `deadline.rs` computes when a call is due, once.
 
+pub(crate) mod attempt;
 pub(crate) mod clock;
 pub(crate) mod deadline;
 pub(crate) mod endpoint;

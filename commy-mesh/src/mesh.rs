@@ -34,9 +34,9 @@ use commy_shm::{RuntimeDir, ShmLink};
 use parking_lot::Mutex;
 
 use crate::accept::{bind_announcement, start_accepting};
+use crate::call::attempt::Attempt;
 use crate::call::clock::now_ms;
 use crate::call::deadline::Due;
-use crate::call::endpoint::Attempt;
 use crate::call::options::CallOptions;
 use crate::call::policy::{CallPolicies, settle};
 use crate::call::pool::EndpointInfo;

@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use commy_core::{Metadata, ServiceName, Status};
 
+use crate::call::attempt::Attempt;
 use crate::call::clock::now_ms;
 use crate::call::deadline::Due;
 use crate::call::shm::{ClientConn, SentPublish, Unsent};
@@ -28,32 +29,6 @@ pub(crate) enum Endpoint {
     Shm(Arc<ClientConn>),
     /// An instance at a peer process, reached over TLS.
     Tls(Arc<TlsInstance>),
-}
-
-/// How one attempt of a call failed.
-pub(crate) enum Attempt {
-    /// The request never reached the instance (the link broke before it
-    /// was written, the peer could not be connected to, the peer's GoAway
-    /// refused it); its payload comes back where it was not sent at all.
-    Unsent(Option<Bytes>, Status),
-    /// The request was sent (or may have been) and failed.
-    Failed(Status),
-}
-
-impl Attempt {
-    /// The failure's status.
-    pub(crate) fn status(&self) -> &Status {
-        match self {
-            Attempt::Unsent(_, s) | Attempt::Failed(s) => s,
-        }
-    }
-
-    /// The failure's status, to keep.
-    pub(crate) fn into_status(self) -> Status {
-        match self {
-            Attempt::Unsent(_, s) | Attempt::Failed(s) => s,
-        }
-    }
 }
 
 /// An instance at a peer process as one pool reaches it: the connection

@@ -23,8 +23,8 @@ use commy_shm::link::{LinkSender, RecvError, SendError};
 use commy_shm::{LinkReceiver, RingError, ShmLink};
 use parking_lot::Mutex;
 
+use crate::call::attempt::Attempt;
 use crate::call::deadline::Due;
-use crate::call::endpoint::Attempt;
 use crate::call::policy::CallPolicy;
 use crate::call::resilience::PoolHealth;
 use crate::call::stats::{DEPOSIT_LOT, EndpointStats};
