@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use crate::cmd::{Cmd, CmdError, repo_root};
-use crate::test::Step;
+use crate::test::{Step, TEST_TIMEOUT_SECS};
 use crate::tools::{EnsureError, Needs, VENV_DIR, ensure_tools, venv_python};
 
 /// Where `cargo xtask wheel` writes the wheel.
@@ -21,9 +21,6 @@ pub(crate) const PYTHON_NEEDS: &[&str] = &[
     "pytest-timeout>=2.3",
     "mypy>=1.10",
 ];
-
-/// How long one Python or Node test may take before it fails as hung.
-pub(crate) const TEST_TIMEOUT_SECS: u32 = 300;
 
 fn venv_tool(root: &Path, venv: &str, tool: &str) -> Cmd {
     Cmd::new(root.join(venv).join("bin").join(tool))

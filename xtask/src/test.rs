@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use crate::cmd::Cmd;
 use crate::npm;
-use crate::python::TEST_TIMEOUT_SECS;
 use crate::tools::{Needs, ensure_tools};
 
 /// One named check.
@@ -102,6 +101,9 @@ pub(crate) fn steps() -> Vec<Step> {
         },
     ]
 }
+
+/// How long one Python or Node test may take before it fails as hung.
+pub(crate) const TEST_TIMEOUT_SECS: u32 = 300;
 
 /// The Node SDK: build the addon (as `cargo xtask npm` does, in the dev
 /// profile to reuse the `test` step's build), fail if that changed the
