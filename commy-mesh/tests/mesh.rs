@@ -337,12 +337,28 @@ async fn killed_server_gives_unavailable_then_recovers_when_restarted() {
     })
     .await
     .unwrap();
+    // And a callback call on the same link (it holds the link, not a
+    // task): it learns of the death too.
+    let (tx, callback) = tokio::sync::oneshot::channel();
+    mesh.call_then("entered", &b""[..], Default::default(), move |r| {
+        let _ = tx.send(r);
+    });
+    let mut server = tokio::task::spawn_blocking(move || {
+        wait_line(&mut server, "ENTERED");
+        server
+    })
+    .await
+    .unwrap();
     server.kill().unwrap();
     server.wait().unwrap();
     // Noticed: not the handler's answer after 10 s, nor the deadline's
     // DEADLINE_EXCEEDED after 30 s.
     let (r, took) = in_flight.await.unwrap();
     assert_eq!(r.unwrap_err().code(), Code::Unavailable, "after {took:?}");
+    let r = tokio::time::timeout(Duration::from_secs(8), callback).await;
+    let r = r.expect("the callback call was not failed");
+    let r = r.expect("the callback was dropped");
+    assert_eq!(r.unwrap_err().code(), Code::Unavailable);
 
     // Nobody serves now.
     let e = mesh.call("echo", &b"x"[..]).await.unwrap_err();
