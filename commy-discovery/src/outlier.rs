@@ -112,6 +112,14 @@ pub enum Admit {
     No,
 }
 
+/// How much earlier than a window's start a time may be and still count
+/// inside it (a clock read late by another thread); anything earlier is a
+/// window long over.
+const LATE_READ_MS: i64 = 1_000;
+
+/// The longest window: a quarter of the wrapping millisecond range.
+const MAX_WINDOW_MS: i64 = (i32::MAX / 2) as i64;
+
 /// One endpoint's outlier state: see the [module](self).
 #[derive(Debug)]
 pub struct Outlier {
@@ -339,7 +347,9 @@ impl Outlier {
         if self.config.min_success_percent == 0 {
             return None;
         }
-        let window_ms = i64::try_from(self.config.window.as_millis()).unwrap_or(i64::MAX);
+        // At most half the wrapping range, so that an age tells.
+        let window_ms = i64::try_from(self.config.window.as_millis())
+            .map_or(MAX_WINDOW_MS, |w| w.min(MAX_WINDOW_MS));
         let now = now_ms as u32;
         let mut after = None;
         let _ = self
@@ -348,7 +358,7 @@ impl Outlier {
                 // A time read just before the window opened (another
                 // thread's clock read, late) counts as inside it.
                 let age = i64::from(now.wrapping_sub(Window::unpack(w).start) as i32);
-                let open = w != 0 && age < window_ms;
+                let open = w != 0 && age > -LATE_READ_MS && age < window_ms;
                 let next = match (open, ok) {
                     // Nothing failed lately: nothing to count.
                     (false, true) if w == 0 => return None,
@@ -712,9 +722,10 @@ mod tests {
             min_success_percent: 90,
             ..OutlierConfig::default()
         });
-        // 99.9 % succeed, over far more calls than the counts hold.
+        // 95 % succeed, over far more calls than the counts hold (counts
+        // that stopped at their top would sink under 90 %).
         for i in 0..300_000u32 {
-            if i % 1000 == 0 {
+            if i % 20 == 0 {
                 assert!(!e.failed(1, true), "call {i}");
             } else {
                 e.succeeded(1);
@@ -723,7 +734,7 @@ mod tests {
         assert!(!e.is_out());
         let w = Window::unpack(e.window.load(Ordering::Relaxed));
         let rate = f64::from(w.ok) / (f64::from(w.ok) + f64::from(w.failed));
-        assert!(rate > 0.99, "{w:?}");
+        assert!(rate > 0.94, "{w:?}");
     }
 
     #[test]
@@ -734,6 +745,13 @@ mod tests {
         e.succeeded(4_990);
         let w = Window::unpack(e.window.load(Ordering::Relaxed));
         assert_eq!((w.ok, w.failed), (1, 1));
+        // A window left for a long time is over, not open again when the
+        // clock wraps past its start.
+        let old = Outlier::new(OutlierConfig::default());
+        old.failed(5_000, true);
+        let far = 5_000 + (1u64 << 31) + 10;
+        old.succeeded(far);
+        assert_eq!(old.window.load(Ordering::Relaxed), 0, "closed by a success");
         // A window opened at millisecond 0 is a window.
         let zero = Outlier::new(OutlierConfig::default());
         zero.failed(0, true);
