@@ -682,9 +682,9 @@ impl Mesh {
                     options.hash_key.as_deref(),
                 )
                 .await?;
-            if let Some(picked) = picked
-                && attempt == 1
-            {
+            if let Some(picked) = picked {
+                // The instance this attempt went to (a retry's, after an
+                // unsent one): the one a hedge avoids.
                 *picked.lock() = Some(instance);
             }
             check_due(&mut due, name)?;
