@@ -152,14 +152,13 @@ impl Resilience {
             .iter()
             .find(|(s, _)| s == service)
             .map_or(self.hedge, |(_, delay)| *delay);
-        let mut health = PoolHealth::new(
+        PoolHealth::new(
             self.outlier,
             self.max_ejected_percent,
             retries,
             self.max_pending,
-        );
-        health.hedge = hedge;
-        health
+            hedge,
+        )
     }
 }
 
@@ -295,12 +294,14 @@ pub(crate) struct PoolHealth {
 
 impl PoolHealth {
     /// `outlier`: the ejection rules (`None`: never eject);
-    /// `max_percent`: the most of the pool out at once.
+    /// `max_percent`: the most of the pool out at once; `hedge`: the
+    /// delay of hedged calls (`None`: not hedged).
     pub(crate) fn new(
         outlier: Option<OutlierConfig>,
         max_percent: u32,
         retries: Retries,
         max_pending: usize,
+        hedge: Option<Duration>,
     ) -> PoolHealth {
         PoolHealth {
             outlier: outlier.unwrap_or_default(),
@@ -312,7 +313,7 @@ impl PoolHealth {
             retries,
             pending: AtomicUsize::new(0),
             max_pending,
-            hedge: None,
+            hedge,
         }
     }
 
@@ -406,7 +407,7 @@ pub(crate) fn test_health() -> PoolHealth {
         idempotent: false,
         budget: commy_discovery::RetryBudget::default(),
     };
-    PoolHealth::new(Some(OutlierConfig::default()), 10, retries, 0)
+    PoolHealth::new(Some(OutlierConfig::default()), 10, retries, 0, None)
 }
 
 #[cfg(test)]
